@@ -1,0 +1,31 @@
+# Two entry points a newcomer needs: `make reproduce` (the CPU reproduction) and `make test`.
+# Both create .venv and install the project on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PRESET ?= cpu
+
+.PHONY: setup test reproduce notebooks lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+setup: $(VENV)/.installed
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+reproduce: $(VENV)/.installed
+	$(PY) -m dpo_lab reproduce --preset $(PRESET)
+
+# Re-pair and re-execute the notebooks after editing their .py sources (outputs are committed).
+notebooks: $(VENV)/.installed
+	$(VENV)/bin/jupytext --sync notebooks/*.py
+	DPO_LAB_PRESET=smoke $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb

@@ -1,0 +1,11 @@
+"""Test-wide settings: every notebook run by nbval and every pipeline test uses the ``smoke`` preset,
+quietly, with a non-interactive plotting backend."""
+
+import os
+
+os.environ.setdefault("DPO_LAB_PRESET", "smoke")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
