@@ -1,0 +1,208 @@
+"""Log-probabilities of completions under a causal LM, and the exact KL between two policies.
+
+Every DPO quantity is built from ``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` summed over the completion's
+tokens only (paper Eq. 7). Conventions used throughout:
+
+* ``input_ids``/``attention_mask``/``completion_mask`` are ``(B, T)``, with ``completion_mask`` marking the
+  *input positions* that hold completion tokens (prompt and padding are 0).
+* The logits at position ``t`` predict token ``t + 1``, so per-token log-probs are ``(B, T-1)`` and the mask
+  that selects completion tokens among them is ``completion_mask[:, 1:]`` (the "shifted mask").
+* Logits are upcast to fp32 before any softmax: half-precision log-softmax is the classic source of NaN or
+  constant DPO losses.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "token_logprobs",
+    "sequence_logprobs",
+    "position_ids_from_mask",
+    "forward_logits",
+    "completion_logprobs",
+    "completion_token_logprobs",
+    "concatenated_logprobs",
+    "token_kl",
+    "sequence_kl",
+]
+
+_BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
+
+
+def _check_tensor(name: str, x: object, ndim: int) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_mask(name: str, mask: object, shape: torch.Size) -> Tensor:
+    mask = _check_tensor(name, mask, len(shape))
+    if mask.shape != shape:
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but input_ids has shape {tuple(shape)}")
+    if mask.is_floating_point() or mask.is_complex():
+        raise TypeError(f"{name} must be an integer or bool tensor of 0/1, got dtype {mask.dtype}")
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must contain only 0 and 1")
+    return mask.bool()
+
+
+def _shifted_completion_mask(completion_mask: Tensor, shape: torch.Size) -> Tensor:
+    """``completion_mask[:, 1:]``: the mask over next-token log-probs that selects completion tokens."""
+    mask = _check_mask("completion_mask", completion_mask, shape)
+    if mask.shape[1] < 2:
+        raise ValueError(f"sequences need at least 2 positions (a context and a token), "
+                         f"got T={mask.shape[1]}")
+    if bool(mask[:, 0].any()):
+        # Nothing predicts position 0, so a completion token there could not be scored; silently dropping
+        # it would under-count log π(y|x).
+        raise ValueError("completion_mask is 1 at position 0: the first token has no context to predict it "
+                         "(every completion needs at least one prompt token before it)")
+    return mask[:, 1:]
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """``log p(x_{t+1} | x_{<=t})`` for every position: ``(B, T, V), (B, T) -> (B, T-1)``, in fp32."""
+    logits = _check_tensor("logits", logits, 3)
+    input_ids = _check_tensor("input_ids", input_ids, 2)
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} "
+                         "disagree on (B, T)")
+    if input_ids.is_floating_point():
+        raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+    logits = logits[:, :-1].float()  # fp32 before the softmax
+    labels = input_ids[:, 1:].unsqueeze(-1)
+    # gather - logsumexp == log_softmax(...).gather(...) without materialising a second (B, T, V) tensor.
+    return logits.gather(-1, labels).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logprobs(logits: Tensor, input_ids: Tensor, completion_mask: Tensor, *,
+                      average: bool = False) -> Tensor:
+    """``log π(y|x)``: the sum (default) of token log-probs over completion tokens only, ``(B,)``.
+
+    ``average=True`` returns the mean over completion tokens instead. That changes the meaning of β: it then
+    scales a per-token log-ratio (length-normalised DPO, as in SimPO or Tulu's ``dpo_norm``), whereas the
+    paper's Eq. 7 sums, so β values are not comparable between the two.
+    """
+    token_logps = token_logprobs(logits, input_ids)
+    mask = _shifted_completion_mask(completion_mask, input_ids.shape)
+    counts = mask.sum(-1)
+    if bool((counts == 0).any()):
+        rows = torch.nonzero(counts == 0).flatten().tolist()
+        raise ValueError(f"rows {rows} have no completion tokens: "
+                         "log π(y|x) of an empty completion is undefined")
+    # where (not multiply): a NaN/inf at a masked position must not leak into the sum.
+    total = torch.where(mask, token_logps, 0.0).sum(-1)
+    return total / counts if average else total
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions counted over real tokens only (``cumsum - 1``, clamped at 0 on leading padding).
+
+    transformers 5.x GPT-2 uses ``arange(T)`` when no ``position_ids`` are given, so a left-padded row
+    would start at position ``n_pad`` instead of 0 and get different log-probs from the same row
+    right-padded. Passing these positions makes both paddings exact.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Run a causal LM once and return its ``(B, T, V)`` logits; left or right padding, same values."""
+    input_ids = _check_tensor("input_ids", input_ids, 2)
+    mask = _check_mask("attention_mask", attention_mask, input_ids.shape)
+    if bool((mask.sum(-1) == 0).any()):
+        raise ValueError("attention_mask has a row with no real tokens")
+    out = model(input_ids=input_ids, attention_mask=mask.long(),
+                position_ids=position_ids_from_mask(mask), use_cache=False)
+    return out.logits
+
+
+def _check_completion_within_attention(attention_mask: Tensor, completion_mask: Tensor) -> None:
+    if bool((completion_mask.bool() & ~attention_mask.bool()).any()):
+        raise ValueError("completion_mask marks positions that attention_mask says are padding")
+
+
+def completion_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                        completion_mask: Tensor, *, average: bool = False) -> Tensor:
+    """``log π(y|x)`` of each row's completion under ``model``, ``(B,)`` (see ``sequence_logprobs``)."""
+    logits = forward_logits(model, input_ids, attention_mask)
+    _check_completion_within_attention(attention_mask, completion_mask)
+    return sequence_logprobs(logits, input_ids, completion_mask, average=average)
+
+
+def completion_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
+                              completion_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token ``log π(y_t | x, y_<t)`` and the shifted mask, both ``(B, T-1)``.
+
+    Log-probs at non-completion positions are set to 0 so they are harmless if summed without the mask.
+    Token-level losses (Unlikelihood, Preferred-FT) consume this pair.
+    """
+    logits = forward_logits(model, input_ids, attention_mask)
+    _check_completion_within_attention(attention_mask, completion_mask)
+    token_logps = token_logprobs(logits, input_ids)
+    mask = _shifted_completion_mask(completion_mask, input_ids.shape)
+    return torch.where(mask, token_logps, 0.0), mask.long()
+
+
+def _pad_right(x: Tensor, length: int, value: int) -> Tensor:
+    return F.pad(x, (0, length - x.shape[1]), value=value)
+
+
+def concatenated_logprobs(model: nn.Module, batch: dict[str, Tensor], *,
+                          average: bool = False) -> tuple[Tensor, Tensor]:
+    """``(log π(y_w|x), log π(y_l|x))`` from ONE forward pass over the stacked ``2B`` batch.
+
+    ``batch`` holds ``chosen_*`` and ``rejected_*`` versions of input_ids, attention_mask and
+    completion_mask (as made by ``batching.PreferenceCollator``). Both halves are right-padded to a common
+    length; the pad id is irrelevant because padded positions are masked everywhere.
+    """
+    for side in ("chosen", "rejected"):
+        for key in _BATCH_KEYS:
+            if f"{side}_{key}" not in batch:
+                raise KeyError(f"batch is missing {side}_{key!s}; it has {sorted(batch)}")
+    n_chosen = batch["chosen_input_ids"].shape[0]
+    if batch["rejected_input_ids"].shape[0] != n_chosen:
+        raise ValueError(f"batch has {n_chosen} chosen rows but "
+                         f"{batch['rejected_input_ids'].shape[0]} rejected")
+    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    stacked = {
+        key: torch.cat([_pad_right(batch[f"{side}_{key}"], length, 0) for side in ("chosen", "rejected")])
+        for key in _BATCH_KEYS
+    }
+    logps = completion_logprobs(model, stacked["input_ids"], stacked["attention_mask"],
+                                stacked["completion_mask"], average=average)
+    return logps[:n_chosen], logps[n_chosen:]
+
+
+def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
+    """Exact ``KL(π ‖ π_ref) = Σ_v p log p − p log q`` over the vocabulary at every position, ``(...,)``.
+
+    Computed from fp32 log-softmax; clamped at 0 to hide rounding (KL is non-negative by Gibbs' inequality).
+    """
+    if not isinstance(policy_logits, Tensor) or not isinstance(ref_logits, Tensor):
+        raise TypeError("policy_logits and ref_logits must be torch.Tensors")
+    if policy_logits.shape != ref_logits.shape:
+        raise ValueError(f"policy_logits {tuple(policy_logits.shape)} and ref_logits "
+                         f"{tuple(ref_logits.shape)} must have the same shape")
+    if policy_logits.ndim < 1:
+        raise ValueError("logits need a vocabulary dimension")
+    logp = torch.log_softmax(policy_logits.float(), dim=-1)
+    logq = torch.log_softmax(ref_logits.float(), dim=-1)
+    return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)
+
+
+def sequence_kl(policy_logits: Tensor, ref_logits: Tensor, completion_mask: Tensor) -> Tensor:
+    """Sequence-level KL (paper footnote 3): ``Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t))``, ``(B,)``.
+
+    Sums the per-step KL over the steps whose logits predict a completion token, i.e. positions ``t`` with
+    ``completion_mask[:, t + 1] == 1`` (the same shifted mask as ``sequence_logprobs``).
+    """
+    policy_logits = _check_tensor("policy_logits", policy_logits, 3)
+    ref_logits = _check_tensor("ref_logits", ref_logits, 3)
+    mask = _shifted_completion_mask(completion_mask, policy_logits.shape[:2])
+    kl = token_kl(policy_logits[:, :-1], ref_logits[:, :-1])
+    return torch.where(mask, kl, 0.0).sum(-1)

@@ -1,0 +1,213 @@
+"""Log-probs count completion tokens only, padding side does not matter, and the KL is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from dpo_lab.batching import PreferenceCollator, pad_rows, tokenize_completion
+from dpo_lab.logprobs import (
+    completion_logprobs,
+    completion_token_logprobs,
+    concatenated_logprobs,
+    forward_logits,
+    sequence_kl,
+    sequence_logprobs,
+    token_kl,
+    token_logprobs,
+)
+
+PAIRS = [
+    ("This movie", " was great, I loved the acting."),
+    ("A terrible film.", " The plot"),
+    ("I", " watched it twice; the music is wonderful and the ending is sad."),
+]
+
+
+def _rows(tokenizer: PreTrainedTokenizerFast) -> list[dict[str, list[int]]]:
+    return [tokenize_completion(tokenizer, p, c, max_length=48) for p, c in PAIRS]
+
+
+def _random_batch(seed: int, b: int = 3, t: int = 9, v: int = 11) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, t, v, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, v, (b, t), generator=g)
+    mask = torch.zeros(b, t, dtype=torch.long)
+    mask[0, 3:7] = 1
+    mask[1, 2:9] = 1
+    mask[2, 5:6] = 1
+    return logits, ids, mask
+
+
+def test_token_logprobs_match_hand_loop() -> None:
+    logits, ids, _ = _random_batch(0)
+    got = token_logprobs(logits, ids)
+    assert got.shape == (3, 8) and got.dtype == torch.float32
+    for b in range(3):
+        for t in range(8):
+            expected = torch.log_softmax(logits[b, t], -1)[ids[b, t + 1]]
+            assert float(got[b, t]) == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_token_logprobs_upcast_half_precision() -> None:
+    logits, ids, _ = _random_batch(1)
+    got = token_logprobs((logits * 30).to(torch.bfloat16), ids)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+
+
+def test_sequence_logprobs_ignore_prompt_and_padding_logits() -> None:
+    logits, ids, mask = _random_batch(2)
+    base = sequence_logprobs(logits, ids, mask)
+    # Logits at position t predict token t+1; only those predicting completion tokens may matter.
+    predicts_completion = F.pad(mask[:, 1:], (0, 1)).bool()
+    noisy = logits.clone()
+    noisy[~predicts_completion] = torch.randn_like(noisy[~predicts_completion]) * 100
+    torch.testing.assert_close(sequence_logprobs(noisy, ids, mask), base)
+    # Token ids serve only as labels here: relabelling prompt and padding positions changes nothing either.
+    relabelled = torch.where(mask.bool(), ids, (ids + 1) % 11)
+    torch.testing.assert_close(sequence_logprobs(logits, relabelled, mask), base)
+    # ...but changing a logit that predicts a completion token does change it (the test can fail).
+    poked = logits.clone()
+    poked[0, 3, ids[0, 4]] += 5.0
+    assert not torch.allclose(sequence_logprobs(poked, ids, mask), base)
+
+
+def test_sum_vs_average() -> None:
+    logits, ids, mask = _random_batch(3)
+    total = sequence_logprobs(logits, ids, mask)
+    mean = sequence_logprobs(logits, ids, mask, average=True)
+    counts = mask[:, 1:].sum(-1)
+    torch.testing.assert_close(mean * counts, total)
+    per_token = token_logprobs(logits, ids)
+    for b in range(3):
+        selected = [float(per_token[b, t]) for t in range(8) if mask[b, t + 1]]
+        assert float(total[b]) == pytest.approx(sum(selected), abs=1e-5)
+
+
+def test_model_logprobs_equal_for_left_and_right_padding(tiny_model: GPT2LMHeadModel,
+                                                          tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    rows = _rows(tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    right, left = pad_rows(rows, pad, side="right"), pad_rows(rows, pad, side="left")
+    assert not torch.equal(right["input_ids"], left["input_ids"])  # the paddings really differ
+    with torch.no_grad():
+        lp_right = completion_logprobs(tiny_model, **right)
+        lp_left = completion_logprobs(tiny_model, **left)
+        singles = torch.cat([completion_logprobs(tiny_model, **pad_rows([row], pad)) for row in rows])
+        # Without position ids from the mask, left padding shifts positions: the fix is what makes them equal.
+        naive = tiny_model(input_ids=left["input_ids"], attention_mask=left["attention_mask"]).logits
+        lp_naive = sequence_logprobs(naive, left["input_ids"], left["completion_mask"])
+    torch.testing.assert_close(lp_left, lp_right, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lp_right, singles, rtol=1e-6, atol=1e-5)
+    assert not torch.allclose(lp_naive, lp_right, atol=1e-3)
+
+
+def test_padding_token_ids_do_not_matter(tiny_model: GPT2LMHeadModel,
+                                         tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    batch = pad_rows(_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    other = dict(batch, input_ids=torch.where(batch["attention_mask"].bool(), batch["input_ids"], 7))
+    assert not torch.equal(other["input_ids"], batch["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(completion_logprobs(tiny_model, **other),
+                                   completion_logprobs(tiny_model, **batch))
+
+
+def test_completion_token_logprobs_sum_to_sequence(tiny_model: GPT2LMHeadModel,
+                                                   tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    batch = pad_rows(_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id, side="left")
+    with torch.no_grad():
+        token_logps, mask = completion_token_logprobs(tiny_model, **batch)
+        total = completion_logprobs(tiny_model, **batch)
+    torch.testing.assert_close(mask, batch["completion_mask"][:, 1:])
+    assert float(token_logps[~mask.bool()].abs().max()) == 0.0
+    torch.testing.assert_close(token_logps.sum(-1), total)
+
+
+def test_concatenated_equals_two_separate_calls(tiny_model: GPT2LMHeadModel,
+                                                tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    examples = [{"prompt": p, "chosen": c, "rejected": c[: len(c) // 2] + " boring"} for p, c in PAIRS]
+    batch = PreferenceCollator(tiny_tokenizer, max_length=48)(examples)
+    assert batch["chosen_input_ids"].shape[1] != batch["rejected_input_ids"].shape[1]
+    for average in (False, True):
+        with torch.no_grad():
+            chosen, rejected = concatenated_logprobs(tiny_model, batch, average=average)
+            sep_c = completion_logprobs(tiny_model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
+                                        batch["chosen_completion_mask"], average=average)
+            sep_r = completion_logprobs(tiny_model, batch["rejected_input_ids"],
+                                        batch["rejected_attention_mask"], batch["rejected_completion_mask"],
+                                        average=average)
+        torch.testing.assert_close(chosen, sep_c, rtol=1e-6, atol=1e-5)
+        torch.testing.assert_close(rejected, sep_r, rtol=1e-6, atol=1e-5)
+
+
+def test_concatenated_logprobs_backpropagates(tiny_model: GPT2LMHeadModel,
+                                              tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    examples = [{"prompt": p, "chosen": c, "rejected": " no"} for p, c in PAIRS]
+    chosen, rejected = concatenated_logprobs(tiny_model, PreferenceCollator(tiny_tokenizer, 48)(examples))
+    (chosen - rejected).sum().backward()
+    grad = tiny_model.transformer.wte.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_token_kl_properties_and_matches_kl_div() -> None:
+    g = torch.Generator().manual_seed(4)
+    p, q = torch.randn(2, 5, 13, generator=g), torch.randn(2, 5, 13, generator=g)
+    kl = token_kl(p, q)
+    assert kl.shape == (2, 5) and (kl > 0).all()
+    assert float(token_kl(p, p.clone()).abs().max()) == 0.0
+    reference = F.kl_div(torch.log_softmax(q, -1), torch.log_softmax(p, -1), log_target=True,
+                         reduction="none").sum(-1)
+    torch.testing.assert_close(kl, reference)
+    # Adding a constant to all logits leaves the distribution, hence the KL, unchanged.
+    torch.testing.assert_close(token_kl(p + 3.0, q - 1.0), kl, rtol=1e-4, atol=1e-5)
+
+
+def test_sequence_kl_equals_hand_loop() -> None:
+    logits, ids, mask = _random_batch(5)
+    ref = torch.randn_like(logits)
+    got = sequence_kl(logits, ref, mask)
+    for b in range(3):
+        expected = 0.0
+        for t in range(logits.shape[1] - 1):
+            if mask[b, t + 1]:
+                p = torch.softmax(logits[b, t], -1)
+                expected += float((p * (torch.log(p) - torch.log_softmax(ref[b, t], -1))).sum())
+        assert float(got[b]) == pytest.approx(expected, rel=1e-5)
+    assert float(sequence_kl(logits, logits.clone(), mask).abs().max()) == 0.0
+
+
+def test_bad_inputs_raise_clear_errors(tiny_model: GPT2LMHeadModel) -> None:
+    logits, ids, mask = _random_batch(6)
+    with pytest.raises(ValueError, match="disagree on"):
+        token_logprobs(logits, ids[:, :-1])
+    with pytest.raises(TypeError, match="input_ids must be an integer tensor"):
+        token_logprobs(logits, ids.float())
+    with pytest.raises(ValueError, match="logits must have 3 dimensions"):
+        token_logprobs(logits[0], ids)
+    with pytest.raises(ValueError, match="completion_mask has shape"):
+        sequence_logprobs(logits, ids, mask[:, :-1])
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        sequence_logprobs(logits, ids, mask * 2)
+    first = mask.clone()
+    first[0, 0] = 1
+    with pytest.raises(ValueError, match="position 0"):
+        sequence_logprobs(logits, ids, first)
+    empty = mask.clone()
+    empty[1] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] have no completion tokens"):
+        sequence_logprobs(logits, ids, empty)
+    with pytest.raises(ValueError, match="same shape"):
+        token_kl(logits, logits[..., :-1])
+    attention = torch.ones_like(ids)
+    with pytest.raises(ValueError, match="no real tokens"):
+        forward_logits(tiny_model, ids, torch.zeros_like(ids))
+    padded = attention.clone()
+    padded[0, 5] = 0
+    with pytest.raises(ValueError, match="attention_mask says are padding"):
+        completion_logprobs(tiny_model, ids, padded, mask)
+    with pytest.raises(KeyError, match="rejected_completion_mask"):
+        concatenated_logprobs(tiny_model, {f"{s}_{k}": ids for s in ("chosen", "rejected")
+                                           for k in ("input_ids", "attention_mask", "completion_mask")
+                                           if (s, k) != ("rejected", "completion_mask")})
