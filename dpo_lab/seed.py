@@ -19,7 +19,7 @@ def seed_everything(seed: int) -> torch.Generator:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     os.environ["PYTHONHASHSEED"] = str(seed)
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 -- libraries that draw from the legacy global state
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     generator = torch.Generator()

@@ -1,0 +1,79 @@
+"""The reward-KL frontier (paper Fig. 2 left) and the dominance count behind its claim."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+# One colour per method, in the paper's legend order.
+METHOD_COLORS: dict[str, str] = {
+    "DPO": "tab:red",
+    "Unlikelihood": "tab:orange",
+    "PPO": "tab:blue",
+    "PPO-GT": "tab:purple",
+    "Preferred-FT": "tab:green",
+    "SFT": "black",
+}
+REQUIRED_COLUMNS = ("method", "step", "kl_mean", "reward_mean")
+
+
+def _check_points(points: pd.DataFrame) -> None:
+    missing = [c for c in REQUIRED_COLUMNS if c not in points.columns]
+    if missing:
+        raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
+
+
+def upper_envelope(kl: Sequence[float], reward: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The Pareto front of (kl, reward) points: those that no other point beats on both axes,
+    sorted by KL (so reward rises along it)."""
+    order = np.lexsort((-np.asarray(reward, dtype=float), np.asarray(kl, dtype=float)))
+    xs, ys, best = [], [], -np.inf
+    for i in order:
+        if reward[i] > best:
+            xs.append(float(kl[i]))
+            ys.append(float(reward[i]))
+            best = reward[i]
+    return np.array(xs), np.array(ys)
+
+
+def dominance(points: pd.DataFrame, *, challenger: str = "DPO", others: Sequence[str] = ("PPO",),
+              ) -> tuple[int, int]:
+    """(dominated, total): how many of the ``others``' evaluation points, starting checkpoints (step 0)
+    excluded, have some ``challenger`` point with strictly higher reward AND strictly lower KL."""
+    _check_points(points)
+    ours = points[points.method == challenger][["kl_mean", "reward_mean"]].to_numpy()
+    theirs = points[points.method.isin(others) & (points.step > 0)][["kl_mean", "reward_mean"]].to_numpy()
+    if len(ours) == 0:
+        return 0, len(theirs)
+    beaten = [bool(np.any((ours[:, 0] < kl) & (ours[:, 1] > r))) for kl, r in theirs]
+    return int(sum(beaten)), len(theirs)
+
+
+def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "") -> plt.Figure:
+    """Every evaluation point of every run (one colour per method), the shared SFT start, and each method's
+    upper envelope; KL(pi || pi_ref) on x and mean r* on y, as in the paper."""
+    _check_points(points)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    start = points[points.step == 0]
+    for method, group in points[points.step > 0].groupby("method", sort=False):
+        color = METHOD_COLORS.get(str(method))
+        ax.scatter(group.kl_mean, group.reward_mean, s=18, alpha=0.75, color=color, label=str(method))
+        xs, ys = upper_envelope(group.kl_mean.to_numpy(), group.reward_mean.to_numpy())
+        ax.step(xs, ys, where="post", color=color, alpha=0.5, linewidth=1)
+    if len(start):
+        ax.scatter(start.kl_mean.mean(), start.reward_mean.mean(), marker="*", s=140, color="black",
+                   label="SFT (start)", zorder=5)
+    ax.set_xlabel(r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$")
+    ax.set_ylabel(r"mean reward $r^*$ on test prompts")
+    ax.set_title(title or "IMDb sentiment generation: reward vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150)
+    return fig
