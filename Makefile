@@ -28,4 +28,4 @@ reproduce: $(VENV)/.installed
 # Re-pair and re-execute the notebooks after editing their .py sources (outputs are committed).
 notebooks: $(VENV)/.installed
 	$(VENV)/bin/jupytext --sync notebooks/*.py
-	DPO_LAB_PRESET=smoke $(VENV)/bin/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+	for nb in notebooks/*.ipynb; do DPO_LAB_PRESET=smoke $(VENV)/bin/jupyter execute --inplace "$$nb" || exit 1; done

@@ -1,0 +1,317 @@
+"""The exact toy bandit: closed forms of Eqs. 1-10 and the DPO / RLHF solvers against π*."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpo_lab import bandit as bd
+from dpo_lab.bandit import Bandit, PreferenceData, max_abs_error
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def toy() -> Bandit:
+    return Bandit.random(n_x=3, n_y=5, seed=0)
+
+
+def _shift(n_x: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    return scale * torch.randn(n_x, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+# ------------------------------------------------------------------------------------------ closed forms
+
+
+@pytest.mark.parametrize("beta", [0.01, 0.1, 1.0, 10.0])
+def test_optimal_policy_is_normalised_eq4(toy: Bandit, beta: float):
+    pi = toy.optimal_policy(beta)
+    assert torch.allclose(pi.sum(-1), torch.ones(toy.n_x, dtype=F64), atol=1e-12)
+    assert (pi > 0).all()
+    # the literal Eq. 4 (unstable for tiny β, fine here) agrees with the log-space implementation
+    if beta >= 0.1:
+        z = (toy.pi_ref * torch.exp(toy.reward / beta)).sum(-1, keepdim=True)
+        assert max_abs_error(pi, toy.pi_ref * torch.exp(toy.reward / beta) / z) < 1e-12
+
+
+def test_log_partition_survives_tiny_beta(toy: Bandit):
+    log_z = bd.log_partition(toy.reward, toy.pi_ref, 1e-4)  # exp(r/β) overflows float64 without logsumexp
+    assert torch.isfinite(log_z).all()
+    # as β → 0, β log Z(x) → max_y r(x, y)
+    assert max_abs_error(1e-4 * log_z, toy.reward.max(-1).values) < 1e-2
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.5, 5.0])
+def test_reparameterised_reward_recovers_r_eq5(toy: Bandit, beta: float):
+    log_z = bd.log_partition(toy.reward, toy.pi_ref, beta)
+    recovered = bd.reparameterised_reward(toy.optimal_policy(beta), toy.pi_ref, beta, log_z)
+    assert max_abs_error(recovered, toy.reward) < 1e-10
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.5, 5.0])
+def test_bt_with_policy_only_equals_bt_with_reward_eq6(toy: Bandit, beta: float):
+    p_eq1 = bd.bt_probs(toy.reward)
+    p_eq6 = bd.bt_probs_from_policy(toy.optimal_policy(beta), toy.pi_ref, beta)
+    assert max_abs_error(p_eq1, p_eq6) < 1e-10
+    # BT is a probability: p(a ≻ b) + p(b ≻ a) = 1, and p(a ≻ a) = 1/2
+    assert max_abs_error(p_eq1 + p_eq1.transpose(1, 2), torch.ones_like(p_eq1)) < 1e-12
+    assert max_abs_error(torch.diagonal(p_eq1, dim1=1, dim2=2), torch.full((3, 5), 0.5, dtype=F64)) < 1e-12
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), beta=st.floats(0.05, 5.0))
+def test_lemmas_1_and_2_on_random_shifts(seed: int, beta: float):
+    bandit = Bandit.random(n_x=2, n_y=4, seed=seed)
+    shifted = bd.shift_reward(bandit.reward, _shift(2, seed))
+    assert bd.are_equivalent(bandit.reward, shifted)  # Def. 1
+    assert max_abs_error(bd.bt_probs(bandit.reward), bd.bt_probs(shifted)) < 1e-12  # Lemma 1
+    assert max_abs_error(bandit.optimal_policy(beta), bd.optimal_policy(shifted, bandit.pi_ref, beta)) < 1e-12
+    # Theorem 1: every member of the class projects (Eq. 8) to β log π_r/π_ref of the same π_r
+    projected = bd.project_reward(shifted, bandit.pi_ref, beta)
+    assert max_abs_error(projected, bd.project_reward(bandit.reward, bandit.pi_ref, beta)) < 1e-10
+    r_hat = bd.implicit_reward(bandit.optimal_policy(beta), bandit.pi_ref, beta)
+    assert max_abs_error(projected, r_hat) < 1e-10
+
+
+def test_non_constant_perturbation_is_not_equivalent(toy: Bandit):
+    bumped = toy.reward.clone()
+    bumped[0, 0] += 0.1
+    assert not bd.are_equivalent(toy.reward, bumped)
+    assert max_abs_error(bd.bt_probs(toy.reward), bd.bt_probs(bumped)) > 1e-3
+
+
+@pytest.mark.parametrize("beta", [0.05, 1.0, 20.0])
+def test_projection_eq8_satisfies_normalisation_eq9(toy: Bandit, beta: float):
+    shifted = bd.shift_reward(toy.reward, _shift(toy.n_x, 1))
+    assert max_abs_error(bd.normaliser(shifted, toy.pi_ref, beta), torch.ones(toy.n_x, dtype=F64)) > 1e-3
+    projected = bd.project_reward(shifted, toy.pi_ref, beta)
+    assert max_abs_error(bd.normaliser(projected, toy.pi_ref, beta), torch.ones(toy.n_x, dtype=F64)) < 1e-12
+    assert bd.are_equivalent(projected, toy.reward, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------------ KL, reward, Eq. 3
+
+
+def test_kl_nonnegative_and_zero_only_at_reference(toy: Bandit):
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        policy = torch.softmax(2 * torch.randn(3, 5, generator=gen, dtype=F64), -1)
+        assert (bd.kl_divergence(policy, toy.pi_ref) > 0).all()
+    assert bd.kl_divergence(toy.pi_ref, toy.pi_ref).abs().max() < 1e-15
+    # a policy with zeros is fine (0 log 0 = 0)
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 1, 2]), 5).to(F64)
+    expected = -toy.pi_ref[[0, 1, 2], [0, 1, 2]].log()
+    assert max_abs_error(bd.kl_divergence(one_hot, toy.pi_ref), expected) < 1e-12
+
+
+def test_kl_of_optimal_policy_vanishes_as_beta_grows(toy: Bandit):
+    kls = [toy.evaluate(toy.optimal_policy(beta))[0] for beta in (1.0, 10.0, 1e3, 1e6)]
+    assert kls[0] > 1e-2 and kls[-1] < 1e-10
+    assert all(a > b for a, b in zip(kls, kls[1:], strict=False))
+
+
+def test_reward_kl_curve_is_monotone_in_beta(toy: Bandit):
+    betas = [0.02, 0.05, 0.1, 0.3, 1.0, 3.0, 10.0]
+    curve = bd.reward_kl_curve(toy, betas)
+    assert [b for b, _, _ in curve] == betas
+    kls, rewards = [k for _, k, _ in curve], [r for _, _, r in curve]
+    # larger β: closer to π_ref (less KL) and less reward
+    assert all(a > b for a, b in zip(kls, kls[1:], strict=False))
+    assert all(a > b for a, b in zip(rewards, rewards[1:], strict=False))
+    reward_ref = bd.mean_over_prompts(bd.expected_reward(toy.pi_ref, toy.reward), toy.prompt_probs)
+    assert rewards[-1] > reward_ref
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_optimal_policy_maximises_eq3_with_value_beta_log_z(toy: Bandit, beta: float):
+    best = bd.rlhf_objective(toy.optimal_policy(beta), toy.reward, toy.pi_ref, beta)
+    assert max_abs_error(best, beta * bd.log_partition(toy.reward, toy.pi_ref, beta)) < 1e-12  # App. A.1
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        other = torch.softmax(torch.randn(3, 5, generator=gen, dtype=F64), -1)
+        assert (bd.rlhf_objective(other, toy.reward, toy.pi_ref, beta) < best).all()
+
+
+def test_policy_gradient_on_eq3_reaches_closed_form(toy: Bandit):
+    for optimizer in ("lbfgs", "adam"):
+        policy = bd.maximise_rlhf_objective(toy.reward, toy.pi_ref, 0.5, optimizer=optimizer, steps=1500)
+        assert max_abs_error(policy, toy.optimal_policy(0.5)) < 1e-6
+
+
+# ------------------------------------------------------------------------------------------ preference data
+
+
+def test_population_weights_are_a_distribution(toy: Bandit):
+    pop = bd.population_preferences(toy)
+    assert len(pop) == 3 * 5 * 4  # ordered pairs of distinct responses
+    assert abs(float(pop.weight.sum()) - 1.0) < 1e-12
+    assert (pop.y_w != pop.y_l).all()
+
+
+def _as_dict(data: PreferenceData) -> dict[tuple[int, int, int], float]:
+    rows = zip(data.x.tolist(), data.y_w.tolist(), data.y_l.tolist(), data.weight.tolist(), strict=True)
+    return {(x, w, l): weight for x, w, l, weight in rows}
+
+
+def test_sampled_pair_frequencies_match_population_weights(toy: Bandit):
+    data = bd.sample_preferences(toy, 100_000, seed=0).aggregated()
+    pop = bd.population_preferences(toy)
+    assert (data.y_w != data.y_l).all()
+    empirical, exact = _as_dict(data), _as_dict(pop)
+    assert max(abs(empirical.get(k, 0.0) - w) for k, w in exact.items()) < 0.01
+
+
+def test_sampled_preferences_follow_bradley_terry():
+    bandit = Bandit.random(n_x=1, n_y=2, seed=4, ref_scale=0.0)  # uniform π_ref over two responses
+    data = bd.sample_preferences(bandit, 20_000, seed=0)
+    win_rate = float((data.y_w == 0).to(F64).mean())
+    p = float(bd.bt_probs(bandit.reward)[0, 0, 1])
+    assert abs(win_rate - p) < 0.02, (win_rate, p)
+    again = bd.sample_preferences(bandit, 20_000, seed=0)
+    assert torch.equal(data.y_w, again.y_w) and torch.equal(data.x, again.x)
+
+
+def test_aggregation_keeps_the_weighted_loss(toy: Bandit):
+    data = bd.sample_preferences(toy, 3000, seed=2)
+    logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    full, _ = bd.dpo_loss_on_table(logits, toy.pi_ref, data, 0.3)
+    merged, _ = bd.dpo_loss_on_table(logits, toy.pi_ref, data.aggregated(), 0.3)
+    assert len(data.aggregated()) <= 60 < len(data)
+    assert abs(float(full) - float(merged)) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------ solvers
+
+
+def test_dpo_loss_at_initialisation_is_log2(toy: Bandit):
+    loss, metrics = bd.dpo_loss_on_table(toy.pi_ref.log(), toy.pi_ref, bd.population_preferences(toy), 0.1)
+    assert abs(float(loss) - math.log(2)) < 1e-12
+    assert abs(metrics["rewards/margins"]) < 1e-12
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_population_dpo_converges_to_optimal_policy(toy: Bandit, beta: float):
+    result = bd.solve_dpo(toy.pi_ref, bd.population_preferences(toy), beta)
+    assert max_abs_error(result.policy, toy.optimal_policy(beta)) < 1e-6
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+def test_population_dpo_with_adam_converges_too(toy: Bandit):
+    result = bd.solve_dpo(toy.pi_ref, bd.population_preferences(toy), 0.5, optimizer="adam", steps=1500,
+                          lr=0.1)
+    assert max_abs_error(result.policy, toy.optimal_policy(0.5)) < 1e-6
+
+
+def test_sampled_dpo_approaches_optimal_policy_as_data_grows(toy: Bandit):
+    errors = []
+    for n_pairs in (2_000, 200_000):
+        data = bd.sample_preferences(toy, n_pairs, seed=7)
+        errors.append(max_abs_error(bd.solve_dpo(toy.pi_ref, data, 1.0).policy, toy.optimal_policy(1.0)))
+    assert errors[1] < 0.02, errors
+    assert errors[1] < errors[0] / 2, errors
+
+
+def test_rlhf_and_dpo_reach_the_same_policy(toy: Bandit):
+    data = bd.sample_preferences(toy, 20_000, seed=3)
+    dpo = bd.solve_dpo(toy.pi_ref, data, 0.5).policy
+    rlhf = bd.solve_rlhf(toy.pi_ref, data, 0.5)
+    assert max_abs_error(dpo, rlhf.policy) < 1e-6
+    # and on the population, the reward model recovers r* up to f(x) (Lemma 1), the policy is π* (Lemma 2)
+    pop = bd.solve_rlhf(toy.pi_ref, bd.population_preferences(toy), 0.5)
+    assert bd.are_equivalent(pop.reward_model, toy.reward, atol=1e-5)
+    assert max_abs_error(pop.policy, toy.optimal_policy(0.5)) < 1e-6
+
+
+def test_chosen_logps_can_fall_while_margin_grows():
+    bandit = Bandit.random(n_x=3, n_y=5, seed=1)
+    history = bd.solve_dpo(bandit.pi_ref, bd.sample_preferences(bandit, 2000, seed=1), 0.1,
+                           optimizer="adam", steps=200, lr=0.05).history
+    assert history[-1]["logps/chosen"] < history[0]["logps/chosen"] - 1.0
+    assert history[-1]["rewards/margins"] > history[0]["rewards/margins"] + 0.1
+    assert history[-1]["rewards/accuracies"] > 0.5
+
+
+def test_dpo_gradient_formula_matches_autograd(toy: Bandit):
+    data = bd.sample_preferences(toy, 500, seed=0)
+    logits = torch.randn(3, 5, generator=torch.Generator().manual_seed(2), dtype=F64).requires_grad_(True)
+    loss, _ = bd.dpo_loss_on_table(logits, toy.pi_ref, data, 0.7)
+    loss.backward()
+    assert max_abs_error(bd.dpo_gradient(logits.detach(), toy.pi_ref, data, 0.7), logits.grad) < 1e-12
+
+
+# ------------------------------------------------------------------------------------------ Eq. 10
+
+
+def _autograd_eq3_gradient(logits: torch.Tensor, bandit: Bandit, beta: float) -> torch.Tensor:
+    theta = logits.clone().requires_grad_(True)
+    objective = bd.rlhf_objective(torch.softmax(theta, -1), bandit.reward, bandit.pi_ref, beta).sum()
+    objective.backward()
+    return theta.grad
+
+
+@pytest.mark.parametrize("normalise", [False, True])
+def test_reinforce_is_unbiased_with_and_without_normaliser(toy: Bandit, normalise: bool):
+    logits = toy.pi_ref.log() + 0.3
+    mean, _ = bd.reinforce_gradient_moments(logits, toy, 0.5, normalise=normalise)
+    assert max_abs_error(mean, _autograd_eq3_gradient(logits, toy, 0.5)) < 1e-12
+    samples = bd.reinforce_gradient_samples(logits, toy, 0.5, 40_000, normalise=normalise, seed=1)
+    assert max_abs_error(samples.mean(0), mean) < 0.03
+
+
+def test_normaliser_removes_shift_variance_and_vanishes_at_optimum(toy: Bandit):
+    beta = 0.5
+    f_x = torch.tensor([4.0, -3.0, 6.0], dtype=F64)
+    shifted = Bandit(pi_ref=toy.pi_ref, reward=bd.shift_reward(toy.reward, f_x))
+    logits = toy.pi_ref.log()
+    _, var_plain = bd.reinforce_gradient_moments(logits, toy, beta, normalise=False)
+    _, var_plain_shifted = bd.reinforce_gradient_moments(logits, shifted, beta, normalise=False)
+    _, var_norm = bd.reinforce_gradient_moments(logits, toy, beta, normalise=True)
+    _, var_norm_shifted = bd.reinforce_gradient_moments(logits, shifted, beta, normalise=True)
+    assert (var_plain_shifted > 3 * var_plain).all()  # without Eq. 10's term, f(x) inflates the variance
+    assert max_abs_error(var_norm, var_norm_shifted) < 1e-10  # with it, the class member does not matter
+    # at π_θ = π* the Eq. 10 return β log π*/π_θ is 0 for every y: a zero-variance estimator
+    at_opt = toy.optimal_policy(beta).log()
+    assert bd.reinforce_gradient_moments(at_opt, shifted, beta, normalise=True)[1].max() < 1e-20
+    assert bd.reinforce_gradient_moments(at_opt, shifted, beta, normalise=False)[1].min() > 1e-2
+    samples = bd.reinforce_gradient_samples(logits, shifted, beta, 20_000, normalise=False, seed=0)
+    assert abs(float(samples.var(0).sum(-1)[2]) / float(var_plain_shifted[2]) - 1) < 0.1  # measured ≈ exact
+
+
+def test_train_reinforce_moves_towards_optimum(toy: Bandit):
+    trace = bd.train_reinforce(toy, 0.5, normalise=True, steps=200, batch_size=8, lr=0.1, seed=0)
+    assert len(trace) == 201 and trace[-1] < trace[0] / 3
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_inputs_raise_clear_errors(toy: Bandit):
+    with pytest.raises(ValueError, match="beta"):
+        toy.optimal_policy(0.0)
+    with pytest.raises(TypeError, match="beta"):
+        toy.optimal_policy("0.1")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="sum to 1"):
+        Bandit(pi_ref=torch.full((2, 3), 0.5, dtype=F64), reward=torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="positive probability"):
+        Bandit(pi_ref=torch.tensor([[1.0, 0.0]]), reward=torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="shape mismatch"):
+        Bandit(pi_ref=torch.full((2, 3), 1 / 3, dtype=F64), reward=torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        bd.bt_probs(torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="one value per prompt"):
+        bd.shift_reward(toy.reward, torch.zeros(2, dtype=F64))
+    with pytest.raises(ValueError, match="n_y >= 2"):
+        Bandit.random(n_x=1, n_y=1)
+    bad = PreferenceData(x=torch.tensor([0]), y_w=torch.tensor([7]), y_l=torch.tensor([0]),
+                         weight=torch.ones(1, dtype=F64))
+    with pytest.raises(ValueError, match="response index out of range"):
+        bd.solve_dpo(toy.pi_ref, bad, 0.1)
+    with pytest.raises(ValueError, match="long tensor"):
+        PreferenceData(x=torch.tensor([0.0]), y_w=torch.tensor([1]), y_l=torch.tensor([0]),
+                       weight=torch.ones(1, dtype=F64))
+    with pytest.raises(ValueError, match="optimizer"):
+        bd.solve_dpo(toy.pi_ref, bd.population_preferences(toy), 0.1, optimizer="sgd")  # type: ignore[arg-type]
