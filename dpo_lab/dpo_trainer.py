@@ -1,0 +1,530 @@
+"""The DPO trainer, written out: minimise paper Eq. 7 over a fixed set of preference pairs.
+
+    L_DPO = -E[ log sigma( beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x) ) ]
+
+One optimizer step (App. B): ``batch_size`` pairs, accumulated over micro-batches of ``micro_batch_size``;
+chosen and rejected share one forward pass (logprobs.concatenated_logprobs); gradient clipped to
+``max_grad_norm``; RMSprop (the paper) or AdamW; lr warmed up linearly over ``warmup_steps``, then constant.
+
+* pi_ref's log-probs never change, so they are computed once, before training, and cached on disk keyed by
+  what produced them (reference weights, pairs, tokenizer, max_length, precision): every beta of a sweep
+  shares them, and the reference model is not needed during training.
+* Dropout stays off in the policy (as TRL's ``disable_dropout``): the implicit reward
+  beta (log pi - log pi_ref) is then exactly 0 at step 0, and the first loss is log 2.
+* ``out_dir`` is one run. ``metrics.jsonl`` gets one JSON line per step (TRL names; eval_fn's keys merged
+  in on evaluation steps; step 0 holds the evaluation of the starting policy). Checkpoints are written
+  atomically; a run resumes from its last one and ends with bit-identical weights (CPU) to an uninterrupted
+  run; a finished run returns at once, with its final weights loaded into ``policy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from dpo_lab.batching import PreferenceCollator
+from dpo_lab.cache import atomic_directory, atomic_write_json, atomic_write_text, content_hash
+from dpo_lab.logprobs import concatenated_logprobs
+from dpo_lab.losses import preference_loss, preference_metrics
+from dpo_lab.presets import DPOConfig
+from dpo_lab.seed import seed_everything
+
+EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+# Settings that do not change the trajectory: a sweep list, or how often we look and save.
+_NOT_IN_RUN_KEY = ("betas", "max_steps", "checkpoint_every", "eval_every")
+
+
+@dataclass(frozen=True)
+class DPOResult:
+    checkpoint_dir: Path  # the final policy (save_pretrained + tokenizer): models.load_policy reads it
+    metrics_path: Path  # metrics.jsonl, one line per step
+    last_metrics: dict[str, float]
+    steps: int
+
+
+# ------------------------------------------------------------------------------------------- fingerprints
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' identity."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Vocabulary, special ids and (fast tokenizers) the pipeline incl. merges; not the padding/truncation
+    state, which a ``tokenizer(..., padding=True)`` call may change without changing any token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pipeline = None
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        pipeline = {k: v for k, v in state.items() if k not in ("padding", "truncation")}
+    return content_hash(sorted(tokenizer.get_vocab().items()), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                        pipeline)
+
+
+Pairs = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[str]]
+
+
+def _pair_columns(pairs: Pairs) -> dict[str, list[str]]:
+    """prompt/chosen/rejected as plain lists, from a Dataset, a list of dicts or a dict of columns."""
+    if isinstance(pairs, Mapping):
+        missing = [c for c in PAIR_COLUMNS if c not in pairs]
+        if missing:
+            raise ValueError(f"pairs are missing column(s) {missing}; they have {sorted(pairs)}")
+        cols = {c: list(pairs[c]) for c in PAIR_COLUMNS}
+        if len({len(v) for v in cols.values()}) > 1:
+            raise ValueError(f"pair columns differ in length: { {c: len(v) for c, v in cols.items()} }")
+    elif isinstance(pairs, datasets.Dataset):
+        missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
+        if missing:
+            raise ValueError(f"pairs are missing column(s) {missing}; they have {pairs.column_names}")
+        cols = pairs.select_columns(list(PAIR_COLUMNS)).to_dict()
+    else:
+        for i, row in enumerate(pairs):
+            missing = [c for c in PAIR_COLUMNS if c not in row]
+            if missing:
+                raise ValueError(f"pair {i} is missing key(s) {missing}")
+        cols = {c: [row[c] for row in pairs] for c in PAIR_COLUMNS}
+    if not cols["prompt"]:
+        raise ValueError("no preference pairs to train on")
+    return cols
+
+
+def pairs_fingerprint(cols: Mapping[str, Sequence[str]]) -> str:
+    """Content hash of the pairs' text, in order (an in-memory and a reloaded Dataset hash the same)."""
+    digest = hashlib.sha256()
+    for c in PAIR_COLUMNS:
+        digest.update(json.dumps(list(cols[c])).encode())
+    return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------- pieces
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (logprobs upcasts logits to fp32 before the softmax), plain fp32 on CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """lr multiplier of update t (0-based): (t + 1) / (warmup + 1) until warmup is over, then 1 (as the
+    official code: linear from ~0 over ``warmup_steps`` updates, App. B)."""
+    return lambda t: min(1.0, (t + 1) / (warmup_steps + 1))
+
+
+def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=config.lr)  # the paper's optimizer (App. B), torch defaults
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # no decay: TRL's default
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'rmsprop' or 'adamw'")
+
+
+def batch_indices(n_pairs: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Pair indices of optimizer step ``step`` (1-based): consecutive slices of one seeded permutation per
+    epoch. A pure function of (seed, step), so a resumed run sees exactly the batches it would have."""
+    start = (step - 1) * batch_size
+    perms: dict[int, np.ndarray] = {}
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch = pos // n_pairs
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_pairs)
+        out.append(int(perms[epoch][pos % n_pairs]))
+    return out
+
+
+def _check_config(config: DPOConfig, beta: float, max_length: int) -> None:
+    for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"DPOConfig.{name} must be a positive integer, got {value!r}")
+    if config.warmup_steps < 0:
+        raise ValueError(f"DPOConfig.warmup_steps must be >= 0, got {config.warmup_steps}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ValueError(f"DPOConfig.lr must be a positive number, got {config.lr}")
+    if not (config.max_grad_norm > 0):
+        raise ValueError(f"DPOConfig.max_grad_norm must be > 0, got {config.max_grad_norm}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (beta > 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a positive number, got {beta!r}")
+    if not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+
+
+def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------ reference log-probs
+def reference_logprobs(
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Pairs,
+    *,
+    max_length: int,
+    cache_dir: str | Path,
+    batch_size: int,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    reference_fingerprint: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of every pair, fp32 ``(N,)``, from the disk cache if present.
+
+    The key hashes the reference weights, the pairs, the tokenizer, max_length, and the precision, so any
+    change recomputes and nothing stale is reused. The reference runs in eval mode without gradients.
+    ``reference_fingerprint`` (model_fingerprint of ``reference``) skips hashing the weights a second time.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cols = _pair_columns(pairs)
+    n = len(cols["prompt"])
+    key = content_hash("ref-logps/v1", reference_fingerprint or model_fingerprint(reference),
+                       pairs_fingerprint(cols), tokenizer_fingerprint(tokenizer), max_length, "sum",
+                       device.type)
+    path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
+    if path.is_file():
+        cached = load_file(str(path))
+        if cached["chosen"].shape != (n,) or cached["rejected"].shape != (n,):
+            raise ValueError(f"reference cache {path} holds {cached['chosen'].shape[0]} pairs, expected {n}")
+        return cached["chosen"], cached["rejected"]
+    collator = PreferenceCollator(tokenizer, max_length)
+    examples = [dict(zip(PAIR_COLUMNS, row, strict=True)) for row in zip(*(cols[c] for c in PAIR_COLUMNS),
+                                                                       strict=True)]
+    home = next(reference.parameters()).device
+    was_training = reference.training
+    reference.to(device).eval()
+    chosen, rejected = [], []
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, n, batch_size), desc="reference log-probs", disable=not progress,
+                              leave=False):
+                batch = _to(collator(examples[start:start + batch_size]), device)
+                with autocast(device):
+                    c, r = concatenated_logprobs(reference, batch)
+                chosen.append(c.float().cpu())
+                rejected.append(r.float().cpu())
+    finally:
+        reference.to(home).train(was_training)
+    out = {"chosen": torch.cat(chosen).contiguous(), "rejected": torch.cat(rejected).contiguous()}
+    if not all(bool(torch.isfinite(t).all()) for t in out.values()):
+        raise FloatingPointError("reference log-probs contain NaN or inf; check the reference model")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata={"key": key, "n_pairs": str(n), "max_length": str(max_length)})
+        os.replace(tmp, path)  # atomic: a reader sees no file or a complete one
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return out["chosen"], out["rejected"]
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():  # hidden ".step-*.tmp" folders are unfinished atomic writes: ignored
+        if d.name.startswith("step-") and (d / "trainer_state.pt").is_file():
+            found.append((int(d.name.removeprefix("step-")), d))
+    return sorted(found)
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load save_pretrained safetensors into ``model`` in place; only tied weights may be absent."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+               or ())
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {folder} does not match the model: missing {sorted(missing)}, "
+                         f"unexpected {sorted(result.unexpected_keys)}")
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def _no_hf_progress_bars() -> Iterator[None]:
+    """save_pretrained draws a 'Writing model shards' bar; one per checkpoint would bury the training bar."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _save_checkpoint(out_dir: Path, step: int, policy: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                     run_key: str, seed: int, n_pairs: int, batch_size: int, keep: int | None) -> Path:
+    """Weights (safetensors) + tokenizer + optimizer/scheduler/RNG/data-order state, in one atomic write."""
+    path = out_dir / "checkpoints" / f"step-{step:06d}"
+    with atomic_directory(path) as tmp, _no_hf_progress_bars():
+        policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # Tensors and plain types only, so torch.load(weights_only=True) can read it back.
+        torch.save({"step": step, "run_key": run_key, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                    "data": {"seed": seed, "n_pairs": n_pairs, "batch_size": batch_size,
+                             "pairs_seen": step * batch_size}},
+                   tmp / "trainer_state.pt")
+    if keep is not None:
+        for _, old in _checkpoint_dirs(out_dir)[:-keep]:
+            if old != path:
+                shutil.rmtree(old)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ metrics file
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl (a torn last line from a crash is skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _truncate_metrics(path: Path, last_step: int | None) -> None:
+    """Keep records up to the checkpoint we resume from; later steps will be recomputed (no duplicates)."""
+    kept = [] if last_step is None else [r for r in read_metrics(path) if r["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _append(handle: Any, record: Mapping[str, Any]) -> None:
+    handle.write(json.dumps(record) + "\n")
+    handle.flush()
+
+
+def _evaluate(eval_fn: EvalFn, policy: nn.Module, step: int, taken: set[str]) -> dict[str, float]:
+    result = dict(eval_fn(policy, step))
+    policy.eval()  # whatever eval_fn did, training continues without dropout
+    clash = sorted(set(result) & taken)
+    if clash:
+        raise ValueError(f"eval_fn returned key(s) {clash} that clash with training metrics; rename them")
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- train
+def train_dpo(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Pairs,
+    *,
+    beta: float,
+    config: DPOConfig,
+    out_dir: str | Path,
+    seed: int,
+    max_length: int,
+    ref_cache_dir: str | Path,
+    eval_fn: EvalFn | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+    keep_checkpoints: int | None = 1,
+) -> DPOResult:
+    """Train ``policy`` in place with DPO (Eq. 7) against ``reference``; resumable, see module docstring.
+
+    ``eval_fn(policy, step)`` runs at step 0, every ``config.eval_every`` steps and at the end; its dict is
+    merged into that step's metrics line. ``keep_checkpoints`` = how many latest checkpoints stay on disk
+    (None keeps all). Raises FloatingPointError naming the step if the loss or gradient goes non-finite;
+    the last good checkpoint is left untouched.
+    """
+    if policy is reference:
+        raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
+    _check_config(config, beta, max_length)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cols = _pair_columns(pairs)
+    n_pairs = len(cols["prompt"])
+    run_fields = {
+        "beta": float(beta), "seed": seed, "max_length": max_length,
+        "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
+        "reference": model_fingerprint(reference), "pairs": pairs_fingerprint(cols),
+        "tokenizer": tokenizer_fingerprint(tokenizer), "device": device.type,
+    }
+    run_key = content_hash(run_fields)
+    _check_run(out_dir, run_key, run_fields)
+    metrics_path = out_dir / "metrics.jsonl"
+    policy.to(device)
+
+    finished = _finished_result(out_dir, config.max_steps)
+    if finished is not None:
+        load_weights(policy, finished.checkpoint_dir)
+        policy.eval()
+        return finished
+
+    seed_everything(seed)
+    ref_chosen, ref_rejected = reference_logprobs(
+        reference, tokenizer, cols, max_length=max_length, cache_dir=ref_cache_dir,
+        batch_size=config.micro_batch_size, device=device, progress=progress,
+        reference_fingerprint=run_fields["reference"])
+    collator = PreferenceCollator(tokenizer, max_length)
+    policy.eval()  # dropout off; autograd works the same in eval mode
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
+
+    checkpoints = _checkpoint_dirs(out_dir)
+    start = 0
+    if checkpoints:
+        start, ckpt = checkpoints[-1]
+        if start > config.max_steps:
+            raise ValueError(f"{out_dir} already holds a checkpoint at step {start} > max_steps "
+                             f"{config.max_steps}; use a new out_dir or a larger max_steps")
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+        if state["run_key"] != run_key:
+            raise ValueError(f"checkpoint {ckpt} belongs to another run "
+                             f"(key {state['run_key']} != {run_key})")
+        load_weights(policy, ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+    _truncate_metrics(metrics_path, start if checkpoints else None)
+
+    last: dict[str, float] = next(reversed(read_metrics(metrics_path)), {})
+    train_keys = {"step", "lr", "grad_norm", "epoch", "loss", "rewards/chosen", "rewards/rejected",
+                  "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"}
+    ckpt_dir = checkpoints[-1][1] if checkpoints else None
+    with open(metrics_path, "a") as handle:
+        if start == 0 and eval_fn is not None:
+            last = {"step": 0, **_evaluate(eval_fn, policy, 0, train_keys)}
+            _append(handle, last)
+        bar = tqdm(range(start + 1, config.max_steps + 1), desc=f"DPO beta={beta:g}", disable=not progress,
+                   initial=start, total=config.max_steps)
+        for step in bar:
+            record = _train_step(policy, collator, cols, ref_chosen, ref_rejected, optimizer, scheduler,
+                                 beta=beta, config=config, step=step, seed=seed, device=device,
+                                 last_checkpoint=ckpt_dir)
+            record["epoch"] = step * config.batch_size / n_pairs
+            final = step == config.max_steps
+            if eval_fn is not None and (step % config.eval_every == 0 or final):
+                record.update(_evaluate(eval_fn, policy, step, train_keys))
+            _append(handle, record)
+            last = record
+            bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
+            if step % config.checkpoint_every == 0 or final:
+                ckpt_dir = _save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, run_key,
+                                            seed, n_pairs, config.batch_size, keep_checkpoints)
+    if ckpt_dir is None:  # max_steps == start == 0 cannot happen (max_steps >= 1); kept for type checkers
+        raise RuntimeError("training ended without a checkpoint")
+    result = DPOResult(checkpoint_dir=ckpt_dir, metrics_path=metrics_path, last_metrics=last,
+                       steps=config.max_steps)
+    atomic_write_json(out_dir / "result.json", {"checkpoint_dir": str(ckpt_dir.relative_to(out_dir)),
+                                                "steps": config.max_steps, "last_metrics": last,
+                                                "run_key": run_key})
+    return result
+
+
+def _train_step(policy: nn.Module, collator: PreferenceCollator, cols: Mapping[str, Sequence[str]],
+                ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, optimizer: torch.optim.Optimizer,
+                scheduler: torch.optim.lr_scheduler.LRScheduler, *, beta: float, config: DPOConfig,
+                step: int, seed: int, device: torch.device, last_checkpoint: Path | None) -> dict[str, Any]:
+    """One optimizer update over ``batch_size`` pairs; returns that step's metrics."""
+    indices = batch_indices(len(cols["prompt"]), config.batch_size, step, seed)
+    optimizer.zero_grad(set_to_none=True)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("losses", "cr", "rr", "pc", "pr")}
+    where = f"at step {step} (last good checkpoint: {last_checkpoint or 'none'})"
+    for m in range(0, len(indices), config.micro_batch_size):
+        micro = indices[m:m + config.micro_batch_size]
+        batch = _to(collator([{c: cols[c][i] for c in PAIR_COLUMNS} for i in micro]), device)
+        with autocast(device):
+            policy_chosen, policy_rejected = concatenated_logprobs(policy, batch)
+        if not bool(torch.isfinite(policy_chosen).all() and torch.isfinite(policy_rejected).all()):
+            raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
+        idx = torch.tensor(micro)
+        losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
+            policy_chosen, policy_rejected, ref_chosen[idx].to(device), ref_rejected[idx].to(device),
+            beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+        # Sum / batch_size: the accumulated gradient is that of the mean over all batch_size pairs.
+        (losses.sum() / len(indices)).backward()
+        for k, t in zip(parts, (losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected),
+                        strict=True):
+            parts[k].append(t.detach().float().cpu())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    loss = cat["losses"].mean().item()
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite DPO loss {where}")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(
+        [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
+    if not math.isfinite(grad_norm):
+        raise FloatingPointError(f"non-finite gradient norm {where}")
+    lr = scheduler.get_last_lr()[0]  # the lr this update uses
+    optimizer.step()
+    scheduler.step()
+    metrics = preference_metrics(cat["losses"], cat["cr"], cat["rr"], cat["pc"], cat["pr"])
+    return {"step": step, "lr": lr, "grad_norm": grad_norm, **metrics}
+
+
+def _check_run(out_dir: Path, run_key: str, run_fields: Mapping[str, Any]) -> None:
+    """``out_dir`` holds one run: refuse to resume or reuse a run made with other settings or data.
+
+    A run that never reached its first checkpoint has nothing to protect, so new settings may replace it.
+    """
+    path = out_dir / "run.json"
+    started = (out_dir / "result.json").is_file() or bool(_checkpoint_dirs(out_dir))
+    if path.is_file() and started:
+        saved = json.loads(path.read_text())
+        if saved.get("run_key") != run_key:
+            old = saved.get("fields", {})
+            diff = sorted(k for k in set(old) | set(run_fields) if old.get(k) != run_fields.get(k))
+            raise ValueError(f"{out_dir} holds a different run (differs in {diff}); use another out_dir")
+        return
+    atomic_write_json(path, {"run_key": run_key, "fields": dict(run_fields)})
+
+
+def _finished_result(out_dir: Path, max_steps: int) -> DPOResult | None:
+    path = out_dir / "result.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["steps"] != max_steps:
+        return None  # asked for more (or fewer) steps: train on from the last checkpoint
+    return DPOResult(checkpoint_dir=out_dir / saved["checkpoint_dir"], metrics_path=out_dir / "metrics.jsonl",
+                     last_metrics=saved["last_metrics"], steps=saved["steps"])

@@ -1,0 +1,144 @@
+"""One frontier point: mean ground-truth reward and mean sequence-level KL(pi || pi_ref) on test prompts.
+
+For each sampled completion y ~ pi(.|x) (sampling.py: temperature 1, no top-k/top-p),
+
+    KL_seq(x, y) = sum_t KL( pi(.|x, y_<t) || pi_ref(.|x, y_<t) )     (paper footnote 3, DESIGN.md)
+
+with each per-step KL exact over the vocabulary (logprobs.sequence_kl). Its expectation over y ~ pi equals
+the KL between the sequence distributions, KL(pi(y|x) || pi_ref(y|x)) (chain rule), with less variance than
+the sampled log-ratio estimator log pi(y|x) - log pi_ref(y|x), which is reported beside it for comparison.
+r*(x, y) is scored on the full text prompt + completion.
+
+Standard errors are over prompts: a prompt's samples are averaged first, because samples that share a
+prompt are correlated and treating them as independent would understate the error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lab.logprobs import forward_logits, sequence_kl, sequence_logprobs
+from dpo_lab.preferences import score_samples
+from dpo_lab.presets import EvalConfig
+from dpo_lab.rewards import RewardModel
+from dpo_lab.sampling import eval_mode, model_device, sample
+
+
+def _right_pad(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
+               pad_token_id: int) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask / completion_mask of prompt + completion rows, right-padded."""
+    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
+    out = {k: torch.zeros((len(prompt_ids), width), dtype=torch.long)
+           for k in ("input_ids", "attention_mask", "completion_mask")}
+    out["input_ids"].fill_(pad_token_id)
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
+        if not p or not c:
+            raise ValueError(f"row {i}: prompt and completion each need at least one token")
+        n = len(p) + len(c)
+        out["input_ids"][i, :n] = torch.tensor([*p, *c], dtype=torch.long)
+        out["attention_mask"][i, :n] = 1
+        out["completion_mask"][i, len(p):n] = 1
+    return out
+
+
+@torch.no_grad()
+def completion_kls(
+    policy: nn.Module,
+    reference: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_token_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per completion: (exact summed per-step KL, sampled log-ratio log pi(y|x) - log pi_ref(y|x)).
+
+    ``completion_ids`` are the exact sampled tokens (EOS included when sampled), never re-tokenised text,
+    so the KL is over precisely the steps the policy took.
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    kls, ratios = [], []
+    with eval_mode(policy), eval_mode(reference):
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = _right_pad(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size],
+                               pad_token_id)
+            # Both models' logits meet on the policy's device (full-vocabulary tensors are large).
+            dev = model_device(policy)
+            pol, ref = (forward_logits(model, batch["input_ids"].to(model_device(model)),
+                                       batch["attention_mask"].to(model_device(model))).to(dev)
+                        for model in (policy, reference))
+            ids, mask = batch["input_ids"].to(dev), batch["completion_mask"].to(dev)
+            kls.append(sequence_kl(pol, ref, mask).cpu())
+            ratios.append((sequence_logprobs(pol, ids, mask) - sequence_logprobs(ref, ids, mask)).cpu())
+    return torch.cat(kls).double().numpy(), torch.cat(ratios).double().numpy()
+
+
+def _mean_se(per_sample: np.ndarray, n_prompts: int) -> tuple[float, float]:
+    """Mean over all samples, and its standard error over per-prompt means (prompts are the unit)."""
+    per_prompt = per_sample.reshape(n_prompts, -1).mean(axis=1)
+    se = float(per_prompt.std(ddof=1) / np.sqrt(n_prompts)) if n_prompts > 1 else float("nan")
+    return float(per_sample.mean()), se
+
+
+def evaluate_policy(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    reward_model: RewardModel,
+    *,
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Sample from ``policy``, score r*, and measure KL to ``reference``: one frontier point.
+
+    Returns reward_mean/_se, kl_mean/_se (exact per-step sequence KL), logratio_kl_mean/_se (sampled
+    estimator), completion_tokens_mean, n (samples) and n_prompts. The same seed at every checkpoint gives
+    common random numbers, so differences between checkpoints are less noisy.
+    """
+    if len(prompts) == 0:
+        raise ValueError("evaluate_policy needs at least one prompt")
+    samples = sample(policy, tokenizer, prompts, n_per_prompt=samples_per_prompt,
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress)
+    rewards = np.asarray(score_samples(reward_model, samples.prompts, samples.texts), dtype=np.float64)
+    flat_prompts = [p for p, per in zip(samples.prompt_ids, samples.completion_ids, strict=True) for _ in per]
+    flat_completions = [c for per in samples.completion_ids for c in per]
+    kl, logratio = completion_kls(policy, reference, flat_prompts, flat_completions, batch_size=batch_size,
+                                  pad_token_id=tokenizer.pad_token_id or 0)
+    n_prompts = len(prompts)
+    reward_mean, reward_se = _mean_se(rewards.reshape(-1), n_prompts)
+    kl_mean, kl_se = _mean_se(kl, n_prompts)
+    lr_mean, lr_se = _mean_se(logratio, n_prompts)
+    return {
+        "reward_mean": reward_mean, "reward_se": reward_se,
+        "kl_mean": kl_mean, "kl_se": kl_se,
+        "logratio_kl_mean": lr_mean, "logratio_kl_se": lr_se,
+        "completion_tokens_mean": float(np.mean([len(c) for c in flat_completions])),
+        "n": int(kl.size), "n_prompts": n_prompts,
+    }
+
+
+def make_eval_fn(
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    reward_model: RewardModel,
+    config: EvalConfig,
+    *,
+    seed: int,
+) -> Callable[[nn.Module, int], dict[str, float]]:
+    """``eval_fn(policy, step)`` for ``dpo_trainer.train_dpo``: one frontier point per call."""
+    def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
+        return evaluate_policy(policy, reference, tokenizer, prompts, reward_model,
+                               samples_per_prompt=config.samples_per_prompt,
+                               max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=seed)
+    return eval_fn

@@ -1,0 +1,208 @@
+"""Preference pairs from scored samples (paper §6.1, App. C.1): 4 completions per prompt -> all 6 pairs.
+
+The winner y_w of a pair is the completion with the higher ground-truth reward r*(x, y); the labels are
+thus noiseless argmax preferences, not Bradley-Terry draws (Eq. 1), as in the paper's IMDb task. Pairs
+whose rewards tie carry no preference and are dropped, and counted so the loss is visible; so are pairs
+with an empty completion (the policy sampled EOS first: there is no token whose log-prob DPO could move).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lab.cache import atomic_directory, atomic_write_json
+from dpo_lab.presets import PreferenceConfig
+from dpo_lab.rewards import RewardModel, score_completions
+from dpo_lab.sampling import sample
+
+COLUMNS = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward")
+FEATURES = datasets.Features({
+    "prompt": datasets.Value("string"),
+    "chosen": datasets.Value("string"),
+    "rejected": datasets.Value("string"),
+    "chosen_reward": datasets.Value("float64"),
+    "rejected_reward": datasets.Value("float64"),
+})
+GAP_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+@dataclass(frozen=True)
+class PairStats:
+    """What pairing kept and dropped; gaps are r*(y_w) - r*(y_l) over the kept pairs."""
+
+    n_prompts: int
+    n_candidates: int  # C(k, 2) summed over prompts
+    n_pairs: int
+    n_ties: int  # equal rewards: no preference, dropped
+    n_identical: int  # same text, different reward (a stochastic r*): dropped, chosen == rejected is invalid
+    n_empty: int  # a completion that was only EOS decodes to "": no tokens to score, dropped
+    gap_mean: float
+    gap_quantiles: dict[str, float] = field(default_factory=dict)  # "q0.5" -> median gap, ...
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_nested(name: str, outer: Sequence[Any], n_prompts: int) -> None:
+    if len(outer) != n_prompts:
+        raise ValueError(f"{name} has {len(outer)} entries but there are {n_prompts} prompts")
+
+
+def build_preference_pairs(
+    prompts: Sequence[str],
+    completions: Sequence[Sequence[str]],
+    rewards: Sequence[Sequence[float]],
+) -> tuple[datasets.Dataset, PairStats]:
+    """All C(k, 2) pairs of each prompt's k completions, chosen = higher r*; ties dropped and counted."""
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a sequence of strings, not a single string")
+    _check_nested("completions", completions, len(prompts))
+    _check_nested("rewards", rewards, len(prompts))
+    rows: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+    n_candidates = n_ties = n_identical = n_empty = 0
+    for i, (prompt, texts, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
+        if len(texts) != len(scores):
+            raise ValueError(f"prompt {i} has {len(texts)} completions but {len(scores)} rewards")
+        scores = [float(s) for s in scores]
+        if not all(math.isfinite(s) for s in scores):
+            raise ValueError(f"prompt {i} has a non-finite reward: {scores}")
+        for a, b in combinations(range(len(texts)), 2):
+            n_candidates += 1
+            if not texts[a] or not texts[b]:
+                n_empty += 1
+                continue
+            if scores[a] == scores[b]:
+                n_ties += 1
+                continue
+            if texts[a] == texts[b]:
+                n_identical += 1
+                continue
+            w, l = (a, b) if scores[a] > scores[b] else (b, a)
+            values = (prompt, texts[w], texts[l], scores[w], scores[l])
+            for column, value in zip(COLUMNS, values, strict=True):
+                rows[column].append(value)
+    gaps = np.asarray(rows["chosen_reward"]) - np.asarray(rows["rejected_reward"])
+    quantiles = ({f"q{q:g}": float(v) for q, v in zip(GAP_QUANTILES, np.quantile(gaps, GAP_QUANTILES),
+                                                       strict=True)} if gaps.size else {})
+    stats = PairStats(n_prompts=len(prompts), n_candidates=n_candidates, n_pairs=int(gaps.size),
+                      n_ties=n_ties, n_identical=n_identical, n_empty=n_empty,
+                      gap_mean=float(gaps.mean()) if gaps.size else float("nan"), gap_quantiles=quantiles)
+    return datasets.Dataset.from_dict(rows, features=FEATURES), stats
+
+
+def _snippet(text: str, width: int = 40) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
+
+
+def validate_preferences(
+    ds: datasets.Dataset,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int | None = None,
+) -> None:
+    """Raise ValueError naming the first problem (and its row) that would make a pair unusable."""
+    if not isinstance(ds, datasets.Dataset):
+        raise TypeError(f"expected a datasets.Dataset, got {type(ds).__name__}")
+    missing = [c for c in COLUMNS if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"preference data is missing column(s) {missing}; it has {ds.column_names}")
+    if (tokenizer is None) != (max_length is None):
+        raise TypeError("pass both tokenizer and max_length to check prompt lengths, or neither")
+    cols = ds.select_columns(list(COLUMNS)).to_dict()  # plain lists: fast row access
+    for row in range(len(ds)):
+        for c in ("prompt", "chosen", "rejected"):
+            if not isinstance(cols[c][row], str) or not cols[c][row]:
+                raise ValueError(f"row {row}: empty {c} text ({cols[c][row]!r})")
+        if cols["chosen"][row] == cols["rejected"][row]:
+            raise ValueError(f"row {row}: chosen is identical to rejected ({_snippet(cols['chosen'][row])})")
+        rw, rl = cols["chosen_reward"][row], cols["rejected_reward"][row]
+        if rw is None or rl is None or not (math.isfinite(rw) and math.isfinite(rl)):
+            raise ValueError(f"row {row}: non-finite reward (chosen {rw}, rejected {rl})")
+        if rw < rl:
+            raise ValueError(f"row {row}: chosen_reward {rw:.6g} < rejected_reward {rl:.6g}; "
+                             "chosen must be the preferred completion")
+    if tokenizer is not None and max_length is not None:
+        unique = sorted(set(cols["prompt"]))
+        lengths = dict(zip(unique, (len(ids) for ids in
+                                    tokenizer(unique, add_special_tokens=False)["input_ids"]), strict=True))
+        for row, prompt in enumerate(cols["prompt"]):
+            # batching.tokenize_completion needs room for >= 1 completion token after the prompt.
+            if lengths[prompt] >= max_length:
+                raise ValueError(f"row {row}: prompt longer than the context ({lengths[prompt]} tokens, "
+                                 f"max_length {max_length}): {_snippet(prompt)}")
+
+
+def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats | None = None) -> Path:
+    """Validate, then write with ``save_to_disk`` in one atomic rename (stats.json beside it if given)."""
+    validate_preferences(ds)
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        ds.save_to_disk(str(tmp / "pairs"))
+        if stats is not None:
+            atomic_write_json(tmp / "stats.json", stats.to_dict())
+    return path
+
+
+def load_preferences(
+    path: str | Path,
+    *,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    max_length: int | None = None,
+) -> datasets.Dataset:
+    """Load what :func:`save_preferences` wrote and validate it (prompt lengths too, given a tokenizer)."""
+    path = Path(path)
+    folder = path / "pairs" if (path / "pairs").is_dir() else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no preference data at {path}")
+    ds = datasets.load_from_disk(str(folder))
+    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(f"{path} holds a DatasetDict with splits {list(ds)}; expected one Dataset of pairs")
+    validate_preferences(ds, tokenizer=tokenizer, max_length=max_length)
+    return ds
+
+
+def score_samples(
+    reward_model: RewardModel, prompts: Sequence[str], completions: Sequence[Sequence[str]]
+) -> list[list[float]]:
+    """r*(x, y) of every completion ``[prompt][sample]``, scored on the text prompt + completion."""
+    _check_nested("completions", completions, len(prompts))
+    flat_prompts = [p for p, per in zip(prompts, completions, strict=True) for _ in per]
+    flat = [c for per in completions for c in per]
+    scores = np.asarray(score_completions(reward_model, flat_prompts, flat), dtype=np.float64).reshape(-1)
+    if scores.shape != (len(flat),):
+        raise ValueError(f"reward model returned {scores.shape[0]} scores for {len(flat)} texts")
+    if not np.isfinite(scores).all():
+        raise ValueError("reward model returned non-finite scores")
+    out, k = [], 0
+    for per in completions:
+        out.append(scores[k:k + len(per)].tolist())
+        k += len(per)
+    return out
+
+
+def generate_preference_data(
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    reward_model: RewardModel,
+    config: PreferenceConfig,
+    *,
+    seed: int,
+    progress: bool = True,
+) -> tuple[datasets.Dataset, PairStats]:
+    """Sample ``config.samples_per_prompt`` completions of each prompt from pi_SFT, score, pair them."""
+    samples = sample(policy, tokenizer, prompts, n_per_prompt=config.samples_per_prompt,
+                     max_new_tokens=config.max_new_tokens, batch_size=config.sample_batch_size, seed=seed,
+                     progress=progress)
+    rewards = score_samples(reward_model, samples.prompts, samples.texts)
+    return build_preference_pairs(samples.prompts, samples.texts, rewards)

@@ -1,0 +1,105 @@
+"""evaluate.py: the sequence-level KL is exact (brute force on a tiny vocabulary) and 0 for pi == pi_ref."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from dpo_lab.dpo_trainer import read_metrics, train_dpo
+from dpo_lab.evaluate import completion_kls, evaluate_policy, make_eval_fn
+from dpo_lab.presets import DPOConfig, EvalConfig
+
+PROMPTS = ["This movie was", "A terrible", "The music", "I watched"]
+
+
+def length_reward(texts: Sequence[str]) -> np.ndarray:
+    """Test double for r*: a smooth function of the text in [0, 1]."""
+    return np.asarray([(sum(map(ord, t)) % 101) / 100 for t in texts])
+
+
+def _eval(policy, reference, tokenizer, **kw):
+    args = {"samples_per_prompt": 3, "max_new_tokens": 5, "batch_size": 8, "seed": 0, **kw}
+    return evaluate_policy(policy, reference, tokenizer, PROMPTS, length_reward, **args)
+
+
+def test_kl_is_zero_for_the_reference_itself(tiny_model, tiny_tokenizer):
+    out = _eval(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer)
+    assert out["n"] == 12 and out["n_prompts"] == 4
+    assert out["kl_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert out["logratio_kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert 0.0 <= out["reward_mean"] <= 1.0 and out["reward_se"] > 0
+    assert 1 <= out["completion_tokens_mean"] <= 5
+
+
+def test_kl_grows_with_the_distance_and_both_estimators_agree(tiny_model, tiny_tokenizer):
+    torch.manual_seed(1)
+    near, far = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p_near, p_far in zip(near.parameters(), far.parameters(), strict=True):
+            noise = torch.randn_like(p_near)
+            p_near.add_(0.05 * noise)
+            p_far.add_(0.5 * noise)
+    a = _eval(near, tiny_model, tiny_tokenizer, samples_per_prompt=8)
+    b = _eval(far, tiny_model, tiny_tokenizer, samples_per_prompt=8)
+    assert 0 < a["kl_mean"] < b["kl_mean"]
+    # Same expectation (the chain rule); the sampled log-ratio is noisier.
+    tol = 4 * (b["kl_se"] + b["logratio_kl_se"])
+    assert abs(b["kl_mean"] - b["logratio_kl_mean"]) < tol
+    assert _eval(far, tiny_model, tiny_tokenizer, samples_per_prompt=8) == b  # seeded
+
+
+def _tiny_lm(seed: int, vocab: int = 5) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=8, n_embd=8, n_layer=1, n_head=2, eos_token_id=0,
+                        bos_token_id=0, initializer_range=0.5)
+    return GPT2LMHeadModel(config).eval()
+
+
+def _seq_logprob(model: GPT2LMHeadModel, prompt: list[int], completion: tuple[int, ...]) -> float:
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + list(completion)])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return float(sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(completion)))
+
+
+def test_sequence_kl_equals_brute_force_enumeration():
+    """Vocab 5 (token 0 = EOS), at most 3 new tokens: every completion the sampler can produce is a run of
+    non-EOS tokens, cut at 3 or ended by EOS. Exact KL(pi(y|x) || pi_ref(y|x)) over that finite set must
+    equal the pi-weighted average of the summed per-step vocabulary KLs (no sampling needed)."""
+    policy, reference = _tiny_lm(0), _tiny_lm(1)
+    prompt, horizon, eos = [3, 1], 3, 0
+    completions = [c + (eos,) for n in range(horizon) for c in itertools.product(range(1, 5), repeat=n)]
+    completions += list(itertools.product(range(1, 5), repeat=horizon))
+    assert len(completions) == 1 + 4 + 16 + 64
+    log_pi = np.array([_seq_logprob(policy, prompt, c) for c in completions])
+    log_ref = np.array([_seq_logprob(reference, prompt, c) for c in completions])
+    pi = np.exp(log_pi)
+    assert pi.sum() == pytest.approx(1.0, abs=1e-9)  # the enumeration is the whole support
+    exact = float(np.sum(pi * (log_pi - log_ref)))
+    assert exact > 0.05  # a non-trivial case
+    kl, logratio = completion_kls(policy, reference, [prompt] * len(completions),
+                                  [list(c) for c in completions], batch_size=7, pad_token_id=eos)
+    assert float(np.sum(pi * kl)) == pytest.approx(exact, rel=1e-5)
+    np.testing.assert_allclose(logratio, log_pi - log_ref, atol=1e-4)
+
+
+def test_eval_fn_plugs_into_the_trainer(tiny_model, tiny_tokenizer, tmp_path):
+    reference = copy.deepcopy(tiny_model)
+    config = EvalConfig(n_prompts=2, samples_per_prompt=2, max_new_tokens=4, batch_size=4)
+    eval_fn = make_eval_fn(reference, tiny_tokenizer, PROMPTS[:2], length_reward, config, seed=0)
+    pairs = {"prompt": PROMPTS * 2, "chosen": [" great"] * 8, "rejected": [" awful"] * 8}
+    config = DPOConfig(optimizer="adamw", lr=1e-2, warmup_steps=0, batch_size=4, micro_batch_size=4,
+                       max_steps=4, checkpoint_every=4, eval_every=2)
+    result = train_dpo(tiny_model, reference, tiny_tokenizer, pairs, beta=0.1, config=config,
+                       out_dir=tmp_path / "run", seed=0, max_length=16, ref_cache_dir=tmp_path / "cache",
+                       eval_fn=eval_fn, progress=False)
+    records = {r["step"]: r for r in read_metrics(result.metrics_path)}
+    assert sorted(records) == [0, 1, 2, 3, 4]
+    assert records[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the starting point: pi == pi_ref
+    assert records[4]["kl_mean"] > 0 and "reward_mean" in records[2] and "reward_mean" not in records[3]
