@@ -1,0 +1,276 @@
+"""The reference policy π_ref: a byte-level BPE tokenizer and a small GPT-2 trained on IMDb reviews (the `cpu`
+and `smoke` presets), or a hub checkpoint such as gpt2-large (the `paper` preset); either way followed by
+:func:`train_sft`, which stands in for the paper's "SFT on IMDb train" (App. C.1) and, for the small model,
+for GPT-2's pretraining as well.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+from tokenizers import models as tok_models
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+from dpo_lab.cache import atomic_directory
+from dpo_lab.data import validate_texts
+from dpo_lab.presets import PolicyConfig
+from dpo_lab.seed import seed_everything
+
+EOS = "<|endoftext|>"
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2 style byte-level BPE trained on ``texts`` with the ``tokenizers`` library.
+
+    ``<|endoftext|>`` is the one special token and serves as eos, bos and pad. Every byte is in the initial
+    alphabet, so any string encodes without an unknown token. Same texts, same vocabulary.
+    """
+    texts = validate_texts(texts, name="tokenizer training texts")
+    min_size = 256 + 1  # the 256 byte symbols + <|endoftext|>
+    if not isinstance(vocab_size, int) or vocab_size < min_size:
+        raise ValueError(f"vocab_size must be an int >= {min_size} (bytes + <|endoftext|>), "
+                         f"got {vocab_size!r}")
+    tok = Tokenizer(tok_models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS)
+
+
+# ------------------------------------------------------------------------------------------------ policy
+def sampling_generation_config(tokenizer: Any) -> GenerationConfig:
+    """Pure ancestral sampling: temperature 1, no top-k, no top-p.
+
+    Why: the paper's frontier plots E[r*] against KL(π || π_ref) of the policy itself, and preference pairs
+    are samples of π_ref. transformers' ``generate`` applies top_k=50 unless told otherwise, which samples a
+    truncated distribution, not π: rewards and KLs measured on such samples describe another policy.
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("tokenizer has no eos token; set one (GPT-2 uses '<|endoftext|>')")
+    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos,
+                            bos_token_id=eos, pad_token_id=eos)
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability to 0 (as the official DPO code does for policy and reference), so that
+    log-probs in train mode equal those in eval mode and a frozen reference is deterministic."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _prepare(model: PreTrainedModel, tokenizer: Any) -> PreTrainedModel:
+    """Sampling defaults, pad = eos, no dropout, eval mode: the state every loader returns."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.generation_config = sampling_generation_config(tokenizer)
+    model.config.pad_token_id = tokenizer.eos_token_id
+    return disable_dropout(model).eval()
+
+
+def build_policy(tokenizer: Any, config: PolicyConfig, *, seed: int | None = None) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 sized by ``config`` (n_layer, n_head, n_embd, n_positions), with the
+    tokenizer's vocabulary. ``seed`` (if given) fixes the initial weights.
+
+    Dropout is 0: this model is tiny and sees each review about once, so it underfits rather than overfits,
+    and without dropout its log-probs do not depend on train/eval mode (the DPO loss compares the policy's
+    log-probs with the frozen reference's).
+    """
+    if config.n_embd % config.n_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
+    if seed is not None:
+        seed_everything(seed)
+    eos = tokenizer.eos_token_id
+    gpt_config = GPT2Config(vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd,
+                            n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    return _prepare(GPT2LMHeadModel(gpt_config), tokenizer)
+
+
+def load_hub_policy(name: str, *, revision: str | None = None) -> tuple[PreTrainedModel, Any]:
+    """A causal LM and its tokenizer from the hub (or a local folder), safetensors weights only, no remote
+    code; pad = eos, dropout off, sampling defaults as :func:`sampling_generation_config`."""
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=False)
+    if tokenizer.eos_token is None:
+        raise ValueError(f"tokenizer of {name!r} has no eos token")
+    model = AutoModelForCausalLM.from_pretrained(name, revision=revision, trust_remote_code=False,
+                                                 use_safetensors=True)
+    return _prepare(model, tokenizer), tokenizer
+
+
+def save_policy(model: PreTrainedModel, tokenizer: Any, path: str | Path) -> Path:
+    """Save weights (safetensors), config, generation config and tokenizer to ``path``, atomically: an
+    interrupted save leaves the previous folder (or none), never a half-written one."""
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def load_policy(path: str | Path) -> tuple[PreTrainedModel, Any]:
+    """Reload what :func:`save_policy` wrote: ``(model, tokenizer)``, in eval mode, on the CPU."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no saved policy at {path} (config.json missing)")
+    return load_hub_policy(str(path))
+
+
+# ----------------------------------------------------------------------------------------------- SFT
+def encode_reviews(tokenizer: Any, texts: Sequence[str],
+                   max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each review as ``tokens + eos``, truncated to ``max_length`` and right-padded.
+
+    Returns ``(input_ids, lengths)`` of shapes (N, max_length) and (N,). Reviews are not packed: every
+    sequence starts at position 0 with the review's first token, exactly as a prompt does at sampling time.
+    A review longer than ``max_length`` is cut and has no eos (it does not end there).
+    """
+    texts = validate_texts(texts, name="reviews")
+    eos = tokenizer.eos_token_id
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    ids = torch.full((len(texts), max_length), eos, dtype=torch.long)
+    lengths = torch.zeros(len(texts), dtype=torch.long)
+    for row, tokens in enumerate(encoded):
+        tokens = (tokens + [eos])[:max_length]
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        lengths[row] = len(tokens)
+    return ids, lengths
+
+
+def _lm_batch(ids: torch.Tensor, lengths: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:
+    """Trim padding to the longest row, mask it out of attention and of the loss (labels -100)."""
+    width = int(lengths.max())
+    ids = ids[:, :width]
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+
+@torch.no_grad()
+def lm_loss(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], *, max_length: int,
+            batch_size: int = 32) -> float:
+    """Mean next-token cross-entropy (nats per token) over ``texts`` encoded as in :func:`train_sft`."""
+    ids, lengths = encode_reviews(tokenizer, texts, max_length)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(ids), batch_size):
+        batch = _lm_batch(ids[start:start + batch_size], lengths[start:start + batch_size], device)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # token t predicts token t+1; sum (not mean) so that long reviews weigh by their tokens
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                                                reduction="sum")
+        total += float(nll)
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
+    """Linear warmup from 0 over ``warmup`` steps, then cosine decay to ``min_ratio * lr`` at ``total``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], config: PolicyConfig, *,
+              seed: int, held_out_texts: Sequence[str] | None = None, progress: bool = True,
+              micro_batch_size: int | None = None, max_held_out: int = 256) -> dict[str, Any]:
+    """Causal-LM training on reviews: the supervised fine-tuning that produces π_ref (and π_θ's start).
+
+    ``config.sft_steps`` optimizer steps of ``config.sft_batch_size`` reviews (drawn in a seeded shuffled
+    order, epoch after epoch), each review truncated to ``config.n_positions`` tokens; ``sft_steps = 0``
+    means one epoch over ``texts`` (the paper's "1 epoch"). AdamW (weight decay on matrices only), linear
+    warmup over ``sft_warmup_steps`` then cosine decay, gradient norm clipped at 1. ``micro_batch_size``
+    splits each step into gradient-accumulation chunks (same result, less memory).
+
+    Returns ``losses`` and ``lrs`` per step, ``seconds``, ``tokens`` and, given ``held_out_texts`` (at most
+    ``max_held_out`` of them are used), ``held_out_loss_init``, ``held_out_loss`` and ``held_out_ppl``.
+    """
+    texts = validate_texts(texts, name="SFT texts")
+    batch_size = config.sft_batch_size
+    micro = micro_batch_size or batch_size
+    if batch_size < 1 or micro < 1 or batch_size % micro:
+        raise ValueError(f"sft_batch_size ({batch_size}) must be a positive multiple of micro_batch_size "
+                         f"({micro})")
+    if config.n_positions > model.config.n_positions:
+        raise ValueError(f"config.n_positions={config.n_positions} exceeds the model's context "
+                         f"({model.config.n_positions})")
+    if len(texts) < batch_size:
+        raise ValueError(f"need at least sft_batch_size={batch_size} texts, got {len(texts)}")
+    steps = config.sft_steps if config.sft_steps > 0 else len(texts) // batch_size
+    seed_everything(seed)
+    device = next(model.parameters()).device
+    ids, lengths = encode_reviews(tokenizer, texts, config.n_positions)
+    held_out = None
+    if held_out_texts is not None:
+        held_out = validate_texts(held_out_texts, name="held-out texts")[:max_held_out]
+
+    result: dict[str, Any] = {"steps": steps, "losses": [], "lrs": []}
+    if held_out:
+        result["held_out_loss_init"] = lm_loss(model, tokenizer, held_out, max_length=config.n_positions)
+
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=config.sft_lr, betas=(0.9, 0.99))
+    rng = np.random.default_rng(seed)
+    order, cursor, tokens = rng.permutation(len(texts)), 0, 0
+    start = time.perf_counter()
+    model.train()
+    for step in tqdm(range(steps), desc="SFT", disable=not progress):
+        lr = lr_at(step, lr=config.sft_lr, warmup=config.sft_warmup_steps, total=steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if cursor + batch_size > len(order):  # next epoch: a fresh shuffle (the incomplete batch is dropped)
+            order, cursor = rng.permutation(len(texts)), 0
+        rows = torch.as_tensor(order[cursor:cursor + batch_size])
+        cursor += batch_size
+        # Weight each micro-batch by its share of predicted tokens so accumulation equals one big batch.
+        n_targets = int((lengths[rows] - 1).clamp(min=0).sum())
+        step_loss = 0.0
+        for chunk in rows.split(micro):
+            batch = _lm_batch(ids[chunk], lengths[chunk], device)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                     batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                                                     reduction="sum") / max(n_targets, 1)
+            loss.backward()
+            step_loss += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        result["losses"].append(step_loss)
+        result["lrs"].append(lr)
+        tokens += n_targets
+    model.eval()
+    result["seconds"] = time.perf_counter() - start
+    result["tokens"] = tokens
+    if held_out:
+        result["held_out_loss"] = lm_loss(model, tokenizer, held_out, max_length=config.n_positions)
+        result["held_out_ppl"] = math.exp(result["held_out_loss"])
+    return result
