@@ -2,6 +2,7 @@
 quietly, with a non-interactive plotting backend."""
 
 import os
+import tempfile
 
 os.environ.setdefault("DPO_LAB_PRESET", "smoke")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -9,3 +10,5 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Figures made under test go to a scratch folder, so a test run never rewrites the committed figures/.
+os.environ.setdefault("DPO_LAB_FIGURES", tempfile.mkdtemp(prefix="dpo_lab_figures_"))
