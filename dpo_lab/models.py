@@ -20,7 +20,6 @@ from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    GenerationConfig,
     GPT2Config,
     GPT2LMHeadModel,
     PreTrainedModel,
@@ -30,6 +29,7 @@ from transformers import (
 from dpo_lab.cache import atomic_directory
 from dpo_lab.data import validate_texts
 from dpo_lab.presets import PolicyConfig
+from dpo_lab.sampling import sampling_config
 from dpo_lab.seed import seed_everything
 
 EOS = "<|endoftext|>"
@@ -57,20 +57,6 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
 
 
 # ------------------------------------------------------------------------------------------------ policy
-def sampling_generation_config(tokenizer: Any) -> GenerationConfig:
-    """Pure ancestral sampling: temperature 1, no top-k, no top-p.
-
-    Why: the paper's frontier plots E[r*] against KL(π || π_ref) of the policy itself, and preference pairs
-    are samples of π_ref. transformers' ``generate`` applies top_k=50 unless told otherwise, which samples a
-    truncated distribution, not π: rewards and KLs measured on such samples describe another policy.
-    """
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("tokenizer has no eos token; set one (GPT-2 uses '<|endoftext|>')")
-    return GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, eos_token_id=eos,
-                            bos_token_id=eos, pad_token_id=eos)
-
-
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Set every dropout probability to 0 (as the official DPO code does for policy and reference), so that
     log-probs in train mode equal those in eval mode and a frozen reference is deterministic."""
@@ -84,7 +70,7 @@ def _prepare(model: PreTrainedModel, tokenizer: Any) -> PreTrainedModel:
     """Sampling defaults, pad = eos, no dropout, eval mode: the state every loader returns."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.generation_config = sampling_generation_config(tokenizer)
+    model.generation_config = sampling_config(tokenizer)
     model.config.pad_token_id = tokenizer.eos_token_id
     return disable_dropout(model).eval()
 
@@ -110,7 +96,7 @@ def build_policy(tokenizer: Any, config: PolicyConfig, *, seed: int | None = Non
 
 def load_hub_policy(name: str, *, revision: str | None = None) -> tuple[PreTrainedModel, Any]:
     """A causal LM and its tokenizer from the hub (or a local folder), safetensors weights only, no remote
-    code; pad = eos, dropout off, sampling defaults as :func:`sampling_generation_config`."""
+    code; pad = eos, dropout off, sampling defaults as :func:`dpo_lab.sampling.sampling_config`."""
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=False)
     if tokenizer.eos_token is None:
         raise ValueError(f"tokenizer of {name!r} has no eos token")

@@ -78,8 +78,16 @@ def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Te
     return input_ids, attention_mask
 
 
-def sampling_config(tokenizer: PreTrainedTokenizerBase, max_new_tokens: int) -> GenerationConfig:
-    """Pure ancestral sampling: every warper that could truncate or reshape pi is set to its no-op value."""
+def sampling_config(tokenizer: PreTrainedTokenizerBase,
+                    max_new_tokens: int | None = None) -> GenerationConfig:
+    """Pure ancestral sampling: every warper that could truncate or reshape pi is set to its no-op value.
+
+    Why: the paper's frontier plots E[r*] against KL(pi || pi_ref) of the policy itself, and preference pairs
+    are samples of pi_ref. transformers' ``generate`` applies top_k=50 unless told otherwise, which samples a
+    truncated distribution, not pi: rewards and KLs measured on such samples describe another policy.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer has no eos token; set one (GPT-2 uses '<|endoftext|>')")
     return GenerationConfig(
         do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
         repetition_penalty=1.0, no_repeat_ngram_size=0, num_beams=1, use_cache=True,

