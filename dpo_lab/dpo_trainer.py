@@ -2,6 +2,16 @@
 
     L_DPO = -E[ log sigma( beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x) ) ]
 
+The same loop trains the paper's two non-RL baselines of the IMDb frontier (§6), chosen by ``objective``:
+
+    "unlikelihood" (Welleck et al. 2019):  -log pi(y_w|x) - alpha sum_t log(1 - pi(y_l,t | x, y_l,<t))
+    "preferred_ft" (SFT on the chosen completions):  -log pi(y_w|x)
+
+They need per-token log-probs, computed for chosen and rejected in one forward pass
+(``concatenated_token_logprobs``), and no reference for the loss; the reference log-probs are still loaded
+(from the same cache as DPO) so that every objective logs the same TRL metrics, with the implicit reward
+beta (log pi - log pi_ref) at ``beta`` (1.0 unless given) as a readout of how far the policy moved.
+
 One optimizer step (App. B): ``batch_size`` pairs, accumulated over micro-batches of ``micro_batch_size``;
 chosen and rejected share one forward pass (logprobs.concatenated_logprobs); gradient clipped to
 ``max_grad_norm``; RMSprop (the paper) or AdamW; lr warmed up linearly over ``warmup_steps``, then constant.
@@ -29,11 +39,12 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import datasets
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -42,12 +53,17 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab.batching import PreferenceCollator
 from dpo_lab.cache import atomic_directory, atomic_write_json, atomic_write_text, content_hash
-from dpo_lab.logprobs import concatenated_logprobs
-from dpo_lab.losses import preference_loss, preference_metrics
+from dpo_lab.logprobs import concatenated_logprobs, forward_logits, token_logprobs
+from dpo_lab.losses import preference_loss, preference_metrics, preferred_ft_loss, unlikelihood_loss
 from dpo_lab.presets import DPOConfig
 from dpo_lab.seed import seed_everything
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
+Objective = Literal["dpo", "unlikelihood", "preferred_ft"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
+_BAR_NAMES = {"dpo": "DPO", "unlikelihood": "Unlikelihood", "preferred_ft": "Preferred-FT"}
+# Baseline-only metrics: mean -log pi(y_w|x), and mean -sum_t log(1 - pi(y_l,t)) (unlikelihood, before alpha).
+_BASELINE_KEYS = ("nll/chosen", "unlikelihood/rejected")
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 # Settings that do not change the trajectory: a sweep list, or how often we look and save.
 _NOT_IN_RUN_KEY = ("betas", "max_steps", "checkpoint_every", "eval_every")
@@ -173,8 +189,57 @@ def _check_config(config: DPOConfig, beta: float, max_length: int) -> None:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
 
 
+def _check_objective(objective: str, beta: float | None, alpha: float | None) -> float:
+    """Validate objective/beta/alpha together; return the beta to use (1.0 for a baseline given none)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+    if objective == "dpo" and beta is None:
+        raise ValueError("beta is required for objective='dpo' (the temperature of Eq. 7)")
+    if objective == "unlikelihood":
+        if alpha is None:
+            raise ValueError("alpha is required for objective='unlikelihood' (the paper sweeps "
+                             "0.05, 0.1, 0.5, 1)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a real number, got {type(alpha).__name__} ({alpha!r})")
+        if not (alpha >= 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    elif alpha is not None:
+        # An alpha that silently does nothing would mislabel a sweep.
+        raise ValueError(f"alpha only applies to objective='unlikelihood', not {objective!r}; leave it None")
+    # Baselines use beta only to log the implicit reward beta (log pi - log pi_ref); 1.0 reads it in nats.
+    return 1.0 if beta is None else beta
+
+
 def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def concatenated_token_logprobs(model: nn.Module, batch: Mapping[str, torch.Tensor],
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of chosen and rejected from ONE forward pass over the stacked ``2B`` batch.
+
+    Returns ``(chosen_token_logps, chosen_mask, rejected_token_logps, rejected_mask)``, each ``(B, T-1)``:
+    ``log pi(y_t | x, y_<t)`` (fp32, 0 off the completion) and the shifted completion mask (1 where the
+    logits predict a completion token). Summing a row under its mask gives ``logprobs.concatenated_logprobs``.
+    """
+    n_chosen = batch["chosen_input_ids"].shape[0]
+    if batch["rejected_input_ids"].shape[0] != n_chosen:
+        raise ValueError(f"batch has {n_chosen} chosen rows but "
+                         f"{batch['rejected_input_ids'].shape[0]} rejected")
+    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+    def stack(key: str) -> torch.Tensor:  # right-pad both halves to one length; padding is masked out
+        return torch.cat([F.pad(batch[f"{side}_{key}"], (0, length - batch[f"{side}_{key}"].shape[1]))
+                          for side in ("chosen", "rejected")])
+
+    input_ids, attention_mask, completion_mask = (stack(k) for k in ("input_ids", "attention_mask",
+                                                                      "completion_mask"))
+    if bool(completion_mask[:, 0].any()) or bool((completion_mask.bool() & ~attention_mask.bool()).any()):
+        raise ValueError("completion_mask must be 0 at position 0 and on padding")
+    logps = token_logprobs(forward_logits(model, input_ids, attention_mask), input_ids)
+    mask = completion_mask[:, 1:].long()
+    logps = torch.where(mask.bool(), logps, 0.0)
+    return logps[:n_chosen], mask[:n_chosen], logps[n_chosen:], mask[n_chosen:]
 
 
 # ------------------------------------------------------------------------------------ reference log-probs
@@ -357,7 +422,7 @@ def train_dpo(
     tokenizer: PreTrainedTokenizerBase,
     pairs: Pairs,
     *,
-    beta: float,
+    beta: float | None = None,
     config: DPOConfig,
     out_dir: str | Path,
     seed: int,
@@ -367,16 +432,22 @@ def train_dpo(
     progress: bool = True,
     device: torch.device | str | None = None,
     keep_checkpoints: int | None = 1,
+    objective: Objective = "dpo",
+    alpha: float | None = None,
 ) -> DPOResult:
     """Train ``policy`` in place with DPO (Eq. 7) against ``reference``; resumable, see module docstring.
 
-    ``eval_fn(policy, step)`` runs at step 0, every ``config.eval_every`` steps and at the end; its dict is
-    merged into that step's metrics line. ``keep_checkpoints`` = how many latest checkpoints stay on disk
-    (None keeps all). Raises FloatingPointError naming the step if the loss or gradient goes non-finite;
-    the last good checkpoint is left untouched.
+    ``objective`` picks the loss: "dpo" (needs ``beta``; ``config.loss_type``/``label_smoothing`` apply),
+    "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft"; the baselines ignore the DPO-only config fields
+    and use ``beta`` (default 1.0) only for the logged implicit rewards. ``eval_fn(policy, step)`` runs at
+    step 0, every ``config.eval_every`` steps and at the end; its dict is merged into that step's metrics
+    line. ``keep_checkpoints`` = how many latest checkpoints stay on disk (None keeps all). Raises
+    FloatingPointError naming the step if the loss or gradient goes non-finite; the last good checkpoint is
+    left untouched.
     """
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
+    beta = _check_objective(objective, beta, alpha)
     _check_config(config, beta, max_length)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -389,6 +460,10 @@ def train_dpo(
         "reference": model_fingerprint(reference), "pairs": pairs_fingerprint(cols),
         "tokenizer": tokenizer_fingerprint(tokenizer), "device": device.type,
     }
+    if objective != "dpo":
+        # Only the baselines name their objective, so a DPO run keeps the key it had before they existed
+        # (its out_dir still resumes); a baseline never matches a DPO run, nor another alpha.
+        run_fields.update(objective=objective, alpha=None if alpha is None else float(alpha))
     run_key = content_hash(run_fields)
     _check_run(out_dir, run_key, run_fields)
     metrics_path = out_dir / "metrics.jsonl"
@@ -430,18 +505,20 @@ def train_dpo(
 
     last: dict[str, float] = next(reversed(read_metrics(metrics_path)), {})
     train_keys = {"step", "lr", "grad_norm", "epoch", "loss", "rewards/chosen", "rewards/rejected",
-                  "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected"}
+                  "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", *_BASELINE_KEYS}
     ckpt_dir = checkpoints[-1][1] if checkpoints else None
     with open(metrics_path, "a") as handle:
         if start == 0 and eval_fn is not None:
             last = {"step": 0, **_evaluate(eval_fn, policy, 0, train_keys)}
             _append(handle, last)
-        bar = tqdm(range(start + 1, config.max_steps + 1), desc=f"DPO beta={beta:g}", disable=not progress,
+        desc = _BAR_NAMES[objective] + {"dpo": f" beta={beta:g}", "unlikelihood": f" alpha={alpha}"}.get(
+            objective, "")
+        bar = tqdm(range(start + 1, config.max_steps + 1), desc=desc, disable=not progress,
                    initial=start, total=config.max_steps)
         for step in bar:
             record = _train_step(policy, collator, cols, ref_chosen, ref_rejected, optimizer, scheduler,
                                  beta=beta, config=config, step=step, seed=seed, device=device,
-                                 last_checkpoint=ckpt_dir)
+                                 last_checkpoint=ckpt_dir, objective=objective, alpha=alpha)
             record["epoch"] = step * config.batch_size / n_pairs
             final = step == config.max_steps
             if eval_fn is not None and (step % config.eval_every == 0 or final):
@@ -465,32 +542,52 @@ def train_dpo(
 def _train_step(policy: nn.Module, collator: PreferenceCollator, cols: Mapping[str, Sequence[str]],
                 ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, optimizer: torch.optim.Optimizer,
                 scheduler: torch.optim.lr_scheduler.LRScheduler, *, beta: float, config: DPOConfig,
-                step: int, seed: int, device: torch.device, last_checkpoint: Path | None) -> dict[str, Any]:
+                step: int, seed: int, device: torch.device, last_checkpoint: Path | None,
+                objective: Objective = "dpo", alpha: float | None = None) -> dict[str, Any]:
     """One optimizer update over ``batch_size`` pairs; returns that step's metrics."""
     indices = batch_indices(len(cols["prompt"]), config.batch_size, step, seed)
     optimizer.zero_grad(set_to_none=True)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("losses", "cr", "rr", "pc", "pr")}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("losses", "cr", "rr", "pc", "pr", "nll", "ul")}
     where = f"at step {step} (last good checkpoint: {last_checkpoint or 'none'})"
     for m in range(0, len(indices), config.micro_batch_size):
         micro = indices[m:m + config.micro_batch_size]
         batch = _to(collator([{c: cols[c][i] for c in PAIR_COLUMNS} for i in micro]), device)
-        with autocast(device):
-            policy_chosen, policy_rejected = concatenated_logprobs(policy, batch)
-        if not bool(torch.isfinite(policy_chosen).all() and torch.isfinite(policy_rejected).all()):
-            raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
         idx = torch.tensor(micro)
-        losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
-            policy_chosen, policy_rejected, ref_chosen[idx].to(device), ref_rejected[idx].to(device),
-            beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+        ref_c, ref_r = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
+        if objective == "dpo":
+            with autocast(device):
+                policy_chosen, policy_rejected = concatenated_logprobs(policy, batch)
+            _check_finite(policy_chosen, policy_rejected, where)
+            losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
+                policy_chosen, policy_rejected, ref_c, ref_r,
+                beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+        else:
+            with autocast(device):
+                tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(policy, batch)
+            policy_chosen, policy_rejected = tok_c.sum(-1), tok_r.sum(-1)  # 0 off the completion
+            _check_finite(policy_chosen, policy_rejected, where)
+            nll = preferred_ft_loss(tok_c, mask_c)  # -log pi(y_w|x)
+            if objective == "unlikelihood":
+                losses = unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha=float(alpha))
+                with torch.no_grad():  # the alpha-free penalty -sum_t log(1 - pi(y_l,t)), for the log
+                    parts["ul"].append(
+                        (unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha=1.0) - nll).float().cpu())
+            else:
+                losses = nll
+            parts["nll"].append(nll.detach().float().cpu())
+            # Not in the loss: the implicit reward of Eq. 5 as a readout, comparable with DPO runs.
+            chosen_rewards = beta * (policy_chosen - ref_c).detach()
+            rejected_rewards = beta * (policy_rejected - ref_r).detach()
         # Sum / batch_size: the accumulated gradient is that of the mean over all batch_size pairs.
         (losses.sum() / len(indices)).backward()
-        for k, t in zip(parts, (losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected),
+        for k, t in zip(("losses", "cr", "rr", "pc", "pr"),
+                        (losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected),
                         strict=True):
             parts[k].append(t.detach().float().cpu())
-    cat = {k: torch.cat(v) for k, v in parts.items()}
+    cat = {k: torch.cat(v) for k, v in parts.items() if v}
     loss = cat["losses"].mean().item()
     if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite DPO loss {where}")
+        raise FloatingPointError(f"non-finite {_BAR_NAMES[objective]} loss {where}")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(
         [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
     if not math.isfinite(grad_norm):
@@ -499,7 +596,16 @@ def _train_step(policy: nn.Module, collator: PreferenceCollator, cols: Mapping[s
     optimizer.step()
     scheduler.step()
     metrics = preference_metrics(cat["losses"], cat["cr"], cat["rr"], cat["pc"], cat["pr"])
+    if "nll" in cat:
+        metrics["nll/chosen"] = cat["nll"].mean().item()
+    if "ul" in cat:
+        metrics["unlikelihood/rejected"] = cat["ul"].mean().item()
     return {"step": step, "lr": lr, "grad_norm": grad_norm, **metrics}
+
+
+def _check_finite(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, where: str) -> None:
+    if not bool(torch.isfinite(policy_chosen).all() and torch.isfinite(policy_rejected).all()):
+        raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
 
 
 def _check_run(out_dir: Path, run_key: str, run_fields: Mapping[str, Any]) -> None:
@@ -528,3 +634,6 @@ def _finished_result(out_dir: Path, max_steps: int) -> DPOResult | None:
         return None  # asked for more (or fewer) steps: train on from the last checkpoint
     return DPOResult(checkpoint_dir=out_dir / saved["checkpoint_dir"], metrics_path=out_dir / "metrics.jsonl",
                      last_metrics=saved["last_metrics"], steps=saved["steps"])
+
+
+train_pairwise = train_dpo  # the same trainer under an objective-neutral name, for the baselines
