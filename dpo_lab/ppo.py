@@ -1,0 +1,586 @@
+"""PPO for the KL-constrained reward objective (paper Eq. 3), written out as in Ziegler et al. (2019) and
+Stiennon et al. (2020): the paper's "PPO (Our impl.)" and, with the true reward, "PPO-GT (Our impl.)".
+
+    max_pi  E_{x, y~pi}[ r(x, y) ] - beta * KL( pi(y|x) || pi_ref(y|x) )                         (Eq. 3)
+
+One PPO step:
+1. rollout: one completion y ~ pi(.|x) for each of ``rollout_batch_size`` prompts (temperature 1, no top-k);
+2. score s = r(x, y) with the reward callable: r_phi (``reward_model.LearnedReward``, PPO) or the ground
+   truth r* (PPO-GT); s is standardised with running moments over all scores seen so far;
+3. per-token reward (the KL penalty folded into the reward, the reward of Eq. 3 / paper §3):
+       r_t = -beta * (log pi(y_t|.) - log pi_ref(y_t|.))      + s   on the last completion token;
+4. advantages by GAE (gamma = 1, lambda = 0.95) against a value head V(x, y_<t);
+5. ``ppo_epochs`` passes of minibatch updates of the clipped surrogate + clipped value loss;
+6. the KL coefficient beta follows the adaptive controller of Ziegler et al. toward ``target_kl``.
+
+Value head: ONE module holds the policy and a linear value head on its last hidden states (as Ziegler et
+al. and TRL's ``AutoModelForCausalLMWithValueHead``). It is the simpler correct choice here: one forward
+pass yields log-probs and values, one optimizer, half the compute of a separate critic on a 2-core CPU;
+the cost is that the value loss also moves the shared backbone, which ``vf_coef = 0.1`` keeps small.
+
+Conventions as the DPO trainer: ``out_dir`` is one run; ``metrics.jsonl`` gets one line per step with the
+eval_fn's keys merged in at step 0 (the starting policy), every ``eval_every`` steps and the last step;
+checkpoints are written atomically and a run resumes from its last one with the same numbers (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lab.batching import pad_rows
+from dpo_lab.cache import atomic_directory, atomic_write_json, content_hash
+from dpo_lab.dpo_trainer import (
+    _append,
+    _check_run,
+    _checkpoint_dirs,
+    _evaluate,
+    _rng_state,
+    _set_rng_state,
+    _truncate_metrics,
+    batch_indices,
+    load_weights,
+    model_fingerprint,
+    read_metrics,
+    tokenizer_fingerprint,
+)
+from dpo_lab.logprobs import position_ids_from_mask, token_logprobs
+from dpo_lab.sampling import sample
+from dpo_lab.seed import seed_everything
+
+EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
+# r_phi (reward_model.LearnedReward) or r* (rewards.RewardModel): full texts -> one score each.
+ScoreFn = Callable[[Sequence[str]], np.ndarray]
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """One PPO run. Defaults are sized for the ``cpu`` preset; ``paper()`` gives the paper/TRL values."""
+
+    target_kls: tuple[float, ...] = (3.0, 6.0, 9.0, 12.0)  # the paper's sweep (one run per value)
+    target_kl: float | None = 6.0  # this run's target; None = fixed KL coefficient init_kl_coef
+    init_kl_coef: float = 0.2  # beta at step 0 (TRL's gpt2-sentiment config)
+    # Ziegler et al. use 10,000 samples; a cpu run sees ~2,000, so beta could move by only ~4%. A short
+    # horizon lets the controller pull runs apart by target (smoke preset: targets 1 and 4 -> KL ~1.5, ~6).
+    kl_horizon: int = 300
+    rollout_batch_size: int = 64  # prompts (= samples) per PPO step
+    minibatch_size: int = 32  # samples per gradient update
+    ppo_epochs: int = 4  # passes over each rollout batch
+    lr: float = 1e-4  # Adam; NOT yet tuned on the cpu SFT policy (1e-3 worked on the smoke preset's)
+    max_grad_norm: float = 1.0
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    normalize_scores: bool = True  # standardise scores by running mean/std (see RunningMoments)
+    max_new_tokens: int = 32
+    max_steps: int = 30  # ~1,900 samples; ~1.8 s a step on 2 idle cores (64 x 32 tokens, 4 layers x 192)
+    eval_every: int = 10
+    checkpoint_every: int = 10
+
+    @classmethod
+    def paper(cls) -> PPOConfig:
+        """1024 samples per step (paper §6.1); TRL gpt2-sentiment values for what the paper leaves open."""
+        return cls(kl_horizon=10_000, rollout_batch_size=1024, minibatch_size=64, lr=1.41e-5,
+                   max_new_tokens=64, max_steps=240, eval_every=10, checkpoint_every=10)
+
+
+# Settings that do not change the trajectory of one run.
+_NOT_IN_RUN_KEY = ("target_kls", "max_steps", "eval_every", "checkpoint_every")
+
+
+@dataclass(frozen=True)
+class PPOResult:
+    checkpoint_dir: Path  # the final policy (save_pretrained + tokenizer) and value_head/model.safetensors
+    metrics_path: Path
+    last_metrics: dict[str, float]
+    steps: int
+
+
+# ------------------------------------------------------------------------------------------ KL control
+class AdaptiveKLController:
+    """Ziegler et al. (2019), eq. 2:  e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta (1 + e n / horizon).
+
+    ``n_steps`` is the number of samples the KL was measured on, so beta's speed does not depend on the
+    batch size. A KL above target raises beta (stronger pull toward pi_ref), below lowers it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
+        if not (init_kl_coef > 0 and target > 0 and horizon > 0):
+            raise ValueError(f"need init_kl_coef > 0, target > 0 and horizon > 0; got {init_kl_coef}, "
+                             f"{target}, {horizon}")
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))  # proportional error, clipped
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+
+class FixedKLController:
+    """A constant beta (``target_kl=None``)."""
+
+    def __init__(self, kl_coef: float) -> None:
+        if not kl_coef >= 0:
+            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+
+class RunningMoments:
+    """Running mean and std of every score seen (Chan et al.'s parallel update: exact over all batches).
+
+    Scores are standardised as (s - mean) / std with the moments *including* the current batch, so the
+    score term of the reward has about zero mean and unit scale whatever the reward's units are (r* is a
+    probability, r_phi an unbounded logit): the same kl coefficient and lr then suit both variants.
+    """
+
+    def __init__(self) -> None:
+        self.mean, self.var, self.count = 0.0, 1.0, 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64).reshape(-1)
+        if x.size == 0:
+            return
+        batch_mean, batch_var, n = float(x.mean()), float(x.var()), x.size
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var) if self.count > 1 else 1.0
+
+    def standardize(self, x: np.ndarray) -> np.ndarray:
+        return (np.asarray(x, dtype=np.float64) - self.mean) / max(self.std, 1e-8)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+# ------------------------------------------------------------------------------------- pure PPO pieces
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True) -> Tensor:
+    """(x - mean) / std over the masked entries (zeros elsewhere): advantage whitening."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, 0.0)
+
+
+def kl_penalized_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                         kl_coef: float) -> Tensor:
+    """Per-token rewards ``(B, T)``: -beta (log pi - log pi_ref) on every completion token, plus the
+    sequence score on each row's last completion token (the reward of Eq. 3, Ziegler et al.)."""
+    if logprobs.shape != ref_logprobs.shape or logprobs.shape != mask.shape:
+        raise ValueError(f"logprobs {tuple(logprobs.shape)}, ref_logprobs {tuple(ref_logprobs.shape)} and "
+                         f"mask {tuple(mask.shape)} must have the same shape")
+    if scores.shape != logprobs.shape[:1]:
+        raise ValueError(f"scores must be (B,) = ({logprobs.shape[0]},), got {tuple(scores.shape)}")
+    mask = mask.bool()
+    if not bool(mask.any(-1).all()):
+        raise ValueError("every row needs at least one completion token to put its score on")
+    rewards = torch.where(mask, -kl_coef * (logprobs - ref_logprobs), 0.0)  # r_t = -beta log(pi/pi_ref)
+    columns = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, columns, -1).max(-1).values  # each row's last completion token
+    rewards[torch.arange(mask.shape[0], device=mask.device), last] += scores.to(rewards.dtype)  # + r(x, y)
+    return rewards
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the masked (completion) steps, a plain reverse loop.
+
+        delta_t = r_t + gamma V_{t+1} - V_t          (V after the last completion step = 0: episode over)
+        A_t     = delta_t + gamma lam A_{t+1}
+        R_t     = A_t + V_t                          (the value target)
+
+    ``rewards``, ``values``, ``mask`` are ``(B, T)``; each row's masked steps must be contiguous (one
+    completion). Returns ``(advantages, returns)``, both 0 outside the mask.
+    """
+    if not (rewards.shape == values.shape == mask.shape) or rewards.ndim != 2:
+        raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask "
+                         f"{tuple(mask.shape)} must be the same (B, T) shape")
+    if not (0.0 <= gamma <= 1.0 and 0.0 <= lam <= 1.0):
+        raise ValueError(f"gamma and lam must be in [0, 1], got gamma={gamma}, lam={lam}")
+    m = mask.to(rewards.dtype)
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = advantage * m[:, t]
+        # Outside the completion (padding after it, prompt before it) carry nothing to the step before.
+        next_value = values[:, t] * m[:, t]
+        next_advantage = advantage * m[:, t]
+    returns = (advantages + values) * m
+    return advantages, returns
+
+
+def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+                cliprange: float) -> tuple[Tensor, Tensor]:
+    """Clipped surrogate (Schulman et al. 2017): mean over tokens of max(-A ratio, -A clip(ratio, 1 +- eps)).
+
+    Returns ``(loss, clipfrac)``; clipfrac is the share of tokens where the clipped term was the larger
+    (there the gradient is zero: the update has gone far enough in that direction).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)  # pi_theta(y_t|.) / pi_old(y_t|.)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)  # pessimistic bound
+    clipfrac = masked_mean((clipped > unclipped).float(), mask)
+    return loss, clipfrac
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor,
+               cliprange_value: float) -> tuple[Tensor, Tensor]:
+    """Clipped value loss: 0.5 E max((V - R)^2, (V_old + clip(V - V_old, +-eps) - R)^2): (loss, clipfrac)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask)
+    clipfrac = masked_mean((clipped_loss > unclipped_loss).float(), mask)
+    return loss, clipfrac
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of the next-token distribution at every position, fp32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+# ------------------------------------------------------------------------------- policy + value head
+class PolicyWithValueHead(nn.Module):
+    """A causal LM and a linear value head on its last hidden states (shared backbone; see module doc)."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+        hidden = int(getattr(policy.config, "n_embd", None) or policy.config.hidden_size)
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.value_head.weight)  # V = 0 at the start: no arbitrary baseline in step 1
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(logits (B,T,V), token log-probs (B,T-1), values (B,T-1))``.
+
+        ``values[:, t]`` is V of the state whose logits predict token ``t + 1``, aligned with log-probs.
+        """
+        out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(),
+                          position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                          output_hidden_states=True)
+        logits = out.logits
+        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1)[:, :-1]
+        return logits, token_logprobs(logits, input_ids), values
+
+
+# ------------------------------------------------------------------------------------------- rollouts
+@dataclass
+class Rollout:
+    """One batch of samples and everything PPO needs about them, all ``(B, T-1)`` but scores/texts."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    mask: Tensor  # shifted completion mask: which next-token positions are completion tokens
+    logprobs: Tensor
+    ref_logprobs: Tensor
+    values: Tensor
+    scores: Tensor  # raw r(x, y)
+    texts: list[str]
+
+
+def _rollout(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
+             prompts: Sequence[str], score_fn: ScoreFn, *, max_new_tokens: int, seed: int,
+             device: torch.device) -> Rollout:
+    samples = sample(model.policy, tokenizer, prompts, n_per_prompt=1, max_new_tokens=max_new_tokens,
+                     batch_size=len(prompts), seed=seed, progress=False)
+    rows = [{"input_ids": p + c[0], "completion_mask": [0] * len(p) + [1] * len(c[0])}
+            for p, c in zip(samples.prompt_ids, samples.completion_ids, strict=True)]
+    batch = {k: v.to(device) for k, v in pad_rows(rows, int(tokenizer.pad_token_id)).items()}
+    texts = [p + c[0] for p, c in zip(samples.prompts, samples.texts, strict=True)]
+    scores = np.asarray(score_fn(texts), dtype=np.float64).reshape(-1)
+    if scores.shape != (len(texts),) or not np.isfinite(scores).all():
+        raise ValueError(f"score_fn must return {len(texts)} finite scores, got shape {scores.shape}")
+    with torch.no_grad():
+        _, logprobs, values = model(batch["input_ids"], batch["attention_mask"])
+        ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               position_ids=position_ids_from_mask(batch["attention_mask"]),
+                               use_cache=False).logits
+        ref_logprobs = token_logprobs(ref_logits, batch["input_ids"])
+    scores_t = torch.as_tensor(scores, dtype=torch.float32, device=device)
+    return Rollout(batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:].bool(),
+                   logprobs, ref_logprobs, values, scores_t, texts)
+
+
+# --------------------------------------------------------------------------------------------- training
+def _check_config(config: PPOConfig) -> None:
+    for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_steps",
+                 "eval_every", "checkpoint_every", "kl_horizon"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
+    if config.minibatch_size > config.rollout_batch_size:
+        raise ValueError(f"PPOConfig.minibatch_size ({config.minibatch_size}) exceeds rollout_batch_size "
+                         f"({config.rollout_batch_size})")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ValueError(f"PPOConfig.lr must be a positive number, got {config.lr}")
+    if config.target_kl is not None and not config.target_kl > 0:
+        raise ValueError(f"PPOConfig.target_kl must be > 0 or None, got {config.target_kl}")
+    for name in ("cliprange", "cliprange_value", "vf_coef", "init_kl_coef", "max_grad_norm"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(config, name)}")
+
+
+def kl_controller(config: PPOConfig) -> AdaptiveKLController | FixedKLController:
+    if config.target_kl is None:
+        return FixedKLController(config.init_kl_coef)
+    return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+
+
+def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro: Rollout,
+                advantages: Tensor, returns: Tensor, config: PPOConfig, *, step: int, seed: int
+                ) -> dict[str, float]:
+    """``ppo_epochs`` passes of minibatch updates over one rollout; returns the averaged statistics."""
+    stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/clipfrac",
+                                                     "policy/approx_kl", "policy/entropy", "val/clipfrac")}
+    n = ro.input_ids.shape[0]
+    for epoch in range(config.ppo_epochs):
+        order = torch.as_tensor(np.random.default_rng([seed, step, epoch]).permutation(n))
+        for start in range(0, n, config.minibatch_size):
+            idx = order[start:start + config.minibatch_size].to(ro.input_ids.device)
+            # Trim columns that are padding for the whole minibatch (right padding: trailing ones).
+            width = int(ro.attention_mask[idx].sum(-1).max())
+            ids, att, m = ro.input_ids[idx, :width], ro.attention_mask[idx, :width], ro.mask[idx, :width - 1]
+            logits, logprobs, values = model(ids, att)
+            old_logprobs, old_values = ro.logprobs[idx, :width - 1], ro.values[idx, :width - 1]
+            adv, ret = advantages[idx, :width - 1], returns[idx, :width - 1]
+            pg_loss, pg_clipfrac = policy_loss(logprobs, old_logprobs, adv, m, config.cliprange)
+            vf_loss, vf_clipfrac = value_loss(values, old_values, ret, m, config.cliprange_value)
+            loss = pg_loss + config.vf_coef * vf_loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite PPO loss at step {step}; lower the lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            with torch.no_grad():
+                stats["loss/policy"].append(float(pg_loss))
+                stats["loss/value"].append(float(vf_loss))
+                stats["policy/clipfrac"].append(float(pg_clipfrac))
+                # 0.5 E[(log pi - log pi_old)^2]: a low-variance estimate of KL(pi_old || pi) (Schulman)
+                stats["policy/approx_kl"].append(float(0.5 * masked_mean((logprobs - old_logprobs) ** 2, m)))
+                stats["policy/entropy"].append(float(masked_mean(entropy_from_logits(logits[:, :-1]), m)))
+                stats["val/clipfrac"].append(float(vf_clipfrac))
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
+             prompts: Sequence[str], score_fn: ScoreFn, optimizer: torch.optim.Optimizer,
+             kl_ctl: AdaptiveKLController | FixedKLController, moments: RunningMoments, config: PPOConfig,
+             *, step: int, seed: int, device: torch.device) -> dict[str, Any]:
+    """One PPO step: rollout, rewards, GAE, clipped updates, KL-coefficient update. Returns the metrics."""
+    started = time.perf_counter()
+    kl_coef = kl_ctl.value
+    ro = _rollout(model, reference, tokenizer, prompts, score_fn, max_new_tokens=config.max_new_tokens,
+                  seed=int(content_hash("ppo-rollout", seed, step, length=8), 16), device=device)
+    rollout_s = time.perf_counter() - started
+    raw_scores = ro.scores.double().cpu().numpy()
+    if config.normalize_scores:
+        moments.update(raw_scores)
+        scores = torch.as_tensor(moments.standardize(raw_scores), dtype=torch.float32, device=device)
+    else:
+        scores = ro.scores
+    log_ratio = torch.where(ro.mask, ro.logprobs - ro.ref_logprobs, 0.0)
+    kl = log_ratio.sum(-1)  # sampled sequence KL log pi(y|x)/pi_ref(y|x), per sample
+    rewards = kl_penalized_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.mask, kl_coef)
+    advantages, returns = gae(rewards, ro.values, ro.mask, config.gamma, config.lam)
+    if config.whiten_advantages:
+        advantages = whiten(advantages, ro.mask)
+    stats = _ppo_update(model, optimizer, ro, advantages, returns, config, step=step, seed=seed)
+    mean_kl = float(kl.mean())
+    kl_ctl.update(mean_kl, n_steps=len(prompts))  # adapt beta toward target_kl for the next step
+    return {
+        "step": step,
+        "objective/kl": mean_kl,
+        "objective/scores": float(raw_scores.mean()),
+        "objective/rlhf_reward": float(raw_scores.mean()) - kl_coef * mean_kl,  # r - beta KL (Eq. 3)
+        "kl_coef": kl_coef,
+        **stats,
+        "val/mean": float(masked_mean(ro.values, ro.mask)),
+        "returns/mean": float(masked_mean(returns, ro.mask)),
+        "objective/completion_tokens": float(ro.mask.sum(-1).float().mean()),
+        "time/rollout_s": rollout_s,
+        "time/step_s": time.perf_counter() - started,
+    }
+
+
+def _save_checkpoint(out_dir: Path, step: int, model: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase,
+                     optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLController | FixedKLController,
+                     moments: RunningMoments, run_key: str) -> Path:
+    """Policy (safetensors) + tokenizer + value head + optimizer/beta/moments/RNG, in one atomic write."""
+    path = out_dir / "checkpoints" / f"step-{step:06d}"
+    with atomic_directory(path) as tmp:
+        model.policy.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # In a subfolder: load_weights reads every *.safetensors beside the policy's weights.
+        (tmp / "value_head").mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
+                  str(tmp / "value_head" / "model.safetensors"))
+        torch.save({"step": step, "run_key": run_key, "optimizer": optimizer.state_dict(),
+                    "kl_coef": kl_ctl.value, "moments": moments.state_dict(), "rng": _rng_state()},
+                   tmp / "trainer_state.pt")
+    for _, old in _checkpoint_dirs(out_dir)[:-1]:  # keep the latest only
+        if old != path:
+            shutil.rmtree(old)
+    return path
+
+
+def _load_checkpoint(ckpt: Path, model: PolicyWithValueHead) -> None:
+    load_weights(model.policy, ckpt)
+    model.value_head.load_state_dict(load_file(str(ckpt / "value_head" / "model.safetensors")))
+
+
+def train_ppo(
+    policy: nn.Module,
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    score_fn: ScoreFn,
+    *,
+    config: PPOConfig,
+    out_dir: str | Path,
+    seed: int,
+    eval_fn: EvalFn | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> PPOResult:
+    """Train ``policy`` in place with PPO on Eq. 3's objective; ``score_fn(texts)`` is r_phi (PPO) or r*
+    (PPO-GT), called on prompt + completion text. ``reference`` stays frozen.
+
+    Every step draws ``rollout_batch_size`` prompts (consecutive slices of a seeded permutation per pass
+    over ``prompts``), so the same seed gives the same run; a rerun with more ``max_steps`` resumes from the
+    last checkpoint; a finished run returns at once with its final weights loaded into ``policy``.
+    """
+    if policy is reference:
+        raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
+    _check_config(config)
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty sequence of strings")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad_token_id; set one (pad = eos)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prompts = list(prompts)
+    run_fields = {
+        "seed": seed, "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
+        "reference": model_fingerprint(reference),
+        "prompts": content_hash(prompts), "tokenizer": tokenizer_fingerprint(tokenizer),
+        "device": device.type,
+    }
+    run_key = content_hash(run_fields)
+    metrics_path = out_dir / "metrics.jsonl"
+
+    # The policy's weights are not in the key: they change as it trains (a resume starts from moved weights).
+    _check_run(out_dir, run_key, run_fields)
+    saved = json.loads((out_dir / "result.json").read_text()) if (out_dir / "result.json").is_file() else None
+    if saved is not None and saved["steps"] == config.max_steps:
+        ckpt = out_dir / saved["checkpoint_dir"]
+        load_weights(policy, ckpt)
+        policy.eval()
+        return PPOResult(ckpt, metrics_path, saved["last_metrics"], saved["steps"])
+
+    seed_everything(seed)
+    policy.to(device).eval()  # dropout off throughout (as the DPO trainer); autograd works in eval mode
+    # The reference only runs under no_grad; its requires_grad flags are the caller's and are left alone
+    # (flipping them would also freeze any later deepcopy of it used as a policy).
+    reference.to(device).eval()
+    if not any(p.requires_grad for p in policy.parameters()):
+        raise ValueError("no parameter of the policy requires grad; unfreeze it (requires_grad_(True)) first")
+    model = PolicyWithValueHead(policy).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    kl_ctl = kl_controller(config)
+    moments = RunningMoments()
+
+    checkpoints = _checkpoint_dirs(out_dir)
+    start = 0
+    if checkpoints:
+        start, ckpt = checkpoints[-1]
+        if start > config.max_steps:
+            raise ValueError(f"{out_dir} holds a checkpoint at step {start} > max_steps {config.max_steps}")
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
+        if state["run_key"] != run_key:
+            raise ValueError(f"checkpoint {ckpt} belongs to another run")
+        _load_checkpoint(ckpt, model)
+        optimizer.load_state_dict(state["optimizer"])
+        kl_ctl.value = float(state["kl_coef"])
+        moments.load_state_dict(state["moments"])
+        _set_rng_state(state["rng"])
+    _truncate_metrics(metrics_path, start if checkpoints else None)
+
+    last: dict[str, Any] = next(reversed(read_metrics(metrics_path)), {})
+    ckpt_dir = checkpoints[-1][1] if checkpoints else None
+    train_keys = {"step", "objective/kl", "objective/scores", "objective/rlhf_reward", "kl_coef",
+                  "loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "policy/entropy",
+                  "val/clipfrac", "val/mean", "returns/mean", "objective/completion_tokens", "time/rollout_s",
+                  "time/step_s"}
+    name = "PPO" if config.target_kl is None else f"PPO target_kl={config.target_kl:g}"
+    with open(metrics_path, "a") as handle:
+        if start == 0 and eval_fn is not None:
+            last = {"step": 0, **_evaluate(eval_fn, policy, 0, train_keys)}
+            _append(handle, last)
+        bar = tqdm(range(start + 1, config.max_steps + 1), desc=name, disable=not progress, initial=start,
+                   total=config.max_steps)
+        for step in bar:
+            chosen = batch_indices(len(prompts), config.rollout_batch_size, step, seed)
+            record = ppo_step(model, reference, tokenizer, [prompts[i] for i in chosen], score_fn, optimizer,
+                              kl_ctl, moments, config, step=step, seed=seed, device=device)
+            final = step == config.max_steps
+            if eval_fn is not None and (step % config.eval_every == 0 or final):
+                record.update(_evaluate(eval_fn, policy, step, train_keys))
+            _append(handle, record)
+            last = record
+            bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}",
+                            beta=f"{record['kl_coef']:.3f}")
+            if step % config.checkpoint_every == 0 or final:
+                ckpt_dir = _save_checkpoint(out_dir, step, model, tokenizer, optimizer, kl_ctl, moments,
+                                            run_key)
+    if ckpt_dir is None:
+        raise RuntimeError("training ended without a checkpoint")
+    policy.eval()
+    atomic_write_json(out_dir / "result.json", {"checkpoint_dir": str(ckpt_dir.relative_to(out_dir)),
+                                                "steps": config.max_steps, "last_metrics": last,
+                                                "run_key": run_key})
+    return PPOResult(ckpt_dir, metrics_path, last, config.max_steps)
+
+
+__all__ = ["PPOConfig", "PPOResult", "AdaptiveKLController", "FixedKLController", "RunningMoments",
+           "PolicyWithValueHead", "masked_mean", "whiten", "kl_penalized_rewards", "gae", "policy_loss",
+           "value_loss", "entropy_from_logits", "kl_controller", "ppo_step", "train_ppo"]

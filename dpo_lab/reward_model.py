@@ -1,0 +1,419 @@
+"""The learned reward r_phi(x, y) that PPO maximises (paper §3, Eq. 2), trained on the preference pairs.
+
+    r_phi(x, y) = w · h_last(x, y) + b          h_last: the backbone's hidden state at the LAST real token
+    L_R(r_phi)  = -E[ log sigma( r_phi(x, y_w) - r_phi(x, y_l) ) ]              (Eq. 2, Bradley-Terry)
+
+* Backbone: a copy of the SFT policy's transformer (GPT2Model), as in the paper ("initialised from the SFT
+  model with a linear layer on top"); the scalar head starts at zero, so every reward is 0 at initialisation
+  and the first BT loss is exactly log 2.
+* Validation: the pairs are split by PROMPT (all pairs of a prompt on one side), so the validation accuracy
+  is measured on prompts the model never saw; the weights with the best validation accuracy are kept
+  (paper: 3 epochs, best validation accuracy).
+* Normalisation (paper §3): the BT loss only sees differences, so r_phi is defined up to a constant; we fix
+  it so that E[r_phi] = 0 over the training completions and store the offset. (The paper asks for
+  E_y[r] = 0 for every x; a per-prompt offset cannot be applied to unseen prompts, so we use one global one.)
+* :class:`LearnedReward` has the reward interface ``texts -> np.ndarray`` (as ``rewards.RewardModel``), so
+  PPO takes it or the ground truth r* interchangeably. It returns unbounded scores, not probabilities.
+
+Tokenisation: training pairs go through ``batching.PreferenceCollator`` (prompt and completion tokenised
+separately); ``LearnedReward`` gets the joined text and tokenises it whole. The two can differ only by a BPE
+merge across the prompt/completion boundary.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from dpo_lab.batching import PreferenceCollator
+from dpo_lab.cache import atomic_directory, content_hash
+from dpo_lab.dpo_trainer import (
+    PAIR_COLUMNS,
+    Pairs,
+    _pair_columns,
+    model_fingerprint,
+    pairs_fingerprint,
+    tokenizer_fingerprint,
+)
+from dpo_lab.logprobs import position_ids_from_mask
+from dpo_lab.seed import seed_everything
+
+FORMAT = "dpo_lab.LearnedReward"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """Training settings of r_phi; defaults are sized for the ``cpu`` preset (``paper()`` gives App. B's)."""
+
+    epochs: int = 1  # passes over the training pairs (the paper: 3)
+    max_steps: int | None = 150  # cap on optimizer steps (None: all epochs); ~0.5 s a step on a 2-core CPU
+    batch_size: int = 32  # pairs per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    val_fraction: float = 0.1  # share of PROMPTS held out for validation
+    max_val_pairs: int | None = 512  # validation pairs scored per evaluation (None: all)
+    eval_every: int = 50  # steps between validation passes (and one at the end of every epoch)
+    max_length: int = 128  # tokens of prompt + completion (the policy's context)
+
+    @classmethod
+    def paper(cls) -> RewardModelConfig:
+        """App. B / §6.1: 3 epochs, best validation accuracy; batch 64 and lr 1e-6 as the paper's DPO runs."""
+        return cls(epochs=3, max_steps=None, batch_size=64, lr=1e-6, warmup_steps=150, max_val_pairs=None,
+                   eval_every=500, max_length=512)
+
+
+# ------------------------------------------------------------------------------------------------ model
+class ScalarRewardModel(nn.Module):
+    """A GPT-2 backbone and a linear head read at each row's last real token: ``(B, T) -> (B,)``."""
+
+    def __init__(self, backbone: GPT2Model) -> None:
+        super().__init__()
+        if not isinstance(backbone, GPT2Model):
+            raise TypeError(f"backbone must be a transformers GPT2Model, got {type(backbone).__name__}")
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.config.n_embd, 1)
+        # Zero head: r_phi = 0 for every input at the start, so the first BT loss is exactly log 2.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: nn.Module) -> ScalarRewardModel:
+        """A reward model whose backbone is a COPY of ``policy.transformer`` (the policy is untouched)."""
+        backbone = getattr(policy, "transformer", None)
+        if not isinstance(backbone, GPT2Model):
+            raise TypeError(f"policy must be a GPT2LMHeadModel (with a .transformer GPT2Model), "
+                            f"got {type(policy).__name__}")
+        return cls(copy.deepcopy(backbone))
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(f"input_ids and attention_mask must both be (B, T); got "
+                             f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+        lengths = attention_mask.long().sum(-1)
+        if bool((lengths == 0).any()):
+            raise ValueError("attention_mask has a row with no real tokens")
+        # Positions counted over real tokens: left- and right-padded rows give the same reward.
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask.long(),
+                               position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+        hidden = hidden.last_hidden_state  # (B, T, d)
+        # Index of the last real token = the last column where attention_mask is 1 (either padding side).
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last = torch.where(attention_mask.bool(), columns, -1).max(-1).values  # (B,)
+        pooled = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]  # (B, d)
+        return self.head(pooled.float()).squeeze(-1)  # (B,)
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """Per-pair ``-log sigma(r(x, y_w) - r(x, y_l))`` (Eq. 2), ``(B,)``; logsigmoid is stable for any gap."""
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(f"chosen {tuple(chosen_rewards.shape)} and rejected {tuple(rejected_rewards.shape)} "
+                         "rewards must have the same shape")
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
+
+
+def pair_rewards(model: ScalarRewardModel, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(r(x, y_w), r(x, y_l)) of a ``PreferenceCollator`` batch in ONE forward pass over both halves."""
+    n = batch["chosen_input_ids"].shape[0]
+    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    stacked = {key: torch.cat([F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]))
+                               for side in ("chosen", "rejected")])
+               for key in ("input_ids", "attention_mask")}
+    rewards = model(stacked["input_ids"], stacked["attention_mask"])
+    return rewards[:n], rewards[n:]
+
+
+# ---------------------------------------------------------------------------------------------- splitting
+def split_by_prompt(prompts: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, validation indices) with every prompt's pairs on one side only.
+
+    A seeded ``ceil(val_fraction * n_prompts)`` of the distinct prompts (at least 1, at most all but 1) go
+    to validation, so pairs that share a prompt (up to 6 per prompt) never leak across the split.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    unique = sorted(set(prompts))
+    if len(unique) < 2:
+        raise ValueError(f"need at least 2 distinct prompts to split by prompt, got {len(unique)}")
+    n_val = min(len(unique) - 1, max(1, math.ceil(val_fraction * len(unique))))
+    order = np.random.default_rng(seed).permutation(len(unique))
+    val_prompts = {unique[i] for i in order[:n_val]}
+    train = [i for i, p in enumerate(prompts) if p not in val_prompts]
+    val = [i for i, p in enumerate(prompts) if p in val_prompts]
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------ the callable
+class LearnedReward:
+    """``r_phi(texts) -> np.ndarray``: the normalised learned reward ``r_phi(x, y) - offset`` of each text.
+
+    Same interface as the ground-truth reward (``rewards.RewardModel``), so PPO takes either.
+    """
+
+    def __init__(self, model: ScalarRewardModel, tokenizer: PreTrainedTokenizerBase, *, offset: float = 0.0,
+                 max_length: int = 128, batch_size: int = 64,
+                 report: Mapping[str, Any] | None = None) -> None:
+        if tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer has no pad_token_id; set one (pad = eos) before scoring")
+        if max_length < 1 or batch_size < 1:
+            raise ValueError(f"max_length and batch_size must be >= 1, got {max_length}, {batch_size}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.offset = float(offset)
+        self.max_length = int(max_length)
+        self.batch_size = int(batch_size)
+        self.report: dict[str, Any] = dict(report or {})
+
+    def raw(self, texts: Sequence[str]) -> np.ndarray:
+        """Unnormalised ``r_phi`` (no offset) of each text, float64 ``(len(texts),)``."""
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not a single string")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
+        if not texts:
+            return np.zeros(0)
+        device = next(self.model.parameters()).device
+        pad = int(self.tokenizer.pad_token_id)
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                chunk = texts[start:start + self.batch_size]
+                rows = self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
+                # An empty text would have no last token to read: score the pad/EOS token alone instead.
+                rows = [list(r[: self.max_length]) or [pad] for r in rows]
+                width = max(len(r) for r in rows)
+                ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for i, r in enumerate(rows):
+                    ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+                    mask[i, : len(r)] = 1
+                out.append(self.model(ids.to(device), mask.to(device)).double().cpu())
+        return torch.cat(out).numpy()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """``r_phi(x, y) - offset``: E = 0 over the training completions (paper §3)."""
+        return self.raw(texts) - self.offset
+
+    # ---------------------------------------------------------------------------------------- save / load
+    def save(self, path: str | Path) -> Path:
+        """``model.safetensors`` (backbone + head), ``reward_config.json`` (GPT-2 config, offset, report),
+        and the tokenizer; written atomically."""
+        with atomic_directory(path) as tmp:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+            save_file(state, str(tmp / "model.safetensors"))
+            meta = {"format": FORMAT, "version": FORMAT_VERSION, "offset": self.offset,
+                    "max_length": self.max_length, "batch_size": self.batch_size,
+                    "gpt2_config": self.model.backbone.config.to_dict(), "report": self.report}
+            (tmp / "reward_config.json").write_text(json.dumps(meta, indent=2))
+            self.tokenizer.save_pretrained(tmp)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LearnedReward:
+        """Rebuild a saved reward model (safetensors only; no pickle, no remote code), on the CPU."""
+        path = Path(path)
+        if not (path / "reward_config.json").is_file() or not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"no saved LearnedReward at {path} "
+                                    "(reward_config.json / model.safetensors missing)")
+        meta = json.loads((path / "reward_config.json").read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, "
+                             f"expected {FORMAT!r} v{FORMAT_VERSION}")
+        model = ScalarRewardModel(GPT2Model(GPT2Config.from_dict(meta["gpt2_config"])))
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+        return cls(model, tokenizer, offset=meta["offset"], max_length=meta["max_length"],
+                   batch_size=meta["batch_size"], report=meta["report"])
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class RewardModelReport:
+    """What training saw: per-step BT loss, validation history, the kept step and the offset."""
+
+    train_losses: list[float] = field(default_factory=list)
+    val_history: list[dict[str, float]] = field(default_factory=list)  # {"step", "val_loss", "val_accuracy"}
+    best_step: int = 0
+    best_val_accuracy: float = float("nan")
+    offset: float = 0.0
+    n_train_pairs: int = 0
+    n_val_pairs: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_config(config: RewardModelConfig) -> None:
+    for name in ("epochs", "batch_size", "eval_every", "max_length"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"RewardModelConfig.{name} must be a positive integer, got {value!r}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ValueError(f"RewardModelConfig.max_steps must be >= 1 or None, got {config.max_steps}")
+    if not (config.lr > 0 and math.isfinite(config.lr)):
+        raise ValueError(f"RewardModelConfig.lr must be a positive number, got {config.lr}")
+    if config.warmup_steps < 0 or config.max_grad_norm <= 0:
+        raise ValueError("RewardModelConfig needs warmup_steps >= 0 and max_grad_norm > 0")
+
+
+@torch.no_grad()
+def evaluate_pairs(model: ScalarRewardModel, collator: PreferenceCollator,
+                   examples: Sequence[Mapping[str, str]], *, batch_size: int) -> dict[str, float]:
+    """Mean BT loss and accuracy (share of pairs with r(y_w) > r(y_l), ties half) over ``examples``."""
+    if not examples:
+        raise ValueError("no pairs to evaluate")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses, correct = [], []
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collator(examples[start:start + batch_size]).items()}
+        chosen, rejected = pair_rewards(model, batch)
+        losses.append(bradley_terry_loss(chosen, rejected).cpu())
+        # An exact tie (e.g. the zero head at step 0) is a coin flip: it counts one half.
+        correct.append(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).cpu())
+    model.train(was_training)
+    return {"val_loss": float(torch.cat(losses).mean()),
+            "val_accuracy": float(torch.cat(correct).float().mean())}
+
+
+@torch.no_grad()
+def completion_offset(model: ScalarRewardModel, collator: PreferenceCollator,
+                      examples: Sequence[Mapping[str, str]], *, batch_size: int) -> float:
+    """Mean ``r_phi`` over the distinct (prompt, completion) pairs of the training pairs (paper §3)."""
+    seen = sorted({(e["prompt"], e[side]) for e in examples for side in ("chosen", "rejected")})
+    # Score each distinct completion once: reuse the collator with the completion on both sides.
+    rows = [{"prompt": p, "chosen": c, "rejected": c} for p, c in seen]
+    device = next(model.parameters()).device
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collator(rows[start:start + batch_size]).items()}
+        total += float(model(batch["chosen_input_ids"], batch["chosen_attention_mask"]).double().sum())
+    return total / len(rows)
+
+
+def run_key(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, cols: Mapping[str, Sequence[str]],
+            config: RewardModelConfig, seed: int) -> str:
+    """Hash of everything that determines the trained reward model."""
+    return content_hash("reward-model/v1", model_fingerprint(policy), tokenizer_fingerprint(tokenizer),
+                        pairs_fingerprint(cols), asdict(config), seed)
+
+
+def train_reward_model(
+    policy: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Pairs,
+    *,
+    config: RewardModelConfig,
+    seed: int,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+    device: torch.device | str | None = None,
+) -> LearnedReward:
+    """Train r_phi by the BT loss (Eq. 2) from ``policy``'s transformer; keep the best-val weights.
+
+    ``pairs`` has prompt/chosen/rejected (a Dataset, a list of dicts or a dict of columns). AdamW, linear
+    warmup then constant lr, gradient clipped; validation every ``eval_every`` steps and at the end of each
+    epoch. Given ``out_dir``, the result is saved there and a later call with the same inputs loads it
+    instead of training again. The returned ``LearnedReward.report`` holds the :class:`RewardModelReport`.
+    """
+    _check_config(config)
+    cols = _pair_columns(pairs)
+    key = run_key(policy, tokenizer, cols, config, seed)
+    if out_dir is not None and (Path(out_dir) / "reward_config.json").is_file():
+        saved = LearnedReward.load(out_dir)
+        if saved.report.get("run_key") != key:
+            raise ValueError(f"{out_dir} holds a reward model trained with other inputs; use another out_dir")
+        return saved
+
+    seed_everything(seed)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    examples = [dict(zip(PAIR_COLUMNS, row, strict=True)) for row in zip(*(cols[c] for c in PAIR_COLUMNS),
+                                                                       strict=True)]
+    train_idx, val_idx = split_by_prompt(cols["prompt"], config.val_fraction, seed)
+    train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+    if config.max_val_pairs is not None and len(val) > config.max_val_pairs:
+        keep = np.random.default_rng([seed, 1]).choice(len(val), config.max_val_pairs, replace=False)
+        val = [val[i] for i in sorted(keep)]
+    collator = PreferenceCollator(tokenizer, config.max_length)
+
+    model = ScalarRewardModel.from_policy(policy).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: min(1.0, (t + 1) / (config.warmup_steps + 1)))
+    steps_per_epoch = max(1, len(train) // config.batch_size)  # the incomplete last batch is dropped
+    total = config.epochs * steps_per_epoch
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+
+    report = RewardModelReport(n_train_pairs=len(train), n_val_pairs=len(val))
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    report.best_val_accuracy, best_loss = -1.0, math.inf
+
+    def validate(step: int) -> None:
+        nonlocal best_state, best_loss
+        result = {"step": step, **evaluate_pairs(model, collator, val, batch_size=2 * config.batch_size)}
+        report.val_history.append(result)
+        # Best validation accuracy (the paper); among equal accuracies, the lower validation loss.
+        if (result["val_accuracy"], -result["val_loss"]) > (report.best_val_accuracy, -best_loss):
+            report.best_val_accuracy, best_loss = result["val_accuracy"], result["val_loss"]
+            report.best_step = step
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    validate(0)
+    step = 0
+    bar = tqdm(total=total, desc="reward model", disable=not progress)
+    for epoch in range(config.epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(train))
+        for b in range(steps_per_epoch):
+            if step >= total:
+                break
+            step += 1
+            batch = collator([train[i] for i in order[b * config.batch_size:(b + 1) * config.batch_size]])
+            chosen, rejected = pair_rewards(model, {k: v.to(device) for k, v in batch.items()})
+            loss = bradley_terry_loss(chosen, rejected).mean()  # Eq. 2
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite reward-model loss at step {step}; lower the lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            report.train_losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{report.train_losses[-1]:.4f}")
+            if step % config.eval_every == 0 or b == steps_per_epoch - 1 or step == total:
+                if report.val_history[-1]["step"] != step:
+                    validate(step)
+    bar.close()
+
+    model.load_state_dict(best_state)
+    model.eval()
+    report.offset = completion_offset(model, collator, train, batch_size=2 * config.batch_size)
+    reward = LearnedReward(model, tokenizer, offset=report.offset, max_length=config.max_length,
+                           report={**report.to_dict(), "run_key": key, "config": asdict(config)})
+    if out_dir is not None:
+        reward.save(out_dir)
+    return reward
+
+
+__all__ = ["RewardModelConfig", "ScalarRewardModel", "LearnedReward", "RewardModelReport",
+           "bradley_terry_loss", "pair_rewards", "split_by_prompt", "evaluate_pairs", "completion_offset",
+           "train_reward_model"]
