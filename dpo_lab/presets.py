@@ -76,6 +76,59 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
+class BaselineConfig:
+    """The paper's non-RL baselines, trained with the DPO run's optimizer settings (``dpo``)."""
+
+    unlikelihood_alphas: tuple[float, ...] = (0.05, 0.1, 0.5, 1.0)  # the paper's sweep
+    preferred_ft_seeds: tuple[int, ...] = (0, 1)  # Preferred-FT has no knob: the paper varies the seed
+
+
+@dataclass(frozen=True)
+class RewardModelConfig:
+    """The learned reward r_phi for PPO (paper Sec. 3, Eq. 2): SFT backbone + scalar head, BT loss."""
+
+    epochs: int = 1  # passes over the training pairs (the paper: 3, keeping the best validation accuracy)
+    max_steps: int | None = 150  # cap on optimizer steps (None: all epochs)
+    batch_size: int = 32  # pairs per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    max_grad_norm: float = 1.0
+    val_fraction: float = 0.1  # share of PROMPTS held out for validation
+    max_val_pairs: int | None = 512  # validation pairs scored per evaluation (None: all)
+    eval_every: int = 50  # steps between validation passes (and one at the end of every epoch)
+    max_length: int = 128  # tokens of prompt + completion (the policy's context)
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO runs (Ziegler et al. 2019; the paper's "PPO (Our impl.)"); one run per target KL."""
+
+    target_kls: tuple[float, ...] = (3.0, 6.0, 9.0, 12.0)  # the paper's sweep (one run per value)
+    target_kl: float | None = 6.0  # this run's target; None = fixed KL coefficient init_kl_coef
+    init_kl_coef: float = 0.2  # beta at step 0 (TRL's gpt2-sentiment config)
+    # Ziegler et al. use 10,000 samples; a cpu run sees ~2,000, so beta could move by only ~4%. A short
+    # horizon lets the controller pull runs apart by target.
+    kl_horizon: int = 300
+    rollout_batch_size: int = 64  # prompts (= samples) per PPO step
+    minibatch_size: int = 32  # samples per gradient update
+    ppo_epochs: int = 4  # passes over each rollout batch
+    lr: float = 1e-4  # Adam
+    max_grad_norm: float = 1.0
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value clip around the rollout's values
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    normalize_scores: bool = True  # standardise scores by running mean/std
+    max_new_tokens: int = 32
+    max_steps: int = 30
+    eval_every: int = 10
+    checkpoint_every: int = 10
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     n_prompts: int = 256  # held-out test prefixes
     samples_per_prompt: int = 2
@@ -93,6 +146,9 @@ class Preset:
     reward: RewardConfig = field(default_factory=RewardConfig)
     preferences: PreferenceConfig = field(default_factory=PreferenceConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -114,6 +170,11 @@ PRESETS: dict[str, Preset] = {
         preferences=PreferenceConfig(n_prompts=48, max_new_tokens=12, sample_batch_size=64),
         dpo=DPOConfig(betas=(0.1, 1.0), lr=3e-4, warmup_steps=2, batch_size=16, micro_batch_size=8,
                       max_steps=12, checkpoint_every=6, eval_every=6),
+        baselines=BaselineConfig(unlikelihood_alphas=(0.5,), preferred_ft_seeds=(0,)),
+        reward_model=RewardModelConfig(max_steps=12, batch_size=16, warmup_steps=2, eval_every=6,
+                                       max_val_pairs=64, max_length=64),
+        ppo=PPOConfig(target_kls=(1.0, 4.0), rollout_batch_size=16, minibatch_size=8, ppo_epochs=2, lr=1e-3,
+                      max_new_tokens=12, max_steps=6, eval_every=3, checkpoint_every=3, kl_horizon=100),
         eval=EvalConfig(n_prompts=16, samples_per_prompt=2, max_new_tokens=12, batch_size=32),
     ),
     "cpu": Preset(name="cpu"),
@@ -126,6 +187,11 @@ PRESETS: dict[str, Preset] = {
         preferences=PreferenceConfig(n_prompts=25_000, max_new_tokens=64, sample_batch_size=256),
         dpo=DPOConfig(lr=1e-6, warmup_steps=150, batch_size=64, micro_batch_size=16, max_steps=2400,
                       checkpoint_every=100, eval_every=100),
+        reward_model=RewardModelConfig(epochs=3, max_steps=None, batch_size=64, lr=1e-6, warmup_steps=150,
+                                       max_val_pairs=None, eval_every=500, max_length=512),
+        # 1024 samples per PPO step (paper Sec. 6.1); TRL gpt2-sentiment values where the paper is silent.
+        ppo=PPOConfig(kl_horizon=10_000, rollout_batch_size=1024, minibatch_size=64, lr=1.41e-5,
+                      max_new_tokens=64, max_steps=240, eval_every=10, checkpoint_every=10),
         eval=EvalConfig(n_prompts=512, samples_per_prompt=4, max_new_tokens=64, batch_size=128),
     ),
 }
@@ -140,14 +206,22 @@ def _coerce(path: str, annotation: Any, current: Any, value: Any) -> Any:
     """Check ``value`` against the type of the field it overrides; name the field on mismatch."""
     if isinstance(current, bool):
         ok = isinstance(value, bool)
+    elif current is None or type(None) in get_args(annotation):
+        kinds = tuple(t for t in get_args(annotation) if t is not type(None))
+        kinds += (int,) if float in kinds else ()
+        ok = value is None or (isinstance(value, kinds) and not isinstance(value, bool))
+        value = float(value) if ok and float in kinds and value is not None else value
     elif isinstance(current, float):
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
-    elif isinstance(current, int) or current is None and "int" in str(annotation):
-        ok = (isinstance(value, int) and not isinstance(value, bool)) or (current is None and value is None)
+    elif isinstance(current, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
     elif isinstance(current, tuple):
-        ok = isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
-        value = tuple(float(v) for v in value) if ok else value
+        element = get_args(annotation)[0] if get_args(annotation) else float
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool)
+            and (element is float or float(v).is_integer()) for v in value)
+        value = tuple(element(v) for v in value) if ok else value
     elif isinstance(current, str):
         ok = isinstance(value, str)
         allowed = get_args(annotation) if get_origin(annotation) is Literal else ()
@@ -156,7 +230,8 @@ def _coerce(path: str, annotation: Any, current: Any, value: Any) -> Any:
     else:
         ok = True
     if not ok:
-        raise TypeError(f"preset parameter {path!r} expects {type(current).__name__}, "
+        expected = str(annotation).replace("typing.", "") if get_args(annotation) else type(current).__name__
+        raise TypeError(f"preset parameter {path!r} expects {expected}, "
                         f"got {type(value).__name__} ({value!r})")
     return value
 

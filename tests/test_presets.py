@@ -48,3 +48,15 @@ def test_fixtures_build(tiny_tokenizer, tiny_model):
     ids = tiny_tokenizer("a great movie")["input_ids"]
     assert tiny_tokenizer.decode(ids) == "a great movie"
     assert tiny_model.config.vocab_size == len(tiny_tokenizer)
+
+
+def test_optional_and_tuple_fields_are_typed():
+    preset = get_preset("cpu", **{"ppo.target_kl": None, "reward_model.max_steps": 10,
+                                  "baselines.preferred_ft_seeds": [0, 1, 2]})
+    assert preset.ppo.target_kl is None and preset.reward_model.max_steps == 10
+    assert preset.baselines.preferred_ft_seeds == (0, 1, 2)
+    assert get_preset("cpu", **{"ppo.target_kl": 3}).ppo.target_kl == 3.0
+    with pytest.raises(TypeError, match="preferred_ft_seeds"):
+        get_preset("cpu", **{"baselines.preferred_ft_seeds": [0.5]})
+    with pytest.raises(TypeError, match=r"max_train_reviews.*int \| None"):
+        get_preset("cpu", **{"data.max_train_reviews": 1.5})
