@@ -30,19 +30,14 @@ chosen and rejected share one forward pass (logprobs.concatenated_logprobs); gra
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import os
-import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-import datasets
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -52,88 +47,56 @@ from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from dpo_lab.batching import PreferenceCollator
-from dpo_lab.cache import atomic_directory, atomic_write_json, atomic_write_text, content_hash
+from dpo_lab.cache import atomic_directory, content_hash
 from dpo_lab.logprobs import concatenated_logprobs, forward_logits, token_logprobs
 from dpo_lab.losses import preference_loss, preference_metrics, preferred_ft_loss, unlikelihood_loss
 from dpo_lab.presets import DPOConfig
+
+# Run bookkeeping lives in runs.py. batch_indices, load_weights, read_metrics, the fingerprints, Pairs and
+# PAIR_COLUMNS stay importable from here: pipeline.py, the notebooks and the tests import them this way.
+from dpo_lab.runs import (
+    PAIR_COLUMNS,
+    TRAINER_STATE,
+    EvalFn,
+    MetricsLog,
+    Pairs,
+    RunResult,
+    batch_indices,
+    check_run,
+    checkpoint_path,
+    finished_run,
+    is_due,
+    latest_checkpoint,
+    load_weights,
+    model_fingerprint,
+    pair_columns,
+    pair_examples,
+    pairs_fingerprint,
+    prune_checkpoints,
+    read_metrics,
+    resolve_device,
+    rng_state,
+    set_rng_state,
+    tokenizer_fingerprint,
+    truncate_metrics,
+    warmup_lambda,
+    write_result,
+)
 from dpo_lab.seed import seed_everything
 
-EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
 Objective = Literal["dpo", "unlikelihood", "preferred_ft"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 _BAR_NAMES = {"dpo": "DPO", "unlikelihood": "Unlikelihood", "preferred_ft": "Preferred-FT"}
 # Baseline-only metrics: mean -log pi(y_w|x), and mean -sum_t log(1 - pi(y_l,t)) (unlikelihood, before alpha).
 _BASELINE_KEYS = ("nll/chosen", "unlikelihood/rejected")
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 # Settings that do not change the trajectory: a sweep list, or how often we look and save.
 _NOT_IN_RUN_KEY = ("betas", "max_steps", "checkpoint_every", "eval_every")
 
 
 @dataclass(frozen=True)
-class DPOResult:
-    checkpoint_dir: Path  # the final policy (save_pretrained + tokenizer): models.load_policy reads it
-    metrics_path: Path  # metrics.jsonl, one line per step
-    last_metrics: dict[str, float]
-    steps: int
-
-
-# ------------------------------------------------------------------------------------------- fingerprints
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' identity."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Vocabulary, special ids and (fast tokenizers) the pipeline incl. merges; not the padding/truncation
-    state, which a ``tokenizer(..., padding=True)`` call may change without changing any token."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    pipeline = None
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        pipeline = {k: v for k, v in state.items() if k not in ("padding", "truncation")}
-    return content_hash(sorted(tokenizer.get_vocab().items()), tokenizer.pad_token_id, tokenizer.eos_token_id,
-                        pipeline)
-
-
-Pairs = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[str]]
-
-
-def _pair_columns(pairs: Pairs) -> dict[str, list[str]]:
-    """prompt/chosen/rejected as plain lists, from a Dataset, a list of dicts or a dict of columns."""
-    if isinstance(pairs, Mapping):
-        missing = [c for c in PAIR_COLUMNS if c not in pairs]
-        if missing:
-            raise ValueError(f"pairs are missing column(s) {missing}; they have {sorted(pairs)}")
-        cols = {c: list(pairs[c]) for c in PAIR_COLUMNS}
-        if len({len(v) for v in cols.values()}) > 1:
-            raise ValueError(f"pair columns differ in length: { {c: len(v) for c, v in cols.items()} }")
-    elif isinstance(pairs, datasets.Dataset):
-        missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
-        if missing:
-            raise ValueError(f"pairs are missing column(s) {missing}; they have {pairs.column_names}")
-        cols = pairs.select_columns(list(PAIR_COLUMNS)).to_dict()
-    else:
-        for i, row in enumerate(pairs):
-            missing = [c for c in PAIR_COLUMNS if c not in row]
-            if missing:
-                raise ValueError(f"pair {i} is missing key(s) {missing}")
-        cols = {c: [row[c] for row in pairs] for c in PAIR_COLUMNS}
-    if not cols["prompt"]:
-        raise ValueError("no preference pairs to train on")
-    return cols
-
-
-def pairs_fingerprint(cols: Mapping[str, Sequence[str]]) -> str:
-    """Content hash of the pairs' text, in order (an in-memory and a reloaded Dataset hash the same)."""
-    digest = hashlib.sha256()
-    for c in PAIR_COLUMNS:
-        digest.update(json.dumps(list(cols[c])).encode())
-    return digest.hexdigest()[:16]
+class DPOResult(RunResult):
+    """A finished DPO (or baseline) run: checkpoint_dir (final policy, models.load_policy reads it),
+    metrics_path, last_metrics, steps."""
 
 
 # ------------------------------------------------------------------------------------------- pieces
@@ -144,32 +107,12 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """lr multiplier of update t (0-based): (t + 1) / (warmup + 1) until warmup is over, then 1 (as the
-    official code: linear from ~0 over ``warmup_steps`` updates, App. B)."""
-    return lambda t: min(1.0, (t + 1) / (warmup_steps + 1))
-
-
 def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.optim.Optimizer:
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.lr)  # the paper's optimizer (App. B), torch defaults
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # no decay: TRL's default
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'rmsprop' or 'adamw'")
-
-
-def batch_indices(n_pairs: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Pair indices of optimizer step ``step`` (1-based): consecutive slices of one seeded permutation per
-    epoch. A pure function of (seed, step), so a resumed run sees exactly the batches it would have."""
-    start = (step - 1) * batch_size
-    perms: dict[int, np.ndarray] = {}
-    out = []
-    for pos in range(start, start + batch_size):
-        epoch = pos // n_pairs
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_pairs)
-        out.append(int(perms[epoch][pos % n_pairs]))
-    return out
 
 
 def _check_config(config: DPOConfig, beta: float, max_length: int) -> None:
@@ -261,8 +204,8 @@ def reference_logprobs(
     change recomputes and nothing stale is reused. The reference runs in eval mode without gradients.
     ``reference_fingerprint`` (model_fingerprint of ``reference``) skips hashing the weights a second time.
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cols = _pair_columns(pairs)
+    device = resolve_device(device)
+    cols = pair_columns(pairs)
     n = len(cols["prompt"])
     key = content_hash("ref-logps/v1", reference_fingerprint or model_fingerprint(reference),
                        pairs_fingerprint(cols), tokenizer_fingerprint(tokenizer), max_length, "sum",
@@ -274,8 +217,7 @@ def reference_logprobs(
             raise ValueError(f"reference cache {path} holds {cached['chosen'].shape[0]} pairs, expected {n}")
         return cached["chosen"], cached["rejected"]
     collator = PreferenceCollator(tokenizer, max_length)
-    examples = [dict(zip(PAIR_COLUMNS, row, strict=True)) for row in zip(*(cols[c] for c in PAIR_COLUMNS),
-                                                                       strict=True)]
+    examples = pair_examples(cols)
     home = next(reference.parameters()).device
     was_training = reference.training
     reference.to(device).eval()
@@ -306,47 +248,6 @@ def reference_logprobs(
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def _checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
-    root = out_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for d in root.iterdir():  # hidden ".step-*.tmp" folders are unfinished atomic writes: ignored
-        if d.name.startswith("step-") and (d / "trainer_state.pt").is_file():
-            found.append((int(d.name.removeprefix("step-")), d))
-    return sorted(found)
-
-
-def load_weights(model: nn.Module, folder: str | Path) -> None:
-    """Load save_pretrained safetensors into ``model`` in place; only tied weights may be absent."""
-    files = sorted(Path(folder).glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no .safetensors weights in {folder}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    result = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
-               or ())
-    missing = set(result.missing_keys) - tied
-    if missing or result.unexpected_keys:
-        raise ValueError(f"checkpoint {folder} does not match the model: missing {sorted(missing)}, "
-                         f"unexpected {sorted(result.unexpected_keys)}")
-
-
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @contextlib.contextmanager
 def _no_hf_progress_bars() -> Iterator[None]:
     """save_pretrained draws a 'Writing model shards' bar; one per checkpoint would bury the training bar."""
@@ -363,56 +264,18 @@ def _save_checkpoint(out_dir: Path, step: int, policy: nn.Module, tokenizer: Pre
                      optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                      run_key: str, seed: int, n_pairs: int, batch_size: int, keep: int | None) -> Path:
     """Weights (safetensors) + tokenizer + optimizer/scheduler/RNG/data-order state, in one atomic write."""
-    path = out_dir / "checkpoints" / f"step-{step:06d}"
+    path = checkpoint_path(out_dir, step)
     with atomic_directory(path) as tmp, _no_hf_progress_bars():
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # Tensors and plain types only, so torch.load(weights_only=True) can read it back.
         torch.save({"step": step, "run_key": run_key, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": _rng_state(),
+                    "scheduler": scheduler.state_dict(), "rng": rng_state(),
                     "data": {"seed": seed, "n_pairs": n_pairs, "batch_size": batch_size,
                              "pairs_seen": step * batch_size}},
-                   tmp / "trainer_state.pt")
-    if keep is not None:
-        for _, old in _checkpoint_dirs(out_dir)[:-keep]:
-            if old != path:
-                shutil.rmtree(old)
+                   tmp / TRAINER_STATE)
+    prune_checkpoints(out_dir, keep, path)
     return path
-
-
-# ------------------------------------------------------------------------------------------ metrics file
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl (a torn last line from a crash is skipped)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def _truncate_metrics(path: Path, last_step: int | None) -> None:
-    """Keep records up to the checkpoint we resume from; later steps will be recomputed (no duplicates)."""
-    kept = [] if last_step is None else [r for r in read_metrics(path) if r["step"] <= last_step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _append(handle: Any, record: Mapping[str, Any]) -> None:
-    handle.write(json.dumps(record) + "\n")
-    handle.flush()
-
-
-def _evaluate(eval_fn: EvalFn, policy: nn.Module, step: int, taken: set[str]) -> dict[str, float]:
-    result = dict(eval_fn(policy, step))
-    policy.eval()  # whatever eval_fn did, training continues without dropout
-    clash = sorted(set(result) & taken)
-    if clash:
-        raise ValueError(f"eval_fn returned key(s) {clash} that clash with training metrics; rename them")
-    return result
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -451,8 +314,8 @@ def train_dpo(
     _check_config(config, beta, max_length)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cols = _pair_columns(pairs)
+    device = resolve_device(device)
+    cols = pair_columns(pairs)
     n_pairs = len(cols["prompt"])
     run_fields = {
         "beta": float(beta), "seed": seed, "max_length": max_length,
@@ -464,12 +327,11 @@ def train_dpo(
         # Only the baselines name their objective, so a DPO run keeps the key it had before they existed
         # (its out_dir still resumes); a baseline never matches a DPO run, nor another alpha.
         run_fields.update(objective=objective, alpha=None if alpha is None else float(alpha))
-    run_key = content_hash(run_fields)
-    _check_run(out_dir, run_key, run_fields)
+    run_key = check_run(out_dir, run_fields)
     metrics_path = out_dir / "metrics.jsonl"
     policy.to(device)
 
-    finished = _finished_result(out_dir, config.max_steps)
+    finished = finished_run(out_dir, config.max_steps, DPOResult)
     if finished is not None:
         load_weights(policy, finished.checkpoint_dir)
         policy.eval()
@@ -486,31 +348,22 @@ def train_dpo(
     optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
 
-    checkpoints = _checkpoint_dirs(out_dir)
-    start = 0
-    if checkpoints:
-        start, ckpt = checkpoints[-1]
-        if start > config.max_steps:
-            raise ValueError(f"{out_dir} already holds a checkpoint at step {start} > max_steps "
-                             f"{config.max_steps}; use a new out_dir or a larger max_steps")
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
-        if state["run_key"] != run_key:
-            raise ValueError(f"checkpoint {ckpt} belongs to another run "
-                             f"(key {state['run_key']} != {run_key})")
-        load_weights(policy, ckpt)
+    resume = latest_checkpoint(out_dir, run_key, config.max_steps)
+    start, ckpt_dir = 0, None
+    if resume is not None:
+        start, ckpt_dir, state = resume
+        load_weights(policy, ckpt_dir)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-    _truncate_metrics(metrics_path, start if checkpoints else None)
+        set_rng_state(state["rng"])
+    kept = truncate_metrics(metrics_path, start if resume is not None else None)
 
-    last: dict[str, float] = next(reversed(read_metrics(metrics_path)), {})
     train_keys = {"step", "lr", "grad_norm", "epoch", "loss", "rewards/chosen", "rewards/rejected",
                   "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", *_BASELINE_KEYS}
-    ckpt_dir = checkpoints[-1][1] if checkpoints else None
-    with open(metrics_path, "a") as handle:
-        if start == 0 and eval_fn is not None:
-            last = {"step": 0, **_evaluate(eval_fn, policy, 0, train_keys)}
-            _append(handle, last)
+    with MetricsLog(metrics_path, eval_fn, train_keys, eval_every=config.eval_every,
+                    max_steps=config.max_steps, last=kept[-1] if kept else None) as log:
+        if start == 0:
+            log.log_start(policy)
         desc = _BAR_NAMES[objective] + {"dpo": f" beta={beta:g}", "unlikelihood": f" alpha={alpha}"}.get(
             objective, "")
         bar = tqdm(range(start + 1, config.max_steps + 1), desc=desc, disable=not progress,
@@ -520,22 +373,16 @@ def train_dpo(
                                  beta=beta, config=config, step=step, seed=seed, device=device,
                                  last_checkpoint=ckpt_dir, objective=objective, alpha=alpha)
             record["epoch"] = step * config.batch_size / n_pairs
-            final = step == config.max_steps
-            if eval_fn is not None and (step % config.eval_every == 0 or final):
-                record.update(_evaluate(eval_fn, policy, step, train_keys))
-            _append(handle, record)
-            last = record
+            log.log_step(record, policy)
             bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
-            if step % config.checkpoint_every == 0 or final:
+            if is_due(step, config.checkpoint_every, config.max_steps):
                 ckpt_dir = _save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, run_key,
                                             seed, n_pairs, config.batch_size, keep_checkpoints)
     if ckpt_dir is None:  # max_steps == start == 0 cannot happen (max_steps >= 1); kept for type checkers
         raise RuntimeError("training ended without a checkpoint")
-    result = DPOResult(checkpoint_dir=ckpt_dir, metrics_path=metrics_path, last_metrics=last,
+    result = DPOResult(checkpoint_dir=ckpt_dir, metrics_path=metrics_path, last_metrics=log.last,
                        steps=config.max_steps)
-    atomic_write_json(out_dir / "result.json", {"checkpoint_dir": str(ckpt_dir.relative_to(out_dir)),
-                                                "steps": config.max_steps, "last_metrics": last,
-                                                "run_key": run_key})
+    write_result(out_dir, result, run_key)
     return result
 
 
@@ -608,32 +455,11 @@ def _check_finite(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, wh
         raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
 
 
-def _check_run(out_dir: Path, run_key: str, run_fields: Mapping[str, Any]) -> None:
-    """``out_dir`` holds one run: refuse to resume or reuse a run made with other settings or data.
-
-    A run that never reached its first checkpoint has nothing to protect, so new settings may replace it.
-    """
-    path = out_dir / "run.json"
-    started = (out_dir / "result.json").is_file() or bool(_checkpoint_dirs(out_dir))
-    if path.is_file() and started:
-        saved = json.loads(path.read_text())
-        if saved.get("run_key") != run_key:
-            old = saved.get("fields", {})
-            diff = sorted(k for k in set(old) | set(run_fields) if old.get(k) != run_fields.get(k))
-            raise ValueError(f"{out_dir} holds a different run (differs in {diff}); use another out_dir")
-        return
-    atomic_write_json(path, {"run_key": run_key, "fields": dict(run_fields)})
-
-
-def _finished_result(out_dir: Path, max_steps: int) -> DPOResult | None:
-    path = out_dir / "result.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    if saved["steps"] != max_steps:
-        return None  # asked for more (or fewer) steps: train on from the last checkpoint
-    return DPOResult(checkpoint_dir=out_dir / saved["checkpoint_dir"], metrics_path=out_dir / "metrics.jsonl",
-                     last_metrics=saved["last_metrics"], steps=saved["steps"])
-
-
 train_pairwise = train_dpo  # the same trainer under an objective-neutral name, for the baselines
+
+
+__all__ = ["DPOResult", "Objective", "OBJECTIVES", "autocast", "warmup_lambda", "make_optimizer",
+           "concatenated_token_logprobs", "reference_logprobs", "train_dpo", "train_pairwise",
+           # re-exported from runs.py
+           "EvalFn", "Pairs", "PAIR_COLUMNS", "batch_indices", "load_weights", "read_metrics",
+           "model_fingerprint", "pairs_fingerprint", "tokenizer_fingerprint"]

@@ -11,7 +11,9 @@ parameter never reuses a stale artefact, and an interrupted run redoes only the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +23,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lab.cache import cached_directory, content_hash
 from dpo_lab.data import load_imdb, make_prompts
-from dpo_lab.dpo_trainer import DPOResult, read_metrics, train_dpo
+from dpo_lab.dpo_trainer import DPOResult, train_dpo
 from dpo_lab.evaluate import make_eval_fn
 from dpo_lab.models import build_policy, load_hub_policy, load_policy, save_policy, train_sft, train_tokenizer
 from dpo_lab.paths import artifacts_dir
-from dpo_lab.preferences import generate_preference_data, load_preferences, save_preferences
+from dpo_lab.ppo import PPOResult, train_ppo
+from dpo_lab.preferences import (
+    Candidates,
+    generate_preference_data,
+    load_candidates,
+    load_preferences,
+    save_preferences,
+)
 from dpo_lab.presets import Preset
+from dpo_lab.reward_model import LearnedReward, train_reward_model
 from dpo_lab.rewards import HubSentimentReward, RewardModel, TfidfSentimentReward, accuracy, first_words
+from dpo_lab.runs import read_metrics
 from dpo_lab.seed import seed_everything
 
 # Completion-length texts for the classifier's short-text accuracy (about what 32 new tokens decode to).
@@ -54,11 +65,17 @@ def stage_dir(stage: str, key: str) -> Path:
 # ---------------------------------------------------------------------------------------------- stages
 def imdb(preset: Preset) -> datasets.DatasetDict:
     """IMDb train/test, the train split capped at ``data.max_train_reviews`` (a seeded choice)."""
-    dataset = load_imdb(preset.data.source, test_fraction=preset.data.test_fraction, seed=preset.seed)
-    cap = preset.data.max_train_reviews
-    if cap is not None and cap < len(dataset["train"]):
-        dataset["train"] = dataset["train"].shuffle(seed=preset.seed).select(range(cap))
-    return dataset
+    return _imdb(preset.data.source, preset.data.test_fraction, preset.seed, preset.data.max_train_reviews)
+
+
+@functools.lru_cache(maxsize=4)
+def _imdb(source: str, test_fraction: float, seed: int, cap: int | None) -> datasets.DatasetDict:
+    # Kept in memory: every stage and run reads it, and parsing the CSV takes seconds.
+    dataset = load_imdb(source, test_fraction=test_fraction, seed=seed)  # type: ignore[arg-type]
+    train = dataset["train"]
+    if cap is not None and cap < len(train):
+        train = train.shuffle(seed=seed).select(range(cap))
+    return datasets.DatasetDict({"train": train, "test": dataset["test"]})
 
 
 def sft_policy(preset: Preset, *, progress: bool = True,
@@ -123,33 +140,113 @@ def preference_data(preset: Preset, *, progress: bool = True) -> tuple[datasets.
         policy, tokenizer, _ = sft_policy(preset, progress=progress)
         reward, _ = reward_model(preset)
         train_prompts = prompts(preset, tokenizer, "train")
-        pairs, stats = generate_preference_data(policy, tokenizer, train_prompts, reward, preset.preferences,
-                                                seed=preset.seed, progress=progress)
-        save_preferences(pairs, folder / "pairs", stats=stats)
+        pairs, stats, candidates = generate_preference_data(policy, tokenizer, train_prompts, reward,
+                                                            preset.preferences, seed=preset.seed,
+                                                            progress=progress)
+        save_preferences(pairs, folder / "pairs", stats=stats, candidates=candidates)
 
     folder = cached_directory(stage_dir("preferences", preferences_key(preset)), build)
     stats = json.loads((folder / "pairs" / "stats.json").read_text())
     return load_preferences(folder / "pairs"), stats
 
 
+def preference_candidates(preset: Preset) -> Candidates:
+    """Every sample of every train prompt with its r* (ties included): what the pairs were built from."""
+    preference_data(preset)
+    return load_candidates(stage_dir("preferences", preferences_key(preset)) / "pairs")
+
+
+# ------------------------------------------------------------------------------------- runs (Fig. 2)
+# One run per (method, hyperparameter value), as in the paper's sweep. PPO methods optimise Eq. 3 with a
+# reward (learned r_phi or ground-truth r*); the rest learn from the fixed preference pairs.
+PAIRWISE_METHODS = {"DPO": "beta", "Unlikelihood": "alpha", "Preferred-FT": "seed"}
+PPO_METHODS = ("PPO", "PPO-GT")
+METHODS = (*PAIRWISE_METHODS, *PPO_METHODS)
+
+
+def hyperparameter_name(method: str) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {list(METHODS)}")
+    return PAIRWISE_METHODS.get(method, "target_kl")
+
+
+def frontier_runs(preset: Preset, methods: tuple[str, ...] = METHODS) -> list[tuple[str, float]]:
+    """Every (method, value) of the preset's sweeps, in the paper's legend order."""
+    values = {"DPO": preset.dpo.betas, "Unlikelihood": preset.baselines.unlikelihood_alphas,
+              "Preferred-FT": preset.baselines.preferred_ft_seeds, "PPO": preset.ppo.target_kls,
+              "PPO-GT": preset.ppo.target_kls}
+    for method in methods:
+        hyperparameter_name(method)
+    return [(m, float(v)) for m in methods for v in values[m]]
+
+
+def run_dir(preset: Preset, method: str, value: float) -> Path:
+    """Where one run lives: the key hashes the stages it reads and every setting of its method."""
+    name = hyperparameter_name(method)
+    settings = preset.ppo if method in PPO_METHODS else dataclasses.replace(preset.dpo, betas=())
+    key = content_hash(method, preferences_key(preset), settings, preset.reward_model, preset.eval, value)
+    return artifacts_dir() / "runs" / f"{method.lower()}-{name}{value:g}-{key}"
+
+
 def dpo_run_dir(preset: Preset, beta: float) -> Path:
-    dpo = dataclasses.replace(preset.dpo, betas=())
-    key = content_hash("dpo", preferences_key(preset), dpo, preset.eval, beta)
-    return artifacts_dir() / "runs" / f"dpo-beta{beta:g}-{key}"
+    return run_dir(preset, "DPO", beta)
+
+
+def learned_reward(preset: Preset, *, progress: bool = True) -> LearnedReward:
+    """r_phi for PPO: the SFT transformer + a scalar head, fit to the pairs by the BT loss (Eq. 2)."""
+    policy, tokenizer, _ = sft_policy(preset, progress=progress)
+    pairs, _ = preference_data(preset, progress=progress)
+    key = content_hash("reward-model", preferences_key(preset), preset.reward_model, preset.seed)
+    return train_reward_model(policy, tokenizer, pairs, config=preset.reward_model, seed=preset.seed,
+                              out_dir=stage_dir("reward-model", key), progress=progress)
+
+
+def _eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+    reward, _ = reward_model(preset)
+    return make_eval_fn(reference, tokenizer, prompts(preset, tokenizer, "test"), reward, preset.eval,
+                        seed=preset.seed)
+
+
+def pairwise(preset: Preset, method: str, value: float, *, progress: bool = True) -> DPOResult:
+    """A DPO (value = beta), Unlikelihood (alpha) or Preferred-FT (seed) run from pi_SFT."""
+    if method not in PAIRWISE_METHODS:
+        raise ValueError(f"{method!r} is not a pairwise method; choose from {list(PAIRWISE_METHODS)}")
+    reference, tokenizer, _ = sft_policy(preset, progress=progress)
+    policy, _, _ = sft_policy(preset, progress=False)
+    pairs, _ = preference_data(preset, progress=progress)
+    objective = {"DPO": "dpo", "Unlikelihood": "unlikelihood", "Preferred-FT": "preferred_ft"}[method]
+    return train_dpo(policy, reference, tokenizer, pairs, config=preset.dpo, objective=objective,
+                     beta=value if method == "DPO" else None,
+                     alpha=value if method == "Unlikelihood" else None,
+                     seed=int(value) if method == "Preferred-FT" else preset.seed,
+                     out_dir=run_dir(preset, method, value), max_length=preset.policy.n_positions,
+                     ref_cache_dir=artifacts_dir() / "reference-logps",
+                     eval_fn=_eval_fn(preset, reference, tokenizer), progress=progress)
 
 
 def dpo(preset: Preset, beta: float, *, progress: bool = True) -> DPOResult:
     """One DPO run from pi_SFT at inverse temperature ``beta``, evaluated every ``eval_every`` steps."""
+    return pairwise(preset, "DPO", beta, progress=progress)
+
+
+def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = True) -> PPOResult:
+    """A PPO run with the learned reward r_phi ("PPO") or the ground truth r* ("PPO-GT")."""
+    if method not in PPO_METHODS:
+        raise ValueError(f"{method!r} is not a PPO method; choose from {list(PPO_METHODS)}")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
     policy, _, _ = sft_policy(preset, progress=False)
-    pairs, _ = preference_data(preset, progress=progress)
-    reward, _ = reward_model(preset)
-    eval_fn = make_eval_fn(reference, tokenizer, prompts(preset, tokenizer, "test"), reward, preset.eval,
-                           seed=preset.seed)
-    return train_dpo(policy, reference, tokenizer, pairs, beta=beta, config=preset.dpo,
-                     out_dir=dpo_run_dir(preset, beta), seed=preset.seed,
-                     max_length=preset.policy.n_positions, ref_cache_dir=artifacts_dir() / "reference-logps",
-                     eval_fn=eval_fn, progress=progress)
+    score_fn = learned_reward(preset, progress=progress) if method == "PPO" else reward_model(preset)[0]
+    config = dataclasses.replace(preset.ppo, target_kl=target_kl)
+    return train_ppo(policy, reference, tokenizer, prompts(preset, tokenizer, "train"), score_fn,
+                     config=config, out_dir=run_dir(preset, method, target_kl), seed=preset.seed,
+                     eval_fn=_eval_fn(preset, reference, tokenizer), progress=progress)
+
+
+def run(preset: Preset, method: str, value: float, *, progress: bool = True) -> Path:
+    """Train (or load, if finished) one run; returns its metrics.jsonl."""
+    if method in PPO_METHODS:
+        return ppo(preset, method, value, progress=progress).metrics_path
+    return pairwise(preset, method, value, progress=progress).metrics_path
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -165,14 +262,26 @@ def evaluation_points(metrics_path: Path, **labels: Any) -> pd.DataFrame:
     return frame
 
 
-def dpo_sweep(preset: Preset, *, progress: bool = True) -> pd.DataFrame:
-    """Every beta of the preset's sweep; one row per evaluation point, the SFT start (step 0) included."""
+def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bool = True,
+             timings: dict[str, float] | None = None) -> pd.DataFrame:
+    """Every evaluation point of every run of ``methods`` (starting checkpoints included, step 0);
+    ``timings`` (if given) collects the wall seconds spent per method."""
     frames = []
-    for beta in preset.dpo.betas:
-        result = dpo(preset, beta, progress=progress)
-        frames.append(evaluation_points(result.metrics_path, method="DPO", hyperparameter=f"beta={beta:g}"))
+    for method, value in frontier_runs(preset, methods):
+        start = time.perf_counter()
+        metrics = run(preset, method, value, progress=progress)
+        if timings is not None:
+            timings[method] = timings.get(method, 0.0) + time.perf_counter() - start
+        label = f"{hyperparameter_name(method)}={value:g}"
+        frames.append(evaluation_points(metrics, method=method, hyperparameter=label))
     return pd.concat(frames, ignore_index=True)
 
 
-__all__ = ["dpo", "dpo_run_dir", "dpo_sweep", "evaluation_points", "imdb", "preference_data",
-           "prompts", "reward_model", "sft_policy"]
+def dpo_sweep(preset: Preset, *, progress: bool = True) -> pd.DataFrame:
+    """Every beta of the preset's DPO sweep; one row per evaluation point, the SFT start included."""
+    return frontier(preset, ("DPO",), progress=progress)
+
+
+__all__ = ["METHODS", "dpo", "dpo_run_dir", "dpo_sweep", "evaluation_points", "frontier", "frontier_runs",
+           "imdb", "learned_reward", "pairwise", "ppo", "preference_candidates", "preference_data", "prompts",
+           "reward_model", "run", "run_dir", "sft_policy"]

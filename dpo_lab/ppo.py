@@ -18,16 +18,15 @@ al. and TRL's ``AutoModelForCausalLMWithValueHead``). It is the simpler correct 
 pass yields log-probs and values, one optimizer, half the compute of a separate critic on a 2-core CPU;
 the cost is that the value loss also moves the shared backbone, which ``vf_coef = 0.1`` keeps small.
 
-Conventions as the DPO trainer: ``out_dir`` is one run; ``metrics.jsonl`` gets one line per step with the
-eval_fn's keys merged in at step 0 (the starting policy), every ``eval_every`` steps and the last step;
-checkpoints are written atomically and a run resumes from its last one with the same numbers (CPU).
+Conventions as the DPO trainer (the shared bookkeeping is runs.py): ``out_dir`` is one run;
+``metrics.jsonl`` gets one line per step with the eval_fn's keys merged in at step 0 (the starting policy),
+every ``eval_every`` steps and the last step; checkpoints are written atomically and a run resumes from its
+last one with the same numbers (CPU).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -42,62 +41,35 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lab.batching import pad_rows
-from dpo_lab.cache import atomic_directory, atomic_write_json, content_hash
-from dpo_lab.dpo_trainer import (
-    _append,
-    _check_run,
-    _checkpoint_dirs,
-    _evaluate,
-    _rng_state,
-    _set_rng_state,
-    _truncate_metrics,
+from dpo_lab.cache import atomic_directory, content_hash
+from dpo_lab.logprobs import position_ids_from_mask, token_logprobs
+from dpo_lab.presets import PPOConfig
+from dpo_lab.runs import (
+    TRAINER_STATE,
+    EvalFn,
+    MetricsLog,
+    RunResult,
     batch_indices,
+    check_run,
+    checkpoint_path,
+    finished_run,
+    is_due,
+    latest_checkpoint,
     load_weights,
     model_fingerprint,
-    read_metrics,
+    prune_checkpoints,
+    resolve_device,
+    rng_state,
+    set_rng_state,
     tokenizer_fingerprint,
+    truncate_metrics,
+    write_result,
 )
-from dpo_lab.logprobs import position_ids_from_mask, token_logprobs
 from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 
-EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
 # r_phi (reward_model.LearnedReward) or r* (rewards.RewardModel): full texts -> one score each.
 ScoreFn = Callable[[Sequence[str]], np.ndarray]
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """One PPO run. Defaults are sized for the ``cpu`` preset; ``paper()`` gives the paper/TRL values."""
-
-    target_kls: tuple[float, ...] = (3.0, 6.0, 9.0, 12.0)  # the paper's sweep (one run per value)
-    target_kl: float | None = 6.0  # this run's target; None = fixed KL coefficient init_kl_coef
-    init_kl_coef: float = 0.2  # beta at step 0 (TRL's gpt2-sentiment config)
-    # Ziegler et al. use 10,000 samples; a cpu run sees ~2,000, so beta could move by only ~4%. A short
-    # horizon lets the controller pull runs apart by target (smoke preset: targets 1 and 4 -> KL ~1.5, ~6).
-    kl_horizon: int = 300
-    rollout_batch_size: int = 64  # prompts (= samples) per PPO step
-    minibatch_size: int = 32  # samples per gradient update
-    ppo_epochs: int = 4  # passes over each rollout batch
-    lr: float = 1e-4  # Adam; NOT yet tuned on the cpu SFT policy (1e-3 worked on the smoke preset's)
-    max_grad_norm: float = 1.0
-    gamma: float = 1.0  # GAE discount
-    lam: float = 0.95  # GAE lambda
-    cliprange: float = 0.2  # policy ratio clip
-    cliprange_value: float = 0.2  # value clip around the rollout's values
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    normalize_scores: bool = True  # standardise scores by running mean/std (see RunningMoments)
-    max_new_tokens: int = 32
-    max_steps: int = 30  # ~1,900 samples; ~1.8 s a step on 2 idle cores (64 x 32 tokens, 4 layers x 192)
-    eval_every: int = 10
-    checkpoint_every: int = 10
-
-    @classmethod
-    def paper(cls) -> PPOConfig:
-        """1024 samples per step (paper §6.1); TRL gpt2-sentiment values for what the paper leaves open."""
-        return cls(kl_horizon=10_000, rollout_batch_size=1024, minibatch_size=64, lr=1.41e-5,
-                   max_new_tokens=64, max_steps=240, eval_every=10, checkpoint_every=10)
 
 
 # Settings that do not change the trajectory of one run.
@@ -105,11 +77,9 @@ _NOT_IN_RUN_KEY = ("target_kls", "max_steps", "eval_every", "checkpoint_every")
 
 
 @dataclass(frozen=True)
-class PPOResult:
-    checkpoint_dir: Path  # the final policy (save_pretrained + tokenizer) and value_head/model.safetensors
-    metrics_path: Path
-    last_metrics: dict[str, float]
-    steps: int
+class PPOResult(RunResult):
+    """A finished PPO run; checkpoint_dir holds the final policy (save_pretrained + tokenizer) and
+    value_head/model.safetensors."""
 
 
 # ------------------------------------------------------------------------------------------ KL control
@@ -445,7 +415,7 @@ def _save_checkpoint(out_dir: Path, step: int, model: PolicyWithValueHead, token
                      optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLController | FixedKLController,
                      moments: RunningMoments, run_key: str) -> Path:
     """Policy (safetensors) + tokenizer + value head + optimizer/beta/moments/RNG, in one atomic write."""
-    path = out_dir / "checkpoints" / f"step-{step:06d}"
+    path = checkpoint_path(out_dir, step)
     with atomic_directory(path) as tmp:
         model.policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -454,11 +424,9 @@ def _save_checkpoint(out_dir: Path, step: int, model: PolicyWithValueHead, token
         save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
                   str(tmp / "value_head" / "model.safetensors"))
         torch.save({"step": step, "run_key": run_key, "optimizer": optimizer.state_dict(),
-                    "kl_coef": kl_ctl.value, "moments": moments.state_dict(), "rng": _rng_state()},
-                   tmp / "trainer_state.pt")
-    for _, old in _checkpoint_dirs(out_dir)[:-1]:  # keep the latest only
-        if old != path:
-            shutil.rmtree(old)
+                    "kl_coef": kl_ctl.value, "moments": moments.state_dict(), "rng": rng_state()},
+                   tmp / TRAINER_STATE)
+    prune_checkpoints(out_dir, 1, path)  # keep the latest only
     return path
 
 
@@ -497,7 +465,7 @@ def train_ppo(
         raise ValueError("tokenizer has no pad_token_id; set one (pad = eos)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     prompts = list(prompts)
     run_fields = {
         "seed": seed, "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
@@ -505,17 +473,15 @@ def train_ppo(
         "prompts": content_hash(prompts), "tokenizer": tokenizer_fingerprint(tokenizer),
         "device": device.type,
     }
-    run_key = content_hash(run_fields)
     metrics_path = out_dir / "metrics.jsonl"
 
     # The policy's weights are not in the key: they change as it trains (a resume starts from moved weights).
-    _check_run(out_dir, run_key, run_fields)
-    saved = json.loads((out_dir / "result.json").read_text()) if (out_dir / "result.json").is_file() else None
-    if saved is not None and saved["steps"] == config.max_steps:
-        ckpt = out_dir / saved["checkpoint_dir"]
-        load_weights(policy, ckpt)
+    run_key = check_run(out_dir, run_fields)
+    finished = finished_run(out_dir, config.max_steps, PPOResult)
+    if finished is not None:
+        load_weights(policy, finished.checkpoint_dir)
         policy.eval()
-        return PPOResult(ckpt, metrics_path, saved["last_metrics"], saved["steps"])
+        return finished
 
     seed_everything(seed)
     policy.to(device).eval()  # dropout off throughout (as the DPO trainer); autograd works in eval mode
@@ -529,56 +495,44 @@ def train_ppo(
     kl_ctl = kl_controller(config)
     moments = RunningMoments()
 
-    checkpoints = _checkpoint_dirs(out_dir)
-    start = 0
-    if checkpoints:
-        start, ckpt = checkpoints[-1]
-        if start > config.max_steps:
-            raise ValueError(f"{out_dir} holds a checkpoint at step {start} > max_steps {config.max_steps}")
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True, map_location="cpu")
-        if state["run_key"] != run_key:
-            raise ValueError(f"checkpoint {ckpt} belongs to another run")
-        _load_checkpoint(ckpt, model)
+    resume = latest_checkpoint(out_dir, run_key, config.max_steps)
+    start, ckpt_dir = 0, None
+    if resume is not None:
+        start, ckpt_dir, state = resume
+        _load_checkpoint(ckpt_dir, model)
         optimizer.load_state_dict(state["optimizer"])
         kl_ctl.value = float(state["kl_coef"])
         moments.load_state_dict(state["moments"])
-        _set_rng_state(state["rng"])
-    _truncate_metrics(metrics_path, start if checkpoints else None)
+        set_rng_state(state["rng"])
+    kept = truncate_metrics(metrics_path, start if resume is not None else None)
 
-    last: dict[str, Any] = next(reversed(read_metrics(metrics_path)), {})
-    ckpt_dir = checkpoints[-1][1] if checkpoints else None
     train_keys = {"step", "objective/kl", "objective/scores", "objective/rlhf_reward", "kl_coef",
                   "loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "policy/entropy",
                   "val/clipfrac", "val/mean", "returns/mean", "objective/completion_tokens", "time/rollout_s",
                   "time/step_s"}
     name = "PPO" if config.target_kl is None else f"PPO target_kl={config.target_kl:g}"
-    with open(metrics_path, "a") as handle:
-        if start == 0 and eval_fn is not None:
-            last = {"step": 0, **_evaluate(eval_fn, policy, 0, train_keys)}
-            _append(handle, last)
+    with MetricsLog(metrics_path, eval_fn, train_keys, eval_every=config.eval_every,
+                    max_steps=config.max_steps, last=kept[-1] if kept else None) as log:
+        if start == 0:
+            log.log_start(policy)
         bar = tqdm(range(start + 1, config.max_steps + 1), desc=name, disable=not progress, initial=start,
                    total=config.max_steps)
         for step in bar:
             chosen = batch_indices(len(prompts), config.rollout_batch_size, step, seed)
             record = ppo_step(model, reference, tokenizer, [prompts[i] for i in chosen], score_fn, optimizer,
                               kl_ctl, moments, config, step=step, seed=seed, device=device)
-            final = step == config.max_steps
-            if eval_fn is not None and (step % config.eval_every == 0 or final):
-                record.update(_evaluate(eval_fn, policy, step, train_keys))
-            _append(handle, record)
-            last = record
+            log.log_step(record, policy)
             bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}",
                             beta=f"{record['kl_coef']:.3f}")
-            if step % config.checkpoint_every == 0 or final:
+            if is_due(step, config.checkpoint_every, config.max_steps):
                 ckpt_dir = _save_checkpoint(out_dir, step, model, tokenizer, optimizer, kl_ctl, moments,
                                             run_key)
     if ckpt_dir is None:
         raise RuntimeError("training ended without a checkpoint")
     policy.eval()
-    atomic_write_json(out_dir / "result.json", {"checkpoint_dir": str(ckpt_dir.relative_to(out_dir)),
-                                                "steps": config.max_steps, "last_metrics": last,
-                                                "run_key": run_key})
-    return PPOResult(ckpt_dir, metrics_path, last, config.max_steps)
+    result = PPOResult(ckpt_dir, metrics_path, log.last, config.max_steps)
+    write_result(out_dir, result, run_key)
+    return result
 
 
 __all__ = ["PPOConfig", "PPOResult", "AdaptiveKLController", "FixedKLController", "RunningMoments",

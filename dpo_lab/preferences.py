@@ -8,12 +8,13 @@ with an empty completion (the policy sampled EOS first: there is no token whose 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import datasets
 import numpy as np
@@ -24,6 +25,15 @@ from dpo_lab.cache import atomic_directory, atomic_write_json
 from dpo_lab.presets import PreferenceConfig
 from dpo_lab.rewards import RewardModel, score_completions
 from dpo_lab.sampling import sample
+
+
+class Candidates(TypedDict):
+    """Every sample of every prompt with its r*: what the pairs were built from (ties included)."""
+
+    prompts: list[str]
+    completions: list[list[str]]
+    rewards: list[list[float]]
+
 
 COLUMNS = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward")
 FEATURES = datasets.Features({
@@ -142,15 +152,30 @@ def validate_preferences(
                                  f"max_length {max_length}): {_snippet(prompt)}")
 
 
-def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats | None = None) -> Path:
-    """Validate, then write with ``save_to_disk`` in one atomic rename (stats.json beside it if given)."""
+def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats | None = None,
+                     candidates: Candidates | None = None) -> Path:
+    """Validate, then write with ``save_to_disk`` in one atomic rename (stats.json and candidates.json, the
+    raw samples with their rewards, beside it if given)."""
     validate_preferences(ds)
     path = Path(path)
     with atomic_directory(path) as tmp:
         ds.save_to_disk(str(tmp / "pairs"))
         if stats is not None:
             atomic_write_json(tmp / "stats.json", stats.to_dict())
+        if candidates is not None:
+            atomic_write_json(tmp / "candidates.json", candidates)
     return path
+
+
+def load_candidates(path: str | Path) -> Candidates:
+    """The raw samples and rewards that :func:`save_preferences` stored beside the pairs."""
+    file = Path(path) / "candidates.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no candidates.json in {path}: the pairs were saved without their samples")
+    candidates = json.loads(file.read_text())
+    _check_nested("completions", candidates["completions"], len(candidates["prompts"]))
+    _check_nested("rewards", candidates["rewards"], len(candidates["prompts"]))
+    return candidates
 
 
 def load_preferences(
@@ -199,10 +224,15 @@ def generate_preference_data(
     *,
     seed: int,
     progress: bool = True,
-) -> tuple[datasets.Dataset, PairStats]:
-    """Sample ``config.samples_per_prompt`` completions of each prompt from pi_SFT, score, pair them."""
+) -> tuple[datasets.Dataset, PairStats, Candidates]:
+    """Sample ``config.samples_per_prompt`` completions of each prompt from pi_SFT, score, pair them.
+
+    Returns the pairs, their statistics and the candidates (every sample with its r*, ties included)."""
     samples = sample(policy, tokenizer, prompts, n_per_prompt=config.samples_per_prompt,
                      max_new_tokens=config.max_new_tokens, batch_size=config.sample_batch_size, seed=seed,
                      progress=progress)
     rewards = score_samples(reward_model, samples.prompts, samples.texts)
-    return build_preference_pairs(samples.prompts, samples.texts, rewards)
+    pairs, stats = build_preference_pairs(samples.prompts, samples.texts, rewards)
+    candidates: Candidates = {"prompts": list(samples.prompts), "completions": samples.texts,
+                              "rewards": rewards}
+    return pairs, stats, candidates

@@ -40,42 +40,22 @@ from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerBase, PreTrai
 
 from dpo_lab.batching import PreferenceCollator
 from dpo_lab.cache import atomic_directory, content_hash
-from dpo_lab.dpo_trainer import (
-    PAIR_COLUMNS,
-    Pairs,
-    _pair_columns,
-    model_fingerprint,
-    pairs_fingerprint,
-    tokenizer_fingerprint,
-)
 from dpo_lab.logprobs import position_ids_from_mask
+from dpo_lab.presets import RewardModelConfig
+from dpo_lab.runs import (
+    Pairs,
+    model_fingerprint,
+    pair_columns,
+    pair_examples,
+    pairs_fingerprint,
+    resolve_device,
+    tokenizer_fingerprint,
+    warmup_lambda,
+)
 from dpo_lab.seed import seed_everything
 
 FORMAT = "dpo_lab.LearnedReward"
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class RewardModelConfig:
-    """Training settings of r_phi; defaults are sized for the ``cpu`` preset (``paper()`` gives App. B's)."""
-
-    epochs: int = 1  # passes over the training pairs (the paper: 3)
-    max_steps: int | None = 150  # cap on optimizer steps (None: all epochs); ~0.5 s a step on a 2-core CPU
-    batch_size: int = 32  # pairs per optimizer step
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    val_fraction: float = 0.1  # share of PROMPTS held out for validation
-    max_val_pairs: int | None = 512  # validation pairs scored per evaluation (None: all)
-    eval_every: int = 50  # steps between validation passes (and one at the end of every epoch)
-    max_length: int = 128  # tokens of prompt + completion (the policy's context)
-
-    @classmethod
-    def paper(cls) -> RewardModelConfig:
-        """App. B / §6.1: 3 epochs, best validation accuracy; batch 64 and lr 1e-6 as the paper's DPO runs."""
-        return cls(epochs=3, max_steps=None, batch_size=64, lr=1e-6, warmup_steps=150, max_val_pairs=None,
-                   eval_every=500, max_length=512)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -335,7 +315,7 @@ def train_reward_model(
     instead of training again. The returned ``LearnedReward.report`` holds the :class:`RewardModelReport`.
     """
     _check_config(config)
-    cols = _pair_columns(pairs)
+    cols = pair_columns(pairs)
     key = run_key(policy, tokenizer, cols, config, seed)
     if out_dir is not None and (Path(out_dir) / "reward_config.json").is_file():
         saved = LearnedReward.load(out_dir)
@@ -344,9 +324,8 @@ def train_reward_model(
         return saved
 
     seed_everything(seed)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    examples = [dict(zip(PAIR_COLUMNS, row, strict=True)) for row in zip(*(cols[c] for c in PAIR_COLUMNS),
-                                                                       strict=True)]
+    device = resolve_device(device)
+    examples = pair_examples(cols)
     train_idx, val_idx = split_by_prompt(cols["prompt"], config.val_fraction, seed)
     train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
     if config.max_val_pairs is not None and len(val) > config.max_val_pairs:
@@ -357,7 +336,7 @@ def train_reward_model(
     model = ScalarRewardModel.from_policy(policy).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: min(1.0, (t + 1) / (config.warmup_steps + 1)))
+        optimizer, warmup_lambda(config.warmup_steps))
     steps_per_epoch = max(1, len(train) // config.batch_size)  # the incomplete last batch is dropped
     total = config.epochs * steps_per_epoch
     if config.max_steps is not None:

@@ -44,7 +44,6 @@ n_features: int = 12  # most positive / most negative n-grams of the classifier 
 n_show: int = 6  # example preference pairs shown
 
 # %%
-from itertools import groupby
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -156,31 +155,19 @@ plt.show()
 
 # %% [markdown]
 # ### The 4 samples of each prompt
-# We read each prompt's scored completions back from its pairs (a completion tied with all three others is
-# in no pair and is missing here). Two things show. The spread **within** a prompt is what the pairs
-# teach. And whole prompts sit high or low: $r^*$ reads the prompt too, so "This film is awful" drags all
-# four samples down. Such a per-prompt offset $f(x)$ cancels in every comparison (Eq. 1, and $\beta\log Z(x)$
-# in Eq. 6): pairs carry no information about it, which is why DPO never needs $Z(x)$.
+# Every sample is stored with its $r^*$ beside the pairs (ties included). Two things show. The spread
+# **within** a prompt is what the pairs teach. And whole prompts sit high or low: $r^*$ reads the prompt
+# too, so "This film is awful" drags all four samples down. Such a per-prompt offset $f(x)$ cancels in every
+# comparison (Eq. 1, and $\beta\log Z(x)$ in Eq. 6): pairs carry no information about it, which is why DPO
+# never needs $Z(x)$.
 
 # %%
-def samples_per_prompt(pairs_table: pd.DataFrame) -> list[tuple[str, dict[str, float]]]:
-    """(prompt, {completion: r*}) for each run of consecutive rows with the same prompt (pairs are stored
-    prompt by prompt)."""
-    out = []
-    for prompt, rows in groupby(pairs_table.itertuples(index=False), key=lambda r: r.prompt):
-        scored: dict[str, float] = {}
-        for r in rows:
-            scored[r.chosen], scored[r.rejected] = r.chosen_reward, r.rejected_reward
-        out.append((prompt, scored))
-    return out
-
-
 table = pairs.to_pandas()
-groups = samples_per_prompt(table)
-rewards_by_prompt = [np.sort(list(scored.values())) for _, scored in groups]
+candidates = pipeline.preference_candidates(config)
+rewards_by_prompt = [np.sort(r) for r in candidates["rewards"]]
 means = np.array([r.mean() for r in rewards_by_prompt])
 within = np.mean([r.var() for r in rewards_by_prompt])
-print(f"{len(groups)} prompts; share of reward variance between prompts: "
+print(f"{len(rewards_by_prompt)} prompts; share of reward variance between prompts: "
       f"{means.var() / (means.var() + within):.0%}, within prompts: {within / (means.var() + within):.0%}")
 
 # %%

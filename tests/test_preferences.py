@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from dpo_lab.preferences import (
     build_preference_pairs,
     generate_preference_data,
+    load_candidates,
     load_preferences,
     save_preferences,
     score_samples,
@@ -143,13 +144,25 @@ def test_score_samples_scores_prompt_plus_completion():
 def test_generate_preference_data(tiny_model, tiny_tokenizer):
     config = PreferenceConfig(samples_per_prompt=4, max_new_tokens=4, sample_batch_size=8)
     prompts = ["This movie was", "A terrible", "The music"]
-    ds, stats = generate_preference_data(tiny_model, tiny_tokenizer, prompts, word_reward, config, seed=0,
-                                         progress=False)
+    ds, stats, candidates = generate_preference_data(tiny_model, tiny_tokenizer, prompts, word_reward, config,
+                                                     seed=0, progress=False)
+    assert [len(c) for c in candidates["completions"]] == [4, 4, 4]
+    first = prompts[0] + candidates["completions"][0][0]
+    assert candidates["rewards"][0][0] == pytest.approx(word_reward([first])[0])
     assert stats.n_prompts == 3 and stats.n_candidates == 18
     assert stats.n_pairs + stats.n_ties + stats.n_identical + stats.n_empty == 18 and stats.n_pairs > 10
     assert set(ds["prompt"]) <= set(prompts)
     np.testing.assert_allclose(word_reward([p + c for p, c in zip(ds["prompt"], ds["chosen"], strict=True)]),
                                ds["chosen_reward"])
-    again, _ = generate_preference_data(tiny_model, tiny_tokenizer, prompts, word_reward, config, seed=0,
+    again, _, _ = generate_preference_data(tiny_model, tiny_tokenizer, prompts, word_reward, config, seed=0,
                                         progress=False)
     assert again.to_dict() == ds.to_dict()
+
+
+def test_candidates_round_trip(tmp_path, tiny_model, tiny_tokenizer):
+    config = PreferenceConfig(samples_per_prompt=4, max_new_tokens=4, sample_batch_size=8)
+    ds, stats, candidates = generate_preference_data(tiny_model, tiny_tokenizer, ["This movie was"],
+                                                     word_reward, config, seed=0, progress=False)
+    with pytest.raises(FileNotFoundError, match="candidates.json"):
+        load_candidates(save_preferences(ds, tmp_path / "without", stats=stats))
+    assert load_candidates(save_preferences(ds, tmp_path / "with", candidates=candidates)) == candidates

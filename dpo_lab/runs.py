@@ -1,0 +1,366 @@
+"""Run bookkeeping shared by every trainer (DPO and its baselines, PPO, the reward model).
+
+One run = one ``out_dir``:
+
+    out_dir/run.json                    identity of the run (a hash of its settings and their values)
+    out_dir/metrics.jsonl               one JSON object per line, one line per step (step 0: the start)
+    out_dir/checkpoints/step-NNNNNN/    weights + tokenizer + trainer_state.pt, each written atomically
+    out_dir/result.json                 written last: the run is finished
+
+A rerun with the same settings resumes from the last checkpoint (metrics after it are dropped and recomputed)
+or, if finished, returns at once; a rerun with other settings is refused, naming the fields that differ.
+
+The fingerprints (model weights, tokenizer, preference pairs) are what run identities and the reference
+log-prob cache are built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TextIO, TypeVar
+
+import datasets
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash
+
+EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
+Pairs = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[str]]
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+TRAINER_STATE = "trainer_state.pt"  # a checkpoint folder is complete once this file is in it
+
+
+# ------------------------------------------------------------------------------------------- fingerprints
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' identity."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Vocabulary, special ids and (fast tokenizers) the pipeline incl. merges; not the padding/truncation
+    state, which a ``tokenizer(..., padding=True)`` call may change without changing any token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pipeline = None
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        pipeline = {k: v for k, v in state.items() if k not in ("padding", "truncation")}
+    return content_hash(sorted(tokenizer.get_vocab().items()), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                        pipeline)
+
+
+def pair_columns(pairs: Pairs) -> dict[str, list[str]]:
+    """prompt/chosen/rejected as plain lists, from a Dataset, a list of dicts or a dict of columns."""
+    if isinstance(pairs, Mapping):
+        missing = [c for c in PAIR_COLUMNS if c not in pairs]
+        if missing:
+            raise ValueError(f"pairs are missing column(s) {missing}; they have {sorted(pairs)}")
+        cols = {c: list(pairs[c]) for c in PAIR_COLUMNS}
+        if len({len(v) for v in cols.values()}) > 1:
+            raise ValueError(f"pair columns differ in length: { {c: len(v) for c, v in cols.items()} }")
+    elif isinstance(pairs, datasets.Dataset):
+        missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
+        if missing:
+            raise ValueError(f"pairs are missing column(s) {missing}; they have {pairs.column_names}")
+        cols = pairs.select_columns(list(PAIR_COLUMNS)).to_dict()
+    else:
+        for i, row in enumerate(pairs):
+            missing = [c for c in PAIR_COLUMNS if c not in row]
+            if missing:
+                raise ValueError(f"pair {i} is missing key(s) {missing}")
+        cols = {c: [row[c] for row in pairs] for c in PAIR_COLUMNS}
+    if not cols["prompt"]:
+        raise ValueError("no preference pairs to train on")
+    return cols
+
+
+def pair_examples(cols: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
+    """The columns of :func:`pair_columns` back as one ``{prompt, chosen, rejected}`` dict per pair."""
+    return [dict(zip(PAIR_COLUMNS, row, strict=True))
+            for row in zip(*(cols[c] for c in PAIR_COLUMNS), strict=True)]
+
+
+def pairs_fingerprint(cols: Mapping[str, Sequence[str]]) -> str:
+    """Content hash of the pairs' text, in order (an in-memory and a reloaded Dataset hash the same)."""
+    digest = hashlib.sha256()
+    for c in PAIR_COLUMNS:
+        digest.update(json.dumps(list(cols[c])).encode())
+    return digest.hexdigest()[:16]
+
+
+# -------------------------------------------------------------------------------------------- identity
+def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
+    """Claim ``out_dir`` for the run ``run_fields`` describe and return its key (their content hash).
+
+    Refuses (ValueError naming the differing fields) to resume or reuse a run made with other settings or
+    data. A run that never reached its first checkpoint has nothing to protect: new settings may replace it.
+    """
+    run_key = content_hash(run_fields)
+    path = out_dir / "run.json"
+    started = (out_dir / "result.json").is_file() or bool(checkpoint_dirs(out_dir))
+    if path.is_file() and started:
+        saved = json.loads(path.read_text())
+        if saved.get("run_key") != run_key:
+            old = saved.get("fields", {})
+            diff = sorted(k for k in set(old) | set(run_fields) if old.get(k) != run_fields.get(k))
+            raise ValueError(f"{out_dir} holds a different run (differs in {diff}); use another out_dir")
+        return run_key
+    atomic_write_json(path, {"run_key": run_key, "fields": dict(run_fields)})
+    return run_key
+
+
+def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Item indices of optimizer step ``step`` (1-based): consecutive slices of one seeded permutation per
+    epoch. A pure function of (seed, step), so a resumed run sees exactly the batches it would have."""
+    start = (step - 1) * batch_size
+    perms: dict[int, np.ndarray] = {}
+    out = []
+    for pos in range(start, start + batch_size):
+        epoch = pos // n_items
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_items)
+        out.append(int(perms[epoch][pos % n_items]))
+    return out
+
+
+def is_due(step: int, every: int, max_steps: int) -> bool:
+    """Evaluate or checkpoint at ``step``: every ``every`` steps and always at the last one."""
+    return step % every == 0 or step == max_steps
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` lives."""
+    return out_dir / "checkpoints" / f"step-{step:06d}"
+
+
+def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
+    """``(step, folder)`` of every complete checkpoint, oldest first."""
+    root = out_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():  # hidden ".step-*.tmp" folders are unfinished atomic writes: ignored
+        if d.name.startswith("step-") and (d / TRAINER_STATE).is_file():
+            found.append((int(d.name.removeprefix("step-")), d))
+    return sorted(found)
+
+
+def prune_checkpoints(out_dir: Path, keep: int | None, current: Path) -> None:
+    """Delete all but the ``keep`` latest checkpoints (None keeps all); never ``current``."""
+    if keep is None:
+        return
+    for _, old in checkpoint_dirs(out_dir)[:-keep]:
+        if old != current:
+            shutil.rmtree(old)
+
+
+def latest_checkpoint(out_dir: Path, run_key: str, max_steps: int) -> tuple[int, Path, dict[str, Any]] | None:
+    """``(step, folder, trainer state)`` of the checkpoint to resume from, or None to start afresh.
+
+    The state is read with ``weights_only=True`` (tensors and plain types only, no pickled code).
+    """
+    checkpoints = checkpoint_dirs(out_dir)
+    if not checkpoints:
+        return None
+    step, ckpt = checkpoints[-1]
+    if step > max_steps:
+        raise ValueError(f"{out_dir} already holds a checkpoint at step {step} > max_steps "
+                         f"{max_steps}; use a new out_dir or a larger max_steps")
+    state = torch.load(ckpt / TRAINER_STATE, weights_only=True, map_location="cpu")
+    if state["run_key"] != run_key:
+        raise ValueError(f"checkpoint {ckpt} belongs to another run (key {state['run_key']} != {run_key})")
+    return step, ckpt, state
+
+
+def load_weights(model: nn.Module, folder: str | Path) -> None:
+    """Load save_pretrained safetensors into ``model`` in place; only tied weights may be absent."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors weights in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    result = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
+               or ())
+    missing = set(result.missing_keys) - tied
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint {folder} does not match the model: missing {sorted(missing)}, "
+                         f"unexpected {sorted(result.unexpected_keys)}")
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's CPU (and CUDA) generator states, for a checkpoint (tensors only: weights_only loads it)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` saved (the CUDA part only where CUDA is present)."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------ metrics file
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every record of a metrics.jsonl ([] if there is none).
+
+    A torn last line (no newline: a crash mid-write) is skipped; any other line that is not a JSON object
+    raises ValueError naming the file and line, rather than silently losing steps.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                continue  # torn by a crash; a resume truncates it away
+            raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}); the metrics file is "
+                             "corrupt") from err
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def truncate_metrics(path: Path, last_step: int | None) -> list[dict[str, Any]]:
+    """Keep the records up to the checkpoint we resume from (None: none) and return them; later steps will
+    be recomputed, so a resumed run has no duplicate lines."""
+    kept = []
+    if last_step is not None:
+        for record in read_metrics(path):
+            if not isinstance(record.get("step"), int):
+                raise ValueError(f"{path}: a record has no integer 'step': {record}")
+            if record["step"] <= last_step:
+                kept.append(record)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    return kept
+
+
+def call_eval_fn(eval_fn: EvalFn, policy: nn.Module, step: int, taken: set[str]) -> dict[str, float]:
+    """``eval_fn(policy, step)`` as a dict; its keys must not overwrite the training metrics ``taken``."""
+    result = dict(eval_fn(policy, step))
+    policy.eval()  # whatever eval_fn did, training continues without dropout
+    clash = sorted(set(result) & taken)
+    if clash:
+        raise ValueError(f"eval_fn returned key(s) {clash} that clash with training metrics; rename them")
+    return result
+
+
+class MetricsLog:
+    """Appends one JSON line per step to metrics.jsonl (flushed: a crash loses at most the line being
+    written), merging ``eval_fn``'s dict into the lines of evaluation steps (step 0, every ``eval_every``
+    steps, the last step). Use as a context manager; ``last`` is the latest record."""
+
+    def __init__(self, path: Path, eval_fn: EvalFn | None, train_keys: set[str], *, eval_every: int,
+                 max_steps: int, last: dict[str, Any] | None = None) -> None:
+        self.path, self.eval_fn, self.train_keys = path, eval_fn, train_keys
+        self.eval_every, self.max_steps = eval_every, max_steps
+        self.last: dict[str, Any] = {} if last is None else last
+        self._handle: TextIO | None = None
+
+    def __enter__(self) -> MetricsLog:
+        self._handle = open(self.path, "a")  # closed in __exit__
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def _append(self, record: dict[str, Any]) -> None:
+        if self._handle is None:
+            raise RuntimeError("MetricsLog is not open; use it as a context manager")
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+        self.last = record
+
+    def log_start(self, policy: nn.Module) -> None:
+        """Step 0: the evaluation of the starting policy (nothing without an eval_fn)."""
+        if self.eval_fn is not None:
+            self._append({"step": 0, **call_eval_fn(self.eval_fn, policy, 0, self.train_keys)})
+
+    def log_step(self, record: dict[str, Any], policy: nn.Module) -> dict[str, Any]:
+        """Write one training step's ``record`` (evaluated first if due) and return it."""
+        step = record["step"]
+        if self.eval_fn is not None and is_due(step, self.eval_every, self.max_steps):
+            record.update(call_eval_fn(self.eval_fn, policy, step, self.train_keys))
+        self._append(record)
+        return record
+
+
+# --------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class RunResult:
+    checkpoint_dir: Path  # the final policy (save_pretrained + tokenizer): models.load_policy reads it
+    metrics_path: Path  # metrics.jsonl, one line per step
+    last_metrics: dict[str, float]
+    steps: int
+
+
+R = TypeVar("R", bound=RunResult)
+
+
+def finished_run(out_dir: Path, max_steps: int, result_type: type[R]) -> R | None:
+    """The result of a run that already finished ``max_steps`` steps in ``out_dir``, else None (not
+    finished, or finished with another ``max_steps``: train on from the last checkpoint)."""
+    path = out_dir / "result.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["steps"] != max_steps:
+        return None
+    return result_type(checkpoint_dir=out_dir / saved["checkpoint_dir"],
+                       metrics_path=out_dir / "metrics.jsonl", last_metrics=saved["last_metrics"],
+                       steps=saved["steps"])
+
+
+def write_result(out_dir: Path, result: RunResult, run_key: str) -> None:
+    """Mark the run finished (result.json, atomically; the checkpoint path is stored relative to out_dir)."""
+    atomic_write_json(out_dir / "result.json", {
+        "checkpoint_dir": str(result.checkpoint_dir.relative_to(out_dir)), "steps": result.steps,
+        "last_metrics": result.last_metrics, "run_key": run_key})
+
+
+__all__ = ["EvalFn", "Pairs", "PAIR_COLUMNS", "TRAINER_STATE", "model_fingerprint", "tokenizer_fingerprint",
+           "pair_columns", "pair_examples", "pairs_fingerprint", "check_run", "batch_indices", "is_due",
+           "checkpoint_path", "checkpoint_dirs", "prune_checkpoints", "latest_checkpoint", "load_weights",
+           "rng_state", "set_rng_state", "read_metrics", "truncate_metrics", "call_eval_fn", "MetricsLog",
+           "RunResult", "finished_run", "write_result"]
+
+
+def resolve_device(device: torch.device | str | None = None) -> torch.device:
+    """``device`` if given, else the first CUDA GPU when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
+    """lr multiplier of update t (0-based): (t + 1) / (warmup + 1) until warmup is over, then 1 (as the
+    official code: linear from ~0 over ``warmup_steps`` updates, App. B)."""
+    return lambda t: min(1.0, (t + 1) / (warmup_steps + 1))
