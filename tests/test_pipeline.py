@@ -1,0 +1,80 @@
+"""The smoke reproduction end to end: data -> SFT -> r* -> pairs -> every method's runs -> figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dpo_lab import pipeline
+from dpo_lab.presets import get_preset
+from dpo_lab.reproduce import reproduce
+from dpo_lab.runs import read_metrics
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    root = tmp_path_factory.mktemp("smoke")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_LAB_ARTIFACTS", str(root / "artifacts"))
+        mp.setenv("DPO_LAB_FIGURES", str(root / "figures"))
+        summary = reproduce(get_preset("smoke"), progress=False)
+    return root / "artifacts", root / "figures", summary
+
+
+def test_reproduce_writes_every_series(smoke_run):
+    _, figures, summary = smoke_run
+    points = pd.read_csv(figures / "frontier_smoke_points.csv")
+    assert set(points.method) == set(pipeline.METHODS)
+    assert (points.step == 0).sum() == len(pipeline.frontier_runs(get_preset("smoke")))
+    # Every run starts from the same SFT policy, evaluated with the same seed: one shared starting point.
+    assert points[points.step == 0].reward_mean.nunique() == 1
+    assert points[points.step == 0].kl_mean.abs().max() < 1e-6
+    assert (figures / "frontier_smoke.png").stat().st_size > 10_000
+    assert summary["pairs"]["n_pairs"] > 0 and summary["runs"]["DPO"] == 2
+    assert set(summary["dominance"]) == {"PPO", "PPO-GT", "PPO + PPO-GT"}
+    assert json.loads((figures / "summary_smoke.json").read_text())["points"] == len(points)
+
+
+def test_dpo_starts_at_log2_and_logs_trl_metrics(smoke_run):
+    preset = get_preset("smoke")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_LAB_ARTIFACTS", str(smoke_run[0]))
+        records = read_metrics(pipeline.dpo_run_dir(preset, 0.1) / "metrics.jsonl")
+    first = next(r for r in records if r["step"] == 1)
+    assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                "logps/chosen", "logps/rejected"):
+        assert key in first
+    assert [r["step"] for r in records] == list(range(preset.dpo.max_steps + 1))
+
+
+def test_second_run_reuses_every_artefact(smoke_run):
+    artifacts, figures, _ = smoke_run
+    metrics = sorted(artifacts.glob("runs/*/metrics.jsonl"))
+    before = {p: p.read_bytes() for p in metrics}
+    folders = sorted(artifacts.rglob("*"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_LAB_ARTIFACTS", str(artifacts))
+        mp.setenv("DPO_LAB_FIGURES", str(figures))
+        summary = reproduce(get_preset("smoke"), progress=False)
+    assert {p: p.read_bytes() for p in metrics} == before  # nothing retrained, nothing appended
+    assert sorted(artifacts.rglob("*")) == folders  # no stage rebuilt under a new key
+    assert summary["points"] == len(pd.read_csv(figures / "frontier_smoke_points.csv"))
+
+
+def test_changed_setting_changes_only_downstream_keys():
+    base = get_preset("smoke")
+    other = get_preset("smoke", **{"dpo.lr": 1e-3})
+    assert pipeline.sft_key(base) == pipeline.sft_key(other)
+    assert pipeline.preferences_key(base) == pipeline.preferences_key(other)
+    assert pipeline.run_dir(base, "DPO", 0.1) != pipeline.run_dir(other, "DPO", 0.1)
+    assert pipeline.run_dir(base, "PPO", 1.0) == pipeline.run_dir(other, "PPO", 1.0)
+    assert pipeline.sft_key(base) != pipeline.sft_key(get_preset("smoke", **{"policy.n_layer": 3}))
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="DPOO"):
+        pipeline.frontier_runs(get_preset("smoke"), ("DPOO",))
