@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -38,8 +39,12 @@ from dpo_lab.preferences import (
 from dpo_lab.presets import Preset
 from dpo_lab.reward_model import LearnedReward, train_reward_model
 from dpo_lab.rewards import HubSentimentReward, RewardModel, TfidfSentimentReward, accuracy, first_words
-from dpo_lab.runs import read_metrics
+from dpo_lab.runs import read_metrics, resolve_device
 from dpo_lab.seed import seed_everything
+
+# Progress bars on by default, off where TQDM_DISABLE is set (tests, CI): tqdm lets an explicit
+# ``disable=`` argument win over that variable, so the stages read it themselves.
+SHOW_PROGRESS = os.environ.get("TQDM_DISABLE", "").lower() in ("", "0", "false")
 
 # Completion-length texts for the classifier's short-text accuracy (about what 32 new tokens decode to).
 SHORT_TEXT_WORDS = 40
@@ -78,7 +83,7 @@ def _imdb(source: str, test_fraction: float, seed: int, cap: int | None) -> data
     return datasets.DatasetDict({"train": train, "test": dataset["test"]})
 
 
-def sft_policy(preset: Preset, *, progress: bool = True,
+def sft_policy(preset: Preset, *, progress: bool = SHOW_PROGRESS,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """pi_SFT (= pi_ref, and the start of every trained policy) with its tokenizer and training report."""
 
@@ -106,7 +111,8 @@ def sft_policy(preset: Preset, *, progress: bool = True,
 def reward_model(preset: Preset) -> tuple[RewardModel, dict]:
     """The ground-truth reward r*(x, y) = p(positive | x + y) and its held-out accuracy report."""
     if preset.reward.source == "hub":
-        return HubSentimentReward(preset.reward.hub_name), {"source": preset.reward.hub_name}
+        reward = HubSentimentReward(preset.reward.hub_name, device=resolve_device())
+        return reward, {"source": preset.reward.hub_name}
 
     def build(folder: Path) -> None:
         data = imdb(preset)
@@ -133,7 +139,7 @@ def prompts(preset: Preset, tokenizer: PreTrainedTokenizerBase, split: str) -> l
                         max_tokens=cfg.prompt_max_tokens, seed=preset.seed)
 
 
-def preference_data(preset: Preset, *, progress: bool = True) -> tuple[datasets.Dataset, dict]:
+def preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
     """All 6 pairs per train prompt from 4 pi_SFT samples, labelled by r* (ties dropped and counted)."""
 
     def build(folder: Path) -> None:
@@ -192,7 +198,7 @@ def dpo_run_dir(preset: Preset, beta: float) -> Path:
     return run_dir(preset, "DPO", beta)
 
 
-def learned_reward(preset: Preset, *, progress: bool = True) -> LearnedReward:
+def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> LearnedReward:
     """r_phi for PPO: the SFT transformer + a scalar head, fit to the pairs by the BT loss (Eq. 2)."""
     policy, tokenizer, _ = sft_policy(preset, progress=progress)
     pairs, _ = preference_data(preset, progress=progress)
@@ -207,7 +213,7 @@ def _eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTo
                         seed=preset.seed)
 
 
-def pairwise(preset: Preset, method: str, value: float, *, progress: bool = True) -> DPOResult:
+def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS) -> DPOResult:
     """A DPO (value = beta), Unlikelihood (alpha) or Preferred-FT (seed) run from pi_SFT."""
     if method not in PAIRWISE_METHODS:
         raise ValueError(f"{method!r} is not a pairwise method; choose from {list(PAIRWISE_METHODS)}")
@@ -224,12 +230,12 @@ def pairwise(preset: Preset, method: str, value: float, *, progress: bool = True
                      eval_fn=_eval_fn(preset, reference, tokenizer), progress=progress)
 
 
-def dpo(preset: Preset, beta: float, *, progress: bool = True) -> DPOResult:
+def dpo(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> DPOResult:
     """One DPO run from pi_SFT at inverse temperature ``beta``, evaluated every ``eval_every`` steps."""
     return pairwise(preset, "DPO", beta, progress=progress)
 
 
-def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = True) -> PPOResult:
+def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_PROGRESS) -> PPOResult:
     """A PPO run with the learned reward r_phi ("PPO") or the ground truth r* ("PPO-GT")."""
     if method not in PPO_METHODS:
         raise ValueError(f"{method!r} is not a PPO method; choose from {list(PPO_METHODS)}")
@@ -242,7 +248,7 @@ def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = True)
                      eval_fn=_eval_fn(preset, reference, tokenizer), progress=progress)
 
 
-def run(preset: Preset, method: str, value: float, *, progress: bool = True) -> Path:
+def run(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS) -> Path:
     """Train (or load, if finished) one run; returns its metrics.jsonl."""
     if method in PPO_METHODS:
         return ppo(preset, method, value, progress=progress).metrics_path
@@ -262,7 +268,7 @@ def evaluation_points(metrics_path: Path, **labels: Any) -> pd.DataFrame:
     return frame
 
 
-def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bool = True,
+def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bool = SHOW_PROGRESS,
              timings: dict[str, float] | None = None) -> pd.DataFrame:
     """Every evaluation point of every run of ``methods`` (starting checkpoints included, step 0);
     ``timings`` (if given) collects the wall seconds spent per method."""
@@ -277,11 +283,12 @@ def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bo
     return pd.concat(frames, ignore_index=True)
 
 
-def dpo_sweep(preset: Preset, *, progress: bool = True) -> pd.DataFrame:
+def dpo_sweep(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> pd.DataFrame:
     """Every beta of the preset's DPO sweep; one row per evaluation point, the SFT start included."""
     return frontier(preset, ("DPO",), progress=progress)
 
 
-__all__ = ["METHODS", "dpo", "dpo_run_dir", "dpo_sweep", "evaluation_points", "frontier", "frontier_runs",
-           "imdb", "learned_reward", "pairwise", "ppo", "preference_candidates", "preference_data", "prompts",
-           "reward_model", "run", "run_dir", "sft_policy"]
+__all__ = ["EVAL_COLUMNS", "METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "dpo", "dpo_run_dir", "dpo_sweep",
+           "evaluation_points", "frontier", "frontier_runs", "imdb", "learned_reward", "pairwise", "ppo",
+           "preference_candidates", "preference_data", "prompts", "reward_model", "run", "run_dir",
+           "sft_policy"]

@@ -1,0 +1,322 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 06 · PPO and the other baselines on IMDb
+#
+# DPO (notebook 05) solves the KL-constrained reward maximisation problem of Eq. 3 in closed form. The
+# paper compares it with the methods that attack the same task another way (§6.1, Fig. 2 left):
+#
+# | method | learns from | what it optimises |
+# |---|---|---|
+# | **PPO** | a learned reward $r_\phi$ fit to the pairs (Eq. 2) | Eq. 3 by policy gradient on its samples |
+# | **PPO-GT** | the ground-truth reward $r^*$ (an oracle no real pipeline has) | Eq. 3 by policy gradient |
+# | **Unlikelihood** | the pairs | $-\log\pi(y_w|x)-\alpha\sum_t\log\big(1-\pi(y_{l,t}|x,y_{l,<t})\big)$ |
+# | **Preferred-FT** | the chosen completions $y_w$ only | $-\log\pi(y_w\mid x)$ (supervised fine-tuning) |
+#
+# The PPO trainer is `dpo_lab.ppo` (Ziegler et al. 2019 / Stiennon et al. 2020, written out); the two
+# pairwise baselines reuse DPO's trainer with another loss (`dpo_lab.losses`). This notebook opens PPO's
+# pieces on tiny worked examples, then reads the training curves of every run and samples each method at
+# roughly the same KL. Notebook 07 puts all of them on the reward–KL frontier.
+#
+# **The outputs shown are from the tiny `smoke` preset** (a few PPO steps on a toy policy: curves are short
+# and noisy, the samples are barely English). For the laptop reproduction run
+# `papermill notebooks/06_ppo_and_baselines.ipynb out.ipynb -p preset cpu` (or set `DPO_LAB_PRESET=cpu`);
+# every stage and run is cached under `artifacts/`, so what notebooks 03–05 or `python -m dpo_lab reproduce`
+# already trained at the same preset loads at once.
+#
+# Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
+
+# %% tags=["parameters"]
+from dpo_lab.presets import default_preset_name
+
+preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET overrides the default)
+seed: int = 0  # seeds the SFT policy, the pairs, every run and every sample
+target_kls: list[float] = []  # PPO target KLs, one run each; [] keeps the preset's (-y "target_kls: [3, 6]")
+n_show: int = 3  # test prompts sampled from every method at matched KL
+match_kl: float = -1.0  # common KL for the sample comparison; < 0 uses the median of the runs' final KLs
+
+# %%
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from IPython.display import display
+from transformers.utils import logging as hf_logging
+
+from dpo_lab import pipeline
+from dpo_lab.models import load_policy
+from dpo_lab.paths import figures_dir
+from dpo_lab.plots import METHOD_COLORS
+from dpo_lab.ppo import AdaptiveKLController, gae, kl_penalized_rewards
+from dpo_lab.presets import get_preset
+from dpo_lab.rewards import score_completions
+from dpo_lab.runs import read_metrics
+from dpo_lab.sampling import sample_completions
+from dpo_lab.seed import seed_everything
+
+hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
+pd.set_option("display.max_colwidth", 60)
+config = get_preset(preset, seed=seed, **({"ppo.target_kls": target_kls} if target_kls else {}))
+seed_everything(config.seed)
+print(f"preset {config.name!r}: {config.ppo}")
+
+# %% [markdown]
+# ## The objective PPO maximises
+# RLHF's last phase (Eq. 3) asks for
+# $$\max_{\pi_\theta}\ \mathbb E_{x\sim\mathcal D,\,y\sim\pi_\theta(\cdot|x)}\big[r_\phi(x,y)\big]
+#   -\beta\,\mathbb D_{\rm KL}\big[\pi_\theta(y|x)\,\|\,\pi_{\rm ref}(y|x)\big].$$
+# The KL term is an expectation over the policy's own samples, so PPO folds it into the reward
+# (Ziegler et al. 2019; the paper's §3): a completion $y=(y_1,\dots,y_T)$ is an episode of $T$ actions,
+# with per-token reward
+# $$r_t=-\beta\,\big(\log\pi_\theta(y_t|x,y_{<t})-\log\pi_{\rm ref}(y_t|x,y_{<t})\big)
+#   \;+\;\underbrace{r_\phi(x,y)}_{\text{last token only}}\cdot\mathbb 1[t=T].$$
+# The episode's return $\sum_t r_t=r_\phi(x,y)-\beta\log\frac{\pi_\theta(y|x)}{\pi_{\rm ref}(y|x)}$ is a
+# one-sample estimate of Eq. 3's objective. `ppo.kl_penalized_rewards` builds these rewards.
+#
+# **Advantages.** A value head $V(x,y_{<t})$ on the policy's last hidden states predicts the return to
+# come; generalised advantage estimation (GAE, Schulman et al. 2016) mixes its $n$-step estimates:
+# $$\delta_t=r_t+\gamma V_{t+1}-V_t,\qquad A_t=\delta_t+\gamma\lambda A_{t+1},\qquad R_t=A_t+V_t,$$
+# with $V_{T+1}=0$ (the episode is over). $\lambda=1$ gives the Monte-Carlo advantage
+# $\sum_{k\ge t}r_k-V_t$ (unbiased, noisy), $\lambda=0$ the one-step TD error (biased by $V$, quiet).
+# A worked example: one completion of 4 tokens, $\beta=0.2$, score 1.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+logp = torch.tensor([[-2.0, -1.5, -3.0, -0.5]])  # log pi_theta(y_t | x, y_<t)
+ref_logp = torch.tensor([[-2.2, -1.5, -2.5, -1.0]])  # log pi_ref(y_t | x, y_<t)
+values = torch.tensor([[0.3, 0.4, 0.5, 0.7]])  # V(x, y_<t) from the value head
+mask, score, kl_coef = torch.ones(1, 4, dtype=torch.bool), torch.tensor([1.0]), 0.2
+
+rewards = kl_penalized_rewards(score, logp, ref_logp, mask, kl_coef)
+advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+for name, row in [("log-ratio", logp - ref_logp), ("r_t", rewards), ("V_t", values), ("A_t", advantages),
+                  ("R_t", returns)]:
+    print(f"{name:9s}", [round(float(v), 4) + 0.0 for v in row[0]])
+print("sum_t r_t =", round(float(rewards.sum()), 4),
+      "= score - beta * log pi/pi_ref =", round(float(score - kl_coef * (logp - ref_logp).sum()), 4))
+
+# %% [markdown]
+# The two ends of λ, checked against their closed forms:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+mc, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+reward_to_go = rewards.flip(-1).cumsum(-1).flip(-1)  # sum_{k >= t} r_k
+assert torch.allclose(mc, reward_to_go - values), "lambda = 1 must be the Monte-Carlo advantage"
+td, _ = gae(rewards, values, mask, gamma=1.0, lam=0.0)
+next_values = torch.cat([values[:, 1:], torch.zeros(1, 1)], dim=-1)  # V_{T+1} = 0
+assert torch.allclose(td, rewards + next_values - values), "lambda = 0 must be the one-step TD error"
+print("lambda=1 (Monte Carlo):", [round(float(v), 4) + 0.0 for v in mc[0]])
+print("lambda=0 (TD error):   ", [round(float(v), 4) + 0.0 for v in td[0]])
+
+# %% [markdown]
+# **The update.** PPO then takes a few epochs of minibatch steps on the clipped surrogate
+# $\mathbb E_t\big[\max\big(-A_t\rho_t,\,-A_t\,\mathrm{clip}(\rho_t,1\pm\epsilon)\big)\big]$ with
+# $\rho_t=\pi_\theta(y_t|\cdot)/\pi_{\rm old}(y_t|\cdot)$ (`ppo.policy_loss`), and a clipped squared error
+# for the value head (`ppo.value_loss`). `policy/clipfrac` in the logs is the share of tokens where the clip
+# is active, i.e. where this step's update has already moved the token's probability as far as allowed.
+#
+# ## The adaptive KL controller
+# The paper sweeps a **target KL** rather than β (its PPO runs: target KL ∈ {3, 6, 9, 12}). The controller
+# of Ziegler et al. (2019, eq. 2) moves β after every step toward the β that gives that KL:
+# $$e_t=\mathrm{clip}\Big(\frac{\mathrm{KL}_t}{\mathrm{KL}_{\rm target}}-1,\,-0.2,\,0.2\Big),\qquad
+#   \beta_{t+1}=\beta_t\Big(1+e_t\,\frac{n_t}{H}\Big),$$
+# with $n_t$ the samples the KL was measured on and $H$ a horizon. Too much KL raises β (a stronger pull back
+# to $\pi_{\rm ref}$), too little lowers it; the clip bounds the change per step. On made-up KL values
+# (target 6, $H=300$, 64 samples a step):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+controller = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=300)
+print(" step   KL    error   beta")
+for step, kl in enumerate([12.0, 9.0, 6.0, 5.0, 2.0, 1.0], start=1):
+    error = float(np.clip(kl / controller.target - 1.0, -0.2, 0.2))
+    beta = controller.update(kl, n_steps=64)
+    print(f"{step:5d} {kl:5.1f} {error:+7.3f} {beta:7.4f}")
+
+# %% [markdown]
+# ## The learned reward $r_\phi$ (for PPO)
+# PPO (not PPO-GT) never sees $r^*$: its reward is a scalar head on the SFT transformer, fit to the same
+# preference pairs as DPO by the Bradley–Terry loss (Eq. 2),
+# $\mathcal L_R=-\mathbb E\big[\log\sigma\big(r_\phi(x,y_w)-r_\phi(x,y_l)\big)\big]$. Validation pairs come
+# from prompts held out of training; the weights with the best validation accuracy are kept (App. B). Its
+# accuracy bounds how well PPO can do: every pair it ranks wrongly pushes the policy the wrong way.
+
+# %%
+r_phi = pipeline.learned_reward(config)
+report = r_phi.report
+print(f"{report['n_train_pairs']} train pairs, {report['n_val_pairs']} validation pairs; kept step "
+      f"{report['best_step']} with validation accuracy {report['best_val_accuracy']:.3f} (chance: 0.5)")
+display(pd.DataFrame(report["val_history"]).set_index("step").round(4))
+
+# %% [markdown]
+# ## PPO training curves
+# One run per target KL, with the learned reward (PPO) and with the ground truth (PPO-GT). Each step samples
+# one completion per prompt of a rollout batch, scores it, and updates. Per step, from `metrics.jsonl`:
+# * `objective/kl`: the batch mean of $\sum_t\log\frac{\pi_\theta}{\pi_{\rm ref}}$, a one-sample estimate of
+#   the sequence KL (the evaluation's KL, notebook 07, is the exact sum over the vocabulary instead);
+#   dashed: the target.
+# * `kl_coef`: β, as the controller moves it.
+# * `objective/scores`: the mean raw reward of the rollout ($r_\phi$ for PPO, $r^*$ for PPO-GT: their scales
+#   differ). The trainer standardises scores with running moments before they enter $r_t$.
+# * `policy/clipfrac` and `policy/entropy` (mean next-token entropy on the sampled completions: it falls as
+#   the policy sharpens onto what the reward likes).
+
+# %%
+ppo_results = {(method, kl): pipeline.ppo(config, method, kl)
+               for method in pipeline.PPO_METHODS for kl in config.ppo.target_kls}
+def step_rows(metrics_path: Path, key: str) -> pd.DataFrame:
+    """The training-step lines of a run's metrics.jsonl (those holding ``key``), indexed by step."""
+    return pd.DataFrame([m for m in read_metrics(metrics_path) if key in m]).set_index("step")
+
+
+ppo_curves = {key: step_rows(r.metrics_path, "objective/kl") for key, r in ppo_results.items()}
+print({f"{m} target {kl:g}": r.steps for (m, kl), r in ppo_results.items()})
+
+# %%
+PPO_PANELS = ["objective/kl", "kl_coef", "objective/scores", "policy/clipfrac", "policy/entropy"]
+fig, axes = plt.subplots(len(pipeline.PPO_METHODS), len(PPO_PANELS), figsize=(16, 6), squeeze=False)
+colors = plt.cm.viridis(np.linspace(0.1, 0.85, len(config.ppo.target_kls)))
+for row, method in zip(axes, pipeline.PPO_METHODS, strict=True):
+    for color, kl in zip(colors, config.ppo.target_kls, strict=True):
+        frame = ppo_curves[(method, kl)]
+        for ax, key in zip(row, PPO_PANELS, strict=True):
+            ax.plot(frame.index, frame[key], color=color, label=f"target {kl:g}")
+        row[0].axhline(kl, color=color, ls="--", lw=0.8)
+    for ax, key in zip(row, PPO_PANELS, strict=True):
+        ax.set_title(f"{method}: {key}", fontsize=9)
+        ax.set_xlabel("PPO step")
+    row[0].legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(figures_dir() / "06_ppo_training.png", dpi=120)
+plt.show()
+
+# %%
+for (method, kl), frame in ppo_curves.items():
+    first, last = frame.iloc[0], frame.iloc[-1]
+    print(f"{method:6s} target {kl:4g}: KL {first['objective/kl']:7.3f} -> {last['objective/kl']:7.3f}   "
+          f"beta {first['kl_coef']:.3f} -> {last['kl_coef']:.3f}   "
+          f"score {first['objective/scores']:7.3f} -> {last['objective/scores']:7.3f}")
+
+# %% [markdown]
+# What to look for (at the `cpu` preset; `smoke` runs only a handful of steps, too few for the targets to
+# pull the runs apart): while a run's KL estimate is below its target the controller lowers β, above it
+# raises β, so runs with higher targets end with lower β and drift further from $\pi_{\rm ref}$; the KL
+# chases its target with a lag set by the horizon $H$. Scores should rise, noisily: each step's gradient is
+# estimated from one sample per prompt, and the advantages from a value head that is itself still learning.
+# ($r_\phi$ is centred on the training completions, so PPO's scores start near 0; PPO-GT's are
+# probabilities.) That variance is what DPO avoids: it needs neither samples nor a critic during training.
+#
+# ## Unlikelihood and Preferred-FT
+# The two baselines train on the fixed pairs with DPO's optimiser settings, with no reference model in the
+# loss: **Preferred-FT** is supervised fine-tuning on $y_w$; **Unlikelihood** (Welleck et al. 2019) also
+# pushes every token of $y_l$ toward probability 0, with weight α. Their logs use DPO's names:
+# `logps/chosen` $=\log\pi_\theta(y_w|x)$ and `logps/rejected` $=\log\pi_\theta(y_l|x)$ (summed over
+# completion tokens). Each step's value is the mean over **that step's batch**, so these two curves carry
+# batch-to-batch noise as large as the training signal. `rewards/chosen` and `rewards/rejected` remove it:
+# for a baseline they are $\log\frac{\pi_\theta(y|x)}{\pi_{\rm ref}(y|x)}$ in nats on the same batch (the
+# implicit reward of Eq. 5 with β = 1, logged as a readout, not optimised), i.e. how far training has moved
+# the chosen and the rejected completions.
+
+# %%
+baseline_runs = pipeline.frontier_runs(config, ("Unlikelihood", "Preferred-FT"))
+baseline_results = {(m, v): pipeline.pairwise(config, m, v) for m, v in baseline_runs}
+baseline_curves = {key: step_rows(r.metrics_path, "loss") for key, r in baseline_results.items()}
+
+BASELINE_PANELS = ["loss", "logps/chosen", "logps/rejected", "rewards/chosen", "rewards/rejected"]
+fig, axes = plt.subplots(1, len(BASELINE_PANELS), figsize=(17, 3.4))
+styles = ["-", "--", ":", "-."]  # one colour per method, one line style per run of that method
+for (method, value), frame in baseline_curves.items():
+    label = f"{method}, {pipeline.hyperparameter_name(method)}={value:g}"
+    style = dict(color=METHOD_COLORS.get(method), ls=styles[[v for m, v in baseline_runs if m == method]
+                                                            .index(value) % len(styles)])
+    for ax, key in zip(axes, BASELINE_PANELS, strict=True):
+        ax.plot(frame.index, frame[key], label=label, **style)
+for ax, title in zip(axes, ["loss", r"logps/chosen  $\log\pi_\theta(y_w|x)$",
+                            r"logps/rejected  $\log\pi_\theta(y_l|x)$",
+                            r"rewards/chosen  $\log\pi_\theta/\pi_{\rm ref}\,(y_w)$",
+                            r"rewards/rejected  $\log\pi_\theta/\pi_{\rm ref}\,(y_l)$"], strict=True):
+    if title.startswith("rewards"):
+        ax.axhline(0, color="grey", lw=0.5)  # pi_ref's level: where every run starts
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+fig.tight_layout()
+fig.savefig(figures_dir() / "06_baselines_training.png", dpi=120)
+plt.show()
+
+# %%
+print("final step: log pi/pi_ref of the batch's chosen and rejected completions (nats)")
+for (method, value), frame in baseline_curves.items():
+    last = frame.iloc[-1]
+    print(f"{method:12s} {pipeline.hyperparameter_name(method)}={value:<4g}  chosen "
+          f"{last['rewards/chosen']:+8.3f}   rejected {last['rewards/rejected']:+8.3f}   "
+          f"margin {last['rewards/margins']:+8.3f}")
+
+# %% [markdown]
+# Preferred-FT is meant to raise $\log\pi(y_w|x)$, and it tends to raise $\log\pi(y_l|x)$ with it: chosen and
+# rejected completions of the same prompt share most of their style, and nothing in the loss tells them
+# apart, so their margin stays small. (With a short, fast-warming run, as at `smoke`, both may even fall at
+# first: the optimiser's first steps overshoot.)
+# Unlikelihood separates them, but its penalty is unbounded in how far it may push $y_l$ down and it has no
+# KL anchor: with a large α the policy can degenerate (the paper reports it producing meaningless text on
+# complex tasks). Neither loss knows $\pi_{\rm ref}$, so neither controls KL; DPO's log-ratio does.
+#
+# ## Samples at (roughly) matched KL
+# Rewards are only comparable at equal KL (a policy far from $\pi_{\rm ref}$ can buy reward with
+# degenerate text). Each run's **final** evaluation point gives its KL; per method we take the run whose
+# final KL is closest to a common value, load its final policy, and sample the same test prompts with the
+# same seed.
+
+# %%
+dpo_results = {(m, v): pipeline.pairwise(config, m, v) for m, v in pipeline.frontier_runs(config, ("DPO",))}
+all_results = {**dpo_results, **baseline_results, **ppo_results}
+finals = pd.DataFrame([{"method": m, "hyperparameter": f"{pipeline.hyperparameter_name(m)}={v:g}", "value": v,
+                        **pipeline.evaluation_points(r.metrics_path).iloc[-1][pipeline.EVAL_COLUMNS]}
+                       for (m, v), r in all_results.items()])
+common_kl = match_kl if match_kl >= 0 else float(finals.kl_mean.median())
+finals["distance"] = (finals.kl_mean - common_kl).abs()
+chosen = finals.loc[finals.groupby("method", sort=False).distance.idxmin()]
+print(f"common KL: {common_kl:.3f}")
+display(chosen.drop(columns=["value", "distance"]).round(3))
+
+# %%
+policy_sft, tokenizer, _ = pipeline.sft_policy(config)
+reward, _ = pipeline.reward_model(config)
+shown = pipeline.prompts(config, tokenizer, "test")[:n_show]
+settings = dict(n_per_prompt=1, max_new_tokens=config.eval.max_new_tokens, batch_size=32, seed=config.seed,
+                progress=False)
+policies = {"SFT": policy_sft}
+for row in chosen.itertuples():
+    policies[f"{row.method} ({row.hyperparameter})"], _ = load_policy(
+        all_results[(row.method, row.value)].checkpoint_dir)
+completions = {name: [c[0] for c in sample_completions(policy, tokenizer, shown, **settings)]
+               for name, policy in policies.items()}
+scores = {name: score_completions(reward, shown, texts) for name, texts in completions.items()}
+samples = pd.DataFrame([{"prompt": prompt, "policy": name, "completion": completions[name][i],
+                         "r*": scores[name][i]} for i, prompt in enumerate(shown) for name in policies])
+display(samples.set_index(["prompt", "policy"]).round(3))
+
+# %% [markdown]
+# Every row of a prompt used the same random numbers, so differences come from the policies. At the
+# `smoke` preset the policies are too small and too briefly trained to say much. At `cpu`, look for which
+# methods' completions turn more positive than the SFT model's at this KL, and whether any has bought its
+# reward with repetitive text. Three prompts are anecdotes; notebook 07 compares the methods properly, with
+# every evaluation point of every run on the reward–KL plane.

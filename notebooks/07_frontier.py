@@ -1,0 +1,157 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 07 · The reward–KL frontier: DPO against PPO and the baselines
+#
+# The paper's Fig. 2 (left) is one plot: for every run of every method, each evaluation checkpoint becomes a
+# point (mean sequence-level KL to $\pi_{\rm ref}$, mean ground-truth reward $r^*$ on held-out test
+# prompts). A method is better when its points sit **up and to the left**: more reward for the same
+# departure from the reference. The claim is that DPO's frontier dominates PPO's, even PPO with the true
+# reward (PPO-GT): in the paper, DPO beats 26 of 27, 28 of 29 and 34 of 35 points of its three PPO-family
+# series, in both reward and KL at once.
+#
+# `pipeline.frontier` trains every run of the preset's sweeps (DPO β, Unlikelihood α, Preferred-FT seeds,
+# PPO and PPO-GT target KLs), or loads it if it finished before: after notebooks 05–06 or
+# `python -m dpo_lab reproduce` at the same preset, this notebook only reads `metrics.jsonl` files.
+#
+# **The outputs shown are from the tiny `smoke` preset** (a dozen steps per run on a toy policy: the points
+# are few, close together and noisy, and prove nothing about the methods). For the laptop reproduction run
+# `papermill notebooks/07_frontier.ipynb out.ipynb -p preset cpu` (or set `DPO_LAB_PRESET=cpu`); the
+# `cpu` preset's figure is in the README.
+#
+# Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
+
+# %% tags=["parameters"]
+from dpo_lab.presets import default_preset_name
+
+preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET overrides the default)
+seed: int = 0  # seeds the SFT policy, the pairs, every run and every evaluation
+methods: list[str] = []  # methods on the plot, e.g. ["DPO", "PPO"]; [] plots all five (pipeline.METHODS)
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from IPython.display import display
+from transformers.utils import logging as hf_logging
+
+from dpo_lab import pipeline
+from dpo_lab.paths import figures_dir
+from dpo_lab.plots import dominance, plot_frontier
+from dpo_lab.presets import get_preset
+from dpo_lab.reproduce import DOMINANCE_SERIES, PAPER_DOMINANCE, summary_table
+from dpo_lab.seed import seed_everything
+
+hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
+pd.set_option("display.width", 120)
+config = get_preset(preset, seed=seed)
+seed_everything(config.seed)
+shown_methods = tuple(methods) or pipeline.METHODS
+print(f"preset {config.name!r}; methods {list(shown_methods)}")
+
+# %% [markdown]
+# ## Every run of every method
+# One row per evaluation point: the run (`method`, `hyperparameter`), its `step` (0 = the SFT policy every
+# run starts from), the mean reward and mean KL with their standard errors over test prompts.
+
+# %%
+points = pipeline.frontier(config, shown_methods)
+display(points[["method", "hyperparameter", "step", *pipeline.EVAL_COLUMNS]].head(8).round(4))
+
+# %% [markdown]
+# The shape of the sweep (runs per method, evaluation points per method) follows from the preset alone:
+
+# %%
+# NBVAL_CHECK_OUTPUT
+shape = points.groupby("method", sort=False).agg(runs=("hyperparameter", "nunique"), points=("step", "size"))
+print(shape.to_string())
+start = points[points.step == 0]
+assert np.allclose(start.kl_mean, 0.0, atol=1e-6), "every run starts at pi_ref: KL 0"
+assert start.reward_mean.nunique() == 1, "every run starts from the same SFT policy and evaluation samples"
+print(f"SFT start: every run's step-0 point is the same policy (KL {abs(start.kl_mean.max()):.1f})")
+
+# %% [markdown]
+# ## The frontier
+# Each dot is one checkpoint; the star is the shared start $\pi^{\rm SFT}$; each method's step line is its
+# **upper envelope** (the points no other point of the same method beats on both axes).
+
+# %%
+title = f"IMDb sentiment, preset '{config.name}': reward vs KL"
+fig = plot_frontier(points, figures_dir() / "07_frontier.png", title=title)
+plt.show()
+
+# %% [markdown]
+# ## Dominance: the paper's count
+# For each PPO-family series: how many of its evaluation points (starting checkpoints excluded) have some DPO
+# point with **both** strictly higher reward and strictly lower KL (`plots.dominance`).
+
+# %%
+rows = []
+for name, others in DOMINANCE_SERIES.items():
+    if not set(others) <= set(shown_methods) or "DPO" not in shown_methods:
+        continue  # a series (or DPO) left off the plot has nothing to count
+    dominated, total = dominance(points, challenger="DPO", others=others)
+    rows.append({"series": name, "dominated by DPO": f"{dominated}/{total}",
+                 "share": dominated / total if total else float("nan")})
+display(pd.DataFrame(rows).round(3))
+print(f"paper: {PAPER_DOMINANCE}, about 0.97 overall")
+print("(the paper's third series is TRL's PPO-GT; here the third row pools our PPO and PPO-GT points)")
+
+# %% [markdown]
+# ## Per run: start, end, best
+# `reward_final ± reward_final_se` and `kl_final` are the run's last checkpoint; `reward_best` its best
+# evaluation. (`python -m dpo_lab reproduce` writes the same table to `figures/results_<preset>.md`.)
+
+# %%
+table = summary_table(points)
+display(table.round(3))
+
+# %% [markdown]
+# ## What the figure shows, and why
+#
+# **Read it at equal KL.** Reward alone is not the goal: Eq. 3 trades reward against
+# $\mathbb D_{\rm KL}[\pi\,\|\,\pi_{\rm ref}]$, and a policy can always buy reward by drifting far from
+# $\pi_{\rm ref}$ (toward repetitive, degenerate text that the classifier likes). So compare methods by
+# their envelopes: at a given KL, which reaches more reward? The starting star is the same for every run.
+#
+# **Why DPO should sit on or above PPO's envelope.** DPO and PPO optimise the same objective, Eq. 3.
+# DPO's loss (Eq. 7) fits the policy whose implied reward $\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}$
+# (Eq. 5) explains the preferences; its minimiser is Eq. 4's exact solution of Eq. 3 for that reward. It
+# uses the data in a supervised way: exact log-probabilities of fixed pairs, a low-variance gradient, no
+# sampling, no critic. PPO reaches for the same optimum through estimates: every step it samples one
+# completion per prompt, scores it, and follows a policy gradient whose advantage comes from a value head
+# that is still learning (notebook 06). §5.2 of the paper names the cause: the normaliser of Eq. 10, the
+# soft value function of $\pi_{\rm ref}$, has to be estimated, and without a good estimate the gradient has
+# high variance. The KL penalty, too, is estimated from the same few samples, and the adaptive β moves while
+# the policy trains, so PPO's points scatter below the trade-off it could reach in principle. PPO with the
+# learned reward adds one more error: $r_\phi$ ranks some pairs wrongly (its validation accuracy, notebook
+# 06), and PPO optimises those mistakes too. PPO-GT removes that error with the oracle $r^*$; in the paper
+# DPO still dominates it, which points at the optimisation, not the reward model, as PPO's handicap.
+#
+# **The baselines.** Preferred-FT only imitates the chosen completions, and a chosen completion is often
+# barely better than its rejected twin: in the paper its points stay near the start, with little reward
+# gained. Unlikelihood pushes the rejected tokens down with no anchor to $\pi_{\rm ref}$: it can gain
+# reward, but no knob of its loss controls the KL it pays for it.
+#
+# **What to expect from these numbers.** At the `smoke` preset above, each run takes a dozen steps on a
+# two-layer model trained for seconds; the points cluster near the start, the error bars overlap, and the
+# dominance count can land anywhere: it checks the plumbing, not the paper. The claim is tested at the
+# `cpu` preset (a 4-layer GPT-2 trained on IMDb here, about 9,000 pairs, 150 DPO steps a run; its figure is
+# in the README) and at `paper` (gpt2-large, siebert as $r^*$, on a GPU). Even there, a reproduction this
+# small differs from the paper in scale; what should carry over is the ordering of the envelopes, more than
+# the exact counts.
