@@ -33,7 +33,7 @@ import contextlib
 import math
 import os
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -44,7 +44,6 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from dpo_lab.batching import PreferenceCollator
 from dpo_lab.cache import atomic_directory, content_hash
@@ -73,6 +72,7 @@ from dpo_lab.runs import (
     pair_examples,
     pairs_fingerprint,
     prune_checkpoints,
+    quiet_hf_progress,
     read_metrics,
     resolve_device,
     rng_state,
@@ -248,24 +248,12 @@ def reference_logprobs(
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-@contextlib.contextmanager
-def _no_hf_progress_bars() -> Iterator[None]:
-    """save_pretrained draws a 'Writing model shards' bar; one per checkpoint would bury the training bar."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 def _save_checkpoint(out_dir: Path, step: int, policy: nn.Module, tokenizer: PreTrainedTokenizerBase,
                      optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                      run_key: str, seed: int, n_pairs: int, batch_size: int, keep: int | None) -> Path:
     """Weights (safetensors) + tokenizer + optimizer/scheduler/RNG/data-order state, in one atomic write."""
     path = checkpoint_path(out_dir, step)
-    with atomic_directory(path) as tmp, _no_hf_progress_bars():
+    with atomic_directory(path) as tmp, quiet_hf_progress():
         policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # Tensors and plain types only, so torch.load(weights_only=True) can read it back.

@@ -29,6 +29,7 @@ from transformers import (
 from dpo_lab.cache import atomic_directory
 from dpo_lab.data import validate_texts
 from dpo_lab.presets import PolicyConfig
+from dpo_lab.runs import quiet_hf_progress
 from dpo_lab.sampling import sampling_config
 from dpo_lab.seed import seed_everything
 
@@ -119,7 +120,8 @@ def load_policy(path: str | Path) -> tuple[PreTrainedModel, Any]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no saved policy at {path} (config.json missing)")
-    return load_hub_policy(str(path))
+    with quiet_hf_progress():
+        return load_hub_policy(str(path))
 
 
 # ----------------------------------------------------------------------------------------------- SFT

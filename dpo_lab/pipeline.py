@@ -186,11 +186,17 @@ def frontier_runs(preset: Preset, methods: tuple[str, ...] = METHODS) -> list[tu
     return [(m, float(v)) for m in methods for v in values[m]]
 
 
+SCHEDULE_FIELDS = ("betas", "target_kls", "max_steps", "eval_every", "checkpoint_every")
+
+
 def run_dir(preset: Preset, method: str, value: float) -> Path:
     """Where one run lives: the key hashes the stages it reads and every setting of its method."""
     name = hyperparameter_name(method)
-    settings = preset.ppo if method in PPO_METHODS else dataclasses.replace(preset.dpo, betas=())
-    key = content_hash(method, preferences_key(preset), settings, preset.reward_model, preset.eval, value)
+    settings = preset.ppo if method in PPO_METHODS else preset.dpo
+    # How long a run goes and how often it is looked at do not change its trajectory: leaving them out of
+    # the key lets a finished run be continued with a larger max_steps (the trainers resume it).
+    trajectory = {k: v for k, v in dataclasses.asdict(settings).items() if k not in SCHEDULE_FIELDS}
+    key = content_hash(method, preferences_key(preset), trajectory, preset.reward_model, preset.eval, value)
     return artifacts_dir() / "runs" / f"{method.lower()}-{name}{value:g}-{key}"
 
 
@@ -221,7 +227,10 @@ def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW
     policy, _, _ = sft_policy(preset, progress=False)
     pairs, _ = preference_data(preset, progress=progress)
     objective = {"DPO": "dpo", "Unlikelihood": "unlikelihood", "Preferred-FT": "preferred_ft"}[method]
-    return train_dpo(policy, reference, tokenizer, pairs, config=preset.dpo, objective=objective,
+    config = preset.dpo
+    if method != "DPO" and preset.baselines.max_steps is not None:
+        config = dataclasses.replace(config, max_steps=preset.baselines.max_steps)
+    return train_dpo(policy, reference, tokenizer, pairs, config=config, objective=objective,
                      beta=value if method == "DPO" else None,
                      alpha=value if method == "Unlikelihood" else None,
                      seed=int(value) if method == "Preferred-FT" else preset.seed,

@@ -58,6 +58,7 @@ from dpo_lab.runs import (
     load_weights,
     model_fingerprint,
     prune_checkpoints,
+    quiet_hf_progress,
     resolve_device,
     rng_state,
     set_rng_state,
@@ -416,7 +417,7 @@ def _save_checkpoint(out_dir: Path, step: int, model: PolicyWithValueHead, token
                      moments: RunningMoments, run_key: str) -> Path:
     """Policy (safetensors) + tokenizer + value head + optimizer/beta/moments/RNG, in one atomic write."""
     path = checkpoint_path(out_dir, step)
-    with atomic_directory(path) as tmp:
+    with atomic_directory(path) as tmp, quiet_hf_progress():
         model.policy.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         # In a subfolder: load_weights reads every *.safetensors beside the policy's weights.

@@ -16,10 +16,11 @@ log-prob cache are built from.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -31,6 +32,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash
 
@@ -364,3 +366,16 @@ def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
     """lr multiplier of update t (0-based): (t + 1) / (warmup + 1) until warmup is over, then 1 (as the
     official code: linear from ~0 over ``warmup_steps`` updates, App. B)."""
     return lambda t: min(1.0, (t + 1) / (warmup_steps + 1))
+
+
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' own bars ('Loading weights', 'Writing model shards') for local, small loads and
+    saves: one per checkpoint would bury the training bar."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()

@@ -73,6 +73,9 @@ def test_changed_setting_changes_only_downstream_keys():
     assert pipeline.run_dir(base, "DPO", 0.1) != pipeline.run_dir(other, "DPO", 0.1)
     assert pipeline.run_dir(base, "PPO", 1.0) == pipeline.run_dir(other, "PPO", 1.0)
     assert pipeline.sft_key(base) != pipeline.sft_key(get_preset("smoke", **{"policy.n_layer": 3}))
+    longer = get_preset("smoke", **{"dpo.max_steps": 99, "ppo.eval_every": 2})  # same runs, continued
+    assert pipeline.run_dir(base, "DPO", 0.1) == pipeline.run_dir(longer, "DPO", 0.1)
+    assert pipeline.run_dir(base, "PPO-GT", 1.0) == pipeline.run_dir(longer, "PPO-GT", 1.0)
 
 
 def test_unknown_method_is_named():
