@@ -32,15 +32,6 @@ from dpo_lab.presets import EvalConfig
 PROMPTS = ["This movie", "The film", "I think", "A story", "The acting", "Music is", "Worst", "An excellent"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread (and the test machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def vowel_share(texts):
     """A synthetic reward a random tiny GPT-2 can raise quickly: the share of characters that are vowels."""
     return np.array([sum(ch in "aeiou" for ch in s) / max(len(s), 1) for s in texts])

@@ -36,15 +36,6 @@ def easy_pairs() -> dict[str, list[str]]:
     return rows
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread (and the test machine's cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 CONFIG = RewardModelConfig(epochs=4, max_steps=None, batch_size=8, lr=3e-3, warmup_steps=2, val_fraction=0.25,
                            eval_every=5, max_length=32)
 

@@ -1,0 +1,161 @@
+"""TL;DR and Anthropic-HH loaders, offline: fixture files in the hub's schema and a patched load_dataset."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pytest
+
+from dpo_lab import hub_preferences as hp
+from dpo_lab.runs import PAIR_COLUMNS
+
+FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
+TLDR = FIXTURES / "summarize_from_feedback"
+HH = FIXTURES / "hh_rlhf"
+
+
+def _raw(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _check_counts(stats: dict[str, Any], pairs: datasets.Dataset) -> None:
+    assert stats["kept"] == len(pairs)
+    assert stats["read"] == stats["kept"] + sum(stats["skipped"].values())
+
+
+def test_tldr_fixture_schema_counts_and_choice() -> None:
+    pairs, stats = hp.load_tldr_preferences("train", path=TLDR, progress=False)
+    assert pairs.column_names == list(PAIR_COLUMNS)
+    assert stats["read"] == 6 and stats["kept"] == 3
+    assert stats["skipped"] == {"not_reddit": 1, "empty_summary": 1, "identical": 1}
+    _check_counts(stats, pairs)
+    # Independently rebuild each kept pair from the raw hub-schema rows: chosen is summaries[choice].
+    expected = {}
+    for row in _raw(TLDR / "comparisons" / "train.jsonl"):
+        info, texts = row["info"], [s["text"].strip() for s in row["summaries"]]
+        if info["post"] is None or not all(texts) or texts[0] == texts[1]:
+            continue
+        prompt = (f"SUBREDDIT: r/{info['subreddit'].strip()}\nTITLE: {info['title'].strip()}\n"
+                  f"POST: {info['post'].strip()}\nTL;DR:")
+        expected[prompt] = (" " + texts[row["choice"]], " " + texts[1 - row["choice"]])
+    got = {r["prompt"]: (r["chosen"], r["rejected"]) for r in pairs}
+    assert got == expected
+    assert any(c == 1 for c in (r["choice"] for r in _raw(TLDR / "comparisons" / "train.jsonl")))
+
+
+def test_tldr_validation_split_and_unknown_split() -> None:
+    pairs, stats = hp.load_tldr_preferences("validation", path=TLDR, progress=False)
+    assert (stats["split"], stats["read"], stats["kept"]) == ("validation", 2, 2)
+    _check_counts(stats, pairs)
+    with pytest.raises(FileNotFoundError, match="'test'"):
+        hp.load_tldr_preferences("test", path=TLDR, progress=False)
+
+
+def test_tldr_hub_path_calls_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    fixture = datasets.Dataset.from_list(_raw(TLDR / "comparisons" / "validation.jsonl"))
+
+    def fake_load_dataset(name: str, config: str | None = None, **kwargs: Any) -> datasets.Dataset:
+        calls.append((name, config, kwargs))
+        return fixture
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    pairs, stats = hp.load_tldr_preferences("validation", progress=False)
+    assert calls == [("openai/summarize_from_feedback", "comparisons", {"split": "validation"})]
+    assert stats["source"] == "openai/summarize_from_feedback" and len(pairs) == 2
+
+
+def test_hh_fixture_schema_and_counts() -> None:
+    pairs, stats = hp.load_hh_preferences("train", path=HH, progress=False)
+    assert pairs.column_names == list(PAIR_COLUMNS)
+    assert stats["read"] == 6 and stats["kept"] == 3
+    assert stats["skipped"] == {"no_assistant_turn": 0, "prompt_mismatch": 1, "empty_response": 1,
+                                "identical": 1}
+    _check_counts(stats, pairs)
+    raw = {r["chosen"]: r["rejected"] for r in _raw(HH / "helpful-base" / "train.jsonl")}
+    for r in pairs:  # prompt + response gives back both original dialogues
+        assert raw[r["prompt"] + r["chosen"]] == r["prompt"] + r["rejected"]
+        assert r["prompt"].endswith("\n\nAssistant:") and "\n\nAssistant:" not in r["chosen"]
+
+
+def test_hh_multi_turn_prompt_split() -> None:
+    dialogue = ("\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant: An apple.")
+    prompt, response = hp.split_dialogue(dialogue)
+    assert prompt == "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant:"
+    assert response == " An apple."
+    assert not hp.is_single_turn(prompt) and hp.is_single_turn("\n\nHuman: Hi\n\nAssistant:")
+    assert hp.split_dialogue("\n\nHuman: no reply") is None
+    pairs, _ = hp.load_hh_preferences("train", path=HH, progress=False)
+    multi = [r for r in pairs if r["prompt"].count("\n\nHuman:") == 2]
+    assert len(multi) == 1 and multi[0]["chosen"] == " Try a classic detective novel."
+
+
+def test_hh_single_turn_only_counts_multi_turn() -> None:
+    pairs, stats = hp.load_hh_preferences("train", path=HH, single_turn_only=True, progress=False)
+    assert stats["skipped"]["multi_turn"] == 1 and stats["kept"] == 2 and stats["single_turn_only"]
+    assert all(hp.is_single_turn(p) for p in pairs["prompt"])
+    _check_counts(stats, pairs)
+    test_pairs, test_stats = hp.load_hh_preferences("test", path=HH, single_turn_only=True, progress=False)
+    assert (test_stats["read"], len(test_pairs)) == (2, 1)
+
+
+def test_hh_hub_path_and_no_assistant_turn(monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = [{"chosen": "\n\nHuman: Hi", "rejected": "\n\nHuman: Hi"},
+            {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}]
+    calls = []
+
+    def fake_load_dataset(name: str, config: str | None = None, **kwargs: Any) -> datasets.Dataset:
+        calls.append((name, config, kwargs))
+        return datasets.Dataset.from_list(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    pairs, stats = hp.load_hh_preferences("test", progress=False)
+    assert calls == [("Anthropic/hh-rlhf", None, {"split": "test"})]
+    assert stats["skipped"]["no_assistant_turn"] == 1 and pairs["chosen"] == [" Hello!"]
+
+
+def test_missing_fields_are_named(tmp_path: Path) -> None:
+    row = _raw(TLDR / "comparisons" / "validation.jsonl")[0]
+    no_choice = {k: v for k, v in row.items() if k != "choice"}
+    with pytest.raises(ValueError, match="'choice'"):
+        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "a.jsonl", [no_choice]),
+                                 progress=False)
+    no_subreddit = {**row, "info": {k: v for k, v in row["info"].items() if k != "subreddit"}}
+    with pytest.raises(ValueError, match="row 0: info lacks field 'subreddit'"):
+        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "b.jsonl", [no_subreddit]),
+                                 progress=False)
+    no_text = {**row, "summaries": [{"policy": "ref"}, {"policy": "sup2"}]}
+    with pytest.raises(ValueError, match=r"summaries\[0\] lacks field 'text'"):
+        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "c.jsonl", [no_text]), progress=False)
+    with pytest.raises(ValueError, match="'rejected'"):
+        hp.load_hh_preferences("train", path=_write_jsonl(tmp_path / "d.jsonl", [{"chosen": "x"}]),
+                               progress=False)
+
+
+def test_bad_choice_raises(tmp_path: Path) -> None:
+    row = {**_raw(TLDR / "comparisons" / "validation.jsonl")[0], "choice": 2}
+    with pytest.raises(ValueError, match="choice must be 0 or 1"):
+        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "e.jsonl", [row]), progress=False)
+
+
+def test_outputs_pass_project_validation(tiny_tokenizer: Any) -> None:
+    tldr, _ = hp.load_tldr_preferences("train", path=TLDR, validate=False, progress=False)
+    hh, _ = hp.load_hh_preferences("train", path=HH, validate=False, progress=False)
+    for pairs in (tldr, hh):
+        hp.validate_pairs(pairs, tokenizer=tiny_tokenizer, max_length=512)
+        with pytest.raises(ValueError, match="prompt longer than the context"):
+            hp.validate_pairs(pairs, tokenizer=tiny_tokenizer, max_length=4)
+    same = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [" a"], "rejected": [" a"]})
+    with pytest.raises(ValueError, match="identical"):
+        hp.validate_pairs(same)
+    with pytest.raises(ValueError, match="missing|lack"):
+        hp.validate_pairs(datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [" a"]}))
