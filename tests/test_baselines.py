@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it)
 
 from dpo_lab.batching import PreferenceCollator
 from dpo_lab.dpo_trainer import (
@@ -21,18 +22,7 @@ from dpo_lab.dpo_trainer import (
 )
 from dpo_lab.logprobs import completion_token_logprobs, concatenated_logprobs
 from dpo_lab.losses import preferred_ft_loss, unlikelihood_loss
-from dpo_lab.presets import DPOConfig
 
-GOOD = [" great, I loved it", " wonderful and moving", " an excellent cast", " brilliant music"]
-BAD = [" awful and boring", " a waste of time", " the worst ever", " a weak script"]
-PROMPTS = ["This movie was", "The film", "I think it is", "The acting"]
-PAIRS = {
-    "prompt": [p for p in PROMPTS for _ in GOOD],
-    "chosen": [g for _ in PROMPTS for g in GOOD],
-    "rejected": [b for _ in PROMPTS for b in BAD],
-}  # 16 pairs, as in test_dpo_trainer
-CONFIG = DPOConfig(optimizer="adamw", lr=3e-3, warmup_steps=2, batch_size=4, micro_batch_size=2, max_steps=6,
-                   checkpoint_every=2, eval_every=2, max_grad_norm=10.0)
 MAX_LENGTH = 32
 COLLATOR_ROWS = [dict(zip(PAIRS, row, strict=True)) for row in zip(*PAIRS.values(), strict=True)]
 
