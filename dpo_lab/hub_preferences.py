@@ -105,15 +105,8 @@ def validate_pairs(
     max_length: int | None = None,
 ) -> None:
     """The project's pair checks (non-empty texts, chosen != rejected, prompt fits the context) for pairs with
-    human labels only: ``validate_preferences`` insists on r* columns, so equal placeholder rewards stand in
-    (it accepts ties), leaving every other check as it is."""
-    if not isinstance(ds, datasets.Dataset):
-        raise TypeError(f"expected a datasets.Dataset, got {type(ds).__name__}")
-    _require_columns(ds, PAIR_COLUMNS, "preference")
-    view = ds.select_columns(list(PAIR_COLUMNS))
-    zeros = [0.0] * len(view)
-    view = view.add_column("chosen_reward", zeros).add_column("rejected_reward", zeros)
-    validate_preferences(view, tokenizer=tokenizer, max_length=max_length)
+    human labels only (no r* columns)."""
+    validate_preferences(ds, tokenizer=tokenizer, max_length=max_length, require_rewards=False)
 
 
 def tldr_prompt(info: Mapping[str, Any], where: str = "info") -> str | None:

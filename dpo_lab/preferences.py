@@ -119,22 +119,28 @@ def validate_preferences(
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_length: int | None = None,
+    require_rewards: bool = True,
 ) -> None:
-    """Raise ValueError naming the first problem (and its row) that would make a pair unusable."""
+    """Raise ValueError naming the first problem (and its row) that would make a pair unusable.
+
+    ``require_rewards=False`` checks pairs labelled by people (TL;DR, Anthropic-HH), which carry no r*."""
     if not isinstance(ds, datasets.Dataset):
         raise TypeError(f"expected a datasets.Dataset, got {type(ds).__name__}")
-    missing = [c for c in COLUMNS if c not in ds.column_names]
+    columns = COLUMNS if require_rewards else COLUMNS[:3]
+    missing = [c for c in columns if c not in ds.column_names]
     if missing:
         raise ValueError(f"preference data is missing column(s) {missing}; it has {ds.column_names}")
     if (tokenizer is None) != (max_length is None):
         raise TypeError("pass both tokenizer and max_length to check prompt lengths, or neither")
-    cols = ds.select_columns(list(COLUMNS)).to_dict()  # plain lists: fast row access
+    cols = ds.select_columns(list(columns)).to_dict()  # plain lists: fast row access
     for row in range(len(ds)):
         for c in ("prompt", "chosen", "rejected"):
             if not isinstance(cols[c][row], str) or not cols[c][row]:
                 raise ValueError(f"row {row}: empty {c} text ({cols[c][row]!r})")
         if cols["chosen"][row] == cols["rejected"][row]:
             raise ValueError(f"row {row}: chosen is identical to rejected ({_snippet(cols['chosen'][row])})")
+        if not require_rewards:
+            continue
         rw, rl = cols["chosen_reward"][row], cols["rejected_reward"][row]
         if rw is None or rl is None or not (math.isfinite(rw) and math.isfinite(rl)):
             raise ValueError(f"row {row}: non-finite reward (chosen {rw}, rejected {rl})")

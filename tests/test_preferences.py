@@ -18,6 +18,7 @@ from dpo_lab.preferences import (
     load_preferences,
     save_preferences,
     score_samples,
+    validate_preferences,
 )
 from dpo_lab.presets import PreferenceConfig
 
@@ -166,3 +167,13 @@ def test_candidates_round_trip(tmp_path, tiny_model, tiny_tokenizer):
     with pytest.raises(FileNotFoundError, match="candidates.json"):
         load_candidates(save_preferences(ds, tmp_path / "without", stats=stats))
     assert load_candidates(save_preferences(ds, tmp_path / "with", candidates=candidates)) == candidates
+
+
+def test_pairs_without_rewards_validate_only_when_asked():
+    ds = datasets.Dataset.from_dict({"prompt": ["A"], "chosen": [" good"], "rejected": [" bad"]})
+    with pytest.raises(ValueError, match="chosen_reward"):
+        validate_preferences(ds)
+    validate_preferences(ds, require_rewards=False)
+    same = datasets.Dataset.from_dict({"prompt": ["A"], "chosen": [" x"], "rejected": [" x"]})
+    with pytest.raises(ValueError, match="identical"):
+        validate_preferences(same, require_rewards=False)
