@@ -10,6 +10,7 @@ parameter never reuses a stale artefact, and an interrupted run redoes only the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import json
@@ -39,7 +40,7 @@ from dpo_lab.preferences import (
 from dpo_lab.presets import Preset
 from dpo_lab.reward_model import LearnedReward, train_reward_model
 from dpo_lab.rewards import HubSentimentReward, RewardModel, TfidfSentimentReward, accuracy, first_words
-from dpo_lab.runs import read_metrics, resolve_device
+from dpo_lab.runs import RunResult, read_metrics, resolve_device
 from dpo_lab.seed import seed_everything
 
 # Progress bars on by default, off where TQDM_DISABLE is set (tests, CI): tqdm lets an explicit
@@ -139,8 +140,8 @@ def prompts(preset: Preset, tokenizer: PreTrainedTokenizerBase, split: str) -> l
                         max_tokens=cfg.prompt_max_tokens, seed=preset.seed)
 
 
-def preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
-    """All 6 pairs per train prompt from 4 pi_SFT samples, labelled by r* (ties dropped and counted)."""
+def _preferences_folder(preset: Preset, progress: bool) -> Path:
+    """The preference stage's folder, built first if needed (pairs, stats.json, candidates.json)."""
 
     def build(folder: Path) -> None:
         policy, tokenizer, _ = sft_policy(preset, progress=progress)
@@ -151,15 +152,18 @@ def preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[
                                                             progress=progress)
         save_preferences(pairs, folder / "pairs", stats=stats, candidates=candidates)
 
-    folder = cached_directory(stage_dir("preferences", preferences_key(preset)), build)
-    stats = json.loads((folder / "pairs" / "stats.json").read_text())
-    return load_preferences(folder / "pairs"), stats
+    return cached_directory(stage_dir("preferences", preferences_key(preset)), build) / "pairs"
 
 
-def preference_candidates(preset: Preset) -> Candidates:
+def preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
+    """All 6 pairs per train prompt from 4 pi_SFT samples, labelled by r* (ties dropped and counted)."""
+    folder = _preferences_folder(preset, progress)
+    return load_preferences(folder), json.loads((folder / "stats.json").read_text())
+
+
+def preference_candidates(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Candidates:
     """Every sample of every train prompt with its r* (ties included): what the pairs were built from."""
-    preference_data(preset)
-    return load_candidates(stage_dir("preferences", preferences_key(preset)) / "pairs")
+    return load_candidates(_preferences_folder(preset, progress))
 
 
 # ------------------------------------------------------------------------------------- runs (Fig. 2)
@@ -224,7 +228,7 @@ def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW
     if method not in PAIRWISE_METHODS:
         raise ValueError(f"{method!r} is not a pairwise method; choose from {list(PAIRWISE_METHODS)}")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
-    policy, _, _ = sft_policy(preset, progress=False)
+    policy = copy.deepcopy(reference)  # pi_theta starts at pi_SFT = pi_ref
     pairs, _ = preference_data(preset, progress=progress)
     objective = {"DPO": "dpo", "Unlikelihood": "unlikelihood", "Preferred-FT": "preferred_ft"}[method]
     config = preset.dpo
@@ -249,7 +253,7 @@ def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_
     if method not in PPO_METHODS:
         raise ValueError(f"{method!r} is not a PPO method; choose from {list(PPO_METHODS)}")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
-    policy, _, _ = sft_policy(preset, progress=False)
+    policy = copy.deepcopy(reference)  # pi_theta starts at pi_SFT = pi_ref
     score_fn = learned_reward(preset, progress=progress) if method == "PPO" else reward_model(preset)[0]
     config = dataclasses.replace(preset.ppo, target_kl=target_kl)
     return train_ppo(policy, reference, tokenizer, prompts(preset, tokenizer, "train"), score_fn,
@@ -257,11 +261,11 @@ def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_
                      eval_fn=_eval_fn(preset, reference, tokenizer), progress=progress)
 
 
-def run(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS) -> Path:
-    """Train (or load, if finished) one run; returns its metrics.jsonl."""
+def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS) -> RunResult:
+    """Train (or load, if finished) one run of any method; its checkpoint_dir and metrics_path."""
     if method in PPO_METHODS:
-        return ppo(preset, method, value, progress=progress).metrics_path
-    return pairwise(preset, method, value, progress=progress).metrics_path
+        return ppo(preset, method, value, progress=progress)
+    return pairwise(preset, method, value, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -284,7 +288,7 @@ def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bo
     frames = []
     for method, value in frontier_runs(preset, methods):
         start = time.perf_counter()
-        metrics = run(preset, method, value, progress=progress)
+        metrics = result(preset, method, value, progress=progress).metrics_path
         if timings is not None:
             timings[method] = timings.get(method, 0.0) + time.perf_counter() - start
         label = f"{hyperparameter_name(method)}={value:g}"
@@ -299,5 +303,5 @@ def dpo_sweep(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> pd.DataFrame
 
 __all__ = ["EVAL_COLUMNS", "METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "dpo", "dpo_run_dir", "dpo_sweep",
            "evaluation_points", "frontier", "frontier_runs", "imdb", "learned_reward", "pairwise", "ppo",
-           "preference_candidates", "preference_data", "prompts", "reward_model", "run", "run_dir",
+           "preference_candidates", "preference_data", "prompts", "result", "reward_model", "run_dir",
            "sft_policy"]

@@ -53,9 +53,13 @@ def dominance(points: pd.DataFrame, *, challenger: str = "DPO", others: Sequence
     return int(sum(beaten)), len(theirs)
 
 
-def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "") -> plt.Figure:
+def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "",
+                  label_runs: bool = False) -> plt.Figure:
     """Every evaluation point of every run (one colour per method), the shared SFT start, and each method's
-    upper envelope; KL(pi || pi_ref) on x and mean r* on y, as in the paper."""
+    upper envelope; KL(pi || pi_ref) on x and mean r* on y, as in the paper.
+
+    ``label_runs`` also draws each run's path in step order and labels its final point with its
+    ``hyperparameter`` (for a sweep of one method, where colour alone cannot tell the runs apart)."""
     _check_points(points)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     start = points[points.step == 0]
@@ -64,6 +68,11 @@ def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title
         ax.scatter(group.kl_mean, group.reward_mean, s=18, alpha=0.75, color=color, label=str(method))
         xs, ys = upper_envelope(group.kl_mean.to_numpy(), group.reward_mean.to_numpy())
         ax.step(xs, ys, where="post", color=color, alpha=0.5, linewidth=1)
+    if label_runs:
+        for name, run in points.sort_values("step").groupby("hyperparameter", sort=False):
+            ax.plot(run.kl_mean, run.reward_mean, color="grey", lw=0.6, alpha=0.6)
+            ax.annotate(str(name), (run.kl_mean.iloc[-1], run.reward_mean.iloc[-1]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
     if len(start):
         ax.scatter(start.kl_mean.mean(), start.reward_mean.mean(), marker="*", s=140, color="black",
                    label="SFT (start)", zorder=5)

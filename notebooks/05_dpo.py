@@ -184,14 +184,9 @@ display(comparison.round(3))
 # %%
 sweep = pipeline.dpo_sweep(config)
 display(sweep.round(4))
-fig = plot_frontier(sweep, title=f"DPO beta sweep, {config.name} preset ({config.dpo.max_steps} steps)")
-ax = fig.axes[0]
-for name, run in sweep.sort_values("step").groupby("hyperparameter", sort=False):
-    # Each run's path from the SFT start, in step order, labelled at its final checkpoint.
-    ax.plot(run.kl_mean, run.reward_mean, color="grey", lw=0.6, alpha=0.6)
-    ax.annotate(name, (run.kl_mean.iloc[-1], run.reward_mean.iloc[-1]), fontsize=8,
-                xytext=(4, 4), textcoords="offset points")
-fig.savefig(figures_dir() / "05_frontier.png", dpi=150)
+# Each run's path from the SFT start, in step order, labelled at its final checkpoint.
+fig = plot_frontier(sweep, figures_dir() / "05_frontier.png", label_runs=True,
+                    title=f"DPO beta sweep, {config.name} preset ({config.dpo.max_steps} steps)")
 plt.show()
 
 # %%

@@ -286,8 +286,7 @@ for (method, value), frame in baseline_curves.items():
 # same seed.
 
 # %%
-dpo_results = {(m, v): pipeline.pairwise(config, m, v) for m, v in pipeline.frontier_runs(config, ("DPO",))}
-all_results = {**dpo_results, **baseline_results, **ppo_results}
+all_results = {(m, v): pipeline.result(config, m, v) for m, v in pipeline.frontier_runs(config)}
 finals = pd.DataFrame([{"method": m, "hyperparameter": f"{pipeline.hyperparameter_name(m)}={v:g}", "value": v,
                         **pipeline.evaluation_points(r.metrics_path).iloc[-1][pipeline.EVAL_COLUMNS]}
                        for (m, v), r in all_results.items()])

@@ -48,3 +48,10 @@ def test_plot_frontier_writes_a_figure(tmp_path):
     fig = plot_frontier(points, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"DPO", "PPO", "SFT (start)"}
+
+
+def test_label_runs_names_each_run(tmp_path):
+    points = _points([("DPO", 0, 0.0, 0.5), ("DPO", 1, 2.0, 0.9), ("DPO", 0, 0.0, 0.5), ("DPO", 1, 1.0, 0.7)])
+    points["hyperparameter"] = ["beta=0.1", "beta=0.1", "beta=1", "beta=1"]
+    fig = plot_frontier(points, label_runs=True)
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["beta=0.1", "beta=1"]
