@@ -12,3 +12,4 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Figures made under test go to a scratch folder, so a test run never rewrites the committed figures/.
 os.environ.setdefault("DPO_LAB_FIGURES", tempfile.mkdtemp(prefix="dpo_lab_figures_"))
+os.environ.setdefault("DPO_LAB_RUNS", tempfile.mkdtemp(prefix="dpo_lab_runs_"))

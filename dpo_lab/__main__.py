@@ -1,16 +1,24 @@
-"""Command line: ``python -m dpo_lab reproduce --preset cpu`` and ``python -m dpo_lab preset cpu``."""
+"""Command line.
+
+    python -m dpo_lab reproduce --preset cpu          # the IMDb frontier end to end -> figures/
+    python -m dpo_lab preset cpu                      # print every setting of a preset
+    python -m dpo_lab sweep --preset cpu              # the preset's frontier sweep through papermill -> runs/
+    python -m dpo_lab sweep sweeps/hh_paper.yaml      # a sweep spec
+    python -m dpo_lab execute NB OUT -p beta 0.3      # one notebook, parameters checked before it runs
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
 from dpo_lab.presets import PRESETS, get_preset
 
 
-def _overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
     """``--set dpo.lr=1e-5`` pairs, values parsed as YAML scalars (numbers, booleans, lists)."""
     out = {}
     for pair in pairs:
@@ -21,19 +29,89 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _add_preset_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help=default_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set dpo.lr=1e-5 (repeatable)")
+
+
+def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from dpo_lab import sweep
+
+    try:
+        if args.spec and (args.preset or args.overrides or args.methods):
+            parser.error("give a SPEC file or --preset/--set/--methods, not both")
+        if args.spec:
+            spec = sweep.load_spec(args.spec)
+        else:
+            methods = args.methods.split(",") if args.methods else None
+            spec = sweep.preset_spec(args.preset or "cpu", parse_overrides(args.overrides), methods)
+        root = Path(args.runs_dir) if args.runs_dir else None
+        if args.dry_run:
+            sweep.validate(spec)
+            print(sweep.plan(spec, root).to_markdown(index=False))
+            return 0
+        devices = args.devices.split(",") if args.devices else None
+        outcomes = sweep.run_sweep(spec, root=root, devices=devices, force=args.force,
+                                   retry_failed=not args.skip_failed)
+    except (sweep.SweepError, KeyError, TypeError, ValueError) as err:
+        print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
+        return 2
+    folder = (root or sweep.runs_root()) / spec.name
+    print((folder / "results.md").read_text())
+    print(sweep.summarize(outcomes))
+    print(f"results: {folder / 'results.csv'}")
+    return 1 if any(o.state == "failed" for o in outcomes) else 0
+
+
+def _execute(args: argparse.Namespace) -> int:
+    import papermill
+
+    from dpo_lab import sweep
+
+    parameters = {name: yaml.safe_load(value) for name, value in args.parameters}
+    try:
+        sweep.check_parameters(args.notebook, parameters)
+    except sweep.SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    papermill.execute_notebook(args.notebook, args.output, parameters=parameters)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpo_lab", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dpo_lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="run the IMDb frontier end to end and write figures/")
+    _add_preset_arguments(rep, "defaults to $DPO_LAB_PRESET or 'cpu'")
     show = sub.add_parser("preset", help="print every setting of a preset")
-    for p in (rep, show):
-        p.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                       help="defaults to $DPO_LAB_PRESET or 'cpu'")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one setting, e.g. --set dpo.lr=1e-5 (repeatable)")
+    show.add_argument("name", nargs="?", default=None, choices=sorted(PRESETS), help="the preset to print")
+    _add_preset_arguments(show, "the preset to print (same as NAME)")
+    swp = sub.add_parser("sweep", help="run a sweep of notebook runs through papermill; skips finished runs")
+    swp.add_argument("spec", nargs="?", help="a YAML sweep spec (default: the preset's frontier sweep)")
+    _add_preset_arguments(swp, "the preset whose frontier sweep to run (default cpu)")
+    swp.add_argument("--methods", help="comma-separated subset of DPO,Unlikelihood,Preferred-FT,PPO,PPO-GT")
+    swp.add_argument("--runs-dir", help="where sweeps write (default $DPO_LAB_RUNS or runs/)")
+    swp.add_argument("--devices", help="comma-separated CUDA devices, one run on each at a time "
+                     "(default: every visible GPU, or one run at a time on a CPU)")
+    swp.add_argument("--dry-run", action="store_true", help="check the spec and list each run's state")
+    swp.add_argument("--force", action="store_true",
+                     help="run even if a requirement (gpu, hub) is missing")
+    swp.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
+    exe = sub.add_parser("execute", help="papermill one notebook, rejecting unknown or mistyped parameters")
+    exe.add_argument("notebook")
+    exe.add_argument("output")
+    exe.add_argument("-p", dest="parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                     help="a parameter (value parsed as YAML), repeatable")
     args = parser.parse_args(argv)
+    if args.command == "sweep":
+        return _sweep(args, parser)
+    if args.command == "execute":
+        return _execute(args)
     try:
-        preset = get_preset(args.preset, **_overrides(args.overrides))
+        name = getattr(args, "name", None) or args.preset
+        preset = get_preset(name, **parse_overrides(args.overrides))
     except (KeyError, TypeError, ValueError) as err:
         parser.error(str(err).strip("'\""))
     if args.command == "preset":

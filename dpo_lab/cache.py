@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -93,7 +95,13 @@ def cached_directory(path: str | Path, build: Callable[[Path], None]) -> Path:
     path = Path(path)
     if (path / ".complete").is_file():
         return path
-    with atomic_directory(path) as tmp:
-        build(tmp)
-        (tmp / ".complete").write_text("ok\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Runs of a sweep on several GPUs may need the same stage at once: one builds it, the others wait for
+    # the lock and then find it complete.
+    with FileLock(path.parent / f".{path.name}.lock"):
+        if (path / ".complete").is_file():
+            return path
+        with atomic_directory(path) as tmp:
+            build(tmp)
+            (tmp / ".complete").write_text("ok\n")
     return path

@@ -1,0 +1,256 @@
+"""The sweep runner: specs, parameter checks, skipping finished runs, failure isolation, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+import yaml
+
+from dpo_lab import sweep
+from dpo_lab.__main__ import main
+from dpo_lab.paths import project_root
+
+# A toy run notebook: records each execution, can fail on request, and can be held at a gate file so a
+# test can kill the sweep while it is inside a run.
+TOY_PARAMETERS = '''x: float = 1.0  # the value this run computes with
+fail: bool = False  # raise instead of finishing
+gate: str = ""  # while this file exists the run waits
+run_dir: str = ""  # the folder the sweep runner gives this run'''
+TOY_BODY = '''import json, os, time
+from pathlib import Path
+out = Path(run_dir)
+(out / "kernel.pid").write_text(str(os.getpid()))
+with open(out / "executions.log", "a") as log:
+    log.write("started\\n")
+while gate and Path(gate).exists():
+    time.sleep(0.1)
+if fail:
+    raise RuntimeError(f"boom at x={x}")
+(out / "result.json").write_text(json.dumps({"x": x, "y": 2 * x}))'''
+
+
+@pytest.fixture()
+def toy_notebook(tmp_path: Path) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(TOY_PARAMETERS, metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(TOY_BODY)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path = tmp_path / "toy.ipynb"
+    nbformat.write(nb, path)
+    return path
+
+
+def toy_spec(notebook: Path, tmp_path: Path, **run_params: dict) -> Path:
+    spec = {"name": "toy", "notebook": str(notebook),
+            "runs": [{"name": name, "parameters": params} for name, params in run_params.items()]}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def executions(root: Path, run: str) -> int:
+    log = root / "toy" / run / "executions.log"
+    return len(log.read_text().splitlines()) if log.is_file() else 0
+
+
+# ------------------------------------------------------------------------------------------------ specs
+def test_grid_and_runs_expand_with_shared_parameters() -> None:
+    spec = sweep.spec_from_dict({"name": "s", "notebook": "nb.ipynb", "parameters": {"x": 1.0, "fail": False},
+                                 "runs": [{"name": "base", "parameters": {"x": 3.0}}],
+                                 "grid": {"x": [0.5, 2.0], "gate": ["a"]}})
+    assert [r.name for r in spec.runs] == ["base", "x0.5-gatea", "x2-gatea"]
+    assert spec.runs[0].parameters == {"x": 3.0, "fail": False}
+    assert spec.runs[2].parameters == {"x": 2.0, "fail": False, "gate": "a"}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"notebook": "nb.ipynb", "grid": {"x": [1]}}, "missing required key 'name'"),
+    ({"name": "s", "notebook": "nb.ipynb"}, "no runs"),
+    ({"name": "s", "notebook": "nb.ipynb", "grid": {"x": [1]}, "bogus": 1}, "unknown key"),
+    ({"name": "s/t", "notebook": "nb.ipynb", "grid": {"x": [1]}}, "'name' must be"),
+    ({"name": "s", "notebook": "nb.ipynb", "runs": [{"name": "a"}, {"name": "a"}]}, "duplicated run name"),
+    ({"name": "s", "notebook": "nb.ipynb", "runs": [{"name": "a", "parameters": {"run_dir": "x"}}]},
+     "the runner sets itself"),
+    ({"name": "s", "notebook": "nb.ipynb", "grid": {"x": []}}, "non-empty lists"),
+    ({"name": "s", "notebook": "nb.ipynb", "grid": {"x": [1]}, "requires": ["tpu"]}, "unknown requirement"),
+])
+def test_bad_specs_are_named(data: dict, message: str) -> None:
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.spec_from_dict(data, source="spec.yaml")
+
+
+def test_missing_spec_file_and_bad_yaml(tmp_path: Path) -> None:
+    with pytest.raises(sweep.SweepError, match="not found"):
+        sweep.load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(sweep.SweepError, match="not valid YAML"):
+        sweep.load_spec(bad)
+
+
+# ---------------------------------------------------------------------------------------- parameter checks
+def test_unknown_parameter_and_wrong_type_are_errors(toy_notebook: Path) -> None:
+    sweep.check_parameters(toy_notebook, {"x": 2, "fail": True, "gate": ""})  # an int is a fine float
+    with pytest.raises(sweep.SweepError, match=r"unknown parameter\(s\) \['y'\].*declares"):
+        sweep.check_parameters(toy_notebook, {"y": 1.0})
+    with pytest.raises(sweep.SweepError, match="'x' .* expects float, got str"):
+        sweep.check_parameters(toy_notebook, {"x": "big"})
+    with pytest.raises(sweep.SweepError, match="'fail' .* expects bool, got int"):
+        sweep.check_parameters(toy_notebook, {"fail": 1})
+
+
+def test_typed_lists_and_dicts_are_checked() -> None:
+    assert sweep._matches("list[float]", [1, 2.5]) and not sweep._matches("list[float]", [1, "a"])
+    assert sweep._matches("dict", {"dpo.lr": 1e-5}) and not sweep._matches("dict", [1])
+    assert not sweep._matches("int", True) and sweep._matches("None", object())
+
+
+def test_every_notebook_documents_its_parameters() -> None:
+    """``papermill --help-notebook`` lists each parameter with a type and a help text."""
+    notebooks = sorted((project_root() / "notebooks").rglob("*.ipynb"))
+    assert len(notebooks) >= 8
+    for notebook in notebooks:
+        if ".ipynb_checkpoints" in notebook.parts:
+            continue
+        params = sweep.notebook_parameters(notebook)
+        assert params, f"{notebook.name} has no parameters cell"
+        for name, info in params.items():
+            assert info["help"].strip(), f"{notebook.name}: parameter {name!r} has no help comment"
+            assert info["inferred_type_name"] != "None", f"{notebook.name}: parameter {name!r} has no type"
+    shown = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook",
+                            str(project_root() / "notebooks/runs/frontier_run.ipynb")],
+                           capture_output=True, text=True, check=True).stdout
+    for name in ("preset", "overrides", "method", "value", "run_dir"):
+        assert f"{name}:" in shown
+    assert "Unable to parse" not in shown
+
+
+def test_preset_sweep_matches_the_frontier_notebook() -> None:
+    spec = sweep.preset_spec("smoke", {"dpo.betas": [0.1, 0.5]}, ["DPO", "PPO"])
+    assert [r.name for r in spec.runs] == ["dpo-beta0.1", "dpo-beta0.5", "ppo-target_kl1", "ppo-target_kl4"]
+    assert spec.name.startswith("imdb-smoke-") and not spec.requires
+    sweep.validate(spec)
+    assert sweep.preset_spec("paper").requires == ("gpu", "hub")
+    with pytest.raises(TypeError, match="dpo.lr"):
+        sweep.preset_spec("smoke", {"dpo.lr": "fast"})
+
+
+def test_requirements_refuse_without_force(toy_notebook: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = sweep.spec_from_dict({"name": "needs", "notebook": str(toy_notebook), "requires": ["gpu", "hub"],
+                                 "grid": {"x": [1.0]}})
+    with pytest.raises(sweep.SweepError, match=r"lacks \['gpu', 'hub'\].*--force"):
+        sweep.run_sweep(spec, root=tmp_path / "runs", progress=False)
+    assert not (tmp_path / "runs" / "needs").exists()
+
+
+# ---------------------------------------------------------------------------------- running and resuming
+def test_failure_is_isolated_and_reported(toy_notebook: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "runs"
+    spec = toy_spec(toy_notebook, tmp_path, a={"x": 1.0}, b={"x": 2.0, "fail": True}, c={"x": 3.0})
+    code = main(["sweep", str(spec), "--runs-dir", str(root)])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "2 run(s) done, 0 already finished, 1 failed" in out
+    assert "FAILED b: RuntimeError: boom at x=2.0" in out
+    table = pd.read_csv(root / "toy" / "results.csv")
+    assert table.run.tolist() == ["a", "b", "c"]
+    assert table.state.tolist() == ["done", "failed", "done"]
+    assert table.y.tolist()[0] == 2.0 and table.y.tolist()[2] == 6.0
+    status = json.loads((root / "toy" / "b" / "status.json").read_text())
+    assert status["state"] == "failed" and "boom" in status["error"]
+
+    # Rerunning skips what finished; a failed run is retried unless --skip-failed.
+    assert main(["sweep", str(spec), "--runs-dir", str(root), "--skip-failed"]) == 1
+    assert [executions(root, r) for r in "abc"] == [1, 1, 1]
+    assert main(["sweep", str(spec), "--runs-dir", str(root)]) == 1
+    assert [executions(root, r) for r in "abc"] == [1, 2, 1]
+
+
+def test_unknown_parameter_stops_the_sweep_before_any_run(toy_notebook: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "runs"
+    spec = toy_spec(toy_notebook, tmp_path, a={"x": 1.0}, b={"xx": 2.0})
+    assert main(["sweep", str(spec), "--runs-dir", str(root)]) == 2
+    assert "run 'b': unknown parameter(s) ['xx']" in capsys.readouterr().err
+    assert executions(root, "a") == 0
+
+
+def test_corrupt_or_changed_runs_are_detected_and_rerun(toy_notebook: Path, tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, a={"x": 1.0}, b={"x": 2.0}))
+    assert [o.state for o in sweep.run_sweep(spec, root=root, progress=False)] == ["done", "done"]
+    assert [o.state for o in sweep.run_sweep(spec, root=root, progress=False)] == ["skipped", "skipped"]
+    result = root / "toy" / "a" / "result.json"
+    result.write_text(result.read_text()[:5])  # truncated, as by a full disk
+    state, why = sweep.run_state(result.parent, spec.runs[0].parameters)
+    assert state == "corrupt" and "result.json is truncated or corrupt" in why
+    changed = sweep.spec_from_dict({"name": "toy", "notebook": str(toy_notebook),
+                                    "runs": [{"name": "a", "parameters": {"x": 1.0}},
+                                             {"name": "b", "parameters": {"x": 5.0}}]})
+    assert sweep.plan(changed, root).state.tolist() == ["corrupt", "changed"]
+    assert [o.state for o in sweep.run_sweep(changed, root=root, progress=False)] == ["done", "done"]
+    assert [executions(root, r) for r in "ab"] == [2, 2]
+    assert pd.read_csv(root / "toy" / "results.csv").y.tolist() == [2.0, 10.0]
+
+
+def test_killed_sweep_finishes_on_rerun_without_lost_or_duplicated_results(toy_notebook: Path,
+                                                                          tmp_path: Path) -> None:
+    root, gate = tmp_path / "runs", tmp_path / "gate"
+    gate.write_text("hold")
+    spec = toy_spec(toy_notebook, tmp_path, a={"x": 1.0}, b={"x": 2.0, "gate": str(gate)},
+                    c={"x": 3.0})
+    cmd = [sys.executable, "-m", "dpo_lab", "sweep", str(spec), "--runs-dir", str(root)]
+    proc = subprocess.Popen(cmd, cwd=project_root(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid_file = root / "toy" / "b" / "kernel.pid"
+    deadline = time.monotonic() + 120
+    while not pid_file.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert pid_file.is_file(), "run b never started"
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and papermill die mid-run, like a lost machine...
+    proc.wait()
+    try:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)  # ...and so does the kernel
+    except ProcessLookupError:
+        pass
+    assert json.loads((root / "toy" / "b" / "status.json").read_text())["state"] == "running"
+    assert not (root / "toy" / "c").exists()
+    gate.unlink()
+
+    outcomes = sweep.run_sweep(sweep.load_spec(spec), root=root, progress=False)
+    assert [(o.name, o.state) for o in outcomes] == [("a", "skipped"), ("b", "done"), ("c", "done")]
+    assert [executions(root, r) for r in "abc"] == [1, 2, 1]  # only the interrupted run ran again
+    table = pd.read_csv(root / "toy" / "results.csv")
+    assert table.run.tolist() == ["a", "b", "c"] and table.state.eq("done").all()
+    assert table.y.tolist() == [2.0, 4.0, 6.0]
+
+
+# ---------------------------------------------------------------------------------- the real notebook
+def test_frontier_sweep_runs_the_real_notebook_at_smoke(tmp_path: Path) -> None:
+    spec = sweep.preset_spec("smoke", {"dpo.betas": [0.1]}, ["DPO"])
+    outcomes = sweep.run_sweep(spec, root=tmp_path, progress=False)
+    assert [o.state for o in outcomes] == ["done"], outcomes
+    folder = tmp_path / spec.name
+    table = pd.read_csv(folder / "results.csv")
+    assert table.method.tolist() == ["DPO"] and table.steps.tolist() == [12]
+    points = pd.read_csv(folder / "points.csv")
+    assert points.step.tolist() == [0, 6, 12] and points.kl_mean.iloc[0] == 0.0
+    run = folder / "dpo-beta0.1"
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(13))  # no step lost or repeated
+    assert (folder / "frontier.png").stat().st_size > 0 and (run / "notebook.ipynb").is_file()
