@@ -41,6 +41,7 @@ from dpo_lab.presets import default_preset_name
 
 preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET overrides the default)
 seed: int = 0  # seeds the data split, the tokenizer/SFT training and every sample
+overrides: dict = {}  # dotted preset overrides, e.g. {"dpo.lr": 1e-5}; an unknown key or wrong type is an error
 n_show: int = 4  # prompts (and reviews) shown as examples
 
 # %%
@@ -59,7 +60,7 @@ from dpo_lab.sampling import sample_completions
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
-config = get_preset(preset, seed=seed)
+config = get_preset(preset, seed=seed, **overrides)
 seed_everything(config.seed)
 print(f"preset {config.name!r}: policy {config.policy}")
 

@@ -40,6 +40,7 @@ from dpo_lab.presets import default_preset_name
 
 preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET overrides the default)
 seed: int = 0  # seeds the data split, the classifier, the SFT policy and the sampled completions
+overrides: dict = {}  # dotted preset overrides, e.g. {"dpo.lr": 1e-5}; an unknown key or wrong type is an error
 n_features: int = 12  # most positive / most negative n-grams of the classifier shown
 n_show: int = 6  # example preference pairs shown
 
@@ -59,7 +60,7 @@ from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
 pd.set_option("display.max_colwidth", 80)
-config = get_preset(preset, seed=seed)
+config = get_preset(preset, seed=seed, **overrides)
 seed_everything(config.seed)
 print(f"preset {config.name!r}: reward {config.reward}")
 

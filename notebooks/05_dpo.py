@@ -40,6 +40,7 @@ from dpo_lab.presets import default_preset_name
 
 preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET overrides the default)
 seed: int = 0  # seeds the SFT policy, the pairs, DPO's batch order and every sample
+overrides: dict = {}  # dotted preset overrides, e.g. {"dpo.lr": 1e-5}; an unknown key or wrong type is an error
 beta: float = 0.1  # DPO temperature β of Eq. 7 for the run studied in detail
 betas: list[float] = []  # β values of the frontier sweep; [] keeps the preset's (papermill -y "betas: [0.05, 1]")
 n_show: int = 4  # test prompts whose completions are shown before and after DPO
@@ -65,7 +66,7 @@ from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
 pd.set_option("display.max_colwidth", 60)
-config = get_preset(preset, seed=seed, **({"dpo.betas": betas} if betas else {}))
+config = get_preset(preset, seed=seed, **overrides, **({"dpo.betas": betas} if betas else {}))
 seed_everything(config.seed)
 print(f"preset {config.name!r}: {config.dpo}")
 

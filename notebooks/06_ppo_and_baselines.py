@@ -46,6 +46,7 @@ from dpo_lab.presets import default_preset_name
 
 preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET overrides the default)
 seed: int = 0  # seeds the SFT policy, the pairs, every run and every sample
+overrides: dict = {}  # dotted preset overrides, e.g. {"dpo.lr": 1e-5}; an unknown key or wrong type is an error
 target_kls: list[float] = []  # PPO target KLs, one run each; [] keeps the preset's (-y "target_kls: [3, 6]")
 n_show: int = 3  # test prompts sampled from every method at matched KL
 match_kl: float = -1.0  # common KL for the sample comparison; < 0 uses the median of the runs' final KLs
@@ -73,7 +74,8 @@ from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
 pd.set_option("display.max_colwidth", 60)
-config = get_preset(preset, seed=seed, **({"ppo.target_kls": target_kls} if target_kls else {}))
+config = get_preset(preset, seed=seed, **overrides,
+                    **({"ppo.target_kls": target_kls} if target_kls else {}))
 seed_everything(config.seed)
 print(f"preset {config.name!r}: {config.ppo}")
 

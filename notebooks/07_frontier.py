@@ -41,6 +41,7 @@ from dpo_lab.presets import default_preset_name
 
 preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET overrides the default)
 seed: int = 0  # seeds the SFT policy, the pairs, every run and every evaluation
+overrides: dict = {}  # dotted preset overrides, e.g. {"dpo.lr": 1e-5}; an unknown key or wrong type is an error
 methods: list[str] = []  # methods on the plot, e.g. ["DPO", "PPO"]; [] plots all five (pipeline.METHODS)
 
 # %%
@@ -59,7 +60,7 @@ from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
 pd.set_option("display.width", 120)
-config = get_preset(preset, seed=seed)
+config = get_preset(preset, seed=seed, **overrides)
 seed_everything(config.seed)
 shown_methods = tuple(methods) or pipeline.METHODS
 print(f"preset {config.name!r}; methods {list(shown_methods)}")
