@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from dpo_lab import pipeline
+from dpo_lab.paths import project_root
 from dpo_lab.presets import get_preset
 from dpo_lab.reproduce import reproduce
 from dpo_lab.runs import read_metrics
@@ -32,6 +38,7 @@ def test_reproduce_writes_every_series(smoke_run):
     # Every run starts from the same SFT policy, evaluated with the same seed: one shared starting point.
     assert points[points.step == 0].reward_mean.nunique() == 1
     assert points[points.step == 0].kl_mean.abs().max() < 1e-6
+    assert len(list((smoke_run[0] / "start-eval").glob("*.json"))) == 1  # ...evaluated once, then shared
     assert (figures / "frontier_smoke.png").stat().st_size > 10_000
     assert summary["pairs"]["n_pairs"] > 0 and summary["runs"]["DPO"] == 2
     assert set(summary["dominance"]) == {"PPO", "PPO-GT", "PPO + PPO-GT"}
@@ -81,3 +88,36 @@ def test_changed_setting_changes_only_downstream_keys():
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="DPOO"):
         pipeline.frontier_runs(get_preset("smoke"), ("DPOO",))
+
+
+def test_killed_reproduction_finishes_on_rerun(tmp_path: Path) -> None:
+    """Kill the main job in the middle of a run; starting it again keeps what finished and completes."""
+    env = {**os.environ, "DPO_LAB_ARTIFACTS": str(tmp_path / "artifacts"),
+           "DPO_LAB_FIGURES": str(tmp_path / "figures")}
+    proc = subprocess.Popen([sys.executable, "-m", "dpo_lab", "reproduce", "--preset", "smoke"], env=env,
+                            cwd=project_root(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = tmp_path / "artifacts" / "runs"
+    deadline = time.monotonic() + 180
+    while (len(list(runs.glob("*/result.json"))) < 1 or len(list(runs.glob("*/checkpoints/*"))) < 2) \
+            and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = {p: p.stat().st_mtime_ns for p in runs.glob("*/result.json")}
+    assert 1 <= len(finished) < len(pipeline.frontier_runs(get_preset("smoke"))), "not killed mid-sweep"
+    assert not (tmp_path / "figures" / "summary_smoke.json").exists()
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("DPO_LAB_ARTIFACTS", "DPO_LAB_FIGURES"):
+            mp.setenv(key, env[key])
+        summary = reproduce(get_preset("smoke"), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished runs were not redone
+    results = sorted(runs.glob("*/result.json"))
+    assert len(results) == len(pipeline.frontier_runs(get_preset("smoke")))
+    for result in results:  # every run's log holds each step once, in order, up to its last step
+        steps = [r["step"] for r in read_metrics(result.parent / "metrics.jsonl")]
+        assert steps == list(range(json.loads(result.read_text())["steps"] + 1)), result.parent.name
+    points = pd.read_csv(tmp_path / "figures" / "frontier_smoke_points.csv")
+    assert summary["points"] == len(points)
+    assert not points.duplicated(["method", "hyperparameter", "step"]).any()
