@@ -30,12 +30,13 @@ from pathlib import Path
 out = Path(run_dir)
 (out / "kernel.pid").write_text(str(os.getpid()))
 with open(out / "executions.log", "a") as log:
-    log.write("started\\n")
+    log.write(f"started {time.time()}\\n")
 while gate and Path(gate).exists():
     time.sleep(0.1)
 if fail:
     raise RuntimeError(f"boom at x={x}")
-(out / "result.json").write_text(json.dumps({"x": x, "y": 2 * x}))'''
+(out / "result.json").write_text(json.dumps({"x": x, "y": 2 * x, "end": time.time(),
+                                             "device": os.environ.get("CUDA_VISIBLE_DEVICES", "")}))'''
 
 
 @pytest.fixture()
@@ -238,6 +239,35 @@ def test_killed_sweep_finishes_on_rerun_without_lost_or_duplicated_results(toy_n
     table = pd.read_csv(root / "toy" / "results.csv")
     assert table.run.tolist() == ["a", "b", "c"] and table.state.eq("done").all()
     assert table.y.tolist() == [2.0, 4.0, 6.0]
+
+
+def test_several_devices_run_one_run_each_at_once(toy_notebook: Path, tmp_path: Path) -> None:
+    """With two (pretend) GPUs, two runs execute at the same time, each seeing only its own device."""
+    root, gate = tmp_path / "runs", tmp_path / "gate"
+    spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, a={"x": 1.0, "gate": str(gate)},
+                                    b={"x": 2.0, "gate": str(gate)}))
+    gate.write_text("hold")
+    import threading
+
+    both_started = threading.Event()
+
+    def release_when_both_started() -> None:  # each run waits at the gate until the other has started
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if executions(root, "a") + executions(root, "b") == 2:
+                both_started.set()
+                break
+            time.sleep(0.1)
+        gate.unlink()  # one at a time would never get both in: let the sweep finish and fail below
+
+    opener = threading.Thread(target=release_when_both_started)
+    opener.start()
+    outcomes = sweep.run_sweep(spec, root=root, devices=["0", "1"], progress=False)
+    opener.join()
+    assert both_started.is_set(), "the two runs did not run at the same time"
+    assert [o.state for o in outcomes] == ["done", "done"]
+    table = pd.read_csv(root / "toy" / "results.csv", dtype={"device": str})
+    assert sorted(table.device) == ["0", "1"]
 
 
 # ---------------------------------------------------------------------------------- the real notebook
