@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -247,8 +248,6 @@ def test_several_devices_run_one_run_each_at_once(toy_notebook: Path, tmp_path: 
     spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, a={"x": 1.0, "gate": str(gate)},
                                     b={"x": 2.0, "gate": str(gate)}))
     gate.write_text("hold")
-    import threading
-
     both_started = threading.Event()
 
     def release_when_both_started() -> None:  # each run waits at the gate until the other has started
