@@ -13,9 +13,15 @@ Spec format::
     requires: [gpu, hub]                   # refused (unless forced) where these are missing
     parameters: {task: tldr, beta: 0.5}    # shared by every run
     runs:                                  # explicit runs; their parameters override the shared ones
+      - name: sft
+        parameters: {objective: preferred_ft}
       - name: beta0.5
-        parameters: {beta: 0.5}
+        parameters: {beta: 0.5, model: "{sweep_dir}/sft/policy"}
+        after: [sft]                       # starts only once run sft is done
     grid: {seed: [0, 1]}                   # and/or a cartesian grid (run names from the values)
+
+``{sweep_dir}`` in a string parameter becomes the sweep's folder, so one run can read another's output
+wherever ``runs/`` is (``DPO_LAB_RUNS``).
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class SweepError(ValueError):
 class RunSpec:
     name: str
     parameters: dict[str, Any]
+    after: tuple[str, ...] = ()  # runs that must finish first (e.g. the one that trains this run's reference)
 
 
 @dataclass(frozen=True)
@@ -102,8 +109,11 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
     for i, entry in enumerate(data.get("runs") or ()):
         if not isinstance(entry, Mapping) or "name" not in entry:
             raise SweepError(f"{source}: runs[{i}] needs a 'name' (and optional 'parameters')")
+        after = entry.get("after") or []
+        if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+            raise SweepError(f"{source}: runs[{i}].after must be a list of run names")
         runs.append(RunSpec(_check_name(entry["name"], f"{source}: runs[{i}].name"),
-                            {**shared, **dict(entry.get("parameters") or {})}))
+                            {**shared, **dict(entry.get("parameters") or {})}, tuple(after)))
     grid = data.get("grid") or {}
     if not isinstance(grid, Mapping) or any(not isinstance(v, list) or not v for v in grid.values()):
         raise SweepError(f"{source}: 'grid' maps parameter names to non-empty lists of values")
@@ -116,12 +126,29 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
     duplicated = sorted({n for n in names if names.count(n) > 1})
     if duplicated:
         raise SweepError(f"{source}: duplicated run name(s) {duplicated}")
+    _check_order(runs, source)
     for run in runs:
         taken = sorted(set(run.parameters) & set(RESERVED_PARAMETERS))
         if taken:
             raise SweepError(f"{source}: run {run.name!r} sets {taken}, which the runner sets itself")
     return SweepSpec(name=name, notebook=Path(data["notebook"]), runs=tuple(runs), requires=requires,
                      description=str(data.get("description", "")), source=source)
+
+
+def _check_order(runs: Sequence[RunSpec], source: str) -> None:
+    """Every ``after`` names a run of the sweep, and no run waits (through others) for itself."""
+    names = {r.name for r in runs}
+    waits = {r.name: set(r.after) for r in runs}
+    for run in runs:
+        unknown = sorted(set(run.after) - names)
+        if unknown:
+            raise SweepError(f"{source}: run {run.name!r} waits for unknown run(s) {unknown}")
+    done: set[str] = set()
+    while len(done) < len(names):
+        ready = {n for n in names - done if waits[n] <= done}
+        if not ready:
+            raise SweepError(f"{source}: runs {sorted(names - done)} wait for each other in a cycle")
+        done |= ready
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -296,10 +323,12 @@ class RunOutcome:
 
 def execute_run(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], *,
                 env: Mapping[str, str] | None = None, kernel: str = "python3",
-                timeout_s: float | None = None) -> RunOutcome:
-    """Execute one run's notebook with papermill in a child process and record its status."""
+                timeout_s: float | None = None,
+                key_parameters: Mapping[str, Any] | None = None) -> RunOutcome:
+    """Execute one run's notebook with papermill in a child process and record its status
+    (``key_parameters``: the spec's parameters, before ``{sweep_dir}`` was filled in)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    key = parameters_key(parameters)
+    key = parameters_key(parameters if key_parameters is None else key_parameters)
     params = {**parameters, "run_dir": str(run_dir.resolve())}
     atomic_write_text(run_dir / "parameters.yaml", yaml.safe_dump(params, sort_keys=True))
     for stale in ("result.json",):  # a rerun must not collect the previous attempt's result
@@ -379,7 +408,8 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
     atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(
         {"name": spec.name, "notebook": str(spec.notebook), "requires": list(spec.requires),
          "description": spec.description,
-         "runs": [{"name": r.name, "parameters": r.parameters} for r in spec.runs]}, sort_keys=False))
+         "runs": [{"name": r.name, "parameters": r.parameters, "after": list(r.after)} for r in spec.runs]},
+        sort_keys=False))
     outcomes: list[RunOutcome] = []
     todo = []
     for run in spec.runs:
@@ -399,17 +429,31 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
         device = free.get()
         try:
             env = {} if device is None else {"CUDA_VISIBLE_DEVICES": device}
-            return execute_run(notebook, folder / run.name, run.parameters, env=env, timeout_s=timeout_s)
+            parameters = {k: v.replace("{sweep_dir}", str(folder.resolve())) if isinstance(v, str) else v
+                          for k, v in run.parameters.items()}
+            return execute_run(notebook, folder / run.name, parameters, env=env, timeout_s=timeout_s,
+                               key_parameters=run.parameters)
         finally:
             free.put(device)
 
     bar = tqdm(total=len(spec.runs), initial=len(spec.runs) - len(todo), desc=spec.name, unit="run",
                disable=not progress)
+    # Waves: each starts the runs whose ``after`` runs are finished, several at once when devices allow.
+    ended = {o.name: o.state for o in outcomes}
     with ThreadPoolExecutor(max_workers=max(1, len(devices))) as pool:
-        for outcome in pool.map(work, todo):
-            outcomes.append(outcome)
-            bar.update()
-            bar.set_postfix_str(f"{outcome.name}: {outcome.state}")
+        while todo:
+            blocked = [r for r in todo if any(ended.get(a) == "failed" for a in r.after)]
+            ready = [r for r in todo if r not in blocked and all(ended.get(a) in ("done", "skipped")
+                                                                 for a in r.after)]
+            wave = [RunOutcome(r.name, "failed", error=f"not run: it waits for failed run(s) "
+                               f"{[a for a in r.after if ended.get(a) == 'failed']}") for r in blocked]
+            wave += list(pool.map(work, ready))
+            for outcome in wave:
+                outcomes.append(outcome)
+                ended[outcome.name] = outcome.state
+                bar.update()
+                bar.set_postfix_str(f"{outcome.name}: {outcome.state}")
+            todo = [r for r in todo if r.name not in ended]
     bar.close()
     collect(spec, root=root)
     order = {r.name: i for i, r in enumerate(spec.runs)}

@@ -6,7 +6,7 @@ import jupytext
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-SOURCES = sorted(NOTEBOOKS.glob("*.py"))
+SOURCES = sorted(p for p in NOTEBOOKS.rglob("*.py") if ".ipynb_checkpoints" not in p.parts)
 
 
 def _cells(nb) -> list[tuple[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import signal
@@ -32,7 +33,8 @@ out = Path(run_dir)
 (out / "kernel.pid").write_text(str(os.getpid()))
 with open(out / "executions.log", "a") as log:
     log.write(f"started {time.time()}\\n")
-while gate and Path(gate).exists():
+deadline = time.time() + 120  # a test that goes wrong fails instead of hanging
+while gate and Path(gate).exists() and time.time() < deadline:
     time.sleep(0.1)
 if fail:
     raise RuntimeError(f"boom at x={x}")
@@ -51,9 +53,11 @@ def toy_notebook(tmp_path: Path) -> Path:
     return path
 
 
-def toy_spec(notebook: Path, tmp_path: Path, **run_params: dict) -> Path:
+def toy_spec(notebook: Path, tmp_path: Path, after: dict[str, list[str]] | None = None,
+             **run_params: dict) -> Path:
     spec = {"name": "toy", "notebook": str(notebook),
-            "runs": [{"name": name, "parameters": params} for name, params in run_params.items()]}
+            "runs": [{"name": name, "parameters": params, "after": (after or {}).get(name, [])}
+                     for name, params in run_params.items()]}
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -84,6 +88,9 @@ def test_grid_and_runs_expand_with_shared_parameters() -> None:
      "the runner sets itself"),
     ({"name": "s", "notebook": "nb.ipynb", "grid": {"x": []}}, "non-empty lists"),
     ({"name": "s", "notebook": "nb.ipynb", "grid": {"x": [1]}, "requires": ["tpu"]}, "unknown requirement"),
+    ({"name": "s", "notebook": "nb.ipynb", "runs": [{"name": "a", "after": ["b"]}]}, "unknown run"),
+    ({"name": "s", "notebook": "nb.ipynb",
+      "runs": [{"name": "a", "after": ["b"]}, {"name": "b", "after": ["a"]}]}, "in a cycle"),
 ])
 def test_bad_specs_are_named(data: dict, message: str) -> None:
     with pytest.raises(sweep.SweepError, match=message):
@@ -125,6 +132,11 @@ def test_every_notebook_documents_its_parameters() -> None:
             continue
         params = sweep.notebook_parameters(notebook)
         assert params, f"{notebook.name} has no parameters cell"
+        # papermill silently skips a line it cannot parse (e.g. a comment holding "="): compare with Python's.
+        cell = next(c for c in nbformat.read(notebook, as_version=4).cells
+                    if "parameters" in c.metadata.get("tags", []))
+        assigned = [n.target.id for n in ast.parse(cell.source).body if isinstance(n, ast.AnnAssign)]
+        assert list(params) == assigned, f"{notebook.name}: papermill sees {list(params)}, not {assigned}"
         for name, info in params.items():
             assert info["help"].strip(), f"{notebook.name}: parameter {name!r} has no help comment"
             assert info["inferred_type_name"] != "None", f"{notebook.name}: parameter {name!r} has no type"
@@ -267,6 +279,25 @@ def test_several_devices_run_one_run_each_at_once(toy_notebook: Path, tmp_path: 
     assert [o.state for o in outcomes] == ["done", "done"]
     table = pd.read_csv(root / "toy" / "results.csv", dtype={"device": str})
     assert sorted(table.device) == ["0", "1"]
+
+
+def test_runs_wait_for_the_runs_they_read(toy_notebook: Path, tmp_path: Path) -> None:
+    """``after`` holds a run back until its inputs exist, even with a free device; ``{sweep_dir}`` names them;
+    a run whose input failed is not started."""
+    root = tmp_path / "runs"
+    spec = toy_spec(toy_notebook, tmp_path, after={"b": ["a"], "d": ["c"]},
+                    b={"x": 2.0, "gate": "{sweep_dir}/a/no-gate"}, a={"x": 1.0},
+                    c={"x": 3.0, "fail": True}, d={"x": 4.0})
+    outcomes = sweep.run_sweep(sweep.load_spec(spec), root=root, devices=["0", "1"], progress=False)
+    assert [(o.name, o.state) for o in outcomes] == [("b", "done"), ("a", "done"), ("c", "failed"),
+                                                      ("d", "failed")]
+    assert "waits for failed run(s) ['c']" in outcomes[3].error and executions(root, "d") == 0
+    started = {r: float((root / "toy" / r / "executions.log").read_text().split()[1]) for r in "ab"}
+    ended_a = json.loads((root / "toy" / "a" / "result.json").read_text())["end"]
+    assert started["b"] > ended_a  # b started after a had finished
+    parameters = yaml.safe_load((root / "toy" / "b" / "parameters.yaml").read_text())
+    assert parameters["gate"] == str((root / "toy").resolve() / "a" / "no-gate")
+    assert sweep.plan(sweep.load_spec(spec), root).state.tolist() == ["done", "done", "failed", "todo"]
 
 
 # ---------------------------------------------------------------------------------- the real notebook

@@ -1,0 +1,174 @@
+"""GPU-cost arithmetic: parameter counts from configs, the 6N / 2N rule, GPU hours, the paper's bill."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTJConfig,
+    GPTJForCausalLM,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from dpo_lab import estimate
+from dpo_lab.presets import PRESETS
+
+TINY = [
+    (GPT2LMHeadModel, GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=8)),
+    (GPT2LMHeadModel, GPT2Config(n_layer=3, n_embd=12, n_head=3, vocab_size=40, n_positions=6, n_inner=20,
+                                 tie_word_embeddings=False)),
+    (GPTJForCausalLM, GPTJConfig(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=8, rotary_dim=4)),
+    (GPTNeoXForCausalLM, GPTNeoXConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                                       intermediate_size=40, vocab_size=50)),
+    (GPTNeoXForCausalLM, GPTNeoXConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2,
+                                       intermediate_size=24, vocab_size=30, attention_bias=False,
+                                       tie_word_embeddings=True)),
+    (RobertaForSequenceClassification, RobertaConfig(
+        num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=40, vocab_size=50,
+        max_position_embeddings=20, type_vocab_size=1, num_labels=2)),
+]
+
+
+@pytest.mark.parametrize(("cls", "config"), TINY, ids=lambda x: getattr(x, "__name__", None) or x.model_type)
+def test_count_matches_an_instantiated_tiny_model(cls, config):
+    for token in ("bos_token_id", "eos_token_id", "pad_token_id"):  # keep special ids inside the tiny vocab
+        if getattr(config, token, None) is not None:
+            setattr(config, token, 0)
+    model = cls(config)
+    assert estimate.count_parameters(config).total == sum(p.numel() for p in model.parameters())
+
+
+def test_gpt2_large_from_its_config_without_building_it():
+    count = estimate.count_parameters(estimate.model_config("gpt2-large"))
+    assert count.total == pytest.approx(774e6, rel=0.01)  # gpt2-large's published 774M
+    assert count.tied and count.output == 50257 * 1280
+    # N of the 6N rule: no wte/wpe lookups, but the tied lm_head matmul counts.
+    assert count.matmul == count.total - 1024 * 1280
+    assert estimate.matmul_params("gpt2-large", lm_head=False) == count.matmul - 50257 * 1280
+
+
+def test_other_paper_models():
+    assert estimate.count_parameters(estimate.model_config("EleutherAI/pythia-2.8b")).total == pytest.approx(
+        2.8e9, rel=0.01)
+    assert estimate.count_parameters(estimate.model_config("CarperAI/openai_summarize_tldr_sft")).total == \
+        pytest.approx(6.05e9, rel=0.01)
+    assert estimate.count_parameters(estimate.model_config(
+        "siebert/sentiment-roberta-large-english")).total == pytest.approx(355e6, rel=0.01)
+    with pytest.raises(KeyError, match="no config"):
+        estimate.model_config("gpt-5")
+    with pytest.raises(ValueError, match="knows gpt2"):
+        estimate.count_parameters(BertConfig())
+    with pytest.raises(TypeError, match="transformers config"):
+        estimate.count_parameters({"n_layer": 2})
+
+
+def test_six_n_rule_on_a_tiny_case():
+    # A 1-layer linear "model": 6 FLOPs per parameter per token in training, 2 forward-only.
+    n, tokens = 10, 7
+    assert estimate.training_flops(n, tokens) == 6 * n * tokens == 3 * estimate.forward_flops(n, tokens)
+    # Measured: one linear layer d_in x d_out, forward = 2·d_in·d_out per row (multiply + add).
+    lin = torch.nn.Linear(4, 3, bias=False)
+    assert estimate.forward_flops(lin.weight.numel(), 1) == 2 * 4 * 3
+    hours = estimate.gpu_hours(estimate.H100_BF16_DENSE_FLOPS * 0.5 * 3600, mfu=0.5)
+    assert hours == pytest.approx(1.0)
+    assert estimate.gpu_hours(1e18, mfu=0.2) == pytest.approx(2 * estimate.gpu_hours(1e18, mfu=0.4))
+
+
+def test_attention_share_is_small_at_512_tokens():
+    share = estimate.attention_share(estimate.model_config("gpt2-large"), 512)
+    assert share == pytest.approx(36 * 512 * 1280 / estimate.matmul_params("gpt2-large"))
+    assert 0.01 < share < 0.05
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), True, "0.4"])
+def test_bad_mfu_is_refused(bad):
+    with pytest.raises(ValueError, match="mfu"):
+        estimate.gpu_hours(1e18, mfu=bad)
+    with pytest.raises(ValueError, match="mfu"):
+        estimate.cost_table(estimate.hub_task_stages(), mfu=bad)
+
+
+def test_bad_counts_are_refused():
+    with pytest.raises(ValueError, match="tokens"):
+        estimate.training_flops(1e6, -1)
+    with pytest.raises(ValueError, match="params"):
+        estimate.forward_flops(float("inf"), 10)
+    with pytest.raises(ValueError, match="peak_flops"):
+        estimate.gpu_hours(1e18, peak_flops=0)
+    with pytest.raises(ValueError, match="kind"):
+        estimate.Stage("t", "s", "m", 10, "backward", estimate.Tokens.product((1, "tok")))
+    with pytest.raises(ValueError, match="hh_pairs"):
+        estimate.hub_task_stages(hh_pairs=0)
+    with pytest.raises(ValueError, match="review_tokens"):
+        estimate.imdb_stages(review_tokens=-5)
+    with pytest.raises(ValueError, match="at least one stage"):
+        estimate.cost_table([])
+
+
+def test_tokens_product_keeps_the_arithmetic():
+    t = estimate.Tokens.product((4, "runs"), (2400, "steps"), (64, "pairs"), (2, "seqs"), (68.5, "tok"))
+    assert t.count == 4 * 2400 * 64 * 2 * 68.5
+    assert t.formula == "4 runs × 2,400 steps × 64 pairs × 2 seqs × 68.5 tok"
+
+
+def _stage(stages, name):
+    (found,) = [s for s in stages if s.stage == name]
+    return found
+
+
+def test_flops_scale_linearly_in_steps_and_runs():
+    paper = PRESETS["paper"]
+    base = estimate.imdb_stages(paper)
+    doubled = estimate.imdb_stages(dataclasses.replace(paper, dpo=dataclasses.replace(
+        paper.dpo, max_steps=2 * paper.dpo.max_steps)))
+    assert _stage(doubled, "DPO (β sweep)").flops == 2 * _stage(base, "DPO (β sweep)").flops
+    more_betas = estimate.imdb_stages(dataclasses.replace(paper, dpo=dataclasses.replace(
+        paper.dpo, betas=(*paper.dpo.betas, 0.3))))
+    ratio = _stage(more_betas, "DPO (β sweep)").flops / _stage(base, "DPO (β sweep)").flops
+    assert ratio == pytest.approx((len(paper.dpo.betas) + 1) / len(paper.dpo.betas))
+    # The DPO line is the 6N rule on the preset's numbers: steps x 64 pairs x 2 sequences x (5 + 64) tokens.
+    dpo = _stage(base, "DPO (β sweep)")
+    tokens = 4 * 2400 * 64 * 2 * (5 + paper.preferences.max_new_tokens)
+    assert dpo.tokens.count == tokens
+    assert dpo.flops == 6 * estimate.matmul_params("gpt2-large") * tokens
+    assert "6 × 772.7M × (4 runs × 2,400 steps × 64 pairs × 2 seqs × 69 tok)" == dpo.arithmetic
+
+
+def test_paper_cost_table_totals_and_utilisations():
+    table = estimate.paper_cost_table(mfu=0.4, decode_mfu=0.05)
+    assert list(table.columns) == ["task", "stage", "model", "pass", "params", "tokens", "flops",
+                                   "utilisation", "gpu_hours", "arithmetic"]
+    assert table["task"].nunique() == 3
+    for task, rows in table.groupby("task"):
+        body, total = rows[rows["stage"] != "total"], rows[rows["stage"] == "total"]
+        assert len(total) == 1 and total.index[0] == rows.index[-1], task  # the total closes its task
+        assert total["flops"].iloc[0] == pytest.approx(body["flops"].sum())
+        assert total["gpu_hours"].iloc[0] == pytest.approx(body["gpu_hours"].sum())
+    body = table[table["stage"] != "total"]
+    assert set(body.loc[body["pass"] == "decode", "utilisation"]) == {0.05}
+    assert set(body.loc[body["pass"] != "decode", "utilisation"]) == {0.4}
+    expected = body["flops"] / (estimate.H100_BF16_DENSE_FLOPS * body["utilisation"]) / 3600
+    assert (body["gpu_hours"] - expected).abs().max() < 1e-9
+    # Halving the utilisation doubles every line's hours.
+    slower = estimate.paper_cost_table(mfu=0.2, decode_mfu=0.025)
+    assert slower["gpu_hours"].sum() == pytest.approx(2 * table["gpu_hours"].sum())
+    assert math.isfinite(table["gpu_hours"].sum()) and (body["flops"] > 0).all()
+
+
+def test_hh_bills_its_reference_and_tldr_does_not():
+    stages = estimate.hub_task_stages(tldr_pairs=6400, hh_pairs=6400, batch_size=64)
+    tldr = [s.stage for s in stages if s.task.startswith("TL;DR")]
+    hh = [s.stage for s in stages if s.task.startswith("Anthropic")]
+    assert tldr == ["reference log-probs", "DPO"]
+    assert hh[0].startswith("π_ref: Preferred-FT")
+    dpo = [s for s in stages if s.task.startswith("TL;DR") and s.stage == "DPO"][0]
+    assert dpo.tokens.count == 100 * 64 * 2 * (330 + 30)  # 6,400 pairs / 64 = 100 steps, one epoch
