@@ -222,8 +222,19 @@ def check_parameters(notebook: str | Path, parameters: Mapping[str, Any], *, whe
     for name, value in parameters.items():
         expected = declared[name]["inferred_type_name"]
         if not _matches(expected, value):
+            hint = ""
+            if isinstance(value, str) and expected == "float" and _is_number(value):
+                hint = f"; YAML reads {value} without a dot as a string: write it like 1.0e-6"
             raise SweepError(f"{prefix}parameter {name!r} of {notebook} expects {expected}, "
-                             f"got {type(value).__name__} ({value!r})")
+                             f"got {type(value).__name__} ({value!r}){hint}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def check_requirements(requires: Sequence[str]) -> list[str]:

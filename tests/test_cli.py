@@ -1,0 +1,40 @@
+"""``python -m dpo_lab``: overrides parsed as numbers, bad parameters refused with their names."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpo_lab.__main__ import main, parse_overrides
+from dpo_lab.paths import project_root
+
+
+def test_overrides_parse_numbers_lists_and_strings() -> None:
+    parsed = parse_overrides(["dpo.lr=1e-5", "dpo.betas=[0.1, 1]", "dpo.optimizer=adamw", "seed=3"])
+    assert parsed == {"dpo.lr": 1e-5, "dpo.betas": [0.1, 1], "dpo.optimizer": "adamw", "seed": 3}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        parse_overrides(["dpo.lr"])
+
+
+def test_preset_prints_every_setting_with_overrides(capsys: pytest.CaptureFixture) -> None:
+    assert main(["preset", "cpu", "--set", "dpo.lr=1e-5"]) == 0
+    assert json.loads(capsys.readouterr().out)["dpo"]["lr"] == 1e-5
+    with pytest.raises(SystemExit):
+        main(["preset", "cpu", "--set", "dpo.lrr=1"])
+    assert "unknown preset parameter 'dpo.lrr'" in capsys.readouterr().err
+
+
+def test_execute_refuses_an_unknown_parameter_before_running(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out.ipynb"
+    code = main(["execute", str(project_root() / "notebooks/05_dpo.ipynb"), str(out), "-p", "betta", "0.3"])
+    assert code == 2 and not out.exists()
+    assert "unknown parameter(s) ['betta']" in capsys.readouterr().err
+
+
+def test_sweep_dry_run_lists_states(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["sweep", "--preset", "smoke", "--methods", "DPO", "--runs-dir", str(tmp_path), "--dry-run"])
+    out = capsys.readouterr().out
+    assert code == 0 and "dpo-beta0.1" in out and "todo" in out
+    assert main(["sweep", "--preset", "smoke", "--set", "dpo.lr=fast", "--runs-dir", str(tmp_path)]) == 2
+    assert "'dpo.lr' expects float" in capsys.readouterr().err
