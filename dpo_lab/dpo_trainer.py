@@ -391,7 +391,8 @@ def _train_step(policy: nn.Module, collator: PreferenceCollator, cols: Mapping[s
         ref_c, ref_r = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
         if objective == "dpo":
             with autocast(device):
-                policy_chosen, policy_rejected = concatenated_logprobs(policy, batch)
+                tok_c, _, tok_r, _ = concatenated_token_logprobs(policy, batch)
+            policy_chosen, policy_rejected = tok_c.sum(-1), tok_r.sum(-1)  # Eq. 7 sums; 0 off completion
             _check_finite(policy_chosen, policy_rejected, where)
             losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
                 policy_chosen, policy_rejected, ref_c, ref_r,

@@ -211,3 +211,22 @@ def test_bad_inputs_raise_clear_errors(tiny_model: GPT2LMHeadModel) -> None:
         concatenated_logprobs(tiny_model, {f"{s}_{k}": ids for s in ("chosen", "rejected")
                                            for k in ("input_ids", "attention_mask", "completion_mask")
                                            if (s, k) != ("rejected", "completion_mask")})
+
+
+def test_token_logprobs_backward_matches_autograd() -> None:
+    """The one-buffer backward of token_logprobs equals autograd's through log_softmax + gather."""
+    from dpo_lab.logprobs import _TokenLogprobs
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    ids = torch.randint(0, 7, (3, 5), generator=gen)
+    assert torch.autograd.gradcheck(lambda x: _TokenLogprobs.apply(x, ids), (logits,))
+
+    x32 = logits.detach().float().requires_grad_()
+    weights = torch.randn(3, 4, generator=gen)
+    (token_logprobs(x32, ids) * weights).sum().backward()
+    plain = logits.detach().float().requires_grad_()
+    reference = torch.log_softmax(plain[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(x32.grad, plain.grad)
+    assert x32.grad[:, -1].abs().max() == 0  # the last position predicts nothing

@@ -1,0 +1,245 @@
+"""Roofline of a dpo-lab DPO training step on this CPU (issue #6, part 3).
+
+    .venv/bin/python benchmarks/bench_roofline.py            # ~2 min
+    .venv/bin/python benchmarks/bench_roofline.py --quick    # ~1 min
+
+1. The fp32 matrix-multiply rate torch reaches here: the model's own GEMM shapes (forward and backward of
+   every linear layer and of the 4096-token LM head, at the real padded batch) and a big square one.
+2. FLOPs of one DPO step (``dpo_trainer._train_step`` on the cpu preset's GPT-2, 32 pairs = 64 rows), counted
+   analytically over every position of the padded batch (padding and prompt positions are computed too):
+   forward = tokens x (L x 24 d^2 + 2 d V) + L x 4 x rows x T^2 x d (QK^T and AV over the full T x T; the
+   causal half is not skipped in this count), backward = 2 x forward, no reference forward (dpo-lab caches
+   pi_ref's log-probs). Elementwise work (softmaxes, layer norms, GELU, optimizer) is not counted as FLOPs.
+3. Achieved FLOP/s = counted FLOPs / median step time, against the measured matmul rates.
+4. Where the time goes: torch.profiler over a few steps, self CPU time bucketed by operator (GEMMs, attention,
+   vocabulary-sized elementwise ops of the log-softmax, optimizer, ...) and the wall time outside any op.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import re
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from benchmarks.common import describe_machine, load_average, markdown_table, median, time_call  # noqa: E402
+
+BATCH = 32  # pairs per DPO step (the cpu preset)
+
+
+# ------------------------------------------------------------------------------------------ FLOP count
+def step_flops(*, rows: int, seq_len: int, n_layer: int, d_model: int, vocab: int,
+               with_reference_forward: bool = False) -> dict[str, float]:
+    """Matmul FLOPs of one training step over a padded ``rows x seq_len`` batch (multiply-add = 2 FLOPs).
+
+    Per token and layer: QKV 2*d*3d, attention output 2*d*d, MLP 2*d*4d*2 -> 24 d^2; per layer and row the
+    attention products QK^T and AV 2 * 2 * T^2 * d; per token the LM head 2*d*V. Backward = 2 x forward
+    (gradients of inputs and of weights). A reference forward (what TRL does by default) adds 1 x forward.
+    """
+    tokens = rows * seq_len
+    body = tokens * n_layer * 24 * d_model**2
+    attention = n_layer * rows * 4 * seq_len**2 * d_model
+    head = tokens * 2 * d_model * vocab
+    forward = body + attention + head
+    total = 3 * forward + (forward if with_reference_forward else 0)
+    return {"body": 3 * body, "attention": 3 * attention, "lm_head": 3 * head, "forward": forward,
+            "step": total}
+
+
+# -------------------------------------------------------------------------------------- matmul rates
+def matmul_rates(tokens: int, d: int, vocab: int, repeats: int) -> list[dict[str, Any]]:
+    """GFLOP/s of ``torch.mm`` (fp32) on the model's GEMM shapes at ``tokens`` rows, and a big square one."""
+    shapes = [
+        ("qkv fwd", tokens, d, 3 * d), ("attn out fwd", tokens, d, d), ("mlp up fwd", tokens, d, 4 * d),
+        ("mlp down fwd", tokens, 4 * d, d), ("lm head fwd", tokens, d, vocab),
+        ("lm head bwd (input grad)", tokens, vocab, d), ("lm head bwd (weight grad)", vocab, tokens, d),
+        ("mlp up bwd (weight grad)", d, tokens, 4 * d),
+        ("square 2048", 2048, 2048, 2048),
+    ]
+    rows = []
+    for name, m, k, n in shapes:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        out = torch.empty(m, n)
+        times = time_call(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), warmup=3, repeats=repeats)
+        seconds = median(times)
+        rows.append({"GEMM": name, "M x K x N": f"{m} x {k} x {n}", "ms": seconds * 1e3,
+                     "GFLOP/s": 2 * m * k * n / seconds / 1e9, "_flops": 2 * m * k * n, "_s": seconds})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- the step
+def load_step_setup(n_steps: int) -> dict[str, Any]:
+    """Everything ``dpo_trainer._train_step`` needs, for the cpu preset's model and first pairs."""
+    from dpo_lab import pipeline
+    from dpo_lab.batching import PreferenceCollator
+    from dpo_lab.dpo_trainer import make_optimizer, reference_logprobs
+    from dpo_lab.presets import get_preset
+    from dpo_lab.runs import pair_columns, warmup_lambda
+
+    preset = get_preset("cpu")
+    reference, tokenizer, _ = pipeline.sft_policy(preset, progress=False)
+    pairs, _ = pipeline.preference_data(preset, progress=False)
+    cols = pair_columns(pairs.select(range(n_steps * BATCH)))
+    max_length = int(reference.config.n_positions)
+    config = dataclasses.replace(preset.dpo, batch_size=BATCH, micro_batch_size=BATCH)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref_c, ref_r = reference_logprobs(reference, tokenizer, cols, max_length=max_length, cache_dir=tmp,
+                                          batch_size=BATCH, progress=False)
+    policy = copy.deepcopy(reference).eval()
+    optimizer = make_optimizer([p for p in policy.parameters() if p.requires_grad], config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
+    return {"policy": policy, "collator": PreferenceCollator(tokenizer, max_length), "cols": cols,
+            "ref_chosen": ref_c, "ref_rejected": ref_r, "optimizer": optimizer, "scheduler": scheduler,
+            "config": config, "model_config": reference.config}
+
+
+def run_step(setup: dict[str, Any], step: int) -> dict[str, Any]:
+    from dpo_lab.dpo_trainer import _train_step
+
+    return _train_step(setup["policy"], setup["collator"], setup["cols"], setup["ref_chosen"],
+                       setup["ref_rejected"], setup["optimizer"], setup["scheduler"], beta=0.1,
+                       config=setup["config"], step=step, seed=0, device=torch.device("cpu"),
+                       last_checkpoint=None)
+
+
+def padded_length(setup: dict[str, Any], step: int) -> int:
+    """T of step ``step``'s stacked chosen+rejected batch (what the forward pass computes over)."""
+    from dpo_lab.runs import PAIR_COLUMNS, batch_indices
+
+    cols = setup["cols"]
+    idx = batch_indices(len(cols["prompt"]), BATCH, step, 0)
+    batch = setup["collator"]([{c: cols[c][i] for c in PAIR_COLUMNS} for i in idx])
+    return max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+
+
+# ------------------------------------------------------------------------------------------- profile
+_BUCKETS = [  # (bucket, regex over the ATen op name); the first match wins
+    ("GEMM (mm/addmm/bmm)", r"^aten::(mm|addmm|bmm|baddbmm|addbmm)$"),
+    ("attention kernel (SDPA)", r"scaled_dot_product|flash_attention|_efficient_attention"),
+    ("optimizer + grad clip",
+     r"^aten::_foreach_|^Optimizer\.|^aten::(addcmul_|addcdiv_|sqrt|linalg_vector_norm)"),
+    ("layer norm", r"layer_norm"),
+    ("GELU / tanh", r"gelu|tanh"),
+    ("embedding", r"embedding"),
+]
+
+
+def bucket_profile(prof: Any, vocab: int, d_model: int, n_steps: int, wall_s: float) -> list[dict[str, Any]]:
+    """Self CPU time per bucket per step. Other ops are bucketed by their inputs' last dimension: V means
+    the log-softmax / logsumexp over the vocabulary and its backward; 4d means GPT-2's "gelu_new", which
+    transformers composes from pow/mul/add/tanh (about ten elementwise passes forward and backward)."""
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.key_averages(group_by_input_shape=True):
+        name = event.key
+        bucket = next((b for b, pattern in _BUCKETS if re.search(pattern, name)), None)
+        if bucket is None:
+            shapes = event.input_shapes or []
+            last = {s[-1] for s in shapes if isinstance(s, list) and len(s) >= 2}
+            bucket = ("vocab-sized elementwise (log-softmax)" if vocab in last
+                      else "elementwise on the 4d MLP hidden (gelu_new)" if 4 * d_model in last
+                      else "other ops")
+        totals[bucket] += event.self_cpu_time_total / 1e6
+    in_ops = sum(totals.values())
+    totals["outside any op (Python, autograd engine, tokenizer)"] = max(wall_s - in_ops, 0.0)
+    return [{"where": k, "ms per step": v / n_steps * 1e3, "share of wall": f"{v / wall_s:.0%}"}
+            for k, v in sorted(totals.items(), key=lambda kv: -kv[1])]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--steps", type=int, help="timed DPO steps (default 12, quick 5)")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n_steps = args.steps or (5 if args.quick else 12)
+    repeats = 5 if args.quick else 10
+    print("# Roofline of a dpo-lab DPO step\n")
+    print(describe_machine())
+
+    warmup = 2
+    setup = load_step_setup(warmup + 2 * n_steps + 2)
+    mc = setup["model_config"]
+    d, n_layer, vocab = mc.n_embd, mc.n_layer, mc.vocab_size
+
+    # ---- step timing (after warm-up), with the FLOPs of each step's actual padded batch
+    step = 0
+    for _ in range(warmup):
+        step += 1
+        run_step(setup, step)
+    times, flops, lengths = [], [], []
+    for _ in range(n_steps):
+        step += 1
+        length = padded_length(setup, step)
+        start = time.perf_counter()
+        run_step(setup, step)
+        times.append(time.perf_counter() - start)
+        lengths.append(length)
+        flops.append(step_flops(rows=2 * BATCH, seq_len=length, n_layer=n_layer, d_model=d,
+                                vocab=vocab)["step"])
+    step_s = median(times)
+    rate = median([f / t for f, t in zip(flops, times, strict=True)]) / 1e9  # GFLOP/s
+    t_med = int(median(lengths))
+    parts = step_flops(rows=2 * BATCH, seq_len=t_med, n_layer=n_layer, d_model=d, vocab=vocab)
+
+    # ---- matmul rates at the median padded batch
+    gemms = matmul_rates(2 * BATCH * t_med, d, vocab, repeats)
+    model_gemms = [g for g in gemms if not g["GEMM"].startswith("square")]
+    model_rate = sum(g["_flops"] for g in model_gemms) / sum(g["_s"] for g in model_gemms) / 1e9
+    square_rate = next(g["GFLOP/s"] for g in gemms if g["GEMM"].startswith("square"))
+
+    print(f"\n## 1. fp32 matmul rate (torch.mm, median of {repeats}; {2 * BATCH} rows x T={t_med} tokens)\n")
+    print(markdown_table(gemms, ["GEMM", "M x K x N", "ms", "GFLOP/s"]))
+    print(f"\nmodel-shape GEMMs together: {model_rate:.1f} GFLOP/s; big square: {square_rate:.1f} GFLOP/s")
+
+    print(f"\n## 2. FLOPs of one DPO step ({2 * BATCH} rows x T={t_med}, L={n_layer}, d={d}, V={vocab})\n")
+    print(markdown_table([{"part": k, "GFLOP": v / 1e9, "share": f"{v / parts['step']:.0%}"}
+                          for k, v in parts.items() if k not in ("forward", "step")]
+                         + [{"part": "step (fwd + bwd)", "GFLOP": parts["step"] / 1e9, "share": "100%"}],
+                         ["part", "GFLOP", "share"]))
+
+    best_rate = flops[times.index(min(times))] / min(times) / 1e9
+    print(f"\n## 3. Achieved ({n_steps} steps, padded T {min(lengths)}-{max(lengths)})\n")
+    print(markdown_table([
+        {"quantity": "median step time (s)", "value": step_s},
+        {"quantity": "fastest step (s), the least disturbed by other load", "value": min(times)},
+        {"quantity": "achieved GFLOP/s at the fastest step", "value": best_rate},
+        {"quantity": "fastest step, share of big-square rate", "value": f"{best_rate / square_rate:.0%}"},
+        {"quantity": "achieved GFLOP/s (counted FLOPs / step time)", "value": rate},
+        {"quantity": "share of the big-square matmul rate", "value": f"{rate / square_rate:.0%}"},
+        {"quantity": "share of the model-shape matmul rate", "value": f"{rate / model_rate:.0%}"},
+        {"quantity": "step time if every FLOP ran at the model-shape rate (s)",
+         "value": parts["step"] / (model_rate * 1e9)},
+    ], ["quantity", "value"]))
+
+    # ---- profile
+    n_prof = max(3, n_steps // 2)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        for _ in range(n_prof):
+            step += 1
+            run_step(setup, step)
+        wall = time.perf_counter() - start
+    print(f"\n## 4. Where the time goes (torch.profiler, {n_prof} steps, {wall / n_prof:.3f} s/step "
+          "under the profiler)\n")
+    print(markdown_table(bucket_profile(prof, vocab, d, n_prof, wall),
+                         ["where", "ms per step", "share of wall"]))
+    print("\nTop operators by self CPU time:\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+    print(f"load average at the end: {[round(x, 2) for x in load_average()]}")
+
+
+if __name__ == "__main__":
+    main()
