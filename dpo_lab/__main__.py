@@ -61,7 +61,7 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         outcomes = sweep.run_sweep(spec, root=root, devices=devices, force=args.force,
                                    retry_failed=not args.skip_failed)
     except (sweep.SweepError, KeyError, TypeError, ValueError) as err:
-        print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
+        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
     folder = (root or sweep.runs_root()) / spec.name
     print((folder / "results.md").read_text())
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         name = getattr(args, "name", None) or args.preset
         preset = get_preset(name, **parse_overrides(args.overrides))
     except (KeyError, TypeError, ValueError) as err:
-        parser.error(str(err).strip("'\""))
+        parser.error(str(err.args[0] if err.args else err))
     if args.command == "preset":
         print(preset.describe())
         return 0

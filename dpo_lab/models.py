@@ -91,7 +91,8 @@ def build_policy(tokenizer: Any, config: PolicyConfig, *, seed: int | None = Non
     eos = tokenizer.eos_token_id
     gpt_config = GPT2Config(vocab_size=len(tokenizer), n_positions=config.n_positions, n_embd=config.n_embd,
                             n_layer=config.n_layer, n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                            attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+                            attn_pdrop=0.0, activation_function=config.activation,
+                            bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
     return _prepare(GPT2LMHeadModel(gpt_config), tokenizer)
 
 

@@ -34,6 +34,9 @@ class PolicyConfig:
     n_head: int = 4
     n_embd: int = 192
     n_positions: int = 128  # context length; also the max length of every training sequence
+    # GPT-2's tanh GELU either way; "gelu_pytorch_tanh" is one fused kernel, where "gelu_new" (GPT-2's own
+    # name) builds it from ~10 elementwise ops that took ~29% of a cpu DPO step (benchmarks/bench_roofline.py)
+    activation: Literal["gelu_pytorch_tanh", "gelu_new"] = "gelu_pytorch_tanh"
     sft_steps: int = 800
     sft_batch_size: int = 32
     sft_lr: float = 2e-3
