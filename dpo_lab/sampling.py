@@ -2,29 +2,54 @@
 
 Every sample is an *untruncated* draw from the policy: temperature 1, top_k 0 (off: HF's default of 50
 would silently sample from a different distribution), top_p 1 (DESIGN.md "Sampling"). Prompts are
-LEFT-padded so that every row's next token sits at the last column; ``generate`` derives position ids
-from the attention mask, so a padded row sees the same positions as the prompt sampled alone (tested).
+LEFT-padded so that every row's next token sits at the last column; position ids come from the attention
+mask, so a padded row sees the same positions as the prompt sampled alone (tested).
 
 Length rule: ``max_new_tokens`` tokens are sampled per completion; a row stops early only when the policy
 itself samples EOS (that EOS is kept in ``completion_ids``: it is part of the sampled sequence, and the
 evaluator's sequence KL includes the step that chose it). Nothing forces or forbids EOS, so the samples
 are draws from pi(y | x) over sequences of at most ``max_new_tokens`` tokens. The decoded text drops EOS.
 
-Randomness: ``generate`` draws from torch's global RNG. We fork it (``torch.random.fork_rng``) and seed
+Backends (``backend=``):
+
+* ``"loop"``: a plain decoding loop that gives the *same tokens* as ``generate`` for the same
+  seed, token for token (tested). It feeds the model exactly what ``generate`` feeds it (left-padded
+  prompt, position ids ``cumsum(mask) - 1``, the 2-D mask or none when nothing is padded, a KV cache,
+  logits of the last position only) and draws with the same arithmetic: fp32 softmax, then
+  ``torch.multinomial(probs, 1)`` over the whole batch, finished rows included. For a plain HF GPT-2
+  (sdpa attention, no hooks) it runs the blocks itself with the same torch ops as ``GPT2LMHeadModel`` on
+  a preallocated KV cache, skipping HF's per-step mask, cache and wrapper work.
+* ``"loop_icdf"`` (default): the same loop, but each token is drawn by inverting the CDF with one
+  uniform per row (float64 cumulative sum, ``searchsorted``). Same distribution, different tokens:
+  ``torch.multinomial`` draws batch x vocab Exp(1) variates per step (it computes ``argmax(probs / E)``,
+  the exponential race), which at the cpu preset (128 x 4096) costs about as much as the model's
+  forward, and token-for-token equality with ``generate`` needs exactly those draws. About 1.9x
+  ``generate``'s completions per second at the cpu preset's shapes, where "loop" reaches 1.2x
+  (benchmarks/bench_sampling.py); chi-square tests check its distribution, and "loop" carries the
+  token-for-token check of the loop itself.
+* ``"generate"``: HF ``model.generate`` (the reference; benchmarks/bench_sampling.py compares them).
+
+Randomness: every backend draws from torch's global RNG. We fork it (``torch.random.fork_rng``) and seed
 the fork, so the same seed gives the same samples on the same machine and batch size, and the caller's
 RNG stream (e.g. a training loop's) is left exactly as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import inspect
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+Backend = Literal["loop", "loop_icdf", "generate"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass(frozen=True)
@@ -104,13 +129,187 @@ def _cut_at_eos(row: list[int], eos_token_id: int | None) -> list[int]:
     return row
 
 
-def _check_args(n_per_prompt: int, max_new_tokens: int, batch_size: int, seed: int) -> None:
+def _check_args(n_per_prompt: int, max_new_tokens: int, batch_size: int, seed: int,
+                backend: str = "loop") -> None:
     for name, value in (("n_per_prompt", n_per_prompt), ("max_new_tokens", max_new_tokens),
                         ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# backend="loop": one forward per new token, fed exactly as `generate` feeds the model.
+# ---------------------------------------------------------------------------------------------------------
+
+Stepper = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens (B, q), positions (B, q)) -> logits
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _hf_stepper(model: nn.Module, attention_mask: torch.Tensor) -> Stepper:
+    """Any HF causal LM: its own forward and a DynamicCache, with the inputs ``generate`` would pass.
+
+    ``generate`` drops an all-ones mask (no padding) and then lets sdpa use its causal flag; keeping it
+    could change the kernel and the last bits of the logits, so we drop it too.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    extra: dict[str, object] = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+    use_positions = _accepts(model, "position_ids")
+    state = {"mask": None if bool(attention_mask.all()) else attention_mask}
+
+    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mask = state["mask"]
+        if mask is not None and mask.shape[1] < positions.shape[1] + cache.get_seq_length():
+            mask = state["mask"] = torch.cat([mask, mask.new_ones((mask.shape[0], tokens.shape[1]))], dim=1)
+        out = model(input_ids=tokens, attention_mask=mask, cache=cache, use_cache=True, return_dict=True,
+                    **({"position_ids": positions} if use_positions else {}), **extra)
+        return out.logits[:, -1]
+
+    return step
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    """Forward hooks (a test's logit recorder, a profiler) expect the model's own forward to run."""
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
+    return any(g for g in global_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def _fast_gpt2_supported(model: nn.Module) -> bool:
+    """Our block loop reproduces ``GPT2LMHeadModel`` with sdpa attention and nothing else."""
+    from transformers import GPT2LMHeadModel
+
+    config = model.config
+    return (type(model) is GPT2LMHeadModel and config._attn_implementation == "sdpa"
+            and not config.add_cross_attention and not model.training and not _has_hooks(model))
+
+
+def _conv1d(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """HF's GPT-2 ``Conv1D`` (x @ W + b) with the same addmm call, so results match bit for bit."""
+    return torch.addmm(layer.bias, x.view(-1, x.size(-1)), layer.weight).view(*x.shape[:-1], layer.nf)
+
+
+def _gpt2_stepper(model: nn.Module, attention_mask: torch.Tensor, max_new_tokens: int) -> Stepper:
+    """GPT-2 blocks run directly, the ops of ``modeling_gpt2`` in the same order, on a preallocated cache.
+
+    Why: at 4 layers x 192 HF's per-step bookkeeping (mask building, cache concatenation, wrappers) costs
+    as much as the matrix products. The arithmetic is unchanged: same embeddings, layer norms, addmm,
+    sdpa with the same boolean mask (True = attend: causal and not padding) or the same causal flag when
+    nothing is padded, same GELU module, lm head on the last position only.
+    """
+    transformer = model.transformer
+    blocks = list(transformer.h)
+    config = model.config
+    width, n_head = config.n_embd, config.n_head
+    head_dim = width // n_head
+    batch, prompt_len = attention_mask.shape
+    total = prompt_len + max_new_tokens
+    device, dtype = attention_mask.device, transformer.wte.weight.dtype
+    keys = [torch.empty((batch, n_head, total, head_dim), dtype=dtype, device=device) for _ in blocks]
+    values = [torch.empty_like(k) for k in keys]
+    padded = not bool(attention_mask.all())
+    keep = torch.ones((batch, total), dtype=torch.bool, device=device)  # generated tokens are never masked
+    keep[:, :prompt_len] = attention_mask.bool()
+    state = {"length": 0}
+
+    def step(tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        start, q_len = state["length"], tokens.shape[1]
+        end = start + q_len
+        state["length"] = end
+        if not padded:
+            mask = None
+        elif q_len == 1:
+            mask = keep[:, None, None, :end]
+        else:  # prefill from an empty cache
+            causal = torch.ones((q_len, q_len), dtype=torch.bool, device=device).tril()
+            mask = causal[None, None] & keep[:, None, None, :end]
+        hidden = transformer.wte(tokens) + transformer.wpe(positions)
+        for i, block in enumerate(blocks):
+            attn = block.attn
+            x = F.layer_norm(hidden, (width,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+            q, k, v = _conv1d(x, attn.c_attn).split(width, dim=2)
+            q = q.view(batch, q_len, n_head, head_dim).transpose(1, 2)
+            keys[i][:, :, start:end] = k.view(batch, q_len, n_head, head_dim).transpose(1, 2)
+            values[i][:, :, start:end] = v.view(batch, q_len, n_head, head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(q, keys[i][:, :, :end], values[i][:, :, :end],
+                                                 attn_mask=mask, scale=attn.scaling,
+                                                 is_causal=mask is None and q_len > 1)
+            out = out.transpose(1, 2).contiguous().reshape(batch, q_len, width)
+            hidden = _conv1d(out, attn.c_proj) + hidden
+            x = F.layer_norm(hidden, (width,), block.ln_2.weight, block.ln_2.bias, block.ln_2.eps)
+            hidden = hidden + _conv1d(block.mlp.act(_conv1d(x, block.mlp.c_fc)), block.mlp.c_proj)
+        ln_f = transformer.ln_f
+        hidden = F.layer_norm(hidden, (width,), ln_f.weight, ln_f.bias, ln_f.eps)
+        return model.lm_head(hidden[:, -1:, :])[:, -1]
+
+    return step
+
+
+def _draw_multinomial(probs: torch.Tensor) -> torch.Tensor:
+    """``generate``'s draw: one ``torch.multinomial`` over the whole batch (B x V Exp(1) variates)."""
+    return torch.multinomial(probs, num_samples=1).squeeze(1)
+
+
+def _draw_inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
+    """Token j with probability probs[j]: the first j with CDF(j) > u * total, u ~ U[0, 1), B variates.
+
+    The cumulative sum is in float64 so that a token's interval keeps its width to ~1e-16 of the total;
+    a zero-probability token has an empty interval and is never returned (``right=True``), and the
+    index is capped at the last token with mass for the u * total == total rounding case.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(index, last_with_mass)
+
+
+@torch.no_grad()
+def _loop_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                max_new_tokens: int, eos_token_id: int, pad_token_id: int,
+                draw: Callable[[torch.Tensor], torch.Tensor] = _draw_multinomial) -> torch.Tensor:
+    """New tokens (B, <= max_new_tokens) of one left-padded batch; rows after their EOS hold pad ids.
+
+    Stops after the step in which the last row samples EOS, as ``generate`` does: one draw per step
+    taken, so the RNG is left where ``generate`` leaves it and the next batch matches too.
+    """
+    batch, _ = input_ids.shape
+    device = input_ids.device
+    if _fast_gpt2_supported(model):
+        step = _gpt2_stepper(model, attention_mask, max_new_tokens)
+    else:
+        step = _hf_stepper(model, attention_mask)
+    new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as generate
+    logits = step(input_ids, positions)
+    positions = positions[:, -1:]
+    for t in range(max_new_tokens):
+        probs = F.softmax(logits.float(), dim=-1)  # generate: fp32 copy of the last logits, then softmax
+        tokens = torch.where(unfinished, draw(probs), pad_token_id)  # finished rows: padding, as generate
+        new[:, t] = tokens
+        unfinished &= tokens != eos_token_id
+        if t == max_new_tokens - 1 or not bool(unfinished.any()):
+            return new[:, :t + 1]
+        positions = positions + 1
+        logits = step(tokens[:, None], positions)
+    return new
+
+
+def _generate_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    config: GenerationConfig) -> torch.Tensor:
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    return out[:, input_ids.shape[1]:]
 
 
 @torch.no_grad()
@@ -124,9 +323,14 @@ def sample(
     batch_size: int,
     seed: int,
     progress: bool = True,
+    backend: Backend = "loop_icdf",
 ) -> Samples:
-    """Draw ``n_per_prompt`` completions of every prompt; ``batch_size`` rows per ``generate`` call."""
-    _check_args(n_per_prompt, max_new_tokens, batch_size, seed)
+    """Draw ``n_per_prompt`` completions of every prompt, ``batch_size`` rows at a time.
+
+    ``backend="loop"`` and ``"generate"`` give identical tokens, "loop" faster; "loop_icdf" (default) is
+    faster still and samples the same distribution with other tokens (see the module docstring).
+    """
+    _check_args(n_per_prompt, max_new_tokens, batch_size, seed, backend)
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad_token_id; set one (e.g. pad = eos) before sampling")
     prompt_ids = encode_prompts(tokenizer, prompts)
@@ -141,16 +345,21 @@ def sample(
     device = model_device(model)
     flat: list[list[int]] = []
     fork_devices = [device] if device.type == "cuda" else []
+    draw = _draw_inverse_cdf if backend == "loop_icdf" else _draw_multinomial
     with torch.random.fork_rng(devices=fork_devices), eval_mode(model):
         torch.manual_seed(seed)
         starts = range(0, len(jobs), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
             rows = [prompt_ids[i] for i in jobs[start:start + batch_size]]
             input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                 generation_config=config)
-            new = out[:, input_ids.shape[1]:].tolist()
-            flat.extend(_cut_at_eos(row, tokenizer.eos_token_id) for row in new)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            if backend == "generate":
+                new = _generate_batch(model, input_ids, attention_mask, config)
+            else:
+                new = _loop_batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                  eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                                  draw=draw)
+            flat.extend(_cut_at_eos(row, tokenizer.eos_token_id) for row in new.tolist())
     completion_ids = [flat[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompt_ids))]
     texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in per] for per in completion_ids]
     return Samples(prompts=list(prompts), prompt_ids=prompt_ids, completion_ids=completion_ids, texts=texts)
@@ -166,7 +375,8 @@ def sample_completions(
     batch_size: int,
     seed: int,
     progress: bool = True,
+    backend: Backend = "loop_icdf",
 ) -> list[list[str]]:
     """Decoded completions, ``[prompt][sample]``; see :func:`sample` for the token ids."""
     return sample(model, tokenizer, prompts, n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
-                  batch_size=batch_size, seed=seed, progress=progress).texts
+                  batch_size=batch_size, seed=seed, progress=progress, backend=backend).texts
