@@ -29,6 +29,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -223,8 +224,10 @@ def check_parameters(notebook: str | Path, parameters: Mapping[str, Any], *, whe
         expected = declared[name]["inferred_type_name"]
         if not _matches(expected, value):
             hint = ""
-            if isinstance(value, str) and expected == "float" and _is_number(value):
-                hint = f"; YAML reads {value} without a dot as a string: write it like 1.0e-6"
+            if isinstance(value, str) and expected in ("float", "int") and _is_number(value):
+                yaml_exponent = re.fullmatch(r"[+-]?\d+[eE][+-]?\d+", value)
+                hint = ("; YAML reads 1e-6 (no dot) as a string: write 1.0e-6" if yaml_exponent
+                        else "; a number in quotes is a string")
             raise SweepError(f"{prefix}parameter {name!r} of {notebook} expects {expected}, "
                              f"got {type(value).__name__} ({value!r}){hint}")
 
@@ -498,9 +501,13 @@ def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
         points = pd.concat(point_frames, ignore_index=True)
         atomic_write_text(folder / "points.csv", points.to_csv(index=False))
         if {"method", "kl_mean", "reward_mean"} <= set(points.columns):
+            import matplotlib.pyplot as plt
+
             from dpo_lab.plots import plot_frontier
 
-            plot_frontier(points, folder / "frontier.png", title=f"sweep {spec.name}: reward vs KL")
+            # Saved, then closed: a notebook that runs a sweep shows the file, not a stray figure.
+            figure = plot_frontier(points, folder / "frontier.png", title=f"sweep {spec.name}: reward vs KL")
+            plt.close(figure)
     return table
 
 

@@ -113,8 +113,10 @@ def test_unknown_parameter_and_wrong_type_are_errors(toy_notebook: Path) -> None
         sweep.check_parameters(toy_notebook, {"y": 1.0})
     with pytest.raises(sweep.SweepError, match="'x' .* expects float, got str"):
         sweep.check_parameters(toy_notebook, {"x": "big"})
-    with pytest.raises(sweep.SweepError, match="write it like 1.0e-6"):
+    with pytest.raises(sweep.SweepError, match="write 1.0e-6"):
         sweep.check_parameters(toy_notebook, {"x": "1e-6"})
+    with pytest.raises(sweep.SweepError, match="a number in quotes is a string"):
+        sweep.check_parameters(toy_notebook, {"x": "0.5"})
     with pytest.raises(sweep.SweepError, match="'fail' .* expects bool, got int"):
         sweep.check_parameters(toy_notebook, {"fail": 1})
 
