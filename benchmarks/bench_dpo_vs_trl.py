@@ -190,9 +190,9 @@ def _same_tokens(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor])
             a = ours[f"{side}_{key}"]
             b = theirs[key][i * n:(i + 1) * n]
             width = max(a.shape[1], b.shape[1])
+            real = torch.nn.functional.pad(ours[f"{side}_attention_mask"], (0, width - a.shape[1])).bool()
             a = torch.nn.functional.pad(a, (0, width - a.shape[1]))
             b = torch.nn.functional.pad(b, (0, width - b.shape[1]))
-            real = torch.nn.functional.pad(ours[f"{side}_attention_mask"], (0, width - a.shape[1])).bool()
             if key == "input_ids":  # pad ids differ harmlessly; compare real tokens only
                 a, b = a[real], b[real]
             if not torch.equal(a, b.to(a.dtype)):

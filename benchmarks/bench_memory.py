@@ -1,9 +1,9 @@
 """Peak resident memory of each stage of the ``cpu`` preset (issue #6, part 4).
 
-Each stage runs in a fresh interpreter (``benchmarks.common.run_worker``) and reports ``ru_maxrss``, its
-peak resident set size: torch's tensors count, unlike tracemalloc's. The interpreter's own footprint after
-importing dpo_lab (torch, transformers, datasets, sklearn) is measured the same way and shown as "imports",
-so the stage's share is the difference.
+Each stage runs in a fresh interpreter (``benchmarks.common.run_worker``) and reports VmHWM, its peak
+resident set size (not ``ru_maxrss``, which Linux carries across fork + exec): torch's tensors count,
+unlike tracemalloc's. The interpreter's own footprint after importing dpo_lab (torch, transformers,
+datasets, sklearn) is measured the same way and shown as "imports", so the stage's share is the difference.
 
 Nothing is written into the shared ``artifacts/``: every worker gets a temporary ``DPO_LAB_ARTIFACTS`` into
 which the finished cpu-preset stages it *reads* are copied (SFT policy, r* classifier, preference pairs,
@@ -39,12 +39,12 @@ from benchmarks.common import (  # noqa: E402
 STAGES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "imports": ("import dpo_lab.pipeline and its dependencies; nothing else", {}, ()),
     "data + tokenizer": ("load the offline IMDb CSV, train the 4,096-token BPE on the train reviews", {}, ()),
-    "SFT": ("data + tokenizer, then SFT for 5 steps of 32 reviews (preset: 800) + held-out perplexity",
+    "SFT": ("data + tokenizer, then SFT for 5 steps of 32 reviews (preset: 600) + held-out perplexity",
             {"policy.sft_steps": 5, "policy.sft_warmup_steps": 1}, ()),
     "r* classifier": ("fit TF-IDF + logistic regression on the train reviews, held-out accuracy", {}, ()),
     "preference data": ("sample 4 x 32 tokens for 256 train prompts (preset: 1,500) in batches of 128, "
                         "score with r*, build pairs", {"preferences.n_prompts": 256}, ("sft", "reward")),
-    "DPO": ("one DPO run, beta 0.1, 5 steps of 32 pairs (preset: 300), reference log-probs cached, "
+    "DPO": ("one DPO run, beta 0.1, 5 steps of 32 pairs (preset: 250), reference log-probs cached, "
             "evaluation at steps 0 and 5 on 32 test prompts",
             {"dpo.max_steps": 5, "dpo.eval_every": 5, "dpo.checkpoint_every": 5, "eval.n_prompts": 32},
             ("sft", "reward", "preferences", "reference-logps")),
