@@ -105,6 +105,20 @@ def pairs_fingerprint(cols: Mapping[str, Sequence[str]]) -> str:
 
 
 # -------------------------------------------------------------------------------------------- identity
+def read_json_object(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A JSON object file this package wrote (atomically, so damage came from outside): a truncated or
+    corrupt one, or one missing ``keys``, is an error that names the file and what to do."""
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err.msg}, line {err.lineno}); delete it and "
+                         "rerun: training resumes from the last checkpoint") from err
+    if not isinstance(saved, dict) or any(k not in saved for k in keys):
+        raise ValueError(f"{path} is corrupt: expected a JSON object with keys {list(keys)}; delete it and "
+                         "rerun: training resumes from the last checkpoint")
+    return saved
+
+
 def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
     """Claim ``out_dir`` for the run ``run_fields`` describe and return its key (their content hash).
 
@@ -115,7 +129,7 @@ def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
     path = out_dir / "run.json"
     started = (out_dir / "result.json").is_file() or bool(checkpoint_dirs(out_dir))
     if path.is_file() and started:
-        saved = json.loads(path.read_text())
+        saved = read_json_object(path, ("run_key",))
         if saved.get("run_key") != run_key:
             old = saved.get("fields", {})
             diff = sorted(k for k in set(old) | set(run_fields) if old.get(k) != run_fields.get(k))
@@ -335,7 +349,7 @@ def finished_run(out_dir: Path, max_steps: int, result_type: type[R]) -> R | Non
     path = out_dir / "result.json"
     if not path.is_file():
         return None
-    saved = json.loads(path.read_text())
+    saved = read_json_object(path, ("checkpoint_dir", "steps", "last_metrics"))
     if saved["steps"] != max_steps:
         return None
     return result_type(checkpoint_dir=out_dir / saved["checkpoint_dir"],
@@ -354,7 +368,7 @@ __all__ = ["EvalFn", "Pairs", "PAIR_COLUMNS", "TRAINER_STATE", "model_fingerprin
            "pair_columns", "pair_examples", "pairs_fingerprint", "check_run", "batch_indices", "is_due",
            "checkpoint_path", "checkpoint_dirs", "prune_checkpoints", "latest_checkpoint", "load_weights",
            "rng_state", "set_rng_state", "read_metrics", "truncate_metrics", "call_eval_fn", "MetricsLog",
-           "RunResult", "finished_run", "write_result"]
+           "RunResult", "finished_run", "read_json_object", "write_result"]
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:

@@ -235,6 +235,22 @@ def test_result_round_trip(tmp_path: Path) -> None:
     assert finished_run(tmp_path, 8, _Result) is None  # more steps asked for: train on
 
 
+@pytest.mark.parametrize("damage, match", [(lambda t: t[: len(t) // 2], "truncated or corrupt"),
+                                           (lambda t: "[]", "expected a JSON object"),
+                                           (lambda t: '{"steps": 5}', "expected a JSON object with keys")])
+def test_damaged_result_or_run_file_is_named(tmp_path: Path, damage, match: str) -> None:
+    result = _Result(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
+                     metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
+    write_result(tmp_path, result, "key")
+    path = tmp_path / "result.json"
+    path.write_text(damage(path.read_text()))
+    with pytest.raises(ValueError, match=f"result.json is {match}.*delete it and rerun"):
+        finished_run(tmp_path, 5, _Result)
+    (tmp_path / "run.json").write_text('{"run_key": ')  # and run.json of a started run
+    with pytest.raises(ValueError, match="run.json is truncated or corrupt"):
+        check_run(tmp_path, {"beta": 0.1})
+
+
 # ------------------------------------------------------------------------------------- pairs/fingerprints
 def test_pair_columns_accept_three_formats_with_one_fingerprint() -> None:
     cols = {"prompt": ["a", "b"], "chosen": [" x", " y"], "rejected": [" z", " w"]}
