@@ -235,9 +235,11 @@ def test_result_round_trip(tmp_path: Path) -> None:
     assert finished_run(tmp_path, 8, _Result) is None  # more steps asked for: train on
 
 
-@pytest.mark.parametrize("damage, match", [(lambda t: t[: len(t) // 2], "truncated or corrupt"),
-                                           (lambda t: "[]", "expected a JSON object"),
-                                           (lambda t: '{"steps": 5}', "expected a JSON object with keys")])
+@pytest.mark.parametrize("damage, match", [
+    (lambda t: t[: len(t) // 2], "truncated or corrupt"),
+    (lambda t: "[]", "corrupt: expected a JSON object"),
+    (lambda t: '{"steps": 5}', "corrupt: expected a JSON object with keys"),
+])
 def test_damaged_result_or_run_file_is_named(tmp_path: Path, damage, match: str) -> None:
     result = _Result(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
                      metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
