@@ -76,11 +76,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import GPT2Config, PreTrainedTokenizerBase
 
 from dpo_lab.batching import PreferenceCollator
 from dpo_lab.cache import atomic_directory, content_hash
-from dpo_lab.dpo_trainer import DPOResult, _check_config, make_optimizer
+from dpo_lab.dpo_trainer import DPOResult, check_dpo_config, make_optimizer
+from dpo_lab.estimate import count_parameters
 from dpo_lab.logprobs import concatenated_logprobs
 from dpo_lab.losses import preference_loss, preference_metrics
 from dpo_lab.presets import DPOConfig
@@ -338,7 +339,7 @@ def train_dpo_accelerate(
     """
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
-    _check_config(config, beta, max_length)
+    check_dpo_config(config, beta, max_length)
     accelerator = accelerator if accelerator is not None else make_accelerator()
     accum = accumulation_steps(config.batch_size, config.micro_batch_size, accelerator.num_processes)
     out_dir = Path(out_dir)
@@ -518,9 +519,10 @@ class MemoryEstimate:
 
 
 def gpt2_param_count(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> int:
-    """Parameters of a GPT-2 with tied embeddings: 12 h^2 + 13 h per block, token and position embeddings,
-    final LayerNorm (gpt2-large: 36, 1280, 50257, 1024 -> 774,030,080)."""
-    return n_layer * (12 * n_embd**2 + 13 * n_embd) + (vocab_size + n_positions) * n_embd + 2 * n_embd
+    """Parameters of a GPT-2 with tied embeddings (gpt2-large: 36, 1280, 50257, 1024 -> 774,030,080), counted
+    by ``estimate.count_parameters`` from the config's shapes."""
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, n_positions=n_positions)
+    return count_parameters(config).total
 
 
 def dpo_memory_estimate(

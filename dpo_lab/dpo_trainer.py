@@ -115,7 +115,7 @@ def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.o
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'rmsprop' or 'adamw'")
 
 
-def _check_config(config: DPOConfig, beta: float, max_length: int) -> None:
+def check_dpo_config(config: DPOConfig, beta: float, max_length: int) -> None:
     for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
@@ -299,7 +299,7 @@ def train_dpo(
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
     beta = _check_objective(objective, beta, alpha)
-    _check_config(config, beta, max_length)
+    check_dpo_config(config, beta, max_length)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
@@ -447,7 +447,8 @@ def _check_finite(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, wh
 train_pairwise = train_dpo  # the same trainer under an objective-neutral name, for the baselines
 
 
-__all__ = ["DPOResult", "Objective", "OBJECTIVES", "autocast", "warmup_lambda", "make_optimizer",
+__all__ = ["DPOResult", "Objective", "OBJECTIVES", "autocast", "check_dpo_config", "warmup_lambda",
+           "make_optimizer",
            "concatenated_token_logprobs", "reference_logprobs", "train_dpo", "train_pairwise",
            # re-exported from runs.py
            "EvalFn", "Pairs", "PAIR_COLUMNS", "batch_indices", "load_weights", "read_metrics",
