@@ -212,9 +212,18 @@ def _matches(type_name: str, value: Any) -> bool:
     return True
 
 
+def _shown(path: str | Path) -> str:
+    """A path as messages show it: relative to the project root when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(project_root()))
+    except ValueError:
+        return str(path)
+
+
 def check_parameters(notebook: str | Path, parameters: Mapping[str, Any], *, where: str = "") -> None:
     """Raise naming every unknown parameter or wrong type (papermill itself only warns and injects)."""
     declared = notebook_parameters(notebook)
+    notebook = _shown(notebook)
     prefix = f"{where}: " if where else ""
     unknown = sorted(set(parameters) - set(declared))
     if unknown:
