@@ -95,7 +95,6 @@ from dpo_lab.runs import (
     checkpoint_path,
     finished_run,
     is_due,
-    load_weights,
     model_fingerprint,
     pair_columns,
     pair_examples,
@@ -363,10 +362,8 @@ def train_dpo_accelerate(
     _broadcast_error(accelerator, error)
     metrics_path = out_dir / "metrics.jsonl"
 
-    finished = finished_run(out_dir, config.max_steps, DPOResult)
+    finished = finished_run(out_dir, config.max_steps, DPOResult, policy)
     if finished is not None:
-        load_weights(policy, finished.checkpoint_dir)
-        policy.eval()
         return finished
 
     seed_everything(seed)

@@ -319,10 +319,8 @@ def train_dpo(
     metrics_path = out_dir / "metrics.jsonl"
     policy.to(device)
 
-    finished = finished_run(out_dir, config.max_steps, DPOResult)
+    finished = finished_run(out_dir, config.max_steps, DPOResult, policy)
     if finished is not None:
-        load_weights(policy, finished.checkpoint_dir)
-        policy.eval()
         return finished
 
     seed_everything(seed)

@@ -478,10 +478,8 @@ def train_ppo(
 
     # The policy's weights are not in the key: they change as it trains (a resume starts from moved weights).
     run_key = check_run(out_dir, run_fields)
-    finished = finished_run(out_dir, config.max_steps, PPOResult)
+    finished = finished_run(out_dir, config.max_steps, PPOResult, policy)
     if finished is not None:
-        load_weights(policy, finished.checkpoint_dir)
-        policy.eval()
         return finished
 
     seed_everything(seed)

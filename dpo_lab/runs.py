@@ -343,18 +343,24 @@ class RunResult:
 R = TypeVar("R", bound=RunResult)
 
 
-def finished_run(out_dir: Path, max_steps: int, result_type: type[R]) -> R | None:
+def finished_run(out_dir: Path, max_steps: int, result_type: type[R],
+                 policy: nn.Module | None = None) -> R | None:
     """The result of a run that already finished ``max_steps`` steps in ``out_dir``, else None (not
-    finished, or finished with another ``max_steps``: train on from the last checkpoint)."""
+    finished, or finished with another ``max_steps``: train on from the last checkpoint). Given ``policy``,
+    a finished run's final weights are loaded into it (in eval mode), as if it had just been trained."""
     path = out_dir / "result.json"
     if not path.is_file():
         return None
     saved = read_json_object(path, ("checkpoint_dir", "steps", "last_metrics"))
     if saved["steps"] != max_steps:
         return None
-    return result_type(checkpoint_dir=out_dir / saved["checkpoint_dir"],
-                       metrics_path=out_dir / "metrics.jsonl", last_metrics=saved["last_metrics"],
-                       steps=saved["steps"])
+    result = result_type(checkpoint_dir=out_dir / saved["checkpoint_dir"],
+                         metrics_path=out_dir / "metrics.jsonl", last_metrics=saved["last_metrics"],
+                         steps=saved["steps"])
+    if policy is not None:
+        load_weights(policy, result.checkpoint_dir)
+        policy.eval()
+    return result
 
 
 def write_result(out_dir: Path, result: RunResult, run_key: str) -> None:
