@@ -24,18 +24,17 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lab.batching import PreferenceCollator
 from dpo_lab.dpo_trainer import autocast, reference_logprobs
 from dpo_lab.hub_preferences import load_hh_preferences, load_tldr_preferences
 from dpo_lab.logprobs import concatenated_logprobs
 from dpo_lab.losses import preference_loss, preference_metrics
-from dpo_lab.models import build_policy, disable_dropout, train_tokenizer
+from dpo_lab.models import build_policy, load_hub_policy, train_tokenizer
 from dpo_lab.paths import project_root
 from dpo_lab.presets import PolicyConfig
 from dpo_lab.runs import EvalFn, pair_columns, pair_examples, quiet_hf_progress
-from dpo_lab.sampling import sampling_config
 
 TASKS: tuple[str, ...] = ("tldr", "hh")
 # The paper's settings per task (§6.2, §6.3, App. B): SFT policy, beta, and the held-out split.
@@ -172,18 +171,9 @@ def load_models(
         config = PolicyConfig(n_layer=2, n_head=2, n_embd=64, n_positions=max_length)
         policy: PreTrainedModel = build_policy(tok, config, seed=seed)
     else:
-        name = _resolve_model(model)
-        with quiet_hf_progress():
-            tok = AutoTokenizer.from_pretrained(tokenizer or name, trust_remote_code=False)
-            policy = AutoModelForCausalLM.from_pretrained(name, revision=revision or None,
-                                                          trust_remote_code=False, use_safetensors=True)
-        if tok.eos_token is None:
-            raise ValueError(f"tokenizer of {tokenizer or name!r} has no eos token")
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token  # GPT-J and Pythia ship none; padding is masked out anyway
-        policy.generation_config = sampling_config(tok)
-        policy.config.pad_token_id = tok.eos_token_id
-        disable_dropout(policy).eval()
+        with quiet_hf_progress():  # pad = eos there: GPT-J and Pythia ship none; padding is masked out
+            policy, tok = load_hub_policy(_resolve_model(model), revision=revision or None,
+                                          tokenizer_name=tokenizer or None)
     context = getattr(policy.config, "n_positions", None) or getattr(policy.config, "max_position_embeddings",
                                                                        None)
     if context is not None and max_length > context:

@@ -96,12 +96,17 @@ def build_policy(tokenizer: Any, config: PolicyConfig, *, seed: int | None = Non
     return _prepare(GPT2LMHeadModel(gpt_config), tokenizer)
 
 
-def load_hub_policy(name: str, *, revision: str | None = None) -> tuple[PreTrainedModel, Any]:
+def load_hub_policy(name: str, *, revision: str | None = None,
+                    tokenizer_name: str | None = None) -> tuple[PreTrainedModel, Any]:
     """A causal LM and its tokenizer from the hub (or a local folder), safetensors weights only, no remote
-    code; pad = eos, dropout off, sampling defaults as :func:`dpo_lab.sampling.sampling_config`."""
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=False)
+    code; pad = eos, dropout off, sampling defaults as :func:`dpo_lab.sampling.sampling_config`.
+    ``tokenizer_name`` takes the tokenizer from another repository (its main revision), for checkpoints
+    that ship none."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name,
+                                              revision=None if tokenizer_name else revision,
+                                              trust_remote_code=False)
     if tokenizer.eos_token is None:
-        raise ValueError(f"tokenizer of {name!r} has no eos token")
+        raise ValueError(f"tokenizer of {tokenizer_name or name!r} has no eos token")
     model = AutoModelForCausalLM.from_pretrained(name, revision=revision, trust_remote_code=False,
                                                  use_safetensors=True)
     return _prepare(model, tokenizer), tokenizer
