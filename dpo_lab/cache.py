@@ -68,6 +68,21 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_object(path: str | Path, keys: tuple[str, ...] = (), *,
+                     advice: str = "delete it") -> dict[str, Any]:
+    """A JSON object file written by :func:`atomic_write_json` (so damage came from outside): a truncated or
+    corrupt one, or one missing ``keys``, is a ValueError naming the file, followed by ``advice``."""
+    path = Path(path)
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err.msg}, line {err.lineno}); {advice}") from err
+    if not isinstance(saved, dict) or any(k not in saved for k in keys):
+        expected = f"a JSON object with keys {list(keys)}" if keys else "a JSON object"
+        raise ValueError(f"{path} is corrupt: expected {expected}; {advice}")
+    return saved
+
+
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.

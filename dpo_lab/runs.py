@@ -34,7 +34,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash
+from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash, read_json_object
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
 Pairs = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[str]]
@@ -105,18 +105,8 @@ def pairs_fingerprint(cols: Mapping[str, Sequence[str]]) -> str:
 
 
 # -------------------------------------------------------------------------------------------- identity
-def read_json_object(path: Path, keys: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A JSON object file this package wrote (atomically, so damage came from outside): a truncated or
-    corrupt one, or one missing ``keys``, is an error that names the file and what to do."""
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is truncated or corrupt ({err.msg}, line {err.lineno}); delete it and "
-                         "rerun: training resumes from the last checkpoint") from err
-    if not isinstance(saved, dict) or any(k not in saved for k in keys):
-        raise ValueError(f"{path} is corrupt: expected a JSON object with keys {list(keys)}; delete it and "
-                         "rerun: training resumes from the last checkpoint")
-    return saved
+# A run's own files are written atomically: damage came from outside, and the checkpoints survive it.
+_DAMAGED = "delete it and rerun: training resumes from the last checkpoint"
 
 
 def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
@@ -129,7 +119,7 @@ def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
     path = out_dir / "run.json"
     started = (out_dir / "result.json").is_file() or bool(checkpoint_dirs(out_dir))
     if path.is_file() and started:
-        saved = read_json_object(path, ("run_key",))
+        saved = read_json_object(path, ("run_key",), advice=_DAMAGED)
         if saved.get("run_key") != run_key:
             old = saved.get("fields", {})
             diff = sorted(k for k in set(old) | set(run_fields) if old.get(k) != run_fields.get(k))
@@ -351,7 +341,7 @@ def finished_run(out_dir: Path, max_steps: int, result_type: type[R],
     path = out_dir / "result.json"
     if not path.is_file():
         return None
-    saved = read_json_object(path, ("checkpoint_dir", "steps", "last_metrics"))
+    saved = read_json_object(path, ("checkpoint_dir", "steps", "last_metrics"), advice=_DAMAGED)
     if saved["steps"] != max_steps:
         return None
     result = result_type(checkpoint_dir=out_dir / saved["checkpoint_dir"],
@@ -374,7 +364,7 @@ __all__ = ["EvalFn", "Pairs", "PAIR_COLUMNS", "TRAINER_STATE", "model_fingerprin
            "pair_columns", "pair_examples", "pairs_fingerprint", "check_run", "batch_indices", "is_due",
            "checkpoint_path", "checkpoint_dirs", "prune_checkpoints", "latest_checkpoint", "load_weights",
            "rng_state", "set_rng_state", "read_metrics", "truncate_metrics", "call_eval_fn", "MetricsLog",
-           "RunResult", "finished_run", "read_json_object", "write_result"]
+           "RunResult", "finished_run", "write_result"]
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:

@@ -27,7 +27,6 @@ wherever ``runs/`` is (``DPO_LAB_RUNS``).
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
 import socket
@@ -48,7 +47,7 @@ import papermill
 import yaml
 from tqdm.auto import tqdm
 
-from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash
+from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash, read_json_object
 from dpo_lab.paths import project_root
 
 RESERVED_PARAMETERS = ("run_dir",)  # the runner passes each run its own folder
@@ -287,13 +286,9 @@ def read_json(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise SweepError(f"{path} is truncated or corrupt ({err.msg} at line {err.lineno}); "
-                         f"delete it or rerun the run") from err
-    if not isinstance(data, dict):
-        raise SweepError(f"{path} is corrupt: expected a JSON object, got {type(data).__name__}")
-    return data
+        return read_json_object(path, advice="delete it or rerun the run")
+    except ValueError as err:
+        raise SweepError(str(err)) from err
 
 
 def parameters_key(parameters: Mapping[str, Any]) -> str:
