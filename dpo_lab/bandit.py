@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpo_lab.losses import dpo_loss_gradient_weight, preference_loss
+from dpo_lab.losses import bradley_terry_loss, dpo_loss_gradient_weight, preference_loss
 
 DTYPE = torch.float64
 
@@ -352,7 +352,13 @@ def _single_thread() -> Iterator[None]:
 def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init: Tensor, *,
               optimizer: Literal["lbfgs", "adam"], steps: int, lr: float | None,
               grad_tol: float) -> FitResult:
-    """Minimise a smooth convex loss over one table; L-BFGS for exact optima, Adam for training curves."""
+    """Minimise a smooth loss over one table; L-BFGS for exact optima, Adam for training curves.
+
+    Stops at ``steps``, when the gradient falls below ``grad_tol``, or when a step no longer moves the table.
+    That certifies the optimum only for a convex loss, as the DPO loss (Eq. 7) on logits and the BT loss
+    (Eq. 2) on a reward table are. The negated Eq. 3 objective is not convex in the logits: its caller,
+    :func:`maximise_rlhf_objective`, checks stationarity itself.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     param = init.detach().clone().to(DTYPE).requires_grad_(True)
@@ -382,8 +388,9 @@ def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init
                 break
             before = param.detach().clone()
             opt.step(closure)
-            # These losses are convex: a vanishing gradient means the optimum. A step that no longer moves
-            # the table means float64 round-off has been reached (L-BFGS's line search gives up there).
+            # For the convex losses (Eqs. 2 and 7 on their tables) a vanishing gradient means the optimum. A
+            # step that no longer moves the table means L-BFGS's line search gave up: float64 round-off for
+            # those losses, but possibly a stall far from the optimum on a non-convex one (Eq. 3 in logits).
             if float(param.grad.abs().max()) < grad_tol or torch.equal(before, param.detach()):
                 break
     return FitResult(table=param.detach(), history=history)
@@ -391,7 +398,11 @@ def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init
 
 def dpo_loss_on_table(logits: Tensor, pi_ref: Tensor, data: PreferenceData,
                       beta: float) -> tuple[Tensor, dict[str, float]]:
-    """Weighted DPO loss (Eq. 7) of the tabular policy softmax(logits) and TRL-style metrics."""
+    """Weighted DPO loss (Eq. 7) of the tabular policy softmax(logits) and TRL-style metrics.
+
+    Convex in the logits: y_w and y_l share the prompt x, so log π(y_w|x) − log π(y_l|x) = θ[x,y_w] − θ[x,y_l]
+    (the softmax normaliser cancels) and each term is −log σ of a linear function of θ.
+    """
     logp = torch.log_softmax(logits, -1)
     # the same op on the reference, so that at θ = log π_ref every implicit reward is exactly 0
     ref_logp = torch.log_softmax(pi_ref.log(), -1)
@@ -429,10 +440,14 @@ def solve_dpo(pi_ref: Tensor, data: PreferenceData, beta: float, *,
 
 
 def reward_model_loss(reward: Tensor, data: PreferenceData) -> tuple[Tensor, dict[str, float]]:
-    """Weighted BT negative log-likelihood −E[log σ(r(x,y_w) − r(x,y_l))] (Eq. 2) of a reward table."""
-    margin = reward[data.x, data.y_w] - reward[data.x, data.y_l]
+    """Weighted BT negative log-likelihood −E[log σ(r(x,y_w) − r(x,y_l))] (Eq. 2) of a reward table.
+
+    Convex in the table: each term is −log σ of a difference of two of its entries (a linear function).
+    """
+    chosen, rejected = reward[data.x, data.y_w], reward[data.x, data.y_l]
+    margin = chosen - rejected
     w = data.weight / data.weight.sum()
-    loss = -(w * F.logsigmoid(margin)).sum()
+    loss = (w * bradley_terry_loss(chosen, rejected)).sum()
     return loss, {"loss": float(loss.detach()), "accuracy": float((w * (margin > 0).to(DTYPE)).sum())}
 
 
@@ -468,14 +483,34 @@ def maximise_rlhf_objective(reward: Tensor, pi_ref: Tensor, beta: float, *,
     """Maximise Eq. 3 by exact policy-gradient ascent on tabular logits, from π_ref; returns the policy.
 
     A check that the closed form of Eq. 4 really is the argmax, reached without ever computing Z(x).
+
+    For each x the objective E_π[r] − β KL(π‖π_ref) is strictly concave in π over the simplex, but NOT
+    concave in the logits θ (π = softmax θ): its θ-gradient π ⊙ (g − E_π g), with g = ∂/∂π of Eq. 3, carries
+    a factor π(y|x), so it vanishes wherever the softmax saturates, also far from the optimum. At small β,
+    L-BFGS (and Adam) can stall there and a small logit gradient proves nothing. So the result of the
+    ``optimizer`` run (``steps`` iterations at most) is certified by :func:`rlhf_stationarity_gap`, i.e. by
+    the stationarity condition itself: r(x,y) − β log π(y|x)/π_ref(y|x) equal for every y. If it fails,
+    natural-gradient steps finish the job: θ ← θ + η g, the natural policy gradient of a softmax table
+    (= mirror ascent / exponentiated gradient on π; Kakade 2001, Cen et al. 2022). In log space this is a
+    contraction by 1 − ηβ = 1/2 per step from any start, so it reaches π* whatever the conditioning.
+
+    The returned policy satisfies |log π(y|x)/π*(y|x)| ≤ 1e-8 for every (x, y), however small π*(y|x) is
+    (the bound is looser only where |r|/β is so large, ~1e6, that float64 cannot resolve 1e-8 in log space).
+    A policy that cannot be certified raises ``RuntimeError`` instead of being returned.
     """
     beta = _check_beta(beta)
     reward = _check_table("reward", reward)
     pi_ref = _check_policy("pi_ref", pi_ref, strictly_positive=True)
+    _check_same_shape(reward=reward, pi_ref=pi_ref)
     result = _minimise(
         lambda theta: _neg_objective(theta, reward, pi_ref, beta), pi_ref.log(),
         optimizer=optimizer, steps=steps, lr=lr, grad_tol=1e-12)
-    return result.policy
+    tol = _stationarity_tol(reward, pi_ref, beta)
+    logits = result.table
+    if bool((rlhf_stationarity_gap(logits, reward, pi_ref, beta) > tol).any()):
+        logits = _natural_gradient_ascent(logits, reward, pi_ref, beta, tol)
+    _require_stationary(logits, reward, pi_ref, beta, tol)
+    return torch.softmax(logits, -1)
 
 
 def _neg_objective(logits: Tensor, reward: Tensor, pi_ref: Tensor, beta: float) -> tuple[Tensor, dict]:
@@ -483,6 +518,78 @@ def _neg_objective(logits: Tensor, reward: Tensor, pi_ref: Tensor, beta: float) 
     policy = logp.exp()
     value = (policy * (reward - beta * (logp - pi_ref.log()))).sum(-1).mean()
     return -value, {"objective": float(value.detach())}
+
+
+def rlhf_stationarity_gap(logits: Tensor, reward: Tensor, pi_ref: Tensor, beta: float) -> Tensor:
+    """How far softmax(logits) is from stationary for Eq. 3, per prompt, shape (n_x,); 0 exactly at π*.
+
+    With g(y) = r(x,y) − β (log π(y|x)/π_ref(y|x) + 1), the gradient of Eq. 3 with respect to π(·|x),
+    π is stationary on the simplex iff g is constant over the support; a softmax policy has full support,
+    and so has π*, so g must be constant over every y. The gap is (max_y g − min_y g) / β. No Z(x) is
+    needed, yet since g(y) = β log π*(y|x)/π(y|x) + β log Z(x) − β the gap equals
+    max_y log π*/π − min_y log π*/π, and both policies sum to 1, so |log π(y|x)/π*(y|x)| ≤ gap for
+    every y: a bound on the relative error of every probability, however small. Unlike the logit
+    gradient π ⊙ (g − E_π g), it does not vanish where the softmax saturates.
+    """
+    beta = _check_beta(beta)
+    logits, reward = _check_table("logits", logits), _check_table("reward", reward)
+    pi_ref = _check_policy("pi_ref", pi_ref, strictly_positive=True)
+    _check_same_shape(logits=logits, reward=reward, pi_ref=pi_ref)
+    return _gap(torch.log_softmax(logits, -1), reward / beta + pi_ref.log())
+
+
+def _gap(logp: Tensor, log_target: Tensor) -> Tensor:
+    """Per-row spread of log_target − logp, with log_target = r/β + log π_ref (= log π* + log Z).
+
+    g/β up to a constant, kept in log space so that a probability that underflows to 0 still counts.
+    """
+    g = log_target - logp
+    return g.max(-1).values - g.min(-1).values
+
+
+def _stationarity_tol(reward: Tensor, pi_ref: Tensor, beta: float) -> float:
+    """1e-8, or what float64 can resolve in log space when |r/β| or |log π_ref| is huge."""
+    scale = float((reward.abs() / beta + pi_ref.log().abs()).max())
+    return max(1e-8, 64 * torch.finfo(DTYPE).eps * scale)
+
+
+def _require_stationary(logits: Tensor, reward: Tensor, pi_ref: Tensor, beta: float, tol: float) -> None:
+    """Raise unless softmax(logits) is a certified stationary point (hence the maximiser) of Eq. 3."""
+    gap = rlhf_stationarity_gap(logits, reward, pi_ref, beta)
+    if not bool((gap <= tol).all()):  # NaN fails too
+        worst = int(gap.argmax())
+        raise RuntimeError(
+            f"the Eq. 3 solver stopped at a policy that is not stationary: for prompt x={worst}, "
+            f"r(x,y) − β log π(y|x)/π_ref(y|x) still varies by {float(gap[worst]) * beta:.3g} across y "
+            f"(β·tolerance {tol * beta:.3g}), so some probability is off from π* by a factor up to "
+            f"exp({float(gap[worst]):.3g}); refusing to return a wrong policy")
+
+
+_NATURAL_GRADIENT_STEPS = 200  # the error halves each step: 200 covers any float64 start
+
+
+def _natural_gradient_ascent(logits: Tensor, reward: Tensor, pi_ref: Tensor, beta: float,
+                             tol: float) -> Tensor:
+    """Natural-gradient ascent on Eq. 3 from ``logits``, to float64 round-off; returns log π.
+
+    θ ← θ + η g with g = r − β log π/π_ref (the constant −β drops out of a softmax), η = 1/(2β). As
+    log π = θ − logsumexp θ, every step maps the error θ − log π* (up to a constant per row) to half of
+    itself: linear convergence from any start, however saturated. It stops once the gap is below
+    ``tol`` and has stopped shrinking (round-off), or after ``_NATURAL_GRADIENT_STEPS`` steps.
+    """
+    eta = 0.5 / beta
+    log_ref = pi_ref.log()
+    log_target = reward / beta + log_ref
+    logp = torch.log_softmax(logits.to(DTYPE), -1)
+    gap = _gap(logp, log_target).max()
+    with _single_thread():
+        for _ in range(_NATURAL_GRADIENT_STEPS):
+            step = torch.log_softmax(logp + eta * (reward - beta * (logp - log_ref)), -1)
+            new_gap = _gap(step, log_target).max()
+            if gap <= tol and not new_gap < gap / 1.5:  # certified, and round-off stops the halving
+                break
+            logp, gap = step, new_gap
+    return logp
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -573,7 +680,7 @@ __all__: Sequence[str] = [
     "bt_probs_from_policy", "shift_reward", "are_equivalent", "project_reward", "normaliser",
     "kl_divergence", "expected_reward", "rlhf_objective", "reward_kl_curve", "mean_over_prompts",
     "sample_preferences", "population_preferences", "dpo_loss_on_table", "solve_dpo", "reward_model_loss",
-    "fit_reward_model", "solve_rlhf", "maximise_rlhf_objective", "dpo_gradient",
+    "fit_reward_model", "solve_rlhf", "maximise_rlhf_objective", "rlhf_stationarity_gap", "dpo_gradient",
     "reinforce_returns", "reinforce_gradient_moments", "reinforce_gradient_samples", "train_reinforce",
     "max_abs_error",
 ]

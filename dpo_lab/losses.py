@@ -21,6 +21,7 @@ from torch import Tensor
 
 __all__ = [
     "LOSS_TYPES",
+    "bradley_terry_loss",
     "preference_loss",
     "dpo_loss_gradient_weight",
     "unlikelihood_loss",
@@ -60,6 +61,19 @@ def _check_logps(**tensors: Tensor) -> None:
         shapes[name] = tuple(x.shape)
     if len(set(shapes.values())) > 1:
         raise ValueError(f"tensors must all have the same shape, got {shapes}")
+
+
+def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
+    """Per-pair Bradley-Terry negative log-likelihood ``−log σ(r(x, y_w) − r(x, y_l))``: paper Eq. 2.
+
+    The reward-model loss of RLHF (Eq. 2 is its expectation over the preference data); DPO's Eq. 7 is the
+    same loss with the implicit rewards ``β log π/π_ref``. Any shape, as long as both match; ``logsigmoid``
+    is the stable ``log σ``, finite for any reward gap.
+    """
+    if chosen_rewards.shape != rejected_rewards.shape:
+        raise ValueError(f"chosen {tuple(chosen_rewards.shape)} and rejected {tuple(rejected_rewards.shape)} "
+                         "rewards must have the same shape")
+    return -F.logsigmoid(chosen_rewards - rejected_rewards)
 
 
 def preference_loss(

@@ -142,6 +142,67 @@ def test_policy_gradient_on_eq3_reaches_closed_form(toy: Bandit):
         assert max_abs_error(policy, toy.optimal_policy(0.5)) < 1e-6
 
 
+def _relative_error(policy: torch.Tensor, exact: torch.Tensor) -> float:
+    """max |π/π* − 1| over the probabilities float64 holds to full precision (π* can underflow at small β)."""
+    normal = exact > 1e-300
+    return float(((policy - exact).abs()[normal] / exact[normal]).max())
+
+
+# Small-β bandits where L-BFGS on the logits used to stall in a saturated region of the softmax and return a
+# wrong policy silently (seed 97: 7.4e-23 where π* has 2.6e-3; seed 185: 5.2e-12 where π* has 0.147).
+@pytest.mark.parametrize("seed", [97, 185])
+def test_eq3_solver_reaches_closed_form_at_small_beta(seed: int):
+    bandit = Bandit.random(n_x=2, n_y=4, seed=seed)
+    exact = bandit.optimal_policy(0.05)
+    policy = bd.maximise_rlhf_objective(bandit.reward, bandit.pi_ref, 0.05)
+    assert max_abs_error(policy, exact) < 1e-8
+    assert _relative_error(policy, exact) < 1e-8  # the small probabilities too, not only the large ones
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), n_x=st.integers(2, 4), n_y=st.integers(3, 6), beta=st.floats(0.01, 0.2),
+       reward_scale=st.floats(0.3, 10.0), ref_scale=st.floats(0.5, 3.0),
+       optimizer=st.sampled_from(["lbfgs", "adam"]), steps=st.integers(1, 30))
+def test_eq3_solver_matches_closed_form_or_raises(seed: int, n_x: int, n_y: int, beta: float,
+                                                  reward_scale: float, ref_scale: float, optimizer: str,
+                                                  steps: int):
+    bandit = Bandit.random(n_x=n_x, n_y=n_y, seed=seed, reward_scale=reward_scale, ref_scale=ref_scale)
+    try:
+        policy = bd.maximise_rlhf_objective(bandit.reward, bandit.pi_ref, beta, optimizer=optimizer,
+                                            steps=steps)
+    except RuntimeError as err:  # refusing is allowed; returning a wrong policy is not
+        assert "not stationary" in str(err)
+        return
+    exact = bandit.optimal_policy(beta)
+    assert max_abs_error(policy, exact) < 1e-8
+    assert _relative_error(policy, exact) < 2e-8
+
+
+def test_stationarity_gap_rejects_a_saturated_wrong_table():
+    bandit, beta = Bandit.random(n_x=2, n_y=4, seed=185), 0.05
+    exact = bandit.optimal_policy(beta)
+    logits = exact.log()
+    logits[torch.arange(2), exact.argmax(-1)] -= 60.0  # switch the best response all but off
+    # the logit gradient of Eq. 3 is below the 1e-12 at which the L-BFGS loop stops, far from the optimum ...
+    theta = logits.clone().requires_grad_(True)
+    bd.rlhf_objective(torch.softmax(theta, -1), bandit.reward, bandit.pi_ref, beta).sum().backward()
+    assert float(theta.grad.abs().max()) < 1e-12
+    assert max_abs_error(torch.softmax(logits, -1), exact) > 0.5
+    # ... but the stationarity condition (r − β log π/π_ref constant in y) sees it: gap = max − min log π*/π
+    gap = bd.rlhf_stationarity_gap(logits, bandit.reward, bandit.pi_ref, beta)
+    assert max_abs_error(gap, torch.full((2,), 60.0, dtype=F64)) < 1e-9
+    assert bd.rlhf_stationarity_gap(exact.log(), bandit.reward, bandit.pi_ref, beta).max() < 1e-12
+    with pytest.raises(RuntimeError, match="not stationary"):
+        bd._require_stationary(logits, bandit.reward, bandit.pi_ref, beta, 1e-8)
+
+
+def test_eq3_solver_refuses_when_it_cannot_certify(monkeypatch: pytest.MonkeyPatch):
+    bandit = Bandit.random(n_x=2, n_y=4, seed=185)
+    monkeypatch.setattr(bd, "_NATURAL_GRADIENT_STEPS", 0)  # no natural-gradient finish: one Adam step is all
+    with pytest.raises(RuntimeError, match="not stationary"):
+        bd.maximise_rlhf_objective(bandit.reward, bandit.pi_ref, 0.05, optimizer="adam", steps=1)
+
+
 # ------------------------------------------------------------------------------------------ preference data
 
 
@@ -185,6 +246,15 @@ def test_aggregation_keeps_the_weighted_loss(toy: Bandit):
 
 
 # ------------------------------------------------------------------------------------------ solvers
+
+
+def test_reward_model_loss_is_the_weighted_bt_loss(toy: Bandit):
+    data = bd.sample_preferences(toy, 500, seed=0).aggregated()
+    reward = torch.randn(3, 5, generator=torch.Generator().manual_seed(4), dtype=F64)
+    loss, _ = bd.reward_model_loss(reward, data)
+    margin = reward[data.x, data.y_w] - reward[data.x, data.y_l]
+    w = data.weight / data.weight.sum()
+    assert torch.equal(loss, -(w * torch.nn.functional.logsigmoid(margin)).sum())  # bit for bit
 
 
 def test_dpo_loss_at_initialisation_is_log2(toy: Bandit):

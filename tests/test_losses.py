@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dpo_lab.losses import (
+    bradley_terry_loss,
     dpo_loss_gradient_weight,
     preference_loss,
     preference_metrics,
@@ -56,6 +57,20 @@ def test_loss_matches_direct_formula(loss_type: str, eps: float, reference_free:
     np.testing.assert_allclose(losses.numpy(), expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(chosen.numpy(), beta * (pw - rw).numpy(), rtol=1e-12)
     np.testing.assert_allclose(rejected.numpy(), beta * (pl - rl).numpy(), rtol=1e-12)
+
+
+def test_bradley_terry_loss_hand_values() -> None:
+    chosen, rejected = torch.tensor([0.0, 2.0, 0.0]), torch.tensor([0.0, 0.0, 2.0])
+    expected = [math.log(2), math.log(1 + math.exp(-2)), math.log(1 + math.exp(2))]
+    torch.testing.assert_close(bradley_terry_loss(chosen, rejected), torch.tensor(expected))
+    with pytest.raises(ValueError, match="same shape"):
+        bradley_terry_loss(torch.zeros(2), torch.zeros(3))
+
+
+def test_dpo_loss_is_bradley_terry_on_implicit_rewards() -> None:
+    pw, pl, rw, rl = _random_logps(3)
+    losses, chosen, rejected = preference_loss(pw, pl, rw, rl, beta=0.4)
+    torch.testing.assert_close(losses, bradley_terry_loss(chosen, rejected), rtol=1e-12, atol=1e-12)
 
 
 def test_rewards_are_detached_and_loss_is_not() -> None:
