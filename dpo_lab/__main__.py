@@ -1,7 +1,7 @@
 """Command line.
 
     python -m dpo_lab reproduce --preset cpu          # the IMDb frontier end to end -> figures/
-    python -m dpo_lab preset cpu                      # print every setting of a preset
+    python -m dpo_lab preset cpu                      # print every setting of a preset (--json: as JSON)
     python -m dpo_lab sweep --preset cpu              # the preset's frontier sweep through papermill -> runs/
     python -m dpo_lab sweep sweeps/hh_paper.yaml      # a sweep spec
     python -m dpo_lab execute NB OUT -p beta 0.3      # one notebook, parameters checked before it runs
@@ -10,29 +10,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import yaml
 
-from dpo_lab.presets import PRESETS, get_preset
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``--set dpo.lr=1e-5`` pairs, values parsed as YAML scalars (numbers, booleans, lists)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
-        parsed = yaml.safe_load(value)
-        if isinstance(parsed, str):  # YAML 1.1 reads 1e-5 (no dot) as a string; a number was meant
-            try:
-                parsed = float(parsed)
-            except ValueError:
-                pass
-        out[key] = parsed
-    return out
+from dpo_lab.presets import PRESETS, get_preset, parse_overrides
 
 
 def _add_preset_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
@@ -42,7 +26,7 @@ def _add_preset_arguments(parser: argparse.ArgumentParser, default_help: str) ->
 
 
 def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from dpo_lab import sweep
+    from dpo_lab.scale import sweep
 
     try:
         if args.spec and (args.preset or args.overrides or args.methods):
@@ -73,7 +57,7 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def _execute(args: argparse.Namespace) -> int:
     import papermill
 
-    from dpo_lab import sweep
+    from dpo_lab.scale import sweep
 
     parameters = {name: yaml.safe_load(value) for name, value in args.parameters}
     try:
@@ -94,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     show = sub.add_parser("preset", help="print every setting of a preset")
     show.add_argument("name", nargs="?", default=None, choices=sorted(PRESETS), help="the preset to print")
     _add_preset_arguments(show, "the preset to print (same as NAME)")
+    show.add_argument("--json", action="store_true", help="print the preset as JSON (Preset.to_dict)")
     swp = sub.add_parser("sweep", help="run a sweep of notebook runs through papermill; skips finished runs")
     swp.add_argument("spec", nargs="?", help="a YAML sweep spec (default: the preset's frontier sweep)")
     _add_preset_arguments(swp, "the preset whose frontier sweep to run (default cpu)")
@@ -121,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, TypeError, ValueError) as err:
         parser.error(str(err.args[0] if err.args else err))
     if args.command == "preset":
-        print(preset.describe())
+        print(json.dumps(preset.to_dict(), indent=2) if args.json else preset.describe())
         return 0
     from dpo_lab.reproduce import reproduce
 

@@ -6,19 +6,23 @@ import json
 
 import pytest
 
-from dpo_lab.__main__ import main, parse_overrides
+from dpo_lab.__main__ import main
 from dpo_lab.paths import project_root
+from dpo_lab.presets import parse_overrides
 
 
 def test_overrides_parse_numbers_lists_and_strings() -> None:
     parsed = parse_overrides(["dpo.lr=1e-5", "dpo.betas=[0.1, 1]", "dpo.optimizer=adamw", "seed=3"])
     assert parsed == {"dpo.lr": 1e-5, "dpo.betas": [0.1, 1], "dpo.optimizer": "adamw", "seed": 3}
-    with pytest.raises(SystemExit, match="KEY=VALUE"):
+    with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_overrides(["dpo.lr"])
+    with pytest.raises(SystemExit) as exit_info:  # a usage error: exit code 2, like every bad argument
+        main(["preset", "cpu", "--set", "dpo.lr"])
+    assert exit_info.value.code == 2
 
 
 def test_preset_prints_every_setting_with_overrides(capsys: pytest.CaptureFixture) -> None:
-    assert main(["preset", "cpu", "--set", "dpo.lr=1e-5"]) == 0
+    assert main(["preset", "cpu", "--json", "--set", "dpo.lr=1e-5"]) == 0
     assert json.loads(capsys.readouterr().out)["dpo"]["lr"] == 1e-5
     with pytest.raises(SystemExit):
         main(["preset", "cpu", "--set", "dpo.lrr=1"])

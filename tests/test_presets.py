@@ -1,14 +1,80 @@
+import ast
 import dataclasses
+import json
+from pathlib import Path
+from typing import get_type_hints
 
 import pytest
 
-from dpo_lab.presets import PRESETS, get_preset
+from dpo_lab import presets
+from dpo_lab.__main__ import main
+from dpo_lab.presets import PRESETS, Preset, get_preset, parse_overrides
 
 
 def test_every_preset_is_printable_and_named():
     for name, preset in PRESETS.items():
         assert preset.name == name
-        assert f'"name": "{name}"' in preset.describe()
+        text = preset.describe()
+        assert text.startswith(f"preset {name}:") and "{}" not in text
+        for section in (f.name for f in dataclasses.fields(Preset)[2:]):
+            assert f"\n{section}: " in text  # every section has a titled group
+
+
+def test_every_preset_sets_every_field_explicitly():
+    """Each preset in presets.py names every field of Preset and of every section: no value is a default."""
+    tree = ast.parse(Path(presets.__file__).read_text())
+    table = next(node.value for node in tree.body
+                 if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "PRESETS")
+    assert isinstance(table, ast.Dict)
+    sections = {name: cls for name, cls in get_type_hints(Preset).items() if dataclasses.is_dataclass(cls)}
+
+    def check(call: ast.expr, cls: type, where: str) -> None:
+        assert isinstance(call, ast.Call) and getattr(call.func, "id", None) == cls.__name__, \
+            f"{where} must be written as {cls.__name__}(...)"
+        assert not call.args, f"{where}: name every field (no positional arguments)"
+        named = [kw.arg for kw in call.keywords]
+        assert None not in named, f"{where}: no **kwargs"
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in named]
+        assert not missing, f"{where} leaves {missing} to the dataclass defaults"
+        for kw in call.keywords:
+            if kw.arg in sections and cls is Preset:
+                check(kw.value, sections[kw.arg], f"{where}.{kw.arg}")
+
+    names = []
+    for key, value in zip(table.keys, table.values, strict=True):
+        names.append(ast.literal_eval(key))
+        check(value, Preset, names[-1])
+    assert sorted(names) == sorted(PRESETS)
+
+
+def test_describe_reads_back_through_set():
+    """Each printed ``key = value`` is what ``--set key=value`` reads back: set them all, get the preset."""
+    for name, preset in PRESETS.items():
+        lines = [line.split("#")[0].partition(" = ") for line in preset.describe().splitlines()
+                 if line.startswith("  ")]
+        pairs = [f"{key.strip()}={value.strip()}" for key, _, value in lines]
+        assert len(pairs) == len(preset.settings())
+        assert get_preset(name, **parse_overrides(pairs)) == preset
+
+
+def test_describe_marks_values_that_differ_from_paper():
+    lines = PRESETS["cpu"].describe().splitlines()
+    cpu = {line.split("=")[0].strip(): line for line in lines if " = " in line}
+    assert cpu["dpo.lr"].endswith("# paper: 1e-06")
+    assert cpu["dpo.betas"].endswith("# paper: [0.05, 0.1, 1.0, 5.0]")
+    assert "#" not in cpu["dpo.optimizer"]  # rmsprop in both
+    assert cpu["policy.hub_name"].endswith("# unused with policy.source=scratch")
+    paper = PRESETS["paper"].describe()
+    assert "# paper:" not in paper and "unused with policy.source=hub" in paper
+    assert "dpo.lr" in get_preset("paper", **{"dpo.lr": 1e-5}).describe().split("# paper: 1e-06")[0]
+
+
+def test_cli_prints_the_description_or_json(capsys: pytest.CaptureFixture) -> None:
+    assert main(["preset", "cpu", "--set", "dpo.lr=1e-5"]) == 0
+    assert capsys.readouterr().out.strip() == get_preset("cpu", **{"dpo.lr": 1e-5}).describe()
+    assert main(["preset", "cpu", "--json", "--set", "dpo.lr=1e-5"]) == 0
+    expected = json.loads(json.dumps(get_preset("cpu", **{"dpo.lr": 1e-5}).to_dict()))  # tuples as lists
+    assert json.loads(capsys.readouterr().out) == expected
 
 
 def test_dotted_override_changes_only_that_field():
