@@ -81,11 +81,12 @@ def matmul_rates(tokens: int, d: int, vocab: int, repeats: int) -> list[dict[str
 # ------------------------------------------------------------------------------------------- the step
 def load_step_setup(n_steps: int) -> dict[str, Any]:
     """Everything ``dpo_trainer._train_step`` needs, for the cpu preset's model and first pairs."""
+    from dpo_lab.runs import pair_columns, warmup_lambda
+
     from dpo_lab import pipeline
     from dpo_lab.batching import PreferenceCollator
     from dpo_lab.dpo_trainer import make_optimizer, reference_logprobs
     from dpo_lab.presets import get_preset
-    from dpo_lab.runs import pair_columns, warmup_lambda
 
     preset = get_preset("cpu")
     reference, tokenizer, _ = pipeline.sft_policy(preset, progress=False)
@@ -115,7 +116,7 @@ def run_step(setup: dict[str, Any], step: int) -> dict[str, Any]:
 
 def padded_length(setup: dict[str, Any], step: int) -> int:
     """T of step ``step``'s stacked chosen+rejected batch (what the forward pass computes over)."""
-    from dpo_lab.runs import PAIR_COLUMNS, batch_indices
+    from dpo_lab.batching import PAIR_COLUMNS, batch_indices
 
     cols = setup["cols"]
     idx = batch_indices(len(cols["prompt"]), BATCH, step, 0)

@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import describe_machine, markdown_table, median  # noqa: E402
 from dpo_lab import pipeline  # noqa: E402
+from dpo_lab.batching import pad_rows  # noqa: E402
 from dpo_lab.presets import get_preset  # noqa: E402
-from dpo_lab.sampling import encode_prompts, left_pad, sample, sampling_config  # noqa: E402
+from dpo_lab.sampling import encode_prompts, sample, sampling_config  # noqa: E402
 
 
 def plain_generate(model: torch.nn.Module, tokenizer, prompts: list[str], n: int, new: int, batch: int,
@@ -48,7 +49,9 @@ def plain_generate(model: torch.nn.Module, tokenizer, prompts: list[str], n: int
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for start in range(0, len(jobs), batch):
-            input_ids, mask = left_pad(jobs[start:start + batch], tokenizer.pad_token_id)
+            rows = [{"input_ids": r, "completion_mask": [0] * len(r)} for r in jobs[start:start + batch]]
+            padded = pad_rows(rows, tokenizer.pad_token_id, side="left")
+            input_ids, mask = padded["input_ids"], padded["attention_mask"]
             seqs = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, top_k=0,
                                   max_new_tokens=new, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)
             for row in seqs[:, input_ids.shape[1]:].tolist():

@@ -8,17 +8,65 @@ boundary is exact: no BPE merge can straddle it and every completion token is sc
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+import datasets
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["tokenize_completion", "pad_rows", "PreferenceCollator"]
+__all__ = ["PAIR_COLUMNS", "Pairs", "pair_columns", "pair_examples", "pairs_fingerprint",
+           "tokenize_completion", "pad_rows", "PreferenceCollator", "stack_pairs"]
 
+Pairs = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[str]]
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 _ROW_KEYS = ("input_ids", "completion_mask")
-_EXAMPLE_KEYS = ("prompt", "chosen", "rejected")
+
+
+# ------------------------------------------------------------------------------------------ pair columns
+def pair_columns(pairs: Pairs) -> dict[str, list[str]]:
+    """prompt/chosen/rejected as plain lists, from a Dataset, a list of dicts or a dict of columns."""
+    if isinstance(pairs, Mapping):
+        missing = [c for c in PAIR_COLUMNS if c not in pairs]
+        if missing:
+            raise ValueError(f"pairs are missing column(s) {missing}; they have {sorted(pairs)}")
+        cols = {c: list(pairs[c]) for c in PAIR_COLUMNS}
+        if len({len(v) for v in cols.values()}) > 1:
+            raise ValueError(f"pair columns differ in length: { {c: len(v) for c, v in cols.items()} }")
+    elif isinstance(pairs, datasets.Dataset):
+        missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
+        if missing:
+            raise ValueError(f"pairs are missing column(s) {missing}; they have {pairs.column_names}")
+        cols = pairs.select_columns(list(PAIR_COLUMNS)).to_dict()
+    else:
+        for i, row in enumerate(pairs):
+            missing = [c for c in PAIR_COLUMNS if c not in row]
+            if missing:
+                raise ValueError(f"pair {i} is missing key(s) {missing}")
+        cols = {c: [row[c] for row in pairs] for c in PAIR_COLUMNS}
+    if not cols["prompt"]:
+        raise ValueError("no preference pairs to train on")
+    return cols
+
+
+def pair_examples(cols: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
+    """The columns of :func:`pair_columns` back as one ``{prompt, chosen, rejected}`` dict per pair."""
+    return [dict(zip(PAIR_COLUMNS, row, strict=True))
+            for row in zip(*(cols[c] for c in PAIR_COLUMNS), strict=True)]
+
+
+def pairs_fingerprint(cols: Mapping[str, Sequence[str]]) -> str:
+    """Content hash of the pairs' text, in order (an in-memory and a reloaded Dataset hash the same)."""
+    digest = hashlib.sha256()
+    for c in PAIR_COLUMNS:
+        digest.update(json.dumps(list(cols[c])).encode())
+    return digest.hexdigest()[:16]
+
+
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -118,9 +166,9 @@ class PreferenceCollator:
             rows = []
             for i, example in enumerate(examples):
                 if not isinstance(example, Mapping):
-                    raise TypeError(f"example {i} must be a mapping with keys {list(_EXAMPLE_KEYS)}, "
+                    raise TypeError(f"example {i} must be a mapping with keys {list(PAIR_COLUMNS)}, "
                                     f"got {type(example).__name__}")
-                missing = [key for key in _EXAMPLE_KEYS if key not in example]
+                missing = [key for key in PAIR_COLUMNS if key not in example]
                 if missing:
                     raise KeyError(f"example {i} is missing {missing}; it has {sorted(example)}")
                 try:
@@ -131,3 +179,21 @@ class PreferenceCollator:
             for key, value in pad_rows(rows, self.pad_token_id, side="right").items():
                 out[f"{side}_{key}"] = value
         return out
+
+
+def stack_pairs(batch: Mapping[str, Tensor], keys: Sequence[str] = ("input_ids", "attention_mask",
+                                                                    "completion_mask")) -> dict[str, Tensor]:
+    """The chosen rows then the rejected rows of a :class:`PreferenceCollator` batch as ONE ``(2B, T)``
+    batch (both halves right-padded to a common length with zeros, which every mask marks as padding), so
+    that chosen and rejected share one forward pass (the official DPO code's ``concatenated_inputs``)."""
+    for side in ("chosen", "rejected"):
+        for key in keys:
+            if f"{side}_{key}" not in batch:
+                raise KeyError(f"batch is missing {side}_{key!s}; it has {sorted(batch)}")
+    n_chosen = batch[f"chosen_{keys[0]}"].shape[0]
+    if batch[f"rejected_{keys[0]}"].shape[0] != n_chosen:
+        raise ValueError(f"batch has {n_chosen} chosen rows but "
+                         f"{batch[f'rejected_{keys[0]}'].shape[0]} rejected")
+    width = max(batch[f"chosen_{keys[0]}"].shape[1], batch[f"rejected_{keys[0]}"].shape[1])
+    return {key: torch.cat([F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]))
+                            for side in ("chosen", "rejected")]) for key in keys}

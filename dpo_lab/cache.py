@@ -14,7 +14,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from filelock import FileLock
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 
 def _jsonable(obj: Any) -> Any:
@@ -62,6 +65,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
+                         metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written atomically: a reader sees no file or a complete one."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -120,3 +139,27 @@ def cached_directory(path: str | Path, build: Callable[[Path], None]) -> Path:
             build(tmp)
             (tmp / ".complete").write_text("ok\n")
     return path
+
+
+# ------------------------------------------------------------------------------------------- fingerprints
+# What run identities and the reference log-prob cache are keyed by.
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' identity."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """Vocabulary, special ids and (fast tokenizers) the pipeline incl. merges; not the padding/truncation
+    state, which a ``tokenizer(..., padding=True)`` call may change without changing any token."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pipeline = None
+    if backend is not None:
+        state = json.loads(backend.to_str())
+        pipeline = {k: v for k, v in state.items() if k not in ("padding", "truncation")}
+    return content_hash(sorted(tokenizer.get_vocab().items()), tokenizer.pad_token_id, tokenizer.eos_token_id,
+                        pipeline)

@@ -7,88 +7,66 @@ The same loop trains the paper's two non-RL baselines of the IMDb frontier (§6)
     "unlikelihood" (Welleck et al. 2019):  -log pi(y_w|x) - alpha sum_t log(1 - pi(y_l,t | x, y_l,<t))
     "preferred_ft" (SFT on the chosen completions):  -log pi(y_w|x)
 
-They need per-token log-probs, computed for chosen and rejected in one forward pass
-(``concatenated_token_logprobs``), and no reference for the loss; the reference log-probs are still loaded
-(from the same cache as DPO) so that every objective logs the same TRL metrics, with the implicit reward
-beta (log pi - log pi_ref) at ``beta`` (1.0 unless given) as a readout of how far the policy moved.
+One loop for one process or many (Hugging Face Accelerate; ``accelerate launch -m dpo_lab.scale.launch``),
+as nanoGPT's ``train.py`` serves one GPU and DDP:
 
-One optimizer step (App. B): ``batch_size`` pairs, accumulated over micro-batches of ``micro_batch_size``;
-chosen and rejected share one forward pass (logprobs.concatenated_logprobs); gradient clipped to
-``max_grad_norm``; RMSprop (the paper) or AdamW; lr warmed up linearly over ``warmup_steps``, then constant.
-
-* pi_ref's log-probs never change, so they are computed once, before training, and cached on disk keyed by
-  what produced them (reference weights, pairs, tokenizer, max_length, precision): every beta of a sweep
-  shares them, and the reference model is not needed during training.
+* Optimizer step ``s`` (App. B) sees the global batch ``run.batch_indices(n_pairs, batch_size, s, seed)``,
+  whatever the process count. It is cut into micro-batches of ``micro_batch_size`` pairs; micro-batch ``i``
+  goes to process ``i % P``, so each process accumulates ``batch_size / (micro_batch_size x P)`` of them
+  (:func:`accumulation_steps` refuses a batch that does not divide). Each micro-batch backpropagates
+  ``sum(losses) x P / batch_size``; DDP averages over processes, so the gradient is that of the mean over all
+  ``batch_size`` pairs. Chosen and rejected share one forward pass (``logprobs.concatenated_token_logprobs``).
+* Gradient clipped to ``max_grad_norm``; RMSprop (the paper) or AdamW; lr warmed up linearly over
+  ``warmup_steps``, then constant. bf16 autocast on CUDA (log-probs from fp32 logits), fp32 on CPU.
+* pi_ref's log-probs never change, so they are computed once, before training (sharded over processes), and
+  cached on disk keyed by what produced them (reference weights, pairs, tokenizer, max_length, precision):
+  every beta of a sweep shares them, and the reference model is not needed during training.
 * Dropout stays off in the policy (as TRL's ``disable_dropout``): the implicit reward
   beta (log pi - log pi_ref) is then exactly 0 at step 0, and the first loss is log 2.
-* ``out_dir`` is one run. ``metrics.jsonl`` gets one JSON line per step (TRL names; eval_fn's keys merged
-  in on evaluation steps; step 0 holds the evaluation of the starting policy). Checkpoints are written
-  atomically; a run resumes from its last one and ends with bit-identical weights (CPU) to an uninterrupted
-  run; a finished run returns at once, with its final weights loaded into ``policy``.
+* ``out_dir`` is one :class:`run.Run`: ``metrics.jsonl`` (TRL names; eval_fn's keys merged in on evaluation
+  steps; step 0 holds the evaluation of the starting policy), atomic checkpoints, resume from the last one
+  (bit-identical weights on CPU to an uninterrupted run), and a finished run returns at once with its final
+  weights loaded into ``policy``. Only the main process evaluates and writes.
+
+The baselines need per-token log-probs and no reference in the loss; the reference log-probs are still
+loaded so every objective logs the same TRL metrics, with the implicit reward beta (log pi - log pi_ref) at
+``beta`` (1.0 unless given) as a readout of how far the policy moved.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import PreferenceCollator
-from dpo_lab.cache import atomic_directory, content_hash
-from dpo_lab.logprobs import concatenated_logprobs, forward_logits, token_logprobs
+from dpo_lab.batching import Pairs, PreferenceCollator, pair_columns, pair_examples, pairs_fingerprint
+from dpo_lab.cache import atomic_write_tensors, content_hash, model_fingerprint, tokenizer_fingerprint
+from dpo_lab.logprobs import concatenated_token_logprobs
 from dpo_lab.losses import preference_loss, preference_metrics, preferred_ft_loss, unlikelihood_loss
 from dpo_lab.presets import DPOConfig
-
-# Run bookkeeping lives in runs.py. batch_indices, load_weights, read_metrics, the fingerprints, Pairs and
-# PAIR_COLUMNS stay importable from here: pipeline.py, the notebooks and the tests import them this way.
-from dpo_lab.runs import (
-    PAIR_COLUMNS,
-    TRAINER_STATE,
-    EvalFn,
-    MetricsLog,
-    Pairs,
-    RunResult,
-    batch_indices,
-    check_run,
-    checkpoint_path,
-    finished_run,
-    is_due,
-    latest_checkpoint,
-    load_weights,
-    model_fingerprint,
-    pair_columns,
-    pair_examples,
-    pairs_fingerprint,
-    prune_checkpoints,
-    quiet_hf_progress,
-    read_metrics,
-    resolve_device,
-    rng_state,
-    set_rng_state,
-    tokenizer_fingerprint,
-    truncate_metrics,
-    warmup_lambda,
-    write_result,
-)
+from dpo_lab.run import EvalFn, Run, RunResult, batch_indices, is_due, load_weights, warmup_lambda
 from dpo_lab.seed import seed_everything
+
+if TYPE_CHECKING:  # importing accelerate takes a moment; the type is all this module needs up front
+    from accelerate import Accelerator
 
 Objective = Literal["dpo", "unlikelihood", "preferred_ft"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
+MixedPrecision = Literal["no", "bf16"]
 _BAR_NAMES = {"dpo": "DPO", "unlikelihood": "Unlikelihood", "preferred_ft": "Preferred-FT"}
-# Baseline-only metrics: mean -log pi(y_w|x), and mean -sum_t log(1 - pi(y_l,t)) (unlikelihood, before alpha).
-_BASELINE_KEYS = ("nll/chosen", "unlikelihood/rejected")
+_TRAIN_KEYS = {"step", "lr", "grad_norm", "epoch", "loss", "rewards/chosen", "rewards/rejected",
+               "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+               # Baseline-only: mean -log pi(y_w|x), and mean -sum_t log(1 - pi(y_l,t)) (before alpha).
+               "nll/chosen", "unlikelihood/rejected"}
 # Settings that do not change the trajectory: a sweep list, or how often we look and save.
 _NOT_IN_RUN_KEY = ("betas", "max_steps", "checkpoint_every", "eval_every")
 
@@ -99,14 +77,60 @@ class DPOResult(RunResult):
     metrics_path, last_metrics, steps."""
 
 
-# ------------------------------------------------------------------------------------------- pieces
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (logprobs upcasts logits to fp32 before the softmax), plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# ------------------------------------------------------------------------------------------- processes
+def make_accelerator(device: torch.device | str | None = None, *,
+                     mixed_precision: MixedPrecision | None = None) -> Accelerator:
+    """The Accelerator the loop runs under: one per process of ``accelerate launch`` (or just this one).
+    bf16 autocast on CUDA unless told otherwise, fp32 on CPU; ``device="cpu"`` keeps a GPU machine on CPU."""
+    from accelerate import Accelerator
+
+    cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
+    if mixed_precision is None:
+        mixed_precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
+    if mixed_precision not in get_args(MixedPrecision):
+        raise ValueError(f"mixed_precision must be one of {list(get_args(MixedPrecision))}, "
+                         f"got {mixed_precision!r}")
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
+def accumulation_steps(batch_size: int, micro_batch_size: int, num_processes: int) -> int:
+    """Micro-batches each process accumulates per optimizer step:
+    ``batch_size = micro_batch_size x num_processes x accumulation``; ValueError if that does not divide."""
+    for name, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size),
+                        ("num_processes", num_processes)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    per_round = micro_batch_size * num_processes
+    if batch_size % per_round:
+        options = sorted(m for m in range(1, batch_size + 1) if batch_size % (m * num_processes) == 0)
+        raise ValueError(
+            f"global batch_size {batch_size} is not divisible by micro_batch_size {micro_batch_size} x "
+            f"{num_processes} process(es) = {per_round}; with {num_processes} process(es) use a "
+            f"micro_batch_size in {options}, or change batch_size")
+    return batch_size // per_round
+
+
+def process_micro_batches(indices: Sequence[int], micro_batch_size: int, process: int,
+                          num_processes: int) -> list[list[int]]:
+    """This process's share of one global batch: micro-batches ``process, process + P, ...``."""
+    micro = [list(indices[m:m + micro_batch_size]) for m in range(0, len(indices), micro_batch_size)]
+    return micro[process::num_processes]
+
+
+def _broadcast_error(accelerator: Accelerator, message: str | None) -> None:
+    """Raise ``message`` (found on the main process) as ValueError on every process, so none is left
+    waiting in a collective for a process that stopped."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [message]
+        broadcast_object_list(box)
+        message = box[0]
+    if message is not None:
+        raise ValueError(message)
+
+
+# ------------------------------------------------------------------------------------------------ checks
 def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.optim.Optimizer:
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.lr)  # the paper's optimizer (App. B), torch defaults
@@ -137,7 +161,7 @@ def _check_objective(objective: str, beta: float | None, alpha: float | None) ->
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
     if objective == "dpo" and beta is None:
-        raise ValueError("beta is required for objective='dpo' (the temperature of Eq. 7)")
+        raise ValueError("beta is required for objective='dpo' (the inverse temperature of Eq. 7)")
     if objective == "unlikelihood":
         if alpha is None:
             raise ValueError("alpha is required for objective='unlikelihood' (the paper sweeps "
@@ -153,39 +177,72 @@ def _check_objective(objective: str, beta: float | None, alpha: float | None) ->
     return 1.0 if beta is None else beta
 
 
-def _to(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in batch.items()}
+def autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (logprobs upcasts logits to fp32 before the softmax), plain fp32 on CPU:
+    what :func:`make_accelerator` picks, for code that runs without an Accelerator."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
-def concatenated_token_logprobs(model: nn.Module, batch: Mapping[str, torch.Tensor],
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token log-probs of chosen and rejected from ONE forward pass over the stacked ``2B`` batch.
+# ---------------------------------------------------------------------------------- pair log-probs
+@torch.no_grad()
+def pair_logprobs(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Pairs,
+    *,
+    max_length: int,
+    batch_size: int,
+    accelerator: Accelerator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "log-probs",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log pi(y_w|x), log pi(y_l|x)) of every pair under ``model`` (summed over completion tokens, Eq. 7),
+    fp32 ``(N,)`` on the CPU, in eval mode without gradients; the model goes back to where it was.
 
-    Returns ``(chosen_token_logps, chosen_mask, rejected_token_logps, rejected_mask)``, each ``(B, T-1)``:
-    ``log pi(y_t | x, y_<t)`` (fp32, 0 off the completion) and the shifted completion mask (1 where the
-    logits predict a completion token). Summing a row under its mask gives ``logprobs.concatenated_logprobs``.
+    With an ``accelerator`` of P processes, process p scores a contiguous 1/P of the pairs under the
+    training precision and the shards are summed across processes (each entry is non-zero on one process
+    only, so the sum is exact); every process gets every value.
     """
-    n_chosen = batch["chosen_input_ids"].shape[0]
-    if batch["rejected_input_ids"].shape[0] != n_chosen:
-        raise ValueError(f"batch has {n_chosen} chosen rows but "
-                         f"{batch['rejected_input_ids'].shape[0]} rejected")
-    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    cols = pair_columns(pairs)
+    n = len(cols["prompt"])
+    if accelerator is not None:
+        dev, cast = accelerator.device, accelerator.autocast
+        rank, world = accelerator.process_index, accelerator.num_processes
+    else:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        rank, world = 0, 1
 
-    def stack(key: str) -> torch.Tensor:  # right-pad both halves to one length; padding is masked out
-        return torch.cat([F.pad(batch[f"{side}_{key}"], (0, length - batch[f"{side}_{key}"].shape[1]))
-                          for side in ("chosen", "rejected")])
+        def cast() -> contextlib.AbstractContextManager:
+            return autocast(dev)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    collator = PreferenceCollator(tokenizer, max_length)
+    examples = pair_examples(cols)
+    out = torch.zeros(2, n, device=dev)
+    home = next(model.parameters()).device
+    was_training = model.training
+    model.to(dev).eval()
+    try:
+        for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
+                          disable=not progress or rank != 0):
+            end = min(start + batch_size, hi)
+            batch = {k: v.to(dev) for k, v in collator(examples[start:end]).items()}
+            with cast():
+                tok_c, _, tok_r, _ = concatenated_token_logprobs(model, batch)
+            out[0, start:end] = tok_c.sum(-1).float()  # 0 off the completion: the sum is Eq. 7's
+            out[1, start:end] = tok_r.sum(-1).float()
+    finally:
+        model.to(home).train(was_training)
+    if world > 1:
+        out = accelerator.reduce(out, reduction="sum")
+    out = out.cpu()
+    if not bool(torch.isfinite(out).all()):
+        raise FloatingPointError("log-probs contain NaN or inf; check the model")
+    return out[0].contiguous(), out[1].contiguous()
 
-    input_ids, attention_mask, completion_mask = (stack(k) for k in ("input_ids", "attention_mask",
-                                                                      "completion_mask"))
-    if bool(completion_mask[:, 0].any()) or bool((completion_mask.bool() & ~attention_mask.bool()).any()):
-        raise ValueError("completion_mask must be 0 at position 0 and on padding")
-    logps = token_logprobs(forward_logits(model, input_ids, attention_mask), input_ids)
-    mask = completion_mask[:, 1:].long()
-    logps = torch.where(mask.bool(), logps, 0.0)
-    return logps[:n_chosen], mask[:n_chosen], logps[n_chosen:], mask[n_chosen:]
 
-
-# ------------------------------------------------------------------------------------ reference log-probs
 def reference_logprobs(
     reference: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -194,76 +251,42 @@ def reference_logprobs(
     max_length: int,
     cache_dir: str | Path,
     batch_size: int,
+    accelerator: Accelerator | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     reference_fingerprint: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi_ref(y_w|x), log pi_ref(y_l|x)) of every pair, fp32 ``(N,)``, from the disk cache if present.
+    """:func:`pair_logprobs` of the frozen reference, read from / written to the disk cache.
 
-    The key hashes the reference weights, the pairs, the tokenizer, max_length, and the precision, so any
-    change recomputes and nothing stale is reused. The reference runs in eval mode without gradients.
-    ``reference_fingerprint`` (model_fingerprint of ``reference``) skips hashing the weights a second time.
+    The key hashes the reference weights, the pairs, the tokenizer, max_length, the device type and the
+    precision, so any change recomputes and nothing stale is reused. ``reference_fingerprint``
+    (``cache.model_fingerprint`` of ``reference``) skips hashing the weights a second time.
     """
-    device = resolve_device(device)
     cols = pair_columns(pairs)
     n = len(cols["prompt"])
-    key = content_hash("ref-logps/v1", reference_fingerprint or model_fingerprint(reference),
-                       pairs_fingerprint(cols), tokenizer_fingerprint(tokenizer), max_length, "sum",
-                       device.type)
+    dev = accelerator.device if accelerator is not None else torch.device(
+        device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    precision = str(accelerator.mixed_precision) if accelerator is not None else (
+        "bf16" if dev.type == "cuda" else "no")
+    key = content_hash("ref-logps/v2", reference_fingerprint or model_fingerprint(reference),
+                       pairs_fingerprint(cols), tokenizer_fingerprint(tokenizer), max_length, "sum", dev.type,
+                       precision)
     path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
     if path.is_file():
         cached = load_file(str(path))
         if cached["chosen"].shape != (n,) or cached["rejected"].shape != (n,):
-            raise ValueError(f"reference cache {path} holds {cached['chosen'].shape[0]} pairs, expected {n}")
+            raise ValueError(f"reference cache {path} holds {cached['chosen'].shape[0]} pairs, expected {n}; "
+                             "delete it to recompute")
         return cached["chosen"], cached["rejected"]
-    collator = PreferenceCollator(tokenizer, max_length)
-    examples = pair_examples(cols)
-    home = next(reference.parameters()).device
-    was_training = reference.training
-    reference.to(device).eval()
-    chosen, rejected = [], []
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, n, batch_size), desc="reference log-probs", disable=not progress,
-                              leave=False):
-                batch = _to(collator(examples[start:start + batch_size]), device)
-                with autocast(device):
-                    c, r = concatenated_logprobs(reference, batch)
-                chosen.append(c.float().cpu())
-                rejected.append(r.float().cpu())
-    finally:
-        reference.to(home).train(was_training)
-    out = {"chosen": torch.cat(chosen).contiguous(), "rejected": torch.cat(rejected).contiguous()}
-    if not all(bool(torch.isfinite(t).all()) for t in out.values()):
-        raise FloatingPointError("reference log-probs contain NaN or inf; check the reference model")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata={"key": key, "n_pairs": str(n), "max_length": str(max_length)})
-        os.replace(tmp, path)  # atomic: a reader sees no file or a complete one
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return out["chosen"], out["rejected"]
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-def _save_checkpoint(out_dir: Path, step: int, policy: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                     optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                     run_key: str, seed: int, n_pairs: int, batch_size: int, keep: int | None) -> Path:
-    """Weights (safetensors) + tokenizer + optimizer/scheduler/RNG/data-order state, in one atomic write."""
-    path = checkpoint_path(out_dir, step)
-    with atomic_directory(path) as tmp, quiet_hf_progress():
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # Tensors and plain types only, so torch.load(weights_only=True) can read it back.
-        torch.save({"step": step, "run_key": run_key, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "rng": rng_state(),
-                    "data": {"seed": seed, "n_pairs": n_pairs, "batch_size": batch_size,
-                             "pairs_seen": step * batch_size}},
-                   tmp / TRAINER_STATE)
-    prune_checkpoints(out_dir, keep, path)
-    return path
+    chosen, rejected = pair_logprobs(reference, tokenizer, cols, max_length=max_length, batch_size=batch_size,
+                                     accelerator=accelerator, device=dev, progress=progress,
+                                     desc="reference log-probs")
+    if accelerator is None or accelerator.is_main_process:
+        atomic_write_tensors(path, {"chosen": chosen, "rejected": rejected},
+                             metadata={"key": key, "n_pairs": str(n), "max_length": str(max_length)})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return chosen, rejected
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -282,15 +305,18 @@ def train_dpo(
     eval_fn: EvalFn | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    accelerator: Accelerator | None = None,
     keep_checkpoints: int | None = 1,
     objective: Objective = "dpo",
     alpha: float | None = None,
 ) -> DPOResult:
-    """Train ``policy`` in place with DPO (Eq. 7) against ``reference``; resumable, see module docstring.
+    """Train ``policy`` in place with DPO (Eq. 7) against ``reference``; see the module docstring.
 
     ``objective`` picks the loss: "dpo" (needs ``beta``; ``config.loss_type``/``label_smoothing`` apply),
     "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft"; the baselines ignore the DPO-only config fields
-    and use ``beta`` (default 1.0) only for the logged implicit rewards. ``eval_fn(policy, step)`` runs at
+    and use ``beta`` (default 1.0) only for the logged implicit rewards. ``config.batch_size`` is the GLOBAL
+    batch. ``accelerator`` (default: :func:`make_accelerator` on ``device``): under ``accelerate launch``
+    every process calls this with the same arguments. ``eval_fn(policy, step)`` runs on the main process at
     step 0, every ``config.eval_every`` steps and at the end; its dict is merged into that step's metrics
     line. ``keep_checkpoints`` = how many latest checkpoints stay on disk (None keeps all). Raises
     FloatingPointError naming the step if the loss or gradient goes non-finite; the last good checkpoint is
@@ -300,154 +326,158 @@ def train_dpo(
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
     beta = _check_objective(objective, beta, alpha)
     check_dpo_config(config, beta, max_length)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(device)
+    accelerator = accelerator if accelerator is not None else make_accelerator(device)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
+    accumulation_steps(config.batch_size, config.micro_batch_size, world)
     cols = pair_columns(pairs)
     n_pairs = len(cols["prompt"])
-    run_fields = {
+    fields: dict[str, Any] = {
         "beta": float(beta), "seed": seed, "max_length": max_length,
         "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
         "reference": model_fingerprint(reference), "pairs": pairs_fingerprint(cols),
-        "tokenizer": tokenizer_fingerprint(tokenizer), "device": device.type,
+        "tokenizer": tokenizer_fingerprint(tokenizer), "device": accelerator.device.type,
     }
+    if accelerator.mixed_precision != "no":  # fp32 runs keep the key they had before precision was named
+        fields["mixed_precision"] = str(accelerator.mixed_precision)
     if objective != "dpo":
         # Only the baselines name their objective, so a DPO run keeps the key it had before they existed
         # (its out_dir still resumes); a baseline never matches a DPO run, nor another alpha.
-        run_fields.update(objective=objective, alpha=None if alpha is None else float(alpha))
-    run_key = check_run(out_dir, run_fields)
-    metrics_path = out_dir / "metrics.jsonl"
-    policy.to(device)
-
-    finished = finished_run(out_dir, config.max_steps, DPOResult, policy)
+        fields.update(objective=objective, alpha=None if alpha is None else float(alpha))
+    error, run = None, None
+    try:
+        run = Run(out_dir, fields, writer=main)
+    except ValueError as err:
+        error = str(err)
+    _broadcast_error(accelerator, error)
+    assert run is not None
+    policy.to(accelerator.device)
+    finished = run.finished(config.max_steps, DPOResult, policy)
     if finished is not None:
         return finished
 
     seed_everything(seed)
     ref_chosen, ref_rejected = reference_logprobs(
         reference, tokenizer, cols, max_length=max_length, cache_dir=ref_cache_dir,
-        batch_size=config.micro_batch_size, device=device, progress=progress,
-        reference_fingerprint=run_fields["reference"])
+        batch_size=config.micro_batch_size, accelerator=accelerator, progress=progress,
+        reference_fingerprint=fields["reference"])
+    ref_chosen, ref_rejected = ref_chosen.to(accelerator.device), ref_rejected.to(accelerator.device)
     collator = PreferenceCollator(tokenizer, max_length)
     policy.eval()  # dropout off; autograd works the same in eval mode
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
 
-    resume = latest_checkpoint(out_dir, run_key, config.max_steps)
+    resume = run.resume(config.max_steps)
     start, ckpt_dir = 0, None
     if resume is not None:
         start, ckpt_dir, state = resume
         load_weights(policy, ckpt_dir)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-    kept = truncate_metrics(metrics_path, start if resume is not None else None)
+    model = accelerator.prepare_model(policy)  # DDP on several processes; the policy itself on one
 
-    train_keys = {"step", "lr", "grad_norm", "epoch", "loss", "rewards/chosen", "rewards/rejected",
-                  "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", *_BASELINE_KEYS}
-    with MetricsLog(metrics_path, eval_fn, train_keys, eval_every=config.eval_every,
-                    max_steps=config.max_steps, last=kept[-1] if kept else None) as log:
+    def write_weights(folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
+        tokenizer.save_pretrained(folder)
+
+    where = "at step {} (last good checkpoint: {})"
+    with run.metrics(eval_fn, _TRAIN_KEYS, eval_every=config.eval_every, max_steps=config.max_steps,
+                     start=start if resume is not None else None) as log:
         if start == 0:
             log.log_start(policy)
         desc = _BAR_NAMES[objective] + {"dpo": f" beta={beta:g}", "unlikelihood": f" alpha={alpha}"}.get(
-            objective, "")
-        bar = tqdm(range(start + 1, config.max_steps + 1), desc=desc, disable=not progress,
+            objective, "") + (f" x{world}" if world > 1 else "")
+        bar = tqdm(range(start + 1, config.max_steps + 1), desc=desc, disable=not (progress and main),
                    initial=start, total=config.max_steps)
         for step in bar:
-            record = _train_step(policy, collator, cols, ref_chosen, ref_rejected, optimizer, scheduler,
-                                 beta=beta, config=config, step=step, seed=seed, device=device,
-                                 last_checkpoint=ckpt_dir, objective=objective, alpha=alpha)
+            indices = batch_indices(n_pairs, config.batch_size, step, seed)
+            optimizer.zero_grad(set_to_none=True)
+            mine = process_micro_batches(indices, config.micro_batch_size, rank, world)
+            parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("losses", "cr", "rr", "pc", "pr", "nll",
+                                                                     "ul")}
+            at = where.format(step, ckpt_dir or "none")
+            for k, micro in enumerate(mine):
+                batch = {key: v.to(accelerator.device)
+                         for key, v in collator([{c: cols[c][i] for c in cols} for i in micro]).items()}
+                idx = torch.tensor(micro, device=accelerator.device)
+                # Gradients are all-reduced once per step, after this process's last micro-batch.
+                sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(model)
+                with sync:
+                    out = _micro_batch_losses(model, batch, ref_chosen[idx], ref_rejected[idx], accelerator,
+                                              objective=objective, beta=beta, alpha=alpha, config=config,
+                                              where=at)
+                    # x P / batch_size: with DDP's average over P processes, the mean over the global batch.
+                    (out["losses"].sum() * world / len(indices)).backward()
+                for key, t in out.items():
+                    parts[key].append(t.detach().float())
+            cat = {key: accelerator.gather(torch.cat(v)).cpu() for key, v in parts.items() if v}
+            loss = cat["losses"].mean().item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"non-finite {_BAR_NAMES[objective]} loss {at}")
+            grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise FloatingPointError(f"non-finite gradient norm {at}")
+            lr = scheduler.get_last_lr()[0]  # the lr this update uses
+            optimizer.step()
+            scheduler.step()
+            record = {"step": step, "lr": lr, "grad_norm": grad_norm,
+                      **preference_metrics(cat["losses"], cat["cr"], cat["rr"], cat["pc"], cat["pr"])}
+            if "nll" in cat:
+                record["nll/chosen"] = cat["nll"].mean().item()
+            if "ul" in cat:
+                record["unlikelihood/rejected"] = cat["ul"].mean().item()
             record["epoch"] = step * config.batch_size / n_pairs
-            log.log_step(record, policy)
+            log.log_step(record, accelerator.unwrap_model(model))
             bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
             if is_due(step, config.checkpoint_every, config.max_steps):
-                ckpt_dir = _save_checkpoint(out_dir, step, policy, tokenizer, optimizer, scheduler, run_key,
-                                            seed, n_pairs, config.batch_size, keep_checkpoints)
-    if ckpt_dir is None:  # max_steps == start == 0 cannot happen (max_steps >= 1); kept for type checkers
+                # A collective under FSDP/DeepSpeed: every process gathers, the main one writes.
+                state_dict = accelerator.get_state_dict(model) if world > 1 else None
+                ckpt_dir = run.save_checkpoint(
+                    step, lambda folder, sd=state_dict: write_weights(folder, sd),
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "data": {"seed": seed, "n_pairs": n_pairs, "batch_size": config.batch_size,
+                              "pairs_seen": step * config.batch_size}},
+                    keep=keep_checkpoints)
+                accelerator.wait_for_everyone()
+    if ckpt_dir is None:  # max_steps >= 1 always checkpoints at the last step; kept for type checkers
         raise RuntimeError("training ended without a checkpoint")
-    result = DPOResult(checkpoint_dir=ckpt_dir, metrics_path=metrics_path, last_metrics=log.last,
-                       steps=config.max_steps)
-    write_result(out_dir, result, run_key)
+    result = run.finish(DPOResult(checkpoint_dir=ckpt_dir, metrics_path=run.metrics_path,
+                                  last_metrics=log.last, steps=config.max_steps))
+    accelerator.wait_for_everyone()
+    policy.eval()
     return result
 
 
-def _train_step(policy: nn.Module, collator: PreferenceCollator, cols: Mapping[str, Sequence[str]],
-                ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, optimizer: torch.optim.Optimizer,
-                scheduler: torch.optim.lr_scheduler.LRScheduler, *, beta: float, config: DPOConfig,
-                step: int, seed: int, device: torch.device, last_checkpoint: Path | None,
-                objective: Objective = "dpo", alpha: float | None = None) -> dict[str, Any]:
-    """One optimizer update over ``batch_size`` pairs; returns that step's metrics."""
-    indices = batch_indices(len(cols["prompt"]), config.batch_size, step, seed)
-    optimizer.zero_grad(set_to_none=True)
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("losses", "cr", "rr", "pc", "pr", "nll", "ul")}
-    where = f"at step {step} (last good checkpoint: {last_checkpoint or 'none'})"
-    for m in range(0, len(indices), config.micro_batch_size):
-        micro = indices[m:m + config.micro_batch_size]
-        batch = _to(collator([{c: cols[c][i] for c in PAIR_COLUMNS} for i in micro]), device)
-        idx = torch.tensor(micro)
-        ref_c, ref_r = ref_chosen[idx].to(device), ref_rejected[idx].to(device)
-        if objective == "dpo":
-            with autocast(device):
-                tok_c, _, tok_r, _ = concatenated_token_logprobs(policy, batch)
-            policy_chosen, policy_rejected = tok_c.sum(-1), tok_r.sum(-1)  # Eq. 7 sums; 0 off completion
-            _check_finite(policy_chosen, policy_rejected, where)
-            losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
-                policy_chosen, policy_rejected, ref_c, ref_r,
-                beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
-        else:
-            with autocast(device):
-                tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(policy, batch)
-            policy_chosen, policy_rejected = tok_c.sum(-1), tok_r.sum(-1)  # 0 off the completion
-            _check_finite(policy_chosen, policy_rejected, where)
-            nll = preferred_ft_loss(tok_c, mask_c)  # -log pi(y_w|x)
-            if objective == "unlikelihood":
-                losses = unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha=float(alpha))
-                with torch.no_grad():  # the alpha-free penalty -sum_t log(1 - pi(y_l,t)), for the log
-                    parts["ul"].append(
-                        (unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha=1.0) - nll).float().cpu())
-            else:
-                losses = nll
-            parts["nll"].append(nll.detach().float().cpu())
-            # Not in the loss: the implicit reward of Eq. 5 as a readout, comparable with DPO runs.
-            chosen_rewards = beta * (policy_chosen - ref_c).detach()
-            rejected_rewards = beta * (policy_rejected - ref_r).detach()
-        # Sum / batch_size: the accumulated gradient is that of the mean over all batch_size pairs.
-        (losses.sum() / len(indices)).backward()
-        for k, t in zip(("losses", "cr", "rr", "pc", "pr"),
-                        (losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected),
-                        strict=True):
-            parts[k].append(t.detach().float().cpu())
-    cat = {k: torch.cat(v) for k, v in parts.items() if v}
-    loss = cat["losses"].mean().item()
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite {_BAR_NAMES[objective]} loss {where}")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(
-        [p for g in optimizer.param_groups for p in g["params"]], config.max_grad_norm))
-    if not math.isfinite(grad_norm):
-        raise FloatingPointError(f"non-finite gradient norm {where}")
-    lr = scheduler.get_last_lr()[0]  # the lr this update uses
-    optimizer.step()
-    scheduler.step()
-    metrics = preference_metrics(cat["losses"], cat["cr"], cat["rr"], cat["pc"], cat["pr"])
-    if "nll" in cat:
-        metrics["nll/chosen"] = cat["nll"].mean().item()
-    if "ul" in cat:
-        metrics["unlikelihood/rejected"] = cat["ul"].mean().item()
-    return {"step": step, "lr": lr, "grad_norm": grad_norm, **metrics}
-
-
-def _check_finite(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, where: str) -> None:
+def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref_c: torch.Tensor,
+                        ref_r: torch.Tensor, accelerator: Accelerator, *, objective: str, beta: float,
+                        alpha: float | None, config: DPOConfig, where: str) -> dict[str, torch.Tensor]:
+    """Per-pair losses of one micro-batch, with what the metrics need (implicit rewards, log-probs)."""
+    with accelerator.autocast():
+        tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(model, batch)
+    policy_chosen, policy_rejected = tok_c.sum(-1), tok_r.sum(-1)  # Eq. 7 sums; 0 off the completion
     if not bool(torch.isfinite(policy_chosen).all() and torch.isfinite(policy_rejected).all()):
         raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
+    out: dict[str, torch.Tensor] = {}
+    if objective == "dpo":
+        losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
+            policy_chosen, policy_rejected, ref_c, ref_r,
+            beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+    else:
+        nll = preferred_ft_loss(tok_c, mask_c)  # -log pi(y_w|x)
+        if objective == "unlikelihood":
+            losses = unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha=float(alpha))
+            with torch.no_grad():  # the alpha-free penalty -sum_t log(1 - pi(y_l,t)), for the log
+                out["ul"] = unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha=1.0) - nll
+        else:
+            losses = nll
+        out["nll"] = nll
+        # Not in the loss: the implicit reward of Eq. 5 as a readout, comparable with DPO runs.
+        chosen_rewards = beta * (policy_chosen - ref_c).detach()
+        rejected_rewards = beta * (policy_rejected - ref_r).detach()
+    out.update(losses=losses, cr=chosen_rewards, rr=rejected_rewards, pc=policy_chosen, pr=policy_rejected)
+    return out
 
 
-train_pairwise = train_dpo  # the same trainer under an objective-neutral name, for the baselines
-
-
-__all__ = ["DPOResult", "Objective", "OBJECTIVES", "autocast", "check_dpo_config", "warmup_lambda",
-           "make_optimizer",
-           "concatenated_token_logprobs", "reference_logprobs", "train_dpo", "train_pairwise",
-           # re-exported from runs.py
-           "EvalFn", "Pairs", "PAIR_COLUMNS", "batch_indices", "load_weights", "read_metrics",
-           "model_fingerprint", "pairs_fingerprint", "tokenizer_fingerprint"]
+__all__ = ["DPOResult", "MixedPrecision", "Objective", "OBJECTIVES", "accumulation_steps", "autocast",
+           "check_dpo_config", "make_accelerator", "make_optimizer", "pair_logprobs", "process_micro_batches",
+           "reference_logprobs", "train_dpo"]

@@ -2,7 +2,7 @@
 
 For each sampled completion y ~ pi(.|x) (sampling.py: temperature 1, no top-k/top-p),
 
-    KL_seq(x, y) = sum_t KL( pi(.|x, y_<t) || pi_ref(.|x, y_<t) )     (paper footnote 3, DESIGN.md)
+    KL_seq(x, y) = sum_t KL( pi(.|x, y_<t) || pi_ref(.|x, y_<t) )     (paper footnote 3, docs/design.md)
 
 with each per-step KL exact over the vocabulary (logprobs.sequence_kl). Its expectation over y ~ pi equals
 the KL between the sequence distributions, KL(pi(y|x) || pi_ref(y|x)) (chain rule), with less variance than
@@ -22,28 +22,12 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lab.batching import pad_rows
 from dpo_lab.logprobs import forward_logits, sequence_kl, sequence_logprobs
 from dpo_lab.preferences import score_samples
 from dpo_lab.presets import EvalConfig
 from dpo_lab.rewards import RewardModel
 from dpo_lab.sampling import eval_mode, model_device, sample
-
-
-def _right_pad(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]],
-               pad_token_id: int) -> dict[str, torch.Tensor]:
-    """input_ids / attention_mask / completion_mask of prompt + completion rows, right-padded."""
-    width = max(len(p) + len(c) for p, c in zip(prompt_ids, completion_ids, strict=True))
-    out = {k: torch.zeros((len(prompt_ids), width), dtype=torch.long)
-           for k in ("input_ids", "attention_mask", "completion_mask")}
-    out["input_ids"].fill_(pad_token_id)
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True)):
-        if not p or not c:
-            raise ValueError(f"row {i}: prompt and completion each need at least one token")
-        n = len(p) + len(c)
-        out["input_ids"][i, :n] = torch.tensor([*p, *c], dtype=torch.long)
-        out["attention_mask"][i, :n] = 1
-        out["completion_mask"][i, len(p):n] = 1
-    return out
 
 
 @torch.no_grad()
@@ -66,8 +50,13 @@ def completion_kls(
     kls, ratios = [], []
     with eval_mode(policy), eval_mode(reference):
         for start in range(0, len(prompt_ids), batch_size):
-            batch = _right_pad(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size],
-                               pad_token_id)
+            rows = []
+            for i, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size],
+                                           completion_ids[start:start + batch_size], strict=True)):
+                if not p or not c:
+                    raise ValueError(f"row {start + i}: prompt and completion each need at least one token")
+                rows.append({"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)})
+            batch = pad_rows(rows, pad_token_id)
             # Both models' logits meet on the policy's device (full-vocabulary tensors are large).
             dev = model_device(policy)
             pol, ref = (forward_logits(model, batch["input_ids"].to(model_device(model)),

@@ -14,7 +14,6 @@ tokens only (paper Eq. 7). Conventions used throughout:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -25,6 +24,7 @@ __all__ = [
     "completion_logprobs",
     "completion_token_logprobs",
     "concatenated_logprobs",
+    "concatenated_token_logprobs",
     "token_kl",
     "sequence_kl",
 ]
@@ -178,34 +178,39 @@ def completion_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mas
     return torch.where(mask, token_logps, 0.0), mask.long()
 
 
-def _pad_right(x: Tensor, length: int, value: int) -> Tensor:
-    return F.pad(x, (0, length - x.shape[1]), value=value)
+def concatenated_token_logprobs(model: nn.Module, batch: dict[str, Tensor],
+                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-token log-probs of chosen and rejected from ONE forward pass over the stacked ``2B`` batch.
+
+    ``batch`` holds ``chosen_*`` and ``rejected_*`` versions of input_ids, attention_mask and
+    completion_mask (as made by ``batching.PreferenceCollator``), stacked by ``batching.stack_pairs``.
+    Returns ``(chosen_token_logps, chosen_mask, rejected_token_logps, rejected_mask)``, each ``(B, T-1)``:
+    ``log π(y_t | x, y_<t)`` (fp32, 0 off the completion) and the shifted completion mask. Summing a row
+    gives ``log π(y|x)`` of Eq. 7; token-level losses (Unlikelihood, Preferred-FT) use the tokens.
+    """
+    from dpo_lab.batching import stack_pairs
+
+    stacked = stack_pairs(batch, _BATCH_KEYS)
+    n_chosen = batch["chosen_input_ids"].shape[0]
+    logps, mask = completion_token_logprobs(model, stacked["input_ids"], stacked["attention_mask"],
+                                            stacked["completion_mask"])
+    return logps[:n_chosen], mask[:n_chosen], logps[n_chosen:], mask[n_chosen:]
 
 
 def concatenated_logprobs(model: nn.Module, batch: dict[str, Tensor], *,
                           average: bool = False) -> tuple[Tensor, Tensor]:
-    """``(log π(y_w|x), log π(y_l|x))`` from ONE forward pass over the stacked ``2B`` batch.
-
-    ``batch`` holds ``chosen_*`` and ``rejected_*`` versions of input_ids, attention_mask and
-    completion_mask (as made by ``batching.PreferenceCollator``). Both halves are right-padded to a common
-    length; the pad id is irrelevant because padded positions are masked everywhere.
-    """
-    for side in ("chosen", "rejected"):
-        for key in _BATCH_KEYS:
-            if f"{side}_{key}" not in batch:
-                raise KeyError(f"batch is missing {side}_{key!s}; it has {sorted(batch)}")
-    n_chosen = batch["chosen_input_ids"].shape[0]
-    if batch["rejected_input_ids"].shape[0] != n_chosen:
-        raise ValueError(f"batch has {n_chosen} chosen rows but "
-                         f"{batch['rejected_input_ids'].shape[0]} rejected")
-    length = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    stacked = {
-        key: torch.cat([_pad_right(batch[f"{side}_{key}"], length, 0) for side in ("chosen", "rejected")])
-        for key in _BATCH_KEYS
-    }
-    logps = completion_logprobs(model, stacked["input_ids"], stacked["attention_mask"],
-                                stacked["completion_mask"], average=average)
-    return logps[:n_chosen], logps[n_chosen:]
+    """``(log π(y_w|x), log π(y_l|x))`` from ONE forward pass (``concatenated_token_logprobs``), summed over
+    completion tokens (``average=True``: their mean, see ``sequence_logprobs``)."""
+    tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(model, batch)
+    for mask in (mask_c, mask_r):
+        counts = mask.sum(-1)
+        if bool((counts == 0).any()):
+            rows = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(f"rows {rows} have no completion tokens: "
+                             "log π(y|x) of an empty completion is undefined")
+    if average:
+        return tok_c.sum(-1) / mask_c.sum(-1), tok_r.sum(-1) / mask_r.sum(-1)
+    return tok_c.sum(-1), tok_r.sum(-1)
 
 
 def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:

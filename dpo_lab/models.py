@@ -29,7 +29,7 @@ from transformers import (
 from dpo_lab.cache import atomic_directory
 from dpo_lab.data import validate_texts
 from dpo_lab.presets import PolicyConfig
-from dpo_lab.runs import quiet_hf_progress
+from dpo_lab.run import quiet_hf_progress
 from dpo_lab.sampling import sampling_config
 from dpo_lab.seed import seed_everything
 

@@ -1,4 +1,4 @@
-"""The IMDb controlled-sentiment reproduction as cached stages (DESIGN.md's data flow).
+"""The IMDb controlled-sentiment reproduction as cached stages (docs/design.md's data flow).
 
     IMDb -> tokenizer + SFT policy (pi_ref) -> train prompts -> 4 samples each -> r* -> 6 pairs each
          -> DPO (beta sweep), evaluated every N steps on held-out test prompts: (mean KL_seq, mean r*)
@@ -17,7 +17,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import datasets
 import pandas as pd
@@ -27,6 +27,7 @@ from dpo_lab.cache import atomic_write_json, cached_directory, content_hash
 from dpo_lab.data import load_imdb, make_prompts
 from dpo_lab.dpo_trainer import DPOResult, train_dpo
 from dpo_lab.evaluate import make_eval_fn
+from dpo_lab.frontier import evaluation_points
 from dpo_lab.models import build_policy, load_hub_policy, load_policy, save_policy, train_sft, train_tokenizer
 from dpo_lab.paths import artifacts_dir
 from dpo_lab.ppo import PPOResult, train_ppo
@@ -40,8 +41,11 @@ from dpo_lab.preferences import (
 from dpo_lab.presets import Preset
 from dpo_lab.reward_model import LearnedReward, train_reward_model
 from dpo_lab.rewards import HubSentimentReward, RewardModel, TfidfSentimentReward, accuracy, first_words
-from dpo_lab.runs import RunResult, read_metrics, resolve_device
+from dpo_lab.run import RunResult, resolve_device
 from dpo_lab.seed import seed_everything
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 # Progress bars on by default, off where TQDM_DISABLE is set (tests, CI): tqdm lets an explicit
 # ``disable=`` argument win over that variable, so the stages read it themselves.
@@ -201,7 +205,7 @@ def run_dir(preset: Preset, method: str, value: float) -> Path:
     # the key lets a finished run be continued with a larger max_steps (the trainers resume it).
     trajectory = {k: v for k, v in dataclasses.asdict(settings).items() if k not in SCHEDULE_FIELDS}
     key = content_hash(method, preferences_key(preset), trajectory, preset.reward_model, preset.eval, value)
-    return artifacts_dir() / "runs" / f"{method.lower()}-{name}{value:g}-{key}"
+    return artifacts_dir() / "training" / f"{method.lower()}-{name}{value:g}-{key}"
 
 
 def dpo_run_dir(preset: Preset, beta: float) -> Path:
@@ -236,12 +240,16 @@ def _eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTo
     return eval_fn
 
 
-def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS) -> DPOResult:
-    """A DPO (value = beta), Unlikelihood (alpha) or Preferred-FT (seed) run from pi_SFT."""
+def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
+             accelerator: Accelerator | None = None, gradient_checkpointing: bool = False) -> DPOResult:
+    """A DPO (value = beta), Unlikelihood (alpha) or Preferred-FT (seed) run from pi_SFT; on every process
+    of ``accelerator`` when given (``scale.launch``), in the same run folder."""
     if method not in PAIRWISE_METHODS:
         raise ValueError(f"{method!r} is not a pairwise method; choose from {list(PAIRWISE_METHODS)}")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
     policy = copy.deepcopy(reference)  # pi_theta starts at pi_SFT = pi_ref
+    if gradient_checkpointing:
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     pairs, _ = preference_data(preset, progress=progress)
     objective = {"DPO": "dpo", "Unlikelihood": "unlikelihood", "Preferred-FT": "preferred_ft"}[method]
     config = preset.dpo
@@ -253,7 +261,8 @@ def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW
                      seed=int(value) if method == "Preferred-FT" else preset.seed,
                      out_dir=run_dir(preset, method, value), max_length=preset.policy.n_positions,
                      ref_cache_dir=artifacts_dir() / "reference-logps",
-                     eval_fn=_eval_fn(preset, reference, tokenizer), progress=progress)
+                     eval_fn=_eval_fn(preset, reference, tokenizer), progress=progress,
+                     accelerator=accelerator)
 
 
 def dpo(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> DPOResult:
@@ -282,18 +291,6 @@ def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_P
 
 
 # ---------------------------------------------------------------------------------------------- results
-EVAL_COLUMNS = ["reward_mean", "reward_se", "kl_mean", "kl_se"]
-
-
-def evaluation_points(metrics_path: Path, **labels: Any) -> pd.DataFrame:
-    """The evaluation rows of one run's metrics.jsonl (one frontier point each), labelled by ``labels``."""
-    rows = [r for r in read_metrics(metrics_path) if "reward_mean" in r]
-    frame = pd.DataFrame(rows, columns=["step", *EVAL_COLUMNS, "logratio_kl_mean"])
-    for name, value in labels.items():
-        frame.insert(0, name, value)
-    return frame
-
-
 def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bool = SHOW_PROGRESS,
              timings: dict[str, float] | None = None) -> pd.DataFrame:
     """Every evaluation point of every run of ``methods`` (starting checkpoints included, step 0);
@@ -314,7 +311,7 @@ def dpo_sweep(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> pd.DataFrame
     return frontier(preset, ("DPO",), progress=progress)
 
 
-__all__ = ["EVAL_COLUMNS", "METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "dpo", "dpo_run_dir", "dpo_sweep",
-           "evaluation_points", "frontier", "frontier_runs", "imdb", "learned_reward", "pairwise", "ppo",
+__all__ = ["METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "dpo", "dpo_run_dir", "dpo_sweep",
+           "frontier", "frontier_runs", "imdb", "learned_reward", "pairwise", "ppo",
            "preference_candidates", "preference_data", "prompts", "result", "reward_model", "run_dir",
            "sft_policy"]

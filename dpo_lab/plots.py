@@ -1,4 +1,4 @@
-"""The reward-KL frontier (paper Fig. 2 left) and the dominance count behind its claim."""
+"""The reward-KL frontier (paper Fig. 2 left), the dominance count behind its claim, and seed bands."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 
 # One colour per method, in the paper's legend order.
 METHOD_COLORS: dict[str, str] = {
@@ -27,6 +28,14 @@ def _check_points(points: pd.DataFrame) -> None:
         raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
 
 
+def _finish(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
+    fig.tight_layout()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=150)
+    return fig
+
+
 def upper_envelope(kl: Sequence[float], reward: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """The Pareto front of (kl, reward) points: those that no other point beats on both axes,
     sorted by KL (so reward rises along it)."""
@@ -38,19 +47,6 @@ def upper_envelope(kl: Sequence[float], reward: Sequence[float]) -> tuple[np.nda
             ys.append(float(reward[i]))
             best = reward[i]
     return np.array(xs), np.array(ys)
-
-
-def dominance(points: pd.DataFrame, *, challenger: str = "DPO", others: Sequence[str] = ("PPO",),
-              ) -> tuple[int, int]:
-    """(dominated, total): how many of the ``others``' evaluation points, starting checkpoints (step 0)
-    excluded, have some ``challenger`` point with strictly higher reward AND strictly lower KL."""
-    _check_points(points)
-    ours = points[points.method == challenger][["kl_mean", "reward_mean"]].to_numpy()
-    theirs = points[points.method.isin(others) & (points.step > 0)][["kl_mean", "reward_mean"]].to_numpy()
-    if len(ours) == 0:
-        return 0, len(theirs)
-    beaten = [bool(np.any((ours[:, 0] < kl) & (ours[:, 1] > r))) for kl, r in theirs]
-    return int(sum(beaten)), len(theirs)
 
 
 def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "",
@@ -81,8 +77,24 @@ def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title
     ax.set_title(title or "IMDb sentiment generation: reward vs KL")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=150)
-    return fig
+    return _finish(fig, path)
+
+
+def plot_seed_bands(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "") -> plt.Figure:
+    """Each method's path over steps on the reward-KL plane, averaged over seeds, with a band of one
+    standard error of the mean reward across seeds. One row per (method, seed, step) evaluation; a method's
+    seeds share its evaluation steps, and each step sits at its seed-mean KL (the band is vertical only)."""
+    _check_points(points)
+    if "seed" not in points.columns:
+        raise ValueError(f"seed bands need a 'seed' column; have {list(points.columns)}")
+    frame = points.sort_values("step", kind="stable").assign(
+        kl=lambda f: f.groupby(["method", "step"]).kl_mean.transform("mean"))
+    palette = {m: METHOD_COLORS.get(m, f"C{i}") for i, m in enumerate(frame.method.unique())}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    sns.lineplot(frame, x="kl", y="reward_mean", hue="method", palette=palette, errorbar="se", sort=False,
+                 marker="o", markersize=4, ax=ax)
+    ax.set(xlabel=r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$ (nats), mean over seeds",
+           ylabel=r"mean reward $r^*$ (p(positive)) on test prompts" + "\n" + "band: ± 1 s.e. across seeds",
+           title=title or "Reward vs KL across seeds")
+    ax.grid(alpha=0.3)
+    return _finish(fig, path)

@@ -41,31 +41,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lab.batching import pad_rows
-from dpo_lab.cache import atomic_directory, content_hash
+from dpo_lab.cache import content_hash, model_fingerprint, tokenizer_fingerprint
 from dpo_lab.logprobs import position_ids_from_mask, token_logprobs
 from dpo_lab.presets import PPOConfig
-from dpo_lab.runs import (
-    TRAINER_STATE,
-    EvalFn,
-    MetricsLog,
-    RunResult,
-    batch_indices,
-    check_run,
-    checkpoint_path,
-    finished_run,
-    is_due,
-    latest_checkpoint,
-    load_weights,
-    model_fingerprint,
-    prune_checkpoints,
-    quiet_hf_progress,
-    resolve_device,
-    rng_state,
-    set_rng_state,
-    tokenizer_fingerprint,
-    truncate_metrics,
-    write_result,
-)
+from dpo_lab.run import EvalFn, Run, RunResult, batch_indices, is_due, load_weights, resolve_device
 from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 
@@ -412,23 +391,14 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
     }
 
 
-def _save_checkpoint(out_dir: Path, step: int, model: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase,
-                     optimizer: torch.optim.Optimizer, kl_ctl: AdaptiveKLController | FixedKLController,
-                     moments: RunningMoments, run_key: str) -> Path:
-    """Policy (safetensors) + tokenizer + value head + optimizer/beta/moments/RNG, in one atomic write."""
-    path = checkpoint_path(out_dir, step)
-    with atomic_directory(path) as tmp, quiet_hf_progress():
-        model.policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        # In a subfolder: load_weights reads every *.safetensors beside the policy's weights.
-        (tmp / "value_head").mkdir()
-        save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
-                  str(tmp / "value_head" / "model.safetensors"))
-        torch.save({"step": step, "run_key": run_key, "optimizer": optimizer.state_dict(),
-                    "kl_coef": kl_ctl.value, "moments": moments.state_dict(), "rng": rng_state()},
-                   tmp / TRAINER_STATE)
-    prune_checkpoints(out_dir, 1, path)  # keep the latest only
-    return path
+def _write_checkpoint(folder: Path, model: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Policy (safetensors) + tokenizer + value head; the run adds the trainer state."""
+    model.policy.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    # In a subfolder: load_weights reads every *.safetensors beside the policy's weights.
+    (folder / "value_head").mkdir()
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
+              str(folder / "value_head" / "model.safetensors"))
 
 
 def _load_checkpoint(ckpt: Path, model: PolicyWithValueHead) -> None:
@@ -464,21 +434,16 @@ def train_ppo(
         raise ValueError("prompts must be a non-empty sequence of strings")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad_token_id; set one (pad = eos)")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     prompts = list(prompts)
-    run_fields = {
+    # The policy's weights are not in the key: they change as it trains (a resume starts from moved weights).
+    run = Run(out_dir, {
         "seed": seed, "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
         "reference": model_fingerprint(reference),
         "prompts": content_hash(prompts), "tokenizer": tokenizer_fingerprint(tokenizer),
         "device": device.type,
-    }
-    metrics_path = out_dir / "metrics.jsonl"
-
-    # The policy's weights are not in the key: they change as it trains (a resume starts from moved weights).
-    run_key = check_run(out_dir, run_fields)
-    finished = finished_run(out_dir, config.max_steps, PPOResult, policy)
+    })
+    finished = run.finished(config.max_steps, PPOResult, policy)
     if finished is not None:
         return finished
 
@@ -494,7 +459,7 @@ def train_ppo(
     kl_ctl = kl_controller(config)
     moments = RunningMoments()
 
-    resume = latest_checkpoint(out_dir, run_key, config.max_steps)
+    resume = run.resume(config.max_steps)
     start, ckpt_dir = 0, None
     if resume is not None:
         start, ckpt_dir, state = resume
@@ -502,16 +467,14 @@ def train_ppo(
         optimizer.load_state_dict(state["optimizer"])
         kl_ctl.value = float(state["kl_coef"])
         moments.load_state_dict(state["moments"])
-        set_rng_state(state["rng"])
-    kept = truncate_metrics(metrics_path, start if resume is not None else None)
 
     train_keys = {"step", "objective/kl", "objective/scores", "objective/rlhf_reward", "kl_coef",
                   "loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "policy/entropy",
                   "val/clipfrac", "val/mean", "returns/mean", "objective/completion_tokens", "time/rollout_s",
                   "time/step_s"}
     name = "PPO" if config.target_kl is None else f"PPO target_kl={config.target_kl:g}"
-    with MetricsLog(metrics_path, eval_fn, train_keys, eval_every=config.eval_every,
-                    max_steps=config.max_steps, last=kept[-1] if kept else None) as log:
+    with run.metrics(eval_fn, train_keys, eval_every=config.eval_every, max_steps=config.max_steps,
+                     start=start if resume is not None else None) as log:
         if start == 0:
             log.log_start(policy)
         bar = tqdm(range(start + 1, config.max_steps + 1), desc=name, disable=not progress, initial=start,
@@ -524,14 +487,14 @@ def train_ppo(
             bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}",
                             beta=f"{record['kl_coef']:.3f}")
             if is_due(step, config.checkpoint_every, config.max_steps):
-                ckpt_dir = _save_checkpoint(out_dir, step, model, tokenizer, optimizer, kl_ctl, moments,
-                                            run_key)
+                ckpt_dir = run.save_checkpoint(
+                    step, lambda folder: _write_checkpoint(folder, model, tokenizer),
+                    {"optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+                     "moments": moments.state_dict()})
     if ckpt_dir is None:
         raise RuntimeError("training ended without a checkpoint")
     policy.eval()
-    result = PPOResult(ckpt_dir, metrics_path, log.last, config.max_steps)
-    write_result(out_dir, result, run_key)
-    return result
+    return run.finish(PPOResult(ckpt_dir, run.metrics_path, log.last, config.max_steps))
 
 
 __all__ = ["PPOConfig", "PPOResult", "AdaptiveKLController", "FixedKLController", "RunningMoments",

@@ -32,26 +32,24 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from dpo_lab.batching import PreferenceCollator
-from dpo_lab.cache import atomic_directory, content_hash
-from dpo_lab.logprobs import position_ids_from_mask
-from dpo_lab.presets import RewardModelConfig
-from dpo_lab.runs import (
+from dpo_lab.batching import (
     Pairs,
-    model_fingerprint,
+    PreferenceCollator,
     pair_columns,
     pair_examples,
     pairs_fingerprint,
-    resolve_device,
-    tokenizer_fingerprint,
-    warmup_lambda,
+    stack_pairs,
 )
+from dpo_lab.cache import atomic_directory, content_hash, model_fingerprint, tokenizer_fingerprint
+from dpo_lab.logprobs import position_ids_from_mask
+from dpo_lab.losses import bradley_terry_loss
+from dpo_lab.presets import RewardModelConfig
+from dpo_lab.run import resolve_device, warmup_lambda
 from dpo_lab.seed import seed_everything
 
 FORMAT = "dpo_lab.LearnedReward"
@@ -99,21 +97,10 @@ class ScalarRewardModel(nn.Module):
         return self.head(pooled.float()).squeeze(-1)  # (B,)
 
 
-def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
-    """Per-pair ``-log sigma(r(x, y_w) - r(x, y_l))`` (Eq. 2), ``(B,)``; logsigmoid is stable for any gap."""
-    if chosen_rewards.shape != rejected_rewards.shape:
-        raise ValueError(f"chosen {tuple(chosen_rewards.shape)} and rejected {tuple(rejected_rewards.shape)} "
-                         "rewards must have the same shape")
-    return -F.logsigmoid(chosen_rewards - rejected_rewards)
-
-
 def pair_rewards(model: ScalarRewardModel, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(r(x, y_w), r(x, y_l)) of a ``PreferenceCollator`` batch in ONE forward pass over both halves."""
     n = batch["chosen_input_ids"].shape[0]
-    width = max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
-    stacked = {key: torch.cat([F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]))
-                               for side in ("chosen", "rejected")])
-               for key in ("input_ids", "attention_mask")}
+    stacked = stack_pairs(batch, ("input_ids", "attention_mask"))
     rewards = model(stacked["input_ids"], stacked["attention_mask"])
     return rewards[:n], rewards[n:]
 
@@ -394,5 +381,5 @@ def train_reward_model(
 
 
 __all__ = ["RewardModelConfig", "ScalarRewardModel", "LearnedReward", "RewardModelReport",
-           "bradley_terry_loss", "pair_rewards", "split_by_prompt", "evaluate_pairs", "completion_offset",
+           "pair_rewards", "split_by_prompt", "evaluate_pairs", "completion_offset",
            "train_reward_model"]

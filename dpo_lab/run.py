@@ -1,4 +1,4 @@
-"""Run bookkeeping shared by every trainer (DPO and its baselines, PPO, the reward model).
+"""One training run's folder, owned by a :class:`Run` (the DPO trainer and its baselines, PPO).
 
 One run = one ``out_dir``:
 
@@ -10,98 +10,39 @@ One run = one ``out_dir``:
 A rerun with the same settings resumes from the last checkpoint (metrics after it are dropped and recomputed)
 or, if finished, returns at once; a rerun with other settings is refused, naming the fields that differ.
 
-The fingerprints (model weights, tokenizer, preference pairs) are what run identities and the reference
-log-prob cache are built from.
+A trainer reads as its algorithm plus a few calls: ``Run(out_dir, fields)`` (identity), ``run.finished(...)``,
+``run.resume(...)``, ``run.metrics(...)``, ``run.save_checkpoint(...)`` and ``run.finish(...)``. The module's
+functions below are those steps one at a time (tested one at a time), and the small utilities every
+trainer shares (data order, evaluation schedule, warmup, device).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO, TypeVar
 
-import datasets
 import numpy as np
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash, read_json_object
+from dpo_lab.cache import (
+    atomic_directory,
+    atomic_write_json,
+    atomic_write_text,
+    content_hash,
+    read_json_object,
+)
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
-Pairs = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[str]]
-PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 TRAINER_STATE = "trainer_state.pt"  # a checkpoint folder is complete once this file is in it
-
-
-# ------------------------------------------------------------------------------------------- fingerprints
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' identity."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """Vocabulary, special ids and (fast tokenizers) the pipeline incl. merges; not the padding/truncation
-    state, which a ``tokenizer(..., padding=True)`` call may change without changing any token."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    pipeline = None
-    if backend is not None:
-        state = json.loads(backend.to_str())
-        pipeline = {k: v for k, v in state.items() if k not in ("padding", "truncation")}
-    return content_hash(sorted(tokenizer.get_vocab().items()), tokenizer.pad_token_id, tokenizer.eos_token_id,
-                        pipeline)
-
-
-def pair_columns(pairs: Pairs) -> dict[str, list[str]]:
-    """prompt/chosen/rejected as plain lists, from a Dataset, a list of dicts or a dict of columns."""
-    if isinstance(pairs, Mapping):
-        missing = [c for c in PAIR_COLUMNS if c not in pairs]
-        if missing:
-            raise ValueError(f"pairs are missing column(s) {missing}; they have {sorted(pairs)}")
-        cols = {c: list(pairs[c]) for c in PAIR_COLUMNS}
-        if len({len(v) for v in cols.values()}) > 1:
-            raise ValueError(f"pair columns differ in length: { {c: len(v) for c, v in cols.items()} }")
-    elif isinstance(pairs, datasets.Dataset):
-        missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
-        if missing:
-            raise ValueError(f"pairs are missing column(s) {missing}; they have {pairs.column_names}")
-        cols = pairs.select_columns(list(PAIR_COLUMNS)).to_dict()
-    else:
-        for i, row in enumerate(pairs):
-            missing = [c for c in PAIR_COLUMNS if c not in row]
-            if missing:
-                raise ValueError(f"pair {i} is missing key(s) {missing}")
-        cols = {c: [row[c] for row in pairs] for c in PAIR_COLUMNS}
-    if not cols["prompt"]:
-        raise ValueError("no preference pairs to train on")
-    return cols
-
-
-def pair_examples(cols: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
-    """The columns of :func:`pair_columns` back as one ``{prompt, chosen, rejected}`` dict per pair."""
-    return [dict(zip(PAIR_COLUMNS, row, strict=True))
-            for row in zip(*(cols[c] for c in PAIR_COLUMNS), strict=True)]
-
-
-def pairs_fingerprint(cols: Mapping[str, Sequence[str]]) -> str:
-    """Content hash of the pairs' text, in order (an in-memory and a reloaded Dataset hash the same)."""
-    digest = hashlib.sha256()
-    for c in PAIR_COLUMNS:
-        digest.update(json.dumps(list(cols[c])).encode())
-    return digest.hexdigest()[:16]
 
 
 # -------------------------------------------------------------------------------------------- identity
@@ -283,7 +224,7 @@ class MetricsLog:
     written), merging ``eval_fn``'s dict into the lines of evaluation steps (step 0, every ``eval_every``
     steps, the last step). Use as a context manager; ``last`` is the latest record."""
 
-    def __init__(self, path: Path, eval_fn: EvalFn | None, train_keys: set[str], *, eval_every: int,
+    def __init__(self, path: Path | None, eval_fn: EvalFn | None, train_keys: set[str], *, eval_every: int,
                  max_steps: int, last: dict[str, Any] | None = None) -> None:
         self.path, self.eval_fn, self.train_keys = path, eval_fn, train_keys
         self.eval_every, self.max_steps = eval_every, max_steps
@@ -291,7 +232,8 @@ class MetricsLog:
         self._handle: TextIO | None = None
 
     def __enter__(self) -> MetricsLog:
-        self._handle = open(self.path, "a")  # closed in __exit__
+        if self.path is not None:  # None: a process that writes nothing (all but the main one)
+            self._handle = open(self.path, "a")  # closed in __exit__
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
@@ -301,10 +243,11 @@ class MetricsLog:
             self._handle = None
 
     def _append(self, record: dict[str, Any]) -> None:
-        if self._handle is None:
-            raise RuntimeError("MetricsLog is not open; use it as a context manager")
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
+        if self.path is not None:
+            if self._handle is None:
+                raise RuntimeError("MetricsLog is not open; use it as a context manager")
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
         self.last = record
 
     def log_start(self, policy: nn.Module) -> None:
@@ -360,11 +303,6 @@ def write_result(out_dir: Path, result: RunResult, run_key: str) -> None:
         "last_metrics": result.last_metrics, "run_key": run_key})
 
 
-__all__ = ["EvalFn", "Pairs", "PAIR_COLUMNS", "TRAINER_STATE", "model_fingerprint", "tokenizer_fingerprint",
-           "pair_columns", "pair_examples", "pairs_fingerprint", "check_run", "batch_indices", "is_due",
-           "checkpoint_path", "checkpoint_dirs", "prune_checkpoints", "latest_checkpoint", "load_weights",
-           "rng_state", "set_rng_state", "read_metrics", "truncate_metrics", "call_eval_fn", "MetricsLog",
-           "RunResult", "finished_run", "write_result"]
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
@@ -389,3 +327,68 @@ def quiet_hf_progress() -> Iterator[None]:
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
+
+
+# ------------------------------------------------------------------------------------------------ the run
+class Run:
+    """A run's folder, from its identity to its result: the bookkeeping every trainer shares.
+
+    ``Run(out_dir, fields)`` claims the folder for the run that ``fields`` describe (a started run with
+    other settings is refused, naming the fields that differ); ``key`` is their hash. With ``writer=False``
+    (every process but the main one of a multi-process run) it reads but never writes.
+    """
+
+    def __init__(self, out_dir: str | Path, fields: Mapping[str, Any], *, writer: bool = True) -> None:
+        self.dir = Path(out_dir)
+        self.fields = dict(fields)
+        self.writer = writer
+        if writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self.key = check_run(self.dir, self.fields)
+        else:
+            self.key = content_hash(self.fields)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    def finished(self, max_steps: int, result_type: type[R], policy: nn.Module | None = None) -> R | None:
+        """The result if this run already finished ``max_steps`` steps (weights loaded into ``policy``)."""
+        return finished_run(self.dir, max_steps, result_type, policy)
+
+    def resume(self, max_steps: int) -> tuple[int, Path, dict[str, Any]] | None:
+        """``(step, folder, trainer state)`` of the last checkpoint (its RNG state restored), or None."""
+        found = latest_checkpoint(self.dir, self.key, max_steps)
+        if found is not None and "rng" in found[2]:
+            set_rng_state(found[2]["rng"])
+        return found
+
+    def metrics(self, eval_fn: EvalFn | None, train_keys: set[str], *, eval_every: int, max_steps: int,
+                start: int | None) -> MetricsLog:
+        """The metrics log, cut back to step ``start`` (None: a fresh start) so no step is written twice.
+        Only the writer evaluates and writes; other processes get a log that keeps ``last`` only."""
+        if not self.writer:
+            return MetricsLog(None, None, train_keys, eval_every=eval_every, max_steps=max_steps)
+        kept = truncate_metrics(self.metrics_path, start)
+        return MetricsLog(self.metrics_path, eval_fn, train_keys, eval_every=eval_every, max_steps=max_steps,
+                          last=kept[-1] if kept else None)
+
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], state: Mapping[str, Any], *,
+                        keep: int | None = 1) -> Path:
+        """Checkpoint ``step`` atomically: ``write(folder)`` saves the weights (safetensors) and tokenizer,
+        ``state`` (tensors and plain types only, so ``weights_only=True`` reads it) goes to trainer_state.pt
+        with the step, the run key and the RNG state. Keeps the ``keep`` latest (None: all)."""
+        path = checkpoint_path(self.dir, step)
+        if self.writer:
+            with atomic_directory(path) as tmp, quiet_hf_progress():
+                write(tmp)
+                torch.save({"step": step, "run_key": self.key, "rng": rng_state(), **state},
+                           tmp / TRAINER_STATE)
+            prune_checkpoints(self.dir, keep, path)
+        return path
+
+    def finish(self, result: R) -> R:
+        """Mark the run finished (result.json) and return ``result``."""
+        if self.writer:
+            write_result(self.dir, result, self.key)
+        return result

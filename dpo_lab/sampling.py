@@ -1,7 +1,7 @@
 """Sample completions from a causal LM exactly as the paper's IMDb pipeline needs them.
 
 Every sample is an *untruncated* draw from the policy: temperature 1, top_k 0 (off: HF's default of 50
-would silently sample from a different distribution), top_p 1 (DESIGN.md "Sampling"). Prompts are
+would silently sample from a different distribution), top_p 1 (docs/design.md, "Sampling"). Prompts are
 LEFT-padded so that every row's next token sits at the last column; position ids come from the attention
 mask, so a padded row sees the same positions as the prompt sampled alone (tested).
 
@@ -48,6 +48,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from dpo_lab.batching import pad_rows
+
 Backend = Literal["loop", "loop_icdf", "generate"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
@@ -90,17 +92,6 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -
             raise ValueError(f"prompt {i} is empty ({prompt!r}): a completion needs a prompt token before it")
         ids.append(list(row))
     return ids
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) with every row right-aligned, so new tokens append at one column."""
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, width - len(row):] = 1
-    return input_ids, attention_mask
 
 
 def sampling_config(tokenizer: PreTrainedTokenizerBase,
@@ -351,7 +342,9 @@ def sample(
         starts = range(0, len(jobs), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
             rows = [prompt_ids[i] for i in jobs[start:start + batch_size]]
-            input_ids, attention_mask = left_pad(rows, tokenizer.pad_token_id)
+            padded = pad_rows([{"input_ids": r, "completion_mask": [0] * len(r)} for r in rows],
+                              tokenizer.pad_token_id, side="left")  # new tokens append at one column
+            input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             if backend == "generate":
                 new = _generate_batch(model, input_ids, attention_mask, config)

@@ -49,6 +49,7 @@ n_show: int = 6  # example preference pairs shown
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import seaborn as sns
 from IPython.display import display
 from transformers.utils import logging as hf_logging
 
@@ -145,10 +146,10 @@ print("chosen never below rejected:", bool(np.all(np.array(pairs["chosen_reward"
 # %%
 gaps = np.array(pairs["chosen_reward"]) - np.array(pairs["rejected_reward"])
 print("gap quantiles:", {q: round(v, 3) for q, v in stats["gap_quantiles"].items()})
+judge = "project classifier" if config.reward.source == "offline" else config.reward.hub_name
 fig, ax = plt.subplots(figsize=(6, 3.5))
-ax.hist(gaps, bins=40, range=(0, 1), color="tab:green", alpha=0.8)
-ax.set_xlabel(r"reward gap $r^*(x, y_w) - r^*(x, y_l)$")
-ax.set_ylabel("pairs")
+sns.histplot(x=gaps, bins=40, binrange=(0, 1), color="tab:green", ax=ax)
+ax.set(xlabel=r"reward gap $r^*(x, y_w) - r^*(x, y_l)$" + f"\n$r^*$ ({judge}, p(positive))", ylabel="pairs")
 ax.set_title(f"{len(pairs)} preference pairs from {stats['n_prompts']} prompts")
 fig.tight_layout()
 fig.savefig(figures_dir() / "04_reward_gaps.png", dpi=120)
@@ -172,14 +173,15 @@ print(f"{len(rewards_by_prompt)} prompts; share of reward variance between promp
       f"{means.var() / (means.var() + within):.0%}, within prompts: {within / (means.var() + within):.0%}")
 
 # %%
-order = np.argsort(means)
+samples = pd.DataFrame([{"rank": rank, "r*": r}  # one row per sample; prompts ranked by their mean reward
+                        for rank, i in enumerate(np.argsort(means)) for r in rewards_by_prompt[i]])
 fig, ax = plt.subplots(figsize=(7, 3.5))
-for rank, i in enumerate(order):
-    r = rewards_by_prompt[i]
-    ax.plot([rank, rank], [r.min(), r.max()], color="grey", lw=0.8, alpha=0.6)
-    ax.scatter(np.full(len(r), rank), r, s=6, color="tab:blue")
-ax.set_xlabel("prompt (sorted by its mean reward)")
-ax.set_ylabel(r"$r^*(x, y)$ of its samples")
+sns.lineplot(samples, x="rank", y="r*", errorbar=("pi", 100), err_style="bars", lw=1, ax=ax,
+             err_kws={"ecolor": "silver", "elinewidth": 0.8}, label="mean of its samples; bar: min to max")
+sns.scatterplot(samples, x="rank", y="r*", s=8, linewidth=0, ax=ax)
+ax.set(xlabel="prompt (sorted by its mean reward)",
+       ylabel=f"$r^*(x, y)$ of its samples\n({judge}, p(positive))")
+ax.legend(loc="upper left", fontsize=8)
 ax.set_title(r"Rewards of the samples of each prompt, from $\pi^{\rm SFT}$")
 fig.tight_layout()
 fig.savefig(figures_dir() / "04_sample_rewards.png", dpi=120)

@@ -54,13 +54,13 @@ import pandas as pd
 from IPython.display import display
 from transformers.utils import logging as hf_logging
 
-from dpo_lab import pipeline
-from dpo_lab.dpo_trainer import read_metrics
+from dpo_lab import frontier, pipeline
 from dpo_lab.models import load_policy
 from dpo_lab.paths import artifacts_dir, figures_dir
 from dpo_lab.plots import plot_frontier
 from dpo_lab.presets import get_preset
 from dpo_lab.rewards import score_completions
+from dpo_lab.run import read_metrics
 from dpo_lab.sampling import sample_completions
 from dpo_lab.seed import seed_everything
 
@@ -142,7 +142,7 @@ for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "lo
 # $\pi_{\rm ref}$. Error bars: one standard error over prompts.
 
 # %%
-points = pipeline.evaluation_points(result.metrics_path)
+points = frontier.evaluation_points(result.metrics_path)
 display(points.round(4))
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))

@@ -61,14 +61,14 @@ import torch
 from IPython.display import display
 from transformers.utils import logging as hf_logging
 
-from dpo_lab import pipeline
+from dpo_lab import frontier, pipeline
 from dpo_lab.models import load_policy
 from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS
 from dpo_lab.ppo import AdaptiveKLController, gae, kl_penalized_rewards
 from dpo_lab.presets import get_preset
 from dpo_lab.rewards import score_completions
-from dpo_lab.runs import read_metrics
+from dpo_lab.run import read_metrics
 from dpo_lab.sampling import sample_completions
 from dpo_lab.seed import seed_everything
 
@@ -290,7 +290,7 @@ for (method, value), frame in baseline_curves.items():
 # %%
 all_results = {(m, v): pipeline.result(config, m, v) for m, v in pipeline.frontier_runs(config)}
 finals = pd.DataFrame([{"method": m, "hyperparameter": f"{pipeline.hyperparameter_name(m)}={v:g}", "value": v,
-                        **pipeline.evaluation_points(r.metrics_path).iloc[-1][pipeline.EVAL_COLUMNS]}
+                        **frontier.evaluation_points(r.metrics_path).iloc[-1][frontier.EVAL_COLUMNS]}
                        for (m, v), r in all_results.items()])
 common_kl = match_kl if match_kl >= 0 else float(finals.kl_mean.median())
 finals["distance"] = (finals.kl_mean - common_kl).abs()

@@ -51,11 +51,10 @@ import pandas as pd
 from IPython.display import display
 from transformers.utils import logging as hf_logging
 
-from dpo_lab import pipeline
+from dpo_lab import frontier, pipeline
 from dpo_lab.paths import figures_dir
-from dpo_lab.plots import dominance, plot_frontier
+from dpo_lab.plots import plot_frontier
 from dpo_lab.presets import get_preset
-from dpo_lab.reproduce import DOMINANCE_SERIES, PAPER_DOMINANCE, summary_table
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
@@ -72,7 +71,7 @@ print(f"preset {config.name!r}; methods {list(shown_methods)}")
 
 # %%
 points = pipeline.frontier(config, shown_methods)
-display(points[["method", "hyperparameter", "step", *pipeline.EVAL_COLUMNS]].head(8).round(4))
+display(points[["method", "hyperparameter", "step", *frontier.EVAL_COLUMNS]].head(8).round(4))
 
 # %% [markdown]
 # The shape of the sweep (runs per method, evaluation points per method) follows from the preset alone:
@@ -99,18 +98,18 @@ plt.show()
 # %% [markdown]
 # ## Dominance: the paper's count
 # For each PPO-family series: how many of its evaluation points (starting checkpoints excluded) have some DPO
-# point with **both** strictly higher reward and strictly lower KL (`plots.dominance`).
+# point with **both** strictly higher reward and strictly lower KL (`frontier.dominance`).
 
 # %%
 rows = []
-for name, others in DOMINANCE_SERIES.items():
+for name, others in frontier.DOMINANCE_SERIES.items():
     if not set(others) <= set(shown_methods) or "DPO" not in shown_methods:
         continue  # a series (or DPO) left off the plot has nothing to count
-    dominated, total = dominance(points, challenger="DPO", others=others)
+    dominated, total = frontier.dominance(points, challenger="DPO", others=others)
     rows.append({"series": name, "dominated by DPO": f"{dominated}/{total}",
                  "share": dominated / total if total else float("nan")})
 display(pd.DataFrame(rows).round(3))
-print(f"paper: {PAPER_DOMINANCE}, about 0.97 overall")
+print(f"paper: {frontier.PAPER_DOMINANCE}, about 0.97 overall")
 print("(the paper's third series is TRL's PPO-GT; here the third row pools our PPO and PPO-GT points)")
 
 # %% [markdown]
@@ -119,7 +118,7 @@ print("(the paper's third series is TRL's PPO-GT; here the third row pools our P
 # evaluation. (`python -m dpo_lab reproduce` writes the same table to `figures/results_<preset>.md`.)
 
 # %%
-table = summary_table(points)
+table = frontier.summary_table(points)
 display(table.round(3))
 
 # %% [markdown]

@@ -22,7 +22,7 @@
 # notebooks many times, with different parameters, on GPUs, and compares. This notebook shows the layer
 # that does that:
 #
-# 1. **a sweep**: one notebook (`notebooks/runs/frontier_run.ipynb`: one method at one hyperparameter
+# 1. **a sweep**: one notebook (`notebooks/templates/frontier_run.ipynb`: one method at one hyperparameter
 #    value) executed by [papermill](https://papermill.readthedocs.io) once per run, each run in its own folder
 #    `runs/<sweep>/<run>/`, with one results table and one frontier plot at the end;
 # 2. **resuming**: a rerun skips finished runs, so a sweep killed midway is finished by starting it again;
@@ -60,9 +60,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Image, display
 
-from dpo_lab import estimate, sweep
-from dpo_lab.distributed import dpo_batch_plan, dpo_memory_estimate
 from dpo_lab.paths import project_root
+from dpo_lab.scale import estimate, sweep
 
 pd.set_option("display.width", 140)
 pd.set_option("display.max_colwidth", 70)
@@ -125,15 +124,16 @@ print(sweep.plan(spec, root).state.tolist())
 # ## 4. Read the results
 #
 # `results.csv` / `results.md` hold one row per run (its `result.json`, its state and wall time);
-# `points.csv` every evaluation point of every run; `frontier.png` plots them on the reward–KL plane.
+# `frontier_<sweep>_points.csv` every evaluation point of every run; `frontier_<sweep>.png` plots them on the
+# reward–KL plane (`frontier.report`, the same code that writes `make reproduce`'s figure).
 
 # %%
 table = pd.read_csv(folder / "results.csv")
 display(table.drop(columns=["error", "run_path"], errors="ignore").round(3))
-display(Image(filename=str(folder / "frontier.png")))
+display(Image(filename=str(folder / f"frontier_{spec.name}.png")))
 
 # %%
-points = pd.read_csv(folder / "points.csv")
+points = pd.read_csv(folder / f"frontier_{spec.name}_points.csv")
 fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
 for (method, hp), run in points.groupby(["method", "hyperparameter"], sort=False):
     axes[0].plot(run.step, run.reward_mean, marker="o", label=f"{method} {hp}")
@@ -148,7 +148,7 @@ plt.show()
 # ## 5. The paper's other tasks, as specs
 #
 # `sweeps/tldr_paper.yaml` (TL;DR summarisation, GPT-J SFT policy, β = 0.5) and `sweeps/hh_paper.yaml`
-# (Anthropic-HH single-turn dialogue, Pythia-2.8B, β = 0.1) run `notebooks/runs/preference_dpo.ipynb` on the
+# (Anthropic-HH single-turn dialogue, Pythia-2.8B, β = 0.1) run `notebooks/templates/preference_dpo.ipynb` on the
 # hub's preference data. They need a GPU and the hub (`requires: [gpu, hub]`), so the runner refuses them
 # here; a dry run still checks every parameter against the notebook.
 
@@ -186,9 +186,9 @@ for _, row in costs[costs.stage != "total"].iterrows():
 # Policy weights, gradients and the optimizer state are kept in fp32 (RMSprop keeps one buffer per weight,
 # AdamW two); the reference's log-probs are computed once before training, so the reference need not stay on
 # the GPU. Activations grow with the micro-batch: gradient accumulation reaches the paper's batch of 64 pairs
-# with a micro-batch that fits (`dpo_lab.distributed`, launched with `accelerate launch`, does exactly that).
+# with a micro-batch that fits (`train_dpo` under `accelerate launch -m dpo_lab.scale.launch` does exactly that).
 
 # %%
-print(dpo_batch_plan(global_batch=64, num_processes=1))
-one = dpo_memory_estimate(micro_batch_pairs=16, seq_len=512)
+print(estimate.dpo_batch_plan(global_batch=64, num_processes=1))
+one = estimate.dpo_memory_estimate(micro_batch_pairs=16, seq_len=512)
 print(f"\nmicro-batch 16 × 512 tokens: {one.total:.1f} GiB of {one.gpu_gib:.0f} (fits: {one.fits})")

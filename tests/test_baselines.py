@@ -12,16 +12,10 @@ import torch
 from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it)
 
 from dpo_lab.batching import PreferenceCollator
-from dpo_lab.dpo_trainer import (
-    batch_indices,
-    concatenated_token_logprobs,
-    load_weights,
-    read_metrics,
-    train_dpo,
-    train_pairwise,
-)
-from dpo_lab.logprobs import completion_token_logprobs, concatenated_logprobs
+from dpo_lab.dpo_trainer import train_dpo
+from dpo_lab.logprobs import completion_token_logprobs, concatenated_logprobs, concatenated_token_logprobs
 from dpo_lab.losses import preferred_ft_loss, unlikelihood_loss
+from dpo_lab.run import batch_indices, load_weights, read_metrics
 
 MAX_LENGTH = 32
 COLLATOR_ROWS = [dict(zip(PAIRS, row, strict=True)) for row in zip(*PAIRS.values(), strict=True)]
@@ -30,7 +24,7 @@ COLLATOR_ROWS = [dict(zip(PAIRS, row, strict=True)) for row in zip(*PAIRS.values
 def _run(policy, reference, tokenizer, out_dir: Path, cache: Path, pairs=PAIRS, **kw):
     # CPU pinned: bit-exact resume is promised there.
     args = {"config": CONFIG, "seed": 0, "max_length": MAX_LENGTH, "progress": False, "device": "cpu", **kw}
-    return train_pairwise(policy, reference, tokenizer, pairs, out_dir=out_dir, ref_cache_dir=cache, **args)
+    return train_dpo(policy, reference, tokenizer, pairs, out_dir=out_dir, ref_cache_dir=cache, **args)
 
 
 def _probe(tokenizer):
@@ -222,5 +216,3 @@ def test_interrupted_unlikelihood_run_resumes_to_identical_weights(tiny_model, t
     assert [r["step"] for r in read_metrics(resumed.metrics_path)] == list(range(7))
 
 
-def test_train_pairwise_is_train_dpo():
-    assert train_pairwise is train_dpo

@@ -11,14 +11,9 @@ import pytest
 import torch
 from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it)
 
-from dpo_lab.dpo_trainer import (
-    batch_indices,
-    load_weights,
-    read_metrics,
-    reference_logprobs,
-    train_dpo,
-)
+from dpo_lab.dpo_trainer import reference_logprobs, train_dpo
 from dpo_lab.presets import DPOConfig
+from dpo_lab.run import batch_indices, load_weights, read_metrics
 
 
 def _run(policy, reference, tokenizer, out_dir: Path, cache: Path, **kw):

@@ -19,8 +19,8 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from dpo_lab import estimate
 from dpo_lab.presets import PRESETS
+from dpo_lab.scale import estimate
 
 TINY = [
     (GPT2LMHeadModel, GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=50, n_positions=8)),
@@ -172,3 +172,59 @@ def test_hh_bills_its_reference_and_tldr_does_not():
     assert hh[0].startswith("π_ref: Preferred-FT")
     dpo = [s for s in stages if s.task.startswith("TL;DR") and s.stage == "DPO"][0]
     assert dpo.tokens.count == 100 * 64 * 2 * (330 + 30)  # 6,400 pairs / 64 = 100 steps, one epoch
+
+
+# ------------------------------------------------------------------------------------------ memory estimate
+def test_gpt2_large_memory_estimate() -> None:
+    config = GPT2Config(n_layer=36, n_embd=1280, n_head=20)  # gpt2-large's shape, built without weights
+    with torch.device("meta"):
+        n = sum(p.numel() for p in GPT2LMHeadModel(config).parameters())
+    assert estimate.gpt2_param_count(36, 1280, 50257, 1024) == n == 774_030_080
+    rms, adam = estimate.dpo_memory_estimate(), estimate.dpo_memory_estimate(optimizer="adamw")
+    assert rms.weights == rms.gradients == rms.optimizer_state == pytest.approx(4 * n / 2**30)
+    assert adam.optimizer_state == pytest.approx(2 * rms.optimizer_state)
+    assert estimate.dpo_memory_estimate(reference="bf16").reference == pytest.approx(2 * n / 2**30)
+    one = estimate.dpo_memory_estimate(micro_batch_pairs=1)
+    two = estimate.dpo_memory_estimate(micro_batch_pairs=2)
+    assert two.activations == pytest.approx(2 * one.activations)
+    ckpt = estimate.dpo_memory_estimate(micro_batch_pairs=16, gradient_checkpointing=True)
+    plain = estimate.dpo_memory_estimate(micro_batch_pairs=16)
+    assert ckpt.activations < plain.activations / 5 and ckpt.logits == plain.logits
+    # The paper's batch 64 on one 80 GB GPU: 16 x 4 fits, 32 x 2 does not without checkpointing.
+    assert plain.fits and not estimate.dpo_memory_estimate(micro_batch_pairs=32).fits
+    assert estimate.dpo_memory_estimate(micro_batch_pairs=64, gradient_checkpointing=True).fits
+    assert "16 x 4" in estimate.dpo_batch_plan(64)
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        estimate.dpo_memory_estimate(seq_len=2048)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_activation_coefficients_match_autograd(attention: str) -> None:
+    """Re-measure ACTIVATION_BYTES: bytes autograd saves per token per block under bf16 autocast."""
+    h, heads, s = 128, 4, 64
+
+    def saved_bytes(n_layer: int) -> int:
+        torch.manual_seed(0)
+        config = GPT2Config(vocab_size=64, n_positions=s, n_embd=h, n_layer=n_layer, n_head=heads,
+                            bos_token_id=0, eos_token_id=0, attn_implementation=attention)
+        model = GPT2LMHeadModel(config).eval()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=torch.randint(0, 64, (2, s)), use_cache=False)
+        return sum(seen.values())
+
+    per_block = (saved_bytes(3) - saved_bytes(1)) / 2
+    weight_copies = 2 * 12 * h * h  # autocast's bf16 copies of a block's matrices
+    per_token = (per_block - weight_copies) / (2 * s)
+    expected = estimate.ACTIVATION_BYTES["block"] * h
+    if attention == "eager":
+        expected += estimate.ACTIVATION_BYTES["eager_attention_per_head_key"] * heads * s
+    assert per_token == pytest.approx(expected, rel=0.05)

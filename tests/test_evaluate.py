@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from dpo_lab.dpo_trainer import read_metrics, train_dpo
+from dpo_lab.dpo_trainer import train_dpo
 from dpo_lab.evaluate import completion_kls, evaluate_policy, make_eval_fn
 from dpo_lab.presets import DPOConfig, EvalConfig
+from dpo_lab.run import read_metrics
 
 PROMPTS = ["This movie was", "A terrible", "The music", "I watched"]
 

@@ -9,8 +9,8 @@ from typing import Any
 import datasets
 import pytest
 
-from dpo_lab import hub_preferences as hp
-from dpo_lab.runs import PAIR_COLUMNS
+from dpo_lab.batching import PAIR_COLUMNS
+from dpo_lab.scale import hub_preferences as hp
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 TLDR = FIXTURES / "summarize_from_feedback"

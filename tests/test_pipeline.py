@@ -17,7 +17,7 @@ from dpo_lab import pipeline
 from dpo_lab.paths import project_root
 from dpo_lab.presets import get_preset
 from dpo_lab.reproduce import reproduce
-from dpo_lab.runs import read_metrics
+from dpo_lab.run import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_killed_reproduction_finishes_on_rerun(tmp_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-m", "dpo_lab", "reproduce", "--preset", "smoke"], env=env,
                             cwd=project_root(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    runs = tmp_path / "artifacts" / "runs"
+    runs = tmp_path / "artifacts" / "training"
     deadline = time.monotonic() + 180
     while (len(list(runs.glob("*/result.json"))) < 1 or len(list(runs.glob("*/checkpoints/*"))) < 2) \
             and proc.poll() is None and time.monotonic() < deadline:

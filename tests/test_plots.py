@@ -1,10 +1,13 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.collections import PolyCollection
 
-from dpo_lab.plots import dominance, plot_frontier, upper_envelope
+from dpo_lab.frontier import dominance
+from dpo_lab.plots import plot_frontier, plot_seed_bands, upper_envelope
 
 
 def _points(rows):
@@ -55,3 +58,42 @@ def test_label_runs_names_each_run(tmp_path):
     points["hyperparameter"] = ["beta=0.1", "beta=0.1", "beta=1", "beta=1"]
     fig = plot_frontier(points, label_runs=True)
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["beta=0.1", "beta=1"]
+
+
+def _data_lines(ax):
+    return [line for line in ax.lines if len(line.get_xdata())]  # not seaborn's empty legend handles
+
+
+def _bands(ax):
+    return [c for c in ax.collections if isinstance(c, PolyCollection)]
+
+
+def _band_widths(ax, method_index):
+    """Height of a method's band at each x of its line (bands are drawn in method order)."""
+    line, band = _data_lines(ax)[method_index], _bands(ax)[method_index]
+    vertices = band.get_paths()[0].vertices
+    return [np.ptp(vertices[np.isclose(vertices[:, 0], x), 1]) for x in line.get_xdata()]
+
+
+def test_seed_bands_average_seeds_per_step(tmp_path):
+    rows = [  # DPO's two seeds differ in KL and reward; PPO's two seeds are identical
+        ("DPO", 0, 0, 0.0, 0.5), ("DPO", 0, 1, 1.0, 0.6), ("DPO", 0, 2, 2.0, 0.8),
+        ("DPO", 1, 0, 0.0, 0.5), ("DPO", 1, 1, 3.0, 0.8), ("DPO", 1, 2, 4.0, 0.8),
+        ("PPO", 0, 0, 0.0, 0.5), ("PPO", 0, 1, 2.0, 0.7), ("PPO", 1, 0, 0.0, 0.5), ("PPO", 1, 1, 2.0, 0.7),
+    ]
+    points = pd.DataFrame(rows, columns=["method", "seed", "step", "kl_mean", "reward_mean"])
+    fig = plot_seed_bands(points, tmp_path / "bands.png")
+    ax = fig.axes[0]
+    assert (tmp_path / "bands.png").stat().st_size > 1000
+    assert len(_data_lines(ax)) == 2 and len(_bands(ax)) == 2  # one line and one band per method
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["DPO", "PPO"]
+    dpo = _data_lines(ax)[0]
+    assert dpo.get_xdata().tolist() == [0.0, 2.0, 3.0]  # each step at its seed-mean KL, in step order
+    assert np.allclose(dpo.get_ydata(), [0.5, 0.7, 0.8])
+    assert np.allclose(_band_widths(ax, 0), [0.0, 0.2, 0.0])  # 2 s.e. of {0.6, 0.8} = 2 * 0.1
+    assert np.allclose(_band_widths(ax, 1), 0.0)  # identical seeds: no spread
+
+
+def test_seed_bands_need_a_seed_column():
+    with pytest.raises(ValueError, match="seed"):
+        plot_seed_bands(_points([("DPO", 0, 0.0, 0.5)]))

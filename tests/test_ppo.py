@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from dpo_lab.dpo_trainer import read_metrics
 from dpo_lab.evaluate import make_eval_fn
 from dpo_lab.ppo import (
     AdaptiveKLController,
@@ -28,6 +27,7 @@ from dpo_lab.ppo import (
     whiten,
 )
 from dpo_lab.presets import EvalConfig
+from dpo_lab.run import read_metrics
 
 PROMPTS = ["This movie", "The film", "I think", "A story", "The acting", "Music is", "Worst", "An excellent"]
 

@@ -1,5 +1,5 @@
 """The TL;DR / HH run notebook end to end (papermill, fixtures, a tiny local model), its helpers in
-dpo_lab.hub_tasks, and the paper sweep specs checked against the notebook's parameters cell."""
+dpo_lab.scale.hub_tasks, and the paper sweep specs checked against the notebook's parameters cell."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from dpo_lab import hub_tasks, sweep
-from dpo_lab.dpo_trainer import read_metrics
+from dpo_lab.run import read_metrics
+from dpo_lab.scale import hub_tasks, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / "notebooks" / "runs" / "preference_dpo.ipynb"
+NOTEBOOK = ROOT / "notebooks" / "templates" / "preference_dpo.ipynb"
 SPECS = {"tldr": ROOT / "sweeps" / "tldr_paper.yaml", "hh": ROOT / "sweeps" / "hh_paper.yaml"}
 MAX_LENGTH = 192
 

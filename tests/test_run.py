@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from dpo_lab.runs import (
+from dpo_lab.batching import pair_columns, pair_examples, pairs_fingerprint
+from dpo_lab.cache import model_fingerprint, tokenizer_fingerprint
+from dpo_lab.run import (
     TRAINER_STATE,
     MetricsLog,
     RunResult,
@@ -25,15 +27,10 @@ from dpo_lab.runs import (
     is_due,
     latest_checkpoint,
     load_weights,
-    model_fingerprint,
-    pair_columns,
-    pair_examples,
-    pairs_fingerprint,
     prune_checkpoints,
     read_metrics,
     rng_state,
     set_rng_state,
-    tokenizer_fingerprint,
     truncate_metrics,
     write_result,
 )

@@ -9,7 +9,6 @@ from dpo_lab.sampling import (
     _cut_at_eos,
     _fast_gpt2_supported,
     eval_mode,
-    left_pad,
     sample,
     sample_completions,
     sampling_config,
@@ -118,12 +117,6 @@ def test_cut_at_eos():
     assert _cut_at_eos([5, 6, 0, 0, 0], 0) == [5, 6, 0]
     assert _cut_at_eos([5, 6, 7], 0) == [5, 6, 7]
     assert _cut_at_eos([5, 6, 7], None) == [5, 6, 7]
-
-
-def test_left_pad():
-    ids, mask = left_pad([[1, 2, 3], [4]], pad_token_id=9)
-    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]]
-    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
 def test_eval_mode_restores_training_flag(tiny_model, tiny_tokenizer):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -17,9 +19,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from dpo_lab import sweep
 from dpo_lab.__main__ import main
 from dpo_lab.paths import project_root
+from dpo_lab.scale import sweep
 
 # A toy run notebook: records each execution, can fail on request, and can be held at a gate file so a
 # test can kill the sweep while it is inside a run.
@@ -145,7 +147,7 @@ def test_every_notebook_documents_its_parameters() -> None:
             assert info["help"].strip(), f"{notebook.name}: parameter {name!r} has no help comment"
             assert info["inferred_type_name"] != "None", f"{notebook.name}: parameter {name!r} has no type"
     shown = subprocess.run([sys.executable, "-m", "papermill", "--help-notebook",
-                            str(project_root() / "notebooks/runs/frontier_run.ipynb")],
+                            str(project_root() / "notebooks/templates/frontier_run.ipynb")],
                            capture_output=True, text=True, check=True).stdout
     for name in ("preset", "overrides", "method", "value", "run_dir"):
         assert f"{name}:" in shown
@@ -312,9 +314,27 @@ def test_frontier_sweep_runs_the_real_notebook_at_smoke(tmp_path: Path) -> None:
     folder = tmp_path / spec.name
     table = pd.read_csv(folder / "results.csv")
     assert table.method.tolist() == ["DPO"] and table.steps.tolist() == [12]
-    points = pd.read_csv(folder / "points.csv")
+    points = pd.read_csv(folder / f"frontier_{spec.name}_points.csv")
     assert points.step.tolist() == [0, 6, 12] and points.kl_mean.iloc[0] == 0.0
     run = folder / "dpo-beta0.1"
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == list(range(13))  # no step lost or repeated
-    assert (folder / "frontier.png").stat().st_size > 0 and (run / "notebook.ipynb").is_file()
+    assert (folder / f"frontier_{spec.name}.png").stat().st_size > 0 and (run / "notebook.ipynb").is_file()
+
+
+@pytest.mark.slow
+def test_a_sweep_run_trains_on_two_processes(tmp_path: Path) -> None:
+    """``processes: 2``: the run's notebook trains DPO on two gloo processes (torchrun) into the pipeline's
+    own run folder, then reads the finished run back: one metrics line per step, log 2 at step 1."""
+    base = sweep.preset_spec("smoke", {"dpo.betas": [0.3], "dpo.max_steps": 4}, ["DPO"])
+    run = dataclasses.replace(base.runs[0], parameters={**base.runs[0].parameters, "processes": 2})
+    spec = dataclasses.replace(base, name="two-processes", runs=(run,))
+    outcomes = sweep.run_sweep(spec, root=tmp_path, progress=False)
+    assert [o.state for o in outcomes] == ["done"], outcomes
+    folder = tmp_path / spec.name / run.name
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(5))
+    assert records[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    with pytest.raises(sweep.SweepError, match="processes 3 needs 3 GPUs"):
+        sweep.run_sweep(dataclasses.replace(spec, runs=(dataclasses.replace(
+            run, parameters={**run.parameters, "processes": 3}),)), root=tmp_path, devices=["0", "1"])

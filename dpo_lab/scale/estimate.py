@@ -14,8 +14,29 @@ The attention-score term Kaplan et al. add, 2·n_layer·n_ctx·d per token, is l
 tokens), so padded batches and a lower utilisation than assumed both make the real cost higher.
 
 Parameter counts are computed from each model's config arithmetically (no weights are built or fetched);
-the tests check the arithmetic against tiny instantiated models of each architecture. Memory is not
-estimated here: ``dpo_lab.distributed.dpo_memory_estimate`` does that.
+the tests check the arithmetic against tiny instantiated models of each architecture.
+
+Memory of DPO on gpt2-large (774,030,080 parameters) on one 80 GB GPU, from :func:`dpo_memory_estimate`
+(GiB = 2**30 bytes; sequences of 512 tokens, bf16 autocast, SDPA attention; ``print(dpo_batch_plan())``
+prints the whole table):
+
+    policy weights fp32 2.9 | gradients fp32 2.9 | RMSprop state (1 buffer) 2.9, AdamW (2 buffers) 5.8
+    autocast's bf16 weight copies 1.4 (0.2 with gradient checkpointing)
+    frozen reference: bf16 1.4, fp32 2.9, or 0 when its log-probs are precomputed (what this module does)
+    -> fixed part: 10.1 GiB with RMSprop, 13.0 GiB with AdamW (+ the reference if kept on the GPU)
+    per PAIR of the micro-batch (chosen + rejected = 2 sequences of 512 tokens):
+        no checkpointing: activations 2.6 + logits 0.5 = 3.2 GiB;  gradient checkpointing: 0.2 + 0.5 = 0.7 GiB
+    -> the paper's batch 64 on one 80 GB GPU, RMSprop, no checkpointing: micro-batch 16 x accumulation 4
+       (~61 GiB; 32 x 2 needs ~111); with gradient checkpointing 64 x 1 fits (~59 GiB), 32 x 2 ~34 GiB.
+       AdamW adds 2.9 GiB, a resident bf16 reference 1.4 GiB: 16 x 4 still fits.
+
+ACTIVATION_BYTES, LOGIT_BYTES and AUTOCAST_WEIGHT_BYTES were measured on CPU by counting what autograd saves
+for backward under bf16 autocast (see their comments); CUDA autocast casts the same ops to bf16, but the
+numbers are not GPU measurements, and the estimate ignores allocator fragmentation and CUDA/NCCL workspaces.
+Rough check: a 64-pair DPO step of randomly initialised gpt2-large on an H200 was seen to peak at 31 GiB
+(details unknown). IMDb pairs are ~70 tokens long (2-8 prompt tokens + 64 new ones): the estimate for 64
+pairs of 64-72 tokens in one micro-batch is 35-39 GiB, the right size; at 512 tokens that step would not
+fit in 80 GB without checkpointing.
 
 Every row of :func:`cost_table` carries its token arithmetic as text, so a notebook shows how it was made.
 """
@@ -25,11 +46,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import pandas as pd
 from transformers import GPT2Config, GPTJConfig, GPTNeoXConfig, PretrainedConfig, RobertaConfig
 
+from dpo_lab.dpo_trainer import accumulation_steps
 from dpo_lab.presets import PRESETS, Preset
 
 # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s BF16 tensor-core throughput, dense (the 1,979 figure assumes 2:4
@@ -451,7 +473,144 @@ def paper_cost_table(
                       peak_flops=peak_flops)
 
 
-__all__ = ["A100_BF16_DENSE_FLOPS", "DEFAULT_DECODE_MFU", "DEFAULT_MFU", "FLOPS_PER_PARAM_TOKEN",
+# ----------------------------------------------------------------------------------------- memory estimate
+GiB = 2**30
+# Bytes autograd keeps for backward per token, per layer, in units of the width h, for a GPT-2 block under
+# bf16 autocast (fp32 residual stream and LayerNorms, bf16 matmuls), MEASURED on CPU (torch 2.13 autocast)
+# by summing the unique non-parameter storages that torch.autograd.graph.saved_tensors_hooks sees in one
+# forward pass, 3 blocks minus 1 block (h = 256..1280, 128..512 tokens; the test
+# test_activation_coefficients_match_autograd re-measures them). SDPA: 60 h; eager attention adds 6 bytes per
+# head per key (the s x s scores); with gradient checkpointing a block keeps only its fp32 input, 4 h.
+# (Korthikanti et al. 2022 count 34 h for an all-16-bit block: autocast keeps several tensors in fp32.)
+ACTIVATION_BYTES = {"block": 60, "eager_attention_per_head_key": 6, "checkpointed_block_input": 4}
+# Per logit (token x vocabulary entry): 5 bytes saved for backward (measured as above: the fp32 copy that
+# log-softmax reads, plus change) + 6 bytes of its gradient in backward (fp32, then the bf16 cast).
+LOGIT_BYTES = 11
+# Autocast keeps a bf16 copy of every weight it casts until backward has used it: 2 bytes per parameter
+# (measured: the 24 h^2 bytes per block that the saved-tensor count above also finds, i.e. 2 x 12 h^2).
+AUTOCAST_WEIGHT_BYTES = 2
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """GiB of GPU memory for one DPO training step (see :func:`dpo_memory_estimate`)."""
+
+    n_params: int
+    micro_batch_pairs: int
+    seq_len: int
+    optimizer: str
+    gradient_checkpointing: bool
+    weights: float
+    gradients: float
+    optimizer_state: float
+    reference: float
+    autocast_weights: float
+    activations: float
+    logits: float
+    total: float
+    gpu_gib: float
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_gib
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k} {getattr(self, k):.1f}" for k in
+                          ("weights", "gradients", "optimizer_state", "reference", "autocast_weights",
+                           "activations", "logits"))
+        return (f"micro-batch {self.micro_batch_pairs} pairs x {self.seq_len} tokens, {self.optimizer}, "
+                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}: {parts} -> "
+                f"{self.total:.1f} GiB of {self.gpu_gib:g}")
+
+
+def gpt2_param_count(n_layer: int, n_embd: int, vocab_size: int, n_positions: int) -> int:
+    """Parameters of a GPT-2 with tied embeddings (gpt2-large: 36, 1280, 50257, 1024 -> 774,030,080), counted
+    by ``estimate.count_parameters`` from the config's shapes."""
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, vocab_size=vocab_size, n_positions=n_positions)
+    return count_parameters(config).total
+
+
+def dpo_memory_estimate(
+    *,
+    micro_batch_pairs: int = 1,
+    seq_len: int = 512,
+    n_layer: int = 36,
+    n_embd: int = 1280,
+    n_head: int = 20,
+    vocab_size: int = 50257,
+    n_positions: int = 1024,
+    optimizer: Literal["rmsprop", "adamw"] = "rmsprop",
+    reference: Literal["cached", "bf16", "fp32"] = "cached",
+    gradient_checkpointing: bool = False,
+    attention: Literal["sdpa", "eager"] = "sdpa",
+    gpu_gib: float = 80.0,
+) -> MemoryEstimate:
+    """Estimated peak GPU memory (GiB) of one DPO micro-batch step; defaults are gpt2-large at 512 tokens.
+
+    Fixed: fp32 policy weights, fp32 gradients, optimizer state (RMSprop 1 buffer, AdamW 2), the reference
+    (``"cached"``: log-probs precomputed, nothing resident, as this project's trainers do). Activations:
+    ``2 x micro_batch_pairs`` sequences (chosen and rejected in one forward pass) of ``seq_len`` tokens,
+    ACTIVATION_BYTES per token per layer (plus the s^2 attention scores with eager attention), or with
+    gradient checkpointing only every block's input plus one block recomputed at a time; the LM-head logits
+    (LOGIT_BYTES per logit) are not checkpointed; autocast's bf16 weight copies (AUTOCAST_WEIGHT_BYTES).
+    Not counted: allocator fragmentation, CUDA context and NCCL buffers (budget 1-3 GiB).
+    """
+    for name, value in (("micro_batch_pairs", micro_batch_pairs), ("seq_len", seq_len), ("n_layer", n_layer),
+                        ("n_embd", n_embd), ("n_head", n_head), ("vocab_size", vocab_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if seq_len > n_positions:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context n_positions {n_positions}")
+    buffers = {"rmsprop": 1, "adamw": 2}
+    if optimizer not in buffers:
+        raise ValueError(f"optimizer must be 'rmsprop' or 'adamw', got {optimizer!r}")
+    ref_bytes = {"cached": 0, "bf16": 2, "fp32": 4}
+    if reference not in ref_bytes:
+        raise ValueError(f"reference must be 'cached', 'bf16' or 'fp32', got {reference!r}")
+    if attention not in ("sdpa", "eager"):
+        raise ValueError(f"attention must be 'sdpa' or 'eager', got {attention!r}")
+    n = gpt2_param_count(n_layer, n_embd, vocab_size, n_positions)
+    tokens = 2 * micro_batch_pairs * seq_len  # chosen + rejected
+    per_block = ACTIVATION_BYTES["block"] * n_embd
+    if attention == "eager":  # the (heads x s x s) scores and softmax are kept
+        per_block += ACTIVATION_BYTES["eager_attention_per_head_key"] * n_head * seq_len
+    block_params = 12 * n_embd**2 + 13 * n_embd
+    if gradient_checkpointing:  # every block's input, plus one block recomputed (activations and weights)
+        activations = tokens * (n_layer * ACTIVATION_BYTES["checkpointed_block_input"] * n_embd + per_block)
+        cast_params = vocab_size * n_embd + block_params
+    else:
+        activations = tokens * n_layer * per_block
+        cast_params = vocab_size * n_embd + n_layer * block_params
+    logits = tokens * vocab_size * LOGIT_BYTES
+    fixed = {"weights": 4 * n, "gradients": 4 * n, "optimizer_state": 4 * n * buffers[optimizer],
+             "reference": ref_bytes[reference] * n, "autocast_weights": AUTOCAST_WEIGHT_BYTES * cast_params}
+    total = sum(fixed.values()) + activations + logits
+    return MemoryEstimate(n_params=n, micro_batch_pairs=micro_batch_pairs, seq_len=seq_len,
+                          optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+                          **{k: v / GiB for k, v in fixed.items()}, activations=activations / GiB,
+                          logits=logits / GiB, total=total / GiB, gpu_gib=gpu_gib)
+
+
+def dpo_batch_plan(global_batch: int = 64, num_processes: int = 1, **estimate_kwargs: Any) -> str:
+    """A table: for each micro-batch that divides ``global_batch`` over ``num_processes`` GPUs, the
+    accumulation that reaches it and the estimated memory per GPU, with and without checkpointing."""
+    lines = [f"global batch {global_batch} on {num_processes} GPU(s):",
+             "micro x accumulation | GiB per GPU (no checkpointing) | GiB (gradient checkpointing)"]
+    for micro in range(1, global_batch + 1):
+        if global_batch % (micro * num_processes):
+            continue
+        accum = accumulation_steps(global_batch, micro, num_processes)
+        plain = dpo_memory_estimate(micro_batch_pairs=micro, **estimate_kwargs)
+        ckpt = dpo_memory_estimate(micro_batch_pairs=micro, gradient_checkpointing=True, **estimate_kwargs)
+        lines.append(f"{micro:>5} x {accum:<13} | {plain.total:7.1f}{'' if plain.fits else ' (too big)':11}"
+                     f"            | {ckpt.total:7.1f}{'' if ckpt.fits else ' (too big)'}")
+    return "\n".join(lines)
+
+
+
+__all__ = ["ACTIVATION_BYTES", "AUTOCAST_WEIGHT_BYTES", "LOGIT_BYTES", "MemoryEstimate", "dpo_batch_plan",
+           "dpo_memory_estimate", "gpt2_param_count", "A100_BF16_DENSE_FLOPS", "DEFAULT_DECODE_MFU",
+           "DEFAULT_MFU", "FLOPS_PER_PARAM_TOKEN",
            "H100_BF16_DENSE_FLOPS", "KNOWN_MODELS", "ParamCount", "Stage", "Tokens", "attention_share",
            "cost_table", "count_parameters", "forward_flops", "gpu_hours", "hub_task_stages", "imdb_stages",
            "matmul_params", "model_config", "paper_cost_table", "training_flops"]

@@ -20,8 +20,8 @@ import datasets
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lab.batching import PAIR_COLUMNS
 from dpo_lab.preferences import validate_preferences
-from dpo_lab.runs import PAIR_COLUMNS
 
 # Hub schemas, confirmed with the search tool (docs corpus) on the dataset's own loading script,
 # huggingface.co/datasets/openai/summarize_from_feedback/blob/main/summarize_from_feedback.py, config

@@ -1,4 +1,4 @@
-"""One DPO run on the paper's TL;DR or Anthropic-HH task: the pieces ``notebooks/runs/preference_dpo`` calls.
+"""One DPO run on the paper's TL;DR or Anthropic-HH task: what ``notebooks/templates/preference_dpo`` calls.
 
 * :func:`load_task_pairs` reads the pairs (``hub_preferences``) from the hub, the project's hub-format
   fixtures, or a local folder, optionally a seeded subset.
@@ -26,15 +26,14 @@ from matplotlib.figure import Figure
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lab.batching import PreferenceCollator
-from dpo_lab.dpo_trainer import autocast, reference_logprobs
-from dpo_lab.hub_preferences import load_hh_preferences, load_tldr_preferences
-from dpo_lab.logprobs import concatenated_logprobs
+from dpo_lab.batching import pair_columns
+from dpo_lab.dpo_trainer import pair_logprobs, reference_logprobs
 from dpo_lab.losses import preference_loss, preference_metrics
 from dpo_lab.models import build_policy, load_hub_policy, train_tokenizer
 from dpo_lab.paths import project_root
 from dpo_lab.presets import PolicyConfig
-from dpo_lab.runs import EvalFn, pair_columns, pair_examples, quiet_hf_progress
+from dpo_lab.run import EvalFn, quiet_hf_progress
+from dpo_lab.scale.hub_preferences import load_hh_preferences, load_tldr_preferences
 
 TASKS: tuple[str, ...] = ("tldr", "hh")
 # The paper's settings per task (§6.2, §6.3, App. B): SFT policy, beta, and the held-out split.
@@ -202,20 +201,10 @@ def heldout_eval_fn(
     ref_chosen, ref_rejected = reference_logprobs(reference, tokenizer, cols, max_length=max_length,
                                                   cache_dir=cache_dir, batch_size=batch_size, device=device,
                                                   progress=False)
-    collator = PreferenceCollator(tokenizer, max_length)
-    examples = pair_examples(cols)
 
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
-        dev = next(policy.parameters()).device
-        chosen, rejected = [], []
-        with torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                batch = {k: v.to(dev) for k, v in collator(examples[start:start + batch_size]).items()}
-                with autocast(dev):
-                    c, r = concatenated_logprobs(policy, batch)
-                chosen.append(c.float().cpu())
-                rejected.append(r.float().cpu())
-        pc, pr = torch.cat(chosen), torch.cat(rejected)
+        pc, pr = pair_logprobs(policy, tokenizer, cols, max_length=max_length, batch_size=batch_size,
+                               device=next(policy.parameters()).device)
         losses, cr, rr = preference_loss(pc, pr, ref_chosen, ref_rejected, beta=beta)  # Eq. 7
         return {f"eval_{k}": v for k, v in preference_metrics(losses, cr, rr, pc, pr).items()}
 

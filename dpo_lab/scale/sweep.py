@@ -9,7 +9,7 @@ so a sweep killed midway is finished by starting it again; a failing run is reco
 Spec format::
 
     name: tldr-paper                       # runs/<name>/<run>/
-    notebook: notebooks/runs/preference_dpo.ipynb
+    notebook: notebooks/templates/preference_dpo.ipynb
     requires: [gpu, hub]                   # refused (unless forced) where these are missing
     parameters: {task: tldr, beta: 0.5}    # shared by every run
     runs:                                  # explicit runs; their parameters override the shared ones
@@ -32,6 +32,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -52,7 +53,7 @@ from dpo_lab.paths import project_root
 
 RESERVED_PARAMETERS = ("run_dir",)  # the runner passes each run its own folder
 REQUIREMENTS = ("gpu", "hub")
-FRONTIER_NOTEBOOK = Path("notebooks/runs/frontier_run.ipynb")
+FRONTIER_NOTEBOOK = Path("notebooks/templates/frontier_run.ipynb")
 
 
 class SweepError(ValueError):
@@ -165,7 +166,7 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def preset_spec(preset: str, overrides: Mapping[str, Any] | None = None,
                 methods: Sequence[str] | None = None) -> SweepSpec:
-    """The preset's own frontier sweep: one run of ``notebooks/runs/frontier_run`` per (method, value)."""
+    """The preset's own frontier sweep: a run of ``notebooks/templates/frontier_run`` per (method, value)."""
     from dpo_lab import pipeline
     from dpo_lab.presets import get_preset
 
@@ -439,20 +440,32 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
                 print(f"{spec.name}/{run.name}: {why}; running it again", file=sys.stderr)
             todo.append(run)
     devices = list(devices) if devices is not None else default_devices()
+    for run in todo:
+        wanted = run.parameters.get("processes", 1)
+        if devices != [None] and isinstance(wanted, int) and wanted > len(devices):
+            raise SweepError(f"{spec.source}, run {run.name!r}: processes {wanted} needs {wanted} GPUs; "
+                             f"this sweep has {len(devices)} ({devices})")
     free: Queue[str | None] = Queue()
     for device in devices:
         free.put(device)
 
+    taking = threading.Lock()
+
     def work(run: RunSpec) -> RunOutcome:
-        device = free.get()
+        # A run with ``processes: N`` trains on N GPUs at once (one on a CPU machine: gloo processes).
+        wanted = min(int(run.parameters.get("processes", 1)), len(devices)) if devices != [None] else 1
+        with taking:  # one run collects its devices at a time, so two runs never hold half each
+            held = [free.get() for _ in range(wanted)]
         try:
+            device = None if held == [None] else ",".join(str(d) for d in held)
             env = {} if device is None else {"CUDA_VISIBLE_DEVICES": device}
             parameters = {k: v.replace("{sweep_dir}", str(folder.resolve())) if isinstance(v, str) else v
                           for k, v in run.parameters.items()}
             return execute_run(notebook, folder / run.name, parameters, env=env, timeout_s=timeout_s,
                                key_parameters=run.parameters)
         finally:
-            free.put(device)
+            for d in held:
+                free.put(d)
 
     bar = tqdm(total=len(spec.runs), initial=len(spec.runs) - len(todo), desc=spec.name, unit="run",
                disable=not progress)
@@ -481,7 +494,8 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
 # ----------------------------------------------------------------------------------------------- results
 def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     """Every run's result.json as one row (plus state and seconds) -> results.csv / results.md; every
-    run's points.csv -> points.csv and, for frontier sweeps, frontier.png."""
+    run's points.csv -> ``frontier.report``: frontier_<sweep>.png, frontier_<sweep>_points.csv and
+    results_<sweep>.{csv,md}, as ``make reproduce`` writes them."""
     folder = (root or runs_root()) / spec.name
     rows, point_frames = [], []
     for run in spec.runs:
@@ -503,15 +517,12 @@ def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     atomic_write_text(folder / "results.md", table.to_markdown(index=False, floatfmt=".3f"))
     if point_frames:
         points = pd.concat(point_frames, ignore_index=True)
-        atomic_write_text(folder / "points.csv", points.to_csv(index=False))
         if {"method", "kl_mean", "reward_mean"} <= set(points.columns):
-            import matplotlib.pyplot as plt
+            from dpo_lab.frontier import report  # the same figure and tables as make reproduce
 
-            from dpo_lab.plots import plot_frontier
-
-            # Saved, then closed: a notebook that runs a sweep shows the file, not a stray figure.
-            figure = plot_frontier(points, folder / "frontier.png", title=f"sweep {spec.name}: reward vs KL")
-            plt.close(figure)
+            report(points, folder, spec.name, title=f"sweep {spec.name}: reward vs KL")
+        else:
+            atomic_write_text(folder / f"frontier_{spec.name}_points.csv", points.to_csv(index=False))
     return table
 
 

@@ -37,6 +37,7 @@ method: str = "DPO"  # DPO | Unlikelihood | Preferred-FT | PPO | PPO-GT
 value: float = 0.1  # the method's knob: β (DPO), α (Unlikelihood), seed (Preferred-FT), target KL (PPO)
 seed: int = 0  # seeds the data, the SFT policy, the pairs and every evaluation
 run_dir: str = ""  # folder for this run (the sweep runner sets it; empty: runs/single/METHOD-VALUE)
+processes: int = 1  # >1: a pairwise method trains on this many processes (one per GPU) under torchrun
 
 # %%
 import json
@@ -46,13 +47,13 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 from transformers.utils import logging as hf_logging
 
-from dpo_lab import pipeline
+from dpo_lab import frontier, pipeline
 from dpo_lab.cache import atomic_write_json, atomic_write_text
 from dpo_lab.plots import plot_frontier
 from dpo_lab.presets import get_preset
-from dpo_lab.reproduce import summary_table
+from dpo_lab.scale import launch
+from dpo_lab.scale.sweep import runs_root
 from dpo_lab.seed import seed_everything
-from dpo_lab.sweep import runs_root
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
 config = get_preset(preset, seed=seed, **overrides)  # an unknown key or a wrong type is named here
@@ -66,8 +67,10 @@ print(f"preset {config.name!r}, {method} {label} -> {out}")
 # ## Train (or load the finished run)
 
 # %%
+if processes > 1:  # the same run, trained data-parallel in child processes; then read back finished below
+    launch.train_in_processes(config.name, {**overrides, "seed": seed}, method, value, processes)
 result = pipeline.result(config, method, value)
-points = pipeline.evaluation_points(result.metrics_path, method=method, hyperparameter=label)
+points = frontier.evaluation_points(result.metrics_path, method=method, hyperparameter=label)
 display(points.round(4))
 
 # %% [markdown]
@@ -86,7 +89,7 @@ plt.show()
 # %%
 atomic_write_text(out / "metrics.jsonl", result.metrics_path.read_text())
 atomic_write_text(out / "points.csv", points.to_csv(index=False))
-row = json.loads(summary_table(points).to_json(orient="records"))[0]  # plain JSON types
+row = json.loads(frontier.summary_table(points).to_json(orient="records"))[0]  # plain JSON types
 row.update(preset=config.name, value=value, run_path=str(result.metrics_path.parent))
 atomic_write_json(out / "result.json", row)
 print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})

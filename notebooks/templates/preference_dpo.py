@@ -33,9 +33,9 @@
 # on the training batches and on held-out pairs (TL;DR validation, HH test).
 #
 # **Where it runs**: the paper's models need a GPU and the Hugging Face hub (`sweeps/tldr_paper.yaml`,
-# `sweeps/hh_paper.yaml`; estimated GPU hours in `dpo_lab.estimate`). This process trains on one device;
+# `sweeps/hh_paper.yaml`; estimated GPU hours in `dpo_lab.scale.estimate`). This process trains on one device;
 # GPT-J 6B with a full RMSprop state does not fit one 80 GB GPU, and for several GPUs the project's
-# `accelerate launch -m dpo_lab.distributed` runs the same trainer data-parallel.
+# `accelerate launch -m dpo_lab.scale.launch` runs the same trainer data-parallel.
 # With the defaults below, the notebook is a **dry run**: the project's hub-format fixture files (a few
 # synthetic pairs) and a tiny random GPT-2, so that every code path runs offline in seconds.
 
@@ -75,13 +75,13 @@ import pandas as pd
 from IPython.display import display
 from transformers.utils import logging as hf_logging
 
-from dpo_lab import hub_tasks
 from dpo_lab.cache import atomic_write_json
-from dpo_lab.dpo_trainer import OBJECTIVES, read_metrics, train_dpo
+from dpo_lab.dpo_trainer import OBJECTIVES, train_dpo
 from dpo_lab.models import save_policy
 from dpo_lab.paths import artifacts_dir
 from dpo_lab.presets import DPOConfig
-from dpo_lab.runs import resolve_device
+from dpo_lab.run import read_metrics, resolve_device
+from dpo_lab.scale import hub_tasks
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()
@@ -89,7 +89,7 @@ hub_tasks.check_task(task)
 if objective not in OBJECTIVES or objective == "unlikelihood":
     raise ValueError(f"objective must be 'dpo' or 'preferred_ft', got {objective!r}")
 beta = beta or hub_tasks.PAPER[task]["beta"]
-out = Path(run_dir) if run_dir else (artifacts_dir() / "runs" / "preference_dpo"
+out = Path(run_dir) if run_dir else (artifacts_dir() / "training" / "preference_dpo"
                                      / f"{task}-{objective}-beta{beta:g}-seed{seed}")
 out.mkdir(parents=True, exist_ok=True)
 device = resolve_device()
@@ -99,7 +99,7 @@ print(f"task {task}, objective {objective}, beta {beta:g}, model {model or '(tin
 
 # %% [markdown]
 # ## The preference pairs
-# `dpo_lab.hub_preferences` turns each hub row into a (prompt, chosen, rejected) triple: TL;DR's prompt is
+# `dpo_lab.scale.hub_preferences` turns each hub row into a (prompt, chosen, rejected) triple: TL;DR's prompt is
 # the subreddit, title and post followed by `TL;DR:`; HH's is the dialogue up to its last
 # `Assistant:` turn. Rows that cannot form a pair are skipped and counted by reason.
 
