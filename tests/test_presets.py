@@ -1,10 +1,11 @@
-import ast
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import get_type_hints
 
 import pytest
+import yaml
 
 from dpo_lab import presets
 from dpo_lab.__main__ import main
@@ -20,31 +21,24 @@ def test_every_preset_is_printable_and_named():
             assert f"\n{section}: " in text  # every section has a titled group
 
 
-def test_every_preset_sets_every_field_explicitly():
-    """Each preset in presets.py names every field of Preset and of every section: no value is a default."""
-    tree = ast.parse(Path(presets.__file__).read_text())
-    table = next(node.value for node in tree.body
-                 if isinstance(node, ast.AnnAssign) and getattr(node.target, "id", None) == "PRESETS")
-    assert isinstance(table, ast.Dict)
+def test_every_preset_sets_every_field_explicitly(tmp_path: Path):
+    """presets.yaml names every field of every section of every preset; a file that leaves one out (so that
+    its value would come from a dataclass default) or names an unknown one is refused, naming it."""
+    raw = yaml.safe_load(presets.PRESETS_FILE.read_text())
     sections = {name: cls for name, cls in get_type_hints(Preset).items() if dataclasses.is_dataclass(cls)}
-
-    def check(call: ast.expr, cls: type, where: str) -> None:
-        assert isinstance(call, ast.Call) and getattr(call.func, "id", None) == cls.__name__, \
-            f"{where} must be written as {cls.__name__}(...)"
-        assert not call.args, f"{where}: name every field (no positional arguments)"
-        named = [kw.arg for kw in call.keywords]
-        assert None not in named, f"{where}: no **kwargs"
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in named]
-        assert not missing, f"{where} leaves {missing} to the dataclass defaults"
-        for kw in call.keywords:
-            if kw.arg in sections and cls is Preset:
-                check(kw.value, sections[kw.arg], f"{where}.{kw.arg}")
-
-    names = []
-    for key, value in zip(table.keys, table.values, strict=True):
-        names.append(ast.literal_eval(key))
-        check(value, Preset, names[-1])
-    assert sorted(names) == sorted(PRESETS)
+    assert list(raw) == list(PRESETS) == ["paper", "cpu", "smoke"]
+    for name, entry in raw.items():
+        assert set(entry) == {"seed", *sections}
+        for section, cls in sections.items():
+            assert set(entry[section]) == {f.name for f in dataclasses.fields(cls)}, (name, section)
+    del raw["cpu"]["dpo"]["label_smoothing"]
+    raw["smoke"]["ppo"]["gamma_typo"] = 1.0
+    for broken, words in ((raw, "cpu.dpo must set every field; missing ['label_smoothing']"),
+                          ({"smoke": raw["smoke"]}, "unknown ['gamma_typo']")):
+        path = tmp_path / "presets.yaml"
+        path.write_text(yaml.safe_dump(broken))
+        with pytest.raises(ValueError, match=re.escape(words)):
+            presets.load_presets(path)
 
 
 def test_describe_reads_back_through_set():
