@@ -59,10 +59,10 @@ def _execute(args: argparse.Namespace) -> int:
 
     from dpo_lab.scale import sweep
 
-    parameters = {name: yaml.safe_load(value) for name, value in args.parameters}
     try:
+        parameters = {name: yaml.safe_load(value) for name, value in args.parameters}
         sweep.check_parameters(args.notebook, parameters)
-    except sweep.SweepError as err:
+    except (yaml.YAMLError, sweep.SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     papermill.execute_notebook(args.notebook, args.output, parameters=parameters)

@@ -34,6 +34,9 @@ def test_execute_refuses_an_unknown_parameter_before_running(tmp_path, capsys: p
     code = main(["execute", str(project_root() / "notebooks/05_dpo.ipynb"), str(out), "-p", "betta", "0.3"])
     assert code == 2 and not out.exists()
     assert "unknown parameter(s) ['betta']" in capsys.readouterr().err
+    code = main(["execute", str(project_root() / "notebooks/05_dpo.ipynb"), str(out), "-p", "beta", "[0.3"])
+    assert code == 2 and not out.exists()  # a YAML error in a value is a usage error too
+    assert "error:" in capsys.readouterr().err
 
 
 def test_sweep_dry_run_lists_states(tmp_path, capsys: pytest.CaptureFixture) -> None:
