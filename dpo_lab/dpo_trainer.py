@@ -53,7 +53,16 @@ from dpo_lab.cache import atomic_write_tensors, content_hash, model_fingerprint,
 from dpo_lab.logprobs import concatenated_token_logprobs
 from dpo_lab.losses import preference_loss, preference_metrics, preferred_ft_loss, unlikelihood_loss
 from dpo_lab.presets import DPOConfig
-from dpo_lab.run import EvalFn, Run, RunResult, batch_indices, is_due, load_weights, warmup_lambda
+from dpo_lab.run import (
+    EvalFn,
+    Run,
+    RunResult,
+    batch_indices,
+    is_due,
+    load_weights,
+    resolve_device,
+    warmup_lambda,
+)
 from dpo_lab.seed import seed_everything
 
 if TYPE_CHECKING:  # importing accelerate takes a moment; the type is all this module needs up front
@@ -212,7 +221,7 @@ def pair_logprobs(
         dev, cast = accelerator.device, accelerator.autocast
         rank, world = accelerator.process_index, accelerator.num_processes
     else:
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = resolve_device(device)
         rank, world = 0, 1
 
         def cast() -> contextlib.AbstractContextManager:
@@ -264,8 +273,7 @@ def reference_logprobs(
     """
     cols = pair_columns(pairs)
     n = len(cols["prompt"])
-    dev = accelerator.device if accelerator is not None else torch.device(
-        device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
     precision = str(accelerator.mixed_precision) if accelerator is not None else (
         "bf16" if dev.type == "cuda" else "no")
     key = content_hash("ref-logps/v2", reference_fingerprint or model_fingerprint(reference),
