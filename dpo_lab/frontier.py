@@ -21,6 +21,9 @@ from dpo_lab.plots import REQUIRED_COLUMNS, plot_frontier
 from dpo_lab.run import read_metrics
 
 EVAL_COLUMNS = ["reward_mean", "reward_se", "kl_mean", "kl_se"]
+# What a run had cost at each point, running totals written by the trainers (see README, "budgets").
+COST_COLUMNS = ["cost/policy_forward_tokens", "cost/policy_backward_tokens", "cost/samples",
+                "cost/reward_queries", "cost/optimizer_steps", "cost/wall_s"]
 # The PPO-family series that the paper's dominance claim is about. The paper's figure has three such
 # series (PPO, PPO-GT own, PPO-GT TRL); counting its points gives 26/27, 28/29 and 34/35 (an audit of the
 # figure, not numbers the paper states), ~0.97 overall.
@@ -29,36 +32,56 @@ PAPER_DOMINANCE = "26/27, 28/29 and 34/35 over its three PPO-family series (coun
 
 
 def evaluation_points(metrics_path: str | Path, **labels: Any) -> pd.DataFrame:
-    """The evaluation rows of one run's metrics.jsonl (one frontier point each), labelled by ``labels``."""
+    """The evaluation rows of one run's metrics.jsonl (one frontier point each), labelled by ``labels``,
+    with what the run had cost by then (``COST_COLUMNS``; 0 at the starting point)."""
     rows = [r for r in read_metrics(metrics_path) if "reward_mean" in r]
-    frame = pd.DataFrame(rows, columns=["step", *EVAL_COLUMNS, "logratio_kl_mean"])
+    frame = pd.DataFrame(rows, columns=["step", *EVAL_COLUMNS, "logratio_kl_mean", *COST_COLUMNS])
+    frame[COST_COLUMNS] = frame[COST_COLUMNS].fillna(0.0)
     for name, value in labels.items():
         frame.insert(0, name, value)
     return frame
 
 
 def dominance(points: pd.DataFrame, *, challenger: str = "DPO", others: Sequence[str] = ("PPO",),
-              ) -> tuple[int, int]:
-    """(dominated, total): how many of the ``others``' evaluation points, starting checkpoints (step 0)
-    excluded, have some ``challenger`` point with strictly higher reward AND strictly lower KL."""
-    missing = [c for c in REQUIRED_COLUMNS if c not in points.columns]
+              noise_aware: bool = False) -> tuple[int, int]:
+    """(dominated, total) over the DISTINCT evaluation points of ``others`` (starting checkpoints, step 0,
+    excluded; points with the same KL and reward, e.g. two runs that took the same path, counted once): how
+    many have some ``challenger`` point with strictly lower KL AND strictly higher reward.
+
+    ``noise_aware``: a point counts as beaten only if that reward gap exceeds the combined standard error
+    sqrt(se_challenger^2 + se_other^2) (columns ``reward_se``), so a win inside the noise is not a win."""
+    needed = [*REQUIRED_COLUMNS, *(("reward_se",) if noise_aware else ())]
+    missing = [c for c in needed if c not in points.columns]
     if missing:
         raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
-    ours = points[points.method == challenger][["kl_mean", "reward_mean"]].to_numpy()
-    theirs = points[points.method.isin(others) & (points.step > 0)][["kl_mean", "reward_mean"]].to_numpy()
+    cols = ["kl_mean", "reward_mean", *(("reward_se",) if noise_aware else ())]
+    ours = points[points.method == challenger][cols].to_numpy(dtype=float)
+    theirs = (points[points.method.isin(others) & (points.step > 0)]
+              .drop_duplicates(subset=["kl_mean", "reward_mean"])[cols].to_numpy(dtype=float))
     if len(ours) == 0:
         return 0, len(theirs)
-    beaten = [bool(np.any((ours[:, 0] < kl) & (ours[:, 1] > r))) for kl, r in theirs]
-    return int(sum(beaten)), len(theirs)
+    beaten = 0
+    for row in theirs:
+        margin = np.hypot(ours[:, 2], row[2]) if noise_aware else 0.0
+        beaten += bool(np.any((ours[:, 0] < row[0]) & (ours[:, 1] - margin > row[1])))
+    return beaten, len(theirs)
 
 
-def dominance_counts(points: pd.DataFrame) -> dict[str, tuple[int, int]]:
-    """:func:`dominance` of DPO over each PPO-family series present in ``points``."""
+def dominance_counts(points: pd.DataFrame) -> dict[str, dict[str, Any]]:
+    """DPO over each PPO-family series present in ``points``: distinct points beaten on both axes, and
+    beaten by more than the combined standard error (``*_noise_aware``), with their shares."""
     present = set(points.method)
     if "DPO" not in present:
         return {}
-    return {name: dominance(points, others=others) for name, others in DOMINANCE_SERIES.items()
-            if set(others) <= present}
+    out = {}
+    for name, others in DOMINANCE_SERIES.items():
+        if not set(others) <= present:
+            continue
+        d, n = dominance(points, others=others)
+        dn, _ = dominance(points, others=others, noise_aware="reward_se" in points.columns)
+        out[name] = {"dominated": d, "total": n, "share": d / n if n else None,
+                     "dominated_noise_aware": dn, "share_noise_aware": dn / n if n else None}
+    return out
 
 
 def summary_table(points: pd.DataFrame) -> pd.DataFrame:
@@ -70,13 +93,15 @@ def summary_table(points: pd.DataFrame) -> pd.DataFrame:
         rows.append({"method": method, "hyperparameter": hp, "steps": int(last.step),
                      "reward_start": first.reward_mean, "reward_final": last.reward_mean,
                      "reward_final_se": last.reward_se, "kl_final": last.kl_mean, "kl_final_se": last.kl_se,
-                     "reward_best": run.reward_mean.max()})
+                     "reward_best": run.reward_mean.max(),
+                     **{c.removeprefix("cost/"): last[c] for c in COST_COLUMNS if c in run.columns}})
     return pd.DataFrame(rows)
 
 
 def report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str = "") -> dict[str, Any]:
     """Write ``frontier_<name>.png``, ``frontier_<name>_points.csv`` and ``results_<name>.{csv,md}`` to
-    ``out_dir``; return the per-run table and the dominance counts (``{series: {dominated, total, share}}``).
+    ``out_dir``; return the per-run table and :func:`dominance_counts` (distinct points, plain and
+    noise-aware).
     The figure is saved and closed (a notebook shows the file or calls :func:`plots.plot_frontier` itself)."""
     out_dir = Path(out_dir)
     figure = plot_frontier(points, out_dir / f"frontier_{name}.png",
@@ -86,10 +111,9 @@ def report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str =
     atomic_write_text(out_dir / f"frontier_{name}_points.csv", points.to_csv(index=False))
     atomic_write_text(out_dir / f"results_{name}.csv", table.to_csv(index=False))
     atomic_write_text(out_dir / f"results_{name}.md", table.to_markdown(index=False, floatfmt=".3f"))
-    counts = {series: {"dominated": d, "total": n, "share": d / n if n else None}
-              for series, (d, n) in dominance_counts(points).items()}
-    return {"table": table, "dominance": counts, "figure": out_dir / f"frontier_{name}.png"}
+    return {"table": table, "dominance": dominance_counts(points),
+            "figure": out_dir / f"frontier_{name}.png"}
 
 
-__all__ = ["DOMINANCE_SERIES", "EVAL_COLUMNS", "PAPER_DOMINANCE", "dominance", "dominance_counts",
-           "evaluation_points", "report", "summary_table"]
+__all__ = ["COST_COLUMNS", "DOMINANCE_SERIES", "EVAL_COLUMNS", "PAPER_DOMINANCE", "dominance",
+           "dominance_counts", "evaluation_points", "report", "summary_table"]

@@ -44,7 +44,16 @@ from dpo_lab.batching import pad_rows
 from dpo_lab.cache import content_hash, model_fingerprint, tokenizer_fingerprint
 from dpo_lab.logprobs import position_ids_from_mask, token_logprobs
 from dpo_lab.presets import PPOConfig
-from dpo_lab.run import EvalFn, Run, RunResult, batch_indices, is_due, load_weights, resolve_device
+from dpo_lab.run import (
+    EvalFn,
+    Run,
+    RunResult,
+    batch_indices,
+    closes_runs,
+    is_due,
+    load_weights,
+    resolve_device,
+)
 from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 
@@ -376,6 +385,10 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
     stats = _ppo_update(model, optimizer, ro, advantages, returns, config, step=step, seed=seed)
     mean_kl = float(kl.mean())
     kl_ctl.update(mean_kl, n_steps=len(prompts))  # adapt beta toward target_kl for the next step
+    # What this step cost (run totals in the log): the rollout's tokens go through the policy while sampling,
+    # once more to score log-probs and values, and ppo_epochs times forward and backward in the updates.
+    tokens = int(ro.attention_mask.sum())
+    n = ro.input_ids.shape[0]
     return {
         "step": step,
         "objective/kl": mean_kl,
@@ -388,6 +401,11 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
         "objective/completion_tokens": float(ro.mask.sum(-1).float().mean()),
         "time/rollout_s": rollout_s,
         "time/step_s": time.perf_counter() - started,
+        "cost/policy_forward_tokens": (2 + config.ppo_epochs) * tokens,
+        "cost/policy_backward_tokens": config.ppo_epochs * tokens,
+        "cost/samples": n, "cost/reward_queries": n,
+        "cost/optimizer_steps": config.ppo_epochs * math.ceil(n / config.minibatch_size),
+        "cost/wall_s": time.perf_counter() - started,
     }
 
 
@@ -406,6 +424,7 @@ def _load_checkpoint(ckpt: Path, model: PolicyWithValueHead) -> None:
     model.value_head.load_state_dict(load_file(str(ckpt / "value_head" / "model.safetensors")))
 
 
+@closes_runs  # the run folder's lock is released however training ends
 def train_ppo(
     policy: nn.Module,
     reference: nn.Module,
@@ -471,7 +490,8 @@ def train_ppo(
     train_keys = {"step", "objective/kl", "objective/scores", "objective/rlhf_reward", "kl_coef",
                   "loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "policy/entropy",
                   "val/clipfrac", "val/mean", "returns/mean", "objective/completion_tokens", "time/rollout_s",
-                  "time/step_s"}
+                  "time/step_s", "cost/policy_forward_tokens", "cost/policy_backward_tokens", "cost/samples",
+                  "cost/reward_queries", "cost/optimizer_steps", "cost/wall_s"}
     name = "PPO" if config.target_kl is None else f"PPO target_kl={config.target_kl:g}"
     with run.metrics(eval_fn, train_keys, eval_every=config.eval_every, max_steps=config.max_steps,
                      start=start if resume is not None else None) as log:

@@ -27,6 +27,17 @@ def test_dominance_counts_points_beaten_on_both_axes():
     assert dominance(points, others=["PPO", "PPO-GT"]) == (2, 4)
 
 
+def test_identical_points_count_once_and_noise_aware_needs_a_margin():
+    points = _points([("DPO", 1, 2.0, 0.9), ("PPO", 1, 3.0, 0.85),
+                      ("PPO", 1, 3.0, 0.85),  # a second run that took the same path: counted once
+                      ("PPO", 2, 4.0, 0.7)])
+    assert dominance(points) == (2, 2)
+    points["reward_se"] = [0.04, 0.04, 0.04, 0.04]  # gap 0.05 < sqrt(2) x 0.04; gap 0.2 is well beyond it
+    assert dominance(points, noise_aware=True) == (1, 2)
+    with pytest.raises(ValueError, match="reward_se"):
+        dominance(points.drop(columns="reward_se"), noise_aware=True)
+
+
 def test_ties_do_not_dominate():
     points = _points([("DPO", 1, 2.0, 0.9), ("PPO", 1, 2.0, 0.8), ("PPO", 2, 3.0, 0.9)])
     assert dominance(points) == (0, 2)

@@ -234,7 +234,7 @@ def test_ppo_is_deterministic_and_resumes_exactly(tiny_model, tiny_tokenizer, tm
                        checkpoint_every=2)
     full = _run(copy.deepcopy(tiny_model), tiny_tokenizer, tmp_path / "full", config)
     again = _run(copy.deepcopy(tiny_model), tiny_tokenizer, tmp_path / "again", config)
-    strip = ("time/rollout_s", "time/step_s")
+    strip = ("time/rollout_s", "time/step_s", "cost/wall_s")  # wall-clock
     clean = [[{k: v for k, v in r.items() if k not in strip} for r in read_metrics(res.metrics_path)]
              for res in (full, again)]
     assert clean[0] == clean[1]
