@@ -1,6 +1,7 @@
 """Command line.
 
     python -m dpo_lab reproduce --preset cpu          # the IMDb frontier end to end -> figures/
+    python -m dpo_lab reproduce --out DIR             # ... its figure and tables -> DIR
     python -m dpo_lab preset cpu                      # print every setting of a preset (--json: as JSON)
     python -m dpo_lab sweep --preset cpu              # the preset's frontier sweep through papermill -> runs/
     python -m dpo_lab sweep sweeps/hh_paper.yaml      # a sweep spec
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,17 +39,24 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             methods = args.methods.split(",") if args.methods else None
             spec = sweep.preset_spec(args.preset or "cpu", parse_overrides(args.overrides), methods)
         root = Path(args.runs_dir) if args.runs_dir else None
-        if args.dry_run:
-            sweep.validate(spec)
-            print(sweep.plan(spec, root).to_markdown(index=False))
-            return 0
         devices = args.devices.split(",") if args.devices else None
+        if args.dry_run:  # every check a real run makes before its first run (preflight), nothing run
+            _, devices, _, missing = sweep.preflight(spec, root=root, devices=devices, force=True)
+            print(sweep.plan(spec, root).to_markdown(index=False))
+            if missing and not args.force:
+                raise sweep.SweepError(f"{spec.source} requires {list(spec.requires)}; this machine lacks "
+                                       f"{missing}, so a real run here would refuse (--force to run anyway)")
+            return 0
         outcomes = sweep.run_sweep(spec, root=root, devices=devices, force=args.force,
                                    retry_failed=not args.skip_failed)
+    except sweep.SweepInterrupted as stopped:  # its running runs were ended and marked interrupted
+        print(sweep.summarize(stopped.outcomes), file=sys.stderr)
+        print(f"error: sweep {spec.name!r} {stopped}; run it again to finish it", file=sys.stderr)
+        return 128 + stopped.signum
     except (sweep.SweepError, KeyError, TypeError, ValueError) as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
-    folder = (root or sweep.runs_root()) / spec.name
+    folder = sweep.sweep_folder(spec, root)
     print((folder / "results.md").read_text())
     print(sweep.summarize(outcomes))
     print(f"results: {folder / 'results.csv'}")
@@ -61,12 +70,30 @@ def _execute(args: argparse.Namespace) -> int:
 
     try:
         parameters = {name: yaml.safe_load(value) for name, value in args.parameters}
-        sweep.check_parameters(args.notebook, parameters)
+        notebook, output = (_formatted_path(path, what, parameters)
+                            for path, what in ((args.notebook, "NOTEBOOK"), (args.output, "OUTPUT")))
+        sweep.check_parameters(notebook, parameters)
+        if not Path(output).resolve().parent.is_dir():
+            raise sweep.SweepError(f"OUTPUT {output!r}: folder {str(Path(output).parent)!r} does not exist")
     except (yaml.YAMLError, sweep.SweepError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     papermill.execute_notebook(args.notebook, args.output, parameters=parameters)
     return 0
+
+
+def _formatted_path(path: str, what: str, parameters: dict) -> str:
+    """The path papermill will use: it formats NOTEBOOK and OUTPUT with the parameters (``runs/{beta}``),
+    so a brace that names no parameter fails there, after the checks; here it is a usage error."""
+    from papermill.parameterize import add_builtin_parameters
+
+    from dpo_lab.scale.sweep import SweepError
+
+    try:
+        return path.format(**add_builtin_parameters(parameters))
+    except (KeyError, IndexError, ValueError, AttributeError) as err:
+        raise SweepError(f"{what} {path!r}: papermill formats it with the parameters and fails "
+                         f"({type(err).__name__}: {err}); write a literal brace as {{{{ or }}}}") from err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("reproduce", help="run the IMDb frontier end to end and write figures/")
     _add_preset_arguments(rep, "defaults to $DPO_LAB_PRESET or 'cpu'")
+    rep.add_argument("--out", type=Path, metavar="DIR",
+                     help="where the figure, tables and summary go (default $DPO_LAB_FIGURES or figures/)")
+    rep.add_argument("--artifacts", type=Path, metavar="DIR",
+                     help="the stage and run cache (default $DPO_LAB_ARTIFACTS or artifacts/)")
     show = sub.add_parser("preset", help="print every setting of a preset")
     show.add_argument("name", nargs="?", default=None, choices=sorted(PRESETS), help="the preset to print")
     _add_preset_arguments(show, "the preset to print (same as NAME)")
@@ -109,8 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(preset.to_dict(), indent=2) if args.json else preset.describe())
         return 0
     from dpo_lab.reproduce import reproduce
+    from dpo_lab.run import RunLockedError
 
-    reproduce(preset)
+    if args.artifacts is not None:
+        os.environ["DPO_LAB_ARTIFACTS"] = str(args.artifacts)  # paths.artifacts_dir reads it at each call
+    try:
+        reproduce(preset, out_dir=args.out)
+    except RunLockedError as err:  # $DPO_LAB_LOCK_TIMEOUT ran out while another process held a run
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

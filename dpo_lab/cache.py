@@ -1,14 +1,25 @@
 """Content-hash keys and atomic writes: a changed input never reuses a stale artefact, and an
-interrupted write never leaves a half-written file behind."""
+interrupted write never leaves a half-written file behind.
+
+Atomic writes go through a hidden temporary sibling ``.{name}.{pid}@{host}.XXXXXXXX.tmp`` that names its
+writer, so the next write beside it can tell one left by a process that is gone (an interrupted write) and
+remove it. Written files and folders get the permissions the umask gives (not mkstemp's 0600), and a full
+disk is reported as ``disk full while writing <path>``. A :func:`cached_directory` ends with a manifest
+(``.complete``: every file's size and sha256) that is checked whenever the folder is reused.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,19 +62,121 @@ def file_hash(path: str | Path, length: int = 16) -> str:
     return digest.hexdigest()[:length]
 
 
+# ------------------------------------------------------------------------------------------- atomic writes
+# Unowned temporaries (named before temporaries named their writer) older than this are left-overs.
+STALE_UNOWNED_SECONDS = 3600.0
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _tmp_prefix(path: Path) -> str:
+    """Prefix of a temporary sibling of ``path``; mkstemp/mkdtemp add 8 characters and ``.tmp``."""
+    return f".{path.name}.{os.getpid()}@{_host()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
+
+
+def clean_stale_temporaries(path: str | Path, *, force: bool = False) -> list[Path]:
+    """Remove what interrupted atomic writes of ``path`` left beside it (hidden ``.{name}.….tmp`` files and
+    folders): those of a process of this host that is gone, and unowned ones older than
+    :data:`STALE_UNOWNED_SECONDS`; with ``force`` (the caller holds the only right to write ``path``), all
+    of them. Returns what was removed."""
+    path = Path(path)
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)@([A-Za-z0-9-]+)\.)?[A-Za-z0-9_]{{8}}\.tmp")
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        match = pattern.fullmatch(entry.name)
+        if match is None:
+            continue
+        pid, host = match.groups()
+        if not force:
+            if pid is not None and (host != _host() or _pid_alive(int(pid))):
+                continue
+            try:
+                age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+            except OSError:
+                continue
+            if pid is None and age < STALE_UNOWNED_SECONDS:
+                continue
+        target = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            target.unlink(missing_ok=True)
+        removed.append(target)
+    return removed
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: str | Path, *, folder: bool = False) -> None:
+    """mkstemp creates 0600 and mkdtemp 0700; give the output what a plain open/mkdir would."""
+    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
+
+
+def _is_disk_full(err: BaseException, folder: Path) -> bool:
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if "iostream error" in str(err):  # torch.save's C++ writer says only this when the disk fills up
+        try:
+            return shutil.disk_usage(folder).free < (16 << 20)
+        except OSError:
+            return False
+    return False
+
+
+def _disk_full_error(err: BaseException, path: Path) -> OSError:
+    return OSError(errno.ENOSPC, f"disk full while writing {path}; free space on {path.parent} (or point "
+                                 "DPO_LAB_ARTIFACTS elsewhere) and rerun")
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write a file so that readers see the old content or the new, never a mix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        _follow_umask(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception) and _is_disk_full(err, path.parent):
+            raise _disk_full_error(err, path) from err
         raise
 
 
@@ -74,11 +187,17 @@ def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    clean_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        _follow_umask(tmp)
         os.replace(tmp, path)
+    except Exception as err:
+        if _is_disk_full(err, path.parent):
+            raise _disk_full_error(err, path) from err
+        raise
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -102,6 +221,42 @@ def read_json_object(path: str | Path, keys: tuple[str, ...] = (), *,
     return saved
 
 
+def find_damaged_file(folder: str | Path) -> tuple[Path, str] | None:
+    """The first file under ``folder`` (or ``folder`` itself, a file) that is empty or does not parse (JSON,
+    a safetensors header, an Arrow stream), with the reason; None if every such file reads."""
+    folder = Path(folder)
+    files = [folder] if folder.is_file() else sorted(f for f in folder.rglob("*") if f.is_file())
+    for file in files:
+        try:
+            if file.stat().st_size == 0:
+                return file, "empty file"
+            if file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(file), "pt") as handle:
+                    handle.keys()
+            elif file.suffix == ".arrow":
+                import pyarrow as pa
+
+                with pa.memory_map(str(file)) as source:
+                    pa.ipc.open_stream(source).read_all()
+        except Exception as err:  # what a damaged file raises depends on its reader
+            return file, f"{type(err).__name__}: {err}"
+    return None
+
+
+def damaged_file_error(folder: str | Path, err: BaseException, advice: str) -> ValueError | None:
+    """A ValueError naming the damaged file under ``folder`` that made a read fail with ``err`` and saying
+    what to do (``advice``); None if no file there is damaged (``err`` has another cause)."""
+    found = find_damaged_file(folder)
+    if found is None:
+        return None
+    file, why = found
+    return ValueError(f"{file} is truncated or corrupt ({why}); {advice}")
+
+
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.
@@ -110,34 +265,104 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    clean_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp"))
     try:
+        _follow_umask(tmp, folder=True)
         yield tmp
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        disk_full = isinstance(err, Exception) and _is_disk_full(err, path.parent)  # before tmp is freed
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full:
+            raise _disk_full_error(err, path) from err
         raise
 
 
-def cached_directory(path: str | Path, build: Callable[[Path], None]) -> Path:
+# ------------------------------------------------------------------------------------------- stage manifests
+MANIFEST = ".complete"
+# Files up to this size are re-hashed whenever their folder is reused; larger ones (weights, arrow files)
+# only have their size checked, unless DPO_LAB_VERIFY_CACHE=full or verify="full" asks for every hash.
+HASH_ON_REUSE_BYTES = 1 << 20
+
+
+def _sha256(file: Path) -> str:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: str | Path) -> dict[str, Any]:
+    """``folder/.complete``: the size and sha256 of every file under ``folder``, written last."""
+    folder = Path(folder)
+    names = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
+    files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+             for name in names if name != MANIFEST}
+    manifest = {"format": "dpo-lab stage manifest", "version": 1, "files": files}
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
+def verify_manifest(folder: str | Path, *, full: bool = False) -> None:
+    """Check ``folder`` against its manifest: every file present with its size, and its sha256 for files of
+    at most :data:`HASH_ON_REUSE_BYTES` (every file with ``full``). A ValueError names the first damaged
+    file and says to delete ``folder``. A manifest from before they held checksums (``ok``) passes."""
+    folder = Path(folder)
+    rebuild = f"delete {folder} to rebuild it"
+    marker = folder / MANIFEST
+    text = marker.read_text()
+    if text.strip() == "ok":
+        return
+    manifest = read_json_object(marker, ("files",), advice=rebuild)
+    entries = manifest["files"]
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= set(e)
+                                                for e in entries.values()):
+        raise ValueError(f"{marker} is corrupt: expected a size and sha256 per file; {rebuild}")
+    for name, entry in entries.items():
+        file = folder / name
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            raise ValueError(f"{file} is missing from a completed stage folder; {rebuild}") from None
+        if size != entry["size"]:
+            raise ValueError(f"{file} is truncated or was changed after it was built ({size} bytes, the "
+                             f"manifest says {entry['size']}); {rebuild}")
+        if (full or size <= HASH_ON_REUSE_BYTES) and _sha256(file) != entry["sha256"]:
+            raise ValueError(f"{file} was changed after it was built (sha256 differs from the manifest); "
+                             f"{rebuild}")
+
+
+def cached_directory(path: str | Path, build: Callable[[Path], None], *, verify: str | None = None) -> Path:
     """Return ``path`` if a previous build completed there, else build it atomically first.
 
-    Completion is marked by a ``.complete`` file written last inside the folder.
+    Completion is marked by a manifest (``.complete``, :func:`write_manifest`) written last inside the
+    folder; a reused folder is checked against it (:func:`verify_manifest`; ``verify="full"`` or
+    ``DPO_LAB_VERIFY_CACHE=full`` re-hashes every file, not only the small ones), so a truncated or
+    tampered file is named instead of read. Temporaries of interrupted builds are removed.
     """
     path = Path(path)
-    if (path / ".complete").is_file():
+    verify = verify or os.environ.get("DPO_LAB_VERIFY_CACHE") or "size"
+    if verify not in ("size", "full"):
+        raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
+    if (path / MANIFEST).is_file():
+        verify_manifest(path, full=verify == "full")
+        clean_stale_temporaries(path)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Runs of a sweep on several GPUs may need the same stage at once: one builds it, the others wait for
     # the lock and then find it complete.
     with FileLock(path.parent / f".{path.name}.lock"):
-        if (path / ".complete").is_file():
+        if (path / MANIFEST).is_file():
+            verify_manifest(path, full=verify == "full")
             return path
+        clean_stale_temporaries(path, force=True)  # the lock holder is the only builder of ``path``
         with atomic_directory(path) as tmp:
             build(tmp)
-            (tmp / ".complete").write_text("ok\n")
+            write_manifest(tmp)
     return path
 
 
@@ -149,6 +374,16 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()[:16]
+
+
+def tensors_checksum(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' dtypes, shapes and bytes: stored beside cached values to catch edits."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]
 

@@ -37,27 +37,36 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lab.batching import Pairs, PreferenceCollator, pair_columns, pair_examples, pairs_fingerprint
-from dpo_lab.cache import atomic_write_tensors, content_hash, model_fingerprint, tokenizer_fingerprint
+from dpo_lab.cache import (
+    atomic_write_tensors,
+    content_hash,
+    model_fingerprint,
+    tensors_checksum,
+    tokenizer_fingerprint,
+)
 from dpo_lab.logprobs import concatenated_token_logprobs
 from dpo_lab.losses import preference_loss, preference_metrics, preferred_ft_loss, unlikelihood_loss
 from dpo_lab.presets import DPOConfig
 from dpo_lab.run import (
     EvalFn,
     Run,
+    RunLockedError,
     RunResult,
     batch_indices,
+    closes_runs,
     is_due,
     load_weights,
     resolve_device,
@@ -75,7 +84,9 @@ _BAR_NAMES = {"dpo": "DPO", "unlikelihood": "Unlikelihood", "preferred_ft": "Pre
 _TRAIN_KEYS = {"step", "lr", "grad_norm", "epoch", "loss", "rewards/chosen", "rewards/rejected",
                "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
                # Baseline-only: mean -log pi(y_w|x), and mean -sum_t log(1 - pi(y_l,t)) (before alpha).
-               "nll/chosen", "unlikelihood/rejected"}
+               "nll/chosen", "unlikelihood/rejected",
+               "cost/policy_forward_tokens", "cost/policy_backward_tokens", "cost/samples",
+               "cost/reward_queries", "cost/optimizer_steps", "cost/wall_s"}
 # Settings that do not change the trajectory: a sweep list, or how often we look and save.
 _NOT_IN_RUN_KEY = ("betas", "max_steps", "checkpoint_every", "eval_every")
 
@@ -126,15 +137,18 @@ def process_micro_batches(indices: Sequence[int], micro_batch_size: int, process
     return micro[process::num_processes]
 
 
-def _broadcast_error(accelerator: Accelerator, message: str | None) -> None:
-    """Raise ``message`` (found on the main process) as ValueError on every process, so none is left
-    waiting in a collective for a process that stopped."""
+def _broadcast_error(accelerator: Accelerator, error: Exception | None) -> None:
+    """Raise ``error`` (found on the main process) there, and as ValueError with its message on every
+    other process, so none is left waiting in a collective for a process that stopped."""
+    message = None if error is None else str(error)
     if accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
         box = [message]
         broadcast_object_list(box)
         message = box[0]
+    if error is not None:
+        raise error
     if message is not None:
         raise ValueError(message)
 
@@ -237,7 +251,11 @@ def pair_logprobs(
         for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
                           disable=not progress or rank != 0):
             end = min(start + batch_size, hi)
-            batch = {k: v.to(dev) for k, v in collator(examples[start:end]).items()}
+            try:
+                collated = collator(examples[start:end])
+            except ValueError as err:  # the collator counts within the batch; name the pair
+                raise ValueError(_name_pair(str(err), range(start, end))) from err
+            batch = {k: v.to(dev) for k, v in collated.items()}
             with cast():
                 tok_c, _, tok_r, _ = concatenated_token_logprobs(model, batch)
             out[0, start:end] = tok_c.sum(-1).float()  # 0 off the completion: the sum is Eq. 7's
@@ -281,7 +299,17 @@ def reference_logprobs(
                        precision)
     path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
     if path.is_file():
-        cached = load_file(str(path))
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+                cached = {name: handle.get_tensor(name) for name in ("chosen", "rejected")}
+        except Exception as err:  # truncated or corrupt: what the reader raises varies
+            raise ValueError(f"reference cache {path} is truncated or corrupt ({type(err).__name__}: {err}); "
+                             "delete it to recompute") from err
+        checksum = tensors_checksum(cached["chosen"], cached["rejected"])
+        if meta.get("key", key) != key or meta.get("sha256", checksum) != checksum:
+            raise ValueError(f"reference cache {path} was changed after it was written (its key or checksum "
+                             "does not match); delete it to recompute")
         if cached["chosen"].shape != (n,) or cached["rejected"].shape != (n,):
             raise ValueError(f"reference cache {path} holds {cached['chosen'].shape[0]} pairs, expected {n}; "
                              "delete it to recompute")
@@ -291,13 +319,15 @@ def reference_logprobs(
                                      desc="reference log-probs")
     if accelerator is None or accelerator.is_main_process:
         atomic_write_tensors(path, {"chosen": chosen, "rejected": rejected},
-                             metadata={"key": key, "n_pairs": str(n), "max_length": str(max_length)})
+                             metadata={"key": key, "n_pairs": str(n), "max_length": str(max_length),
+                                       "sha256": tensors_checksum(chosen, rejected)})
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return chosen, rejected
 
 
 # ------------------------------------------------------------------------------------------------- train
+@closes_runs  # the run folder's lock is released however training ends
 def train_dpo(
     policy: nn.Module,
     reference: nn.Module,
@@ -354,8 +384,8 @@ def train_dpo(
     error, run = None, None
     try:
         run = Run(out_dir, fields, writer=main)
-    except ValueError as err:
-        error = str(err)
+    except (ValueError, RunLockedError) as err:  # another run's folder, or held past the lock timeout
+        error = err
     _broadcast_error(accelerator, error)
     assert run is not None
     policy.to(accelerator.device)
@@ -404,10 +434,15 @@ def train_dpo(
             parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("losses", "cr", "rr", "pc", "pr", "nll",
                                                                      "ul")}
             at = where.format(step, ckpt_dir or "none")
+            started, tokens = time.perf_counter(), torch.zeros((), device=accelerator.device)
             for k, micro in enumerate(mine):
-                batch = {key: v.to(accelerator.device)
-                         for key, v in collator([{c: cols[c][i] for c in cols} for i in micro]).items()}
+                try:
+                    collated = collator([{c: cols[c][i] for c in cols} for i in micro])
+                except ValueError as err:  # the collator counts within the micro-batch; name the pair
+                    raise ValueError(_name_pair(str(err), micro)) from err
+                batch = {key: v.to(accelerator.device) for key, v in collated.items()}
                 idx = torch.tensor(micro, device=accelerator.device)
+                tokens += batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
                 # Gradients are all-reduced once per step, after this process's last micro-batch.
                 sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(model)
                 with sync:
@@ -435,6 +470,13 @@ def train_dpo(
             if "ul" in cat:
                 record["unlikelihood/rejected"] = cat["ul"].mean().item()
             record["epoch"] = step * config.batch_size / n_pairs
+            # What this step cost (run totals in the log): every token of the stacked batch goes through the
+            # policy forward and backward once; the reference pass is shared by every run (not counted).
+            tokens_all = int(accelerator.reduce(tokens, reduction="sum")) if world > 1 else int(tokens)
+            record.update({"cost/policy_forward_tokens": tokens_all,
+                           "cost/policy_backward_tokens": tokens_all, "cost/samples": 0,
+                           "cost/reward_queries": 0, "cost/optimizer_steps": 1,
+                           "cost/wall_s": time.perf_counter() - started})
             log.log_step(record, accelerator.unwrap_model(model))
             bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
             if is_due(step, config.checkpoint_every, config.max_steps):
@@ -454,6 +496,16 @@ def train_dpo(
     accelerator.wait_for_everyone()
     policy.eval()
     return result
+
+
+def _name_pair(message: str, micro: Sequence[int]) -> str:
+    """The collator's "example i (side): ..." with i, a position in the micro-batch, replaced by the pair's
+    index in the dataset."""
+    head, _, rest = message.partition(" ")
+    number = rest.split(" ", 1)[0]
+    if head == "example" and number.isdigit() and int(number) < len(micro):
+        return f"pair {micro[int(number)]}" + rest[len(number):]
+    return message
 
 
 def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref_c: torch.Tensor,

@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dpo_lab.cache import atomic_directory
+from dpo_lab.cache import atomic_directory, damaged_file_error
 from dpo_lab.data import validate_texts
 from dpo_lab.presets import PolicyConfig
 from dpo_lab.run import quiet_hf_progress
@@ -121,13 +121,21 @@ def save_policy(model: PreTrainedModel, tokenizer: Any, path: str | Path) -> Pat
     return Path(path)
 
 
-def load_policy(path: str | Path) -> tuple[PreTrainedModel, Any]:
-    """Reload what :func:`save_policy` wrote: ``(model, tokenizer)``, in eval mode, on the CPU."""
+def load_policy(path: str | Path, *, advice: str | None = None) -> tuple[PreTrainedModel, Any]:
+    """Reload what :func:`save_policy` wrote: ``(model, tokenizer)``, in eval mode, on the CPU. A truncated or
+    corrupt file (weights, config, tokenizer) is a ValueError naming it, followed by ``advice`` (default:
+    delete the folder and save the policy again)."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no saved policy at {path} (config.json missing)")
-    with quiet_hf_progress():
-        return load_hub_policy(str(path))
+    try:
+        with quiet_hf_progress():
+            return load_hub_policy(str(path))
+    except Exception as err:
+        damaged = damaged_file_error(path, err, advice or f"delete {path} and save the policy again")
+        if damaged is None:
+            raise
+        raise damaged from err
 
 
 # ----------------------------------------------------------------------------------------------- SFT

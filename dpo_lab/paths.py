@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 
@@ -23,7 +24,19 @@ def artifacts_dir() -> Path:
 
 
 def figures_dir() -> Path:
-    """Figures written by notebooks and the reproduction; ``DPO_LAB_FIGURES`` overrides ``<root>/figures``."""
+    """Figures written by notebooks and the reproduction; ``DPO_LAB_FIGURES`` overrides ``<root>/figures``.
+    A folder that cannot be written is a PermissionError here, before any stage runs, not after them all."""
     path = Path(os.environ.get("DPO_LAB_FIGURES", project_root() / "figures"))
     path.mkdir(parents=True, exist_ok=True)
+    check_writable(path, "DPO_LAB_FIGURES")
     return path
+
+
+def check_writable(path: Path, variable: str) -> None:
+    """Create and delete a file in ``path``; a PermissionError naming it (and ``variable``) if that fails."""
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise PermissionError(f"cannot write to {path} ({err.strerror or err}); make it writable or set "
+                              f"{variable} to a folder you can write") from err

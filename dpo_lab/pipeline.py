@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 
 import datasets
 import pandas as pd
+from filelock import FileLock
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lab.cache import atomic_write_json, cached_directory, content_hash
+from dpo_lab.cache import atomic_write_json, cached_directory, content_hash, read_json_object
 from dpo_lab.data import load_imdb, make_prompts
 from dpo_lab.dpo_trainer import DPOResult, train_dpo
 from dpo_lab.evaluate import make_eval_fn
@@ -41,7 +42,7 @@ from dpo_lab.preferences import (
 from dpo_lab.presets import Preset
 from dpo_lab.reward_model import LearnedReward, train_reward_model
 from dpo_lab.rewards import HubSentimentReward, RewardModel, TfidfSentimentReward, accuracy, first_words
-from dpo_lab.run import RunResult, resolve_device
+from dpo_lab.run import RunResult, finished_metrics, resolve_device
 from dpo_lab.seed import seed_everything
 
 if TYPE_CHECKING:
@@ -109,8 +110,9 @@ def sft_policy(preset: Preset, *, progress: bool = SHOW_PROGRESS,
         (folder / "report.json").write_text(json.dumps(report))
 
     folder = cached_directory(stage_dir("sft", sft_key(preset)), build)
-    model, tokenizer = load_policy(folder / "policy")
-    return model, tokenizer, json.loads((folder / "report.json").read_text())
+    rebuild = f"delete {folder} to rebuild the SFT stage"
+    model, tokenizer = load_policy(folder / "policy", advice=rebuild)
+    return model, tokenizer, read_json_object(folder / "report.json", advice=rebuild)
 
 
 def reward_model(preset: Preset) -> tuple[RewardModel, dict]:
@@ -162,7 +164,8 @@ def _preferences_folder(preset: Preset, progress: bool) -> Path:
 def preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
     """All 6 pairs per train prompt from 4 pi_SFT samples, labelled by r* (ties dropped and counted)."""
     folder = _preferences_folder(preset, progress)
-    return load_preferences(folder), json.loads((folder / "stats.json").read_text())
+    rebuild = f"delete {folder.parent} to rebuild the preference stage"
+    return load_preferences(folder, advice=rebuild), read_json_object(folder / "stats.json", advice=rebuild)
 
 
 def preference_candidates(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Candidates:
@@ -202,7 +205,8 @@ def run_dir(preset: Preset, method: str, value: float) -> Path:
     name = hyperparameter_name(method)
     settings = preset.ppo if method in PPO_METHODS else preset.dpo
     # How long a run goes and how often it is looked at do not change its trajectory: leaving them out of
-    # the key lets a finished run be continued with a larger max_steps (the trainers resume it).
+    # the key lets a finished run be continued with a larger max_steps (the trainers resume it); a smaller
+    # max_steps after a larger one is kept apart in ``<this folder>-steps<N>`` (run.schedule_dir).
     trajectory = {k: v for k, v in dataclasses.asdict(settings).items() if k not in SCHEDULE_FIELDS}
     key = content_hash(method, preferences_key(preset), trajectory, preset.reward_model, preset.eval, value)
     return artifacts_dir() / "training" / f"{method.lower()}-{name}{value:g}-{key}"
@@ -217,8 +221,12 @@ def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Learned
     policy, tokenizer, _ = sft_policy(preset, progress=progress)
     pairs, _ = preference_data(preset, progress=progress)
     key = content_hash("reward-model", preferences_key(preset), preset.reward_model, preset.seed)
-    return train_reward_model(policy, tokenizer, pairs, config=preset.reward_model, seed=preset.seed,
-                              out_dir=stage_dir("reward-model", key), progress=progress)
+    folder = stage_dir("reward-model", key)
+    # r_phi is trained once for every PPO run (and every process sharing the artifacts folder): under this
+    # lock one process trains and saves it, the others wait and load it.
+    with FileLock(folder.parent / f".{folder.name}.lock"):
+        return train_reward_model(policy, tokenizer, pairs, config=preset.reward_model, seed=preset.seed,
+                                  out_dir=folder, progress=progress)
 
 
 def _eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
@@ -232,10 +240,19 @@ def _eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTo
 
     def eval_fn(policy: PreTrainedModel, step: int) -> dict[str, float]:
         if step == 0 and start_path.is_file():
-            return json.loads(start_path.read_text())
+            # The point is stored with its key and a checksum, so a damaged or edited file is named, not used.
+            saved = read_json_object(start_path, advice="delete it to evaluate the start again")
+            if "point" in saved:
+                if saved.get("key") != key or saved.get("checksum") != content_hash(key, saved["point"]):
+                    raise ValueError(f"{start_path} was changed after it was written (its key or checksum "
+                                     "does not match); delete it to evaluate the start again")
+                return saved["point"]
+            # A file from before points carried a checksum: evaluated again below and rewritten with one.
         point = evaluate(policy, step)
         if step == 0:
-            atomic_write_json(start_path, point)
+            stored = json.loads(json.dumps(point))  # as it reads back (numpy scalars as plain numbers)
+            checksum = content_hash(key, stored)
+            atomic_write_json(start_path, {"key": key, "point": stored, "checksum": checksum})
         return point
     return eval_fn
 
@@ -294,15 +311,17 @@ def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_P
 def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bool = SHOW_PROGRESS,
              timings: dict[str, float] | None = None) -> pd.DataFrame:
     """Every evaluation point of every run of ``methods`` (starting checkpoints included, step 0);
-    ``timings`` (if given) collects the wall seconds spent per method."""
+    ``timings`` (if given) collects the wall seconds spent per method. Points are read from finished runs
+    only, under their folders' locks (a run another process is still training is waited for)."""
     frames = []
     for method, value in frontier_runs(preset, methods):
         start = time.perf_counter()
-        metrics = result(preset, method, value, progress=progress).metrics_path
+        run = result(preset, method, value, progress=progress)
         if timings is not None:
             timings[method] = timings.get(method, 0.0) + time.perf_counter() - start
         label = f"{hyperparameter_name(method)}={value:g}"
-        frames.append(evaluation_points(metrics, method=method, hyperparameter=label))
+        with finished_metrics(run) as metrics:
+            frames.append(evaluation_points(metrics, method=method, hyperparameter=label))
     return pd.concat(frames, ignore_index=True)
 
 

@@ -8,7 +8,6 @@ with an empty completion (the policy sampled EOS first: there is no token whose 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.cache import atomic_directory, atomic_write_json
+from dpo_lab.cache import atomic_directory, atomic_write_json, damaged_file_error, read_json_object
 from dpo_lab.presets import PreferenceConfig
 from dpo_lab.rewards import RewardModel, score_completions
 from dpo_lab.sampling import sample
@@ -135,14 +134,21 @@ def validate_preferences(
     cols = ds.select_columns(list(columns)).to_dict()  # plain lists: fast row access
     for row in range(len(ds)):
         for c in ("prompt", "chosen", "rejected"):
-            if not isinstance(cols[c][row], str) or not cols[c][row]:
-                raise ValueError(f"row {row}: empty {c} text ({cols[c][row]!r})")
+            text = cols[c][row]
+            if text is None:
+                raise ValueError(f"row {row}: {c} is missing (None)")
+            if not isinstance(text, str):
+                raise ValueError(f"row {row}: {c} must be a string, got {type(text).__name__} ({text!r})")
+            if not text:
+                raise ValueError(f"row {row}: empty {c} text ({text!r})")
         if cols["chosen"][row] == cols["rejected"][row]:
             raise ValueError(f"row {row}: chosen is identical to rejected ({_snippet(cols['chosen'][row])})")
         if not require_rewards:
             continue
         rw, rl = cols["chosen_reward"][row], cols["rejected_reward"][row]
-        if rw is None or rl is None or not (math.isfinite(rw) and math.isfinite(rl)):
+        if not all(isinstance(r, (int, float)) and not isinstance(r, bool) for r in (rw, rl)):
+            raise ValueError(f"row {row}: rewards must be numbers, got chosen {rw!r}, rejected {rl!r}")
+        if not (math.isfinite(rw) and math.isfinite(rl)):
             raise ValueError(f"row {row}: non-finite reward (chosen {rw}, rejected {rl})")
         if rw < rl:
             raise ValueError(f"row {row}: chosen_reward {rw:.6g} < rejected_reward {rl:.6g}; "
@@ -178,7 +184,8 @@ def load_candidates(path: str | Path) -> Candidates:
     file = Path(path) / "candidates.json"
     if not file.is_file():
         raise FileNotFoundError(f"no candidates.json in {path}: the pairs were saved without their samples")
-    candidates = json.loads(file.read_text())
+    candidates = read_json_object(file, ("prompts", "completions", "rewards"),
+                                  advice=f"delete {path} and build the pairs again")
     _check_nested("completions", candidates["completions"], len(candidates["prompts"]))
     _check_nested("rewards", candidates["rewards"], len(candidates["prompts"]))
     return candidates
@@ -189,16 +196,30 @@ def load_preferences(
     *,
     tokenizer: PreTrainedTokenizerBase | None = None,
     max_length: int | None = None,
+    advice: str | None = None,
 ) -> datasets.Dataset:
-    """Load what :func:`save_preferences` wrote and validate it (prompt lengths too, given a tokenizer)."""
+    """Load what :func:`save_preferences` wrote and validate it (prompt lengths too, given a tokenizer). A
+    truncated or corrupt file is a ValueError naming it, followed by ``advice`` (default: delete ``path`` and
+    build the pairs again); a bad row is named with its file."""
     path = Path(path)
     folder = path / "pairs" if (path / "pairs").is_dir() else path
     if not folder.is_dir():
         raise FileNotFoundError(f"no preference data at {path}")
-    ds = datasets.load_from_disk(str(folder))
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        damaged = damaged_file_error(folder, err, advice or f"delete {path} and build the pairs again")
+        if damaged is None:
+            raise
+        raise damaged from err
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"{path} holds a DatasetDict with splits {list(ds)}; expected one Dataset of pairs")
-    validate_preferences(ds, tokenizer=tokenizer, max_length=max_length)
+    try:
+        validate_preferences(ds, tokenizer=tokenizer, max_length=max_length)
+    except ValueError as err:
+        raise ValueError(f"{folder}: {err}") from err
     return ds
 
 

@@ -15,13 +15,17 @@ The dataclass defaults below exist only so that tests and helpers can build a co
 (``DPOConfig(max_steps=3)``); no preset relies on them (changing one changes only such test configs).
 ``Preset.describe()`` prints a preset as ``section.field = value`` lines, marking where it differs from
 ``paper``. ``get_preset(name, **overrides)`` accepts dotted overrides (``"dpo.lr": 1e-5``) and names any
-unknown key or wrong type. The stages' cache keys are content hashes of these dataclasses: changing a
-value (or its type, 1 vs 1.0) of a preset invalidates that preset's cached artefacts.
+unknown key or wrong type; :func:`validate` (run by ``get_preset`` and ``load_presets``) then checks the
+whole configuration, every range and every pair of settings that must agree, naming the field
+(``dpo.betas[0] must be > 0, got -0.1``), so a bad value fails before any work starts. The stages'
+cache keys are content hashes of these dataclasses: changing a value (or its type, 1 vs 1.0) of a preset
+invalidates that preset's cached artefacts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +281,10 @@ def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:
             built[section] = cls(**{k: _coerce(f"{name}.{section}.{k}", hints[k], getattr(defaults, k), v)
                                     for k, v in values.items()})
         presets[name] = Preset(name=name, seed=_coerce(f"{name}.seed", int, 0, entry["seed"]), **built)
+        try:
+            validate(presets[name])
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{path}: preset {name!r}: {err}") from err
     return presets
 
 
@@ -319,6 +327,189 @@ def _coerce(path: str, annotation: Any, current: Any, value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------------------------------------- validation
+def _type_ok(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` has the type a field is annotated with (an int stands for a float)."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return value in args
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_type_ok(args[0], v) for v in value)
+    if args:  # X | None
+        return any(_type_ok(a, value) for a in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _range_errors(p: Preset) -> list[str]:
+    """Every value out of its range, and every pair of settings that cannot work together, as
+    ``field must be ..., got value`` lines."""
+    errors: list[str] = []
+
+    def need(field: str, value: Any, ok: bool, what: str) -> None:
+        if not ok:
+            errors.append(f"{field} must be {what}, got {format_value(value)}")
+
+    def at_least(field: str, lo: int, *, optional: bool = False) -> None:
+        value = _get(p, field)
+        if value is None and optional:
+            return
+        need(field, value, value >= lo, f">= {lo}" + (" or null" if optional else ""))
+
+    def number(field: str, value: Any = None, *, lo: float = 0.0, strict: bool = True,
+               hi: float | None = None, hi_strict: bool = False, finite: bool = True) -> None:
+        value = _get(p, field) if value is None else value
+        if value is None:
+            return
+        if math.isnan(value) or (finite and math.isinf(value)):
+            errors.append(f"{field} must be a finite number, got {format_value(value)}")
+            return
+        below = value <= lo if strict else value < lo
+        above = hi is not None and (value >= hi if hi_strict else value > hi)
+        if below or above:
+            low = f"> {lo:g}" if strict else f">= {lo:g}"
+            high = "" if hi is None else (f" and < {hi:g}" if hi_strict else f" and <= {hi:g}")
+            errors.append(f"{field} must be {low}{high}, got {format_value(value)}")
+
+    def sweep(field: str, *, lo: float = 0.0, strict: bool = True) -> None:
+        values = _get(p, field)
+        if not values:
+            errors.append(f"{field} must list at least one value, got []")
+        for i, v in enumerate(values):
+            number(f"{field}[{i}]", v, lo=lo, strict=strict)
+
+    at_least("seed", 0)
+    number("data.test_fraction", hi=1.0, hi_strict=True)
+    at_least("data.max_train_reviews", 1, optional=True)
+    at_least("tokenizer.vocab_size", 257)  # the 256 byte symbols + <|endoftext|> (models.train_tokenizer)
+    for name in ("n_layer", "n_head", "n_embd", "sft_batch_size"):
+        at_least(f"policy.{name}", 1)
+    at_least("policy.n_positions", 2)
+    at_least("policy.sft_steps", 0)
+    at_least("policy.sft_warmup_steps", 0)
+    number("policy.sft_lr")
+    pol = p.policy
+    if pol.n_head >= 1 and pol.n_embd % pol.n_head:
+        errors.append(f"policy.n_embd ({pol.n_embd}) must be divisible by policy.n_head ({pol.n_head})")
+    for name in ("max_features", "ngram_max"):
+        at_least(f"reward.{name}", 1)
+    number("reward.C")
+    pref = p.preferences
+    for name in ("n_prompts", "prompt_min_tokens", "max_new_tokens", "sample_batch_size"):
+        at_least(f"preferences.{name}", 1)
+    at_least("preferences.samples_per_prompt", 2)  # a pair needs two samples of one prompt
+    need("preferences.prompt_max_tokens", pref.prompt_max_tokens,
+         pref.prompt_max_tokens >= pref.prompt_min_tokens,
+         f">= preferences.prompt_min_tokens ({pref.prompt_min_tokens})")
+    cap = p.data.max_train_reviews
+    if cap is not None:  # one prompt per train review; an SFT step needs sft_batch_size reviews
+        need("preferences.n_prompts", pref.n_prompts, pref.n_prompts <= cap,
+             f"<= data.max_train_reviews ({cap}), one prompt per review")
+        need("policy.sft_batch_size", pol.sft_batch_size, pol.sft_batch_size <= cap,
+             f"<= data.max_train_reviews ({cap})")
+    for field in ("preferences.max_new_tokens", "ppo.max_new_tokens", "eval.max_new_tokens"):
+        longest = pref.prompt_max_tokens + _get(p, field)
+        need("policy.n_positions", pol.n_positions, pol.n_positions >= longest,
+             f">= preferences.prompt_max_tokens + {field} ({longest})")
+
+    d = p.dpo
+    sweep("dpo.betas")
+    number("dpo.label_smoothing", strict=False, hi=0.5, hi_strict=True)
+    if d.label_smoothing and d.loss_type != "sigmoid":
+        errors.append(f"dpo.label_smoothing (cDPO) must be 0 with dpo.loss_type {d.loss_type!r}, "
+                      f"got {format_value(d.label_smoothing)}")
+    number("dpo.lr")
+    number("dpo.max_grad_norm", finite=False)
+    at_least("dpo.warmup_steps", 0)
+    for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
+        at_least(f"dpo.{name}", 1)
+    if d.micro_batch_size >= 1 and d.batch_size >= 1 and d.batch_size % d.micro_batch_size:
+        errors.append(f"dpo.micro_batch_size ({d.micro_batch_size}) must divide dpo.batch_size "
+                      f"({d.batch_size})")
+    # run.batch_indices wraps a batch larger than the pair set around it again and again: one optimizer step
+    # then takes batch_size / micro_batch_size forward passes and training sits at step 0 with no message.
+    per_prompt = pref.samples_per_prompt * (pref.samples_per_prompt - 1) // 2
+    max_pairs = pref.n_prompts * per_prompt
+    need("dpo.batch_size", d.batch_size, d.batch_size <= max(max_pairs, 1),
+         f"<= the most pairs the preference stage can give ({max_pairs} = preferences.n_prompts "
+         f"{pref.n_prompts} x {per_prompt} pairs per prompt)")
+
+    sweep("baselines.unlikelihood_alphas", strict=False)
+    sweep("baselines.preferred_ft_seeds", strict=False)
+    at_least("baselines.max_steps", 1, optional=True)
+
+    rm = p.reward_model
+    for name in ("epochs", "batch_size", "eval_every"):
+        at_least(f"reward_model.{name}", 1)
+    at_least("reward_model.max_steps", 1, optional=True)
+    at_least("reward_model.max_val_pairs", 1, optional=True)
+    at_least("reward_model.warmup_steps", 0)
+    number("reward_model.lr")
+    number("reward_model.weight_decay", strict=False)
+    number("reward_model.max_grad_norm", finite=False)
+    number("reward_model.val_fraction", hi=1.0, hi_strict=True)
+    need("reward_model.max_length", rm.max_length, 2 <= rm.max_length <= pol.n_positions,
+         f">= 2 and <= policy.n_positions ({pol.n_positions})")
+
+    ppo = p.ppo
+    sweep("ppo.target_kls")
+    number("ppo.target_kl")
+    for name in ("init_kl_coef", "lr", "cliprange", "cliprange_value", "vf_coef"):
+        number(f"ppo.{name}")
+    number("ppo.max_grad_norm", finite=False)
+    for name in ("gamma", "lam"):
+        number(f"ppo.{name}", strict=False, hi=1.0)
+    for name in ("kl_horizon", "rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
+                 "max_steps", "eval_every", "checkpoint_every"):
+        at_least(f"ppo.{name}", 1)
+    need("ppo.minibatch_size", ppo.minibatch_size, ppo.minibatch_size <= ppo.rollout_batch_size,
+         f"<= ppo.rollout_batch_size ({ppo.rollout_batch_size})")
+    need("ppo.rollout_batch_size", ppo.rollout_batch_size, ppo.rollout_batch_size <= pref.n_prompts,
+         f"<= preferences.n_prompts ({pref.n_prompts}), the train prompts PPO draws from")
+
+    for name in ("n_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
+        at_least(f"eval.{name}", 1)
+    return errors
+
+
+def _get(preset: Preset, field: str) -> Any:
+    section, _, key = field.partition(".")
+    return getattr(getattr(preset, section), key) if key else getattr(preset, section)
+
+
+def validate(preset: Preset) -> Preset:
+    """Check a whole configuration before any work starts: every field's type (TypeError), then every
+    range and every pair of settings that cannot work together (ValueError); each message names the field,
+    e.g. ``dpo.betas[0] must be > 0, got -0.1``. Returns ``preset``. :func:`get_preset` and
+    :func:`load_presets` call it, so the CLI, sweeps and notebooks all refuse a bad value up front."""
+    if not isinstance(preset, Preset):
+        raise TypeError(f"expected a Preset, got {type(preset).__name__}")
+    for field, annotation in {"name": str, "seed": int}.items():
+        if not _type_ok(annotation, getattr(preset, field)):
+            raise TypeError(f"{field} must be {annotation.__name__}, got {getattr(preset, field)!r}")
+    for section, cls in list(get_type_hints(Preset).items())[2:]:
+        sub = getattr(preset, section)
+        if not isinstance(sub, cls):
+            raise TypeError(f"{section} must be a {cls.__name__}, got {type(sub).__name__}")
+        for key, annotation in get_type_hints(cls).items():
+            value = getattr(sub, key)
+            if not _type_ok(annotation, value):
+                expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+                raise TypeError(f"{section}.{key} expects {expected}, got {type(value).__name__} ({value!r})")
+    errors = _range_errors(preset)
+    if errors:
+        raise ValueError(errors[0] if len(errors) == 1 else
+                         f"{len(errors)} invalid settings: " + "; ".join(errors))
+    return preset
+
+
 def get_preset(name: str | None = None, **overrides: Any) -> Preset:
     """Return a preset with dotted overrides applied, e.g. ``get_preset("cpu", **{"dpo.lr": 1e-5})``."""
     name = name or default_preset_name()
@@ -340,7 +531,7 @@ def get_preset(name: str | None = None, **overrides: Any) -> Preset:
             raise KeyError(f"unknown preset parameter {dotted!r}; {section} has {sorted(hints)}")
         value = _coerce(dotted, hints[key], getattr(sub, key), value)
         preset = dataclasses.replace(preset, **{section: dataclasses.replace(sub, **{key: value})})
-    return preset
+    return validate(preset)  # the whole configuration, once every override is in
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 from dpo_lab import frontier, pipeline
 from dpo_lab.cache import atomic_write_json
-from dpo_lab.paths import figures_dir
-from dpo_lab.presets import Preset
+from dpo_lab.paths import check_writable, figures_dir
+from dpo_lab.presets import Preset, validate
 
 T = TypeVar("T")
 
@@ -24,8 +24,13 @@ def _timed(name: str, timings: dict[str, float], fn: Callable[[], T]) -> T:
 
 
 def reproduce(preset: Preset, *, progress: bool = True, out_dir: Path | None = None) -> dict[str, Any]:
-    """Run every stage (each cached, so a rerun after an interruption redoes only unfinished work)."""
-    out_dir = out_dir or figures_dir()
+    """Run every stage (each cached, so a rerun after an interruption redoes only unfinished work) and write
+    the figure, tables and summary to ``out_dir`` (default :func:`paths.figures_dir`). Several processes may
+    share one artifacts folder: each run is trained by one of them while the others wait and reuse it."""
+    validate(preset)  # a preset built by hand is checked too, before any stage runs
+    out_dir = Path(out_dir) if out_dir is not None else figures_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "--out")
     timings: dict[str, float] = {}
     print(preset.describe() if progress else f"preset {preset.name}", flush=True)
     _, _, sft_report = _timed("SFT policy", timings, lambda: pipeline.sft_policy(preset, progress=progress))
@@ -47,7 +52,8 @@ def reproduce(preset: Preset, *, progress: bool = True, out_dir: Path | None = N
     atomic_write_json(out_dir / f"summary_{preset.name}.json", summary)
     print(results["table"].to_markdown(index=False, floatfmt=".3f"))
     for name, count in results["dominance"].items():
-        print(f"DPO dominates {count['dominated']}/{count['total']} {name} points")
+        print(f"DPO dominates {count['dominated']}/{count['total']} distinct {name} points "
+              f"({count['dominated_noise_aware']}/{count['total']} by more than the combined SE)")
     print(f"(paper: {frontier.PAPER_DOMINANCE})")
     print(f"figure: {results['figure']}")
     return summary

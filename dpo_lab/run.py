@@ -6,9 +6,22 @@ One run = one ``out_dir``:
     out_dir/metrics.jsonl               one JSON object per line, one line per step (step 0: the start)
     out_dir/checkpoints/step-NNNNNN/    weights + tokenizer + trainer_state.pt, each written atomically
     out_dir/result.json                 written last: the run is finished
+    out_dir/.run.lock(.json)            locked by the one process that owns the run; who that is
 
 A rerun with the same settings resumes from the last checkpoint (metrics after it are dropped and recomputed)
 or, if finished, returns at once; a rerun with other settings is refused, naming the fields that differ.
+
+One process at a time: a :class:`Run` holds ``out_dir/.run.lock`` (an OS file lock, so a holder that dies,
+even by kill -9, releases it) from ``Run(...)`` until it finishes, returns a finished result or is closed; its
+pid, host and start time are in ``out_dir/.run.lock.json``. Another process on the same folder waits, then
+finds the run finished or resumes it; ``DPO_LAB_LOCK_TIMEOUT`` (seconds) bounds the wait with an error naming
+the holder. Readers of results (:func:`finished_metrics`) take the same lock and read finished runs only.
+
+Schedules: how long a run goes is not part of its identity, so a finished run continues when asked for more
+steps. Asked for FEWER steps than ``out_dir`` already holds (it was continued further), the shorter schedule
+is kept apart in the sibling ``<out_dir>-steps<N>`` (with a message): seeded from ``out_dir``'s checkpoint at
+step N when one was kept (and its step-N line holds the evaluation), else trained there from the start;
+``out_dir`` itself is never cut back, so asking for the longer schedule again reuses it.
 
 A trainer reads as its algorithm plus a few calls: ``Run(out_dir, fields)`` (identity), ``run.finished(...)``,
 ``run.resume(...)``, ``run.metrics(...)``, ``run.save_checkpoint(...)`` and ``run.finish(...)``. The module's
@@ -19,16 +32,24 @@ trainer shares (data order, evaluation schedule, warmup, device).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import json
+import math
+import os
 import shutil
+import socket
+import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TextIO, TypeVar
+from typing import Any, ParamSpec, TextIO, TypeVar
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file
 from torch import nn
 from transformers.utils import logging as hf_logging
@@ -43,6 +64,98 @@ from dpo_lab.cache import (
 
 EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
 TRAINER_STATE = "trainer_state.pt"  # a checkpoint folder is complete once this file is in it
+
+
+# ------------------------------------------------------------------------------------------------- lock
+LOCK_FILE = ".run.lock"  # flock'ed by the one process that owns the folder
+HOLDER_FILE = ".run.lock.json"  # who that is (pid, host, since), for the messages of whoever waits
+LOCK_TIMEOUT_ENV = "DPO_LAB_LOCK_TIMEOUT"
+
+
+class RunLockedError(TimeoutError):
+    """Another process held a run folder for longer than the lock timeout."""
+
+
+def lock_timeout() -> float | None:
+    """Seconds to wait for a run folder another process holds: ``$DPO_LAB_LOCK_TIMEOUT``, else None (wait
+    until it is free)."""
+    value = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={value!r}: expected seconds >= 0 (unset: wait until free)")
+    return None if math.isinf(seconds) else seconds
+
+
+def lock_holder(out_dir: Path) -> dict[str, Any] | None:
+    """What the holder of ``out_dir``'s lock wrote about itself (pid, host, since), or None."""
+    try:
+        holder = json.loads((out_dir / HOLDER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "another process (it has not written .run.lock.json yet)"
+    return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
+
+
+def acquire_run_lock(out_dir: Path, timeout: float | None = None) -> FileLock:
+    """Take ``out_dir``'s lock and write who holds it. If another process holds it, say so and wait for it,
+    up to ``timeout`` seconds (None: :func:`lock_timeout`), then raise RunLockedError naming the holder.
+    The OS drops the lock of a process that dies, so a crashed or killed holder never blocks anyone."""
+    timeout = lock_timeout() if timeout is None else timeout
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out_dir / LOCK_FILE)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = lock_holder(out_dir)
+        me = (os.getpid(), socket.gethostname())
+        if holder is not None and (holder.get("pid"), holder.get("host")) == me:
+            raise RuntimeError(f"{out_dir} is already held by this process: a Run on it was not closed "
+                               "(use `with Run(...)` or run.close())") from None
+        limit = "" if timeout is None else f" (at most {timeout:g} s, {LOCK_TIMEOUT_ENV})"
+        print(f"{out_dir} is in use by {_describe(holder)}; waiting for it{limit}", file=sys.stderr,
+              flush=True)
+        try:
+            lock.acquire(timeout=-1 if timeout is None else timeout)
+        except Timeout:
+            raise RunLockedError(
+                f"{out_dir} is in use by {_describe(lock_holder(out_dir))}; gave up after {timeout:g} s "
+                f"({LOCK_TIMEOUT_ENV}). Let that process finish or stop it (a holder that dies releases the "
+                "lock at once), then rerun") from None
+    try:
+        atomic_write_json(out_dir / HOLDER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
+                                                  "since": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def release_run_lock(out_dir: Path, lock: FileLock) -> None:
+    """Undo :func:`acquire_run_lock`."""
+    with contextlib.suppress(OSError):
+        (out_dir / HOLDER_FILE).unlink()
+    lock.release()
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | Path, timeout: float | None = None) -> Iterator[Path]:
+    """Hold ``out_dir``'s lock for the block (as :func:`acquire_run_lock`); yields the folder."""
+    out_dir = Path(out_dir)
+    lock = acquire_run_lock(out_dir, timeout)
+    try:
+        yield out_dir
+    finally:
+        release_run_lock(out_dir, lock)
 
 
 # -------------------------------------------------------------------------------------------- identity
@@ -128,10 +241,53 @@ def latest_checkpoint(out_dir: Path, run_key: str, max_steps: int) -> tuple[int,
     if step > max_steps:
         raise ValueError(f"{out_dir} already holds a checkpoint at step {step} > max_steps "
                          f"{max_steps}; use a new out_dir or a larger max_steps")
-    state = torch.load(ckpt / TRAINER_STATE, weights_only=True, map_location="cpu")
+    try:
+        state = torch.load(ckpt / TRAINER_STATE, weights_only=True, map_location="cpu")
+    except Exception as err:  # a truncated or overwritten file: name it, and the way out
+        raise ValueError(f"{ckpt / TRAINER_STATE} is truncated or corrupt ({type(err).__name__}); delete "
+                         f"{ckpt} to resume from an earlier checkpoint (or from the start)") from err
     if state["run_key"] != run_key:
         raise ValueError(f"checkpoint {ckpt} belongs to another run (key {state['run_key']} != {run_key})")
     return step, ckpt, state
+
+
+def schedule_dir(out_dir: Path, max_steps: int) -> Path:
+    """Where the ``max_steps``-step schedule of the run in ``out_dir`` lives: ``out_dir`` itself, unless it
+    holds a checkpoint beyond ``max_steps`` (the run was continued further): then ``<out_dir>-steps<N>``."""
+    checkpoints = checkpoint_dirs(out_dir)
+    if checkpoints and checkpoints[-1][0] > max_steps:
+        base = out_dir if out_dir.name else out_dir.resolve()
+        return base.with_name(f"{base.name}-steps{max_steps}")
+    return out_dir
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # checkpoint files are never rewritten in place (atomic writes), so sharing is safe
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def seed_schedule(source: Path, target: Path, steps: int) -> bool:
+    """Start ``target``, the ``steps``-step schedule of the run in ``source``, from what ``source`` already
+    computed: its checkpoint at ``steps`` (if one was kept) and its metrics up to that step, provided the line
+    of ``steps`` holds the evaluation (every key of the step-0 line), as a run that ends there would have.
+    The run resumed in ``target`` is then finished at once. False (nothing written) if that is not possible
+    or ``target`` has started already."""
+    ckpt = checkpoint_path(source, steps)
+    if checkpoint_dirs(target) or (target / "result.json").is_file() or not (ckpt / TRAINER_STATE).is_file():
+        return False
+    records = [r for r in read_metrics(source / "metrics.jsonl")
+               if isinstance(r.get("step"), int) and r["step"] <= steps]
+    got = [r["step"] for r in records]
+    if not records or got != list(range(got[0], steps + 1)) or got[0] not in (0, 1):
+        return False
+    if got[0] == 0 and not set(records[0]) <= set(records[-1]):
+        return False  # step `steps` was not evaluated: the shorter run must end with an evaluation
+    atomic_write_text(target / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    with atomic_directory(checkpoint_path(target, steps)) as tmp:
+        shutil.copytree(ckpt, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
+    return True
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
@@ -141,7 +297,11 @@ def load_weights(model: nn.Module, folder: str | Path) -> None:
         raise FileNotFoundError(f"no .safetensors weights in {folder}")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        try:
+            state.update(load_file(str(f)))
+        except Exception as err:  # safetensors' own message names neither the file nor a way out
+            raise ValueError(f"{f} is truncated or corrupt ({err}); delete {folder} (a checkpoint: training "
+                             "resumes from an earlier one) and rerun") from err
     result = model.load_state_dict(state, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", None) or getattr(model, "_tied_weights_keys", None)
                or ())
@@ -256,8 +416,11 @@ class MetricsLog:
             self._append({"step": 0, **call_eval_fn(self.eval_fn, policy, 0, self.train_keys)})
 
     def log_step(self, record: dict[str, Any], policy: nn.Module) -> dict[str, Any]:
-        """Write one training step's ``record`` (evaluated first if due) and return it."""
+        """Write one training step's ``record`` (evaluated first if due) and return it. ``cost/*`` values
+        are this step's increments; the line holds the run's running totals (a resume continues them)."""
         step = record["step"]
+        for key in [k for k in record if k.startswith("cost/")]:
+            record[key] = record[key] + self.last.get(key, 0)
         if self.eval_fn is not None and is_due(step, self.eval_every, self.max_steps):
             record.update(call_eval_fn(self.eval_fn, policy, step, self.train_keys))
         self._append(record)
@@ -303,6 +466,22 @@ def write_result(out_dir: Path, result: RunResult, run_key: str) -> None:
         "last_metrics": result.last_metrics, "run_key": run_key})
 
 
+@contextlib.contextmanager
+def finished_metrics(result: RunResult, timeout: float | None = None) -> Iterator[Path]:
+    """Yield ``result``'s metrics.jsonl to read, holding its run folder's lock, once the folder's result.json
+    says the run finished ``result.steps`` steps: no other process can continue or cut back the run while its
+    points are read, and a run in progress is never read as a result (RuntimeError naming the folder)."""
+    out_dir = result.metrics_path.parent
+    with run_lock(out_dir, timeout):
+        path = out_dir / "result.json"
+        saved = read_json_object(path, ("steps",), advice=_DAMAGED) if path.is_file() else None
+        if saved is None or saved["steps"] != result.steps:
+            state = "no result.json" if saved is None else f"its result.json says {saved['steps']} steps"
+            raise RuntimeError(f"{out_dir} is not a finished {result.steps}-step run ({state}): another "
+                               "process changed it after it finished here; rerun to read it again")
+        yield result.metrics_path
+
+
 
 
 def resolve_device(device: torch.device | str | None = None) -> torch.device:
@@ -333,18 +512,38 @@ def quiet_hf_progress() -> Iterator[None]:
 class Run:
     """A run's folder, from its identity to its result: the bookkeeping every trainer shares.
 
-    ``Run(out_dir, fields)`` claims the folder for the run that ``fields`` describe (a started run with
-    other settings is refused, naming the fields that differ); ``key`` is their hash. With ``writer=False``
-    (every process but the main one of a multi-process run) it reads but never writes.
+    ``Run(out_dir, fields)`` takes the folder's lock (waiting while another process holds it, see the module
+    docstring), then claims the folder for the run that ``fields`` describe (a started run with other settings
+    is refused, naming the fields that differ); ``key`` is their hash. The lock is held until :meth:`finish`,
+    until :meth:`finished` returns a result, or until :meth:`close` (also as a context manager, and for every
+    Run a :func:`closes_runs` trainer opened, when it returns or raises). With ``writer=False`` (every
+    process but the main one of a multi-process run, whose main process holds the lock) it reads but never
+    writes.
+
+    ``dir`` is the folder that holds the asked schedule: ``out_dir``, or, if ``out_dir`` was continued beyond
+    the ``max_steps`` first passed to :meth:`finished` or :meth:`resume`, its sibling ``<out_dir>-steps<N>``
+    (:func:`schedule_dir`; seeded by :func:`seed_schedule` when ``out_dir`` kept the checkpoint at N). The
+    longer run is never cut back, so each schedule stays finished and reusable in its own folder.
     """
 
-    def __init__(self, out_dir: str | Path, fields: Mapping[str, Any], *, writer: bool = True) -> None:
+    def __init__(self, out_dir: str | Path, fields: Mapping[str, Any], *, writer: bool = True,
+                 lock_timeout: float | None = None) -> None:
         self.dir = Path(out_dir)
         self.fields = dict(fields)
         self.writer = writer
+        self.lock_timeout = lock_timeout  # None: $DPO_LAB_LOCK_TIMEOUT, else wait until free
+        self._lock: FileLock | None = None
+        self._schedule: int | None = None  # the max_steps whose folder has been settled
         if writer:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            self.key = check_run(self.dir, self.fields)
+            self._lock = acquire_run_lock(self.dir, lock_timeout)
+            opened = _OPENED_RUNS.get()
+            if opened is not None:
+                opened.append(self)
+            try:
+                self.key = check_run(self.dir, self.fields)
+            except BaseException:
+                self.close()
+                raise
         else:
             self.key = content_hash(self.fields)
 
@@ -352,15 +551,76 @@ class Run:
     def metrics_path(self) -> Path:
         return self.dir / "metrics.jsonl"
 
+    @property
+    def closed(self) -> bool:
+        """True once a writer has released its folder (it may write nothing more)."""
+        return self.writer and self._lock is None
+
+    def close(self) -> None:
+        """Release the folder's lock (idempotent)."""
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            release_run_lock(self.dir, lock)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError(f"the Run on {self.dir} is closed (its lock released); open a new one")
+
+    def _settle_schedule(self, max_steps: int) -> None:
+        """Move to :func:`schedule_dir`'s folder for ``max_steps`` (once, at the first call)."""
+        if self._schedule is not None:
+            return
+        self._schedule = max_steps
+        target = schedule_dir(self.dir, max_steps)
+        if target == self.dir:
+            return
+        held = checkpoint_dirs(self.dir)[-1][0]
+        if self.writer:
+            self._check_open()
+            # Taken while out_dir is still held, so the checkpoint to seed from cannot be pruned meanwhile.
+            lock = acquire_run_lock(target, self.lock_timeout)
+            try:
+                check_run(target, self.fields)
+                seeded = seed_schedule(self.dir, target, max_steps)
+            except BaseException:
+                release_run_lock(target, lock)
+                raise
+            self.close()
+            self._lock = lock
+            how = (f"from its checkpoint at step {max_steps}" if seeded else
+                   "resumed there" if checkpoint_dirs(target) else "trained there from the start")
+            print(f"{self.dir} holds this run continued to step {held} > max_steps {max_steps}: the "
+                  f"{max_steps}-step schedule is kept apart in {target} ({how}); {self.dir} is left as it is",
+                  file=sys.stderr, flush=True)
+        self.dir = target
+
     def finished(self, max_steps: int, result_type: type[R], policy: nn.Module | None = None) -> R | None:
-        """The result if this run already finished ``max_steps`` steps (weights loaded into ``policy``)."""
-        return finished_run(self.dir, max_steps, result_type, policy)
+        """The result if this run already finished ``max_steps`` steps (weights loaded into ``policy``); the
+        folder is then released. Settles which folder holds ``max_steps`` steps (see the class docstring)."""
+        self._settle_schedule(max_steps)
+        result = finished_run(self.dir, max_steps, result_type, policy)
+        if result is not None:
+            self.close()
+        return result
 
     def resume(self, max_steps: int) -> tuple[int, Path, dict[str, Any]] | None:
-        """``(step, folder, trainer state)`` of the last checkpoint (its RNG state restored), or None."""
+        """``(step, folder, trainer state)`` of the last checkpoint (its RNG state restored), or None. From
+        here the run is in progress: a result.json of another length is removed, so no reader takes the run
+        for finished while it is continued."""
+        self._settle_schedule(max_steps)
         found = latest_checkpoint(self.dir, self.key, max_steps)
         if found is not None and "rng" in found[2]:
             set_rng_state(found[2]["rng"])
+        if self.writer:
+            self._check_open()
+            (self.dir / "result.json").unlink(missing_ok=True)
         return found
 
     def metrics(self, eval_fn: EvalFn | None, train_keys: set[str], *, eval_every: int, max_steps: int,
@@ -369,6 +629,7 @@ class Run:
         Only the writer evaluates and writes; other processes get a log that keeps ``last`` only."""
         if not self.writer:
             return MetricsLog(None, None, train_keys, eval_every=eval_every, max_steps=max_steps)
+        self._check_open()
         kept = truncate_metrics(self.metrics_path, start)
         return MetricsLog(self.metrics_path, eval_fn, train_keys, eval_every=eval_every, max_steps=max_steps,
                           last=kept[-1] if kept else None)
@@ -380,6 +641,7 @@ class Run:
         with the step, the run key and the RNG state. Keeps the ``keep`` latest (None: all)."""
         path = checkpoint_path(self.dir, step)
         if self.writer:
+            self._check_open()
             with atomic_directory(path) as tmp, quiet_hf_progress():
                 write(tmp)
                 torch.save({"step": step, "run_key": self.key, "rng": rng_state(), **state},
@@ -388,7 +650,33 @@ class Run:
         return path
 
     def finish(self, result: R) -> R:
-        """Mark the run finished (result.json) and return ``result``."""
+        """Mark the run finished (result.json), release the folder and return ``result``."""
         if self.writer:
+            self._check_open()
             write_result(self.dir, result, self.key)
+            self.close()
         return result
+
+
+_OPENED_RUNS: contextvars.ContextVar[list[Run] | None] = contextvars.ContextVar("dpo_lab_opened_runs",
+                                                                               default=None)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def closes_runs(fn: Callable[P, T]) -> Callable[P, T]:
+    """Decorate a trainer: every :class:`Run` it opens is closed (its folder's lock released) when it returns
+    or raises, even while a traceback keeps its frame alive (a notebook's last error), so a failed run never
+    blocks the next attempt."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        token = _OPENED_RUNS.set([])
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for run in _OPENED_RUNS.get() or []:
+                run.close()
+            _OPENED_RUNS.reset(token)
+
+    return wrapper

@@ -34,7 +34,7 @@
 # ```bash
 # .venv/bin/python -m dpo_lab sweep --preset cpu                  # the cpu preset's 19 runs, one at a time
 # .venv/bin/python -m dpo_lab sweep --preset cpu --methods DPO --set dpo.max_steps=200
-# .venv/bin/python -m dpo_lab sweep sweeps/hh_paper.yaml --dry-run # check a spec, list each run's state
+# .venv/bin/python -m dpo_lab sweep sweeps/hh_paper.yaml --dry-run --force # check a spec (--force: no GPU here)
 # .venv/bin/python -m dpo_lab sweep --preset paper                 # on a GPU machine with hub access
 # ```
 #

@@ -212,7 +212,10 @@ def test_interrupted_unlikelihood_run_resumes_to_identical_weights(tiny_model, t
     load_weights(expected, full.checkpoint_dir)
     for (name, a), b in zip(resumed_policy.state_dict().items(), expected.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    assert read_metrics(resumed.metrics_path) == read_metrics(full.metrics_path)
+    assert _no_clock(read_metrics(resumed.metrics_path)) == _no_clock(read_metrics(full.metrics_path))
     assert [r["step"] for r in read_metrics(resumed.metrics_path)] == list(range(7))
 
 
+def _no_clock(records: list[dict]) -> list[dict]:
+    """Metrics without the wall-clock cost (the one value a resumed run cannot reproduce)."""
+    return [{k: v for k, v in r.items() if k != "cost/wall_s"} for r in records]

@@ -39,6 +39,32 @@ def test_execute_refuses_an_unknown_parameter_before_running(tmp_path, capsys: p
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("output, message", [
+    ("out{}.ipynb", "papermill formats it"),  # papermill formats OUTPUT with the parameters
+    ("out-{betta}.ipynb", "papermill formats it"),
+    ("no-such-folder/out.ipynb", "does not exist"),
+])
+def test_execute_refuses_an_output_papermill_cannot_write(tmp_path, capsys: pytest.CaptureFixture,
+                                                         output: str, message: str) -> None:
+    code = main(["execute", str(project_root() / "notebooks/05_dpo.ipynb"), str(tmp_path / output),
+                 "-p", "beta", "0.3"])
+    assert code == 2 and list(tmp_path.iterdir()) == []
+    assert message in capsys.readouterr().err
+
+
+def test_every_spec_error_exits_2(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["sweep", "--preset", "smoke", "--set", "dpo.lr", "--dry-run"]) == 2  # no '='
+    assert "KEY=VALUE" in capsys.readouterr().err
+    spec = tmp_path / "spec.yaml"
+    notebook = "notebook: notebooks/templates/frontier_run.ipynb\n"
+    for text in ("name: [unclosed\n", "name: s\nnotebook: 3\ngrid: {x: [1]}\n", "- a list\n",
+                 f"name: s\n{notebook}runs: [{{name: 'a{{b}}'}}]\n",  # braces reached papermill's formatter
+                 f"name: s\n{notebook}grid: {{seed: [0]}}\nruns: [{{name: seed0}}]\n"):  # one folder, twice
+        spec.write_text(text)
+        assert main(["sweep", str(spec), "--runs-dir", str(tmp_path), "--dry-run"]) == 2, text
+        assert "error:" in capsys.readouterr().err
+
+
 def test_sweep_dry_run_lists_states(tmp_path, capsys: pytest.CaptureFixture) -> None:
     code = main(["sweep", "--preset", "smoke", "--methods", "DPO", "--runs-dir", str(tmp_path), "--dry-run"])
     out = capsys.readouterr().out

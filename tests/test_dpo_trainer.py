@@ -56,6 +56,12 @@ def test_starts_at_log2_learns_and_logs_trl_names(tiny_model, tiny_tokenizer, tm
     assert (result.checkpoint_dir / "tokenizer.json").is_file()
     state = torch.load(result.checkpoint_dir / "trainer_state.pt", weights_only=True)
     assert state["step"] == 10 and state["data"]["pairs_seen"] == 40
+    # What the run cost, as running totals: one optimizer step a step, every batch token forward and back.
+    assert [r["cost/optimizer_steps"] for r in records] == list(range(1, 11))
+    tokens = [r["cost/policy_backward_tokens"] for r in records]
+    assert tokens[0] > 0 and all(b > a for a, b in zip(tokens, tokens[1:], strict=False))
+    assert tokens == [r["cost/policy_forward_tokens"] for r in records]
+    assert last["cost/samples"] == last["cost/reward_queries"] == 0 and last["cost/wall_s"] > 0
 
 
 def test_lr_warms_up_linearly_then_stays(tiny_model, tiny_tokenizer, tmp_path):
@@ -127,8 +133,8 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_model, tiny_tokenizer
         assert torch.equal(tensor, sd_full[name]), name
     steps = [r["step"] for r in read_metrics(resumed.metrics_path)]
     assert steps == list(range(7)), steps  # no duplicates, nothing missing
-    full_records = read_metrics(full.metrics_path)
-    assert read_metrics(resumed.metrics_path) == full_records
+    full_records = _no_clock(read_metrics(full.metrics_path))
+    assert _no_clock(read_metrics(resumed.metrics_path)) == full_records
     assert len(list((tmp_path / "cut" / "checkpoints").iterdir())) == 1  # keep_checkpoints=1
 
 
@@ -244,3 +250,26 @@ def test_missing_pair_column_is_named(tiny_model, tiny_tokenizer, tmp_path):
         train_dpo(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer,
                   {"prompt": PAIRS["prompt"], "chosen": PAIRS["chosen"]}, beta=0.1, config=CONFIG,
                   out_dir=tmp_path / "r", seed=0, max_length=32, ref_cache_dir=tmp_path / "c", progress=False)
+
+
+def _no_clock(records: list[dict]) -> list[dict]:
+    """Metrics without the wall-clock cost (the one value a resumed run cannot reproduce)."""
+    return [{k: v for k, v in r.items() if k != "cost/wall_s"} for r in records]
+
+
+def test_a_bad_pair_is_named_by_its_dataset_row(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    """The collator counts rows within its micro-batch ("example 1"); the trainer names the pair."""
+    from dpo_lab import dpo_trainer
+
+    bad = {**PAIRS, "prompt": list(PAIRS["prompt"])}
+    bad["prompt"][10] = "a prompt far too long for the context " * 20
+    assert batch_indices(16, CONFIG.batch_size, 1, 0)[3] == 10  # step 1, 2nd micro-batch, its 2nd example
+    with pytest.raises(ValueError, match=r"^pair 10 \(chosen\): prompt longer than the context"):
+        train_dpo(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, bad, beta=0.1, config=CONFIG,
+                  out_dir=tmp_path / "a", seed=0, max_length=32, ref_cache_dir=tmp_path / "c",
+                  progress=False, device="cpu")  # found by the reference pass
+    monkeypatch.setattr(dpo_trainer, "reference_logprobs", lambda *a, **k: (torch.zeros(16), torch.zeros(16)))
+    with pytest.raises(ValueError, match=r"^pair 10 \(chosen\): prompt longer than the context"):
+        train_dpo(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, bad, beta=0.1, config=CONFIG,
+                  out_dir=tmp_path / "b", seed=0, max_length=32, ref_cache_dir=tmp_path / "c",
+                  progress=False, device="cpu")  # found by the training loop

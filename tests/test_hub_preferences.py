@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +160,86 @@ def test_outputs_pass_project_validation(tiny_tokenizer: Any) -> None:
         hp.validate_pairs(same)
     with pytest.raises(ValueError, match="missing|lack"):
         hp.validate_pairs(datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [" a"]}))
+
+
+# ------------------------------------------------------------------- own loaders: bad files and rows named
+HH_ROW = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", "is empty"),
+    ("\n \n", "is empty"),
+    (json.dumps(HH_ROW) + "\n{not json\n", "line 2 is not valid JSON"),
+    (json.dumps(HH_ROW) + "\n[1, 2]\n", "line 2 is not a JSON object"),
+])
+def test_an_empty_or_undecodable_file_is_named(tmp_path: Path, text: str, words: str) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(text)  # used to give a bare StopIteration or DatasetGenerationError
+    with pytest.raises(ValueError, match=re.escape(f"{path} {words}")):
+        hp.load_hh_preferences("train", path=path, progress=False)
+
+
+def test_hh_row_with_a_missing_key_or_wrong_type_is_named(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "a.jsonl", [HH_ROW, {"chosen": HH_ROW["chosen"]}])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, row 1: lacks field 'rejected'")):
+        hp.load_hh_preferences("train", path=path, progress=False)
+    path = _write_jsonl(tmp_path / "b.jsonl", [HH_ROW, {**HH_ROW, "rejected": 3}])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, row 1: rejected must be a string, got int")):
+        hp.load_hh_preferences("train", path=path, progress=False)  # a TypeError with no row before
+
+
+def test_a_bad_row_is_named_in_its_own_file(tmp_path: Path) -> None:
+    for subset in ("harmless-base", "helpful-base"):
+        (tmp_path / subset).mkdir()
+    _write_jsonl(tmp_path / "harmless-base" / "train.jsonl", [HH_ROW] * 3)
+    bad = _write_jsonl(tmp_path / "helpful-base" / "train.jsonl", [HH_ROW, {**HH_ROW, "chosen": None}])
+    with pytest.raises(ValueError, match=re.escape(f"{bad}, row 1: lacks field 'chosen'")):
+        hp.load_hh_preferences("train", path=tmp_path, progress=False)
+
+
+def test_tldr_row_with_a_wrong_type_is_named(tmp_path: Path) -> None:
+    row = _raw(TLDR / "comparisons" / "validation.jsonl")[0]
+    bad_text = {**row, "summaries": [row["summaries"][0], {**row["summaries"][1], "text": 7}]}
+    path = _write_jsonl(tmp_path / "a.jsonl", [row, bad_text])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, row 1: summaries[1].text must be a string")):
+        hp.load_tldr_preferences("train", path=path, progress=False)  # an AttributeError before
+    bad_title = {**row, "info": {**row["info"], "title": ["a", "list"]}}
+    path = _write_jsonl(tmp_path / "b.jsonl", [bad_title])
+    with pytest.raises(ValueError, match=re.escape(f"{path}, row 0: info.title must be a string, got list")):
+        hp.load_tldr_preferences("train", path=path, progress=False)
+
+
+def test_a_load_that_keeps_no_pairs_is_an_error(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "a.jsonl", [{**HH_ROW, "rejected": HH_ROW["chosen"]}] * 2)
+    with pytest.raises(ValueError, match=re.escape(f"no pairs kept from Anthropic/hh-rlhf 'train' ({path}): "
+                                                   "2 rows read, skipped 2 identical")):
+        hp.load_hh_preferences("train", path=path, progress=False)
+    row = _raw(TLDR / "comparisons" / "validation.jsonl")[0]
+    cnn = {**row, "info": {**row["info"], "subreddit": None, "post": None}}
+    with pytest.raises(ValueError, match=r"no pairs kept .*skipped 1 not_reddit"):
+        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "b.jsonl", [cnn]), progress=False)
+
+
+GOOD_PAIR = '{"prompt": "p", "chosen": " a", "rejected": " b"}\n'
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("p.jsonl", "", "p.jsonl is empty"),
+    ("p.jsonl", GOOD_PAIR + "{oops\n", "p.jsonl line 2 is not valid JSON"),
+    ("p.jsonl", GOOD_PAIR + '{"prompt": "p", "chosen": " a"}\n',
+     "p.jsonl: row 1: rejected is missing (None)"),
+    ("p.jsonl", GOOD_PAIR + '{"prompt": "p", "chosen": 3, "rejected": " b"}\n',
+     "p.jsonl: row 1: chosen must be a string, got int (3)"),
+    ("p.json", "[]", "p.json holds no rows"),
+    ("p.parquet", "not parquet", "p.parquet is not a readable parquet file"),
+])
+def test_launch_load_pairs_names_the_file_and_row(tmp_path: Path, name: str, text: str, words: str) -> None:
+    from dpo_lab.scale.launch import load_pairs
+
+    (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        load_pairs(tmp_path / name)
+    empty = tmp_path / "saved"
+    datasets.Dataset.from_dict({c: [] for c in PAIR_COLUMNS}).save_to_disk(str(empty))
+    with pytest.raises(ValueError, match=re.escape(f"--pairs {empty}: cannot load the saved Dataset")):
+        load_pairs(empty)

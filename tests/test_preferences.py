@@ -177,3 +177,14 @@ def test_pairs_without_rewards_validate_only_when_asked():
     same = datasets.Dataset.from_dict({"prompt": ["A"], "chosen": [" x"], "rejected": [" x"]})
     with pytest.raises(ValueError, match="identical"):
         validate_preferences(same, require_rewards=False)
+
+
+def test_a_missing_or_mistyped_text_is_named_as_such():
+    """A None or a number used to be reported as an "empty" text."""
+    rows = {"prompt": ["x", "y"], "chosen": [" a", None], "rejected": [" b", " c"]}
+    with pytest.raises(ValueError, match=r"row 1: chosen is missing \(None\)"):
+        validate_preferences(datasets.Dataset.from_dict(rows), require_rewards=False)
+    rows = {"prompt": ["x", "y"], "chosen": [" a", " d"], "rejected": [" b", " c"],
+            "chosen_reward": [0.9, None], "rejected_reward": [0.1, 0.2]}
+    with pytest.raises(ValueError, match=r"row 1: rewards must be numbers, got chosen None"):
+        validate_preferences(datasets.Dataset.from_dict(rows))

@@ -26,7 +26,7 @@ def test_every_preset_sets_every_field_explicitly(tmp_path: Path):
     its value would come from a dataclass default) or names an unknown one is refused, naming it."""
     raw = yaml.safe_load(presets.PRESETS_FILE.read_text())
     sections = {name: cls for name, cls in get_type_hints(Preset).items() if dataclasses.is_dataclass(cls)}
-    assert list(raw) == list(PRESETS) == ["paper", "cpu", "smoke"]
+    assert list(raw) == list(PRESETS) == ["paper", "cpu", "smoke", "gpu"]
     for name, entry in raw.items():
         assert set(entry) == {"seed", *sections}
         for section, cls in sections.items():
@@ -120,3 +120,110 @@ def test_optional_and_tuple_fields_are_typed():
         get_preset("cpu", **{"baselines.preferred_ft_seeds": [0.5]})
     with pytest.raises(TypeError, match=r"max_train_reviews.*int \| None"):
         get_preset("cpu", **{"data.max_train_reviews": 1.5})
+
+
+# ------------------------------------------------------------------------- one validation, before any work
+@pytest.mark.parametrize(
+    "overrides, words",
+    [
+        ({"dpo.betas": [-0.1]}, "dpo.betas[0] must be > 0, got -0.1"),
+        ({"dpo.betas": [0.1, float("nan")]}, "dpo.betas[1] must be a finite number, got nan"),
+        ({"dpo.betas": []}, "dpo.betas must list at least one value"),
+        ({"dpo.lr": 0}, "dpo.lr must be > 0, got 0.0"),
+        ({"dpo.lr": float("nan")}, "dpo.lr must be a finite number, got nan"),
+        ({"ppo.lr": -1e-4}, "ppo.lr must be > 0"),
+        ({"reward_model.lr": float("inf")}, "reward_model.lr must be a finite number"),
+        ({"policy.sft_lr": 0.0}, "policy.sft_lr must be > 0"),
+        ({"dpo.max_steps": 0}, "dpo.max_steps must be >= 1, got 0"),
+        ({"baselines.max_steps": 0}, "baselines.max_steps must be >= 1 or null"),
+        ({"dpo.batch_size": 0}, "dpo.batch_size must be >= 1"),
+        ({"dpo.micro_batch_size": 5}, "dpo.micro_batch_size (5) must divide dpo.batch_size (16)"),
+        ({"dpo.eval_every": 0}, "dpo.eval_every must be >= 1"),
+        ({"ppo.checkpoint_every": 0}, "ppo.checkpoint_every must be >= 1"),
+        ({"ppo.target_kls": [3.0, 0.0]}, "ppo.target_kls[1] must be > 0"),
+        ({"ppo.target_kl": -1}, "ppo.target_kl must be > 0"),
+        ({"baselines.unlikelihood_alphas": [-0.5]}, "baselines.unlikelihood_alphas[0] must be >= 0"),
+        ({"data.test_fraction": 1.0}, "data.test_fraction must be > 0 and < 1, got 1.0"),
+        ({"reward_model.val_fraction": 0}, "reward_model.val_fraction must be > 0 and < 1"),
+        ({"preferences.prompt_min_tokens": 9}, "preferences.prompt_max_tokens must be >= "
+                                                "preferences.prompt_min_tokens (9), got 8"),
+        ({"policy.n_positions": 19, "reward_model.max_length": 19},
+         "policy.n_positions must be >= preferences.prompt_max_tokens + preferences.max_new_tokens (20)"),
+        ({"dpo.label_smoothing": 0.5}, "dpo.label_smoothing must be >= 0 and < 0.5"),
+        ({"ppo.minibatch_size": 32}, "ppo.minibatch_size must be <= ppo.rollout_batch_size (16)"),
+        ({"seed": -1}, "seed must be >= 0"),
+    ],
+)
+def test_a_bad_value_is_refused_naming_the_field(overrides, words):
+    """Ranges, not just types, are checked by get_preset (so preset, sweep --dry-run, reproduce, execute and
+    the notebooks refuse them up front), each error naming the field and the value."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        get_preset("smoke", **overrides)
+
+
+def test_every_preset_and_every_legitimate_override_validates():
+    for preset in PRESETS.values():
+        assert presets.validate(preset) is preset
+    get_preset("smoke", **{"dpo.batch_size": 288, "dpo.micro_batch_size": 288, "ppo.target_kl": None,
+                           "dpo.lr": 1, "dpo.max_grad_norm": float("inf"), "baselines.max_steps": None})
+
+
+def test_an_absurd_batch_size_is_an_error_not_a_hang():
+    """run.batch_indices wraps a batch larger than the pair set around it batch_size / n_pairs times: step 1
+    then takes batch_size / micro_batch_size forward passes, so training sat at step 0 with no message."""
+    words = ("dpo.batch_size must be <= the most pairs the preference stage can give (288 = "
+             "preferences.n_prompts 48 x 6 pairs per prompt)")
+    with pytest.raises(ValueError, match=re.escape(words)):
+        get_preset("smoke", **{"dpo.batch_size": 8_000_000, "dpo.micro_batch_size": 8})
+    with pytest.raises(ValueError, match=r"ppo\.rollout_batch_size must be <= preferences\.n_prompts \(48\)"):
+        get_preset("smoke", **{"ppo.rollout_batch_size": 64})
+
+
+def test_several_bad_values_are_named_together():
+    with pytest.raises(ValueError, match=r"2 invalid settings: dpo\.lr must be > 0.*; ppo\.max_steps must"):
+        get_preset("smoke", **{"dpo.lr": -1, "ppo.max_steps": 0})
+
+
+def test_a_preset_built_by_hand_is_type_checked():
+    smoke = PRESETS["smoke"]
+    with pytest.raises(TypeError, match=r"dpo\.lr expects float, got str"):
+        presets.validate(dataclasses.replace(smoke, dpo=dataclasses.replace(smoke.dpo, lr="1e-5")))
+    with pytest.raises(TypeError, match=r"dpo\.betas expects"):
+        presets.validate(dataclasses.replace(smoke, dpo=dataclasses.replace(smoke.dpo, betas=[0.1])))
+    with pytest.raises(ValueError, match=r"eval\.batch_size must be >= 1"):
+        presets.validate(dataclasses.replace(smoke, eval=dataclasses.replace(smoke.eval, batch_size=0)))
+
+
+def test_presets_yaml_with_a_bad_range_names_the_file(tmp_path: Path):
+    raw = yaml.safe_load(presets.PRESETS_FILE.read_text())
+    raw["smoke"]["dpo"]["betas"] = [0.1, -1.0]
+    path = tmp_path / "presets.yaml"
+    path.write_text(yaml.safe_dump({"smoke": raw["smoke"]}))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: preset 'smoke': dpo.betas[1] must be > 0")):
+        presets.load_presets(path)
+
+
+def test_reproduce_and_sweep_refuse_a_bad_value_before_any_stage(monkeypatch, capsys):
+    """``reproduce`` used to train SFT, build pairs and run DPO (minutes at cpu) before β ≤ 0 failed."""
+    import time
+
+    from dpo_lab import pipeline, reproduce
+    from dpo_lab.scale import sweep
+
+    def stage(*args, **kwargs):
+        raise AssertionError("a stage ran before the configuration was checked")
+
+    for name in ("sft_policy", "reward_model", "preference_data", "frontier", "result"):
+        monkeypatch.setattr(pipeline, name, stage)
+    monkeypatch.setattr(reproduce, "reproduce", stage)
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--preset", "smoke", "--set", "dpo.betas=[0.1, -0.1]"])
+    assert time.perf_counter() - start < 1.0
+    assert exit_info.value.code == 2
+    assert "dpo.betas[1] must be > 0, got -0.1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["preset", "smoke", "--set", "dpo.max_steps=0"])
+    assert "dpo.max_steps must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"dpo\.lr must be a finite number, got nan"):
+        sweep.preset_spec("smoke", {"dpo.lr": float("nan")})  # what sweep --dry-run builds

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import datasets
@@ -12,24 +18,40 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it)
 
+from dpo_lab import pipeline
 from dpo_lab.batching import pair_columns, pair_examples, pairs_fingerprint
 from dpo_lab.cache import model_fingerprint, tokenizer_fingerprint
+from dpo_lab.dpo_trainer import train_dpo
+from dpo_lab.paths import project_root
+from dpo_lab.presets import Preset, get_preset
 from dpo_lab.run import (
+    HOLDER_FILE,
     TRAINER_STATE,
     MetricsLog,
+    Run,
+    RunLockedError,
     RunResult,
+    acquire_run_lock,
     call_eval_fn,
     check_run,
     checkpoint_dirs,
     checkpoint_path,
+    closes_runs,
+    finished_metrics,
     finished_run,
     is_due,
     latest_checkpoint,
     load_weights,
+    lock_timeout,
     prune_checkpoints,
     read_metrics,
+    release_run_lock,
     rng_state,
+    run_lock,
+    schedule_dir,
+    seed_schedule,
     set_rng_state,
     truncate_metrics,
     write_result,
@@ -285,3 +307,256 @@ def test_fingerprints_track_weights_and_tokens_only(tiny_tokenizer, tiny_model) 
     assert tokenizer_fingerprint(tokenizer) == tok_before
     tokenizer.add_tokens(["<new>"])
     assert tokenizer_fingerprint(tokenizer) != tok_before
+
+
+# -------------------------------------------------------------------------------------------- run lock
+# A process that holds a run folder (as a trainer does while it trains), then finishes the run.
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from dpo_lab.run import Run, RunResult
+out = Path(sys.argv[1])
+run = Run(out, {"beta": 0.1})
+print("holding", flush=True)
+time.sleep(float(sys.argv[2]))
+run.finish(RunResult(out / "checkpoints" / "step-000005", out / "metrics.jsonl", {"step": 5}, 5))
+"""
+
+
+def _start_holder(out_dir: Path, hold_s: float) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "DPO_LAB_LOCK_TIMEOUT"}
+    proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(out_dir), str(hold_s)], cwd=project_root(),
+                            env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "holding"
+    return proc
+
+
+def test_a_second_process_waits_for_the_run_then_finds_it_finished(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    holder = _start_holder(out, 2.0)
+    try:
+        started = time.monotonic()
+        run = Run(out, {"beta": 0.1})  # blocks until the holder has finished the run
+        waited = time.monotonic() - started
+        result = run.finished(5, RunResult)
+    finally:
+        holder.wait(timeout=60)
+    assert holder.returncode == 0 and waited > 0.5
+    assert result is not None and result.steps == 5 and run.closed  # a finished result releases the folder
+    err = capsys.readouterr().err
+    assert f"{out} is in use by pid {holder.pid} on host {socket.gethostname()} since " in err
+    assert "waiting for it" in err
+
+
+def test_lock_timeout_names_the_holder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    holder = _start_holder(out, 120)
+    try:
+        monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", "0.2")
+        named = rf"in use by pid {holder.pid} on host \S+ since \d{{4}}-\d\d-\d\d .*gave up after 0.2 s"
+        with pytest.raises(RunLockedError, match=named + r" \(DPO_LAB_LOCK_TIMEOUT\)"):
+            Run(out, {"beta": 0.1})
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holder_blocks_nobody(tmp_path: Path) -> None:
+    """kill -9 leaves .run.lock and .run.lock.json behind, but the OS dropped the lock with the process."""
+    out = tmp_path / "run"
+    holder = _start_holder(out, 120)
+    assert json.loads((out / HOLDER_FILE).read_text())["pid"] == holder.pid
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    started = time.monotonic()
+    with Run(out, {"beta": 0.1}, lock_timeout=0) as run:  # lock_timeout=0: RunLockedError if still held
+        assert json.loads((out / HOLDER_FILE).read_text())["pid"] == os.getpid()
+    assert time.monotonic() - started < 5.0 and run.closed
+    assert not (out / HOLDER_FILE).exists()
+
+
+def test_a_run_releases_its_folder_however_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", "0")  # a folder still held fails at once instead of waiting
+
+    @closes_runs
+    def trainer() -> None:
+        Run(tmp_path, FIELDS)
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer()
+    leaked = Run(tmp_path, FIELDS)  # free again; this one is never closed by a trainer...
+    with pytest.raises(RuntimeError, match="already held by this process: a Run on it was not closed"):
+        Run(tmp_path, FIELDS)  # ...which is named rather than waited for forever
+    leaked.close()
+    leaked.close()  # idempotent
+    with pytest.raises(RuntimeError, match="is closed"):
+        leaked.metrics(None, {"step"}, eval_every=1, max_steps=1, start=None)
+    with Run(tmp_path, FIELDS) as run:
+        assert not run.closed
+    assert run.closed
+    run = Run(tmp_path, FIELDS)
+    result = _Result(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
+                     metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
+    assert run.finish(result) == result and run.closed
+    with pytest.raises(ValueError, match="holds a different run"):  # refused: the folder is not kept
+        Run(tmp_path, {**FIELDS, "beta": 0.5})
+    with run_lock(tmp_path):
+        pass
+
+
+@pytest.mark.parametrize(("value", "seconds"), [("", None), ("2.5", 2.5), ("0", 0.0), ("inf", None)])
+def test_lock_timeout_setting(monkeypatch: pytest.MonkeyPatch, value: str, seconds: float | None) -> None:
+    monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", value)
+    assert lock_timeout() == seconds
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "soon"])
+def test_bad_lock_timeout_is_named(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", value)
+    with pytest.raises(ValueError, match=f"DPO_LAB_LOCK_TIMEOUT='{value}': expected seconds >= 0"):
+        lock_timeout()
+
+
+def test_results_are_read_from_finished_runs_only(tmp_path: Path) -> None:
+    result = _Result(checkpoint_dir=checkpoint_path(tmp_path, 5), metrics_path=tmp_path / "metrics.jsonl",
+                     last_metrics={}, steps=5)
+    _write_lines(tmp_path / "metrics.jsonl", [{"step": 5}])
+    with pytest.raises(RuntimeError, match=r"is not a finished 5-step run \(no result.json\)"):
+        with finished_metrics(result):
+            pass
+    write_result(tmp_path, replace(result, steps=4), "key")
+    with pytest.raises(RuntimeError, match="its result.json says 4 steps"):
+        with finished_metrics(result):
+            pass
+    write_result(tmp_path, result, "key")
+    with finished_metrics(result) as path:
+        assert read_metrics(path) == [{"step": 5}]
+        with pytest.raises(RuntimeError, match="already held by this process"):  # read under the run's lock
+            release_run_lock(tmp_path, acquire_run_lock(tmp_path, 0))
+
+
+def test_a_continued_run_is_not_finished_while_it_runs(tmp_path: Path) -> None:
+    with Run(tmp_path, FIELDS) as run:
+        _fake_checkpoint(tmp_path, 5, run.key)
+        finished = _Result(checkpoint_dir=checkpoint_path(tmp_path, 5),
+                           metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
+        write_result(tmp_path, finished, run.key)
+        assert run.finished(8, _Result) is None  # more steps asked for: train on...
+        assert run.resume(8)[0] == 5
+        assert not (tmp_path / "result.json").exists()  # ...and no reader takes it for a finished 5-step run
+
+
+def _train(model: nn.Module, reference: nn.Module, tokenizer, out_dir: Path, max_steps: int, **kw):
+    return train_dpo(copy.deepcopy(model), reference, tokenizer, PAIRS, beta=0.1,
+                     config=replace(CONFIG, max_steps=max_steps), seed=0, max_length=32, out_dir=out_dir,
+                     ref_cache_dir=out_dir.parent / "cache", progress=False, device="cpu", **kw)
+
+
+def _probe(policy: nn.Module, step: int) -> dict[str, float]:
+    return {"probe": float(step)}
+
+
+def _no_eval(policy: nn.Module, step: int) -> dict[str, float]:
+    raise AssertionError("a finished or reused run must not be evaluated again")
+
+
+def _no_clock(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("wall_s") and not k.startswith("time/")}
+            for r in records]
+
+
+def test_trainer_releases_its_folder_when_it_fails(tiny_model, tiny_tokenizer, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", "0")
+
+    def dies(policy: nn.Module, step: int) -> dict[str, float]:
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        _train(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, tmp_path / "run", 4, eval_fn=dies)
+    with run_lock(tmp_path / "run"):  # not left held by the failed trainer
+        pass
+
+
+# ------------------------------------------------------------------------------------------- schedules
+def test_schedule_dir_and_seeding_need_the_checkpoint_and_its_evaluation(tmp_path: Path) -> None:
+    source, target = tmp_path / "run", tmp_path / "run-steps3"
+    assert schedule_dir(source, 3) == source  # nothing held yet
+    _fake_checkpoint(source, 4)
+    assert schedule_dir(source, 4) == source and schedule_dir(source, 9) == source
+    assert schedule_dir(source, 3) == target  # holds more steps than asked: kept apart
+    records = [{"step": 0, "reward": 0.1}, *({"step": s, "loss": 1.0} for s in (1, 2, 3)),
+               {"step": 4, "loss": 1.0, "reward": 0.2}]
+    _write_lines(source / "metrics.jsonl", records)
+    assert not seed_schedule(source, target, 3)  # no checkpoint at step 3 was kept
+    _fake_checkpoint(source, 3)
+    assert not seed_schedule(source, target, 3)  # kept, but step 3 was not evaluated
+    records[3] = {**records[3], "reward": 0.3}
+    _write_lines(source / "metrics.jsonl", records)
+    assert seed_schedule(source, target, 3)
+    assert [s for s, _ in checkpoint_dirs(target)] == [3]
+    assert read_metrics(target / "metrics.jsonl") == records[:4]
+    assert not seed_schedule(source, target, 3)  # started already: it resumes on its own
+    assert not list(target.rglob("*.tmp"))
+
+
+def test_fewer_steps_than_the_folder_holds_are_kept_apart(tiny_model, tiny_tokenizer, tmp_path, capsys):
+    """Issue 11, fault 5: a run continued to 6 steps and then asked for 3 failed for good ("already holds a
+    checkpoint at step 6 > max_steps 3; use a new out_dir"). Now each schedule gets its own folder."""
+    reference, out = copy.deepcopy(tiny_model), tmp_path / "run"
+    long = _train(tiny_model, reference, tiny_tokenizer, out, 6, eval_fn=_probe)
+    kept = {p: p.read_bytes() for p in (out / "metrics.jsonl", out / "result.json")}
+    capsys.readouterr()
+    short = _train(tiny_model, reference, tiny_tokenizer, out, 3, eval_fn=_probe)
+    err = capsys.readouterr().err
+    assert f"{out} holds this run continued to step 6 > max_steps 3" in err and "trained there" in err
+    assert short.steps == 3 and short.metrics_path == tmp_path / "run-steps3" / "metrics.jsonl"
+    records = read_metrics(short.metrics_path)
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and records[-1]["probe"] == 3.0
+    assert _no_clock(records[:3]) == _no_clock(read_metrics(long.metrics_path)[:3])  # the same trajectory
+    assert {p: p.read_bytes() for p in kept} == kept  # the longer run is left as it was
+    # From now on each schedule is reused at once, the longer one from its own folder.
+    assert _train(tiny_model, reference, tiny_tokenizer, out, 6, eval_fn=_no_eval) == long
+    assert _train(tiny_model, reference, tiny_tokenizer, out, 3, eval_fn=_no_eval) == short
+
+
+def test_a_kept_checkpoint_at_the_shorter_length_is_reused(tiny_model, tiny_tokenizer, tmp_path, capsys):
+    reference, out = copy.deepcopy(tiny_model), tmp_path / "run"
+    long = _train(tiny_model, reference, tiny_tokenizer, out, 6, eval_fn=_probe, keep_checkpoints=None)
+    capsys.readouterr()
+    # Nothing is trained or evaluated: the step-4 checkpoint and metrics of the longer run are the result.
+    short = _train(tiny_model, reference, tiny_tokenizer, out, 4, eval_fn=_no_eval)
+    assert "from its checkpoint at step 4" in capsys.readouterr().err
+    assert short.steps == 4 and short.checkpoint_dir == checkpoint_path(tmp_path / "run-steps4", 4)
+    assert read_metrics(short.metrics_path) == read_metrics(long.metrics_path)[:5]
+    assert short.last_metrics["probe"] == 4.0
+    assert (short.checkpoint_dir / "model.safetensors").read_bytes() == \
+        (checkpoint_path(out, 4) / "model.safetensors").read_bytes()
+
+
+@pytest.mark.slow
+def test_smoke_reproduction_schedule_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
+    """The default reproduction's DPO run continued to 14 steps, then asked for 12 again (failed for good
+    before), then for 14 again: each schedule finishes and is reused from its own folder."""
+    monkeypatch.setenv("DPO_LAB_ARTIFACTS", str(tmp_path / "artifacts"))
+
+    def preset(steps: int) -> Preset:
+        return get_preset("smoke", **{"dpo.max_steps": steps, "dpo.betas": [0.1]})
+
+    folder = pipeline.run_dir(preset(12), "DPO", 0.1)
+    assert pipeline.run_dir(preset(14), "DPO", 0.1) == folder  # how long a run goes is not in its key
+    long = pipeline.dpo(preset(14), 0.1, progress=False)
+    assert long.steps == 14 and long.metrics_path.parent == folder
+    kept = {p: p.read_bytes() for p in (folder / "metrics.jsonl", folder / "result.json")}
+    capsys.readouterr()
+    short = pipeline.dpo(preset(12), 0.1, progress=False)
+    assert "continued to step 14 > max_steps 12" in capsys.readouterr().err
+    assert short.steps == 12 and short.metrics_path.parent == folder.with_name(f"{folder.name}-steps12")
+    records = read_metrics(short.metrics_path)
+    assert [r["step"] for r in records] == list(range(13))
+    assert _no_clock(records) == _no_clock(read_metrics(long.metrics_path)[:13])  # as the 14-step run went
+    points = pipeline.frontier(preset(12), ("DPO",), progress=False)  # the table reads the 12-step folder
+    assert points.step.tolist() == [0, 6, 12]
+    assert pipeline.dpo(preset(14), 0.1, progress=False) == long  # reused: nothing retrained
+    assert pipeline.dpo(preset(12), 0.1, progress=False) == short
+    assert {p: p.read_bytes() for p in kept} == kept

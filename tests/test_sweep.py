@@ -7,7 +7,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,14 +26,19 @@ from dpo_lab.paths import project_root
 from dpo_lab.scale import sweep
 
 # A toy run notebook: records each execution, can fail on request, and can be held at a gate file so a
-# test can kill the sweep while it is inside a run.
+# test can kill the sweep while it is inside a run; it can start a child of its own (as torchrun does).
 TOY_PARAMETERS = '''x: float = 1.0  # the value this run computes with
 fail: bool = False  # raise instead of finishing
 gate: str = ""  # while this file exists the run waits
+spawn: bool = False  # start a child process in a session of its own that sleeps (like a torchrun worker)
+extra: dict = {}  # any mapping (as the frontier notebook's overrides), copied into the result
 run_dir: str = ""  # the folder the sweep runner gives this run'''
-TOY_BODY = '''import json, os, time
+TOY_BODY = '''import json, os, subprocess, sys, time
 from pathlib import Path
 out = Path(run_dir)
+if spawn:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"], start_new_session=True)
+    (out / "child.pid").write_text(str(child.pid))
 (out / "kernel.pid").write_text(str(os.getpid()))
 with open(out / "executions.log", "a") as log:
     log.write(f"started {time.time()}\\n")
@@ -40,7 +47,7 @@ while gate and Path(gate).exists() and time.time() < deadline:
     time.sleep(0.1)
 if fail:
     raise RuntimeError(f"boom at x={x}")
-(out / "result.json").write_text(json.dumps({"x": x, "y": 2 * x, "end": time.time(),
+(out / "result.json").write_text(json.dumps({"x": x, "y": 2 * x, "end": time.time(), "extra": extra,
                                              "device": os.environ.get("CUDA_VISIBLE_DEVICES", "")}))'''
 
 
@@ -304,6 +311,257 @@ def test_runs_wait_for_the_runs_they_read(toy_notebook: Path, tmp_path: Path) ->
     parameters = yaml.safe_load((root / "toy" / "b" / "parameters.yaml").read_text())
     assert parameters["gate"] == str((root / "toy").resolve() / "a" / "no-gate")
     assert sweep.plan(sweep.load_spec(spec), root).state.tolist() == ["done", "done", "failed", "todo"]
+
+
+# ------------------------------------------------------------------------------------------ folder names
+def test_safe_component_keeps_simple_names_and_slugs_the_rest() -> None:
+    assert [sweep.safe_component(t) for t in ("x0.5-seed1", "dpo-beta0.1", "a_B-9")] == \
+        ["x0.5-seed1", "dpo-beta0.1", "a_B-9"]
+    odd = ["a/b", "../../x", "..", ".", "", "{}", "{x}", ".hidden", "a b", "é", "x" * 300, "a\\b", "{'k': 1}"]
+    names = [sweep.safe_component(t) for t in odd]
+    assert len(set(names)) == len(odd)  # the hash keeps different values apart
+    for name in names:
+        assert re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*", name) and len(name) <= 96, name
+        assert sweep.safe_component(name) == name  # a made name is itself simple
+    assert sweep.safe_component("data/fixtures/hh_rlhf").startswith("data_fixtures_hh_rlhf-")
+
+
+def test_a_run_folder_must_resolve_inside_its_sweep(tmp_path: Path) -> None:
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    assert sweep.inside(folder, "run") == folder / "run"
+    for name in ("..", "../x", "a/b", "{}", ""):
+        with pytest.raises(sweep.SweepError, match="not a safe folder name"):
+            sweep.inside(folder, name)
+    (folder / "link").symlink_to(tmp_path)  # a run folder that points elsewhere
+    with pytest.raises(sweep.SweepError, match="outside"):
+        sweep.inside(folder, "link")
+
+
+@pytest.mark.parametrize("name", ["a{b}", "..", "a/../b", "x" * 97, ".hidden"])
+def test_explicit_run_and_sweep_names_must_be_safe(name: str) -> None:
+    with pytest.raises(sweep.SweepError, match="runs\\[0\\].name must be"):
+        sweep.spec_from_dict({"name": "s", "notebook": "nb.ipynb", "runs": [{"name": name}]}, source="s.yaml")
+    with pytest.raises(sweep.SweepError, match="'name' must be"):
+        sweep.spec_from_dict({"name": name, "notebook": "nb.ipynb", "grid": {"x": [1]}}, source="spec.yaml")
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"name": "s", "notebook": 3, "grid": {"x": [1]}}, "'notebook' must be a path"),
+    ({"name": "s", "notebook": "nb.ipynb", "parameters": [1], "grid": {"x": [1]}}, "'parameters' must map"),
+    ({"name": "s", "notebook": "nb.ipynb", "runs": {"a": 1}}, "'runs' must be a list"),
+    ({"name": "s", "notebook": "nb.ipynb", "runs": [{"name": "a", "parameters": "x=1"}]},
+     r"runs\[0\].parameters must map"),
+    ({"name": "s", "notebook": "nb.ipynb", "grid": {"x": [1]}, "requires": "gpu"}, "'requires' must be"),
+])
+def test_malformed_specs_are_named_not_tracebacks(data: dict, message: str) -> None:
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.spec_from_dict(data, source="spec.yaml")
+
+
+def test_grid_values_with_slash_dotdot_and_braces_stay_inside_and_run_once(toy_notebook: Path,
+                                                                           tmp_path: Path) -> None:
+    """A grid value with '/' re-ran a finished run 7 times, '..' wrote outside runs/, and a '{}' in a run
+    folder (or anywhere in a path papermill sees) failed every run: each gets its own safe folder now."""
+    nb_dir = tmp_path / "note{books}"
+    nb_dir.mkdir()
+    notebook = nb_dir / "toy{}.ipynb"
+    notebook.write_bytes(toy_notebook.read_bytes())
+    root = tmp_path / "ru{n}s"
+    gates = ["no/such/dir", "../../../outside", "{}", "{x}"]
+    spec_path = tmp_path / "odd.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": "toy", "notebook": str(notebook),
+                                         "grid": {"gate": gates, "extra": [{"dpo.lr": 1.0e-5}]}}))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    spec = sweep.load_spec(spec_path)
+    assert len({r.name for r in spec.runs}) == 4
+    assert main(["sweep", str(spec_path), "--runs-dir", str(root), "--dry-run"]) == 0
+    outcomes = sweep.run_sweep(spec, root=root, progress=False)
+    assert [o.state for o in outcomes] == ["done"] * 4, outcomes
+    folder = root / "toy"
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(r.name for r in spec.runs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "ru{n}s"])  # nothing outside
+    for run, gate in zip(spec.runs, gates, strict=True):
+        assert yaml.safe_load((folder / run.name / "parameters.yaml").read_text())["gate"] == gate
+        assert json.loads((folder / run.name / "result.json").read_text())["extra"] == {"dpo.lr": 1e-5}
+    again = sweep.run_sweep(spec, root=root, progress=False)  # finished runs are not run again
+    assert [o.state for o in again] == ["skipped"] * 4
+    assert [executions(root, r.name) for r in spec.runs] == [1] * 4
+    assert pd.read_csv(folder / "results.csv").state.eq("done").all()
+
+
+def test_gridding_over_the_frontier_notebooks_overrides_passes_the_dry_run(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = tmp_path / "overrides.yaml"
+    spec.write_text(yaml.safe_dump({"name": "ov", "notebook": str(sweep.FRONTIER_NOTEBOOK),
+                                    "parameters": {"preset": "smoke"},
+                                    "grid": {"overrides": [{"dpo.lr": 1.0e-5}, {"dpo.betas": [0.1]}]}}))
+    assert main(["sweep", str(spec), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    names = [r.name for r in sweep.load_spec(spec).runs]
+    assert all(name in out for name in names) and not any("{" in name for name in names)
+
+
+# ------------------------------------------------------------------------------------- the dry run
+def test_dry_run_refuses_what_a_real_run_would(toy_notebook: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def dry(data: dict, *extra: str) -> int:
+        path = tmp_path / "spec.yaml"
+        path.write_text(yaml.safe_dump({"notebook": str(toy_notebook), **data}))
+        return main(["sweep", str(path), "--runs-dir", str(tmp_path / "runs"), "--dry-run", *extra])
+
+    assert dry({"name": "ok", "grid": {"x": [1.0]}}) == 0
+    assert dry({"name": "ok", "runs": [{"name": "a{b}"}]}) == 2
+    assert "runs[0].name must be" in capsys.readouterr().err
+    assert dry({"name": "ok", "grid": {"xx": [1.0]}}) == 2
+    assert "unknown parameter(s) ['xx']" in capsys.readouterr().err
+    (tmp_path / "runs").write_text("a file, not a folder")
+    assert dry({"name": "ok", "grid": {"x": [1.0]}}) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    (tmp_path / "runs").unlink()
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert dry({"name": "ok", "grid": {"x": [1.0]}, "requires": ["gpu"]}) == 2
+    assert "a real run here would refuse" in capsys.readouterr().err
+    assert dry({"name": "ok", "grid": {"x": [1.0]}, "requires": ["gpu"]}, "--force") == 0
+
+
+def test_processes_are_checked_against_the_devices_before_any_run(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture) -> None:
+    spec = {"name": "p", "notebook": str(sweep.FRONTIER_NOTEBOOK),
+            "runs": [{"name": "a", "parameters": {"preset": "smoke", "processes": 3}}]}
+    with pytest.raises(sweep.SweepError, match="processes 3 needs 3 GPUs"):
+        sweep.validate(sweep.spec_from_dict(spec), devices=["0", "1"])
+    sweep.validate(sweep.spec_from_dict(spec), devices=[None])  # on a CPU: gloo processes
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert main(["sweep", str(path), "--runs-dir", str(tmp_path), "--devices", "0,1", "--dry-run"]) == 2
+    assert "processes 3 needs 3 GPUs" in capsys.readouterr().err
+    spec["runs"][0]["parameters"]["processes"] = 0
+    with pytest.raises(sweep.SweepError, match="processes must be a whole number >= 1"):
+        sweep.validate(sweep.spec_from_dict(spec))
+
+
+# --------------------------------------------------------------------------- stopping and killing a sweep
+def start_held_sweep(toy_notebook: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path, dict[str, int]]:
+    """A sweep (a CLI process) whose run a waits at a gate after starting a child of its own; b waits for a.
+    Returns the process, the runs folder and the pids of run a's guard, kernel and child."""
+    root, gate = tmp_path / "runs", tmp_path / "gate"
+    gate.write_text("hold")
+    spec = toy_spec(toy_notebook, tmp_path, a={"x": 1.0, "gate": str(gate), "spawn": True}, b={"x": 2.0})
+    proc = subprocess.Popen([sys.executable, "-m", "dpo_lab", "sweep", str(spec), "--runs-dir", str(root)],
+                            cwd=project_root(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    run = root / "toy" / "a"
+    deadline = time.monotonic() + 120
+    while not (run / "kernel.pid").is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert (run / "kernel.pid").is_file(), f"run a never started: {proc.stderr.read() if proc.poll() else ''}"
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "running" and status["host"] == socket.gethostname()
+    pids = {"guard": status["pid"], "kernel": int((run / "kernel.pid").read_text()),
+            "child": int((run / "child.pid").read_text())}
+    assert all(sweep.pid_alive(pid) for pid in pids.values()), pids
+    return proc, root, pids
+
+
+def wait_dead(pids: dict[str, int], seconds: float) -> dict[str, int]:
+    """The pids still alive after up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and any(sweep.pid_alive(p) for p in pids.values()):
+        time.sleep(0.1)
+    return {k: p for k, p in pids.items() if sweep.pid_alive(p)}
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_sweep_stops_every_process_of_its_runs(toy_notebook: Path, tmp_path: Path,
+                                                         signum: int) -> None:
+    """SIGTERM/SIGINT reach the sweep only (its runs live in sessions of their own); it ends each running
+    run's whole process tree, marks the run interrupted, starts nothing more and exits 128 + signal."""
+    proc, root, pids = start_held_sweep(toy_notebook, tmp_path)
+    os.kill(proc.pid, signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum, err
+    assert wait_dead(pids, 5) == {}
+    status = json.loads((root / "toy" / "a" / "status.json").read_text())
+    assert status["state"] == "interrupted" and signal.Signals(signum).name in status["error"]
+    assert "INTERRUPTED a" in err and not (root / "toy" / "b").exists()
+    spec = sweep.load_spec(tmp_path / "toy.yaml")
+    assert sweep.plan(spec, root).state.tolist() == ["interrupted", "todo"]  # runs again, even --skip-failed
+
+
+def test_kill_9_of_a_sweep_leaves_no_process_of_its_run(toy_notebook: Path, tmp_path: Path) -> None:
+    """SIGKILL of the sweep alone: the run's guard sees its parent die and ends papermill, the kernel (in a
+    session of its own) and the kernel's own child; a rerun then runs the run again and finishes."""
+    proc, root, pids = start_held_sweep(toy_notebook, tmp_path)
+    proc.kill()
+    proc.wait()
+    assert wait_dead(pids, 10) == {}
+    run = root / "toy" / "a"
+    assert json.loads((run / "status.json").read_text())["state"] == "running"  # nobody could record it
+    spec = sweep.load_spec(tmp_path / "toy.yaml")
+    state, why = sweep.run_state(run, spec.runs[0].parameters)
+    assert state == "interrupted" and "is gone" in why
+    (tmp_path / "gate").unlink()
+    outcomes = sweep.run_sweep(spec, root=root, progress=False)
+    assert [(o.name, o.state) for o in outcomes] == [("a", "done"), ("b", "done")]
+    assert [executions(root, r) for r in "ab"] == [2, 1]
+    assert not sweep.pid_alive(int((run / "child.pid").read_text()))  # the rerun's child ended with it too
+
+
+def test_a_run_over_its_time_limit_ends_with_all_its_processes(toy_notebook: Path, tmp_path: Path) -> None:
+    root, gate = tmp_path / "runs", tmp_path / "gate"
+    gate.write_text("hold")
+    spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, a={"gate": str(gate), "spawn": True}))
+    outcomes = sweep.run_sweep(spec, root=root, progress=False, timeout_s=15)
+    assert [o.state for o in outcomes] == ["failed"] and "exceeded its 15 s limit" in outcomes[0].error
+    run = root / "toy" / "a"
+    status = json.loads((run / "status.json").read_text())
+    pids = {"guard": status["pid"], "kernel": int((run / "kernel.pid").read_text()),
+            "child": int((run / "child.pid").read_text())}
+    assert wait_dead(pids, 5) == {}
+
+
+def test_a_run_another_process_runs_is_waited_for_not_started_twice(toy_notebook: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    root = tmp_path / "runs"
+    spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, a={"x": 1.0}, b={"x": 2.0}))
+    run = root / "toy" / "a"
+    key = sweep.parameters_key(spec.runs[0].parameters)
+    here = {"state": "running", "parameters_key": key, "host": socket.gethostname()}
+
+    # Without a lock file (an older runner), the status's pid decides: alive -> running, gone -> interrupted.
+    run.mkdir(parents=True)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    (run / "status.json").write_text(json.dumps({**here, "pid": sleeper.pid}))
+    assert sweep.run_state(run, spec.runs[0].parameters)[0] == "running"
+    sleeper.kill()
+    sleeper.wait()
+    gone = f"interrupted: its process (pid {sleeper.pid} on {here['host']}) is gone"
+    assert sweep.run_state(run, spec.runs[0].parameters) == ("interrupted", gone)
+    # With the lock held (another sweep's run), the lock decides, and the run is not started again.
+    claim = sweep.try_claim(run)
+    assert claim is not None and sweep.try_claim(run) is None
+    (run / "status.json").write_text(json.dumps({**here, "pid": os.getpid()}))
+    assert sweep.plan(spec, root).state.tolist() == ["running", "todo"]
+    with pytest.raises(sweep.SweepError, match="running elsewhere"):
+        sweep.execute_run(toy_notebook, run, {"x": 1.0})
+    outcomes: list = []
+    sweeper = threading.Thread(
+        target=lambda: outcomes.extend(sweep.run_sweep(spec, root=root, progress=False)))
+    sweeper.start()
+    time.sleep(3)
+    assert sweeper.is_alive() and executions(root, "a") == 0 and executions(root, "b") == 0  # waiting for a
+    (run / "result.json").write_text(json.dumps({"x": 1.0, "y": 2.0}))  # the other process finishes a
+    (run / "status.json").write_text(json.dumps({**here, "state": "done", "pid": os.getpid()}))
+    os.close(claim)
+    sweeper.join(timeout=120)
+    assert [(o.name, o.state) for o in outcomes] == [("a", "skipped"), ("b", "done")]
+    assert executions(root, "a") == 0 and executions(root, "b") == 1
+    assert "toy/a: running elsewhere (pid" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- the real notebook

@@ -12,7 +12,9 @@ columns. Rows that cannot form a usable pair are skipped and counted by reason, 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import gzip
+import json
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,25 +63,146 @@ def _split_files(path: Path, split: str) -> list[Path]:
     return files
 
 
+_FIX_FILE = "fix or replace the file"
+
+
+def _file_problem(file: Path, builder: str) -> str | None:
+    """Why one local data file cannot be read (``"line 3 is not valid JSON (...)"``), or None if it reads."""
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return "holds no rows" if pq.read_metadata(file).num_rows == 0 else None
+        except Exception as err:  # pyarrow's errors for a damaged file vary
+            return f"is not a readable parquet file ({type(err).__name__}: {err})"
+    try:
+        with (gzip.open(file, "rt", encoding="utf-8") if file.suffix == ".gz" else
+              open(file, encoding="utf-8")) as handle:
+            text = handle.read()
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        return f"cannot be read as UTF-8 text ({type(err).__name__}: {err})"
+    if not text.strip():
+        return "is empty"
+    if file.name.removesuffix(".gz").endswith(".json"):
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError:
+            pass  # maybe JSON lines, as the json loader also accepts
+        else:
+            return "holds no rows" if whole in ([], {}) else None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON ({err.msg}, column {err.colno})"
+            if not isinstance(row, dict):
+                return f"line {number} is not a JSON object but {type(row).__name__}"
+    return None
+
+
+def _row_count(file: Path, builder: str) -> int | None:
+    """Rows the json/parquet loader reads from one file (None if unknown): to name a row's file."""
+    try:
+        if builder == "parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(file).num_rows
+        with (gzip.open(file, "rt", encoding="utf-8") if file.suffix == ".gz" else
+              open(file, encoding="utf-8")) as handle:
+            text = handle.read()
+        if file.name.removesuffix(".gz").endswith(".json"):
+            try:
+                whole = json.loads(text)
+                return len(whole) if isinstance(whole, list) else 1
+            except json.JSONDecodeError:
+                pass
+        return sum(1 for line in text.splitlines() if line.strip())
+    except Exception:  # only used to word an error: never hide the error itself
+        return None
+
+
+def read_data_files(files: Sequence[Path], builder: str) -> tuple[datasets.Dataset, Callable[[int], str]]:
+    """Rows of local JSON-lines/JSON/parquet files (one format) and ``where(i)``, naming row ``i``'s file and
+    its row there. An empty, undecodable or unreadable file, or files that hold no row, are a ValueError
+    naming the file (and line)."""
+    files = [Path(f) for f in files]
+    for file in files:
+        if file.stat().st_size == 0:
+            raise ValueError(f"{file} is empty; {_FIX_FILE}")
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    except Exception as err:  # the json loader fails with StopIteration, DatasetGenerationError, ...
+        for file in files:
+            problem = _file_problem(file, builder)
+            if problem is not None:
+                raise ValueError(f"{file} {problem}; {_FIX_FILE}") from err
+        names = ", ".join(map(str, files))
+        raise ValueError(f"cannot load {names} ({type(err).__name__}: {err}); check that every row has the "
+                         "same fields with the same types") from err
+    if len(ds) == 0:
+        raise ValueError(f"{', '.join(map(str, files))} hold(s) no rows; {_FIX_FILE}")
+    spans: list[tuple[Path, int]] | None = None
+
+    def where(i: int) -> str:
+        nonlocal spans
+        if len(files) == 1:
+            return f"{files[0]}, row {i}"
+        if spans is None:
+            counts = [_row_count(f, builder) for f in files]
+            spans = ([(f, c) for f, c in zip(files, counts, strict=True)]
+                     if None not in counts and sum(counts) == len(ds) else [])  # type: ignore[arg-type]
+        for file, count in spans:
+            if i < count:
+                return f"{file}, row {i}"
+            i -= count
+        return f"{', '.join(map(str, files))}: row {i}"
+    return ds, where
+
+
 def _read(hub_name: str, config: str | None, split: str,
-          path: str | Path | None) -> tuple[datasets.Dataset, str]:
-    """The raw rows from the hub (``path=None``) or from local files in the hub's schema (tests, mirrors)."""
+          path: str | Path | None) -> tuple[datasets.Dataset, str, Callable[[int], str]]:
+    """The raw rows from the hub (``path=None``) or from local files in the hub's schema (tests, mirrors),
+    the source's name and ``where(i)`` naming row ``i`` (its file, for local files)."""
     if not isinstance(split, str) or not split:
         raise TypeError(f"split must be a non-empty string, got {split!r}")
     if path is None:
-        return datasets.load_dataset(hub_name, config, split=split), hub_name
+        ds = datasets.load_dataset(hub_name, config, split=split)
+        return ds, hub_name, lambda i: f"{hub_name} {split!r} split, row {i}"
     files = _split_files(Path(path), split)
     builders = {_DATA_SUFFIXES[f.suffix] for f in files}
     if len(builders) != 1:
         raise ValueError(f"split {split!r} under {path} mixes file formats: {[f.name for f in files]}")
-    ds = datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
-    return ds, str(path)
+    ds, where = read_data_files(files, builders.pop())
+    return ds, str(path), where
 
 
-def _require_columns(ds: datasets.Dataset, required: Iterable[str], name: str) -> None:
+def _require_columns(ds: datasets.Dataset, required: Iterable[str], name: str, source: str = "") -> None:
     missing = [c for c in required if c not in ds.column_names]
     if missing:
-        raise ValueError(f"{name} rows lack field(s) {missing}; they have {ds.column_names}")
+        where = f" ({source})" if source and source != name else ""
+        raise ValueError(f"{name} rows{where} lack field(s) {missing}; they have {ds.column_names}")
+
+
+def _text(value: Any, where: str) -> str | None:
+    """A text field of a raw row: a string or None (missing), else a ValueError naming the row."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _kept_some(pairs: datasets.Dataset, name: str, split: str, source: str, read: int,
+               skipped: dict[str, int]) -> None:
+    if len(pairs) == 0:
+        why = ", ".join(f"{n} {reason}" for reason, n in skipped.items() if n) or "no rows"
+        raise ValueError(f"no pairs kept from {name} {split!r} ({source}): {read} rows read, skipped {why}")
+
+
+def _validated(pairs: datasets.Dataset, source: str) -> None:
+    try:
+        validate_pairs(pairs)
+    except ValueError as err:
+        raise ValueError(f"pairs built from {source}: {err}") from err
 
 
 def _field(row: Mapping[str, Any], key: str, where: str) -> Any:
@@ -111,10 +234,23 @@ def validate_pairs(
 
 def tldr_prompt(info: Mapping[str, Any], where: str = "info") -> str | None:
     """The TL;DR prompt of one post, or None for a comparison that is not of a Reddit post (CNN/DM)."""
-    fields = {k: _field(info, k, where) for k in ("subreddit", "title", "post")}
+    fields = {k: _text(_field(info, k, where), f"{where}.{k}") for k in ("subreddit", "title", "post")}
     if any(v is None for v in fields.values()):
         return None
     return TLDR_PROMPT.format(**{k: str(v).strip() for k, v in fields.items()})
+
+
+def _tldr_row(row: Mapping[str, Any]) -> tuple[str | None, list[str], int]:
+    """(prompt or None for CNN/DM, the two stripped summaries, choice) of one raw comparison row."""
+    prompt = tldr_prompt(row["info"], where="info")
+    summaries, choice = row["summaries"], row["choice"]
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        raise ValueError(f"summaries must be a list of 2, got {summaries!r}")
+    if isinstance(choice, bool) or choice not in (0, 1):
+        raise ValueError(f"choice must be 0 or 1, got {choice!r}")
+    texts = [_text(_field(s, "text", f"summaries[{k}]"), f"summaries[{k}].text")
+             for k, s in enumerate(summaries)]
+    return prompt, [(t or "").strip() for t in texts], choice
 
 
 def load_tldr_preferences(
@@ -129,20 +265,16 @@ def load_tldr_preferences(
     ``path=None`` loads ``openai/summarize_from_feedback`` ("comparisons") from the hub; otherwise a file, or
     a folder holding ``{split}.jsonl``/``.parquet`` files, in the hub's schema. Skipped, by reason: CNN/DM
     rows (``not_reddit``), an empty summary, identical summaries. Returns ``(pairs, stats)``."""
-    ds, source = _read(TLDR_HUB_NAME, TLDR_CONFIG, split, path)
-    _require_columns(ds, ("info", "summaries", "choice"), TLDR_HUB_NAME)
+    ds, source, where = _read(TLDR_HUB_NAME, TLDR_CONFIG, split, path)
+    _require_columns(ds, ("info", "summaries", "choice"), TLDR_HUB_NAME, source)
     rows: dict[str, list[str]] = {c: [] for c in PAIR_COLUMNS}
     skipped = dict.fromkeys(TLDR_SKIP_REASONS, 0)
     cols = ds.select_columns(["info", "summaries", "choice"])
     for i, row in enumerate(tqdm(cols, desc=f"TL;DR {split}", disable=not progress)):
-        prompt = tldr_prompt(row["info"], where=f"row {i}: info")
-        summaries, choice = row["summaries"], row["choice"]
-        if not isinstance(summaries, list) or len(summaries) != 2:
-            raise ValueError(f"row {i}: summaries must be a list of 2, got {summaries!r}")
-        if choice not in (0, 1):
-            raise ValueError(f"row {i}: choice must be 0 or 1, got {choice!r}")
-        texts = [_field(s, "text", f"row {i}: summaries[{k}]") for k, s in enumerate(summaries)]
-        texts = [(t or "").strip() for t in texts]
+        try:
+            prompt, texts, choice = _tldr_row(row)
+        except ValueError as err:  # name the row (and its file) only when one is bad
+            raise ValueError(f"{where(i)}: {err}") from err
         if prompt is None:
             skipped["not_reddit"] += 1
         elif not all(texts):
@@ -154,8 +286,9 @@ def load_tldr_preferences(
             rows["chosen"].append(" " + texts[choice])
             rows["rejected"].append(" " + texts[1 - choice])
     pairs = _to_dataset(rows)
+    _kept_some(pairs, TLDR_HUB_NAME, split, source, len(ds), skipped)
     if validate:
-        validate_pairs(pairs)
+        _validated(pairs, source)
     return pairs, _stats(TLDR_HUB_NAME, split, source, len(ds), len(pairs), skipped)
 
 
@@ -191,14 +324,20 @@ def load_hh_preferences(
     ``{split}.jsonl[.gz]`` files (any depth, e.g. ``helpful-base/train.jsonl``) are read together, as the hub
     does. Skipped, by reason: no assistant turn, prompts that differ, an empty response, identical dialogues,
     and with ``single_turn_only`` multi-turn dialogues. Returns ``(pairs, stats)``."""
-    ds, source = _read(HH_HUB_NAME, None, split, path)
-    _require_columns(ds, ("chosen", "rejected"), HH_HUB_NAME)
+    ds, source, where = _read(HH_HUB_NAME, None, split, path)
+    _require_columns(ds, ("chosen", "rejected"), HH_HUB_NAME, source)
     rows: dict[str, list[str]] = {c: [] for c in PAIR_COLUMNS}
     skipped = dict.fromkeys(HH_SKIP_REASONS, 0)
     if not single_turn_only:
         del skipped["multi_turn"]
     cols = ds.select_columns(["chosen", "rejected"])
-    for row in tqdm(cols, desc=f"HH {split}", disable=not progress):
+    for i, row in enumerate(tqdm(cols, desc=f"HH {split}", disable=not progress)):
+        for side in ("chosen", "rejected"):
+            try:
+                if _text(row[side], side) is None:
+                    raise ValueError(f"lacks field {side!r} (or it is null)")
+            except ValueError as err:
+                raise ValueError(f"{where(i)}: {err}") from err
         chosen, rejected = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
         if chosen is None or rejected is None:
             skipped["no_assistant_turn"] += 1
@@ -215,13 +354,14 @@ def load_hh_preferences(
             rows["chosen"].append(chosen[1])
             rows["rejected"].append(rejected[1])
     pairs = _to_dataset(rows)
+    _kept_some(pairs, HH_HUB_NAME, split, source, len(ds), skipped)
     if validate:
-        validate_pairs(pairs)
+        _validated(pairs, source)
     stats = _stats(HH_HUB_NAME, split, source, len(ds), len(pairs), skipped)
     stats["single_turn_only"] = single_turn_only
     return pairs, stats
 
 
 __all__ = ["ASSISTANT_TAG", "HH_HUB_NAME", "HUMAN_TAG", "TLDR_CONFIG", "TLDR_HUB_NAME", "TLDR_PROMPT",
-           "is_single_turn", "load_hh_preferences", "load_tldr_preferences", "split_dialogue", "tldr_prompt",
-           "validate_pairs"]
+           "is_single_turn", "load_hh_preferences", "load_tldr_preferences", "read_data_files",
+           "split_dialogue", "tldr_prompt", "validate_pairs"]

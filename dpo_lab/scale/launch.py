@@ -56,14 +56,25 @@ def train_in_processes(preset: str, overrides: Mapping[str, Any], method: str, v
 
 def load_pairs(path: Path) -> Any:
     """Pairs from a ``save_to_disk`` folder (preferences.save_preferences, or a hub_preferences Dataset
-    saved that way) or a .jsonl/.json/.parquet file with prompt/chosen/rejected columns."""
+    saved that way) or a .jsonl/.json/.parquet file with prompt/chosen/rejected columns. An empty,
+    undecodable or damaged file, a row with a missing field or a wrong type, or no pairs at all is a
+    ValueError naming the file (and the row)."""
     import datasets
 
-    from dpo_lab.scale.hub_preferences import validate_pairs
+    from dpo_lab.cache import damaged_file_error
+    from dpo_lab.scale.hub_preferences import read_data_files, validate_pairs
 
     if path.is_dir():
         folder = path / "pairs" if (path / "pairs").is_dir() else path
-        ds = datasets.load_from_disk(str(folder))
+        try:
+            ds = datasets.load_from_disk(str(folder))
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            damaged = damaged_file_error(folder, err, f"save the pairs to {path} again")
+            why = f"{type(err).__name__}: {err}"
+            raise damaged or ValueError(f"--pairs {path}: cannot load the saved Dataset ({why}); it may "
+                                        "hold no pairs; save the pairs again") from err
         if isinstance(ds, datasets.DatasetDict):
             raise ValueError(f"{path} holds a DatasetDict with splits {list(ds)}; save one split of pairs")
     elif path.is_file():
@@ -71,10 +82,15 @@ def load_pairs(path: Path) -> Any:
         if builder is None:
             raise ValueError(f"--pairs {path}: expected a .jsonl, .json or .parquet file or a saved "
                              "Dataset folder")
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        ds, _ = read_data_files([path], builder)
     else:
         raise FileNotFoundError(f"--pairs {path} does not exist")
-    validate_pairs(ds)
+    if len(ds) == 0:
+        raise ValueError(f"--pairs {path} holds no pairs")
+    try:
+        validate_pairs(ds)
+    except ValueError as err:
+        raise ValueError(f"--pairs {path}: {err}") from err
     return ds
 
 
