@@ -19,39 +19,46 @@
 # # 01 · From RLHF to DPO, one equation at a time
 #
 # Rafailov et al. (2023), *Direct Preference Optimization: Your Language Model is Secretly a Reward Model*
-# (arXiv 2305.18290), §3–§5. We walk through Eqs. 1–7 and check every step **numerically** on an exact toy:
-# a contextual bandit with a few prompts $x$ and a handful of responses $y$. Because the response set is
-# finite, the partition function $Z(x)$, the optimal policy $\pi^*$ and every KL divergence are exact sums,
-# so each claim can be checked to machine precision. All the computation lives in `dpo_lab.bandit`.
+# (arXiv 2305.18290), §3–§5 and App. A. We walk through Eqs. 1–7 and check every step **numerically** on an
+# exact toy: a contextual bandit with a few prompts $x$ and a handful of responses $y$. Because the response
+# set is finite, the partition function $Z(x)$, the optimal policy $\pi^*$ and every KL divergence are exact
+# sums, so each claim can be checked to machine precision. Each equation is written out in a few lines of
+# numpy/torch that you can read, then compared with the library (`dpo_lab.bandit`, `dpo_lab.losses`), which
+# the later notebooks use. Each derivation step is followed by a check that would fail if the step were wrong.
 #
 # Cells whose printed numbers are derivation checks start with `# NBVAL_CHECK_OUTPUT`: the notebook tests
 # fail if one of those numbers changes.
 
 # %% tags=["parameters"]
-beta: float = 0.1  # KL strength β of Eq. 3 (the paper's IMDb sweep: 0.05, 0.1, 1, 5)
+beta: float = 0.1  # KL coefficient β of Eq. 3 (the paper's IMDb sweep: 0.05, 0.1, 1, 5)
 seed: int = 0  # seeds the toy bandit and the sampled preference data
 n_prompts: int = 3  # number of prompts x
 n_responses: int = 5  # number of responses y per prompt
 n_pairs: int = 2000  # sampled preference pairs for the training-dynamics cell
 
 # %%
+import itertools
 import math
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from ipywidgets import FloatLogSlider, interact
 
 from dpo_lab import bandit as bd
+from dpo_lab.losses import preference_loss
 from dpo_lab.paths import figures_dir
 from dpo_lab.seed import seed_everything
 
 seed_everything(seed)
+torch.set_num_threads(1)  # tables of ~15 numbers: thread hand-offs would cost more than the arithmetic
 toy = bd.Bandit.random(n_x=n_prompts, n_y=n_responses, seed=seed)
+pi_ref, r = toy.pi_ref.numpy(), toy.reward.numpy()  # the same tables as numpy arrays, for the formulas
 
 
 def show(t: torch.Tensor, digits: int = 6) -> list:
     """Round for printing, so checked outputs do not depend on torch's print format."""
-    return (t.numpy().round(digits) + 0.0).tolist()  # + 0.0 turns a rounded -0.0 into 0.0
+    return (np.asarray(t).round(digits) + 0.0).tolist()  # + 0.0 turns a rounded -0.0 into 0.0
 
 
 # %% [markdown]
@@ -61,8 +68,8 @@ def show(t: torch.Tensor, digits: int = 6) -> list:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print("pi_ref =", show(toy.pi_ref, 4))
-print("r*     =", show(toy.reward, 4))
+print("pi_ref =", show(pi_ref, 4))
+print("r*     =", show(r, 4))
 
 # %% [markdown]
 # ## Eq. 1 — Bradley–Terry preferences
@@ -72,10 +79,45 @@ print("r*     =", show(toy.reward, 4))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-p_bt = bd.bt_probs(toy.reward)  # [x, y1, y2]
-assert torch.allclose(p_bt + p_bt.transpose(1, 2), torch.ones_like(p_bt))
-print("p*(y0 > y1 | x0) =", round(float(p_bt[0, 0, 1]), 6))
-print("p*(y1 > y0 | x0) =", round(float(p_bt[0, 1, 0]), 6))
+r1, r2 = r[:, :, None], r[:, None, :]  # broadcast to a [x, y1, y2] table
+p_eq1 = np.exp(r1) / (np.exp(r1) + np.exp(r2))  # Eq. 1, first form
+np.testing.assert_allclose(p_eq1, 1 / (1 + np.exp(-(r1 - r2))), rtol=1e-12)  # = σ(r1 − r2)
+p_bt = bd.bt_probs(toy.reward)
+np.testing.assert_allclose(p_eq1, p_bt.numpy(), rtol=1e-12)
+print("Eq. 1 by hand == bandit.bt_probs: True")
+print("p*(y0 > y1 | x0) =", round(float(p_eq1[0, 0, 1]), 6))
+
+# %% [markdown]
+# Two checks that BT is a real modelling assumption, each shown failing for a model that is *not* BT, the
+# Thurstone model $\Phi(r_1-r_2)$ (Gaussian instead of Gumbel noise on the rewards):
+# 1. The comparisons the library samples (`sample_preferences`, which every later cell uses) have win rates
+#    $\sigma(r_1-r_2)$: each pair seen $n\ge 100$ times must lie within 5 binomial standard errors.
+# 2. BT log-odds are reward differences, so they **add along a chain**:
+#    $\log\frac{p(1\succ 3)}{p(3\succ 1)}=\log\frac{p(1\succ 2)}{p(2\succ 1)}+\log\frac{p(2\succ 3)}{p(3\succ 2)}$
+#    for every triple.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+cmp = bd.sample_preferences(toy, 200_000, seed=seed)
+wins = torch.zeros(n_prompts, n_responses, n_responses, dtype=torch.float64)
+wins.index_put_((cmp.x, cmp.y_w, cmp.y_l), torch.ones(len(cmp), dtype=torch.float64), accumulate=True)
+n_seen = wins + wins.transpose(1, 2)  # times each pair was compared, either way round
+seen = (n_seen >= 100) & torch.ones(n_responses, n_responses, dtype=torch.bool).triu(1)  # each pair once
+thurstone = torch.special.ndtr(toy.reward[:, :, None] - toy.reward[:, None, :])
+for name, p in (("BT sigma(r1-r2)", p_bt), ("Thurstone Phi(r1-r2)", thurstone)):
+    z = (wins - n_seen * p) / (n_seen * p * (1 - p)).sqrt()
+    print(f"{name:21s} max |z| over {int(seen.sum())} pairs: {float(z[seen].abs().max()):7.2f}  (<= 5: {bool(z[seen].abs().max() <= 5)})")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def chain_gap(p: np.ndarray) -> float:
+    """max over triples (a, b, c) of |logodds(a>c) − logodds(a>b) − logodds(b>c)|."""
+    lo = np.log(p / (1 - p))
+    return float(np.abs(lo[:, :, None, :] - lo[:, :, :, None] - lo[:, None, :, :]).max())
+
+
+print("BT log-odds add up along chains (gap < 1e-12):", chain_gap(p_eq1) < 1e-12)
+print(f"Thurstone log-odds do not, gap: {chain_gap(thurstone.numpy()):.4f}")
 
 # %% [markdown]
 # ## Eq. 2 — the reward-model loss
@@ -97,26 +139,74 @@ print("r_phi ~ r* (differ by f(x) only):", bd.are_equivalent(r_phi, toy.reward, 
 # ## Eq. 3 — the KL-constrained objective
 # RLHF then maximises
 # $$\max_{\pi}\ \mathbb E_{x,\,y\sim\pi(y|x)}\big[r(x,y)\big]-\beta\,\mathbb D_{\rm KL}\big[\pi(y|x)\,\|\,\pi_{\rm ref}(y|x)\big].$$
-# In the bandit both terms are exact sums over $y$.
+# $\beta>0$ is the **KL coefficient**: how much reward one nat of KL from $\pi_{\rm ref}$ must buy. (Eq. 4
+# below gives $\pi^*\propto\pi_{\rm ref}\,e^{r/\beta}$, so $1/\beta$ is the inverse temperature of $\pi^*$;
+# it has nothing to do with the sampling temperature, which is 1 throughout.) In the bandit both terms are
+# exact sums over $y$.
 
 # %% [markdown]
 # ## Eq. 4 — its maximiser in closed form
-# Completing the KL (App. A.1): the objective equals $\beta\log Z(x)-\beta\,\mathbb D_{\rm KL}[\pi\|\pi_r]$ with
-# $$\pi_r(y|x)=\frac{1}{Z(x)}\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big),\qquad Z(x)=\sum_y\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big),$$
-# so Gibbs' inequality gives the maximiser $\pi_r$ and the maximum $\beta\log Z(x)$. Check: $\pi_r$ is
-# normalised, reaches $\beta\log Z(x)$, beats random policies, and plain gradient ascent on Eq. 3 finds it.
+# $$\pi_r(y|x)=\frac{1}{Z(x)}\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big),\qquad Z(x)=\sum_y\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big).$$
+# **Why this is not an algorithm for a language model.** $Z(x)$ sums over *every* completion $y$. In the
+# bandit that is `n_responses` terms; for a language model with vocabulary $V$ and completions of $T$ tokens it is
+# $|V|^T$ terms (more, counting shorter completions), each a full forward pass. Both DPO (Eq. 7) and, in
+# a different way, PPO's learned value function exist to avoid ever computing it.
 
 # %%
 # NBVAL_CHECK_OUTPUT
+vocab, length = 50257, 64  # GPT-2's vocabulary, a 64-token completion
+n_terms = vocab**length  # exact: Python integers do not overflow
+print(f"terms in Z(x): bandit {n_responses}; GPT-2, T={length}: {n_terms:.3e} (a {len(str(n_terms))}-digit number)")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+Z = (pi_ref * np.exp(r / beta)).sum(-1, keepdims=True)  # fine at this β; the library works in log space
+pi_star_np = pi_ref * np.exp(r / beta) / Z  # Eq. 4
 pi_star = toy.optimal_policy(beta)
 log_z = bd.log_partition(toy.reward, toy.pi_ref, beta)
+np.testing.assert_allclose(pi_star_np, pi_star.numpy(), rtol=1e-10)
+np.testing.assert_allclose(np.log(Z[:, 0]), log_z.numpy(), rtol=1e-12)
+print("Eq. 4 by hand == bandit.optimal_policy: True")
+print("pi* =", show(pi_star_np, 4))
+
+# %% [markdown]
+# **Why $\pi_r$ is the maximiser (App. A.1).** Write both terms of Eq. 3 as one expectation, pull out $-\beta$,
+# and multiply and divide by $Z(x)$:
+# $$\begin{aligned}
+# \mathbb E_{y\sim\pi}[r]-\beta\,\mathbb D_{\rm KL}[\pi\|\pi_{\rm ref}]
+# &=\mathbb E_{y\sim\pi}\Big[r(x,y)-\beta\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}\Big]
+# =-\beta\,\mathbb E_{y\sim\pi}\Big[\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}-\frac1\beta r(x,y)\Big]\\
+# &=-\beta\,\mathbb E_{y\sim\pi}\Big[\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)\,e^{r(x,y)/\beta}}\Big]
+# =-\beta\,\mathbb E_{y\sim\pi}\Big[\log\frac{\pi(y|x)}{Z(x)\,\pi_r(y|x)}\Big]\\
+# &=-\beta\,\mathbb D_{\rm KL}\big[\pi(y|x)\,\|\,\pi_r(y|x)\big]+\beta\log Z(x).
+# \end{aligned}$$
+# $Z(x)$ does not depend on $\pi$, and $\mathbb D_{\rm KL}\ge 0$ with equality iff $\pi=\pi_r$ (Gibbs'
+# inequality), so $\pi_r$ is the unique maximiser and the maximum is $\beta\log Z(x)$. Check each line on
+# 100 random policies (a wrong sign on $\log Z$, or a missing $1/\beta$, breaks it):
+
+# %%
+# NBVAL_CHECK_OUTPUT
+gen = torch.Generator().manual_seed(seed)
+pis = torch.softmax(2 * torch.randn(100, n_prompts, n_responses, dtype=torch.float64, generator=gen), -1).numpy()
+line_1 = (pis * r).sum(-1) - beta * (pis * np.log(pis / pi_ref)).sum(-1)  # Eq. 3
+line_3 = -beta * (pis * np.log(pis / (pi_ref * np.exp(r / beta)))).sum(-1)  # the third line
+line_5 = -beta * (pis * np.log(pis / pi_star_np)).sum(-1) + beta * np.log(Z[:, 0])  # −β KL(π‖π_r) + β log Z
+library = np.stack([bd.rlhf_objective(torch.from_numpy(p), toy.reward, toy.pi_ref, beta).numpy() for p in pis])
+for line in (line_3, line_5, library):
+    np.testing.assert_allclose(line_1, line, rtol=0, atol=1e-10)
+print("Eq. 3 = -beta E[log pi/(pi_ref e^(r/beta))] = -beta KL(pi||pi_r) + beta log Z, 100 policies: True")
+print(f"smallest beta log Z - Eq. 3 (= beta KL >= 0): {(beta * np.log(Z[:, 0]) - line_1).min():.6f}")
+
+# %% [markdown]
+# So $\pi_r$ is normalised, reaches $\beta\log Z(x)$, and plain gradient ascent on Eq. 3, which never
+# computes $Z(x)$, finds it too.
+
+# %%
+# NBVAL_CHECK_OUTPUT
 best = bd.rlhf_objective(pi_star, toy.reward, toy.pi_ref, beta)
-assert torch.allclose(pi_star.sum(-1), torch.ones(toy.n_x, dtype=torch.float64))
-assert torch.allclose(best, beta * log_z)
-others = [torch.softmax(torch.randn(toy.n_x, toy.n_y, dtype=torch.float64), -1) for _ in range(100)]
-assert all((bd.rlhf_objective(p, toy.reward, toy.pi_ref, beta) < best).all() for p in others)
+np.testing.assert_allclose(pi_star_np.sum(-1), 1.0, rtol=1e-12)
+np.testing.assert_allclose(best.numpy(), beta * np.log(Z[:, 0]), rtol=1e-10)
 pi_pg = bd.maximise_rlhf_objective(toy.reward, toy.pi_ref, beta)  # never computes Z(x)
-print("pi* =", show(pi_star, 4))
 print("max objective = beta log Z(x):", show(best, 6))
 print("gradient ascent on Eq. 3 reaches the maximum:",
       bd.max_abs_error(bd.rlhf_objective(pi_pg, toy.reward, toy.pi_ref, beta), best) < 1e-6,
@@ -130,9 +220,12 @@ print("gradient ascent on Eq. 3 reaches the maximum:",
 
 # %%
 # NBVAL_CHECK_OUTPUT
-recovered = bd.reparameterised_reward(pi_star, toy.pi_ref, beta, log_z)
-print("max |Eq. 5 - r*| < 1e-10:", bd.max_abs_error(recovered, toy.reward) < 1e-10)
-print("beta log Z(x) =", show(beta * log_z, 6))
+r_eq5 = beta * np.log(pi_star_np / pi_ref) + beta * np.log(Z)  # Eq. 5
+np.testing.assert_allclose(r_eq5, r, rtol=0, atol=1e-10)
+np.testing.assert_allclose(r_eq5, bd.reparameterised_reward(pi_star, toy.pi_ref, beta, log_z).numpy(),
+                           rtol=0, atol=1e-10)
+print("Eq. 5 by hand recovers r* and == bandit.reparameterised_reward: True")
+print("beta log Z(x) =", show(beta * np.log(Z[:, 0]), 6))
 
 # %% [markdown]
 # ## Eq. 6 — preferences in terms of the policy alone
@@ -141,8 +234,11 @@ print("beta log Z(x) =", show(beta * log_z, 6))
 
 # %%
 # NBVAL_CHECK_OUTPUT
-p_eq6 = bd.bt_probs_from_policy(pi_star, toy.pi_ref, beta)
-print("max |Eq. 6 - Eq. 1| < 1e-10:", bd.max_abs_error(p_eq6, p_bt) < 1e-10)
+h = beta * np.log(pi_star_np / pi_ref)  # β log π*/π_ref: no Z(x) anywhere
+p_eq6 = 1 / (1 + np.exp(h[:, None, :] - h[:, :, None]))  # Eq. 6, [x, y1, y2]
+np.testing.assert_allclose(p_eq6, p_eq1, rtol=0, atol=1e-12)
+np.testing.assert_allclose(p_eq6, bd.bt_probs_from_policy(pi_star, toy.pi_ref, beta).numpy(), rtol=0, atol=1e-12)
+print("Eq. 6 by hand == Eq. 1 and == bandit.bt_probs_from_policy: True")
 print("p*(y0 > y1 | x0) from pi* alone =", round(float(p_eq6[0, 0, 1]), 6))
 
 # %% [markdown]
@@ -150,9 +246,30 @@ print("p*(y0 > y1 | x0) from pi* alone =", round(float(p_eq6[0, 0, 1]), 6))
 # Eq. 6 is a likelihood of the comparison data **as a function of a policy**. Parameterise $\pi_\theta$ and
 # maximise it, exactly as Eq. 2 does for $r_\phi$:
 # $$\mathcal L_{\rm DPO}(\pi_\theta;\pi_{\rm ref})=-\mathbb E_{(x,y_w,y_l)\sim\mathcal D}\Big[\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w|x)}{\pi_{\rm ref}(y_w|x)}-\beta\log\frac{\pi_\theta(y_l|x)}{\pi_{\rm ref}(y_l|x)}\Big)\Big].$$
+# It needs only four log-probabilities per pair. Below: Eq. 7 written out, on a random tabular policy
+# $\pi_\theta=\mathrm{softmax}(\theta)$ and the population of comparisons, against the project's
+# `dpo_lab.losses.preference_loss` (what notebook 05 trains GPT-2 with).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def eq7(logp_w, logp_l, ref_w, ref_l, beta):
+    """Eq. 7 per pair: −log σ(β log π(y_w|x)/π_ref(y_w|x) − β log π(y_l|x)/π_ref(y_l|x))."""
+    return -torch.nn.functional.logsigmoid(beta * (logp_w - ref_w) - beta * (logp_l - ref_l))
+
+
+theta_any = torch.randn(n_prompts, n_responses, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
+logp, ref = torch.log_softmax(theta_any, -1), toy.pi_ref.log()
+x, y_w, y_l = population.x, population.y_w, population.y_l
+four = (logp[x, y_w], logp[x, y_l], ref[x, y_w], ref[x, y_l])
+torch.testing.assert_close(eq7(*four, beta), preference_loss(*four, beta=beta)[0], rtol=1e-12, atol=1e-12)
+loss_any = (population.weight * eq7(*four, beta)).sum() / population.weight.sum()
+torch.testing.assert_close(loss_any, bd.dpo_loss_on_table(theta_any, toy.pi_ref, population, beta)[0])
+print(f"Eq. 7 by hand == losses.preference_loss; population loss at a random policy: {loss_any:.6f}")
+
+# %% [markdown]
 # At $\pi_\theta=\pi_{\rm ref}$ every log-ratio is 0, so the loss is $\log 2$. On the population of
-# comparisons its minimiser is $\pi^*$ itself: no reward model, no sampling, no RL. We use the project's
-# `dpo_lab.losses.preference_loss` on a tabular policy $\pi_\theta=\mathrm{softmax}(\theta)$.
+# comparisons its minimiser is $\pi^*$ itself: no reward model, no sampling, no RL (the library's L-BFGS
+# solver here; the next section says why, and checks it with the formula above).
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -161,6 +278,122 @@ dpo = bd.solve_dpo(toy.pi_ref, population, beta)
 print("DPO loss at pi_ref:", round(loss0.item(), 6), "= log 2:", round(math.log(2), 6))
 print("DPO minimiser:", show(dpo.policy, 4))
 print("max |pi_DPO - pi*| < 1e-6:", bd.max_abs_error(dpo.policy, pi_star) < 1e-6)
+
+# %% [markdown]
+# ## Why Eq. 7's population minimiser is $\pi^*$ (and when it is not)
+# Group the population loss by unordered pair $\{a,b\}$ of responses to a prompt $x$, with $w_{ab}>0$ the
+# probability that the pair is compared and $\Delta_\theta=\hat r_\theta(x,a)-\hat r_\theta(x,b)$,
+# $\hat r_\theta=\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}$:
+# $$\mathcal L_{\rm DPO}=\sum_{x,\{a,b\}}w_{ab}\Big[-p^*(a\succ b|x)\log\sigma(\Delta_\theta)-p^*(b\succ a|x)\log\sigma(-\Delta_\theta)\Big].$$
+# Each bracket is a binary cross-entropy, minimised iff $\sigma(\Delta_\theta)=p^*(a\succ b|x)=\sigma(r^*(x,a)-r^*(x,b))$,
+# i.e. $\Delta_\theta=r^*(x,a)-r^*(x,b)$. This pins $\pi_\theta$ down only under three conditions:
+# 1. **Full support**, $\pi_{\rm ref}(y|x)>0$ for all $y$ (and $p(x)>0$): otherwise $\log\frac{\pi_\theta}{\pi_{\rm ref}}$
+#    is undefined, and a response $\pi_{\rm ref}$ never samples is never compared.
+# 2. **A connected comparison graph** per prompt (responses as nodes, compared pairs as edges; pairs drawn
+#    from a full-support $\pi_{\rm ref}$ give every edge). Summing differences along paths then gives
+#    $\hat r_\theta(x,y)=r^*(x,y)+c(x)$ for every $y$. A response in no comparison is left free.
+# 3. **The offset $c(x)$** is invisible to BT (Def. 1 below): comparisons determine the reward only up to a
+#    function of $x$. What fixes it is that $\pi_\theta=\pi_{\rm ref}e^{\hat r_\theta/\beta}$ must sum to 1, which
+#    forces $c(x)=-\beta\log Z(x)$: the normalisation of Eq. 9 / Prop. 1. Then $\pi_\theta=\pi^*$.
+#
+# Check with the `eq7` written above: minimise the population loss over free softmax logits with L-BFGS,
+# starting from **uniform** logits (not $\pi_{\rm ref}$), with all pairs compared; then again with every
+# comparison involving the last response removed.
+
+# %%
+def population_eq7(theta: torch.Tensor, data: bd.PreferenceData) -> torch.Tensor:
+    """The weighted Eq. 7 loss of softmax(theta) over the triples of `data`."""
+    logp, ref = torch.log_softmax(theta, -1), toy.pi_ref.log()
+    x, y_w, y_l = data.x, data.y_w, data.y_l
+    return (data.weight * eq7(logp[x, y_w], logp[x, y_l], ref[x, y_w], ref[x, y_l], beta)).sum() / data.weight.sum()
+
+
+def minimise(loss_fn, steps: int = 300) -> torch.Tensor:
+    """L-BFGS on free logits from uniform: up to `steps` iterations, stops when the gradient is ~0."""
+    theta = torch.zeros(n_prompts, n_responses, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([theta], max_iter=steps, tolerance_grad=1e-12, tolerance_change=0.0,
+                            history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(theta)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return theta.detach()
+
+
+# %%
+# NBVAL_CHECK_OUTPUT
+theta_all = minimise(lambda t: population_eq7(t, population))
+print("all pairs compared, the minimiser is pi* (max |pi_theta - pi*| < 1e-6):",
+      bd.max_abs_error(theta_all.softmax(-1), pi_star) < 1e-6)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+k = n_responses - 1  # this response is in no comparison
+keep = (population.y_w != k) & (population.y_l != k)
+partial = bd.PreferenceData(x=population.x[keep], y_w=population.y_w[keep], y_l=population.y_l[keep],
+                            weight=population.weight[keep])
+theta_a = minimise(lambda t: population_eq7(t, partial))
+theta_b = theta_a.clone()
+theta_b[:, k] += 2.0  # a different value for the logit no comparison sees
+loss_a, loss_b = population_eq7(theta_a, partial), population_eq7(theta_b, partial)
+print(f"y{k} never compared: loss {loss_a:.6f} vs {loss_b:.6f} (equal: {abs(loss_a - loss_b) < 1e-12});"
+      f" pi(y{k}|x0) = {theta_a.softmax(-1)[0, k]:.4f} vs {theta_b.softmax(-1)[0, k]:.4f}, pi* = {pi_star[0, k]:.4f}")
+rest = theta_a[:, :k].softmax(-1)  # ratios among the compared responses are still pinned down
+print("ratios among the others still match pi*:",
+      bd.max_abs_error(rest, pi_star[:, :k] / pi_star[:, :k].sum(-1, keepdim=True)) < 1e-6)
+print("with all pairs, the same change of theta raises the loss:",
+      bool(population_eq7(theta_b, population) - population_eq7(theta_a, population) > 1e-6))
+
+# %% [markdown]
+# ## Plackett–Luce: rankings of $K$ responses (App. A.3)
+# With a ranking $\tau$ of $K$ responses (best first), the Plackett–Luce model picks the best, then the best
+# of the rest, and so on:
+# $$p^*(\tau\mid y_1,\dots,y_K,x)=\prod_{k=1}^{K}\frac{\exp r^*(x,y_{\tau(k)})}{\sum_{j=k}^{K}\exp r^*(x,y_{\tau(j)})}.$$
+# Substituting Eq. 5, $\beta\log Z(x)$ cancels from each factor as in Eq. 6, and the DPO loss for rankings is
+# $$\mathcal L_{\rm DPO}^{\rm PL}=-\mathbb E_{\tau,y_1,\dots,y_K,x}\Big[\log\prod_{k=1}^{K}\frac{\exp\hat r_\theta(x,y_{\tau(k)})}{\sum_{j=k}^{K}\exp\hat r_\theta(x,y_{\tau(j)})}\Big],\qquad \hat r_\theta=\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}.$$
+# With $K=2$ it is exactly Eq. 7 (BT is PL with two items).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def pl_nll(r_ranked: torch.Tensor) -> torch.Tensor:
+    """−log PL probability of rankings, from the rewards of their responses listed best first, (..., K)."""
+    tail = torch.logcumsumexp(r_ranked.flip(-1), -1).flip(-1)  # log Σ_{j≥k} exp r_j, for each k
+    return (tail - r_ranked).sum(-1)
+
+
+r_hat_any = beta * (logp - ref)  # implicit reward of the random policy of the Eq. 7 cell
+k2 = pl_nll(torch.stack([r_hat_any[x, y_w], r_hat_any[x, y_l]], -1))
+torch.testing.assert_close(k2, eq7(*four, beta), rtol=1e-12, atol=1e-12)
+print("PL loss with K = 2 == Eq. 7 on every pair: True")
+
+# %% [markdown]
+# With all $K=$ `n_responses` responses ranked, the population PL loss weights each of the $K!$ rankings by
+# its PL probability under $r^*$ (the limit of rankings sampled from $r^*$'s PL model). Its gradient vanishes
+# at $\pi^*$ (but not at $\pi_{\rm ref}$), and minimising it from uniform logits recovers $\pi^*$.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+perms = torch.tensor(list(itertools.permutations(range(n_responses))))  # all K! rankings, best first
+p_rank = torch.exp(-pl_nll(toy.reward[:, perms]))  # [x, ranking]: PL probabilities under r*
+torch.testing.assert_close(p_rank.sum(-1), torch.ones(n_prompts, dtype=torch.float64))
+
+
+def population_pl(theta: torch.Tensor) -> torch.Tensor:
+    r_hat = beta * (torch.log_softmax(theta, -1) - toy.pi_ref.log())
+    return (toy.prompt_probs[:, None] * p_rank * pl_nll(r_hat[:, perms])).sum()
+
+
+for name, logits in (("pi*", pi_star.log()), ("pi_ref", toy.pi_ref.log())):
+    theta = logits.clone().requires_grad_(True)
+    grad = torch.autograd.grad(population_pl(theta), theta)[0]
+    print(f"population PL loss at {name:6s}: {population_pl(theta):.6f}, max |gradient| = {grad.abs().max():.6f}"
+          f" (< 1e-10: {bool(grad.abs().max() < 1e-10)})")
+theta_pl = minimise(population_pl)
+print("minimising it recovers pi*:", bd.max_abs_error(theta_pl.softmax(-1), pi_star) < 1e-6)
 
 # %% [markdown]
 # ## The DPO gradient and its weight $\sigma(\hat r_l-\hat r_w)$
@@ -195,20 +428,47 @@ fig.savefig(figures_dir() / "01_dpo_gradient_weight.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# ## Chosen log-probs can fall while DPO is working
+# ## Chosen log-probs can fall while DPO trains: what the toy shows, and what it does not
 # A frequent question (official repo issues #8, #32, #36, #41): during DPO training `logps/chosen` often
-# **decreases**. That is not degeneration. The loss only sees the *margin* between the two log-ratios, and
-# the same response is the winner of some pairs and the loser of others. As $\pi_\theta$ moves towards
-# $\pi^*$, mass concentrates on the few best responses, so the average $\log\pi_\theta(y_w|x)$ over the
-# data falls, while the margin and the ranking accuracy rise. Here: Adam on the sampled pairs.
+# **decreases**. Eq. 7 only sees the *margin* between two log-ratios, so nothing in it pushes
+# $\log\pi_\theta(y_w|x)$ up, and the same response wins some pairs and loses others.
+#
+# **In this exact bandit** (Adam on the sampled pairs, a free logit per response) the average chosen
+# log-prob falls and most pairs' chosen response loses probability, while the mass moves to the response
+# $\pi^*$ favours in each prompt (not always the highest-reward one: $\pi^*$ also weighs $\pi_{\rm ref}$):
+# $\mathbb E[r^*]$ rises and $\mathrm{KL}(\pi_\theta\|\pi^*)$ falls. Here the mass can only go where $\pi^*$ puts
+# it, because every response has its own parameter and the loss's minimiser is (close to) $\pi^*$.
+#
+# **For language models this is not established.** The fall itself, *likelihood displacement*, is widely
+# observed, but parameters are shared across all completions and where the freed mass goes is not
+# guaranteed: Razin et al. 2024 (*Unintentional Unalignment*, arXiv 2410.08847) show it can move to
+# responses opposite in meaning to the preferred one (e.g. from refusals to harmful answers), and Pal et al.
+# 2024 (*Smaug*, arXiv 2402.13228) show DPO can lower the preferred response's likelihood, especially when
+# the two responses differ by a few tokens, and propose DPO-Positive to prevent it. A falling
+# `logps/chosen` is therefore a thing to inspect, not proof that training works.
+#
+# At step 0, $\pi_\theta=\pi_{\rm ref}$, so every implicit reward is exactly 0 and every pair is a tie. The
+# library's `rewards/accuracies` (TRL's definition, $\hat r_w>\hat r_l$) counts a tie as wrong, which would
+# make accuracy appear to "rise from 0"; we count a tie as half right instead.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-history = bd.solve_dpo(toy.pi_ref, data, beta, optimizer="adam", steps=200, lr=0.05).history
-start, end = history[0], history[-1]
+fit = bd.solve_dpo(toy.pi_ref, data, beta, optimizer="adam", steps=200, lr=0.05)
+start, end = fit.history[0], fit.history[-1]
+assert start["rewards/chosen"] == start["rewards/rejected"] == 0.0  # all ties at step 0
+history = [{**start, "rewards/accuracies": 0.5}] + fit.history[1:]  # a tie counts as half right
 for key in ("logps/chosen", "logps/rejected", "rewards/margins", "rewards/accuracies"):
-    print(f"{key:20s} {start[key]:8.3f} -> {end[key]:8.3f}")
-assert end["logps/chosen"] < start["logps/chosen"] and end["rewards/margins"] > start["rewards/margins"]
+    print(f"{key:20s} {history[0][key]:8.3f} -> {end[key]:8.3f}")
+log_ratio = torch.log_softmax(fit.table, -1) - toy.pi_ref.log()
+print(f"pairs whose chosen response lost probability: {(log_ratio[data.x, data.y_w] < 0).double().mean():.3f}")
+mode = pi_star.argmax(-1, keepdim=True)  # the response π* favours, per prompt
+print("pi(y | x) at pi*'s mode:", show(toy.pi_ref.gather(1, mode)[:, 0], 3), "->", show(fit.policy.gather(1, mode)[:, 0], 3),
+      "(pi*:", show(pi_star.gather(1, mode)[:, 0], 3), ")")
+(kl0, er0), (kl1, er1) = [(bd.mean_over_prompts(bd.kl_divergence(p, pi_star), toy.prompt_probs),
+                           bd.mean_over_prompts(bd.expected_reward(p, toy.reward), toy.prompt_probs))
+                          for p in (toy.pi_ref, fit.policy)]
+print(f"E[r*] {er0:.3f} -> {er1:.3f};  KL(pi_theta || pi*) {kl0:.3f} -> {kl1:.3f}")
+assert end["logps/chosen"] < start["logps/chosen"] and er1 > er0 and kl1 < kl0
 
 # %%
 steps = [h["step"] for h in history]
@@ -218,40 +478,89 @@ left.plot(steps, [h["logps/rejected"] for h in history], label="logps/rejected")
 left.set_xlabel("Adam step")
 left.legend()
 right.plot(steps, [h["rewards/margins"] for h in history], color="tab:green", label="rewards/margins")
-right.plot(steps, [h["rewards/accuracies"] for h in history], color="tab:red", label="rewards/accuracies")
+right.plot(steps, [h["rewards/accuracies"] for h in history], color="tab:red",
+           label="rewards/accuracies (tie = 1/2)")
 right.set_xlabel("Adam step")
 right.legend()
-fig.suptitle(f"DPO on {n_pairs} sampled pairs, beta={beta}")
+fig.suptitle(f"DPO on {n_pairs} sampled pairs of the toy bandit, beta={beta}")
 fig.tight_layout()
 fig.savefig(figures_dir() / "01_chosen_logps_fall.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# ## Why parameterising the reward by a policy loses nothing (§5)
-# Rewards $r\sim r'$ are *equivalent* if $r-r'=f(x)$ (Def. 1). Equivalent rewards give the same
-# preferences (Lemma 1) and the same optimal policy (Lemma 2). Theorem 1: every class contains exactly one
-# reward of the form $\beta\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}$, obtained by the projection
-# $$f(r;\pi_{\rm ref},\beta)(x,y)=r(x,y)-\beta\log\sum_y\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big)\quad\text{(Eq. 8)},$$
-# the member that satisfies the normalisation $\sum_y\pi_{\rm ref}(y|x)\exp\big(\frac1\beta r(x,y)\big)=1$ (Eq. 9).
+# ## Why parameterising the reward by a policy loses nothing (§5, App. A.5–A.6)
+# **Def. 1.** Rewards $r\sim r'$ are *equivalent* if $r'(x,y)=r(x,y)+f(x)$ for some $f$.
+#
+# **Lemma 1** (equivalent rewards give the same PL, hence BT, preferences). Each PL factor gains $e^{f(x)}$
+# in its numerator and in every denominator term:
+# $$p_{r+f}(\tau|x)=\prod_{k}\frac{e^{f(x)}\exp r(x,y_{\tau(k)})}{e^{f(x)}\sum_{j\ge k}\exp r(x,y_{\tau(j)})}=p_r(\tau|x).$$
+# **Lemma 2** (equivalent rewards give the same optimal policy). In Eq. 4, $e^{f(x)/\beta}$ factors out of the
+# numerator and of $Z(x)$:
+# $$\pi_{r+f}(y|x)=\frac{\pi_{\rm ref}(y|x)\,e^{r(x,y)/\beta}\,e^{f(x)/\beta}}{e^{f(x)/\beta}\sum_{y'}\pi_{\rm ref}(y'|x)\,e^{r(x,y')/\beta}}=\pi_r(y|x).$$
+# Both proofs use that $f$ does not depend on $y$. Check with a random $f(x)$, and with a random $g(y)$ that
+# does depend on $y$, which must change all three:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-f_x = 3.0 * torch.randn(toy.n_x, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-shifted = bd.shift_reward(toy.reward, f_x)
+gen = torch.Generator().manual_seed(seed)
+f_x = 3.0 * torch.randn(n_prompts, 1, dtype=torch.float64, generator=gen)  # same class as r*
+g_y = torch.randn(1, n_responses, dtype=torch.float64, generator=gen)  # a different class
+for name, r_new in (("r* + f(x)", toy.reward + f_x), ("r* + g(y)", toy.reward + g_y)):
+    d_bt = bd.max_abs_error(bd.bt_probs(r_new), p_bt)
+    d_pl = bd.max_abs_error(torch.exp(-pl_nll(r_new[:, perms])), p_rank)
+    d_pi = bd.max_abs_error(bd.optimal_policy(r_new, toy.pi_ref, beta), pi_star)
+    print(f"{name}: max change of BT probs {d_bt:.6f}, PL ranking probs {d_pl:.6f}, pi* {d_pi:.6f}")
+
+# %% [markdown]
+# **Theorem 1** (§5.1). *Assume $\pi_{\rm ref}(y|x)>0$ for every $x,y$ and $\beta>0$. Then every equivalence class of
+# rewards (every class of rewards consistent with a PL, in particular BT, preference model: by Lemma 1 those
+# models see a reward only through its class) contains a reward $r(x,y)=\beta\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}$
+# for some policy $\pi$.* Proof: take $\pi=\pi_r$ (Eq. 4); by Eq. 5, $r-\beta\log Z(x)=\beta\log\frac{\pi_r}{\pi_{\rm ref}}$,
+# and $-\beta\log Z(x)$ is a function of $x$ only. That member is the projection
+# $$f(r;\pi_{\rm ref},\beta)(x,y)=r(x,y)-\beta\log\sum_y\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big)\quad\text{(Eq. 8)},$$
+# the member satisfying the normalisation $\sum_y\pi_{\rm ref}(y|x)\exp\big(\frac1\beta r(x,y)\big)=1$ (Eq. 9).
+#
+# **Proposition 1** (App. A.6: the member is unique). If $r=\beta\log\frac{\pi}{\pi_{\rm ref}}$ and
+# $r+f(x)=\beta\log\frac{\pi'}{\pi_{\rm ref}}$ for policies $\pi,\pi'$, then $\pi'(y|x)=\pi(y|x)\,e^{f(x)/\beta}$; summing over
+# $y$ gives $1=e^{f(x)/\beta}$, so $f=0$. Check: $\pi'=\pi_{\rm ref}e^{r'/\beta}$ for $r'=\beta\log\frac{\pi^*}{\pi_{\rm ref}}+f(x)$
+# sums to $e^{f(x)/\beta}$, a policy only when $f=0$; the projection lands on $\beta\log\frac{\pi^*}{\pi_{\rm ref}}$.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+r_hat_star = bd.implicit_reward(pi_star, toy.pi_ref, beta)  # β log π*/π_ref
+for name, shift in (("f = 0   ", torch.zeros_like(f_x)), ("f = f(x)", f_x)):
+    candidate = toy.pi_ref * torch.exp((r_hat_star + shift) / beta)  # π' = π_ref e^{r'/β}
+    torch.testing.assert_close(beta * candidate.sum(-1).log(), shift[:, 0])  # β log Σ_y π' = f(x)
+    print(f"{name}: beta log sum_y pi' =", show(beta * candidate.sum(-1).log(), 4))
+shifted = bd.shift_reward(toy.reward, f_x[:, 0])
 projected = bd.project_reward(shifted, toy.pi_ref, beta)
-print("Lemma 1, same preferences:", bd.max_abs_error(bd.bt_probs(shifted), p_bt) < 1e-12)
-print("Lemma 2, same optimal policy:", bd.max_abs_error(bd.optimal_policy(shifted, toy.pi_ref, beta), pi_star) < 1e-12)
 # log of Eq. 9's left side: 0 exactly when the reward is normalised
 print("log Eq. 9 before projection:", show(bd.log_partition(shifted, toy.pi_ref, beta), 4))
 print("log Eq. 9 after projection: ", show(bd.log_partition(projected, toy.pi_ref, beta), 6))
-print("Theorem 1, f(r) = beta log pi*/pi_ref:",
-      bd.max_abs_error(projected, bd.implicit_reward(pi_star, toy.pi_ref, beta)) < 1e-10)
+print("Theorem 1, f(r) = beta log pi*/pi_ref:", bd.max_abs_error(projected, r_hat_star) < 1e-10)
+
+# %% [markdown]
+# Why the assumption $\pi_{\rm ref}>0$ is needed: if $\pi_{\rm ref}(y_0|x)=0$, then $\pi_r(y_0|x)=0$ whatever
+# $r(x,y_0)$ is, so two rewards in **different** classes (differing at $y_0$ only) give the same optimal
+# policy, and $\beta\log\frac{\pi}{\pi_{\rm ref}}(y_0)$ is undefined: the policy cannot carry that reward.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+pi_ref0 = pi_ref.copy()
+pi_ref0[:, 0] = 0.0  # y0 is never sampled
+pi_ref0 /= pi_ref0.sum(-1, keepdims=True)
+r_bumped = r.copy()
+r_bumped[:, 0] += 5.0  # a y-dependent change: a different class (Lemma 1's check above)
+same_policy = np.allclose(pi_ref0 * np.exp(r / beta) / (pi_ref0 * np.exp(r / beta)).sum(-1, keepdims=True),
+                          pi_ref0 * np.exp(r_bumped / beta) / (pi_ref0 * np.exp(r_bumped / beta)).sum(-1, keepdims=True),
+                          rtol=0, atol=1e-15)
+print("pi_ref(y0) = 0: same Eq. 4 policy for r* and r* + 5 at y0:", same_policy)
 
 # %% [markdown]
 # ## β: how far $\pi^*$ moves from $\pi_{\rm ref}$
-# Small β trusts the reward (π* piles onto the best response, large KL); large β stays near π_ref. The
-# static figure below is drawn for the parameter β; the slider after it redraws it interactively (in a
-# live notebook only).
+# A small KL coefficient β trusts the reward (π* piles onto the best response, large KL); a large β stays
+# near π_ref. The static figure below is drawn for the parameter β; the slider after it redraws it
+# interactively (in a live notebook only).
 
 # %%
 def plot_policies(beta_value: float, prompt: int = 0) -> plt.Figure:

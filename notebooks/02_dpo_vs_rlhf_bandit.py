@@ -30,7 +30,7 @@
 seed: int = 0  # seeds the bandit and every sample
 n_prompts: int = 3  # number of prompts x
 n_responses: int = 6  # number of responses y per prompt
-beta: float = 0.5  # KL strength β for the DPO/RLHF comparison and the Eq. 10 experiment
+beta: float = 0.5  # KL coefficient β (Eq. 3) for the DPO/RLHF comparison and the Eq. 10 experiment
 data_sizes: list[int] = [1_000, 10_000, 100_000]  # sampled preference pairs for the solvers
 reward_shift: float = 5.0  # per-prompt offset f(x) added to r* in the Eq. 10 experiment
 reinforce_steps: int = 300  # SGD steps of the REINFORCE comparison
@@ -118,12 +118,19 @@ plt.show()
 
 # %% [markdown]
 # ## 3. Eq. 10: the normaliser is a baseline
-# §5.2 rewrites the RL step of RLHF (actor-critic on Eq. 3) as
+# §5.2 fits $\pi_\theta$ to the optimal policy $\pi^*$ that $r_\phi$ induces, by minimising
+# $\mathrm{KL}(\pi_\theta\|\pi^*)$, and so rewrites the RL step of RLHF (actor-critic on Eq. 3) as
 # $$\max_{\pi_\theta}\mathbb E_{\pi_\theta(y|x)}\Big[\underbrace{r_\phi(x,y)-\beta\log\sum_y\pi_{\rm ref}(y|x)\exp\big(\tfrac1\beta r_\phi(x,y)\big)}_{f(r_\phi,\pi_{\rm ref},\beta)}-\underbrace{\beta\log\frac{\pi_\theta(y|x)}{\pi_{\rm ref}(y|x)}}_{\rm KL}\Big]\qquad\text{(Eq. 10)}.$$
 # The extra term $\beta\log Z(x)$, the soft value function of $\pi_{\rm ref}$, does not depend on $y$, so it does
 # not change the expected policy gradient: it acts as a **baseline** in the score-function (REINFORCE)
 # estimator $\hat g=(\nabla_\theta\log\pi_\theta(y|x))\,G(y)$, $y\sim\pi_\theta$. Without it the paper warns the
 # gradient "could have high variance". In the bandit we can compute the estimator's variance exactly.
+#
+# > **Erratum (paper §5.2).** The sentence that introduces Eq. 10 calls $\pi^*$ the optimal policy "from
+# > Eq. 7" induced by $r_\phi$. Eq. 7 is the DPO loss; the optimal-policy form is **Eq. 4**,
+# > $\pi^*(y|x)=\pi_{\rm ref}(y|x)\exp(r_\phi(x,y)/\beta)/Z(x)$. Read "Eq. 4" there. The check below confirms
+# > that reading: the Eq. 10 objective is exactly $-\beta\,\mathrm{KL}(\pi_\theta\|\pi^*)$ with $\pi^*$ from Eq. 4,
+# > and differs from Eq. 3 only by the constant $\beta\log Z(x)$.
 #
 # Two facts make it concrete. (i) Eq. 10's return is the same for every reward in the class $r+f(x)$, so a
 # reward offset that inflates the plain estimator's variance leaves it untouched. (ii) Its return equals
@@ -131,6 +138,18 @@ plt.show()
 # vanishes at the optimum, while the plain one keeps the noise of $\beta\log Z(x)$. It is not the
 # variance-minimising baseline, though: $\beta\log Z(x)$ is a *soft maximum* of the reward, so at $\pi_{\rm ref}$
 # and small β it can overshoot the mean reward and give more variance than no baseline at all (first row).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+gen = torch.Generator().manual_seed(seed)
+pi_theta = torch.softmax(torch.randn(toy.n_x, toy.n_y, dtype=torch.float64, generator=gen), -1)  # any policy
+f_r = bd.project_reward(toy.reward, toy.pi_ref, beta)  # f(r, π_ref, β) of Eq. 10 (= Eq. 8)
+eq10 = (pi_theta * (f_r - beta * (pi_theta.log() - toy.pi_ref.log()))).sum(-1)
+torch.testing.assert_close(eq10, -beta * bd.kl_divergence(pi_theta, pi_star))  # π* from Eq. 4
+eq3 = bd.rlhf_objective(pi_theta, toy.reward, toy.pi_ref, beta)
+torch.testing.assert_close(eq3 - eq10, beta * bd.log_partition(toy.reward, toy.pi_ref, beta))
+print("Eq. 10 objective = -beta KL(pi_theta || pi* of Eq. 4):", show(eq10, 6))
+print("Eq. 3 - Eq. 10 = beta log Z(x), whatever pi_theta:", show(eq3 - eq10, 6))
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -203,4 +222,5 @@ print({("Eq. 10" if norm else "Eq. 3"): round(float(r[-1]), 4) for norm, r in ru
 # **Take-aways.** The reward–KL frontier is traced exactly by $\pi^*_\beta$; DPO reaches the same policy as
 # reward modelling + exact RL on any data set, and $\pi^*$ with infinite data, without a reward model or
 # sampling. RL-based RLHF needs a baseline such as Eq. 10's $\beta\log Z(x)$, which is intractable for
-# language models (a sum over all completions), hence learned value functions in PPO. DPO never needs one.
+# language models (a sum over all $|V|^T$ completions: about $10^{300}$ terms for GPT-2 and 64 tokens, see
+# notebook 01, Eq. 4), hence learned value functions in PPO. DPO never needs one.
