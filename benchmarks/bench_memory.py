@@ -53,7 +53,7 @@ STAGES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
                      {"reward_model.max_steps": 5, "reward_model.eval_every": 5,
                       "reward_model.max_val_pairs": 128},
                      ("sft", "reward", "preferences")),
-    "PPO": ("one PPO-GT run (r*), 2 steps of 64 rollouts x 32 tokens, 4 epochs (preset: 30 steps), "
+    "PPO": ("one PPO-GT run (r*), 2 steps of 64 rollouts x 32 tokens, 4 epochs (preset: 60 steps), "
             "evaluation at steps 0 and 2 on 32 test prompts",
             {"ppo.max_steps": 2, "ppo.eval_every": 2, "ppo.checkpoint_every": 2, "eval.n_prompts": 32},
             ("sft", "reward")),

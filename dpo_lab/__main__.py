@@ -41,14 +41,15 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         root = Path(args.runs_dir) if args.runs_dir else None
         devices = args.devices.split(",") if args.devices else None
         if args.dry_run:  # every check a real run makes before its first run (preflight), nothing run
-            _, devices, _, missing = sweep.preflight(spec, root=root, devices=devices, force=True)
+            _, devices, _, missing = sweep.preflight(spec, root=root, devices=devices, force=True,
+                                                     jobs=args.jobs)
             print(sweep.plan(spec, root).to_markdown(index=False))
             if missing and not args.force:
                 raise sweep.SweepError(f"{spec.source} requires {list(spec.requires)}; this machine lacks "
                                        f"{missing}, so a real run here would refuse (--force to run anyway)")
             return 0
         outcomes = sweep.run_sweep(spec, root=root, devices=devices, force=args.force,
-                                   retry_failed=not args.skip_failed)
+                                   retry_failed=not args.skip_failed, jobs=args.jobs)
     except sweep.SweepInterrupted as stopped:  # its running runs were ended and marked interrupted
         print(sweep.summarize(stopped.outcomes), file=sys.stderr)
         print(f"error: sweep {spec.name!r} {stopped}; run it again to finish it", file=sys.stderr)
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="where the figure, tables and summary go (default $DPO_LAB_FIGURES or figures/)")
     rep.add_argument("--artifacts", type=Path, metavar="DIR",
                      help="the stage and run cache (default $DPO_LAB_ARTIFACTS or artifacts/)")
+    rep.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
+                     help="frontier runs trained side by side, one thread each (default 2; 1 on one core)")
     show = sub.add_parser("preset", help="print every setting of a preset")
     show.add_argument("name", nargs="?", default=None, choices=sorted(PRESETS), help="the preset to print")
     _add_preset_arguments(show, "the preset to print (same as NAME)")
@@ -117,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     swp.add_argument("--runs-dir", help="where sweeps write (default $DPO_LAB_RUNS or runs/)")
     swp.add_argument("--devices", help="comma-separated CUDA devices, one run on each at a time "
                      "(default: every visible GPU, or one run at a time on a CPU)")
+    swp.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="on a CPU machine, N runs at a time, each with its share of the cores (default 1)")
     swp.add_argument("--dry-run", action="store_true", help="check the spec and list each run's state")
     swp.add_argument("--force", action="store_true",
                      help="run even if a requirement (gpu, hub) is missing")
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.artifacts is not None:
         os.environ["DPO_LAB_ARTIFACTS"] = str(args.artifacts)  # paths.artifacts_dir reads it at each call
     try:
-        reproduce(preset, out_dir=args.out)
+        reproduce(preset, out_dir=args.out, workers=args.workers)
     except RunLockedError as err:  # $DPO_LAB_LOCK_TIMEOUT ran out while another process held a run
         print(f"error: {err}", file=sys.stderr)
         return 1

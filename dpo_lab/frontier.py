@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from dpo_lab.cache import atomic_write_text
-from dpo_lab.plots import REQUIRED_COLUMNS, plot_frontier
+from dpo_lab.plots import REQUIRED_COLUMNS, plot_frontier, plot_reward_vs_cost, plot_seed_envelopes
 from dpo_lab.run import read_metrics
 
 EVAL_COLUMNS = ["reward_mean", "reward_se", "kl_mean", "kl_se"]
@@ -99,14 +99,17 @@ def summary_table(points: pd.DataFrame) -> pd.DataFrame:
 
 
 def report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str = "") -> dict[str, Any]:
-    """Write ``frontier_<name>.png``, ``frontier_<name>_points.csv`` and ``results_<name>.{csv,md}`` to
-    ``out_dir``; return the per-run table and :func:`dominance_counts` (distinct points, plain and
-    noise-aware).
-    The figure is saved and closed (a notebook shows the file or calls :func:`plots.plot_frontier` itself)."""
+    """Write ``frontier_<name>.png``, ``cost_<name>.png`` (reward against each run's spending),
+    ``frontier_<name>_points.csv`` and ``results_<name>.{csv,md}`` to ``out_dir``; return the per-run table
+    and :func:`dominance_counts` (distinct points, plain and noise-aware).
+    The figures are saved and closed (a notebook shows the files or calls the plots itself)."""
     out_dir = Path(out_dir)
     figure = plot_frontier(points, out_dir / f"frontier_{name}.png",
                            title=title or f"IMDb sentiment, '{name}': reward vs KL")
     plt.close(figure)
+    if {"cost/policy_backward_tokens", "cost/wall_s"} <= set(points.columns):
+        plt.close(plot_reward_vs_cost(points, out_dir / f"cost_{name}.png",
+                                      title=f"'{name}': reward against what each run spent"))
     table = summary_table(points)
     atomic_write_text(out_dir / f"frontier_{name}_points.csv", points.to_csv(index=False))
     atomic_write_text(out_dir / f"results_{name}.csv", table.to_csv(index=False))
@@ -115,5 +118,38 @@ def report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str =
             "figure": out_dir / f"frontier_{name}.png"}
 
 
+def seed_report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str = "") -> dict[str, Any]:
+    """A study over seeds (``points`` has a ``seed`` column): ``frontier_<name>_seeds.png`` (each method's
+    envelope, mean and ± 1 SE across seeds), ``seeds_<name>.{csv,md}`` (the dominance counts per seed, plain
+    and noise-aware, and their sum) and ``results_<name>_seeds.{csv,md}`` (each run's final point, mean and
+    SE across seeds). Returns the two tables."""
+    if "seed" not in points.columns:
+        raise ValueError(f"a seed study needs a 'seed' column; have {list(points.columns)}")
+    out_dir = Path(out_dir)
+    figure = plot_seed_envelopes(points, out_dir / f"frontier_{name}_seeds.png", title=title)
+    plt.close(figure)
+    keys = ["dominated", "dominated_noise_aware", "total"]
+    counts = pd.DataFrame([{"seed": seed, "series": series, **{k: count[k] for k in keys}}
+                           for seed, group in points.groupby("seed")
+                           for series, count in dominance_counts(group).items()],
+                          columns=["seed", "series", *keys])
+    if len(counts):
+        totals = counts.groupby("series", sort=False)[keys].sum()
+        counts = pd.concat([counts, totals.reset_index().assign(seed="all")], ignore_index=True)
+        counts["share"] = counts.dominated / counts.total
+        counts["share_noise_aware"] = counts.dominated_noise_aware / counts.total
+    finals = pd.concat([summary_table(group).assign(seed=seed) for seed, group in points.groupby("seed")],
+                       ignore_index=True)
+    runs = (finals.groupby(["method", "hyperparameter"], sort=False)
+            .agg(seeds=("seed", "nunique"), reward_final=("reward_final", "mean"),
+                 reward_final_se=("reward_final", "sem"), kl_final=("kl_final", "mean"),
+                 kl_final_se=("kl_final", "sem"))
+            .reset_index())
+    for table, stem in ((counts, f"seeds_{name}"), (runs, f"results_{name}_seeds")):
+        atomic_write_text(out_dir / f"{stem}.csv", table.to_csv(index=False))
+        atomic_write_text(out_dir / f"{stem}.md", table.to_markdown(index=False, floatfmt=".3f"))
+    return {"dominance": counts, "runs": runs, "figure": out_dir / f"frontier_{name}_seeds.png"}
+
+
 __all__ = ["COST_COLUMNS", "DOMINANCE_SERIES", "EVAL_COLUMNS", "PAPER_DOMINANCE", "dominance",
-           "dominance_counts", "evaluation_points", "report", "summary_table"]
+           "dominance_counts", "evaluation_points", "report", "seed_report", "summary_table"]

@@ -10,10 +10,12 @@ parameter never reuses a stale artefact, and an interrupted run redoes only the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import dataclasses
 import functools
 import json
+import multiprocessing
 import os
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 import datasets
 import pandas as pd
 from filelock import FileLock
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lab.cache import atomic_write_json, cached_directory, content_hash, read_json_object
@@ -308,20 +311,60 @@ def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_P
 
 
 # ---------------------------------------------------------------------------------------------- results
+def _train_in_worker(preset: Preset, method: str, value: float) -> float:
+    """One run in a worker process of :func:`frontier`, on one thread; its wall seconds."""
+    import torch
+
+    # Two single-thread runs side by side keep both cores busy through the sequential parts of a run
+    # (sampling, Python, small kernels) that leave the second thread of one run idle (docs/performance.md).
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    result(preset, method, value, progress=False)
+    return time.perf_counter() - start
+
+
+def _worker_order(runs: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Longest first, so the pool ends on short runs: one PPO run (it trains r_phi, which every PPO run
+    reads), the PPO-GT runs while r_phi trains, the other PPO runs, then DPO and the baselines."""
+    ppo = [r for r in runs if r[0] == "PPO"]
+    gt = [r for r in runs if r[0] == "PPO-GT"]
+    return ppo[:1] + gt + ppo[1:] + [r for r in runs if r[0] not in PPO_METHODS]
+
+
 def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bool = SHOW_PROGRESS,
-             timings: dict[str, float] | None = None) -> pd.DataFrame:
+             timings: dict[str, float] | None = None, workers: int = 1) -> pd.DataFrame:
     """Every evaluation point of every run of ``methods`` (starting checkpoints included, step 0);
-    ``timings`` (if given) collects the wall seconds spent per method. Points are read from finished runs
-    only, under their folders' locks (a run another process is still training is waited for)."""
+    ``timings`` (if given) collects the wall seconds spent per method (summed over workers). Points are
+    read from finished runs only, under their folders' locks (a run another process is still training is
+    waited for). ``workers > 1`` trains that many runs at a time in separate processes of one thread each;
+    a run's numbers then agree with a one-process run's to float rounding (another thread count sums in
+    another order), and the same ``workers`` on the same machine gives the same numbers."""
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+    runs = frontier_runs(preset, methods)
+    seconds: dict[tuple[str, float], float] = {}
+    if workers > 1:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            futures = {pool.submit(_train_in_worker, preset, m, v): (m, v) for m, v in _worker_order(runs)}
+            bar = tqdm(total=len(futures), desc="frontier runs", unit="run", disable=not progress)
+            for future in concurrent.futures.as_completed(futures):
+                method, value = futures[future]
+                seconds[(method, value)] = future.result()  # a failed run raises here, named by its error
+                bar.update(1)
+                bar.set_postfix_str(f"{method} {hyperparameter_name(method)}={value:g}")
+            bar.close()
     frames = []
-    for method, value in frontier_runs(preset, methods):
+    for method, value in runs:
         start = time.perf_counter()
-        run = result(preset, method, value, progress=progress)
-        if timings is not None:
-            timings[method] = timings.get(method, 0.0) + time.perf_counter() - start
+        run = result(preset, method, value, progress=progress)  # trained above: loaded at once
+        seconds[(method, value)] = seconds.get((method, value), 0.0) + time.perf_counter() - start
         label = f"{hyperparameter_name(method)}={value:g}"
         with finished_metrics(run) as metrics:
             frames.append(evaluation_points(metrics, method=method, hyperparameter=label))
+    if timings is not None:
+        for (method, _), spent in seconds.items():
+            timings[method] = timings.get(method, 0.0) + spent
     return pd.concat(frames, ignore_index=True)
 
 

@@ -1,4 +1,4 @@
-"""The reward-KL frontier (paper Fig. 2 left), the dominance count behind its claim, and seed bands."""
+"""The reward-KL frontier (paper Fig. 2 left) and its envelopes averaged over seeds."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import seaborn as sns
 
 # One colour per method, in the paper's legend order.
 METHOD_COLORS: dict[str, str] = {
@@ -80,21 +79,83 @@ def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title
     return _finish(fig, path)
 
 
-def plot_seed_bands(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "") -> plt.Figure:
-    """Each method's path over steps on the reward-KL plane, averaged over seeds, with a band of one
-    standard error of the mean reward across seeds. One row per (method, seed, step) evaluation; a method's
-    seeds share its evaluation steps, and each step sits at its seed-mean KL (the band is vertical only)."""
+def plot_reward_vs_cost(points: pd.DataFrame, path: str | Path | None = None, *,
+                        costs: Sequence[str] = ("cost/policy_backward_tokens", "cost/wall_s"),
+                        title: str = "") -> plt.Figure:
+    """Every evaluation point's mean r* against what its run had spent by then, one panel per cost column
+    (running totals the trainers log: ``frontier.COST_COLUMNS``), one line per run, one colour per method."""
+    _check_points(points)
+    missing = [c for c in costs if c not in points.columns]
+    if missing:
+        raise ValueError(f"frontier points are missing cost column(s) {missing}; have {list(points.columns)}")
+    fig, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.0), sharey=True, squeeze=False)
+    group_by = ["method", "hyperparameter"] if "hyperparameter" in points.columns else ["method"]
+    for ax, cost in zip(axes[0], costs, strict=True):
+        seen: set[str] = set()
+        for key, run in points.sort_values("step").groupby(group_by, sort=False):
+            method = str(key[0] if isinstance(key, tuple) else key)
+            ax.plot(run[cost], run.reward_mean, marker="o", markersize=3, lw=1, alpha=0.8,
+                    color=METHOD_COLORS.get(method), label=None if method in seen else method)
+            seen.add(method)
+        name = cost.removeprefix("cost/")
+        ax.set_xlabel(f"{name.removesuffix('_s').replace('_', ' ')} (s)" if name.endswith("_s")
+                      else name.replace("_", " "))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(r"mean reward $r^*$ on test prompts")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(title or "Reward against what each run spent")
+    return _finish(fig, path)
+
+
+def envelope_on_grid(kl: Sequence[float], reward: Sequence[float], grid: np.ndarray) -> np.ndarray:
+    """The best reward a set of points reaches within each KL budget of ``grid`` (the upper envelope as a
+    step function); NaN below the smallest KL, where no point is within budget."""
+    xs, ys = upper_envelope(kl, reward)
+    where = np.searchsorted(xs, grid, side="right") - 1
+    return np.where(where >= 0, ys[np.clip(where, 0, None)], np.nan)
+
+
+def seed_envelopes(points: pd.DataFrame, grid: np.ndarray) -> pd.DataFrame:
+    """Per method and KL budget on ``grid``: the mean over seeds of each seed's envelope, its standard error
+    across seeds and the number of seeds that reach that budget (a seed's points: every run of the method,
+    steps > 0)."""
     _check_points(points)
     if "seed" not in points.columns:
-        raise ValueError(f"seed bands need a 'seed' column; have {list(points.columns)}")
-    frame = points.sort_values("step", kind="stable").assign(
-        kl=lambda f: f.groupby(["method", "step"]).kl_mean.transform("mean"))
-    palette = {m: METHOD_COLORS.get(m, f"C{i}") for i, m in enumerate(frame.method.unique())}
+        raise ValueError(f"seed envelopes need a 'seed' column; have {list(points.columns)}")
+    rows = []
+    for method, group in points[points.step > 0].groupby("method", sort=False):
+        per_seed = np.array([envelope_on_grid(g.kl_mean.to_numpy(), g.reward_mean.to_numpy(), grid)
+                             for _, g in group.groupby("seed")])
+        n = np.sum(~np.isnan(per_seed), axis=0)
+        # Plain mean and std: NaN wherever some seed does not reach the budget, so the curve starts where
+        # every seed has a point and never averages over a changing set of seeds.
+        mean = per_seed.mean(axis=0)
+        se = per_seed.std(axis=0, ddof=1) / np.sqrt(len(per_seed)) if len(per_seed) > 1 else 0.0 * mean
+        rows += [{"method": method, "kl": k, "reward_mean": m, "reward_se": e, "seeds": int(c)}
+                 for k, m, e, c in zip(grid, mean, se, n, strict=True)]
+    return pd.DataFrame(rows)
+
+
+def plot_seed_envelopes(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "",
+                        grid_size: int = 200) -> plt.Figure:
+    """Each method's upper envelope (best reward within a KL budget), averaged over seeds, with a band of
+    ± 1 standard error across seeds where every seed reaches that budget; each seed's points faint behind."""
+    _check_points(points)
+    trained = points[points.step > 0]
+    grid = np.linspace(0.0, float(trained.kl_mean.max()) if len(trained) else 1.0, grid_size)
+    curves = seed_envelopes(points, grid)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    sns.lineplot(frame, x="kl", y="reward_mean", hue="method", palette=palette, errorbar="se", sort=False,
-                 marker="o", markersize=4, ax=ax)
-    ax.set(xlabel=r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$ (nats), mean over seeds",
-           ylabel=r"mean reward $r^*$ (p(positive)) on test prompts" + "\n" + "band: ± 1 s.e. across seeds",
+    for method, curve in curves.groupby("method", sort=False):
+        color = METHOD_COLORS.get(str(method))
+        mine = trained[trained.method == method]
+        ax.scatter(mine.kl_mean, mine.reward_mean, s=8, alpha=0.25, color=color)
+        n_seeds = mine.seed.nunique()
+        ax.plot(curve.kl, curve.reward_mean, color=color, label=f"{method} ({n_seeds} seeds)")
+        ax.fill_between(curve.kl, curve.reward_mean - curve.reward_se, curve.reward_mean + curve.reward_se,
+                        color=color, alpha=0.2, linewidth=0)
+    ax.set(xlabel=r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$ budget (nats)",
+           ylabel=r"best mean $r^*$ within the budget" + "\n" + "mean over seeds, band ± 1 s.e.",
            title=title or "Reward vs KL across seeds")
     ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     return _finish(fig, path)

@@ -273,6 +273,7 @@ class Rollout:
     values: Tensor
     scores: Tensor  # raw r(x, y)
     texts: list[str]
+    entropy: float  # mean next-token entropy of the policy that sampled, over completion tokens
 
 
 def _rollout(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -288,14 +289,18 @@ def _rollout(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
     if scores.shape != (len(texts),) or not np.isfinite(scores).all():
         raise ValueError(f"score_fn must return {len(texts)} finite scores, got shape {scores.shape}")
     with torch.no_grad():
-        _, logprobs, values = model(batch["input_ids"], batch["attention_mask"])
+        logits, logprobs, values = model(batch["input_ids"], batch["attention_mask"])
+        mask = batch["completion_mask"][:, 1:].bool()
+        # Measured once here, on the rollout's own forward, rather than in every update minibatch: a
+        # vocabulary-sized log-softmax per minibatch was ~3% of a cpu PPO step (docs/performance.md).
+        entropy = float(masked_mean(entropy_from_logits(logits[:, :-1]), mask))
         ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=position_ids_from_mask(batch["attention_mask"]),
                                use_cache=False).logits
         ref_logprobs = token_logprobs(ref_logits, batch["input_ids"])
     scores_t = torch.as_tensor(scores, dtype=torch.float32, device=device)
-    return Rollout(batch["input_ids"], batch["attention_mask"], batch["completion_mask"][:, 1:].bool(),
-                   logprobs, ref_logprobs, values, scores_t, texts)
+    return Rollout(batch["input_ids"], batch["attention_mask"], mask, logprobs, ref_logprobs, values,
+                   scores_t, texts, entropy)
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -328,7 +333,7 @@ def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro
                 ) -> dict[str, float]:
     """``ppo_epochs`` passes of minibatch updates over one rollout; returns the averaged statistics."""
     stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/clipfrac",
-                                                     "policy/approx_kl", "policy/entropy", "val/clipfrac")}
+                                                     "policy/approx_kl", "val/clipfrac")}
     n = ro.input_ids.shape[0]
     for epoch in range(config.ppo_epochs):
         order = torch.as_tensor(np.random.default_rng([seed, step, epoch]).permutation(n))
@@ -337,7 +342,7 @@ def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro
             # Trim columns that are padding for the whole minibatch (right padding: trailing ones).
             width = int(ro.attention_mask[idx].sum(-1).max())
             ids, att, m = ro.input_ids[idx, :width], ro.attention_mask[idx, :width], ro.mask[idx, :width - 1]
-            logits, logprobs, values = model(ids, att)
+            _, logprobs, values = model(ids, att)
             old_logprobs, old_values = ro.logprobs[idx, :width - 1], ro.values[idx, :width - 1]
             adv, ret = advantages[idx, :width - 1], returns[idx, :width - 1]
             pg_loss, pg_clipfrac = policy_loss(logprobs, old_logprobs, adv, m, config.cliprange)
@@ -355,7 +360,6 @@ def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro
                 stats["policy/clipfrac"].append(float(pg_clipfrac))
                 # 0.5 E[(log pi - log pi_old)^2]: a low-variance estimate of KL(pi_old || pi) (Schulman)
                 stats["policy/approx_kl"].append(float(0.5 * masked_mean((logprobs - old_logprobs) ** 2, m)))
-                stats["policy/entropy"].append(float(masked_mean(entropy_from_logits(logits[:, :-1]), m)))
                 stats["val/clipfrac"].append(float(vf_clipfrac))
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
@@ -396,6 +400,7 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
         "objective/rlhf_reward": float(raw_scores.mean()) - kl_coef * mean_kl,  # r - beta KL (Eq. 3)
         "kl_coef": kl_coef,
         **stats,
+        "policy/entropy": ro.entropy,
         "val/mean": float(masked_mean(ro.values, ro.mask)),
         "returns/mean": float(masked_mean(returns, ro.mask)),
         "objective/completion_tokens": float(ro.mask.sum(-1).float().mean()),

@@ -23,10 +23,12 @@ def _timed(name: str, timings: dict[str, float], fn: Callable[[], T]) -> T:
     return out
 
 
-def reproduce(preset: Preset, *, progress: bool = True, out_dir: Path | None = None) -> dict[str, Any]:
+def reproduce(preset: Preset, *, progress: bool = True, out_dir: Path | None = None,
+              workers: int = 1) -> dict[str, Any]:
     """Run every stage (each cached, so a rerun after an interruption redoes only unfinished work) and write
     the figure, tables and summary to ``out_dir`` (default :func:`paths.figures_dir`). Several processes may
-    share one artifacts folder: each run is trained by one of them while the others wait and reuse it."""
+    share one artifacts folder: each run is trained by one of them while the others wait and reuse it.
+    ``workers`` frontier runs are trained at a time (:func:`pipeline.frontier`)."""
     validate(preset)  # a preset built by hand is checked too, before any stage runs
     out_dir = Path(out_dir) if out_dir is not None else figures_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -39,13 +41,19 @@ def reproduce(preset: Preset, *, progress: bool = True, out_dir: Path | None = N
                            lambda: pipeline.preference_data(preset, progress=progress))
     run_seconds: dict[str, float] = {}
     points = _timed("frontier runs", timings,
-                    lambda: pipeline.frontier(preset, progress=progress, timings=run_seconds))
+                    lambda: pipeline.frontier(preset, progress=progress, timings=run_seconds,
+                                                      workers=workers))
     timings.update({f"runs: {m}": round(t, 1) for m, t in run_seconds.items()})
     results = frontier.report(points, out_dir, preset.name,
                               title=f"IMDb sentiment, preset '{preset.name}': reward vs KL")
-    summary = {"preset": preset.name, "timings_s": timings,
+    # r_phi (trained by the first PPO run): its held-out accuracy beside r*'s own on the same pairs.
+    learned = pipeline.learned_reward(preset, progress=False).report
+    learned_keys = ("best_val_accuracy", "best_step", "n_train_pairs", "n_val_pairs", "rstar_val_accuracy",
+                    "val_accuracy_by_gap")
+    summary = {"preset": preset.name, "workers": workers, "timings_s": timings,
                "sft": {k: v for k, v in sft_report.items() if not isinstance(v, list)},
                "reward": reward_report, "pairs": pair_stats,
+               "learned_reward": {k: learned.get(k) for k in learned_keys},
                "runs": points.groupby("method", sort=False).hyperparameter.nunique().to_dict(),
                "points": len(points),
                "dominance_paper": frontier.PAPER_DOMINANCE, "dominance": results["dominance"]}

@@ -222,6 +222,10 @@ class RewardModelReport:
     offset: float = 0.0
     n_train_pairs: int = 0
     n_val_pairs: int = 0
+    # Where the pairs carry r*'s scores (chosen_reward, rejected_reward): the ceiling, r*'s own accuracy on
+    # the validation pairs (1 unless the labels are not r*'s ordering), and r_phi's accuracy by r*-gap bin.
+    rstar_val_accuracy: float | None = None
+    val_accuracy_by_gap: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -258,7 +262,32 @@ def evaluate_pairs(model: ScalarRewardModel, collator: PreferenceCollator,
         correct.append(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).cpu())
     model.train(was_training)
     return {"val_loss": float(torch.cat(losses).mean()),
-            "val_accuracy": float(torch.cat(correct).float().mean())}
+            "val_accuracy": float(torch.cat(correct).float().mean()), "correct": torch.cat(correct).tolist()}
+
+
+def _true_gaps(pairs: Pairs) -> np.ndarray | None:
+    """r*(y_w) - r*(y_l) per pair, where the pairs carry the scores that labelled them; else None."""
+    names = ("chosen_reward", "rejected_reward")
+    if isinstance(pairs, Mapping) or hasattr(pairs, "column_names"):  # a dict of columns or a Dataset
+        if not set(names) <= set(pairs if isinstance(pairs, Mapping) else pairs.column_names):
+            return None
+        chosen, rejected = pairs["chosen_reward"], pairs["rejected_reward"]
+    else:
+        if not all(set(names) <= set(row) for row in pairs):
+            return None
+        chosen, rejected = [r["chosen_reward"] for r in pairs], [r["rejected_reward"] for r in pairs]
+    return np.asarray(chosen, dtype=float) - np.asarray(rejected, dtype=float)
+
+
+def accuracy_by_gap(correct: Sequence[float], gaps: Sequence[float], n_bins: int = 4
+                    ) -> list[dict[str, float]]:
+    """Pairwise accuracy within quantile bins of the true reward gap r*(y_w) - r*(y_l): how much of r_phi's
+    error is on pairs that r* itself barely separates."""
+    correct, gaps = np.asarray(correct, dtype=float), np.asarray(gaps, dtype=float)
+    edges = np.quantile(gaps, np.linspace(0.0, 1.0, n_bins + 1))
+    bins = np.clip(np.searchsorted(edges, gaps, side="right") - 1, 0, n_bins - 1)
+    return [{"gap_from": float(edges[b]), "gap_to": float(edges[b + 1]), "pairs": int((bins == b).sum()),
+             "accuracy": float(correct[bins == b].mean())} for b in range(n_bins) if (bins == b).any()]
 
 
 @torch.no_grad()
@@ -314,10 +343,10 @@ def train_reward_model(
     device = resolve_device(device)
     examples = pair_examples(cols)
     train_idx, val_idx = split_by_prompt(cols["prompt"], config.val_fraction, seed)
+    if config.max_val_pairs is not None and len(val_idx) > config.max_val_pairs:
+        keep = np.random.default_rng([seed, 1]).choice(len(val_idx), config.max_val_pairs, replace=False)
+        val_idx = [val_idx[i] for i in sorted(keep)]
     train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
-    if config.max_val_pairs is not None and len(val) > config.max_val_pairs:
-        keep = np.random.default_rng([seed, 1]).choice(len(val), config.max_val_pairs, replace=False)
-        val = [val[i] for i in sorted(keep)]
     collator = PreferenceCollator(tokenizer, config.max_length)
 
     model = ScalarRewardModel.from_policy(policy).to(device).train()
@@ -335,7 +364,8 @@ def train_reward_model(
 
     def validate(step: int) -> None:
         nonlocal best_state, best_loss
-        result = {"step": step, **evaluate_pairs(model, collator, val, batch_size=2 * config.batch_size)}
+        result = evaluate_pairs(model, collator, val, batch_size=2 * config.batch_size)
+        result = {"step": step, "val_loss": result["val_loss"], "val_accuracy": result["val_accuracy"]}
         report.val_history.append(result)
         # Best validation accuracy (the paper); among equal accuracies, the lower validation loss.
         if (result["val_accuracy"], -result["val_loss"]) > (report.best_val_accuracy, -best_loss):
@@ -372,6 +402,12 @@ def train_reward_model(
 
     model.load_state_dict(best_state)
     model.eval()
+    gaps = _true_gaps(pairs)
+    if gaps is not None:
+        gaps = gaps[val_idx]
+        kept = evaluate_pairs(model, collator, val, batch_size=2 * config.batch_size)
+        report.val_accuracy_by_gap = accuracy_by_gap(kept["correct"], gaps)
+        report.rstar_val_accuracy = float(np.mean((gaps > 0) + 0.5 * (gaps == 0)))
     report.offset = completion_offset(model, collator, train, batch_size=2 * config.batch_size)
     reward = LearnedReward(model, tokenizer, offset=report.offset, max_length=config.max_length,
                            report={**report.to_dict(), "run_key": key, "config": asdict(config)})
@@ -381,5 +417,5 @@ def train_reward_model(
 
 
 __all__ = ["RewardModelConfig", "ScalarRewardModel", "LearnedReward", "RewardModelReport",
-           "pair_rewards", "split_by_prompt", "evaluate_pairs", "completion_offset",
+           "pair_rewards", "split_by_prompt", "evaluate_pairs", "accuracy_by_gap", "completion_offset",
            "train_reward_model"]

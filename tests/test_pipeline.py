@@ -60,7 +60,8 @@ def test_dpo_starts_at_log2_and_logs_trl_metrics(smoke_run):
 
 def test_second_run_reuses_every_artefact(smoke_run):
     artifacts, figures, _ = smoke_run
-    metrics = sorted(artifacts.glob("runs/*/metrics.jsonl"))
+    metrics = sorted(artifacts.glob("training/*/metrics.jsonl"))
+    assert len(metrics) == len(pipeline.frontier_runs(get_preset("smoke")))
     before = {p: p.read_bytes() for p in metrics}
     folders = sorted(artifacts.rglob("*"))
     with pytest.MonkeyPatch.context() as mp:
@@ -70,6 +71,33 @@ def test_second_run_reuses_every_artefact(smoke_run):
     assert {p: p.read_bytes() for p in metrics} == before  # nothing retrained, nothing appended
     assert sorted(artifacts.rglob("*")) == folders  # no stage rebuilt under a new key
     assert summary["points"] == len(pd.read_csv(figures / "frontier_smoke_points.csv"))
+
+
+def test_runs_trained_by_two_workers_match_one_process(smoke_run, tmp_path: Path):
+    """``workers=2`` trains runs in two single-thread processes: the same runs, the same points up to the
+    float rounding of another thread count, and a failure in a worker is raised in the caller."""
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    for stage in smoke_run[0].iterdir():  # the shared stages only: every run is trained again
+        if stage.name not in ("training", "start-eval") and stage.is_dir():
+            subprocess.run(["cp", "-r", str(stage), str(artifacts)], check=True)
+    methods = ("DPO", "PPO-GT")
+    preset = get_preset("smoke")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_LAB_ARTIFACTS", str(artifacts))
+        timings: dict[str, float] = {}
+        points = pipeline.frontier(preset, methods, progress=False, workers=2, timings=timings)
+        assert len(list((artifacts / "training").iterdir())) == len(pipeline.frontier_runs(preset, methods))
+        with pytest.raises(ValueError, match="workers must be a positive integer"):
+            pipeline.frontier(preset, methods, workers=0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DPO_LAB_ARTIFACTS", str(smoke_run[0]))
+        alone = pipeline.frontier(preset, methods, progress=False)
+    assert set(timings) == set(methods) and all(t > 0 for t in timings.values())
+    assert list(points.hyperparameter) == list(alone.hyperparameter)
+    assert list(points.step) == list(alone.step)
+    assert points.reward_mean.to_numpy() == pytest.approx(alone.reward_mean.to_numpy(), abs=0.05)
+    assert points.kl_mean.to_numpy() == pytest.approx(alone.kl_mean.to_numpy(), rel=0.1, abs=0.05)
 
 
 def test_changed_setting_changes_only_downstream_keys():

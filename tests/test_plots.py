@@ -7,7 +7,14 @@ import pytest
 from matplotlib.collections import PolyCollection
 
 from dpo_lab.frontier import dominance
-from dpo_lab.plots import plot_frontier, plot_seed_bands, upper_envelope
+from dpo_lab.plots import (
+    envelope_on_grid,
+    plot_frontier,
+    plot_reward_vs_cost,
+    plot_seed_envelopes,
+    seed_envelopes,
+    upper_envelope,
+)
 
 
 def _points(rows):
@@ -71,40 +78,69 @@ def test_label_runs_names_each_run(tmp_path):
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["beta=0.1", "beta=1"]
 
 
-def _data_lines(ax):
-    return [line for line in ax.lines if len(line.get_xdata())]  # not seaborn's empty legend handles
+def test_envelope_on_grid_is_the_best_reward_within_each_budget():
+    kl, reward = [1.0, 2.0, 3.0, 4.0], [0.6, 0.5, 0.8, 0.7]  # (2, 0.5) and (4, 0.7) are dominated
+    grid = np.array([0.5, 1.0, 2.5, 3.0, 10.0])
+    assert np.allclose(envelope_on_grid(kl, reward, grid), [np.nan, 0.6, 0.6, 0.8, 0.8], equal_nan=True)
 
 
-def _bands(ax):
-    return [c for c in ax.collections if isinstance(c, PolyCollection)]
-
-
-def _band_widths(ax, method_index):
-    """Height of a method's band at each x of its line (bands are drawn in method order)."""
-    line, band = _data_lines(ax)[method_index], _bands(ax)[method_index]
-    vertices = band.get_paths()[0].vertices
-    return [np.ptp(vertices[np.isclose(vertices[:, 0], x), 1]) for x in line.get_xdata()]
-
-
-def test_seed_bands_average_seeds_per_step(tmp_path):
-    rows = [  # DPO's two seeds differ in KL and reward; PPO's two seeds are identical
+def test_seed_envelopes_average_each_seeds_envelope():
+    rows = [  # DPO seed 0 reaches 0.8 at KL 2, seed 1 only at KL 3; PPO's two seeds are identical
         ("DPO", 0, 0, 0.0, 0.5), ("DPO", 0, 1, 1.0, 0.6), ("DPO", 0, 2, 2.0, 0.8),
-        ("DPO", 1, 0, 0.0, 0.5), ("DPO", 1, 1, 3.0, 0.8), ("DPO", 1, 2, 4.0, 0.8),
+        ("DPO", 1, 0, 0.0, 0.5), ("DPO", 1, 1, 1.5, 0.6), ("DPO", 1, 2, 3.0, 0.8),
         ("PPO", 0, 0, 0.0, 0.5), ("PPO", 0, 1, 2.0, 0.7), ("PPO", 1, 0, 0.0, 0.5), ("PPO", 1, 1, 2.0, 0.7),
     ]
     points = pd.DataFrame(rows, columns=["method", "seed", "step", "kl_mean", "reward_mean"])
-    fig = plot_seed_bands(points, tmp_path / "bands.png")
-    ax = fig.axes[0]
-    assert (tmp_path / "bands.png").stat().st_size > 1000
-    assert len(_data_lines(ax)) == 2 and len(_bands(ax)) == 2  # one line and one band per method
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["DPO", "PPO"]
-    dpo = _data_lines(ax)[0]
-    assert dpo.get_xdata().tolist() == [0.0, 2.0, 3.0]  # each step at its seed-mean KL, in step order
-    assert np.allclose(dpo.get_ydata(), [0.5, 0.7, 0.8])
-    assert np.allclose(_band_widths(ax, 0), [0.0, 0.2, 0.0])  # 2 s.e. of {0.6, 0.8} = 2 * 0.1
-    assert np.allclose(_band_widths(ax, 1), 0.0)  # identical seeds: no spread
+    curves = seed_envelopes(points, np.array([1.0, 1.5, 2.0, 3.0]))
+    dpo = curves[curves.method == "DPO"]
+    # At KL 1 only seed 0 has a point: no mean (a curve never averages over a changing set of seeds).
+    assert np.allclose(dpo.reward_mean, [np.nan, 0.6, 0.7, 0.8], equal_nan=True)
+    assert np.allclose(dpo.reward_se, [np.nan, 0.0, 0.1, 0.0], equal_nan=True)  # sd 0.1414 / sqrt 2
+    assert dpo.seeds.tolist() == [1, 2, 2, 2]
+    ppo = curves[curves.method == "PPO"]
+    assert np.allclose(ppo.reward_mean, [np.nan, np.nan, 0.7, 0.7], equal_nan=True)
+    assert np.allclose(ppo.reward_se.iloc[2:], 0.0)
+    fig = plot_seed_envelopes(points, None)
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["DPO (2 seeds)", "PPO (2 seeds)"]
+    assert len([c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]) == 2  # one band each
 
 
-def test_seed_bands_need_a_seed_column():
+def test_seed_envelopes_need_a_seed_column():
     with pytest.raises(ValueError, match="seed"):
-        plot_seed_bands(_points([("DPO", 0, 0.0, 0.5)]))
+        plot_seed_envelopes(_points([("DPO", 1, 1.0, 0.5)]))
+
+
+def test_seed_report_counts_dominance_per_seed_and_in_sum(tmp_path):
+    from dpo_lab.frontier import seed_report
+
+    rows = []
+    for seed, ppo_reward in ((0, 0.6), (1, 0.95)):  # seed 0: DPO beats PPO's point; seed 1: it does not
+        rows += [("DPO", "beta=0.1", seed, 0, 0.0, 0.5, 0.01), ("DPO", "beta=0.1", seed, 1, 1.0, 0.9, 0.01),
+                 ("PPO", "target_kl=3", seed, 0, 0.0, 0.5, 0.01),
+                 ("PPO", "target_kl=3", seed, 1, 2.0, ppo_reward, 0.01)]
+    points = pd.DataFrame(rows, columns=["method", "hyperparameter", "seed", "step", "kl_mean", "reward_mean",
+                                         "reward_se"]).assign(kl_se=0.0)
+    out = seed_report(points, tmp_path, "toy")
+    counts = out["dominance"].set_index(["seed", "series"])
+    assert counts.loc[(0, "PPO"), "dominated"] == 1 and counts.loc[(1, "PPO"), "dominated"] == 0
+    assert counts.loc[("all", "PPO"), ["dominated", "total"]].tolist() == [1, 2]
+    runs = out["runs"].set_index("method")
+    assert runs.loc["PPO", "reward_final"] == pytest.approx(0.775)
+    assert runs.loc["PPO", "reward_final_se"] == pytest.approx(0.175)  # sd 0.2475 / sqrt 2
+    for name in ("frontier_toy_seeds.png", "seeds_toy.md", "results_toy_seeds.csv"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_reward_vs_cost_draws_one_line_per_run_per_cost(tmp_path):
+    points = _points([("DPO", 0, 0.0, 0.5), ("DPO", 10, 1.0, 0.7),
+                      ("PPO", 0, 0.0, 0.5), ("PPO", 10, 2.0, 0.6)])
+    points["hyperparameter"] = ["beta=0.1", "beta=0.1", "target_kl=3", "target_kl=3"]
+    points["cost/policy_backward_tokens"] = [0, 1000, 0, 4000]
+    points["cost/wall_s"] = [0.0, 5.0, 0.0, 20.0]
+    fig = plot_reward_vs_cost(points, tmp_path / "cost.png")
+    assert (tmp_path / "cost.png").stat().st_size > 1000
+    left, right = fig.axes
+    assert [line.get_xdata().tolist() for line in left.lines] == [[0, 1000], [0, 4000]]
+    assert [line.get_xdata().tolist() for line in right.lines] == [[0.0, 5.0], [0.0, 20.0]]
+    with pytest.raises(ValueError, match="cost column"):
+        plot_reward_vs_cost(points.drop(columns=["cost/wall_s"]))

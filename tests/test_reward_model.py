@@ -15,6 +15,7 @@ from dpo_lab.reward_model import (
     LearnedReward,
     RewardModelConfig,
     ScalarRewardModel,
+    accuracy_by_gap,
     pair_rewards,
     split_by_prompt,
     train_reward_model,
@@ -116,6 +117,32 @@ def test_training_learns_easy_preferences_and_round_trips(tiny_model, tiny_token
     with pytest.raises(ValueError, match="other inputs"):
         train_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=CONFIG, seed=1,
                            out_dir=tmp_path / "rm", progress=False)
+
+
+def test_accuracy_by_gap_bins_pairs_by_quantile_of_the_true_gap() -> None:
+    gaps = [0.01, 0.02, 0.03, 0.04, 0.5, 0.6, 0.7, 0.8]
+    correct = [0, 1, 0, 0, 1, 1, 1, 0.5]
+    bins = accuracy_by_gap(correct, gaps, n_bins=2)
+    assert [b["pairs"] for b in bins] == [4, 4]
+    assert [b["accuracy"] for b in bins] == [0.25, 0.875]
+    assert bins[0]["gap_from"] == 0.01 and bins[1]["gap_to"] == 0.8
+
+
+def test_the_report_gives_rstar_ceiling_where_pairs_carry_its_scores(tiny_model, tiny_tokenizer) -> None:
+    pairs = easy_pairs()
+    n = len(pairs["prompt"])
+    # r* separates every pair but the last five (a tie there): its own accuracy on them is 1, or 0.5 on a tie.
+    pairs["chosen_reward"] = [0.9] * (n - 5) + [0.5] * 5
+    pairs["rejected_reward"] = [0.1 + 0.01 * i for i in range(n - 5)] + [0.5] * 5
+    report = train_reward_model(tiny_model, tiny_tokenizer, pairs, config=CONFIG, seed=0,
+                                progress=False).report
+    _, val_idx = split_by_prompt(pairs["prompt"], CONFIG.val_fraction, 0)
+    ties = sum(i >= n - 5 for i in val_idx)
+    assert report["rstar_val_accuracy"] == pytest.approx(1 - 0.5 * ties / len(val_idx))
+    assert sum(b["pairs"] for b in report["val_accuracy_by_gap"]) == report["n_val_pairs"]
+    plain = train_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=CONFIG, seed=0,
+                               progress=False).report
+    assert plain["rstar_val_accuracy"] is None and plain["val_accuracy_by_gap"] == []
 
 
 def test_offset_centres_training_completions(tiny_model, tiny_tokenizer) -> None:

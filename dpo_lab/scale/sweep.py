@@ -661,11 +661,11 @@ def _check_writable(folder: Path) -> None:
 
 
 def preflight(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[str | None] | None = None,
-              force: bool = False) -> tuple[Path, list[str | None], Path, list[str]]:
+              force: bool = False, jobs: int = 1) -> tuple[Path, list[str | None], Path, list[str]]:
     """Every check a sweep makes before its first run, shared by ``run_sweep`` and ``--dry-run``:
     ``validate``, the machine's requirements (an error unless ``force``), a writable sweep folder.
     Return (notebook, devices, sweep folder, missing requirements)."""
-    devices = list(devices) if devices is not None else default_devices()
+    devices = list(devices) if devices is not None else default_devices(jobs)
     notebook = validate(spec, devices)
     missing = check_requirements(spec.requires)
     if missing and not force:
@@ -683,12 +683,23 @@ def plan(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "state", "why"])
 
 
-def default_devices() -> list[str | None]:
-    """One worker per visible CUDA device; one (sequential) worker on a CPU."""
+def default_devices(jobs: int = 1) -> list[str | None]:
+    """One worker per visible CUDA device; on a CPU, ``jobs`` workers (default one: sequential)."""
     import torch
 
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise SweepError(f"jobs must be a whole number >= 1, got {jobs!r}")
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [str(i) for i in range(n)] if n > 1 else [None]
+    return [str(i) for i in range(n)] if n > 1 else [None] * jobs
+
+
+def cpu_env(devices: Sequence[str | None]) -> dict[str, str]:
+    """With several CPU workers, each run gets an equal share of the cores as its torch threads, so that
+    N runs side by side do not each start one thread per core and fight over them."""
+    cpu_workers = sum(d is None for d in devices)
+    if cpu_workers <= 1:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cpu_workers))}
 
 
 def _claim(run_dir: Path, stop: Stop, label: str) -> int | None:
@@ -727,13 +738,14 @@ def _on_stop_signals(stop: Stop) -> dict[int, Any]:
 
 def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[str | None] | None = None,
               force: bool = False, retry_failed: bool = True, progress: bool = True,
-              timeout_s: float | None = None) -> list[RunOutcome]:
-    """Run every unfinished run (several at once when several devices are given), then collect.
+              timeout_s: float | None = None, jobs: int = 1) -> list[RunOutcome]:
+    """Run every unfinished run (several at once when several devices are given, or ``jobs`` at once on a
+    CPU machine), then collect.
 
     A run another process is running is waited for, not started twice. SIGINT, SIGTERM or SIGHUP (when
     called from the main thread) end every running run's processes, mark those runs ``interrupted``,
     start no more, and raise ``SweepInterrupted``."""
-    notebook, devices, folder, _ = preflight(spec, root=root, devices=devices, force=force)
+    notebook, devices, folder, _ = preflight(spec, root=root, devices=devices, force=force, jobs=jobs)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(
         {"name": spec.name, "notebook": str(spec.notebook), "requires": list(spec.requires),
@@ -770,14 +782,15 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
             if state == "failed" and not retry_failed:
                 return RunOutcome(run.name, "failed", error=why)
             # A run with ``processes: N`` trains on N GPUs at once (one on a CPU machine: gloo processes).
-            wanted = min(int(run.parameters.get("processes", 1)), len(devices)) if devices != [None] else 1
+            on_cpu = all(d is None for d in devices)
+            wanted = 1 if on_cpu else min(int(run.parameters.get("processes", 1)), len(devices))
             with taking:  # one run collects its devices at a time, so two runs never hold half each
                 held = [free.get() for _ in range(wanted)]
             try:
                 if stop.is_set():
                     return RunOutcome(run.name, "interrupted", error=f"not started: {stop.reason}")
                 device = None if held == [None] else ",".join(str(d) for d in held)
-                env = {} if device is None else {"CUDA_VISIBLE_DEVICES": device}
+                env = cpu_env(devices) if device is None else {"CUDA_VISIBLE_DEVICES": device}
                 parameters = {k: v.replace("{sweep_dir}", str(folder.resolve())) if isinstance(v, str) else v
                               for k, v in run.parameters.items()}
                 outcome = execute_run(notebook, run_dir, parameters, env=env, timeout_s=timeout_s,
@@ -854,9 +867,12 @@ def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     if point_frames:
         points = pd.concat(point_frames, ignore_index=True)
         if {"method", "kl_mean", "reward_mean"} <= set(points.columns):
-            from dpo_lab.frontier import report  # the same figure and tables as make reproduce
+            from dpo_lab.frontier import report, seed_report  # the same figure and tables as make reproduce
 
-            report(points, folder, spec.name, title=f"sweep {spec.name}: reward vs KL")
+            if points.get("seed", pd.Series([0])).nunique() > 1:  # a seed study: envelopes across seeds
+                seed_report(points, folder, spec.name, title=f"sweep {spec.name}: reward vs KL across seeds")
+            else:
+                report(points, folder, spec.name, title=f"sweep {spec.name}: reward vs KL")
         else:
             atomic_write_text(folder / f"frontier_{spec.name}_points.csv", points.to_csv(index=False))
     return table

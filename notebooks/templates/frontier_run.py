@@ -70,7 +70,8 @@ print(f"preset {config.name!r}, {method} {label} -> {out}")
 if processes > 1:  # the same run, trained data-parallel in child processes; then read back finished below
     launch.train_in_processes(config.name, {**overrides, "seed": seed}, method, value, processes)
 result = pipeline.result(config, method, value)
-points = frontier.evaluation_points(result.metrics_path, method=method, hyperparameter=label)
+points = frontier.evaluation_points(result.metrics_path, method=method, hyperparameter=label,
+                                    seed=config.seed)
 display(points.round(4))
 
 # %% [markdown]
