@@ -71,12 +71,19 @@ print(f"preset {config.name!r}: policy {config.policy}")
 # 10% as our **test** split, whose reviews give the evaluation prompts. The preset may cap the train split.
 
 # %%
-# NBVAL_CHECK_OUTPUT
 data = pipeline.imdb(config)
 names = data["train"].features["label"].names
-for split in ("train", "test"):
+for split in ("train", "test"):  # the train split's size depends on the preset (smoke caps it)
     counts = Counter(data[split]["label"])
     print(f"{split:5s} {len(data[split]):6d} reviews:", {names[k]: counts[k] for k in sorted(counts)})
+
+# %%
+# NBVAL_CHECK_OUTPUT
+# Facts that hold at every preset: the held-out split is the same, both labels are in the training split,
+# and no review is in both.
+test_counts = Counter(data["test"]["label"])
+print("held-out test reviews:", len(data["test"]), {names[k]: test_counts[k] for k in sorted(test_counts)})
+print("both labels in the train split:", set(data["train"]["label"]) == {0, 1})
 print("reviews in both splits:", len(set(data["train"]["text"]) & set(data["test"]["text"])))
 
 # %%

@@ -131,7 +131,7 @@ for key in ("n_prompts", "n_candidates", "n_pairs", "n_ties", "n_identical", "n_
 # %%
 # NBVAL_CHECK_OUTPUT
 k = config.preferences.samples_per_prompt
-print(f"{stats['n_prompts']} prompts x C({k},2) = {k * (k - 1) // 2} candidate pairs each:",
+print(f"every prompt x C({k},2) = {k * (k - 1) // 2} candidate pairs:",
       stats["n_candidates"] == stats["n_prompts"] * k * (k - 1) // 2)
 print("every candidate kept or counted as dropped:",
       stats["n_pairs"] + stats["n_ties"] + stats["n_identical"] + stats["n_empty"] == stats["n_candidates"])

@@ -72,7 +72,7 @@ print(f"preset {config.name!r}: {config.dpo}")
 
 # %% [markdown]
 # ## One DPO run
-# `pipeline.dpo` trains (or, if this exact run finished before, loads) one policy at inverse temperature
+# `pipeline.dpo` trains (or, if this exact run finished before, loads) one policy at KL coefficient
 # β. Its folder holds `metrics.jsonl` (one line per step, TRL's metric names), the checkpoints, and the
 # final policy.
 

@@ -62,6 +62,9 @@ from IPython.display import display
 from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, pipeline
+from dpo_lab.batching import PreferenceCollator
+from dpo_lab.logprobs import concatenated_token_logprobs
+from dpo_lab.losses import unlikelihood_loss
 from dpo_lab.models import load_policy
 from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS
@@ -277,10 +280,34 @@ for (method, value), frame in baseline_curves.items():
 # rejected completions of the same prompt share most of their style, and nothing in the loss tells them
 # apart, so their margin stays small. (With a short, fast-warming run, as at `smoke`, both may even fall at
 # first: the optimiser's first steps overshoot.)
-# Unlikelihood separates them, but its penalty is unbounded in how far it may push $y_l$ down and it has no
-# KL anchor: with a large α the policy can degenerate (the paper reports it producing meaningless text on
-# complex tasks). Neither loss knows $\pi_{\rm ref}$, so neither controls KL; DPO's log-ratio does.
-#
+# Unlikelihood adds $-\alpha\sum_t\log(1-\pi(y_{l,t}|x,y_{l,<t}))$. That term is **bounded** in how far it
+# pushes $y_l$ down: it goes to 0 as a token's probability goes to 0, and so does its gradient. It is also
+# small from the start. A sampled completion's tokens mostly have small probabilities $p$, and
+# $-\log(1-p)\approx p$ while the chosen completion's NLL is $-\log p$ per token: at a typical $p\approx 0.01$
+# the push-down term is about 500 times smaller than the pull-up term, even at $\alpha = 1$. That is why
+# Unlikelihood tracks Preferred-FT so closely here (the cell below measures both terms at $\pi_{\rm SFT}$). With high-
+# probability tokens in $y_l$ (a larger model, repetitive text) the term matters more; the paper reports
+# Unlikelihood degenerating into meaningless text on complex tasks. Neither loss knows $\pi_{\rm ref}$, so
+# neither controls KL; DPO's log-ratio does.
+
+# %%
+# The Unlikelihood loss written out on 64 training pairs at pi_SFT, checked against the library's.
+pairs, _ = pipeline.preference_data(config)
+policy_sft, tokenizer, _ = pipeline.sft_policy(config)
+batch = PreferenceCollator(tokenizer, config.policy.n_positions)([pairs[i] for i in range(64)])
+with torch.no_grad():
+    logp_w, mask_w, logp_l, mask_l = concatenated_token_logprobs(policy_sft, batch)
+pull_up = -(logp_w * mask_w).sum(-1)  # -log pi(y_w|x): the Preferred-FT term
+push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)  # -sum_t log(1 - p(y_l,t))
+for alpha in (0.1, 1.0):
+    torch.testing.assert_close(pull_up + alpha * push_down,
+                               unlikelihood_loss(logp_w, mask_w, logp_l, mask_l, alpha=alpha))
+print(f"per completion token at pi_SFT: pull-up -log p = {float(pull_up.sum() / mask_w.sum()):.3f}, "
+      f"push-down -log(1 - p) = {float(push_down.sum() / mask_l.sum()):.4f} "
+      f"(ratio {float(pull_up.sum() / push_down.sum()):.0f}); mean p of a rejected token "
+      f"{float((logp_l.exp() * mask_l).sum() / mask_l.sum()):.4f}")
+
+# %% [markdown]
 # ## Samples at (roughly) matched KL
 # Rewards are only comparable at equal KL (a policy far from $\pi_{\rm ref}$ can buy reward with
 # degenerate text). Each run's **final** evaluation point gives its KL; per method we take the run whose
