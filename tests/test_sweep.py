@@ -268,8 +268,16 @@ def test_killed_sweep_finishes_on_rerun_without_lost_or_duplicated_results(toy_n
     assert table.y.tolist() == [2.0, 4.0, 6.0]
 
 
-def test_several_devices_run_one_run_each_at_once(toy_notebook: Path, tmp_path: Path) -> None:
-    """With two (pretend) GPUs, two runs execute at the same time, each seeing only its own device."""
+@pytest.mark.parametrize("where", ["two GPUs", "a CPU with --jobs 2"])
+def test_two_runs_run_at_once_each_with_its_own_device_or_cores(toy_notebook: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 where: str) -> None:
+    """With two (pretend) GPUs, two runs execute at the same time, each seeing only its own device; on a
+    CPU, ``jobs=2`` runs two at a time, each with half the cores as its threads."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU machine, even on a GPU one
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 4)
     root, gate = tmp_path / "runs", tmp_path / "gate"
     spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, a={"x": 1.0, "gate": str(gate)},
                                     b={"x": 2.0, "gate": str(gate)}))
@@ -287,45 +295,18 @@ def test_several_devices_run_one_run_each_at_once(toy_notebook: Path, tmp_path: 
 
     opener = threading.Thread(target=release_when_both_started)
     opener.start()
-    outcomes = sweep.run_sweep(spec, root=root, devices=["0", "1"], progress=False)
+    placement = {"devices": ["0", "1"]} if where == "two GPUs" else {"jobs": 2}
+    outcomes = sweep.run_sweep(spec, root=root, progress=False, **placement)
     opener.join()
-    assert both_started.is_set(), "the two runs did not run at the same time"
-    assert [o.state for o in outcomes] == ["done", "done"]
-    table = pd.read_csv(root / "toy" / "results.csv", dtype={"device": str})
-    assert sorted(table.device) == ["0", "1"]
-
-
-def test_jobs_run_several_runs_at_once_on_a_cpu_each_with_its_share_of_the_cores(
-        toy_notebook: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import torch
-
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same on a GPU machine
-    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 4)
-    root, gate = tmp_path / "runs", tmp_path / "gate"
-    spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, a={"x": 1.0, "gate": str(gate)},
-                                    b={"x": 2.0, "gate": str(gate)}))
-    gate.write_text("hold")
-    both_started = threading.Event()
-
-    def release_when_both_started() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if executions(root, "a") + executions(root, "b") == 2:
-                both_started.set()
-                break
-            time.sleep(0.1)
-        gate.unlink()
-
-    opener = threading.Thread(target=release_when_both_started)
-    opener.start()
-    outcomes = sweep.run_sweep(spec, root=root, jobs=2, progress=False)
-    opener.join()
-    assert both_started.is_set(), "--jobs 2 did not run two runs at the same time"
+    assert both_started.is_set(), f"the two runs did not run at the same time on {where}"
     assert [o.state for o in outcomes] == ["done", "done"]
     table = pd.read_csv(root / "toy" / "results.csv", dtype={"threads": str, "device": str})
-    assert table.threads.tolist() == ["2", "2"] and table.device.isna().all()  # 4 cores / 2 jobs; no GPU
-    with pytest.raises(sweep.SweepError, match="jobs must be a whole number"):
-        sweep.run_sweep(spec, root=root, jobs=0, progress=False)
+    if where == "two GPUs":
+        assert sorted(table.device) == ["0", "1"] and table.threads.isna().all()
+    else:  # 4 cores / 2 jobs; no GPU
+        assert table.threads.tolist() == ["2", "2"] and table.device.isna().all()
+        with pytest.raises(sweep.SweepError, match="jobs must be a whole number"):
+            sweep.run_sweep(spec, root=root, jobs=0, progress=False)
 
 
 def test_runs_wait_for_the_runs_they_read(toy_notebook: Path, tmp_path: Path) -> None:
