@@ -68,7 +68,7 @@ from dpo_lab.losses import unlikelihood_loss
 from dpo_lab.models import load_policy
 from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS
-from dpo_lab.ppo import AdaptiveKLController, gae, kl_penalized_rewards
+from dpo_lab.ppo import AdaptiveKLController, gae, kl_penalized_rewards, policy_loss
 from dpo_lab.presets import get_preset
 from dpo_lab.rewards import score_completions
 from dpo_lab.run import read_metrics
@@ -132,12 +132,56 @@ print("lambda=1 (Monte Carlo):", [round(float(v), 4) + 0.0 for v in mc[0]])
 print("lambda=0 (TD error):   ", [round(float(v), 4) + 0.0 for v in td[0]])
 
 # %% [markdown]
+# Both written out in plain torch, on a batch with a second, shorter completion (its last column is padding,
+# mask 0): `r` is $-\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}$ on every completion token, plus the score on
+# the row's last one; the loop runs $t$ backwards through each row's $n$ completion steps with $V_{n+1}=0$,
+# $\delta_t=r_t+\gamma V_{t+1}-V_t$ and $A_t=\delta_t+\gamma\lambda A_{t+1}$. Row 1 is the example above.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+logps = torch.tensor([[-2.0, -1.5, -3.0, -0.5], [-1.0, -0.7, -2.0, 0.0]])
+ref_logps = torch.tensor([[-2.2, -1.5, -2.5, -1.0], [-1.3, -0.4, -2.0, 0.0]])
+vals = torch.tensor([[0.3, 0.4, 0.5, 0.7], [0.1, -0.2, 0.6, 0.0]])
+masks, scores, gamma, lam = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), torch.tensor([1.0, -0.5]), 1.0, 0.95
+r = -kl_coef * (logps - ref_logps) * masks  # the KL penalty on every completion token
+adv = torch.zeros_like(r)
+for i, n in enumerate(masks.sum(-1).tolist()):  # row i's completion is its first n steps
+    r[i, n - 1] += scores[i]  # + r(x, y) on the last one
+    a, next_v = 0.0, 0.0  # A_{n+1} = V_{n+1} = 0: the episode is over
+    for t in reversed(range(n)):
+        a = (r[i, t] + gamma * next_v - vals[i, t]) + gamma * lam * a  # delta_t + gamma lambda A_{t+1}
+        adv[i, t], next_v = a, vals[i, t]
+torch.testing.assert_close(r, kl_penalized_rewards(scores, logps, ref_logps, masks, kl_coef))
+torch.testing.assert_close((adv, (adv + vals) * masks), gae(r, vals, masks, gamma=gamma, lam=lam))
+for name, row in [("r_t", r[1]), ("A_t", adv[1])]:
+    print(f"row 2 {name}", [round(float(v), 4) + 0.0 for v in row], "= library")
+
+# %% [markdown]
 # **The update.** PPO then takes a few epochs of minibatch steps on the clipped surrogate
 # $\mathbb E_t\big[\max\big(-A_t\rho_t,\,-A_t\,\mathrm{clip}(\rho_t,1\pm\epsilon)\big)\big]$ with
 # $\rho_t=\pi_\theta(y_t|\cdot)/\pi_{\rm old}(y_t|\cdot)$ (`ppo.policy_loss`), and a clipped squared error
 # for the value head (`ppo.value_loss`). `policy/clipfrac` in the logs is the share of tokens where the clip
 # is active, i.e. where this step's update has already moved the token's probability as far as allowed.
-#
+
+# %% [markdown]
+# Written out on made-up numbers ($\epsilon=0.2$): `ratio` is $\rho_t$; each token's term is the larger
+# (pessimistic) of `-A * ratio` and `-A * clip(ratio, 1 - eps, 1 + eps)`; the loss is its mean over the
+# completion tokens (`masks`, as above: the padded step, with its large advantage, counts for nothing).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+old_logps = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, -2.0, -2.0, 0.0]])  # log pi_old: the rollout's
+new_logps = old_logps + torch.tensor([[0.5, -0.5, 0.05, 0.3], [-0.4, 0.1, 0.0, 0.0]])  # after some updates
+advs, eps = torch.tensor([[1.0, 1.0, -1.0, -2.0], [-0.5, 2.0, 1.0, 9.0]]), 0.2
+ratio = (new_logps - old_logps).exp()
+unclipped, clipped = -advs * ratio, -advs * ratio.clamp(1 - eps, 1 + eps)
+loss = (torch.maximum(unclipped, clipped) * masks).sum() / masks.sum()  # masked mean
+clipfrac = ((clipped > unclipped).float() * masks).sum() / masks.sum()  # where the clip binds
+torch.testing.assert_close((loss, clipfrac), policy_loss(new_logps, old_logps, advs, masks, cliprange=eps))
+print("ratio", [round(float(v), 4) for v in ratio[masks.bool()]])
+print(f"loss {round(float(loss), 4)}  clipfrac {round(float(clipfrac), 4)}  = policy_loss")
+
+# %% [markdown]
 # ## The adaptive KL controller
 # The paper sweeps a **target KL** rather than β (its PPO runs: target KL ∈ {3, 6, 9, 12}). The controller
 # of Ziegler et al. (2019, eq. 2) moves β after every step toward the β that gives that KL:
