@@ -81,7 +81,9 @@ def test_sequence_kl_equals_brute_force_enumeration():
     log_pi = np.array([_seq_logprob(policy, prompt, c) for c in completions])
     log_ref = np.array([_seq_logprob(reference, prompt, c) for c in completions])
     pi = np.exp(log_pi)
-    assert pi.sum() == pytest.approx(1.0, abs=1e-9)  # the enumeration is the whole support
+    # The enumeration is the whole support. Each sequence has its own float32 forward, and a prefix's logits
+    # differ in the last bits between lengths (6e-9 seen on an AVX2 machine): the tree sums to 1 within 1e-6.
+    assert pi.sum() == pytest.approx(1.0, abs=1e-6)
     exact = float(np.sum(pi * (log_pi - log_ref)))
     assert exact > 0.05  # a non-trivial case
     kl, logratio = completion_kls(policy, reference, [prompt] * len(completions),
