@@ -360,11 +360,12 @@ def train_reward_model(
 
     report = RewardModelReport(n_train_pairs=len(train), n_val_pairs=len(val))
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    report.best_val_accuracy, best_loss = -1.0, math.inf
+    report.best_val_accuracy, best_loss, best_correct = -1.0, math.inf, []
 
     def validate(step: int) -> None:
-        nonlocal best_state, best_loss
+        nonlocal best_state, best_loss, best_correct
         result = evaluate_pairs(model, collator, val, batch_size=2 * config.batch_size)
+        correct = result["correct"]
         result = {"step": step, "val_loss": result["val_loss"], "val_accuracy": result["val_accuracy"]}
         report.val_history.append(result)
         # Best validation accuracy (the paper); among equal accuracies, the lower validation loss.
@@ -372,6 +373,7 @@ def train_reward_model(
             report.best_val_accuracy, best_loss = result["val_accuracy"], result["val_loss"]
             report.best_step = step
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_correct = correct  # the kept weights' per-pair results: no second pass over val
 
     validate(0)
     step = 0
@@ -405,8 +407,7 @@ def train_reward_model(
     gaps = _true_gaps(pairs)
     if gaps is not None:
         gaps = gaps[val_idx]
-        kept = evaluate_pairs(model, collator, val, batch_size=2 * config.batch_size)
-        report.val_accuracy_by_gap = accuracy_by_gap(kept["correct"], gaps)
+        report.val_accuracy_by_gap = accuracy_by_gap(best_correct, gaps)
         report.rstar_val_accuracy = float(np.mean((gaps > 0) + 0.5 * (gaps == 0)))
     report.offset = completion_offset(model, collator, train, batch_size=2 * config.batch_size)
     reward = LearnedReward(model, tokenizer, offset=report.offset, max_length=config.max_length,
