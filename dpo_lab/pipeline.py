@@ -32,6 +32,7 @@ from dpo_lab.data import load_imdb, make_prompts
 from dpo_lab.dpo_trainer import DPOResult, train_dpo
 from dpo_lab.evaluate import make_eval_fn
 from dpo_lab.frontier import evaluation_points
+from dpo_lab.implicit_reward import HeldOut, draw_heldout, likelihood_fn
 from dpo_lab.models import build_policy, load_hub_policy, load_policy, save_policy, train_sft, train_tokenizer
 from dpo_lab.paths import artifacts_dir
 from dpo_lab.ppo import PPOResult, train_ppo
@@ -310,6 +311,36 @@ def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_P
     return pairwise(preset, method, value, progress=progress)
 
 
+def heldout(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> HeldOut:
+    """K pi_SFT samples of every test prompt, scored by r*: preference pairs no run trained on (the
+    training pairs use train prompts; r_phi's validation pairs too). A different seed from evaluation's."""
+    reference, tokenizer, _ = sft_policy(preset, progress=progress)
+    reward, _ = reward_model(preset)
+    return draw_heldout(reference, tokenizer, prompts(preset, tokenizer, "test"), reward,
+                        n_per_prompt=preset.preferences.samples_per_prompt,
+                        max_new_tokens=preset.preferences.max_new_tokens,
+                        batch_size=preset.preferences.sample_batch_size, seed=preset.seed + 1000)
+
+
+def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> DPOResult:
+    """The DPO run at ``beta`` again, in its own folder, looked at 10 times with
+    ``implicit_reward.likelihood_fn``: what DPO does to the likelihoods of held-out pairs and of its own
+    samples. Same trajectory as :func:`dpo` (same seed, pairs and settings); cached like every run."""
+    reference, tokenizer, _ = sft_policy(preset, progress=progress)
+    policy = copy.deepcopy(reference)
+    pairs, _ = preference_data(preset, progress=progress)
+    every = max(1, preset.dpo.max_steps // 10)
+    config = dataclasses.replace(preset.dpo, eval_every=every)
+    key = content_hash("likelihood-trace", preferences_key(preset), preset.dpo, beta, every)
+    eval_fn = likelihood_fn(reference, tokenizer, heldout(preset, progress=progress), beta=beta,
+                            max_new_tokens=preset.eval.max_new_tokens, batch_size=preset.eval.batch_size,
+                            seed=preset.seed)
+    return train_dpo(policy, reference, tokenizer, pairs, config=config, beta=beta, seed=preset.seed,
+                     out_dir=artifacts_dir() / "training" / f"trace-beta{beta:g}-{key}",
+                     max_length=preset.policy.n_positions, ref_cache_dir=artifacts_dir() / "reference-logps",
+                     eval_fn=eval_fn, progress=progress)
+
+
 # ---------------------------------------------------------------------------------------------- results
 def _train_in_worker(preset: Preset, method: str, value: float) -> float:
     """One run in a worker process of :func:`frontier`, on one thread; its wall seconds."""
@@ -374,6 +405,6 @@ def dpo_sweep(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> pd.DataFrame
 
 
 __all__ = ["METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "dpo", "dpo_run_dir", "dpo_sweep",
-           "frontier", "frontier_runs", "imdb", "learned_reward", "pairwise", "ppo",
-           "preference_candidates", "preference_data", "prompts", "result", "reward_model", "run_dir",
+           "frontier", "frontier_runs", "heldout", "imdb", "learned_reward", "likelihood_trace", "pairwise",
+           "ppo", "preference_candidates", "preference_data", "prompts", "result", "reward_model", "run_dir",
            "sft_policy"]

@@ -1,0 +1,161 @@
+"""The DPO policy read as a reward model: r̂(x, y) = β log π_θ(y|x) / π_ref(y|x) (Eq. 5 without β log Z(x)).
+
+β log Z(x) is the same for every completion of one prompt, so r̂ ranks a prompt's completions exactly as the
+reward DPO fitted does; across prompts it does not, and nothing here compares completions of two prompts.
+Everything works on a held-out set of K samples per test prompt scored by r* (:class:`HeldOut`): the pairs
+are all C(K, 2) same-prompt pairs whose r* differ, labelled by r* as the training pairs were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lab.batching import pad_rows
+from dpo_lab.logprobs import forward_logits, sequence_logprobs
+from dpo_lab.preferences import score_samples
+from dpo_lab.rewards import RewardModel
+from dpo_lab.sampling import eval_mode, model_device, sample
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """K samples of each held-out prompt, as exact token ids and text, with their r* ``(P, K)``."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[list[int]]]
+    texts: list[list[str]]
+    rstar: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.rstar.shape
+
+
+def draw_heldout(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                 reward: RewardModel, *, n_per_prompt: int, max_new_tokens: int, batch_size: int,
+                 seed: int) -> HeldOut:
+    """Sample ``n_per_prompt`` completions of each prompt from ``policy`` (π_SFT: as the training pairs
+    were drawn) and score each with r*."""
+    if n_per_prompt < 2:
+        raise ValueError(f"n_per_prompt must be >= 2 to form pairs, got {n_per_prompt}")
+    drawn = sample(policy, tokenizer, prompts, n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, seed=seed, progress=False)
+    rstar = np.asarray(score_samples(reward, drawn.prompts, drawn.texts), dtype=np.float64)
+    return HeldOut(list(drawn.prompts), drawn.prompt_ids, drawn.completion_ids, drawn.texts, rstar)
+
+
+@torch.no_grad()
+def completion_logps(model: nn.Module, heldout: HeldOut, *, batch_size: int, pad_token_id: int) -> np.ndarray:
+    """log π(y|x) of every held-out sample under ``model``, summed over its sampled tokens: ``(P, K)``."""
+    rows = [{"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)}
+            for p, per in zip(heldout.prompt_ids, heldout.completion_ids, strict=True) for c in per]
+    out = []
+    with eval_mode(model):
+        dev = model_device(model)
+        for start in range(0, len(rows), batch_size):
+            batch = pad_rows(rows[start:start + batch_size], pad_token_id)
+            logits = forward_logits(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
+            out.append(sequence_logprobs(logits, batch["input_ids"].to(dev),
+                                         batch["completion_mask"].to(dev)).double().cpu())
+    return torch.cat(out).numpy().reshape(heldout.shape)
+
+
+def _check_scores(scores: np.ndarray, rstar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scores, rstar = np.asarray(scores, dtype=np.float64), np.asarray(rstar, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape != rstar.shape:
+        raise ValueError(f"scores {scores.shape} and r* {rstar.shape} must both be (prompts, samples)")
+    if not (np.isfinite(scores).all() and np.isfinite(rstar).all()):
+        raise ValueError("scores and r* must be finite")
+    return scores, rstar
+
+
+def pair_margins(scores: np.ndarray, rstar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For every same-prompt pair whose r* differ: (score(y_w) - score(y_l), r*(y_w) - r*(y_l) > 0)."""
+    scores, rstar = _check_scores(scores, rstar)
+    j, k = np.triu_indices(scores.shape[1], k=1)
+    gap = rstar[:, j] - rstar[:, k]
+    margin = np.sign(gap) * (scores[:, j] - scores[:, k])  # oriented so that y_w comes first
+    keep = gap != 0  # ties in r* are dropped, as in the training pairs
+    return margin[keep], np.abs(gap[keep])
+
+
+def ranking_accuracy(scores: np.ndarray, rstar: np.ndarray) -> float:
+    """Share of held-out pairs whose scores rank y_w above y_l; a tie counts one half (so π_θ = π_ref,
+    where every r̂ is 0, scores 0.5, not 0)."""
+    margin, _ = pair_margins(scores, rstar)
+    if margin.size == 0:
+        raise ValueError("no held-out pair has distinct r*")
+    return float(np.mean((margin > 0) + 0.5 * (margin == 0)))
+
+
+def calibration(scores: np.ndarray, rstar: np.ndarray, *, n_bins: int = 10) -> pd.DataFrame:
+    """Bradley–Terry calibration (Eq. 1 with r = ``scores``): each pair in both orders, predicted
+    p = σ(score_a − score_b) binned, against the observed share of pairs in the bin where r* prefers a."""
+    margin, _ = pair_margins(scores, rstar)
+    predicted = 1 / (1 + np.exp(-np.concatenate([margin, -margin])))
+    observed = np.concatenate([np.ones_like(margin), np.zeros_like(margin)])
+    bins = np.minimum((predicted * n_bins).astype(int), n_bins - 1)
+    frame = pd.DataFrame({"bin": bins, "predicted": predicted, "observed": observed})
+    table = frame.groupby("bin").agg(predicted=("predicted", "mean"), observed=("observed", "mean"),
+                                     n=("observed", "size"))
+    table["se"] = np.sqrt(table.observed * (1 - table.observed) / table.n)
+    return table.reset_index(drop=True)
+
+
+def best_of_n(scores: np.ndarray, rstar: np.ndarray) -> tuple[float, float]:
+    """Mean r* (and its SE over prompts) of each prompt's highest-scoring sample: reranking by ``scores``."""
+    scores, rstar = _check_scores(scores, rstar)
+    picked = rstar[np.arange(len(rstar)), scores.argmax(axis=1)]
+    se = float(picked.std(ddof=1) / np.sqrt(len(picked))) if len(picked) > 1 else float("nan")
+    return float(picked.mean()), se
+
+
+EvalFn = Callable[[nn.Module, int], dict[str, float]]
+
+
+def likelihood_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: HeldOut, *, beta: float,
+                  max_new_tokens: int, batch_size: int, seed: int) -> EvalFn:
+    """``eval_fn(policy, step)`` for ``train_dpo`` that follows the likelihoods of the held-out samples.
+
+    Per step: mean log π_θ of held-out chosen and rejected completions (``heldout/logps/*``) and their
+    log-ratios to π_ref (``heldout/logratio/*``), the implicit reward's ranking accuracy on the held-out
+    pairs, and the mean log π_θ and log π_ref of fresh samples of π_θ itself (``fresh/*``), one per prompt.
+    """
+    pad = tokenizer.pad_token_id or 0
+    ref_logps = completion_logps(reference, heldout, batch_size=batch_size, pad_token_id=pad)
+    j, k = np.triu_indices(heldout.shape[1], k=1)
+    gap = heldout.rstar[:, j] - heldout.rstar[:, k]
+    keep = gap != 0
+    w = np.where(gap > 0, j, k)[keep]  # winner / loser sample index of each held-out pair
+    lose = np.where(gap > 0, k, j)[keep]
+    rows = np.nonzero(keep)[0]
+
+    def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
+        logps = completion_logps(policy, heldout, batch_size=batch_size, pad_token_id=pad)
+        ratio = logps - ref_logps
+        fresh = sample(policy, tokenizer, heldout.prompts, n_per_prompt=1, max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, seed=seed + 1, progress=False)
+        fresh_set = HeldOut(fresh.prompts, fresh.prompt_ids, fresh.completion_ids, fresh.texts,
+                            np.zeros((len(fresh.prompts), 1)))
+        fresh_pol = completion_logps(policy, fresh_set, batch_size=batch_size, pad_token_id=pad)
+        fresh_ref = completion_logps(reference, fresh_set, batch_size=batch_size, pad_token_id=pad)
+        return {
+            "heldout/logps/chosen": float(logps[rows, w].mean()),
+            "heldout/logps/rejected": float(logps[rows, lose].mean()),
+            "heldout/logratio/chosen": float(ratio[rows, w].mean()),
+            "heldout/logratio/rejected": float(ratio[rows, lose].mean()),
+            "heldout/accuracy": ranking_accuracy(beta * ratio, heldout.rstar),
+            "heldout/logps/all": float(logps.mean()),
+            "fresh/logps": float(fresh_pol.mean()),
+            "fresh/ref_logps": float(fresh_ref.mean()),
+            "fresh/tokens": float(np.mean([len(c[0]) for c in fresh.completion_ids])),
+        }
+    return eval_fn
