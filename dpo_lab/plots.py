@@ -50,8 +50,9 @@ def upper_envelope(kl: Sequence[float], reward: Sequence[float]) -> tuple[np.nda
 
 def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "",
                   label_runs: bool = False) -> plt.Figure:
-    """Every evaluation point of every run (one colour per method), the shared SFT start, and each method's
-    upper envelope; KL(pi || pi_ref) on x and mean r* on y, as in the paper.
+    """Every evaluation point of every run (one colour per method) with its standard errors when the points
+    carry them, the shared SFT start, and each method's upper envelope; KL(pi || pi_ref) on x and mean r*
+    on y, as in the paper.
 
     ``label_runs`` also draws each run's path in step order and labels its final point with its
     ``hyperparameter`` (for a sweep of one method, where colour alone cannot tell the runs apart)."""
@@ -61,6 +62,9 @@ def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title
     for method, group in points[points.step > 0].groupby("method", sort=False):
         color = METHOD_COLORS.get(str(method))
         ax.scatter(group.kl_mean, group.reward_mean, s=18, alpha=0.75, color=color, label=str(method))
+        if "reward_se" in group.columns and "kl_se" in group.columns:  # one SE over test prompts, each axis
+            ax.errorbar(group.kl_mean, group.reward_mean, xerr=group.kl_se, yerr=group.reward_se, fmt="none",
+                        ecolor=color, alpha=0.35, linewidth=0.8)
         xs, ys = upper_envelope(group.kl_mean.to_numpy(), group.reward_mean.to_numpy())
         ax.step(xs, ys, where="post", color=color, alpha=0.5, linewidth=1)
     if label_runs:

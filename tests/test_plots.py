@@ -71,6 +71,18 @@ def test_plot_frontier_writes_a_figure(tmp_path):
     assert {t.get_text() for t in fig.axes[0].get_legend().get_texts()} == {"DPO", "PPO", "SFT (start)"}
 
 
+def test_plot_frontier_draws_standard_errors_when_the_points_have_them():
+    points = _points([("DPO", 0, 0.0, 0.5), ("DPO", 1, 2.0, 0.9), ("PPO", 1, 3.0, 0.7)])
+    assert not plot_frontier(points).axes[0].containers  # no SE columns: no error bars
+    points["reward_se"], points["kl_se"] = [0.0, 0.02, 0.03], [0.0, 0.1, 0.2]
+    bars = plot_frontier(points).axes[0].containers
+    assert len(bars) == 2  # one per method, the start excluded
+    xbar, ybar = bars[0].lines[2]  # ErrorbarContainer: (data line, caps, (x bars, y bars))
+    ys = ybar.get_segments()[0][:, 1]
+    assert np.allclose(sorted(ys), [0.88, 0.92])  # DPO's point: 0.9 +- 0.02
+    assert np.allclose(sorted(xbar.get_segments()[0][:, 0]), [1.9, 2.1])
+
+
 def test_label_runs_names_each_run(tmp_path):
     points = _points([("DPO", 0, 0.0, 0.5), ("DPO", 1, 2.0, 0.9), ("DPO", 0, 0.0, 0.5), ("DPO", 1, 1.0, 0.7)])
     points["hyperparameter"] = ["beta=0.1", "beta=0.1", "beta=1", "beta=1"]
