@@ -6,6 +6,7 @@
     python -m dpo_lab sweep --preset cpu              # the preset's frontier sweep through papermill -> runs/
     python -m dpo_lab sweep sweeps/hh_paper.yaml      # a sweep spec
     python -m dpo_lab execute NB OUT -p beta 0.3      # one notebook, parameters checked before it runs
+    python -m dpo_lab student                         # notebooks/student/: exercises stubbed (make student)
 """
 
 from __future__ import annotations
@@ -97,6 +98,21 @@ def _formatted_path(path: str, what: str, parameters: dict) -> str:
                          f"({type(err).__name__}: {err}); write a literal brace as {{{{ or }}}}") from err
 
 
+def _student(args: argparse.Namespace) -> int:
+    from dpo_lab.paths import project_root
+    from dpo_lab.student import ExerciseError, write_student_copies
+
+    notebooks = project_root() / "notebooks"
+    try:
+        written = write_student_copies(notebooks, args.out or notebooks / "student")
+    except ExerciseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dpo_lab", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,7 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     exe.add_argument("output")
     exe.add_argument("-p", dest="parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                      help="a parameter (value parsed as YAML), repeatable")
+    stu = sub.add_parser("student", help="write notebooks/student/: each exercise's body replaced by a stub")
+    stu.add_argument("--out", type=Path, metavar="DIR", help="where they go (default: notebooks/student)")
     args = parser.parse_args(argv)
+    if args.command == "student":
+        return _student(args)
     if args.command == "sweep":
         return _sweep(args, parser)
     if args.command == "execute":

@@ -28,6 +28,12 @@
 #
 # Cells whose printed numbers are derivation checks start with `# NBVAL_CHECK_OUTPUT`: the notebook tests
 # fail if one of those numbers changes.
+#
+# **Exercises.** Each written-out computation is a short function under a heading *Exercise · tier N*
+# (tier 1: one line of an equation; tier 2: a sum or a mask to get right; tier 3: a derivation or a
+# model to implement). The cell after it grades the function against the exact answer (the library, or a
+# brute force) on two small bandits. `make student` writes `notebooks/student/` copies of this notebook
+# with those function bodies removed, for you to fill in.
 
 # %% tags=["parameters"]
 beta: float = 0.1  # KL coefficient β of Eq. 3 (the paper's IMDb sweep: 0.05, 0.1, 1, 5)
@@ -46,6 +52,7 @@ import torch
 from ipywidgets import FloatLogSlider, interact
 
 from dpo_lab import bandit as bd
+from dpo_lab.grading import bandit_cases, grade, plackett_luce_nll
 from dpo_lab.losses import preference_loss
 from dpo_lab.paths import figures_dir
 from dpo_lab.seed import seed_everything
@@ -77,10 +84,24 @@ print("r*     =", show(r, 4))
 # $$p^*(y_1\succ y_2\mid x)=\frac{\exp r^*(x,y_1)}{\exp r^*(x,y_1)+\exp r^*(x,y_2)}=\sigma\big(r^*(x,y_1)-r^*(x,y_2)\big).$$
 # Only reward **differences** matter: this is the fact that makes $Z(x)$ cancel later.
 
+# %% [markdown]
+# ### Exercise · tier 1 · Eq. 1 by hand
+# All the BT probabilities of a reward table at once, as a `[x, y1, y2]` table (numpy broadcasting).
+
+# %% tags=["exercise", "tier-1"]
+def bt_by_hand(reward: np.ndarray) -> np.ndarray:
+    """Eq. 1, first form: p[x, y1, y2] = exp r(x,y1) / (exp r(x,y1) + exp r(x,y2)), from rewards (n_x, n_y)."""
+    r1, r2 = reward[:, :, None], reward[:, None, :]  # broadcast to a [x, y1, y2] table
+    return np.exp(r1) / (np.exp(r1) + np.exp(r2))
+
+
+# %%
+grade(bt_by_hand, bd.bt_probs, bandit_cases("reward", numpy=True), hint="p[x, y1, y2] is the chance y1 wins")
+
 # %%
 # NBVAL_CHECK_OUTPUT
-r1, r2 = r[:, :, None], r[:, None, :]  # broadcast to a [x, y1, y2] table
-p_eq1 = np.exp(r1) / (np.exp(r1) + np.exp(r2))  # Eq. 1, first form
+p_eq1 = bt_by_hand(r)
+r1, r2 = r[:, :, None], r[:, None, :]
 np.testing.assert_allclose(p_eq1, 1 / (1 + np.exp(-(r1 - r2))), rtol=1e-12)  # = σ(r1 − r2)
 p_bt = bd.bt_probs(toy.reward)
 np.testing.assert_allclose(p_eq1, p_bt.numpy(), rtol=1e-12)
@@ -145,6 +166,29 @@ print("r_phi ~ r* (differ by f(x) only):", bd.are_equivalent(r_phi, toy.reward, 
 # exact sums over $y$.
 
 # %% [markdown]
+# ### Exercise · tier 2 · Eq. 3 by hand: the KL and the objective
+# Mind the mask: a policy may put no mass on some responses (π* does, nearly, as β → 0), and each such
+# response adds $0\log 0=0$ to the KL, not `nan`. Both functions also take a stack of policies
+# `(..., n_x, n_y)`.
+
+# %% tags=["exercise", "tier-2"]
+def kl_by_hand(policy: np.ndarray, pi_ref: np.ndarray) -> np.ndarray:
+    """KL(π(·|x) ‖ π_ref(·|x)) = Σ_y π log(π/π_ref) per prompt, shape (..., n_x); π(y|x) = 0 adds 0."""
+    safe = np.where(policy > 0, policy, 1.0)  # log 1 = 0 where π = 0, so 0·log 0 counts as 0, not nan
+    return (policy * np.log(safe / pi_ref)).sum(-1)
+
+
+def rlhf_objective_by_hand(policy: np.ndarray, reward: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
+    """Eq. 3 per prompt: E_{y~π}[r(x,y)] − β KL(π(·|x) ‖ π_ref(·|x)), shape (..., n_x)."""
+    return (policy * reward).sum(-1) - beta * kl_by_hand(policy, pi_ref)
+
+
+# %%
+grade(kl_by_hand, bd.kl_divergence, bandit_cases("policy", "pi_ref", numpy=True)
+      | bandit_cases("greedy_policy", "pi_ref", numpy=True), hint="a response with pi(y|x) = 0 adds 0 log 0 = 0")
+grade(rlhf_objective_by_hand, bd.rlhf_objective, bandit_cases("policy", "reward", "pi_ref", "beta", numpy=True))
+
+# %% [markdown]
 # ## Eq. 4 — its maximiser in closed form
 # $$\pi_r(y|x)=\frac{1}{Z(x)}\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big),\qquad Z(x)=\sum_y\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big).$$
 # **Why this is not an algorithm for a language model.** $Z(x)$ sums over *every* completion $y$. In the
@@ -158,14 +202,33 @@ vocab, length = 50257, 64  # GPT-2's vocabulary, a 64-token completion
 n_terms = vocab**length  # exact: Python integers do not overflow
 print(f"terms in Z(x): bandit {n_responses}; GPT-2, T={length}: {n_terms:.3e} (a {len(str(n_terms))}-digit number)")
 
+# %% [markdown]
+# ### Exercise · tier 1 · Eq. 4 by hand: $Z(x)$ and $\pi_r$
+
+# %% tags=["exercise", "tier-1"]
+def partition_by_hand(reward: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
+    """Z(x) = Σ_y π_ref(y|x) exp(r(x,y)/β), one per prompt: shape (n_x,)."""
+    return (pi_ref * np.exp(reward / beta)).sum(-1)  # fine at these β; the library works in log space
+
+
+def optimal_policy_by_hand(reward: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
+    """Eq. 4: π_r(y|x) = π_ref(y|x) exp(r(x,y)/β) / Z(x), shape (n_x, n_y)."""
+    return pi_ref * np.exp(reward / beta) / partition_by_hand(reward, pi_ref, beta)[..., None]
+
+
+# %%
+grade(partition_by_hand, bd.normaliser, bandit_cases("reward", "pi_ref", "beta", numpy=True))
+grade(optimal_policy_by_hand, bd.optimal_policy, bandit_cases("reward", "pi_ref", "beta", numpy=True),
+      hint="divide by Z(x), so that each prompt's row sums to 1")
+
 # %%
 # NBVAL_CHECK_OUTPUT
-Z = (pi_ref * np.exp(r / beta)).sum(-1, keepdims=True)  # fine at this β; the library works in log space
-pi_star_np = pi_ref * np.exp(r / beta) / Z  # Eq. 4
+Z = partition_by_hand(r, pi_ref, beta)
+pi_star_np = optimal_policy_by_hand(r, pi_ref, beta)  # Eq. 4
 pi_star = toy.optimal_policy(beta)
 log_z = bd.log_partition(toy.reward, toy.pi_ref, beta)
 np.testing.assert_allclose(pi_star_np, pi_star.numpy(), rtol=1e-10)
-np.testing.assert_allclose(np.log(Z[:, 0]), log_z.numpy(), rtol=1e-12)
+np.testing.assert_allclose(np.log(Z), log_z.numpy(), rtol=1e-12)
 print("Eq. 4 by hand == bandit.optimal_policy: True")
 print("pi* =", show(pi_star_np, 4))
 
@@ -181,21 +244,40 @@ print("pi* =", show(pi_star_np, 4))
 # &=-\beta\,\mathbb D_{\rm KL}\big[\pi(y|x)\,\|\,\pi_r(y|x)\big]+\beta\log Z(x).
 # \end{aligned}$$
 # $Z(x)$ does not depend on $\pi$, and $\mathbb D_{\rm KL}\ge 0$ with equality iff $\pi=\pi_r$ (Gibbs'
-# inequality), so $\pi_r$ is the unique maximiser and the maximum is $\beta\log Z(x)$. Check each line on
-# 100 random policies (a wrong sign on $\log Z$, or a missing $1/\beta$, breaks it):
+# inequality), so $\pi_r$ is the unique maximiser and the maximum is $\beta\log Z(x)$.
+
+# %% [markdown]
+# ### Exercise · tier 3 · App. A.1: the objective through $\pi_r$
+# Write the last line of the derivation, using your Eq. 3 and Eq. 4 functions. The grader compares it with
+# the library's **Eq. 3** on random and one-hot policies: it matches only if the derivation (and your code)
+# is right; a wrong sign on $\log Z$, or a missing $1/\beta$, breaks it.
+
+# %% tags=["exercise", "tier-3"]
+def objective_via_pi_r(policy: np.ndarray, reward: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
+    """−β KL(π(·|x) ‖ π_r(·|x)) + β log Z(x) per prompt, shape (..., n_x), with π_r and Z(x) of Eq. 4."""
+    pi_r = optimal_policy_by_hand(reward, pi_ref, beta)
+    return -beta * kl_by_hand(policy, pi_r) + beta * np.log(partition_by_hand(reward, pi_ref, beta))
+
+
+# %%
+grade(objective_via_pi_r, bd.rlhf_objective, bandit_cases("policy", "reward", "pi_ref", "beta", numpy=True)
+      | bandit_cases("greedy_policy", "reward", "pi_ref", "beta", numpy=True))
+
+# %% [markdown]
+# Check each line on 100 random policies:
 
 # %%
 # NBVAL_CHECK_OUTPUT
 gen = torch.Generator().manual_seed(seed)
 pis = torch.softmax(2 * torch.randn(100, n_prompts, n_responses, dtype=torch.float64, generator=gen), -1).numpy()
-line_1 = (pis * r).sum(-1) - beta * (pis * np.log(pis / pi_ref)).sum(-1)  # Eq. 3
+line_1 = rlhf_objective_by_hand(pis, r, pi_ref, beta)  # Eq. 3
 line_3 = -beta * (pis * np.log(pis / (pi_ref * np.exp(r / beta)))).sum(-1)  # the third line
-line_5 = -beta * (pis * np.log(pis / pi_star_np)).sum(-1) + beta * np.log(Z[:, 0])  # −β KL(π‖π_r) + β log Z
+line_5 = objective_via_pi_r(pis, r, pi_ref, beta)  # −β KL(π‖π_r) + β log Z
 library = np.stack([bd.rlhf_objective(torch.from_numpy(p), toy.reward, toy.pi_ref, beta).numpy() for p in pis])
 for line in (line_3, line_5, library):
     np.testing.assert_allclose(line_1, line, rtol=0, atol=1e-10)
 print("Eq. 3 = -beta E[log pi/(pi_ref e^(r/beta))] = -beta KL(pi||pi_r) + beta log Z, 100 policies: True")
-print(f"smallest beta log Z - Eq. 3 (= beta KL >= 0): {(beta * np.log(Z[:, 0]) - line_1).min():.6f}")
+print(f"smallest beta log Z - Eq. 3 (= beta KL >= 0): {(beta * np.log(Z) - line_1).min():.6f}")
 
 # %% [markdown]
 # So $\pi_r$ is normalised, reaches $\beta\log Z(x)$, and plain gradient ascent on Eq. 3, which never
@@ -205,7 +287,7 @@ print(f"smallest beta log Z - Eq. 3 (= beta KL >= 0): {(beta * np.log(Z[:, 0]) -
 # NBVAL_CHECK_OUTPUT
 best = bd.rlhf_objective(pi_star, toy.reward, toy.pi_ref, beta)
 np.testing.assert_allclose(pi_star_np.sum(-1), 1.0, rtol=1e-12)
-np.testing.assert_allclose(best.numpy(), beta * np.log(Z[:, 0]), rtol=1e-10)
+np.testing.assert_allclose(best.numpy(), beta * np.log(Z), rtol=1e-10)
 pi_pg = bd.maximise_rlhf_objective(toy.reward, toy.pi_ref, beta)  # never computes Z(x)
 print("max objective = beta log Z(x):", show(best, 6))
 print("gradient ascent on Eq. 3 reaches the maximum:",
@@ -218,24 +300,49 @@ print("gradient ascent on Eq. 3 reaches the maximum:",
 # $$r(x,y)=\beta\log\frac{\pi_r(y|x)}{\pi_{\rm ref}(y|x)}+\beta\log Z(x).$$
 # Any reward is determined by its optimal policy, up to the per-prompt term $\beta\log Z(x)$.
 
+# %% [markdown]
+# ### Exercise · tier 1 · Eq. 5 by hand
+
+# %% tags=["exercise", "tier-1"]
+def reward_from_policy(policy: np.ndarray, pi_ref: np.ndarray, beta: float, log_z: np.ndarray) -> np.ndarray:
+    """Eq. 5: r(x,y) = β log π(y|x)/π_ref(y|x) + β log Z(x), from π_r (n_x, n_y) and log Z(x) (n_x,)."""
+    return beta * np.log(policy / pi_ref) + beta * log_z[:, None]
+
+
+# %%
+grade(reward_from_policy, bd.reparameterised_reward,
+      bandit_cases("optimal_policy", "pi_ref", "beta", "log_z", numpy=True))
+
 # %%
 # NBVAL_CHECK_OUTPUT
-r_eq5 = beta * np.log(pi_star_np / pi_ref) + beta * np.log(Z)  # Eq. 5
+r_eq5 = reward_from_policy(pi_star_np, pi_ref, beta, np.log(Z))  # Eq. 5
 np.testing.assert_allclose(r_eq5, r, rtol=0, atol=1e-10)
 np.testing.assert_allclose(r_eq5, bd.reparameterised_reward(pi_star, toy.pi_ref, beta, log_z).numpy(),
                            rtol=0, atol=1e-10)
 print("Eq. 5 by hand recovers r* and == bandit.reparameterised_reward: True")
-print("beta log Z(x) =", show(beta * np.log(Z[:, 0]), 6))
+print("beta log Z(x) =", show(beta * np.log(Z), 6))
 
 # %% [markdown]
 # ## Eq. 6 — preferences in terms of the policy alone
 # Substitute Eq. 5 into Eq. 1. The $\beta\log Z(x)$ terms are equal for $y_1$ and $y_2$, so they cancel:
 # $$p^*(y_1\succ y_2|x)=\Big(1+\exp\Big(\beta\log\frac{\pi^*(y_2|x)}{\pi_{\rm ref}(y_2|x)}-\beta\log\frac{\pi^*(y_1|x)}{\pi_{\rm ref}(y_1|x)}\Big)\Big)^{-1}.$$
 
+# %% [markdown]
+# ### Exercise · tier 1 · Eq. 6 by hand
+
+# %% tags=["exercise", "tier-1"]
+def bt_from_policy(policy: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
+    """Eq. 6 as a [x, y1, y2] table: p(y1 ≻ y2 | x) from β log π/π_ref alone, no Z(x) anywhere."""
+    h = beta * np.log(policy / pi_ref)
+    return 1 / (1 + np.exp(h[:, None, :] - h[:, :, None]))
+
+
+# %%
+grade(bt_from_policy, bd.bt_probs_from_policy, bandit_cases("optimal_policy", "pi_ref", "beta", numpy=True))
+
 # %%
 # NBVAL_CHECK_OUTPUT
-h = beta * np.log(pi_star_np / pi_ref)  # β log π*/π_ref: no Z(x) anywhere
-p_eq6 = 1 / (1 + np.exp(h[:, None, :] - h[:, :, None]))  # Eq. 6, [x, y1, y2]
+p_eq6 = bt_from_policy(pi_star_np, pi_ref, beta)  # Eq. 6, [x, y1, y2]
 np.testing.assert_allclose(p_eq6, p_eq1, rtol=0, atol=1e-12)
 np.testing.assert_allclose(p_eq6, bd.bt_probs_from_policy(pi_star, toy.pi_ref, beta).numpy(), rtol=0, atol=1e-12)
 print("Eq. 6 by hand == Eq. 1 and == bandit.bt_probs_from_policy: True")
@@ -250,19 +357,45 @@ print("p*(y0 > y1 | x0) from pi* alone =", round(float(p_eq6[0, 0, 1]), 6))
 # $\pi_\theta=\mathrm{softmax}(\theta)$ and the population of comparisons, against the project's
 # `dpo_lab.losses.preference_loss` (what notebook 05 trains GPT-2 with).
 
-# %%
-# NBVAL_CHECK_OUTPUT
-def eq7(logp_w, logp_l, ref_w, ref_l, beta):
-    """Eq. 7 per pair: −log σ(β log π(y_w|x)/π_ref(y_w|x) − β log π(y_l|x)/π_ref(y_l|x))."""
+# %% [markdown]
+# ### Exercise · tier 1 · Eq. 7 per pair
+
+# %% tags=["exercise", "tier-1"]
+def eq7(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
+        beta: float) -> torch.Tensor:
+    """Eq. 7 per pair, shape (B,): −log σ(β log π(y_w|x)/π_ref(y_w|x) − β log π(y_l|x)/π_ref(y_l|x))."""
     return -torch.nn.functional.logsigmoid(beta * (logp_w - ref_w) - beta * (logp_l - ref_l))
 
 
+# %%
+grade(eq7, lambda logp_w, logp_l, ref_w, ref_l, beta: preference_loss(logp_w, logp_l, ref_w, ref_l, beta=beta)[0],
+      bandit_cases("logp_w", "logp_l", "ref_w", "ref_l", "beta"))
+
+# %% [markdown]
+# ### Exercise · tier 2 · Eq. 7 on a table of comparisons
+# The expectation over $\mathcal D$ is a **weighted** mean: `data` holds index tensors `x`, `y_w`, `y_l`
+# and a `weight` per comparison (the population's are unequal).
+
+# %% tags=["exercise", "tier-2"]
+def dpo_loss_table(logits: torch.Tensor, pi_ref: torch.Tensor, data: bd.PreferenceData, beta: float) -> torch.Tensor:
+    """The Eq. 7 loss of π_θ = softmax(logits) on `data`: Σ_i w_i eq7_i / Σ_i w_i over its comparisons."""
+    logp, ref = torch.log_softmax(logits, -1), pi_ref.log()
+    x, y_w, y_l = data.x, data.y_w, data.y_l
+    return (data.weight * eq7(logp[x, y_w], logp[x, y_l], ref[x, y_w], ref[x, y_l], beta)).sum() / data.weight.sum()
+
+
+# %%
+grade(dpo_loss_table, lambda logits, pi_ref, data, beta: bd.dpo_loss_on_table(logits, pi_ref, data, beta)[0],
+      bandit_cases("logits", "pi_ref", "data", "beta"), hint="weight each comparison by data.weight")
+
+# %%
+# NBVAL_CHECK_OUTPUT
 theta_any = torch.randn(n_prompts, n_responses, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
 logp, ref = torch.log_softmax(theta_any, -1), toy.pi_ref.log()
 x, y_w, y_l = population.x, population.y_w, population.y_l
 four = (logp[x, y_w], logp[x, y_l], ref[x, y_w], ref[x, y_l])
 torch.testing.assert_close(eq7(*four, beta), preference_loss(*four, beta=beta)[0], rtol=1e-12, atol=1e-12)
-loss_any = (population.weight * eq7(*four, beta)).sum() / population.weight.sum()
+loss_any = dpo_loss_table(theta_any, toy.pi_ref, population, beta)
 torch.testing.assert_close(loss_any, bd.dpo_loss_on_table(theta_any, toy.pi_ref, population, beta)[0])
 print(f"Eq. 7 by hand == losses.preference_loss; population loss at a random policy: {loss_any:.6f}")
 
@@ -296,16 +429,14 @@ print("max |pi_DPO - pi*| < 1e-6:", bd.max_abs_error(dpo.policy, pi_star) < 1e-6
 #    function of $x$. What fixes it is that $\pi_\theta=\pi_{\rm ref}e^{\hat r_\theta/\beta}$ must sum to 1, which
 #    forces $c(x)=-\beta\log Z(x)$: the normalisation of Eq. 9 / Prop. 1. Then $\pi_\theta=\pi^*$.
 #
-# Check with the `eq7` written above: minimise the population loss over free softmax logits with L-BFGS,
+# Check with the `dpo_loss_table` written above: minimise the population loss over free softmax logits with L-BFGS,
 # starting from **uniform** logits (not $\pi_{\rm ref}$), with all pairs compared; then again with every
 # comparison involving the last response removed.
 
 # %%
 def population_eq7(theta: torch.Tensor, data: bd.PreferenceData) -> torch.Tensor:
-    """The weighted Eq. 7 loss of softmax(theta) over the triples of `data`."""
-    logp, ref = torch.log_softmax(theta, -1), toy.pi_ref.log()
-    x, y_w, y_l = data.x, data.y_w, data.y_l
-    return (data.weight * eq7(logp[x, y_w], logp[x, y_l], ref[x, y_w], ref[x, y_l], beta)).sum() / data.weight.sum()
+    """The weighted Eq. 7 loss of softmax(theta) over the triples of `data`, at this notebook's π_ref and β."""
+    return dpo_loss_table(theta, toy.pi_ref, data, beta)
 
 
 def minimise(loss_fn, steps: int = 300) -> torch.Tensor:
@@ -357,14 +488,24 @@ print("with all pairs, the same change of theta raises the loss:",
 # $$\mathcal L_{\rm DPO}^{\rm PL}=-\mathbb E_{\tau,y_1,\dots,y_K,x}\Big[\log\prod_{k=1}^{K}\frac{\exp\hat r_\theta(x,y_{\tau(k)})}{\sum_{j=k}^{K}\exp\hat r_\theta(x,y_{\tau(j)})}\Big],\qquad \hat r_\theta=\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}.$$
 # With $K=2$ it is exactly Eq. 7 (BT is PL with two items).
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% [markdown]
+# ### Exercise · tier 3 · the Plackett–Luce likelihood
+# Vectorise it over any leading dimensions and work in log space: the denominators are sums over the
+# *tail* of the ranking, $j\ge k$, not over all $K$ responses. The grader compares it with the product
+# above computed one position at a time.
+
+# %% tags=["exercise", "tier-3"]
 def pl_nll(r_ranked: torch.Tensor) -> torch.Tensor:
-    """−log PL probability of rankings, from the rewards of their responses listed best first, (..., K)."""
+    """−log PL probability of rankings, from the rewards of their responses listed best first: (..., K) -> (...)."""
     tail = torch.logcumsumexp(r_ranked.flip(-1), -1).flip(-1)  # log Σ_{j≥k} exp r_j, for each k
     return (tail - r_ranked).sum(-1)
 
 
+# %%
+grade(pl_nll, plackett_luce_nll, bandit_cases("ranked_rewards"))
+
+# %%
+# NBVAL_CHECK_OUTPUT
 r_hat_any = beta * (logp - ref)  # implicit reward of the random policy of the Eq. 7 cell
 k2 = pl_nll(torch.stack([r_hat_any[x, y_w], r_hat_any[x, y_l]], -1))
 torch.testing.assert_close(k2, eq7(*four, beta), rtol=1e-12, atol=1e-12)
@@ -551,8 +692,7 @@ pi_ref0[:, 0] = 0.0  # y0 is never sampled
 pi_ref0 /= pi_ref0.sum(-1, keepdims=True)
 r_bumped = r.copy()
 r_bumped[:, 0] += 5.0  # a y-dependent change: a different class (Lemma 1's check above)
-same_policy = np.allclose(pi_ref0 * np.exp(r / beta) / (pi_ref0 * np.exp(r / beta)).sum(-1, keepdims=True),
-                          pi_ref0 * np.exp(r_bumped / beta) / (pi_ref0 * np.exp(r_bumped / beta)).sum(-1, keepdims=True),
+same_policy = np.allclose(optimal_policy_by_hand(r, pi_ref0, beta), optimal_policy_by_hand(r_bumped, pi_ref0, beta),
                           rtol=0, atol=1e-15)
 print("pi_ref(y0) = 0: same Eq. 4 policy for r* and r* + 5 at y0:", same_policy)
 

@@ -25,6 +25,10 @@
 # 3. What does the normaliser $\beta\log Z(x)$ of Eq. 10 do to policy-gradient variance?
 #
 # Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
+#
+# **Exercises** (as in notebook 01): the functions under a heading *Exercise · tier N* are graded by the
+# cell after them against the exact answer; `make student` writes a copy in `notebooks/student/` with their
+# bodies removed.
 
 # %% tags=["parameters"]
 seed: int = 0  # seeds the bandit and every sample
@@ -42,6 +46,7 @@ import numpy as np
 import torch
 
 from dpo_lab import bandit as bd
+from dpo_lab.grading import bandit_cases, grade
 from dpo_lab.paths import figures_dir
 from dpo_lab.seed import seed_everything
 
@@ -139,17 +144,61 @@ plt.show()
 # variance-minimising baseline, though: $\beta\log Z(x)$ is a *soft maximum* of the reward, so at $\pi_{\rm ref}$
 # and small β it can overshoot the mean reward and give more variance than no baseline at all (first row).
 
+# %% [markdown]
+# ### Exercise · tier 2 · Eq. 8 and the Eq. 10 objective
+# Compute $f$ in log space (`torch.logsumexp`): the grader tries β = 0.001, where $e^{r/\beta}$ overflows.
+
+# %% tags=["exercise", "tier-2"]
+def project_reward_by_hand(reward: torch.Tensor, pi_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """Eq. 8: f(r)(x,y) = r(x,y) − β log Σ_y π_ref(y|x) exp(r(x,y)/β), shape (n_x, n_y)."""
+    return reward - beta * torch.logsumexp(pi_ref.log() + reward / beta, -1, keepdim=True)
+
+
+def eq10_objective(policy: torch.Tensor, reward: torch.Tensor, pi_ref: torch.Tensor, beta: float) -> torch.Tensor:
+    """The Eq. 10 objective per prompt, shape (n_x,): E_{y~π}[f(r)(x,y) − β log π(y|x)/π_ref(y|x)]."""
+    f_r = project_reward_by_hand(reward, pi_ref, beta)
+    return (policy * (f_r - beta * (policy.log() - pi_ref.log()))).sum(-1)
+
+
+# %%
+grade(project_reward_by_hand, bd.project_reward, bandit_cases("reward", "pi_ref", "beta", beta=(0.001, 0.5)))
+grade(eq10_objective, lambda policy, reward, pi_ref, beta: -beta * bd.kl_divergence(policy, bd.optimal_policy(reward, pi_ref, beta)),
+      bandit_cases("policy", "reward", "pi_ref", "beta"), hint="Eq. 10 is -beta KL(pi || pi*), pi* of Eq. 4")
+
 # %%
 # NBVAL_CHECK_OUTPUT
 gen = torch.Generator().manual_seed(seed)
 pi_theta = torch.softmax(torch.randn(toy.n_x, toy.n_y, dtype=torch.float64, generator=gen), -1)  # any policy
-f_r = bd.project_reward(toy.reward, toy.pi_ref, beta)  # f(r, π_ref, β) of Eq. 10 (= Eq. 8)
-eq10 = (pi_theta * (f_r - beta * (pi_theta.log() - toy.pi_ref.log()))).sum(-1)
+torch.testing.assert_close(project_reward_by_hand(toy.reward, toy.pi_ref, beta), bd.project_reward(toy.reward, toy.pi_ref, beta))
+eq10 = eq10_objective(pi_theta, toy.reward, toy.pi_ref, beta)
 torch.testing.assert_close(eq10, -beta * bd.kl_divergence(pi_theta, pi_star))  # π* from Eq. 4
 eq3 = bd.rlhf_objective(pi_theta, toy.reward, toy.pi_ref, beta)
 torch.testing.assert_close(eq3 - eq10, beta * bd.log_partition(toy.reward, toy.pi_ref, beta))
 print("Eq. 10 objective = -beta KL(pi_theta || pi* of Eq. 4):", show(eq10, 6))
 print("Eq. 3 - Eq. 10 = beta log Z(x), whatever pi_theta:", show(eq3 - eq10, 6))
+
+# %% [markdown]
+# ### Exercise · tier 3 · the exact variance of the one-sample gradient
+# For prompt $x$, draw $y\sim\pi_\theta(\cdot|x)$; the estimate of the gradient with respect to that prompt's
+# logits is the vector $\hat g=(e_y-\pi_\theta(\cdot|x))\,G(x,y)$, with $G$ the Eq. 3 or Eq. 10 return
+# (`bd.reinforce_returns`). Its total variance $\mathbb E\|\hat g\|^2-\|\mathbb E\hat g\|^2$ is an exact sum
+# over the responses $y$: no sampling.
+
+# %% tags=["exercise", "tier-3"]
+def gradient_variance(logits: torch.Tensor, bandit: bd.Bandit, beta: float, normalise: bool) -> torch.Tensor:
+    """Σ_i Var[ĝ_i] per prompt, shape (n_x,), for ĝ = (e_y − π_θ) G(x,y), y ~ π_θ = softmax(logits), with the
+    Eq. 3 return G (normalise=False) or the Eq. 10 one (normalise=True)."""
+    policy = torch.softmax(logits, -1)
+    g = bd.reinforce_returns(logits, bandit, beta, normalise=normalise)  # G(x, y)
+    g_hat = (torch.eye(bandit.n_y, dtype=policy.dtype) - policy[:, None, :]) * g[:, :, None]  # [x, y, i]: ĝ if y
+    mean = (policy[:, :, None] * g_hat).sum(1)  # E ĝ, the exact policy gradient
+    return (policy * (g_hat**2).sum(-1)).sum(-1) - (mean**2).sum(-1)
+
+
+# %%
+grade(gradient_variance,
+      lambda logits, bandit, beta, normalise: bd.reinforce_gradient_moments(logits, bandit, beta, normalise=normalise)[1],
+      bandit_cases("logits", "bandit", "beta", "normalise", normalise=(False, True)), hint="the total variance sums over i")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -158,8 +207,8 @@ shifted = bd.Bandit(pi_ref=toy.pi_ref, reward=bd.shift_reward(toy.reward, f_x))
 start, optimum = toy.pi_ref.log(), pi_star.log()
 for label, logits in (("at pi_ref", start), ("at pi*", optimum)):
     for name, bandit_ in (("r*", toy), (f"r*+{reward_shift:g}", shifted)):
-        plain = bd.reinforce_gradient_moments(logits, bandit_, beta, normalise=False)[1].mean()
-        eq10 = bd.reinforce_gradient_moments(logits, bandit_, beta, normalise=True)[1].mean()
+        plain = gradient_variance(logits, bandit_, beta, normalise=False).mean()
+        eq10 = gradient_variance(logits, bandit_, beta, normalise=True).mean()
         print(f"{label:9s} reward {name:7s}  Var[g] Eq. 3: {plain:8.4f}   Eq. 10: {eq10:8.4f}")
 
 # %% [markdown]
@@ -170,17 +219,16 @@ for label, logits in (("at pi_ref", start), ("at pi*", optimum)):
 samples = {norm: bd.reinforce_gradient_samples(start, shifted, beta, 20_000, normalise=norm, seed=seed)
            for norm in (False, True)}
 for norm, s in samples.items():
-    exact = bd.reinforce_gradient_moments(start, shifted, beta, normalise=norm)[1].mean()
+    exact = gradient_variance(start, shifted, beta, normalise=norm).mean()
     print(f"normalise={norm!s:5}  measured Var={s.var(0).sum(-1).mean():.4f}  exact={exact:.4f}")
 
 path = np.linspace(0, 1, 21)
-variance = {norm: [float(bd.reinforce_gradient_moments((1 - t) * start + t * optimum, shifted, beta,
-                                                       normalise=norm)[1].mean()) for t in path]
+variance = {norm: [float(gradient_variance((1 - t) * start + t * optimum, shifted, beta, norm).mean()) for t in path]
             for norm in (False, True)}
 shifts = np.linspace(-6, 6, 25)
-by_shift = {norm: [float(bd.reinforce_gradient_moments(
-    start, bd.Bandit(pi_ref=toy.pi_ref, reward=toy.reward + c), beta, normalise=norm)[1].mean()) for c in shifts]
-    for norm in (False, True)}
+by_shift = {norm: [float(gradient_variance(start, bd.Bandit(pi_ref=toy.pi_ref, reward=toy.reward + c), beta,
+                                           norm).mean()) for c in shifts]
+            for norm in (False, True)}
 
 # %%
 fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))

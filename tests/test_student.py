@@ -1,0 +1,342 @@
+"""Graded exercises (dpo_lab.grading) and the student copies made from them (dpo_lab.student).
+
+The solutions in the notebooks pass their graders; every stub and each deliberately wrong solution below
+fails its grader with a message that says what is wrong; notebooks/student/ is what ``make student`` writes.
+Only the notebooks' import statements, exercise cells and grader cells are run here (the project's own
+committed source), never the rest of a notebook.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import jupytext
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+from dpo_lab import bandit as bd
+from dpo_lab import student
+from dpo_lab.__main__ import main
+from dpo_lab.grading import bandit_cases, grade
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+SOLUTIONS = {path.name: jupytext.read(path) for path in sorted(NOTEBOOKS.glob("*.py"))}
+EXERCISES = [ex for name, nb in SOLUTIONS.items() for ex in student.exercises(nb, name)]
+FUNCTIONS = [(ex, fn) for ex in EXERCISES for fn in ex.functions]
+
+
+def _parsed(source: str) -> list[ast.stmt]:
+    try:
+        return ast.parse(source).body
+    except SyntaxError:  # a cell with IPython magics holds no import statement this test needs
+        return []
+
+
+def _imports(nb) -> dict:
+    """A namespace holding only what the notebook imports: graders may use nothing else."""
+    nodes = [node for cell in nb.cells if cell.cell_type == "code" for node in _parsed(cell.source)
+             if isinstance(node, (ast.Import, ast.ImportFrom))]
+    namespace: dict = {}
+    exec(compile(ast.Module(body=nodes, type_ignores=[]), "<imports>", "exec"), namespace)
+    return namespace
+
+
+def _solved(notebook: str) -> dict:
+    """The imports plus every exercise cell of the solution notebook, in order."""
+    namespace = _imports(SOLUTIONS[notebook])
+    for ex in EXERCISES:
+        if ex.notebook == notebook:
+            exec(ex.source, namespace)
+    return namespace
+
+
+def _run_grader(ex: student.Exercise, namespace: dict) -> str:
+    out = io.StringIO()
+    # errstate: a mutant that makes nan or inf is reported by the grader; numpy need not warn about it too
+    with contextlib.redirect_stdout(out), np.errstate(all="ignore"):
+        exec(ex.grader, namespace)
+    return out.getvalue()
+
+
+def _id(item) -> str:
+    ex, fn = item if isinstance(item, tuple) else (item, None)
+    return f"{ex.notebook[:2]}-{fn or '+'.join(ex.functions)}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the exercises of notebooks 01-02
+
+
+def test_the_bandit_notebooks_have_exercises_of_every_tier():
+    bandit = [ex for ex in EXERCISES if ex.notebook[:2] in ("01", "02")]
+    assert {ex.notebook for ex in bandit} == {"01_rlhf_to_dpo.py", "02_dpo_vs_rlhf_bandit.py"}
+    assert {ex.tier for ex in bandit} == set(student.TIERS)
+
+
+@pytest.mark.parametrize("ex", EXERCISES, ids=_id)
+def test_every_solution_passes_its_grader(ex):
+    printed = _run_grader(ex, _solved(ex.notebook))
+    for fn in ex.functions:  # every function of the cell is graded, not just the first
+        assert re.search(rf"^✓ {fn}: \d+ cases match$", printed, re.M), f"{fn} is not graded:\n{printed}"
+
+
+@pytest.mark.parametrize("item", FUNCTIONS, ids=_id)
+def test_each_stub_fails_its_grader_as_not_implemented(item):
+    ex, fn = item
+    stubs = _imports(SOLUTIONS[ex.notebook])
+    exec(student.stub(ex.source, ex.tier), stubs)
+    namespace = _solved(ex.notebook)
+    namespace[fn] = stubs[fn]  # only this function is missing; the others in its cell are solved
+    with pytest.raises(AssertionError, match=rf"^not implemented yet: fill in {fn}$"):
+        _run_grader(ex, namespace)
+
+
+def test_a_stub_called_by_another_exercise_is_named():
+    ex = next(ex for ex in EXERCISES if ex.functions == ("objective_via_pi_r",))
+    stubs = _imports(SOLUTIONS[ex.notebook])
+    exec(student.stub(next(e for e in EXERCISES if "kl_by_hand" in e.functions).source, 2), stubs)
+    namespace = _solved(ex.notebook)
+    namespace["kl_by_hand"] = stubs["kl_by_hand"]  # objective_via_pi_r looks it up in this namespace
+    expected = r"^not implemented yet: fill in kl_by_hand \(which objective_via_pi_r calls\)$"
+    with pytest.raises(AssertionError, match=expected):
+        _run_grader(ex, namespace)
+
+
+def test_the_committed_student_copies_fail_every_grader():
+    """Worked through top to bottom, as a student would: each check cell reports its first exercise."""
+    copies = sorted((NOTEBOOKS / "student").glob("*.ipynb"))
+    assert copies
+    for path in copies:
+        nb = nbformat.read(path, as_version=4)
+        namespace = _imports(nb)
+        for ex in student.exercises(nb, path.name):
+            exec(ex.source, namespace)
+            with pytest.raises(AssertionError, match=rf"^not implemented yet: fill in {ex.functions[0]}$"):
+                _run_grader(ex, namespace)
+
+
+# Deliberately wrong solutions: (notebook, description, source). Each must fail its grader on some input.
+MUTANTS = [
+    ("01", "sign flip: y2 wins", """
+def bt_by_hand(reward):
+    r1, r2 = reward[:, :, None], reward[:, None, :]
+    return np.exp(r2) / (np.exp(r1) + np.exp(r2))
+"""),
+    ("01", "missing mask: 0 log 0 is nan", """
+def kl_by_hand(policy, pi_ref):
+    return (policy * np.log(policy / pi_ref)).sum(-1)
+"""),
+    ("01", "mean instead of sum over y", """
+def kl_by_hand(policy, pi_ref):
+    safe = np.where(policy > 0, policy, 1.0)
+    return (policy * np.log(safe / pi_ref)).mean(-1)
+"""),
+    ("01", "sign flip on the KL term", """
+def rlhf_objective_by_hand(policy, reward, pi_ref, beta):
+    return (policy * reward).sum(-1) + beta * kl_by_hand(policy, pi_ref)
+"""),
+    ("01", "mean instead of sum over y", """
+def partition_by_hand(reward, pi_ref, beta):
+    return (pi_ref * np.exp(reward / beta)).mean(-1)
+"""),
+    ("01", "missing term: no division by Z(x)", """
+def optimal_policy_by_hand(reward, pi_ref, beta):
+    return pi_ref * np.exp(reward / beta)
+"""),
+    ("01", "beta instead of 1/beta", """
+def optimal_policy_by_hand(reward, pi_ref, beta):
+    p = pi_ref * np.exp(reward * beta)
+    return p / p.sum(-1, keepdims=True)
+"""),
+    ("01", "sign flip on beta log Z", """
+def objective_via_pi_r(policy, reward, pi_ref, beta):
+    pi_r = optimal_policy_by_hand(reward, pi_ref, beta)
+    return -beta * kl_by_hand(policy, pi_r) - beta * np.log(partition_by_hand(reward, pi_ref, beta))
+"""),
+    ("01", "missing 1/beta in pi_r and Z", """
+def objective_via_pi_r(policy, reward, pi_ref, beta):
+    pi_r = optimal_policy_by_hand(reward, pi_ref, 1.0)
+    return -beta * kl_by_hand(policy, pi_r) + beta * np.log(partition_by_hand(reward, pi_ref, 1.0))
+"""),
+    ("01", "sign flip on beta log Z", """
+def reward_from_policy(policy, pi_ref, beta, log_z):
+    return beta * np.log(policy / pi_ref) - beta * log_z[:, None]
+"""),
+    ("01", "missing term: beta log Z", """
+def reward_from_policy(policy, pi_ref, beta, log_z):
+    return beta * np.log(policy / pi_ref)
+"""),
+    ("01", "sign flip: y1 and y2 swapped", """
+def bt_from_policy(policy, pi_ref, beta):
+    h = beta * np.log(policy / pi_ref)
+    return 1 / (1 + np.exp(h[:, :, None] - h[:, None, :]))
+"""),
+    ("01", "sign flip: the loss of y_l winning", """
+def eq7(logp_w, logp_l, ref_w, ref_l, beta):
+    return -torch.nn.functional.logsigmoid(beta * (logp_l - ref_l) - beta * (logp_w - ref_w))
+"""),
+    ("01", "missing term: no reference log-probs", """
+def eq7(logp_w, logp_l, ref_w, ref_l, beta):
+    return -torch.nn.functional.logsigmoid(beta * logp_w - beta * logp_l)
+"""),
+    ("01", "mean instead of the weighted sum", """
+def dpo_loss_table(logits, pi_ref, data, beta):
+    logp, ref = torch.log_softmax(logits, -1), pi_ref.log()
+    x, y_w, y_l = data.x, data.y_w, data.y_l
+    return eq7(logp[x, y_w], logp[x, y_l], ref[x, y_w], ref[x, y_l], beta).mean()
+"""),
+    ("01", "mean instead of sum over positions", """
+def pl_nll(r_ranked):
+    tail = torch.logcumsumexp(r_ranked.flip(-1), -1).flip(-1)
+    return (tail - r_ranked).mean(-1)
+"""),
+    ("01", "missing mask: denominators over all K, not j >= k", """
+def pl_nll(r_ranked):
+    return (torch.logsumexp(r_ranked, -1, keepdim=True) - r_ranked).sum(-1)
+"""),
+    ("02", "sign flip on beta log Z", """
+def project_reward_by_hand(reward, pi_ref, beta):
+    return reward + beta * torch.logsumexp(pi_ref.log() + reward / beta, -1, keepdim=True)
+"""),
+    ("02", "overflow: exp(r / beta) outside log space", """
+def project_reward_by_hand(reward, pi_ref, beta):
+    return reward - beta * torch.log((pi_ref * torch.exp(reward / beta)).sum(-1, keepdim=True))
+"""),
+    ("02", "missing term: r instead of f(r)", """
+def eq10_objective(policy, reward, pi_ref, beta):
+    return (policy * (reward - beta * (policy.log() - pi_ref.log()))).sum(-1)
+"""),
+    ("02", "mean instead of sum over the logits", """
+def gradient_variance(logits, bandit, beta, normalise):
+    policy = torch.softmax(logits, -1)
+    g = bd.reinforce_returns(logits, bandit, beta, normalise=normalise)
+    g_hat = (torch.eye(bandit.n_y, dtype=policy.dtype) - policy[:, None, :]) * g[:, :, None]
+    mean = (policy[:, :, None] * g_hat).sum(1)
+    return (policy * (g_hat**2).mean(-1)).sum(-1) - (mean**2).mean(-1)
+"""),
+    ("02", "missing term: the squared mean", """
+def gradient_variance(logits, bandit, beta, normalise):
+    policy = torch.softmax(logits, -1)
+    g = bd.reinforce_returns(logits, bandit, beta, normalise=normalise)
+    g_hat = (torch.eye(bandit.n_y, dtype=policy.dtype) - policy[:, None, :]) * g[:, :, None]
+    return (policy * (g_hat**2).sum(-1)).sum(-1)
+"""),
+]
+
+
+def _defined(source: str) -> str:
+    return re.search(r"def (\w+)", source).group(1)
+
+
+def _mutant_id(mutant) -> str:
+    return f"{mutant[0]}-{_defined(mutant[2])}-{mutant[1].split(':')[0]}"
+
+
+def test_every_bandit_exercise_function_has_a_wrong_solution_below():
+    mutated = {_defined(source) for _, _, source in MUTANTS}
+    assert {fn for ex, fn in FUNCTIONS if ex.notebook[:2] in ("01", "02")} == mutated
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=_mutant_id)
+def test_a_wrong_solution_fails_with_input_expected_and_got(mutant):
+    notebook, _, source = mutant
+    fn = _defined(source)
+    ex = next(ex for ex in EXERCISES if ex.notebook[:2] == notebook and fn in ex.functions)
+    namespace = _solved(ex.notebook)
+    exec(source, namespace)
+    with pytest.raises(AssertionError) as failed:
+        _run_grader(ex, namespace)
+    message = str(failed.value)
+    assert re.match(rf"{fn} is wrong on input bandit\(seed=\d, \d+x\d+\): .+\n  expected: .+\n  got: +.+",
+                    message), message
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the generator
+
+
+def test_student_copies_are_up_to_date(tmp_path):
+    assert main(["student", "--out", str(tmp_path)]) == 0
+    fresh = sorted(p.name for p in tmp_path.glob("*.ipynb"))
+    committed = sorted(p.name for p in (NOTEBOOKS / "student").glob("*.ipynb"))
+    assert fresh == committed, "notebooks/student/ is out of date: run `make student`"
+    assert {name[:2] for name in fresh} >= {"01", "02"}
+
+    def cells(path: Path) -> list[tuple]:
+        nb = nbformat.read(path, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells), f"{path.name}: a student copy has no outputs"
+        return [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in nb.cells]
+
+    for name in fresh:
+        assert cells(tmp_path / name) == cells(NOTEBOOKS / "student" / name), (
+            f"notebooks/student/{name} is out of date: run `make student`")
+
+
+@pytest.mark.parametrize("ex", EXERCISES, ids=_id)
+def test_a_stub_keeps_signature_and_docstring_and_nothing_else(ex):
+    original = {node.name: node for node in ast.parse(ex.source).body}
+    stubbed = ast.parse(student.stub(ex.source, ex.tier)).body
+    assert [node.name for node in stubbed] == list(ex.functions)
+    for node in stubbed:
+        assert ast.dump(node.args) == ast.dump(original[node.name].args)
+        assert ast.get_docstring(node) == ast.get_docstring(original[node.name])
+        assert len(node.body) == 2 and isinstance(node.body[1], ast.Raise)
+        assert f"Exercise: {node.name} (tier {ex.tier})" in ast.unparse(node.body[1])
+
+
+GOOD = """\
+# %% [markdown]
+# ### Exercise · tier 2 · twice
+
+# %% tags=["exercise", "tier-2"]
+def twice(x):
+    \"\"\"2x.\"\"\"
+    # a comment that gives the answer away
+    return 2 * x
+
+# %%
+grade(twice, lambda x: 2 * x, {"one": (1.0,)})
+"""
+
+
+@pytest.mark.parametrize(("broken", "message"), [
+    (GOOD.replace('"tier-2"]', '"tier-2", "tier-3"]'), "exactly one of"),
+    (GOOD.replace("tier 2 ·", "·"), "heading saying 'tier 2'"),
+    (GOOD.replace("grade(twice", "print(twice"), "must call grade"),
+    (GOOD.replace('    """2x."""\n', ""), "needs a docstring"),
+    (GOOD.replace("def twice(x):", "y = 1\ndef twice(x):"), "only function definitions"),
+])
+def test_a_badly_marked_exercise_is_refused(broken, message):
+    nb = jupytext.reads(GOOD, fmt="py:percent")
+    (ex,) = student.exercises(nb, "good.py")
+    assert student.stub(ex.source, ex.tier).splitlines()[-1] == (
+        '    raise NotImplementedError("Exercise: twice (tier 2)")')
+    with pytest.raises(student.ExerciseError, match=re.escape(message)):
+        student.exercises(jupytext.reads(broken, fmt="py:percent"), "broken.py")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the grader's other messages
+
+
+def test_grade_reports_a_crash_a_missing_return_and_a_shape():
+    cases = bandit_cases("reward", numpy=True)
+    with pytest.raises(AssertionError, match=r"^oops raised ZeroDivisionError on input bandit\(seed=0"):
+        grade(_named("oops", lambda r: 1 / 0), bd.bt_probs, cases)
+    with pytest.raises(AssertionError, match="returned None"):
+        grade(_named("silent", lambda r: None), bd.bt_probs, cases)
+    with pytest.raises(AssertionError, match=r"shape \(3, 5\) instead of \(3, 5, 5\)(.|\n)*hint: broadcast"):
+        grade(_named("flat", lambda r: r), bd.bt_probs, cases, hint="broadcast")
+    grade(_named("right", lambda r: torch.sigmoid(torch.tensor(r)[:, :, None] - torch.tensor(r)[:, None, :])),
+          bd.bt_probs, cases)
+
+
+def _named(name: str, fn):
+    fn.__name__ = name
+    return fn
