@@ -2,6 +2,7 @@
 exact answer (the bandit's closed forms, the library, or a brute-force reference defined here).
 
     grade(bt_by_hand, bd.bt_probs, bandit_cases("reward", numpy=True))
+    grade(logp_sum, sequence_logprobs, lm_cases("logits", "input_ids", "completion_mask"), rtol=1e-5)
 
 A wrong answer raises an AssertionError naming the exercise, the input, what was expected and what came
 back; a stub that still raises NotImplementedError (see :mod:`dpo_lab.student`) reads "not implemented yet".
@@ -175,6 +176,110 @@ def bandit_cases(*fields: str, numpy: bool = False, **choices: Sequence[Any]) ->
 
 
 # ----------------------------------------------------------------------------------------------------------
+# inputs: small random batches of token sequences, every tensor an exercise of notebooks 05-06 takes
+
+
+# Two batches of different shapes, (seed, vocabulary size, (prompt, completion) length of each row): every row
+# starts with a prompt, most end in right padding, one fills the width. Token 0 is the padding token.
+_BATCHES = ((0, 11, ((2, 4), (3, 2), (1, 3))), (1, 7, ((1, 4), (2, 1), (3, 2), (1, 2))))
+
+
+def _sequences(gen: torch.Generator, vocab: int, lengths: Sequence[tuple[int, int]]) -> tuple:
+    """input_ids, attention_mask and completion_mask ``(B, T)`` of rows laid out as ``lengths`` says."""
+    ids = torch.zeros(len(lengths), max(p + c for p, c in lengths), dtype=torch.long)
+    attention, completion = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, c) in enumerate(lengths):
+        ids[i, :p + c] = torch.randint(1, vocab, (p + c,), generator=gen)
+        attention[i, :p + c] = 1
+        completion[i, p:p + c] = 1
+    return ids, attention, completion
+
+
+def _token_logps(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log π(y_t | x, y_<t) at every step, ``(B, T-1)``, in float64 (``logprobs.token_logprobs``)."""
+    return logits[:, :-1].double().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+
+
+def _lm_fields(seed: int, vocab: int, lengths: Sequence[tuple[int, int]]) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed + 200)
+    ids, attention, completion = _sequences(gen, vocab, lengths)
+    b, width = ids.shape
+    logits = 2 * torch.randn(b, width, vocab, generator=gen)
+    ref_logits = logits + torch.randn(b, width, vocab, generator=gen)  # a reference near the policy
+    # the rejected completions: same prompts, each row with the next row's completion length
+    ids_l, _, completion_l = _sequences(gen, vocab, [(p, c) for (p, _), (_, c) in
+                                                     zip(lengths, [*lengths[1:], lengths[0]], strict=True)])
+    logits_l = 2 * torch.randn(*ids_l.shape, vocab, generator=gen)
+    ref_logits_l = logits_l + torch.randn(*ids_l.shape, vocab, generator=gen)
+    mask, mask_l = completion[:, 1:], completion_l[:, 1:]  # the steps that predict a completion token
+    logps, ref_logps = _token_logps(logits, ids), _token_logps(ref_logits, ids)
+    # as logprobs.completion_token_logprobs gives them: 0 off the completion
+    logps_w, ref_logps_w = torch.where(mask.bool(), logps, 0.0), torch.where(mask.bool(), ref_logps, 0.0)
+    logps_l = torch.where(mask_l.bool(), _token_logps(logits_l, ids_l), 0.0)
+    ref_logps_l = torch.where(mask_l.bool(), _token_logps(ref_logits_l, ids_l), 0.0)
+
+    def noise(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, dtype=torch.float64, generator=gen)
+
+    chosen_rewards = 0.1 * (logps_w - ref_logps_w).sum(-1)  # β (log π − log π_ref) at β = 0.1
+    rejected_rewards = 0.1 * (logps_l - ref_logps_l).sum(-1)
+    chosen_rewards[0] = rejected_rewards[0] = 0.0  # a tie, as at π = π_ref
+    heldout_scores = noise(b + 2, b + 1).round(decimals=1)
+    heldout_rstar = (2 * noise(b + 2, b + 1)).round() / 2
+    heldout_scores[0, 1], heldout_rstar[1, 2] = heldout_scores[0, 0], heldout_rstar[1, 0]  # a tie in each
+    return {
+        # a batch of prompt + completion rows, as batching.pad_rows makes them; logits as a model gives them
+        "input_ids": ids, "attention_mask": attention, "completion_mask": completion,
+        "logits": logits, "ref_logits": ref_logits,
+        # per step (B, T-1), as a PPO rollout holds them: step t predicts token t + 1; mask: completion steps
+        "mask": mask, "logps": logps, "ref_logps": ref_logps, "old_logps": logps + 0.3 * noise(b, width - 1),
+        "values": noise(b, width - 1), "advantages": noise(b, width - 1), "rewards": noise(b, width - 1),
+        "scores": noise(b),
+        # the same per chosen (w) and rejected (l) completion of each pair
+        "token_logps_w": logps_w, "mask_w": mask, "token_logps_l": logps_l, "mask_l": mask_l,
+        # per pair (B,): log π(y|x) and log π_ref(y|x) summed over the completion, and implicit rewards
+        "logp_w": logps_w.sum(-1), "logp_l": logps_l.sum(-1),
+        "ref_w": ref_logps_w.sum(-1), "ref_l": ref_logps_l.sum(-1),
+        "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+        # K samples of each of P held-out prompts: a score and r* per sample, with ties in both
+        "heldout_scores": heldout_scores, "heldout_rstar": heldout_rstar,
+    }
+
+
+def lm_cases(*fields: str, numpy: bool = False, **choices: Sequence[Any]) -> dict[str, tuple]:
+    """Cases for :func:`grade`: the arguments named by ``fields``, in that order, on two small random batches
+    of token sequences (B, T, V = 3, 6, 11 and 4, 5, 7), each row a prompt, a completion and padding.
+
+    Fields: input_ids, attention_mask, completion_mask (B, T); logits, ref_logits (B, T, V) float32. Per
+    step (B, T-1), step t predicting token t + 1, as a PPO rollout holds them: mask
+    (``completion_mask[:, 1:]``), logps, ref_logps, old_logps, values, advantages, rewards (every step
+    filled in); scores (B,). For pairs: token_logps_w, mask_w, token_logps_l, mask_l (B, T-1; the log-probs
+    0 off the mask); logp_w, logp_l, ref_w, ref_l (B,), their sums; chosen_rewards, rejected_rewards (B,;
+    the first pair tied). heldout_scores, heldout_rstar (P, K), with ties in both. Ids and masks are long
+    tensors, every float but the logits float64. ``choices`` give scalar arguments and the values to try, e.g.
+    ``gamma=(1.0, 0.9)``; β is tried at 0.1 and 1 unless given. ``numpy=True`` passes tensors as numpy arrays.
+    """
+    choices = {"beta": (0.1, 1.0), **choices}
+    used = {c: v for c, v in choices.items() if c in fields}
+    cases = {}
+    for seed, vocab, lengths in _BATCHES:
+        base = _lm_fields(seed, vocab, lengths)
+        b, width = base["input_ids"].shape
+        for values in itertools.product(*used.values()):
+            chosen = dict(zip(used, values, strict=True))
+            known = base | chosen
+            unknown = [f for f in fields if f not in known]
+            if unknown:
+                raise ValueError(f"lm_cases: unknown field(s) {unknown}; known: {sorted(known)} "
+                                 "(a scalar needs its values as a keyword)")
+            args = tuple(known[f].numpy() if numpy and isinstance(known[f], torch.Tensor) else known[f]
+                         for f in fields)
+            shown = [f"{f}={chosen[f]}" if f in chosen else f for f in fields]
+            cases[f"batch(seed={seed}, B={b}, T={width}, V={vocab}): {', '.join(shown)}"] = args
+    return cases
+
+
+# ----------------------------------------------------------------------------------------------------------
 # references the library does not have
 
 
@@ -187,4 +292,4 @@ def plackett_luce_nll(ranked_rewards: torch.Tensor) -> torch.Tensor:
     return nll
 
 
-__all__ = ["bandit_cases", "grade", "plackett_luce_nll"]
+__all__ = ["bandit_cases", "grade", "lm_cases", "plackett_luce_nll"]

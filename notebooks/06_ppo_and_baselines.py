@@ -40,6 +40,12 @@
 # already trained at the same preset loads at once.
 #
 # Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
+#
+# **Exercises.** PPO's pieces (the per-token rewards, GAE, the clipped surrogate) and the Unlikelihood loss
+# are short functions under headings *Exercise · tier N* (tier 1: one line of an equation; tier 2: a sum or
+# a mask to get right; tier 3: a loop or a derivation). The cell after each grades it against the library
+# (`dpo_lab.ppo`, `dpo_lab.losses`) on small random batches, with no model. `make student` writes
+# `notebooks/student/` copies of this notebook with those function bodies removed, for you to fill in.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -63,6 +69,7 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, pipeline
 from dpo_lab.batching import PreferenceCollator
+from dpo_lab.grading import grade, lm_cases
 from dpo_lab.logprobs import concatenated_token_logprobs
 from dpo_lab.losses import unlikelihood_loss
 from dpo_lab.models import load_policy
@@ -132,10 +139,57 @@ print("lambda=1 (Monte Carlo):", [round(float(v), 4) + 0.0 for v in mc[0]])
 print("lambda=0 (TD error):   ", [round(float(v), 4) + 0.0 for v in td[0]])
 
 # %% [markdown]
-# Both written out in plain torch, on a batch with a second, shorter completion (its last column is padding,
-# mask 0): `r` is $-\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}$ on every completion token, plus the score on
-# the row's last one; the loop runs $t$ backwards through each row's $n$ completion steps with $V_{n+1}=0$,
+# Both written out in plain torch (the two exercises below), then run on a batch with a second, shorter
+# completion (its last column is padding, mask 0): `r` is $-\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}$ on
+# every completion token, plus the score on the row's last one; the loop runs $t$ backwards through each row's $n$ completion steps with $V_{n+1}=0$,
 # $\delta_t=r_t+\gamma V_{t+1}-V_t$ and $A_t=\delta_t+\gamma\lambda A_{t+1}$. Row 1 is the example above.
+#
+# In a real rollout the per-step tensors cover the whole row (step $t$ predicts token $t+1$), and the mask,
+# `completion_mask[:, 1:]`, is 0 on the prompt as well as on the padding: each row's completion steps are a
+# contiguous run somewhere in the row. The graders use such masks.
+
+# %% [markdown]
+# ### Exercise · tier 2 · PPO's per-token rewards
+
+# %% tags=["exercise", "tier-2"]
+def ppo_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
+                kl_coef: float) -> torch.Tensor:
+    """Per-token rewards r (B, T): −kl_coef (log π_θ − log π_ref) at each completion step (mask 1), 0 at the
+    others, plus scores[i] (shape (B,)) at row i's last completion step. logps and ref_logps are the two
+    models' log-probs of the tokens taken (B, T); mask is 1 on a contiguous run of steps per row."""
+    r = -kl_coef * (logps - ref_logps) * mask  # the KL penalty on every completion token
+    for i in range(len(scores)):
+        last = int(mask[i].nonzero().max())  # row i's last completion step
+        r[i, last] += scores[i]  # + r(x, y) on it
+    return r
+
+
+# %%
+grade(ppo_rewards, kl_penalized_rewards, lm_cases("scores", "logps", "ref_logps", "mask", "kl_coef", kl_coef=(0.2,)),
+      hint="the score goes on the last step whose mask is 1, which is not always the last column")
+
+# %% [markdown]
+# ### Exercise · tier 3 · generalised advantage estimation
+
+# %% tags=["exercise", "tier-3"]
+def gae_by_hand(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+                lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(advantages A, returns R), each (B, T) and 0 where mask is 0. Per row, over its completion steps
+    (mask 1, contiguous), backwards from the last: δ_t = r_t + γ V_{t+1} − V_t and A_t = δ_t + γλ A_{t+1},
+    with V and A after the last completion step taken as 0 (the episode is over); R_t = A_t + V_t."""
+    adv = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        steps = mask[i].nonzero().flatten().tolist()  # row i's completion steps, in order
+        a, next_v = 0.0, 0.0  # A_{n+1} = V_{n+1} = 0: the episode is over
+        for t in reversed(steps):
+            a = (rewards[i, t] + gamma * next_v - values[i, t]) + gamma * lam * a  # delta_t + gamma lambda A_{t+1}
+            adv[i, t], next_v = a, values[i, t]
+    return adv, (adv + values) * mask
+
+
+# %%
+grade(gae_by_hand, gae, lm_cases("rewards", "values", "mask", "gamma", "lam", gamma=(1.0, 0.9), lam=(0.95, 0.5)),
+      hint="run t backwards, and start each row's episode fresh: nothing after its last completion step counts")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -143,16 +197,10 @@ logps = torch.tensor([[-2.0, -1.5, -3.0, -0.5], [-1.0, -0.7, -2.0, 0.0]])
 ref_logps = torch.tensor([[-2.2, -1.5, -2.5, -1.0], [-1.3, -0.4, -2.0, 0.0]])
 vals = torch.tensor([[0.3, 0.4, 0.5, 0.7], [0.1, -0.2, 0.6, 0.0]])
 masks, scores, gamma, lam = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]), torch.tensor([1.0, -0.5]), 1.0, 0.95
-r = -kl_coef * (logps - ref_logps) * masks  # the KL penalty on every completion token
-adv = torch.zeros_like(r)
-for i, n in enumerate(masks.sum(-1).tolist()):  # row i's completion is its first n steps
-    r[i, n - 1] += scores[i]  # + r(x, y) on the last one
-    a, next_v = 0.0, 0.0  # A_{n+1} = V_{n+1} = 0: the episode is over
-    for t in reversed(range(n)):
-        a = (r[i, t] + gamma * next_v - vals[i, t]) + gamma * lam * a  # delta_t + gamma lambda A_{t+1}
-        adv[i, t], next_v = a, vals[i, t]
+r = ppo_rewards(scores, logps, ref_logps, masks, kl_coef)  # the KL penalty, and the score on the last token
+adv, ret = gae_by_hand(r, vals, masks, gamma, lam)
 torch.testing.assert_close(r, kl_penalized_rewards(scores, logps, ref_logps, masks, kl_coef))
-torch.testing.assert_close((adv, (adv + vals) * masks), gae(r, vals, masks, gamma=gamma, lam=lam))
+torch.testing.assert_close((adv, ret), gae(r, vals, masks, gamma=gamma, lam=lam))
 for name, row in [("r_t", r[1]), ("A_t", adv[1])]:
     print(f"row 2 {name}", [round(float(v), 4) + 0.0 for v in row], "= library")
 
@@ -168,15 +216,33 @@ for name, row in [("r_t", r[1]), ("A_t", adv[1])]:
 # (pessimistic) of `-A * ratio` and `-A * clip(ratio, 1 - eps, 1 + eps)`; the loss is its mean over the
 # completion tokens (`masks`, as above: the padded step, with its large advantage, counts for nothing).
 
+# %% [markdown]
+# ### Exercise · tier 2 · the clipped surrogate
+
+# %% tags=["exercise", "tier-2"]
+def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                      mask: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, clipfrac), two scalars. With ρ_t = π_θ/π_old = exp(logps − old_logps) and advantages A, each
+    step's term is max(−A ρ, −A clip(ρ, 1 − eps, 1 + eps)); loss is its mean over the steps where mask is 1,
+    clipfrac the share of those steps where the clipped term is strictly the larger."""
+    ratio = (logps - old_logps).exp()
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps)
+    loss = (torch.maximum(unclipped, clipped) * mask).sum() / mask.sum()  # masked mean
+    clipfrac = ((clipped > unclipped).float() * mask).sum() / mask.sum()  # where the clip binds
+    return loss, clipfrac
+
+
+# %%
+grade(clipped_surrogate, policy_loss, lm_cases("logps", "old_logps", "advantages", "mask", "eps", eps=(0.2, 0.1)),
+      hint="average over the completion steps only: divide by mask.sum()")
+
 # %%
 # NBVAL_CHECK_OUTPUT
 old_logps = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, -2.0, -2.0, 0.0]])  # log pi_old: the rollout's
 new_logps = old_logps + torch.tensor([[0.5, -0.5, 0.05, 0.3], [-0.4, 0.1, 0.0, 0.0]])  # after some updates
 advs, eps = torch.tensor([[1.0, 1.0, -1.0, -2.0], [-0.5, 2.0, 1.0, 9.0]]), 0.2
 ratio = (new_logps - old_logps).exp()
-unclipped, clipped = -advs * ratio, -advs * ratio.clamp(1 - eps, 1 + eps)
-loss = (torch.maximum(unclipped, clipped) * masks).sum() / masks.sum()  # masked mean
-clipfrac = ((clipped > unclipped).float() * masks).sum() / masks.sum()  # where the clip binds
+loss, clipfrac = clipped_surrogate(new_logps, old_logps, advs, masks, eps)
 torch.testing.assert_close((loss, clipfrac), policy_loss(new_logps, old_logps, advs, masks, cliprange=eps))
 print("ratio", [round(float(v), 4) for v in ratio[masks.bool()]])
 print(f"loss {round(float(loss), 4)}  clipfrac {round(float(clipfrac), 4)}  = policy_loss")
@@ -334,6 +400,33 @@ for (method, value), frame in baseline_curves.items():
 # Unlikelihood degenerating into meaningless text on complex tasks. Neither loss knows $\pi_{\rm ref}$, so
 # neither controls KL; DPO's log-ratio does.
 
+# %% [markdown]
+# ### Exercise · tier 2 · the two terms of the Unlikelihood loss
+# Its inputs are per-token, as `logprobs.concatenated_token_logprobs` gives them: $\log\pi$ of each token
+# taken (0 off the completion) and the completion masks. The loss is `pull_up + alpha * push_down`.
+
+# %% tags=["exercise", "tier-2"]
+def unlikelihood_terms(logp_w: torch.Tensor, mask_w: torch.Tensor, logp_l: torch.Tensor,
+                       mask_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pull_up, push_down), each (B,), from per-token log-probs and 0/1 masks (B, T) of the chosen (w) and
+    rejected (l) completions: pull_up = −log π(y_w|x) = −Σ_t log p(y_w,t) and push_down = −Σ_t log(1 − p(y_l,t)),
+    each over its completion steps only. Mind the mask: off the completion log p is 0, so log(1 − p) is −inf
+    there, and 0 · (−inf) is nan."""
+    pull_up = -(logp_w * mask_w).sum(-1)  # -log pi(y_w|x): the Preferred-FT term
+    push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)  # -sum_t log(1 - p(y_l,t))
+    return pull_up, push_down
+
+
+# %%
+def library_terms(logp_w, mask_w, logp_l, mask_l):
+    """The two terms from the library's loss: its value at alpha = 0, and how much alpha = 1 adds."""
+    at_0 = unlikelihood_loss(logp_w, mask_w, logp_l, mask_l, alpha=0.0)
+    return at_0, unlikelihood_loss(logp_w, mask_w, logp_l, mask_l, alpha=1.0) - at_0
+
+
+grade(unlikelihood_terms, library_terms, lm_cases("token_logps_w", "mask_w", "token_logps_l", "mask_l"),
+      rtol=1e-5, atol=1e-5, hint="sum only over each completion's steps; torch.log1p(-p) is log(1 - p)")
+
 # %%
 # The Unlikelihood loss written out on 64 training pairs at pi_SFT, checked against the library's.
 pairs, _ = pipeline.preference_data(config)
@@ -341,8 +434,7 @@ policy_sft, tokenizer, _ = pipeline.sft_policy(config)
 batch = PreferenceCollator(tokenizer, config.policy.n_positions)([pairs[i] for i in range(64)])
 with torch.no_grad():
     logp_w, mask_w, logp_l, mask_l = concatenated_token_logprobs(policy_sft, batch)
-pull_up = -(logp_w * mask_w).sum(-1)  # -log pi(y_w|x): the Preferred-FT term
-push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)  # -sum_t log(1 - p(y_l,t))
+pull_up, push_down = unlikelihood_terms(logp_w, mask_w, logp_l, mask_l)  # -log pi(y_w|x), -sum_t log(1 - p(y_l,t))
 for alpha in (0.1, 1.0):
     torch.testing.assert_close(pull_up + alpha * push_down,
                                unlikelihood_loss(logp_w, mask_w, logp_l, mask_l, alpha=alpha))

@@ -227,6 +227,194 @@ def gradient_variance(logits, bandit, beta, normalise):
     g_hat = (torch.eye(bandit.n_y, dtype=policy.dtype) - policy[:, None, :]) * g[:, :, None]
     return (policy * (g_hat**2).sum(-1)).sum(-1)
 """),
+    ("05", "missing shift: the mask is not shifted with the logits", """
+def logp_sum(logits, ids, comp):
+    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token_logps * comp[:, :-1]).sum(-1)
+"""),
+    ("05", "missing shift: logits at t scored against token t", """
+def logp_sum(logits, ids, comp):
+    token_logps = logits.log_softmax(-1).gather(-1, ids[:, :, None]).squeeze(-1)
+    return (token_logps * comp).sum(-1)
+"""),
+    ("05", "missing log_softmax: raw logits", """
+def logp_sum(logits, ids, comp):
+    token_logps = logits[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token_logps * comp[:, 1:]).sum(-1)
+"""),
+    ("05", "mean instead of sum over the completion", """
+def logp_sum(logits, ids, comp):
+    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token_logps * comp[:, 1:]).sum(-1) / comp[:, 1:].sum(-1)
+"""),
+    ("05", "sign flip: the loss of y_l winning", """
+def dpo_losses(pi_w, pi_l, ref_w, ref_l, beta):
+    return -F.logsigmoid(beta * ((pi_l - ref_l) - (pi_w - ref_w)))
+"""),
+    ("05", "missing term: no reference log-probs", """
+def dpo_losses(pi_w, pi_l, ref_w, ref_l, beta):
+    return -F.logsigmoid(beta * (pi_w - pi_l))
+"""),
+    ("05", "beta outside the log-sigmoid", """
+def dpo_losses(pi_w, pi_l, ref_w, ref_l, beta):
+    return -beta * F.logsigmoid((pi_w - ref_w) - (pi_l - ref_l))
+"""),
+    ("05", "missing beta", """
+def implicit_rewards(pi_w, pi_l, ref_w, ref_l, beta):
+    return pi_w - ref_w, pi_l - ref_l
+"""),
+    ("05", "sign flip: log pi_ref - log pi", """
+def implicit_rewards(pi_w, pi_l, ref_w, ref_l, beta):
+    return beta * (ref_w - pi_w), beta * (ref_l - pi_l)
+"""),
+    ("05", "a tie counted as right: >= instead of >", """
+def reward_metrics(r_w, r_l):
+    return r_w.mean(), r_l.mean(), (r_w - r_l).mean(), (r_w >= r_l).float().mean()
+"""),
+    ("05", "sum instead of mean: a count of right pairs", """
+def reward_metrics(r_w, r_l):
+    return r_w.mean(), r_l.mean(), (r_w - r_l).mean(), (r_w > r_l).float().sum()
+"""),
+    ("05", "sign flip: KL(pi_ref || pi), the other way round", """
+def exact_kl(policy_logits, ref_logits, comp):
+    logp, logq = policy_logits[:, :-1].log_softmax(-1), ref_logits[:, :-1].log_softmax(-1)
+    return ((logq.exp() * (logq - logp)).sum(-1) * comp[:, 1:]).sum(-1)
+"""),
+    ("05", "missing shift: the mask is not shifted with the logits", """
+def exact_kl(policy_logits, ref_logits, comp):
+    logp, logq = policy_logits[:, :-1].log_softmax(-1), ref_logits[:, :-1].log_softmax(-1)
+    return ((logp.exp() * (logp - logq)).sum(-1) * comp[:, :-1]).sum(-1)
+"""),
+    ("05", "missing term: log p - log q without the weight p", """
+def exact_kl(policy_logits, ref_logits, comp):
+    logp, logq = policy_logits[:, :-1].log_softmax(-1), ref_logits[:, :-1].log_softmax(-1)
+    return ((logp - logq).sum(-1) * comp[:, 1:]).sum(-1)
+"""),
+    ("05", "sign flip: log pi_ref - log pi", """
+def sampled_logratio(policy_logits, ref_logits, ids, comp):
+    return logp_sum(ref_logits, ids, comp) - logp_sum(policy_logits, ids, comp)
+"""),
+    ("05", "missing shift: logits at t scored against token t", """
+def sampled_logratio(policy_logits, ref_logits, ids, comp):
+    logp, logq = policy_logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    return ((logp - logq).gather(-1, ids[:, :, None]).squeeze(-1) * comp).sum(-1)
+"""),
+    ("05", "a tie in the scores counted as wrong", """
+def pair_accuracy(scores, rstar):
+    j, k = np.triu_indices(scores.shape[1], k=1)
+    gap, margin = rstar[:, j] - rstar[:, k], scores[:, j] - scores[:, k]
+    keep = gap != 0
+    return np.mean(np.sign(margin[keep]) == np.sign(gap[keep]))
+"""),
+    ("05", "missing mask: pairs whose r* tie are kept", """
+def pair_accuracy(scores, rstar):
+    j, k = np.triu_indices(scores.shape[1], k=1)
+    gap, margin = rstar[:, j] - rstar[:, k], scores[:, j] - scores[:, k]
+    return np.mean((np.sign(margin) == np.sign(gap)) + 0.5 * (margin == 0))
+"""),
+    ("05", "pairs across prompts too", """
+def pair_accuracy(scores, rstar):
+    j, k = np.triu_indices(scores.size, k=1)
+    gap, margin = rstar.ravel()[j] - rstar.ravel()[k], scores.ravel()[j] - scores.ravel()[k]
+    keep = gap != 0
+    return np.mean((np.sign(margin[keep]) == np.sign(gap[keep])) + 0.5 * (margin[keep] == 0))
+"""),
+    ("06", "score on the last column, not on the last completion step", """
+def ppo_rewards(scores, logps, ref_logps, mask, kl_coef):
+    r = -kl_coef * (logps - ref_logps) * mask
+    r[:, -1] += scores
+    return r
+"""),
+    ("06", "missing mask: the KL penalty on prompt and padding too", """
+def ppo_rewards(scores, logps, ref_logps, mask, kl_coef):
+    r = -kl_coef * (logps - ref_logps)
+    for i in range(len(scores)):
+        r[i, int(mask[i].nonzero().max())] += scores[i]
+    return r
+"""),
+    ("06", "sign flip on the KL penalty", """
+def ppo_rewards(scores, logps, ref_logps, mask, kl_coef):
+    r = kl_coef * (logps - ref_logps) * mask
+    for i in range(len(scores)):
+        r[i, int(mask[i].nonzero().max())] += scores[i]
+    return r
+"""),
+    ("06", "forward loop: A_t from A_(t-1)", """
+def gae_by_hand(rewards, values, mask, gamma, lam):
+    adv = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        steps = mask[i].nonzero().flatten().tolist()
+        a, next_v = 0.0, 0.0
+        for t in steps:
+            a = (rewards[i, t] + gamma * next_v - values[i, t]) + gamma * lam * a
+            adv[i, t], next_v = a, values[i, t]
+    return adv, (adv + values) * mask
+"""),
+    ("06", "missing lambda: A_t = delta_t + gamma A_(t+1)", """
+def gae_by_hand(rewards, values, mask, gamma, lam):
+    adv = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        steps = mask[i].nonzero().flatten().tolist()
+        a, next_v = 0.0, 0.0
+        for t in reversed(steps):
+            a = (rewards[i, t] + gamma * next_v - values[i, t]) + gamma * a
+            adv[i, t], next_v = a, values[i, t]
+    return adv, (adv + values) * mask
+"""),
+    ("06", "missing mask: the episode runs on through the padding", """
+def gae_by_hand(rewards, values, mask, gamma, lam):
+    adv = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        a, next_v = 0.0, 0.0
+        for t in reversed(range(rewards.shape[1])):
+            a = (rewards[i, t] + gamma * next_v - values[i, t]) + gamma * lam * a
+            adv[i, t], next_v = a, values[i, t]
+    return adv * mask, (adv + values) * mask
+"""),
+    ("06", "missing term: returns without V_t", """
+def gae_by_hand(rewards, values, mask, gamma, lam):
+    adv = torch.zeros_like(rewards)
+    for i in range(rewards.shape[0]):
+        steps = mask[i].nonzero().flatten().tolist()
+        a, next_v = 0.0, 0.0
+        for t in reversed(steps):
+            a = (rewards[i, t] + gamma * next_v - values[i, t]) + gamma * lam * a
+            adv[i, t], next_v = a, values[i, t]
+    return adv, adv
+"""),
+    ("06", "min instead of max: the optimistic bound", """
+def clipped_surrogate(logps, old_logps, advantages, mask, eps):
+    ratio = (logps - old_logps).exp()
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps)
+    loss = (torch.minimum(unclipped, clipped) * mask).sum() / mask.sum()
+    return loss, ((clipped > unclipped).float() * mask).sum() / mask.sum()
+"""),
+    ("06", "missing mask: the mean over every step, padding included", """
+def clipped_surrogate(logps, old_logps, advantages, mask, eps):
+    ratio = (logps - old_logps).exp()
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps)
+    return torch.maximum(unclipped, clipped).mean(), ((clipped > unclipped).float() * mask).sum() / mask.sum()
+"""),
+    ("06", "clipfrac counts ties: >= instead of >", """
+def clipped_surrogate(logps, old_logps, advantages, mask, eps):
+    ratio = (logps - old_logps).exp()
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps)
+    loss = (torch.maximum(unclipped, clipped) * mask).sum() / mask.sum()
+    return loss, ((clipped >= unclipped).float() * mask).sum() / mask.sum()
+"""),
+    ("06", "missing mask: 0 * log(1 - 1) is nan", """
+def unlikelihood_terms(logp_w, mask_w, logp_l, mask_l):
+    return -(logp_w * mask_w).sum(-1), -(torch.log1p(-logp_l.exp()) * mask_l).sum(-1)
+"""),
+    ("06", "-log p instead of -log(1 - p)", """
+def unlikelihood_terms(logp_w, mask_w, logp_l, mask_l):
+    return -(logp_w * mask_w).sum(-1), -(logp_l * mask_l).sum(-1)
+"""),
+    ("06", "sign flip on the pull-up term", """
+def unlikelihood_terms(logp_w, mask_w, logp_l, mask_l):
+    push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)
+    return (logp_w * mask_w).sum(-1), push_down
+"""),
 ]
 
 
@@ -238,9 +426,10 @@ def _mutant_id(mutant) -> str:
     return f"{mutant[0]}-{_defined(mutant[2])}-{mutant[1].split(':')[0]}"
 
 
-def test_every_bandit_exercise_function_has_a_wrong_solution_below():
-    mutated = {_defined(source) for _, _, source in MUTANTS}
-    assert {fn for ex, fn in FUNCTIONS if ex.notebook[:2] in ("01", "02")} == mutated
+def test_every_exercise_function_has_a_wrong_solution_below():
+    mutated = {(notebook, _defined(source)) for notebook, _, source in MUTANTS}
+    graded = {(ex.notebook[:2], fn) for ex, fn in FUNCTIONS if ex.notebook[:2] in ("01", "02", "05", "06")}
+    assert graded == mutated
 
 
 @pytest.mark.parametrize("mutant", MUTANTS, ids=_mutant_id)
@@ -253,8 +442,8 @@ def test_a_wrong_solution_fails_with_input_expected_and_got(mutant):
     with pytest.raises(AssertionError) as failed:
         _run_grader(ex, namespace)
     message = str(failed.value)
-    assert re.match(rf"{fn} is wrong on input bandit\(seed=\d, \d+x\d+\): .+\n  expected: .+\n  got: +.+",
-                    message), message
+    label = r"(bandit|batch)\(seed=\d, [^)]+\)"  # bandit_cases' or lm_cases' inputs
+    assert re.match(rf"{fn} is wrong on input {label}: .+\n  expected: .+\n  got: +.+", message), message
 
 
 # ----------------------------------------------------------------------------------------------------------
