@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= cpu
 
-.PHONY: setup test reproduce notebooks lint
+.PHONY: setup test reproduce notebooks lint student
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,13 @@ test: lint
 reproduce: $(VENV)/.installed
 	$(PY) -m dpo_lab reproduce --preset $(PRESET)
 
-# Re-pair and re-execute the notebooks after editing their .py sources (outputs are committed).
+# Re-pair and re-execute the notebooks after editing their .py sources. The committed outputs come from the
+# cpu preset (run `make reproduce` first so its stages are cached); TQDM_DISABLE keeps progress bars out.
 notebooks: $(VENV)/.installed
 	$(VENV)/bin/jupytext --sync notebooks/*.py
-	for nb in notebooks/*.ipynb; do DPO_LAB_PRESET=smoke $(VENV)/bin/jupyter execute --inplace "$$nb" || exit 1; done
+	for nb in notebooks/*.ipynb; do DPO_LAB_PRESET=$(PRESET) TQDM_DISABLE=1 \
+		$(VENV)/bin/jupyter execute --inplace "$$nb" || exit 1; done
+
+# Student copies: notebooks/student/*.ipynb, each exercise's solution replaced by a stub (tests check they are current).
+student: $(VENV)/.installed
+	$(PY) -m dpo_lab student

@@ -22,8 +22,8 @@
 # point (mean sequence-level KL to $\pi_{\rm ref}$, mean ground-truth reward $r^*$ on held-out test
 # prompts). A method is better when its points sit **up and to the left**: more reward for the same
 # departure from the reference. The claim is that DPO's frontier dominates PPO's, even PPO with the true
-# reward (PPO-GT): in the paper, DPO beats 26 of 27, 28 of 29 and 34 of 35 points of its three PPO-family
-# series, in both reward and KL at once.
+# reward (PPO-GT): counting the points on the paper's figure, DPO beats 26 of 27, 28 of 29 and 34 of 35
+# points of its three PPO-family series, in both reward and KL at once (the paper states no count).
 #
 # `pipeline.frontier` trains every run of the preset's sweeps (DPO β, Unlikelihood α, Preferred-FT seeds,
 # PPO and PPO-GT target KLs), or loads it if it finished before: after notebooks 05–06 or
@@ -169,10 +169,20 @@ display(table.round(3))
 # gained. Unlikelihood pushes the rejected tokens down with no anchor to $\pi_{\rm ref}$: it can gain
 # reward, but no knob of its loss controls the KL it pays for it.
 #
-# **What to expect from these numbers.** At the `smoke` preset above, each run takes a dozen steps on a
-# two-layer model trained for seconds; the points cluster near the start, the error bars overlap, and the
-# dominance count can land anywhere: it checks the plumbing, not the paper. The claim is tested at the
-# `cpu` preset (a 4-layer GPT-2 trained on IMDb here, about 9,000 pairs, 250 DPO steps a run; its figure is
-# in the README) and at `paper` (gpt2-large, siebert as $r^*$, on a GPU). Even there, a reproduction this
-# small differs from the paper in scale; what should carry over is the ordering of the envelopes, more than
-# the exact counts.
+# **What the `cpu` figure above shows** (one seed; the numbers quoted are from `figures/results_cpu.md` and
+# the README, measured by `python -m dpo_lab reproduce --preset cpu`). With PPO given the same policy
+# backward tokens as DPO, DPO beats most PPO points with the learned $r_\phi$ (14 of 18 distinct points,
+# 12 beyond one combined SE) but only 7 of 18 PPO-GT points. DPO is ahead at small KL (best $r^*$ within
+# KL 4: DPO 0.757, PPO-GT 0.672) and PPO-GT ahead from KL ≈ 6.5 on (within KL 13: 0.905 against 0.826).
+# The paper's argument above does not fail here so much as meet its limits at this scale: PPO-GT climbs
+# $r^*$ itself on its own fresh samples, while DPO learns from 9,000 fixed pairs of SFT samples and its
+# best run stops gaining reward beyond KL ≈ 8. PPO's gap to PPO-GT at every target is the cost of
+# $r_\phi$'s ranking errors (0.758 held-out pair accuracy against $r^*$'s 1.0). Xu et al. (2024) report
+# the same reversal for a carefully tuned PPO. The README gives the evidence in full, and at `smoke` (what
+# CI runs) the points prove nothing: they check the plumbing.
+#
+# **Across seeds.** One seed is an anecdote. The seed study (`python -m dpo_lab sweep
+# sweeps/imdb_cpu_seeds.yaml`: DPO, PPO and PPO-GT at seeds 0, 1, 2, each seed a whole new pipeline) averages
+# each method's envelope over seeds; the band is ± one SE across seeds:
+#
+# ![seed envelopes](../figures/frontier_cpu_seeds.png)
