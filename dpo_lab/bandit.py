@@ -11,6 +11,7 @@ Conventions: tables are indexed ``[x, y]``; pairwise tables ``[x, y1, y2]``; β 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpo_lab.losses import bradley_terry_loss, dpo_loss_gradient_weight, preference_loss
+from dpo_lab.losses import LossType, bradley_terry_loss, dpo_loss_gradient_weight, preference_loss
 
 DTYPE = torch.float64
 
@@ -286,21 +287,57 @@ def sample_preferences(bandit: Bandit, n_pairs: int, seed: int = 0) -> Preferenc
     practically never samples the same completion twice. So (y1, y2) ~ π_ref(y1|x) π_ref(y2|x) given
     y1 ≠ y2, the distribution :func:`population_preferences` weights exactly.
     """
+    x, y1, y2, gen = _draw_pairs(bandit.prompt_probs, bandit.pi_ref, n_pairs, seed)
+    p_first = bt_probs(bandit.reward)[x, y1, y2]
+    return _label_pairs(x, y1, y2, p_first, gen)
+
+
+def _draw_pairs(prompt_probs: Tensor, response_probs: Tensor, n_pairs: int,
+                seed: int) -> tuple[Tensor, Tensor, Tensor, torch.Generator]:
+    """x ~ p(x), then y1 ≠ y2 ~ response_probs(·|x) by rejection; returns the generator to label with."""
     if n_pairs < 1:
         raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
     gen = torch.Generator().manual_seed(seed)
-    x = torch.multinomial(bandit.prompt_probs, n_pairs, replacement=True, generator=gen)
+    x = torch.multinomial(prompt_probs, n_pairs, replacement=True, generator=gen)
     y1 = torch.empty(n_pairs, dtype=torch.long)
     y2 = torch.empty(n_pairs, dtype=torch.long)
     todo = torch.arange(n_pairs)
     while len(todo):  # each round redraws only the tied rows; ties have probability Σ_y π_ref(y|x)² < 1
-        y1[todo] = torch.multinomial(bandit.pi_ref[x[todo]], 1, generator=gen)[:, 0]
-        y2[todo] = torch.multinomial(bandit.pi_ref[x[todo]], 1, generator=gen)[:, 0]
+        y1[todo] = torch.multinomial(response_probs[x[todo]], 1, generator=gen)[:, 0]
+        y2[todo] = torch.multinomial(response_probs[x[todo]], 1, generator=gen)[:, 0]
         todo = todo[y1[todo] == y2[todo]]
-    p_first = bt_probs(bandit.reward)[x, y1, y2]
-    first_wins = torch.rand(n_pairs, generator=gen, dtype=DTYPE) < p_first
+    return x, y1, y2, gen
+
+
+def _label_pairs(x: Tensor, y1: Tensor, y2: Tensor, p_first: Tensor, gen: torch.Generator) -> PreferenceData:
+    first_wins = torch.rand(len(x), generator=gen, dtype=DTYPE) < p_first
     y_w, y_l = torch.where(first_wins, y1, y2), torch.where(first_wins, y2, y1)
-    return PreferenceData(x=x, y_w=y_w, y_l=y_l, weight=torch.full((n_pairs,), 1.0 / n_pairs, dtype=DTYPE))
+    return PreferenceData(x=x, y_w=y_w, y_l=y_l, weight=torch.full((len(x),), 1.0 / len(x), dtype=DTYPE))
+
+
+def sample_annotated_preferences(bandit: Bandit, n_pairs: int, *, noise: float = 0.0,
+                                 never_shown: Sequence[int] = (), seed: int = 0) -> PreferenceData:
+    """Finite data from a deterministic annotator with label noise: Azar et al.'s setting.
+
+    x ~ p(x); y1 ≠ y2 ~ π_ref(·|x) restricted to the responses not in ``never_shown`` (they are never
+    compared, as completions the data collection happened not to sample); the response with the higher
+    r(x, y) wins, except that each label is flipped with probability ``noise`` ∈ [0, 0.5]. At noise 0 the
+    preferences are deterministic, p(y1 ≻ y2) ∈ {0, 1}: the case where the BT reward gap is infinite.
+    """
+    if not 0.0 <= noise <= 0.5:
+        raise ValueError(f"noise must be a flip probability in [0, 0.5], got {noise}")
+    shown = torch.ones(bandit.n_y, dtype=torch.bool)
+    for y in never_shown:
+        if not 0 <= y < bandit.n_y:
+            raise ValueError(f"never_shown has response {y}, but responses are 0..{bandit.n_y - 1}")
+        shown[y] = False
+    if int(shown.sum()) < 2:
+        raise ValueError("at least two responses must be shown to form a pair")
+    probs = bandit.pi_ref * shown
+    x, y1, y2, gen = _draw_pairs(bandit.prompt_probs, probs / probs.sum(-1, keepdim=True), n_pairs, seed)
+    r1, r2 = bandit.reward[x, y1], bandit.reward[x, y2]
+    p_first = torch.where(r1 > r2, 1.0 - noise, torch.where(r1 < r2, noise, 0.5)).to(DTYPE)
+    return _label_pairs(x, y1, y2, p_first, gen)
 
 
 def population_preferences(bandit: Bandit) -> PreferenceData:
@@ -396,19 +433,23 @@ def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init
     return FitResult(table=param.detach(), history=history)
 
 
-def dpo_loss_on_table(logits: Tensor, pi_ref: Tensor, data: PreferenceData,
-                      beta: float) -> tuple[Tensor, dict[str, float]]:
+def dpo_loss_on_table(logits: Tensor, pi_ref: Tensor, data: PreferenceData, beta: float, *,
+                      loss_type: LossType = "sigmoid",
+                      label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:
     """Weighted DPO loss (Eq. 7) of the tabular policy softmax(logits) and TRL-style metrics.
 
+    ``loss_type`` and ``label_smoothing`` go to :func:`~dpo_lab.losses.preference_loss`: "ipo" is IPO,
+    ε > 0 is cDPO. A response is a single action here, so its summed log-ratio is also the per-token one.
     Convex in the logits: y_w and y_l share the prompt x, so log π(y_w|x) − log π(y_l|x) = θ[x,y_w] − θ[x,y_l]
-    (the softmax normaliser cancels) and each term is −log σ of a linear function of θ.
+    (the softmax normaliser cancels) and each term is a convex function of a linear function of θ.
     """
     logp = torch.log_softmax(logits, -1)
     # the same op on the reference, so that at θ = log π_ref every implicit reward is exactly 0
     ref_logp = torch.log_softmax(pi_ref.log(), -1)
     chosen, rejected = logp[data.x, data.y_w], logp[data.x, data.y_l]
     losses, r_chosen, r_rejected = preference_loss(chosen, rejected, ref_logp[data.x, data.y_w],
-                                                   ref_logp[data.x, data.y_l], beta=beta)
+                                                   ref_logp[data.x, data.y_l], beta=beta,
+                                                   loss_type=loss_type, label_smoothing=label_smoothing)
     w = data.weight / data.weight.sum()
     loss = (w * losses).sum()
     metrics = {
@@ -425,18 +466,27 @@ def dpo_loss_on_table(logits: Tensor, pi_ref: Tensor, data: PreferenceData,
 
 def solve_dpo(pi_ref: Tensor, data: PreferenceData, beta: float, *,
               optimizer: Literal["lbfgs", "adam"] = "lbfgs", steps: int = 500, lr: float | None = None,
-              grad_tol: float = 1e-10) -> FitResult:
+              grad_tol: float = 1e-10, loss_type: LossType = "sigmoid",
+              label_smoothing: float = 0.0) -> FitResult:
     """Minimise the DPO loss (Eq. 7) over a tabular policy π_θ = softmax(θ), starting from π_θ = π_ref.
 
     On :func:`population_preferences` the minimiser is π* (Eq. 4); on sampled data it is the policy whose
     implicit reward is the maximum-likelihood BT reward of that data, so it tends to π* as data grows.
+    ``loss_type="ipo"`` fits IPO, ``label_smoothing=ε`` cDPO (see :func:`dpo_loss_on_table`).
+
+    Every gradient of a pairwise loss lies in span{e_{y_w} − e_{y_l}}, and so does every L-BFGS step: a
+    response no pair mentions keeps its logit, and each connected group of compared responses keeps the
+    sum of its logits. When the loss has no minimiser (DPO when some response is dominated, e.g. only ever
+    loses: see :func:`dominated_responses`), margins grow without bound and the result is simply where
+    ``steps`` iterations (or ``grad_tol``) stopped: finite, never NaN, but not an optimum.
     """
     beta = _check_beta(beta)
     pi_ref = _check_policy("pi_ref", pi_ref, strictly_positive=True)
     data.check_fits(*pi_ref.shape)
     data = data.aggregated()
-    return _minimise(lambda theta: dpo_loss_on_table(theta, pi_ref, data, beta), pi_ref.log(),
-                     optimizer=optimizer, steps=steps, lr=lr, grad_tol=grad_tol)
+    return _minimise(lambda theta: dpo_loss_on_table(theta, pi_ref, data, beta, loss_type=loss_type,
+                                                     label_smoothing=label_smoothing),
+                     pi_ref.log(), optimizer=optimizer, steps=steps, lr=lr, grad_tol=grad_tol)
 
 
 def reward_model_loss(reward: Tensor, data: PreferenceData) -> tuple[Tensor, dict[str, float]]:
@@ -593,6 +643,180 @@ def _natural_gradient_ascent(logits: Tensor, reward: Tensor, pi_ref: Tensor, bet
 
 
 # ----------------------------------------------------------------------------------------------------------
+# finite data: where each loss's optimum is, exactly (DPO's failure and the IPO / cDPO fix, Azar et al. 2023)
+
+
+def pair_margin_target(win_rate: float, beta: float, *, loss_type: LossType = "sigmoid",
+                       label_smoothing: float = 0.0) -> float:
+    """The optimal margin h = log-ratio(y_w) − log-ratio(y_l) for one pair compared on its own.
+
+    ``win_rate`` is the fraction p̂ of that pair's labels won by y_w. DPO / cDPO: σ(β h) = p_ε with
+    p_ε = (1 − ε) p̂ + ε (1 − p̂), i.e. h = logit(p_ε)/β, which is +∞ for deterministic data (p̂ = 1, ε = 0);
+    with ε > 0 it is log((1 − ε)/ε)/β. IPO: h = (2p̂ − 1)/(2β), at most 1/(2β) (Azar et al., Eq. 17).
+    """
+    beta = _check_beta(beta)
+    if not 0.0 <= win_rate <= 1.0:
+        raise ValueError(f"win_rate must be in [0, 1], got {win_rate}")
+    if loss_type == "ipo":
+        return (2 * win_rate - 1) / (2 * beta)
+    if loss_type != "sigmoid":
+        raise ValueError(f"no single optimal margin for loss_type={loss_type!r} (a hinge has a range)")
+    p = (1 - label_smoothing) * win_rate + label_smoothing * (1 - win_rate)
+    if p in (0.0, 1.0):
+        return math.copysign(math.inf, p - 0.5)
+    return math.log(p / (1 - p)) / beta
+
+
+def comparison_weights(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
+    """Total weight of each labelled comparison, W[x, y_w, y_l], shape (n_x, n_y, n_y)."""
+    data.check_fits(n_x, n_y)
+    weights = torch.zeros(n_x, n_y, n_y, dtype=DTYPE)
+    return weights.index_put_((data.x, data.y_w, data.y_l), data.weight.to(DTYPE), accumulate=True)
+
+
+def _closure(adjacency: Tensor) -> Tensor:
+    """Reflexive-transitive closure of a batch of boolean (n, n) adjacency matrices: who reaches whom."""
+    n = adjacency.shape[-1]
+    reach = adjacency | torch.eye(n, dtype=torch.bool)
+    for _ in range(max(1, math.ceil(math.log2(n)))):  # each squaring doubles the path length covered
+        reach = reach | ((reach.to(DTYPE) @ reach.to(DTYPE)) > 0)
+    return reach
+
+
+def _strong_components(beats: Tensor) -> Tensor:
+    """[x, i, j]: i and j are in the same strongly connected component of the "beats" graph."""
+    reach = _closure(beats)
+    return reach & reach.transpose(-1, -2)
+
+
+def dominated_responses(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
+    """(n_x, n_y) bool: responses that DPO's loss (Eq. 7) drives to probability 0 on this data.
+
+    Group the responses into strongly connected components of the "y_w beat y_l" graph (within one, every
+    response beats every other through a chain of wins). A component that loses to a response outside it
+    is dominated: no finite margin makes that cross edge's −log σ(β h) zero, its infimum needs h → ∞. For
+    deterministic data every component is a single response, and the dominated ones are exactly those that
+    lose at least once (not only those never chosen: in y0 ≻ y1 ≻ y2, y1 goes to 0 too).
+    """
+    beats = comparison_weights(data, n_x, n_y) > 0
+    same = _strong_components(beats)
+    loses_to_outsider = (beats & ~same).any(-2)  # [x, l]: some w outside l's component beat l
+    return ((same.to(DTYPE) @ loses_to_outsider[..., None].to(DTYPE))[..., 0] > 0)
+
+
+def dominance_depth(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
+    """(n_x, n_y) float: the longest chain of wins between components that ends at each response.
+
+    0 for responses nobody outside their strongly connected component beats (and for never-compared ones),
+    so ``depth > 0`` is :func:`dominated_responses`. Along θ(t) = log π_ref − t · depth every cross-component
+    margin of DPO grows at least like t, so for deterministic data (every component a single response) the
+    loss falls strictly to its infimum 0 and π(t) tends to :func:`preference_optimum`, whatever β: the
+    explicit minimising sequence behind DPO's limit.
+    """
+    beats = comparison_weights(data, n_x, n_y) > 0
+    same = _strong_components(beats)
+    cross = beats & ~same
+    depth = torch.zeros(n_x, n_y, dtype=DTYPE)
+    for _ in range(n_y):  # the condensation is acyclic: a longest chain has at most n_y − 1 edges
+        below = torch.where(cross, depth[:, :, None] + 1, 0.0).amax(1)  # [x, l]: 1 + depth of a winner over l
+        # a component moves as one: every member takes the deepest member's depth
+        depth = torch.where(same, torch.maximum(depth, below)[:, None, :], 0.0).amax(-1)
+    return depth
+
+
+def compared_responses(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
+    """(n_x, n_y) bool: responses that appear in at least one pair of the data."""
+    weights = comparison_weights(data, n_x, n_y)
+    return (weights.sum(-1) + weights.sum(-2)) > 0
+
+
+def ipo_closed_form(pi_ref: Tensor, data: PreferenceData, beta: float) -> Tensor:
+    """IPO's optimal log-ratios u = log π/π_ref, exactly: a weighted least-squares problem on the graph.
+
+    Σ_p w_p (u_w − u_l − 1/(2β))² is minimised by L u = (wins − losses)/(2β), with the weighted graph
+    Laplacian L = Σ_p w_p (e_w − e_l)(e_w − e_l)ᵀ. Its minimum-norm solution (pseudo-inverse) is 0 on
+    responses no pair mentions and sums to 0 over each connected group: the one gradient descent from π_ref
+    reaches (see :func:`solve_dpo`), so ``solve_dpo(..., loss_type="ipo").table − log π_ref`` equals it. When
+    the data is consistent (a tree of comparisons, each pair always won by the same response), every margin
+    is 1/(2β); on a transitive tournament it is not: y0 ≻ y1 ≻ y2 and y0 ≻ y2 cannot all be 1/(2β) apart.
+    """
+    beta = _check_beta(beta)
+    pi_ref = _check_policy("pi_ref", pi_ref, strictly_positive=True)
+    weights = comparison_weights(data, *pi_ref.shape)
+    weights = weights / weights.sum()  # the loss's normalisation; the minimiser does not depend on it
+    sym = weights + weights.transpose(-1, -2)
+    laplacian = torch.diag_embed(sym.sum(-1)) - sym
+    net_wins = weights.sum(-1) - weights.sum(-2)
+    return (torch.linalg.pinv(laplacian, hermitian=True) @ net_wins[..., None])[..., 0] / (2 * beta)
+
+
+def preference_optimum(pi_ref: Tensor, data: PreferenceData, beta: float, *, loss_type: LossType = "sigmoid",
+                       label_smoothing: float = 0.0, steps: int = 500) -> Tensor:
+    """The exact policy a preference loss asks for on finite data: lim_{λ→0} argmin loss + λ KL(π‖π_ref).
+
+    A pairwise loss on a finite data set never mentions the responses outside it, and sees only differences
+    of log-ratios u = log π/π_ref within each connected group of compared responses, so its minimisers form
+    a whole set: each group's total probability, and that of each never-compared response, is free. (DPO on
+    deterministic data has no minimiser at all, only minimising sequences, whose limits form such a set.)
+    The loss cannot choose; this function returns the member closest to π_ref in KL, which is what any
+    vanishing KL penalty selects, the regulariser the DPO derivation starts from (Eq. 3):
+
+    * the responses :func:`dominated_responses` finds get 0 (DPO, ε = 0, only);
+    * within each group, u is the loss's own optimum there (L-BFGS to a certified stationary point);
+    * each group B keeps u shifted so that E_{q_B}[u] = 0, q_B ∝ π_ref e^u its policy restricted to B, and a
+      never-compared response keeps u = 0, i.e. π(y) ∝ π_ref(y): the KL-optimal split of mass between groups.
+
+    So for deterministic data, DPO's limit is π_ref conditioned on the responses that never lose, the
+    never-compared ones included, for every β: the rejected responses' mass goes to them in proportion to
+    π_ref. IPO and cDPO have finite optima, set by β. (Gradient descent from π_ref, :func:`solve_dpo`,
+    reaches another member of the same set: there each group keeps its sum of logits instead.)
+    """
+    beta = _check_beta(beta)
+    pi_ref = _check_policy("pi_ref", pi_ref, strictly_positive=True)
+    if loss_type not in ("sigmoid", "ipo"):
+        raise ValueError(f"loss_type must be 'sigmoid' (DPO, cDPO) or 'ipo', got {loss_type!r}: "
+                         "the hinge's optimal margins are a range, not a point")
+    data = data.aggregated()
+    n_x, n_y = pi_ref.shape
+    if loss_type == "sigmoid" and label_smoothing == 0.0:
+        # only edges inside an undominated component have finite optimal margins; the rest go to infinity
+        dominated = dominated_responses(data, n_x, n_y)
+        same = _strong_components(comparison_weights(data, n_x, n_y) > 0)
+        keep = (same[data.x, data.y_w, data.y_l] & ~dominated[data.x, data.y_w]).nonzero()[:, 0]
+    else:
+        dominated = torch.zeros(n_x, n_y, dtype=torch.bool)
+        keep = torch.arange(len(data))
+    log_ratio = torch.zeros(n_x, n_y, dtype=DTYPE)
+    edges = torch.zeros(n_x, n_y, n_y, dtype=torch.bool)
+    if len(keep):
+        kept = PreferenceData(x=data.x[keep], y_w=data.y_w[keep], y_l=data.y_l[keep],
+                              weight=data.weight[keep])
+        fit = solve_dpo(pi_ref, kept, beta, steps=steps, loss_type=loss_type, label_smoothing=label_smoothing)
+        _require_optimum(fit.table, pi_ref, kept, beta, loss_type, label_smoothing)
+        log_ratio = torch.log_softmax(fit.table, -1) - pi_ref.log()
+        edges[kept.x, kept.y_w, kept.y_l] = True
+    group = _closure(edges | edges.transpose(-1, -2))  # [x, i, j]: i and j in the same group
+    # E_{q_B}[u] for the group B of each response, q_B ∝ π_ref e^u on B
+    log_q = torch.where(group, (pi_ref.log() + log_ratio)[:, None, :], -math.inf)
+    group_mean = (torch.softmax(log_q, -1) * log_ratio[:, None, :]).sum(-1)
+    logits = torch.where(dominated, -math.inf, pi_ref.log() + log_ratio - group_mean)
+    return torch.softmax(logits, -1)
+
+
+def _require_optimum(logits: Tensor, pi_ref: Tensor, data: PreferenceData, beta: float, loss_type: LossType,
+                     label_smoothing: float) -> None:
+    """Raise unless the gradient of the (strictly convex on each group) loss vanishes at ``logits``."""
+    theta = logits.clone().requires_grad_(True)
+    loss, _ = dpo_loss_on_table(theta, pi_ref, data, beta, loss_type=loss_type,
+                                label_smoothing=label_smoothing)
+    loss.backward()
+    worst = float(theta.grad.abs().max())
+    if not worst < 1e-8:  # NaN fails too
+        raise RuntimeError(f"the {loss_type} solver stopped with gradient {worst:.3g} (> 1e-8): no certified "
+                           "optimum; raise `steps`")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the DPO gradient, by hand
 
 
@@ -679,8 +903,11 @@ __all__: Sequence[str] = [
     "log_partition", "optimal_policy", "implicit_reward", "reparameterised_reward", "bt_probs",
     "bt_probs_from_policy", "shift_reward", "are_equivalent", "project_reward", "normaliser",
     "kl_divergence", "expected_reward", "rlhf_objective", "reward_kl_curve", "mean_over_prompts",
-    "sample_preferences", "population_preferences", "dpo_loss_on_table", "solve_dpo", "reward_model_loss",
+    "sample_preferences", "sample_annotated_preferences", "population_preferences", "dpo_loss_on_table",
+    "solve_dpo", "reward_model_loss",
     "fit_reward_model", "solve_rlhf", "maximise_rlhf_objective", "rlhf_stationarity_gap", "dpo_gradient",
     "reinforce_returns", "reinforce_gradient_moments", "reinforce_gradient_samples", "train_reinforce",
-    "max_abs_error",
+    "max_abs_error", "pair_margin_target", "comparison_weights", "dominated_responses", "compared_responses",
+    "dominance_depth",
+    "ipo_closed_form", "preference_optimum",
 ]

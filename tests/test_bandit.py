@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -385,3 +386,220 @@ def test_bad_inputs_raise_clear_errors(toy: Bandit):
                        weight=torch.ones(1, dtype=F64))
     with pytest.raises(ValueError, match="optimizer"):
         bd.solve_dpo(toy.pi_ref, bd.population_preferences(toy), 0.1, optimizer="sgd")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------------ Azar et al. 2023
+# DPO on deterministic finite data has no minimiser; IPO (loss_type="ipo") and cDPO (label_smoothing) do.
+
+
+def _pairs(*triples: tuple[int, int, int]) -> PreferenceData:
+    """(x, y_w, y_l) triples, equally weighted; repeat a triple to weight it more."""
+    x, w, l = (torch.tensor(column) for column in zip(*triples, strict=True))
+    return PreferenceData(x=x, y_w=w, y_l=l, weight=torch.full((len(x),), 1.0 / len(x), dtype=F64))
+
+
+AZAR_REF = torch.tensor([[0.5, 0.3, 0.2]], dtype=F64)  # y0 ≻ y1 always; y2 is never compared
+AZAR_DATA = _pairs((0, 0, 1), (0, 0, 1))
+
+
+def _margins(policy: torch.Tensor, pi_ref: torch.Tensor, data: PreferenceData) -> torch.Tensor:
+    u = policy.log() - pi_ref.log()
+    return u[data.x, data.y_w] - u[data.x, data.y_l]
+
+
+@pytest.fixture(scope="module")
+def lab() -> tuple[Bandit, PreferenceData]:
+    """Notebook 09's setting: responses numbered best first, y5 (the worst) never shown, no label noise."""
+    base = Bandit.random(n_x=2, n_y=6, seed=1)
+    bandit = Bandit(pi_ref=base.pi_ref, reward=base.reward.sort(-1, descending=True).values)
+    return bandit, bd.sample_annotated_preferences(bandit, 60, never_shown=[5], seed=1)
+
+
+def test_annotated_preferences_are_deterministic_up_to_the_flip_rate(lab):
+    bandit, data = lab
+    assert not ((data.y_w == 5) | (data.y_l == 5)).any()
+    assert (bandit.reward[data.x, data.y_w] > bandit.reward[data.x, data.y_l]).all()  # noise 0: better wins
+    noisy = bd.sample_annotated_preferences(bandit, 20_000, noise=0.25, seed=3)
+    flipped = float((bandit.reward[noisy.x, noisy.y_w] < bandit.reward[noisy.x, noisy.y_l]).to(F64).mean())
+    assert abs(flipped - 0.25) < 0.015
+    with pytest.raises(ValueError, match="noise"):
+        bd.sample_annotated_preferences(bandit, 10, noise=0.7)
+    with pytest.raises(ValueError, match="two responses"):
+        bd.sample_annotated_preferences(bandit, 10, never_shown=[0, 1, 2, 3, 4])
+
+
+def test_pair_margin_targets():
+    assert bd.pair_margin_target(1.0, 0.25, loss_type="ipo") == 2.0  # 1/(2β)
+    assert bd.pair_margin_target(0.75, 0.25, loss_type="ipo") == 1.0
+    assert bd.pair_margin_target(1.0, 0.5) == math.inf  # DPO, deterministic: no finite optimum
+    assert abs(bd.pair_margin_target(1.0, 0.5, label_smoothing=0.1) - math.log(9) / 0.5) < 1e-12
+    assert abs(bd.pair_margin_target(0.75, 0.5) - math.log(3) / 0.5) < 1e-12
+    with pytest.raises(ValueError, match="hinge"):
+        bd.pair_margin_target(1.0, 0.5, loss_type="hinge")
+
+
+@pytest.mark.parametrize("beta", [0.2, 2.0])
+def test_ipo_and_cdpo_solvers_hit_the_closed_form_on_a_tree(beta: float):
+    # a tree of comparisons: y0 ≻ y1 always, y1 ≻ y2 always, y2 vs y3 won 3 times out of 4; y4 never compared
+    pi_ref = torch.softmax(torch.tensor([[0.3, -0.2, 0.5, 0.0, -1.0]], dtype=F64), -1)
+    data = _pairs((0, 0, 1), (0, 1, 2), (0, 2, 3), (0, 2, 3), (0, 2, 3), (0, 3, 2))
+    agg = data.aggregated()
+    win_rate = {(0, 1): 1.0, (1, 2): 1.0, (2, 3): 0.75, (3, 2): 0.25}
+    for loss_type, eps in (("ipo", 0.0), ("sigmoid", 0.2)):
+        target = torch.tensor([bd.pair_margin_target(win_rate[(w, l)], beta, loss_type=loss_type,
+                                                     label_smoothing=eps)
+                               for w, l in zip(agg.y_w.tolist(), agg.y_l.tolist(), strict=True)], dtype=F64)
+        fitted = bd.solve_dpo(pi_ref, data, beta, loss_type=loss_type, label_smoothing=eps).policy
+        exact = bd.preference_optimum(pi_ref, data, beta, loss_type=loss_type, label_smoothing=eps)
+        assert max_abs_error(_margins(fitted, pi_ref, agg), target) < 1e-7
+        assert max_abs_error(_margins(exact, pi_ref, agg), target) < 1e-7  # anchoring keeps the margins
+    assert abs(bd.pair_margin_target(1.0, beta, loss_type="ipo") - 1 / (2 * beta)) < 1e-15
+
+
+def test_ipo_solver_matches_the_least_squares_closed_form(lab):
+    bandit, data = lab
+    u = bd.ipo_closed_form(bandit.pi_ref, data, 0.5)
+    fitted = bd.solve_dpo(bandit.pi_ref, data, 0.5, loss_type="ipo").table - bandit.pi_ref.log()
+    assert max_abs_error(fitted, u) < 1e-7
+    assert (u[:, 5] == 0).all()  # the never-shown response keeps its logit
+    # a transitive tournament is not consistent: its margins are not all 1/(2β) = 1
+    agg = data.aggregated()
+    assert float((u[agg.x, agg.y_w] - u[agg.x, agg.y_l] - 1.0).abs().max()) > 0.1
+
+
+def test_dpo_on_deterministic_data_has_no_minimiser():
+    losses, rejected, margins = [], [], []
+    for steps in (2, 8, 32):  # ever longer L-BFGS runs: the loss keeps falling, y1's mass keeps vanishing
+        fit = bd.solve_dpo(AZAR_REF, AZAR_DATA, 1.0, steps=steps, grad_tol=0.0)
+        assert torch.isfinite(fit.table).all()
+        losses.append(fit.history[-1]["loss"])
+        rejected.append(float(fit.policy[0, 1]))
+        margins.append(float(_margins(fit.policy, AZAR_REF, AZAR_DATA)[0]))
+    assert losses[0] > losses[1] > losses[2] > 0 and rejected[0] > rejected[1] > rejected[2]
+    assert margins[0] < margins[1] < margins[2] and margins[2] > 20 and rejected[2] < 1e-8
+    # analytically: along θ(t) = log π_ref − t e_1 the margin is t and the loss log(1 + e^{−βt}) falls
+    # strictly to its infimum 0 for every β; π(t) tends to π_ref conditioned on {y0, y2}: y2 gains y1's share
+    limit = torch.tensor([[0.5 / 0.7, 0.0, 0.2 / 0.7]], dtype=F64)
+    for beta in (0.1, 1.0, 10.0):
+        assert max_abs_error(bd.preference_optimum(AZAR_REF, AZAR_DATA, beta), limit) < 1e-15
+        demote = torch.tensor([[0.0, 1.0, 0.0]], dtype=F64)
+        path = [bd.dpo_loss_on_table(AZAR_REF.log() - t * demote, AZAR_REF, AZAR_DATA, beta)[0]
+                for t in (0.0, 1.0, 10.0, 10.0 + 100.0 / beta)]
+        assert float(path[0]) == pytest.approx(math.log(2))
+        assert all(a > b for a, b in itertools.pairwise(path))
+        assert float(path[-1]) < 1e-40
+
+
+def test_dpo_limit_is_pi_ref_on_the_never_rejected_responses_for_every_beta(lab):
+    bandit, data = lab
+    dominated = bd.dominated_responses(data, 2, 6)
+    rejected = torch.zeros(2, 6, dtype=torch.bool)
+    rejected[data.x, data.y_l] = True
+    assert torch.equal(dominated, rejected)  # deterministic data: dominated = lost at least once
+    assert not dominated[:, 5].any() and not dominated[:, 0].any()
+    keep = bandit.pi_ref * ~dominated
+    expected = keep / keep.sum(-1, keepdim=True)
+    depth = bd.dominance_depth(data, 2, 6)
+    assert torch.equal(depth > 0, dominated)
+    for beta in (0.1, 1.0, 10.0):
+        limit = bd.preference_optimum(bandit.pi_ref, data, beta)
+        assert max_abs_error(limit, expected) < 1e-15
+        # the failure: the never-shown worst response gains the rejected responses' mass, far above π*
+        assert (limit[:, 5] > bandit.pi_ref[:, 5]).all()
+        assert (limit[:, 5] > 2 * bandit.optimal_policy(beta)[:, 5]).all()
+        # the explicit minimising sequence θ(t) = log π_ref − t·depth: loss strictly down to 0, π to the limit
+        path = [bandit.pi_ref.log() - t * depth for t in (0.0, 1.0, 4.0, 16.0 + 100.0 / beta)]
+        losses = [float(bd.dpo_loss_on_table(theta, bandit.pi_ref, data, beta)[0]) for theta in path]
+        assert all(a > b for a, b in itertools.pairwise(losses)) and losses[-1] < 1e-30
+        assert max_abs_error(torch.softmax(path[-1], -1), limit) < 1e-10
+
+
+def test_dpo_loss_cannot_tell_where_the_freed_mass_goes(lab):
+    bandit, data = lab
+    limit = bd.preference_optimum(bandit.pi_ref, data, 0.5)
+    dominated = bd.dominated_responses(data, 2, 6)
+    kl_limit = bd.kl_divergence(limit, bandit.pi_ref)
+    # every policy that is 0 on the dominated responses is a limit of DPO-minimising sequences (loss → 0);
+    # the returned one is the closest to π_ref, the one a vanishing KL penalty picks
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        logits = bandit.pi_ref.log() + 3 * torch.randn(2, 6, generator=gen, dtype=F64)
+        other = torch.softmax(logits.masked_fill(dominated, -math.inf), -1)
+        assert (bd.kl_divergence(other, bandit.pi_ref) >= kl_limit - 1e-12).all()
+    # gradient descent from π_ref drives the same loss to ~0 but sends the mass elsewhere: to the winners
+    trained = bd.solve_dpo(bandit.pi_ref, data, 0.5)
+    assert trained.history[-1]["loss"] < 1e-8
+    assert (trained.policy[:, 5] < 1e-6).all() and (limit[:, 5] > 0.1).all()
+
+
+@pytest.mark.parametrize(("loss_type", "eps"), [("ipo", 0.0), ("sigmoid", 0.1)])
+def test_ipo_and_cdpo_optimum_is_the_closest_of_their_minimisers(lab, loss_type: str, eps: float):
+    bandit, data = lab
+    agg = data.aggregated()
+    exact = bd.preference_optimum(bandit.pi_ref, data, 0.5, loss_type=loss_type, label_smoothing=eps)
+    kwargs = {"loss_type": loss_type, "label_smoothing": eps}
+    best = float(bd.dpo_loss_on_table(exact.log(), bandit.pi_ref, agg, 0.5, **kwargs)[0])
+    # the loss is blind to the compared group's total mass and to y5's: shifting either is another minimiser
+    compared = bd.compared_responses(data, 2, 6).to(F64)
+    kl_exact = bd.kl_divergence(exact, bandit.pi_ref)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        shift, unseen = torch.randn(2, 2, 1, generator=gen, dtype=F64)  # one of each per prompt
+        other = torch.softmax(exact.log() + shift * compared + unseen * (1 - compared), -1)
+        loss = float(bd.dpo_loss_on_table(other.log(), bandit.pi_ref, agg, 0.5, **kwargs)[0])
+        assert loss == pytest.approx(best, abs=1e-12)
+        assert (bd.kl_divergence(other, bandit.pi_ref) >= kl_exact - 1e-12).all()
+    # gradient descent from π_ref reaches one of the others (each group keeps its sum of logits instead)
+    trained = bd.solve_dpo(bandit.pi_ref, data, 0.5, **kwargs).policy
+    assert max_abs_error(_margins(trained, bandit.pi_ref, agg), _margins(exact, bandit.pi_ref, agg)) < 1e-6
+    assert max_abs_error(trained, exact) > 1e-2
+
+
+def test_ipo_and_cdpo_keep_the_never_compared_mass_bounded(lab):
+    bandit, data = lab
+    share = {}
+    for beta in (0.5, 4.0, 32.0):
+        dpo = bd.preference_optimum(bandit.pi_ref, data, beta)
+        ipo = bd.preference_optimum(bandit.pi_ref, data, beta, loss_type="ipo")
+        cdpo = bd.preference_optimum(bandit.pi_ref, data, beta, label_smoothing=0.1)
+        for policy in (ipo, cdpo):
+            assert (policy > 0).all()  # no response is driven to 0
+            assert (policy[:, 5] < dpo[:, 5]).all()
+        share[beta] = (ipo[:, 5] / bandit.pi_ref[:, 5], cdpo[:, 5] / bandit.pi_ref[:, 5])
+    # as β grows their margins shrink (1/(2β), log 9/β), so y5 returns to its π_ref share; DPO's does not move
+    for i in range(2):
+        assert (share[0.5][i] > share[4.0][i]).all() and (share[4.0][i] > share[32.0][i]).all()
+        assert (share[32.0][i] < 1.01).all()
+    dpo_share = bd.preference_optimum(bandit.pi_ref, data, 32.0)[:, 5] / bandit.pi_ref[:, 5]
+    assert (dpo_share > 1.5).all()
+
+
+def test_label_noise_makes_dpo_finite(lab):
+    margin = _margins(bd.solve_dpo(AZAR_REF, _pairs((0, 0, 1), (0, 0, 1), (0, 0, 1), (0, 1, 0)), 0.5).policy,
+                      AZAR_REF, _pairs((0, 0, 1)))
+    assert abs(float(margin[0]) - math.log(3) / 0.5) < 1e-8  # σ(βh) = p̂ = 3/4
+    bandit, _ = lab
+    noisy = bd.sample_annotated_preferences(bandit, 2000, noise=0.2, never_shown=[5], seed=1)
+    assert not bd.dominated_responses(noisy, 2, 6).any()  # flipped labels close every chain into a cycle
+    fit = bd.solve_dpo(bandit.pi_ref, noisy, 0.5)
+    assert len(fit.history) < 500 and fit.history[-1]["loss"] > 0.1  # converged, to a finite optimum
+    exact = bd.preference_optimum(bandit.pi_ref, noisy, 0.5)
+    assert (exact > 0).all()
+    agg = noisy.aggregated()
+    assert max_abs_error(_margins(exact, bandit.pi_ref, agg), _margins(fit.policy, bandit.pi_ref, agg)) < 1e-6
+
+
+def test_dominance_follows_chains_and_cycles():
+    # y0 ≻ y1 ≻ y2 ≻ y3, y3 and y4 beat each other, y5 never compared
+    data = _pairs((0, 0, 1), (0, 1, 2), (0, 0, 2), (0, 3, 4), (0, 4, 3), (0, 2, 3))
+    assert bd.dominance_depth(data, 1, 6).tolist() == [[0.0, 1.0, 2.0, 3.0, 3.0, 0.0]]
+    assert bd.compared_responses(data, 1, 6).tolist() == [[True] * 5 + [False]]
+    # a cycle at the top is not dominated; its finite DPO optimum is the BT fit inside it
+    data = _pairs((0, 0, 1), (0, 1, 0), (0, 1, 0), (0, 1, 2), (0, 2, 3))
+    assert bd.dominated_responses(data, 1, 5).tolist() == [[False, False, True, True, False]]
+    pi_ref = torch.full((1, 5), 0.2, dtype=F64)
+    limit = bd.preference_optimum(pi_ref, data, 1.0)
+    assert limit[0, 2] == 0 and limit[0, 3] == 0
+    assert abs(math.log(limit[0, 1] / limit[0, 0]) - math.log(2)) < 1e-8  # y1 won 2 of 3: logit(2/3) / β
+    with pytest.raises(ValueError, match="hinge"):
+        bd.preference_optimum(pi_ref, data, 1.0, loss_type="hinge")
