@@ -20,10 +20,15 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 __all__ = ["PAIR_COLUMNS", "Pairs", "pair_columns", "pair_examples", "pairs_fingerprint",
-           "tokenize_completion", "pad_rows", "PreferenceCollator", "stack_pairs"]
+           "tokenize_completion", "pad_rows", "PreferenceCollator", "stack_pairs",
+           "RANKING_COLUMNS", "Rankings", "rankings_from_candidates", "ranking_columns",
+           "rankings_fingerprint", "RankingCollator"]
 
 Pairs = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[str]]
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+# A ranking: one prompt and its K completions, best first (Plackett-Luce DPO, paper App. A.3).
+Rankings = datasets.Dataset | Mapping[str, Sequence[Any]]
+RANKING_COLUMNS = ("prompt", "completions")
 _ROW_KEYS = ("input_ids", "completion_mask")
 
 
@@ -67,6 +72,66 @@ def pairs_fingerprint(cols: Mapping[str, Sequence[str]]) -> str:
     return digest.hexdigest()[:16]
 
 
+
+
+# ------------------------------------------------------------------------------------------------ rankings
+def rankings_from_candidates(prompts: Sequence[str], completions: Sequence[Sequence[str]],
+                             rewards: Sequence[Sequence[float]]) -> tuple[dict[str, list], dict[str, int]]:
+    """Each prompt's samples sorted by r*, best first: ``{"prompt": [...], "completions": [[K texts], ...]}``.
+
+    A ranking is kept only if it is strict and every sample can be scored, so a prompt is dropped when two of
+    its samples tie on r* (or repeat a text) or one is empty; the pairs stage drops just those pairs, so the
+    rankings cover fewer prompts. Returns the rankings and ``{"n_prompts", "n_rankings", "n_tied",
+    "n_empty"}`` (a prompt with both counts as empty)."""
+    if not len(prompts) == len(completions) == len(rewards):
+        raise ValueError(f"{len(prompts)} prompts, {len(completions)} completion lists, "
+                         f"{len(rewards)} reward lists")
+    out: dict[str, list] = {"prompt": [], "completions": []}
+    n_tied = n_empty = 0
+    for i, (prompt, texts, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
+        if len(texts) != len(scores) or len(texts) < 2:
+            raise ValueError(f"prompt {i} has {len(texts)} completions and {len(scores)} rewards; a ranking "
+                             "needs the same number, at least 2")
+        if not all(texts):
+            n_empty += 1
+        elif len(set(scores)) < len(scores) or len(set(texts)) < len(texts):
+            n_tied += 1
+        else:
+            order = sorted(range(len(texts)), key=lambda k: -float(scores[k]))
+            out["prompt"].append(prompt)
+            out["completions"].append([texts[k] for k in order])
+    stats = {"n_prompts": len(prompts), "n_rankings": len(out["prompt"]), "n_tied": n_tied,
+             "n_empty": n_empty}
+    return out, stats
+
+
+def ranking_columns(rankings: Rankings) -> dict[str, list]:
+    """prompt/completions as plain lists (from a dict of columns or a Dataset), all rankings of one K >= 2."""
+    if isinstance(rankings, datasets.Dataset):
+        rankings = rankings.to_dict()
+    if not isinstance(rankings, Mapping):
+        raise TypeError(f"rankings must be a dict of columns or a Dataset, got {type(rankings).__name__}")
+    missing = [c for c in RANKING_COLUMNS if c not in rankings]
+    if missing:
+        raise ValueError(f"rankings are missing column(s) {missing}; they have {sorted(rankings)}")
+    cols = {"prompt": list(rankings["prompt"]), "completions": [list(c) for c in rankings["completions"]]}
+    if len(cols["prompt"]) != len(cols["completions"]):
+        raise ValueError(f"{len(cols['prompt'])} prompts but {len(cols['completions'])} rankings")
+    if not cols["prompt"]:
+        raise ValueError("no rankings to train on")
+    sizes = {len(c) for c in cols["completions"]}
+    if len(sizes) > 1 or min(sizes) < 2:
+        raise ValueError("every ranking must hold the same number K >= 2 of completions, got sizes "
+                         f"{sorted(sizes)}")
+    return cols
+
+
+def rankings_fingerprint(cols: Mapping[str, Sequence[Any]]) -> str:
+    """Content hash of the rankings' text, in order."""
+    digest = hashlib.sha256(b"rankings")
+    for c in RANKING_COLUMNS:
+        digest.update(json.dumps(list(cols[c])).encode())
+    return digest.hexdigest()[:16]
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -197,3 +262,30 @@ def stack_pairs(batch: Mapping[str, Tensor], keys: Sequence[str] = ("input_ids",
     width = max(batch[f"chosen_{keys[0]}"].shape[1], batch[f"rejected_{keys[0]}"].shape[1])
     return {key: torch.cat([F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]))
                             for side in ("chosen", "rejected")]) for key in keys}
+
+
+class RankingCollator:
+    """Turn ``[{"prompt", "completions": [K texts]}, ...]`` into ONE right-padded ``(B·K, T)`` batch.
+
+    Keys ``input_ids``, ``attention_mask``, ``completion_mask``; row ``b·K + k`` is example b's k-th
+    completion, so ``.view(B, K)`` of per-row log-probs gives the ranking's columns. All B·K rows share one
+    forward pass, as chosen and rejected do for pairs.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.pairs = PreferenceCollator(tokenizer, max_length)  # the same checks, tokenizer and padding id
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+        if len(examples) == 0:
+            raise ValueError("cannot collate an empty list of examples")
+        rows = []
+        for i, example in enumerate(examples):
+            if not isinstance(example, Mapping) or any(c not in example for c in RANKING_COLUMNS):
+                raise KeyError(f"example {i} must be a mapping with keys {list(RANKING_COLUMNS)}")
+            for k, completion in enumerate(example["completions"]):
+                try:
+                    rows.append(tokenize_completion(self.pairs.tokenizer, example["prompt"], completion,
+                                                    max_length=self.pairs.max_length))
+                except ValueError as err:
+                    raise ValueError(f"example {i} (completion {k}): {err}") from err
+        return pad_rows(rows, self.pairs.pad_token_id, side="right")

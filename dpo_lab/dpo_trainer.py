@@ -28,6 +28,13 @@ as nanoGPT's ``train.py`` serves one GPU and DDP:
   (bit-identical weights on CPU to an uninterrupted run), and a finished run returns at once with its final
   weights loaded into ``policy``. Only the main process evaluates and writes.
 
+The DPO variants of notebook 11 are settings of the same loop (``DPOConfig``): ``loss_type`` "ipo" / "hinge"
+and ``label_smoothing`` (cDPO) go to ``losses.preference_loss``; ``average_logprobs`` scores completions by
+their mean token log-prob (TRL's IPO); ``rpo_alpha`` adds the chosen completion's per-token NLL (RPO); and
+``loss_type="plackett_luce"`` trains on rankings (prompt + K completions, best first) with the
+Plackett-Luce loss of App. A.3: one forward pass over the B·K rows, reference log-probs cached as for pairs,
+``batch_size`` counting rankings.
+
 The baselines need per-token log-probs and no reference in the loss; the reference log-probs are still
 loaded so every objective logs the same TRL metrics, with the implicit reward beta (log pi - log pi_ref) at
 ``beta`` (1.0 unless given) as a readout of how far the policy moved.
@@ -38,8 +45,8 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -49,7 +56,17 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import Pairs, PreferenceCollator, pair_columns, pair_examples, pairs_fingerprint
+from dpo_lab.batching import (
+    Pairs,
+    PreferenceCollator,
+    RankingCollator,
+    Rankings,
+    pair_columns,
+    pair_examples,
+    pairs_fingerprint,
+    ranking_columns,
+    rankings_fingerprint,
+)
 from dpo_lab.cache import (
     atomic_write_tensors,
     content_hash,
@@ -57,9 +74,16 @@ from dpo_lab.cache import (
     tensors_checksum,
     tokenizer_fingerprint,
 )
-from dpo_lab.logprobs import concatenated_token_logprobs
-from dpo_lab.losses import preference_loss, preference_metrics, preferred_ft_loss, unlikelihood_loss
-from dpo_lab.presets import DPOConfig
+from dpo_lab.logprobs import completion_token_logprobs, concatenated_token_logprobs
+from dpo_lab.losses import (
+    mean_token_nll,
+    plackett_luce_loss,
+    preference_loss,
+    preference_metrics,
+    preferred_ft_loss,
+    unlikelihood_loss,
+)
+from dpo_lab.presets import DPOConfig, dpo_key_settings
 from dpo_lab.run import (
     EvalFn,
     Run,
@@ -85,6 +109,8 @@ _TRAIN_KEYS = {"step", "lr", "grad_norm", "epoch", "loss", "rewards/chosen", "re
                "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
                # Baseline-only: mean -log pi(y_w|x), and mean -sum_t log(1 - pi(y_l,t)) (before alpha).
                "nll/chosen", "unlikelihood/rejected",
+               # RPO only: mean over the batch of -log pi(y_w|x) / |y_w| (before rpo_alpha).
+               "nll/chosen_per_token",
                "cost/policy_forward_tokens", "cost/policy_backward_tokens", "cost/samples",
                "cost/reward_queries", "cost/optimizer_steps", "cost/wall_s"}
 # Settings that do not change the trajectory: a sweep list, or how often we look and save.
@@ -177,6 +203,11 @@ def check_dpo_config(config: DPOConfig, beta: float, max_length: int) -> None:
         raise ValueError(f"beta must be a positive number, got {beta!r}")
     if not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
+    if not (config.rpo_alpha >= 0 and math.isfinite(config.rpo_alpha)):
+        raise ValueError(f"DPOConfig.rpo_alpha must be a finite number >= 0, got {config.rpo_alpha!r}")
+    if config.loss_type == "plackett_luce" and (config.rpo_alpha or config.label_smoothing):
+        raise ValueError("DPOConfig.rpo_alpha and label_smoothing apply to the pairwise losses, "
+                         "not to loss_type 'plackett_luce'")
 
 
 def _check_objective(objective: str, beta: float | None, alpha: float | None) -> float:
@@ -184,7 +215,7 @@ def _check_objective(objective: str, beta: float | None, alpha: float | None) ->
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
     if objective == "dpo" and beta is None:
-        raise ValueError("beta is required for objective='dpo' (the inverse temperature of Eq. 7)")
+        raise ValueError("beta is required for objective='dpo' (the KL coefficient of Eqs. 3 and 7)")
     if objective == "unlikelihood":
         if alpha is None:
             raise ValueError("alpha is required for objective='unlikelihood' (the paper sweeps "
@@ -209,6 +240,47 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 # ---------------------------------------------------------------------------------- pair log-probs
+def _score_rows(model: nn.Module, n: int, width: int, score: Callable[[int, int], torch.Tensor], *,
+                batch_size: int, accelerator: Accelerator | None, device: torch.device | str | None,
+                progress: bool, desc: str) -> torch.Tensor:
+    """Every example's log-probs, fp32 ``(n, width)`` on the CPU, ``score(start, end)`` giving those of
+    examples ``start:end``; in eval mode, sharded over the processes (a contiguous 1/P each)."""
+    if accelerator is not None:
+        dev, cast = accelerator.device, accelerator.autocast
+        rank, world = accelerator.process_index, accelerator.num_processes
+    else:
+        dev = resolve_device(device)
+        rank, world = 0, 1
+
+        def cast() -> contextlib.AbstractContextManager:
+            return autocast(dev)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    out = torch.zeros(n, width, device=dev)
+    home = next(model.parameters()).device
+    was_training = model.training
+    model.to(dev).eval()
+    try:
+        for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
+                          disable=not progress or rank != 0):
+            end = min(start + batch_size, hi)
+            with cast():
+                out[start:end] = score(start, end).float()
+    finally:
+        model.to(home).train(was_training)
+    if world > 1:
+        out = accelerator.reduce(out, reduction="sum")
+    out = out.cpu()
+    if not bool(torch.isfinite(out).all()):
+        raise FloatingPointError("log-probs contain NaN or inf; check the model")
+    return out
+
+
+def _sequence_logps(tok: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
+    """Summed token log-probs (Eq. 7; 0 off the completion), or their mean over the completion's tokens."""
+    total = tok.sum(-1)
+    return total / mask.sum(-1) if average else total
+
+
 @torch.no_grad()
 def pair_logprobs(
     model: nn.Module,
@@ -221,53 +293,111 @@ def pair_logprobs(
     device: torch.device | str | None = None,
     progress: bool = False,
     desc: str = "log-probs",
+    average: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(y_w|x), log pi(y_l|x)) of every pair under ``model`` (summed over completion tokens, Eq. 7),
-    fp32 ``(N,)`` on the CPU, in eval mode without gradients; the model goes back to where it was.
+    """(log pi(y_w|x), log pi(y_l|x)) of every pair under ``model`` (summed over completion tokens, Eq. 7;
+    ``average=True``: their mean), fp32 ``(N,)`` on the CPU, in eval mode without gradients; the model goes
+    back to where it was.
 
     With an ``accelerator`` of P processes, process p scores a contiguous 1/P of the pairs under the
     training precision and the shards are summed across processes (each entry is non-zero on one process
     only, so the sum is exact); every process gets every value.
     """
     cols = pair_columns(pairs)
-    n = len(cols["prompt"])
-    if accelerator is not None:
-        dev, cast = accelerator.device, accelerator.autocast
-        rank, world = accelerator.process_index, accelerator.num_processes
-    else:
-        dev = resolve_device(device)
-        rank, world = 0, 1
-
-        def cast() -> contextlib.AbstractContextManager:
-            return autocast(dev)
-    lo, hi = n * rank // world, n * (rank + 1) // world
     collator = PreferenceCollator(tokenizer, max_length)
     examples = pair_examples(cols)
-    out = torch.zeros(2, n, device=dev)
-    home = next(model.parameters()).device
-    was_training = model.training
-    model.to(dev).eval()
-    try:
-        for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
-                          disable=not progress or rank != 0):
-            end = min(start + batch_size, hi)
-            try:
-                collated = collator(examples[start:end])
-            except ValueError as err:  # the collator counts within the batch; name the pair
-                raise ValueError(_name_pair(str(err), range(start, end))) from err
-            batch = {k: v.to(dev) for k, v in collated.items()}
-            with cast():
-                tok_c, _, tok_r, _ = concatenated_token_logprobs(model, batch)
-            out[0, start:end] = tok_c.sum(-1).float()  # 0 off the completion: the sum is Eq. 7's
-            out[1, start:end] = tok_r.sum(-1).float()
-    finally:
-        model.to(home).train(was_training)
-    if world > 1:
-        out = accelerator.reduce(out, reduction="sum")
-    out = out.cpu()
-    if not bool(torch.isfinite(out).all()):
-        raise FloatingPointError("log-probs contain NaN or inf; check the model")
-    return out[0].contiguous(), out[1].contiguous()
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
+
+    def score(start: int, end: int) -> torch.Tensor:
+        try:
+            collated = collator(examples[start:end])
+        except ValueError as err:  # the collator counts within the batch; name the pair
+            raise ValueError(_name_pair(str(err), range(start, end))) from err
+        batch = {k: v.to(dev) for k, v in collated.items()}
+        tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(model, batch)
+        return torch.stack([_sequence_logps(tok_c, mask_c, average),
+                            _sequence_logps(tok_r, mask_r, average)], dim=1)
+
+    out = _score_rows(model, len(cols["prompt"]), 2, score, batch_size=batch_size, accelerator=accelerator,
+                      device=dev, progress=progress, desc=desc)
+    return out[:, 0].contiguous(), out[:, 1].contiguous()
+
+
+@torch.no_grad()
+def ranking_logprobs(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rankings: Rankings,
+    *,
+    max_length: int,
+    batch_size: int,
+    accelerator: Accelerator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    desc: str = "log-probs",
+    average: bool = False,
+) -> torch.Tensor:
+    """log pi(y_k|x) of every completion of every ranking, ``(N, K)`` fp32 on the CPU, column k the k-th
+    ranked: :func:`pair_logprobs` for rankings (one forward pass over the ``batch_size x K`` rows)."""
+    cols = ranking_columns(rankings)
+    collator = RankingCollator(tokenizer, max_length)
+    k = len(cols["completions"][0])
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
+
+    def score(start: int, end: int) -> torch.Tensor:
+        examples = [{"prompt": cols["prompt"][i], "completions": cols["completions"][i]}
+                    for i in range(start, end)]
+        try:
+            collated = collator(examples)
+        except ValueError as err:
+            raise ValueError(_name_pair(str(err), range(start, end), "ranking")) from err
+        batch = {key: v.to(dev) for key, v in collated.items()}
+        tok, mask = completion_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                              batch["completion_mask"])
+        return _sequence_logps(tok, mask, average).view(end - start, k)
+
+    return _score_rows(model, len(cols["prompt"]), k, score, batch_size=batch_size, accelerator=accelerator,
+                       device=dev, progress=progress, desc=desc)
+
+
+def _cached_logprobs(path: Path, key: str, names: tuple[str, ...], shape: tuple[int, ...], what: str,
+                     compute: Callable[[], tuple[torch.Tensor, ...]], metadata: dict[str, str],
+                     accelerator: Accelerator | None) -> tuple[torch.Tensor, ...]:
+    """The tensors ``names`` (each ``shape``) read from ``path``, checked against ``key`` and their checksum;
+    else ``compute()``d and written there (by the main process) for the next run."""
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+                cached = {name: handle.get_tensor(name) for name in names}
+        except Exception as err:  # truncated or corrupt: what the reader raises varies
+            raise ValueError(f"reference cache {path} is truncated or corrupt ({type(err).__name__}: {err}); "
+                             "delete it to recompute") from err
+        checksum = tensors_checksum(*cached.values())
+        if meta.get("key", key) != key or meta.get("sha256", checksum) != checksum:
+            raise ValueError(f"reference cache {path} was changed after it was written (its key or checksum "
+                             "does not match); delete it to recompute")
+        if any(tuple(t.shape) != shape for t in cached.values()):
+            raise ValueError(f"reference cache {path} holds {cached[names[0]].shape[0]} {what}, expected "
+                             f"{shape[0]}; delete it to recompute")
+        return tuple(cached[name] for name in names)
+    values = compute()
+    if accelerator is None or accelerator.is_main_process:
+        atomic_write_tensors(path, dict(zip(names, values, strict=True)),
+                             metadata={"key": key, **metadata, "sha256": tensors_checksum(*values)})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return values
+
+
+def _reference_key_parts(reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                         accelerator: Accelerator | None, device: torch.device | str | None,
+                         reference_fingerprint: str | None) -> tuple[torch.device, tuple[str, str, str, str]]:
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
+    precision = str(accelerator.mixed_precision) if accelerator is not None else (
+        "bf16" if dev.type == "cuda" else "no")
+    return dev, (reference_fingerprint or model_fingerprint(reference), tokenizer_fingerprint(tokenizer),
+                 dev.type, precision)
 
 
 def reference_logprobs(
@@ -282,48 +412,64 @@ def reference_logprobs(
     device: torch.device | str | None = None,
     progress: bool = True,
     reference_fingerprint: str | None = None,
+    average: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`pair_logprobs` of the frozen reference, read from / written to the disk cache.
 
-    The key hashes the reference weights, the pairs, the tokenizer, max_length, the device type and the
-    precision, so any change recomputes and nothing stale is reused. ``reference_fingerprint``
-    (``cache.model_fingerprint`` of ``reference``) skips hashing the weights a second time.
+    The key hashes the reference weights, the pairs, the tokenizer, max_length, sum or mean (``average``),
+    the device type and the precision, so any change recomputes and nothing stale is reused.
+    ``reference_fingerprint`` (``cache.model_fingerprint`` of ``reference``) skips hashing the weights a
+    second time.
     """
     cols = pair_columns(pairs)
     n = len(cols["prompt"])
-    dev = accelerator.device if accelerator is not None else resolve_device(device)
-    precision = str(accelerator.mixed_precision) if accelerator is not None else (
-        "bf16" if dev.type == "cuda" else "no")
-    key = content_hash("ref-logps/v2", reference_fingerprint or model_fingerprint(reference),
-                       pairs_fingerprint(cols), tokenizer_fingerprint(tokenizer), max_length, "sum", dev.type,
-                       precision)
-    path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as handle:
-                meta = handle.metadata() or {}
-                cached = {name: handle.get_tensor(name) for name in ("chosen", "rejected")}
-        except Exception as err:  # truncated or corrupt: what the reader raises varies
-            raise ValueError(f"reference cache {path} is truncated or corrupt ({type(err).__name__}: {err}); "
-                             "delete it to recompute") from err
-        checksum = tensors_checksum(cached["chosen"], cached["rejected"])
-        if meta.get("key", key) != key or meta.get("sha256", checksum) != checksum:
-            raise ValueError(f"reference cache {path} was changed after it was written (its key or checksum "
-                             "does not match); delete it to recompute")
-        if cached["chosen"].shape != (n,) or cached["rejected"].shape != (n,):
-            raise ValueError(f"reference cache {path} holds {cached['chosen'].shape[0]} pairs, expected {n}; "
-                             "delete it to recompute")
-        return cached["chosen"], cached["rejected"]
-    chosen, rejected = pair_logprobs(reference, tokenizer, cols, max_length=max_length, batch_size=batch_size,
-                                     accelerator=accelerator, device=dev, progress=progress,
-                                     desc="reference log-probs")
-    if accelerator is None or accelerator.is_main_process:
-        atomic_write_tensors(path, {"chosen": chosen, "rejected": rejected},
-                             metadata={"key": key, "n_pairs": str(n), "max_length": str(max_length),
-                                       "sha256": tensors_checksum(chosen, rejected)})
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
+    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
+                                                                    reference_fingerprint)
+    key = content_hash("ref-logps/v2", weights, pairs_fingerprint(cols), tok, max_length,
+                       "mean" if average else "sum", dev_type, precision)
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        return pair_logprobs(reference, tokenizer, cols, max_length=max_length, batch_size=batch_size,
+                             accelerator=accelerator, device=dev, progress=progress,
+                             desc="reference log-probs", average=average)
+
+    chosen, rejected = _cached_logprobs(Path(cache_dir) / f"ref-logps-{key}.safetensors", key,
+                                        ("chosen", "rejected"), (n,), "pairs", compute,
+                                        {"n_pairs": str(n), "max_length": str(max_length)}, accelerator)
     return chosen, rejected
+
+
+def reference_ranking_logprobs(
+    reference: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    rankings: Rankings,
+    *,
+    max_length: int,
+    cache_dir: str | Path,
+    batch_size: int,
+    accelerator: Accelerator | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    reference_fingerprint: str | None = None,
+    average: bool = False,
+) -> torch.Tensor:
+    """:func:`ranking_logprobs` of the frozen reference, ``(N, K)``, cached as :func:`reference_logprobs`."""
+    cols = ranking_columns(rankings)
+    shape = (len(cols["prompt"]), len(cols["completions"][0]))
+    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
+                                                                    reference_fingerprint)
+    key = content_hash("ref-ranking-logps/v1", weights, rankings_fingerprint(cols), tok, max_length,
+                       "mean" if average else "sum", dev_type, precision)
+
+    def compute() -> tuple[torch.Tensor]:
+        return (ranking_logprobs(reference, tokenizer, cols, max_length=max_length, batch_size=batch_size,
+                                 accelerator=accelerator, device=dev, progress=progress,
+                                 desc="reference log-probs", average=average),)
+
+    (logps,) = _cached_logprobs(Path(cache_dir) / f"ref-ranking-logps-{key}.safetensors", key, ("logps",),
+                                shape, "rankings", compute,
+                                {"n_rankings": str(shape[0]), "max_length": str(max_length)}, accelerator)
+    return logps
 
 
 # ------------------------------------------------------------------------------------------------- train
@@ -332,7 +478,7 @@ def train_dpo(
     policy: nn.Module,
     reference: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: Pairs,
+    pairs: Pairs | Rankings,
     *,
     beta: float | None = None,
     config: DPOConfig,
@@ -350,9 +496,11 @@ def train_dpo(
 ) -> DPOResult:
     """Train ``policy`` in place with DPO (Eq. 7) against ``reference``; see the module docstring.
 
-    ``objective`` picks the loss: "dpo" (needs ``beta``; ``config.loss_type``/``label_smoothing`` apply),
-    "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft"; the baselines ignore the DPO-only config fields
-    and use ``beta`` (default 1.0) only for the logged implicit rewards. ``config.batch_size`` is the GLOBAL
+    ``objective`` picks the loss: "dpo" (needs ``beta``; ``config.loss_type``, ``label_smoothing``,
+    ``average_logprobs`` and ``rpo_alpha`` apply), "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft";
+    the baselines ignore the DPO-only config fields and use ``beta`` (default 1.0) only for the logged
+    implicit rewards. With ``config.loss_type == "plackett_luce"``, ``pairs`` are rankings
+    (``batching.ranking_columns``) and each "pair" below is a ranking. ``config.batch_size`` is the GLOBAL
     batch. ``accelerator`` (default: :func:`make_accelerator` on ``device``): under ``accelerate launch``
     every process calls this with the same arguments. ``eval_fn(policy, step)`` runs on the main process at
     step 0, every ``config.eval_every`` steps and at the end; its dict is merged into that step's metrics
@@ -367,12 +515,15 @@ def train_dpo(
     accelerator = accelerator if accelerator is not None else make_accelerator(device)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     accumulation_steps(config.batch_size, config.micro_batch_size, world)
-    cols = pair_columns(pairs)
+    ranked = objective == "dpo" and config.loss_type == "plackett_luce"
+    cols: dict[str, list] = ranking_columns(pairs) if ranked else pair_columns(pairs)
     n_pairs = len(cols["prompt"])
     fields: dict[str, Any] = {
         "beta": float(beta), "seed": seed, "max_length": max_length,
-        "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
-        "reference": model_fingerprint(reference), "pairs": pairs_fingerprint(cols),
+        # dpo_key_settings leaves out fields added since runs were cached while they keep their old meaning.
+        "config": {k: v for k, v in dpo_key_settings(config).items() if k not in _NOT_IN_RUN_KEY},
+        "reference": model_fingerprint(reference),
+        "pairs": rankings_fingerprint(cols) if ranked else pairs_fingerprint(cols),
         "tokenizer": tokenizer_fingerprint(tokenizer), "device": accelerator.device.type,
     }
     if accelerator.mixed_precision != "no":  # fp32 runs keep the key they had before precision was named
@@ -394,12 +545,15 @@ def train_dpo(
         return finished
 
     seed_everything(seed)
-    ref_chosen, ref_rejected = reference_logprobs(
-        reference, tokenizer, cols, max_length=max_length, cache_dir=ref_cache_dir,
-        batch_size=config.micro_batch_size, accelerator=accelerator, progress=progress,
-        reference_fingerprint=fields["reference"])
-    ref_chosen, ref_rejected = ref_chosen.to(accelerator.device), ref_rejected.to(accelerator.device)
-    collator = PreferenceCollator(tokenizer, max_length)
+    ref_args = {"max_length": max_length, "cache_dir": ref_cache_dir, "batch_size": config.micro_batch_size,
+                "accelerator": accelerator, "progress": progress, "average": config.average_logprobs,
+                "reference_fingerprint": fields["reference"]}
+    if ranked:
+        ref = reference_ranking_logprobs(reference, tokenizer, cols, **ref_args)  # (N, K), best first
+    else:
+        ref = torch.stack(reference_logprobs(reference, tokenizer, cols, **ref_args), dim=1)  # (N, 2): w, l
+    ref = ref.to(accelerator.device)
+    collator = RankingCollator(tokenizer, max_length) if ranked else PreferenceCollator(tokenizer, max_length)
     policy.eval()  # dropout off; autograd works the same in eval mode
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
@@ -423,8 +577,10 @@ def train_dpo(
                      start=start if resume is not None else None) as log:
         if start == 0:
             log.log_start(policy)
-        desc = _BAR_NAMES[objective] + {"dpo": f" beta={beta:g}", "unlikelihood": f" alpha={alpha}"}.get(
-            objective, "") + (f" x{world}" if world > 1 else "")
+        variant = "" if objective != "dpo" or config.loss_type == "sigmoid" else f" ({config.loss_type})"
+        desc = _BAR_NAMES[objective] + variant + {"dpo": f" beta={beta:g}",
+                                                  "unlikelihood": f" alpha={alpha}"}.get(objective, "") + (
+            f" x{world}" if world > 1 else "")
         bar = tqdm(range(start + 1, config.max_steps + 1), desc=desc, disable=not (progress and main),
                    initial=start, total=config.max_steps)
         for step in bar:
@@ -432,23 +588,22 @@ def train_dpo(
             optimizer.zero_grad(set_to_none=True)
             mine = process_micro_batches(indices, config.micro_batch_size, rank, world)
             parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("losses", "cr", "rr", "pc", "pr", "nll",
-                                                                     "ul")}
+                                                                     "ul", "nll_tok")}
             at = where.format(step, ckpt_dir or "none")
             started, tokens = time.perf_counter(), torch.zeros((), device=accelerator.device)
             for k, micro in enumerate(mine):
                 try:
                     collated = collator([{c: cols[c][i] for c in cols} for i in micro])
                 except ValueError as err:  # the collator counts within the micro-batch; name the pair
-                    raise ValueError(_name_pair(str(err), micro)) from err
+                    raise ValueError(_name_pair(str(err), micro, "ranking" if ranked else "pair")) from err
                 batch = {key: v.to(accelerator.device) for key, v in collated.items()}
                 idx = torch.tensor(micro, device=accelerator.device)
-                tokens += batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()
+                tokens += sum(v.sum() for key, v in batch.items() if key.endswith("attention_mask"))
                 # Gradients are all-reduced once per step, after this process's last micro-batch.
                 sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(model)
                 with sync:
-                    out = _micro_batch_losses(model, batch, ref_chosen[idx], ref_rejected[idx], accelerator,
-                                              objective=objective, beta=beta, alpha=alpha, config=config,
-                                              where=at)
+                    out = _micro_batch_losses(model, batch, ref[idx], accelerator, objective=objective,
+                                              beta=beta, alpha=alpha, config=config, where=at)
                     # x P / batch_size: with DDP's average over P processes, the mean over the global batch.
                     (out["losses"].sum() * world / len(indices)).backward()
                 for key, t in out.items():
@@ -469,6 +624,8 @@ def train_dpo(
                 record["nll/chosen"] = cat["nll"].mean().item()
             if "ul" in cat:
                 record["unlikelihood/rejected"] = cat["ul"].mean().item()
+            if "nll_tok" in cat:
+                record["nll/chosen_per_token"] = cat["nll_tok"].mean().item()
             record["epoch"] = step * config.batch_size / n_pairs
             # What this step cost (run totals in the log): every token of the stacked batch goes through the
             # policy forward and backward once; the reference pass is shared by every run (not counted).
@@ -498,30 +655,40 @@ def train_dpo(
     return result
 
 
-def _name_pair(message: str, micro: Sequence[int]) -> str:
+def _name_pair(message: str, micro: Sequence[int], noun: str = "pair") -> str:
     """The collator's "example i (side): ..." with i, a position in the micro-batch, replaced by the pair's
-    index in the dataset."""
+    (or ranking's) index in the dataset."""
     head, _, rest = message.partition(" ")
     number = rest.split(" ", 1)[0]
     if head == "example" and number.isdigit() and int(number) < len(micro):
-        return f"pair {micro[int(number)]}" + rest[len(number):]
+        return f"{noun} {micro[int(number)]}" + rest[len(number):]
     return message
 
 
-def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref_c: torch.Tensor,
-                        ref_r: torch.Tensor, accelerator: Accelerator, *, objective: str, beta: float,
-                        alpha: float | None, config: DPOConfig, where: str) -> dict[str, torch.Tensor]:
-    """Per-pair losses of one micro-batch, with what the metrics need (implicit rewards, log-probs)."""
+def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: torch.Tensor,
+                        accelerator: Accelerator, *, objective: str, beta: float, alpha: float | None,
+                        config: DPOConfig, where: str) -> dict[str, torch.Tensor]:
+    """Per-pair losses of one micro-batch, with what the metrics need (implicit rewards, log-probs).
+    ``ref`` is ``(B, 2)`` (chosen, rejected) for pairs, ``(B, K)`` for rankings."""
+    if "input_ids" in batch:  # RankingCollator's one (B·K, T) batch
+        return _ranking_losses(model, batch, ref, accelerator, beta=beta, config=config, where=where)
+    ref_c, ref_r = ref[:, 0], ref[:, 1]
     with accelerator.autocast():
         tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(model, batch)
-    policy_chosen, policy_rejected = tok_c.sum(-1), tok_r.sum(-1)  # Eq. 7 sums; 0 off the completion
+    # Eq. 7 sums (0 off the completion); average_logprobs takes TRL's IPO per-token mean instead.
+    policy_chosen = _sequence_logps(tok_c, mask_c, config.average_logprobs)
+    policy_rejected = _sequence_logps(tok_r, mask_r, config.average_logprobs)
     if not bool(torch.isfinite(policy_chosen).all() and torch.isfinite(policy_rejected).all()):
         raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
     out: dict[str, torch.Tensor] = {}
     if objective == "dpo":
+        nll_tok = mean_token_nll(tok_c, mask_c) if config.rpo_alpha > 0 else None  # RPO's NLL term
         losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
             policy_chosen, policy_rejected, ref_c, ref_r,
-            beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+            beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
+            rpo_alpha=config.rpo_alpha, chosen_nll=nll_tok)
+        if nll_tok is not None:
+            out["nll_tok"] = nll_tok
     else:
         nll = preferred_ft_loss(tok_c, mask_c)  # -log pi(y_w|x)
         if objective == "unlikelihood":
@@ -538,6 +705,22 @@ def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref
     return out
 
 
+def _ranking_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: torch.Tensor,
+                    accelerator: Accelerator, *, beta: float, config: DPOConfig,
+                    where: str) -> dict[str, torch.Tensor]:
+    """Plackett-Luce losses (App. A.3, Eq. 18) of one micro-batch of rankings, one forward over B·K rows.
+    The pair metrics compare the best- and the worst-ranked completion of each ranking."""
+    with accelerator.autocast():
+        tok, mask = completion_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                              batch["completion_mask"])
+    logps = _sequence_logps(tok, mask, config.average_logprobs).view(ref.shape)
+    if not bool(torch.isfinite(logps).all()):
+        raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
+    losses, rewards = plackett_luce_loss(logps, ref, beta=beta)
+    return {"losses": losses, "cr": rewards[:, 0], "rr": rewards[:, -1],
+            "pc": logps[:, 0], "pr": logps[:, -1]}
+
+
 __all__ = ["DPOResult", "MixedPrecision", "Objective", "OBJECTIVES", "accumulation_steps", "autocast",
            "check_dpo_config", "make_accelerator", "make_optimizer", "pair_logprobs", "process_micro_batches",
-           "reference_logprobs", "train_dpo"]
+           "ranking_logprobs", "reference_logprobs", "reference_ranking_logprobs", "train_dpo"]

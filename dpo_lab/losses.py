@@ -8,6 +8,7 @@ The DPO family takes four ``(B,)`` tensors of *summed* completion log-probs (pap
 the difference of the two log-ratios. ``β h = r̂(x, y_w) − r̂(x, y_l)`` is the margin between the implicit
 rewards ``r̂(x, y) = β log π(y|x)/π_ref(y|x)`` (Eq. 5 without the β log Z(x) term, which cancels in the
 Bradley-Terry model, Eqs. 1 and 6). The baselines (Unlikelihood, Preferred-FT) take per-token log-probs.
+:func:`plackett_luce_loss` generalises Eq. 7 from pairs to rankings of K completions (App. A.3, Eq. 18).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ __all__ = [
     "LOSS_TYPES",
     "bradley_terry_loss",
     "preference_loss",
+    "plackett_luce_loss",
+    "mean_token_nll",
     "dpo_loss_gradient_weight",
     "unlikelihood_loss",
     "preferred_ft_loss",
@@ -86,6 +89,8 @@ def preference_loss(
     loss_type: LossType = "sigmoid",
     label_smoothing: float = 0.0,
     reference_free: bool = False,
+    rpo_alpha: float = 0.0,
+    chosen_nll: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example preference losses and the implicit rewards of both completions.
 
@@ -94,9 +99,17 @@ def preference_loss(
     * ``"sigmoid"``: DPO, paper Eq. 7, ``−log σ(β h)``. ``label_smoothing = ε > 0`` gives conservative DPO
       (cDPO, Mitchell 2023, Eq. 3), which assumes each label is flipped with probability ε:
       ``−(1 − ε) log σ(β h) − ε log σ(−β h)``; ε must be in [0, 0.5).
-    * ``"ipo"``: IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17), ``(h − 1/(2β))²``. We use the *summed*
-      log-ratios as the official DPO repo does; TRL length-normalises h for IPO, so its β differs.
+    * ``"ipo"``: IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17), ``(h − 1/(2β))²``: h is pulled to the
+      target 1/(2β), not pushed up without end, so β sets a target margin, not a temperature. The official
+      DPO repo uses *summed* log-ratios; TRL averages log-probs over completion tokens for IPO (the trainer's
+      ``DPOConfig.average_logprobs``), which makes the target a per-token margin and its β another scale.
     * ``"hinge"``: SLiC (Zhao et al. 2023), ``relu(1 − β h)``.
+
+    ``rpo_alpha = α > 0`` adds ``α · chosen_nll`` to any of them: the NLL-regularised DPO of Pang et al. 2024
+    ("Iterative Reasoning Preference Optimization", arXiv 2404.19733, their DPO+NLL loss; TRL's ``rpo_alpha``)
+    and Liu et al. 2024 (RPO, arXiv 2405.16436). ``chosen_nll`` is ``(B,)``, the chosen completion's NLL
+    normalised per token as Pang et al. do, ``−log π(y_w|x) / |y_w|`` (:func:`mean_token_nll`); it is required
+    when α > 0 and not read when α = 0, which leaves the loss exactly as without it.
 
     ``reference_free=True`` takes the reference log-ratio as 0 in ``h`` (an implicit uniform reference).
     The returned rewards are always ``β (log π − log π_ref)`` of the given tensors, detached (Eq. 5 up to
@@ -115,6 +128,12 @@ def preference_loss(
                          "(at 0.5 the labels carry no information; above it they are inverted)")
     if label_smoothing > 0 and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing (cDPO) only applies to loss_type='sigmoid', not {loss_type!r}")
+    rpo_alpha = _check_scalar("rpo_alpha", rpo_alpha, positive=False)
+    if rpo_alpha > 0:
+        if chosen_nll is None:
+            raise ValueError("rpo_alpha > 0 needs chosen_nll, the per-token NLL of each chosen completion "
+                             "(losses.mean_token_nll)")
+        _check_logps(policy_chosen_logps=policy_chosen_logps, chosen_nll=chosen_nll)
 
     policy_logratios = policy_chosen_logps - policy_rejected_logps
     if reference_free:
@@ -130,10 +149,51 @@ def preference_loss(
         losses = (h - 1 / (2 * beta)) ** 2
     else:  # hinge
         losses = torch.relu(1 - beta * h)
+    if rpo_alpha > 0:  # skipped at 0, so plain DPO stays bit-for-bit what it was
+        losses = losses + rpo_alpha * chosen_nll
 
     chosen_rewards = beta * (policy_chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = beta * (policy_rejected_logps - ref_rejected_logps).detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def _check_rankings(**tensors: Tensor) -> None:
+    """Same ``(B, K)`` shape with B >= 1 and K >= 2, floating dtype, finite values."""
+    shapes = {}
+    for name, x in tensors.items():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] < 2:
+            raise ValueError(f"{name} must have shape (B, K) with B >= 1 and K >= 2 ranked completions, "
+                             f"got {tuple(x.shape)}")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or inf")
+        shapes[name] = tuple(x.shape)
+    if len(set(shapes.values())) > 1:
+        raise ValueError(f"tensors must all have the same shape, got {shapes}")
+
+
+def plackett_luce_loss(policy_logps: Tensor, ref_logps: Tensor, *, beta: float) -> tuple[Tensor, Tensor]:
+    """DPO on rankings: the Plackett-Luce negative log-likelihood of each ranking (paper App. A.3, Eq. 18).
+
+    ``policy_logps`` and ``ref_logps`` are ``(B, K)`` summed completion log-probs, column k holding the
+    completion ranked k-th, best first. With ``h_k = log π(y_k|x) − log π_ref(y_k|x)``,
+
+        L = −Σ_{k=1}^{K} log( exp(β h_k) / Σ_{j=k}^{K} exp(β h_j) ),
+
+    the probability under the Plackett-Luce model with the implicit rewards ``β h`` that the ranking comes out
+    in this order (the partition function β log Z(x) cancels, as in Eq. 7). The k = K factor is 1. For K = 2
+    this is Eq. 7, ``−log σ(β (h_1 − h_2))``; adding the same constant to every ``h_k`` of a row leaves it
+    unchanged (Lemma 1). Returns ``(losses (B,), rewards (B, K))``, the rewards ``β h`` detached.
+    """
+    _check_rankings(policy_logps=policy_logps, ref_logps=ref_logps)
+    beta = _check_scalar("beta", beta, positive=True)
+    z = beta * (policy_logps - ref_logps)
+    # log Σ_{j≥k} exp(z_j) for every k at once: a cumulative logsumexp from the worst-ranked end.
+    tail = torch.logcumsumexp(z.flip(-1), dim=-1).flip(-1)
+    return (tail - z).sum(-1), z.detach()
 
 
 def dpo_loss_gradient_weight(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
@@ -173,6 +233,13 @@ def preferred_ft_loss(chosen_token_logps: Tensor, chosen_mask: Tensor) -> Tensor
     """Preferred-FT (SFT on y_w): ``−log π(y_w|x) = −Σ_t log π(y_w,t | x, y_w,<t)``, ``(B,)``."""
     mask = _check_token_logps("chosen_token_logps", chosen_token_logps, "chosen_mask", chosen_mask)
     return -torch.where(mask, chosen_token_logps, 0.0).sum(-1)
+
+
+def mean_token_nll(token_logps: Tensor, mask: Tensor) -> Tensor:
+    """``−log π(y|x) / |y|``: each row's NLL per completion token, ``(B,)`` (the NLL term of RPO, as Pang et
+    al. 2024 normalise it: the length of each sequence, not the batch's token count as TRL does)."""
+    bool_mask = _check_token_logps("token_logps", token_logps, "mask", mask)
+    return preferred_ft_loss(token_logps, mask) / bool_mask.sum(-1)
 
 
 def _log1mexp(logp: Tensor) -> Tensor:

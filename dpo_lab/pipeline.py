@@ -27,6 +27,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_lab.batching import rankings_from_candidates
 from dpo_lab.cache import atomic_write_json, cached_directory, content_hash, read_json_object
 from dpo_lab.data import load_imdb, make_prompts
 from dpo_lab.dpo_trainer import DPOResult, train_dpo
@@ -43,7 +44,7 @@ from dpo_lab.preferences import (
     load_preferences,
     save_preferences,
 )
-from dpo_lab.presets import Preset
+from dpo_lab.presets import Preset, dpo_key_settings
 from dpo_lab.reward_model import LearnedReward, train_reward_model
 from dpo_lab.rewards import HubSentimentReward, RewardModel, TfidfSentimentReward, accuracy, first_words
 from dpo_lab.run import RunResult, finished_metrics, resolve_device
@@ -177,6 +178,13 @@ def preference_candidates(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> 
     return load_candidates(_preferences_folder(preset, progress))
 
 
+def preference_rankings(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[dict[str, list], dict]:
+    """Each train prompt's samples ranked by r*, best first (Plackett-Luce DPO, App. A.3): the same samples
+    as the pairs, prompts with a tie or an empty sample dropped (``batching.rankings_from_candidates``)."""
+    candidates = preference_candidates(preset, progress=progress)
+    return rankings_from_candidates(candidates["prompts"], candidates["completions"], candidates["rewards"])
+
+
 # ------------------------------------------------------------------------------------- runs (Fig. 2)
 # One run per (method, hyperparameter value), as in the paper's sweep. PPO methods optimise Eq. 3 with a
 # reward (learned r_phi or ground-truth r*); the rest learn from the fixed preference pairs.
@@ -207,11 +215,12 @@ SCHEDULE_FIELDS = ("betas", "target_kls", "max_steps", "eval_every", "checkpoint
 def run_dir(preset: Preset, method: str, value: float) -> Path:
     """Where one run lives: the key hashes the stages it reads and every setting of its method."""
     name = hyperparameter_name(method)
-    settings = preset.ppo if method in PPO_METHODS else preset.dpo
+    # dpo_key_settings: DPO fields added since runs were cached count only once set, so old runs keep keys.
+    settings = dataclasses.asdict(preset.ppo) if method in PPO_METHODS else dpo_key_settings(preset.dpo)
     # How long a run goes and how often it is looked at do not change its trajectory: leaving them out of
     # the key lets a finished run be continued with a larger max_steps (the trainers resume it); a smaller
     # max_steps after a larger one is kept apart in ``<this folder>-steps<N>`` (run.schedule_dir).
-    trajectory = {k: v for k, v in dataclasses.asdict(settings).items() if k not in SCHEDULE_FIELDS}
+    trajectory = {k: v for k, v in settings.items() if k not in SCHEDULE_FIELDS}
     key = content_hash(method, preferences_key(preset), trajectory, preset.reward_model, preset.eval, value)
     return artifacts_dir() / "training" / f"{method.lower()}-{name}{value:g}-{key}"
 
@@ -264,14 +273,18 @@ def _eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTo
 def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
              accelerator: Accelerator | None = None, gradient_checkpointing: bool = False) -> DPOResult:
     """A DPO (value = beta), Unlikelihood (alpha) or Preferred-FT (seed) run from pi_SFT; on every process
-    of ``accelerator`` when given (``scale.launch``), in the same run folder."""
+    of ``accelerator`` when given (``scale.launch``), in the same run folder. DPO with ``dpo.loss_type``
+    "plackett_luce" trains on :func:`preference_rankings` instead of the pairs."""
     if method not in PAIRWISE_METHODS:
         raise ValueError(f"{method!r} is not a pairwise method; choose from {list(PAIRWISE_METHODS)}")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
     policy = copy.deepcopy(reference)  # pi_theta starts at pi_SFT = pi_ref
     if gradient_checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    pairs, _ = preference_data(preset, progress=progress)
+    if method == "DPO" and preset.dpo.loss_type == "plackett_luce":
+        pairs, _ = preference_rankings(preset, progress=progress)
+    else:
+        pairs, _ = preference_data(preset, progress=progress)
     objective = {"DPO": "dpo", "Unlikelihood": "unlikelihood", "Preferred-FT": "preferred_ft"}[method]
     config = preset.dpo
     if method != "DPO" and preset.baselines.max_steps is not None:
@@ -287,7 +300,7 @@ def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW
 
 
 def dpo(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> DPOResult:
-    """One DPO run from pi_SFT at inverse temperature ``beta``, evaluated every ``eval_every`` steps."""
+    """One DPO run from pi_SFT at KL coefficient ``beta`` (Eq. 3), evaluated every ``eval_every`` steps."""
     return pairwise(preset, "DPO", beta, progress=progress)
 
 
@@ -322,6 +335,15 @@ def heldout(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> HeldOut:
                         batch_size=preset.preferences.sample_batch_size, seed=preset.seed + 1000)
 
 
+def trace_dir(preset: Preset, beta: float) -> Path:
+    """The folder of :func:`likelihood_trace`'s run. Its key hashes the DPO settings as ``content_hash``
+    hashes a dataclass, through ``dpo_key_settings``, so traces made before the variant fields keep theirs."""
+    every = max(1, preset.dpo.max_steps // 10)
+    settings = {"__type__": "DPOConfig", **dpo_key_settings(preset.dpo)}
+    key = content_hash("likelihood-trace", preferences_key(preset), settings, beta, every)
+    return artifacts_dir() / "training" / f"trace-beta{beta:g}-{key}"
+
+
 def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> DPOResult:
     """The DPO run at ``beta`` again, in its own folder, looked at 10 times with
     ``implicit_reward.likelihood_fn``: what DPO does to the likelihoods of held-out pairs and of its own
@@ -329,16 +351,13 @@ def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGR
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
     policy = copy.deepcopy(reference)
     pairs, _ = preference_data(preset, progress=progress)
-    every = max(1, preset.dpo.max_steps // 10)
-    config = dataclasses.replace(preset.dpo, eval_every=every)
-    key = content_hash("likelihood-trace", preferences_key(preset), preset.dpo, beta, every)
+    config = dataclasses.replace(preset.dpo, eval_every=max(1, preset.dpo.max_steps // 10))
     eval_fn = likelihood_fn(reference, tokenizer, heldout(preset, progress=progress), beta=beta,
                             max_new_tokens=preset.eval.max_new_tokens, batch_size=preset.eval.batch_size,
                             seed=preset.seed)
     return train_dpo(policy, reference, tokenizer, pairs, config=config, beta=beta, seed=preset.seed,
-                     out_dir=artifacts_dir() / "training" / f"trace-beta{beta:g}-{key}",
-                     max_length=preset.policy.n_positions, ref_cache_dir=artifacts_dir() / "reference-logps",
-                     eval_fn=eval_fn, progress=progress)
+                     out_dir=trace_dir(preset, beta), max_length=preset.policy.n_positions,
+                     ref_cache_dir=artifacts_dir() / "reference-logps", eval_fn=eval_fn, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -406,5 +425,5 @@ def dpo_sweep(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> pd.DataFrame
 
 __all__ = ["METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "dpo", "dpo_run_dir", "dpo_sweep",
            "frontier", "frontier_runs", "heldout", "imdb", "learned_reward", "likelihood_trace", "pairwise",
-           "ppo", "preference_candidates", "preference_data", "prompts", "result", "reward_model", "run_dir",
-           "sft_policy"]
+           "ppo", "preference_candidates", "preference_data", "preference_rankings", "prompts", "result",
+           "reward_model", "run_dir", "sft_policy", "trace_dir"]

@@ -88,8 +88,12 @@ class PreferenceConfig:
 @dataclass(frozen=True)
 class DPOConfig:
     betas: tuple[float, ...] = (0.05, 0.1, 1.0, 5.0)  # the sweep: one run per beta
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # sigmoid = DPO (paper Eq. 7)
+    # sigmoid = DPO (paper Eq. 7); ipo, hinge: losses.preference_loss; plackett_luce: DPO on rankings of each
+    # prompt's samples (App. A.3, Eq. 18), batch_size then counts rankings, not pairs
+    loss_type: Literal["sigmoid", "ipo", "hinge", "plackett_luce"] = "sigmoid"
     label_smoothing: float = 0.0  # cDPO's assumed label-flip rate (0: plain DPO)
+    average_logprobs: bool = False  # log pi(y|x) as the mean over completion tokens (TRL's IPO), not the sum
+    rpo_alpha: float = 0.0  # weight of the chosen completion's per-token NLL added to the loss (RPO); 0: none
     optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
     lr: float = 1e-4
     warmup_steps: int = 15  # linear warmup, then constant
@@ -99,6 +103,18 @@ class DPOConfig:
     max_grad_norm: float = 10.0
     checkpoint_every: int = 50
     eval_every: int = 50  # steps between held-out evaluations (the frontier's points)
+
+
+# DPOConfig fields added after runs were cached, with the value that means "as before": a run key leaves such
+# a field out while it has that value, so every run made before the field existed keeps its key and folder.
+DPO_FIELDS_KEYED_WHEN_SET: dict[str, Any] = {"average_logprobs": False, "rpo_alpha": 0.0}
+
+
+def dpo_key_settings(config: DPOConfig) -> dict[str, Any]:
+    """``dataclasses.asdict(config)`` as the run keys hash it (:data:`DPO_FIELDS_KEYED_WHEN_SET`)."""
+    return {k: v for k, v in dataclasses.asdict(config).items()
+            if not (k in DPO_FIELDS_KEYED_WHEN_SET and v == DPO_FIELDS_KEYED_WHEN_SET[k]
+                    and type(v) is type(DPO_FIELDS_KEYED_WHEN_SET[k]))}
 
 
 @dataclass(frozen=True)
@@ -425,6 +441,7 @@ def _range_errors(p: Preset) -> list[str]:
     if d.label_smoothing and d.loss_type != "sigmoid":
         errors.append(f"dpo.label_smoothing (cDPO) must be 0 with dpo.loss_type {d.loss_type!r}, "
                       f"got {format_value(d.label_smoothing)}")
+    number("dpo.rpo_alpha", strict=False)
     number("dpo.lr")
     number("dpo.max_grad_norm", finite=False)
     at_least("dpo.warmup_steps", 0)
@@ -437,9 +454,14 @@ def _range_errors(p: Preset) -> list[str]:
     # then takes batch_size / micro_batch_size forward passes and training sits at step 0 with no message.
     per_prompt = pref.samples_per_prompt * (pref.samples_per_prompt - 1) // 2
     max_pairs = pref.n_prompts * per_prompt
-    need("dpo.batch_size", d.batch_size, d.batch_size <= max(max_pairs, 1),
-         f"<= the most pairs the preference stage can give ({max_pairs} = preferences.n_prompts "
-         f"{pref.n_prompts} x {per_prompt} pairs per prompt)")
+    if d.loss_type == "plackett_luce":  # one ranking per prompt
+        need("dpo.batch_size", d.batch_size, d.batch_size <= pref.n_prompts,
+             f"<= the most rankings the preference stage can give (preferences.n_prompts {pref.n_prompts}) "
+             "with dpo.loss_type 'plackett_luce'")
+    else:
+        need("dpo.batch_size", d.batch_size, d.batch_size <= max(max_pairs, 1),
+             f"<= the most pairs the preference stage can give ({max_pairs} = preferences.n_prompts "
+             f"{pref.n_prompts} x {per_prompt} pairs per prompt)")
 
     sweep("baselines.unlikelihood_alphas", strict=False)
     sweep("baselines.preferred_ft_seeds", strict=False)

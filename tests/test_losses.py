@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from dpo_lab.losses import (
     bradley_terry_loss,
     dpo_loss_gradient_weight,
+    mean_token_nll,
+    plackett_luce_loss,
     preference_loss,
     preference_metrics,
     preferred_ft_loss,
@@ -239,3 +241,141 @@ def test_bad_token_inputs_raise_clear_errors() -> None:
         unlikelihood_loss(lw, mw, lw, empty, alpha=0.1)
     with pytest.raises(ValueError, match="rows"):
         unlikelihood_loss(lw, mw, lw[:2], mw[:2], alpha=0.1)
+
+
+# --- Plackett-Luce DPO (App. A.3, Eq. 18) ----------------------------------------------------------------
+
+def _rankings(seed: int, b: int = 6, k: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (-(torch.rand(b, k, generator=g, dtype=torch.float64) * 40),
+            -(torch.rand(b, k, generator=g, dtype=torch.float64) * 40))
+
+
+def _plackett_luce_direct(policy: list[float], ref: list[float], beta: float) -> float:
+    # Eq. 18 by hand: -log prod_k exp(beta h_k) / sum_{j >= k} exp(beta h_j), with a max-shift per factor.
+    z = [beta * (p - r) for p, r in zip(policy, ref, strict=True)]
+    total = 0.0
+    for k in range(len(z)):
+        top = max(z[k:])
+        total -= z[k] - (top + math.log(sum(math.exp(v - top) for v in z[k:])))
+    return total
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 6])
+@pytest.mark.parametrize("beta", [0.05, 0.5, 5.0])
+def test_plackett_luce_matches_direct_formula(k: int, beta: float) -> None:
+    policy, ref = _rankings(seed=k, k=k)
+    losses, rewards = plackett_luce_loss(policy, ref, beta=beta)
+    expected = [_plackett_luce_direct(p.tolist(), r.tolist(), beta) for p, r in zip(policy, ref, strict=True)]
+    np.testing.assert_allclose(losses.numpy(), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(rewards.numpy(), beta * (policy - ref).numpy(), rtol=1e-12)
+    assert not rewards.requires_grad
+
+
+@pytest.mark.parametrize("beta", [0.05, 0.5, 5.0])
+def test_plackett_luce_with_two_completions_is_dpo(beta: float) -> None:
+    pw, pl, rw, rl = _random_logps(seed=11)
+    losses, rewards = plackett_luce_loss(torch.stack([pw, pl], 1), torch.stack([rw, rl], 1), beta=beta)
+    dpo, chosen, rejected = preference_loss(pw, pl, rw, rl, beta=beta)
+    torch.testing.assert_close(losses, dpo, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rewards, torch.stack([chosen, rejected], 1), rtol=0, atol=0)
+
+
+def test_plackett_luce_gradcheck_and_closed_form_gradient() -> None:
+    policy, ref = _rankings(seed=5, b=3, k=4)
+    policy.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p: plackett_luce_loss(p, ref, beta=0.7)[0], (policy,))
+    # dL/dz_k = -1 + sum_{i <= k} softmax(z_{i:})_k: each factor pulls its own completion up and every
+    # completion still in its denominator down by its Plackett-Luce probability.
+    beta = 0.7
+    plackett_luce_loss(policy, ref, beta=beta)[0].sum().backward()
+    z = beta * (policy - ref).detach()
+    expected = torch.full_like(z, -1.0)
+    for i in range(z.shape[1]):
+        expected[:, i:] += torch.softmax(z[:, i:], dim=-1)
+    torch.testing.assert_close(policy.grad, beta * expected, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shift=st.floats(min_value=-50.0, max_value=50.0), beta=betas, seed=st.integers(0, 1000))
+def test_plackett_luce_invariant_to_a_per_row_shift(shift: float, beta: float, seed: int) -> None:
+    """Lemma 1 for rankings: a constant added to every h_k of a ranking (an f(x) in the reward) is a no-op."""
+    policy, ref = _rankings(seed, b=3, k=4)
+    shifts = torch.tensor([shift, -shift, 2 * shift], dtype=torch.float64).unsqueeze(1)
+    base, _ = plackett_luce_loss(policy, ref, beta=beta)
+    moved, _ = plackett_luce_loss(policy + shifts, ref, beta=beta)
+    torch.testing.assert_close(moved, base, rtol=1e-7, atol=1e-7)
+
+
+def test_plackett_luce_at_initialisation_is_log_k_factorial() -> None:
+    policy, _ = _rankings(seed=6, k=4)
+    losses, _ = plackett_luce_loss(policy, policy.clone(), beta=0.1)
+    torch.testing.assert_close(losses, torch.full_like(losses, math.log(24)))  # uniform over 4! orders
+
+
+def test_plackett_luce_bad_inputs_are_named() -> None:
+    policy, ref = _rankings(seed=7)
+    with pytest.raises(ValueError, match=r"K >= 2"):
+        plackett_luce_loss(policy[:, :1], ref[:, :1], beta=0.1)
+    with pytest.raises(ValueError, match=r"shape \(B, K\)"):
+        plackett_luce_loss(policy[0], ref[0], beta=0.1)
+    with pytest.raises(ValueError, match="same shape"):
+        plackett_luce_loss(policy, ref[:, :3], beta=0.1)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        plackett_luce_loss(policy, ref, beta=0.0)
+
+
+# --- NLL-regularised DPO (RPO) ----------------------------------------------------------------------------
+
+def test_mean_token_nll_matches_direct_formula() -> None:
+    logps, mask = _token_batch(5)
+    nll = mean_token_nll(logps, mask)
+    for i in range(3):
+        tokens = [float(logps[i, t]) for t in range(7) if mask[i, t]]
+        assert float(nll[i]) == pytest.approx(-sum(tokens) / len(tokens), rel=1e-12)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_rpo_adds_alpha_times_the_per_token_nll(loss_type: str) -> None:
+    pw, pl, rw, rl = _random_logps(seed=12, b=3)
+    logps, mask = _token_batch(6)
+    nll = mean_token_nll(logps, mask)
+    alpha, beta = 0.8, 0.3
+    losses, chosen, _ = preference_loss(pw, pl, rw, rl, beta=beta, loss_type=loss_type, rpo_alpha=alpha,
+                                        chosen_nll=nll)
+    for i in range(3):  # Pang et al. 2024: L_DPO + alpha * (-log pi(y_w|x) / |y_w|)
+        expected = _direct(*(float(t[i]) for t in (pw, pl, rw, rl)), beta, loss_type, 0.0, False)
+        expected += alpha * -float(logps[i][mask[i].bool()].mean())
+        assert float(losses[i]) == pytest.approx(expected, rel=1e-10)
+    base, base_chosen, _ = preference_loss(pw, pl, rw, rl, beta=beta, loss_type=loss_type)
+    zero, _, _ = preference_loss(pw, pl, rw, rl, beta=beta, loss_type=loss_type, rpo_alpha=0.0,
+                                 chosen_nll=nll)
+    assert torch.equal(zero, base) and torch.equal(chosen, base_chosen)  # alpha = 0 is DPO bit for bit
+
+
+def test_rpo_gradient_on_the_chosen_tokens() -> None:
+    """Each chosen token: DPO's -beta sigma(r_l - r_w) (through the sum, Sec. 4) plus RPO's -alpha/|y_w|."""
+    logps, mask = _token_batch(7)
+    logps.requires_grad_(True)
+    _, pl, rw, rl = _random_logps(seed=13, b=3)
+    alpha, beta = 0.5, 0.2
+    pw = torch.where(mask.bool(), logps, 0.0).sum(-1)
+    losses, chosen, rejected = preference_loss(pw, pl, rw, rl, beta=beta, rpo_alpha=alpha,
+                                               chosen_nll=mean_token_nll(logps, mask))
+    losses.sum().backward()
+    per_row = -beta * dpo_loss_gradient_weight(chosen, rejected) - alpha / mask.sum(-1).double()
+    torch.testing.assert_close(logps.grad, per_row.unsqueeze(1) * mask, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda t: preference_loss(torch.where(mask.bool(), t, 0.0).sum(-1), pl, rw, rl, beta=beta,
+                                  rpo_alpha=alpha, chosen_nll=mean_token_nll(t, mask))[0],
+        (logps.detach().clone().requires_grad_(True),))
+
+
+def test_rpo_bad_inputs_are_named() -> None:
+    pw, pl, rw, rl = _ok()
+    with pytest.raises(ValueError, match="needs chosen_nll"):
+        preference_loss(pw, pl, rw, rl, beta=0.1, rpo_alpha=1.0)
+    with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
+        preference_loss(pw, pl, rw, rl, beta=0.1, rpo_alpha=-1.0, chosen_nll=torch.ones(4, dtype=pw.dtype))
+    with pytest.raises(ValueError, match="same shape"):
+        preference_loss(pw, pl, rw, rl, beta=0.1, rpo_alpha=1.0, chosen_nll=torch.ones(3, dtype=pw.dtype))
