@@ -1,0 +1,182 @@
+"""Sampled estimators of the sequence KL(π ‖ π_ref) beside the exact one, and a sampler that breaks them.
+
+For a completion y ~ π(·|x) and, at each of its tokens,
+``log r_t = log π_ref(y_t|x, y_<t) − log π(y_t|x, y_<t)`` (Schulman 2020, "Approximating KL divergence",
+http://joschu.net/blog/kl-approx.html), summed over the completion's tokens:
+
+* ``k1 = Σ_t −log r_t = log π(y|x) − log π_ref(y|x)``: unbiased; one sample can be negative.
+* ``k2 = Σ_t ½ (log r_t)²``: non-negative, biased (it matches KL only to second order in log r).
+* ``k3 = Σ_t (r_t − 1) − log r_t``: unbiased (``E[r_t − 1] = 0`` at each step) and non-negative per token
+  (``e^u − 1 ≥ u``).
+* ``exact = Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t))``: paper footnote 3 (docs/design.md), each step's KL
+  summed over the whole vocabulary; unbiased, with the least variance (it replaces each step's sampled
+  token by its expectation given the prefix: Rao–Blackwellisation).
+
+All four are unbiased (k2 aside) for the KL between the distributions the sampler draws from *only when
+the samples are drawn from π itself*. :func:`sample_with_settings` draws with top-k, top-p or a minimum
+length, and ``drop_eos`` strips a sampled EOS, as pipelines that decode and re-tokenise text do: the
+estimators above then measure something other than KL(π ‖ π_ref) (notebook 10).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from dpo_lab.batching import pad_rows
+from dpo_lab.logprobs import forward_logits, sequence_kl, token_logprobs
+from dpo_lab.sampling import (
+    Samples,
+    _check_args,
+    _cut_at_eos,
+    encode_prompts,
+    eval_mode,
+    model_device,
+    sampling_config,
+)
+
+__all__ = ["ESTIMATORS", "KLEstimates", "token_estimators", "kl_estimates", "drop_eos",
+           "sample_with_settings"]
+
+ESTIMATORS = ("k1", "k2", "k3", "exact")
+
+
+@dataclass(frozen=True)
+class KLEstimates:
+    """Per completion, each ``(N,)`` float64: the three sampled estimators, the exact sum, the length."""
+
+    k1: np.ndarray
+    k2: np.ndarray
+    k3: np.ndarray
+    exact: np.ndarray
+    n_tokens: np.ndarray
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in (*ESTIMATORS, "n_tokens")}
+
+
+def token_estimators(policy_logps: Tensor, ref_logps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token ``(k1, k2, k3)`` from ``log π`` and ``log π_ref`` of the sampled tokens, same shape, float64.
+
+    float64 because k3 is a difference of two nearly equal terms where π ≈ π_ref; ``expm1`` keeps
+    ``e^u − 1 − u ≥ 0`` exact in rounding as well as in exact arithmetic.
+    """
+    if policy_logps.shape != ref_logps.shape:
+        raise ValueError(f"policy_logps {tuple(policy_logps.shape)} and ref_logps "
+                         f"{tuple(ref_logps.shape)} must have the same shape")
+    log_r = ref_logps.double() - policy_logps.double()  # log π_ref/π at the sampled token
+    return -log_r, 0.5 * log_r.square(), torch.expm1(log_r) - log_r
+
+
+@torch.no_grad()
+def kl_estimates(
+    policy: nn.Module,
+    reference: nn.Module,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_token_id: int = 0,
+) -> KLEstimates:
+    """k1, k2, k3 and the exact per-step KL sum of each completion, one forward per model per batch.
+
+    ``completion_ids`` are exact token ids (EOS included where sampled, as ``sampling.sample`` returns
+    them). An empty completion (a lone EOS that was dropped) scores 0 on every estimator: no steps, no
+    terms. The exact column equals ``evaluate.completion_kls``' and k1 its log-ratio (tested).
+    """
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    columns: dict[str, list[Tensor]] = {name: [] for name in (*ESTIMATORS, "n_tokens")}
+    with eval_mode(policy), eval_mode(reference):
+        for start in range(0, len(prompt_ids), batch_size):
+            rows = []
+            for i, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size],
+                                           completion_ids[start:start + batch_size], strict=True)):
+                if not p:
+                    raise ValueError(f"row {start + i}: the prompt needs at least one token")
+                rows.append({"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)})
+            batch = pad_rows(rows, pad_token_id)
+            dev = model_device(policy)  # both models' logits meet on the policy's device
+            pol, ref = (forward_logits(model, batch["input_ids"].to(model_device(model)),
+                                       batch["attention_mask"].to(model_device(model))).to(dev)
+                        for model in (policy, reference))
+            ids, comp = batch["input_ids"].to(dev), batch["completion_mask"].to(dev)
+            mask = comp[:, 1:].bool()  # logits at t predict token t + 1
+            per_token = token_estimators(token_logprobs(pol, ids), token_logprobs(ref, ids))
+            for name, values in zip(("k1", "k2", "k3"), per_token, strict=True):
+                # where, not multiply: a padded position's value must not reach the sum even if not finite
+                columns[name].append(torch.where(mask, values, 0.0).sum(-1).cpu())
+            columns["exact"].append(sequence_kl(pol, ref, comp).double().cpu())
+            columns["n_tokens"].append(mask.sum(-1).cpu())
+    return KLEstimates(**{name: torch.cat(parts).numpy() for name, parts in columns.items()})
+
+
+def drop_eos(completion_ids: Sequence[Sequence[int]], eos_token_id: int) -> list[list[int]]:
+    """Each completion without a final EOS: what decoding with ``skip_special_tokens`` and re-tokenising
+    the text gives back. The step that chose to stop, and its term of every estimator, is gone."""
+    return [list(c[:-1]) if c and c[-1] == eos_token_id else list(c) for c in completion_ids]
+
+
+@torch.no_grad()
+def sample_with_settings(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    *,
+    n_per_prompt: int,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_new_tokens: int = 0,
+    strip_eos: bool = False,
+) -> Samples:
+    """``sampling.sample``'s completions drawn by HF ``generate`` with the given warpers (temperature 1).
+
+    With the defaults (no top-k, no top-p, no minimum length) the tokens are ``sample(...,
+    backend="generate")``'s for the same seed and batch size: only the settings differ (tested).
+    ``top_k=50`` or ``top_p=0.9`` sample a truncated, renormalised π; ``min_new_tokens`` masks EOS for that
+    many steps (HF's logits processor); ``strip_eos`` applies :func:`drop_eos` to the sampled ids.
+    """
+    _check_args(n_per_prompt, max_new_tokens, batch_size, seed)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p!r}")
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int) \
+            or not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new_tokens}], "
+                         f"got {min_new_tokens!r}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad_token_id; set one (e.g. pad = eos) before sampling")
+    config = sampling_config(tokenizer, max_new_tokens)
+    config.top_k, config.top_p, config.min_new_tokens = top_k, top_p, min_new_tokens
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    # The job order, batching, seeding and RNG fork of sampling.sample, so the defaults reproduce it.
+    jobs = [i for i in range(len(prompt_ids)) for _ in range(n_per_prompt)]
+    device = model_device(model)
+    flat: list[list[int]] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
+        torch.manual_seed(seed)
+        for start in range(0, len(jobs), batch_size):
+            rows = [prompt_ids[i] for i in jobs[start:start + batch_size]]
+            padded = pad_rows([{"input_ids": r, "completion_mask": [0] * len(r)} for r in rows],
+                              tokenizer.pad_token_id, side="left")
+            input_ids = padded["input_ids"].to(device)
+            out = model.generate(input_ids=input_ids, attention_mask=padded["attention_mask"].to(device),
+                                 generation_config=config)
+            new = out[:, input_ids.shape[1]:].tolist()
+            flat.extend(_cut_at_eos(row, tokenizer.eos_token_id) for row in new)
+    if strip_eos:
+        flat = drop_eos(flat, tokenizer.eos_token_id)
+    completion_ids = [flat[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompt_ids))]
+    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in per] for per in completion_ids]
+    return Samples(prompts=list(prompts), prompt_ids=prompt_ids, completion_ids=completion_ids, texts=texts)
