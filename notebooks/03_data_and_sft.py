@@ -29,10 +29,15 @@
 # Every stage lives in `dpo_lab.pipeline` and is cached under `artifacts/`: the first run trains, later runs
 # load in seconds.
 #
-# **The numbers shown are from the tiny `smoke` preset** (a 2-layer GPT-2 trained for 40 steps: it writes
-# word salad). For the laptop reproduction run
-# `papermill notebooks/03_data_and_sft.ipynb out.ipynb -p preset cpu` (or set `DPO_LAB_PRESET=cpu`);
-# `-p preset paper` follows the paper (gpt2-large, hub access, a GPU).
+# **What you see, and what it costs.** The outputs below are the `cpu` preset's (the default), executed on
+# its cached stages. *Run all* on a 2-core laptop (measured on this project's 2-core machines, often while
+# other runs shared them, so an idle laptop may be faster):
+#
+# | preset | first time (empty caches) | stages cached |
+# |---|---|---|
+# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | 51 s | |
+# | `cpu` (default) | 5–9 min (the SFT stage: 295 s on an idle Intel Xeon, 529 s on a shared AMD EPYC) | 55 s |
+# | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
 #
 # Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
 

@@ -29,9 +29,15 @@
 # Then the preference data, exactly as App. C.1: for each train prompt $x$, 4 completions sampled from
 # $\pi^{\rm SFT}$ (notebook 03), all $\binom42=6$ pairs, $y_w$ the completion with the higher $r^*$.
 #
-# **The numbers shown are from the tiny `smoke` preset.** For the laptop reproduction run
-# `papermill notebooks/04_reward_and_preferences.ipynb out.ipynb -p preset cpu` (or set
-# `DPO_LAB_PRESET=cpu`); notebook 03 must have run at the same preset, or this one trains the SFT policy first.
+# **What you see, and what it costs.** The outputs below are the `cpu` preset's (the default), executed on
+# its cached stages. *Run all* on a 2-core laptop (measured on this project's 2-core machines, often while
+# other runs shared them, so an idle laptop may be faster):
+#
+# | preset | first time (empty caches) | stages cached |
+# |---|---|---|
+# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | 33 s after 03 | |
+# | `cpu` (default) | about 1 min after notebook 03 (r\* 14–25 s, the pairs 14–23 s); add 03's SFT if it has not run | 17 s |
+# | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
 #
 # Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
 

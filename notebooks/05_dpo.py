@@ -28,10 +28,15 @@
 # sequence-level KL to $\pi_{\rm ref}$ (footnote 3: the sum over steps of the exact per-token KL over the
 # vocabulary). Each evaluation is one point of the paper's Fig. 2 (left).
 #
-# **The numbers shown are from the tiny `smoke` preset** (12 DPO steps on a toy policy: the curves are
-# noisy and short). For the laptop reproduction run
-# `papermill notebooks/05_dpo.ipynb out.ipynb -p preset cpu` (or set `DPO_LAB_PRESET=cpu`); it reuses the
-# SFT policy and pairs of notebooks 03–04 if they ran at the same preset.
+# **What you see, and what it costs.** The outputs below are the `cpu` preset's (the default), executed on
+# its cached stages. *Run all* on a 2-core laptop (measured on this project's 2-core machines, often while
+# other runs shared them, so an idle laptop may be faster):
+#
+# | preset | first time (empty caches) | stages cached |
+# |---|---|---|
+# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | about 1 min | |
+# | `cpu` (default) | about 30 min: five DPO runs of 200–220 s each (one thread) and the likelihood trace's run (588 s on one thread, machine shared) | 4 min (235 s; loading six policies for the held-out pairs dominates) |
+# | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
 #
 # Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
 #

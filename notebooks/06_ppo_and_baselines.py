@@ -33,11 +33,15 @@
 # pieces on tiny worked examples, then reads the training curves of every run and samples each method at
 # roughly the same KL. Notebook 07 puts all of them on the reward–KL frontier.
 #
-# **The outputs shown are from the tiny `smoke` preset** (a few PPO steps on a toy policy: curves are short
-# and noisy, the samples are barely English). For the laptop reproduction run
-# `papermill notebooks/06_ppo_and_baselines.ipynb out.ipynb -p preset cpu` (or set `DPO_LAB_PRESET=cpu`);
-# every stage and run is cached under `artifacts/`, so what notebooks 03–05 or `python -m dpo_lab reproduce`
-# already trained at the same preset loads at once.
+# **What you see, and what it costs.** The outputs below are the `cpu` preset's (the default), executed on
+# its cached stages. *Run all* on a 2-core laptop (measured on this project's 2-core machines, often while
+# other runs shared them, so an idle laptop may be faster):
+#
+# | preset | first time (empty caches) | stages cached |
+# |---|---|---|
+# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | about 1 min | |
+# | `cpu` (default) | about 65 min in one process: 8 PPO runs of 250–280 s each, r_φ's training, 6 baseline runs of ~100 s (3,976 s of runs, one thread each) | 102 s |
+# | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
 #
 # Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
 #
