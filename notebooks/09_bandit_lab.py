@@ -32,7 +32,7 @@
 # * **two-stage RLHF**: a reward model fitted by Eq. 2, then the exact maximiser of Eq. 3 under it (Eq. 4).
 #
 # Each is plotted against the exact KL-optimal policy $\pi^*$ of $r^*$ (Eq. 4) and the exact reward–KL
-# frontier (Eq. 3, as in notebook 02). The lab shows, exactly, the failure Azar et al. (§4.2) point out:
+# frontier (Eq. 3, as in notebook 02). The lab shows, exactly, the failure Azar et al. (2023) point out:
 # with deterministic preferences DPO's loss has no minimiser, its margins go to infinity whatever β is, and
 # the rejected responses' probability is handed to others — including responses the data never showed —
 # while IPO's and cDPO's bounded targets keep every margin finite and set by β.
@@ -94,7 +94,7 @@ print("r*:    ", show(toy.reward[0]))
 # | cDPO | $-(1-\varepsilon)\log\sigma(\beta h)-\varepsilon\log\sigma(-\beta h)$ | $\operatorname{logit}((1-\varepsilon)\hat p+\varepsilon(1-\hat p))/\beta$ | $\log\frac{1-\varepsilon}{\varepsilon}/\beta$ |
 # | IPO, Azar Eq. 17 | $\big(h-\frac{1}{2\beta}\big)^2$ | $(2\hat p-1)/(2\beta)$ | $1/(2\beta)$ |
 #
-# **Azar et al.'s argument (§4.2).** The Bradley–Terry model (Eq. 1) can explain $p(y_0\succ y_1)=1$ only
+# **Azar et al.'s argument.** The Bradley–Terry model (Eq. 1) can explain $p(y_0\succ y_1)=1$ only
 # with an infinite reward gap, and Eq. 4 turns an infinite gap into $\pi(y_1)=0$ *whatever* β is: the KL
 # regulariser stops regularising. DPO inherits this: $-\log\sigma(\beta h)$ has infimum 0 and no minimiser, so
 # $h\to\infty$. No deterministic annotator is needed for this: with finite data a pair seen once, or always
@@ -326,7 +326,7 @@ plt.show()
 # **Take-aways.**
 # * With deterministic preferences, which finite data produce even when the annotator is not deterministic,
 #   DPO's loss (Eq. 7) has no minimiser: every response that loses at least once is driven to probability 0,
-#   for every β (Azar et al. §4.2). β, the only knob meant to keep π near $\pi_{\rm ref}$, has no effect.
+#   for every β (Azar et al. 2023). β, the only knob meant to keep π near $\pi_{\rm ref}$, has no effect.
 # * The loss is blind to where that mass goes. Anchored to $\pi_{\rm ref}$ it goes to every never-rejected
 #   response in proportion to $\pi_{\rm ref}$, never-shown ones included, however bad they are: here the worst
 #   response ends far above $\pi^*$. Gradient descent on a table happens to send it to the top response
