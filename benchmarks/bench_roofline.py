@@ -80,13 +80,12 @@ def matmul_rates(tokens: int, d: int, vocab: int, repeats: int) -> list[dict[str
 
 # ------------------------------------------------------------------------------------------- the step
 def load_step_setup(n_steps: int) -> dict[str, Any]:
-    """Everything ``dpo_trainer._train_step`` needs, for the cpu preset's model and first pairs."""
-    from dpo_lab.runs import pair_columns, warmup_lambda
-
+    """What one step of the DPO loop needs, for the cpu preset's model and first pairs."""
     from dpo_lab import pipeline
-    from dpo_lab.batching import PreferenceCollator
-    from dpo_lab.dpo_trainer import make_optimizer, reference_logprobs
+    from dpo_lab.batching import PreferenceCollator, pair_columns
+    from dpo_lab.dpo_trainer import make_accelerator, make_optimizer, reference_logprobs
     from dpo_lab.presets import get_preset
+    from dpo_lab.run import warmup_lambda
 
     preset = get_preset("cpu")
     reference, tokenizer, _ = pipeline.sft_policy(preset, progress=False)
@@ -102,21 +101,35 @@ def load_step_setup(n_steps: int) -> dict[str, Any]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
     return {"policy": policy, "collator": PreferenceCollator(tokenizer, max_length), "cols": cols,
             "ref_chosen": ref_c, "ref_rejected": ref_r, "optimizer": optimizer, "scheduler": scheduler,
-            "config": config, "model_config": reference.config}
+            "config": config, "model_config": reference.config, "accelerator": make_accelerator("cpu")}
 
 
 def run_step(setup: dict[str, Any], step: int) -> dict[str, Any]:
-    from dpo_lab.dpo_trainer import _train_step
+    """One DPO step as ``train_dpo`` takes it: the loop's own per-micro-batch losses (one stacked forward),
+    backward, gradient clipping, RMSprop, the warmup schedule."""
+    from dpo_lab.batching import PAIR_COLUMNS
+    from dpo_lab.dpo_trainer import _micro_batch_losses
+    from dpo_lab.run import batch_indices
 
-    return _train_step(setup["policy"], setup["collator"], setup["cols"], setup["ref_chosen"],
-                       setup["ref_rejected"], setup["optimizer"], setup["scheduler"], beta=0.1,
-                       config=setup["config"], step=step, seed=0, device=torch.device("cpu"),
-                       last_checkpoint=None)
+    cols, policy, optimizer = setup["cols"], setup["policy"], setup["optimizer"]
+    idx = batch_indices(len(cols["prompt"]), BATCH, step, 0)
+    batch = setup["collator"]([{c: cols[c][i] for c in PAIR_COLUMNS} for i in idx])
+    ref = torch.stack([setup["ref_chosen"][idx], setup["ref_rejected"][idx]], dim=1)
+    out = _micro_batch_losses(policy, batch, ref, setup["accelerator"], objective="dpo", beta=0.1, alpha=None,
+                              config=setup["config"], where=f"at step {step}")
+    loss = out["losses"].mean()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), setup["config"].max_grad_norm)
+    optimizer.step()
+    setup["scheduler"].step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": loss.item()}
 
 
 def padded_length(setup: dict[str, Any], step: int) -> int:
     """T of step ``step``'s stacked chosen+rejected batch (what the forward pass computes over)."""
-    from dpo_lab.batching import PAIR_COLUMNS, batch_indices
+    from dpo_lab.batching import PAIR_COLUMNS
+    from dpo_lab.run import batch_indices
 
     cols = setup["cols"]
     idx = batch_indices(len(cols["prompt"]), BATCH, step, 0)
