@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import datasets
@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 __all__ = ["PAIR_COLUMNS", "Pairs", "pair_columns", "pair_examples", "pairs_fingerprint",
-           "tokenize_completion", "pad_rows", "PreferenceCollator", "stack_pairs",
+           "tokenize_completion", "pad_rows", "completion_batches", "PreferenceCollator", "stack_pairs",
            "RANKING_COLUMNS", "Rankings", "rankings_from_candidates", "ranking_columns",
            "rankings_fingerprint", "RankingCollator"]
 
@@ -204,6 +204,19 @@ def pad_rows(rows: Sequence[Mapping[str, list[int]]], pad_token_id: int,
         out["completion_mask"][i, span] = torch.tensor(row["completion_mask"], dtype=torch.long)
         out["attention_mask"][i, span] = 1
     return out
+
+
+def completion_batches(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], *,
+                       batch_size: int, pad_token_id: int) -> Iterator[dict[str, Tensor]]:
+    """Exact token ids ``prompt + completion`` (never re-tokenised text), ``batch_size`` rows at a time,
+    padded by :func:`pad_rows` with ``completion_mask`` = 1 on the completion's tokens."""
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    for start in range(0, len(prompt_ids), batch_size):
+        end = start + batch_size
+        rows = [{"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)}
+                for p, c in zip(prompt_ids[start:end], completion_ids[start:end], strict=True)]
+        yield pad_rows(rows, pad_token_id)
 
 
 class PreferenceCollator:

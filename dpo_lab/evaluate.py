@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import pad_rows
+from dpo_lab.batching import completion_batches
 from dpo_lab.logprobs import forward_logits, sequence_kl, sequence_logprobs
 from dpo_lab.preferences import score_samples
 from dpo_lab.presets import EvalConfig
@@ -45,18 +45,13 @@ def completion_kls(
     ``completion_ids`` are the exact sampled tokens (EOS included when sampled), never re-tokenised text,
     so the KL is over precisely the steps the policy took.
     """
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
+    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=False)):
+        if not p or not c:
+            raise ValueError(f"row {i}: prompt and completion each need at least one token")
     kls, ratios = [], []
     with eval_mode(policy), eval_mode(reference):
-        for start in range(0, len(prompt_ids), batch_size):
-            rows = []
-            for i, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size],
-                                           completion_ids[start:start + batch_size], strict=True)):
-                if not p or not c:
-                    raise ValueError(f"row {start + i}: prompt and completion each need at least one token")
-                rows.append({"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)})
-            batch = pad_rows(rows, pad_token_id)
+        for batch in completion_batches(prompt_ids, completion_ids, batch_size=batch_size,
+                                        pad_token_id=pad_token_id):
             # Both models' logits meet on the policy's device (full-vocabulary tensors are large).
             dev = model_device(policy)
             pol, ref = (forward_logits(model, batch["input_ids"].to(model_device(model)),

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import pad_rows
+from dpo_lab.batching import completion_batches
 from dpo_lab.logprobs import forward_logits, sequence_logprobs
 from dpo_lab.preferences import score_samples
 from dpo_lab.rewards import RewardModel
@@ -55,13 +55,13 @@ def draw_heldout(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
 @torch.no_grad()
 def completion_logps(model: nn.Module, heldout: HeldOut, *, batch_size: int, pad_token_id: int) -> np.ndarray:
     """log π(y|x) of every held-out sample under ``model``, summed over its sampled tokens: ``(P, K)``."""
-    rows = [{"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)}
-            for p, per in zip(heldout.prompt_ids, heldout.completion_ids, strict=True) for c in per]
+    prompts = [p for p, per in zip(heldout.prompt_ids, heldout.completion_ids, strict=True) for _ in per]
+    completions = [c for per in heldout.completion_ids for c in per]
     out = []
     with eval_mode(model):
         dev = model_device(model)
-        for start in range(0, len(rows), batch_size):
-            batch = pad_rows(rows[start:start + batch_size], pad_token_id)
+        for batch in completion_batches(prompts, completions, batch_size=batch_size,
+                                        pad_token_id=pad_token_id):
             logits = forward_logits(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
             out.append(sequence_logprobs(logits, batch["input_ids"].to(dev),
                                          batch["completion_mask"].to(dev)).double().cpu())

@@ -20,6 +20,7 @@ estimators above then measure something other than KL(π ‖ π_ref) (notebook 1
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,17 +29,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import pad_rows
+from dpo_lab.batching import completion_batches
 from dpo_lab.logprobs import forward_logits, sequence_kl, token_logprobs
-from dpo_lab.sampling import (
-    Samples,
-    _check_args,
-    _cut_at_eos,
-    encode_prompts,
-    eval_mode,
-    model_device,
-    sampling_config,
-)
+from dpo_lab.sampling import Samples, _check_args, eval_mode, model_device, sample, sampling_config
 
 __all__ = ["ESTIMATORS", "KLEstimates", "token_estimators", "kl_estimates", "drop_eos",
            "sample_with_settings"]
@@ -93,16 +86,13 @@ def kl_estimates(
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    for i, p in enumerate(prompt_ids):
+        if not p:
+            raise ValueError(f"row {i}: the prompt needs at least one token")
     columns: dict[str, list[Tensor]] = {name: [] for name in (*ESTIMATORS, "n_tokens")}
     with eval_mode(policy), eval_mode(reference):
-        for start in range(0, len(prompt_ids), batch_size):
-            rows = []
-            for i, (p, c) in enumerate(zip(prompt_ids[start:start + batch_size],
-                                           completion_ids[start:start + batch_size], strict=True)):
-                if not p:
-                    raise ValueError(f"row {start + i}: the prompt needs at least one token")
-                rows.append({"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)})
-            batch = pad_rows(rows, pad_token_id)
+        for batch in completion_batches(prompt_ids, completion_ids, batch_size=batch_size,
+                                        pad_token_id=pad_token_id):
             dev = model_device(policy)  # both models' logits meet on the policy's device
             pol, ref = (forward_logits(model, batch["input_ids"].to(model_device(model)),
                                        batch["attention_mask"].to(model_device(model))).to(dev)
@@ -155,28 +145,13 @@ def sample_with_settings(
             or not 0 <= min_new_tokens <= max_new_tokens:
         raise ValueError(f"min_new_tokens must be an integer in [0, max_new_tokens={max_new_tokens}], "
                          f"got {min_new_tokens!r}")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad_token_id; set one (e.g. pad = eos) before sampling")
     config = sampling_config(tokenizer, max_new_tokens)
     config.top_k, config.top_p, config.min_new_tokens = top_k, top_p, min_new_tokens
-    prompt_ids = encode_prompts(tokenizer, prompts)
-    # The job order, batching, seeding and RNG fork of sampling.sample, so the defaults reproduce it.
-    jobs = [i for i in range(len(prompt_ids)) for _ in range(n_per_prompt)]
-    device = model_device(model)
-    flat: list[list[int]] = []
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(model):
-        torch.manual_seed(seed)
-        for start in range(0, len(jobs), batch_size):
-            rows = [prompt_ids[i] for i in jobs[start:start + batch_size]]
-            padded = pad_rows([{"input_ids": r, "completion_mask": [0] * len(r)} for r in rows],
-                              tokenizer.pad_token_id, side="left")
-            input_ids = padded["input_ids"].to(device)
-            out = model.generate(input_ids=input_ids, attention_mask=padded["attention_mask"].to(device),
-                                 generation_config=config)
-            new = out[:, input_ids.shape[1]:].tolist()
-            flat.extend(_cut_at_eos(row, tokenizer.eos_token_id) for row in new)
-    if strip_eos:
-        flat = drop_eos(flat, tokenizer.eos_token_id)
-    completion_ids = [flat[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompt_ids))]
-    texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in per] for per in completion_ids]
-    return Samples(prompts=list(prompts), prompt_ids=prompt_ids, completion_ids=completion_ids, texts=texts)
+    drawn = sample(model, tokenizer, prompts, n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
+                   batch_size=batch_size, seed=seed, progress=False, backend="generate",
+                   generation_config=config)
+    if not strip_eos:
+        return drawn
+    # The texts stay: decoding skips special tokens, so a dropped EOS was never in them.
+    return dataclasses.replace(drawn, completion_ids=[drop_eos(per, tokenizer.eos_token_id)
+                                                      for per in drawn.completion_ids])

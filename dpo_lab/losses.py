@@ -49,15 +49,19 @@ def _check_scalar(name: str, value: object, *, positive: bool) -> float:
     return value
 
 
-def _check_logps(**tensors: Tensor) -> None:
-    """Same 1-D shape, floating dtype, finite values: the four sequence log-prob tensors."""
+def _check_logps(*, ranked: bool = False, **tensors: Tensor) -> None:
+    """Same shape, floating dtype, finite values: ``(B,)`` sequence log-probs, or ``(B, K)`` with K >= 2
+    ranked completions when ``ranked``."""
     shapes = {}
     for name, x in tensors.items():
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.ndim != 1 or x.numel() == 0:
+        if ranked and (x.ndim != 2 or x.shape[0] == 0 or x.shape[1] < 2):
+            raise ValueError(f"{name} must have shape (B, K) with B >= 1 and K >= 2 ranked completions, "
+                             f"got {tuple(x.shape)}")
+        if not ranked and (x.ndim != 1 or x.numel() == 0):
             raise ValueError(f"{name} must have shape (B,) with B >= 1, got {tuple(x.shape)}")
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or inf")
@@ -157,24 +161,6 @@ def preference_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
-def _check_rankings(**tensors: Tensor) -> None:
-    """Same ``(B, K)`` shape with B >= 1 and K >= 2, floating dtype, finite values."""
-    shapes = {}
-    for name, x in tensors.items():
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] < 2:
-            raise ValueError(f"{name} must have shape (B, K) with B >= 1 and K >= 2 ranked completions, "
-                             f"got {tuple(x.shape)}")
-        if not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or inf")
-        shapes[name] = tuple(x.shape)
-    if len(set(shapes.values())) > 1:
-        raise ValueError(f"tensors must all have the same shape, got {shapes}")
-
-
 def plackett_luce_loss(policy_logps: Tensor, ref_logps: Tensor, *, beta: float) -> tuple[Tensor, Tensor]:
     """DPO on rankings: the Plackett-Luce negative log-likelihood of each ranking (paper App. A.3, Eq. 18).
 
@@ -188,7 +174,7 @@ def plackett_luce_loss(policy_logps: Tensor, ref_logps: Tensor, *, beta: float) 
     this is Eq. 7, ``−log σ(β (h_1 − h_2))``; adding the same constant to every ``h_k`` of a row leaves it
     unchanged (Lemma 1). Returns ``(losses (B,), rewards (B, K))``, the rewards ``β h`` detached.
     """
-    _check_rankings(policy_logps=policy_logps, ref_logps=ref_logps)
+    _check_logps(ranked=True, policy_logps=policy_logps, ref_logps=ref_logps)
     beta = _check_scalar("beta", beta, positive=True)
     z = beta * (policy_logps - ref_logps)
     # log Σ_{j≥k} exp(z_j) for every k at once: a cumulative logsumexp from the worst-ranked end.

@@ -315,13 +315,18 @@ def sample(
     seed: int,
     progress: bool = True,
     backend: Backend = "loop_icdf",
+    generation_config: GenerationConfig | None = None,
 ) -> Samples:
     """Draw ``n_per_prompt`` completions of every prompt, ``batch_size`` rows at a time.
 
     ``backend="loop"`` and ``"generate"`` give identical tokens, "loop" faster; "loop_icdf" (default) is
     faster still and samples the same distribution with other tokens (see the module docstring).
+    ``generation_config`` (``backend="generate"`` only) replaces :func:`sampling_config`: for showing what
+    top-k, top-p or a minimum length do to a measurement, never for the kit's own samples.
     """
     _check_args(n_per_prompt, max_new_tokens, batch_size, seed, backend)
+    if generation_config is not None and backend != "generate":
+        raise ValueError(f"generation_config needs backend='generate', not {backend!r}")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad_token_id; set one (e.g. pad = eos) before sampling")
     prompt_ids = encode_prompts(tokenizer, prompts)
@@ -332,7 +337,7 @@ def sample(
                          f"model's context of {n_positions} positions")
     # Row r of the flat job list is sample r % n of prompt r // n: a prompt's samples stay together.
     jobs = [i for i in range(len(prompt_ids)) for _ in range(n_per_prompt)]
-    config = sampling_config(tokenizer, max_new_tokens)
+    config = generation_config or sampling_config(tokenizer, max_new_tokens)
     device = model_device(model)
     flat: list[list[int]] = []
     fork_devices = [device] if device.type == "cuda" else []
