@@ -82,12 +82,14 @@ def evaluate_policy(
     batch_size: int,
     seed: int,
     progress: bool = False,
+    proxy: RewardModel | None = None,
 ) -> dict[str, float]:
     """Sample from ``policy``, score r*, and measure KL to ``reference``: one frontier point.
 
     Returns reward_mean/_se, kl_mean/_se (exact per-step sequence KL), logratio_kl_mean/_se (sampled
     estimator), completion_tokens_mean, n (samples) and n_prompts. The same seed at every checkpoint gives
-    common random numbers, so differences between checkpoints are less noisy.
+    common random numbers, so differences between checkpoints are less noisy. ``proxy`` (the learned r_phi
+    of an over-optimisation study) also scores the same samples: proxy_reward_mean/_se.
     """
     if len(prompts) == 0:
         raise ValueError("evaluate_policy needs at least one prompt")
@@ -102,12 +104,17 @@ def evaluate_policy(
     reward_mean, reward_se = _mean_se(rewards.reshape(-1), n_prompts)
     kl_mean, kl_se = _mean_se(kl, n_prompts)
     lr_mean, lr_se = _mean_se(logratio, n_prompts)
+    extra = {}
+    if proxy is not None:
+        scores = np.asarray(score_samples(proxy, samples.prompts, samples.texts), dtype=np.float64)
+        extra = dict(zip(("proxy_reward_mean", "proxy_reward_se"), _mean_se(scores.reshape(-1), n_prompts),
+                         strict=True))
     return {
         "reward_mean": reward_mean, "reward_se": reward_se,
         "kl_mean": kl_mean, "kl_se": kl_se,
         "logratio_kl_mean": lr_mean, "logratio_kl_se": lr_se,
         "completion_tokens_mean": float(np.mean([len(c) for c in flat_completions])),
-        "n": int(kl.size), "n_prompts": n_prompts,
+        "n": int(kl.size), "n_prompts": n_prompts, **extra,
     }
 
 
@@ -119,10 +126,12 @@ def make_eval_fn(
     config: EvalConfig,
     *,
     seed: int,
+    proxy: RewardModel | None = None,
 ) -> Callable[[nn.Module, int], dict[str, float]]:
     """``eval_fn(policy, step)`` for ``dpo_trainer.train_dpo``: one frontier point per call."""
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
         return evaluate_policy(policy, reference, tokenizer, prompts, reward_model,
                                samples_per_prompt=config.samples_per_prompt,
-                               max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=seed)
+                               max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=seed,
+                               proxy=proxy)
     return eval_fn

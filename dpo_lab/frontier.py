@@ -22,6 +22,8 @@ from dpo_lab.run import read_metrics
 
 EVAL_COLUMNS = ["reward_mean", "reward_se", "kl_mean", "kl_se"]
 # What a run had cost at each point, running totals written by the trainers (see README, "budgets").
+# The learned r_phi on the same samples, where a run was evaluated with it (notebook 12's proxy reward).
+PROXY_COLUMNS = ["proxy_reward_mean", "proxy_reward_se"]
 COST_COLUMNS = ["cost/policy_forward_tokens", "cost/policy_backward_tokens", "cost/samples",
                 "cost/reward_queries", "cost/optimizer_steps", "cost/wall_s"]
 # The PPO-family series that the paper's dominance claim is about. The paper's figure has three such
@@ -33,9 +35,11 @@ PAPER_DOMINANCE = "26/27, 28/29 and 34/35 over its three PPO-family series (coun
 
 def evaluation_points(metrics_path: str | Path, **labels: Any) -> pd.DataFrame:
     """The evaluation rows of one run's metrics.jsonl (one frontier point each), labelled by ``labels``,
-    with what the run had cost by then (``COST_COLUMNS``; 0 at the starting point)."""
+    with what the run had cost by then (``COST_COLUMNS``; 0 at the starting point) and, where the run was
+    evaluated with one, the proxy reward (``PROXY_COLUMNS``)."""
     rows = [r for r in read_metrics(metrics_path) if "reward_mean" in r]
-    frame = pd.DataFrame(rows, columns=["step", *EVAL_COLUMNS, "logratio_kl_mean", *COST_COLUMNS])
+    proxy = PROXY_COLUMNS if any(PROXY_COLUMNS[0] in r for r in rows) else []
+    frame = pd.DataFrame(rows, columns=["step", *EVAL_COLUMNS, "logratio_kl_mean", *proxy, *COST_COLUMNS])
     frame[COST_COLUMNS] = frame[COST_COLUMNS].fillna(0.0)
     for name, value in labels.items():
         frame.insert(0, name, value)

@@ -74,6 +74,10 @@ def preferences_key(preset: Preset) -> str:
     return content_hash("preferences", sft_key(preset), reward_key(preset), preset.preferences)
 
 
+def reward_model_key(preset: Preset) -> str:
+    return content_hash("reward-model", preferences_key(preset), preset.reward_model, preset.seed)
+
+
 def stage_dir(stage: str, key: str) -> Path:
     return artifacts_dir() / f"{stage}-{key}"
 
@@ -233,8 +237,7 @@ def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Learned
     """r_phi for PPO: the SFT transformer + a scalar head, fit to the pairs by the BT loss (Eq. 2)."""
     policy, tokenizer, _ = sft_policy(preset, progress=progress)
     pairs, _ = preference_data(preset, progress=progress)
-    key = content_hash("reward-model", preferences_key(preset), preset.reward_model, preset.seed)
-    folder = stage_dir("reward-model", key)
+    folder = stage_dir("reward-model", reward_model_key(preset))
     # r_phi is trained once for every PPO run (and every process sharing the artifacts folder): under this
     # lock one process trains and saves it, the others wait and load it.
     with FileLock(folder.parent / f".{folder.name}.lock"):
@@ -242,13 +245,16 @@ def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Learned
                                   out_dir=folder, progress=progress)
 
 
-def _eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
+def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
+             proxy: bool = False):
+    """``eval_fn(policy, step)`` of a run from pi_SFT; ``proxy`` also reads r_phi on the same samples."""
     reward, _ = reward_model(preset)
     evaluate = make_eval_fn(reference, tokenizer, prompts(preset, tokenizer, "test"), reward, preset.eval,
-                            seed=preset.seed)
+                            seed=preset.seed, proxy=learned_reward(preset, progress=False) if proxy else None)
     # Every run starts at pi_SFT and evaluation samples from its own seeded RNG, so step 0 gives the same
     # point in every run of a sweep: compute it once (19 evaluations -> 1 at the cpu preset).
-    key = content_hash(sft_key(preset), reward_key(preset), preset.eval, preset.seed)
+    key = content_hash(sft_key(preset), reward_key(preset), preset.eval, preset.seed,
+                       *(("proxy", reward_model_key(preset)) if proxy else ()))
     start_path = artifacts_dir() / "start-eval" / f"{key}.json"
 
     def eval_fn(policy: PreTrainedModel, step: int) -> dict[str, float]:
@@ -295,7 +301,7 @@ def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW
                      seed=int(value) if method == "Preferred-FT" else preset.seed,
                      out_dir=run_dir(preset, method, value), max_length=preset.policy.n_positions,
                      ref_cache_dir=artifacts_dir() / "reference-logps",
-                     eval_fn=_eval_fn(preset, reference, tokenizer), progress=progress,
+                     eval_fn=run_eval_fn(preset, reference, tokenizer), progress=progress,
                      accelerator=accelerator)
 
 
@@ -314,7 +320,7 @@ def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_
     config = dataclasses.replace(preset.ppo, target_kl=target_kl)
     return train_ppo(policy, reference, tokenizer, prompts(preset, tokenizer, "train"), score_fn,
                      config=config, out_dir=run_dir(preset, method, target_kl), seed=preset.seed,
-                     eval_fn=_eval_fn(preset, reference, tokenizer), progress=progress)
+                     eval_fn=run_eval_fn(preset, reference, tokenizer), progress=progress)
 
 
 def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS) -> RunResult:

@@ -163,3 +163,33 @@ def plot_seed_envelopes(points: pd.DataFrame, path: str | Path | None = None, *,
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     return _finish(fig, path)
+
+
+def plot_proxy_and_gold(points: pd.DataFrame, path: str | Path | None = None, *,
+                        reference: pd.DataFrame | None = None, title: str = "") -> plt.Figure:
+    """Over-optimisation (Gao et al. 2022): each run's gold r* (left) and proxy r_phi (right, columns
+    ``proxy_reward_mean``/``_se``) against KL to pi_ref, one line per ``run`` in step order, ± 1 SE bars.
+    ``reference`` (frontier points of runs trained on r*'s own labels) adds their upper envelope to the
+    gold panel."""
+    _check_points(points)
+    missing = [c for c in ("run", "proxy_reward_mean") if c not in points.columns]
+    if missing:
+        raise ValueError(f"proxy points are missing column(s) {missing}; have {list(points.columns)}")
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), sharex=True)
+    if reference is not None and len(reference):
+        xs, ys = upper_envelope(reference.kl_mean.to_numpy(), reference.reward_mean.to_numpy())
+        axes[0].step(xs, ys, where="post", color="grey", lw=2, alpha=0.4, label="DPO on r* labels (envelope)")
+    for name, run in points.sort_values("step").groupby("run", sort=False):
+        color = METHOD_COLORS.get(str(name))
+        for ax, column in zip(axes, ("reward", "proxy_reward"), strict=True):
+            line = ax.errorbar(run.kl_mean, run[f"{column}_mean"], yerr=run.get(f"{column}_se"), marker="o",
+                               markersize=3, lw=1.2, capsize=0, elinewidth=0.6, color=color, label=str(name))
+            color = line[0].get_color()
+    axes[0].set_ylabel(r"gold: mean $r^*$ on test prompts")
+    axes[1].set_ylabel(r"proxy: mean $r_\phi$ on the same samples")
+    for ax in axes:
+        ax.set_xlabel(r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title or "Optimising a proxy: what the proxy says and what the gold reward says")
+    return _finish(fig, path)

@@ -147,7 +147,7 @@ def _start_eval(monkeypatch: pytest.MonkeyPatch) -> tuple[object, list[int]]:
     monkeypatch.setattr(pipeline, "reward_model", lambda preset: (None, {}))
     monkeypatch.setattr(pipeline, "prompts", lambda *args: [])
     monkeypatch.setattr(pipeline, "make_eval_fn", make_eval_fn)
-    return pipeline._eval_fn(get_preset("smoke"), None, None), calls
+    return pipeline.run_eval_fn(get_preset("smoke"), None, None), calls
 
 
 def test_the_start_evaluation_is_stored_with_a_checksum(monkeypatch: pytest.MonkeyPatch, artifacts: Path):

@@ -10,6 +10,7 @@ from dpo_lab.frontier import dominance
 from dpo_lab.plots import (
     envelope_on_grid,
     plot_frontier,
+    plot_proxy_and_gold,
     plot_reward_vs_cost,
     plot_seed_envelopes,
     seed_envelopes,
@@ -156,3 +157,22 @@ def test_reward_vs_cost_draws_one_line_per_run_per_cost(tmp_path):
     assert [line.get_xdata().tolist() for line in right.lines] == [[0.0, 5.0], [0.0, 20.0]]
     with pytest.raises(ValueError, match="cost column"):
         plot_reward_vs_cost(points.drop(columns=["cost/wall_s"]))
+
+
+def test_proxy_and_gold_draws_each_run_on_both_panels(tmp_path):
+    points = _points([("DPO", 0, 0.0, 0.5), ("DPO", 10, 3.0, 0.7), ("DPO", 20, 6.0, 0.65),
+                      ("PPO", 0, 0.0, 0.5), ("PPO", 10, 9.0, 0.8)])
+    points["run"] = ["d", "d", "d", "p", "p"]
+    points["proxy_reward_mean"] = [0.0, 1.0, 2.0, 0.0, 3.0]
+    reference = _points([("DPO", 10, 2.0, 0.6), ("DPO", 10, 4.0, 0.75)])
+    fig = plot_proxy_and_gold(points.sample(frac=1, random_state=0), tmp_path / "proxy.png",
+                              reference=reference)
+    assert (tmp_path / "proxy.png").stat().st_size > 1000
+    gold, proxy = fig.axes
+    runs = [line for line in gold.lines if line.get_marker() == "o"]
+    assert sorted(line.get_xdata().tolist() for line in runs) == [[0.0, 3.0, 6.0], [0.0, 9.0]]  # step order
+    assert sorted(line.get_ydata().tolist() for line in proxy.lines if line.get_marker() == "o") == [
+        [0.0, 1.0, 2.0], [0.0, 3.0]]
+    assert any(line.get_ydata().tolist() == [0.6, 0.75] for line in gold.lines)  # the reference envelope
+    with pytest.raises(ValueError, match="proxy_reward_mean"):
+        plot_proxy_and_gold(points.drop(columns=["proxy_reward_mean"]))

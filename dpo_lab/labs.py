@@ -1,0 +1,181 @@
+"""The research labs' runs (notebooks 12 and 13): the pipeline's DPO and PPO with pairs from another labeller
+or another sampler, a start other than pi_SFT, or the learned r_phi read beside r* at every evaluation.
+
+Every run is evaluated as the frontier's are (mean r* and exact sequence KL to pi_SFT on the held-out test
+prompts, paper footnote 3) and cached like them, in ``artifacts/training/lab-...`` under a key that hashes
+its pairs, its start and every setting that changes its trajectory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dpo_lab import pipeline
+from dpo_lab.batching import pair_columns, pairs_fingerprint
+from dpo_lab.cache import cached_directory, content_hash, read_json_object
+from dpo_lab.dpo_trainer import DPOResult, train_dpo
+from dpo_lab.evaluate import make_eval_fn
+from dpo_lab.models import load_policy
+from dpo_lab.paths import artifacts_dir
+from dpo_lab.ppo import PPOResult, train_ppo
+from dpo_lab.preferences import (
+    Candidates,
+    build_preference_pairs,
+    generate_preference_data,
+    load_preferences,
+    save_preferences,
+    score_samples,
+)
+from dpo_lab.presets import Preset, dpo_key_settings
+from dpo_lab.run import RunResult
+
+SHOW_PROGRESS = pipeline.SHOW_PROGRESS
+
+
+# ------------------------------------------------------------------------------------------ pair sources
+def _pairs_stage(name: str, key: str, build, progress: bool) -> tuple[datasets.Dataset, dict]:
+    folder = cached_directory(pipeline.stage_dir(name, key), build) / "pairs"
+    advice = f"delete {folder.parent} to build these pairs again"
+    return load_preferences(folder, advice=advice), read_json_object(folder / "stats.json", advice=advice)
+
+
+def label_agreement(candidates: Candidates, scores: list[list[float]]) -> float:
+    """Share of the pairs ordered by ``scores`` (ties and empty completions skipped, as in the pairs) that
+    r* (``candidates["rewards"]``) orders the same way; r* ties count half."""
+    agree, total = 0.0, 0
+    for texts, gold, proxy in zip(candidates["completions"], candidates["rewards"], scores, strict=True):
+        for a in range(len(texts)):
+            for b in range(a + 1, len(texts)):
+                if not texts[a] or not texts[b] or proxy[a] == proxy[b] or texts[a] == texts[b]:
+                    continue
+                total += 1
+                agree += 0.5 if gold[a] == gold[b] else float((gold[a] > gold[b]) == (proxy[a] > proxy[b]))
+    if total == 0:
+        raise ValueError("no pair to compare: every pair is tied, empty or identical")
+    return agree / total
+
+
+def proxy_preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
+    """pi_SFT's samples of the preference stage, labelled by the learned r_phi instead of r*: the pairs an
+    RLHF pipeline gets when its labeller is a reward model (Gao et al. 2022's proxy). ``stats`` adds
+    ``agreement_with_r_star``, the share of these pairs that r* orders the same way."""
+
+    def build(folder: Path) -> None:
+        candidates = pipeline.preference_candidates(preset, progress=progress)
+        r_phi = pipeline.learned_reward(preset, progress=progress)
+        scores = score_samples(r_phi, candidates["prompts"], candidates["completions"])
+        pairs, stats = build_preference_pairs(candidates["prompts"], candidates["completions"], scores)
+        relabelled: Candidates = {**candidates, "rewards": scores}
+        save_preferences(pairs, folder / "pairs", stats=stats, candidates=relabelled)
+        summary = {**stats.to_dict(), "agreement_with_r_star": label_agreement(candidates, scores)}
+        (folder / "pairs" / "stats.json").write_text(json.dumps(summary))
+
+    key = content_hash("proxy-labels", pipeline.preferences_key(preset), pipeline.reward_model_key(preset))
+    return _pairs_stage("preferences-proxy", key, build, progress)
+
+
+def sampled_preference_data(preset: Preset, sampler: PreTrainedModel,
+                            sampler_tokenizer: PreTrainedTokenizerBase, *, sampler_key: str,
+                            progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
+    """The preference stage with another sampler: ``samples_per_prompt`` completions of the same train
+    prompts from ``sampler`` (identified by ``sampler_key`` in the cache), labelled by r*, all pairs kept."""
+
+    def build(folder: Path) -> None:
+        _, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
+        reward, _ = pipeline.reward_model(preset)
+        train_prompts = pipeline.prompts(preset, tokenizer, "train")
+        pairs, stats, candidates = generate_preference_data(sampler, sampler_tokenizer, train_prompts, reward,
+                                                            preset.preferences, seed=preset.seed,
+                                                            progress=progress)
+        save_preferences(pairs, folder / "pairs", stats=stats, candidates=candidates)
+
+    key = content_hash("sampled-by", sampler_key, pipeline.preferences_key(preset))
+    return _pairs_stage("preferences-sampled", key, build, progress)
+
+
+def sibling_preference_data(preset: Preset, sampler_seed: int, *,
+                            progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
+    """Pairs sampled from a sibling of pi_SFT: the same architecture and SFT recipe with another seed (its
+    own initialisation, tokenizer, data order and train/test split), labelled by r* (off-policy pairs)."""
+    if sampler_seed == preset.seed:
+        raise ValueError(f"sampler_seed {sampler_seed} is the preset's own seed: that sampler is pi_SFT "
+                         "itself")
+    sibling = dataclasses.replace(preset, seed=sampler_seed)
+    model, tokenizer, _ = pipeline.sft_policy(sibling, progress=progress)
+    return sampled_preference_data(preset, model, tokenizer, sampler_key=f"sft-{pipeline.sft_key(sibling)}",
+                                   progress=progress)
+
+
+def resampled_preference_data(preset: Preset, run: RunResult, *,
+                              progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
+    """Pairs sampled from a finished run's final policy and labelled by r*: iterative DPO's next round."""
+    model, tokenizer = load_policy(run.checkpoint_dir)
+    sampler_key = str(run.checkpoint_dir.resolve().relative_to(artifacts_dir().resolve()))
+    return sampled_preference_data(preset, model, tokenizer, sampler_key=sampler_key, progress=progress)
+
+
+def equal_count(pairs: datasets.Dataset, n: int, *, seed: int) -> datasets.Dataset:
+    """``n`` of ``pairs``, a seeded choice kept in the original order, so that pair sources compare at equal
+    pair counts; a ValueError if there are fewer than ``n``."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if len(pairs) < n:
+        raise ValueError(f"only {len(pairs)} pairs, fewer than the {n} asked for")
+    keep = np.sort(np.random.default_rng(seed).choice(len(pairs), size=n, replace=False))
+    return pairs.select(keep.tolist())
+
+
+# ------------------------------------------------------------------------------------------------- runs
+def lab_dpo(preset: Preset, pairs: datasets.Dataset, beta: float, *, start: RunResult | None = None,
+            proxy: bool = False, progress: bool = SHOW_PROGRESS) -> DPOResult:
+    """DPO (Eq. 7) at ``beta`` on ``pairs`` with the preset's ``dpo`` settings. From pi_SFT (the reference),
+    or from ``start``'s final policy, which is then the reference too (one round of iterative DPO). KL is
+    measured to pi_SFT either way, as on the frontier; ``proxy`` also reads r_phi at every evaluation."""
+    sft, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
+    if start is None:
+        reference = sft
+        eval_fn = pipeline.run_eval_fn(preset, sft, tokenizer, proxy=proxy)
+    else:
+        reference, _ = load_policy(start.checkpoint_dir)
+        # Not the pipeline's cached start point: this run starts where ``start`` ended, not at pi_SFT.
+        reward, _ = pipeline.reward_model(preset)
+        eval_fn = make_eval_fn(sft, tokenizer, pipeline.prompts(preset, tokenizer, "test"), reward,
+                               preset.eval, seed=preset.seed,
+                               proxy=pipeline.learned_reward(preset, progress=False) if proxy else None)
+    trajectory = {k: v for k, v in dpo_key_settings(preset.dpo).items() if k not in pipeline.SCHEDULE_FIELDS}
+    start_name = None if start is None else str(start.checkpoint_dir.resolve().relative_to(
+        artifacts_dir().resolve()))
+    key = content_hash("lab-dpo", pairs_fingerprint(pair_columns(pairs)), pipeline.sft_key(preset),
+                       pipeline.reward_key(preset), trajectory, preset.eval, beta, start_name, proxy)
+    return train_dpo(copy.deepcopy(reference), reference, tokenizer, pairs, config=preset.dpo, beta=beta,
+                     seed=preset.seed, out_dir=artifacts_dir() / "training" / f"lab-dpo-beta{beta:g}-{key}",
+                     max_length=preset.policy.n_positions, ref_cache_dir=artifacts_dir() / "reference-logps",
+                     eval_fn=eval_fn, progress=progress)
+
+
+def lab_ppo(preset: Preset, target_kl: float | None, *, progress: bool = SHOW_PROGRESS) -> PPOResult:
+    """PPO against the learned r_phi (the frontier's "PPO") with r_phi read beside r* at every evaluation;
+    ``target_kl`` None keeps the KL coefficient fixed at ``ppo.init_kl_coef`` (no adaptive controller)."""
+    reference, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
+    config = dataclasses.replace(preset.ppo, target_kl=target_kl)
+    trajectory = {k: v for k, v in dataclasses.asdict(config).items() if k not in pipeline.SCHEDULE_FIELDS}
+    key = content_hash("lab-ppo-proxy", pipeline.preferences_key(preset), pipeline.reward_model_key(preset),
+                       trajectory, preset.eval)
+    name = f"target_kl{target_kl:g}" if target_kl is not None else f"kl_coef{config.init_kl_coef:g}"
+    train_prompts = pipeline.prompts(preset, tokenizer, "train")
+    return train_ppo(copy.deepcopy(reference), reference, tokenizer, train_prompts,
+                     pipeline.learned_reward(preset, progress=progress), config=config, seed=preset.seed,
+                     out_dir=artifacts_dir() / "training" / f"lab-ppo-{name}-{key}",
+                     eval_fn=pipeline.run_eval_fn(preset, reference, tokenizer, proxy=True),
+                     progress=progress)
+
+
+__all__ = ["equal_count", "label_agreement", "lab_dpo", "lab_ppo", "proxy_preference_data",
+           "resampled_preference_data", "sampled_preference_data", "sibling_preference_data"]
