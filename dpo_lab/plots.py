@@ -188,8 +188,12 @@ def plot_proxy_and_gold(points: pd.DataFrame, path: str | Path | None = None, *,
     axes[0].set_ylabel(r"gold: mean $r^*$ on test prompts")
     axes[1].set_ylabel(r"proxy: mean $r_\phi$ on the same samples")
     for ax in axes:
-        ax.set_xlabel(r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$")
+        # Gao et al.'s axis: the square root of the KL spreads the small-KL points that a run passes quickly.
+        ax.set_xscale("function", functions=(lambda x: np.sqrt(np.clip(x, 0, None)), np.square))
+        top = float(points.kl_mean.max()) * 1.05
+        ax.set_xticks([t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000) if t <= max(top, 1)])
+        ax.set_xlabel(r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$ (square-root scale)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="best")
     fig.suptitle(title or "Optimising a proxy: what the proxy says and what the gold reward says")
     return _finish(fig, path)

@@ -1,0 +1,273 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     notebook_metadata_filter: kernelspec,jupytext
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 13 · Lab: whose samples are the pairs made of? On-policy, off-policy and one round of iterative DPO
+#
+# **What you see, and what it costs.** The outputs below are the `cpu` preset's (seed 0), executed on its
+# cached runs. *Run all* on a 2-core machine:
+#
+# | preset | first time (empty caches) | runs cached |
+# |---|---|---|
+# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | about 55 s (two SFT policies, r*, three pair sets and 4 toy runs; measured) | about 30 s (measured) |
+# | `cpu` | sampling and labelling the two new pair sets (about 1 minute), then 3 DPO runs of 400–453 s (two at a time on 2 cores shared with other work: 14 min), after notebook 05's β = 0.1 run and, for the sibling, notebook 03's SFT stage at seed 1 (about 8–22 minutes if not cached) | 38 s (measured) |
+# | `gpu`, `paper` | need a GPU (not measured) | |
+#
+# The new work is two sets of 4 samples for each train prompt (from a sibling model and from the DPO
+# policy), labelled by r*, and 3 DPO runs of `dpo.max_steps` steps; the SFT policies and the first DPO run
+# are the stages of notebooks 03–05 (the sibling is the preset's SFT policy at seed `sampler_seed`).
+#
+# The paper builds its IMDb pairs from samples of $\pi_{\rm SFT}$, the same model that DPO then uses as
+# $\pi_{\rm ref}$ and starts from (§6.1): the pairs are **on-policy** at step 0. Many preference data sets
+# are not: their completions come from other models (Anthropic-HH, UltraFeedback). And "online" or
+# **iterative** DPO (Xu et al. 2023; Yuan et al. 2024; Guo et al. 2024) keeps resampling from the policy
+# being trained. This lab asks, at an equal number of pairs, labelled by the same r*, trained with the same
+# settings and β:
+#
+# 1. **on-policy**: pairs of $\pi_{\rm SFT}$'s samples (notebook 05's run);
+# 2. **off-policy**: pairs of a *sibling*'s samples, a model of the same size trained by the same recipe
+#    with another seed (its own initialisation, tokenizer, data order and train/test split);
+# 3. **iterative, round 2**: resample 4 completions per train prompt from the round-1 DPO policy
+#    $\pi_1$, label them with r*, and train again from $\pi_1$ with $\pi_1$ as the reference;
+# 4. **round 2 on the old pairs**: the same second round on round 1's own pairs, so that resampling is the
+#    only difference between 3 and 4.
+#
+# Every run is placed on the frontier as the others are: mean r* and exact sequence KL to
+# $\pi_{\rm SFT}$ on the held-out test prompts. Cells starting with `# NBVAL_CHECK_OUTPUT` print
+# preset-independent facts that the notebook tests compare; the tests run this at `smoke`, where the
+# numbers mean nothing. `papermill notebooks/13_pair_sources.ipynb out.ipynb -p preset cpu` runs the laptop
+# version.
+
+# %% tags=["parameters"]
+from dpo_lab.presets import default_preset_name
+
+preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET overrides the default)
+seed: int = 0  # seeds the SFT policy, the pairs, every run and every evaluation
+overrides: dict = {}  # dotted preset overrides for every run, e.g. {"dpo.max_steps": 100}
+beta: float = 0.1  # the KL coefficient of every run here (Eq. 7)
+sampler_seed: int = 1  # the sibling: the preset's SFT policy trained with this seed
+
+# %%
+import time
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from IPython.display import display
+from transformers.utils import logging as hf_logging
+
+from dpo_lab import frontier, labs, pipeline
+from dpo_lab.batching import completion_batches
+from dpo_lab.logprobs import forward_logits, sequence_logprobs
+from dpo_lab.paths import figures_dir
+from dpo_lab.plots import METHOD_COLORS, plot_frontier, upper_envelope
+from dpo_lab.presets import get_preset
+from dpo_lab.seed import seed_everything
+
+hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
+pd.set_option("display.width", 140)
+started = time.perf_counter()
+config = get_preset(preset, seed=seed, **overrides)
+seed_everything(config.seed)
+print(f"preset {config.name!r}: beta {beta}, {config.dpo.max_steps} steps a run, sibling seed {sampler_seed}")
+
+# %% [markdown]
+# ## Three sources of pairs
+# The same train prompts, 4 samples each, every pair labelled by r* (ties and empty completions dropped),
+# then cut to the same number of pairs (`labs.equal_count`: a seeded subset, in order).
+
+# %%
+sft, tokenizer, _ = pipeline.sft_policy(config)
+round_1 = pipeline.dpo(config, beta)
+sources = {"on-policy (pi_SFT)": pipeline.preference_data(config),
+           f"off-policy (sibling, seed {sampler_seed})": labs.sibling_preference_data(config, sampler_seed),
+           "resampled from pi_1": labs.resampled_preference_data(config, round_1)}
+n_pairs = min(len(pairs) for pairs, _ in sources.values())
+for name, (pairs, stats) in sources.items():
+    print(f"{name:28s} {len(pairs):6d} pairs ({stats['n_ties']} ties, {stats['n_empty']} empty dropped); "
+          f"median r* gap {stats['gap_quantiles']['q0.5']:.3f}")
+pairs_of = {name: labs.equal_count(pairs, n_pairs, seed=config.seed) for name, (pairs, _) in sources.items()}
+print(f"every run trains on {n_pairs} pairs")
+
+# %% [markdown]
+# ## How off-policy is each source?
+# One number per source: the mean log-probability per token that $\pi_{\rm SFT}$ (the reference of the
+# first round) gives to its completions. DPO's gradient on a pair is weighted by how wrong the implicit
+# reward is on it, and its log-ratios start at 0 on every pair whatever their source; what changes with the
+# source is *where* in completion space the policy is pushed. The cell writes out the per-token log-prob for
+# one completion (shift by one, gather, mask the prompt) and checks it against the library routine that
+# scores the rest.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+def completion_logprobs(model, prompts: list[str], completions: list[str]) -> np.ndarray:
+    """log pi(y|x) summed over each completion's tokens, and its token count: the library's routine."""
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    out = []
+    with torch.no_grad():
+        for batch in completion_batches(prompt_ids, completion_ids, batch_size=64,
+                                        pad_token_id=tokenizer.pad_token_id):
+            logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])
+            logp = sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"])
+            out += list(zip(logp.tolist(), batch["completion_mask"].sum(-1).tolist(), strict=True))
+    return np.array(out)
+
+
+prompt, completion = sources["on-policy (pi_SFT)"][0]["prompt"][0], sources["on-policy (pi_SFT)"][0]["chosen"][0]
+x = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+y = tokenizer(completion, add_special_tokens=False)["input_ids"]
+with torch.no_grad():
+    logits = sft(torch.tensor([x + y])).logits[0]
+by_hand = torch.log_softmax(logits[len(x) - 1:-1].double(), -1).gather(-1, torch.tensor(y)[:, None]).sum()
+library, _ = completion_logprobs(sft, [prompt], [completion])[0]
+print("written out == library:", abs(by_hand.item() - library) < 1e-3)
+assert abs(by_hand.item() - library) < 1e-3
+
+# %%
+rows = {}
+for name, pairs in pairs_of.items():
+    subset = pairs.select(range(min(len(pairs), 500)))
+    texts = list(subset["chosen"]) + list(subset["rejected"])
+    scored = completion_logprobs(sft, list(subset["prompt"]) * 2, texts)
+    rows[name] = {"log pi_SFT per token": scored[:, 0].sum() / scored[:, 1].sum(),
+                  "tokens per completion": scored[:, 1].mean()}
+display(pd.DataFrame(rows).T.round(3))
+
+# %% [markdown]
+# ## The runs
+# Runs 1–2 start at $\pi_{\rm SFT}$, the reference. Runs 3–4 start at $\pi_1$ (round 1: the frontier's
+# DPO run at this β, which is run 1 whenever every source kept all its pairs, as at `cpu`) with
+# $\pi_1$ as the reference: round 2's KL penalty keeps the policy near $\pi_1$, while the frontier's KL
+# axis is still measured to $\pi_{\rm SFT}$, so round 2 starts where round 1 ended. Its steps are counted
+# on from round 1's.
+
+# %%
+on_policy = pairs_of["on-policy (pi_SFT)"]
+if len(on_policy) < len(sources["on-policy (pi_SFT)"][0]):  # not at cpu: there every source has all pairs
+    print(f"run 1 trains on {n_pairs} of the on-policy pairs; round 2 starts from the run on all of them")
+runs = {"1 on-policy": round_1 if len(on_policy) == len(sources["on-policy (pi_SFT)"][0])
+        else labs.lab_dpo(config, on_policy, beta),
+        "2 off-policy": labs.lab_dpo(config, pairs_of[f"off-policy (sibling, seed {sampler_seed})"], beta),
+        "3 round 2, resampled": labs.lab_dpo(config, pairs_of["resampled from pi_1"], beta, start=round_1),
+        "4 round 2, old pairs": labs.lab_dpo(config, on_policy, beta, start=round_1)}
+frames = []
+for name, result in runs.items():
+    run_points = frontier.evaluation_points(result.metrics_path, method=name, hyperparameter=name)
+    if name.split()[1] == "round":  # continue round 1's step count and cost
+        last = frontier.evaluation_points(round_1.metrics_path).iloc[-1]
+        cost = [c for c in frontier.COST_COLUMNS if c in run_points.columns]
+        run_points = run_points.assign(step=run_points.step + last.step)
+        run_points[cost] = run_points[cost] + last[cost].to_numpy(dtype=float)
+    frames.append(run_points)
+points = pd.concat(frames, ignore_index=True)
+print(f"{len(runs)} runs, {len(points)} evaluation points; loaded or trained in "
+      f"{time.perf_counter() - started:.0f} s since the start")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+first_end = frontier.evaluation_points(round_1.metrics_path).iloc[-1]
+for name in ("3 round 2, resampled", "4 round 2, old pairs"):
+    start = points[points.method == name].iloc[0]
+    same = (start.reward_mean, start.kl_mean) == (first_end.reward_mean, first_end.kl_mean)
+    print(f"{name}: starts at round 1's final point: {same}")
+    assert same
+
+# %% [markdown]
+# ## On the frontier
+# The grey steps are the frontier's DPO envelope (notebook 05's β sweep, on-policy pairs); each run's path is
+# drawn in step order, round 2 continuing from round 1's last point.
+
+# %%
+palette = ["tab:red", "tab:blue", "tab:green", "tab:olive"]
+METHOD_COLORS.update(dict(zip(runs, palette, strict=True)))
+fig = plot_frontier(points, figures_dir() / "13_pair_sources.png", label_runs=True,
+                    title=f"Whose samples? DPO beta={beta:g}, {config.name} preset")
+sweep = pipeline.dpo_sweep(config)
+xs, ys = upper_envelope(sweep.kl_mean.to_numpy(), sweep.reward_mean.to_numpy())
+fig.axes[0].step(xs, ys, where="post", color="grey", lw=2, alpha=0.35, label="DPO sweep envelope")
+fig.axes[0].legend(loc="lower right", fontsize=8)
+fig.savefig(figures_dir() / "13_pair_sources.png", dpi=150)
+plt.show()
+
+# %% [markdown]
+# ## Results
+# Final point of each run, and what it cost in all: round 2's columns include round 1's training, and its
+# `samples` and `reward_queries` add the 4 samples per train prompt drawn and labelled for its pairs (as on
+# the frontier, the samples that built runs 1 and 2's pairs are not counted: every DPO run reads such a data
+# set).
+
+# %%
+table = frontier.summary_table(points).drop(columns="hyperparameter")
+fresh = sources["resampled from pi_1"][1]["n_prompts"] * config.preferences.samples_per_prompt
+for column in ("samples", "reward_queries"):
+    if column in table.columns:
+        table.loc[table.method == "3 round 2, resampled", column] += fresh
+shown = ["method", "steps", "reward_start", "reward_final", "reward_final_se", "kl_final", "kl_final_se",
+         "policy_backward_tokens", "samples", "reward_queries", "wall_s"]
+display(table[[c for c in shown if c in table.columns]].round(3))
+
+# %% [markdown]
+# ## What the final policies write
+# One completion of the same two test prompts from each run's final policy (temperature 1), with its r*.
+# A mean r* near 1 says the classifier is convinced, not that the reviews read well.
+
+# %%
+from dpo_lab.models import load_policy
+from dpo_lab.sampling import sample
+
+reward, _ = pipeline.reward_model(config)
+shown_prompts = pipeline.prompts(config, tokenizer, "test")[:2]
+for name, result in runs.items():
+    policy, _ = load_policy(result.checkpoint_dir)
+    drawn = sample(policy, tokenizer, shown_prompts, n_per_prompt=1, max_new_tokens=config.eval.max_new_tokens,
+                   batch_size=len(shown_prompts), seed=config.seed, progress=False)
+    texts = [p + per[0] for p, per in zip(drawn.prompts, drawn.texts, strict=True)]
+    print(f"--- {name}")
+    for text, gold in zip(texts, reward(texts), strict=True):
+        print(f"  r* {gold:.2f}  {text[:150]!r}")
+
+# %% [markdown]
+# ## Reading the lab
+# What the `cpu` run shows (seed 0, β = 0.1, 9,000 pairs per run; r* ± one SE over 256 test prompts):
+#
+# * **Off-policy pairs cost reward at the same KL.** On the sibling's pairs DPO ends at 0.785 ± 0.010 with
+#   KL 8.1, against 0.825 ± 0.009 at KL 8.0 on $\pi_{\rm SFT}$'s own pairs: 0.04 lower, about 3 combined
+#   SE, for the same pair count, labeller, β and steps. The shift is mild (the sibling's completions are
+#   0.10 nats a token less likely under $\pi_{\rm SFT}$, and their median r* gap is about the same), yet the
+#   policy spends its KL moving toward the sibling's way of writing as well as toward what r* likes.
+# * **Resampling from the policy pays.** $\pi_1$'s samples are *more* likely under $\pi_{\rm SFT}$ than
+#   $\pi_{\rm SFT}$'s own (−5.28 against −5.48 nats a token: DPO moved mass to completions the reference
+#   already found plausible, as notebook 05's likelihood trace showed), and their median r* gap is half as
+#   large (0.109 against 0.233), because most of them are positive already. A second round on them reaches
+#   0.980 ± 0.002 at KL 25.0 after 50 steps and ends at 0.998 at KL 38.4. The same second round on the old
+#   pairs ends at 0.955 ± 0.004 at KL 22.3 after all 250 steps. Both rounds cost 500 DPO steps; the
+#   resampled one also drew and labelled 6,000 samples.
+# * **A second round takes the KL budget off.** Round 2's penalty is to $\pi_1$, not to $\pi_{\rm SFT}$,
+#   so the same β no longer bounds the KL to $\pi_{\rm SFT}$: both second rounds continue the frontier far
+#   to the right of where any single-round DPO run of the β sweep ends (KL ≤ 12.5). At KL 22–25 their
+#   rewards (0.955–0.980) match the best measured anywhere in this kit at that KL (notebook 12's PPO against
+#   $r_\phi$: 0.963 at KL 24).
+# * **r* near 1 is not a better review.** The samples above are strings of "great", "excellent" and
+#   "loved": the classifier r* is saturated and gamed. Iterating is a fast way to climb a reward; whether
+#   that is what anyone wanted needs a gold reward that reads the text (notebook 12 draws the same lesson).
+#
+# One seed and one β: the differences are single trajectories, to be read against their error bars.
+
+# %%
+print(f"notebook ran in {time.perf_counter() - started:.0f} s")
