@@ -34,7 +34,9 @@ from dpo_lab.preferences import (
     score_samples,
 )
 from dpo_lab.presets import Preset, dpo_key_settings
+from dpo_lab.rewards import RewardModel
 from dpo_lab.run import RunResult
+from dpo_lab.sampling import sample
 
 SHOW_PROGRESS = pipeline.SHOW_PROGRESS
 
@@ -177,5 +179,22 @@ def lab_ppo(preset: Preset, target_kl: float | None, *, progress: bool = SHOW_PR
                      progress=progress)
 
 
-__all__ = ["equal_count", "label_agreement", "lab_dpo", "lab_ppo", "proxy_preference_data",
+# ------------------------------------------------------------------------------------------------ reading
+def final_samples(runs: dict[str, RunResult], tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                  rewards: dict[str, RewardModel], *, max_new_tokens: int, seed: int) -> list[dict]:
+    """One completion of each prompt from each run's final policy (temperature 1, the evaluation's sampler),
+    as rows {"run", "text" (prompt + completion), one score per ``rewards`` name}: what the numbers hide."""
+    rows = []
+    for name, result in runs.items():
+        policy, _ = load_policy(result.checkpoint_dir)
+        drawn = sample(policy, tokenizer, prompts, n_per_prompt=1, max_new_tokens=max_new_tokens,
+                       batch_size=len(prompts), seed=seed, progress=False)
+        texts = [p + per[0] for p, per in zip(drawn.prompts, drawn.texts, strict=True)]
+        scores = {label: reward(texts) for label, reward in rewards.items()}
+        rows += [{"run": name, "text": text, **{label: float(s[i]) for label, s in scores.items()}}
+                 for i, text in enumerate(texts)]
+    return rows
+
+
+__all__ = ["final_samples", "equal_count", "label_agreement", "lab_dpo", "lab_ppo", "proxy_preference_data",
            "resampled_preference_data", "sampled_preference_data", "sibling_preference_data"]

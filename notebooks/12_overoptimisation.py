@@ -195,20 +195,15 @@ display(table.round(3))
 # from each run's final policy (temperature 1, as the evaluation samples) and scores it with both rewards.
 
 # %%
-from dpo_lab.models import load_policy
-from dpo_lab.sampling import sample
-
 _, tokenizer, _ = pipeline.sft_policy(config)
 reward, _ = pipeline.reward_model(config)
-shown_prompts = pipeline.prompts(config, tokenizer, "test")[:3]
-for name, result in runs.items():
-    policy, _ = load_policy(result.checkpoint_dir)
-    drawn = sample(policy, tokenizer, shown_prompts, n_per_prompt=1, max_new_tokens=config.eval.max_new_tokens,
-                   batch_size=len(shown_prompts), seed=config.seed, progress=False)
-    texts = [p + per[0] for p, per in zip(drawn.prompts, drawn.texts, strict=True)]
-    print(f"--- {name}")
-    for text, gold, proxy in zip(texts, reward(texts), r_phi(texts), strict=True):
-        print(f"  r* {gold:.2f}  r_phi {proxy:+5.2f}  {text[:150]!r}")
+shown = labs.final_samples(runs, tokenizer, pipeline.prompts(config, tokenizer, "test")[:3],
+                           {"r*": reward, "r_phi": r_phi}, max_new_tokens=config.eval.max_new_tokens,
+                           seed=config.seed)
+for i, row in enumerate(shown):
+    if i == 0 or row["run"] != shown[i - 1]["run"]:
+        print(f"--- {row['run']}")
+    print(f"  r* {row['r*']:.2f}  r_phi {row['r_phi']:+5.2f}  {row['text'][:150]!r}")
 
 # %% [markdown]
 # ## How far past the peak? Gao et al.'s functional form

@@ -228,19 +228,13 @@ display(table[[c for c in shown if c in table.columns]].round(3))
 # A mean r* near 1 says the classifier is convinced, not that the reviews read well.
 
 # %%
-from dpo_lab.models import load_policy
-from dpo_lab.sampling import sample
-
 reward, _ = pipeline.reward_model(config)
-shown_prompts = pipeline.prompts(config, tokenizer, "test")[:2]
-for name, result in runs.items():
-    policy, _ = load_policy(result.checkpoint_dir)
-    drawn = sample(policy, tokenizer, shown_prompts, n_per_prompt=1, max_new_tokens=config.eval.max_new_tokens,
-                   batch_size=len(shown_prompts), seed=config.seed, progress=False)
-    texts = [p + per[0] for p, per in zip(drawn.prompts, drawn.texts, strict=True)]
-    print(f"--- {name}")
-    for text, gold in zip(texts, reward(texts), strict=True):
-        print(f"  r* {gold:.2f}  {text[:150]!r}")
+shown = labs.final_samples(runs, tokenizer, pipeline.prompts(config, tokenizer, "test")[:2], {"r*": reward},
+                           max_new_tokens=config.eval.max_new_tokens, seed=config.seed)
+for i, row in enumerate(shown):
+    if i == 0 or row["run"] != shown[i - 1]["run"]:
+        print(f"--- {row['run']}")
+    print(f"  r* {row['r*']:.2f}  {row['text'][:150]!r}")
 
 # %% [markdown]
 # ## Reading the lab

@@ -121,3 +121,17 @@ def test_sibling_pairs_come_from_another_seeds_sft(smoke) -> None:
     assert set(pairs["chosen"]) != set(on_policy["chosen"])
     sibling_dir = pipeline.stage_dir("sft", pipeline.sft_key(get_preset("smoke", seed=smoke.seed + 1)))
     assert Path(sibling_dir).is_dir()
+
+
+def test_final_samples_are_scored_by_every_reward(smoke) -> None:
+    first = pipeline.dpo(smoke, 0.1)
+    _, tokenizer, _ = pipeline.sft_policy(smoke)
+    reward, _ = pipeline.reward_model(smoke)
+    shown = pipeline.prompts(smoke, tokenizer, "test")[:2]
+    rows = labs.final_samples({"a": first, "b": first}, tokenizer, shown, {"r*": reward, "twice": reward},
+                              max_new_tokens=6, seed=0)
+    assert [r["run"] for r in rows] == ["a", "a", "b", "b"]
+    assert all(r["text"].startswith(p) for r, p in zip(rows, shown * 2, strict=True))
+    assert rows[:2] == [{**r, "run": "a"} for r in rows[2:]]  # the same policy and seed: the same samples
+    assert [r["r*"] for r in rows] == [float(s) for s in reward([r["text"] for r in rows])]
+    assert all(r["twice"] == r["r*"] for r in rows)
