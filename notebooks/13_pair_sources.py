@@ -40,7 +40,8 @@
 #
 # 1. **on-policy**: pairs of $\pi_{\rm SFT}$'s samples (notebook 05's run);
 # 2. **off-policy**: pairs of a *sibling*'s samples, a model of the same size trained by the same recipe
-#    with another seed (its own initialisation, tokenizer, data order and train/test split);
+#    with another seed (its own initialisation, tokenizer, data order and train/test split; so its SFT
+#    saw some reviews that are test reviews at this seed, though it only writes completions of train prompts);
 # 3. **iterative, round 2**: resample 4 completions per train prompt from the round-1 DPO policy
 #    $\pi_1$, label them with r*, and train again from $\pi_1$ with $\pi_1$ as the reference;
 # 4. **round 2 on the old pairs**: the same second round on round 1's own pairs, so that resampling is the
