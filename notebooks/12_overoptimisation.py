@@ -144,7 +144,7 @@ ppo_config = {c: get_preset(preset, seed=seed, **{**overrides, "ppo.init_kl_coef
               for c in ppo_kl_coefs}
 runs = {f"DPO, r_phi labels, beta={b:g}": labs.lab_dpo(dpo_config, proxy_pairs, b, proxy=True)
         for b in proxy_betas}
-if gold_beta > 0:
+if gold_beta != 0:  # a negative beta is refused by the trainer, by name
     runs[f"DPO, r* labels, beta={gold_beta:g}"] = labs.lab_dpo(dpo_config, gold_pairs, gold_beta, proxy=True)
 runs |= {f"PPO vs r_phi, kl_coef={c:g}": labs.lab_ppo(ppo_config[c], None) for c in ppo_kl_coefs}
 points = pd.concat([evaluation_points(r.metrics_path, run=name) for name, r in runs.items()], ignore_index=True)
@@ -161,7 +161,7 @@ print(f"{len(runs)} runs, {len(points)} evaluation points; loaded or trained in 
 # test prompts.
 
 # %%
-palette = plt.cm.Reds(np.linspace(0.45, 0.9, len(proxy_betas))).tolist() + ["tab:green"] * (gold_beta > 0) \
+palette = plt.cm.Reds(np.linspace(0.45, 0.9, len(proxy_betas))).tolist() + ["tab:green"] * (gold_beta != 0) \
     + plt.cm.Blues(np.linspace(0.5, 0.9, len(ppo_kl_coefs))).tolist()
 METHOD_COLORS.update(dict(zip(runs, palette, strict=True)))
 fig = plot_proxy_and_gold(points, figures_dir() / "12_overoptimisation.png", reference=reference,
