@@ -611,3 +611,36 @@ def test_a_sweep_run_trains_on_two_processes(tmp_path: Path) -> None:
     with pytest.raises(sweep.SweepError, match="processes 3 needs 3 GPUs"):
         sweep.run_sweep(dataclasses.replace(spec, runs=(dataclasses.replace(
             run, parameters={**run.parameters, "processes": 3}),)), root=tmp_path, devices=["0", "1"])
+
+
+def test_the_progress_bar_moves_as_each_run_ends(toy_notebook: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two runs of one wave on two CPU jobs: the quick one is counted while the slow one still runs."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 4)
+    counted: list[str] = []
+    quick_counted = threading.Event()
+
+    class Bar:
+        def __init__(self, *args, **kwargs) -> None: ...
+        def update(self, n: int = 1) -> None: ...
+        def close(self) -> None: ...
+
+        def set_postfix_str(self, text: str) -> None:
+            counted.append(text.split(":")[0])
+            if text.startswith("quick"):
+                quick_counted.set()
+
+    def execute_run(notebook, run_dir, parameters, **kwargs):
+        if parameters["x"] == 2.0:  # the slow run ends only once the quick one is on the bar (or after 20 s)
+            assert quick_counted.wait(timeout=20), "the quick run was not counted while the slow one ran"
+        return sweep.RunOutcome("", "done")
+
+    monkeypatch.setattr(sweep, "tqdm", Bar)
+    monkeypatch.setattr(sweep, "execute_run", execute_run)
+    monkeypatch.setattr(sweep, "collect", lambda *args, **kwargs: None)
+    spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, quick={"x": 1.0}, slow={"x": 2.0}))
+    outcomes = sweep.run_sweep(spec, root=tmp_path / "runs", progress=True, jobs=2)
+    assert [o.state for o in outcomes] == ["done", "done"] and counted == ["quick", "slow"]

@@ -51,7 +51,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -816,10 +816,11 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
                 blocked = [r for r in todo if set(r.after) & unfinished]
                 ready = [r for r in todo if r not in blocked and all(ended.get(a) in ("done", "skipped")
                                                                      for a in r.after)]
-                wave = [RunOutcome(r.name, "failed", error=f"not run: it waits for failed run(s) "
-                                   f"{sorted(set(r.after) & unfinished)}") for r in blocked]
-                wave += list(pool.map(work, ready))
-                for outcome in wave:
+                skipped = [RunOutcome(r.name, "failed", error=f"not run: it waits for failed run(s) "
+                                      f"{sorted(set(r.after) & unfinished)}") for r in blocked]
+                # The bar moves as each run of the wave ends, not when the whole wave has.
+                futures = [pool.submit(work, r) for r in ready]
+                for outcome in itertools.chain(skipped, (f.result() for f in as_completed(futures))):
                     outcomes.append(outcome)
                     ended[outcome.name] = outcome.state
                     bar.update()
