@@ -354,6 +354,9 @@ def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGR
     """The DPO run at ``beta`` again, in its own folder, looked at 10 times with
     ``implicit_reward.likelihood_fn``: what DPO does to the likelihoods of held-out pairs and of its own
     samples. Same trajectory as :func:`dpo` (same seed, pairs and settings); cached like every run."""
+    if preset.dpo.loss_type == "plackett_luce":
+        raise ValueError("likelihood_trace follows the chosen and rejected completions of pairs; "
+                         "dpo.loss_type 'plackett_luce' trains on rankings: trace a pairwise loss_type instead")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
     policy = copy.deepcopy(reference)
     pairs, _ = preference_data(preset, progress=progress)

@@ -135,3 +135,4 @@ def test_final_samples_are_scored_by_every_reward(smoke) -> None:
     assert rows[:2] == [{**r, "run": "a"} for r in rows[2:]]  # the same policy and seed: the same samples
     assert [r["r*"] for r in rows] == [float(s) for s in reward([r["text"] for r in rows])]
     assert all(r["twice"] == r["r*"] for r in rows)
+

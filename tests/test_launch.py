@@ -128,3 +128,7 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         main(["--value", "0.1", "--preset", "smoke", "--set", "dpo.micro_batch_size=5"])
     assert re.search(r"must divide|not divisible", capsys.readouterr().err)  # refused before any work
+    with pytest.raises(SystemExit):
+        main(["--value", "0.1", "--preset", "smoke", "--pairs", str(tmp_path / "p.jsonl"), "--model", "gpt2",
+              "--out", str(tmp_path / "out"), "--set", "dpo.loss_type=plackett_luce"])
+    assert "--pairs holds pairs" in capsys.readouterr().err

@@ -164,3 +164,8 @@ def test_variant_settings_are_validated() -> None:
         get_preset("smoke", **{"dpo.loss_type": "plackett_luce", "dpo.label_smoothing": 0.1})
     with pytest.raises(TypeError, match="average_logprobs"):
         get_preset("smoke", **{"dpo.average_logprobs": 1})
+
+
+def test_likelihood_trace_refuses_rankings() -> None:
+    with pytest.raises(ValueError, match="trains on rankings"):
+        pipeline.likelihood_trace(get_preset("smoke", **{"dpo.loss_type": "plackett_luce"}), 0.1)

@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
                            int(os.environ.get("WORLD_SIZE", "1")))
     except (KeyError, TypeError, ValueError) as err:
         parser.error(str(err.args[0] if err.args else err))
+    if args.pairs is not None and preset.dpo.loss_type == "plackett_luce":
+        parser.error("--pairs holds pairs, and dpo.loss_type=plackett_luce trains on rankings of each "
+                     "prompt's samples: drop --pairs to rank the preset's IMDb samples, or choose another "
+                     "loss_type")
     accelerator = make_accelerator("cpu" if args.cpu else None, mixed_precision=args.mixed_precision)
     progress = not args.no_progress
     if args.pairs is None:
