@@ -356,7 +356,7 @@ def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGR
     samples. Same trajectory as :func:`dpo` (same seed, pairs and settings); cached like every run."""
     if preset.dpo.loss_type == "plackett_luce":
         raise ValueError("likelihood_trace follows the chosen and rejected completions of pairs; "
-                         "dpo.loss_type 'plackett_luce' trains on rankings: trace a pairwise loss_type instead")
+                         "dpo.loss_type 'plackett_luce' trains on rankings: trace a pairwise loss_type")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
     policy = copy.deepcopy(reference)
     pairs, _ = preference_data(preset, progress=progress)
