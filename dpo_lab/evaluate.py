@@ -15,7 +15,8 @@ prompt are correlated and treating them as independent would understate the erro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -28,6 +29,42 @@ from dpo_lab.preferences import score_samples
 from dpo_lab.presets import EvalConfig
 from dpo_lab.rewards import RewardModel
 from dpo_lab.sampling import eval_mode, model_device, sample
+
+
+@torch.no_grad()
+def batch_logits(
+    models: Sequence[nn.Module],
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    pad_token_id: int = 0,
+) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """The one scoring pass over exact token ids ``prompt + completion`` (never re-tokenised text):
+    per batch of ``batching.completion_batches``, ``(logits of each model, input_ids, completion_mask)``, the
+    models in eval mode and every tensor on the first model's device (full-vocabulary logits are large, so
+    they meet there rather than on the host)."""
+    dev = model_device(models[0])
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(eval_mode(model))
+        for batch in completion_batches(prompt_ids, completion_ids, batch_size=batch_size,
+                                        pad_token_id=pad_token_id):
+            logits = [forward_logits(model, batch["input_ids"].to(model_device(model)),
+                                     batch["attention_mask"].to(model_device(model))).to(dev)
+                      for model in models]
+            yield logits, batch["input_ids"].to(dev), batch["completion_mask"].to(dev)
+
+
+@torch.no_grad()
+def completion_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
+                        completion_ids: Sequence[Sequence[int]], *, batch_size: int,
+                        pad_token_id: int = 0) -> np.ndarray:
+    """log pi(y|x) of each completion under ``model``, summed over its tokens: ``(N,)`` float64."""
+    batches = batch_logits([model], prompt_ids, completion_ids, batch_size=batch_size,
+                           pad_token_id=pad_token_id)
+    out = [sequence_logprobs(logits, ids, mask).double().cpu() for (logits,), ids, mask in batches]
+    return torch.cat(out).numpy()
 
 
 @torch.no_grad()
@@ -49,17 +86,10 @@ def completion_kls(
         if not p or not c:
             raise ValueError(f"row {i}: prompt and completion each need at least one token")
     kls, ratios = [], []
-    with eval_mode(policy), eval_mode(reference):
-        for batch in completion_batches(prompt_ids, completion_ids, batch_size=batch_size,
-                                        pad_token_id=pad_token_id):
-            # Both models' logits meet on the policy's device (full-vocabulary tensors are large).
-            dev = model_device(policy)
-            pol, ref = (forward_logits(model, batch["input_ids"].to(model_device(model)),
-                                       batch["attention_mask"].to(model_device(model))).to(dev)
-                        for model in (policy, reference))
-            ids, mask = batch["input_ids"].to(dev), batch["completion_mask"].to(dev)
-            kls.append(sequence_kl(pol, ref, mask).cpu())
-            ratios.append((sequence_logprobs(pol, ids, mask) - sequence_logprobs(ref, ids, mask)).cpu())
+    for (pol, ref), ids, mask in batch_logits([policy, reference], prompt_ids, completion_ids,
+                                              batch_size=batch_size, pad_token_id=pad_token_id):
+        kls.append(sequence_kl(pol, ref, mask).cpu())
+        ratios.append((sequence_logprobs(pol, ids, mask) - sequence_logprobs(ref, ids, mask)).cpu())
     return torch.cat(kls).double().numpy(), torch.cat(ratios).double().numpy()
 
 

@@ -13,15 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import completion_batches
-from dpo_lab.logprobs import forward_logits, sequence_logprobs
+from dpo_lab.evaluate import completion_logprobs
 from dpo_lab.preferences import score_samples
 from dpo_lab.rewards import RewardModel
-from dpo_lab.sampling import eval_mode, model_device, sample
+from dpo_lab.sampling import sample
 
 
 @dataclass(frozen=True)
@@ -52,20 +50,12 @@ def draw_heldout(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
     return HeldOut(list(drawn.prompts), drawn.prompt_ids, drawn.completion_ids, drawn.texts, rstar)
 
 
-@torch.no_grad()
 def completion_logps(model: nn.Module, heldout: HeldOut, *, batch_size: int, pad_token_id: int) -> np.ndarray:
     """log π(y|x) of every held-out sample under ``model``, summed over its sampled tokens: ``(P, K)``."""
     prompts = [p for p, per in zip(heldout.prompt_ids, heldout.completion_ids, strict=True) for _ in per]
     completions = [c for per in heldout.completion_ids for c in per]
-    out = []
-    with eval_mode(model):
-        dev = model_device(model)
-        for batch in completion_batches(prompts, completions, batch_size=batch_size,
-                                        pad_token_id=pad_token_id):
-            logits = forward_logits(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
-            out.append(sequence_logprobs(logits, batch["input_ids"].to(dev),
-                                         batch["completion_mask"].to(dev)).double().cpu())
-    return torch.cat(out).numpy().reshape(heldout.shape)
+    return completion_logprobs(model, prompts, completions, batch_size=batch_size,
+                               pad_token_id=pad_token_id).reshape(heldout.shape)
 
 
 def _check_scores(scores: np.ndarray, rstar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

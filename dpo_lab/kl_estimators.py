@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import completion_batches
-from dpo_lab.logprobs import forward_logits, sequence_kl, token_logprobs
-from dpo_lab.sampling import Samples, _check_args, eval_mode, model_device, sample, sampling_config
+from dpo_lab.evaluate import batch_logits
+from dpo_lab.logprobs import sequence_kl, token_logprobs
+from dpo_lab.sampling import Samples, _check_args, sample, sampling_config
 
 __all__ = ["ESTIMATORS", "KLEstimates", "token_estimators", "kl_estimates", "drop_eos",
            "sample_with_settings"]
@@ -90,21 +90,15 @@ def kl_estimates(
         if not p:
             raise ValueError(f"row {i}: the prompt needs at least one token")
     columns: dict[str, list[Tensor]] = {name: [] for name in (*ESTIMATORS, "n_tokens")}
-    with eval_mode(policy), eval_mode(reference):
-        for batch in completion_batches(prompt_ids, completion_ids, batch_size=batch_size,
-                                        pad_token_id=pad_token_id):
-            dev = model_device(policy)  # both models' logits meet on the policy's device
-            pol, ref = (forward_logits(model, batch["input_ids"].to(model_device(model)),
-                                       batch["attention_mask"].to(model_device(model))).to(dev)
-                        for model in (policy, reference))
-            ids, comp = batch["input_ids"].to(dev), batch["completion_mask"].to(dev)
-            mask = comp[:, 1:].bool()  # logits at t predict token t + 1
-            per_token = token_estimators(token_logprobs(pol, ids), token_logprobs(ref, ids))
-            for name, values in zip(("k1", "k2", "k3"), per_token, strict=True):
-                # where, not multiply: a padded position's value must not reach the sum even if not finite
-                columns[name].append(torch.where(mask, values, 0.0).sum(-1).cpu())
-            columns["exact"].append(sequence_kl(pol, ref, comp).double().cpu())
-            columns["n_tokens"].append(mask.sum(-1).cpu())
+    for (pol, ref), ids, comp in batch_logits([policy, reference], prompt_ids, completion_ids,
+                                              batch_size=batch_size, pad_token_id=pad_token_id):
+        mask = comp[:, 1:].bool()  # logits at t predict token t + 1
+        per_token = token_estimators(token_logprobs(pol, ids), token_logprobs(ref, ids))
+        for name, values in zip(("k1", "k2", "k3"), per_token, strict=True):
+            # where, not multiply: a padded position's value must not reach the sum even if not finite
+            columns[name].append(torch.where(mask, values, 0.0).sum(-1).cpu())
+        columns["exact"].append(sequence_kl(pol, ref, comp).double().cpu())
+        columns["n_tokens"].append(mask.sum(-1).cpu())
     return KLEstimates(**{name: torch.cat(parts).numpy() for name, parts in columns.items()})
 
 

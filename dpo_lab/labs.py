@@ -21,7 +21,6 @@ from dpo_lab import pipeline
 from dpo_lab.batching import pair_columns, pairs_fingerprint
 from dpo_lab.cache import cached_directory, content_hash, read_json_object
 from dpo_lab.dpo_trainer import DPOResult, train_dpo
-from dpo_lab.evaluate import make_eval_fn
 from dpo_lab.models import load_policy
 from dpo_lab.paths import artifacts_dir
 from dpo_lab.ppo import PPOResult, train_ppo
@@ -33,7 +32,7 @@ from dpo_lab.preferences import (
     save_preferences,
     score_samples,
 )
-from dpo_lab.presets import Preset, dpo_key_settings
+from dpo_lab.presets import Preset
 from dpo_lab.rewards import RewardModel
 from dpo_lab.run import RunResult
 from dpo_lab.sampling import sample
@@ -141,17 +140,9 @@ def lab_dpo(preset: Preset, pairs: datasets.Dataset, beta: float, *, start: RunR
     or from ``start``'s final policy, which is then the reference too (one round of iterative DPO). KL is
     measured to pi_SFT either way, as on the frontier; ``proxy`` also reads r_phi at every evaluation."""
     sft, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
-    if start is None:
-        reference = sft
-        eval_fn = pipeline.run_eval_fn(preset, sft, tokenizer, proxy=proxy)
-    else:
-        reference, _ = load_policy(start.checkpoint_dir)
-        # Not the pipeline's cached start point: this run starts where ``start`` ended, not at pi_SFT.
-        reward, _ = pipeline.reward_model(preset)
-        eval_fn = make_eval_fn(sft, tokenizer, pipeline.prompts(preset, tokenizer, "test"), reward,
-                               preset.eval, seed=preset.seed,
-                               proxy=pipeline.learned_reward(preset, progress=False) if proxy else None)
-    trajectory = {k: v for k, v in dpo_key_settings(preset.dpo).items() if k not in pipeline.SCHEDULE_FIELDS}
+    reference = sft if start is None else load_policy(start.checkpoint_dir)[0]
+    eval_fn = pipeline.run_eval_fn(preset, sft, tokenizer, proxy=proxy, from_sft=start is None)
+    trajectory = pipeline.trajectory_settings(preset.dpo)
     start_name = None if start is None else str(start.checkpoint_dir.resolve().relative_to(
         artifacts_dir().resolve()))
     key = content_hash("lab-dpo", pairs_fingerprint(pair_columns(pairs)), pipeline.sft_key(preset),
@@ -167,9 +158,8 @@ def lab_ppo(preset: Preset, target_kl: float | None, *, progress: bool = SHOW_PR
     ``target_kl`` None keeps the KL coefficient fixed at ``ppo.init_kl_coef`` (no adaptive controller)."""
     reference, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
     config = dataclasses.replace(preset.ppo, target_kl=target_kl)
-    trajectory = {k: v for k, v in dataclasses.asdict(config).items() if k not in pipeline.SCHEDULE_FIELDS}
     key = content_hash("lab-ppo-proxy", pipeline.preferences_key(preset), pipeline.reward_model_key(preset),
-                       trajectory, preset.eval)
+                       pipeline.trajectory_settings(config), preset.eval)
     name = f"target_kl{target_kl:g}" if target_kl is not None else f"kl_coef{config.init_kl_coef:g}"
     train_prompts = pipeline.prompts(preset, tokenizer, "train")
     return train_ppo(copy.deepcopy(reference), reference, tokenizer, train_prompts,

@@ -44,7 +44,7 @@ from dpo_lab.preferences import (
     load_preferences,
     save_preferences,
 )
-from dpo_lab.presets import Preset, dpo_key_settings
+from dpo_lab.presets import DPOConfig, PPOConfig, Preset, dpo_key_settings
 from dpo_lab.reward_model import LearnedReward, train_reward_model
 from dpo_lab.rewards import HubSentimentReward, RewardModel, TfidfSentimentReward, accuracy, first_words
 from dpo_lab.run import RunResult, finished_metrics, resolve_device
@@ -216,15 +216,21 @@ def frontier_runs(preset: Preset, methods: tuple[str, ...] = METHODS) -> list[tu
 SCHEDULE_FIELDS = ("betas", "target_kls", "max_steps", "eval_every", "checkpoint_every")
 
 
+def trajectory_settings(config: DPOConfig | PPOConfig) -> dict:
+    """The settings of a DPO or PPO config that a run key hashes: those that change the run's trajectory.
+
+    How long a run goes and how often it is looked at do not: leaving them out of the key lets a finished
+    run be continued with a larger max_steps (the trainers resume it); a smaller max_steps after a larger
+    one is kept apart in ``<run folder>-steps<N>`` (run.schedule_dir). DPO fields added since runs were
+    cached count only once set (``dpo_key_settings``), so old runs keep their keys."""
+    settings = dpo_key_settings(config) if isinstance(config, DPOConfig) else dataclasses.asdict(config)
+    return {k: v for k, v in settings.items() if k not in SCHEDULE_FIELDS}
+
+
 def run_dir(preset: Preset, method: str, value: float) -> Path:
     """Where one run lives: the key hashes the stages it reads and every setting of its method."""
     name = hyperparameter_name(method)
-    # dpo_key_settings: DPO fields added since runs were cached count only once set, so old runs keep keys.
-    settings = dataclasses.asdict(preset.ppo) if method in PPO_METHODS else dpo_key_settings(preset.dpo)
-    # How long a run goes and how often it is looked at do not change its trajectory: leaving them out of
-    # the key lets a finished run be continued with a larger max_steps (the trainers resume it); a smaller
-    # max_steps after a larger one is kept apart in ``<this folder>-steps<N>`` (run.schedule_dir).
-    trajectory = {k: v for k, v in settings.items() if k not in SCHEDULE_FIELDS}
+    trajectory = trajectory_settings(preset.ppo if method in PPO_METHODS else preset.dpo)
     key = content_hash(method, preferences_key(preset), trajectory, preset.reward_model, preset.eval, value)
     return artifacts_dir() / "training" / f"{method.lower()}-{name}{value:g}-{key}"
 
@@ -246,11 +252,15 @@ def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Learned
 
 
 def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
-             proxy: bool = False):
-    """``eval_fn(policy, step)`` of a run from pi_SFT; ``proxy`` also reads r_phi on the same samples."""
+                proxy: bool = False, from_sft: bool = True):
+    """``eval_fn(policy, step)`` of a run: KL to ``reference`` (pi_SFT) and r*; ``proxy`` also reads r_phi
+    on the same samples. ``from_sft=False`` for a run that starts elsewhere (its step 0 is not the cached
+    pi_SFT point)."""
     reward, _ = reward_model(preset)
     evaluate = make_eval_fn(reference, tokenizer, prompts(preset, tokenizer, "test"), reward, preset.eval,
                             seed=preset.seed, proxy=learned_reward(preset, progress=False) if proxy else None)
+    if not from_sft:
+        return evaluate
     # Every run starts at pi_SFT and evaluation samples from its own seeded RNG, so step 0 gives the same
     # point in every run of a sweep: compute it once (19 evaluations -> 1 at the cpu preset).
     key = content_hash(sft_key(preset), reward_key(preset), preset.eval, preset.seed,

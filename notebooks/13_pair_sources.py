@@ -73,8 +73,7 @@ from IPython.display import display
 from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, labs, pipeline
-from dpo_lab.batching import completion_batches
-from dpo_lab.logprobs import forward_logits, sequence_logprobs
+from dpo_lab.evaluate import completion_logprobs
 from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS, plot_frontier, upper_envelope
 from dpo_lab.presets import get_preset
@@ -110,33 +109,22 @@ print(f"every run trains on {n_pairs} pairs")
 # One number per source: the mean log-probability per token that $\pi_{\rm SFT}$ (the reference of the
 # first round) gives to its completions. DPO's gradient on a pair is weighted by how wrong the implicit
 # reward is on it, and its log-ratios start at 0 on every pair whatever their source; what changes with the
-# source is *where* in completion space the policy is pushed. The cell writes out the per-token log-prob for
-# one completion (shift by one, gather, mask the prompt) and checks it against the library routine that
-# scores the rest.
+# source is *where* in completion space the policy is pushed. The cell writes out the log-prob of one
+# completion (shift by one, gather, sum over the completion's tokens) and checks it against the library routine
+# (`evaluate.completion_logprobs`) that scores the rest.
 
 # %%
 # NBVAL_CHECK_OUTPUT
-def completion_logprobs(model, prompts: list[str], completions: list[str]) -> np.ndarray:
-    """log pi(y|x) summed over each completion's tokens, and its token count: the library's routine."""
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
-    out = []
-    with torch.no_grad():
-        for batch in completion_batches(prompt_ids, completion_ids, batch_size=64,
-                                        pad_token_id=tokenizer.pad_token_id):
-            logits = forward_logits(model, batch["input_ids"], batch["attention_mask"])
-            logp = sequence_logprobs(logits, batch["input_ids"], batch["completion_mask"])
-            out += list(zip(logp.tolist(), batch["completion_mask"].sum(-1).tolist(), strict=True))
-    return np.array(out)
+def token_ids(texts: list[str]) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
 prompt, completion = sources["on-policy (pi_SFT)"][0]["prompt"][0], sources["on-policy (pi_SFT)"][0]["chosen"][0]
-x = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-y = tokenizer(completion, add_special_tokens=False)["input_ids"]
+(x,), (y,) = token_ids([prompt]), token_ids([completion])
 with torch.no_grad():
     logits = sft(torch.tensor([x + y])).logits[0]
 by_hand = torch.log_softmax(logits[len(x) - 1:-1].double(), -1).gather(-1, torch.tensor(y)[:, None]).sum()
-library, _ = completion_logprobs(sft, [prompt], [completion])[0]
+library = completion_logprobs(sft, [x], [y], batch_size=64, pad_token_id=tokenizer.pad_token_id)[0]
 print("written out == library:", abs(by_hand.item() - library) < 1e-3)
 assert abs(by_hand.item() - library) < 1e-3
 
@@ -144,10 +132,11 @@ assert abs(by_hand.item() - library) < 1e-3
 rows = {}
 for name, pairs in pairs_of.items():
     subset = pairs.select(range(min(len(pairs), 500)))
-    texts = list(subset["chosen"]) + list(subset["rejected"])
-    scored = completion_logprobs(sft, list(subset["prompt"]) * 2, texts)
-    rows[name] = {"log pi_SFT per token": scored[:, 0].sum() / scored[:, 1].sum(),
-                  "tokens per completion": scored[:, 1].mean()}
+    ys = token_ids(list(subset["chosen"]) + list(subset["rejected"]))
+    logps = completion_logprobs(sft, token_ids(list(subset["prompt"]) * 2), ys, batch_size=64,
+                                pad_token_id=tokenizer.pad_token_id)
+    n_tokens = np.array([len(y) for y in ys])
+    rows[name] = {"log pi_SFT per token": logps.sum() / n_tokens.sum(), "tokens per completion": n_tokens.mean()}
 display(pd.DataFrame(rows).T.round(3))
 
 # %% [markdown]

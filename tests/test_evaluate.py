@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from tiny_lms import seq_logprob, tiny_lm  # tests/ is on sys.path
 
 from dpo_lab.dpo_trainer import train_dpo
 from dpo_lab.evaluate import completion_kls, evaluate_policy, make_eval_fn
@@ -55,31 +55,17 @@ def test_kl_grows_with_the_distance_and_both_estimators_agree(tiny_model, tiny_t
     assert _eval(far, tiny_model, tiny_tokenizer, samples_per_prompt=8) == b  # seeded
 
 
-def _tiny_lm(seed: int, vocab: int = 5) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=8, n_embd=8, n_layer=1, n_head=2, eos_token_id=0,
-                        bos_token_id=0, initializer_range=0.5)
-    return GPT2LMHeadModel(config).eval()
-
-
-def _seq_logprob(model: GPT2LMHeadModel, prompt: list[int], completion: tuple[int, ...]) -> float:
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + list(completion)])).logits[0].double()
-    logp = torch.log_softmax(logits, -1)
-    return float(sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(completion)))
-
-
 def test_sequence_kl_equals_brute_force_enumeration():
     """Vocab 5 (token 0 = EOS), at most 3 new tokens: every completion the sampler can produce is a run of
     non-EOS tokens, cut at 3 or ended by EOS. Exact KL(pi(y|x) || pi_ref(y|x)) over that finite set must
     equal the pi-weighted average of the summed per-step vocabulary KLs (no sampling needed)."""
-    policy, reference = _tiny_lm(0), _tiny_lm(1)
+    policy, reference = tiny_lm(0), tiny_lm(1)
     prompt, horizon, eos = [3, 1], 3, 0
     completions = [c + (eos,) for n in range(horizon) for c in itertools.product(range(1, 5), repeat=n)]
     completions += list(itertools.product(range(1, 5), repeat=horizon))
     assert len(completions) == 1 + 4 + 16 + 64
-    log_pi = np.array([_seq_logprob(policy, prompt, c) for c in completions])
-    log_ref = np.array([_seq_logprob(reference, prompt, c) for c in completions])
+    log_pi = np.array([seq_logprob(policy, prompt, c) for c in completions])
+    log_ref = np.array([seq_logprob(reference, prompt, c) for c in completions])
     pi = np.exp(log_pi)
     # The enumeration is the whole support. Each sequence has its own float32 forward, and a prefix's logits
     # differ in the last bits between lengths (6e-9 seen on an AVX2 machine): the tree sums to 1 within 1e-6.

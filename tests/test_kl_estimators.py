@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from tiny_lms import boost_eos, seq_logprob, tiny_lm  # tests/ is on sys.path
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from dpo_lab.evaluate import completion_kls
@@ -16,20 +17,6 @@ from dpo_lab.kl_estimators import drop_eos, kl_estimates, sample_with_settings, 
 from dpo_lab.sampling import sample
 
 PROMPTS = ["This movie was", "A terrible", "The music", "I watched"]
-
-
-def _tiny_lm(seed: int, vocab: int = 5) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=8, n_embd=8, n_layer=1, n_head=2, eos_token_id=0,
-                        bos_token_id=0, initializer_range=0.5)
-    return GPT2LMHeadModel(config).eval()
-
-
-def _seq_logprob(model: GPT2LMHeadModel, prompt: list[int], completion: tuple[int, ...]) -> float:
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([prompt + list(completion)])).logits[0].double()
-    logp = torch.log_softmax(logits, -1)
-    return float(sum(logp[len(prompt) - 1 + k, t] for k, t in enumerate(completion)))
 
 
 def _perturbed(model: GPT2LMHeadModel, scale: float, seed: int = 1) -> GPT2LMHeadModel:
@@ -49,12 +36,12 @@ def _flat(samples) -> tuple[list[list[int]], list[list[int]]]:
 def test_k1_k3_and_exact_are_unbiased_by_brute_force():
     """Vocab 5 (token 0 = EOS), at most 3 new tokens: the 85 completions are the whole support, so
     E_pi[estimator] = sum_y pi(y) estimator(y) exactly, against KL(pi(y|x) || pi_ref(y|x)) by definition."""
-    policy, reference = _tiny_lm(0), _tiny_lm(1)
+    policy, reference = tiny_lm(0), tiny_lm(1)
     prompt, horizon, eos = [3, 1], 3, 0
     completions = [c + (eos,) for n in range(horizon) for c in itertools.product(range(1, 5), repeat=n)]
     completions += list(itertools.product(range(1, 5), repeat=horizon))
-    log_pi = np.array([_seq_logprob(policy, prompt, c) for c in completions])
-    log_ref = np.array([_seq_logprob(reference, prompt, c) for c in completions])
+    log_pi = np.array([seq_logprob(policy, prompt, c) for c in completions])
+    log_ref = np.array([seq_logprob(reference, prompt, c) for c in completions])
     pi = np.exp(log_pi)
     assert pi.sum() == pytest.approx(1.0, abs=1e-6)
     kl = float(np.sum(pi * (log_pi - log_ref)))
@@ -147,19 +134,9 @@ def test_top_k_sampling_biases_k1_away_from_the_exact_kl(tiny_tokenizer):
     assert abs(k1_top - truth) > 6 * (k1_top_se + truth_se), (k1_top, truth)
 
 
-def _boost_eos(model: GPT2LMHeadModel, eos: int, logit: float) -> None:
-    """Every position then gives EOS the logit ``logit`` and ~0 to every other token."""
-    with torch.no_grad():
-        u = torch.zeros(model.config.n_embd)
-        u[0] = 1.0
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.copy_(u)
-        model.transformer.wte.weight[eos] = logit * u
-
-
 def test_min_new_tokens_forbids_eos_and_strip_eos_drops_it(tiny_model, tiny_tokenizer):
     eos = tiny_tokenizer.eos_token_id
-    _boost_eos(tiny_model, eos, 4.0)
+    boost_eos(tiny_model, eos, 4.0)
     kw = {"n_per_prompt": 8, "max_new_tokens": 6, "batch_size": 16, "seed": 0}
     free = sample_with_settings(tiny_model, tiny_tokenizer, PROMPTS, **kw)
     flat = [c for per in free.completion_ids for c in per]

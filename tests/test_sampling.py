@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_lms import boost_eos  # tests/ is on sys.path
 
 from dpo_lab.sampling import (
     _cut_at_eos,
@@ -147,16 +148,6 @@ def test_bad_input_is_named(tiny_model, tiny_tokenizer, prompts, over, error, ma
 MIXED = ["This movie", "A", "I watched it twice; the music", "An excellent, moving picture with a", "The"]
 
 
-def _boost_eos(model: torch.nn.Module, eos: int, logit: float) -> None:
-    """Every position then gives EOS the logit ``logit`` and ~0 to the rest (see the EOS test above)."""
-    with torch.no_grad():
-        u = torch.zeros(model.config.n_embd)
-        u[0] = 1.0
-        model.transformer.ln_f.weight.zero_()
-        model.transformer.ln_f.bias.copy_(u)
-        model.transformer.wte.weight[eos] = logit * u
-
-
 def _both(model, tokenizer, prompts, **over):
     loop = sample(model, tokenizer, prompts, **_kwargs(backend="loop", **over))
     gen = sample(model, tokenizer, prompts, **_kwargs(backend="generate", **over))
@@ -181,7 +172,7 @@ def test_loop_gives_generates_tokens_with_eos_and_early_stop(tiny_model, tiny_to
     """EOS inside rows (logit 3: p ~ 0.06 a step) and whole batches ending early (logit 8: p ~ 0.9):
     a batch that stops early must leave the RNG where generate leaves it, or the next batch differs."""
     eos = tiny_tokenizer.eos_token_id
-    _boost_eos(tiny_model, eos, eos_logit)
+    boost_eos(tiny_model, eos, eos_logit)
     loop, gen = _both(tiny_model, tiny_tokenizer, MIXED, n_per_prompt=4, max_new_tokens=10, batch_size=3)
     assert loop.completion_ids == gen.completion_ids
     flat = [c for per in loop.completion_ids for c in per]
@@ -253,7 +244,7 @@ def test_inverse_cdf_draws_the_softmax_distribution(tiny_model, tiny_tokenizer):
 def test_inverse_cdf_backend_keeps_the_sampling_contract(tiny_model, tiny_tokenizer):
     """Seeded, RNG untouched, EOS kept and ending its row, other tokens than "loop" (a different draw)."""
     eos = tiny_tokenizer.eos_token_id
-    _boost_eos(tiny_model, eos, 3.0)
+    boost_eos(tiny_model, eos, 3.0)
     torch.manual_seed(7)
     before = torch.get_rng_state()
     a = sample(tiny_model, tiny_tokenizer, MIXED, **_kwargs(n_per_prompt=4, max_new_tokens=10,
