@@ -13,6 +13,10 @@
 3. Achieved FLOP/s = counted FLOPs / median step time, against the measured matmul rates.
 4. Where the time goes: torch.profiler over a few steps, self CPU time bucketed by operator (GEMMs, attention,
    vocabulary-sized elementwise ops of the log-softmax, optimizer, ...) and the wall time outside any op.
+5. The floor of ``make reproduce``: the matmul FLOPs of every stage of the cpu reproduction (counted from the
+   token totals its runs logged in ``figures/results_cpu.csv`` and ``figures/summary_cpu.json``) over every
+   core running at the model-shape rate of section 1. No schedule or kernel can beat it without doing fewer
+   FLOPs, that is without shrinking the experiment (issue #12's 25-minute goal).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import re
 import sys
 import tempfile
@@ -137,6 +142,66 @@ def padded_length(setup: dict[str, Any], step: int) -> int:
     return max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
 
 
+# ------------------------------------------------------------------------------ floor of the reproduction
+def reproduction_flops(figures: Path, preset_name: str = "cpu") -> list[dict[str, Any]]:
+    """Matmul FLOPs of each stage of ``make reproduce`` at ``preset_name``, counted low (a lower bound).
+
+    Tokens are unpadded (what the runs logged); a forward costs ``step_flops(...)["forward"]`` per token at
+    the stage's typical length, a backward twice that. Counted: SFT (forward + backward of every token it
+    logged); sampling the preference candidates (one forward per token, the KV cache making each new token
+    cost one token's forward); pi_ref's log-probs of the pairs (one forward, shared by every run); r_phi's
+    training (forward + backward over chosen and rejected of every training pair, each epoch; no LM head);
+    each frontier run's logged policy forward/backward tokens; PPO's sampling and r_phi queries of its
+    rollouts; every evaluation point after step 0 (sampling plus the policy and reference forwards of the
+    exact sequence KL). Not counted: r*'s TF-IDF, validation passes, tokenizer training, padding, elementwise
+    work (softmaxes, GELU, layer norms, optimizer): every one of them only adds time.
+    """
+    import csv
+    import json
+
+    from dpo_lab.presets import get_preset
+
+    preset = get_preset(preset_name)
+    pol = preset.policy
+    summary = json.loads((figures / f"summary_{preset_name}.json").read_text())
+    with open(figures / f"results_{preset_name}.csv") as f:
+        runs = list(csv.DictReader(f))
+    with open(figures / f"frontier_{preset_name}_points.csv") as f:
+        points = [r for r in csv.DictReader(f) if int(r["step"]) > 0]
+
+    def forward(seq_len: int, lm_head: bool = True) -> float:
+        """FLOPs per token of one forward over rows of ``seq_len`` tokens (r_phi has no LM head)."""
+        f = step_flops(rows=1, seq_len=seq_len, n_layer=pol.n_layer, d_model=pol.n_embd,
+                       vocab=summary["sft"]["vocab_size"])
+        return (f["forward"] - (0 if lm_head else f["lm_head"] / 3)) / seq_len
+
+    dpo_runs = [r for r in runs if r["method"] == "DPO"]
+    rows_per_run = preset.dpo.max_steps * 2 * preset.dpo.batch_size
+    seq = round(float(dpo_runs[0]["policy_forward_tokens"]) / rows_per_run)  # mean prompt + completion
+    new = preset.preferences.max_new_tokens
+    n_pairs = summary["pairs"]["n_pairs"]
+    rm = preset.reward_model
+    stages = {
+        "SFT": 3 * summary["sft"]["tokens"] * forward(pol.n_positions),
+        "preference sampling": summary["pairs"]["n_candidates"] * seq * forward(seq),
+        "pi_ref log-probs of the pairs": 2 * n_pairs * seq * forward(seq),
+        "r_phi training": 3 * rm.epochs * (1 - rm.val_fraction) * 2 * n_pairs * seq
+        * forward(seq, lm_head=False),
+    }
+    for method in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == method]
+        fwd = sum(float(r["policy_forward_tokens"]) for r in mine)
+        bwd = sum(float(r["policy_backward_tokens"]) for r in mine)
+        rollouts = sum(float(r["samples"]) for r in mine)
+        flops = (fwd + 2 * bwd) * forward(seq) + rollouts * new * forward(seq)
+        if method == "PPO":  # r_phi scores every rollout
+            flops += rollouts * seq * forward(seq, lm_head=False)
+        stages[f"runs: {method}"] = flops
+    per_point = preset.eval.n_prompts * preset.eval.samples_per_prompt * seq * 3 * forward(seq)
+    stages[f"evaluations ({len(points)} points)"] = len(points) * per_point
+    return [{"stage": k, "TFLOP": v / 1e12} for k, v in stages.items()]
+
+
 # ------------------------------------------------------------------------------------------- profile
 _BUCKETS = [  # (bucket, regex over the ATen op name); the first match wins
     ("GEMM (mm/addmm/bmm)", r"^aten::(mm|addmm|bmm|baddbmm|addbmm)$"),
@@ -252,6 +317,22 @@ def main(argv: list[str] | None = None) -> None:
                          ["where", "ms per step", "share of wall"]))
     print("\nTop operators by self CPU time:\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=50))
+
+    figures = Path(__file__).resolve().parents[1] / "figures"
+    if (figures / "results_cpu.csv").exists():
+        stages = reproduction_flops(figures)
+        total = sum(r["TFLOP"] for r in stages) * 1e12
+        threads = torch.get_num_threads()
+        cores = len(os.sched_getaffinity(0))
+        machine_rate = model_rate * 1e9 * cores / threads
+        for r in stages:
+            r["s at the floor"] = r["TFLOP"] * 1e12 / machine_rate
+        print(f"\n## 5. Floor of `make reproduce` (cpu preset): each of {cores} cores at the model-shape "
+              f"rate of section 1 ({model_rate:.1f} GFLOP/s per {threads} thread(s))\n")
+        print(markdown_table(stages + [{"stage": "total", "TFLOP": total / 1e12,
+                                        "s at the floor": total / machine_rate}],
+                             ["stage", "TFLOP", "s at the floor"]))
+        print(f"\nfloor: {total / machine_rate / 60:.1f} min of compute, install not included")
     print(f"load average at the end: {[round(x, 2) for x in load_average()]}")
 
 
