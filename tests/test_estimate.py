@@ -143,6 +143,26 @@ def test_flops_scale_linearly_in_steps_and_runs():
     assert "6 × 772.7M × (4 runs × 2,400 steps × 64 pairs × 2 seqs × 69 tok)" == dpo.arithmetic
 
 
+def test_gpu_preset_is_billed_at_its_own_shape_and_its_offline_r_star_on_the_cpu():
+    gpu = PRESETS["gpu"]
+    stages = estimate.imdb_stages(gpu)
+    shape = GPT2Config(n_layer=gpu.policy.n_layer, n_head=gpu.policy.n_head, n_embd=gpu.policy.n_embd,
+                       n_positions=gpu.policy.n_positions, vocab_size=gpu.tokenizer.vocab_size)
+    n = estimate.matmul_params(shape)
+    # GPT-2 small's 124M less the 50,257 - 16,384 vocabulary rows it does not have; the LM head is tied.
+    assert estimate.count_parameters(shape).total == pytest.approx(124.4e6 - (50257 - 16384) * 768, rel=0.01)
+    assert not [s for s in stages if "r*" in s.stage]  # TF-IDF + logistic regression: no GPU rows
+    assert {s.model for s in stages} == {"GPT-2 12x768 (trained here)"}
+    dpo = _stage(stages, "DPO (β sweep)")
+    tokens = (len(gpu.dpo.betas) * gpu.dpo.max_steps * gpu.dpo.batch_size * 2
+              * (5 + gpu.preferences.max_new_tokens))
+    assert dpo.params == n and dpo.flops == 6 * n * tokens
+    assert _stage(stages, "reward model r_φ: training").params == estimate.matmul_params(shape, lm_head=False)
+    # The paper preset keeps its hub models, r* included.
+    paper_models = {s.model for s in estimate.imdb_stages(PRESETS["paper"])}
+    assert paper_models == {"gpt2-large", "siebert/sentiment-roberta-large-english"}
+
+
 def test_paper_cost_table_totals_and_utilisations():
     table = estimate.paper_cost_table(mfu=0.4, decode_mfu=0.05)
     assert list(table.columns) == ["task", "stage", "model", "pass", "params", "tokens", "flops",

@@ -294,7 +294,9 @@ def imdb_stages(
     tokens of a train review cut at the context (512): 280 is min(chars / 4, 512) averaged over the
     22,411 offline train reviews (1,304 characters mean), with 4 characters per BPE token a rule of thumb;
     ``prompt_tokens`` = mean prefix length (the paper's 2-8 tokens). Completions are taken at full length
-    (``max_new_tokens``). The r* classifier is assumed to see as many tokens as the policy.
+    (``max_new_tokens``). The r* classifier is assumed to see as many tokens as the policy. A policy trained
+    here (``policy.source == "scratch"``: the ``gpu`` preset) is billed at the preset's own shape and
+    vocabulary; an offline r* (TF-IDF + logistic regression) runs on the CPU and gets no GPU rows.
     """
     p = preset or PRESETS["paper"]
     _check_count("n_train_reviews", n_train_reviews, integer=True, allow_zero=False)
@@ -302,9 +304,19 @@ def imdb_stages(
     _check_count("prompt_tokens", prompt_tokens)
     review_tokens = min(review_tokens, p.policy.n_positions)
     task = f"IMDb ({p.name} preset)"
-    policy_name, rstar_name = p.policy.hub_name, p.reward.hub_name
-    n_policy, n_rstar = matmul_params(policy_name), matmul_params(rstar_name)
-    n_backbone = matmul_params(policy_name, lm_head=False)  # r_phi: transformer + scalar head
+    if p.policy.source == "scratch":  # a GPT-2 of the preset's shape, trained here (the gpu preset)
+        policy_config: str | PretrainedConfig = GPT2Config(
+            n_layer=p.policy.n_layer, n_head=p.policy.n_head, n_embd=p.policy.n_embd,
+            n_positions=p.policy.n_positions, vocab_size=p.tokenizer.vocab_size,
+            bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is outside this vocabulary
+        policy_name = f"GPT-2 {p.policy.n_layer}x{p.policy.n_embd} (trained here)"
+    else:
+        policy_config = policy_name = p.policy.hub_name
+    n_policy = matmul_params(policy_config)
+    n_backbone = matmul_params(policy_config, lm_head=False)  # r_phi: transformer + scalar head
+    # An offline r* (TF-IDF + logistic regression) runs on the CPU: no GPU rows for it.
+    rstar_name = p.reward.hub_name if p.reward.source != "offline" else None
+    n_rstar = matmul_params(rstar_name) if rstar_name else 0
 
     pref = p.preferences
     seq = prompt_tokens + pref.max_new_tokens  # one prompt + completion
@@ -313,8 +325,9 @@ def imdb_stages(
 
     stages: list[Stage] = []
 
-    def add(stage: str, model: str, params: int, kind: Pass, *factors: tuple[float, str]) -> None:
-        stages.append(Stage(task, stage, model, params, kind, Tokens.product(*factors)))
+    def add(stage: str, model: str | None, params: int, kind: Pass, *factors: tuple[float, str]) -> None:
+        if model is not None:
+            stages.append(Stage(task, stage, model, params, kind, Tokens.product(*factors)))
 
     sft_texts = (p.policy.sft_steps * p.policy.sft_batch_size, "reviews") if p.policy.sft_steps > 0 \
         else (n_train_reviews, "reviews (1 epoch)")
