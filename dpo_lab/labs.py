@@ -103,14 +103,14 @@ def sampled_preference_data(preset: Preset, sampler: PreTrainedModel,
 
 def sibling_preference_data(preset: Preset, sampler_seed: int, *,
                             progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
-    """Pairs sampled from a sibling of pi_SFT: the same architecture and SFT recipe with another seed (its
-    own initialisation, tokenizer, data order and train/test split), labelled by r* (off-policy pairs)."""
+    """Pairs sampled from a sibling of pi_SFT, labelled by r* (off-policy pairs): the same architecture,
+    train/test split, tokenizer and SFT recipe, another seed for its initialisation and data order."""
     if sampler_seed == preset.seed:
         raise ValueError(f"sampler_seed {sampler_seed} is the preset's own seed: that sampler is pi_SFT "
                          "itself")
-    sibling = dataclasses.replace(preset, seed=sampler_seed)
-    model, tokenizer, _ = pipeline.sft_policy(sibling, progress=progress)
-    return sampled_preference_data(preset, model, tokenizer, sampler_key=f"sft-{pipeline.sft_key(sibling)}",
+    model, tokenizer, _ = pipeline.sft_policy(preset, init_seed=sampler_seed, progress=progress)
+    return sampled_preference_data(preset, model, tokenizer,
+                                   sampler_key=f"sft-{pipeline.sft_key(preset, sampler_seed)}",
                                    progress=progress)
 
 

@@ -62,8 +62,9 @@ SHORT_TEXT_WORDS = 40
 
 
 # ------------------------------------------------------------------------------------------------ keys
-def sft_key(preset: Preset) -> str:
-    return content_hash("sft", preset.seed, preset.data, preset.tokenizer, preset.policy)
+def sft_key(preset: Preset, init_seed: int | None = None) -> str:
+    parts = () if init_seed is None else (("init_seed", init_seed),)  # pi_SFT keeps its key
+    return content_hash("sft", preset.seed, preset.data, preset.tokenizer, preset.policy, *parts)
 
 
 def reward_key(preset: Preset) -> str:
@@ -98,27 +99,31 @@ def _imdb(source: str, test_fraction: float, seed: int, cap: int | None) -> data
     return datasets.DatasetDict({"train": train, "test": dataset["test"]})
 
 
-def sft_policy(preset: Preset, *, progress: bool = SHOW_PROGRESS,
+def sft_policy(preset: Preset, *, init_seed: int | None = None, progress: bool = SHOW_PROGRESS,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    """pi_SFT (= pi_ref, and the start of every trained policy) with its tokenizer and training report."""
+    """pi_SFT (= pi_ref, and the start of every trained policy) with its tokenizer and training report.
+
+    ``init_seed`` trains a sibling instead: the same split, tokenizer and recipe, another seed for the
+    initialisation and the order of the reviews (cached apart)."""
+    seed = preset.seed if init_seed is None else init_seed
 
     def build(folder: Path) -> None:
-        seed_everything(preset.seed)
+        seed_everything(seed)
         data = imdb(preset)
         train_texts = data["train"]["text"]
         if preset.policy.source == "scratch":
             tokenizer = train_tokenizer(train_texts, preset.tokenizer.vocab_size)
-            model = build_policy(tokenizer, preset.policy, seed=preset.seed)
+            model = build_policy(tokenizer, preset.policy, seed=seed)
         else:
             model, tokenizer = load_hub_policy(preset.policy.hub_name)
-        report = train_sft(model, tokenizer, train_texts, preset.policy, seed=preset.seed,
+        report = train_sft(model, tokenizer, train_texts, preset.policy, seed=seed,
                            held_out_texts=data["test"]["text"], progress=progress)
         report["parameters"] = sum(p.numel() for p in model.parameters())
         report["vocab_size"] = len(tokenizer)
         save_policy(model, tokenizer, folder / "policy")
         (folder / "report.json").write_text(json.dumps(report))
 
-    folder = cached_directory(stage_dir("sft", sft_key(preset)), build)
+    folder = cached_directory(stage_dir("sft", sft_key(preset, init_seed)), build)
     rebuild = f"delete {folder} to rebuild the SFT stage"
     model, tokenizer = load_policy(folder / "policy", advice=rebuild)
     return model, tokenizer, read_json_object(folder / "report.json", advice=rebuild)

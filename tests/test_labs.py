@@ -8,6 +8,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import torch
 
 from dpo_lab import labs, pipeline
 from dpo_lab.evaluate import evaluate_policy
@@ -119,8 +120,13 @@ def test_sibling_pairs_come_from_another_seeds_sft(smoke) -> None:
     on_policy, _ = pipeline.preference_data(smoke)
     assert set(pairs["prompt"]) <= set(pipeline.preference_candidates(smoke)["prompts"])
     assert set(pairs["chosen"]) != set(on_policy["chosen"])
-    sibling_dir = pipeline.stage_dir("sft", pipeline.sft_key(get_preset("smoke", seed=smoke.seed + 1)))
-    assert Path(sibling_dir).is_dir()
+    # The sibling shares pi_SFT's split and tokenizer; only its initialisation and data order differ.
+    assert Path(pipeline.stage_dir("sft", pipeline.sft_key(smoke, smoke.seed + 1))).is_dir()
+    assert pipeline.sft_key(smoke, smoke.seed + 1) != pipeline.sft_key(smoke)
+    sibling, sibling_tok, _ = pipeline.sft_policy(smoke, init_seed=smoke.seed + 1)
+    sft, sft_tok, _ = pipeline.sft_policy(smoke)
+    assert sibling_tok.get_vocab() == sft_tok.get_vocab()
+    assert not torch.equal(sibling.transformer.wte.weight, sft.transformer.wte.weight)
 
 
 def test_final_samples_are_scored_by_every_reward(smoke) -> None:
