@@ -37,6 +37,7 @@ EQ_MARK_MATH = re.compile(r"\\text\{\(Eq\.\s*(\d+)\)\}")  # a display that names
 EQ_MARK_TEXT = re.compile(r"\(Eq\.\s*(\d+)\)")  # a sentence that names itself: "... = 1 (Eq. 9)."
 EQ_MENTION = re.compile(r"\bEqs?\.\s*\d+(?:\s*(?:,|–|-|/|and|or)\s*\d+)*")
 TABLE_MATH = re.compile(r"(?<![\\$])\$[^$\n]+\$")  # one $...$ span of a table row
+CAPTION_MATH = re.compile(r"\$([^$]+)\$")  # inline math in a caption of book/captions.yml
 PNG_IN_SOURCE = re.compile(r"""["/]([^"/\n]+?\.png)["]""")  # "NN_name.png" or f"frontier_{x}.png"
 NO_LINKS_INSIDE = (nodes.FixedTextElement, nodes.literal, nodes.math, nodes.math_block, nodes.reference,
                    nodes.title, nodes.raw, addnodes.pending_xref, addnodes.download_reference)
@@ -214,7 +215,7 @@ class FigureCaptions(SphinxTransform):
             children = [c for c in paragraph.children if not (isinstance(c, nodes.Text) and not c.strip())]
             if len(children) == 1 and isinstance(children[0], nodes.image) and children[0].get("alt"):
                 image = children[0]
-                paragraph.replace_self(self._figure(image.deepcopy(), image["alt"], docname, None))
+                paragraph.replace_self(self._figure(image.deepcopy(), image["alt"], None))
         if not _is_notebook(docname):
             return
         count = 0
@@ -230,12 +231,13 @@ class FigureCaptions(SphinxTransform):
                 if caption is None:
                     logger.warning(f"no caption for figure {key!r} in book/captions.yml", location=bundle)
                     caption = key
-                figure = self._figure(bundle.deepcopy(), caption, docname, saved[0] if saved else None)
-                bundle.replace_self(figure)
+                bundle.replace_self(self._figure(bundle.deepcopy(), caption, saved[0] if saved else None))
 
-    def _figure(self, content: nodes.Element, caption: str, docname: str, saved: str | None) -> nodes.figure:
+    def _figure(self, content: nodes.Element, caption: str, saved: str | None) -> nodes.figure:
         figure = nodes.figure("", content, classes=["dpo-figure"])
-        text = nodes.caption("", caption)
+        text = nodes.caption("")
+        for i, part in enumerate(CAPTION_MATH.split(caption)):  # odd parts are the $...$ spans
+            text += nodes.math(part, part) if i % 2 else nodes.Text(part)
         if saved:  # say which file the cell writes, so the figure can be found in the repository
             text += [nodes.Text(" ("), nodes.literal(text=f"figures/{saved}"), nodes.Text(")")]
         figure += text
@@ -300,6 +302,14 @@ def _merge(app: Sphinx, env: BuildEnvironment, docnames: set[str], other: BuildE
     env.dpo_equations.update({d: a for d, a in getattr(other, "dpo_equations", {}).items() if d in docnames})
 
 
+def _notebooks_together(app: Sphinx, env: BuildEnvironment, added: set[str], changed: set[str],
+                        removed: set[str]) -> list[str]:
+    """When one notebook changes, rewrite them all: a page's equation links depend on the others' anchors."""
+    if any(_is_notebook(d) for d in added | changed | removed):
+        return sorted(d for d in env.found_docs if _is_notebook(d))
+    return []
+
+
 def _load_captions(app: Sphinx, config: Any) -> None:
     path = Path(app.confdir) / "captions.yml"
     config.dpo_book_captions = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -318,4 +328,5 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_post_transform(EquationLinks)
     app.connect("env-purge-doc", _purge)
     app.connect("env-merge-info", _merge)
+    app.connect("env-get-outdated", _notebooks_together)
     return {"parallel_read_safe": True, "parallel_write_safe": True, "env_version": 1}
