@@ -30,12 +30,12 @@ myst_dmath_double_inline = True
 myst_heading_anchors = 3
 
 # MathJax 3 from the copy the `sphinx-mathjax-offline` package ships, served from _static/mathjax/ (no CDN).
-# Its own extension would switch to CHTML output, whose web fonts Chromium may refuse from file:// pages:
-# SVG output needs no fonts, so only its files are used.
+# Its own extension would also pick CHTML output; SVG output draws every glyph itself, with no web-font
+# files to fetch, so only the package's files are used here.
 _mathjax = Path(importlib.util.find_spec("sphinx-mathjax-offline").origin).parent / "static"
 html_static_path = [str(_mathjax)]
 mathjax_path = "mathjax/tex-svg.js"
-numfig = True  # figures (captioned by dpo_book) are numbered per page
+numfig = True  # figures (captioned by dpo_book) are numbered through the book: Fig. 1, 2, ...
 math_numfig = False  # equations keep the paper's numbers (dpo_book sets them), not a count of displays
 
 html_theme = "sphinx_book_theme"

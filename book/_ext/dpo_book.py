@@ -1,9 +1,10 @@
-"""The book layer over the unmodified notebooks (a Sphinx extension used by `book/conf.py`).
+r"""The book layer over the unmodified notebooks (a Sphinx extension used by `book/conf.py`).
 
 The notebooks stay plain Jupyter notebooks; everything a printed book needs on top is added here:
 
 * equation anchors: the display under a heading "Eq. N — ..." gets the paper's number (N) and an anchor
-  ``eq-N``; a display or a sentence marked "(Eq. N)" gets the anchor alone;
+  ``eq-N``; a display that says ``\text{(Eq. N)}`` itself, and a sentence right after it that says
+  "(Eq. M)", get the anchor alone;
 * equation links: "Eq. N" / "Eqs. N and M" in the text of every other page link to those anchors;
 * figure captions: each output image becomes a numbered figure with the caption `book/captions.yml` gives
   for the file its cell saves, and a Markdown image alone in its paragraph becomes a figure captioned by its
