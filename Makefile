@@ -5,7 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PRESET ?= cpu
 
-.PHONY: setup test reproduce notebooks lint student
+BOOK ?= _build/book
+
+.PHONY: setup test reproduce notebooks lint student book
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,10 +18,17 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The book's packages (pyproject's `book` group), installed on first use of `make book` or `make test`.
+$(VENV)/.book-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev,book]'
+	touch $@
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
-test: lint
+# The test suite includes tests/test_book.py: it builds the book and reads every page in headless Chromium
+# (Debian: `apt-get install chromium chromium-driver`; without them it is skipped, outside CI).
+test: lint $(VENV)/.book-installed
 	$(PY) -m pytest
 
 reproduce: $(VENV)/.installed
@@ -35,3 +44,9 @@ notebooks: $(VENV)/.installed
 # Student copies: notebooks/student/*.ipynb, each exercise's solution replaced by a stub (tests check they are current).
 student: $(VENV)/.installed
 	$(PY) -m dpo_lab student
+
+# The notebooks as a static HTML book (book/: Sphinx + myst-nb), from their committed outputs: no notebook is
+# executed and nothing is fetched. Open $(BOOK)/html/index.html from disk; the folder can be published as is.
+book: $(VENV)/.book-installed
+	$(PY) -m sphinx -b html -c book -d $(BOOK)/doctrees -q . $(BOOK)/html
+	@echo "The book: $(BOOK)/html/index.html"

@@ -294,7 +294,7 @@ print(f"notebook ran in {time.perf_counter() - started:.0f} s")
 #   KL 12.5, a point it beats on both axes. With the same completions a step it sees 16 prompts' full
 #   orders instead of 32 pairs, and each ranking carries all six of a prompt's comparisons in one term. On
 #   its way there (KL ≈ 9: 0.80) it sits a little below DPO's envelope.
-# * **cDPO (ε = 0.1)** stops where $eta h=\log 9$ and lands at KL 6.7 with r* 0.815 ± 0.009, in the
+# * **cDPO (ε = 0.1)** stops where $\beta h=\log 9$ and lands at KL 6.7 with r* 0.815 ± 0.009, in the
 #   KL 4–8 gap DPO's β grid leaves empty and well above DPO's envelope there (0.757 up to KL 8). Label
 #   smoothing acts like a better-placed β here, not like noise robustness: r*'s labels have no noise.
 # * **hinge (SLiC)** ends near DPO β = 0.1 (0.810 at KL 8.3 against 0.825 at 8.0): dropping pairs already
