@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
                      help="where the figure, tables and summary go (default $DPO_LAB_FIGURES or figures/)")
     rep.add_argument("--artifacts", type=Path, metavar="DIR",
                      help="the stage and run cache (default $DPO_LAB_ARTIFACTS or artifacts/)")
-    rep.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1), metavar="N",
-                     help="frontier runs trained side by side, one thread each (default 2; 1 on one core)")
+    rep.add_argument("--workers", type=int, default=None, metavar="N",
+                     help="frontier runs trained side by side, one thread each (default: one per core; "
+                          "two on a CUDA machine)")
     show = sub.add_parser("preset", help="print every setting of a preset")
     show.add_argument("name", nargs="?", default=None, choices=sorted(PRESETS), help="the preset to print")
     _add_preset_arguments(show, "the preset to print (same as NAME)")
@@ -161,16 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         preset = get_preset(name, **parse_overrides(args.overrides))
     except (KeyError, TypeError, ValueError) as err:
         parser.error(str(err.args[0] if err.args else err))
+    if getattr(args, "workers", None) is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.command == "preset":
         print(json.dumps(preset.to_dict(), indent=2) if args.json else preset.describe())
         return 0
+    from dpo_lab.pipeline import default_workers
     from dpo_lab.reproduce import reproduce
     from dpo_lab.run import RunLockedError
 
     if args.artifacts is not None:
         os.environ["DPO_LAB_ARTIFACTS"] = str(args.artifacts)  # paths.artifacts_dir reads it at each call
+    workers = default_workers() if args.workers is None else args.workers
     try:
-        reproduce(preset, out_dir=args.out, workers=args.workers)
+        reproduce(preset, out_dir=args.out, workers=workers)
     except RunLockedError as err:  # $DPO_LAB_LOCK_TIMEOUT ran out while another process held a run
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import multiprocessing
 import os
 import time
@@ -47,7 +48,7 @@ from dpo_lab.preferences import (
 from dpo_lab.presets import DPOConfig, PPOConfig, Preset, dpo_key_settings
 from dpo_lab.reward_model import LearnedReward, train_reward_model
 from dpo_lab.rewards import HubSentimentReward, RewardModel, TfidfSentimentReward, accuracy, first_words
-from dpo_lab.run import RunResult, finished_metrics, resolve_device
+from dpo_lab.run import RunResult, finished_metrics, resolve_device, schedule_dir
 from dpo_lab.seed import seed_everything
 
 if TYPE_CHECKING:
@@ -397,6 +398,117 @@ def _train_in_worker(preset: Preset, method: str, value: float) -> float:
     return time.perf_counter() - start
 
 
+def default_workers() -> int:
+    """Frontier runs trained side by side when ``workers`` is not given: one single-thread run per core this
+    process may use (docs/performance.md); on a CUDA machine two, sharing the GPU, so that one run's kernels
+    fill the gaps while the other runs Python."""
+    import torch
+
+    if torch.cuda.is_available():
+        return 2
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def run_steps(preset: Preset, method: str) -> int:
+    """How many optimizer steps one run of ``method`` takes at ``preset``."""
+    if method in PPO_METHODS:
+        return preset.ppo.max_steps
+    if method == "DPO":
+        return preset.dpo.max_steps
+    return preset.baselines.max_steps or preset.dpo.max_steps
+
+
+def run_work(preset: Preset, method: str) -> float:
+    """One run's work in token passes (a sampled or scored token counts 1, a trained one 3: a forward and a
+    backward of twice its cost), its evaluations included: the run's weight in the frontier's progress bar.
+    Every method runs at about the same FLOP rate (docs/performance.md), so the share of the work done so far
+    predicts the time left. Two shared pieces are billed once: "r_phi", the learned reward the first PPO run
+    trains, and "reference", the reference log-probs of every pair the first pairwise run computes."""
+    pref, ev, policy = preset.preferences, preset.eval, preset.policy
+    prompt = (pref.prompt_min_tokens + pref.prompt_max_tokens) / 2
+    pairs = pref.n_prompts * math.comb(pref.samples_per_prompt, 2)
+    if method == "reference":
+        return pairs * 2 * (prompt + pref.max_new_tokens)
+    # r_phi's passes skip the LM head: they cost 24 L d^2 of a token's 24 L d^2 + 2 d V matmul FLOPs.
+    layers = 12 * policy.n_layer * policy.n_embd
+    body = layers / (layers + preset.tokenizer.vocab_size)
+    if method == "r_phi":  # 3 epochs over the training pairs, each validation over the held-out ones
+        rm = preset.reward_model
+        steps = rm.max_steps or rm.epochs * math.ceil(pairs * (1 - rm.val_fraction) / rm.batch_size)
+        val_pairs = min(pairs * rm.val_fraction, rm.max_val_pairs or pairs)
+        passes = steps * rm.batch_size * 3 + (steps // rm.eval_every + rm.epochs) * val_pairs
+        return passes * 2 * (prompt + pref.max_new_tokens) * body
+    steps = run_steps(preset, method)
+    every = preset.ppo.eval_every if method in PPO_METHODS else preset.dpo.eval_every
+    # An evaluation samples, then scores policy and reference; step 0 is evaluated once per sweep.
+    work = math.ceil(steps / every) * ev.n_prompts * ev.samples_per_prompt * (prompt + ev.max_new_tokens) * 3
+    if method in PPO_METHODS:  # a rollout: sampled, policy+value, reference (and r_phi) passes; updates
+        ppo = preset.ppo
+        per_rollout = (prompt + ppo.max_new_tokens) * (3 + body * (method == "PPO") + 3 * ppo.ppo_epochs)
+        return work + steps * ppo.rollout_batch_size * per_rollout
+    return work + steps * preset.dpo.batch_size * 2 * (prompt + pref.max_new_tokens) * 3
+
+
+def _last_step(metrics_path: Path) -> int:
+    """The step of the last whole line of a run's metrics.jsonl (-1 if none), read while a worker writes."""
+    try:
+        lines = metrics_path.read_bytes().splitlines()
+    except FileNotFoundError:
+        return -1
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            continue  # a line still being written
+    return -1
+
+
+Item = tuple[str, float]  # (method, hyperparameter value) of a run, or a piece of shared work
+# Shared work, done by the first run of these methods before its first step (run_work bills it once).
+SHARED_WORK = {("r_phi", 0.0): ("PPO",), ("reference", 0.0): tuple(PAIRWISE_METHODS)}
+
+
+class _PoolProgress:
+    """The frontier pool's progress bar: the share of the stage's work done (each run's steps weighted by
+    :func:`run_work`; work already on disk when the stage started not counted), an ETA from the average
+    rate so far, and the step each running run has reached."""
+
+    def __init__(self, preset: Preset, runs: list[Item], *, disable: bool) -> None:
+        self.preset, self.runs, self.finished = preset, runs, set[Item]()
+        self.paths = {r: schedule_dir(run_dir(preset, *r), run_steps(preset, r[0])) / "metrics.jsonl"
+                      for r in runs}
+        shared = [item for item, methods in SHARED_WORK.items() if any(m in methods for m, _ in runs)]
+        self.weights = {r: run_work(preset, r[0]) for r in runs + shared}
+        self.start = {r: self._fraction(r) for r in self.weights}
+        total = sum(w * (1 - self.start[r]) for r, w in self.weights.items())
+        # smoothing=0: the ETA extrapolates the average rate since the start, not the last few seconds'.
+        self.bar = tqdm(total=max(total, 1.0), desc="frontier runs", smoothing=0, disable=disable,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
+
+    def _step(self, run: Item) -> int:
+        return max(0, _last_step(self.paths[run]))
+
+    def _fraction(self, item: Item) -> float:
+        if item in SHARED_WORK:
+            return float(any(r in self.finished or self._step(r) > 0
+                             for r in self.runs if r[0] in SHARED_WORK[item]))
+        if item in self.finished:
+            return 1.0
+        return min(1.0, self._step(item) / run_steps(self.preset, item[0]))
+
+    def update(self, running: list[Item], finished: set[Item]) -> None:
+        self.finished |= finished
+        done = sum(w * max(0.0, self._fraction(r) - self.start[r]) for r, w in self.weights.items())
+        self.bar.n = min(done, self.bar.total)
+        self.bar.set_postfix_str(" · ".join(
+            f"{m} {hyperparameter_name(m)}={v:g}: {self._step((m, v))}/{run_steps(self.preset, m)}"
+            for m, v in running), refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _worker_order(runs: list[tuple[str, float]]) -> list[tuple[str, float]]:
     """Longest first, so the pool ends on short runs: one PPO run (it trains r_phi, which every PPO run
     reads), the PPO-GT runs while r_phi trains, the other PPO runs, then DPO and the baselines."""
@@ -421,13 +533,17 @@ def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bo
         context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             futures = {pool.submit(_train_in_worker, preset, m, v): (m, v) for m, v in _worker_order(runs)}
-            bar = tqdm(total=len(futures), desc="frontier runs", unit="run", disable=not progress)
-            for future in concurrent.futures.as_completed(futures):
-                method, value = futures[future]
-                seconds[(method, value)] = future.result()  # a failed run raises here, named by its error
-                bar.update(1)
-                bar.set_postfix_str(f"{method} {hyperparameter_name(method)}={value:g}")
-            bar.close()
+            watch = _PoolProgress(preset, list(futures.values()), disable=not progress)
+            pending = set(futures)
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=2.0,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    seconds[futures[future]] = future.result()  # a failed run raises here, named by its error
+                # The pool queues a call ahead of its workers, so the first `workers` are the ones training.
+                running = [futures[f] for f in futures if f in pending and f.running()][:workers]
+                watch.update(running, {futures[f] for f in done})
+            watch.close()
     frames = []
     for method, value in runs:
         start = time.perf_counter()

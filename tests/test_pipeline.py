@@ -149,3 +149,58 @@ def test_killed_reproduction_finishes_on_rerun(tmp_path: Path) -> None:
     points = pd.read_csv(tmp_path / "figures" / "frontier_smoke_points.csv")
     assert summary["points"] == len(points)
     assert not points.duplicated(["method", "hyperparameter", "step"]).any()
+
+
+def test_run_work_predicts_each_methods_measured_time():
+    """The progress bar's weights: every method's logged run seconds in the committed cpu reproduction,
+    divided by its predicted work, give the same rate within 15% (so the ETA does not drift as the stage
+    moves from PPO runs to DPO runs)."""
+    preset = get_preset("cpu")
+    timings = json.loads((project_root() / "figures" / "summary_cpu.json").read_text())["timings_s"]
+    rates = {}
+    shared = {"PPO": "r_phi", "DPO": "reference"}  # trained / computed by the first run of each
+    for method in pipeline.METHODS:
+        work = sum(pipeline.run_work(preset, m) for m, _ in pipeline.frontier_runs(preset, (method,)))
+        if method in shared:
+            work += pipeline.run_work(preset, shared[method])
+        rates[method] = work / timings[f"runs: {method}"]
+    mean = sum(rates.values()) / len(rates)
+    assert all(abs(rate / mean - 1) < 0.15 for rate in rates.values()), rates
+
+
+def test_pool_progress_counts_new_work_and_names_running_runs(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv("DPO_LAB_ARTIFACTS", str(tmp_path))
+    preset = get_preset("smoke")
+    runs = pipeline.frontier_runs(preset, ("DPO", "PPO-GT"))
+
+    def log_steps(run: tuple[str, float], last: int, partial: bool = False) -> None:
+        folder = pipeline.run_dir(preset, *run)
+        folder.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(last + 1))
+        (folder / "metrics.jsonl").write_text(lines + ('{"step": 9' if partial else ""))
+
+    finished_before, running = runs[0], runs[-1]
+    log_steps(finished_before, pipeline.run_steps(preset, finished_before[0]))
+    watch = pipeline._PoolProgress(preset, runs, disable=False)
+    assert watch.bar.total == pytest.approx(sum(pipeline.run_work(preset, m) for m, _ in runs[1:]))
+    steps = pipeline.run_steps(preset, running[0])
+    log_steps(running, steps // 2, partial=True)  # a worker mid-way through writing a line
+    watch.update([running], set())
+    assert watch.bar.n == pytest.approx(pipeline.run_work(preset, running[0]) * (steps // 2) / steps)
+    watch.update([], set(runs))
+    assert watch.bar.n == pytest.approx(watch.bar.total)
+    watch.close()
+    shown = capsys.readouterr().err
+    assert f"PPO-GT target_kl={running[1]:g}: {steps // 2}/{steps}" in shown and "100%" in shown
+
+
+def test_cli_workers_default_to_the_cores_and_refuse_zero(capsys):
+    import torch
+
+    from dpo_lab.__main__ import main
+
+    expected = 2 if torch.cuda.is_available() else len(os.sched_getaffinity(0))
+    assert pipeline.default_workers() == expected
+    with pytest.raises(SystemExit):
+        main(["reproduce", "--preset", "smoke", "--workers", "0"])
+    assert "--workers must be at least 1, got 0" in capsys.readouterr().err
