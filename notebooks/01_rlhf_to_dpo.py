@@ -26,9 +26,6 @@
 # numpy/torch that you can read, then compared with the library (`dpo_lab.bandit`, `dpo_lab.losses`), which
 # the later notebooks use. Each derivation step is followed by a check that would fail if the step were wrong.
 #
-# Cells whose printed numbers are derivation checks start with `# NBVAL_CHECK_OUTPUT`: the notebook tests
-# fail if one of those numbers changes.
-#
 # **Exercises.** Each written-out computation is a short function under a heading *Exercise · tier N*
 # (tier 1: one line of an equation; tier 2: a sum or a mask to get right; tier 3: a derivation or a
 # model to implement). The cell after it grades the function against the exact answer (the library, or a
@@ -73,8 +70,7 @@ def show(t: torch.Tensor, digits: int = 6) -> list:
 # $\pi_{\rm ref}(y|x)$ plays the SFT model, $r^*(x,y)$ the (hidden) human reward. Rows are prompts, columns
 # responses.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 print("pi_ref =", show(pi_ref, 4))
 print("r*     =", show(r, 4))
 
@@ -98,8 +94,7 @@ def bt_by_hand(reward: np.ndarray) -> np.ndarray:
 # %%
 grade(bt_by_hand, bd.bt_probs, bandit_cases("reward", numpy=True), hint="p[x, y1, y2] is the chance y1 wins")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 p_eq1 = bt_by_hand(r)
 r1, r2 = r[:, :, None], r[:, None, :]
 np.testing.assert_allclose(p_eq1, 1 / (1 + np.exp(-(r1 - r2))), rtol=1e-12)  # = σ(r1 − r2)
@@ -117,8 +112,7 @@ print("p*(y0 > y1 | x0) =", round(float(p_eq1[0, 0, 1]), 6))
 #    $\log\frac{p(1\succ 3)}{p(3\succ 1)}=\log\frac{p(1\succ 2)}{p(2\succ 1)}+\log\frac{p(2\succ 3)}{p(3\succ 2)}$
 #    for every triple.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 cmp = bd.sample_preferences(toy, 200_000, seed=seed)
 wins = torch.zeros(n_prompts, n_responses, n_responses, dtype=torch.float64)
 wins.index_put_((cmp.x, cmp.y_w, cmp.y_l), torch.ones(len(cmp), dtype=torch.float64), accumulate=True)
@@ -129,8 +123,7 @@ for name, p in (("BT sigma(r1-r2)", p_bt), ("Thurstone Phi(r1-r2)", thurstone)):
     z = (wins - n_seen * p) / (n_seen * p * (1 - p)).sqrt()
     print(f"{name:21s} max |z| over {int(seen.sum())} pairs: {float(z[seen].abs().max()):7.2f}  (<= 5: {bool(z[seen].abs().max() <= 5)})")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 def chain_gap(p: np.ndarray) -> float:
     """max over triples (a, b, c) of |logodds(a>c) − logodds(a>b) − logodds(b>c)|."""
     lo = np.log(p / (1 - p))
@@ -148,8 +141,7 @@ print(f"Thurstone log-odds do not, gap: {chain_gap(thurstone.numpy()):.4f}")
 # infinite data (`population_preferences`, every triple weighted by its probability) the fitted $r_\phi$
 # equals $r^*$ **up to a function of $x$ only**: BT cannot see a per-prompt offset.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 population = bd.population_preferences(toy)
 r_phi = bd.fit_reward_model(population, toy.n_x, toy.n_y).table
 print("loss at r_phi = 0 (log 2):", round(bd.reward_model_loss(torch.zeros_like(r_phi), population)[0].item(), 6))
@@ -196,8 +188,7 @@ grade(rlhf_objective_by_hand, bd.rlhf_objective, bandit_cases("policy", "reward"
 # $|V|^T$ terms (more, counting shorter completions), each a full forward pass. Both DPO (Eq. 7) and, in
 # a different way, PPO's learned value function exist to avoid ever computing it.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 vocab, length = 50257, 64  # GPT-2's vocabulary, a 64-token completion
 n_terms = vocab**length  # exact: Python integers do not overflow
 print(f"terms in Z(x): bandit {n_responses}; GPT-2, T={length}: {n_terms:.3e} (a {len(str(n_terms))}-digit number)")
@@ -221,8 +212,7 @@ grade(partition_by_hand, bd.normaliser, bandit_cases("reward", "pi_ref", "beta",
 grade(optimal_policy_by_hand, bd.optimal_policy, bandit_cases("reward", "pi_ref", "beta", numpy=True),
       hint="divide by Z(x), so that each prompt's row sums to 1")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 Z = partition_by_hand(r, pi_ref, beta)
 pi_star_np = optimal_policy_by_hand(r, pi_ref, beta)  # Eq. 4
 pi_star = toy.optimal_policy(beta)
@@ -266,8 +256,7 @@ grade(objective_via_pi_r, bd.rlhf_objective, bandit_cases("policy", "reward", "p
 # %% [markdown]
 # Check each line on 100 random policies:
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 gen = torch.Generator().manual_seed(seed)
 pis = torch.softmax(2 * torch.randn(100, n_prompts, n_responses, dtype=torch.float64, generator=gen), -1).numpy()
 line_1 = rlhf_objective_by_hand(pis, r, pi_ref, beta)  # Eq. 3
@@ -283,8 +272,7 @@ print(f"smallest beta log Z - Eq. 3 (= beta KL >= 0): {(beta * np.log(Z) - line_
 # So $\pi_r$ is normalised, reaches $\beta\log Z(x)$, and plain gradient ascent on Eq. 3, which never
 # computes $Z(x)$, finds it too.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 best = bd.rlhf_objective(pi_star, toy.reward, toy.pi_ref, beta)
 np.testing.assert_allclose(pi_star_np.sum(-1), 1.0, rtol=1e-12)
 np.testing.assert_allclose(best.numpy(), beta * np.log(Z), rtol=1e-10)
@@ -313,8 +301,7 @@ def reward_from_policy(policy: np.ndarray, pi_ref: np.ndarray, beta: float, log_
 grade(reward_from_policy, bd.reparameterised_reward,
       bandit_cases("optimal_policy", "pi_ref", "beta", "log_z", numpy=True))
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 r_eq5 = reward_from_policy(pi_star_np, pi_ref, beta, np.log(Z))  # Eq. 5
 np.testing.assert_allclose(r_eq5, r, rtol=0, atol=1e-10)
 np.testing.assert_allclose(r_eq5, bd.reparameterised_reward(pi_star, toy.pi_ref, beta, log_z).numpy(),
@@ -340,8 +327,7 @@ def bt_from_policy(policy: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.nd
 # %%
 grade(bt_from_policy, bd.bt_probs_from_policy, bandit_cases("optimal_policy", "pi_ref", "beta", numpy=True))
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 p_eq6 = bt_from_policy(pi_star_np, pi_ref, beta)  # Eq. 6, [x, y1, y2]
 np.testing.assert_allclose(p_eq6, p_eq1, rtol=0, atol=1e-12)
 np.testing.assert_allclose(p_eq6, bd.bt_probs_from_policy(pi_star, toy.pi_ref, beta).numpy(), rtol=0, atol=1e-12)
@@ -388,8 +374,7 @@ def dpo_loss_table(logits: torch.Tensor, pi_ref: torch.Tensor, data: bd.Preferen
 grade(dpo_loss_table, lambda logits, pi_ref, data, beta: bd.dpo_loss_on_table(logits, pi_ref, data, beta)[0],
       bandit_cases("logits", "pi_ref", "data", "beta"), hint="weight each comparison by data.weight")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 theta_any = torch.randn(n_prompts, n_responses, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
 logp, ref = torch.log_softmax(theta_any, -1), toy.pi_ref.log()
 x, y_w, y_l = population.x, population.y_w, population.y_l
@@ -404,8 +389,7 @@ print(f"Eq. 7 by hand == losses.preference_loss; population loss at a random pol
 # comparisons its minimiser is $\pi^*$ itself: no reward model, no sampling, no RL (the library's L-BFGS
 # solver here; the next section says why, and checks it with the formula above).
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 loss0, _ = bd.dpo_loss_on_table(toy.pi_ref.log(), toy.pi_ref, population, beta)
 dpo = bd.solve_dpo(toy.pi_ref, population, beta)
 print("DPO loss at pi_ref:", round(loss0.item(), 6), "= log 2:", round(math.log(2), 6))
@@ -455,14 +439,12 @@ def minimise(loss_fn, steps: int = 300) -> torch.Tensor:
     return theta.detach()
 
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 theta_all = minimise(lambda t: population_eq7(t, population))
 print("all pairs compared, the minimiser is pi* (max |pi_theta - pi*| < 1e-6):",
       bd.max_abs_error(theta_all.softmax(-1), pi_star) < 1e-6)
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 k = n_responses - 1  # this response is in no comparison
 keep = (population.y_w != k) & (population.y_l != k)
 partial = bd.PreferenceData(x=population.x[keep], y_w=population.y_w[keep], y_l=population.y_l[keep],
@@ -504,8 +486,7 @@ def pl_nll(r_ranked: torch.Tensor) -> torch.Tensor:
 # %%
 grade(pl_nll, plackett_luce_nll, bandit_cases("ranked_rewards"))
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 r_hat_any = beta * (logp - ref)  # implicit reward of the random policy of the Eq. 7 cell
 k2 = pl_nll(torch.stack([r_hat_any[x, y_w], r_hat_any[x, y_l]], -1))
 torch.testing.assert_close(k2, eq7(*four, beta), rtol=1e-12, atol=1e-12)
@@ -516,8 +497,7 @@ print("PL loss with K = 2 == Eq. 7 on every pair: True")
 # its PL probability under $r^*$ (the limit of rankings sampled from $r^*$'s PL model). Its gradient vanishes
 # at $\pi^*$ (but not at $\pi_{\rm ref}$), and minimising it from uniform logits recovers $\pi^*$.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 perms = torch.tensor(list(itertools.permutations(range(n_responses))))  # all K! rankings, best first
 p_rank = torch.exp(-pl_nll(toy.reward[:, perms]))  # [x, ranking]: PL probabilities under r*
 torch.testing.assert_close(p_rank.sum(-1), torch.ones(n_prompts, dtype=torch.float64))
@@ -544,8 +524,7 @@ print("minimising it recovers pi*:", bd.max_abs_error(theta_pl.softmax(-1), pi_s
 # For a softmax table $\nabla_\theta\log\pi(y|x)=e_y-\pi(\cdot|x)$, so the bracket is just $e_{y_w}-e_{y_l}$.
 # (App. A.4 of the paper swaps the two rewards in Eq. 21; the §4 form above is the one autograd agrees with.)
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 data = bd.sample_preferences(toy, n_pairs, seed=seed)
 theta = torch.randn(toy.n_x, toy.n_y, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
 theta.requires_grad_(True)
@@ -592,8 +571,7 @@ plt.show()
 # library's `rewards/accuracies` (TRL's definition, $\hat r_w>\hat r_l$) counts a tie as wrong, which would
 # make accuracy appear to "rise from 0"; we count a tie as half right instead.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 fit = bd.solve_dpo(toy.pi_ref, data, beta, optimizer="adam", steps=200, lr=0.05)
 start, end = fit.history[0], fit.history[-1]
 assert start["rewards/chosen"] == start["rewards/rejected"] == 0.0  # all ties at step 0
@@ -641,8 +619,7 @@ plt.show()
 # Both proofs use that $f$ does not depend on $y$. Check with a random $f(x)$, and with a random $g(y)$ that
 # does depend on $y$, which must change all three:
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 gen = torch.Generator().manual_seed(seed)
 f_x = 3.0 * torch.randn(n_prompts, 1, dtype=torch.float64, generator=gen)  # same class as r*
 g_y = torch.randn(1, n_responses, dtype=torch.float64, generator=gen)  # a different class
@@ -666,8 +643,7 @@ for name, r_new in (("r* + f(x)", toy.reward + f_x), ("r* + g(y)", toy.reward + 
 # $y$ gives $1=e^{f(x)/\beta}$, so $f=0$. Check: $\pi'=\pi_{\rm ref}e^{r'/\beta}$ for $r'=\beta\log\frac{\pi^*}{\pi_{\rm ref}}+f(x)$
 # sums to $e^{f(x)/\beta}$, a policy only when $f=0$; the projection lands on $\beta\log\frac{\pi^*}{\pi_{\rm ref}}$.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 r_hat_star = bd.implicit_reward(pi_star, toy.pi_ref, beta)  # β log π*/π_ref
 for name, shift in (("f = 0   ", torch.zeros_like(f_x)), ("f = f(x)", f_x)):
     candidate = toy.pi_ref * torch.exp((r_hat_star + shift) / beta)  # π' = π_ref e^{r'/β}
@@ -685,8 +661,7 @@ print("Theorem 1, f(r) = beta log pi*/pi_ref:", bd.max_abs_error(projected, r_ha
 # $r(x,y_0)$ is, so two rewards in **different** classes (differing at $y_0$ only) give the same optimal
 # policy, and $\beta\log\frac{\pi}{\pi_{\rm ref}}(y_0)$ is undefined: the policy cannot carry that reward.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 pi_ref0 = pi_ref.copy()
 pi_ref0[:, 0] = 0.0  # y0 is never sampled
 pi_ref0 /= pi_ref0.sum(-1, keepdims=True)

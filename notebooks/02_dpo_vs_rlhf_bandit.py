@@ -24,8 +24,6 @@
 # 2. Do DPO (Eq. 7, one stage) and RLHF (Eq. 2 reward model, then Eq. 3) land on the same policy, and on π*?
 # 3. What does the normaliser $\beta\log Z(x)$ of Eq. 10 do to policy-gradient variance?
 #
-# Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
-#
 # **Exercises** (as in notebook 01): the functions under a heading *Exercise · tier N* are graded by the
 # cell after them against the exact answer; `make student` writes a copy in `notebooks/student/` with their
 # bodies removed.
@@ -65,8 +63,7 @@ def show(t: torch.Tensor, digits: int = 4) -> list:
 # the same KL: the curve $\beta\mapsto(\mathrm{KL}(\pi^*_\beta\|\pi_{\rm ref}),\ \mathbb E_{\pi^*_\beta}[r])$ is the
 # frontier that the paper's Fig. 2 (left) estimates with samples. Smaller β: more KL, more reward.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 betas = np.geomspace(0.02, 20.0, 40)
 curve = bd.reward_kl_curve(toy, betas)
 kls, rewards = np.array([c[1] for c in curve]), np.array([c[2] for c in curve])
@@ -90,8 +87,7 @@ print(f"pi_ref:      KL=0.0000  reward={reward_ref:.4f}")
 # reward is infinite, and both methods push probabilities towards 0; finite-data over-fitting that IPO
 # (Azar et al. 2023) was designed against.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 pi_star = toy.optimal_policy(beta)
 datasets = {n: bd.sample_preferences(toy, n, seed=seed) for n in data_sizes}
 datasets["population"] = bd.population_preferences(toy)
@@ -165,8 +161,7 @@ grade(project_reward_by_hand, bd.project_reward, bandit_cases("reward", "pi_ref"
 grade(eq10_objective, lambda policy, reward, pi_ref, beta: -beta * bd.kl_divergence(policy, bd.optimal_policy(reward, pi_ref, beta)),
       bandit_cases("policy", "reward", "pi_ref", "beta"), hint="Eq. 10 is -beta KL(pi || pi*), pi* of Eq. 4")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 gen = torch.Generator().manual_seed(seed)
 pi_theta = torch.softmax(torch.randn(toy.n_x, toy.n_y, dtype=torch.float64, generator=gen), -1)  # any policy
 torch.testing.assert_close(project_reward_by_hand(toy.reward, toy.pi_ref, beta), bd.project_reward(toy.reward, toy.pi_ref, beta))
@@ -200,8 +195,7 @@ grade(gradient_variance,
       lambda logits, bandit, beta, normalise: bd.reinforce_gradient_moments(logits, bandit, beta, normalise=normalise)[1],
       bandit_cases("logits", "bandit", "beta", "normalise", normalise=(False, True)), hint="the total variance sums over i")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 f_x = torch.full((toy.n_x,), reward_shift, dtype=torch.float64)
 shifted = bd.Bandit(pi_ref=toy.pi_ref, reward=bd.shift_reward(toy.reward, f_x))
 start, optimum = toy.pi_ref.log(), pi_star.log()

@@ -38,8 +38,6 @@
 # | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | 51 s | |
 # | `cpu` (default) | 5–9 min (the SFT stage: 295 s on an idle Intel Xeon, 529 s on a shared AMD EPYC) | 55 s |
 # | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
-#
-# Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -82,8 +80,7 @@ for split in ("train", "test"):  # the train split's size depends on the preset 
     counts = Counter(data[split]["label"])
     print(f"{split:5s} {len(data[split]):6d} reviews:", {names[k]: counts[k] for k in sorted(counts)})
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 # Facts that hold at every preset: the held-out split is the same, both labels are in the training split,
 # and no review is in both.
 test_counts = Counter(data["test"]["label"])

@@ -38,8 +38,6 @@
 # | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | 33 s after 03 | |
 # | `cpu` (default) | about 1 min after notebook 03 (r\* 14–25 s, the pairs 14–23 s); add 03's SFT if it has not run | 17 s |
 # | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
-#
-# Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -82,8 +80,7 @@ reward, reward_report = pipeline.reward_model(config)
 for key, value in reward_report.items():
     print(f"{key:28s} {value:.3f}" if isinstance(value, float) else f"{key:28s} {value}")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 if "accuracy_full_reviews" in reward_report:
     full, short = reward_report["accuracy_full_reviews"], reward_report["accuracy_first_40_words"]
     print("held-out reviews:", reward_report["n_test"])
@@ -134,8 +131,7 @@ pairs, stats = pipeline.preference_data(config)
 for key in ("n_prompts", "n_candidates", "n_pairs", "n_ties", "n_identical", "n_empty", "gap_mean"):
     print(f"{key:13s} {stats[key]:.4f}" if key == "gap_mean" else f"{key:13s} {stats[key]}")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 k = config.preferences.samples_per_prompt
 print(f"every prompt x C({k},2) = {k * (k - 1) // 2} candidate pairs:",
       stats["n_candidates"] == stats["n_prompts"] * k * (k - 1) // 2)

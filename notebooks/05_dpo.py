@@ -38,8 +38,6 @@
 # | `cpu` (default) | about 30 min: five DPO runs of 200–220 s each (one thread) and the likelihood trace's run (588 s on one thread, machine shared) | 4 min (235 s; loading six policies for the held-out pairs dominates) |
 # | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
 #
-# Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
-#
 # **Exercises.** Each computation the notebook writes out ($\log\pi(y|x)$ from logits, Eq. 7, the implicit
 # rewards and their metrics, the sequence KL, the held-out pair accuracy) is a short function under a heading
 # *Exercise · tier N* (tier 1: one line of an equation; tier 2: a sum or a mask to get right; tier 3: a loop
@@ -118,8 +116,7 @@ print(f"{result.steps} steps; final policy in artifacts/{result.checkpoint_dir.r
 # the loss is $-\log\sigma(0)=\log 2$, whatever β. A run that does not start there compares its policy with
 # a different reference than it thinks, or leaves dropout on.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 first = train.iloc[0]
 print(f"step {train.index[0]}: loss {round(first['loss'], 4)}  log 2 = {round(math.log(2), 4)}")
 print(f"implicit rewards at step 1: chosen {abs(first['rewards/chosen']):.4f}, "

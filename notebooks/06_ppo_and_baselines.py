@@ -43,8 +43,6 @@
 # | `cpu` (default) | about 65 min in one process: 8 PPO runs of 250–280 s each, r_φ's training, 6 baseline runs of ~100 s (3,976 s of runs, one thread each) | 102 s |
 # | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
 #
-# Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
-#
 # **Exercises.** PPO's pieces (the per-token rewards, GAE, the clipped surrogate) and the Unlikelihood loss
 # are short functions under headings *Exercise · tier N* (tier 1: one line of an equation; tier 2: a sum or
 # a mask to get right; tier 3: a loop or a derivation). The cell after each grades it against the library
@@ -113,8 +111,7 @@ print(f"preset {config.name!r}: {config.ppo}")
 # $\sum_{k\ge t}r_k-V_t$ (unbiased, noisy), $\lambda=0$ the one-step TD error (biased by $V$, quiet).
 # A worked example: one completion of 4 tokens, $\beta=0.2$, score 1.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 logp = torch.tensor([[-2.0, -1.5, -3.0, -0.5]])  # log pi_theta(y_t | x, y_<t)
 ref_logp = torch.tensor([[-2.2, -1.5, -2.5, -1.0]])  # log pi_ref(y_t | x, y_<t)
 values = torch.tensor([[0.3, 0.4, 0.5, 0.7]])  # V(x, y_<t) from the value head
@@ -131,8 +128,7 @@ print("sum_t r_t =", round(float(rewards.sum()), 4),
 # %% [markdown]
 # The two ends of λ, checked against their closed forms:
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 mc, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
 reward_to_go = rewards.flip(-1).cumsum(-1).flip(-1)  # sum_{k >= t} r_k
 assert torch.allclose(mc, reward_to_go - values), "lambda = 1 must be the Monte-Carlo advantage"
@@ -195,8 +191,7 @@ def gae_by_hand(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
 grade(gae_by_hand, gae, lm_cases("rewards", "values", "mask", "gamma", "lam", gamma=(1.0, 0.9), lam=(0.95, 0.5)),
       hint="run t backwards, and start each row's episode fresh: nothing after its last completion step counts")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 logps = torch.tensor([[-2.0, -1.5, -3.0, -0.5], [-1.0, -0.7, -2.0, 0.0]])
 ref_logps = torch.tensor([[-2.2, -1.5, -2.5, -1.0], [-1.3, -0.4, -2.0, 0.0]])
 vals = torch.tensor([[0.3, 0.4, 0.5, 0.7], [0.1, -0.2, 0.6, 0.0]])
@@ -240,8 +235,7 @@ def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: 
 grade(clipped_surrogate, policy_loss, lm_cases("logps", "old_logps", "advantages", "mask", "eps", eps=(0.2, 0.1)),
       hint="average over the completion steps only: divide by mask.sum()")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 old_logps = torch.tensor([[-1.0, -1.0, -1.0, -1.0], [-2.0, -2.0, -2.0, 0.0]])  # log pi_old: the rollout's
 new_logps = old_logps + torch.tensor([[0.5, -0.5, 0.05, 0.3], [-0.4, 0.1, 0.0, 0.0]])  # after some updates
 advs, eps = torch.tensor([[1.0, 1.0, -1.0, -2.0], [-0.5, 2.0, 1.0, 9.0]]), 0.2
@@ -261,8 +255,7 @@ print(f"loss {round(float(loss), 4)}  clipfrac {round(float(clipfrac), 4)}  = po
 # to $\pi_{\rm ref}$), too little lowers it; the clip bounds the change per step. On made-up KL values
 # (target 6, $H=300$, 64 samples a step):
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 controller = AdaptiveKLController(init_kl_coef=0.2, target=6.0, horizon=300)
 print(" step   KL    error   beta")
 for step, kl in enumerate([12.0, 9.0, 6.0, 5.0, 2.0, 1.0], start=1):

@@ -38,8 +38,6 @@
 # | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | 159 s (it trains every smoke run) | |
 # | `cpu` (default) | every run of 05 and 06: 5,380 s of runs at one thread each; `python -m dpo_lab reproduce` trains them two at a time in 45 min 33 s, after which this notebook only reads them | 50 s |
 # | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
-#
-# Cells starting with `# NBVAL_CHECK_OUTPUT` print numbers the notebook tests compare.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -85,8 +83,7 @@ display(points[["method", "hyperparameter", "step", *frontier.EVAL_COLUMNS]].hea
 shape = points.groupby("method", sort=False).agg(runs=("hyperparameter", "nunique"), points=("step", "size"))
 print(shape.to_string())
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 wanted = pd.Series([m for m, _ in pipeline.frontier_runs(config, shown_methods)]).value_counts(sort=False)
 print("one run per value of each method's sweep:", shape.runs.to_dict() == wanted.to_dict())
 print("every run evaluated at its start and at its last step:",

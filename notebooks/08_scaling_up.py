@@ -87,8 +87,7 @@ print(f"sweep {spec.name!r}: notebook {spec.notebook}, requires {list(spec.requi
 for run in spec.runs:
     print(f"  {run.name}: {run.parameters}")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 try:
     sweep.check_parameters(project_root() / spec.notebook, {"method": "DPO", "beta": 0.1})
 except sweep.SweepError as err:
@@ -120,8 +119,7 @@ print(sorted(p.name for p in (folder / spec.runs[0].name).iterdir()))
 # the interrupted one runs again and its trainer resumes from its last checkpoint. A changed parameter, or
 # a truncated `result.json`, makes that run run again — never a silent reuse.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 again = sweep.run_sweep(spec, root=root, progress=False)
 print("the rerun skipped every run:", [o.state for o in again] == ["skipped"] * len(spec.runs))
 print("every run done:", sweep.plan(spec, root).state.tolist() == ["done"] * len(spec.runs))

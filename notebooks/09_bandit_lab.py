@@ -39,7 +39,6 @@
 #
 # §1 works it out on three responses; §2 builds the lab; §3 is the interactive version (sliders, live kernel
 # only); §4 is a grid of static figures for a few slider settings, so the lab also reads without a kernel.
-# Cells starting with `# NBVAL_CHECK_OUTPUT` print exact numbers that the notebook tests compare.
 
 # %% tags=["parameters"]
 seed: int = 1  # seeds the bandit (π_ref and r*) and the sampled pairs
@@ -115,8 +114,7 @@ print("r*:    ", show(toy.reward[0]))
 #   the iterates stay on $\theta(s)=\log\pi_{\rm ref}+s\,(e_0-e_1)$: $\theta(y_2)$ never moves, and $\pi(y_2)\to0$
 #   (all mass to $y_0$). Another member of the same set, picked by the optimiser, not by β.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 azar = bd.Bandit(pi_ref=torch.tensor([[0.5, 0.3, 0.2]], dtype=F64), reward=torch.tensor([[1.0, 0.0, -1.0]], dtype=F64))
 y0_beats_y1 = bd.PreferenceData(x=torch.tensor([0]), y_w=torch.tensor([0]), y_l=torch.tensor([1]),
                                 weight=torch.ones(1, dtype=F64))
@@ -261,8 +259,7 @@ fig = draw(beta, n_pairs, noise, never_shown)
 fig.savefig(figures_dir() / "09_bandit_lab.png", dpi=120)
 plt.show()
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 fits, data = fit_all(beta, n_pairs, noise, never_shown)
 compared = bd.compared_responses(data, 1, toy.n_y)[0]
 print("never compared:", (~compared).nonzero()[:, 0].tolist(),

@@ -36,8 +36,7 @@
 # missing too. The `gpu` and `paper` presets were not run here.
 #
 # **The outputs shown are from the `cpu` preset** (seed 0). The notebook tests run it at `smoke`, where the
-# policies barely moved and the numbers mean nothing; cells starting with `# NBVAL_CHECK_OUTPUT` print facts
-# that hold at any preset, which the tests compare. Run it yourself with
+# policies barely moved and the numbers mean nothing. Run it yourself with
 # `papermill notebooks/10_kl_estimators.ipynb out.ipynb -p preset cpu` (or set `DPO_LAB_PRESET=cpu`).
 
 # %% tags=["parameters"]
@@ -178,8 +177,7 @@ display(pd.DataFrame(lib.as_dict()).head(6).round(3))
 # beside the exact KL, and the exact column is that KL; at $\pi=\pi_{\rm ref}$ every estimator is 0 on every
 # sample (every $\log r_t$ is 0); $k_2$ and $k_3$ are non-negative on every token.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 exact_kl, logratio = completion_kls(policy, reference, xs, ys, batch_size=32, pad_token_id=pad)
 print("by hand == dpo_lab.kl_estimators, all four:",
       all(np.allclose(by_hand[name].numpy(), getattr(lib, name), rtol=1e-5, atol=1e-4) for name in ESTIMATORS))
@@ -395,8 +393,7 @@ fig.tight_layout()
 fig.savefig(figures_dir() / "10_wrong_settings.png", dpi=120)
 plt.show()
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 forced = [y for per in altered[f"min length {min_length}"].completion_ids for y in per]
 print("min length: no completion stops early:", all(len(y) >= min_length for y in forced))
 ys_chosen = [y for per in samples_of[chosen].completion_ids for y in per]

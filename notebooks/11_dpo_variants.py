@@ -49,8 +49,6 @@
 # (`losses.preference_loss`, `losses.plackett_luce_loss`), so a run differs from DPO's in its loss and
 # nothing else. The outputs shown are from the `smoke` preset (a dozen steps on a toy policy: the numbers mean
 # nothing); `papermill notebooks/11_dpo_variants.ipynb out.ipynb -p preset cpu` runs the laptop version.
-#
-# Cells starting with `# NBVAL_CHECK_OUTPUT` print preset-independent facts the notebook tests compare.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -129,8 +127,7 @@ print(f"preset {config.name!r}: {config.dpo.max_steps} steps a run, DPO betas {l
 # The next cell writes each in a line or two of torch on random log-probs and compares it with the library
 # function the trainer calls.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 F64 = torch.float64
 g = torch.Generator().manual_seed(0)
 B, T, K = 8, 6, 4
@@ -235,8 +232,7 @@ print(f"{points.method.nunique()} series, {len(points)} evaluation points; varia
 # $\log 2$ plus α times the chosen completions' NLL for RPO, and $\log K!$ for Plackett–Luce (every one of
 # the $K!$ orders equally likely). A run that starts elsewhere is not comparing its policy with its reference.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 def start_value(variant: dict, first: dict) -> tuple[str, float]:
     """What the step-1 loss must be when pi_theta = pi_ref, as a formula and its value."""
     loss_type = variant.get("dpo.loss_type", "sigmoid")

@@ -43,9 +43,8 @@
 # * **DPO on r*'s labels** at the smallest β: does DPO's own gold reward turn down without any proxy?
 # * **PPO against $r_\phi$** with a fixed, small KL coefficient, so that nothing stops it from climbing.
 #
-# Every evaluation scores the same samples with both rewards. Cells starting with `# NBVAL_CHECK_OUTPUT`
-# print preset-independent facts that the notebook tests compare; the tests run this at `smoke`, where the
-# numbers mean nothing. `papermill notebooks/12_overoptimisation.ipynb out.ipynb -p preset cpu` runs the
+# Every evaluation scores the same samples with both rewards. The notebook tests run this at `smoke`, where
+# the numbers mean nothing. `papermill notebooks/12_overoptimisation.ipynb out.ipynb -p preset cpu` runs the
 # laptop version.
 
 # %% tags=["parameters"]
@@ -104,8 +103,7 @@ proxy_pairs, proxy_stats = labs.proxy_preference_data(config)
 candidates = pipeline.preference_candidates(config)
 gold_pairs, _ = pipeline.preference_data(config)
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 proxy_scores = score_samples(r_phi, candidates["prompts"], candidates["completions"])  # r_phi(x + y)
 _, val_idx = split_by_prompt(gold_pairs["prompt"], config.reward_model.val_fraction, config.seed)
 val_prompts = {gold_pairs["prompt"][i] for i in val_idx}

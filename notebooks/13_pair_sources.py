@@ -48,9 +48,8 @@
 #    only difference between 3 and 4.
 #
 # Every run is placed on the frontier as the others are: mean r* and exact sequence KL to
-# $\pi_{\rm SFT}$ on the held-out test prompts. Cells starting with `# NBVAL_CHECK_OUTPUT` print
-# preset-independent facts that the notebook tests compare; the tests run this at `smoke`, where the
-# numbers mean nothing. `papermill notebooks/13_pair_sources.ipynb out.ipynb -p preset cpu` runs the laptop
+# $\pi_{\rm SFT}$ on the held-out test prompts. The notebook tests run this at `smoke`, where the numbers
+# mean nothing. `papermill notebooks/13_pair_sources.ipynb out.ipynb -p preset cpu` runs the laptop
 # version.
 
 # %% tags=["parameters"]
@@ -113,8 +112,7 @@ print(f"every run trains on {n_pairs} pairs")
 # completion (shift by one, gather, sum over the completion's tokens) and checks it against the library routine
 # (`evaluate.completion_logprobs`) that scores the rest.
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 def token_ids(texts: list[str]) -> list[list[int]]:
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
@@ -169,8 +167,7 @@ points = pd.concat(frames, ignore_index=True)
 print(f"{len(runs)} runs, {len(points)} evaluation points; loaded or trained in "
       f"{time.perf_counter() - started:.0f} s since the start")
 
-# %%
-# NBVAL_CHECK_OUTPUT
+# %% tags=["nbval-check-output"]
 first_end = frontier.evaluation_points(round_1.metrics_path).iloc[-1]
 for name in ("3 round 2, resampled", "4 round 2, old pairs"):
     start = points[points.method == name].iloc[0]
