@@ -185,8 +185,10 @@ grade(rlhf_objective_by_hand, bd.rlhf_objective, bandit_cases("policy", "reward"
 # $$\pi_r(y|x)=\frac{1}{Z(x)}\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big),\qquad Z(x)=\sum_y\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big).$$
 # **Why this is not an algorithm for a language model.** $Z(x)$ sums over *every* completion $y$. In the
 # bandit that is `n_responses` terms; for a language model with vocabulary $V$ and completions of $T$ tokens it is
-# $|V|^T$ terms (more, counting shorter completions), each a full forward pass. Both DPO (Eq. 7) and, in
-# a different way, PPO's learned value function exist to avoid ever computing it.
+# $|V|^T$ terms (more, counting shorter completions), each a full forward pass. DPO (Eq. 7) never computes it:
+# $\beta\log Z(x)$ cancels when two completions of the same prompt are compared. PPO never needs it either: it
+# climbs Eq. 3 by sampling, not through this closed form (its learned value function lowers the variance of the
+# gradient; it is not an estimate of $Z$).
 
 # %% tags=["nbval-check-output"]
 vocab, length = 50257, 64  # GPT-2's vocabulary, a 64-token completion

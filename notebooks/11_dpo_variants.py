@@ -47,8 +47,8 @@
 # Every variant is a setting of the one training loop (`DPOConfig.loss_type`, `label_smoothing`,
 # `average_logprobs`, `rpo_alpha`; `train_dpo` in `dpo_lab/dpo_trainer.py`) and of the one loss module
 # (`losses.preference_loss`, `losses.plackett_luce_loss`), so a run differs from DPO's in its loss and
-# nothing else. The outputs shown are from the `smoke` preset (a dozen steps on a toy policy: the numbers mean
-# nothing); `papermill notebooks/11_dpo_variants.ipynb out.ipynb -p preset cpu` runs the laptop version.
+# nothing else. The outputs shown are from the `cpu` preset (`papermill notebooks/11_dpo_variants.ipynb out.ipynb
+# -p preset cpu` reruns them); the notebook tests run it at `smoke`, where the numbers mean nothing.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name

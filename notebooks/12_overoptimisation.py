@@ -129,8 +129,10 @@ print(f"  overall {overall:.3f}; r_phi's best validation accuracy in training: "
 
 # %% [markdown]
 # The proxy labels are mostly right on the samples $r_\phi$ was fit to, and much less right on samples it
-# has not seen. DPO trains on the first kind only (the pairs are fixed); PPO asks $r_\phi$ about every new
-# sample its policy draws, which drift away from anything $r_\phi$ was fit to as the KL grows.
+# has not seen. DPO trains on all 9,000 relabelled pairs, fixed before it starts: 8,022 from prompts $r_\phi$
+# was fit to and 978 from its validation prompts, so most of its labels are of the first kind. PPO asks
+# $r_\phi$ about every new sample its policy draws, which drift away from anything $r_\phi$ was fit to as the
+# KL grows.
 #
 # ## The runs
 # Every run is cached like the frontier's (`dpo_lab/labs.py`: `lab_dpo`, `lab_ppo`), keyed by its pairs,
