@@ -250,11 +250,21 @@ def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Learned
     policy, tokenizer, _ = sft_policy(preset, progress=progress)
     pairs, _ = preference_data(preset, progress=progress)
     folder = stage_dir("reward-model", reward_model_key(preset))
+
+    def report(step: int, total: int) -> None:  # read by the frontier's progress bar in another process
+        if step % 10 == 0 or step == total:
+            atomic_write_json(_reward_model_progress(preset), {"step": step, "total": total})
+
     # r_phi is trained once for every PPO run (and every process sharing the artifacts folder): under this
     # lock one process trains and saves it, the others wait and load it.
     with FileLock(folder.parent / f".{folder.name}.lock"):
         return train_reward_model(policy, tokenizer, pairs, config=preset.reward_model, seed=preset.seed,
-                                  out_dir=folder, progress=progress)
+                                  out_dir=folder, progress=progress, on_step=report)
+
+
+def _reward_model_progress(preset: Preset) -> Path:
+    folder = stage_dir("reward-model", reward_model_key(preset))
+    return folder.parent / f".{folder.name}.progress"
 
 
 def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
@@ -490,8 +500,13 @@ class _PoolProgress:
 
     def _fraction(self, item: Item) -> float:
         if item in SHARED_WORK:
-            return float(any(r in self.finished or self._step(r) > 0
-                             for r in self.runs if r[0] in SHARED_WORK[item]))
+            if any(r in self.finished or self._step(r) > 0 for r in self.runs if r[0] in SHARED_WORK[item]):
+                return 1.0  # done before the first step of the run that does it
+            saved = _reward_model_progress(self.preset)
+            if item[0] != "r_phi" or not saved.is_file():
+                return 0.0
+            report = json.loads(saved.read_text())  # r_phi's trainer writes it every 10 steps
+            return report["step"] / report["total"]
         if item in self.finished:
             return 1.0
         return min(1.0, self._step(item) / run_steps(self.preset, item[0]))

@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -322,6 +322,7 @@ def train_reward_model(
     out_dir: str | Path | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> LearnedReward:
     """Train r_phi by the BT loss (Eq. 2) from ``policy``'s transformer; keep the best-val weights.
 
@@ -329,6 +330,7 @@ def train_reward_model(
     warmup then constant lr, gradient clipped; validation every ``eval_every`` steps and at the end of each
     epoch. Given ``out_dir``, the result is saved there and a later call with the same inputs loads it
     instead of training again. The returned ``LearnedReward.report`` holds the :class:`RewardModelReport`.
+    ``on_step(step, total)`` is called after every optimizer step (a progress report for another process).
     """
     _check_config(config)
     cols = pair_columns(pairs)
@@ -397,6 +399,8 @@ def train_reward_model(
             report.train_losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{report.train_losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(step, total)
             if step % config.eval_every == 0 or b == steps_per_epoch - 1 or step == total:
                 if report.val_history[-1]["step"] != step:
                     validate(step)

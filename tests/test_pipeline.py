@@ -168,10 +168,17 @@ def test_run_work_predicts_each_methods_measured_time():
     assert all(abs(rate / mean - 1) < 0.15 for rate in rates.values()), rates
 
 
+def test_reward_model_training_reports_its_last_step(smoke_run, monkeypatch):
+    monkeypatch.setenv("DPO_LAB_ARTIFACTS", str(smoke_run[0]))
+    report = json.loads(pipeline._reward_model_progress(get_preset("smoke")).read_text())
+    assert report["step"] == report["total"] > 0  # what the frontier's progress bar reads meanwhile
+
+
 def test_pool_progress_counts_new_work_and_names_running_runs(tmp_path: Path, monkeypatch, capsys):
     monkeypatch.setenv("DPO_LAB_ARTIFACTS", str(tmp_path))
     preset = get_preset("smoke")
-    runs = pipeline.frontier_runs(preset, ("DPO", "PPO-GT"))
+    runs = pipeline.frontier_runs(preset, ("DPO", "PPO"))
+    work = {m: pipeline.run_work(preset, m) for m in ("DPO", "PPO", "r_phi")}
 
     def log_steps(run: tuple[str, float], last: int, partial: bool = False) -> None:
         folder = pipeline.run_dir(preset, *run)
@@ -179,19 +186,23 @@ def test_pool_progress_counts_new_work_and_names_running_runs(tmp_path: Path, mo
         lines = "".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(last + 1))
         (folder / "metrics.jsonl").write_text(lines + ('{"step": 9' if partial else ""))
 
+    # A run finished before the stage started counts for nothing, nor do the reference log-probs it made.
     finished_before, running = runs[0], runs[-1]
-    log_steps(finished_before, pipeline.run_steps(preset, finished_before[0]))
+    log_steps(finished_before, pipeline.run_steps(preset, "DPO"))
     watch = pipeline._PoolProgress(preset, runs, disable=False)
-    assert watch.bar.total == pytest.approx(sum(pipeline.run_work(preset, m) for m, _ in runs[1:]))
-    steps = pipeline.run_steps(preset, running[0])
+    assert watch.bar.total == pytest.approx(sum(work[m] for m, _ in runs[1:]) + work["r_phi"])
+    pipeline.atomic_write_json(pipeline._reward_model_progress(preset), {"step": 5, "total": 10})
+    watch.update([running], set())  # r_phi half trained, reported by its trainer
+    assert watch.bar.n == pytest.approx(work["r_phi"] / 2)
+    steps = pipeline.run_steps(preset, "PPO")
     log_steps(running, steps // 2, partial=True)  # a worker mid-way through writing a line
-    watch.update([running], set())
-    assert watch.bar.n == pytest.approx(pipeline.run_work(preset, running[0]) * (steps // 2) / steps)
+    watch.update([running], set())  # a PPO run past step 0: r_phi is trained
+    assert watch.bar.n == pytest.approx(work["r_phi"] + work["PPO"] * (steps // 2) / steps)
     watch.update([], set(runs))
     assert watch.bar.n == pytest.approx(watch.bar.total)
     watch.close()
     shown = capsys.readouterr().err
-    assert f"PPO-GT target_kl={running[1]:g}: {steps // 2}/{steps}" in shown and "100%" in shown
+    assert f"PPO target_kl={running[1]:g}: {steps // 2}/{steps}" in shown and "100%" in shown
 
 
 def test_cli_workers_default_to_the_cores_and_refuse_zero(capsys):
