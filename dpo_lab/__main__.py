@@ -164,6 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err.args[0] if err.args else err))
     if getattr(args, "workers", None) is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    for option in ("out", "artifacts"):  # refused before any stage runs, not by a traceback after SFT
+        folder = getattr(args, option, None)
+        if folder is not None and folder.exists() and not folder.is_dir():
+            parser.error(f"--{option} {folder} is a file; give a folder (it is created if missing)")
     if args.command == "preset":
         print(json.dumps(preset.to_dict(), indent=2) if args.json else preset.describe())
         return 0

@@ -45,7 +45,13 @@ from dpo_lab.batching import (
     pairs_fingerprint,
     stack_pairs,
 )
-from dpo_lab.cache import atomic_directory, content_hash, model_fingerprint, tokenizer_fingerprint
+from dpo_lab.cache import (
+    atomic_directory,
+    content_hash,
+    damaged_file_error,
+    model_fingerprint,
+    tokenizer_fingerprint,
+)
 from dpo_lab.logprobs import position_ids_from_mask
 from dpo_lab.losses import bradley_terry_loss
 from dpo_lab.presets import RewardModelConfig
@@ -199,13 +205,19 @@ class LearnedReward:
         if not (path / "reward_config.json").is_file() or not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"no saved LearnedReward at {path} "
                                     "(reward_config.json / model.safetensors missing)")
-        meta = json.loads((path / "reward_config.json").read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, "
-                             f"expected {FORMAT!r} v{FORMAT_VERSION}")
-        model = ScalarRewardModel(GPT2Model(GPT2Config.from_dict(meta["gpt2_config"])))
-        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+        try:
+            meta = json.loads((path / "reward_config.json").read_text())
+            if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+                raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, "
+                                 f"expected {FORMAT!r} v{FORMAT_VERSION}")
+            model = ScalarRewardModel(GPT2Model(GPT2Config.from_dict(meta["gpt2_config"])))
+            model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+        except Exception as err:  # a truncated file is named with what to do, not a bare SafetensorError
+            damaged = damaged_file_error(path, err, f"delete {path} to train the reward model again")
+            if damaged is None:
+                raise
+            raise damaged from err
         return cls(model, tokenizer, offset=meta["offset"], max_length=meta["max_length"],
                    batch_size=meta["batch_size"], report=meta["report"])
 

@@ -71,3 +71,13 @@ def test_sweep_dry_run_lists_states(tmp_path, capsys: pytest.CaptureFixture) -> 
     assert code == 0 and "dpo-beta0.1" in out and "todo" in out
     assert main(["sweep", "--preset", "smoke", "--set", "dpo.lr=fast", "--runs-dir", str(tmp_path)]) == 2
     assert "'dpo.lr' expects float" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["--out", "--artifacts"])
+def test_reproduce_refuses_a_file_for_a_folder(tmp_path, capsys: pytest.CaptureFixture, option: str) -> None:
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--preset", "smoke", option, str(taken)])
+    assert exit_info.value.code == 2 and f"{option} {taken} is a file" in capsys.readouterr().err
+    assert taken.read_text() == "keep me"

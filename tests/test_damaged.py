@@ -21,6 +21,7 @@ from dpo_lab.dpo_trainer import reference_logprobs
 from dpo_lab.models import load_policy, save_policy
 from dpo_lab.preferences import FEATURES, load_candidates, load_preferences, save_preferences
 from dpo_lab.presets import get_preset
+from dpo_lab.reward_model import LearnedReward, ScalarRewardModel
 
 
 def _truncate(file: Path, keep: float = 0.5) -> None:
@@ -211,3 +212,13 @@ def test_a_truncated_checkpoint_is_named_with_what_to_do(tmp_path) -> None:
     (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00not a header")
     with pytest.raises(ValueError, match=r"model.safetensors is truncated or corrupt.*delete"):
         load_weights(nn.Linear(2, 2), folder)
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "reward_config.json", "tokenizer.json"])
+def test_a_truncated_reward_model_names_the_file(tiny_model, tiny_tokenizer, tmp_path: Path, victim: str):
+    folder = tmp_path / "reward-model"
+    LearnedReward(ScalarRewardModel.from_policy(tiny_model), tiny_tokenizer).save(folder)
+    _truncate(folder / victim)
+    with pytest.raises(ValueError, match=re.escape(f"{folder / victim} is truncated or corrupt")) as info:
+        LearnedReward.load(folder)
+    assert f"delete {folder} to train the reward model again" in str(info.value)
