@@ -258,6 +258,21 @@ def damaged_file_error(folder: str | Path, err: BaseException, advice: str) -> V
 
 
 @contextmanager
+def naming_damaged_files(folder: str | Path, advice: str) -> Iterator[None]:
+    """Reads inside the block that fail on a damaged file under ``folder`` raise :func:`damaged_file_error`'s
+    ValueError instead (a missing file, or any other cause, is raised as it is)."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        damaged = damaged_file_error(folder, err, advice)
+        if damaged is None:
+            raise
+        raise damaged from err
+
+
+@contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.
 

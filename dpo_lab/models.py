@@ -26,7 +26,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from dpo_lab.cache import atomic_directory, damaged_file_error
+from dpo_lab.cache import atomic_directory, naming_damaged_files
 from dpo_lab.data import validate_texts
 from dpo_lab.presets import PolicyConfig
 from dpo_lab.run import quiet_hf_progress
@@ -128,14 +128,9 @@ def load_policy(path: str | Path, *, advice: str | None = None) -> tuple[PreTrai
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no saved policy at {path} (config.json missing)")
-    try:
-        with quiet_hf_progress():
-            return load_hub_policy(str(path))
-    except Exception as err:
-        damaged = damaged_file_error(path, err, advice or f"delete {path} and save the policy again")
-        if damaged is None:
-            raise
-        raise damaged from err
+    advice = advice or f"delete {path} and save the policy again"
+    with naming_damaged_files(path, advice), quiet_hf_progress():
+        return load_hub_policy(str(path))
 
 
 # ----------------------------------------------------------------------------------------------- SFT

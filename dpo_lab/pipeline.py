@@ -318,9 +318,7 @@ def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW
     else:
         pairs, _ = preference_data(preset, progress=progress)
     objective = {"DPO": "dpo", "Unlikelihood": "unlikelihood", "Preferred-FT": "preferred_ft"}[method]
-    config = preset.dpo
-    if method != "DPO" and preset.baselines.max_steps is not None:
-        config = dataclasses.replace(config, max_steps=preset.baselines.max_steps)
+    config = dataclasses.replace(preset.dpo, max_steps=run_steps(preset, method))
     return train_dpo(policy, reference, tokenizer, pairs, config=config, objective=objective,
                      beta=value if method == "DPO" else None,
                      alpha=value if method == "Unlikelihood" else None,
@@ -487,36 +485,40 @@ class _PoolProgress:
         self.preset, self.runs, self.finished = preset, runs, set[Item]()
         self.paths = {r: schedule_dir(run_dir(preset, *r), run_steps(preset, r[0])) / "metrics.jsonl"
                       for r in runs}
+        self.reward_model_progress = _reward_model_progress(preset)  # r_phi's trainer writes it
         shared = [item for item, methods in SHARED_WORK.items() if any(m in methods for m, _ in runs)]
         self.weights = {r: run_work(preset, r[0]) for r in runs + shared}
-        self.start = {r: self._fraction(r) for r in self.weights}
+        self.start = self._fractions(self._steps())
         total = sum(w * (1 - self.start[r]) for r, w in self.weights.items())
         # smoothing=0: the ETA extrapolates the average rate since the start, not the last few seconds'.
         self.bar = tqdm(total=max(total, 1.0), desc="frontier runs", smoothing=0, disable=disable,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
-    def _step(self, run: Item) -> int:
-        return max(0, _last_step(self.paths[run]))
+    def _steps(self) -> dict[Item, int]:
+        """Each run's last logged step (a finished run's last step without reading it)."""
+        return {r: run_steps(self.preset, r[0]) if r in self.finished else max(0, _last_step(self.paths[r]))
+                for r in self.runs}
 
-    def _fraction(self, item: Item) -> float:
-        if item in SHARED_WORK:
-            if any(r in self.finished or self._step(r) > 0 for r in self.runs if r[0] in SHARED_WORK[item]):
-                return 1.0  # done before the first step of the run that does it
-            saved = _reward_model_progress(self.preset)
-            if item[0] != "r_phi" or not saved.is_file():
-                return 0.0
-            report = json.loads(saved.read_text())  # r_phi's trainer writes it every 10 steps
-            return report["step"] / report["total"]
-        if item in self.finished:
-            return 1.0
-        return min(1.0, self._step(item) / run_steps(self.preset, item[0]))
+    def _fractions(self, steps: dict[Item, int]) -> dict[Item, float]:
+        shares = {r: min(1.0, step / run_steps(self.preset, r[0])) for r, step in steps.items()}
+        for item in self.weights.keys() & SHARED_WORK.keys():
+            if any(step > 0 for r, step in steps.items() if r[0] in SHARED_WORK[item]):
+                shares[item] = 1.0  # done before the first step of the run that does it
+            elif item[0] == "r_phi" and self.reward_model_progress.is_file():
+                report = json.loads(self.reward_model_progress.read_text())
+                shares[item] = report["step"] / report["total"]
+            else:
+                shares[item] = 0.0
+        return shares
 
     def update(self, running: list[Item], finished: set[Item]) -> None:
         self.finished |= finished
-        done = sum(w * max(0.0, self._fraction(r) - self.start[r]) for r, w in self.weights.items())
+        steps = self._steps()
+        shares = self._fractions(steps)
+        done = sum(w * max(0.0, shares[r] - self.start[r]) for r, w in self.weights.items())
         self.bar.n = min(done, self.bar.total)
         self.bar.set_postfix_str(" · ".join(
-            f"{m} {hyperparameter_name(m)}={v:g}: {self._step((m, v))}/{run_steps(self.preset, m)}"
+            f"{m} {hyperparameter_name(m)}={v:g}: {steps[(m, v)]}/{run_steps(self.preset, m)}"
             for m, v in running), refresh=False)
         self.bar.refresh()
 

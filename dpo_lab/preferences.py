@@ -20,7 +20,7 @@ import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.cache import atomic_directory, atomic_write_json, damaged_file_error, read_json_object
+from dpo_lab.cache import atomic_directory, atomic_write_json, naming_damaged_files, read_json_object
 from dpo_lab.presets import PreferenceConfig
 from dpo_lab.rewards import RewardModel, score_completions
 from dpo_lab.sampling import sample
@@ -205,15 +205,8 @@ def load_preferences(
     folder = path / "pairs" if (path / "pairs").is_dir() else path
     if not folder.is_dir():
         raise FileNotFoundError(f"no preference data at {path}")
-    try:
+    with naming_damaged_files(folder, advice or f"delete {path} and build the pairs again"):
         ds = datasets.load_from_disk(str(folder))
-    except FileNotFoundError:
-        raise
-    except Exception as err:
-        damaged = damaged_file_error(folder, err, advice or f"delete {path} and build the pairs again")
-        if damaged is None:
-            raise
-        raise damaged from err
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(f"{path} holds a DatasetDict with splits {list(ds)}; expected one Dataset of pairs")
     try:

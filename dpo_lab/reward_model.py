@@ -48,8 +48,8 @@ from dpo_lab.batching import (
 from dpo_lab.cache import (
     atomic_directory,
     content_hash,
-    damaged_file_error,
     model_fingerprint,
+    naming_damaged_files,
     tokenizer_fingerprint,
 )
 from dpo_lab.logprobs import position_ids_from_mask
@@ -205,7 +205,7 @@ class LearnedReward:
         if not (path / "reward_config.json").is_file() or not (path / "model.safetensors").is_file():
             raise FileNotFoundError(f"no saved LearnedReward at {path} "
                                     "(reward_config.json / model.safetensors missing)")
-        try:
+        with naming_damaged_files(path, f"delete {path} to train the reward model again"):
             meta = json.loads((path / "reward_config.json").read_text())
             if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
                 raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, "
@@ -213,11 +213,6 @@ class LearnedReward:
             model = ScalarRewardModel(GPT2Model(GPT2Config.from_dict(meta["gpt2_config"])))
             model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
             tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-        except Exception as err:  # a truncated file is named with what to do, not a bare SafetensorError
-            damaged = damaged_file_error(path, err, f"delete {path} to train the reward model again")
-            if damaged is None:
-                raise
-            raise damaged from err
         return cls(model, tokenizer, offset=meta["offset"], max_length=meta["max_length"],
                    batch_size=meta["batch_size"], report=meta["report"])
 
