@@ -4,7 +4,9 @@ For each sampled completion y ~ pi(.|x) (sampling.py: temperature 1, no top-k/to
 
     KL_seq(x, y) = sum_t KL( pi(.|x, y_<t) || pi_ref(.|x, y_<t) )     (paper footnote 3, docs/design.md)
 
-with each per-step KL exact over the vocabulary (logprobs.sequence_kl). Its expectation over y ~ pi equals
+with each per-step KL exact over the vocabulary, computed while sampling: the reference steps alongside the
+policy on the sampled tokens (``sampling.sample(reference=...)``; ``completion_kls`` is the same sum from a
+second pass over finished samples, logprobs.sequence_kl). Its expectation over y ~ pi equals
 the KL between the sequence distributions, KL(pi(y|x) || pi_ref(y|x)) (chain rule), with less variance than
 the sampled log-ratio estimator log pi(y|x) - log pi_ref(y|x), which is reported beside it for comparison.
 r*(x, y) is scored on the full text prompt + completion.
@@ -124,12 +126,11 @@ def evaluate_policy(
     if len(prompts) == 0:
         raise ValueError("evaluate_policy needs at least one prompt")
     samples = sample(policy, tokenizer, prompts, n_per_prompt=samples_per_prompt,
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress)
+                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress,
+                     reference=reference)
     rewards = np.asarray(score_samples(reward_model, samples.prompts, samples.texts), dtype=np.float64)
-    flat_prompts = [p for p, per in zip(samples.prompt_ids, samples.completion_ids, strict=True) for _ in per]
-    flat_completions = [c for per in samples.completion_ids for c in per]
-    kl, logratio = completion_kls(policy, reference, flat_prompts, flat_completions, batch_size=batch_size,
-                                  pad_token_id=tokenizer.pad_token_id or 0)
+    kl = np.asarray(samples.kl, dtype=np.float64).reshape(-1)
+    logratio = np.asarray(samples.logratio, dtype=np.float64).reshape(-1)
     n_prompts = len(prompts)
     reward_mean, reward_se = _mean_se(rewards.reshape(-1), n_prompts)
     kl_mean, kl_se = _mean_se(kl, n_prompts)
@@ -143,7 +144,7 @@ def evaluate_policy(
         "reward_mean": reward_mean, "reward_se": reward_se,
         "kl_mean": kl_mean, "kl_se": kl_se,
         "logratio_kl_mean": lr_mean, "logratio_kl_se": lr_se,
-        "completion_tokens_mean": float(np.mean([len(c) for c in flat_completions])),
+        "completion_tokens_mean": float(np.mean([len(c) for per in samples.completion_ids for c in per])),
         "n": int(kl.size), "n_prompts": n_prompts, **extra,
     }
 

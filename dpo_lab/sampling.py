@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -62,6 +62,9 @@ class Samples:
     prompt_ids: list[list[int]]  # [prompt] -> token ids, unpadded
     completion_ids: list[list[list[int]]]  # [prompt][sample] -> sampled ids, EOS included if sampled
     texts: list[list[str]]  # [prompt][sample] -> decoded completion (special tokens dropped)
+    # With ``sample(reference=...)``, [prompt][sample]: exact sequence KL and log pi(y|x) - log pi_ref(y|x).
+    kl: list[list[float]] | None = None
+    logratio: list[list[float]] | None = None
 
 
 @contextmanager
@@ -268,33 +271,41 @@ def _draw_inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def _loop_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-                draw: Callable[[torch.Tensor], torch.Tensor] = _draw_multinomial) -> torch.Tensor:
-    """New tokens (B, <= max_new_tokens) of one left-padded batch; rows after their EOS hold pad ids.
+                draw: Callable[[torch.Tensor], torch.Tensor] = _draw_multinomial,
+                reference: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """New tokens (B, <= max_new_tokens) of one left-padded batch, rows after their EOS holding pad ids,
+    and ``(2, B)`` float64 per-row sums of [exact KL to ``reference``, log-ratio] (zeros without one).
 
     Stops after the step in which the last row samples EOS, as ``generate`` does: one draw per step
-    taken, so the RNG is left where ``generate`` leaves it and the next batch matches too.
+    taken, so the RNG is left where ``generate`` leaves it and the next batch matches too. The reference
+    steps on the same tokens with its own cache and draws nothing, so the tokens do not depend on it.
     """
     batch, _ = input_ids.shape
     device = input_ids.device
-    if _fast_gpt2_supported(model):
-        step = _gpt2_stepper(model, attention_mask, max_new_tokens)
-    else:
-        step = _hf_stepper(model, attention_mask)
+    steps = [_gpt2_stepper(m, attention_mask, max_new_tokens) if _fast_gpt2_supported(m)
+             else _hf_stepper(m, attention_mask) for m in (model, reference) if m is not None]
     new = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    sums = torch.zeros((2, batch), dtype=torch.float64, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)  # as generate
-    logits = step(input_ids, positions)
+    logits = [step(input_ids, positions) for step in steps]
     positions = positions[:, -1:]
     for t in range(max_new_tokens):
-        probs = F.softmax(logits.float(), dim=-1)  # generate: fp32 copy of the last logits, then softmax
+        probs = F.softmax(logits[0].float(), dim=-1)  # generate: fp32 copy of the last logits, then softmax
         tokens = torch.where(unfinished, draw(probs), pad_token_id)  # finished rows: padding, as generate
+        if reference is not None:  # paper footnote 3: exact per-step KL over the vocabulary, fp32 (token_kl)
+            logp, logq = (F.log_softmax(x.float(), dim=-1) for x in logits)
+            ratio = logp - logq
+            kl = (logp.exp() * ratio).sum(-1).clamp(min=0.0)
+            step_sums = torch.stack([kl, ratio.gather(-1, tokens[:, None]).squeeze(-1)])
+            sums += torch.where(unfinished, step_sums, 0.0)  # the EOS step counts, steps after it do not
         new[:, t] = tokens
         unfinished &= tokens != eos_token_id
         if t == max_new_tokens - 1 or not bool(unfinished.any()):
-            return new[:, :t + 1]
+            return new[:, :t + 1], sums
         positions = positions + 1
-        logits = step(tokens[:, None], positions)
-    return new
+        logits = [step(tokens[:, None], positions) for step in steps]
+    return new, sums
 
 
 def _generate_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -316,8 +327,13 @@ def sample(
     progress: bool = True,
     backend: Backend = "loop_icdf",
     generation_config: GenerationConfig | None = None,
+    reference: nn.Module | None = None,
 ) -> Samples:
     """Draw ``n_per_prompt`` completions of every prompt, ``batch_size`` rows at a time.
+
+    ``reference`` (a loop backend only) steps alongside on the sampled tokens: ``Samples.kl`` and
+    ``.logratio`` then hold each completion's exact sequence KL to it and its sampled log-ratio, with no
+    second pass over the samples. The tokens are the same with or without it.
 
     ``backend="loop"`` and ``"generate"`` give identical tokens, "loop" faster; "loop_icdf" (default) is
     faster still and samples the same distribution with other tokens (see the module docstring).
@@ -327,6 +343,8 @@ def sample(
     _check_args(n_per_prompt, max_new_tokens, batch_size, seed, backend)
     if generation_config is not None and backend != "generate":
         raise ValueError(f"generation_config needs backend='generate', not {backend!r}")
+    if reference is not None and backend == "generate":
+        raise ValueError("reference needs a loop backend, not 'generate'")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad_token_id; set one (e.g. pad = eos) before sampling")
     prompt_ids = encode_prompts(tokenizer, prompts)
@@ -340,9 +358,11 @@ def sample(
     config = generation_config or sampling_config(tokenizer, max_new_tokens)
     device = model_device(model)
     flat: list[list[int]] = []
+    flat_sums: list[torch.Tensor] = []
     fork_devices = [device] if device.type == "cuda" else []
     draw = _draw_inverse_cdf if backend == "loop_icdf" else _draw_multinomial
-    with torch.random.fork_rng(devices=fork_devices), eval_mode(model):
+    ref_mode = eval_mode(reference) if reference is not None else nullcontext()
+    with torch.random.fork_rng(devices=fork_devices), eval_mode(model), ref_mode:
         torch.manual_seed(seed)
         starts = range(0, len(jobs), batch_size)
         for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
@@ -354,13 +374,21 @@ def sample(
             if backend == "generate":
                 new = _generate_batch(model, input_ids, attention_mask, config)
             else:
-                new = _loop_batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                                  eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-                                  draw=draw)
+                new, sums = _loop_batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                        eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+                                        draw=draw, reference=reference)
+                flat_sums.append(sums.cpu())
             flat.extend(_cut_at_eos(row, tokenizer.eos_token_id) for row in new.tolist())
-    completion_ids = [flat[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompt_ids))]
+    def per_prompt(rows: list) -> list[list]:
+        return [rows[i * n_per_prompt:(i + 1) * n_per_prompt] for i in range(len(prompt_ids))]
+
+    completion_ids = per_prompt(flat)
     texts = [[tokenizer.decode(ids, skip_special_tokens=True) for ids in per] for per in completion_ids]
-    return Samples(prompts=list(prompts), prompt_ids=prompt_ids, completion_ids=completion_ids, texts=texts)
+    kl = logratio = None
+    if reference is not None:
+        kl, logratio = (per_prompt(row) for row in torch.cat(flat_sums, 1).tolist())
+    return Samples(prompts=list(prompts), prompt_ids=prompt_ids, completion_ids=completion_ids, texts=texts,
+                   kl=kl, logratio=logratio)
 
 
 def sample_completions(

@@ -92,3 +92,34 @@ def test_eval_fn_plugs_into_the_trainer(tiny_model, tiny_tokenizer, tmp_path):
     assert sorted(records) == [0, 1, 2, 3, 4]
     assert records[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the starting point: pi == pi_ref
     assert records[4]["kl_mean"] > 0 and "reward_mean" in records[2] and "reward_mean" not in records[3]
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["gpt2-stepper", "hf-forward"])
+def test_kl_stepped_alongside_equals_the_second_pass(tiny_model, tiny_tokenizer, hooked):
+    """sample(reference=...) gives completion_kls' exact KL and log-ratio on the same samples (float
+    rounding), counts the EOS step and none after it, and samples the same tokens as without a reference."""
+    from dpo_lab.sampling import sample
+
+    eos = tiny_tokenizer.eos_token_id
+    torch.manual_seed(1)
+    policy = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        policy.lm_head.weight[eos] += 3.0  # some rows stop early
+    if hooked:  # the reference through its own forward and a DynamicCache
+        tiny_model.register_forward_hook(lambda *_: None)
+    prompts = ["This movie", "A", "I watched it twice; the music", "The"]
+    args = {"n_per_prompt": 3, "max_new_tokens": 8, "batch_size": 5, "seed": 0, "progress": False}
+    plain = sample(policy, tiny_tokenizer, prompts, **args)
+    both = sample(policy, tiny_tokenizer, prompts, reference=tiny_model, **args)
+    assert both.completion_ids == plain.completion_ids and plain.kl is None
+    flat = [c for per in both.completion_ids for c in per]
+    assert any(c[-1] == eos and len(c) < 8 for c in flat)
+    kl, logratio = completion_kls(policy, tiny_model, [p for p in both.prompt_ids for _ in range(3)], flat,
+                                  batch_size=5, pad_token_id=tiny_tokenizer.pad_token_id)
+    assert kl.min() > 0.1
+    np.testing.assert_allclose(np.ravel(both.kl), kl, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.ravel(both.logratio), logratio, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="loop backend"):
+        sample(policy, tiny_tokenizer, prompts, reference=tiny_model, backend="generate", **args)
