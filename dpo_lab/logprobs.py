@@ -75,12 +75,16 @@ class _TokenLogprobs(torch.autograd.Function):
     (gather's), 0 at the last position. On the cpu preset this cuts the vocabulary-sized work of a DPO
     step by about a third (benchmarks/bench_roofline.py; tests/test_logprobs.py checks it
     against autograd) and leaves trained weights bit-identical.
+
+    Takes ``(B, S, V)`` logits and ``(B, L)`` labels, L = S - 1 (every position but the last predicts a
+    label) or L = S (logits already gathered at the predicting positions, ``completion_token_logprobs``).
     """
 
     @staticmethod
-    def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, input_ids: Tensor) -> Tensor:
-        shifted = logits[:, :-1]
-        labels = input_ids[:, 1:].unsqueeze(-1)
+    def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, labels: Tensor) -> Tensor:
+        n = labels.shape[1]
+        shifted = logits[:, :n]
+        labels = labels.unsqueeze(-1)
         lse = torch.logsumexp(shifted, dim=-1)
         ctx.save_for_backward(logits, labels, lse)
         return shifted.gather(-1, labels).squeeze(-1) - lse
@@ -88,10 +92,11 @@ class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         logits, labels, lse = ctx.saved_tensors
+        n = labels.shape[1]
         grad_logits = torch.empty_like(logits)
-        grad_logits[:, -1].zero_()  # the last position predicts nothing
-        body = grad_logits[:, :-1]
-        torch.sub(logits[:, :-1], lse.unsqueeze(-1), out=body)
+        grad_logits[:, n:].zero_()  # a last position predicts nothing
+        body = grad_logits[:, :n]
+        torch.sub(logits[:, :n], lse.unsqueeze(-1), out=body)
         body.exp_().mul_(grad.neg().unsqueeze(-1))  # d(-lse)/dx = -softmax(x)
         body.scatter_add_(-1, labels, grad.unsqueeze(-1))  # d(x_label)/dx = one-hot
         return grad_logits, None
@@ -107,7 +112,7 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     if input_ids.is_floating_point():
         raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
     # gather - logsumexp == log_softmax(...).gather(...) without materialising a second (B, T, V) tensor.
-    return _TokenLogprobs.apply(logits.float(), input_ids)  # fp32 before the softmax
+    return _TokenLogprobs.apply(logits.float(), input_ids[:, 1:])  # fp32 before the softmax
 
 
 def sequence_logprobs(logits: Tensor, input_ids: Tensor, completion_mask: Tensor, *,
@@ -140,15 +145,19 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """Run a causal LM once and return its ``(B, T, V)`` logits; left or right padding, same values."""
+def _model_inputs(input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor | bool]:
+    """Checked keyword arguments of a causal LM's (or its body's) forward; left or right padding alike."""
     input_ids = _check_tensor("input_ids", input_ids, 2)
     mask = _check_mask("attention_mask", attention_mask, input_ids.shape)
     if bool((mask.sum(-1) == 0).any()):
         raise ValueError("attention_mask has a row with no real tokens")
-    out = model(input_ids=input_ids, attention_mask=mask.long(),
-                position_ids=position_ids_from_mask(mask), use_cache=False)
-    return out.logits
+    return {"input_ids": input_ids, "attention_mask": mask.long(),
+            "position_ids": position_ids_from_mask(mask), "use_cache": False}
+
+
+def forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """Run a causal LM once and return its ``(B, T, V)`` logits; left or right padding, same values."""
+    return model(**_model_inputs(input_ids, attention_mask)).logits
 
 
 def _check_completion_within_attention(attention_mask: Tensor, completion_mask: Tensor) -> None:
@@ -169,13 +178,24 @@ def completion_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mas
     """Per-token ``log π(y_t | x, y_<t)`` and the shifted mask, both ``(B, T-1)``.
 
     Log-probs at non-completion positions are set to 0 so they are harmless if summed without the mask.
-    Token-level losses (Unlikelihood, Preferred-FT) consume this pair.
+    Token-level losses (Unlikelihood, Preferred-FT) consume this pair. For an HF model with ``.transformer``
+    and ``.lm_head`` (GPT-2) and no forward hooks, the LM head (2 d V FLOPs a position, the largest layer at
+    the cpu preset) runs only at the positions that predict a completion token: prompt and padding
+    positions' logits were computed and thrown away. Same values to float rounding, same gradients.
     """
-    logits = forward_logits(model, input_ids, attention_mask)
+    from dpo_lab.sampling import _has_hooks
+
+    inputs = _model_inputs(input_ids, attention_mask)
     _check_completion_within_attention(attention_mask, completion_mask)
-    token_logps = token_logprobs(logits, input_ids)
     mask = _shifted_completion_mask(completion_mask, input_ids.shape)
-    return torch.where(mask, token_logps, 0.0), mask.long()
+    body, head = getattr(model, "transformer", None), getattr(model, "lm_head", None)
+    if not isinstance(body, nn.Module) or not isinstance(head, nn.Module) or _has_hooks(model):
+        token_logps = token_logprobs(model(**inputs).logits, input_ids)  # hooks expect the model's forward
+        return torch.where(mask, token_logps, 0.0), mask.long()
+    hidden = body(**inputs).last_hidden_state[:, :-1][mask]  # (N, d): rows that predict a completion token
+    picked = _TokenLogprobs.apply(head(hidden).float()[None], input_ids[:, 1:][mask][None])[0]
+    zeros = torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device)
+    return zeros.masked_scatter(mask, picked), mask.long()
 
 
 def concatenated_token_logprobs(model: nn.Module, batch: dict[str, Tensor],

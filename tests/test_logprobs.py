@@ -220,7 +220,7 @@ def test_token_logprobs_backward_matches_autograd() -> None:
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 5, 7, dtype=torch.float64, generator=gen, requires_grad=True)
     ids = torch.randint(0, 7, (3, 5), generator=gen)
-    assert torch.autograd.gradcheck(lambda x: _TokenLogprobs.apply(x, ids), (logits,))
+    assert torch.autograd.gradcheck(lambda x: _TokenLogprobs.apply(x, ids[:, 1:]), (logits,))
 
     x32 = logits.detach().float().requires_grad_()
     weights = torch.randn(3, 4, generator=gen)
@@ -230,3 +230,32 @@ def test_token_logprobs_backward_matches_autograd() -> None:
     (reference * weights).sum().backward()
     torch.testing.assert_close(x32.grad, plain.grad)
     assert x32.grad[:, -1].abs().max() == 0  # the last position predicts nothing
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lm_head_at_completion_positions_only_equals_the_full_logits(tiny_model: GPT2LMHeadModel,
+                                                                      tiny_tokenizer: PreTrainedTokenizerFast,
+                                                                      side: str) -> None:
+    """completion_token_logprobs' head-skipping path (GPT-2: body, then the LM head at completion-predicting
+    positions) gives the full-logits path's values and parameter gradients to float rounding."""
+    model = tiny_model.train()  # dropout is 0.1: the two paths must draw the same masks
+    batch = pad_rows(_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id, side=side)
+    weights = torch.randn(batch["input_ids"].shape[0], batch["input_ids"].shape[1] - 1)
+
+    def run(hooked: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad()
+        handle = model.register_forward_hook(lambda *_: None) if hooked else None  # hooks: the full path
+        torch.manual_seed(0)
+        token_logps, mask = completion_token_logprobs(model, **batch)
+        if handle is not None:
+            handle.remove()
+        (token_logps * weights).sum().backward()
+        torch.testing.assert_close(mask, batch["completion_mask"][:, 1:])
+        assert float(token_logps.detach()[~mask.bool()].abs().max()) == 0.0
+        return token_logps.detach(), [p.grad.clone() for p in model.parameters()]
+
+    (full, full_grads), (skip, skip_grads) = run(hooked=True), run(hooked=False)
+    torch.testing.assert_close(skip, full, rtol=1e-5, atol=1e-5)
+    for a, b in zip(skip_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model.eval()
