@@ -209,7 +209,7 @@ def test_loop_matches_generate_on_another_architecture(tiny_tokenizer):
 
 def test_inverse_cdf_draws_the_softmax_distribution(tiny_model, tiny_tokenizer):
     """backend="loop_icdf": 6,000 first tokens of one prompt against the model's exact softmax (chi-square),
-    and never a token of probability zero (the float64 CDF gives it an empty interval)."""
+    and never a token of probability zero (the CDF gives it an empty interval)."""
     from scipy.stats import chisquare
 
     from dpo_lab.sampling import _draw_inverse_cdf
