@@ -17,13 +17,24 @@ Rows, each on the same left-padded batches and seed:
 completion, EOS included) is a coarse check that (d) samples alike. Repeats are interleaved
 (a, b, c, d, a, b, ...) so that load from other users hits every row alike; the table shows the median
 and [min-max]. Run: ``.venv/bin/python benchmarks/bench_sampling.py [--quick] [--threads 1,2]``.
+
+``--speedups`` times instead the three speed-ups of issue #21 that change numbers, each alone (the other two
+off) and before/after side by side in this one process, and prints what moved:
+  1. the exact KL stepped alongside the sampler vs a second forward pass (one ``evaluate_policy`` call,
+     DPO beta=0.1 checkpoint against pi_SFT, 256 x 2 x 32, batch 128, the float64 CDF in both);
+  2. the LM head at completion-predicting positions only vs full logits (DPO steps, 32 pairs);
+  3. the float32 CDF vs float64 (``sample`` at the evaluator's shape).
+Read-only on the cached stages: ``--artifacts`` (default ``artifacts/``) must hold the cpu preset's SFT,
+reward and preference stages and a DPO beta=0.1 run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,8 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import describe_machine, markdown_table, median  # noqa: E402
-from dpo_lab import pipeline  # noqa: E402
+from benchmarks.common import describe_machine, markdown_table, median, spread  # noqa: E402
+from dpo_lab import pipeline, sampling  # noqa: E402
 from dpo_lab.batching import pad_rows  # noqa: E402
 from dpo_lab.presets import get_preset  # noqa: E402
 from dpo_lab.sampling import encode_prompts, sample, sampling_config  # noqa: E402
@@ -107,6 +118,176 @@ def run_shape(name: str, model, tokenizer, prompts: list[str], n: int, new: int,
     return rows
 
 
+# ------------------------------------------------------------------- issue #21's three speed-ups
+def _draw_inverse_cdf_f64(probs: torch.Tensor) -> torch.Tensor:
+    """The sampler's draw before speed-up 3: the float64 CDF."""
+    cdf = probs.double().cumsum(dim=-1)
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    index = torch.searchsorted(cdf, u, right=True).squeeze(1)
+    last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
+    return torch.minimum(index, last_with_mass)
+
+
+@contextlib.contextmanager
+def patched(module: object, name: str, value: object):
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each run, repeats interleaved (a, b, a, b, ...) after one untimed warm-up each."""
+    for run in runs.values():
+        run()
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(repeats):
+        for label, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def report(name: str, times: dict[str, list[float]]) -> None:
+    (before, tb), (after, ta) = times.items()
+    print(f"  {name}: {before} {spread(tb)} s, {after} {spread(ta)} s, median ratio "
+          f"{median(tb) / median(ta):.2f}x", flush=True)
+
+
+def speedups(args: argparse.Namespace) -> None:
+    import copy
+    import dataclasses
+
+    import numpy as np
+
+    from dpo_lab import evaluate
+    from dpo_lab.batching import PAIR_COLUMNS, PreferenceCollator, pair_columns
+    from dpo_lab.dpo_trainer import _micro_batch_losses, make_accelerator, make_optimizer, reference_logprobs
+    from dpo_lab.logprobs import concatenated_token_logprobs
+    from dpo_lab.models import load_policy
+    from dpo_lab.preferences import load_preferences, score_samples
+    from dpo_lab.rewards import TfidfSentimentReward
+
+    preset = get_preset("cpu")
+    root = Path(args.artifacts)
+    sft = root / f"sft-{pipeline.sft_key(preset)}" / "policy"
+    reference, tokenizer = load_policy(sft)
+    policy, _ = load_policy(next(root.glob("training/dpo-beta0.1-*/checkpoints/step-*")))
+    reward = TfidfSentimentReward.load(root / f"reward-{pipeline.reward_key(preset)}" / "reward")
+    e = preset.eval
+    test = pipeline.prompts(preset, tokenizer, "test")[: args.eval_prompts]
+    print(describe_machine())
+    kw = {"samples_per_prompt": e.samples_per_prompt, "max_new_tokens": e.max_new_tokens,
+          "batch_size": e.batch_size, "seed": 0}
+
+    # 1. One evaluate_policy call; "before" is its old body: sample, score, then completion_kls' second pass.
+    def old_evaluate() -> tuple[dict, np.ndarray, np.ndarray, list]:
+        s = sample(policy, tokenizer, test, n_per_prompt=kw["samples_per_prompt"],
+                   max_new_tokens=kw["max_new_tokens"], batch_size=kw["batch_size"], seed=0, progress=False)
+        rewards = np.asarray(score_samples(reward, s.prompts, s.texts))
+        flat = [c for per in s.completion_ids for c in per]
+        xs = [p for p, per in zip(s.prompt_ids, s.completion_ids, strict=True) for _ in per]
+        kl, ratio = evaluate.completion_kls(policy, reference, xs, flat, batch_size=kw["batch_size"],
+                                            pad_token_id=tokenizer.pad_token_id)
+        n = len(test)
+        return {"reward_mean": float(rewards.mean()), "kl_mean": evaluate._mean_se(kl, n)[0],
+                "logratio_kl_mean": evaluate._mean_se(ratio, n)[0]}, kl, ratio, flat
+
+    def new_evaluate() -> dict:
+        return evaluate.evaluate_policy(policy, reference, tokenizer, test, reward, **kw)
+
+    with patched(sampling, "_draw_inverse_cdf", _draw_inverse_cdf_f64):  # speed-up 3 off
+        report(f"1. exact KL, evaluate_policy ({len(test)} x {e.samples_per_prompt} x {e.max_new_tokens})",
+               interleaved({"second pass": old_evaluate, "stepped alongside": new_evaluate}, args.repeats))
+        old, kl, ratio, flat = old_evaluate()
+        new = new_evaluate()
+        s = sample(policy, tokenizer, test, n_per_prompt=e.samples_per_prompt,
+                   max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, seed=0, progress=False,
+                   reference=reference)
+    assert [c for per in s.completion_ids for c in per] == flat, "the reference changed the samples"
+    print(f"     max |dKL| per sample {np.abs(np.ravel(s.kl) - kl).max():.2e} (KL up to {kl.max():.2f}), "
+          f"max |d log-ratio| {np.abs(np.ravel(s.logratio) - ratio).max():.2e}; kl_mean {old['kl_mean']:.6f}"
+          f" -> {new['kl_mean']:.6f}, logratio_kl_mean {old['logratio_kl_mean']:.6f} -> "
+          f"{new['logratio_kl_mean']:.6f}, reward_mean {old['reward_mean']:.6f} -> {new['reward_mean']:.6f}")
+
+    if args.parts == "1":
+        return
+    # 2. DPO steps (32 pairs) from pi_SFT; "before" forces the full-logits path (as for a hooked model).
+    n_steps = args.dpo_steps
+    pairs = load_preferences(root / f"preferences-{pipeline.preferences_key(preset)}" / "pairs")
+    cols = pair_columns(pairs.select(range(n_steps * 32)))
+    max_length = int(reference.config.n_positions)
+    collator = PreferenceCollator(tokenizer, max_length)
+    config = dataclasses.replace(preset.dpo, batch_size=32, micro_batch_size=32)
+    with tempfile.TemporaryDirectory() as tmp, patched(sampling, "_has_hooks", lambda _: True):
+        ref_c, ref_r = reference_logprobs(reference, tokenizer, cols, max_length=max_length,
+                                          cache_dir=tmp, batch_size=32, progress=False)
+    batches = [collator([{c: cols[c][i] for c in PAIR_COLUMNS} for i in range(k * 32, (k + 1) * 32)])
+               for k in range(n_steps)]
+    accelerator = make_accelerator("cpu")
+
+    def trainer() -> Callable[[], list[float]]:
+        model = copy.deepcopy(reference).train()
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], config)
+
+        def steps() -> list[float]:
+            losses = []
+            for k, batch in enumerate(batches):
+                ref = torch.stack([ref_c[k * 32:(k + 1) * 32], ref_r[k * 32:(k + 1) * 32]], dim=1)
+                out = _micro_batch_losses(model, batch, ref, accelerator, objective="dpo", beta=0.1,
+                                          alpha=None, config=config, where=f"at step {k}")
+                loss = out["losses"].mean()
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(loss.item())
+            return losses
+        steps.model = model  # type: ignore[attr-defined]
+        return steps
+
+    full, skip = trainer(), trainer()
+    with patched(sampling, "_has_hooks", lambda _: True):
+        full_losses = full()
+    skip_losses = skip()  # the same start, batches and optimizer: only the LM head path differs
+    with torch.no_grad():
+        a = concatenated_token_logprobs(full.model.eval(), batches[0])
+        with patched(sampling, "_has_hooks", lambda _: True):
+            b = concatenated_token_logprobs(full.model, batches[0])
+        d_weight = max(float((p - q).abs().max())
+                       for p, q in zip(full.model.parameters(), skip.model.parameters(), strict=True))
+    d_loss = max(abs(x - y) for x, y in zip(full_losses, skip_losses, strict=True))
+    d_logp = max(float((x - y).abs().max()) for x, y in zip(a[::2], b[::2], strict=True))
+    print(f"     after {n_steps} DPO steps: max |d loss| {d_loss:.2e} (last {full_losses[-1]:.6f} vs "
+          f"{skip_losses[-1]:.6f}); max |d log-prob| per token, same weights {d_logp:.2e}; max |d weight| "
+          f"{d_weight:.2e}")
+
+    def timed_full() -> None:
+        with patched(sampling, "_has_hooks", lambda _: True):
+            full()
+
+    report(f"2. LM head skip, {n_steps} DPO steps x 32 pairs",
+           interleaved({"full logits": timed_full, "completion positions": skip}, args.repeats))
+
+    # 3. sample() at the evaluator's shape, float64 vs float32 CDF.
+    def draw(f64: bool) -> list[list[int]]:
+        f64_draw = patched(sampling, "_draw_inverse_cdf", _draw_inverse_cdf_f64)
+        with f64_draw if f64 else contextlib.nullcontext():
+            return dpo_lab_sample(reference, tokenizer, test, e.samples_per_prompt, e.max_new_tokens,
+                                  e.batch_size, 0, "loop_icdf")
+    report(f"3. float32 CDF, sample() {len(test)} x {e.samples_per_prompt} x {e.max_new_tokens}",
+           interleaved({"float64": lambda: draw(True), "float32": lambda: draw(False)}, args.repeats))
+    a64, a32 = draw(True), draw(False)
+    rows = sum(x != y for x, y in zip(a64, a32, strict=True))
+    first = [next((t for t, (u, v) in enumerate(zip(x, y, strict=False)) if u != v), min(len(x), len(y)))
+             for x, y in zip(a64, a32, strict=True) if x != y]
+    print(f"     pi_SFT, seed 0: {rows} of {len(a64)} completions differ (first differing token at "
+          f"{first}); {sum(map(len, a64))} vs {sum(map(len, a32))} tokens")
+    print(f"{'load after':>14}: {[round(x, 2) for x in os.getloadavg()]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="64 prompts a shape, 2 repeats, 1 thread")
@@ -115,7 +296,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", default=None,
                         help="comma-separated torch thread counts (default: 1)")
+    parser.add_argument("--speedups", action="store_true", help="issue #21's three speed-ups, each alone")
+    parser.add_argument("--artifacts", default=str(pipeline.artifacts_dir()),
+                        help="cached stages (read only)")
+    parser.add_argument("--dpo-steps", type=int, default=10)
+    parser.add_argument("--parts", default="123", help="with --speedups: '1' times speed-up 1 alone")
     args = parser.parse_args()
+    if args.speedups:
+        torch.set_num_threads(int(args.threads or 2))
+        speedups(args)
+        return
     if args.quick:
         args.pref_prompts, args.eval_prompts, args.repeats = 64, 64, 2
     default_threads = torch.get_num_threads()

@@ -265,7 +265,9 @@ def _draw_inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
     at the last token with mass for the u * total == total rounding case.
     """
     cdf = probs.float().cumsum(dim=-1)
-    u = torch.rand((probs.shape[0], 1), dtype=torch.float32, device=probs.device) * cdf[:, -1:]
+    # float64 uniforms (B of them, cheap), rounded: the same u as the float64 CDF drew, so a token moves
+    # only where u falls within rounding of an interval's end.
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, device=probs.device).float() * cdf[:, -1:]
     index = torch.searchsorted(cdf, u, right=True).squeeze(1)
     last_with_mass = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
     return torch.minimum(index, last_with_mass)
