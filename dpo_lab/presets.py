@@ -195,7 +195,7 @@ class AuditConfig:
     lm_n_layer: int = 2
     lm_n_head: int = 2
     lm_n_embd: int = 128
-    lm_steps: int = 300  # SFT steps (models.train_sft) of lm_batch_size reviews
+    lm_steps: int = 600  # SFT steps (models.train_sft) of lm_batch_size reviews
     lm_batch_size: int = 32
     lm_lr: float = 2e-3
 
