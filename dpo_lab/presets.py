@@ -179,6 +179,27 @@ class EvalConfig:
     batch_size: int = 128  # prompts per generate() call (speed only)
 
 
+@dataclass(frozen=True)
+class AuditConfig:
+    """The audit (dpo_lab/audit.py): judges no run optimises, trained on reviews r* and pi never saw."""
+
+    n_reviews: int = 3000  # audit reviews the classifier and the LM train on
+    max_words: int = 64  # classifier: trained on windows of max_words words (a completion's length)
+    vocab_size: int = 20000  # classifier: most frequent words (+ PAD, UNK)
+    embed_dim: int = 64
+    channels: int = 64  # per kernel width (3 and 5)
+    epochs: int = 5
+    batch_size: int = 64
+    lr: float = 2e-3  # Adam
+    lm_vocab_size: int = 2048  # fluency LM: its own byte-level BPE
+    lm_n_layer: int = 2
+    lm_n_head: int = 2
+    lm_n_embd: int = 128
+    lm_steps: int = 600  # SFT steps (models.train_sft) of lm_batch_size reviews
+    lm_batch_size: int = 32
+    lm_lr: float = 2e-3
+
+
 # ------------------------------------------------------------------------------------------- a preset
 SECTION_TITLES: dict[str, str] = {
     "data": "IMDb reviews",
@@ -191,6 +212,7 @@ SECTION_TITLES: dict[str, str] = {
     "reward_model": "r_phi, the learned reward for PPO",
     "ppo": "PPO runs, one per target KL (PPO with r_phi, PPO-GT with r*)",
     "eval": "held-out evaluation of every run",
+    "audit": "the audit: a word-order sentiment classifier and a fluency LM that no run optimises",
 }
 
 # Fields read only for one value of a section's ``source``: (section, field) -> (switch, the value using it).
@@ -229,6 +251,7 @@ class Preset:
     reward_model: RewardModelConfig
     ppo: PPOConfig
     eval: EvalConfig
+    audit: AuditConfig
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -498,6 +521,19 @@ def _range_errors(p: Preset) -> list[str]:
 
     for name in ("n_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
         at_least(f"eval.{name}", 1)
+
+    audit = p.audit
+    for name in ("n_reviews", "max_words", "vocab_size", "embed_dim", "channels", "epochs", "batch_size",
+                 "lm_n_layer", "lm_n_head", "lm_n_embd", "lm_steps"):
+        at_least(f"audit.{name}", 1)
+    at_least("audit.lm_vocab_size", 257)  # the 256 byte symbols + <|endoftext|> (models.train_tokenizer)
+    for name in ("lr", "lm_lr"):
+        number(f"audit.{name}")
+    need("audit.lm_batch_size", audit.lm_batch_size, 1 <= audit.lm_batch_size <= audit.n_reviews,
+         f">= 1 and <= audit.n_reviews ({audit.n_reviews})")  # train_sft draws that many reviews a step
+    if audit.lm_n_head >= 1 and audit.lm_n_embd % audit.lm_n_head:
+        errors.append(f"audit.lm_n_embd ({audit.lm_n_embd}) must be divisible by audit.lm_n_head "
+                      f"({audit.lm_n_head})")
     return errors
 
 
