@@ -6,9 +6,9 @@
 * Backbone: a copy of the SFT policy's transformer (GPT2Model), as in the paper ("initialised from the SFT
   model with a linear layer on top"); the scalar head starts at zero, so every reward is 0 at initialisation
   and the first BT loss is exactly log 2.
-* Validation: the pairs are split by PROMPT (all pairs of a prompt on one side), so the validation accuracy
-  is measured on prompts the model never saw; the weights with the best validation accuracy are kept
-  (paper: 3 epochs, best validation accuracy).
+* Validation and test: the pairs are split by PROMPT (all pairs of a prompt on one side) into train,
+  validation and test; the weights with the best validation accuracy are kept (paper: 3 epochs, best
+  validation accuracy) and their accuracy is reported once, on the test prompts.
 * Normalisation (paper §3): the BT loss only sees differences, so r_phi is defined up to a constant; we fix
   it so that E[r_phi] = 0 over the training completions and store the offset. (The paper asks for
   E_y[r] = 0 for every x; a per-prompt offset cannot be applied to unseen prompts, so we use one global one.)
@@ -112,23 +112,26 @@ def pair_rewards(model: ScalarRewardModel, batch: Mapping[str, Tensor]) -> tuple
 
 
 # ---------------------------------------------------------------------------------------------- splitting
-def split_by_prompt(prompts: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, validation indices) with every prompt's pairs on one side only.
+def split_by_prompt(prompts: Sequence[str], val_fraction: float, seed: int,
+                    ) -> tuple[list[int], list[int], list[int]]:
+    """(train, validation, test) indices with every prompt's pairs on one side only.
 
-    A seeded ``ceil(val_fraction * n_prompts)`` of the distinct prompts (at least 1, at most all but 1) go
-    to validation, so pairs that share a prompt (up to 6 per prompt) never leak across the split.
+    A seeded ``ceil(val_fraction * n_prompts)`` of the distinct prompts go to validation (where the kept
+    checkpoint is chosen) and as many to test (where its accuracy is reported: a best-of-many score on the
+    pairs it was chosen on would flatter it), so pairs that share a prompt never leak across the split.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if not 0.0 < val_fraction < 0.5:
+        raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction!r}")
     unique = sorted(set(prompts))
-    if len(unique) < 2:
-        raise ValueError(f"need at least 2 distinct prompts to split by prompt, got {len(unique)}")
-    n_val = min(len(unique) - 1, max(1, math.ceil(val_fraction * len(unique))))
+    if len(unique) < 3:
+        raise ValueError(f"need at least 3 distinct prompts to split by prompt, got {len(unique)}")
+    n_held = min((len(unique) - 1) // 2, max(1, math.ceil(val_fraction * len(unique))))
     order = np.random.default_rng(seed).permutation(len(unique))
-    val_prompts = {unique[i] for i in order[:n_val]}
-    train = [i for i, p in enumerate(prompts) if p not in val_prompts]
-    val = [i for i, p in enumerate(prompts) if p in val_prompts]
-    return train, val
+    side = {unique[i]: 1 + (k >= n_held) for k, i in enumerate(order[:2 * n_held])}  # 1 val, 2 test
+    parts: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for i, prompt in enumerate(prompts):
+        parts[side.get(prompt, 0)].append(i)
+    return parts
 
 
 # ------------------------------------------------------------------------------------------ the callable
@@ -229,10 +232,12 @@ class RewardModelReport:
     offset: float = 0.0
     n_train_pairs: int = 0
     n_val_pairs: int = 0
+    test_accuracy: float = float("nan")  # the kept weights on the test pairs, looked at once
+    n_test_pairs: int = 0
     # Where the pairs carry r*'s scores (chosen_reward, rejected_reward): the ceiling, r*'s own accuracy on
-    # the validation pairs (1 unless the labels are not r*'s ordering), and r_phi's accuracy by r*-gap bin.
-    rstar_val_accuracy: float | None = None
-    val_accuracy_by_gap: list[dict[str, float]] = field(default_factory=list)
+    # the test pairs (1 unless the labels are not r*'s ordering), and r_phi's test accuracy by r*-gap bin.
+    rstar_test_accuracy: float | None = None
+    test_accuracy_by_gap: list[dict[str, float]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -331,7 +336,8 @@ def train_reward_model(
     device: torch.device | str | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> LearnedReward:
-    """Train r_phi by the BT loss (Eq. 2) from ``policy``'s transformer; keep the best-val weights.
+    """Train r_phi by the BT loss (Eq. 2) from ``policy``'s transformer; keep the best-validation
+    weights and report their accuracy on the test pairs.
 
     ``pairs`` has prompt/chosen/rejected (a Dataset, a list of dicts or a dict of columns). AdamW, linear
     warmup then constant lr, gradient clipped; validation every ``eval_every`` steps and at the end of each
@@ -351,11 +357,11 @@ def train_reward_model(
     seed_everything(seed)
     device = resolve_device(device)
     examples = pair_examples(cols)
-    train_idx, val_idx = split_by_prompt(cols["prompt"], config.val_fraction, seed)
+    train_idx, val_idx, test_idx = split_by_prompt(cols["prompt"], config.val_fraction, seed)
     if config.max_val_pairs is not None and len(val_idx) > config.max_val_pairs:
         keep = np.random.default_rng([seed, 1]).choice(len(val_idx), config.max_val_pairs, replace=False)
         val_idx = [val_idx[i] for i in sorted(keep)]
-    train, val = [examples[i] for i in train_idx], [examples[i] for i in val_idx]
+    train, val, test = ([examples[i] for i in idx] for idx in (train_idx, val_idx, test_idx))
     collator = PreferenceCollator(tokenizer, config.max_length)
 
     model = ScalarRewardModel.from_policy(policy).to(device).train()
@@ -367,22 +373,22 @@ def train_reward_model(
     if config.max_steps is not None:
         total = min(total, config.max_steps)
 
-    report = RewardModelReport(n_train_pairs=len(train), n_val_pairs=len(val))
+    report = RewardModelReport(n_train_pairs=len(train), n_val_pairs=len(val), n_test_pairs=len(test))
     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    report.best_val_accuracy, best_loss, best_correct = -1.0, math.inf, []
+    report.best_val_accuracy, best_loss = -1.0, math.inf
 
     def validate(step: int) -> None:
-        nonlocal best_state, best_loss, best_correct
+        nonlocal best_state, best_loss
         result = evaluate_pairs(model, collator, val, batch_size=2 * config.batch_size)
-        correct = result["correct"]
         result = {"step": step, "val_loss": result["val_loss"], "val_accuracy": result["val_accuracy"]}
         report.val_history.append(result)
-        # Best validation accuracy (the paper); among equal accuracies, the lower validation loss.
-        if (result["val_accuracy"], -result["val_loss"]) > (report.best_val_accuracy, -best_loss):
+        # Best validation accuracy (the paper); among equal accuracies, the lower validation loss. Step 0 is
+        # logged as the baseline (the zero head ties every pair) but never kept: r_phi = 0 is no reward.
+        score = (result["val_accuracy"], -result["val_loss"])
+        if step > 0 and score > (report.best_val_accuracy, -best_loss):
             report.best_val_accuracy, best_loss = result["val_accuracy"], result["val_loss"]
             report.best_step = step
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            best_correct = correct  # the kept weights' per-pair results: no second pass over val
 
     validate(0)
     step = 0
@@ -415,11 +421,13 @@ def train_reward_model(
 
     model.load_state_dict(best_state)
     model.eval()
+    tested = evaluate_pairs(model, collator, test, batch_size=2 * config.batch_size)
+    report.test_accuracy = tested["val_accuracy"]
     gaps = _true_gaps(pairs)
     if gaps is not None:
-        gaps = gaps[val_idx]
-        report.val_accuracy_by_gap = accuracy_by_gap(best_correct, gaps)
-        report.rstar_val_accuracy = float(np.mean((gaps > 0) + 0.5 * (gaps == 0)))
+        gaps = gaps[test_idx]
+        report.test_accuracy_by_gap = accuracy_by_gap(tested["correct"], gaps)
+        report.rstar_test_accuracy = float(np.mean((gaps > 0) + 0.5 * (gaps == 0)))
     report.offset = completion_offset(model, collator, train, batch_size=2 * config.batch_size)
     reward = LearnedReward(model, tokenizer, offset=report.offset, max_length=config.max_length,
                            report={**report.to_dict(), "run_key": key, "config": asdict(config)})

@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -267,15 +267,18 @@ for step, kl in enumerate([12.0, 9.0, 6.0, 5.0, 2.0, 1.0], start=1):
 # ## The learned reward $r_\phi$ (for PPO)
 # PPO (not PPO-GT) never sees $r^*$: its reward is a scalar head on the SFT transformer, fit to the same
 # preference pairs as DPO by the Bradley–Terry loss (Eq. 2),
-# $\mathcal L_R=-\mathbb E\big[\log\sigma\big(r_\phi(x,y_w)-r_\phi(x,y_l)\big)\big]$. Validation pairs come
-# from prompts held out of training; the weights with the best validation accuracy are kept (App. B). Its
-# accuracy bounds how well PPO can do: every pair it ranks wrongly pushes the policy the wrong way.
+# $\mathcal L_R=-\mathbb E\big[\log\sigma\big(r_\phi(x,y_w)-r_\phi(x,y_l)\big)\big]$. Validation and
+# test pairs come from two sets of prompts held out of training; the weights with the best validation
+# accuracy are kept (App. B), and their accuracy is reported once, on the test pairs (the best of many
+# validation scores would flatter them). It bounds how well PPO can do: every pair $r_\phi$ ranks wrongly
+# pushes the policy the wrong way.
 
 # %%
 r_phi = pipeline.learned_reward(config)
 report = r_phi.report
-print(f"{report['n_train_pairs']} train pairs, {report['n_val_pairs']} validation pairs; kept step "
-      f"{report['best_step']} with validation accuracy {report['best_val_accuracy']:.3f} (chance: 0.5)")
+print(f"{report['n_train_pairs']} train pairs, {report['n_val_pairs']} validation pairs, "
+      f"{report['n_test_pairs']} test pairs; kept step {report['best_step']} (validation accuracy "
+      f"{report['best_val_accuracy']:.3f}); test accuracy {report['test_accuracy']:.3f} (chance: 0.5)")
 display(pd.DataFrame(report["val_history"]).set_index("step").round(4))
 
 # %% [markdown]

@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -92,10 +92,11 @@ print(f"preset {config.name!r}: DPO {config.dpo.max_steps} steps (evaluated ever
 # %% [markdown]
 # ## The proxy and its labels
 # $r_\phi$ is the SFT transformer with a scalar head, fit by the Bradley–Terry loss (Eq. 2) to the pairs of
-# 90% of the train prompts; the other 10% are its validation prompts (notebook 06). Relabelling means: score
-# each of a prompt's 4 samples with $r_\phi$ and order every pair by that score instead of by r*. The next
-# cell writes out how often the two labellers agree, separately on the prompts $r_\phi$ was fit to and on
-# its validation prompts, and checks the total against the library's count.
+# 80% of the train prompts; 10% are its validation prompts (its checkpoint is chosen there) and 10% its test
+# prompts (notebook 06). Relabelling means: score each of a prompt's 4 samples with $r_\phi$ and order every
+# pair by that score instead of by r*. The next cell writes out how often the two labellers agree,
+# separately on the prompts $r_\phi$ was fit to and on its held-out (validation and test) prompts, and
+# checks the total against the library's count.
 
 # %%
 r_phi = pipeline.learned_reward(config)  # trained here if notebook 06 has not (progress bars in this cell)
@@ -105,8 +106,8 @@ gold_pairs, _ = pipeline.preference_data(config)
 
 # %% tags=["nbval-check-output"]
 proxy_scores = score_samples(r_phi, candidates["prompts"], candidates["completions"])  # r_phi(x + y)
-_, val_idx = split_by_prompt(gold_pairs["prompt"], config.reward_model.val_fraction, config.seed)
-val_prompts = {gold_pairs["prompt"][i] for i in val_idx}
+_, val_idx, test_idx = split_by_prompt(gold_pairs["prompt"], config.reward_model.val_fraction, config.seed)
+val_prompts = {gold_pairs["prompt"][i] for i in val_idx + test_idx}
 
 agree = {"fit": [], "validation": []}
 for prompt, texts, gold, proxy in zip(candidates["prompts"], candidates["completions"], candidates["rewards"],

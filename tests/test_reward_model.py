@@ -43,16 +43,17 @@ CONFIG = RewardModelConfig(epochs=4, max_steps=None, batch_size=8, lr=3e-3, warm
 
 def test_split_by_prompt_keeps_prompts_together() -> None:
     prompts = easy_pairs()["prompt"]
-    train, val = split_by_prompt(prompts, 0.25, seed=0)
-    assert sorted(train + val) == list(range(len(prompts)))
-    assert {prompts[i] for i in train}.isdisjoint({prompts[i] for i in val})
-    assert len({prompts[i] for i in val}) == 3  # ceil(0.25 * 12)
-    assert split_by_prompt(prompts, 0.25, seed=0) == (train, val)
-    assert split_by_prompt(prompts, 0.25, seed=1) != (train, val)
+    train, val, test = split_by_prompt(prompts, 0.25, seed=0)
+    assert sorted(train + val + test) == list(range(len(prompts)))
+    sides = [{prompts[i] for i in part} for part in (train, val, test)]
+    assert not sides[0] & sides[1] and not sides[0] & sides[2] and not sides[1] & sides[2]
+    assert len(sides[1]) == len(sides[2]) == 3  # ceil(0.25 * 12) each
+    assert split_by_prompt(prompts, 0.25, seed=0) == (train, val, test)
+    assert split_by_prompt(prompts, 0.25, seed=1) != (train, val, test)
     with pytest.raises(ValueError, match="val_fraction"):
-        split_by_prompt(prompts, 1.0, seed=0)
+        split_by_prompt(prompts, 0.5, seed=0)
     with pytest.raises(ValueError, match="distinct prompts"):
-        split_by_prompt(["same"] * 4, 0.5, seed=0)
+        split_by_prompt(["same"] * 4, 0.25, seed=0)
 
 
 def test_reward_reads_the_last_real_token_whatever_the_padding(tiny_model) -> None:
@@ -92,9 +93,10 @@ def test_training_learns_easy_preferences_and_round_trips(tiny_model, tiny_token
     assert report["val_history"][0]["step"] == 0 and report["val_history"][-1]["step"] == len(losses)
     history = report["val_history"]
     assert history[0]["val_accuracy"] == 0.5  # zero head: every pair ties
-    best = max(history, key=lambda h: (h["val_accuracy"], -h["val_loss"]))
+    best = max(history[1:], key=lambda h: (h["val_accuracy"], -h["val_loss"]))  # trained weights only
     assert report["best_step"] == best["step"] and report["best_val_accuracy"] == best["val_accuracy"]
-    assert report["n_train_pairs"] == 45 and report["n_val_pairs"] == 15
+    assert (report["n_train_pairs"], report["n_val_pairs"], report["n_test_pairs"]) == (30, 15, 15)
+    assert report["test_accuracy"] > 0.5
     for k, v in tiny_model.state_dict().items():  # the policy is not trained
         torch.testing.assert_close(v, before[k], rtol=0, atol=0)
 
@@ -136,13 +138,14 @@ def test_the_report_gives_rstar_ceiling_where_pairs_carry_its_scores(tiny_model,
     pairs["rejected_reward"] = [0.1 + 0.01 * i for i in range(n - 5)] + [0.5] * 5
     report = train_reward_model(tiny_model, tiny_tokenizer, pairs, config=CONFIG, seed=0,
                                 progress=False).report
-    _, val_idx = split_by_prompt(pairs["prompt"], CONFIG.val_fraction, 0)
-    ties = sum(i >= n - 5 for i in val_idx)
-    assert report["rstar_val_accuracy"] == pytest.approx(1 - 0.5 * ties / len(val_idx))
-    assert sum(b["pairs"] for b in report["val_accuracy_by_gap"]) == report["n_val_pairs"]
+    _, val_idx, test_idx = split_by_prompt(pairs["prompt"], CONFIG.val_fraction, 0)
+    ties = sum(i >= n - 5 for i in test_idx)
+    assert report["rstar_test_accuracy"] == pytest.approx(1 - 0.5 * ties / len(test_idx))
+    assert sum(b["pairs"] for b in report["test_accuracy_by_gap"]) == report["n_test_pairs"] == len(test_idx)
+    assert report["n_val_pairs"] == len(val_idx) and 0.0 <= report["test_accuracy"] <= 1.0
     plain = train_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=CONFIG, seed=0,
                                progress=False).report
-    assert plain["rstar_val_accuracy"] is None and plain["val_accuracy_by_gap"] == []
+    assert plain["rstar_test_accuracy"] is None and plain["test_accuracy_by_gap"] == []
 
 
 def test_offset_centres_training_completions(tiny_model, tiny_tokenizer) -> None:
@@ -151,7 +154,7 @@ def test_offset_centres_training_completions(tiny_model, tiny_tokenizer) -> None
     reward = train_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=config, seed=0,
                                 progress=False)
     pairs = easy_pairs()
-    train, _ = split_by_prompt(pairs["prompt"], 0.25, seed=0)
+    train, _, _ = split_by_prompt(pairs["prompt"], 0.25, seed=0)
     completions = sorted({(pairs["prompt"][i], pairs[s][i]) for i in train for s in ("chosen", "rejected")})
     centred = reward([p + c for p, c in completions])
     # Zero up to BPE merges across the prompt/completion boundary (none in these texts) and float error.

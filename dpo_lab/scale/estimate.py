@@ -349,9 +349,9 @@ def imdb_stages(
             (dpo.batch_size, "pairs"), (2, "seqs"), (seq, "tok"))
 
     rm = p.reward_model
-    n_train_pairs = round(n_pairs * (1 - rm.val_fraction))
-    n_val_pairs = n_pairs - n_train_pairs if rm.max_val_pairs is None else min(rm.max_val_pairs,
-                                                                                 n_pairs - n_train_pairs)
+    n_train_pairs = round(n_pairs * (1 - 2 * rm.val_fraction))  # val_fraction to validation, as many to test
+    n_val_pairs = round(n_pairs * rm.val_fraction)
+    n_val_pairs = n_val_pairs if rm.max_val_pairs is None else min(rm.max_val_pairs, n_val_pairs)
     rm_steps = rm.max_steps or rm.epochs * math.ceil(n_train_pairs / rm.batch_size)
     rm_evals = rm_steps // rm.eval_every + rm.epochs  # every eval_every steps + once per epoch end
     rm_seq = min(seq, rm.max_length)
