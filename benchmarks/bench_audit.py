@@ -4,7 +4,7 @@ per-token log-likelihood on held-out review openings, and a word-spam sanity che
 
     DPO_LAB_ARTIFACTS=/tmp/audit-artifacts .venv/bin/python benchmarks/bench_audit.py [--preset cpu]
 
-Fits on the first ``audit.n_reviews`` reviews of the offline train split, measures on 1,000 test reviews.
+Fits on the preset's audit reviews (``pipeline.imdb(preset)["audit"]``), measures on its test reviews.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 import numpy as np
 import torch
 
+from dpo_lab import pipeline
 from dpo_lab.audit import FluencyLM, WordOrderSentiment, audit_scores
-from dpo_lab.data import load_imdb
 from dpo_lab.presets import get_preset
 from dpo_lab.rewards import TfidfSentimentReward, accuracy, first_words
 
@@ -35,9 +35,9 @@ PAIRS = [  # (prompt, completion): word spam as PPO-GT learns it, fluent text, t
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="cpu")
-    config = get_preset(parser.parse_args().preset).audit
-    data = load_imdb("offline")
-    train, test = data["train"][: config.n_reviews], data["test"][:1000]
+    preset = get_preset(parser.parse_args().preset)
+    config, data = preset.audit, pipeline.imdb(preset)
+    train, test = data["audit"][:], data["test"][:]
     print(f"torch threads {torch.get_num_threads()}; {len(train['text'])} train, "
           f"{len(test['text'])} test reviews")
     start = time.perf_counter()

@@ -152,8 +152,8 @@ def reproduction_flops(figures: Path, preset_name: str = "cpu") -> list[dict[str
     cost one token's forward); pi_ref's log-probs of the pairs (one forward, shared by every run); r_phi's
     training (forward + backward over chosen and rejected of every training pair, each epoch; no LM head);
     each frontier run's logged policy forward/backward tokens; PPO's sampling and r_phi queries of its
-    rollouts; every evaluation point after step 0 (sampling plus the policy and reference forwards of the
-    exact sequence KL). Not counted: r*'s TF-IDF, validation passes, tokenizer training, padding, elementwise
+    rollouts; every evaluation point after step 0 (sampling, the reference stepping alongside for the exact
+    sequence KL). Not counted: r*'s TF-IDF, validation passes, tokenizer training, padding, elementwise
     work (softmaxes, GELU, layer norms, optimizer): every one of them only adds time.
     """
     import csv
@@ -185,7 +185,7 @@ def reproduction_flops(figures: Path, preset_name: str = "cpu") -> list[dict[str
         "SFT": 3 * summary["sft"]["tokens"] * forward(pol.n_positions),
         "preference sampling": summary["pairs"]["n_candidates"] * seq * forward(seq),
         "pi_ref log-probs of the pairs": 2 * n_pairs * seq * forward(seq),
-        "r_phi training": 3 * rm.epochs * (1 - rm.val_fraction) * 2 * n_pairs * seq
+        "r_phi training": 3 * rm.epochs * (1 - 2 * rm.val_fraction) * 2 * n_pairs * seq
         * forward(seq, lm_head=False),
     }
     for method in dict.fromkeys(r["method"] for r in runs):
@@ -197,7 +197,8 @@ def reproduction_flops(figures: Path, preset_name: str = "cpu") -> list[dict[str
         if method == "PPO":  # r_phi scores every rollout
             flops += rollouts * seq * forward(seq, lm_head=False)
         stages[f"runs: {method}"] = flops
-    per_point = preset.eval.n_prompts * preset.eval.samples_per_prompt * seq * 3 * forward(seq)
+    # Sampling with the reference stepping alongside: one policy and one reference forward per token.
+    per_point = preset.eval.n_prompts * preset.eval.samples_per_prompt * seq * 2 * forward(seq)
     stages[f"evaluations ({len(points)} points)"] = len(points) * per_point
     return [{"stage": k, "TFLOP": v / 1e12} for k, v in stages.items()]
 

@@ -46,7 +46,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -83,7 +83,7 @@ from dpo_lab.losses import (
     preferred_ft_loss,
     unlikelihood_loss,
 )
-from dpo_lab.presets import DPOConfig, dpo_key_settings
+from dpo_lab.presets import DPOConfig
 from dpo_lab.run import (
     EvalFn,
     Run,
@@ -520,18 +520,13 @@ def train_dpo(
     n_pairs = len(cols["prompt"])
     fields: dict[str, Any] = {
         "beta": float(beta), "seed": seed, "max_length": max_length,
-        # dpo_key_settings leaves out fields added since runs were cached while they keep their old meaning.
-        "config": {k: v for k, v in dpo_key_settings(config).items() if k not in _NOT_IN_RUN_KEY},
+        "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
         "reference": model_fingerprint(reference),
         "pairs": rankings_fingerprint(cols) if ranked else pairs_fingerprint(cols),
         "tokenizer": tokenizer_fingerprint(tokenizer), "device": accelerator.device.type,
+        "mixed_precision": str(accelerator.mixed_precision), "objective": objective,
+        "alpha": None if alpha is None else float(alpha),
     }
-    if accelerator.mixed_precision != "no":  # fp32 runs keep the key they had before precision was named
-        fields["mixed_precision"] = str(accelerator.mixed_precision)
-    if objective != "dpo":
-        # Only the baselines name their objective, so a DPO run keeps the key it had before they existed
-        # (its out_dir still resumes); a baseline never matches a DPO run, nor another alpha.
-        fields.update(objective=objective, alpha=None if alpha is None else float(alpha))
     error, run = None, None
     try:
         run = Run(out_dir, fields, writer=main)

@@ -18,7 +18,7 @@ prompt are correlated and treating them as independent would understate the erro
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -95,11 +95,19 @@ def completion_kls(
     return torch.cat(kls).double().numpy(), torch.cat(ratios).double().numpy()
 
 
+# A score read beside r* on the same samples: (flat prompts, flat completions) -> one number per sample
+# (NaN where it is undefined, e.g. the fluency of an empty completion; such samples are left out).
+Scorer = Callable[[list[str], list[str]], np.ndarray]
+
+
 def _mean_se(per_sample: np.ndarray, n_prompts: int) -> tuple[float, float]:
     """Mean over all samples, and its standard error over per-prompt means (prompts are the unit)."""
-    per_prompt = per_sample.reshape(n_prompts, -1).mean(axis=1)
-    se = float(per_prompt.std(ddof=1) / np.sqrt(n_prompts)) if n_prompts > 1 else float("nan")
-    return float(per_sample.mean()), se
+    rows = np.asarray(per_sample, dtype=np.float64).reshape(n_prompts, -1)
+    counts = np.isfinite(rows).sum(axis=1)
+    per_prompt = np.where(np.isfinite(rows), rows, 0.0).sum(axis=1)[counts > 0] / counts[counts > 0]
+    n = len(per_prompt)
+    se = float(per_prompt.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return float(np.nanmean(rows)) if n else float("nan"), se
 
 
 def evaluate_policy(
@@ -114,14 +122,15 @@ def evaluate_policy(
     batch_size: int,
     seed: int,
     progress: bool = False,
-    proxy: RewardModel | None = None,
+    scorers: Mapping[str, Scorer] | None = None,
 ) -> dict[str, float]:
     """Sample from ``policy``, score r*, and measure KL to ``reference``: one frontier point.
 
     Returns reward_mean/_se, kl_mean/_se (exact per-step sequence KL), logratio_kl_mean/_se (sampled
     estimator), completion_tokens_mean, n (samples) and n_prompts. The same seed at every checkpoint gives
-    common random numbers, so differences between checkpoints are less noisy. ``proxy`` (the learned r_phi
-    of an over-optimisation study) also scores the same samples: proxy_reward_mean/_se.
+    common random numbers, so differences between checkpoints are less noisy. Each of ``scorers`` (the
+    audit's judges, the learned r_phi of an over-optimisation study) also scores the same samples:
+    ``<name>_mean``/``<name>_se``.
     """
     if len(prompts) == 0:
         raise ValueError("evaluate_policy needs at least one prompt")
@@ -136,10 +145,11 @@ def evaluate_policy(
     kl_mean, kl_se = _mean_se(kl, n_prompts)
     lr_mean, lr_se = _mean_se(logratio, n_prompts)
     extra = {}
-    if proxy is not None:
-        scores = np.asarray(score_samples(proxy, samples.prompts, samples.texts), dtype=np.float64)
-        extra = dict(zip(("proxy_reward_mean", "proxy_reward_se"), _mean_se(scores.reshape(-1), n_prompts),
-                         strict=True))
+    flat_texts = [t for per in samples.texts for t in per]
+    flat_prompt_texts = [p for p, per in zip(samples.prompts, samples.texts, strict=True) for _ in per]
+    for name, scorer in (scorers or {}).items():
+        scores = np.asarray(scorer(flat_prompt_texts, flat_texts), dtype=np.float64)
+        extra.update(zip((f"{name}_mean", f"{name}_se"), _mean_se(scores, n_prompts), strict=True))
     return {
         "reward_mean": reward_mean, "reward_se": reward_se,
         "kl_mean": kl_mean, "kl_se": kl_se,
@@ -157,12 +167,12 @@ def make_eval_fn(
     config: EvalConfig,
     *,
     seed: int,
-    proxy: RewardModel | None = None,
+    scorers: Mapping[str, Scorer] | None = None,
 ) -> Callable[[nn.Module, int], dict[str, float]]:
     """``eval_fn(policy, step)`` for ``dpo_trainer.train_dpo``: one frontier point per call."""
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
         return evaluate_policy(policy, reference, tokenizer, prompts, reward_model,
                                samples_per_prompt=config.samples_per_prompt,
                                max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=seed,
-                               proxy=proxy)
+                               scorers=scorers)
     return eval_fn

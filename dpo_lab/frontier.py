@@ -22,8 +22,11 @@ from dpo_lab.run import read_metrics
 
 EVAL_COLUMNS = ["reward_mean", "reward_se", "kl_mean", "kl_se"]
 # What a run had cost at each point, running totals written by the trainers (see README, "budgets").
-# The learned r_phi on the same samples, where a run was evaluated with it (notebook 12's proxy reward).
+# Scores read beside r* on the same samples: the audit's (every frontier run; docs/design.md) and the learned
+# r_phi's, where a run was evaluated with it (notebook 12's proxy reward).
+AUDIT_SCORES = ("audit_sentiment", "audit_fluency", "distinct_words")
 PROXY_COLUMNS = ["proxy_reward_mean", "proxy_reward_se"]
+SCORE_COLUMNS = [f"{name}_{stat}" for name in (*AUDIT_SCORES, "proxy_reward") for stat in ("mean", "se")]
 COST_COLUMNS = ["cost/policy_forward_tokens", "cost/policy_backward_tokens", "cost/samples",
                 "cost/reward_queries", "cost/optimizer_steps", "cost/wall_s"]
 # The PPO-family series that the paper's dominance claim is about. The paper's figure has three such
@@ -35,31 +38,33 @@ PAPER_DOMINANCE = "26/27, 28/29 and 34/35 over its three PPO-family series (coun
 
 def evaluation_points(metrics_path: str | Path, **labels: Any) -> pd.DataFrame:
     """The evaluation rows of one run's metrics.jsonl (one frontier point each), labelled by ``labels``,
-    with what the run had cost by then (``COST_COLUMNS``; 0 at the starting point) and, where the run was
-    evaluated with one, the proxy reward (``PROXY_COLUMNS``)."""
+    with what the run had cost by then (``COST_COLUMNS``; 0 at the starting point) and the scores it was
+    evaluated with beside r* (``SCORE_COLUMNS``: the audit, the proxy reward)."""
     rows = [r for r in read_metrics(metrics_path) if "reward_mean" in r]
-    proxy = PROXY_COLUMNS if any(PROXY_COLUMNS[0] in r for r in rows) else []
-    frame = pd.DataFrame(rows, columns=["step", *EVAL_COLUMNS, "logratio_kl_mean", *proxy, *COST_COLUMNS])
+    scores = [c for c in SCORE_COLUMNS if any(c in r for r in rows)]
+    frame = pd.DataFrame(rows, columns=["step", *EVAL_COLUMNS, "logratio_kl_mean", *scores, *COST_COLUMNS])
     frame[COST_COLUMNS] = frame[COST_COLUMNS].fillna(0.0)
     for name, value in labels.items():
         frame.insert(0, name, value)
     return frame
 
 
-def dominance(points: pd.DataFrame, *, challenger: str = "DPO", others: Sequence[str] = ("PPO",),
-              noise_aware: bool = False) -> tuple[int, int]:
+def dominance(points: pd.DataFrame, *, challenger: str | Sequence[str] = "DPO",
+              others: Sequence[str] = ("PPO",), noise_aware: bool = False, score: str = "reward",
+              ) -> tuple[int, int]:
     """(dominated, total) over the DISTINCT evaluation points of ``others`` (starting checkpoints, step 0,
     excluded; points with the same KL and reward, e.g. two runs that took the same path, counted once): how
     many have some ``challenger`` point with strictly lower KL AND strictly higher reward.
 
     ``noise_aware``: a point counts as beaten only if that reward gap exceeds the combined standard error
-    sqrt(se_challenger^2 + se_other^2) (columns ``reward_se``), so a win inside the noise is not a win."""
-    needed = [*REQUIRED_COLUMNS, *(("reward_se",) if noise_aware else ())]
-    missing = [c for c in needed if c not in points.columns]
+    sqrt(se_challenger^2 + se_other^2) (columns ``reward_se``), so a win inside the noise is not a win.
+    ``score`` judges by another column pair than r*'s (``audit_sentiment``: ``audit_sentiment_mean``/_se)."""
+    cols = ["kl_mean", f"{score}_mean", *((f"{score}_se",) if noise_aware else ())]
+    missing = [c for c in [*REQUIRED_COLUMNS, *cols] if c not in points.columns]
     if missing:
         raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
-    cols = ["kl_mean", "reward_mean", *(("reward_se",) if noise_aware else ())]
-    ours = points[points.method == challenger][cols].to_numpy(dtype=float)
+    ours = points[points.method.isin([challenger] if isinstance(challenger, str) else challenger)][cols]
+    ours = ours.to_numpy(dtype=float)
     theirs = (points[points.method.isin(others) & (points.step > 0)]
               .drop_duplicates(subset=["kl_mean", "reward_mean"])[cols].to_numpy(dtype=float))
     if len(ours) == 0:
@@ -71,20 +76,25 @@ def dominance(points: pd.DataFrame, *, challenger: str = "DPO", others: Sequence
     return beaten, len(theirs)
 
 
-def dominance_counts(points: pd.DataFrame) -> dict[str, dict[str, Any]]:
-    """DPO over each PPO-family series present in ``points``: distinct points beaten on both axes, and
-    beaten by more than the combined standard error (``*_noise_aware``), with their shares."""
+def dominance_counts(points: pd.DataFrame, score: str = "reward") -> dict[str, dict[str, Any]]:
+    """DPO over each PPO-family series present in ``points``, judged by ``score`` (r* or an audit score):
+    distinct points beaten on both axes, and beaten by more than the combined standard error
+    (``*_noise_aware``), with their shares; and the other direction, the DPO points the series beats
+    (``dpo_dominated``/``dpo_total``)."""
     present = set(points.method)
     if "DPO" not in present:
         return {}
     out = {}
+    aware = f"{score}_se" in points.columns
     for name, others in DOMINANCE_SERIES.items():
         if not set(others) <= present:
             continue
-        d, n = dominance(points, others=others)
-        dn, _ = dominance(points, others=others, noise_aware="reward_se" in points.columns)
+        d, n = dominance(points, others=others, score=score)
+        dn, _ = dominance(points, others=others, noise_aware=aware, score=score)
+        back, n_dpo = dominance(points, challenger=others, others=("DPO",), score=score)
         out[name] = {"dominated": d, "total": n, "share": d / n if n else None,
-                     "dominated_noise_aware": dn, "share_noise_aware": dn / n if n else None}
+                     "dominated_noise_aware": dn, "share_noise_aware": dn / n if n else None,
+                     "dpo_dominated": back, "dpo_total": n_dpo}
     return out
 
 
@@ -98,12 +108,14 @@ def summary_table(points: pd.DataFrame) -> pd.DataFrame:
                      "reward_start": first.reward_mean, "reward_final": last.reward_mean,
                      "reward_final_se": last.reward_se, "kl_final": last.kl_mean, "kl_final_se": last.kl_se,
                      "reward_best": run.reward_mean.max(),
+                     **{f"{s}_final": last[f"{s}_mean"] for s in AUDIT_SCORES if f"{s}_mean" in run.columns},
                      **{c.removeprefix("cost/"): last[c] for c in COST_COLUMNS if c in run.columns}})
     return pd.DataFrame(rows)
 
 
 def report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str = "") -> dict[str, Any]:
-    """Write ``frontier_<name>.png``, ``cost_<name>.png`` (reward against each run's spending),
+    """Write ``frontier_<name>.png``, ``frontier_<name>_audit.png`` (where the points carry the audit),
+    ``cost_<name>.png`` (reward against each run's spending),
     ``frontier_<name>_points.csv`` and ``results_<name>.{csv,md}`` to ``out_dir``; return the per-run table
     and :func:`dominance_counts` (distinct points, plain and noise-aware).
     The figures are saved and closed (a notebook shows the files or calls the plots itself)."""
@@ -114,11 +126,16 @@ def report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str =
     if {"cost/policy_backward_tokens", "cost/wall_s"} <= set(points.columns):
         plt.close(plot_reward_vs_cost(points, out_dir / f"cost_{name}.png",
                                       title=f"'{name}': reward against what each run spent"))
+    audited = {f"{s}_mean" for s in AUDIT_SCORES} <= set(points.columns)
+    if audited:
+        plt.close(plot_frontier(points, out_dir / f"frontier_{name}_audit.png", scores=AUDIT_SCORES,
+                                title=f"'{name}': the same points read by the audit, which no run optimises"))
     table = summary_table(points)
     atomic_write_text(out_dir / f"frontier_{name}_points.csv", points.to_csv(index=False))
     atomic_write_text(out_dir / f"results_{name}.csv", table.to_csv(index=False))
     atomic_write_text(out_dir / f"results_{name}.md", table.to_markdown(index=False, floatfmt=".3f"))
     return {"table": table, "dominance": dominance_counts(points),
+            "dominance_audit": dominance_counts(points, "audit_sentiment") if audited else {},
             "figure": out_dir / f"frontier_{name}.png"}
 
 
@@ -155,5 +172,5 @@ def seed_report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: 
     return {"dominance": counts, "runs": runs, "figure": out_dir / f"frontier_{name}_seeds.png"}
 
 
-__all__ = ["COST_COLUMNS", "DOMINANCE_SERIES", "EVAL_COLUMNS", "PAPER_DOMINANCE", "dominance",
+__all__ = ["AUDIT_SCORES", "COST_COLUMNS", "DOMINANCE_SERIES", "EVAL_COLUMNS", "PAPER_DOMINANCE", "dominance",
            "dominance_counts", "evaluation_points", "report", "seed_report", "summary_table"]

@@ -108,9 +108,9 @@ def sibling_preference_data(preset: Preset, sampler_seed: int, *,
     if sampler_seed == preset.seed:
         raise ValueError(f"sampler_seed {sampler_seed} is the preset's own seed: that sampler is pi_SFT "
                          "itself")
-    model, tokenizer, _ = pipeline.sft_policy(preset, init_seed=sampler_seed, progress=progress)
-    return sampled_preference_data(preset, model, tokenizer,
-                                   sampler_key=f"sft-{pipeline.sft_key(preset, sampler_seed)}",
+    sibling = dataclasses.replace(preset, seed=sampler_seed)
+    model, tokenizer, _ = pipeline.sft_policy(sibling, progress=progress)
+    return sampled_preference_data(preset, model, tokenizer, sampler_key=f"sft-{pipeline.sft_key(sibling)}",
                                    progress=progress)
 
 
@@ -146,7 +146,8 @@ def lab_dpo(preset: Preset, pairs: datasets.Dataset, beta: float, *, start: RunR
     start_name = None if start is None else str(start.checkpoint_dir.resolve().relative_to(
         artifacts_dir().resolve()))
     key = content_hash("lab-dpo", pairs_fingerprint(pair_columns(pairs)), pipeline.sft_key(preset),
-                       pipeline.reward_key(preset), trajectory, preset.eval, beta, start_name, proxy)
+                       pipeline.reward_key(preset), pipeline.audit_key(preset), trajectory, preset.eval, beta,
+                       start_name, proxy)
     return train_dpo(copy.deepcopy(reference), reference, tokenizer, pairs, config=preset.dpo, beta=beta,
                      seed=preset.seed, out_dir=artifacts_dir() / "training" / f"lab-dpo-beta{beta:g}-{key}",
                      max_length=preset.policy.n_positions, ref_cache_dir=artifacts_dir() / "reference-logps",

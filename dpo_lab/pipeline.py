@@ -23,16 +23,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import datasets
+import numpy as np
 import pandas as pd
 from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpo_lab.audit import FluencyLM, WordOrderSentiment, distinct_word_ratio
 from dpo_lab.batching import rankings_from_candidates
 from dpo_lab.cache import atomic_write_json, cached_directory, content_hash, read_json_object
 from dpo_lab.data import load_imdb, make_prompts
 from dpo_lab.dpo_trainer import DPOResult, train_dpo
-from dpo_lab.evaluate import make_eval_fn
+from dpo_lab.evaluate import Scorer, make_eval_fn
 from dpo_lab.frontier import evaluation_points
 from dpo_lab.implicit_reward import HeldOut, draw_heldout, likelihood_fn
 from dpo_lab.models import build_policy, load_hub_policy, load_policy, save_policy, train_sft, train_tokenizer
@@ -45,9 +47,16 @@ from dpo_lab.preferences import (
     load_preferences,
     save_preferences,
 )
-from dpo_lab.presets import DPOConfig, PPOConfig, Preset, dpo_key_settings
-from dpo_lab.reward_model import LearnedReward, train_reward_model
-from dpo_lab.rewards import HubSentimentReward, RewardModel, TfidfSentimentReward, accuracy, first_words
+from dpo_lab.presets import DPOConfig, PPOConfig, Preset
+from dpo_lab.reward_model import LearnedReward, split_by_prompt, train_reward_model
+from dpo_lab.rewards import (
+    HubSentimentReward,
+    RewardModel,
+    TfidfSentimentReward,
+    accuracy,
+    first_words,
+    score_completions,
+)
 from dpo_lab.run import RunResult, finished_metrics, resolve_device, schedule_dir
 from dpo_lab.seed import seed_everything
 
@@ -63,13 +72,18 @@ SHORT_TEXT_WORDS = 40
 
 
 # ------------------------------------------------------------------------------------------------ keys
-def sft_key(preset: Preset, init_seed: int | None = None) -> str:
-    parts = () if init_seed is None else (("init_seed", init_seed),)  # pi_SFT keeps its key
-    return content_hash("sft", preset.seed, preset.data, preset.tokenizer, preset.policy, *parts)
+def sft_key(preset: Preset) -> str:
+    return content_hash("sft", preset.seed, preset.data, preset.tokenizer, preset.policy)
 
 
 def reward_key(preset: Preset) -> str:
-    return content_hash("reward", preset.seed, preset.data, preset.reward)
+    """r* reads only the split: one judge for every seed (``data.split_seed`` fixes it)."""
+    return content_hash("reward", preset.data, preset.reward)
+
+
+def audit_key(preset: Preset) -> str:
+    """The audit reads only the split: like r*, one audit for every seed."""
+    return content_hash("audit", preset.data, preset.audit)
 
 
 def preferences_key(preset: Preset) -> str:
@@ -85,28 +99,44 @@ def stage_dir(stage: str, key: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- stages
+SPLITS = ("train", "audit", "validation", "test")
+
+
 def imdb(preset: Preset) -> datasets.DatasetDict:
-    """IMDb train/test, the train split capped at ``data.max_train_reviews`` (a seeded choice)."""
-    return _imdb(preset.data.source, preset.data.test_fraction, preset.seed, preset.data.max_train_reviews)
+    """The one split every seed shares (fixed by ``data.split_seed``), four disjoint sets of reviews:
+
+    * ``train``: the SFT reviews, r*'s training reviews and the source of the preference prompts (capped at
+      ``data.max_train_reviews``);
+    * ``audit``: ``data.audit_reviews`` train reviews that only the audit's judges learn from;
+    * ``validation`` and ``test``: the held-out reviews, halved: validation prompts for any choice of
+      settings, test prompts for what the frontier reports (never used to choose anything).
+    """
+    d = preset.data
+    return _imdb(d.source, d.test_fraction, d.split_seed, d.max_train_reviews, d.audit_reviews)
 
 
 @functools.lru_cache(maxsize=4)
-def _imdb(source: str, test_fraction: float, seed: int, cap: int | None) -> datasets.DatasetDict:
+def _imdb(source: str, test_fraction: float, seed: int, cap: int | None, n_audit: int,
+          ) -> datasets.DatasetDict:
     # Kept in memory: every stage and run reads it, and parsing the CSV takes seconds.
     dataset = load_imdb(source, test_fraction=test_fraction, seed=seed)  # type: ignore[arg-type]
-    train = dataset["train"]
-    if cap is not None and cap < len(train):
-        train = train.shuffle(seed=seed).select(range(cap))
-    return datasets.DatasetDict({"train": train, "test": dataset["test"]})
+    train = dataset["train"].shuffle(seed=seed)
+    if n_audit >= len(train):
+        raise ValueError(f"data.audit_reviews ({n_audit}) must be below the {len(train)} train reviews")
+    held_out = dataset["test"].train_test_split(test_size=0.5, stratify_by_column="label", seed=seed)
+    rest = train.select(range(n_audit, len(train)))
+    return datasets.DatasetDict({
+        "train": rest.select(range(min(len(rest), cap or len(rest)))),
+        "audit": train.select(range(n_audit)),
+        "validation": held_out["train"], "test": held_out["test"]})
 
 
-def sft_policy(preset: Preset, *, init_seed: int | None = None, progress: bool = SHOW_PROGRESS,
+def sft_policy(preset: Preset, *, progress: bool = SHOW_PROGRESS,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """pi_SFT (= pi_ref, and the start of every trained policy) with its tokenizer and training report.
-
-    ``init_seed`` trains a sibling instead: the same split, tokenizer and recipe, another seed for the
-    initialisation and the order of the reviews (cached apart)."""
-    seed = preset.seed if init_seed is None else init_seed
+    Another ``preset.seed`` trains a sibling: the same split and recipe, another initialisation and order
+    of the reviews."""
+    seed = preset.seed
 
     def build(folder: Path) -> None:
         seed_everything(seed)
@@ -124,7 +154,7 @@ def sft_policy(preset: Preset, *, init_seed: int | None = None, progress: bool =
         save_policy(model, tokenizer, folder / "policy")
         (folder / "report.json").write_text(json.dumps(report))
 
-    folder = cached_directory(stage_dir("sft", sft_key(preset, init_seed)), build)
+    folder = cached_directory(stage_dir("sft", sft_key(preset)), build)
     rebuild = f"delete {folder} to rebuild the SFT stage"
     model, tokenizer = load_policy(folder / "policy", advice=rebuild)
     return model, tokenizer, read_json_object(folder / "report.json", advice=rebuild)
@@ -140,11 +170,8 @@ def reward_model(preset: Preset) -> tuple[RewardModel, dict]:
         data = imdb(preset)
         reward = TfidfSentimentReward.from_config(preset.reward).fit(data["train"]["text"],
                                                                       data["train"]["label"])
-        test = data["test"]
-        short = [first_words(t, SHORT_TEXT_WORDS) for t in test["text"]]
-        report = {"accuracy_full_reviews": accuracy(reward, test["text"], test["label"]),
-                  f"accuracy_first_{SHORT_TEXT_WORDS}_words": accuracy(reward, short, test["label"]),
-                  "n_test": len(test), "n_features": len(reward.terms or [])}
+        report = {**_short_text_accuracies(reward, data["test"]), "n_test": len(data["test"]),
+                  "n_features": len(reward.terms or [])}
         reward.save(folder / "reward")
         (folder / "report.json").write_text(json.dumps(report))
 
@@ -152,13 +179,53 @@ def reward_model(preset: Preset) -> tuple[RewardModel, dict]:
     return TfidfSentimentReward.load(folder / "reward"), json.loads((folder / "report.json").read_text())
 
 
+def _short_text_accuracies(reward: RewardModel, test: datasets.Dataset) -> dict[str, float]:
+    short = [first_words(t, SHORT_TEXT_WORDS) for t in test["text"]]
+    return {"accuracy_full_reviews": accuracy(reward, test["text"], test["label"]),
+            f"accuracy_first_{SHORT_TEXT_WORDS}_words": accuracy(reward, short, test["label"])}
+
+
+def audit_judges(preset: Preset, *, progress: bool = SHOW_PROGRESS,
+                 ) -> tuple[WordOrderSentiment, FluencyLM, dict]:
+    """The audit (docs/design.md): a sentiment classifier of another family than r* (it reads word order)
+    and a fluency language model, both trained on the audit reviews, which no policy, r* or r_phi sees.
+    Every frontier point is scored by them beside r*; no method ever trains against them."""
+
+    def build(folder: Path) -> None:
+        data = imdb(preset)
+        reviews, seed = data["audit"], preset.data.split_seed
+        sentiment = WordOrderSentiment.fit(reviews["text"], reviews["label"], preset.audit, seed=seed,
+                                           progress=progress)
+        fluency = FluencyLM.fit(reviews["text"], preset.audit, seed=seed, progress=progress)
+        report = {**_short_text_accuracies(sentiment, data["test"]), "n_reviews": len(reviews)}
+        sentiment.save(folder / "sentiment")
+        fluency.save(folder / "fluency")
+        (folder / "report.json").write_text(json.dumps(report))
+
+    folder = cached_directory(stage_dir("audit", audit_key(preset)), build)
+    rebuild = f"delete {folder} to rebuild the audit stage"
+    return (WordOrderSentiment.load(folder / "sentiment"), FluencyLM.load(folder / "fluency"),
+            read_json_object(folder / "report.json", advice=rebuild))
+
+
+def audit_scorers(preset: Preset) -> dict[str, Scorer]:
+    """What the audit reads on each evaluation sample: p(positive) by the word-order classifier, the mean
+    per-token log-likelihood of the completion under the fluency LM, and its distinct-word ratio."""
+    sentiment, fluency, _ = audit_judges(preset, progress=False)
+    return {"audit_sentiment": lambda p, c: score_completions(sentiment, p, c),
+            "audit_fluency": fluency, "distinct_words": lambda _, c: distinct_word_ratio(c)}
+
+
 def prompts(preset: Preset, tokenizer: PreTrainedTokenizerBase, split: str) -> list[str]:
-    """Prefixes of 2-8 tokens: train prompts for preference data, test prompts for evaluation."""
+    """Prefixes of 2-8 tokens: train prompts for preference data, validation prompts for choosing settings,
+    test prompts for the frontier; each from its own reviews, drawn once for every seed."""
+    if split not in ("train", "validation", "test"):
+        raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     cfg = preset.preferences
     n = cfg.n_prompts if split == "train" else preset.eval.n_prompts
     texts = imdb(preset)[split]["text"]
     return make_prompts(texts, tokenizer, n, min_tokens=cfg.prompt_min_tokens,
-                        max_tokens=cfg.prompt_max_tokens, seed=preset.seed)
+                        max_tokens=cfg.prompt_max_tokens, seed=preset.data.split_seed)
 
 
 def _preferences_folder(preset: Preset, progress: bool) -> Path:
@@ -227,17 +294,16 @@ def trajectory_settings(config: DPOConfig | PPOConfig) -> dict:
 
     How long a run goes and how often it is looked at do not: leaving them out of the key lets a finished
     run be continued with a larger max_steps (the trainers resume it); a smaller max_steps after a larger
-    one is kept apart in ``<run folder>-steps<N>`` (run.schedule_dir). DPO fields added since runs were
-    cached count only once set (``dpo_key_settings``), so old runs keep their keys."""
-    settings = dpo_key_settings(config) if isinstance(config, DPOConfig) else dataclasses.asdict(config)
-    return {k: v for k, v in settings.items() if k not in SCHEDULE_FIELDS}
+    one is kept apart in ``<run folder>-steps<N>`` (run.schedule_dir)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in SCHEDULE_FIELDS}
 
 
 def run_dir(preset: Preset, method: str, value: float) -> Path:
     """Where one run lives: the key hashes the stages it reads and every setting of its method."""
     name = hyperparameter_name(method)
     trajectory = trajectory_settings(preset.ppo if method in PPO_METHODS else preset.dpo)
-    key = content_hash(method, preferences_key(preset), trajectory, preset.reward_model, preset.eval, value)
+    key = content_hash(method, preferences_key(preset), audit_key(preset), trajectory, preset.reward_model,
+                       preset.eval, value)
     return artifacts_dir() / "training" / f"{method.lower()}-{name}{value:g}-{key}"
 
 
@@ -262,24 +328,41 @@ def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Learned
                                   out_dir=folder, progress=progress, on_step=report)
 
 
+def audit_pair_accuracy(preset: Preset) -> float:
+    """How often the audit classifier agrees with r* on r_phi's test pairs (ties count one half): how far
+    another judge of sentiment shares r*'s preferences, beside r_phi's accuracy on the same pairs."""
+    pairs, _ = preference_data(preset, progress=False)
+    _, _, test = split_by_prompt(pairs["prompt"], preset.reward_model.val_fraction, preset.seed)
+    sentiment, _, _ = audit_judges(preset, progress=False)
+    rows = pairs.select(test)
+    chosen = score_completions(sentiment, rows["prompt"], rows["chosen"])
+    rejected = score_completions(sentiment, rows["prompt"], rows["rejected"])
+    return float(np.mean((chosen > rejected) + 0.5 * (chosen == rejected)))
+
+
 def _reward_model_progress(preset: Preset) -> Path:
     folder = stage_dir("reward-model", reward_model_key(preset))
     return folder.parent / f".{folder.name}.progress"
 
 
 def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
-                proxy: bool = False, from_sft: bool = True):
-    """``eval_fn(policy, step)`` of a run: KL to ``reference`` (pi_SFT) and r*; ``proxy`` also reads r_phi
-    on the same samples. ``from_sft=False`` for a run that starts elsewhere (its step 0 is not the cached
-    pi_SFT point)."""
+                proxy: bool = False, from_sft: bool = True, split: str = "test"):
+    """``eval_fn(policy, step)`` of a run: KL to ``reference`` (pi_SFT), r* and the audit on ``split``'s
+    prompts; ``proxy`` also reads r_phi on the same samples. ``from_sft=False`` for a run that starts
+    elsewhere (its step 0 is not the cached pi_SFT point)."""
     reward, _ = reward_model(preset)
-    evaluate = make_eval_fn(reference, tokenizer, prompts(preset, tokenizer, "test"), reward, preset.eval,
-                            seed=preset.seed, proxy=learned_reward(preset, progress=False) if proxy else None)
+    scorers = audit_scorers(preset)
+    if proxy:
+        r_phi = learned_reward(preset, progress=False)
+        scorers["proxy_reward"] = lambda p, c: score_completions(r_phi, p, c)
+    evaluate = make_eval_fn(reference, tokenizer, prompts(preset, tokenizer, split), reward, preset.eval,
+                            seed=preset.seed, scorers=scorers)
     if not from_sft:
         return evaluate
     # Every run starts at pi_SFT and evaluation samples from its own seeded RNG, so step 0 gives the same
     # point in every run of a sweep: compute it once (19 evaluations -> 1 at the cpu preset).
-    key = content_hash(sft_key(preset), reward_key(preset), preset.eval, preset.seed,
+    key = content_hash(sft_key(preset), reward_key(preset), audit_key(preset), preset.eval, preset.seed,
+                       split,
                        *(("proxy", reward_model_key(preset)) if proxy else ()))
     start_path = artifacts_dir() / "start-eval" / f"{key}.json"
 
@@ -366,11 +449,9 @@ def heldout(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> HeldOut:
 
 
 def trace_dir(preset: Preset, beta: float) -> Path:
-    """The folder of :func:`likelihood_trace`'s run. Its key hashes the DPO settings as ``content_hash``
-    hashes a dataclass, through ``dpo_key_settings``, so traces made before the variant fields keep theirs."""
+    """The folder of :func:`likelihood_trace`'s run."""
     every = max(1, preset.dpo.max_steps // 10)
-    settings = {"__type__": "DPOConfig", **dpo_key_settings(preset.dpo)}
-    key = content_hash("likelihood-trace", preferences_key(preset), settings, beta, every)
+    key = content_hash("likelihood-trace", preferences_key(preset), preset.dpo, beta, every)
     return artifacts_dir() / "training" / f"trace-beta{beta:g}-{key}"
 
 
@@ -442,14 +523,14 @@ def run_work(preset: Preset, method: str) -> float:
     body = layers / (layers + preset.tokenizer.vocab_size)
     if method == "r_phi":  # 3 epochs over the training pairs, each validation over the held-out ones
         rm = preset.reward_model
-        steps = rm.max_steps or rm.epochs * math.ceil(pairs * (1 - rm.val_fraction) / rm.batch_size)
+        steps = rm.max_steps or rm.epochs * math.ceil(pairs * (1 - 2 * rm.val_fraction) / rm.batch_size)
         val_pairs = min(pairs * rm.val_fraction, rm.max_val_pairs or pairs)
         passes = steps * rm.batch_size * 3 + (steps // rm.eval_every + rm.epochs) * val_pairs
         return passes * 2 * (prompt + pref.max_new_tokens) * body
     steps = run_steps(preset, method)
     every = preset.ppo.eval_every if method in PPO_METHODS else preset.dpo.eval_every
-    # An evaluation samples, then scores policy and reference; step 0 is evaluated once per sweep.
-    work = math.ceil(steps / every) * ev.n_prompts * ev.samples_per_prompt * (prompt + ev.max_new_tokens) * 3
+    # An evaluation samples with the reference stepping alongside; step 0 is evaluated once per sweep.
+    work = math.ceil(steps / every) * ev.n_prompts * ev.samples_per_prompt * (prompt + ev.max_new_tokens) * 2
     if method in PPO_METHODS:  # a rollout: sampled, policy+value, reference (and r_phi) passes; updates
         ppo = preset.ppo
         per_rollout = (prompt + ppo.max_new_tokens) * (3 + body * (method == "PPO") + 3 * ppo.ppo_epochs)
@@ -580,7 +661,8 @@ def dpo_sweep(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> pd.DataFrame
     return frontier(preset, ("DPO",), progress=progress)
 
 
-__all__ = ["METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "dpo", "dpo_run_dir", "dpo_sweep",
-           "frontier", "frontier_runs", "heldout", "imdb", "learned_reward", "likelihood_trace", "pairwise",
-           "ppo", "preference_candidates", "preference_data", "preference_rankings", "prompts", "result",
-           "reward_model", "run_dir", "sft_policy", "trace_dir"]
+__all__ = ["METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "audit_judges", "audit_scorers", "dpo",
+           "dpo_run_dir", "dpo_sweep", "frontier", "frontier_runs", "heldout", "imdb", "learned_reward",
+           "likelihood_trace", "pairwise", "ppo", "preference_candidates", "preference_data",
+           "preference_rankings", "prompts", "result", "reward_model", "run_dir", "sft_policy",
+           "trace_dir"]

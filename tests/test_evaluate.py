@@ -38,6 +38,26 @@ def test_kl_is_zero_for_the_reference_itself(tiny_model, tiny_tokenizer):
     assert 1 <= out["completion_tokens_mean"] <= 5
 
 
+def test_scorers_read_the_same_samples_and_skip_undefined_scores(tiny_model, tiny_tokenizer):
+    seen: list[tuple[list[str], list[str]]] = []
+
+    def spy(prompts: list[str], completions: list[str]) -> np.ndarray:
+        seen.append((prompts, completions))
+        return length_reward([p + c for p, c in zip(prompts, completions, strict=True)])
+
+    def half_undefined(prompts: list[str], completions: list[str]) -> np.ndarray:
+        return np.where(np.arange(len(prompts)) % 3 == 0, np.nan, 1.0 + np.arange(len(prompts)) % 3)
+
+    plain = _eval(tiny_model, tiny_model, tiny_tokenizer)
+    out = _eval(tiny_model, tiny_model, tiny_tokenizer, scorers={"spy": spy, "gappy": half_undefined})
+    assert {k: out[k] for k in plain} == plain  # scorers change nothing else
+    assert (out["spy_mean"], out["spy_se"]) == pytest.approx((out["reward_mean"], out["reward_se"]))
+    (prompts, completions), = seen
+    assert len(prompts) == len(completions) == 12 and prompts[:3] == [PROMPTS[0]] * 3
+    # Per prompt the defined scores are 2 and 3 (mean 2.5): the NaN of each prompt's first sample is left out.
+    assert out["gappy_mean"] == pytest.approx(2.5) and out["gappy_se"] == pytest.approx(0.0)
+
+
 def test_kl_grows_with_the_distance_and_both_estimators_agree(tiny_model, tiny_tokenizer):
     torch.manual_seed(1)
     near, far = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)

@@ -31,6 +31,9 @@ SMOKE_SIZES = {
     "ppo.rollout_batch_size": 16, "ppo.minibatch_size": 8, "ppo.ppo_epochs": 1, "ppo.max_new_tokens": 8,
     "ppo.max_steps": 2, "ppo.eval_every": 2, "ppo.checkpoint_every": 2,
     "eval.n_prompts": 8, "eval.samples_per_prompt": 2, "eval.max_new_tokens": 8, "eval.batch_size": 16,
+    "data.audit_reviews": 200, "audit.vocab_size": 2000, "audit.embed_dim": 16, "audit.channels": 16,
+    "audit.epochs": 1, "audit.lm_vocab_size": 300, "audit.lm_n_layer": 1, "audit.lm_n_head": 2,
+    "audit.lm_n_embd": 32, "audit.lm_steps": 10, "audit.lm_batch_size": 16,
 }
 
 

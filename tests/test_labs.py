@@ -3,6 +3,7 @@ from a trained policy, and the learned r_phi read beside r* at every evaluation.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import datasets
@@ -75,7 +76,8 @@ def test_evaluation_reads_the_proxy_on_the_same_samples(smoke) -> None:
     test_prompts = pipeline.prompts(smoke, tokenizer, "test")[:6]
     args = {"samples_per_prompt": 2, "max_new_tokens": 8, "batch_size": 4, "seed": 3}
     plain = evaluate_policy(policy, policy, tokenizer, test_prompts, reward, **args)
-    both = evaluate_policy(policy, policy, tokenizer, test_prompts, reward, **args, proxy=r_phi)
+    scorers = {"proxy_reward": lambda p, c: score_completions(r_phi, p, c)}
+    both = evaluate_policy(policy, policy, tokenizer, test_prompts, reward, **args, scorers=scorers)
     assert set(both) - set(plain) == set(PROXY_COLUMNS)
     assert {k: both[k] for k in plain} == plain  # reading r_phi changes nothing else
     as_reward = evaluate_policy(policy, policy, tokenizer, test_prompts, r_phi, **args)  # r_phi in r*'s place
@@ -121,9 +123,10 @@ def test_sibling_pairs_come_from_another_seeds_sft(smoke) -> None:
     assert set(pairs["prompt"]) <= set(pipeline.preference_candidates(smoke)["prompts"])
     assert set(pairs["chosen"]) != set(on_policy["chosen"])
     # The sibling shares pi_SFT's split and tokenizer; only its initialisation and data order differ.
-    assert Path(pipeline.stage_dir("sft", pipeline.sft_key(smoke, smoke.seed + 1))).is_dir()
-    assert pipeline.sft_key(smoke, smoke.seed + 1) != pipeline.sft_key(smoke)
-    sibling, sibling_tok, _ = pipeline.sft_policy(smoke, init_seed=smoke.seed + 1)
+    other = dataclasses.replace(smoke, seed=smoke.seed + 1)
+    assert Path(pipeline.stage_dir("sft", pipeline.sft_key(other))).is_dir()
+    assert pipeline.sft_key(other) != pipeline.sft_key(smoke)
+    sibling, sibling_tok, _ = pipeline.sft_policy(other)
     sft, sft_tok, _ = pipeline.sft_policy(smoke)
     assert sibling_tok.get_vocab() == sft_tok.get_vocab()
     assert not torch.equal(sibling.transformer.wte.weight, sft.transformer.wte.weight)

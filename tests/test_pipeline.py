@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from dpo_lab import pipeline
 from dpo_lab.paths import project_root
@@ -111,6 +112,31 @@ def test_changed_setting_changes_only_downstream_keys():
     longer = get_preset("smoke", **{"dpo.max_steps": 99, "ppo.eval_every": 2})  # same runs, continued
     assert pipeline.run_dir(base, "DPO", 0.1) == pipeline.run_dir(longer, "DPO", 0.1)
     assert pipeline.run_dir(base, "PPO-GT", 1.0) == pipeline.run_dir(longer, "PPO-GT", 1.0)
+
+
+def test_seeds_share_the_split_and_the_judge_and_differ_in_sft_and_pairs(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("DPO_LAB_ARTIFACTS", str(tmp_path))
+    zero, one = get_preset("smoke"), get_preset("smoke", seed=1)
+    data, other = pipeline.imdb(zero), pipeline.imdb(one)
+    assert list(data) == list(pipeline.SPLITS)
+    for split in pipeline.SPLITS:  # one split for every seed ...
+        assert data[split]["text"] == other[split]["text"]
+    texts = {split: set(data[split]["text"]) for split in pipeline.SPLITS}
+    for i, a in enumerate(pipeline.SPLITS):  # ... of four disjoint sets of reviews
+        for b in pipeline.SPLITS[i + 1:]:
+            assert not texts[a] & texts[b], (a, b)
+    assert len(data["audit"]) == zero.data.audit_reviews
+    assert pipeline.reward_key(zero) == pipeline.reward_key(one)  # one judge
+    assert pipeline.sft_key(zero) != pipeline.sft_key(one)
+    (sft0, tok0, _), (sft1, tok1, _) = pipeline.sft_policy(zero), pipeline.sft_policy(one)
+    assert not torch.equal(sft0.transformer.wte.weight, sft1.transformer.wte.weight)
+    for split in ("train", "validation", "test"):  # the same prompts, whatever the seed
+        assert pipeline.prompts(zero, tok0, split) == pipeline.prompts(one, tok1, split)
+    pairs0, pairs1 = pipeline.preference_data(zero)[0], pipeline.preference_data(one)[0]
+    assert set(pairs0["prompt"]) | set(pairs1["prompt"]) <= set(pipeline.prompts(zero, tok0, "train"))
+    assert pairs0["chosen"] != pairs1["chosen"]
+    with pytest.raises(ValueError, match="split must be"):
+        pipeline.prompts(zero, tok0, "audit")
 
 
 def test_unknown_method_is_named():

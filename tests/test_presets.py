@@ -144,7 +144,7 @@ def test_optional_and_tuple_fields_are_typed():
         ({"ppo.target_kl": -1}, "ppo.target_kl must be > 0"),
         ({"baselines.unlikelihood_alphas": [-0.5]}, "baselines.unlikelihood_alphas[0] must be >= 0"),
         ({"data.test_fraction": 1.0}, "data.test_fraction must be > 0 and < 1, got 1.0"),
-        ({"reward_model.val_fraction": 0}, "reward_model.val_fraction must be > 0 and < 1"),
+        ({"reward_model.val_fraction": 0}, "reward_model.val_fraction must be > 0 and < 0.5"),
         ({"preferences.prompt_min_tokens": 9}, "preferences.prompt_max_tokens must be >= "
                                                 "preferences.prompt_min_tokens (9), got 8"),
         ({"policy.n_positions": 19, "reward_model.max_length": 19},
