@@ -51,17 +51,6 @@ def content_hash(*parts: Any, length: int = 16) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:length]
 
 
-def file_hash(path: str | Path, length: int = 16) -> str:
-    """sha256 of a file's bytes (or of every file under a folder, in sorted order)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        digest.update(file.read_bytes())
-    return digest.hexdigest()[:length]
-
-
 # ------------------------------------------------------------------------------------------- atomic writes
 # Unowned temporaries (named before temporaries named their writer) older than this are left-overs.
 STALE_UNOWNED_SECONDS = 3600.0

@@ -21,7 +21,6 @@ from dpo_lab.cache import (
     atomic_write_text,
     cached_directory,
     content_hash,
-    file_hash,
 )
 from dpo_lab.presets import get_preset
 
@@ -36,14 +35,6 @@ def test_content_hash_is_stable_and_sensitive():
 def test_content_hash_rejects_unhashable_objects():
     with pytest.raises(TypeError, match="cannot hash"):
         content_hash(object())
-
-
-def test_file_hash_sees_content_changes(tmp_path: Path):
-    (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "x.txt").write_text("1")
-    before = file_hash(tmp_path / "d")
-    (tmp_path / "d" / "x.txt").write_text("2")
-    assert file_hash(tmp_path / "d") != before
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path):
