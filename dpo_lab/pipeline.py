@@ -307,10 +307,6 @@ def run_dir(preset: Preset, method: str, value: float) -> Path:
     return artifacts_dir() / "training" / f"{method.lower()}-{name}{value:g}-{key}"
 
 
-def dpo_run_dir(preset: Preset, beta: float) -> Path:
-    return run_dir(preset, "DPO", beta)
-
-
 def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> LearnedReward:
     """r_phi for PPO: the SFT transformer + a scalar head, fit to the pairs by the BT loss (Eq. 2)."""
     policy, tokenizer, _ = sft_policy(preset, progress=progress)
@@ -662,7 +658,7 @@ def dpo_sweep(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> pd.DataFrame
 
 
 __all__ = ["METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "audit_judges", "audit_scorers", "dpo",
-           "dpo_run_dir", "dpo_sweep", "frontier", "frontier_runs", "heldout", "imdb", "learned_reward",
+           "dpo_sweep", "frontier", "frontier_runs", "heldout", "imdb", "learned_reward",
            "likelihood_trace", "pairwise", "ppo", "preference_candidates", "preference_data",
            "preference_rankings", "prompts", "result", "reward_model", "run_dir", "sft_policy",
            "trace_dir"]

@@ -50,7 +50,7 @@ def test_dpo_starts_at_log2_and_logs_trl_metrics(smoke_run):
     preset = get_preset("smoke")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DPO_LAB_ARTIFACTS", str(smoke_run[0]))
-        records = read_metrics(pipeline.dpo_run_dir(preset, 0.1) / "metrics.jsonl")
+        records = read_metrics(pipeline.run_dir(preset, "DPO", 0.1) / "metrics.jsonl")
     first = next(r for r in records if r["step"] == 1)
     assert first["loss"] == pytest.approx(0.693147, abs=1e-5)
     for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
