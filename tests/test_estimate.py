@@ -74,10 +74,14 @@ def test_other_paper_models():
 def test_six_n_rule_on_a_tiny_case():
     # A 1-layer linear "model": 6 FLOPs per parameter per token in training, 2 forward-only.
     n, tokens = 10, 7
-    assert estimate.training_flops(n, tokens) == 6 * n * tokens == 3 * estimate.forward_flops(n, tokens)
+
+    def stage_flops(params: int, kind: str, n_tokens: float) -> float:
+        return estimate.Stage("t", "s", "m", params, kind, estimate.Tokens.product((n_tokens, "tok"))).flops
+
+    assert stage_flops(n, "train", tokens) == 6 * n * tokens == 3 * stage_flops(n, "forward", tokens)
     # Measured: one linear layer d_in x d_out, forward = 2·d_in·d_out per row (multiply + add).
     lin = torch.nn.Linear(4, 3, bias=False)
-    assert estimate.forward_flops(lin.weight.numel(), 1) == 2 * 4 * 3
+    assert stage_flops(lin.weight.numel(), "forward", 1) == 2 * 4 * 3
     hours = estimate.gpu_hours(estimate.H100_BF16_DENSE_FLOPS * 0.5 * 3600, mfu=0.5)
     assert hours == pytest.approx(1.0)
     assert estimate.gpu_hours(1e18, mfu=0.2) == pytest.approx(2 * estimate.gpu_hours(1e18, mfu=0.4))
@@ -98,10 +102,10 @@ def test_bad_mfu_is_refused(bad):
 
 
 def test_bad_counts_are_refused():
-    with pytest.raises(ValueError, match="tokens"):
-        estimate.training_flops(1e6, -1)
+    with pytest.raises(ValueError, match="tok"):
+        estimate.Tokens.product((-1, "tok"))
     with pytest.raises(ValueError, match="params"):
-        estimate.forward_flops(float("inf"), 10)
+        estimate.Stage("t", "s", "m", 0, "train", estimate.Tokens.product((1, "tok")))
     with pytest.raises(ValueError, match="peak_flops"):
         estimate.gpu_hours(1e18, peak_flops=0)
     with pytest.raises(ValueError, match="kind"):

@@ -204,20 +204,6 @@ def _check_count(name: str, value: float, *, integer: bool = False, allow_zero: 
         raise ValueError(f"{name} must be a finite {kind} {bound}, got {value!r}")
 
 
-def training_flops(params: float, tokens: float) -> float:
-    """6·N·tokens: forward (2N) and backward (4N) over ``tokens`` tokens."""
-    _check_count("params", params)
-    _check_count("tokens", tokens)
-    return 6.0 * params * tokens
-
-
-def forward_flops(params: float, tokens: float) -> float:
-    """2·N·tokens: a forward pass only (no gradients)."""
-    _check_count("params", params)
-    _check_count("tokens", tokens)
-    return 2.0 * params * tokens
-
-
 def gpu_hours(flops: float, *, mfu: float = DEFAULT_MFU, peak_flops: float = H100_BF16_DENSE_FLOPS) -> float:
     """Hours one GPU of ``peak_flops`` FLOP/s needs for ``flops`` at model-FLOPs utilisation ``mfu``."""
     _check_count("flops", flops)
@@ -625,5 +611,5 @@ __all__ = ["ACTIVATION_BYTES", "AUTOCAST_WEIGHT_BYTES", "LOGIT_BYTES", "MemoryEs
            "dpo_memory_estimate", "gpt2_param_count", "A100_BF16_DENSE_FLOPS", "DEFAULT_DECODE_MFU",
            "DEFAULT_MFU", "FLOPS_PER_PARAM_TOKEN",
            "H100_BF16_DENSE_FLOPS", "KNOWN_MODELS", "ParamCount", "Stage", "Tokens", "attention_share",
-           "cost_table", "count_parameters", "forward_flops", "gpu_hours", "hub_task_stages", "imdb_stages",
-           "matmul_params", "model_config", "paper_cost_table", "training_flops"]
+           "cost_table", "count_parameters", "gpu_hours", "hub_task_stages", "imdb_stages",
+           "matmul_params", "model_config", "paper_cost_table"]
