@@ -646,27 +646,6 @@ def _natural_gradient_ascent(logits: Tensor, reward: Tensor, pi_ref: Tensor, bet
 # finite data: where each loss's optimum is, exactly (DPO's failure and the IPO / cDPO fix, Azar et al. 2023)
 
 
-def pair_margin_target(win_rate: float, beta: float, *, loss_type: LossType = "sigmoid",
-                       label_smoothing: float = 0.0) -> float:
-    """The optimal margin h = log-ratio(y_w) − log-ratio(y_l) for one pair compared on its own.
-
-    ``win_rate`` is the fraction p̂ of that pair's labels won by y_w. DPO / cDPO: σ(β h) = p_ε with
-    p_ε = (1 − ε) p̂ + ε (1 − p̂), i.e. h = logit(p_ε)/β, which is +∞ for deterministic data (p̂ = 1, ε = 0);
-    with ε > 0 it is log((1 − ε)/ε)/β. IPO: h = (2p̂ − 1)/(2β), at most 1/(2β) (Azar et al., Eq. 17).
-    """
-    beta = _check_beta(beta)
-    if not 0.0 <= win_rate <= 1.0:
-        raise ValueError(f"win_rate must be in [0, 1], got {win_rate}")
-    if loss_type == "ipo":
-        return (2 * win_rate - 1) / (2 * beta)
-    if loss_type != "sigmoid":
-        raise ValueError(f"no single optimal margin for loss_type={loss_type!r} (a hinge has a range)")
-    p = (1 - label_smoothing) * win_rate + label_smoothing * (1 - win_rate)
-    if p in (0.0, 1.0):
-        return math.copysign(math.inf, p - 0.5)
-    return math.log(p / (1 - p)) / beta
-
-
 def comparison_weights(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
     """Total weight of each labelled comparison, W[x, y_w, y_l], shape (n_x, n_y, n_y)."""
     data.check_fits(n_x, n_y)
@@ -702,26 +681,6 @@ def dominated_responses(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
     same = _strong_components(beats)
     loses_to_outsider = (beats & ~same).any(-2)  # [x, l]: some w outside l's component beat l
     return ((same.to(DTYPE) @ loses_to_outsider[..., None].to(DTYPE))[..., 0] > 0)
-
-
-def dominance_depth(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
-    """(n_x, n_y) float: the longest chain of wins between components that ends at each response.
-
-    0 for responses nobody outside their strongly connected component beats (and for never-compared ones),
-    so ``depth > 0`` is :func:`dominated_responses`. Along θ(t) = log π_ref − t · depth every cross-component
-    margin of DPO grows at least like t, so for deterministic data (every component a single response) the
-    loss falls strictly to its infimum 0 and π(t) tends to :func:`preference_optimum`, whatever β: the
-    explicit minimising sequence behind DPO's limit.
-    """
-    beats = comparison_weights(data, n_x, n_y) > 0
-    same = _strong_components(beats)
-    cross = beats & ~same
-    depth = torch.zeros(n_x, n_y, dtype=DTYPE)
-    for _ in range(n_y):  # the condensation is acyclic: a longest chain has at most n_y − 1 edges
-        below = torch.where(cross, depth[:, :, None] + 1, 0.0).amax(1)  # [x, l]: 1 + depth of a winner over l
-        # a component moves as one: every member takes the deepest member's depth
-        depth = torch.where(same, torch.maximum(depth, below)[:, None, :], 0.0).amax(-1)
-    return depth
 
 
 def compared_responses(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
@@ -909,7 +868,6 @@ __all__: Sequence[str] = [
     "solve_dpo", "reward_model_loss",
     "fit_reward_model", "solve_rlhf", "maximise_rlhf_objective", "rlhf_stationarity_gap", "dpo_gradient",
     "reinforce_returns", "reinforce_gradient_moments", "reinforce_gradient_samples", "train_reinforce",
-    "max_abs_error", "pair_margin_target", "comparison_weights", "dominated_responses", "compared_responses",
-    "dominance_depth",
+    "max_abs_error", "comparison_weights", "dominated_responses", "compared_responses",
     "ipo_closed_form", "preference_optimum",
 ]
