@@ -65,14 +65,18 @@ def _tmp_prefix(path: Path) -> str:
     return f".{path.name}.{os.getpid()}@{_host()}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a zombie counts as dead)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError, ValueError):
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in "ZX"
+    except (OSError, IndexError):
+        return True
 
 
 def clean_stale_temporaries(path: str | Path, *, force: bool = False) -> list[Path]:
@@ -93,7 +97,7 @@ def clean_stale_temporaries(path: str | Path, *, force: bool = False) -> list[Pa
             continue
         pid, host = match.groups()
         if not force:
-            if pid is not None and (host != _host() or _pid_alive(int(pid))):
+            if pid is not None and (host != _host() or pid_alive(int(pid))):
                 continue
             try:
                 age = time.time() - entry.stat(follow_symlinks=False).st_mtime

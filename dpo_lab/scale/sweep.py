@@ -64,7 +64,7 @@ import papermill
 import yaml
 from tqdm.auto import tqdm
 
-from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash, read_json_object
+from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash, pid_alive, read_json_object
 from dpo_lab.paths import project_root
 
 RESERVED_PARAMETERS = ("run_dir",)  # the runner passes each run its own folder
@@ -410,20 +410,6 @@ def _lock_held(run_dir: Path) -> bool | None:
         return True
     finally:
         os.close(fd)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (a zombie counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] not in "ZX"
-    except (OSError, IndexError):
-        return True
 
 
 def _who(status: Mapping[str, Any] | None) -> str:
