@@ -211,14 +211,10 @@ def heldout_eval_fn(
     return eval_fn
 
 
-def _last(metrics: Sequence[Mapping[str, Any]], key: str) -> float:
+def _logged(metrics: Sequence[Mapping[str, Any]], key: str, index: int) -> float:
+    """The ``index``-th logged value of ``key`` (0: first, -1: last), NaN if it was never logged."""
     values = [m[key] for m in metrics if key in m]
-    return float(values[-1]) if values else math.nan
-
-
-def _first(metrics: Sequence[Mapping[str, Any]], key: str) -> float:
-    values = [m[key] for m in metrics if key in m]
-    return float(values[0]) if values else math.nan
+    return float(values[index]) if values else math.nan
 
 
 def run_summary(metrics: Sequence[Mapping[str, Any]], **fields: Any) -> dict[str, Any]:
@@ -239,8 +235,8 @@ def run_summary(metrics: Sequence[Mapping[str, Any]], **fields: Any) -> dict[str
         out["final_" + key.replace("/", "_")] = float(np.mean([m[key] for m in tail]))
     for key in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins"):
         name = key.replace("/", "_")
-        out[name + "_start"] = _first(metrics, key)
-        out[name + "_end"] = _last(metrics, key)
+        out[name + "_start"] = _logged(metrics, key, 0)
+        out[name + "_end"] = _logged(metrics, key, -1)
     return out
 
 
