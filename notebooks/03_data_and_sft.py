@@ -181,7 +181,7 @@ print("examples:", train_prompts[:8])
 # Samples as DPO's data will be drawn: temperature 1, no top-k, no top-p (`sampling.sample_completions`),
 # so they are draws from the policy itself. At `smoke` they are barely English; at `cpu` they have review
 # words and the rhythm of review sentences, but little grammar and no sense (a 2.6 M-parameter model trained for
-# ten minutes from scratch). That is enough for what follows: sentiment is a property of which words appear,
+# five minutes from scratch). That is enough for what follows: sentiment is a property of which words appear,
 # and these samples are **not** particularly positive. Sentiment is what DPO adds.
 
 # %%
