@@ -43,6 +43,16 @@ def test_reproduce_writes_every_series(smoke_run):
     assert (figures / "frontier_smoke.png").stat().st_size > 10_000
     assert summary["pairs"]["n_pairs"] > 0 and summary["runs"]["DPO"] == 2
     assert set(summary["dominance"]) == {"PPO", "PPO-GT", "PPO + PPO-GT"}
+    # The audit scores every point beside r*, and the dominance is counted under it too.
+    audit = [f"{name}_{stat}" for name in ("audit_sentiment", "audit_fluency", "distinct_words")
+             for stat in ("mean", "se")]
+    assert points[audit].notna().all().all()
+    assert ((points.audit_sentiment_mean >= 0) & (points.audit_sentiment_mean <= 1)).all()
+    assert (points.audit_fluency_mean < 0).all() and (points.distinct_words_mean <= 1).all()
+    assert set(summary["dominance_audit"]) == set(summary["dominance"])
+    assert (figures / "frontier_smoke_audit.png").stat().st_size > 10_000
+    assert summary["audit"]["n_reviews"] == get_preset("smoke").data.audit_reviews
+    assert 0 <= summary["learned_reward"]["audit_test_accuracy"] <= 1 and "torch" in summary["machine"]
     assert json.loads((figures / "summary_smoke.json").read_text())["points"] == len(points)
 
 

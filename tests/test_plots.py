@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from matplotlib.collections import PolyCollection
 
-from dpo_lab.frontier import dominance
+from dpo_lab.frontier import dominance, dominance_counts
 from dpo_lab.plots import (
     envelope_on_grid,
     plot_frontier,
@@ -44,6 +44,20 @@ def test_identical_points_count_once_and_noise_aware_needs_a_margin():
     assert dominance(points, noise_aware=True) == (1, 2)
     with pytest.raises(ValueError, match="reward_se"):
         dominance(points.drop(columns="reward_se"), noise_aware=True)
+
+
+def test_dominance_reads_another_score_and_both_directions():
+    points = _points([("DPO", 1, 2.0, 0.9), ("DPO", 2, 6.0, 0.92), ("PPO", 1, 3.0, 0.8),
+                      ("PPO", 2, 5.0, 0.95), ("PPO-GT", 1, 4.0, 0.7)])
+    points["audit_sentiment_mean"] = [0.6, 0.7, 0.65, 0.9, 0.5]  # the audit likes PPO's first point more
+    assert dominance(points) == (1, 2) and dominance(points, score="audit_sentiment") == (0, 2)
+    assert dominance(points, challenger=("PPO",), others=("DPO",)) == (1, 2)  # (5, 0.95) beats (6, 0.92)
+    ppo = dominance_counts(points, "audit_sentiment")["PPO"]
+    assert (ppo["dominated"], ppo["dpo_dominated"], ppo["dpo_total"]) == (0, 1, 2)
+    counts = dominance_counts(points, "audit_sentiment")
+    assert counts["PPO + PPO-GT"]["total"] == 3 and counts["PPO-GT"]["dominated"] == 1
+    with pytest.raises(ValueError, match="audit_fluency_mean"):
+        dominance(points, score="audit_fluency")
 
 
 def test_ties_do_not_dominate():
