@@ -298,12 +298,13 @@ def trajectory_settings(config: DPOConfig | PPOConfig) -> dict:
     return {k: v for k, v in dataclasses.asdict(config).items() if k not in SCHEDULE_FIELDS}
 
 
-def run_dir(preset: Preset, method: str, value: float) -> Path:
-    """Where one run lives: the key hashes the stages it reads and every setting of its method."""
+def run_dir(preset: Preset, method: str, value: float, split: str = "test") -> Path:
+    """Where one run lives: the key hashes the stages it reads, every setting of its method and, for a run
+    evaluated on the validation prompts (a tuning run, issue #23), that split."""
     name = hyperparameter_name(method)
     trajectory = trajectory_settings(preset.ppo if method in PPO_METHODS else preset.dpo)
     key = content_hash(method, preferences_key(preset), audit_key(preset), trajectory, preset.reward_model,
-                       preset.eval, value)
+                       preset.eval, value, *((split,) if split != "test" else ()))
     return artifacts_dir() / "training" / f"{method.lower()}-{name}{value:g}-{key}"
 
 
@@ -382,10 +383,12 @@ def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTraine
 
 
 def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
-             accelerator: Accelerator | None = None, gradient_checkpointing: bool = False) -> DPOResult:
+             accelerator: Accelerator | None = None, gradient_checkpointing: bool = False,
+             split: str = "test") -> DPOResult:
     """A DPO (value = beta), Unlikelihood (alpha) or Preferred-FT (seed) run from pi_SFT; on every process
     of ``accelerator`` when given (``scale.launch``), in the same run folder. DPO with ``dpo.loss_type``
-    "plackett_luce" trains on :func:`preference_rankings` instead of the pairs."""
+    "plackett_luce" trains on :func:`preference_rankings` instead of the pairs. ``split`` names the
+    prompts it is evaluated on ("validation" for tuning)."""
     if method not in PAIRWISE_METHODS:
         raise ValueError(f"{method!r} is not a pairwise method; choose from {list(PAIRWISE_METHODS)}")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
@@ -402,9 +405,9 @@ def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW
                      beta=value if method == "DPO" else None,
                      alpha=value if method == "Unlikelihood" else None,
                      seed=int(value) if method == "Preferred-FT" else preset.seed,
-                     out_dir=run_dir(preset, method, value), max_length=preset.policy.n_positions,
+                     out_dir=run_dir(preset, method, value, split), max_length=preset.policy.n_positions,
                      ref_cache_dir=artifacts_dir() / "reference-logps",
-                     eval_fn=run_eval_fn(preset, reference, tokenizer), progress=progress,
+                     eval_fn=run_eval_fn(preset, reference, tokenizer, split=split), progress=progress,
                      accelerator=accelerator)
 
 
@@ -413,8 +416,10 @@ def dpo(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> DPORe
     return pairwise(preset, "DPO", beta, progress=progress)
 
 
-def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_PROGRESS) -> PPOResult:
-    """A PPO run with the learned reward r_phi ("PPO") or the ground truth r* ("PPO-GT")."""
+def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_PROGRESS,
+        split: str = "test") -> PPOResult:
+    """A PPO run with the learned reward r_phi ("PPO") or the ground truth r* ("PPO-GT"), evaluated on
+    ``split``'s prompts."""
     if method not in PPO_METHODS:
         raise ValueError(f"{method!r} is not a PPO method; choose from {list(PPO_METHODS)}")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
@@ -422,15 +427,17 @@ def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_
     score_fn = learned_reward(preset, progress=progress) if method == "PPO" else reward_model(preset)[0]
     config = dataclasses.replace(preset.ppo, target_kl=target_kl)
     return train_ppo(policy, reference, tokenizer, prompts(preset, tokenizer, "train"), score_fn,
-                     config=config, out_dir=run_dir(preset, method, target_kl), seed=preset.seed,
-                     eval_fn=run_eval_fn(preset, reference, tokenizer), progress=progress)
+                     config=config, out_dir=run_dir(preset, method, target_kl, split), seed=preset.seed,
+                     eval_fn=run_eval_fn(preset, reference, tokenizer, split=split), progress=progress)
 
 
-def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS) -> RunResult:
-    """Train (or load, if finished) one run of any method; its checkpoint_dir and metrics_path."""
+def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
+           split: str = "test") -> RunResult:
+    """Train (or load, if finished) one run of any method, evaluated on ``split``'s prompts ("test" for
+    the frontier, "validation" for choosing settings); its checkpoint_dir and metrics_path."""
     if method in PPO_METHODS:
-        return ppo(preset, method, value, progress=progress)
-    return pairwise(preset, method, value, progress=progress)
+        return ppo(preset, method, value, progress=progress, split=split)
+    return pairwise(preset, method, value, progress=progress, split=split)
 
 
 def heldout(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> HeldOut:

@@ -149,6 +149,20 @@ def test_seeds_share_the_split_and_the_judge_and_differ_in_sft_and_pairs(tmp_pat
         pipeline.prompts(zero, tok0, "audit")
 
 
+def test_a_tuning_run_reads_the_validation_prompts_in_its_own_folder(smoke_run, monkeypatch):
+    monkeypatch.setenv("DPO_LAB_ARTIFACTS", str(smoke_run[0]))
+    preset = get_preset("smoke")
+    assert pipeline.run_dir(preset, "DPO", 0.1, "validation") != pipeline.run_dir(preset, "DPO", 0.1)
+    assert pipeline.run_dir(preset, "PPO", 1.0, "test") == pipeline.run_dir(preset, "PPO", 1.0)
+    seen = {}
+    monkeypatch.setattr(pipeline, "make_eval_fn",
+                        lambda ref, tok, prompts, *a, **k: seen.setdefault("p", prompts))
+    sft, tokenizer, _ = pipeline.sft_policy(preset)
+    pipeline.run_eval_fn(preset, sft, tokenizer, split="validation", from_sft=False)
+    validation = pipeline.prompts(preset, tokenizer, "validation")
+    assert seen["p"] == validation != pipeline.prompts(preset, tokenizer, "test")
+
+
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="DPOO"):
         pipeline.frontier_runs(get_preset("smoke"), ("DPOO",))

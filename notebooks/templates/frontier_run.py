@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -35,7 +35,8 @@ preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET over
 overrides: dict = {}  # dotted preset overrides, e.g. {"dpo.lr": 1e-5, "dpo.max_steps": 200}
 method: str = "DPO"  # DPO | Unlikelihood | Preferred-FT | PPO | PPO-GT
 value: float = 0.1  # the method's knob: β (DPO), α (Unlikelihood), seed (Preferred-FT), target KL (PPO)
-seed: int = 0  # seeds the data, the SFT policy, the pairs and every evaluation
+seed: int = 0  # seeds the SFT policy, the pairs, r_phi and every evaluation (the split and r* are fixed)
+eval_split: str = "test"  # prompts the run is evaluated on: "test" (the frontier) or "validation" (tuning)
 run_dir: str = ""  # folder for this run (the sweep runner sets it; empty: runs/single/METHOD-VALUE)
 processes: int = 1  # >1: a pairwise method trains on this many processes (one per GPU) under torchrun
 
@@ -69,9 +70,9 @@ print(f"preset {config.name!r}, {method} {label} -> {out}")
 # %%
 if processes > 1:  # the same run, trained data-parallel in child processes; then read back finished below
     launch.train_in_processes(config.name, {**overrides, "seed": seed}, method, value, processes)
-result = pipeline.result(config, method, value)
+result = pipeline.result(config, method, value, split=eval_split)
 points = frontier.evaluation_points(result.metrics_path, method=method, hyperparameter=label,
-                                    seed=config.seed)
+                                    seed=config.seed, eval_split=eval_split)
 display(points.round(4))
 
 # %% [markdown]
@@ -91,6 +92,6 @@ plt.show()
 atomic_write_text(out / "metrics.jsonl", result.metrics_path.read_text())
 atomic_write_text(out / "points.csv", points.to_csv(index=False))
 row = json.loads(frontier.summary_table(points).to_json(orient="records"))[0]  # plain JSON types
-row.update(preset=config.name, value=value, run_path=str(result.metrics_path.parent))
+row.update(preset=config.name, value=value, eval_split=eval_split, run_path=str(result.metrics_path.parent))
 atomic_write_json(out / "result.json", row)
 print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
