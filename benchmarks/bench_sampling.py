@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import describe_machine, markdown_table, median, spread  # noqa: E402
-from dpo_lab import pipeline, sampling  # noqa: E402
+from dpo_lab import logprobs, pipeline, sampling  # noqa: E402
 from dpo_lab.batching import pad_rows  # noqa: E402
 from dpo_lab.presets import get_preset  # noqa: E402
 from dpo_lab.sampling import encode_prompts, sample, sampling_config  # noqa: E402
@@ -222,7 +222,7 @@ def speedups(args: argparse.Namespace) -> None:
     max_length = int(reference.config.n_positions)
     collator = PreferenceCollator(tokenizer, max_length)
     config = dataclasses.replace(preset.dpo, batch_size=32, micro_batch_size=32)
-    with tempfile.TemporaryDirectory() as tmp, patched(sampling, "_has_hooks", lambda _: True):
+    with tempfile.TemporaryDirectory() as tmp, patched(logprobs, "has_hooks", lambda _: True):
         ref_c, ref_r = reference_logprobs(reference, tokenizer, cols, max_length=max_length,
                                           cache_dir=tmp, batch_size=32, progress=False)
     batches = [collator([{c: cols[c][i] for c in PAIR_COLUMNS} for i in range(k * 32, (k + 1) * 32)])
@@ -249,12 +249,12 @@ def speedups(args: argparse.Namespace) -> None:
         return steps
 
     full, skip = trainer(), trainer()
-    with patched(sampling, "_has_hooks", lambda _: True):
+    with patched(logprobs, "has_hooks", lambda _: True):
         full_losses = full()
     skip_losses = skip()  # the same start, batches and optimizer: only the LM head path differs
     with torch.no_grad():
         a = concatenated_token_logprobs(full.model.eval(), batches[0])
-        with patched(sampling, "_has_hooks", lambda _: True):
+        with patched(logprobs, "has_hooks", lambda _: True):
             b = concatenated_token_logprobs(full.model, batches[0])
         d_weight = max(float((p - q).abs().max())
                        for p, q in zip(full.model.parameters(), skip.model.parameters(), strict=True))
@@ -265,7 +265,7 @@ def speedups(args: argparse.Namespace) -> None:
           f"{d_weight:.2e}")
 
     def timed_full() -> None:
-        with patched(sampling, "_has_hooks", lambda _: True):
+        with patched(logprobs, "has_hooks", lambda _: True):
             full()
 
     report(f"2. LM head skip, {n_steps} DPO steps x 32 pairs",

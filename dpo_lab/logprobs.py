@@ -145,6 +145,15 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def has_hooks(model: nn.Module) -> bool:
+    """Forward hooks (a test's logit recorder, a profiler) expect the model's own forward to run."""
+    from torch.nn.modules import module as torch_module
+
+    global_hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
+    return any(g for g in global_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def _model_inputs(input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor | bool]:
     """Checked keyword arguments of a causal LM's (or its body's) forward; left or right padding alike."""
     input_ids = _check_tensor("input_ids", input_ids, 2)
@@ -183,13 +192,11 @@ def completion_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mas
     the cpu preset) runs only at the positions that predict a completion token: prompt and padding
     positions' logits were computed and thrown away. Same values to float rounding, same gradients.
     """
-    from dpo_lab.sampling import _has_hooks
-
     inputs = _model_inputs(input_ids, attention_mask)
     _check_completion_within_attention(attention_mask, completion_mask)
     mask = _shifted_completion_mask(completion_mask, input_ids.shape)
     body, head = getattr(model, "transformer", None), getattr(model, "lm_head", None)
-    if not isinstance(body, nn.Module) or not isinstance(head, nn.Module) or _has_hooks(model):
+    if not isinstance(body, nn.Module) or not isinstance(head, nn.Module) or has_hooks(model):
         token_logps = token_logprobs(model(**inputs).logits, input_ids)  # hooks expect the model's forward
         return torch.where(mask, token_logps, 0.0), mask.long()
     hidden = body(**inputs).last_hidden_state[:, :-1][mask]  # (N, d): rows that predict a completion token

@@ -212,7 +212,7 @@ def audit_scorers(preset: Preset) -> dict[str, Scorer]:
     """What the audit reads on each evaluation sample: p(positive) by the word-order classifier, the mean
     per-token log-likelihood of the completion under the fluency LM, and its distinct-word ratio."""
     sentiment, fluency, _ = audit_judges(preset, progress=False)
-    return {"audit_sentiment": lambda p, c: score_completions(sentiment, p, c),
+    return {"audit_sentiment": functools.partial(score_completions, sentiment),
             "audit_fluency": fluency, "distinct_words": lambda _, c: distinct_word_ratio(c)}
 
 
@@ -351,7 +351,7 @@ def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTraine
     scorers = audit_scorers(preset)
     if proxy:
         r_phi = learned_reward(preset, progress=False)
-        scorers["proxy_reward"] = lambda p, c: score_completions(r_phi, p, c)
+        scorers["proxy_reward"] = functools.partial(score_completions, r_phi)
     evaluate = make_eval_fn(reference, tokenizer, prompts(preset, tokenizer, split), reward, preset.eval,
                             seed=preset.seed, scorers=scorers)
     if not from_sft:

@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lab.batching import pad_rows
+from dpo_lab.logprobs import has_hooks
 
 Backend = Literal["loop", "loop_icdf", "generate"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -170,22 +171,13 @@ def _hf_stepper(model: nn.Module, attention_mask: torch.Tensor) -> Stepper:
     return step
 
 
-def _has_hooks(model: nn.Module) -> bool:
-    """Forward hooks (a test's logit recorder, a profiler) expect the model's own forward to run."""
-    from torch.nn.modules import module as torch_module
-
-    global_hooks = (torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks)
-    return any(g for g in global_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in model.modules())
-
-
 def _fast_gpt2_supported(model: nn.Module) -> bool:
     """Our block loop reproduces ``GPT2LMHeadModel`` with sdpa attention and nothing else."""
     from transformers import GPT2LMHeadModel
 
     config = model.config
     return (type(model) is GPT2LMHeadModel and config._attn_implementation == "sdpa"
-            and not config.add_cross_attention and not model.training and not _has_hooks(model))
+            and not config.add_cross_attention and not model.training and not has_hooks(model))
 
 
 def _conv1d(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
