@@ -1,8 +1,8 @@
 """Issue #23's tuning sweep read by the rule fixed in docs/design.md ("Tuning protocol"): per method and
 learning rate, the upper envelope of validation r* over KL of all its runs' points (the SFT point included),
 as a step function, averaged over KL in [0, 12]; the audit's sentiment the same way, beside it (it does not
-choose). Writes the table (markdown and CSV) and marks each method's choice; runs not finished yet are
-counted and left out.
+choose). Writes the table (markdown and CSV) and a figure of the envelopes (PNG), and marks each method's
+choice; runs not finished yet are counted and left out.
 
     .venv/bin/python scripts/tuning_table.py runs/imdb-cpu-tuning --out figures/tuning_cpu
 """
@@ -28,10 +28,41 @@ def envelope_mean(kl: np.ndarray, score: np.ndarray, kl_max: float = KL_MAX) -> 
     return float(np.where(index >= 0, best[np.clip(index, 0, None)], np.nan).mean())
 
 
+def envelope(kl: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The step function's corners: KL sorted, best score so far."""
+    order = np.argsort(kl)
+    return kl[order], np.maximum.accumulate(score[order])
+
+
+def plot(points: pd.DataFrame, table: pd.DataFrame, out: Path) -> None:
+    """One panel per method: every run's validation points; each learning rate's envelope, the chosen bold."""
+    import matplotlib.pyplot as plt
+    methods = list(dict.fromkeys(points.method))
+    fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 3.6), sharey=True, squeeze=False)
+    colors = {lr: c for lr, c in zip(sorted(points.lr.unique()), ("tab:blue", "tab:orange", "tab:red"),
+                                     strict=True)}
+    for ax, method in zip(axes[0], methods, strict=True):
+        for lr, group in points[points.method == method].groupby("lr", sort=True):
+            color = colors[lr]
+            chosen = (table[(table.method == method) & (table.lr == f"{lr:g}")].chosen == "yes").any()
+            ax.scatter(group.kl_mean, group.reward_mean, s=9, color=color, alpha=0.45)
+            kl, best = envelope(group.kl_mean.to_numpy(), group.reward_mean.to_numpy())
+            ax.step(kl, best, where="post", color=color, lw=2.6 if chosen else 1.2,
+                    label=f"lr {lr:g}" + (" (chosen)" if chosen else ""))
+        ax.axvspan(0, KL_MAX, color="0.93", zorder=-1)
+        ax.set(title=method, xlabel="sequence KL (validation prompts)", xlim=(0, None))
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0][0].set_ylabel("mean r* (validation prompts)")
+    fig.suptitle("Tuning sweep, seed 100: envelope of r* over KL per learning rate "
+                 "(shaded: the rule's KL range)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out, dpi=130)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", type=Path)
-    parser.add_argument("--out", type=Path, required=True, help="path stem: writes STEM.md and STEM.csv")
+    parser.add_argument("--out", type=Path, required=True, help="path stem: writes STEM.{md,csv,png}")
     args = parser.parse_args()
     spec = yaml.safe_load((args.sweep / "sweep.yaml").read_text())
     expected = {run["parameters"]["method"]: 0 for run in spec["runs"]}
@@ -70,6 +101,7 @@ def main() -> None:
             f"seed 100; envelope means over KL in [0, {KL_MAX:g}] (docs/design.md, 'Tuning protocol').\n\n")
     text = note + table.to_markdown(index=False, disable_numparse=True) + "\n"
     args.out.with_suffix(".md").write_text(text)
+    plot(points, table, args.out.with_suffix(".png"))
     print(text)
 
 
