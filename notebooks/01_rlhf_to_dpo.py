@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -19,18 +19,39 @@
 # # 01 · From RLHF to DPO, one equation at a time
 #
 # Rafailov et al. (2023), *Direct Preference Optimization: Your Language Model is Secretly a Reward Model*
-# (arXiv 2305.18290), §3–§5 and App. A. We walk through Eqs. 1–7 and check every step **numerically** on an
-# exact toy: a contextual bandit with a few prompts $x$ and a handful of responses $y$. Because the response
-# set is finite, the partition function $Z(x)$, the optimal policy $\pi^*$ and every KL divergence are exact
-# sums, so each claim can be checked to machine precision. Each equation is written out in a few lines of
-# numpy/torch that you can read, then compared with the library (`dpo_lab.bandit`, `dpo_lab.losses`), which
-# the later notebooks use. Each derivation step is followed by a check that would fail if the step were wrong.
+# (arXiv 2305.18290), §3–§5 and App. A.
 #
-# **Exercises.** Each written-out computation is a short function under a heading *Exercise · tier N*
-# (tier 1: one line of an equation; tier 2: a sum or a mask to get right; tier 3: a derivation or a
-# model to implement). The cell after it grades the function against the exact answer (the library, or a
-# brute force) on two small bandits. `make student` writes `notebooks/student/` copies of this notebook
-# with those function bodies removed, for you to fill in.
+# ## The problem: RLHF's three stages
+# RLHF tunes a pretrained language model to human preferences in three stages (§3):
+# 1. **SFT**: fine-tune on examples of the task. The result, $\pi_{\rm ref}$, is the starting point and the
+#    reference to stay near.
+# 2. **Reward model**: people compare two completions $y_1,y_2$ of a prompt $x$ sampled from $\pi_{\rm ref}$;
+#    $r_\phi(x,y)$ is fitted to score the preferred one higher (Eqs. 1–2).
+# 3. **KL-regularised RL**: sample from the policy $\pi_\theta$, score with $r_\phi$, and maximise reward minus
+#    $\beta\,\mathrm{KL}(\pi_\theta\|\pi_{\rm ref})$ (Eq. 3), usually with PPO.
+#
+# **Why the KL term**: $r_\phi$ has only seen what $\pi_{\rm ref}$ writes, so it is trustworthy only near
+# $\pi_{\rm ref}$; a policy free to roam finds completions $r_\phi$ overrates (reward hacking, notebook 12).
+# DPO replaces stages 2–3 by one classification loss with the same optimum (Eq. 7). Each step below is a few
+# lines of numpy/torch, checked against the library on an exact toy where every sum over responses is finite.
+# *Exercise · tier N* functions (1: an equation's line, 2: a sum or mask, 3: a derivation) are graded by the
+# cell after them; `make student` writes copies to fill in.
+#
+# **Words used below.**
+# * *Contextual bandit*: see a context $x$, choose an action $y$, get $r(x,y)$, done (a whole completion is
+#   one action).
+# * *Nat*: the unit of KL with natural logs (1.44 bits). *Partition function*: the sum normalising
+#   $\pi_{\rm ref}e^{r/\beta}$. *Gibbs' inequality*: $\mathrm{KL}(p\|q)\ge0$, $=0$ iff $p=q$.
+# * *Thurstone model*: $p(y_1\succ y_2)=\Phi(r_1-r_2)$, Gaussian noise on rewards where Bradley–Terry has Gumbel.
+# * *KL-constrained vs KL-penalised*: max $\mathbb E[r]$ s.t. $\mathrm{KL}\le\epsilon$, vs max $\mathbb E[r]-\beta\,\mathrm{KL}$;
+#   each β's optimum solves the constrained problem at $\epsilon$ = its KL (β is the Lagrange multiplier), and
+#   the paper says "constrained" for Eq. 3's penalised form.
+# * *Score-function (REINFORCE) estimator*: $\nabla_\theta\mathbb E_{\pi_\theta}[G]=\mathbb E_{\pi_\theta}[G\,\nabla_\theta\log\pi_\theta]$
+#   from samples; a *baseline* $b$ not depending on $y$, subtracted from $G$, keeps it unbiased and changes
+#   its variance. *Actor–critic*: a policy (actor) trained with a learned value function (critic) as its
+#   baseline; PPO is one.
+# * *Soft value function*: $\beta\log\sum_y\pi_{\rm ref}e^{r/\beta}$, a smooth $\max_y r$ (equal to it as
+#   $\beta\to0$), Eq. 3's best value.
 
 # %% tags=["parameters"]
 beta: float = 0.1  # KL coefficient β of Eq. 3 (the paper's IMDb sweep: 0.05, 0.1, 1, 5)
@@ -68,7 +89,8 @@ def show(t: torch.Tensor, digits: int = 6) -> list:
 # %% [markdown]
 # ## The toy
 # $\pi_{\rm ref}(y|x)$ plays the SFT model, $r^*(x,y)$ the (hidden) human reward. Rows are prompts, columns
-# responses.
+# responses. Notice $x_0$: $\pi_{\rm ref}$ favours $y_0$ (0.6118), $r^*$ prefers $y_2$ (0.3731), which $\pi_{\rm ref}$
+# rarely writes (0.0148).
 
 # %% tags=["nbval-check-output"]
 print("pi_ref =", show(pi_ref, 4))
@@ -82,11 +104,16 @@ print("r*     =", show(r, 4))
 
 # %% [markdown]
 # ### Exercise · tier 1 · Eq. 1 by hand
-# All the BT probabilities of a reward table at once, as a `[x, y1, y2]` table (numpy broadcasting).
+# All the BT probabilities of a reward table at once, as a `[x, y1, y2]` table, without a Python loop.
+#
+# <details><summary>Hint 1</summary>Give the reward table two new axes, one on each side, so that numpy
+# broadcasts every (y1, y2) combination.</details>
+# <details><summary>Hint 2</summary>reward[:, :, None] is r(x, y1) laid along y1; reward[:, None, :] is
+# r(x, y2) laid along y2.</details>
 
 # %% tags=["exercise", "tier-1"]
 def bt_by_hand(reward: np.ndarray) -> np.ndarray:
-    """Eq. 1, first form: p[x, y1, y2] = exp r(x,y1) / (exp r(x,y1) + exp r(x,y2)), from rewards (n_x, n_y)."""
+    """Eq. 1: p[x, y1, y2] = p*(y1 ≻ y2 | x) for every pair, from rewards (n_x, n_y)."""
     r1, r2 = reward[:, :, None], reward[:, None, :]  # broadcast to a [x, y1, y2] table
     return np.exp(r1) / (np.exp(r1) + np.exp(r2))
 
@@ -96,21 +123,20 @@ grade(bt_by_hand, bd.bt_probs, bandit_cases("reward", numpy=True), hint="p[x, y1
 
 # %% tags=["nbval-check-output"]
 p_eq1 = bt_by_hand(r)
-r1, r2 = r[:, :, None], r[:, None, :]
-np.testing.assert_allclose(p_eq1, 1 / (1 + np.exp(-(r1 - r2))), rtol=1e-12)  # = σ(r1 − r2)
+np.testing.assert_allclose(p_eq1 + p_eq1.transpose(0, 2, 1), 1.0, rtol=1e-12)  # one of the two wins
+log_odds_01 = math.log(p_eq1[0, 0, 1] / p_eq1[0, 1, 0])
+assert math.isclose(log_odds_01, r[0, 0] - r[0, 1], rel_tol=1e-12)  # the σ form: log-odds = r1 − r2
 p_bt = bd.bt_probs(toy.reward)
 np.testing.assert_allclose(p_eq1, p_bt.numpy(), rtol=1e-12)
 print("Eq. 1 by hand == bandit.bt_probs: True")
 print("p*(y0 > y1 | x0) =", round(float(p_eq1[0, 0, 1]), 6))
 
 # %% [markdown]
-# Two checks that BT is a real modelling assumption, each shown failing for a model that is *not* BT, the
-# Thurstone model $\Phi(r_1-r_2)$ (Gaussian instead of Gumbel noise on the rewards):
-# 1. The comparisons the library samples (`sample_preferences`, which every later cell uses) have win rates
-#    $\sigma(r_1-r_2)$: each pair seen $n\ge 100$ times must lie within 5 binomial standard errors.
+# BT is a real modelling assumption. Two checks, each also run on the Thurstone model:
+# 1. The comparisons `sample_preferences` draws (every later cell uses them) win at rate $\sigma(r_1-r_2)$:
+#    each pair seen $n\ge 100$ times lies within 5 binomial standard errors.
 # 2. BT log-odds are reward differences, so they **add along a chain**:
-#    $\log\frac{p(1\succ 3)}{p(3\succ 1)}=\log\frac{p(1\succ 2)}{p(2\succ 1)}+\log\frac{p(2\succ 3)}{p(3\succ 2)}$
-#    for every triple.
+#    $\log\frac{p(1\succ 3)}{p(3\succ 1)}=\log\frac{p(1\succ 2)}{p(2\succ 1)}+\log\frac{p(2\succ 3)}{p(3\succ 2)}$.
 
 # %% tags=["nbval-check-output"]
 cmp = bd.sample_preferences(toy, 200_000, seed=seed)
@@ -134,12 +160,18 @@ print("BT log-odds add up along chains (gap < 1e-12):", chain_gap(p_eq1) < 1e-12
 print(f"Thurstone log-odds do not, gap: {chain_gap(thurstone.numpy()):.4f}")
 
 # %% [markdown]
+# **What to notice.** The samples sit within 1.74 standard errors of BT but 60.31 of Thurstone, whose
+# log-odds also miss additivity by 0.8535: the models make different data, so choosing BT is a claim about
+# the labellers, on which everything below relies.
+
+# %% [markdown]
 # ## Eq. 2 — the reward-model loss
-# RLHF first fits $r_\phi$ by maximum likelihood on a dataset of comparisons $(x, y_w, y_l)$:
+# Stage 2 fits $r_\phi$ by maximum likelihood on comparisons $(x, y_w, y_l)$:
 # $$\mathcal L_R(r_\phi,\mathcal D)=-\mathbb E_{(x,y_w,y_l)\sim\mathcal D}\big[\log\sigma(r_\phi(x,y_w)-r_\phi(x,y_l))\big].$$
-# Data are made as in the paper's §4 outline: $y_1,y_2\sim\pi_{\rm ref}(\cdot|x)$, labelled by Eq. 1. With
-# infinite data (`population_preferences`, every triple weighted by its probability) the fitted $r_\phi$
-# equals $r^*$ **up to a function of $x$ only**: BT cannot see a per-prompt offset.
+# Here $y_1,y_2\sim\pi_{\rm ref}(\cdot|x)$, labelled by Eq. 1 (§4). With infinite data
+# (`population_preferences`, every triple weighted by its probability) the fitted $r_\phi$ equals $r^*$ only
+# **up to a function of $x$**. Rewards with $r'(x,y)=r(x,y)+f(x)$ are **equivalent** (§5's Def. 1): Eq. 1
+# sees only differences within a prompt, so no data tell them apart.
 
 # %% tags=["nbval-check-output"]
 population = bd.population_preferences(toy)
@@ -149,19 +181,20 @@ print("r_phi - r* per prompt:", show((r_phi - toy.reward).mean(-1), 4))
 print("r_phi ~ r* (differ by f(x) only):", bd.are_equivalent(r_phi, toy.reward, atol=1e-5))
 
 # %% [markdown]
+# The offsets $r_\phi-r^*$ differ per prompt (0.4943, −0.7467, 0.3114) and are not 0, yet $r_\phi$ explains
+# the data exactly as well as $r^*$.
+
+# %% [markdown]
 # ## Eq. 3 — the KL-constrained objective
-# RLHF then maximises
+# Stage 3 maximises, over policies $\pi$,
 # $$\max_{\pi}\ \mathbb E_{x,\,y\sim\pi(y|x)}\big[r(x,y)\big]-\beta\,\mathbb D_{\rm KL}\big[\pi(y|x)\,\|\,\pi_{\rm ref}(y|x)\big].$$
-# $\beta>0$ is the **KL coefficient**: how much reward one nat of KL from $\pi_{\rm ref}$ must buy. (Eq. 4
-# below gives $\pi^*\propto\pi_{\rm ref}\,e^{r/\beta}$, so $1/\beta$ is the inverse temperature of $\pi^*$;
-# it has nothing to do with the sampling temperature, which is 1 throughout.) In the bandit both terms are
-# exact sums over $y$.
+# $\beta>0$ is the **KL coefficient**: how much reward one nat of KL from $\pi_{\rm ref}$ must buy. In the
+# bandit both terms are exact sums over $y$.
 
 # %% [markdown]
 # ### Exercise · tier 2 · Eq. 3 by hand: the KL and the objective
-# Mind the mask: a policy may put no mass on some responses (π* does, nearly, as β → 0), and each such
-# response adds $0\log 0=0$ to the KL, not `nan`. Both functions also take a stack of policies
-# `(..., n_x, n_y)`.
+# Mind the mask: a response with no mass adds $0\log 0=0$ to the KL, not `nan`. Both functions also take a
+# stack of policies `(..., n_x, n_y)`.
 
 # %% tags=["exercise", "tier-2"]
 def kl_by_hand(policy: np.ndarray, pi_ref: np.ndarray) -> np.ndarray:
@@ -183,12 +216,9 @@ grade(rlhf_objective_by_hand, bd.rlhf_objective, bandit_cases("policy", "reward"
 # %% [markdown]
 # ## Eq. 4 — its maximiser in closed form
 # $$\pi_r(y|x)=\frac{1}{Z(x)}\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big),\qquad Z(x)=\sum_y\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big).$$
-# **Why this is not an algorithm for a language model.** $Z(x)$ sums over *every* completion $y$. In the
-# bandit that is `n_responses` terms; for a language model with vocabulary $V$ and completions of $T$ tokens it is
-# $|V|^T$ terms (more, counting shorter completions), each a full forward pass. DPO (Eq. 7) never computes it:
-# $\beta\log Z(x)$ cancels when two completions of the same prompt are compared. PPO never needs it either: it
-# climbs Eq. 3 by sampling, not through this closed form (its learned value function lowers the variance of the
-# gradient; it is not an estimate of $Z$).
+# **Not an algorithm for a language model**: $Z(x)$ sums over every completion, $|V|^T$ of them for
+# vocabulary $V$ and $T$ tokens, each a forward pass. RLHF never forms it: PPO climbs Eq. 3 with samples (its
+# value function lowers the gradient's variance; it does not estimate $Z$). DPO finds a loss where $Z$ cancels.
 
 # %% tags=["nbval-check-output"]
 vocab, length = 50257, 64  # GPT-2's vocabulary, a 64-token completion
@@ -225,28 +255,24 @@ print("Eq. 4 by hand == bandit.optimal_policy: True")
 print("pi* =", show(pi_star_np, 4))
 
 # %% [markdown]
-# **Why $\pi_r$ is the maximiser (App. A.1).** Write both terms of Eq. 3 as one expectation, pull out $-\beta$,
-# and multiply and divide by $Z(x)$:
-# $$\begin{aligned}
-# \mathbb E_{y\sim\pi}[r]-\beta\,\mathbb D_{\rm KL}[\pi\|\pi_{\rm ref}]
-# &=\mathbb E_{y\sim\pi}\Big[r(x,y)-\beta\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}\Big]
-# =-\beta\,\mathbb E_{y\sim\pi}\Big[\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}-\frac1\beta r(x,y)\Big]\\
-# &=-\beta\,\mathbb E_{y\sim\pi}\Big[\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)\,e^{r(x,y)/\beta}}\Big]
-# =-\beta\,\mathbb E_{y\sim\pi}\Big[\log\frac{\pi(y|x)}{Z(x)\,\pi_r(y|x)}\Big]\\
-# &=-\beta\,\mathbb D_{\rm KL}\big[\pi(y|x)\,\|\,\pi_r(y|x)\big]+\beta\log Z(x).
-# \end{aligned}$$
-# $Z(x)$ does not depend on $\pi$, and $\mathbb D_{\rm KL}\ge 0$ with equality iff $\pi=\pi_r$ (Gibbs'
-# inequality), so $\pi_r$ is the unique maximiser and the maximum is $\beta\log Z(x)$.
+# **What to notice.** Eq. 4 multiplies $\pi_{\rm ref}$ by $e^{r/\beta}$ ($1/\beta$ acts as an inverse temperature;
+# the sampling temperature is 1 throughout). $\pi^*$ is nearly greedy for $x_1$ and $x_2$, but for $x_0$ it keeps
+# 0.7712 on $y_0$ and gives $r^*$'s best, $y_2$, only 0.2287: what $\pi_{\rm ref}$ rarely writes needs a large reward.
 
 # %% [markdown]
-# ### Exercise · tier 3 · App. A.1: the objective through $\pi_r$
-# Write the last line of the derivation, using your Eq. 3 and Eq. 4 functions. The grader compares it with
-# the library's **Eq. 3** on random and one-hot policies: it matches only if the derivation (and your code)
-# is right; a wrong sign on $\log Z$, or a missing $1/\beta$, breaks it.
+# ### Exercise · tier 3 · why $\pi_r$ is the maximiser (App. A.1)
+# Show that Eq. 3 equals $-\beta\,\mathrm{KL}(\pi\|q)+c(x)$ for a policy $q$ and a term $c(x)$ that do not depend on
+# $\pi$; Gibbs' inequality then gives the maximiser and the maximum. Implement that form with your
+# `kl_by_hand` and Eq. 4 functions, no $\mathbb E_\pi[r]$ term: the grader compares it with Eq. 3.
+#
+# <details><summary>Hint 1</summary>Write both terms of Eq. 3 as one expectation over y ~ π and take −β
+# out.</details>
+# <details><summary>Hint 2</summary>Inside the log, multiply and divide by Z(x): q is Eq. 4's π_r and
+# c(x) = β log Z(x).</details>
 
 # %% tags=["exercise", "tier-3"]
 def objective_via_pi_r(policy: np.ndarray, reward: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
-    """−β KL(π(·|x) ‖ π_r(·|x)) + β log Z(x) per prompt, shape (..., n_x), with π_r and Z(x) of Eq. 4."""
+    """Eq. 3 per prompt, shape (..., n_x), in your form −β KL(π(·|x) ‖ q(·|x)) + c(x): no E_π[r] term."""
     pi_r = optimal_policy_by_hand(reward, pi_ref, beta)
     return -beta * kl_by_hand(policy, pi_r) + beta * np.log(partition_by_hand(reward, pi_ref, beta))
 
@@ -256,6 +282,18 @@ grade(objective_via_pi_r, bd.rlhf_objective, bandit_cases("policy", "reward", "p
       | bandit_cases("greedy_policy", "reward", "pi_ref", "beta", numpy=True))
 
 # %% [markdown]
+# **The derivation (App. A.1, the exercise's answer).** Write both terms of Eq. 3 as one expectation, pull
+# out $-\beta$, and multiply and divide by $Z(x)$:
+# $$\begin{aligned}
+# \mathbb E_{y\sim\pi}[r]-\beta\,\mathbb D_{\rm KL}[\pi\|\pi_{\rm ref}]
+# &=\mathbb E_{y\sim\pi}\Big[r(x,y)-\beta\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}\Big]
+# =-\beta\,\mathbb E_{y\sim\pi}\Big[\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}-\frac1\beta r(x,y)\Big]\\
+# &=-\beta\,\mathbb E_{y\sim\pi}\Big[\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)\,e^{r(x,y)/\beta}}\Big]
+# =-\beta\,\mathbb E_{y\sim\pi}\Big[\log\frac{\pi(y|x)}{Z(x)\,\pi_r(y|x)}\Big]\\
+# &=-\beta\,\mathbb D_{\rm KL}\big[\pi(y|x)\,\|\,\pi_r(y|x)\big]+\beta\log Z(x).
+# \end{aligned}$$
+# $Z(x)$ does not depend on $\pi$, and $\mathbb D_{\rm KL}\ge 0$ with equality iff $\pi=\pi_r$ (Gibbs'
+# inequality), so $\pi_r$ is the unique maximiser and the maximum is $\beta\log Z(x)$, the soft value function.
 # Check each line on 100 random policies:
 
 # %% tags=["nbval-check-output"]
@@ -338,12 +376,26 @@ print("p*(y0 > y1 | x0) from pi* alone =", round(float(p_eq6[0, 0, 1]), 6))
 
 # %% [markdown]
 # ## Eq. 7 — the DPO loss
-# Eq. 6 is a likelihood of the comparison data **as a function of a policy**. Parameterise $\pi_\theta$ and
-# maximise it, exactly as Eq. 2 does for $r_\phi$:
+# Eq. 6 is a likelihood of the comparisons **as a function of a policy**. Maximise it over $\pi_\theta$, as
+# Eq. 2 does over $r_\phi$:
 # $$\mathcal L_{\rm DPO}(\pi_\theta;\pi_{\rm ref})=-\mathbb E_{(x,y_w,y_l)\sim\mathcal D}\Big[\log\sigma\Big(\beta\log\frac{\pi_\theta(y_w|x)}{\pi_{\rm ref}(y_w|x)}-\beta\log\frac{\pi_\theta(y_l|x)}{\pi_{\rm ref}(y_l|x)}\Big)\Big].$$
-# It needs only four log-probabilities per pair. Below: Eq. 7 written out, on a random tabular policy
-# $\pi_\theta=\mathrm{softmax}(\theta)$ and the population of comparisons, against the project's
-# `dpo_lab.losses.preference_loss` (what notebook 05 trains GPT-2 with).
+# **Every policy is optimal for its own reward.** Eq. 6 holds for $\pi^*$; why may Eq. 7 use any
+# $\pi_\theta$? Put its **implicit reward** $\hat r_\theta=\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}$ into Eq. 4:
+# $\pi_{\rm ref}e^{\hat r_\theta/\beta}=\pi_\theta$ already sums to 1, so $Z(x)=1$ and $\pi_\theta$ *is* the optimal policy
+# of $\hat r_\theta$. Eq. 7 is Eq. 2 with $r_\phi$ replaced by $\hat r_\theta$: it fits a reward model whose optimal
+# policy needs no RL, being the model trained (the paper's title). Check on a random $\pi_\theta$:
+
+# %% tags=["nbval-check-output"]
+theta_any = torch.randn(n_prompts, n_responses, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
+pi_theta_any = torch.softmax(theta_any, -1)
+r_hat_theta = bd.implicit_reward(pi_theta_any, toy.pi_ref, beta)
+torch.testing.assert_close(bd.log_partition(r_hat_theta, toy.pi_ref, beta), torch.zeros(n_prompts, dtype=torch.float64))
+torch.testing.assert_close(bd.optimal_policy(r_hat_theta, toy.pi_ref, beta), pi_theta_any)
+print("log Z(x) of the implicit reward = 0, and its Eq. 4 policy is pi_theta: True")
+
+# %% [markdown]
+# Eq. 7 needs four log-probabilities per pair. Written out below, on that policy and the population, and
+# checked against `dpo_lab.losses.preference_loss`, which trains GPT-2 in notebook 05.
 
 # %% [markdown]
 # ### Exercise · tier 1 · Eq. 7 per pair
@@ -361,8 +413,8 @@ grade(eq7, lambda logp_w, logp_l, ref_w, ref_l, beta: preference_loss(logp_w, lo
 
 # %% [markdown]
 # ### Exercise · tier 2 · Eq. 7 on a table of comparisons
-# The expectation over $\mathcal D$ is a **weighted** mean: `data` holds index tensors `x`, `y_w`, `y_l`
-# and a `weight` per comparison (the population's are unequal).
+# `data` holds index tensors `x`, `y_w`, `y_l` and a `weight` per comparison (the population's are
+# unequal): the expectation over $\mathcal D$ is a **weighted** mean.
 
 # %% tags=["exercise", "tier-2"]
 def dpo_loss_table(logits: torch.Tensor, pi_ref: torch.Tensor, data: bd.PreferenceData, beta: float) -> torch.Tensor:
@@ -377,7 +429,6 @@ grade(dpo_loss_table, lambda logits, pi_ref, data, beta: bd.dpo_loss_on_table(lo
       bandit_cases("logits", "pi_ref", "data", "beta"), hint="weight each comparison by data.weight")
 
 # %% tags=["nbval-check-output"]
-theta_any = torch.randn(n_prompts, n_responses, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 2))
 logp, ref = torch.log_softmax(theta_any, -1), toy.pi_ref.log()
 x, y_w, y_l = population.x, population.y_w, population.y_l
 four = (logp[x, y_w], logp[x, y_l], ref[x, y_w], ref[x, y_l])
@@ -387,9 +438,8 @@ torch.testing.assert_close(loss_any, bd.dpo_loss_on_table(theta_any, toy.pi_ref,
 print(f"Eq. 7 by hand == losses.preference_loss; population loss at a random policy: {loss_any:.6f}")
 
 # %% [markdown]
-# At $\pi_\theta=\pi_{\rm ref}$ every log-ratio is 0, so the loss is $\log 2$. On the population of
-# comparisons its minimiser is $\pi^*$ itself: no reward model, no sampling, no RL (the library's L-BFGS
-# solver here; the next section says why, and checks it with the formula above).
+# At $\pi_\theta=\pi_{\rm ref}$ every log-ratio is 0, so the loss is $\log 2$. On the population its
+# minimiser (the library's L-BFGS solver) is $\pi^*$: no reward model, no sampling, no RL.
 
 # %% tags=["nbval-check-output"]
 loss0, _ = bd.dpo_loss_on_table(toy.pi_ref.log(), toy.pi_ref, population, beta)
@@ -400,24 +450,20 @@ print("max |pi_DPO - pi*| < 1e-6:", bd.max_abs_error(dpo.policy, pi_star) < 1e-6
 
 # %% [markdown]
 # ## Why Eq. 7's population minimiser is $\pi^*$ (and when it is not)
-# Group the population loss by unordered pair $\{a,b\}$ of responses to a prompt $x$, with $w_{ab}>0$ the
-# probability that the pair is compared and $\Delta_\theta=\hat r_\theta(x,a)-\hat r_\theta(x,b)$,
-# $\hat r_\theta=\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}$:
+# Group the population loss by unordered pair $\{a,b\}$ of a prompt's responses, compared with
+# probability $w_{ab}>0$; let $\Delta_\theta=\hat r_\theta(x,a)-\hat r_\theta(x,b)$:
 # $$\mathcal L_{\rm DPO}=\sum_{x,\{a,b\}}w_{ab}\Big[-p^*(a\succ b|x)\log\sigma(\Delta_\theta)-p^*(b\succ a|x)\log\sigma(-\Delta_\theta)\Big].$$
 # Each bracket is a binary cross-entropy, minimised iff $\sigma(\Delta_\theta)=p^*(a\succ b|x)=\sigma(r^*(x,a)-r^*(x,b))$,
 # i.e. $\Delta_\theta=r^*(x,a)-r^*(x,b)$. This pins $\pi_\theta$ down only under three conditions:
-# 1. **Full support**, $\pi_{\rm ref}(y|x)>0$ for all $y$ (and $p(x)>0$): otherwise $\log\frac{\pi_\theta}{\pi_{\rm ref}}$
-#    is undefined, and a response $\pi_{\rm ref}$ never samples is never compared.
-# 2. **A connected comparison graph** per prompt (responses as nodes, compared pairs as edges; pairs drawn
-#    from a full-support $\pi_{\rm ref}$ give every edge). Summing differences along paths then gives
-#    $\hat r_\theta(x,y)=r^*(x,y)+c(x)$ for every $y$. A response in no comparison is left free.
-# 3. **The offset $c(x)$** is invisible to BT (Def. 1 below): comparisons determine the reward only up to a
-#    function of $x$. What fixes it is that $\pi_\theta=\pi_{\rm ref}e^{\hat r_\theta/\beta}$ must sum to 1, which
-#    forces $c(x)=-\beta\log Z(x)$: the normalisation of Eq. 9 / Prop. 1. Then $\pi_\theta=\pi^*$.
+# 1. **Full support**, $\pi_{\rm ref}(y|x)>0$ (and $p(x)>0$): otherwise $\log\frac{\pi_\theta}{\pi_{\rm ref}}$ is undefined,
+#    and a response $\pi_{\rm ref}$ never samples is never compared.
+# 2. **A connected comparison graph** per prompt (responses as nodes, compared pairs as edges). Summing
+#    differences along paths gives $\hat r_\theta(x,y)=r^*(x,y)+c(x)$; a response in no comparison is left free.
+# 3. **The offset $c(x)$**, invisible to comparisons (equivalent rewards, Eq. 2), is fixed because
+#    $\pi_\theta=\pi_{\rm ref}e^{\hat r_\theta/\beta}$ must sum to 1: $c(x)=-\beta\log Z(x)$, as in Eq. 5. Then $\pi_\theta=\pi^*$.
 #
-# Check with the `dpo_loss_table` written above: minimise the population loss over free softmax logits with L-BFGS,
-# starting from **uniform** logits (not $\pi_{\rm ref}$), with all pairs compared; then again with every
-# comparison involving the last response removed.
+# Check with your `dpo_loss_table`: L-BFGS on free logits from **uniform** (not $\pi_{\rm ref}$), all pairs
+# compared; then without any comparison of the last response.
 
 # %%
 def population_eq7(theta: torch.Tensor, data: bd.PreferenceData) -> torch.Tensor:
@@ -474,9 +520,8 @@ print("with all pairs, the same change of theta raises the loss:",
 
 # %% [markdown]
 # ### Exercise · tier 3 · the Plackett–Luce likelihood
-# Vectorise it over any leading dimensions and work in log space: the denominators are sums over the
-# *tail* of the ranking, $j\ge k$, not over all $K$ responses. The grader compares it with the product
-# above computed one position at a time.
+# Vectorise it over leading dimensions and work in log space; mind which responses each denominator sums
+# over. The grader compares it with the product computed one position at a time.
 
 # %% tags=["exercise", "tier-3"]
 def pl_nll(r_ranked: torch.Tensor) -> torch.Tensor:
@@ -495,9 +540,8 @@ torch.testing.assert_close(k2, eq7(*four, beta), rtol=1e-12, atol=1e-12)
 print("PL loss with K = 2 == Eq. 7 on every pair: True")
 
 # %% [markdown]
-# With all $K=$ `n_responses` responses ranked, the population PL loss weights each of the $K!$ rankings by
-# its PL probability under $r^*$ (the limit of rankings sampled from $r^*$'s PL model). Its gradient vanishes
-# at $\pi^*$ (but not at $\pi_{\rm ref}$), and minimising it from uniform logits recovers $\pi^*$.
+# The population PL loss over all $K=$ `n_responses` responses weights each of the $K!$ rankings by its
+# PL probability under $r^*$. Is $\pi^*$ its minimiser too?
 
 # %% tags=["nbval-check-output"]
 perms = torch.tensor(list(itertools.permutations(range(n_responses))))  # all K! rankings, best first
@@ -519,8 +563,12 @@ theta_pl = minimise(population_pl)
 print("minimising it recovers pi*:", bd.max_abs_error(theta_pl.softmax(-1), pi_star) < 1e-6)
 
 # %% [markdown]
+# Yes: the gradient is 0 at $\pi^*$ (loss 4.186146), 0.021724 at $\pi_{\rm ref}$ (loss 4.787492), and
+# minimising from uniform logits lands on $\pi^*$.
+
+# %% [markdown]
 # ## The DPO gradient and its weight $\sigma(\hat r_l-\hat r_w)$
-# Write $\hat r_\theta(x,y)=\beta\log\frac{\pi_\theta(y|x)}{\pi_{\rm ref}(y|x)}$ and $u=\hat r_\theta(x,y_w)-\hat r_\theta(x,y_l)$.
+# With the implicit reward $\hat r_\theta$ of Eq. 7, write $u=\hat r_\theta(x,y_w)-\hat r_\theta(x,y_l)$.
 # Since $\frac{d}{du}[-\log\sigma(u)]=-(1-\sigma(u))=-\sigma(-u)$ and $\nabla_\theta u=\beta(\nabla_\theta\log\pi(y_w|x)-\nabla_\theta\log\pi(y_l|x))$,
 # $$\nabla_\theta\mathcal L_{\rm DPO}=-\beta\,\mathbb E_{\mathcal D}\Big[\underbrace{\sigma\big(\hat r_\theta(x,y_l)-\hat r_\theta(x,y_w)\big)}_{\text{large when the implicit reward ranks the pair wrongly}}\big(\nabla_\theta\log\pi(y_w|x)-\nabla_\theta\log\pi(y_l|x)\big)\Big].$$
 # For a softmax table $\nabla_\theta\log\pi(y|x)=e_y-\pi(\cdot|x)$, so the bracket is just $e_{y_w}-e_{y_l}$.
@@ -550,28 +598,17 @@ fig.savefig(figures_dir() / "01_dpo_gradient_weight.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# ## Chosen log-probs can fall while DPO trains: what the toy shows, and what it does not
-# A frequent question (official repo issues #8, #32, #36, #41): during DPO training `logps/chosen` often
-# **decreases**. Eq. 7 only sees the *margin* between two log-ratios, so nothing in it pushes
-# $\log\pi_\theta(y_w|x)$ up, and the same response wins some pairs and loses others.
+# **What to notice.** At margin 0, where every pair starts, the weight is ½ and the loss $\log 2$. The weight
+# tends to 1 for pairs ranked wrongly and to 0 for pairs ranked rightly by a few units: DPO stops pushing on
+# a pair it already ranks well.
+
+# %% [markdown]
+# ## What DPO's training logs show
+# Adam on the 2,000 pairs above, logging TRL's metrics: mean log-probs of chosen and rejected responses, the
+# mean margin $\hat r_w-\hat r_l$, and the share of pairs with $\hat r_w>\hat r_l$ (step 0's ties count ½, not 0).
 #
-# **In this exact bandit** (Adam on the sampled pairs, a free logit per response) the average chosen
-# log-prob falls and most pairs' chosen response loses probability, while the mass moves to the response
-# $\pi^*$ favours in each prompt (not always the highest-reward one: $\pi^*$ also weighs $\pi_{\rm ref}$):
-# $\mathbb E[r^*]$ rises and $\mathrm{KL}(\pi_\theta\|\pi^*)$ falls. Here the mass can only go where $\pi^*$ puts
-# it, because every response has its own parameter and the loss's minimiser is (close to) $\pi^*$.
-#
-# **For language models this is not established.** The fall itself, *likelihood displacement*, is widely
-# observed, but parameters are shared across all completions and where the freed mass goes is not
-# guaranteed: Razin et al. 2024 (*Unintentional Unalignment*, arXiv 2410.08847) show it can move to
-# responses opposite in meaning to the preferred one (e.g. from refusals to harmful answers), and Pal et al.
-# 2024 (*Smaug*, arXiv 2402.13228) show DPO can lower the preferred response's likelihood, especially when
-# the two responses differ by a few tokens, and propose DPO-Positive to prevent it. A falling
-# `logps/chosen` is therefore a thing to inspect, not proof that training works.
-#
-# At step 0, $\pi_\theta=\pi_{\rm ref}$, so every implicit reward is exactly 0 and every pair is a tie. The
-# library's `rewards/accuracies` (TRL's definition, $\hat r_w>\hat r_l$) counts a tie as wrong, which would
-# make accuracy appear to "rise from 0"; we count a tie as half right instead.
+# **Predict first.** The margin will grow. Will `logps/chosen`, the mean $\log\pi_\theta(y_w|x)$, rise or fall?
+# Where will the accuracy stop? Write your answers down, then run the next two cells.
 
 # %% tags=["nbval-check-output"]
 fit = bd.solve_dpo(toy.pi_ref, data, beta, optimizer="adam", steps=200, lr=0.05)
@@ -589,6 +626,8 @@ print("pi(y | x) at pi*'s mode:", show(toy.pi_ref.gather(1, mode)[:, 0], 3), "->
                            bd.mean_over_prompts(bd.expected_reward(p, toy.reward), toy.prompt_probs))
                           for p in (toy.pi_ref, fit.policy)]
 print(f"E[r*] {er0:.3f} -> {er1:.3f};  KL(pi_theta || pi*) {kl0:.3f} -> {kl1:.3f}")
+agree = (toy.reward[data.x, data.y_w] > toy.reward[data.x, data.y_l]).double().mean()
+print(f"labels that agree with r*'s order: {agree:.3f}")
 assert end["logps/chosen"] < start["logps/chosen"] and er1 > er0 and kl1 < kl0
 
 # %%
@@ -609,17 +648,29 @@ fig.savefig(figures_dir() / "01_chosen_logps_fall.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# ## Why parameterising the reward by a policy loses nothing (§5, App. A.5–A.6)
-# **Def. 1.** Rewards $r\sim r'$ are *equivalent* if $r'(x,y)=r(x,y)+f(x)$ for some $f$.
+# **What to notice.** `logps/chosen` *falls* (−1.342 → −4.881) and 0.578 of the pairs' chosen responses lose
+# probability, while the margin grows (0 → 0.321) and $\mathbb E[r^*]$ rises (0.144 → 0.944). Eq. 7 sees only
+# margins, and a response wins some pairs and loses others: the mass flows to $\pi^*$'s favourite response
+# (0.612, 0.287, 0.1 → 0.969, 0.993, 0.989). The accuracy stops at 0.695 within a few steps, exactly the share
+# of labels that agree with $r^*$'s order; the rest is label noise. $\mathrm{KL}(\pi_\theta\|\pi^*)$ ends at 0.074,
+# not 0: 2,000 pairs are not the population (notebook 02 measures this error).
 #
+# **In language models** this fall (*likelihood displacement*; official repo issues #8, #32, #36, #41) is
+# common, but parameters are shared, so the freed mass may go elsewhere: to responses opposite in meaning
+# (Razin et al. 2024, arXiv 2410.08847), or away from near-identical preferred responses (Pal et al. 2024,
+# arXiv 2402.13228). A falling `logps/chosen` is a thing to inspect, not proof that training works.
+
+# %% [markdown]
+# ## Why parameterising the reward by a policy loses nothing (§5, App. A.5–A.6)
+# **Def. 1** (at Eq. 2): $r\sim r'$ if $r'(x,y)=r(x,y)+f(x)$.
 # **Lemma 1** (equivalent rewards give the same PL, hence BT, preferences). Each PL factor gains $e^{f(x)}$
 # in its numerator and in every denominator term:
 # $$p_{r+f}(\tau|x)=\prod_{k}\frac{e^{f(x)}\exp r(x,y_{\tau(k)})}{e^{f(x)}\sum_{j\ge k}\exp r(x,y_{\tau(j)})}=p_r(\tau|x).$$
 # **Lemma 2** (equivalent rewards give the same optimal policy). In Eq. 4, $e^{f(x)/\beta}$ factors out of the
 # numerator and of $Z(x)$:
 # $$\pi_{r+f}(y|x)=\frac{\pi_{\rm ref}(y|x)\,e^{r(x,y)/\beta}\,e^{f(x)/\beta}}{e^{f(x)/\beta}\sum_{y'}\pi_{\rm ref}(y'|x)\,e^{r(x,y')/\beta}}=\pi_r(y|x).$$
-# Both proofs use that $f$ does not depend on $y$. Check with a random $f(x)$, and with a random $g(y)$ that
-# does depend on $y$, which must change all three:
+# Both proofs need $f$ not to depend on $y$. Check with a random $f(x)$, and with a $g(y)$, which must
+# change all three:
 
 # %% tags=["nbval-check-output"]
 gen = torch.Generator().manual_seed(seed)
@@ -633,17 +684,16 @@ for name, r_new in (("r* + f(x)", toy.reward + f_x), ("r* + g(y)", toy.reward + 
 
 # %% [markdown]
 # **Theorem 1** (§5.1). *Assume $\pi_{\rm ref}(y|x)>0$ for every $x,y$ and $\beta>0$. Then every equivalence class of
-# rewards (every class of rewards consistent with a PL, in particular BT, preference model: by Lemma 1 those
-# models see a reward only through its class) contains a reward $r(x,y)=\beta\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}$
-# for some policy $\pi$.* Proof: take $\pi=\pi_r$ (Eq. 4); by Eq. 5, $r-\beta\log Z(x)=\beta\log\frac{\pi_r}{\pi_{\rm ref}}$,
+# rewards contains an implicit reward $r(x,y)=\beta\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}$ for some policy $\pi$.*
+# Since PL and BT models see a reward only through its class (Lemma 1), fitting only implicit rewards (Eq. 7)
+# loses nothing. Proof: take $\pi=\pi_r$ (Eq. 4); by Eq. 5, $r-\beta\log Z(x)=\beta\log\frac{\pi_r}{\pi_{\rm ref}}$,
 # and $-\beta\log Z(x)$ is a function of $x$ only. That member is the projection
 # $$f(r;\pi_{\rm ref},\beta)(x,y)=r(x,y)-\beta\log\sum_y\pi_{\rm ref}(y|x)\exp\Big(\frac1\beta r(x,y)\Big)\quad\text{(Eq. 8)},$$
 # the member satisfying the normalisation $\sum_y\pi_{\rm ref}(y|x)\exp\big(\frac1\beta r(x,y)\big)=1$ (Eq. 9).
 #
 # **Proposition 1** (App. A.6: the member is unique). If $r=\beta\log\frac{\pi}{\pi_{\rm ref}}$ and
 # $r+f(x)=\beta\log\frac{\pi'}{\pi_{\rm ref}}$ for policies $\pi,\pi'$, then $\pi'(y|x)=\pi(y|x)\,e^{f(x)/\beta}$; summing over
-# $y$ gives $1=e^{f(x)/\beta}$, so $f=0$. Check: $\pi'=\pi_{\rm ref}e^{r'/\beta}$ for $r'=\beta\log\frac{\pi^*}{\pi_{\rm ref}}+f(x)$
-# sums to $e^{f(x)/\beta}$, a policy only when $f=0$; the projection lands on $\beta\log\frac{\pi^*}{\pi_{\rm ref}}$.
+# $y$ gives $1=e^{f(x)/\beta}$, so $f=0$. Check both, and that the projection lands on $\beta\log\frac{\pi^*}{\pi_{\rm ref}}$:
 
 # %% tags=["nbval-check-output"]
 r_hat_star = bd.implicit_reward(pi_star, toy.pi_ref, beta)  # β log π*/π_ref
@@ -659,9 +709,8 @@ print("log Eq. 9 after projection: ", show(bd.log_partition(projected, toy.pi_re
 print("Theorem 1, f(r) = beta log pi*/pi_ref:", bd.max_abs_error(projected, r_hat_star) < 1e-10)
 
 # %% [markdown]
-# Why the assumption $\pi_{\rm ref}>0$ is needed: if $\pi_{\rm ref}(y_0|x)=0$, then $\pi_r(y_0|x)=0$ whatever
-# $r(x,y_0)$ is, so two rewards in **different** classes (differing at $y_0$ only) give the same optimal
-# policy, and $\beta\log\frac{\pi}{\pi_{\rm ref}}(y_0)$ is undefined: the policy cannot carry that reward.
+# Why $\pi_{\rm ref}>0$ is needed: if $\pi_{\rm ref}(y_0|x)=0$, then $\pi_r(y_0|x)=0$ whatever $r(x,y_0)$ is, so
+# rewards of **different** classes (differing at $y_0$) share an optimal policy, which cannot carry them.
 
 # %% tags=["nbval-check-output"]
 pi_ref0 = pi_ref.copy()
@@ -675,9 +724,8 @@ print("pi_ref(y0) = 0: same Eq. 4 policy for r* and r* + 5 at y0:", same_policy)
 
 # %% [markdown]
 # ## β: how far $\pi^*$ moves from $\pi_{\rm ref}$
-# A small KL coefficient β trusts the reward (π* piles onto the best response, large KL); a large β stays
-# near π_ref. The static figure below is drawn for the parameter β; the slider after it redraws it
-# interactively (in a live notebook only).
+# **Predict first.** As β goes from 10 down to 0.01, where does $\pi^*(\cdot|x_0)$ put its mass, and what happens
+# to the KL? The figure is drawn at the notebook's β; the slider after it redraws it in a live notebook.
 
 # %%
 def plot_policies(beta_value: float, prompt: int = 0) -> plt.Figure:
@@ -701,6 +749,11 @@ def plot_policies(beta_value: float, prompt: int = 0) -> plt.Figure:
 fig = plot_policies(beta)
 fig.savefig(figures_dir() / "01_beta_policy.png", dpi=120)
 plt.show()
+
+# %% [markdown]
+# **What to notice.** At β = 0.1 (KL 0.803) this is the $x_0$ row of Eq. 4's table. With the slider: as β → 0,
+# $e^{r/\beta}$ swamps $\pi_{\rm ref}$, $\pi^*$ moves to $y_2$ (the highest dot) and the KL grows; as β grows, $\pi^*$
+# returns to $\pi_{\rm ref}$.
 
 # %%
 # Interactive: the redraws need a live kernel; headless runs (papermill, nbval) only record the widget.
