@@ -19,13 +19,19 @@ from pathlib import Path
 
 import yaml
 
-from dpo_lab.presets import PRESETS, get_preset, parse_overrides
+from dpo_lab.presets import PRESETS, check_notebook_parameters, get_preset, parse_overrides
 
 
 def _add_preset_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help=default_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set dpo.lr=1e-5 (repeatable)")
+
+
+def _usage_error(err: Exception) -> int:
+    """``error: MESSAGE`` (a KeyError's without its quotes) and exit code 2, as for a bad argument."""
+    print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+    return 2
 
 
 def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -56,8 +62,7 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"error: sweep {spec.name!r} {stopped}; run it again to finish it", file=sys.stderr)
         return 128 + stopped.signum
     except (sweep.SweepError, KeyError, TypeError, ValueError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
-        return 2
+        return _usage_error(err)
     folder = sweep.sweep_folder(spec, root)
     print((folder / "results.md").read_text())
     print(sweep.summarize(outcomes))
@@ -75,11 +80,12 @@ def _execute(args: argparse.Namespace) -> int:
         notebook, output = (_formatted_path(path, what, parameters)
                             for path, what in ((args.notebook, "NOTEBOOK"), (args.output, "OUTPUT")))
         sweep.check_parameters(notebook, parameters)
+        if "preset" in sweep.notebook_parameters(notebook):  # its preset, and values of its settings (beta)
+            check_notebook_parameters(parameters)
         if not Path(output).resolve().parent.is_dir():
             raise sweep.SweepError(f"OUTPUT {output!r}: folder {str(Path(output).parent)!r} does not exist")
-    except (yaml.YAMLError, sweep.SweepError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (yaml.YAMLError, sweep.SweepError, KeyError, TypeError, ValueError) as err:
+        return _usage_error(err)
     papermill.execute_notebook(args.notebook, args.output, parameters=parameters)
     return 0
 
@@ -106,8 +112,7 @@ def _student(args: argparse.Namespace) -> int:
     try:
         written = write_student_copies(notebooks, args.out or notebooks / "student")
     except ExerciseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _usage_error(err)
     for path in written:
         print(path)
     return 0

@@ -524,6 +524,36 @@ def get_preset(name: str | None = None, **overrides: Any) -> Preset:
     return validate(preset)  # the whole configuration, once every override is in
 
 
+# Notebook parameters that carry values of a preset setting: ``execute`` checks them against its bounds
+# before the notebook runs (``-p beta -1`` used to fail inside the trainer, after the SFT and pair stages).
+NOTEBOOK_SETTINGS = {"beta": "dpo.betas", "betas": "dpo.betas", "proxy_betas": "dpo.betas",
+                     "target_kls": "ppo.target_kls"}
+METHOD_SETTINGS = {"DPO": "dpo.betas", "Unlikelihood": "baselines.unlikelihood_alphas",
+                   "Preferred-FT": "baselines.preferred_ft_seeds", "PPO": "ppo.target_kls",
+                   "PPO-GT": "ppo.target_kls"}  # frontier_run's ``value``, by its ``method``
+
+
+def check_notebook_parameters(parameters: dict[str, Any]) -> Preset:
+    """The preset a notebook builds from its ``preset``, ``seed`` and ``overrides`` parameters, validated,
+    and every parameter that carries values of a setting checked against that setting's bounds. Raises
+    KeyError, TypeError or ValueError naming the parameter."""
+    seed = {"seed": parameters["seed"]} if "seed" in parameters else {}
+    preset = get_preset(parameters.get("preset"), **{**parameters.get("overrides", {}), **seed})
+    carriers = {**NOTEBOOK_SETTINGS, "value": METHOD_SETTINGS.get(parameters.get("method", "DPO"))}
+    for name, value in parameters.items():
+        setting = carriers.get(name)
+        if setting is None or value == []:  # [] keeps the preset's values
+            continue
+        plain, rich = _field_hint(setting), _field_hint(setting, extras=True)
+        values = _coerce(name, plain, value if isinstance(value, list) else [value])
+        label = f"parameter {name!r}"
+        errors = [e for i, v in enumerate(values) for e in _bound_errors(
+            f"{label}[{i}]" if isinstance(value, list) else label, get_args(rich)[0], v, preset)]
+        if errors:
+            raise ValueError("; ".join(errors) + f" (a value of {setting})")
+    return preset
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``--set dpo.lr=1e-5`` pairs, values parsed as YAML scalars (numbers, booleans, lists)."""
     out = {}

@@ -81,3 +81,33 @@ def test_reproduce_refuses_a_file_for_a_folder(tmp_path, capsys: pytest.CaptureF
         main(["reproduce", "--preset", "smoke", option, str(taken)])
     assert exit_info.value.code == 2 and f"{option} {taken} is a file" in capsys.readouterr().err
     assert taken.read_text() == "keep me"
+
+
+def test_execute_refuses_an_out_of_range_preset_value_before_running(tmp_path, monkeypatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """``-p beta -1`` used to fail inside the DPO trainer, after the SFT and pair stages had run."""
+    import papermill
+
+    def run(*args, **kwargs):
+        raise AssertionError("the notebook ran before its parameters were checked against the preset")
+
+    monkeypatch.setattr(papermill, "execute_notebook", run)
+    notebooks, out = project_root() / "notebooks", str(tmp_path / "out.ipynb")
+    for notebook, parameters, words in [
+        ("05_dpo.ipynb", ["beta", "-1"], "parameter 'beta' must be > 0, got -1.0 (a value of dpo.betas)"),
+        ("05_dpo.ipynb", ["betas", "[0.1, .nan]"], "parameter 'betas'[1] must be a finite number, got nan"),
+        ("05_dpo.ipynb", ["overrides", "{dpo.lr: 0}"], "dpo.lr must be > 0, got 0.0"),
+        ("06_ppo_and_baselines.ipynb", ["target_kls", "[3, 0]"], "parameter 'target_kls'[1] must be > 0"),
+        ("13_pair_sources.ipynb", ["beta", "0.0"], "parameter 'beta' must be > 0, got 0.0"),
+        ("templates/frontier_run.ipynb", ["value", "-0.5"], "parameter 'value' must be > 0, got -0.5"),
+    ]:
+        assert main(["execute", str(notebooks / notebook), out, "-p", *parameters]) == 2, parameters
+        assert words in capsys.readouterr().err
+    monkeypatch.setenv("DPO_LAB_PRESET", "smoke")
+    code = main(["execute", str(notebooks / "templates/frontier_run.ipynb"), out,
+                 "-p", "method", "Unlikelihood", "-p", "value", "-0.5"])
+    words = "must be >= 0, got -0.5 (a value of baselines.unlikelihood_alphas)"
+    assert code == 2 and words in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the notebook ran"):  # a legitimate value reaches papermill
+        main(["execute", str(notebooks / "05_dpo.ipynb"), out, "-p", "beta", "0.3", "-p", "betas", "[]"])
+
