@@ -185,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     workers = default_workers() if args.workers is None else args.workers
     try:
         reproduce(preset, out_dir=args.out, workers=workers)
-    except RunLockedError as err:  # $DPO_LAB_LOCK_TIMEOUT ran out while another process held a run
+    # RunLockedError: $DPO_LAB_LOCK_TIMEOUT ran out while another process held a run; ValueError: a damaged
+    # cached file (named, with what to delete), raised in a frontier worker too, or data the preset cannot use
+    except (RunLockedError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
