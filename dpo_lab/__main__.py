@@ -34,6 +34,18 @@ def _usage_error(err: Exception) -> int:
     return 2
 
 
+def _folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be a folder: it, or one above it, is a file or a link to nothing (``mkdir``
+    then ends in FileExistsError or NotADirectoryError, after the checks)."""
+    for part in (folder, *folder.parents):
+        if part.is_dir():
+            return None
+        if part.exists() or part.is_symlink():
+            what = "a file" if part.exists() else "a link to nothing"
+            return f"{folder} is {what}" if part == folder else f"{folder} lies under {part}, {what}"
+    return None
+
+
 def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from dpo_lab.scale import sweep
 
@@ -169,13 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err.args[0] if err.args else err))
     if getattr(args, "workers", None) is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    for option in ("out", "artifacts"):  # refused before any stage runs, not by a traceback after SFT
-        folder = getattr(args, option, None)
-        if folder is not None and folder.exists() and not folder.is_dir():
-            parser.error(f"--{option} {folder} is a file; give a folder (it is created if missing)")
     if args.command == "preset":
         print(json.dumps(preset.to_dict(), indent=2) if args.json else preset.describe())
         return 0
+    for option, variable in (("out", "DPO_LAB_FIGURES"), ("artifacts", "DPO_LAB_ARTIFACTS")):
+        given = getattr(args, option)  # refused before any stage runs, not by a traceback after SFT
+        folder = given if given is not None else os.environ.get(variable)
+        problem = _folder_problem(Path(folder)) if folder else None
+        if problem:
+            parser.error(f"{f'--{option}' if given is not None else variable} {problem}; give a folder "
+                         "(it is created if missing)")
     from dpo_lab.pipeline import default_workers
     from dpo_lab.reproduce import reproduce
     from dpo_lab.run import RunLockedError

@@ -111,3 +111,35 @@ def test_execute_refuses_an_out_of_range_preset_value_before_running(tmp_path, m
     with pytest.raises(AssertionError, match="the notebook ran"):  # a legitimate value reaches papermill
         main(["execute", str(notebooks / "05_dpo.ipynb"), out, "-p", "beta", "0.3", "-p", "betas", "[]"])
 
+
+@pytest.mark.parametrize("case", ["dangling --out", "--out under a file", "DPO_LAB_FIGURES a file",
+                                  "--artifacts under a file", "DPO_LAB_ARTIFACTS a file"])
+def test_reproduce_refuses_a_folder_it_cannot_create(tmp_path, monkeypatch, capsys: pytest.CaptureFixture,
+                                                     case: str) -> None:
+    """A FileExistsError or NotADirectoryError traceback; now a usage error before any stage."""
+    from dpo_lab import pipeline
+
+    def stage(*args, **kwargs):
+        raise AssertionError("a stage ran before the folders were checked")
+
+    for name in ("sft_policy", "reward_model", "preference_data", "frontier"):
+        monkeypatch.setattr(pipeline, name, stage)
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setenv("DPO_LAB_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("DPO_LAB_ARTIFACTS", str(tmp_path / "artifacts"))
+    link, under = tmp_path / "link", taken / "sub"
+    argv, words = {
+        "dangling --out": (["--out", str(link)], f"--out {link} is a link to nothing"),
+        "--out under a file": (["--out", str(under)], f"--out {under} lies under {taken}, a file"),
+        "DPO_LAB_FIGURES a file": ([], f"DPO_LAB_FIGURES {taken} is a file"),
+        "--artifacts under a file": (["--artifacts", str(taken / "a")], f"lies under {taken}, a file"),
+        "DPO_LAB_ARTIFACTS a file": ([], f"DPO_LAB_ARTIFACTS {taken} is a file"),
+    }[case]
+    if case.startswith("DPO_LAB"):
+        monkeypatch.setenv(case.split()[0], str(taken))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--preset", "smoke", *argv])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    assert taken.read_text() == "keep me"
