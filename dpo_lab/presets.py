@@ -326,7 +326,6 @@ def _field_hint(key: str, extras: bool = False) -> Any:
     return _hints(SECTIONS[section] if section else Preset, extras)[name]
 
 
-
 # ------------------------------------------------------------------------------------------- the presets
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
@@ -524,8 +523,8 @@ def get_preset(name: str | None = None, **overrides: Any) -> Preset:
     return validate(preset)  # the whole configuration, once every override is in
 
 
-# Notebook parameters that carry values of a preset setting: ``execute`` checks them against its bounds
-# before the notebook runs (``-p beta -1`` used to fail inside the trainer, after the SFT and pair stages).
+# Notebook parameters that carry values of a sweep setting (a tuple): ``execute`` checks them against its
+# bounds before the notebook runs (``-p beta -1`` used to fail in the trainer, after the SFT and pair stages).
 NOTEBOOK_SETTINGS = {"beta": "dpo.betas", "betas": "dpo.betas", "proxy_betas": "dpo.betas",
                      "target_kls": "ppo.target_kls"}
 METHOD_SETTINGS = {"DPO": "dpo.betas", "Unlikelihood": "baselines.unlikelihood_alphas",
