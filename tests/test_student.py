@@ -247,6 +247,40 @@ def next_token_loss(logits, input_ids, attention_mask):
     mask = attention_mask[:, 1:]
     return -((token_logps * mask).sum(-1) / mask.sum(-1)).mean()
 """),
+    ("04", "missing mask: pairs whose r* tie are kept", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.shape[1], k=1)
+    margin = np.sign(rstar[:, j] - rstar[:, k]) * (scores[:, j] - scores[:, k])
+    return np.logaddexp(0.0, -margin).mean()
+"""),
+    ("04", "y_w chosen by the scores, not by r*", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.shape[1], k=1)
+    gap = rstar[:, j] - rstar[:, k]
+    margin = np.abs(scores[:, j] - scores[:, k])
+    return np.logaddexp(0.0, -margin[gap != 0]).mean()
+"""),
+    ("04", "pairs across prompts too", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.size, k=1)
+    gap = rstar.ravel()[j] - rstar.ravel()[k]
+    margin = np.sign(gap) * (scores.ravel()[j] - scores.ravel()[k])
+    return np.logaddexp(0.0, -margin[gap != 0]).mean()
+"""),
+    ("04", "sign flip: the loss of y_l winning", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.shape[1], k=1)
+    gap = rstar[:, j] - rstar[:, k]
+    margin = np.sign(gap) * (scores[:, j] - scores[:, k])
+    return np.logaddexp(0.0, margin[gap != 0]).mean()
+"""),
+    ("04", "sum instead of mean over the pairs", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.shape[1], k=1)
+    gap = rstar[:, j] - rstar[:, k]
+    margin = np.sign(gap) * (scores[:, j] - scores[:, k])
+    return np.logaddexp(0.0, -margin[gap != 0]).sum()
+"""),
     ("05", "missing shift: the mask is not shifted with the logits", """
 def logp_sum(logits, ids, comp):
     token_logps = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
