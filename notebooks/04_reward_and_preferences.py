@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -23,21 +23,13 @@
 # $$r^*(x, y) = p(\text{positive}\mid x\,y)\in[0,1].$$
 # It labels the preference pairs and, later, scores every policy. The paper uses
 # `siebert/sentiment-roberta-large-english`; the `smoke` and `cpu` presets use a TF-IDF + logistic regression
-# classifier trained here on IMDb labels (`dpo_lab.rewards.TfidfSentimentReward`), which runs offline in
-# seconds.
+# classifier trained here on IMDb labels (`dpo_lab.rewards.TfidfSentimentReward`).
 #
 # Then the preference data, exactly as App. C.1: for each train prompt $x$, 4 completions sampled from
 # $\pi^{\rm SFT}$ (notebook 03), all $\binom42=6$ pairs, $y_w$ the completion with the higher $r^*$.
 #
-# **What you see, and what it costs.** The outputs below are the `cpu` preset's (the default), executed on
-# its cached stages. *Run all* on a 2-core laptop (measured on this project's 2-core machines, often while
-# other runs shared them, so an idle laptop may be faster):
-#
-# | preset | first time (empty caches) | stages cached |
-# |---|---|---|
-# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | 33 s after 03 | |
-# | `cpu` (default) | about 1 min after notebook 03 (r\* 14–25 s, the pairs 14–23 s); add 03's SFT if it has not run | 17 s |
-# | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
+# The prose describes the `cpu` outputs below (run on cached stages); at `DPO_LAB_PRESET=smoke` the numbers
+# differ.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -58,6 +50,8 @@ from IPython.display import display
 from transformers.utils import logging as hf_logging
 
 from dpo_lab import pipeline
+from dpo_lab.grading import grade, lm_cases
+from dpo_lab.implicit_reward import pair_margins
 from dpo_lab.paths import figures_dir
 from dpo_lab.presets import get_preset
 from dpo_lab.rewards import TfidfSentimentReward
@@ -70,10 +64,49 @@ seed_everything(config.seed)
 print(f"preset {config.name!r}: reward {config.reward}")
 
 # %% [markdown]
+# ## From scored samples to pairs
+# Each prompt gets $K$ samples scored by $r^*$. Two samples of one prompt make a pair when their $r^*$
+# differ (a tie carries no preference), $y_w$ the higher. A reward model $r_\phi$ is fitted to the pairs by
+# Eq. 2, each pair costing $-\log\sigma(r_\phi(x,y_w)-r_\phi(x,y_l))$.
+
+# %% [markdown]
+# ### Exercise · tier 2 · Eq. 2 on the pairs of $K$ scored samples
+# Graded against the library on random score tables with ties in $r^*$ and in the scores.
+#
+# <details><summary>Hint 1</summary>Two tables of shape (P, C(K, 2)), one of r* differences and one of score
+# differences, one column per pair j &lt; k of the same prompt, hold everything you need.</details>
+# <details><summary>Hint 2</summary>For samples $j<k$ of prompt $p$ with $r^*_{pj}\ne r^*_{pk}$:
+# $u=\mathrm{sign}(r^*_{pj}-r^*_{pk})\,(s_{pj}-s_{pk})$ is $s(y_w)-s(y_l)$, and the loss is the mean of
+# $\log(1+e^{-u})$ over those pairs. <code>np.triu_indices(K, k=1)</code> lists every $j<k$.</details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# j, k = np.triu_indices(rstar.shape[1], k=1)
+# gap = rstar[:, j] - rstar[:, k]
+# margin = np.sign(gap) * (scores[:, j] - scores[:, k])
+# return np.logaddexp(0.0, -margin[gap != 0]).mean()
+# ```
+# </details>
+
+# %% tags=["exercise", "tier-2"]
+def bt_loss_on_samples(scores: np.ndarray, rstar: np.ndarray) -> float:
+    """Eq. 2's loss of a scorer on the preference pairs of P prompts with K samples each, from the scorer's
+    scores and the judge's r*, both (P, K): the mean over the pairs of −log σ(score(y_w) − score(y_l))."""
+    j, k = np.triu_indices(rstar.shape[1], k=1)  # every same-prompt pair j < k
+    gap = rstar[:, j] - rstar[:, k]
+    margin = np.sign(gap) * (scores[:, j] - scores[:, k])  # score(y_w) - score(y_l): r* says which is y_w
+    return np.logaddexp(0.0, -margin[gap != 0]).mean()  # ties in r* make no pair; log(1 + e^-u) = -log σ(u)
+
+
+# %%
+grade(bt_loss_on_samples, lambda scores, rstar: np.logaddexp(0.0, -pair_margins(scores, rstar)[0]).mean(),
+      lm_cases("heldout_scores", "heldout_rstar", numpy=True),
+      hint="pair only samples of the same prompt, let r* pick y_w, and drop the pairs whose r* tie")
+
+# %% [markdown]
 # ## The classifier
-# Held-out accuracy on **full test reviews**, and on the **first 40 words** of each (about the length of a
-# prompt plus a completion): the policy's texts are short, and short texts carry less evidence, so $r^*$ is
-# a noisier judge of them. (The hub classifier of the `paper` preset has no such report.)
+# Held-out accuracy on **full test reviews** and on their **first 40 words**, about the length of a prompt
+# plus a completion. (The `paper` preset's hub classifier has no such report.)
 
 # %%
 reward, reward_report = pipeline.reward_model(config)
@@ -88,6 +121,9 @@ if "accuracy_full_reviews" in reward_report:
     print("full reviews are easier than 40-word prefixes:", full > short)
 
 # %% [markdown]
+# **What to notice.** $r^*$ is right about 9 times in 10 on full reviews, about 3 in 4 on 40-word prefixes:
+# short texts carry less evidence, and every preference label below is made on such texts.
+#
 # A linear model is readable: its largest positive and negative coefficients are the n-grams that move
 # $r^*$ most. Expect DPO (notebook 05) to learn to write the left column.
 
@@ -101,9 +137,10 @@ if isinstance(reward, TfidfSentimentReward):
     display(table.round(2))
 
 # %% [markdown]
-# $r^*$ of a few hand-written texts. A bag of n-grams weighs words, not syntax (compare the two "I expected
-# to ... but" sentences), and a single strong word can decide a short text: exactly the kind of reward a
-# policy can learn to please with a few words.
+# **What to notice.** Nearly every row is a sentiment word, but not all: "today", a word with no sentiment
+# of its own, is among the strongest positive n-grams, and it pays a policy just as well.
+#
+# $r^*$ of a few hand-written texts: a bag of n-grams weighs words, not syntax.
 
 # %%
 sentences = [
@@ -117,6 +154,12 @@ sentences = [
 scores = reward(sentences)
 display(pd.DataFrame({"text": sentences, "r*": scores.round(3)}))
 assert scores[0] > 0.5 > scores[1], "r* should call the first text positive and the second negative"
+
+# %% [markdown]
+# **What to notice.** The single word "great" scores higher than the whole glowing review, and "I expected
+# to love it, but it was bad" lands near the neutral fact about Canada: it reads "love" and "bad", not the
+# "but". A short text is decided by a few strong words, exactly the kind of reward a policy can please
+# with a few words.
 
 # %% [markdown]
 # ## The preference pairs
@@ -141,9 +184,10 @@ print("rows saved = pairs kept:", len(pairs) == stats["n_pairs"])
 print("chosen never below rejected:", bool(np.all(np.array(pairs["chosen_reward"]) >= np.array(pairs["rejected_reward"]))))
 
 # %% [markdown]
-# How much does $y_w$ beat $y_l$ by? Many gaps are small: for those, the label says more about the
-# classifier's noise on short texts than about sentiment. DPO weighs every pair the same a priori; its
-# gradient weight $\sigma(\hat r_l-\hat r_w)$ (notebook 01) then focuses on pairs it still ranks wrongly.
+# **What to notice.** $r^*$ is a continuous probability, so ties (and with them dropped pairs) are rare:
+# the counts above say how many of the candidate pairs were kept.
+#
+# How much does $y_w$ beat $y_l$ by?
 
 # %%
 gaps = np.array(pairs["chosen_reward"]) - np.array(pairs["rejected_reward"])
@@ -158,12 +202,17 @@ fig.savefig(figures_dir() / "04_reward_gaps.png", dpi=120)
 plt.show()
 
 # %% [markdown]
+# **What to notice.** The histogram is tallest at 0 and falls steadily: a tenth of the pairs differ by less
+# than the `q0.1` quantile printed above, where the label says more about the classifier's noise on short
+# texts than about sentiment. DPO weighs every pair the same a priori; its gradient weight
+# $\sigma(\hat r_l-\hat r_w)$ (notebook 01) then focuses on the pairs it still ranks wrongly.
+
+# %% [markdown]
 # ### The 4 samples of each prompt
-# Every sample is stored with its $r^*$ beside the pairs (ties included). Two things show. The spread
-# **within** a prompt is what the pairs teach. And whole prompts sit high or low: $r^*$ reads the prompt
-# too, so "This film is awful" drags all four samples down. Such a per-prompt offset $f(x)$ cancels in every
-# comparison (Eq. 1, and $\beta\log Z(x)$ in Eq. 6): pairs carry no information about it, which is why DPO
-# never needs $Z(x)$.
+# Every sample is stored with its $r^*$ beside the pairs (ties included). $r^*$ reads the prompt too, so a
+# prompt like "This film is awful" drags all its samples down. Such a per-prompt offset $f(x)$ cancels in
+# every comparison (Eq. 1, and $\beta\log Z(x)$ in Eq. 6): pairs carry no information about it, which is why
+# DPO never needs $Z(x)$.
 
 # %%
 table = pairs.to_pandas()
@@ -190,6 +239,28 @@ fig.savefig(figures_dir() / "04_sample_rewards.png", dpi=120)
 plt.show()
 
 # %% [markdown]
+# **What to notice.** The prompts' means (the rising line) cover almost all of $[0, 1]$, and the printed
+# split says over a third of the reward's variance lies between prompts: pairs never see it. The rest, the
+# spread of the grey bars within one prompt, is all that the pairs, and DPO, can learn from.
+#
+# ### Eq. 2 with $r^*$ itself as the reward model
+# $r^*$ wrote every label, so it ranks all its pairs right. **Predict first:** what is Eq. 2's loss of
+# $r^*$ used as $r_\phi$, and of $10\,r^*$, $100\,r^*$, $1000\,r^*$? Does it approach a floor? Write your
+# answers down, then run the cell.
+
+# %%
+rstar_table = np.array(candidates["rewards"])  # (prompts, samples): the r* of every stored sample
+for scale in (1, 10, 100, 1000):
+    print(f"Eq. 2 loss of {scale:4d} r*: {bt_loss_on_samples(scale * rstar_table, rstar_table):.4f}")
+
+# %% [markdown]
+# **What to notice.** $r^*$ itself pays a loss not far below $\log 2 = 0.6931$: its gaps are fractions of
+# a unit, and Eq. 2 wants margins of several units. Scaling it up only lowers the loss, towards 0: the
+# labels are argmax labels, never noisy, so Bradley–Terry's likelihood has no finite maximum and says nothing
+# about the reward's scale. Fitted to such data, $r_\phi$ (and DPO's implicit reward, notebook 09) keeps
+# growing its margins for as long as it trains.
+
+# %% [markdown]
 # ### Example pairs
 # From the smallest reward gap to the largest. Watch the texts: which words made $y_w$ win?
 
@@ -197,3 +268,9 @@ plt.show()
 picks = np.argsort(gaps)[np.linspace(0, len(gaps) - 1, n_show).round().astype(int)]
 examples = table.iloc[picks][["prompt", "chosen", "chosen_reward", "rejected", "rejected_reward"]]
 display(examples.round(3).reset_index(drop=True))
+
+# %% [markdown]
+# **What to notice.** Both sides of every pair are word salad from notebook 03's model: a pair compares
+# which words appear, never quality. The first pair's gap is too small to show at three decimals, and its
+# label is noise. In the last row the rejected sample contains "the worst", one of the strongest negative
+# n-grams of the table above.

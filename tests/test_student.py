@@ -227,6 +227,60 @@ def gradient_variance(logits, bandit, beta, normalise):
     g_hat = (torch.eye(bandit.n_y, dtype=policy.dtype) - policy[:, None, :]) * g[:, :, None]
     return (policy * (g_hat**2).sum(-1)).sum(-1)
 """),
+    ("03", "missing shift: logits at t scored against token t", """
+def next_token_loss(logits, input_ids, attention_mask):
+    token_logps = logits.log_softmax(-1).gather(-1, input_ids[:, :, None]).squeeze(-1)
+    return -token_logps[attention_mask.bool()].mean()
+"""),
+    ("03", "missing shift: the mask is not shifted with the logits", """
+def next_token_loss(logits, input_ids, attention_mask):
+    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return -token_logps[attention_mask[:, :-1].bool()].mean()
+"""),
+    ("03", "missing mask: padding counted as a target", """
+def next_token_loss(logits, input_ids, attention_mask):
+    return -logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).mean()
+"""),
+    ("03", "mean per review, then over reviews: short reviews weigh as much as long ones", """
+def next_token_loss(logits, input_ids, attention_mask):
+    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = attention_mask[:, 1:]
+    return -((token_logps * mask).sum(-1) / mask.sum(-1)).mean()
+"""),
+    ("04", "missing mask: pairs whose r* tie are kept", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.shape[1], k=1)
+    margin = np.sign(rstar[:, j] - rstar[:, k]) * (scores[:, j] - scores[:, k])
+    return np.logaddexp(0.0, -margin).mean()
+"""),
+    ("04", "y_w chosen by the scores, not by r*", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.shape[1], k=1)
+    gap = rstar[:, j] - rstar[:, k]
+    margin = np.abs(scores[:, j] - scores[:, k])
+    return np.logaddexp(0.0, -margin[gap != 0]).mean()
+"""),
+    ("04", "pairs across prompts too", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.size, k=1)
+    gap = rstar.ravel()[j] - rstar.ravel()[k]
+    margin = np.sign(gap) * (scores.ravel()[j] - scores.ravel()[k])
+    return np.logaddexp(0.0, -margin[gap != 0]).mean()
+"""),
+    ("04", "sign flip: the loss of y_l winning", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.shape[1], k=1)
+    gap = rstar[:, j] - rstar[:, k]
+    margin = np.sign(gap) * (scores[:, j] - scores[:, k])
+    return np.logaddexp(0.0, margin[gap != 0]).mean()
+"""),
+    ("04", "sum instead of mean over the pairs", """
+def bt_loss_on_samples(scores, rstar):
+    j, k = np.triu_indices(rstar.shape[1], k=1)
+    gap = rstar[:, j] - rstar[:, k]
+    margin = np.sign(gap) * (scores[:, j] - scores[:, k])
+    return np.logaddexp(0.0, -margin[gap != 0]).sum()
+"""),
     ("05", "missing shift: the mask is not shifted with the logits", """
 def logp_sum(logits, ids, comp):
     token_logps = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
@@ -428,7 +482,8 @@ def _mutant_id(mutant) -> str:
 
 def test_every_exercise_function_has_a_wrong_solution_below():
     mutated = {(notebook, _defined(source)) for notebook, _, source in MUTANTS}
-    graded = {(ex.notebook[:2], fn) for ex, fn in FUNCTIONS if ex.notebook[:2] in ("01", "02", "05", "06")}
+    graded = {(ex.notebook[:2], fn) for ex, fn in FUNCTIONS
+              if ex.notebook[:2] in ("01", "02", "03", "04", "05", "06")}
     assert graded == mutated
 
 
