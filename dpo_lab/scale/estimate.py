@@ -2,7 +2,7 @@
 
 FLOPs by the rule of Kaplan et al. (2020, §2.1): a token costs 2·N FLOPs forward (reference log-probs,
 scoring, sampling) and 6·N in training, N = the parameters its matrix multiplies use (embedding lookups out,
-the output projection in). Attention scores (:func:`attention_share`, ~3% of 2N for gpt2-large at 512
+the output projection in). Attention scores (2·n_layer·n_ctx·d per token: 3% of 2N for gpt2-large at 512
 tokens) and padding are left out, so the real cost is higher. Then
 
     GPU hours = FLOPs / (peak FLOP/s × model-FLOPs utilisation) / 3600
@@ -50,85 +50,59 @@ def _check_fraction(name: str, value: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------ model sizes
-def _known_configs() -> dict[str, PretrainedConfig]:
-    """The paper's models, from their published shapes (no hub access)."""
-    return {
-        "gpt2-large": AutoConfig.for_model("gpt2", n_layer=36, n_embd=1280, n_head=20),
-        "siebert/sentiment-roberta-large-english": AutoConfig.for_model(  # RoBERTa-large, 2-label head
-            "roberta", hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
-            max_position_embeddings=514, type_vocab_size=1, num_labels=2),
-        "CarperAI/openai_summarize_tldr_sft": AutoConfig.for_model("gptj"),  # defaults: GPT-J 6B's shapes
-        "EleutherAI/pythia-2.8b": AutoConfig.for_model(
-            "gpt_neox", vocab_size=50304, hidden_size=2560, num_hidden_layers=32, num_attention_heads=32,
-            intermediate_size=10240, rotary_pct=0.25, max_position_embeddings=2048),
-    }
-
-
-KNOWN_MODELS: tuple[str, ...] = tuple(_known_configs())
+KNOWN_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # the paper's models' published shapes
+    "gpt2-large": ("gpt2", {"n_layer": 36, "n_embd": 1280, "n_head": 20}),
+    "siebert/sentiment-roberta-large-english": ("roberta", {  # RoBERTa-large with a 2-label head
+        "hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096,
+        "max_position_embeddings": 514, "type_vocab_size": 1, "num_labels": 2}),
+    "CarperAI/openai_summarize_tldr_sft": ("gptj", {}),  # the defaults are GPT-J 6B's shapes
+    "EleutherAI/pythia-2.8b": ("gpt_neox", {
+        "vocab_size": 50304, "hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "intermediate_size": 10240, "rotary_pct": 0.25, "max_position_embeddings": 2048}),
+}
+KNOWN_MODELS: tuple[str, ...] = tuple(KNOWN_CONFIGS)
 
 
 def model_config(name: str) -> PretrainedConfig:
-    """The config of one of :data:`KNOWN_MODELS` (a fresh object each call)."""
-    configs = _known_configs()
-    if name not in configs:
-        raise KeyError(f"no config for model {name!r}; known: {list(configs)} (or pass a config)")
-    return configs[name]
-
-
-@dataclass(frozen=True)
-class ParamCount:
-    """``total``: every parameter (tied ones once); ``lookup``: embedding tables, indexed not multiplied (and
-    a classifier head, run once per sequence); ``output``: the projection to the vocabulary."""
-
-    total: int
-    lookup: int
-    output: int
-    tied: bool
-
-    @property
-    def matmul(self) -> int:
-        """N of the 6N rule (a tied output matrix is a lookup and, as the projection, a matmul)."""
-        return self.total - self.lookup + (self.output if self.tied else 0)
+    """The config of one of :data:`KNOWN_MODELS` (a fresh object each call; no hub access)."""
+    if name not in KNOWN_CONFIGS:
+        raise KeyError(f"no config for model {name!r}; known: {list(KNOWN_MODELS)} (or pass a config)")
+    return AutoConfig.for_model(KNOWN_CONFIGS[name][0], **KNOWN_CONFIGS[name][1])
 
 
 @functools.cache
-def _count(config_class: type, config_json: str) -> ParamCount:
+def _sizes(config_class: type, config_json: str) -> tuple[int, int, int]:
+    """(parameters, N, the output projection's part of N) of a weightless meta-device instance: N leaves
+    out embedding lookups (a tied output matrix counts, as the projection it also is) and a classifier head,
+    which runs once per sequence."""
     config = config_class.from_dict(json.loads(config_json))
     classifier = config.model_type == "roberta"
     auto = getattr(transformers, f"AutoModelFor{'SequenceClassification' if classifier else 'CausalLM'}")
-    with torch.device("meta"):  # shapes only: no memory, no weights
+    with torch.device("meta"):
         model = auto.from_config(config)
     total = sum(p.numel() for p in model.parameters())
     lookup = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    head = model.classifier if classifier else model.get_output_embeddings()
+    size = sum(p.numel() for p in head.parameters())
     if classifier:
-        return ParamCount(total, lookup + sum(p.numel() for p in model.classifier.parameters()), 0, False)
-    head = model.get_output_embeddings()
-    return ParamCount(total, lookup, sum(p.numel() for p in head.parameters()),
-                      head.weight is model.get_input_embeddings().weight)
+        return total, total - lookup - size, 0
+    tied = head.weight is model.get_input_embeddings().weight
+    return total, total - lookup + (size if tied else 0), size
 
 
-def count_parameters(config: PretrainedConfig) -> ParamCount:
-    """Parameters of the causal LM (a RoBERTa: the sequence classifier) that ``config`` describes, counted
-    on a weightless meta-device instance built by transformers."""
+def count_parameters(config: PretrainedConfig) -> int:
+    """Parameters of the causal LM (a RoBERTa: the sequence classifier) that ``config`` describes."""
     if not isinstance(config, PretrainedConfig):
         raise TypeError(f"expected a transformers config, got {type(config).__name__}")
-    return _count(type(config), config.to_json_string(use_diff=False))
+    return _sizes(type(config), config.to_json_string(use_diff=False))[0]
 
 
 def matmul_params(model: str | PretrainedConfig, *, lm_head: bool = True) -> int:
     """N of the 6N rule for a :data:`KNOWN_MODELS` name or a config; ``lm_head=False``: the transformer
     alone, as under a scalar reward head."""
-    count = count_parameters(model_config(model) if isinstance(model, str) else model)
-    return count.matmul - (0 if lm_head else count.output)
-
-
-def attention_share(config: PretrainedConfig, context: int) -> float:
-    """The attention-score FLOPs Kaplan et al. add per token, 2·n_layer·context·d, as a share of 2N."""
-    if not isinstance(context, int) or context < 1:
-        raise ValueError(f"context must be a positive int, got {context!r}")
-    d = getattr(config, "n_embd", None) or config.hidden_size
-    n_layer = getattr(config, "n_layer", None) or config.num_hidden_layers
-    return (2 * n_layer * context * d) / (2 * matmul_params(config))
+    config = model_config(model) if isinstance(model, str) else model
+    _, n, head = _sizes(type(config), config.to_json_string(use_diff=False))
+    return n - (0 if lm_head else head)
 
 
 # ------------------------------------------------------------------------------------------ arithmetic
@@ -141,47 +115,40 @@ def gpu_hours(flops: float, *, mfu: float = DEFAULT_MFU, peak_flops: float = H10
 
 
 @dataclass(frozen=True)
-class Tokens:
-    """A token count and the product that made it, e.g. ``4 runs × 2,400 steps × 64 pairs``."""
-
-    count: float
-    formula: str
-
-    @classmethod
-    def product(cls, *factors: tuple[float, str]) -> Tokens:
-        if not factors:
-            raise ValueError("Tokens.product needs at least one factor")
-        for value, unit in factors:
-            _check(f"factor {unit!r}", value)
-        return cls(math.prod(float(v) for v, _ in factors), " × ".join(
-            f"{v:,.4g} {unit}".strip() if not float(v).is_integer() else f"{int(v):,} {unit}".strip()
-            for v, unit in factors))
-
-
-@dataclass(frozen=True)
 class Stage:
-    """One line of the bill: ``tokens`` through ``model`` (N = ``params``) in ``kind`` passes."""
+    """One line of the bill: the product of ``factors`` (value, unit) is the tokens that go through
+    ``model`` (N = ``params``) in ``kind`` passes; ``arithmetic`` shows it, e.g. ``4 runs × 2,400 steps``."""
 
     task: str
     stage: str
     model: str
     params: int
     kind: Pass
-    tokens: Tokens
+    factors: tuple[tuple[float, str], ...]
 
     def __post_init__(self) -> None:
         if self.kind not in FLOPS_PER_PARAM_TOKEN:
             raise ValueError(f"stage {self.stage!r}: kind must be one of {list(FLOPS_PER_PARAM_TOKEN)}, "
                              f"got {self.kind!r}")
         _check(f"stage {self.stage!r} params", self.params, integer=True, positive=True)
+        if not self.factors:
+            raise ValueError(f"stage {self.stage!r} needs at least one factor")
+        for value, unit in self.factors:
+            _check(f"factor {unit!r}", value)
+
+    @property
+    def tokens(self) -> float:
+        return math.prod(float(value) for value, _ in self.factors)
 
     @property
     def flops(self) -> float:
-        return FLOPS_PER_PARAM_TOKEN[self.kind] * float(self.params) * self.tokens.count
+        return FLOPS_PER_PARAM_TOKEN[self.kind] * float(self.params) * self.tokens
 
     @property
     def arithmetic(self) -> str:
-        return f"{FLOPS_PER_PARAM_TOKEN[self.kind]} × {self.params / 1e6:,.1f}M × ({self.tokens.formula})"
+        formula = " × ".join(f"{v:,.4g} {unit}".strip() if not float(v).is_integer() else f"{int(v):,} {unit}"
+                             for v, unit in self.factors)
+        return f"{FLOPS_PER_PARAM_TOKEN[self.kind]} × {self.params / 1e6:,.1f}M × ({formula})"
 
 
 # ------------------------------------------------------------------------------- the paper's experiments
@@ -267,7 +234,7 @@ def imdb_stages(preset: Preset | None = None, *, n_train_reviews: int = 25_000, 
         ("evaluation: r* scoring", rstar, "forward", *per_point, (eval_seq, "tok")),
     ]
     task = f"IMDb ({p.name} preset)"
-    return [Stage(task, stage, model, n, kind, Tokens.product(*factors))
+    return [Stage(task, stage, model, n, kind, tuple(factors))
             for stage, (model, n), kind, *factors in bill if model is not None]
 
 
@@ -292,11 +259,11 @@ def hub_task_stages(*, tldr_pairs: int = 92_000, hh_pairs: int = 160_000, epochs
     for key, pairs in (("tldr", tldr_pairs), ("hh", hh_pairs)):
         task, model, seq = HUB_TASKS[key]
         n, steps = matmul_params(model), epochs * math.ceil(pairs / batch_size)
-        train = Tokens.product((steps, "steps"), (batch_size, "pairs"), (2, "seqs"), (seq, "tok"))
+        train = ((steps, "steps"), (batch_size, "pairs"), (2, "seqs"), (seq, "tok"))
         if key == "hh":
             stages.append(Stage(task, "π_ref: Preferred-FT on chosen", model, n, "train", train))
         stages.append(Stage(task, "reference log-probs", model, n, "forward",
-                            Tokens.product((pairs, "pairs"), (2, "seqs"), (seq, "tok"))))
+                            ((pairs, "pairs"), (2, "seqs"), (seq, "tok"))))
         stages.append(Stage(task, "DPO", model, n, "train", train))
     return stages
 
@@ -311,7 +278,7 @@ def cost_table(stages: Iterable[Stage], *, mfu: float = DEFAULT_MFU, decode_mfu:
     _check_fraction("mfu", mfu)
     _check_fraction("decode_mfu", decode_mfu)
     table = pd.DataFrame([{"task": s.task, "stage": s.stage, "model": s.model, "pass": s.kind,
-                           "params": s.params, "tokens": s.tokens.count, "flops": s.flops,
+                           "params": s.params, "tokens": s.tokens, "flops": s.flops,
                            "utilisation": (u := decode_mfu if s.kind == "decode" else mfu),
                            "gpu_hours": gpu_hours(s.flops, mfu=u, peak_flops=peak_flops),
                            "arithmetic": s.arithmetic} for s in stages])
@@ -391,7 +358,7 @@ def dpo_memory_estimate(*, micro_batch_pairs: int = 1, seq_len: int = 512,
                                  ("attention", attention, ("sdpa", "eager"))):
         if value not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-    n = count_parameters(config).total
+    n = count_parameters(config)
     tokens = 2 * micro_batch_pairs * seq_len  # chosen + rejected
     per_block = ACTIVATION_BYTES["block"] * d
     if attention == "eager":  # the (heads x s x s) scores and softmax are kept

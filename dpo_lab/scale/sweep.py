@@ -39,13 +39,11 @@ from tqdm.auto import tqdm
 from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash, read_json_object
 from dpo_lab.paths import project_root
 
-RESERVED_PARAMETERS = ("run_dir",)  # the runner passes each run its own folder
-REQUIREMENTS = ("gpu", "hub")
 FRONTIER_NOTEBOOK = Path("notebooks/templates/frontier_run.ipynb")
 GUARD = Path(__file__).with_name("guard.py")
 LOCK_NAME = ".sweep.lock"
 MAX_COMPONENT = 96
-FINISHED = ("done", "skipped")
+_SIMPLE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 class SweepError(ValueError):
@@ -58,10 +56,6 @@ class SweepInterrupted(Exception):
     def __init__(self, signum: int, outcomes: Sequence[RunOutcome]) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
         self.signum, self.outcomes = signum, list(outcomes)
-
-
-# ------------------------------------------------------------------------------------------ folder names
-_SIMPLE = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 
 
 def safe_component(text: Any) -> str:
@@ -108,6 +102,9 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class SweepSpec:
+    """A checked sweep: safe unique names, known requirements, no run setting ``run_dir`` (the runner sets
+    it), every ``after`` naming a run of the sweep and no run waiting (through others) for itself."""
+
     name: str
     notebook: Path  # relative to the project root, or absolute
     runs: tuple[RunSpec, ...]
@@ -115,36 +112,31 @@ class SweepSpec:
     source: str = field(default="", compare=False)  # where the spec came from, for messages
 
     def __post_init__(self) -> None:
-        """Names safe and unique, requirements known, no run sets a reserved parameter, every ``after``
-        names a run of the sweep and no run waits (through others) for itself."""
-        _check_name(self.name, f"{self.source}: 'name'")
-        names = [_check_name(r.name, f"{self.source}: run name") for r in self.runs]
-        if not names:
-            raise SweepError(f"{self.source}: no runs; give 'runs' or 'grid'")
-        if duplicated := sorted({n for n in names if names.count(n) > 1}):
-            raise SweepError(f"{self.source}: duplicated run name(s) {duplicated}")
-        if bad := [r for r in self.requires if r not in REQUIREMENTS]:
-            raise SweepError(f"{self.source}: unknown requirement(s) {bad}; choose from {list(REQUIREMENTS)}")
+        where, names = self.source, [r.name for r in self.runs]
+        _check_name(self.name, f"{where}: 'name'")
         for run in self.runs:
-            if taken := sorted(set(run.parameters) & set(RESERVED_PARAMETERS)):
-                raise SweepError(f"{self.source}: run {run.name!r} sets {taken}, which the runner sets "
-                                 "itself")
+            _check_name(run.name, f"{where}: run name")
+            if "run_dir" in run.parameters:
+                raise SweepError(f"{where}: run {run.name!r} sets ['run_dir'], which the runner sets itself")
             if unknown := sorted(set(run.after) - set(names)):
-                raise SweepError(f"{self.source}: run {run.name!r} waits for unknown run(s) {unknown}")
+                raise SweepError(f"{where}: run {run.name!r} waits for unknown run(s) {unknown}")
+        if not names:
+            raise SweepError(f"{where}: no runs; give 'runs' or 'grid'")
+        if duplicated := sorted({n for n in names if names.count(n) > 1}):
+            raise SweepError(f"{where}: duplicated run name(s) {duplicated}")
+        if bad := [r for r in self.requires if r not in ("gpu", "hub")]:
+            raise SweepError(f"{where}: unknown requirement(s) {bad}; choose from ['gpu', 'hub']")
         done: set[str] = set()
-        while len(done) < len(names):
-            if not (ready := {r.name for r in self.runs if r.name not in done and set(r.after) <= done}):
-                raise SweepError(f"{self.source}: runs {sorted(set(names) - done)} wait for each other in a "
-                                 "cycle")
+        while ready := {r.name for r in self.runs if r.name not in done and set(r.after) <= done}:
             done |= ready
+        if waiting := sorted(set(names) - done):
+            raise SweepError(f"{where}: runs {waiting} wait for each other in a cycle")
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+    if value is not None and (not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value)):
         raise SweepError(f"{what} must map parameter names to values, got {value!r}")
-    return dict(value)
+    return dict(value or {})
 
 
 def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec:
@@ -159,13 +151,12 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
     if not isinstance(data["notebook"], str) or not data["notebook"]:
         raise SweepError(f"{source}: 'notebook' must be a path, got {data['notebook']!r}")
     shared = _mapping(data.get("parameters"), f"{source}: 'parameters'")
-    requires = data.get("requires") or ()
-    if not isinstance(requires, list | tuple):
+    if not isinstance(requires := data.get("requires") or [], list):
         raise SweepError(f"{source}: 'requires' must be a list, e.g. [gpu, hub]; got {requires!r}")
-    if not isinstance(data.get("runs") or [], list):
+    if not isinstance(entries := data.get("runs") or [], list):
         raise SweepError(f"{source}: 'runs' must be a list of {{name, parameters, after}} entries")
     runs = []
-    for i, entry in enumerate(data.get("runs") or ()):
+    for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping) or "name" not in entry:
             raise SweepError(f"{source}: runs[{i}] needs a 'name' (and optional 'parameters')")
         after = entry.get("after") or []
@@ -182,20 +173,18 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         point = dict(zip(grid, values, strict=True))  # run name: x0.5-seed1, or a slug plus hash
         name = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in point.items())
         runs.append(RunSpec(safe_component(name), {**shared, **point}))
-    return SweepSpec(name=_check_name(data["name"], f"{source}: 'name'"), notebook=Path(data["notebook"]),
-                     runs=tuple(runs), requires=tuple(requires), source=source)
+    return SweepSpec(_check_name(data["name"], f"{source}: 'name'"), Path(data["notebook"]), tuple(runs),
+                     tuple(requires), source)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
     """Read a YAML sweep spec."""
-    path = Path(path)
-    if not path.is_file():
+    if not Path(path).is_file():
         raise SweepError(f"sweep spec {str(path)!r} not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        return spec_from_dict(yaml.safe_load(Path(path).read_text()), source=str(path))
     except yaml.YAMLError as err:
         raise SweepError(f"{path}: not valid YAML: {err}") from err
-    return spec_from_dict(data, source=str(path))
 
 
 def preset_spec(preset: str, overrides: Mapping[str, Any] | None = None,
@@ -209,9 +198,8 @@ def preset_spec(preset: str, overrides: Mapping[str, Any] | None = None,
     runs = tuple(RunSpec(safe_component(f"{method.lower()}-{pipeline.hyperparameter_name(method)}{value:g}"),
                          {"preset": preset, "overrides": overrides, "method": method, "value": value})
                  for method, value in pipeline.frontier_runs(config, tuple(methods or pipeline.METHODS)))
-    suffix = f"-{content_hash(overrides, length=8)}" if overrides else ""
+    name = safe_component(f"imdb-{preset}" + (f"-{content_hash(overrides, length=8)}" if overrides else ""))
     requires = {"paper": ("gpu", "hub"), "gpu": ("gpu",)}.get(preset, ())
-    name = safe_component(f"imdb-{preset}{suffix}")
     return SweepSpec(name, FRONTIER_NOTEBOOK, runs, requires, source=f"preset {preset!r}")
 
 
@@ -245,15 +233,15 @@ def check_parameters(notebook: str | Path, parameters: Mapping[str, Any], *, whe
     if unknown := sorted(set(parameters) - set(declared)):
         raise SweepError(f"{prefix}unknown parameter(s) {unknown} for {name}; it declares {sorted(declared)}")
     for key, value in parameters.items():
-        expected = declared[key]["inferred_type_name"]
-        if not _matches(expected, value):
-            hint = ""
-            if isinstance(value, str) and expected in ("float", "int") and re.fullmatch(
-                    r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", value):
-                hint = ("; YAML reads 1e-6 (no dot) as a string: write 1.0e-6" if re.fullmatch(
-                    r"[+-]?\d+[eE][+-]?\d+", value) else "; a number in quotes is a string")
-            raise SweepError(f"{prefix}parameter {key!r} of {name} expects {expected}, "
-                             f"got {type(value).__name__} ({value!r}){hint}")
+        if _matches(expected := declared[key]["inferred_type_name"], value):
+            continue
+        hint = ""
+        if isinstance(value, str) and expected in ("float", "int") and re.fullmatch(
+                r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", value):
+            hint = ("; YAML reads 1e-6 (no dot) as a string: write 1.0e-6" if re.fullmatch(
+                r"[+-]?\d+[eE][+-]?\d+", value) else "; a number in quotes is a string")
+        raise SweepError(f"{prefix}parameter {key!r} of {name} expects {expected}, "
+                         f"got {type(value).__name__} ({value!r}){hint}")
 
 
 def check_requirements(requires: Sequence[str]) -> list[str]:
@@ -279,10 +267,8 @@ def runs_root() -> Path:
 
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object file, None if absent; a truncated or corrupt file is named in the error."""
-    if not path.is_file():
-        return None
     try:
-        return read_json_object(path, advice="delete it or rerun the run")
+        return read_json_object(path, advice="delete it or rerun the run") if path.is_file() else None
     except ValueError as err:
         raise SweepError(str(err)) from err
 
@@ -298,18 +284,17 @@ def try_claim(run_dir: Path) -> int | None:
     fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
     except OSError as err:
         os.close(fd)
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return None
         raise
-    return fd
 
 
-def _who(status: Mapping[str, Any] | None) -> str:
-    status = status or {}
+def _who(status: Mapping[str, Any]) -> str:
     where = f" on {status['host']}" if status.get("host") else ""
-    since = f" since {status['started']}" if status.get("started") else ""
+    since = f" since {status['started']}" if "started" in status else ""
     return f"pid {status.get('pid', '?')}{where}{since}"
 
 
@@ -341,21 +326,17 @@ def run_state(run_dir: Path, parameters: Mapping[str, Any], *, claimed: bool = F
         result = read_json(run_dir / "result.json")
     except SweepError as err:
         result, corrupt = None, corrupt or str(err)
-    if corrupt:
-        return "corrupt", corrupt
-    if status is None:
-        return "todo", "not started"
+    if corrupt or status is None:
+        return ("corrupt", corrupt) if corrupt else ("todo", "not started")
     if status.get("parameters_key") != parameters_key(parameters):
         return "changed", "its parameters changed since it ran"
-    state = status.get("state")
-    if state == "done":
+    if (state := status.get("state")) == "done":
         return ("done", "") if result is not None else (
             "corrupt", f"{run_dir / 'result.json'} is missing although the run finished")
-    if state == "failed":
-        return "failed", status.get("error", "")
     if state == "running":
         return "interrupted", f"interrupted: its process ({_who(status)}) is gone"
-    return "interrupted", status.get("error") or "interrupted"
+    return (state, status.get("error", "")) if state == "failed" else (
+        "interrupted", status.get("error") or "interrupted")
 
 
 @dataclass
@@ -367,7 +348,7 @@ class RunOutcome:
 
 
 class Stop(threading.Event):
-    """Set, with a reason, to stop a sweep's running runs."""
+    """Set, with a reason (and the signal, if one did), to stop a sweep's running runs."""
 
     reason, signum = "", 0
 
@@ -387,13 +368,9 @@ def _error_of(notebook: Path, log: Path) -> str:
                     return f"{output['ename']}: {output['evalue']} (cell {index})"
     except Exception:  # noqa: BLE001 - no notebook, or an unreadable one: the log tells
         pass
-    lines = [line for line in (log.read_text(errors="replace") if log.is_file() else "").splitlines()
-             if line.strip()]
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else "failed without output"
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def execute_run(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], *,
@@ -401,21 +378,15 @@ def execute_run(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], *,
                 claim: int | None = None) -> RunOutcome:
     """Execute one run's notebook with papermill under the guard and record its status; ``stop`` (set) ends
     the whole run. The run's lock is held throughout: ``claim`` (from ``try_claim``), or else taken here."""
-    own = claim is None
-    claim = try_claim(run_dir) if own else claim
     if claim is None:
-        running = holder(run_dir, read_json(run_dir / "status.json"))
-        raise SweepError(f"{run_dir} is running elsewhere ({running}); not started a second time")
-    try:
-        return _execute(notebook, run_dir, parameters, env or {}, stop or Stop(), claim)
-    finally:
-        if own:
+        if (claim := try_claim(run_dir)) is None:
+            running = holder(run_dir, read_json(run_dir / "status.json"))
+            raise SweepError(f"{run_dir} is running elsewhere ({running}); not started a second time")
+        try:
+            return execute_run(notebook, run_dir, parameters, env=env, stop=stop, claim=claim)
+        finally:
             os.close(claim)
-
-
-def _execute(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], env: Mapping[str, str],
-             stop: Stop, claim: int) -> RunOutcome:
-    key, sweep_dir = parameters_key(parameters), str(run_dir.parent.resolve())
+    stop, sweep_dir = stop or Stop(), str(run_dir.parent.resolve())
     params = {k: v.replace("{sweep_dir}", sweep_dir) if isinstance(v, str) else v
               for k, v in parameters.items()}
     atomic_write_text(run_dir / "parameters.yaml", yaml.safe_dump(
@@ -426,31 +397,30 @@ def _execute(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], env: 
            "-f", str(run_dir / "parameters.yaml"), "-k", "python3", "--cwd", str(project_root()),
            "--log-output", "--no-progress-bar"]
     # The guard's parent-death signal fires when the thread that started it ends: this thread waits for it.
-    start = time.monotonic()
+    start, now = time.monotonic(), lambda: datetime.now(UTC).isoformat(timespec="seconds")
     with open(log, "w") as handle:
         proc = subprocess.Popen([sys.executable, str(GUARD), str(os.getpid()), "--", *cmd], stdout=handle,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **env},
-                                start_new_session=True, pass_fds=(claim,))
-    who = {"pid": proc.pid, "host": socket.gethostname(), "sweep_pid": os.getpid(), "parameters_key": key}
-    atomic_write_json(run_dir / "status.json", {"state": "running", "started": _now(), **who})
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, **(env or {})}, pass_fds=(claim,))
+    who = {"pid": proc.pid, "host": socket.gethostname(), "sweep_pid": os.getpid(),
+           "parameters_key": parameters_key(parameters)}
+    atomic_write_json(run_dir / "status.json", {"state": "running", "started": now(), **who})
     while (code := proc.poll()) is None and not stop.wait(0.2):
         pass
-    ended = stop.reason or "interrupted" if code is None else ""
-    if ended:  # the guard ends every process of the run, then exits
-        proc.terminate()
+    if ended := (stop.reason or "interrupted") if code is None else "":
+        proc.terminate()  # the guard ends every process of the run, then exits
         code = proc.wait()
         with open(log, "a") as handle:
             handle.write(f"\n{ended}\n")
     error = ended or ("" if code == 0 else _error_of(out_nb, log))
-    if not error:
-        try:
-            if read_json(run_dir / "result.json") is None:
-                error = f"the notebook finished but wrote no {run_dir / 'result.json'}"
-        except SweepError as err:
-            error = str(err)
+    try:
+        if not error and read_json(run_dir / "result.json") is None:
+            error = f"the notebook finished but wrote no {run_dir / 'result.json'}"
+    except SweepError as err:
+        error = str(err)
     state = "interrupted" if ended else "failed" if error else "done"
     seconds = round(time.monotonic() - start, 1)
-    atomic_write_json(run_dir / "status.json", {"state": state, "finished": _now(), "seconds": seconds,
+    atomic_write_json(run_dir / "status.json", {"state": state, "finished": now(), "seconds": seconds,
                                                 "error": error, "returncode": code, **who})
     return RunOutcome(run_dir.name, state, seconds, error)
 
@@ -464,8 +434,7 @@ def validate(spec: SweepSpec, devices: Sequence[str | None] | None = None) -> Pa
         raise SweepError(f"{spec.source}: notebook {str(spec.notebook)!r} not found")
     gpus = [d for d in devices or () if d is not None]
     for run in spec.runs:
-        where = f"{spec.source}, run {run.name!r}"
-        check_parameters(notebook, run.parameters, where=where)
+        check_parameters(notebook, run.parameters, where=(where := f"{spec.source}, run {run.name!r}"))
         wanted = run.parameters.get("processes", 1)
         if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
             raise SweepError(f"{where}: processes must be a whole number >= 1, got {wanted!r}")
@@ -479,34 +448,28 @@ def sweep_folder(spec: SweepSpec, root: Path | None = None) -> Path:
     return inside(Path(root) if root is not None else runs_root(), spec.name)
 
 
-def default_devices(jobs: int = 1) -> list[str | None]:
-    """One worker per visible CUDA device; on a CPU, ``jobs`` workers (None: no device)."""
-    import torch
-
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise SweepError(f"jobs must be a whole number >= 1, got {jobs!r}")
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return [str(i) for i in range(n)] if n > 1 else [None] * jobs
-
-
 def preflight(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[str | None] | None = None,
               force: bool = False, jobs: int = 1) -> tuple[Path, list[str | None], Path, list[str]]:
     """Every check before a sweep's first run (``run_sweep`` and ``--dry-run``): ``validate``, the machine's
-    requirements (unless ``force``), a writable sweep folder. Return (notebook, devices, folder, missing)."""
-    devices = list(devices) if devices is not None else default_devices(jobs)
+    requirements (unless ``force``), a writable sweep folder. Return (notebook, devices, folder, missing).
+    Devices: one worker per visible CUDA device, else ``jobs`` CPU workers (None)."""
+    if devices is None:
+        import torch
+
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise SweepError(f"jobs must be a whole number >= 1, got {jobs!r}")
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        devices = [str(i) for i in range(n)] if n > 1 else [None] * jobs
     notebook = validate(spec, devices)
-    missing = check_requirements(spec.requires)
-    if missing and not force:
+    if (missing := check_requirements(spec.requires)) and not force:
         raise SweepError(f"{spec.source} requires {list(spec.requires)}; this machine lacks {missing} "
                          f"(pass force=True / --force to try anyway)")
     folder = existing = sweep_folder(spec, root)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if not existing.is_dir():
-        raise SweepError(f"cannot create {folder}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SweepError(f"cannot write {folder}: {existing} is not writable (choose another --runs-dir)")
-    return notebook, devices, folder, missing
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SweepError(f"cannot write {folder}: {existing} is not a folder or not writable")
+    return notebook, list(devices), folder, missing
 
 
 def plan(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
@@ -532,6 +495,9 @@ class _Workers:
         for device in self.devices:
             self.free.put(device)
 
+    def not_started(self, run: RunSpec) -> RunOutcome:
+        return RunOutcome(run.name, "interrupted", error=f"not started: {self.stop.reason}")
+
     def _claim(self, run_dir: Path) -> int | None:
         """Take the run's lock, waiting while another process runs it; None if the sweep is stopped."""
         announced = False
@@ -543,35 +509,29 @@ class _Workers:
             if not (running := holder(run_dir, status)) and (fd := try_claim(run_dir)) is not None:
                 return fd
             if not announced:
-                running = running or "another process holds its lock"
+                running, announced = running or "another process holds its lock", True
                 print(f"{self.folder.name}/{run_dir.name}: running elsewhere ({running}); waiting for it",
                       file=sys.stderr)
-                announced = True
             self.stop.wait(1.0)
         return None
 
-    def _not_started(self, run: RunSpec) -> RunOutcome:
-        return RunOutcome(run.name, "interrupted", error=f"not started: {self.stop.reason}")
-
     def run(self, run: RunSpec) -> RunOutcome:
-        run_dir = inside(self.folder, run.name)
-        if (claim := self._claim(run_dir)) is None:
-            return self._not_started(run)
+        if (claim := self._claim(run_dir := inside(self.folder, run.name))) is None:
+            return self.not_started(run)
         try:
             state, why = run_state(run_dir, run.parameters, claimed=True)  # its holder may have finished it
             if state == "done" or (state == "failed" and not self.retry_failed):
                 return RunOutcome(run.name, "skipped" if state == "done" else "failed", error=why)
             # ``processes: N`` trains on N GPUs at once (on a CPU machine, on gloo processes of one worker).
-            on_cpu = all(d is None for d in self.devices)
-            wanted = 1 if on_cpu else min(int(run.parameters.get("processes", 1)), len(self.devices))
+            cpu_workers = sum(d is None for d in self.devices)
+            wanted = 1 if cpu_workers else min(int(run.parameters.get("processes", 1)), len(self.devices))
             with self.taking:  # one run collects its devices at a time, so two never hold half each
                 held = [self.free.get() for _ in range(wanted)]
             try:
                 if self.stop.is_set():
-                    return self._not_started(run)
-                cpu_workers = sum(d is None for d in self.devices)  # each gets its share of the cores
+                    return self.not_started(run)
                 env = ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, held))} if held != [None] else
-                       {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cpu_workers))}
+                       {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cpu_workers))}  # its share
                        if cpu_workers > 1 else {})
                 outcome = execute_run(self.notebook, run_dir, run.parameters, env=env, stop=self.stop,
                                       claim=claim)
@@ -587,44 +547,28 @@ class _Workers:
         run waiting for a failed one fails unstarted); return the outcomes as the runs end."""
         outcomes: list[RunOutcome] = []
         running: dict[Any, RunSpec] = {}
-        with ThreadPoolExecutor(max_workers=max(1, len(self.devices))) as executor:
-            while running or (todo and not self.stop.is_set()):
+        with ThreadPoolExecutor(max_workers=len(self.devices)) as executor:
+            while True:
                 ready = [] if self.stop.is_set() else [r for r in todo if all(a in ended for a in r.after)]
+                if not ready and not running:
+                    break
                 finished = []
                 for run in ready:
                     todo.remove(run)
-                    if failed := sorted(a for a in run.after if ended[a] not in FINISHED):
-                        finished.append(RunOutcome(run.name, "failed",
-                                                   error=f"not run: it waits for failed run(s) {failed}"))
+                    if failed := sorted(a for a in run.after if ended[a] not in ("done", "skipped")):
+                        finished.append(RunOutcome(run.name, "failed", error=f"not run: it waits for failed "
+                                                   f"run(s) {failed}"))
                     else:
                         running[executor.submit(self.run, run)] = run
-                if not ready and running:
-                    done, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        running.pop(future)
-                        finished.append(future.result())
+                for future in [] if ready else wait(running, return_when=FIRST_COMPLETED).done:
+                    running.pop(future)
+                    finished.append(future.result())
                 for outcome in finished:
                     outcomes.append(outcome)
                     ended[outcome.name] = outcome.state
                     bar.update()
                     bar.set_postfix_str(f"{outcome.name}: {outcome.state}")
-                if not ready and not running:
-                    break
         return outcomes
-
-
-def _on_stop_signals(stop: Stop) -> dict[int, Any]:
-    """In the main thread: SIGINT, SIGTERM and SIGHUP set ``stop``; return the handlers they replace."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handler(signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if not stop.is_set():  # os.write: print may not be re-entered from a signal handler
-            os.write(2, f"\n{name}: stopping the running run(s)\n".encode())
-        stop.stop(f"interrupted: the sweep was stopped by {name}", signum)
-
-    return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
 
 def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[str | None] | None = None,
@@ -635,7 +579,6 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
     A run another process is running is waited for, not started twice. SIGINT, SIGTERM or SIGHUP (in the
     main thread) end every running run, start no more and raise ``SweepInterrupted``."""
     notebook, devices, folder, _ = preflight(spec, root=root, devices=devices, force=force, jobs=jobs)
-    folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(
         {"name": spec.name, "notebook": str(spec.notebook), "requires": list(spec.requires),
          "runs": [{"name": r.name, "parameters": r.parameters, "after": list(r.after)} for r in spec.runs]},
@@ -649,9 +592,17 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
             if state in ("corrupt", "changed", "interrupted"):
                 print(f"{spec.name}/{run.name}: {why}; running it again", file=sys.stderr)
             todo.append(run)
-    workers = _Workers(notebook, folder, devices, retry_failed)
+    workers, previous = _Workers(notebook, folder, devices, retry_failed), {}
     bar = tqdm(total=len(spec.runs), initial=len(outcomes), desc=spec.name, unit="run", disable=not progress)
-    previous = _on_stop_signals(workers.stop)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if not workers.stop.is_set():  # os.write: print may not be re-entered from a signal handler
+            os.write(2, f"\n{name}: stopping the running run(s)\n".encode())
+        workers.stop.stop(f"interrupted: the sweep was stopped by {name}", signum)
+
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         outcomes += workers.schedule(todo, {o.name: o.state for o in outcomes}, bar)
     finally:
@@ -660,56 +611,50 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
         bar.close()
     order = {r.name: i for i, r in enumerate(spec.runs)}
     if workers.stop.is_set():
-        outcomes += [workers._not_started(r) for r in todo]
-        raise SweepInterrupted(workers.stop.signum, sorted(outcomes, key=lambda o: order[o.name]))
+        outcomes = sorted(outcomes + [workers.not_started(r) for r in todo], key=lambda o: order[o.name])
+        raise SweepInterrupted(workers.stop.signum, outcomes)
     collect(spec, root=root)
     return sorted(outcomes, key=lambda o: order[o.name])
 
 
 # ----------------------------------------------------------------------------------------------- results
 def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
-    """Every run's result.json as one row (plus state and seconds) -> results.csv / results.md; every
-    run's points.csv -> ``frontier.report`` (or ``seed_report`` for several seeds), as ``make reproduce``."""
-    folder = sweep_folder(spec, root)
-    rows, point_frames = [], []
+    """Every run's result.json as one row (plus state and seconds) -> results.{csv,md}; every run's
+    points.csv -> ``frontier.report`` (``seed_report`` for several seeds), as ``make reproduce`` writes."""
+    folder, rows, frames = sweep_folder(spec, root), [], []
     for run in spec.runs:
-        run_dir = inside(folder, run.name)
-        state, why = run_state(run_dir, run.parameters)
+        state, why = run_state(run_dir := inside(folder, run.name), run.parameters)
         try:
             seconds = (read_json(run_dir / "status.json") or {}).get("seconds")
         except SweepError:
             seconds = None
-        row: dict[str, Any] = {"run": run.name, "state": state, "seconds": seconds, "error": why}
+        rows.append({"run": run.name, "state": state, "seconds": seconds, "error": why})
         if state == "done":
-            row.update(read_json(run_dir / "result.json") or {})
+            rows[-1].update(read_json(run_dir / "result.json") or {})
             if (run_dir / "points.csv").is_file():
-                point_frames.append(pd.read_csv(run_dir / "points.csv"))
-        rows.append(row)
+                frames.append(pd.read_csv(run_dir / "points.csv"))
     table = pd.DataFrame(rows)
     first = [c for c in ("run", "state", "method", "hyperparameter") if c in table.columns]
     last = [c for c in ("seconds", "error", "run_path") if c in table.columns]
     table = table[first + [c for c in table.columns if c not in first + last] + last]
     atomic_write_text(folder / "results.csv", table.to_csv(index=False))
     atomic_write_text(folder / "results.md", table.to_markdown(index=False, floatfmt=".3f"))
-    if point_frames:
-        points = pd.concat(point_frames, ignore_index=True)
-        if {"method", "kl_mean", "reward_mean"} <= set(points.columns):
-            from dpo_lab.frontier import report, seed_report
+    points = pd.concat(frames, ignore_index=True) if frames else None
+    if points is not None and {"method", "kl_mean", "reward_mean"} <= set(points.columns):
+        from dpo_lab.frontier import report, seed_report
 
-            if points.get("seed", pd.Series([0])).nunique() > 1:
-                seed_report(points, folder, spec.name, title=f"sweep {spec.name}: reward vs KL across seeds")
-            else:
-                report(points, folder, spec.name, title=f"sweep {spec.name}: reward vs KL")
-        else:
-            atomic_write_text(folder / f"frontier_{spec.name}_points.csv", points.to_csv(index=False))
+        seeds = points.get("seed", pd.Series([0])).nunique() > 1
+        (seed_report if seeds else report)(points, folder, spec.name,
+                                           title=f"sweep {spec.name}: reward vs KL" + " across seeds" * seeds)
+    elif points is not None:
+        atomic_write_text(folder / f"frontier_{spec.name}_points.csv", points.to_csv(index=False))
     return table
 
 
 def summarize(outcomes: Sequence[RunOutcome]) -> str:
     """Counts, then one line per failed or interrupted run with its error."""
-    counts = {s: sum(o.state == s for o in outcomes) for s in ("done", "skipped", "failed", "interrupted")}
-    lines = [f"{counts['done']} run(s) done, {counts['skipped']} already finished, {counts['failed']} failed"
-             + (f", {counts['interrupted']} interrupted" if counts["interrupted"] else "")]
-    lines += [f"  {o.state.upper()} {o.name}: {o.error}" for o in outcomes
-              if o.state in ("failed", "interrupted")]
-    return "\n".join(lines)
+    n = {s: sum(o.state == s for o in outcomes) for s in ("done", "skipped", "failed", "interrupted")}
+    lines = [f"{n['done']} run(s) done, {n['skipped']} already finished, {n['failed']} failed"
+             + (f", {n['interrupted']} interrupted" if n["interrupted"] else "")]
+    return "\n".join(lines + [f"  {o.state.upper()} {o.name}: {o.error}" for o in outcomes
+                              if o.state in ("failed", "interrupted")])
