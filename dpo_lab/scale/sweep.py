@@ -11,7 +11,6 @@ of the run lives and ends them all when the sweep dies. A rerun skips finished r
 from __future__ import annotations
 
 import dataclasses
-import errno
 import fcntl
 import itertools
 import os
@@ -141,20 +140,21 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
 
 def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec:
     """Build a spec from its YAML mapping; every problem is named with ``source``."""
-    keys = ("name", "notebook", "parameters", "runs", "grid", "requires")
+    shapes = {"name": (str, "a folder name"), "notebook": (str, "a path"),
+              "parameters": (Mapping, "map parameter names to values"),
+              "grid": (Mapping, "map parameter names to non-empty lists of values"),
+              "runs": (list, "a list of {name, parameters, after}"), "requires": (list, "a list: [gpu, hub]")}
     if not isinstance(data, Mapping):
         raise SweepError(f"{source}: a sweep spec is a mapping with keys name, notebook, runs/grid")
-    if unknown := sorted(set(data) - set(keys)):
-        raise SweepError(f"{source}: unknown key(s) {unknown}; expected {', '.join(keys)}")
+    if unknown := sorted(set(data) - set(shapes)):
+        raise SweepError(f"{source}: unknown key(s) {unknown}; expected {', '.join(shapes)}")
     if missing := [k for k in ("name", "notebook") if k not in data]:
         raise SweepError(f"{source}: missing required key {missing[0]!r}")
-    if not isinstance(data["notebook"], str) or not data["notebook"]:
-        raise SweepError(f"{source}: 'notebook' must be a path, got {data['notebook']!r}")
+    for key, value in data.items():
+        if value is not None and not isinstance(value, shapes[key][0]) or key == "notebook" and not value:
+            raise SweepError(f"{source}: {key!r} must be {shapes[key][1]}, got {value!r}")
     shared = _mapping(data.get("parameters"), f"{source}: 'parameters'")
-    if not isinstance(requires := data.get("requires") or [], list):
-        raise SweepError(f"{source}: 'requires' must be a list, e.g. [gpu, hub]; got {requires!r}")
-    if not isinstance(entries := data.get("runs") or [], list):
-        raise SweepError(f"{source}: 'runs' must be a list of {{name, parameters, after}} entries")
+    entries, requires = data.get("runs") or [], data.get("requires") or []
     runs = []
     for i, entry in enumerate(entries):
         if not isinstance(entry, Mapping) or "name" not in entry:
@@ -166,8 +166,7 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         runs.append(RunSpec(_check_name(entry["name"], f"{source}: runs[{i}].name"), {**shared, **own},
                             tuple(after)))
     grid = data.get("grid") or {}
-    if (not isinstance(grid, Mapping) or not all(isinstance(k, str) for k in grid)
-            or any(not isinstance(v, list) or not v for v in grid.values())):
+    if any(not isinstance(k, str) or not isinstance(v, list) or not v for k, v in grid.items()):
         raise SweepError(f"{source}: 'grid' maps parameter names to non-empty lists of values")
     for values in itertools.product(*grid.values()) if grid else ():
         point = dict(zip(grid, values, strict=True))  # run name: x0.5-seed1, or a slug plus hash
@@ -229,7 +228,8 @@ def _matches(type_name: str, value: Any) -> bool:
 def check_parameters(notebook: str | Path, parameters: Mapping[str, Any], *, where: str = "") -> None:
     """Raise naming every unknown parameter or wrong type (papermill itself only warns and injects)."""
     declared = notebook_parameters(notebook)
-    prefix, name = f"{where}: " if where else "", Path(notebook).name
+    prefix, name = f"{where}: " if where else "", Path(notebook).resolve()
+    name = name.relative_to(project_root()) if name.is_relative_to(project_root()) else notebook
     if unknown := sorted(set(parameters) - set(declared)):
         raise SweepError(f"{prefix}unknown parameter(s) {unknown} for {name}; it declares {sorted(declared)}")
     for key, value in parameters.items():
@@ -285,11 +285,9 @@ def try_claim(run_dir: Path) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return fd
-    except OSError as err:
+    except BlockingIOError:
         os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return None
-        raise
+        return None
 
 
 def _who(status: Mapping[str, Any]) -> str:
@@ -343,7 +341,6 @@ def run_state(run_dir: Path, parameters: Mapping[str, Any], *, claimed: bool = F
 class RunOutcome:
     name: str
     state: str  # done | failed | skipped | interrupted
-    seconds: float = 0.0
     error: str = ""
 
 
@@ -373,19 +370,10 @@ def _error_of(notebook: Path, log: Path) -> str:
     return lines[-1] if lines else "failed without output"
 
 
-def execute_run(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], *,
-                env: Mapping[str, str] | None = None, stop: Stop | None = None,
-                claim: int | None = None) -> RunOutcome:
-    """Execute one run's notebook with papermill under the guard and record its status; ``stop`` (set) ends
-    the whole run. The run's lock is held throughout: ``claim`` (from ``try_claim``), or else taken here."""
-    if claim is None:
-        if (claim := try_claim(run_dir)) is None:
-            running = holder(run_dir, read_json(run_dir / "status.json"))
-            raise SweepError(f"{run_dir} is running elsewhere ({running}); not started a second time")
-        try:
-            return execute_run(notebook, run_dir, parameters, env=env, stop=stop, claim=claim)
-        finally:
-            os.close(claim)
+def execute_run(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], *, claim: int,
+                env: Mapping[str, str] | None = None, stop: Stop | None = None) -> RunOutcome:
+    """Execute one run's notebook with papermill under the guard, holding the run's lock (``claim``, from
+    ``try_claim``), and record its status; ``stop`` (set) ends the whole run."""
     stop, sweep_dir = stop or Stop(), str(run_dir.parent.resolve())
     params = {k: v.replace("{sweep_dir}", sweep_dir) if isinstance(v, str) else v
               for k, v in parameters.items()}
@@ -422,7 +410,7 @@ def execute_run(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], *,
     seconds = round(time.monotonic() - start, 1)
     atomic_write_json(run_dir / "status.json", {"state": state, "finished": now(), "seconds": seconds,
                                                 "error": error, "returncode": code, **who})
-    return RunOutcome(run_dir.name, state, seconds, error)
+    return RunOutcome(run_dir.name, state, error)
 
 
 # ----------------------------------------------------------------------------------------------- sweeps
