@@ -140,10 +140,10 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
 
 def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec:
     """Build a spec from its YAML mapping; every problem is named with ``source``."""
-    shapes = {"name": (str, "a folder name"), "notebook": (str, "a path"),
+    shapes = {"name": (str, "be a folder name"), "notebook": (str, "be a path"),
               "parameters": (Mapping, "map parameter names to values"),
               "grid": (Mapping, "map parameter names to non-empty lists of values"),
-              "runs": (list, "a list of {name, parameters, after}"), "requires": (list, "a list: [gpu, hub]")}
+              "runs": (list, "be a list of {name, parameters, after}"), "requires": (list, "be a list")}
     if not isinstance(data, Mapping):
         raise SweepError(f"{source}: a sweep spec is a mapping with keys name, notebook, runs/grid")
     if unknown := sorted(set(data) - set(shapes)):
@@ -152,7 +152,7 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         raise SweepError(f"{source}: missing required key {missing[0]!r}")
     for key, value in data.items():
         if value is not None and not isinstance(value, shapes[key][0]) or key == "notebook" and not value:
-            raise SweepError(f"{source}: {key!r} must be {shapes[key][1]}, got {value!r}")
+            raise SweepError(f"{source}: {key!r} must {shapes[key][1]}, got {value!r}")
     shared = _mapping(data.get("parameters"), f"{source}: 'parameters'")
     entries, requires = data.get("runs") or [], data.get("requires") or []
     runs = []
