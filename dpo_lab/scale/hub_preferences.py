@@ -63,7 +63,7 @@ def _file_rows(file: Path) -> list[Any]:
         try:
             rows += [json.loads(line)] if line.strip() else []
         except json.JSONDecodeError as err:
-            raise ValueError(f"{file} line {number} is not valid JSON ({err.msg}, column {err.colno}); "
+            raise ValueError(f"{file} line {number} is not valid JSON ({err.msg}, column {err.colno})"
                              f"{FIX}") from err
         if line.strip() and not isinstance(rows[-1], dict):
             raise ValueError(f"{file} line {number} is not a JSON object: {type(rows[-1]).__name__}{FIX}")
