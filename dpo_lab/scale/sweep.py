@@ -140,7 +140,7 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
 
 def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec:
     """Build a spec from its YAML mapping; every problem is named with ``source``."""
-    shapes = {"name": (str, "be a folder name"), "notebook": (str, "be a path"),
+    shapes = {"name": (str, "be a name"), "notebook": (str, "be a path"), "description": (str, "be text"),
               "parameters": (Mapping, "map parameter names to values"),
               "grid": (Mapping, "map parameter names to non-empty lists of values"),
               "runs": (list, "be a list of {name, parameters, after}"), "requires": (list, "be a list")}
