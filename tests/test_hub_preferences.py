@@ -227,9 +227,9 @@ GOOD_PAIR = '{"prompt": "p", "chosen": " a", "rejected": " b"}\n'
     ("p.jsonl", "", "p.jsonl is empty"),
     ("p.jsonl", GOOD_PAIR + "{oops\n", "p.jsonl line 2 is not valid JSON"),
     ("p.jsonl", GOOD_PAIR + '{"prompt": "p", "chosen": " a"}\n',
-     "p.jsonl: row 1: rejected is missing (None)"),
+     "p.jsonl, row 1: rejected must be a string, got None"),
     ("p.jsonl", GOOD_PAIR + '{"prompt": "p", "chosen": 3, "rejected": " b"}\n',
-     "p.jsonl: row 1: chosen must be a string, got int (3)"),
+     "p.jsonl, row 1: chosen must be a string, got 3"),
     ("p.json", "[]", "p.json holds no rows"),
     ("p.parquet", "not parquet", "p.parquet is not a readable parquet file"),
 ])

@@ -5,11 +5,8 @@
         --out runs/tldr-gptj --gradient-checkpointing
     torchrun --nproc_per_node 2 -m dpo_lab.scale.launch --cpu ...      # several CPU processes (gloo)
 
-Preset mode trains the preset's run of ``--method`` at ``--value`` in the SAME folder as the single-process
-pipeline (``pipeline.run_dir``; the precision is part of the run's identity), so a run started on one
-process resumes on several and ``make reproduce`` or a sweep finds it finished. Pair mode trains DPO or
-Preferred-FT on any preference pairs (TL;DR, HH) from a hub or local model. Accelerate picks DDP, or
-FSDP/DeepSpeed from ``accelerate config``; the loop is tested with DDP on CPU (gloo).
+Preset mode trains the preset's run in the single-process pipeline's own run folder, so a run started on one
+process resumes on several. Pair mode trains DPO or Preferred-FT on preference pairs (TL;DR, HH).
 """
 
 from __future__ import annotations
@@ -32,19 +29,16 @@ from dpo_lab.run import quiet_hf_progress
 
 def train_in_processes(preset: str, overrides: Mapping[str, Any], method: str, value: float,
                        processes: int) -> None:
-    """Train one pairwise run of a preset on ``processes`` processes (``torchrun``, the launcher
-    ``accelerate launch`` uses; one process per visible GPU, or gloo on CPU) into the run folder the
-    single-process pipeline uses; raises naming the exit code and the output's tail if it fails."""
+    """Train one pairwise run of a preset on ``processes`` processes (``torchrun``: one per visible GPU, or
+    gloo on CPU) into the pipeline's run folder; raises with the exit code and the output's tail."""
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ValueError(f"processes must be a positive integer, got {processes!r}")
     import torch
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            "-m", "dpo_lab.scale.launch", "--preset", preset, "--method", method, "--value", str(value),
-           "--no-progress"]
-    if not torch.cuda.is_available():
-        cmd.append("--cpu")
-    for key, val in overrides.items():  # as YAML scalars and lists, which parse_overrides reads back
+           "--no-progress", *([] if torch.cuda.is_available() else ["--cpu"])]
+    for key, val in overrides.items():  # as YAML, which parse_overrides reads back
         text = yaml.safe_dump(val, default_flow_style=True).removesuffix("...\n").strip()
         cmd += ["--set", f"{key}={text}"]
     done = subprocess.run(cmd, capture_output=True, text=True,
@@ -55,39 +49,34 @@ def train_in_processes(preset: str, overrides: Mapping[str, Any], method: str, v
 
 
 def load_pairs(path: Path) -> Any:
-    """Pairs from a ``save_to_disk`` folder (preferences.save_preferences, or a hub_preferences Dataset
-    saved that way) or a .jsonl/.json/.parquet file with prompt/chosen/rejected columns. An empty,
-    undecodable or damaged file, a row with a missing field or a wrong type, or no pairs at all is a
-    ValueError naming the file (and the row)."""
+    """Pairs from a ``save_to_disk`` folder or a .jsonl/.json/.parquet file of prompt/chosen/rejected; a
+    damaged file, a bad row or no pairs is a ValueError naming the file (and the row)."""
     import datasets
 
-    from dpo_lab.cache import damaged_file_error
-    from dpo_lab.scale.hub_preferences import read_data_files, validate_pairs
+    from dpo_lab.batching import PAIR_COLUMNS
+    from dpo_lab.scale.hub_preferences import read_rows, validate_pairs
 
+    if not path.exists():
+        raise FileNotFoundError(f"--pairs {path} does not exist")
     if path.is_dir():
-        folder = path / "pairs" if (path / "pairs").is_dir() else path
         try:
-            ds = datasets.load_from_disk(str(folder))
-        except FileNotFoundError:
-            raise
+            ds = datasets.load_from_disk(str(path / "pairs" if (path / "pairs").is_dir() else path))
         except Exception as err:
-            damaged = damaged_file_error(folder, err, f"save the pairs to {path} again")
-            why = f"{type(err).__name__}: {err}"
-            raise damaged or ValueError(f"--pairs {path}: cannot load the saved Dataset ({why}); it may "
-                                        "hold no pairs; save the pairs again") from err
+            raise ValueError(f"--pairs {path}: cannot load the saved Dataset ({type(err).__name__}: {err}); "
+                             "save the pairs again") from err
         if isinstance(ds, datasets.DatasetDict):
             raise ValueError(f"{path} holds a DatasetDict with splits {list(ds)}; save one split of pairs")
-    elif path.is_file():
-        builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix)
-        if builder is None:
-            raise ValueError(f"--pairs {path}: expected a .jsonl, .json or .parquet file or a saved "
-                             "Dataset folder")
-        ds, _ = read_data_files([path], builder)
+    elif path.suffix in (".jsonl", ".json", ".parquet"):
+        rows, where = read_rows([path])
+        for i, row in enumerate(rows):
+            if bad := [c for c in PAIR_COLUMNS if not isinstance(row.get(c), str)]:
+                raise ValueError(f"--pairs {where(i)}: {bad[0]} must be a string, got {row.get(bad[0])!r}")
+        ds = datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in PAIR_COLUMNS})
     else:
-        raise FileNotFoundError(f"--pairs {path} does not exist")
-    if len(ds) == 0:
-        raise ValueError(f"--pairs {path} holds no pairs")
+        raise ValueError(f"--pairs {path}: expected a .jsonl, .json or .parquet file or a Dataset folder")
     try:
+        if len(ds) == 0:
+            raise ValueError("it holds no pairs")
         validate_pairs(ds)
     except ValueError as err:
         raise ValueError(f"--pairs {path}: {err}") from err
@@ -95,33 +84,44 @@ def load_pairs(path: Path) -> Any:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="accelerate launch -m dpo_lab.scale.launch", description=__doc__.split("\n\n")[0],
-        epilog="Preset mode builds the SFT policy and preference pairs on the main process first (others "
-               "wait); for long stages build them beforehand with one process (python -m dpo_lab reproduce).")
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help="settings (DPOConfig, seed, policy); with --pairs only its DPO settings and "
-                             "seed are used (default: $DPO_LAB_PRESET or 'cpu'; 'paper': App. B)")
-    parser.add_argument("--method", default="DPO", choices=["DPO", "Unlikelihood", "Preferred-FT"],
-                        help="preset mode: which pairwise run of the frontier (default DPO)")
-    parser.add_argument("--value", "--beta", dest="value", type=float, required=True,
-                        help="DPO: beta of Eq. 7; Unlikelihood: alpha; Preferred-FT: the seed")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a preset setting, e.g. --set dpo.micro_batch_size=8 (repeatable)")
-    parser.add_argument("--pairs", type=Path, default=None,
-                        help="preference pairs (saved Dataset folder or .jsonl/.parquet), e.g. TL;DR or HH")
-    parser.add_argument("--model", default=None, help="with --pairs: hub name or folder of the SFT model "
-                                                      "(policy and frozen reference)")
-    parser.add_argument("--max-length", type=int, default=None,
-                        help="tokens of prompt + completion (default: preset n_positions; 512 with --pairs)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (required with --pairs)")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default=None,
-                        help="default: bf16 on CUDA, no on CPU")
-    parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo) even where CUDA exists")
-    parser.add_argument("--gradient-checkpointing", action="store_true",
-                        help="recompute block activations in backward (see estimate.dpo_memory_estimate)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser = argparse.ArgumentParser(prog="accelerate launch -m dpo_lab.scale.launch",
+                                     description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--preset", default=None, choices=sorted(PRESETS),
+        help="settings (with --pairs only its DPO settings and seed; default $DPO_LAB_PRESET or 'cpu')")
+    add("--method", default="DPO", choices=["DPO", "Unlikelihood", "Preferred-FT"])
+    add("--value", "--beta", dest="value", type=float, required=True,
+        help="DPO: beta of Eq. 7; Unlikelihood: alpha; Preferred-FT: the seed")
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a preset setting, e.g. --set dpo.micro_batch_size=8 (repeatable)")
+    add("--pairs", type=Path, default=None, help="preference pairs (saved Dataset folder or .jsonl/.parquet)")
+    add("--model", default=None, help="with --pairs: hub name or folder of the SFT model (policy, reference)")
+    add("--max-length", type=int, default=None, help="prompt + completion tokens (default 512 with --pairs)")
+    add("--out", type=Path, default=None, help="run folder (required with --pairs)")
+    add("--mixed-precision", choices=["no", "bf16"], default=None, help="default: bf16 on CUDA, no on CPU")
+    add("--cpu", action="store_true", help="CPU processes (gloo) even where CUDA exists")
+    add("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
+    add("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def _train_pairs(args: argparse.Namespace, preset: Any, accelerator: Any) -> Any:
+    """DPO or Preferred-FT on ``--pairs`` from ``--model`` (policy and a frozen copy as reference)."""
+    from dpo_lab.models import load_hub_policy
+
+    with quiet_hf_progress():
+        policy, tokenizer = load_hub_policy(args.model)
+    config = policy.config
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 512)
+    reference = copy.deepcopy(policy).requires_grad_(False)  # pi_theta starts at pi_SFT = pi_ref
+    if args.gradient_checkpointing:
+        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    dpo = args.method == "DPO"
+    return train_dpo(policy, reference, tokenizer, load_pairs(args.pairs), config=preset.dpo,
+                     beta=args.value if dpo else None, objective="dpo" if dpo else "preferred_ft",
+                     seed=preset.seed if dpo else int(args.value), out_dir=args.out,
+                     max_length=args.max_length or min(512, int(context)), accelerator=accelerator,
+                     ref_cache_dir=args.out / "reference-logps", progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,10 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.pairs is None) != (args.model is None):
         parser.error("--pairs and --model go together (or give neither, to train on the preset's IMDb pairs)")
-    if args.pairs is not None and args.out is None:
-        parser.error("--out is required with --pairs")
-    if args.pairs is not None and args.method == "Unlikelihood":
-        parser.error("--pairs trains DPO or Preferred-FT")
+    if args.pairs is not None and (args.out is None or args.method == "Unlikelihood"):
+        parser.error("--pairs needs --out and trains DPO or Preferred-FT")
     if args.max_length is not None and args.max_length < 2:
         parser.error(f"--max-length must be >= 2, got {args.max_length}")
     try:
@@ -143,14 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, TypeError, ValueError) as err:
         parser.error(str(err.args[0] if err.args else err))
     if args.pairs is not None and preset.dpo.loss_type == "plackett_luce":
-        parser.error("--pairs holds pairs, and dpo.loss_type=plackett_luce trains on rankings of each "
-                     "prompt's samples: drop --pairs to rank the preset's IMDb samples, or choose another "
-                     "loss_type")
+        parser.error("--pairs holds pairs; dpo.loss_type=plackett_luce ranks each prompt's samples: drop "
+                     "--pairs to rank the preset's IMDb samples, or choose another loss_type")
     accelerator = make_accelerator("cpu" if args.cpu else None, mixed_precision=args.mixed_precision)
-    progress = not args.no_progress
     if args.pairs is None:
         from dpo_lab import pipeline
 
+        progress = not args.no_progress
         with accelerator.main_process_first():  # build (main) or read (others) the cached stages
             pipeline.sft_policy(preset, progress=progress)
             pipeline.preference_data(preset, progress=progress)
@@ -158,23 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                                    accelerator=accelerator,
                                    gradient_checkpointing=args.gradient_checkpointing)
     else:
-        from dpo_lab.models import load_hub_policy
-
-        with quiet_hf_progress():
-            policy, tokenizer = load_hub_policy(args.model)
-        pairs = load_pairs(args.pairs)
-        context = getattr(policy.config, "n_positions", None) or getattr(policy.config,
-                                                                         "max_position_embeddings", 512)
-        reference = copy.deepcopy(policy)  # pi_theta starts at pi_SFT = pi_ref
-        reference.requires_grad_(False)
-        if args.gradient_checkpointing:
-            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        dpo = args.method == "DPO"
-        result = train_dpo(policy, reference, tokenizer, pairs, config=preset.dpo,
-                           beta=args.value if dpo else None, objective="dpo" if dpo else "preferred_ft",
-                           seed=preset.seed if dpo else int(args.value), out_dir=args.out,
-                           max_length=args.max_length or min(512, int(context)), accelerator=accelerator,
-                           ref_cache_dir=args.out / "reference-logps", progress=progress)
+        result = _train_pairs(args, preset, accelerator)
     if accelerator.is_main_process:
         print(f"finished {result.steps} steps on {accelerator.num_processes} process(es): "
               f"{result.checkpoint_dir}")
