@@ -14,19 +14,22 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -289,6 +292,96 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
+# ---------------------------------------------------------------------------------------------------- locks
+LOCK_TIMEOUT_ENV = "DPO_LAB_LOCK_TIMEOUT"
+
+
+class RunLockedError(TimeoutError):
+    """Another process held a lock for longer than the lock timeout."""
+
+
+def lock_timeout() -> float | None:
+    """Seconds to wait for a lock another process holds: ``$DPO_LAB_LOCK_TIMEOUT``, else None (wait until
+    it is free)."""
+    value = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={value!r}: expected seconds >= 0 (unset: wait until free)")
+    return None if math.isinf(seconds) else seconds
+
+
+class Lock:
+    """The project's one lock: an OS file lock on ``path`` (a holder that dies, even by kill -9, releases it)
+    and, while held, ``<path>.json`` saying who holds it (pid, host, since), which whoever waits is told;
+    ``timeout`` (None: :func:`lock_timeout`) bounds the wait with a RunLockedError naming the holder. ``name``
+    is what the lock guards, for the messages. Also a context manager."""
+
+    def __init__(self, path: str | Path, name: str | Path, timeout: float | None = None) -> None:
+        self.path, self.name, self.timeout = Path(path), name, timeout
+        self.note = self.path.with_name(self.path.name + ".json")
+        self._lock: FileLock | None = None
+
+    def holder(self) -> str:
+        try:
+            who = json.loads(self.note.read_text())
+            return f"pid {who.get('pid')} on host {who.get('host')} since {who.get('since')}"
+        except (OSError, ValueError, AttributeError):
+            return f"another process (it has not written {self.note.name} yet)"
+
+    def acquire(self) -> Lock:
+        timeout = lock_timeout() if self.timeout is None else self.timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if self.holder().startswith(f"pid {os.getpid()} on host {socket.gethostname()} "):
+                raise RuntimeError(f"{self.name} is already held by this process: a Run on it was not closed "
+                                   "(use `with Run(...)` or run.close())") from None
+            limit = "" if timeout is None else f" (at most {timeout:g} s, {LOCK_TIMEOUT_ENV})"
+            print(f"{self.name} is in use by {self.holder()}; waiting for it{limit}", file=sys.stderr,
+                  flush=True)
+            try:
+                lock.acquire(timeout=-1 if timeout is None else timeout)
+            except Timeout:
+                raise RunLockedError(
+                    f"{self.name} is in use by {self.holder()}; gave up after {timeout:g} s "
+                    f"({LOCK_TIMEOUT_ENV}). Let that process finish or stop it (a holder that dies releases "
+                    "the lock at once), then rerun") from None
+        try:
+            atomic_write_json(self.note, {"pid": os.getpid(), "host": socket.gethostname(),
+                                          "since": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+        return self
+
+    def release(self) -> None:
+        """Undo :meth:`acquire` (idempotent)."""
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            with suppress(OSError):
+                self.note.unlink()
+            lock.release()
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def __enter__(self) -> Lock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
 # ------------------------------------------------------------------------------------------- stage manifests
 MANIFEST = ".complete"
 # Files up to this size are re-hashed whenever their folder is reused; larger ones (weights, arrow files)
@@ -363,7 +456,7 @@ def cached_directory(path: str | Path, build: Callable[[Path], None], *, verify:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Runs of a sweep on several GPUs may need the same stage at once: one builds it, the others wait for
     # the lock and then find it complete.
-    with FileLock(path.parent / f".{path.name}.lock"):
+    with Lock(path.parent / f".{path.name}.lock", path):
         if (path / MANIFEST).is_file():
             verify_manifest(path, full=verify == "full")
             return path

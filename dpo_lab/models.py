@@ -6,9 +6,10 @@ for GPT-2's pretraining as well.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,12 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from dpo_lab.cache import atomic_directory, naming_damaged_files
 from dpo_lab.data import validate_texts
+from dpo_lab.loop import optimizer_step, warmup_then_cosine
 from dpo_lab.presets import PolicyConfig
-from dpo_lab.run import quiet_hf_progress
 from dpo_lab.sampling import sampling_config
 from dpo_lab.seed import seed_everything
 
@@ -112,6 +114,19 @@ def load_hub_policy(name: str, *, revision: str | None = None,
     return _prepare(model, tokenizer), tokenizer
 
 
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' own bars ('Loading weights', 'Writing model shards') for local, small loads and
+    saves: one per checkpoint would bury the training bar."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_policy(model: PreTrainedModel, tokenizer: Any, path: str | Path) -> Path:
     """Save weights (safetensors), config, generation config and tokenizer to ``path``, atomically: an
     interrupted save leaves the previous folder (or none), never a half-written one."""
@@ -185,14 +200,6 @@ def lm_loss(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], *, max
     return total / max(count, 1)
 
 
-def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup from 0 over ``warmup`` steps, then cosine decay to ``min_ratio * lr`` at ``total``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], config: PolicyConfig, *,
               seed: int, held_out_texts: Sequence[str] | None = None, progress: bool = True,
               micro_batch_size: int | None = None, max_held_out: int = 256) -> dict[str, Any]:
@@ -240,7 +247,7 @@ def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], conf
     start = time.perf_counter()
     model.train()
     for step in tqdm(range(steps), desc="SFT", disable=not progress):
-        lr = lr_at(step, lr=config.sft_lr, warmup=config.sft_warmup_steps, total=steps)
+        lr = warmup_then_cosine(step, lr=config.sft_lr, warmup=config.sft_warmup_steps, total=steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if cursor + batch_size > len(order):  # next epoch: a fresh shuffle (the incomplete batch is dropped)
@@ -258,9 +265,7 @@ def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], conf
                                                      reduction="sum") / max(n_targets, 1)
             loss.backward()
             step_loss += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, model.parameters(), 1.0, where=f"at SFT step {step}")
         result["losses"].append(step_loss)
         result["lrs"].append(lr)
         tokens += n_targets

@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
-from dpo_lab.dpo_trainer import accumulation_steps, make_accelerator, train_dpo
+from dpo_lab.dpo_trainer import accumulation_steps, make_accelerator
 from dpo_lab.presets import PRESETS, get_preset, parse_overrides
-from dpo_lab.run import quiet_hf_progress
+from dpo_lab.run import dpo_run, quiet_hf_progress
 
 
 def train_in_processes(preset: str, overrides: Mapping[str, Any], method: str, value: float,
@@ -170,11 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.gradient_checkpointing:
             policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         dpo = args.method == "DPO"
-        result = train_dpo(policy, reference, tokenizer, pairs, config=preset.dpo,
-                           beta=args.value if dpo else None, objective="dpo" if dpo else "preferred_ft",
-                           seed=preset.seed if dpo else int(args.value), out_dir=args.out,
-                           max_length=args.max_length or min(512, int(context)), accelerator=accelerator,
-                           ref_cache_dir=args.out / "reference-logps", progress=progress)
+        result = dpo_run(policy, reference, tokenizer, pairs, config=preset.dpo,
+                         beta=args.value if dpo else None, objective="dpo" if dpo else "preferred_ft",
+                         seed=preset.seed if dpo else int(args.value), out_dir=args.out,
+                         max_length=args.max_length or min(512, int(context)), accelerator=accelerator,
+                         ref_cache_dir=args.out / "reference-logps", progress=progress)
     if accelerator.is_main_process:
         print(f"finished {result.steps} steps on {accelerator.num_processes} process(es): "
               f"{result.checkpoint_dir}")
