@@ -469,24 +469,23 @@ def cached_directory(path: str | Path, build: Callable[[Path], None], *, verify:
 
 # ------------------------------------------------------------------------------------------- fingerprints
 # What run identities and the reference log-prob cache are keyed by.
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' identity."""
+def _tensors_digest(named: list[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for prefix, tensor in named:
         t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(f"{prefix}{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' identity."""
+    return _tensors_digest([(f"{name}|", t) for name, t in sorted(model.state_dict().items())])
 
 
 def tensors_checksum(*tensors: torch.Tensor) -> str:
     """sha256 of tensors' dtypes, shapes and bytes: stored beside cached values to catch edits."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
+    return _tensors_digest([("", t) for t in tensors])
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

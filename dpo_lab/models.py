@@ -36,6 +36,7 @@ from dpo_lab.sampling import sampling_config
 from dpo_lab.seed import seed_everything
 
 EOS = "<|endoftext|>"
+MAX_HELD_OUT = 256  # held-out reviews train_sft reports its loss on
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -202,7 +203,7 @@ def lm_loss(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], *, max
 
 def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], config: PolicyConfig, *,
               seed: int, held_out_texts: Sequence[str] | None = None, progress: bool = True,
-              micro_batch_size: int | None = None, max_held_out: int = 256) -> dict[str, Any]:
+              micro_batch_size: int | None = None) -> dict[str, Any]:
     """Causal-LM training on reviews: the supervised fine-tuning that produces π_ref (and π_θ's start).
 
     ``config.sft_steps`` optimizer steps of ``config.sft_batch_size`` reviews (drawn in a seeded shuffled
@@ -212,7 +213,7 @@ def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], conf
     splits each step into gradient-accumulation chunks (same result, less memory).
 
     Returns ``losses`` and ``lrs`` per step, ``seconds``, ``tokens`` and, given ``held_out_texts`` (at most
-    ``max_held_out`` of them are used), ``held_out_loss_init``, ``held_out_loss`` and ``held_out_ppl``.
+    :data:`MAX_HELD_OUT` of them are used), ``held_out_loss_init``, ``held_out_loss`` and ``held_out_ppl``.
     """
     texts = validate_texts(texts, name="SFT texts")
     batch_size = config.sft_batch_size
@@ -231,7 +232,7 @@ def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], conf
     ids, lengths = encode_reviews(tokenizer, texts, config.n_positions)
     held_out = None
     if held_out_texts is not None:
-        held_out = validate_texts(held_out_texts, name="held-out texts")[:max_held_out]
+        held_out = validate_texts(held_out_texts, name="held-out texts")[:MAX_HELD_OUT]
 
     result: dict[str, Any] = {"steps": steps, "losses": [], "lrs": []}
     if held_out:

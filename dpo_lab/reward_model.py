@@ -336,7 +336,7 @@ def train_reward_model(
     report = RewardModelReport(n_train_pairs=len(train), n_val_pairs=len(val), n_test_pairs=len(test))
     validate = _BestValidation(model, collator, val, report, 2 * config.batch_size)
     validate(0)
-    _fit(model, collator, train, config, seed, report, validate, device, progress, on_step)
+    _fit(validate, train, config, seed, device, progress, on_step)
     model.load_state_dict(validate.state)
     model.eval()
     tested = evaluate_pairs(model, collator, test, batch_size=2 * config.batch_size)
@@ -351,11 +351,12 @@ def train_reward_model(
                          report={**report.to_dict(), "config": asdict(config)})
 
 
-def _fit(model: ScalarRewardModel, collator: PreferenceCollator, train: list[dict], config: RewardModelConfig,
-         seed: int, report: RewardModelReport, validate: _BestValidation, device: torch.device,
-         progress: bool, on_step: Callable[[int, int], None] | None) -> None:
-    """The BT training loop: ``config.epochs`` seeded shuffles (the incomplete last batch dropped), at most
-    ``config.max_steps`` steps, validated every ``eval_every`` steps and at each epoch's end."""
+def _fit(validate: _BestValidation, train: list[dict], config: RewardModelConfig, seed: int,
+         device: torch.device, progress: bool, on_step: Callable[[int, int], None] | None) -> None:
+    """The BT training loop of ``validate.model``: ``config.epochs`` seeded shuffles (the incomplete last
+    batch dropped), at most ``config.max_steps`` steps, validated every ``eval_every`` steps and at each
+    epoch's end."""
+    model, collator, report = validate.model, validate.collator, validate.report
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     optimizer.zero_grad(set_to_none=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_flat(config.warmup_steps))

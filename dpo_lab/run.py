@@ -1,7 +1,5 @@
 """A training run on disk: the one layer between the pure training loops and the artifacts folder.
 
-One run = one ``out_dir``:
-
     out_dir/run.json                    identity of the run (a hash of its settings and their values)
     out_dir/metrics.jsonl               one JSON object per line, one line per step (step 0: the start)
     out_dir/checkpoints/step-NNNNNN/    weights + tokenizer + trainer_state.pt, each written atomically
@@ -10,17 +8,13 @@ One run = one ``out_dir``:
 
 A :class:`Run` is the ``log`` a loop (``dpo_trainer.train_dpo``, ``ppo.train_ppo``) reports to: it writes
 the metrics, keeps the checkpoints and hands the last one back on a rerun, which resumes with the same
-numbers (metrics after it are dropped and recomputed) or, if finished, returns at once. :func:`dpo_run` and
-:func:`ppo_run` wrap the loops in one; :func:`cached_reward_model` does the same for r_phi.
+numbers or, if finished, returns at once. :func:`dpo_run` and :func:`ppo_run` wrap the loops in a Run;
+:func:`cached_reward_model` saves r_phi once. One process at a time: a Run holds ``out_dir/.run.lock``
+(``cache.Lock``) until it finishes or is closed; another process waits, then reuses or resumes the run.
 
-One process at a time: a Run holds ``out_dir/.run.lock`` (``cache.Lock``) from ``Run(...)`` until it
-finishes, returns a finished result or is closed. Another process on the same folder waits, then finds the
-run finished or resumes it. Readers of results (:func:`finished_metrics`) take the same lock.
-
-Schedules: how long a run goes is not part of its identity (:data:`SCHEDULE_FIELDS`), so a finished run
-continues when asked for more steps. Asked for FEWER steps than ``out_dir`` already holds, the shorter
-schedule is kept apart in the sibling ``<out_dir>-steps<N>``: seeded from ``out_dir``'s checkpoint at step N
-when one was kept (and its step-N line holds the evaluation), else trained there from the start.
+How long a run goes is not part of its identity (:data:`SCHEDULE_FIELDS`), so a finished run continues
+when asked for more steps; asked for FEWER steps than ``out_dir`` holds, the shorter schedule is kept apart
+in ``<out_dir>-steps<N>`` (:func:`schedule_dir`), ``out_dir`` is never cut back.
 """
 
 from __future__ import annotations
@@ -318,14 +312,11 @@ def finished_metrics(result: RunResult, timeout: float | None = None) -> Iterato
 class Run(TrainLog):
     """A run's folder, from its identity to its result, and the ``log`` its loop reports to.
 
-    ``Run(out_dir, fields)`` takes the folder's lock (waiting while another process holds it), then claims the
-    folder for the run ``fields`` describe (a started run with other settings is refused, naming the fields
-    that differ); ``key`` is their hash. The lock is held until :meth:`finish`, until :meth:`finished` returns
-    a result, or until :meth:`close` (also as a context manager). With ``writer=False`` (every process but the
-    main one of a multi-process run) it reads but never writes or evaluates.
-
-    ``dir`` is the folder that holds the asked schedule: ``out_dir`` or its sibling ``<out_dir>-steps<N>``
-    (:func:`schedule_dir`), settled by the first :meth:`finished` or :meth:`resume`.
+    ``Run(out_dir, fields)`` takes the folder's lock, then claims the folder for the run ``fields`` describe
+    (:func:`check_run`); ``key`` is their hash. The lock is held until :meth:`finish`, until :meth:`finished`
+    returns a result, or until :meth:`close` (also as a context manager). With ``writer=False`` (every process
+    but the main one of a multi-process run) it reads but never writes or evaluates. ``dir`` is the folder of
+    the asked schedule (:func:`schedule_dir`), settled by the first :meth:`finished` or :meth:`resume`.
     """
 
     def __init__(self, out_dir: str | Path, fields: Mapping[str, Any], *, writer: bool = True,
@@ -510,20 +501,11 @@ def _reference_key_parts(reference: nn.Module, tokenizer: PreTrainedTokenizerBas
                  dev.type, precision)
 
 
-def reference_logprobs(
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Any,
-    *,
-    max_length: int,
-    cache_dir: str | Path,
-    batch_size: int,
-    accelerator: Any = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    reference_fingerprint: str | None = None,
-    average: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
+                       max_length: int, cache_dir: str | Path, batch_size: int, accelerator: Any = None,
+                       device: torch.device | str | None = None, progress: bool = True,
+                       reference_fingerprint: str | None = None,
+                       average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`dpo_trainer.pair_logprobs` of the frozen reference, read from / written to the disk cache.
 
     The key hashes the reference weights, the pairs, the tokenizer, max_length, sum or mean (``average``),
@@ -549,20 +531,11 @@ def reference_logprobs(
     return chosen, rejected
 
 
-def reference_ranking_logprobs(
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    rankings: Any,
-    *,
-    max_length: int,
-    cache_dir: str | Path,
-    batch_size: int,
-    accelerator: Any = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    reference_fingerprint: str | None = None,
-    average: bool = False,
-) -> torch.Tensor:
+def reference_ranking_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, rankings: Any, *,
+                               max_length: int, cache_dir: str | Path, batch_size: int,
+                               accelerator: Any = None, device: torch.device | str | None = None,
+                               progress: bool = True, reference_fingerprint: str | None = None,
+                               average: bool = False) -> torch.Tensor:
     """:func:`dpo_trainer.ranking_logprobs` of the frozen reference, ``(N, K)``, cached as
     :func:`reference_logprobs`."""
     cols = ranking_columns(rankings)
