@@ -142,6 +142,7 @@ def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.o
         return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # no decay: TRL's default
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'rmsprop' or 'adamw'")
 
+
 def _check_config(config: DPOConfig, beta: float, max_length: int) -> None:
     for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
         value = getattr(config, name)
@@ -163,6 +164,7 @@ def _check_config(config: DPOConfig, beta: float, max_length: int) -> None:
         raise ValueError("DPOConfig.rpo_alpha and label_smoothing apply to the pairwise losses, "
                          "not to loss_type 'plackett_luce'")
 
+
 def _check_objective(objective: str, beta: float | None, alpha: float | None) -> float:
     """Validate objective/beta/alpha together; return the beta to use (1.0 for a baseline given none)."""
     if objective not in OBJECTIVES:
@@ -183,6 +185,7 @@ def _check_objective(objective: str, beta: float | None, alpha: float | None) ->
     # Baselines use beta only to log the implicit reward beta (log pi - log pi_ref); 1.0 reads it in nats.
     return 1.0 if beta is None else beta
 
+
 def check_settings(config: DPOConfig, objective: str, beta: float | None, alpha: float | None,
                    max_length: int, num_processes: int) -> float:
     """Refuse bad settings before any work, naming the field; return the beta to use (1.0 for a baseline
@@ -192,12 +195,14 @@ def check_settings(config: DPOConfig, objective: str, beta: float | None, alpha:
     accumulation_steps(config.batch_size, config.micro_batch_size, num_processes)
     return beta
 
+
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA (logprobs upcasts logits to fp32 before the softmax), plain fp32 on CPU:
     what :func:`make_accelerator` picks, for code that runs without an Accelerator."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
 
 # ---------------------------------------------------------------------------------- pair log-probs
 def _score_rows(model: nn.Module, n: int, width: int, score: Callable[[int, int], torch.Tensor], *,
@@ -378,7 +383,7 @@ def train_dpo(
         started = time.perf_counter()
         indices = batch_indices(len(cols["prompt"]), config.batch_size, step, seed)
         mine = process_micro_batches(indices, config.micro_batch_size, accelerator.process_index, world)
-        cat, tokens = _accumulate(model, cols, mine, collator, ref, len(indices), accelerator, ranked=ranked,
+        cat, tokens = _accumulate(model, cols, mine, collator, ref, len(indices), accelerator,
                                   objective=objective, beta=beta, alpha=alpha, config=config, where=where)
         if not math.isfinite(cat["losses"].mean().item()):
             raise FloatingPointError(f"non-finite {_BAR_NAMES[objective]} loss {where}")
@@ -415,7 +420,7 @@ def _write_checkpoint(folder: Any, model: nn.Module, tokenizer: PreTrainedTokeni
 
 
 def _accumulate(model: nn.Module, cols: Mapping[str, list], micro: list[list[int]], collator: Callable,
-                ref: torch.Tensor, n_global: int, accelerator: Accelerator, *, ranked: bool,
+                ref: torch.Tensor, n_global: int, accelerator: Accelerator,
                 **loss_args: Any) -> tuple[dict[str, torch.Tensor], int]:
     """Forward and backward of this process's micro-batches of one step (rows ``micro`` of ``cols``): every
     pair's outputs (:func:`_micro_batch_losses`) gathered from all processes, and the step's token count.
@@ -426,7 +431,8 @@ def _accumulate(model: nn.Module, cols: Mapping[str, list], micro: list[list[int
         try:
             collated = collator([{c: cols[c][i] for c in cols} for i in idx])
         except ValueError as err:  # the collator counts within the micro-batch; name the pair
-            raise ValueError(_name_pair(str(err), idx, "ranking" if ranked else "pair")) from err
+            noun = "ranking" if isinstance(collator, RankingCollator) else "pair"
+            raise ValueError(_name_pair(str(err), idx, noun)) from err
         batch = {key: v.to(accelerator.device) for key, v in collated.items()}
         tokens += sum(v.sum() for key, v in batch.items() if key.endswith("attention_mask"))
         sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
