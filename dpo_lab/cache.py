@@ -156,24 +156,32 @@ def _disk_full_error(err: BaseException, path: Path) -> OSError:
                                  "DPO_LAB_ARTIFACTS elsewhere) and rerun")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a mix."""
+@contextmanager
+def _atomic_file(path: str | Path) -> Iterator[str]:
+    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         _follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
         if isinstance(err, Exception) and _is_disk_full(err, path.parent):
             raise _disk_full_error(err, path) from err
         raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a mix."""
+    with _atomic_file(path) as tmp, open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
@@ -181,21 +189,8 @@ def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
     """A safetensors file written atomically: a reader sees no file or a complete one."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
-    os.close(fd)
-    try:
+    with _atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        _follow_umask(tmp)
-        os.replace(tmp, path)
-    except Exception as err:
-        if _is_disk_full(err, path.parent):
-            raise _disk_full_error(err, path) from err
-        raise
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
