@@ -426,8 +426,13 @@ def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_
 
 def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
            split: str = "test") -> RunResult:
-    """Train (or load, if finished) one run of any method, evaluated on ``split``'s prompts ("test" for
-    the frontier, "validation" for choosing settings); its checkpoint_dir and metrics_path."""
+    """Train one run of any method, evaluated on ``split``'s prompts ("test" for the frontier, "validation"
+    for choosing settings); its checkpoint_dir and metrics_path. A finished run is known by its result.json
+    (nothing is loaded or hashed)."""
+    steps = run_steps(preset, method)
+    finished = finished_run(schedule_dir(run_dir(preset, method, value, split), steps), steps)
+    if finished is not None:
+        return finished
     if method in PPO_METHODS:
         return ppo(preset, method, value, progress=progress, split=split)
     return pairwise(preset, method, value, progress=progress, split=split)
@@ -641,10 +646,7 @@ def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bo
     frames = []
     for method, value in runs:
         start = time.perf_counter()
-        steps = run_steps(preset, method)
-        # A finished run is known by its result.json; only one not trained above is trained here.
-        run = finished_run(schedule_dir(run_dir(preset, method, value), steps), steps) or result(
-            preset, method, value, progress=progress)
+        run = result(preset, method, value, progress=progress)  # trained above: read from its result.json
         seconds[(method, value)] = seconds.get((method, value), 0.0) + time.perf_counter() - start
         label = f"{hyperparameter_name(method)}={value:g}"
         with finished_metrics(run) as metrics:
