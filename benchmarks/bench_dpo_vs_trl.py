@@ -230,10 +230,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _dpolab_run(reference: Any, tokenizer: Any, pairs: Any, *, beta: float, steps: int,
                 tmp: str) -> list[float]:
-    """train_dpo as pipeline.dpo calls it; returns perf_counter at the start of training and after each
+    """dpo_run as pipeline.dpo calls it; returns perf_counter at the start of training and after each
     step."""
-    from dpo_lab.dpo_trainer import train_dpo
     from dpo_lab.presets import DPOConfig
+    from dpo_lab.run import dpo_run
 
     stamps: list[float] = []
 
@@ -246,10 +246,10 @@ def _dpolab_run(reference: Any, tokenizer: Any, pairs: Any, *, beta: float, step
                        checkpoint_every=steps, eval_every=1)
     policy = copy.deepcopy(reference)
     # The reference cache lives in tmp: the first run of a sweep fills it, the next ones read it.
-    train_dpo(policy, reference, tokenizer, pairs, beta=beta, config=config,
-              out_dir=Path(tmp) / f"run-{beta}", seed=0, max_length=max_length_of(reference),
-              ref_cache_dir=Path(tmp) / "reference-logps",
-              eval_fn=stamp, progress=False)
+    dpo_run(policy, reference, tokenizer, pairs, beta=beta, config=config,
+            out_dir=Path(tmp) / f"run-{beta}", seed=0, max_length=max_length_of(reference),
+            ref_cache_dir=Path(tmp) / "reference-logps",
+            eval_fn=stamp, progress=False)
     return stamps
 
 

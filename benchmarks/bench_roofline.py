@@ -88,9 +88,10 @@ def load_step_setup(n_steps: int) -> dict[str, Any]:
     """What one step of the DPO loop needs, for the cpu preset's model and first pairs."""
     from dpo_lab import pipeline
     from dpo_lab.batching import PreferenceCollator, pair_columns
-    from dpo_lab.dpo_trainer import make_accelerator, make_optimizer, reference_logprobs
+    from dpo_lab.dpo_trainer import make_accelerator, make_optimizer
+    from dpo_lab.loop import warmup_then_flat
     from dpo_lab.presets import get_preset
-    from dpo_lab.run import warmup_lambda
+    from dpo_lab.run import reference_logprobs
 
     preset = get_preset("cpu")
     reference, tokenizer, _ = pipeline.sft_policy(preset, progress=False)
@@ -103,7 +104,7 @@ def load_step_setup(n_steps: int) -> dict[str, Any]:
                                           batch_size=BATCH, progress=False)
     policy = copy.deepcopy(reference).eval()
     optimizer = make_optimizer([p for p in policy.parameters() if p.requires_grad], config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_flat(config.warmup_steps))
     return {"policy": policy, "collator": PreferenceCollator(tokenizer, max_length), "cols": cols,
             "ref_chosen": ref_c, "ref_rejected": ref_r, "optimizer": optimizer, "scheduler": scheduler,
             "config": config, "model_config": reference.config, "accelerator": make_accelerator("cpu")}
@@ -114,7 +115,7 @@ def run_step(setup: dict[str, Any], step: int) -> dict[str, Any]:
     backward, gradient clipping, RMSprop, the warmup schedule."""
     from dpo_lab.batching import PAIR_COLUMNS
     from dpo_lab.dpo_trainer import _micro_batch_losses
-    from dpo_lab.run import batch_indices
+    from dpo_lab.loop import batch_indices
 
     cols, policy, optimizer = setup["cols"], setup["policy"], setup["optimizer"]
     idx = batch_indices(len(cols["prompt"]), BATCH, step, 0)
@@ -134,7 +135,7 @@ def run_step(setup: dict[str, Any], step: int) -> dict[str, Any]:
 def padded_length(setup: dict[str, Any], step: int) -> int:
     """T of step ``step``'s stacked chosen+rejected batch (what the forward pass computes over)."""
     from dpo_lab.batching import PAIR_COLUMNS
-    from dpo_lab.run import batch_indices
+    from dpo_lab.loop import batch_indices
 
     cols = setup["cols"]
     idx = batch_indices(len(cols["prompt"]), BATCH, step, 0)

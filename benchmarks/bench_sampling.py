@@ -165,11 +165,12 @@ def speedups(args: argparse.Namespace) -> None:
 
     from dpo_lab import evaluate
     from dpo_lab.batching import PAIR_COLUMNS, PreferenceCollator, pair_columns
-    from dpo_lab.dpo_trainer import _micro_batch_losses, make_accelerator, make_optimizer, reference_logprobs
+    from dpo_lab.dpo_trainer import _micro_batch_losses, make_accelerator, make_optimizer
     from dpo_lab.logprobs import concatenated_token_logprobs
     from dpo_lab.models import load_policy
     from dpo_lab.preferences import load_preferences, score_samples
     from dpo_lab.rewards import TfidfSentimentReward
+    from dpo_lab.run import reference_logprobs
 
     preset = get_preset("cpu")
     root = Path(args.artifacts)

@@ -14,19 +14,22 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import torch
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -153,24 +156,32 @@ def _disk_full_error(err: BaseException, path: Path) -> OSError:
                                  "DPO_LAB_ARTIFACTS elsewhere) and rerun")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a mix."""
+@contextmanager
+def _atomic_file(path: str | Path) -> Iterator[str]:
+    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path`` in one rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         _follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
         if isinstance(err, Exception) and _is_disk_full(err, path.parent):
             raise _disk_full_error(err, path) from err
         raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a mix."""
+    with _atomic_file(path) as tmp, open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
@@ -178,21 +189,8 @@ def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
     """A safetensors file written atomically: a reader sees no file or a complete one."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
-    os.close(fd)
-    try:
+    with _atomic_file(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        _follow_umask(tmp)
-        os.replace(tmp, path)
-    except Exception as err:
-        if _is_disk_full(err, path.parent):
-            raise _disk_full_error(err, path) from err
-        raise
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -289,6 +287,96 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         raise
 
 
+# ---------------------------------------------------------------------------------------------------- locks
+LOCK_TIMEOUT_ENV = "DPO_LAB_LOCK_TIMEOUT"
+
+
+class RunLockedError(TimeoutError):
+    """Another process held a lock for longer than the lock timeout."""
+
+
+def lock_timeout() -> float | None:
+    """Seconds to wait for a lock another process holds: ``$DPO_LAB_LOCK_TIMEOUT``, else None (wait until
+    it is free)."""
+    value = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not seconds >= 0:  # NaN too
+        raise ValueError(f"{LOCK_TIMEOUT_ENV}={value!r}: expected seconds >= 0 (unset: wait until free)")
+    return None if math.isinf(seconds) else seconds
+
+
+class Lock:
+    """The project's one lock: an OS file lock on ``path`` (a holder that dies, even by kill -9, releases it)
+    and, while held, ``<path>.json`` saying who holds it (pid, host, since), which whoever waits is told;
+    ``timeout`` (None: :func:`lock_timeout`) bounds the wait with a RunLockedError naming the holder. ``name``
+    is what the lock guards, for the messages. Also a context manager."""
+
+    def __init__(self, path: str | Path, name: str | Path, timeout: float | None = None) -> None:
+        self.path, self.name, self.timeout = Path(path), name, timeout
+        self.note = self.path.with_name(self.path.name + ".json")
+        self._lock: FileLock | None = None
+
+    def holder(self) -> str:
+        try:
+            who = json.loads(self.note.read_text())
+            return f"pid {who.get('pid')} on host {who.get('host')} since {who.get('since')}"
+        except (OSError, ValueError, AttributeError):
+            return f"another process (it has not written {self.note.name} yet)"
+
+    def acquire(self) -> Lock:
+        timeout = lock_timeout() if self.timeout is None else self.timeout
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if self.holder().startswith(f"pid {os.getpid()} on host {socket.gethostname()} "):
+                raise RuntimeError(f"{self.name} is already held by this process: a Run on it was not closed "
+                                   "(use `with Run(...)` or run.close())") from None
+            limit = "" if timeout is None else f" (at most {timeout:g} s, {LOCK_TIMEOUT_ENV})"
+            print(f"{self.name} is in use by {self.holder()}; waiting for it{limit}", file=sys.stderr,
+                  flush=True)
+            try:
+                lock.acquire(timeout=-1 if timeout is None else timeout)
+            except Timeout:
+                raise RunLockedError(
+                    f"{self.name} is in use by {self.holder()}; gave up after {timeout:g} s "
+                    f"({LOCK_TIMEOUT_ENV}). Let that process finish or stop it (a holder that dies releases "
+                    "the lock at once), then rerun") from None
+        try:
+            atomic_write_json(self.note, {"pid": os.getpid(), "host": socket.gethostname(),
+                                          "since": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+        except BaseException:
+            lock.release()
+            raise
+        self._lock = lock
+        return self
+
+    def release(self) -> None:
+        """Undo :meth:`acquire` (idempotent)."""
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            with suppress(OSError):
+                self.note.unlink()
+            lock.release()
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None
+
+    def __enter__(self) -> Lock:
+        return self.acquire()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
 # ------------------------------------------------------------------------------------------- stage manifests
 MANIFEST = ".complete"
 # Files up to this size are re-hashed whenever their folder is reused; larger ones (weights, arrow files)
@@ -363,7 +451,7 @@ def cached_directory(path: str | Path, build: Callable[[Path], None], *, verify:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Runs of a sweep on several GPUs may need the same stage at once: one builds it, the others wait for
     # the lock and then find it complete.
-    with FileLock(path.parent / f".{path.name}.lock"):
+    with Lock(path.parent / f".{path.name}.lock", path):
         if (path / MANIFEST).is_file():
             verify_manifest(path, full=verify == "full")
             return path
@@ -376,24 +464,23 @@ def cached_directory(path: str | Path, build: Callable[[Path], None], *, verify:
 
 # ------------------------------------------------------------------------------------------- fingerprints
 # What run identities and the reference log-prob cache are keyed by.
-def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' identity."""
+def _tensors_digest(named: list[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for prefix, tensor in named:
         t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(f"{prefix}{t.dtype}|{tuple(t.shape)}".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return digest.hexdigest()[:16]
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of every parameter and buffer (names, dtypes, shapes, bytes): the weights' identity."""
+    return _tensors_digest([(f"{name}|", t) for name, t in sorted(model.state_dict().items())])
 
 
 def tensors_checksum(*tensors: torch.Tensor) -> str:
     """sha256 of tensors' dtypes, shapes and bytes: stored beside cached values to catch edits."""
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}|{tuple(t.shape)}".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()[:16]
+    return _tensors_digest([("", t) for t in tensors])
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -10,34 +10,28 @@ The same loop trains the paper's two non-RL baselines of the IMDb frontier (§6)
 One loop for one process or many (Hugging Face Accelerate; ``accelerate launch -m dpo_lab.scale.launch``),
 as nanoGPT's ``train.py`` serves one GPU and DDP:
 
-* Optimizer step ``s`` (App. B) sees the global batch ``run.batch_indices(n_pairs, batch_size, s, seed)``,
-  whatever the process count. It is cut into micro-batches of ``micro_batch_size`` pairs; micro-batch ``i``
-  goes to process ``i % P``, so each process accumulates ``batch_size / (micro_batch_size x P)`` of them
-  (:func:`accumulation_steps` refuses a batch that does not divide). Each micro-batch backpropagates
-  ``sum(losses) x P / batch_size``; DDP averages over processes, so the gradient is that of the mean over all
-  ``batch_size`` pairs. Chosen and rejected share one forward pass (``logprobs.concatenated_token_logprobs``).
+* Optimizer step ``s`` (App. B) sees the global batch ``loop.batch_indices(n_pairs, batch_size, s, seed)``,
+  whatever the process count, cut into micro-batches of ``micro_batch_size`` pairs; micro-batch ``i`` goes
+  to process ``i % P``. Each backpropagates ``sum(losses) x P / batch_size``; DDP averages over processes,
+  so the gradient is that of the mean over all ``batch_size`` pairs. Chosen and rejected share one forward
+  pass (``logprobs.concatenated_token_logprobs``).
 * Gradient clipped to ``max_grad_norm``; RMSprop (the paper) or AdamW; lr warmed up linearly over
   ``warmup_steps``, then constant. bf16 autocast on CUDA (log-probs from fp32 logits), fp32 on CPU.
-* pi_ref's log-probs never change, so they are computed once, before training (sharded over processes), and
-  cached on disk keyed by what produced them (reference weights, pairs, tokenizer, max_length, precision):
-  every beta of a sweep shares them, and the reference model is not needed during training.
+* pi_ref's log-probs never change, so the loop takes them computed once, before training
+  (:func:`pair_logprobs`; ``run.dpo_run`` caches them on disk for every beta of a sweep).
 * Dropout stays off in the policy (as TRL's ``disable_dropout``): the implicit reward
   beta (log pi - log pi_ref) is then exactly 0 at step 0, and the first loss is log 2.
-* ``out_dir`` is one :class:`run.Run`: ``metrics.jsonl`` (TRL names; eval_fn's keys merged in on evaluation
-  steps; step 0 holds the evaluation of the starting policy), atomic checkpoints, resume from the last one
-  (bit-identical weights on CPU to an uninterrupted run), and a finished run returns at once with its final
-  weights loaded into ``policy``. Only the main process evaluates and writes.
+* Every step's metrics (TRL names) go to ``log`` (``loop.TrainLog``; ``run.Run`` writes them to a run folder,
+  checkpoints and resumes, bit-identical on CPU to an uninterrupted run). Only the main process evaluates.
 
 The DPO variants of notebook 11 are settings of the same loop (``DPOConfig``): ``loss_type`` "ipo" / "hinge"
 and ``label_smoothing`` (cDPO) go to ``losses.preference_loss``; ``average_logprobs`` scores completions by
 their mean token log-prob (TRL's IPO); ``rpo_alpha`` adds the chosen completion's per-token NLL (RPO); and
 ``loss_type="plackett_luce"`` trains on rankings (prompt + K completions, best first) with the
-Plackett-Luce loss of App. A.3: one forward pass over the B·K rows, reference log-probs cached as for pairs,
-``batch_size`` counting rankings.
+Plackett-Luce loss of App. A.3: one forward pass over the B·K rows, ``batch_size`` counting rankings.
 
-The baselines need per-token log-probs and no reference in the loss; the reference log-probs are still
-loaded so every objective logs the same TRL metrics, with the implicit reward beta (log pi - log pi_ref) at
-``beta`` (1.0 unless given) as a readout of how far the policy moved.
+The baselines need no reference in the loss; its log-probs still give every objective the same TRL metrics,
+with the implicit reward beta (log pi - log pi_ref) at ``beta`` (1.0 unless given) as a readout.
 """
 
 from __future__ import annotations
@@ -46,12 +40,9 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -63,18 +54,10 @@ from dpo_lab.batching import (
     Rankings,
     pair_columns,
     pair_examples,
-    pairs_fingerprint,
     ranking_columns,
-    rankings_fingerprint,
-)
-from dpo_lab.cache import (
-    atomic_write_tensors,
-    content_hash,
-    model_fingerprint,
-    tensors_checksum,
-    tokenizer_fingerprint,
 )
 from dpo_lab.logprobs import completion_token_logprobs, concatenated_token_logprobs
+from dpo_lab.loop import TrainLog, batch_indices, is_due, optimizer_step, resolve_device, warmup_then_flat
 from dpo_lab.losses import (
     mean_token_nll,
     plackett_luce_loss,
@@ -84,18 +67,6 @@ from dpo_lab.losses import (
     unlikelihood_loss,
 )
 from dpo_lab.presets import DPOConfig
-from dpo_lab.run import (
-    EvalFn,
-    Run,
-    RunLockedError,
-    RunResult,
-    batch_indices,
-    closes_runs,
-    is_due,
-    load_weights,
-    resolve_device,
-    warmup_lambda,
-)
 from dpo_lab.seed import seed_everything
 
 if TYPE_CHECKING:  # importing accelerate takes a moment; the type is all this module needs up front
@@ -105,22 +76,6 @@ Objective = Literal["dpo", "unlikelihood", "preferred_ft"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
 MixedPrecision = Literal["no", "bf16"]
 _BAR_NAMES = {"dpo": "DPO", "unlikelihood": "Unlikelihood", "preferred_ft": "Preferred-FT"}
-_TRAIN_KEYS = {"step", "lr", "grad_norm", "epoch", "loss", "rewards/chosen", "rewards/rejected",
-               "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-               # Baseline-only: mean -log pi(y_w|x), and mean -sum_t log(1 - pi(y_l,t)) (before alpha).
-               "nll/chosen", "unlikelihood/rejected",
-               # RPO only: mean over the batch of -log pi(y_w|x) / |y_w| (before rpo_alpha).
-               "nll/chosen_per_token",
-               "cost/policy_forward_tokens", "cost/policy_backward_tokens", "cost/samples",
-               "cost/reward_queries", "cost/optimizer_steps", "cost/wall_s"}
-# Settings that do not change the trajectory: a sweep list, or how often we look and save.
-_NOT_IN_RUN_KEY = ("betas", "max_steps", "checkpoint_every", "eval_every")
-
-
-@dataclass(frozen=True)
-class DPOResult(RunResult):
-    """A finished DPO (or baseline) run: checkpoint_dir (final policy, models.load_policy reads it),
-    metrics_path, last_metrics, steps."""
 
 
 # ------------------------------------------------------------------------------------------- processes
@@ -163,7 +118,7 @@ def process_micro_batches(indices: Sequence[int], micro_batch_size: int, process
     return micro[process::num_processes]
 
 
-def _broadcast_error(accelerator: Accelerator, error: Exception | None) -> None:
+def broadcast_error(accelerator: Accelerator, error: Exception | None) -> None:
     """Raise ``error`` (found on the main process) there, and as ValueError with its message on every
     other process, so none is left waiting in a collective for a process that stopped."""
     message = None if error is None else str(error)
@@ -188,7 +143,7 @@ def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.o
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'rmsprop' or 'adamw'")
 
 
-def check_dpo_config(config: DPOConfig, beta: float, max_length: int) -> None:
+def _check_config(config: DPOConfig, beta: float, max_length: int) -> None:
     for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
@@ -229,6 +184,16 @@ def _check_objective(objective: str, beta: float | None, alpha: float | None) ->
         raise ValueError(f"alpha only applies to objective='unlikelihood', not {objective!r}; leave it None")
     # Baselines use beta only to log the implicit reward beta (log pi - log pi_ref); 1.0 reads it in nats.
     return 1.0 if beta is None else beta
+
+
+def check_settings(config: DPOConfig, objective: str, beta: float | None, alpha: float | None,
+                   max_length: int, num_processes: int) -> float:
+    """Refuse bad settings before any work, naming the field; return the beta to use (1.0 for a baseline
+    given none)."""
+    beta = _check_objective(objective, beta, alpha)
+    _check_config(config, beta, max_length)
+    accumulation_steps(config.batch_size, config.micro_batch_size, num_processes)
+    return beta
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -360,294 +325,144 @@ def ranking_logprobs(
                        device=dev, progress=progress, desc=desc)
 
 
-def _cached_logprobs(path: Path, key: str, names: tuple[str, ...], shape: tuple[int, ...], what: str,
-                     compute: Callable[[], tuple[torch.Tensor, ...]], metadata: dict[str, str],
-                     accelerator: Accelerator | None) -> tuple[torch.Tensor, ...]:
-    """The tensors ``names`` (each ``shape``) read from ``path``, checked against ``key`` and their checksum;
-    else ``compute()``d and written there (by the main process) for the next run."""
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as handle:
-                meta = handle.metadata() or {}
-                cached = {name: handle.get_tensor(name) for name in names}
-        except Exception as err:  # truncated or corrupt: what the reader raises varies
-            raise ValueError(f"reference cache {path} is truncated or corrupt ({type(err).__name__}: {err}); "
-                             "delete it to recompute") from err
-        checksum = tensors_checksum(*cached.values())
-        if meta.get("key", key) != key or meta.get("sha256", checksum) != checksum:
-            raise ValueError(f"reference cache {path} was changed after it was written (its key or checksum "
-                             "does not match); delete it to recompute")
-        if any(tuple(t.shape) != shape for t in cached.values()):
-            raise ValueError(f"reference cache {path} holds {cached[names[0]].shape[0]} {what}, expected "
-                             f"{shape[0]}; delete it to recompute")
-        return tuple(cached[name] for name in names)
-    values = compute()
-    if accelerator is None or accelerator.is_main_process:
-        atomic_write_tensors(path, dict(zip(names, values, strict=True)),
-                             metadata={"key": key, **metadata, "sha256": tensors_checksum(*values)})
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return values
-
-
-def _reference_key_parts(reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                         accelerator: Accelerator | None, device: torch.device | str | None,
-                         reference_fingerprint: str | None) -> tuple[torch.device, tuple[str, str, str, str]]:
-    dev = accelerator.device if accelerator is not None else resolve_device(device)
-    precision = str(accelerator.mixed_precision) if accelerator is not None else (
-        "bf16" if dev.type == "cuda" else "no")
-    return dev, (reference_fingerprint or model_fingerprint(reference), tokenizer_fingerprint(tokenizer),
-                 dev.type, precision)
-
-
-def reference_logprobs(
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Pairs,
-    *,
-    max_length: int,
-    cache_dir: str | Path,
-    batch_size: int,
-    accelerator: Accelerator | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    reference_fingerprint: str | None = None,
-    average: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pair_logprobs` of the frozen reference, read from / written to the disk cache.
-
-    The key hashes the reference weights, the pairs, the tokenizer, max_length, sum or mean (``average``),
-    the device type and the precision, so any change recomputes and nothing stale is reused.
-    ``reference_fingerprint`` (``cache.model_fingerprint`` of ``reference``) skips hashing the weights a
-    second time.
-    """
-    cols = pair_columns(pairs)
-    n = len(cols["prompt"])
-    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
-                                                                    reference_fingerprint)
-    key = content_hash("ref-logps/v2", weights, pairs_fingerprint(cols), tok, max_length,
-                       "mean" if average else "sum", dev_type, precision)
-
-    def compute() -> tuple[torch.Tensor, torch.Tensor]:
-        return pair_logprobs(reference, tokenizer, cols, max_length=max_length, batch_size=batch_size,
-                             accelerator=accelerator, device=dev, progress=progress,
-                             desc="reference log-probs", average=average)
-
-    chosen, rejected = _cached_logprobs(Path(cache_dir) / f"ref-logps-{key}.safetensors", key,
-                                        ("chosen", "rejected"), (n,), "pairs", compute,
-                                        {"n_pairs": str(n), "max_length": str(max_length)}, accelerator)
-    return chosen, rejected
-
-
-def reference_ranking_logprobs(
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    rankings: Rankings,
-    *,
-    max_length: int,
-    cache_dir: str | Path,
-    batch_size: int,
-    accelerator: Accelerator | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    reference_fingerprint: str | None = None,
-    average: bool = False,
-) -> torch.Tensor:
-    """:func:`ranking_logprobs` of the frozen reference, ``(N, K)``, cached as :func:`reference_logprobs`."""
-    cols = ranking_columns(rankings)
-    shape = (len(cols["prompt"]), len(cols["completions"][0]))
-    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
-                                                                    reference_fingerprint)
-    key = content_hash("ref-ranking-logps/v1", weights, rankings_fingerprint(cols), tok, max_length,
-                       "mean" if average else "sum", dev_type, precision)
-
-    def compute() -> tuple[torch.Tensor]:
-        return (ranking_logprobs(reference, tokenizer, cols, max_length=max_length, batch_size=batch_size,
-                                 accelerator=accelerator, device=dev, progress=progress,
-                                 desc="reference log-probs", average=average),)
-
-    (logps,) = _cached_logprobs(Path(cache_dir) / f"ref-ranking-logps-{key}.safetensors", key, ("logps",),
-                                shape, "rankings", compute,
-                                {"n_rankings": str(shape[0]), "max_length": str(max_length)}, accelerator)
-    return logps
-
-
 # ------------------------------------------------------------------------------------------------- train
-@closes_runs  # the run folder's lock is released however training ends
 def train_dpo(
     policy: nn.Module,
-    reference: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     pairs: Pairs | Rankings,
+    ref_logps: torch.Tensor,
     *,
-    beta: float | None = None,
     config: DPOConfig,
-    out_dir: str | Path,
     seed: int,
     max_length: int,
-    ref_cache_dir: str | Path,
-    eval_fn: EvalFn | None = None,
-    progress: bool = True,
-    device: torch.device | str | None = None,
-    accelerator: Accelerator | None = None,
-    keep_checkpoints: int | None = 1,
+    beta: float | None = None,
     objective: Objective = "dpo",
     alpha: float | None = None,
-) -> DPOResult:
-    """Train ``policy`` in place with DPO (Eq. 7) against ``reference``; see the module docstring.
+    accelerator: Accelerator | None = None,
+    log: TrainLog | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Train ``policy`` in place with DPO (Eq. 7), or a baseline; see the module docstring. Returns the
+    metrics records (``log.records``).
 
-    ``objective`` picks the loss: "dpo" (needs ``beta``; ``config.loss_type``, ``label_smoothing``,
-    ``average_logprobs`` and ``rpo_alpha`` apply), "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft";
-    the baselines ignore the DPO-only config fields and use ``beta`` (default 1.0) only for the logged
-    implicit rewards. With ``config.loss_type == "plackett_luce"``, ``pairs`` are rankings
-    (``batching.ranking_columns``) and each "pair" below is a ranking. ``config.batch_size`` is the GLOBAL
-    batch. ``accelerator`` (default: :func:`make_accelerator` on ``device``): under ``accelerate launch``
-    every process calls this with the same arguments. ``eval_fn(policy, step)`` runs on the main process at
-    step 0, every ``config.eval_every`` steps and at the end; its dict is merged into that step's metrics
-    line. ``keep_checkpoints`` = how many latest checkpoints stay on disk (None keeps all). Raises
-    FloatingPointError naming the step if the loss or gradient goes non-finite; the last good checkpoint is
-    left untouched.
+    ``ref_logps``: the reference's log-probs of every pair, ``(N, 2)`` (chosen, rejected), e.g.
+    ``torch.stack(pair_logprobs(reference, ...), 1)``; with ``config.loss_type == "plackett_luce"`` ``pairs``
+    are rankings (``batching.ranking_columns``) and ``ref_logps`` is ``(N, K)``. ``objective`` picks the
+    loss: "dpo" (needs ``beta``), "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft".
+    ``config.batch_size`` is the GLOBAL batch; under ``accelerate launch`` every process calls this with
+    the same arguments.
+    Raises FloatingPointError naming the step if the loss or gradient goes non-finite; the last good
+    checkpoint is left untouched.
     """
-    if policy is reference:
-        raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
-    beta = _check_objective(objective, beta, alpha)
-    check_dpo_config(config, beta, max_length)
-    accelerator = accelerator if accelerator is not None else make_accelerator(device)
-    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    accumulation_steps(config.batch_size, config.micro_batch_size, world)
+    accelerator = accelerator if accelerator is not None else make_accelerator()
+    world = accelerator.num_processes
+    beta = check_settings(config, objective, beta, alpha, max_length, world)
+    log = log if log is not None else TrainLog(eval_every=config.eval_every)
+    log.max_steps = config.max_steps
     ranked = objective == "dpo" and config.loss_type == "plackett_luce"
     cols: dict[str, list] = ranking_columns(pairs) if ranked else pair_columns(pairs)
-    n_pairs = len(cols["prompt"])
-    fields: dict[str, Any] = {
-        "beta": float(beta), "seed": seed, "max_length": max_length,
-        "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
-        "reference": model_fingerprint(reference),
-        "pairs": rankings_fingerprint(cols) if ranked else pairs_fingerprint(cols),
-        "tokenizer": tokenizer_fingerprint(tokenizer), "device": accelerator.device.type,
-        "mixed_precision": str(accelerator.mixed_precision), "objective": objective,
-        "alpha": None if alpha is None else float(alpha),
-    }
-    error, run = None, None
-    try:
-        run = Run(out_dir, fields, writer=main)
-    except (ValueError, RunLockedError) as err:  # another run's folder, or held past the lock timeout
-        error = err
-    _broadcast_error(accelerator, error)
-    assert run is not None
-    policy.to(accelerator.device)
-    finished = run.finished(config.max_steps, DPOResult, policy)
-    if finished is not None:
-        return finished
-
     seed_everything(seed)
-    ref_args = {"max_length": max_length, "cache_dir": ref_cache_dir, "batch_size": config.micro_batch_size,
-                "accelerator": accelerator, "progress": progress, "average": config.average_logprobs,
-                "reference_fingerprint": fields["reference"]}
-    if ranked:
-        ref = reference_ranking_logprobs(reference, tokenizer, cols, **ref_args)  # (N, K), best first
-    else:
-        ref = torch.stack(reference_logprobs(reference, tokenizer, cols, **ref_args), dim=1)  # (N, 2): w, l
-    ref = ref.to(accelerator.device)
+    ref = ref_logps.to(accelerator.device)
     collator = RankingCollator(tokenizer, max_length) if ranked else PreferenceCollator(tokenizer, max_length)
-    policy.eval()  # dropout off; autograd works the same in eval mode
+    policy.to(accelerator.device).eval()  # dropout off; autograd works the same in eval mode
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_lambda(config.warmup_steps))
-
-    resume = run.resume(config.max_steps)
-    start, ckpt_dir = 0, None
-    if resume is not None:
-        start, ckpt_dir, state = resume
-        load_weights(policy, ckpt_dir)
+    optimizer.zero_grad(set_to_none=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_flat(config.warmup_steps))
+    start, ckpt_dir, state = log.restore({"": policy}) or (0, None, None)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     model = accelerator.prepare_model(policy)  # DDP on several processes; the policy itself on one
-
-    def write_weights(folder: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
-        accelerator.unwrap_model(model).save_pretrained(folder, state_dict=state_dict)
-        tokenizer.save_pretrained(folder)
-
-    where = "at step {} (last good checkpoint: {})"
-    with run.metrics(eval_fn, _TRAIN_KEYS, eval_every=config.eval_every, max_steps=config.max_steps,
-                     start=start if resume is not None else None) as log:
-        if start == 0:
-            log.log_start(policy)
-        variant = "" if objective != "dpo" or config.loss_type == "sigmoid" else f" ({config.loss_type})"
-        desc = _BAR_NAMES[objective] + variant + {"dpo": f" beta={beta:g}",
-                                                  "unlikelihood": f" alpha={alpha}"}.get(objective, "") + (
-            f" x{world}" if world > 1 else "")
-        bar = tqdm(range(start + 1, config.max_steps + 1), desc=desc, disable=not (progress and main),
-                   initial=start, total=config.max_steps)
-        for step in bar:
-            indices = batch_indices(n_pairs, config.batch_size, step, seed)
-            optimizer.zero_grad(set_to_none=True)
-            mine = process_micro_batches(indices, config.micro_batch_size, rank, world)
-            parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("losses", "cr", "rr", "pc", "pr", "nll",
-                                                                     "ul", "nll_tok")}
-            at = where.format(step, ckpt_dir or "none")
-            started, tokens = time.perf_counter(), torch.zeros((), device=accelerator.device)
-            for k, micro in enumerate(mine):
-                try:
-                    collated = collator([{c: cols[c][i] for c in cols} for i in micro])
-                except ValueError as err:  # the collator counts within the micro-batch; name the pair
-                    raise ValueError(_name_pair(str(err), micro, "ranking" if ranked else "pair")) from err
-                batch = {key: v.to(accelerator.device) for key, v in collated.items()}
-                idx = torch.tensor(micro, device=accelerator.device)
-                tokens += sum(v.sum() for key, v in batch.items() if key.endswith("attention_mask"))
-                # Gradients are all-reduced once per step, after this process's last micro-batch.
-                sync = contextlib.nullcontext() if k == len(mine) - 1 else accelerator.no_sync(model)
-                with sync:
-                    out = _micro_batch_losses(model, batch, ref[idx], accelerator, objective=objective,
-                                              beta=beta, alpha=alpha, config=config, where=at)
-                    # x P / batch_size: with DDP's average over P processes, the mean over the global batch.
-                    (out["losses"].sum() * world / len(indices)).backward()
-                for key, t in out.items():
-                    parts[key].append(t.detach().float())
-            cat = {key: accelerator.gather(torch.cat(v)).cpu() for key, v in parts.items() if v}
-            loss = cat["losses"].mean().item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"non-finite {_BAR_NAMES[objective]} loss {at}")
-            grad_norm = float(accelerator.clip_grad_norm_(params, config.max_grad_norm))
-            if not math.isfinite(grad_norm):
-                raise FloatingPointError(f"non-finite gradient norm {at}")
-            lr = scheduler.get_last_lr()[0]  # the lr this update uses
-            optimizer.step()
-            scheduler.step()
-            record = {"step": step, "lr": lr, "grad_norm": grad_norm,
-                      **preference_metrics(cat["losses"], cat["cr"], cat["rr"], cat["pc"], cat["pr"])}
-            if "nll" in cat:
-                record["nll/chosen"] = cat["nll"].mean().item()
-            if "ul" in cat:
-                record["unlikelihood/rejected"] = cat["ul"].mean().item()
-            if "nll_tok" in cat:
-                record["nll/chosen_per_token"] = cat["nll_tok"].mean().item()
-            record["epoch"] = step * config.batch_size / n_pairs
-            # What this step cost (run totals in the log): every token of the stacked batch goes through the
-            # policy forward and backward once; the reference pass is shared by every run (not counted).
-            tokens_all = int(accelerator.reduce(tokens, reduction="sum")) if world > 1 else int(tokens)
-            record.update({"cost/policy_forward_tokens": tokens_all,
-                           "cost/policy_backward_tokens": tokens_all, "cost/samples": 0,
-                           "cost/reward_queries": 0, "cost/optimizer_steps": 1,
-                           "cost/wall_s": time.perf_counter() - started})
-            log.log_step(record, accelerator.unwrap_model(model))
-            bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
-            if is_due(step, config.checkpoint_every, config.max_steps):
-                # A collective under FSDP/DeepSpeed: every process gathers, the main one writes.
-                state_dict = accelerator.get_state_dict(model) if world > 1 else None
-                ckpt_dir = run.save_checkpoint(
-                    step, lambda folder, sd=state_dict: write_weights(folder, sd),
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "data": {"seed": seed, "n_pairs": n_pairs, "batch_size": config.batch_size,
-                              "pairs_seen": step * config.batch_size}},
-                    keep=keep_checkpoints)
-                accelerator.wait_for_everyone()
-    if ckpt_dir is None:  # max_steps >= 1 always checkpoints at the last step; kept for type checkers
-        raise RuntimeError("training ended without a checkpoint")
-    result = run.finish(DPOResult(checkpoint_dir=ckpt_dir, metrics_path=run.metrics_path,
-                                  last_metrics=log.last, steps=config.max_steps))
-    accelerator.wait_for_everyone()
+    if start == 0:
+        log.log_start(policy)
+    bar = tqdm(range(start + 1, config.max_steps + 1), desc=_bar_name(objective, config, beta, alpha, world),
+               disable=not (progress and accelerator.is_main_process), initial=start, total=config.max_steps)
+    for step in bar:
+        where = f"at step {step} (last good checkpoint: {ckpt_dir or 'none'})"
+        started = time.perf_counter()
+        indices = batch_indices(len(cols["prompt"]), config.batch_size, step, seed)
+        mine = process_micro_batches(indices, config.micro_batch_size, accelerator.process_index, world)
+        cat, tokens = _accumulate(model, cols, mine, collator, ref, len(indices), accelerator,
+                                  objective=objective, beta=beta, alpha=alpha, config=config, where=where)
+        if not math.isfinite(cat["losses"].mean().item()):
+            raise FloatingPointError(f"non-finite {_BAR_NAMES[objective]} loss {where}")
+        lr = scheduler.get_last_lr()[0]  # the lr this update uses
+        grad_norm = optimizer_step(optimizer, params, config.max_grad_norm, scheduler=scheduler,
+                                   clip=accelerator.clip_grad_norm_, where=where)
+        epoch = step * config.batch_size / len(cols["prompt"])
+        record = log.log(_record(step, lr, grad_norm, cat, tokens, epoch, started),
+                         accelerator.unwrap_model(model))
+        bar.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
+        if is_due(step, config.checkpoint_every, config.max_steps):
+            # A collective under FSDP/DeepSpeed: every process gathers, the main one writes.
+            state_dict = accelerator.get_state_dict(model) if world > 1 else None
+            ckpt_dir = log.save(step, lambda folder, sd=state_dict: _write_checkpoint(
+                folder, accelerator.unwrap_model(model), tokenizer, sd), {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "data": {"seed": seed, "n_pairs": len(cols["prompt"]), "batch_size": config.batch_size,
+                         "pairs_seen": step * config.batch_size}})
+            accelerator.wait_for_everyone()
     policy.eval()
-    return result
+    return log.records
+
+
+def _bar_name(objective: str, config: DPOConfig, beta: float, alpha: float | None, world: int) -> str:
+    variant = "" if objective != "dpo" or config.loss_type == "sigmoid" else f" ({config.loss_type})"
+    value = {"dpo": f" beta={beta:g}", "unlikelihood": f" alpha={alpha}"}.get(objective, "")
+    return _BAR_NAMES[objective] + variant + value + (f" x{world}" if world > 1 else "")
+
+
+def _write_checkpoint(folder: Any, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                      state_dict: dict[str, torch.Tensor] | None) -> None:
+    model.save_pretrained(folder, state_dict=state_dict)
+    tokenizer.save_pretrained(folder)
+
+
+def _accumulate(model: nn.Module, cols: Mapping[str, list], micro: list[list[int]], collator: Callable,
+                ref: torch.Tensor, n_global: int, accelerator: Accelerator,
+                **loss_args: Any) -> tuple[dict[str, torch.Tensor], int]:
+    """Forward and backward of this process's micro-batches of one step (rows ``micro`` of ``cols``): every
+    pair's outputs (:func:`_micro_batch_losses`) gathered from all processes, and the step's token count.
+    Gradients are all-reduced once, after the last micro-batch."""
+    parts: dict[str, list[torch.Tensor]] = {}
+    tokens = torch.zeros((), device=accelerator.device)
+    for k, idx in enumerate(micro):
+        try:
+            collated = collator([{c: cols[c][i] for c in cols} for i in idx])
+        except ValueError as err:  # the collator counts within the micro-batch; name the pair
+            noun = "ranking" if isinstance(collator, RankingCollator) else "pair"
+            raise ValueError(_name_pair(str(err), idx, noun)) from err
+        batch = {key: v.to(accelerator.device) for key, v in collated.items()}
+        tokens += sum(v.sum() for key, v in batch.items() if key.endswith("attention_mask"))
+        sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
+        with sync:
+            out = _micro_batch_losses(model, batch, ref[torch.tensor(idx, device=accelerator.device)],
+                                      accelerator, **loss_args)
+            # x P / batch_size: with DDP's average over P processes, the mean over the global batch.
+            (out["losses"].sum() * accelerator.num_processes / n_global).backward()
+        for key, t in out.items():
+            parts.setdefault(key, []).append(t.detach().float())
+    cat = {key: accelerator.gather(torch.cat(v)).cpu() for key, v in parts.items()}
+    total = int(accelerator.reduce(tokens, reduction="sum")) if accelerator.num_processes > 1 else int(tokens)
+    return cat, total
+
+
+def _record(step: int, lr: float, grad_norm: float, cat: dict[str, torch.Tensor], tokens: int, epoch: float,
+            started: float) -> dict[str, Any]:
+    """One step's metrics line (TRL's names) and what it cost: every token of the stacked batch goes through
+    the policy forward and backward once; the reference pass is shared by every run (not counted)."""
+    record = {"step": step, "lr": lr, "grad_norm": grad_norm,
+              **preference_metrics(cat["losses"], cat["cr"], cat["rr"], cat["pc"], cat["pr"])}
+    for key, name in (("nll", "nll/chosen"), ("ul", "unlikelihood/rejected"),
+                      ("nll_tok", "nll/chosen_per_token")):
+        if key in cat:
+            record[name] = cat[key].mean().item()
+    record["epoch"] = epoch
+    record.update({"cost/policy_forward_tokens": tokens, "cost/policy_backward_tokens": tokens,
+                   "cost/samples": 0, "cost/reward_queries": 0, "cost/optimizer_steps": 1,
+                   "cost/wall_s": time.perf_counter() - started})
+    return record
 
 
 def _name_pair(message: str, micro: Sequence[int], noun: str = "pair") -> str:
@@ -716,6 +531,6 @@ def _ranking_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: to
             "pc": logps[:, 0], "pr": logps[:, -1]}
 
 
-__all__ = ["DPOResult", "MixedPrecision", "Objective", "OBJECTIVES", "accumulation_steps", "autocast",
-           "check_dpo_config", "make_accelerator", "make_optimizer", "pair_logprobs", "process_micro_batches",
-           "ranking_logprobs", "reference_logprobs", "reference_ranking_logprobs", "train_dpo"]
+__all__ = ["MixedPrecision", "Objective", "OBJECTIVES", "accumulation_steps", "autocast", "check_settings",
+           "make_accelerator", "make_optimizer", "pair_logprobs", "process_micro_batches", "ranking_logprobs",
+           "train_dpo"]

@@ -20,10 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpo_lab import pipeline
 from dpo_lab.batching import pair_columns, pairs_fingerprint
 from dpo_lab.cache import cached_directory, content_hash, read_json_object
-from dpo_lab.dpo_trainer import DPOResult, train_dpo
 from dpo_lab.models import load_policy
 from dpo_lab.paths import artifacts_dir
-from dpo_lab.ppo import PPOResult, train_ppo
 from dpo_lab.preferences import (
     Candidates,
     build_preference_pairs,
@@ -34,7 +32,7 @@ from dpo_lab.preferences import (
 )
 from dpo_lab.presets import Preset
 from dpo_lab.rewards import RewardModel
-from dpo_lab.run import RunResult
+from dpo_lab.run import RunResult, dpo_run, ppo_run, trajectory_settings
 from dpo_lab.sampling import sample
 
 SHOW_PROGRESS = pipeline.SHOW_PROGRESS
@@ -135,39 +133,39 @@ def equal_count(pairs: datasets.Dataset, n: int, *, seed: int) -> datasets.Datas
 
 # ------------------------------------------------------------------------------------------------- runs
 def lab_dpo(preset: Preset, pairs: datasets.Dataset, beta: float, *, start: RunResult | None = None,
-            proxy: bool = False, progress: bool = SHOW_PROGRESS) -> DPOResult:
+            proxy: bool = False, progress: bool = SHOW_PROGRESS) -> RunResult:
     """DPO (Eq. 7) at ``beta`` on ``pairs`` with the preset's ``dpo`` settings. From pi_SFT (the reference),
     or from ``start``'s final policy, which is then the reference too (one round of iterative DPO). KL is
     measured to pi_SFT either way, as on the frontier; ``proxy`` also reads r_phi at every evaluation."""
     sft, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
     reference = sft if start is None else load_policy(start.checkpoint_dir)[0]
     eval_fn = pipeline.run_eval_fn(preset, sft, tokenizer, proxy=proxy, from_sft=start is None)
-    trajectory = pipeline.trajectory_settings(preset.dpo)
+    trajectory = trajectory_settings(preset.dpo)
     start_name = None if start is None else str(start.checkpoint_dir.resolve().relative_to(
         artifacts_dir().resolve()))
     key = content_hash("lab-dpo", pairs_fingerprint(pair_columns(pairs)), pipeline.sft_key(preset),
                        pipeline.reward_key(preset), pipeline.audit_key(preset), trajectory, preset.eval, beta,
                        start_name, proxy)
-    return train_dpo(copy.deepcopy(reference), reference, tokenizer, pairs, config=preset.dpo, beta=beta,
-                     seed=preset.seed, out_dir=artifacts_dir() / "training" / f"lab-dpo-beta{beta:g}-{key}",
-                     max_length=preset.policy.n_positions, ref_cache_dir=artifacts_dir() / "reference-logps",
-                     eval_fn=eval_fn, progress=progress)
+    return dpo_run(copy.deepcopy(reference), reference, tokenizer, pairs,
+                   out_dir=artifacts_dir() / "training" / f"lab-dpo-beta{beta:g}-{key}",
+                   ref_cache_dir=artifacts_dir() / "reference-logps", eval_fn=eval_fn, config=preset.dpo,
+                   beta=beta, seed=preset.seed, max_length=preset.policy.n_positions, progress=progress)
 
 
-def lab_ppo(preset: Preset, target_kl: float | None, *, progress: bool = SHOW_PROGRESS) -> PPOResult:
+def lab_ppo(preset: Preset, target_kl: float | None, *, progress: bool = SHOW_PROGRESS) -> RunResult:
     """PPO against the learned r_phi (the frontier's "PPO") with r_phi read beside r* at every evaluation;
     ``target_kl`` None keeps the KL coefficient fixed at ``ppo.init_kl_coef`` (no adaptive controller)."""
     reference, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
     config = dataclasses.replace(preset.ppo, target_kl=target_kl)
     key = content_hash("lab-ppo-proxy", pipeline.preferences_key(preset), pipeline.reward_model_key(preset),
-                       pipeline.trajectory_settings(config), preset.eval)
+                       trajectory_settings(config), preset.eval)
     name = f"target_kl{target_kl:g}" if target_kl is not None else f"kl_coef{config.init_kl_coef:g}"
     train_prompts = pipeline.prompts(preset, tokenizer, "train")
-    return train_ppo(copy.deepcopy(reference), reference, tokenizer, train_prompts,
-                     pipeline.learned_reward(preset, progress=progress), config=config, seed=preset.seed,
-                     out_dir=artifacts_dir() / "training" / f"lab-ppo-{name}-{key}",
-                     eval_fn=pipeline.run_eval_fn(preset, reference, tokenizer, proxy=True),
-                     progress=progress)
+    return ppo_run(copy.deepcopy(reference), reference, tokenizer, train_prompts,
+                   pipeline.learned_reward(preset, progress=progress),
+                   out_dir=artifacts_dir() / "training" / f"lab-ppo-{name}-{key}",
+                   eval_fn=pipeline.run_eval_fn(preset, reference, tokenizer, proxy=True), config=config,
+                   seed=preset.seed, progress=progress)
 
 
 # ------------------------------------------------------------------------------------------------ reading

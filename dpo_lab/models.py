@@ -6,9 +6,10 @@ for GPT-2's pretraining as well.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +26,17 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as hf_logging
 
 from dpo_lab.cache import atomic_directory, naming_damaged_files
 from dpo_lab.data import validate_texts
+from dpo_lab.loop import optimizer_step, warmup_then_cosine
 from dpo_lab.presets import PolicyConfig
-from dpo_lab.run import quiet_hf_progress
 from dpo_lab.sampling import sampling_config
 from dpo_lab.seed import seed_everything
 
 EOS = "<|endoftext|>"
+MAX_HELD_OUT = 256  # held-out reviews train_sft reports its loss on
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
@@ -112,6 +115,19 @@ def load_hub_policy(name: str, *, revision: str | None = None,
     return _prepare(model, tokenizer), tokenizer
 
 
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' own bars ('Loading weights', 'Writing model shards') for local, small loads and
+    saves: one per checkpoint would bury the training bar."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def save_policy(model: PreTrainedModel, tokenizer: Any, path: str | Path) -> Path:
     """Save weights (safetensors), config, generation config and tokenizer to ``path``, atomically: an
     interrupted save leaves the previous folder (or none), never a half-written one."""
@@ -185,17 +201,9 @@ def lm_loss(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], *, max
     return total / max(count, 1)
 
 
-def lr_at(step: int, *, lr: float, warmup: int, total: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup from 0 over ``warmup`` steps, then cosine decay to ``min_ratio * lr`` at ``total``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], config: PolicyConfig, *,
               seed: int, held_out_texts: Sequence[str] | None = None, progress: bool = True,
-              micro_batch_size: int | None = None, max_held_out: int = 256) -> dict[str, Any]:
+              micro_batch_size: int | None = None) -> dict[str, Any]:
     """Causal-LM training on reviews: the supervised fine-tuning that produces π_ref (and π_θ's start).
 
     ``config.sft_steps`` optimizer steps of ``config.sft_batch_size`` reviews (drawn in a seeded shuffled
@@ -205,7 +213,7 @@ def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], conf
     splits each step into gradient-accumulation chunks (same result, less memory).
 
     Returns ``losses`` and ``lrs`` per step, ``seconds``, ``tokens`` and, given ``held_out_texts`` (at most
-    ``max_held_out`` of them are used), ``held_out_loss_init``, ``held_out_loss`` and ``held_out_ppl``.
+    :data:`MAX_HELD_OUT` of them are used), ``held_out_loss_init``, ``held_out_loss`` and ``held_out_ppl``.
     """
     texts = validate_texts(texts, name="SFT texts")
     batch_size = config.sft_batch_size
@@ -224,7 +232,7 @@ def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], conf
     ids, lengths = encode_reviews(tokenizer, texts, config.n_positions)
     held_out = None
     if held_out_texts is not None:
-        held_out = validate_texts(held_out_texts, name="held-out texts")[:max_held_out]
+        held_out = validate_texts(held_out_texts, name="held-out texts")[:MAX_HELD_OUT]
 
     result: dict[str, Any] = {"steps": steps, "losses": [], "lrs": []}
     if held_out:
@@ -240,7 +248,7 @@ def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], conf
     start = time.perf_counter()
     model.train()
     for step in tqdm(range(steps), desc="SFT", disable=not progress):
-        lr = lr_at(step, lr=config.sft_lr, warmup=config.sft_warmup_steps, total=steps)
+        lr = warmup_then_cosine(step, lr=config.sft_lr, warmup=config.sft_warmup_steps, total=steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         if cursor + batch_size > len(order):  # next epoch: a fresh shuffle (the incomplete batch is dropped)
@@ -258,9 +266,7 @@ def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], conf
                                                      reduction="sum") / max(n_targets, 1)
             loss.backward()
             step_loss += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer_step(optimizer, model.parameters(), 1.0, where=f"at SFT step {step}")
         result["losses"].append(step_loss)
         result["lrs"].append(lr)
         tokens += n_targets

@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING
 import datasets
 import numpy as np
 import pandas as pd
-from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -33,13 +32,12 @@ from dpo_lab.audit import FluencyLM, WordOrderSentiment, distinct_word_ratio
 from dpo_lab.batching import rankings_from_candidates
 from dpo_lab.cache import atomic_write_json, cached_directory, content_hash, read_json_object
 from dpo_lab.data import load_imdb, make_prompts
-from dpo_lab.dpo_trainer import DPOResult, train_dpo
 from dpo_lab.evaluate import Scorer, make_eval_fn
 from dpo_lab.frontier import evaluation_points
 from dpo_lab.implicit_reward import HeldOut, draw_heldout, likelihood_fn
+from dpo_lab.loop import resolve_device
 from dpo_lab.models import build_policy, load_hub_policy, load_policy, save_policy, train_sft, train_tokenizer
 from dpo_lab.paths import artifacts_dir
-from dpo_lab.ppo import PPOResult, train_ppo
 from dpo_lab.preferences import (
     Candidates,
     generate_preference_data,
@@ -47,8 +45,8 @@ from dpo_lab.preferences import (
     load_preferences,
     save_preferences,
 )
-from dpo_lab.presets import DPOConfig, PPOConfig, Preset
-from dpo_lab.reward_model import LearnedReward, split_by_prompt, train_reward_model
+from dpo_lab.presets import Preset
+from dpo_lab.reward_model import LearnedReward, split_by_prompt
 from dpo_lab.rewards import (
     HubSentimentReward,
     RewardModel,
@@ -57,7 +55,16 @@ from dpo_lab.rewards import (
     first_words,
     score_completions,
 )
-from dpo_lab.run import RunResult, finished_metrics, resolve_device, schedule_dir
+from dpo_lab.run import (
+    RunResult,
+    cached_reward_model,
+    dpo_run,
+    finished_metrics,
+    finished_run,
+    ppo_run,
+    schedule_dir,
+    trajectory_settings,
+)
 from dpo_lab.seed import seed_everything
 
 if TYPE_CHECKING:
@@ -286,18 +293,6 @@ def frontier_runs(preset: Preset, methods: tuple[str, ...] = METHODS) -> list[tu
     return [(m, float(v)) for m in methods for v in values[m]]
 
 
-SCHEDULE_FIELDS = ("betas", "target_kls", "max_steps", "eval_every", "checkpoint_every")
-
-
-def trajectory_settings(config: DPOConfig | PPOConfig) -> dict:
-    """The settings of a DPO or PPO config that a run key hashes: those that change the run's trajectory.
-
-    How long a run goes and how often it is looked at do not: leaving them out of the key lets a finished
-    run be continued with a larger max_steps (the trainers resume it); a smaller max_steps after a larger
-    one is kept apart in ``<run folder>-steps<N>`` (run.schedule_dir)."""
-    return {k: v for k, v in dataclasses.asdict(config).items() if k not in SCHEDULE_FIELDS}
-
-
 def run_dir(preset: Preset, method: str, value: float, split: str = "test") -> Path:
     """Where one run lives: the key hashes the stages it reads, every setting of its method and, for a run
     evaluated on the validation prompts (a tuning run, issue #23), that split."""
@@ -318,11 +313,9 @@ def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Learned
         if step % 10 == 0 or step == total:
             atomic_write_json(_reward_model_progress(preset), {"step": step, "total": total})
 
-    # r_phi is trained once for every PPO run (and every process sharing the artifacts folder): under this
-    # lock one process trains and saves it, the others wait and load it.
-    with FileLock(folder.parent / f".{folder.name}.lock"):
-        return train_reward_model(policy, tokenizer, pairs, config=preset.reward_model, seed=preset.seed,
-                                  out_dir=folder, progress=progress, on_step=report)
+    # Trained once for every PPO run (and every process sharing the artifacts folder), then loaded.
+    return cached_reward_model(policy, tokenizer, pairs, out_dir=folder, config=preset.reward_model,
+                               seed=preset.seed, progress=progress, on_step=report)
 
 
 def audit_pair_accuracy(preset: Preset) -> float:
@@ -384,7 +377,7 @@ def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTraine
 
 def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
              accelerator: Accelerator | None = None, gradient_checkpointing: bool = False,
-             split: str = "test") -> DPOResult:
+             split: str = "test") -> RunResult:
     """A DPO (value = beta), Unlikelihood (alpha) or Preferred-FT (seed) run from pi_SFT; on every process
     of ``accelerator`` when given (``scale.launch``), in the same run folder. DPO with ``dpo.loss_type``
     "plackett_luce" trains on :func:`preference_rankings` instead of the pairs. ``split`` names the
@@ -401,23 +394,22 @@ def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW
         pairs, _ = preference_data(preset, progress=progress)
     objective = {"DPO": "dpo", "Unlikelihood": "unlikelihood", "Preferred-FT": "preferred_ft"}[method]
     config = dataclasses.replace(preset.dpo, max_steps=run_steps(preset, method))
-    return train_dpo(policy, reference, tokenizer, pairs, config=config, objective=objective,
-                     beta=value if method == "DPO" else None,
-                     alpha=value if method == "Unlikelihood" else None,
-                     seed=int(value) if method == "Preferred-FT" else preset.seed,
-                     out_dir=run_dir(preset, method, value, split), max_length=preset.policy.n_positions,
-                     ref_cache_dir=artifacts_dir() / "reference-logps",
-                     eval_fn=run_eval_fn(preset, reference, tokenizer, split=split), progress=progress,
-                     accelerator=accelerator)
+    return dpo_run(policy, reference, tokenizer, pairs, out_dir=run_dir(preset, method, value, split),
+                   ref_cache_dir=artifacts_dir() / "reference-logps",
+                   eval_fn=run_eval_fn(preset, reference, tokenizer, split=split), accelerator=accelerator,
+                   config=config, objective=objective, beta=value if method == "DPO" else None,
+                   alpha=value if method == "Unlikelihood" else None,
+                   seed=int(value) if method == "Preferred-FT" else preset.seed,
+                   max_length=preset.policy.n_positions, progress=progress)
 
 
-def dpo(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> DPOResult:
+def dpo(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> RunResult:
     """One DPO run from pi_SFT at KL coefficient ``beta`` (Eq. 3), evaluated every ``eval_every`` steps."""
     return pairwise(preset, "DPO", beta, progress=progress)
 
 
 def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_PROGRESS,
-        split: str = "test") -> PPOResult:
+        split: str = "test") -> RunResult:
     """A PPO run with the learned reward r_phi ("PPO") or the ground truth r* ("PPO-GT"), evaluated on
     ``split``'s prompts."""
     if method not in PPO_METHODS:
@@ -426,15 +418,21 @@ def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_
     policy = copy.deepcopy(reference)  # pi_theta starts at pi_SFT = pi_ref
     score_fn = learned_reward(preset, progress=progress) if method == "PPO" else reward_model(preset)[0]
     config = dataclasses.replace(preset.ppo, target_kl=target_kl)
-    return train_ppo(policy, reference, tokenizer, prompts(preset, tokenizer, "train"), score_fn,
-                     config=config, out_dir=run_dir(preset, method, target_kl, split), seed=preset.seed,
-                     eval_fn=run_eval_fn(preset, reference, tokenizer, split=split), progress=progress)
+    return ppo_run(policy, reference, tokenizer, prompts(preset, tokenizer, "train"), score_fn,
+                   out_dir=run_dir(preset, method, target_kl, split),
+                   eval_fn=run_eval_fn(preset, reference, tokenizer, split=split), config=config,
+                   seed=preset.seed, progress=progress)
 
 
 def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
            split: str = "test") -> RunResult:
-    """Train (or load, if finished) one run of any method, evaluated on ``split``'s prompts ("test" for
-    the frontier, "validation" for choosing settings); its checkpoint_dir and metrics_path."""
+    """Train one run of any method, evaluated on ``split``'s prompts ("test" for the frontier, "validation"
+    for choosing settings); its checkpoint_dir and metrics_path. A finished run is known by its result.json
+    (nothing is loaded or hashed)."""
+    steps = run_steps(preset, method)
+    finished = finished_run(schedule_dir(run_dir(preset, method, value, split), steps), steps)
+    if finished is not None:
+        return finished
     if method in PPO_METHODS:
         return ppo(preset, method, value, progress=progress, split=split)
     return pairwise(preset, method, value, progress=progress, split=split)
@@ -458,7 +456,7 @@ def trace_dir(preset: Preset, beta: float) -> Path:
     return artifacts_dir() / "training" / f"trace-beta{beta:g}-{key}"
 
 
-def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> DPOResult:
+def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> RunResult:
     """The DPO run at ``beta`` again, in its own folder, looked at 10 times with
     ``implicit_reward.likelihood_fn``: what DPO does to the likelihoods of held-out pairs and of its own
     samples. Same trajectory as :func:`dpo` (same seed, pairs and settings); cached like every run."""
@@ -472,9 +470,9 @@ def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGR
     eval_fn = likelihood_fn(reference, tokenizer, heldout(preset, progress=progress), beta=beta,
                             max_new_tokens=preset.eval.max_new_tokens, batch_size=preset.eval.batch_size,
                             seed=preset.seed)
-    return train_dpo(policy, reference, tokenizer, pairs, config=config, beta=beta, seed=preset.seed,
-                     out_dir=trace_dir(preset, beta), max_length=preset.policy.n_positions,
-                     ref_cache_dir=artifacts_dir() / "reference-logps", eval_fn=eval_fn, progress=progress)
+    return dpo_run(policy, reference, tokenizer, pairs, out_dir=trace_dir(preset, beta),
+                   ref_cache_dir=artifacts_dir() / "reference-logps", eval_fn=eval_fn, config=config,
+                   beta=beta, seed=preset.seed, max_length=preset.policy.n_positions, progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -648,7 +646,7 @@ def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bo
     frames = []
     for method, value in runs:
         start = time.perf_counter()
-        run = result(preset, method, value, progress=progress)  # trained above: loaded at once
+        run = result(preset, method, value, progress=progress)  # trained above: read from its result.json
         seconds[(method, value)] = seconds.get((method, value), 0.0) + time.perf_counter() - start
         label = f"{hyperparameter_name(method)}={value:g}"
         with finished_metrics(run) as metrics:

@@ -18,57 +18,37 @@ al. and TRL's ``AutoModelForCausalLMWithValueHead``). It is the simpler correct 
 pass yields log-probs and values, one optimizer, half the compute of a separate critic on a 2-core CPU;
 the cost is that the value loss also moves the shared backbone, which ``vf_coef = 0.1`` keeps small.
 
-Conventions as the DPO trainer (the shared bookkeeping is runs.py): ``out_dir`` is one run;
-``metrics.jsonl`` gets one line per step with the eval_fn's keys merged in at step 0 (the starting policy),
-every ``eval_every`` steps and the last step; checkpoints are written atomically and a run resumes from its
-last one with the same numbers (CPU).
+Conventions as the DPO trainer: every step's metrics go to ``log`` (``loop.TrainLog``; ``run.Run`` writes
+them to a run folder, checkpoints and resumes with the same numbers on CPU).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lab.batching import pad_rows
-from dpo_lab.cache import content_hash, model_fingerprint, tokenizer_fingerprint
 from dpo_lab.logprobs import position_ids_from_mask, token_logprobs
+from dpo_lab.loop import TrainLog, batch_indices, is_due, optimizer_step, resolve_device
 from dpo_lab.presets import PPOConfig
-from dpo_lab.run import (
-    EvalFn,
-    Run,
-    RunResult,
-    batch_indices,
-    closes_runs,
-    is_due,
-    load_weights,
-    resolve_device,
-)
 from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 
 # r_phi (reward_model.LearnedReward) or r* (rewards.RewardModel): full texts -> one score each.
 ScoreFn = Callable[[Sequence[str]], np.ndarray]
-
-
-# Settings that do not change the trajectory of one run.
-_NOT_IN_RUN_KEY = ("target_kls", "max_steps", "eval_every", "checkpoint_every")
-
-
-@dataclass(frozen=True)
-class PPOResult(RunResult):
-    """A finished PPO run; checkpoint_dir holds the final policy (save_pretrained + tokenizer) and
-    value_head/model.safetensors."""
 
 
 # ------------------------------------------------------------------------------------------ KL control
@@ -304,7 +284,8 @@ def _rollout(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
 
 
 # --------------------------------------------------------------------------------------------- training
-def _check_config(config: PPOConfig) -> None:
+def check_settings(config: PPOConfig, prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse bad settings before any work, naming the field."""
     for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_steps",
                  "eval_every", "checkpoint_every", "kl_horizon"):
         value = getattr(config, name)
@@ -320,6 +301,17 @@ def _check_config(config: PPOConfig) -> None:
     for name in ("cliprange", "cliprange_value", "vf_coef", "init_kl_coef", "max_grad_norm"):
         if not getattr(config, name) > 0:
             raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(config, name)}")
+    if isinstance(prompts, str) or len(prompts) == 0:
+        raise ValueError("prompts must be a non-empty sequence of strings")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad_token_id; set one (pad = eos)")
+
+
+def _rollout_seed(seed: int, step: int) -> int:
+    """The sampling seed of step ``step``'s rollout: a hash of (seed, step), as ``cache.content_hash``
+    ("ppo-rollout", seed, step) gives it, so that rollouts of nearby seeds do not overlap."""
+    payload = json.dumps(["ppo-rollout", seed, step], sort_keys=True, separators=(",", ":"))
+    return int(hashlib.sha256(payload.encode()).hexdigest()[:8], 16)
 
 
 def kl_controller(config: PPOConfig) -> AdaptiveKLController | FixedKLController:
@@ -350,10 +342,8 @@ def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro
             loss = pg_loss + config.vf_coef * vf_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite PPO loss at step {step}; lower the lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
+            optimizer_step(optimizer, model.parameters(), config.max_grad_norm, loss=loss,
+                           where=f"at step {step}")
             with torch.no_grad():
                 stats["loss/policy"].append(float(pg_loss))
                 stats["loss/value"].append(float(vf_loss))
@@ -372,7 +362,7 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
     started = time.perf_counter()
     kl_coef = kl_ctl.value
     ro = _rollout(model, reference, tokenizer, prompts, score_fn, max_new_tokens=config.max_new_tokens,
-                  seed=int(content_hash("ppo-rollout", seed, step, length=8), 16), device=device)
+                  seed=_rollout_seed(seed, step), device=device)
     rollout_s = time.perf_counter() - started
     raw_scores = ro.scores.double().cpu().numpy()
     if config.normalize_scores:
@@ -415,21 +405,15 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
 
 
 def _write_checkpoint(folder: Path, model: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Policy (safetensors) + tokenizer + value head; the run adds the trainer state."""
+    """Policy (safetensors) + tokenizer + value head (in a subfolder: the policy's loader reads every
+    *.safetensors beside its weights)."""
     model.policy.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    # In a subfolder: load_weights reads every *.safetensors beside the policy's weights.
     (folder / "value_head").mkdir()
     save_file({k: v.detach().cpu().contiguous() for k, v in model.value_head.state_dict().items()},
               str(folder / "value_head" / "model.safetensors"))
 
 
-def _load_checkpoint(ckpt: Path, model: PolicyWithValueHead) -> None:
-    load_weights(model.policy, ckpt)
-    model.value_head.load_state_dict(load_file(str(ckpt / "value_head" / "model.safetensors")))
-
-
-@closes_runs  # the run folder's lock is released however training ends
 def train_ppo(
     policy: nn.Module,
     reference: nn.Module,
@@ -438,39 +422,23 @@ def train_ppo(
     score_fn: ScoreFn,
     *,
     config: PPOConfig,
-    out_dir: str | Path,
     seed: int,
-    eval_fn: EvalFn | None = None,
-    progress: bool = True,
     device: torch.device | str | None = None,
-) -> PPOResult:
+    log: TrainLog | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Train ``policy`` in place with PPO on Eq. 3's objective; ``score_fn(texts)`` is r_phi (PPO) or r*
-    (PPO-GT), called on prompt + completion text. ``reference`` stays frozen.
+    (PPO-GT), called on prompt + completion text. ``reference`` stays frozen. Returns the metrics records.
 
     Every step draws ``rollout_batch_size`` prompts (consecutive slices of a seeded permutation per pass
-    over ``prompts``), so the same seed gives the same run; a rerun with more ``max_steps`` resumes from the
-    last checkpoint; a finished run returns at once with its final weights loaded into ``policy``.
+    over ``prompts``), so the same seed gives the same run.
     """
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
-    _check_config(config)
-    if isinstance(prompts, str) or len(prompts) == 0:
-        raise ValueError("prompts must be a non-empty sequence of strings")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("tokenizer has no pad_token_id; set one (pad = eos)")
-    device = resolve_device(device)
-    prompts = list(prompts)
-    # The policy's weights are not in the key: they change as it trains (a resume starts from moved weights).
-    run = Run(out_dir, {
-        "seed": seed, "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
-        "reference": model_fingerprint(reference),
-        "prompts": content_hash(prompts), "tokenizer": tokenizer_fingerprint(tokenizer),
-        "device": device.type,
-    })
-    finished = run.finished(config.max_steps, PPOResult, policy)
-    if finished is not None:
-        return finished
-
+    check_settings(config, prompts, tokenizer)
+    device, prompts = resolve_device(device), list(prompts)
+    log = log if log is not None else TrainLog(eval_every=config.eval_every)
+    log.max_steps = config.max_steps
     seed_everything(seed)
     policy.to(device).eval()  # dropout off throughout (as the DPO trainer); autograd works in eval mode
     # The reference only runs under no_grad; its requires_grad flags are the caller's and are left alone
@@ -480,48 +448,33 @@ def train_ppo(
         raise ValueError("no parameter of the policy requires grad; unfreeze it (requires_grad_(True)) first")
     model = PolicyWithValueHead(policy).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    kl_ctl = kl_controller(config)
-    moments = RunningMoments()
-
-    resume = run.resume(config.max_steps)
-    start, ckpt_dir = 0, None
-    if resume is not None:
-        start, ckpt_dir, state = resume
-        _load_checkpoint(ckpt_dir, model)
+    optimizer.zero_grad(set_to_none=True)
+    kl_ctl, moments = kl_controller(config), RunningMoments()
+    start, _, state = log.restore({"": model.policy, "value_head": model.value_head}) or (0, None, None)
+    if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         kl_ctl.value = float(state["kl_coef"])
         moments.load_state_dict(state["moments"])
-
-    train_keys = {"step", "objective/kl", "objective/scores", "objective/rlhf_reward", "kl_coef",
-                  "loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "policy/entropy",
-                  "val/clipfrac", "val/mean", "returns/mean", "objective/completion_tokens", "time/rollout_s",
-                  "time/step_s", "cost/policy_forward_tokens", "cost/policy_backward_tokens", "cost/samples",
-                  "cost/reward_queries", "cost/optimizer_steps", "cost/wall_s"}
+    if start == 0:
+        log.log_start(policy)
     name = "PPO" if config.target_kl is None else f"PPO target_kl={config.target_kl:g}"
-    with run.metrics(eval_fn, train_keys, eval_every=config.eval_every, max_steps=config.max_steps,
-                     start=start if resume is not None else None) as log:
-        if start == 0:
-            log.log_start(policy)
-        bar = tqdm(range(start + 1, config.max_steps + 1), desc=name, disable=not progress, initial=start,
-                   total=config.max_steps)
-        for step in bar:
-            chosen = batch_indices(len(prompts), config.rollout_batch_size, step, seed)
-            record = ppo_step(model, reference, tokenizer, [prompts[i] for i in chosen], score_fn, optimizer,
-                              kl_ctl, moments, config, step=step, seed=seed, device=device)
-            log.log_step(record, policy)
-            bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}",
-                            beta=f"{record['kl_coef']:.3f}")
-            if is_due(step, config.checkpoint_every, config.max_steps):
-                ckpt_dir = run.save_checkpoint(
-                    step, lambda folder: _write_checkpoint(folder, model, tokenizer),
-                    {"optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                     "moments": moments.state_dict()})
-    if ckpt_dir is None:
-        raise RuntimeError("training ended without a checkpoint")
+    bar = tqdm(range(start + 1, config.max_steps + 1), desc=name, disable=not progress, initial=start,
+               total=config.max_steps)
+    for step in bar:
+        chosen = batch_indices(len(prompts), config.rollout_batch_size, step, seed)
+        record = ppo_step(model, reference, tokenizer, [prompts[i] for i in chosen], score_fn, optimizer,
+                          kl_ctl, moments, config, step=step, seed=seed, device=device)
+        log.log(record, policy)
+        bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}",
+                        beta=f"{record['kl_coef']:.3f}")
+        if is_due(step, config.checkpoint_every, config.max_steps):
+            log.save(step, lambda folder: _write_checkpoint(folder, model, tokenizer),
+                     {"optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
+                      "moments": moments.state_dict()})
     policy.eval()
-    return run.finish(PPOResult(ckpt_dir, run.metrics_path, log.last, config.max_steps))
+    return log.records
 
 
-__all__ = ["PPOConfig", "PPOResult", "AdaptiveKLController", "FixedKLController", "RunningMoments",
+__all__ = ["PPOConfig", "AdaptiveKLController", "FixedKLController", "RunningMoments",
            "PolicyWithValueHead", "masked_mean", "whiten", "kl_penalized_rewards", "gae", "policy_loss",
            "value_loss", "entropy_from_logits", "kl_controller", "ppo_step", "train_ppo"]

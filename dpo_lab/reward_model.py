@@ -23,43 +23,29 @@ merge across the prompt/completion boundary.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import GPT2Model, PreTrainedTokenizerBase
 
 from dpo_lab.batching import (
     Pairs,
     PreferenceCollator,
     pair_columns,
     pair_examples,
-    pairs_fingerprint,
     stack_pairs,
 )
-from dpo_lab.cache import (
-    atomic_directory,
-    content_hash,
-    model_fingerprint,
-    naming_damaged_files,
-    tokenizer_fingerprint,
-)
 from dpo_lab.logprobs import position_ids_from_mask
+from dpo_lab.loop import optimizer_step, resolve_device, warmup_then_flat
 from dpo_lab.losses import bradley_terry_loss
 from dpo_lab.presets import RewardModelConfig
-from dpo_lab.run import resolve_device, warmup_lambda
 from dpo_lab.seed import seed_everything
-
-FORMAT = "dpo_lab.LearnedReward"
-FORMAT_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -187,38 +173,6 @@ class LearnedReward:
         """``r_phi(x, y) - offset``: E = 0 over the training completions (paper §3)."""
         return self.raw(texts) - self.offset
 
-    # ---------------------------------------------------------------------------------------- save / load
-    def save(self, path: str | Path) -> Path:
-        """``model.safetensors`` (backbone + head), ``reward_config.json`` (GPT-2 config, offset, report),
-        and the tokenizer; written atomically."""
-        with atomic_directory(path) as tmp:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-            save_file(state, str(tmp / "model.safetensors"))
-            meta = {"format": FORMAT, "version": FORMAT_VERSION, "offset": self.offset,
-                    "max_length": self.max_length, "batch_size": self.batch_size,
-                    "gpt2_config": self.model.backbone.config.to_dict(), "report": self.report}
-            (tmp / "reward_config.json").write_text(json.dumps(meta, indent=2))
-            self.tokenizer.save_pretrained(tmp)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> LearnedReward:
-        """Rebuild a saved reward model (safetensors only; no pickle, no remote code), on the CPU."""
-        path = Path(path)
-        if not (path / "reward_config.json").is_file() or not (path / "model.safetensors").is_file():
-            raise FileNotFoundError(f"no saved LearnedReward at {path} "
-                                    "(reward_config.json / model.safetensors missing)")
-        with naming_damaged_files(path, f"delete {path} to train the reward model again"):
-            meta = json.loads((path / "reward_config.json").read_text())
-            if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-                raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, "
-                                 f"expected {FORMAT!r} v{FORMAT_VERSION}")
-            model = ScalarRewardModel(GPT2Model(GPT2Config.from_dict(meta["gpt2_config"])))
-            model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-        return cls(model, tokenizer, offset=meta["offset"], max_length=meta["max_length"],
-                   batch_size=meta["batch_size"], report=meta["report"])
-
 
 # ---------------------------------------------------------------------------------------------- training
 @dataclass
@@ -317,11 +271,40 @@ def completion_offset(model: ScalarRewardModel, collator: PreferenceCollator,
     return total / len(rows)
 
 
-def run_key(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, cols: Mapping[str, Sequence[str]],
-            config: RewardModelConfig, seed: int) -> str:
-    """Hash of everything that determines the trained reward model."""
-    return content_hash("reward-model/v1", model_fingerprint(policy), tokenizer_fingerprint(tokenizer),
-                        pairs_fingerprint(cols), asdict(config), seed)
+def _split(pairs: Pairs, config: RewardModelConfig, seed: int) -> tuple[list, list, list, list]:
+    """(train, validation, test) examples split by prompt (validation capped at ``max_val_pairs``), and the
+    test pairs' indices."""
+    cols = pair_columns(pairs)
+    examples = pair_examples(cols)
+    train_idx, val_idx, test_idx = split_by_prompt(cols["prompt"], config.val_fraction, seed)
+    if config.max_val_pairs is not None and len(val_idx) > config.max_val_pairs:
+        keep = np.random.default_rng([seed, 1]).choice(len(val_idx), config.max_val_pairs, replace=False)
+        val_idx = [val_idx[i] for i in sorted(keep)]
+    train, val, test = ([examples[i] for i in idx] for idx in (train_idx, val_idx, test_idx))
+    return train, val, test, test_idx
+
+
+class _BestValidation:
+    """Validation history and the weights kept: best validation accuracy (the paper), among equal accuracies
+    the lower validation loss. Step 0 is logged as the baseline (the zero head ties every pair) but never
+    kept: r_phi = 0 is no reward."""
+
+    def __init__(self, model: ScalarRewardModel, collator: PreferenceCollator, val: list[dict],
+                 report: RewardModelReport, batch_size: int) -> None:
+        self.model, self.collator, self.val, self.report = model, collator, val, report
+        self.batch_size = batch_size
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.report.best_val_accuracy, self.loss = -1.0, math.inf
+
+    def __call__(self, step: int) -> None:
+        result = evaluate_pairs(self.model, self.collator, self.val, batch_size=self.batch_size)
+        result = {"step": step, "val_loss": result["val_loss"], "val_accuracy": result["val_accuracy"]}
+        self.report.val_history.append(result)
+        if step > 0 and (result["val_accuracy"], -result["val_loss"]) > (self.report.best_val_accuracy,
+                                                                           -self.loss):
+            self.report.best_val_accuracy, self.loss = result["val_accuracy"], result["val_loss"]
+            self.report.best_step = step
+            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
 
 def train_reward_model(
@@ -331,7 +314,6 @@ def train_reward_model(
     *,
     config: RewardModelConfig,
     seed: int,
-    out_dir: str | Path | None = None,
     progress: bool = True,
     device: torch.device | str | None = None,
     on_step: Callable[[int, int], None] | None = None,
@@ -341,85 +323,21 @@ def train_reward_model(
 
     ``pairs`` has prompt/chosen/rejected (a Dataset, a list of dicts or a dict of columns). AdamW, linear
     warmup then constant lr, gradient clipped; validation every ``eval_every`` steps and at the end of each
-    epoch. Given ``out_dir``, the result is saved there and a later call with the same inputs loads it
-    instead of training again. The returned ``LearnedReward.report`` holds the :class:`RewardModelReport`.
-    ``on_step(step, total)`` is called after every optimizer step (a progress report for another process).
+    epoch. The returned ``LearnedReward.report`` holds the :class:`RewardModelReport`
+    (``run.cached_reward_model`` saves it). ``on_step(step, total)`` is called after every optimizer step
+    (a progress report).
     """
     _check_config(config)
-    cols = pair_columns(pairs)
-    key = run_key(policy, tokenizer, cols, config, seed)
-    if out_dir is not None and (Path(out_dir) / "reward_config.json").is_file():
-        saved = LearnedReward.load(out_dir)
-        if saved.report.get("run_key") != key:
-            raise ValueError(f"{out_dir} holds a reward model trained with other inputs; use another out_dir")
-        return saved
-
     seed_everything(seed)
     device = resolve_device(device)
-    examples = pair_examples(cols)
-    train_idx, val_idx, test_idx = split_by_prompt(cols["prompt"], config.val_fraction, seed)
-    if config.max_val_pairs is not None and len(val_idx) > config.max_val_pairs:
-        keep = np.random.default_rng([seed, 1]).choice(len(val_idx), config.max_val_pairs, replace=False)
-        val_idx = [val_idx[i] for i in sorted(keep)]
-    train, val, test = ([examples[i] for i in idx] for idx in (train_idx, val_idx, test_idx))
+    train, val, test, test_idx = _split(pairs, config, seed)
     collator = PreferenceCollator(tokenizer, config.max_length)
-
     model = ScalarRewardModel.from_policy(policy).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_lambda(config.warmup_steps))
-    steps_per_epoch = max(1, len(train) // config.batch_size)  # the incomplete last batch is dropped
-    total = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total = min(total, config.max_steps)
-
     report = RewardModelReport(n_train_pairs=len(train), n_val_pairs=len(val), n_test_pairs=len(test))
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    report.best_val_accuracy, best_loss = -1.0, math.inf
-
-    def validate(step: int) -> None:
-        nonlocal best_state, best_loss
-        result = evaluate_pairs(model, collator, val, batch_size=2 * config.batch_size)
-        result = {"step": step, "val_loss": result["val_loss"], "val_accuracy": result["val_accuracy"]}
-        report.val_history.append(result)
-        # Best validation accuracy (the paper); among equal accuracies, the lower validation loss. Step 0 is
-        # logged as the baseline (the zero head ties every pair) but never kept: r_phi = 0 is no reward.
-        score = (result["val_accuracy"], -result["val_loss"])
-        if step > 0 and score > (report.best_val_accuracy, -best_loss):
-            report.best_val_accuracy, best_loss = result["val_accuracy"], result["val_loss"]
-            report.best_step = step
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
+    validate = _BestValidation(model, collator, val, report, 2 * config.batch_size)
     validate(0)
-    step = 0
-    bar = tqdm(total=total, desc="reward model", disable=not progress)
-    for epoch in range(config.epochs):
-        order = np.random.default_rng([seed, epoch]).permutation(len(train))
-        for b in range(steps_per_epoch):
-            if step >= total:
-                break
-            step += 1
-            batch = collator([train[i] for i in order[b * config.batch_size:(b + 1) * config.batch_size]])
-            chosen, rejected = pair_rewards(model, {k: v.to(device) for k, v in batch.items()})
-            loss = bradley_terry_loss(chosen, rejected).mean()  # Eq. 2
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite reward-model loss at step {step}; lower the lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            report.train_losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(loss=f"{report.train_losses[-1]:.4f}")
-            if on_step is not None:
-                on_step(step, total)
-            if step % config.eval_every == 0 or b == steps_per_epoch - 1 or step == total:
-                if report.val_history[-1]["step"] != step:
-                    validate(step)
-    bar.close()
-
-    model.load_state_dict(best_state)
+    _fit(validate, train, config, seed, device, progress, on_step)
+    model.load_state_dict(validate.state)
     model.eval()
     tested = evaluate_pairs(model, collator, test, batch_size=2 * config.batch_size)
     report.test_accuracy = tested["val_accuracy"]
@@ -429,11 +347,43 @@ def train_reward_model(
         report.test_accuracy_by_gap = accuracy_by_gap(tested["correct"], gaps)
         report.rstar_test_accuracy = float(np.mean((gaps > 0) + 0.5 * (gaps == 0)))
     report.offset = completion_offset(model, collator, train, batch_size=2 * config.batch_size)
-    reward = LearnedReward(model, tokenizer, offset=report.offset, max_length=config.max_length,
-                           report={**report.to_dict(), "run_key": key, "config": asdict(config)})
-    if out_dir is not None:
-        reward.save(out_dir)
-    return reward
+    return LearnedReward(model, tokenizer, offset=report.offset, max_length=config.max_length,
+                         report={**report.to_dict(), "config": asdict(config)})
+
+
+def _fit(validate: _BestValidation, train: list[dict], config: RewardModelConfig, seed: int,
+         device: torch.device, progress: bool, on_step: Callable[[int, int], None] | None) -> None:
+    """The BT training loop of ``validate.model``: ``config.epochs`` seeded shuffles (the incomplete last
+    batch dropped), at most ``config.max_steps`` steps, validated every ``eval_every`` steps and at each
+    epoch's end."""
+    model, collator, report = validate.model, validate.collator, validate.report
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer.zero_grad(set_to_none=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_flat(config.warmup_steps))
+    steps_per_epoch = max(1, len(train) // config.batch_size)
+    total = min(config.epochs * steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
+    step = 0
+    bar = tqdm(total=total, desc="reward model", disable=not progress)
+    for epoch in range(config.epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(train))
+        for b in range(min(steps_per_epoch, total - step)):
+            step += 1
+            batch = collator([train[i] for i in order[b * config.batch_size:(b + 1) * config.batch_size]])
+            chosen, rejected = pair_rewards(model, {k: v.to(device) for k, v in batch.items()})
+            loss = bradley_terry_loss(chosen, rejected).mean()  # Eq. 2
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite reward-model loss at step {step}; lower the lr")
+            optimizer_step(optimizer, model.parameters(), config.max_grad_norm, loss=loss,
+                           scheduler=scheduler, where=f"at step {step}")
+            report.train_losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{report.train_losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(step, total)
+            if (step % config.eval_every == 0 or b == steps_per_epoch - 1 or step == total) and \
+                    report.val_history[-1]["step"] != step:
+                validate(step)
+    bar.close()
 
 
 __all__ = ["RewardModelConfig", "ScalarRewardModel", "LearnedReward", "RewardModelReport",

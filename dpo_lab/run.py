@@ -1,6 +1,4 @@
-"""One training run's folder, owned by a :class:`Run` (the DPO trainer and its baselines, PPO).
-
-One run = one ``out_dir``:
+"""A training run on disk: the one layer between the pure training loops and the artifacts folder.
 
     out_dir/run.json                    identity of the run (a hash of its settings and their values)
     out_dir/metrics.jsonl               one JSON object per line, one line per step (step 0: the start)
@@ -8,159 +6,74 @@ One run = one ``out_dir``:
     out_dir/result.json                 written last: the run is finished
     out_dir/.run.lock(.json)            locked by the one process that owns the run; who that is
 
-A rerun with the same settings resumes from the last checkpoint (metrics after it are dropped and recomputed)
-or, if finished, returns at once; a rerun with other settings is refused, naming the fields that differ.
+A :class:`Run` is the ``log`` a loop (``dpo_trainer.train_dpo``, ``ppo.train_ppo``) reports to: it writes
+the metrics, keeps the checkpoints and hands the last one back on a rerun, which resumes with the same
+numbers or, if finished, returns at once. :func:`dpo_run` and :func:`ppo_run` wrap the loops in a Run;
+:func:`cached_reward_model` saves r_phi once. One process at a time: a Run holds ``out_dir/.run.lock``
+(``cache.Lock``) until it finishes or is closed; another process waits, then reuses or resumes the run.
 
-One process at a time: a :class:`Run` holds ``out_dir/.run.lock`` (an OS file lock, so a holder that dies,
-even by kill -9, releases it) from ``Run(...)`` until it finishes, returns a finished result or is closed; its
-pid, host and start time are in ``out_dir/.run.lock.json``. Another process on the same folder waits, then
-finds the run finished or resumes it; ``DPO_LAB_LOCK_TIMEOUT`` (seconds) bounds the wait with an error naming
-the holder. Readers of results (:func:`finished_metrics`) take the same lock and read finished runs only.
-
-Schedules: how long a run goes is not part of its identity, so a finished run continues when asked for more
-steps. Asked for FEWER steps than ``out_dir`` already holds (it was continued further), the shorter schedule
-is kept apart in the sibling ``<out_dir>-steps<N>`` (with a message): seeded from ``out_dir``'s checkpoint at
-step N when one was kept (and its step-N line holds the evaluation), else trained there from the start;
-``out_dir`` itself is never cut back, so asking for the longer schedule again reuses it.
-
-A trainer reads as its algorithm plus a few calls: ``Run(out_dir, fields)`` (identity), ``run.finished(...)``,
-``run.resume(...)``, ``run.metrics(...)``, ``run.save_checkpoint(...)`` and ``run.finish(...)``. The module's
-functions below are those steps one at a time (tested one at a time), and the small utilities every
-trainer shares (data order, evaluation schedule, warmup, device).
+How long a run goes is not part of its identity (:data:`SCHEDULE_FIELDS`), so a finished run continues
+when asked for more steps; asked for FEWER steps than ``out_dir`` holds, the shorter schedule is kept apart
+in ``<out_dir>-steps<N>`` (:func:`schedule_dir`), ``out_dir`` is never cut back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
+import dataclasses
 import json
-import math
 import os
 import shutil
-import socket
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, ParamSpec, TextIO, TypeVar
+from typing import Any, TypeVar
 
-import numpy as np
 import torch
-from filelock import FileLock, Timeout
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.utils import logging as hf_logging
+from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from dpo_lab import dpo_trainer, ppo
+from dpo_lab.batching import pair_columns, pairs_fingerprint, ranking_columns, rankings_fingerprint
 from dpo_lab.cache import (
+    Lock,
+    RunLockedError,
     atomic_directory,
     atomic_write_json,
+    atomic_write_tensors,
     atomic_write_text,
     content_hash,
+    model_fingerprint,
+    naming_damaged_files,
     read_json_object,
+    tensors_checksum,
+    tokenizer_fingerprint,
 )
+from dpo_lab.loop import EvalFn, TrainLog, resolve_device
+from dpo_lab.models import quiet_hf_progress
+from dpo_lab.reward_model import LearnedReward, ScalarRewardModel, train_reward_model
 
-EvalFn = Callable[[nn.Module, int], Mapping[str, float]]
 TRAINER_STATE = "trainer_state.pt"  # a checkpoint folder is complete once this file is in it
-
-
-# ------------------------------------------------------------------------------------------------- lock
-LOCK_FILE = ".run.lock"  # flock'ed by the one process that owns the folder
-HOLDER_FILE = ".run.lock.json"  # who that is (pid, host, since), for the messages of whoever waits
-LOCK_TIMEOUT_ENV = "DPO_LAB_LOCK_TIMEOUT"
-
-
-class RunLockedError(TimeoutError):
-    """Another process held a run folder for longer than the lock timeout."""
-
-
-def lock_timeout() -> float | None:
-    """Seconds to wait for a run folder another process holds: ``$DPO_LAB_LOCK_TIMEOUT``, else None (wait
-    until it is free)."""
-    value = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    if not seconds >= 0:  # NaN too
-        raise ValueError(f"{LOCK_TIMEOUT_ENV}={value!r}: expected seconds >= 0 (unset: wait until free)")
-    return None if math.isinf(seconds) else seconds
-
-
-def lock_holder(out_dir: Path) -> dict[str, Any] | None:
-    """What the holder of ``out_dir``'s lock wrote about itself (pid, host, since), or None."""
-    try:
-        holder = json.loads((out_dir / HOLDER_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return holder if isinstance(holder, dict) else None
-
-
-def _describe(holder: dict[str, Any] | None) -> str:
-    if holder is None:
-        return "another process (it has not written .run.lock.json yet)"
-    return f"pid {holder.get('pid')} on host {holder.get('host')} since {holder.get('since')}"
-
-
-def acquire_run_lock(out_dir: Path, timeout: float | None = None) -> FileLock:
-    """Take ``out_dir``'s lock and write who holds it. If another process holds it, say so and wait for it,
-    up to ``timeout`` seconds (None: :func:`lock_timeout`), then raise RunLockedError naming the holder.
-    The OS drops the lock of a process that dies, so a crashed or killed holder never blocks anyone."""
-    timeout = lock_timeout() if timeout is None else timeout
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out_dir / LOCK_FILE)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        holder = lock_holder(out_dir)
-        me = (os.getpid(), socket.gethostname())
-        if holder is not None and (holder.get("pid"), holder.get("host")) == me:
-            raise RuntimeError(f"{out_dir} is already held by this process: a Run on it was not closed "
-                               "(use `with Run(...)` or run.close())") from None
-        limit = "" if timeout is None else f" (at most {timeout:g} s, {LOCK_TIMEOUT_ENV})"
-        print(f"{out_dir} is in use by {_describe(holder)}; waiting for it{limit}", file=sys.stderr,
-              flush=True)
-        try:
-            lock.acquire(timeout=-1 if timeout is None else timeout)
-        except Timeout:
-            raise RunLockedError(
-                f"{out_dir} is in use by {_describe(lock_holder(out_dir))}; gave up after {timeout:g} s "
-                f"({LOCK_TIMEOUT_ENV}). Let that process finish or stop it (a holder that dies releases the "
-                "lock at once), then rerun") from None
-    try:
-        atomic_write_json(out_dir / HOLDER_FILE, {"pid": os.getpid(), "host": socket.gethostname(),
-                                                  "since": time.strftime("%Y-%m-%d %H:%M:%S %z")})
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def release_run_lock(out_dir: Path, lock: FileLock) -> None:
-    """Undo :func:`acquire_run_lock`."""
-    with contextlib.suppress(OSError):
-        (out_dir / HOLDER_FILE).unlink()
-    lock.release()
-
-
-@contextlib.contextmanager
-def run_lock(out_dir: str | Path, timeout: float | None = None) -> Iterator[Path]:
-    """Hold ``out_dir``'s lock for the block (as :func:`acquire_run_lock`); yields the folder."""
-    out_dir = Path(out_dir)
-    lock = acquire_run_lock(out_dir, timeout)
-    try:
-        yield out_dir
-    finally:
-        release_run_lock(out_dir, lock)
-
-
-# -------------------------------------------------------------------------------------------- identity
+LOCK_FILE = ".run.lock"
+HOLDER_FILE = LOCK_FILE + ".json"
 # A run's own files are written atomically: damage came from outside, and the checkpoints survive it.
 _DAMAGED = "delete it and rerun: training resumes from the last checkpoint"
+# Settings that do not change a run's trajectory (a sweep's list, how long, how often it is looked at or
+# saved): left out of every run's identity, so a finished run continues when asked for more steps.
+SCHEDULE_FIELDS = ("betas", "target_kls", "max_steps", "eval_every", "checkpoint_every")
+
+
+def trajectory_settings(config: Any) -> dict:
+    """The fields of a DPO or PPO config that key a run: all but :data:`SCHEDULE_FIELDS`."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if k not in SCHEDULE_FIELDS}
+
+
+def run_lock(out_dir: str | Path, timeout: float | None = None) -> Lock:
+    """``out_dir``'s lock, not yet taken (``with run_lock(out_dir): ...``)."""
+    return Lock(Path(out_dir) / LOCK_FILE, Path(out_dir), timeout)
 
 
 def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
@@ -183,28 +96,8 @@ def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
     return run_key
 
 
-def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Item indices of optimizer step ``step`` (1-based): consecutive slices of one seeded permutation per
-    epoch. A pure function of (seed, step), so a resumed run sees exactly the batches it would have."""
-    start = (step - 1) * batch_size
-    perms: dict[int, np.ndarray] = {}
-    out = []
-    for pos in range(start, start + batch_size):
-        epoch = pos // n_items
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n_items)
-        out.append(int(perms[epoch][pos % n_items]))
-    return out
-
-
-def is_due(step: int, every: int, max_steps: int) -> bool:
-    """Evaluate or checkpoint at ``step``: every ``every`` steps and always at the last one."""
-    return step % every == 0 or step == max_steps
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 def checkpoint_path(out_dir: Path, step: int) -> Path:
-    """Where the checkpoint of ``step`` lives."""
     return out_dir / "checkpoints" / f"step-{step:06d}"
 
 
@@ -230,10 +123,8 @@ def prune_checkpoints(out_dir: Path, keep: int | None, current: Path) -> None:
 
 
 def latest_checkpoint(out_dir: Path, run_key: str, max_steps: int) -> tuple[int, Path, dict[str, Any]] | None:
-    """``(step, folder, trainer state)`` of the checkpoint to resume from, or None to start afresh.
-
-    The state is read with ``weights_only=True`` (tensors and plain types only, no pickled code).
-    """
+    """``(step, folder, trainer state)`` of the checkpoint to resume from, or None to start afresh. The state
+    is read with ``weights_only=True`` (tensors and plain types only, no pickled code)."""
     checkpoints = checkpoint_dirs(out_dir)
     if not checkpoints:
         return None
@@ -269,11 +160,10 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def seed_schedule(source: Path, target: Path, steps: int) -> bool:
-    """Start ``target``, the ``steps``-step schedule of the run in ``source``, from what ``source`` already
-    computed: its checkpoint at ``steps`` (if one was kept) and its metrics up to that step, provided the line
-    of ``steps`` holds the evaluation (every key of the step-0 line), as a run that ends there would have.
-    The run resumed in ``target`` is then finished at once. False (nothing written) if that is not possible
-    or ``target`` has started already."""
+    """Start ``target``, the ``steps``-step schedule of the run in ``source``, from ``source``'s checkpoint
+    at ``steps`` and its metrics up to that step, provided that line holds the evaluation (every key of the
+    step-0 line), as a run that ends there would have. False (nothing written) if that is not possible or
+    ``target`` has started already."""
     ckpt = checkpoint_path(source, steps)
     if checkpoint_dirs(target) or (target / "result.json").is_file() or not (ckpt / TRAINER_STATE).is_file():
         return False
@@ -291,7 +181,7 @@ def seed_schedule(source: Path, target: Path, steps: int) -> bool:
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
-    """Load save_pretrained safetensors into ``model`` in place; only tied weights may be absent."""
+    """Load safetensors weights into ``model`` in place; only tied weights may be absent."""
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no .safetensors weights in {folder}")
@@ -320,7 +210,6 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` saved (the CUDA part only where CUDA is present)."""
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -328,11 +217,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------ metrics file
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl ([] if there is none).
-
-    A torn last line (no newline: a crash mid-write) is skipped; any other line that is not a JSON object
-    raises ValueError naming the file and line, rather than silently losing steps.
-    """
+    """Every record of a metrics.jsonl ([] if there is none). A torn last line (no newline: a crash
+    mid-write) is skipped; any other line that is not a JSON object is a ValueError naming file and line."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -369,64 +255,6 @@ def truncate_metrics(path: Path, last_step: int | None) -> list[dict[str, Any]]:
     return kept
 
 
-def call_eval_fn(eval_fn: EvalFn, policy: nn.Module, step: int, taken: set[str]) -> dict[str, float]:
-    """``eval_fn(policy, step)`` as a dict; its keys must not overwrite the training metrics ``taken``."""
-    result = dict(eval_fn(policy, step))
-    policy.eval()  # whatever eval_fn did, training continues without dropout
-    clash = sorted(set(result) & taken)
-    if clash:
-        raise ValueError(f"eval_fn returned key(s) {clash} that clash with training metrics; rename them")
-    return result
-
-
-class MetricsLog:
-    """Appends one JSON line per step to metrics.jsonl (flushed: a crash loses at most the line being
-    written), merging ``eval_fn``'s dict into the lines of evaluation steps (step 0, every ``eval_every``
-    steps, the last step). Use as a context manager; ``last`` is the latest record."""
-
-    def __init__(self, path: Path | None, eval_fn: EvalFn | None, train_keys: set[str], *, eval_every: int,
-                 max_steps: int, last: dict[str, Any] | None = None) -> None:
-        self.path, self.eval_fn, self.train_keys = path, eval_fn, train_keys
-        self.eval_every, self.max_steps = eval_every, max_steps
-        self.last: dict[str, Any] = {} if last is None else last
-        self._handle: TextIO | None = None
-
-    def __enter__(self) -> MetricsLog:
-        if self.path is not None:  # None: a process that writes nothing (all but the main one)
-            self._handle = open(self.path, "a")  # closed in __exit__
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-    def _append(self, record: dict[str, Any]) -> None:
-        if self.path is not None:
-            if self._handle is None:
-                raise RuntimeError("MetricsLog is not open; use it as a context manager")
-            self._handle.write(json.dumps(record) + "\n")
-            self._handle.flush()
-        self.last = record
-
-    def log_start(self, policy: nn.Module) -> None:
-        """Step 0: the evaluation of the starting policy (nothing without an eval_fn)."""
-        if self.eval_fn is not None:
-            self._append({"step": 0, **call_eval_fn(self.eval_fn, policy, 0, self.train_keys)})
-
-    def log_step(self, record: dict[str, Any], policy: nn.Module) -> dict[str, Any]:
-        """Write one training step's ``record`` (evaluated first if due) and return it. ``cost/*`` values
-        are this step's increments; the line holds the run's running totals (a resume continues them)."""
-        step = record["step"]
-        for key in [k for k in record if k.startswith("cost/")]:
-            record[key] = record[key] + self.last.get(key, 0)
-        if self.eval_fn is not None and is_due(step, self.eval_every, self.max_steps):
-            record.update(call_eval_fn(self.eval_fn, policy, step, self.train_keys))
-        self._append(record)
-        return record
-
-
 # --------------------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class RunResult:
@@ -439,11 +267,10 @@ class RunResult:
 R = TypeVar("R", bound=RunResult)
 
 
-def finished_run(out_dir: Path, max_steps: int, result_type: type[R],
+def finished_run(out_dir: Path, max_steps: int, result_type: type[R] = RunResult,
                  policy: nn.Module | None = None) -> R | None:
-    """The result of a run that already finished ``max_steps`` steps in ``out_dir``, else None (not
-    finished, or finished with another ``max_steps``: train on from the last checkpoint). Given ``policy``,
-    a finished run's final weights are loaded into it (in eval mode), as if it had just been trained."""
+    """The result of a run that finished ``max_steps`` steps in ``out_dir`` (a look at its result.json), else
+    None. Given ``policy``, the final weights are loaded into it (in eval mode)."""
     path = out_dir / "result.json"
     if not path.is_file():
         return None
@@ -468,9 +295,8 @@ def write_result(out_dir: Path, result: RunResult, run_key: str) -> None:
 
 @contextlib.contextmanager
 def finished_metrics(result: RunResult, timeout: float | None = None) -> Iterator[Path]:
-    """Yield ``result``'s metrics.jsonl to read, holding its run folder's lock, once the folder's result.json
-    says the run finished ``result.steps`` steps: no other process can continue or cut back the run while its
-    points are read, and a run in progress is never read as a result (RuntimeError naming the folder)."""
+    """Yield ``result``'s metrics.jsonl to read, holding its folder's lock, once its result.json says the run
+    finished ``result.steps`` steps: a run in progress is never read as a result (RuntimeError)."""
     out_dir = result.metrics_path.parent
     with run_lock(out_dir, timeout):
         path = out_dir / "result.json"
@@ -482,63 +308,28 @@ def finished_metrics(result: RunResult, timeout: float | None = None) -> Iterato
         yield result.metrics_path
 
 
-
-
-def resolve_device(device: torch.device | str | None = None) -> torch.device:
-    """``device`` if given, else the first CUDA GPU when there is one, else the CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def warmup_lambda(warmup_steps: int) -> Callable[[int], float]:
-    """lr multiplier of update t (0-based): (t + 1) / (warmup + 1) until warmup is over, then 1 (as the
-    official code: linear from ~0 over ``warmup_steps`` updates, App. B)."""
-    return lambda t: min(1.0, (t + 1) / (warmup_steps + 1))
-
-
-@contextlib.contextmanager
-def quiet_hf_progress() -> Iterator[None]:
-    """Hide transformers' own bars ('Loading weights', 'Writing model shards') for local, small loads and
-    saves: one per checkpoint would bury the training bar."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
 # ------------------------------------------------------------------------------------------------ the run
-class Run:
-    """A run's folder, from its identity to its result: the bookkeeping every trainer shares.
+class Run(TrainLog):
+    """A run's folder, from its identity to its result, and the ``log`` its loop reports to.
 
-    ``Run(out_dir, fields)`` takes the folder's lock (waiting while another process holds it, see the module
-    docstring), then claims the folder for the run that ``fields`` describe (a started run with other settings
-    is refused, naming the fields that differ); ``key`` is their hash. The lock is held until :meth:`finish`,
-    until :meth:`finished` returns a result, or until :meth:`close` (also as a context manager, and for every
-    Run a :func:`closes_runs` trainer opened, when it returns or raises). With ``writer=False`` (every
-    process but the main one of a multi-process run, whose main process holds the lock) it reads but never
-    writes.
-
-    ``dir`` is the folder that holds the asked schedule: ``out_dir``, or, if ``out_dir`` was continued beyond
-    the ``max_steps`` first passed to :meth:`finished` or :meth:`resume`, its sibling ``<out_dir>-steps<N>``
-    (:func:`schedule_dir`; seeded by :func:`seed_schedule` when ``out_dir`` kept the checkpoint at N). The
-    longer run is never cut back, so each schedule stays finished and reusable in its own folder.
+    ``Run(out_dir, fields)`` takes the folder's lock, then claims the folder for the run ``fields`` describe
+    (:func:`check_run`); ``key`` is their hash. The lock is held until :meth:`finish`, until :meth:`finished`
+    returns a result, or until :meth:`close` (also as a context manager). With ``writer=False`` (every process
+    but the main one of a multi-process run) it reads but never writes or evaluates. ``dir`` is the folder of
+    the asked schedule (:func:`schedule_dir`), settled by the first :meth:`finished` or :meth:`resume`.
     """
 
     def __init__(self, out_dir: str | Path, fields: Mapping[str, Any], *, writer: bool = True,
-                 lock_timeout: float | None = None) -> None:
-        self.dir = Path(out_dir)
-        self.fields = dict(fields)
-        self.writer = writer
-        self.lock_timeout = lock_timeout  # None: $DPO_LAB_LOCK_TIMEOUT, else wait until free
-        self._lock: FileLock | None = None
+                 lock_timeout: float | None = None, eval_fn: EvalFn | None = None, eval_every: int = 1,
+                 keep: int | None = 1) -> None:
+        super().__init__(eval_fn if writer else None, eval_every=eval_every)
+        self.dir, self.fields, self.writer, self.keep = Path(out_dir), dict(fields), writer, keep
+        self.lock_timeout = lock_timeout
+        self.checkpoint: Path | None = None  # the last checkpoint saved or resumed from
         self._schedule: int | None = None  # the max_steps whose folder has been settled
+        self._lock: Lock | None = None
         if writer:
-            self._lock = acquire_run_lock(self.dir, lock_timeout)
-            opened = _OPENED_RUNS.get()
-            if opened is not None:
-                opened.append(self)
+            self._lock = run_lock(self.dir, lock_timeout).acquire()
             try:
                 self.key = check_run(self.dir, self.fields)
             except BaseException:
@@ -560,13 +351,12 @@ class Run:
         """Release the folder's lock (idempotent)."""
         if self._lock is not None:
             lock, self._lock = self._lock, None
-            release_run_lock(self.dir, lock)
+            lock.release()
 
     def __enter__(self) -> Run:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _check_open(self) -> None:
@@ -577,7 +367,7 @@ class Run:
         """Move to :func:`schedule_dir`'s folder for ``max_steps`` (once, at the first call)."""
         if self._schedule is not None:
             return
-        self._schedule = max_steps
+        self._schedule = self.max_steps = max_steps
         target = schedule_dir(self.dir, max_steps)
         if target == self.dir:
             return
@@ -585,12 +375,12 @@ class Run:
         if self.writer:
             self._check_open()
             # Taken while out_dir is still held, so the checkpoint to seed from cannot be pruned meanwhile.
-            lock = acquire_run_lock(target, self.lock_timeout)
+            lock = run_lock(target, self.lock_timeout).acquire()
             try:
                 check_run(target, self.fields)
                 seeded = seed_schedule(self.dir, target, max_steps)
             except BaseException:
-                release_run_lock(target, lock)
+                lock.release()
                 raise
             self.close()
             self._lock = lock
@@ -601,9 +391,10 @@ class Run:
                   file=sys.stderr, flush=True)
         self.dir = target
 
-    def finished(self, max_steps: int, result_type: type[R], policy: nn.Module | None = None) -> R | None:
+    def finished(self, max_steps: int, result_type: type[R] = RunResult,
+                 policy: nn.Module | None = None) -> R | None:
         """The result if this run already finished ``max_steps`` steps (weights loaded into ``policy``); the
-        folder is then released. Settles which folder holds ``max_steps`` steps (see the class docstring)."""
+        folder is then released."""
         self._settle_schedule(max_steps)
         result = finished_run(self.dir, max_steps, result_type, policy)
         if result is not None:
@@ -611,46 +402,57 @@ class Run:
         return result
 
     def resume(self, max_steps: int) -> tuple[int, Path, dict[str, Any]] | None:
-        """``(step, folder, trainer state)`` of the last checkpoint (its RNG state restored), or None. From
-        here the run is in progress: a result.json of another length is removed, so no reader takes the run
-        for finished while it is continued."""
+        """``(step, folder, trainer state)`` of the last checkpoint (its RNG state restored), or None; the
+        metrics after it are cut. From here the run is in progress: a result.json of another length is
+        removed, so no reader takes the run for finished while it is continued."""
         self._settle_schedule(max_steps)
         found = latest_checkpoint(self.dir, self.key, max_steps)
-        if found is not None and "rng" in found[2]:
-            set_rng_state(found[2]["rng"])
+        if found is not None:
+            self.checkpoint = found[1]
+            if "rng" in found[2]:
+                set_rng_state(found[2]["rng"])
         if self.writer:
             self._check_open()
             (self.dir / "result.json").unlink(missing_ok=True)
+            kept = truncate_metrics(self.metrics_path, found[0] if found else None)
+            self.records, self.last = kept, kept[-1] if kept else {}
         return found
 
-    def metrics(self, eval_fn: EvalFn | None, train_keys: set[str], *, eval_every: int, max_steps: int,
-                start: int | None) -> MetricsLog:
-        """The metrics log, cut back to step ``start`` (None: a fresh start) so no step is written twice.
-        Only the writer evaluates and writes; other processes get a log that keeps ``last`` only."""
-        if not self.writer:
-            return MetricsLog(None, None, train_keys, eval_every=eval_every, max_steps=max_steps)
-        self._check_open()
-        kept = truncate_metrics(self.metrics_path, start)
-        return MetricsLog(self.metrics_path, eval_fn, train_keys, eval_every=eval_every, max_steps=max_steps,
-                          last=kept[-1] if kept else None)
+    def restore(self, modules: Mapping[str, nn.Module]) -> tuple[int, Path, dict[str, Any]] | None:
+        found = self.resume(self.max_steps)
+        if found is not None:
+            for sub, module in modules.items():
+                load_weights(module, found[1] / sub)
+        return found
 
-    def save_checkpoint(self, step: int, write: Callable[[Path], None], state: Mapping[str, Any], *,
-                        keep: int | None = 1) -> Path:
+    def _append(self, record: dict[str, Any]) -> None:
+        if self.writer:
+            self._check_open()
+            with open(self.metrics_path, "a") as handle:  # one line at a time: a crash loses at most one
+                handle.write(json.dumps(record) + "\n")
+        super()._append(record)
+
+    def save(self, step: int, write: Callable[[Path], None], state: Mapping[str, Any]) -> Path:
         """Checkpoint ``step`` atomically: ``write(folder)`` saves the weights (safetensors) and tokenizer,
-        ``state`` (tensors and plain types only, so ``weights_only=True`` reads it) goes to trainer_state.pt
-        with the step, the run key and the RNG state. Keeps the ``keep`` latest (None: all)."""
-        path = checkpoint_path(self.dir, step)
+        ``state`` (tensors and plain types only) goes to trainer_state.pt with the step, the run key and the
+        RNG state. Keeps the ``keep`` latest (None: all)."""
+        self.checkpoint = path = checkpoint_path(self.dir, step)
         if self.writer:
             self._check_open()
             with atomic_directory(path) as tmp, quiet_hf_progress():
                 write(tmp)
                 torch.save({"step": step, "run_key": self.key, "rng": rng_state(), **state},
                            tmp / TRAINER_STATE)
-            prune_checkpoints(self.dir, keep, path)
+            prune_checkpoints(self.dir, self.keep, path)
         return path
 
-    def finish(self, result: R) -> R:
-        """Mark the run finished (result.json), release the folder and return ``result``."""
+    def finish(self, result: R | None = None) -> R | RunResult:
+        """Mark the run finished (result.json), release the folder and return ``result`` (default: the last
+        checkpoint and metrics)."""
+        if result is None:
+            if self.checkpoint is None:
+                raise RuntimeError("training ended without a checkpoint")
+            result = RunResult(self.checkpoint, self.metrics_path, self.last, self.max_steps)
         if self.writer:
             self._check_open()
             write_result(self.dir, result, self.key)
@@ -658,25 +460,226 @@ class Run:
         return result
 
 
-_OPENED_RUNS: contextvars.ContextVar[list[Run] | None] = contextvars.ContextVar("dpo_lab_opened_runs",
-                                                                               default=None)
-P = ParamSpec("P")
-T = TypeVar("T")
-
-
-def closes_runs(fn: Callable[P, T]) -> Callable[P, T]:
-    """Decorate a trainer: every :class:`Run` it opens is closed (its folder's lock released) when it returns
-    or raises, even while a traceback keeps its frame alive (a notebook's last error), so a failed run never
-    blocks the next attempt."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
-        token = _OPENED_RUNS.set([])
+# ------------------------------------------------------------------------------- reference log-prob cache
+def _cached_logprobs(path: Path, key: str, names: tuple[str, ...], shape: tuple[int, ...], what: str,
+                     compute: Callable[[], tuple[torch.Tensor, ...]], metadata: dict[str, str],
+                     accelerator: Any) -> tuple[torch.Tensor, ...]:
+    """The tensors ``names`` (each ``shape``) read from ``path``, checked against ``key`` and their checksum;
+    else ``compute()``d and written there (by the main process) for the next run."""
+    if path.is_file():
         try:
-            return fn(*args, **kwargs)
-        finally:
-            for run in _OPENED_RUNS.get() or []:
-                run.close()
-            _OPENED_RUNS.reset(token)
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+                cached = {name: handle.get_tensor(name) for name in names}
+        except Exception as err:  # truncated or corrupt: what the reader raises varies
+            raise ValueError(f"reference cache {path} is truncated or corrupt ({type(err).__name__}: {err}); "
+                             "delete it to recompute") from err
+        checksum = tensors_checksum(*cached.values())
+        if meta.get("key", key) != key or meta.get("sha256", checksum) != checksum:
+            raise ValueError(f"reference cache {path} was changed after it was written (its key or checksum "
+                             "does not match); delete it to recompute")
+        if any(tuple(t.shape) != shape for t in cached.values()):
+            raise ValueError(f"reference cache {path} holds {cached[names[0]].shape[0]} {what}, expected "
+                             f"{shape[0]}; delete it to recompute")
+        return tuple(cached[name] for name in names)
+    values = compute()
+    if accelerator is None or accelerator.is_main_process:
+        atomic_write_tensors(path, dict(zip(names, values, strict=True)),
+                             metadata={"key": key, **metadata, "sha256": tensors_checksum(*values)})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return values
 
-    return wrapper
+
+def _reference_key_parts(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator: Any,
+                         device: torch.device | str | None,
+                         reference_fingerprint: str | None) -> tuple[torch.device, tuple[str, str, str, str]]:
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
+    precision = str(accelerator.mixed_precision) if accelerator is not None else (
+        "bf16" if dev.type == "cuda" else "no")
+    return dev, (reference_fingerprint or model_fingerprint(reference), tokenizer_fingerprint(tokenizer),
+                 dev.type, precision)
+
+
+def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
+                       max_length: int, cache_dir: str | Path, batch_size: int, accelerator: Any = None,
+                       device: torch.device | str | None = None, progress: bool = True,
+                       reference_fingerprint: str | None = None,
+                       average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dpo_trainer.pair_logprobs` of the frozen reference, read from / written to the disk cache.
+
+    The key hashes the reference weights, the pairs, the tokenizer, max_length, sum or mean (``average``),
+    the device type and the precision, so any change recomputes and nothing stale is reused.
+    ``reference_fingerprint`` (``cache.model_fingerprint`` of ``reference``) skips hashing the weights a
+    second time.
+    """
+    cols = pair_columns(pairs)
+    n = len(cols["prompt"])
+    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
+                                                                    reference_fingerprint)
+    key = content_hash("ref-logps/v2", weights, pairs_fingerprint(cols), tok, max_length,
+                       "mean" if average else "sum", dev_type, precision)
+
+    def compute() -> tuple[torch.Tensor, torch.Tensor]:
+        return dpo_trainer.pair_logprobs(reference, tokenizer, cols, max_length=max_length,
+                                         batch_size=batch_size, accelerator=accelerator, device=dev,
+                                         progress=progress, desc="reference log-probs", average=average)
+
+    chosen, rejected = _cached_logprobs(Path(cache_dir) / f"ref-logps-{key}.safetensors", key,
+                                        ("chosen", "rejected"), (n,), "pairs", compute,
+                                        {"n_pairs": str(n), "max_length": str(max_length)}, accelerator)
+    return chosen, rejected
+
+
+def reference_ranking_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, rankings: Any, *,
+                               max_length: int, cache_dir: str | Path, batch_size: int,
+                               accelerator: Any = None, device: torch.device | str | None = None,
+                               progress: bool = True, reference_fingerprint: str | None = None,
+                               average: bool = False) -> torch.Tensor:
+    """:func:`dpo_trainer.ranking_logprobs` of the frozen reference, ``(N, K)``, cached as
+    :func:`reference_logprobs`."""
+    cols = ranking_columns(rankings)
+    shape = (len(cols["prompt"]), len(cols["completions"][0]))
+    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
+                                                                    reference_fingerprint)
+    key = content_hash("ref-ranking-logps/v1", weights, rankings_fingerprint(cols), tok, max_length,
+                       "mean" if average else "sum", dev_type, precision)
+
+    def compute() -> tuple[torch.Tensor]:
+        return (dpo_trainer.ranking_logprobs(reference, tokenizer, cols, max_length=max_length,
+                                             batch_size=batch_size, accelerator=accelerator, device=dev,
+                                             progress=progress, desc="reference log-probs", average=average),)
+
+    (logps,) = _cached_logprobs(Path(cache_dir) / f"ref-ranking-logps-{key}.safetensors", key, ("logps",),
+                                shape, "rankings", compute,
+                                {"n_rankings": str(shape[0]), "max_length": str(max_length)}, accelerator)
+    return logps
+
+
+# ------------------------------------------------------------------------------------ the trainers' runs
+def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
+            out_dir: str | Path, ref_cache_dir: str | Path, eval_fn: EvalFn | None = None,
+            keep_checkpoints: int | None = 1, device: torch.device | str | None = None,
+            accelerator: Any = None, **settings: Any) -> RunResult:
+    """:func:`dpo_trainer.train_dpo` (``settings``: its keyword arguments) as one run in ``out_dir``: trained,
+    resumed from its last checkpoint or, if finished, its final weights loaded into ``policy`` at once. The
+    reference log-probs are computed once and cached in ``ref_cache_dir``, shared by every run of a sweep.
+    ``accelerator`` (default: ``dpo_trainer.make_accelerator(device)``): under ``accelerate launch`` every
+    process calls this with the same arguments; only the main one evaluates and writes."""
+    if policy is reference:
+        raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
+    config, objective = settings["config"], settings.get("objective", "dpo")
+    accelerator = accelerator if accelerator is not None else dpo_trainer.make_accelerator(device)
+    beta = dpo_trainer.check_settings(config, objective, settings.get("beta"), settings.get("alpha"),
+                                      settings["max_length"], accelerator.num_processes)
+    ranked = objective == "dpo" and config.loss_type == "plackett_luce"
+    cols = ranking_columns(pairs) if ranked else pair_columns(pairs)
+    alpha = settings.get("alpha")
+    fields: dict[str, Any] = {
+        "beta": float(beta), "seed": settings["seed"], "max_length": settings["max_length"],
+        "config": trajectory_settings(config), "reference": model_fingerprint(reference),
+        "pairs": rankings_fingerprint(cols) if ranked else pairs_fingerprint(cols),
+        "tokenizer": tokenizer_fingerprint(tokenizer), "device": accelerator.device.type,
+        "mixed_precision": str(accelerator.mixed_precision), "objective": objective,
+        "alpha": None if alpha is None else float(alpha)}
+    error, run = None, None
+    try:
+        run = Run(out_dir, fields, writer=accelerator.is_main_process, eval_fn=eval_fn,
+                  eval_every=config.eval_every, keep=keep_checkpoints)
+    except (ValueError, RunLockedError) as err:  # another run's folder, or held past the lock timeout
+        error = err
+    dpo_trainer.broadcast_error(accelerator, error)
+    assert run is not None
+    with run:
+        policy.to(accelerator.device)
+        finished = run.finished(config.max_steps, policy=policy)
+        if finished is not None:
+            return finished
+        ref_args = {"max_length": settings["max_length"], "cache_dir": ref_cache_dir,
+                    "batch_size": config.micro_batch_size, "accelerator": accelerator,
+                    "progress": settings.get("progress", True), "average": config.average_logprobs,
+                    "reference_fingerprint": fields["reference"]}
+        if ranked:
+            ref = reference_ranking_logprobs(reference, tokenizer, cols, **ref_args)  # (N, K), best first
+        else:
+            ref = torch.stack(reference_logprobs(reference, tokenizer, cols, **ref_args), dim=1)  # (N, 2)
+        dpo_trainer.train_dpo(policy, tokenizer, cols, ref, accelerator=accelerator, log=run, **settings)
+        result = run.finish()
+    accelerator.wait_for_everyone()
+    return result
+
+
+def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Any,
+            score_fn: ppo.ScoreFn, *, out_dir: str | Path, eval_fn: EvalFn | None = None,
+            device: torch.device | str | None = None, **settings: Any) -> RunResult:
+    """:func:`ppo.train_ppo` (``settings``: config, seed, progress) as one run in ``out_dir``, as
+    :func:`dpo_run`. The policy's weights are not in the key: they change as it trains."""
+    if policy is reference:
+        raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
+    config, device = settings["config"], resolve_device(device)
+    ppo.check_settings(config, prompts, tokenizer)
+    fields = {"seed": settings["seed"], "config": trajectory_settings(config),
+              "reference": model_fingerprint(reference), "prompts": content_hash(list(prompts)),
+              "tokenizer": tokenizer_fingerprint(tokenizer), "device": device.type}
+    with Run(out_dir, fields, eval_fn=eval_fn, eval_every=config.eval_every) as run:
+        finished = run.finished(config.max_steps, policy=policy)
+        if finished is not None:
+            return finished
+        ppo.train_ppo(policy, reference, tokenizer, prompts, score_fn, device=device, log=run, **settings)
+        return run.finish()
+
+
+# ------------------------------------------------------------------------------------------------- r_phi
+FORMAT, FORMAT_VERSION = "dpo_lab.LearnedReward", 1
+
+
+def save_reward_model(reward: LearnedReward, path: str | Path) -> Path:
+    """``model.safetensors`` (backbone + head), ``reward_config.json`` (GPT-2 config, offset, report), and
+    the tokenizer; written atomically."""
+    with atomic_directory(path) as tmp:
+        state = {k: v.detach().cpu().contiguous() for k, v in reward.model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        meta = {"format": FORMAT, "version": FORMAT_VERSION, "offset": reward.offset,
+                "max_length": reward.max_length, "batch_size": reward.batch_size,
+                "gpt2_config": reward.model.backbone.config.to_dict(), "report": reward.report}
+        (tmp / "reward_config.json").write_text(json.dumps(meta, indent=2))
+        reward.tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def load_reward_model(path: str | Path) -> LearnedReward:
+    """Rebuild a saved reward model (safetensors only; no pickle, no remote code), on the CPU."""
+    path = Path(path)
+    if not (path / "reward_config.json").is_file() or not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"no saved LearnedReward at {path} "
+                                "(reward_config.json / model.safetensors missing)")
+    with naming_damaged_files(path, f"delete {path} to train the reward model again"):
+        meta = json.loads((path / "reward_config.json").read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, "
+                             f"expected {FORMAT!r} v{FORMAT_VERSION}")
+        model = ScalarRewardModel(GPT2Model(GPT2Config.from_dict(meta["gpt2_config"])))
+        model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    return LearnedReward(model, tokenizer, offset=meta["offset"], max_length=meta["max_length"],
+                         batch_size=meta["batch_size"], report=meta["report"])
+
+
+def cached_reward_model(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
+                        out_dir: str | Path, **settings: Any) -> LearnedReward:
+    """:func:`reward_model.train_reward_model` (``settings``: its keyword arguments) saved in ``out_dir``;
+    a later call with the same inputs loads it instead (another process waits under the folder's lock)."""
+    out_dir, config, seed = Path(out_dir), settings["config"], settings["seed"]
+    key = content_hash("reward-model/v1", model_fingerprint(policy), tokenizer_fingerprint(tokenizer),
+                       pairs_fingerprint(pair_columns(pairs)), dataclasses.asdict(config), seed)
+    with Lock(out_dir.parent / f".{out_dir.name}.lock", out_dir):
+        if (out_dir / "reward_config.json").is_file():
+            saved = load_reward_model(out_dir)
+            if saved.report.get("run_key") != key:
+                raise ValueError(f"{out_dir} holds a reward model trained with other inputs; use another "
+                                 "out_dir")
+            return saved
+        reward = train_reward_model(policy, tokenizer, pairs, **settings)
+        reward.report = {**reward.report, "run_key": key, "config": dataclasses.asdict(config)}
+        save_reward_model(reward, out_dir)
+        return reward

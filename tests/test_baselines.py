@@ -12,10 +12,10 @@ import torch
 from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it)
 
 from dpo_lab.batching import PreferenceCollator
-from dpo_lab.dpo_trainer import train_dpo
 from dpo_lab.logprobs import completion_token_logprobs, concatenated_logprobs, concatenated_token_logprobs
+from dpo_lab.loop import batch_indices
 from dpo_lab.losses import preferred_ft_loss, unlikelihood_loss
-from dpo_lab.run import batch_indices, load_weights, read_metrics
+from dpo_lab.run import dpo_run, load_weights, read_metrics
 
 MAX_LENGTH = 32
 COLLATOR_ROWS = [dict(zip(PAIRS, row, strict=True)) for row in zip(*PAIRS.values(), strict=True)]
@@ -24,7 +24,7 @@ COLLATOR_ROWS = [dict(zip(PAIRS, row, strict=True)) for row in zip(*PAIRS.values
 def _run(policy, reference, tokenizer, out_dir: Path, cache: Path, pairs=PAIRS, **kw):
     # CPU pinned: bit-exact resume is promised there.
     args = {"config": CONFIG, "seed": 0, "max_length": MAX_LENGTH, "progress": False, "device": "cpu", **kw}
-    return train_dpo(policy, reference, tokenizer, pairs, out_dir=out_dir, ref_cache_dir=cache, **args)
+    return dpo_run(policy, reference, tokenizer, pairs, out_dir=out_dir, ref_cache_dir=cache, **args)
 
 
 def _probe(tokenizer):

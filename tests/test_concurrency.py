@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 from dpo_lab import pipeline
+from dpo_lab.loop import is_due
 from dpo_lab.paths import project_root
 from dpo_lab.presets import get_preset
-from dpo_lab.run import RunLockedError, is_due, read_metrics
+from dpo_lab.run import RunLockedError, read_metrics
 
 
 def _evaluated_steps(max_steps: int, eval_every: int) -> list[int]:

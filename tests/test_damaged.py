@@ -17,11 +17,11 @@ from safetensors.torch import save_file
 
 from dpo_lab import pipeline
 from dpo_lab.cache import cached_directory
-from dpo_lab.dpo_trainer import reference_logprobs
 from dpo_lab.models import load_policy, save_policy
 from dpo_lab.preferences import FEATURES, load_candidates, load_preferences, save_preferences
 from dpo_lab.presets import get_preset
 from dpo_lab.reward_model import LearnedReward, ScalarRewardModel
+from dpo_lab.run import load_reward_model, reference_logprobs, save_reward_model
 
 
 def _truncate(file: Path, keep: float = 0.5) -> None:
@@ -217,10 +217,10 @@ def test_a_truncated_checkpoint_is_named_with_what_to_do(tmp_path) -> None:
 @pytest.mark.parametrize("victim", ["model.safetensors", "reward_config.json", "tokenizer.json"])
 def test_a_truncated_reward_model_names_the_file(tiny_model, tiny_tokenizer, tmp_path: Path, victim: str):
     folder = tmp_path / "reward-model"
-    LearnedReward(ScalarRewardModel.from_policy(tiny_model), tiny_tokenizer).save(folder)
+    save_reward_model(LearnedReward(ScalarRewardModel.from_policy(tiny_model), tiny_tokenizer), folder)
     _truncate(folder / victim)
     with pytest.raises(ValueError, match=re.escape(f"{folder / victim} is truncated or corrupt")) as info:
-        LearnedReward.load(folder)
+        load_reward_model(folder)
     assert f"delete {folder} to train the reward model again" in str(info.value)
 
 

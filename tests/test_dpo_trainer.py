@@ -11,16 +11,16 @@ import pytest
 import torch
 from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it)
 
-from dpo_lab.dpo_trainer import reference_logprobs, train_dpo
+from dpo_lab.loop import batch_indices
 from dpo_lab.presets import DPOConfig
-from dpo_lab.run import batch_indices, load_weights, read_metrics
+from dpo_lab.run import dpo_run, load_weights, read_metrics, reference_logprobs
 
 
 def _run(policy, reference, tokenizer, out_dir: Path, cache: Path, **kw):
     # CPU pinned: bit-exact resume is promised there (CUDA kernels need not be deterministic).
     args = {"beta": 0.1, "config": CONFIG, "seed": 0, "max_length": 32, "progress": False, "device": "cpu",
             **kw}
-    return train_dpo(policy, reference, tokenizer, PAIRS, out_dir=out_dir, ref_cache_dir=cache, **args)
+    return dpo_run(policy, reference, tokenizer, PAIRS, out_dir=out_dir, ref_cache_dir=cache, **args)
 
 
 def _forbid_forward(model: torch.nn.Module) -> None:
@@ -247,7 +247,7 @@ def test_same_object_as_policy_and_reference_is_refused(tiny_model, tiny_tokeniz
 
 def test_missing_pair_column_is_named(tiny_model, tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"missing column\(s\) \['rejected'\]"):
-        train_dpo(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer,
+        dpo_run(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer,
                   {"prompt": PAIRS["prompt"], "chosen": PAIRS["chosen"]}, beta=0.1, config=CONFIG,
                   out_dir=tmp_path / "r", seed=0, max_length=32, ref_cache_dir=tmp_path / "c", progress=False)
 
@@ -259,17 +259,17 @@ def _no_clock(records: list[dict]) -> list[dict]:
 
 def test_a_bad_pair_is_named_by_its_dataset_row(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
     """The collator counts rows within its micro-batch ("example 1"); the trainer names the pair."""
-    from dpo_lab import dpo_trainer
+    from dpo_lab import run
 
     bad = {**PAIRS, "prompt": list(PAIRS["prompt"])}
     bad["prompt"][10] = "a prompt far too long for the context " * 20
     assert batch_indices(16, CONFIG.batch_size, 1, 0)[3] == 10  # step 1, 2nd micro-batch, its 2nd example
     with pytest.raises(ValueError, match=r"^pair 10 \(chosen\): prompt longer than the context"):
-        train_dpo(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, bad, beta=0.1, config=CONFIG,
+        dpo_run(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, bad, beta=0.1, config=CONFIG,
                   out_dir=tmp_path / "a", seed=0, max_length=32, ref_cache_dir=tmp_path / "c",
                   progress=False, device="cpu")  # found by the reference pass
-    monkeypatch.setattr(dpo_trainer, "reference_logprobs", lambda *a, **k: (torch.zeros(16), torch.zeros(16)))
+    monkeypatch.setattr(run, "reference_logprobs", lambda *a, **k: (torch.zeros(16), torch.zeros(16)))
     with pytest.raises(ValueError, match=r"^pair 10 \(chosen\): prompt longer than the context"):
-        train_dpo(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, bad, beta=0.1, config=CONFIG,
+        dpo_run(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, bad, beta=0.1, config=CONFIG,
                   out_dir=tmp_path / "b", seed=0, max_length=32, ref_cache_dir=tmp_path / "c",
                   progress=False, device="cpu")  # found by the training loop

@@ -18,10 +18,11 @@ import torch
 from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it)
 from transformers import GPT2LMHeadModel
 
-from dpo_lab.dpo_trainer import accumulation_steps, make_accelerator, process_micro_batches, train_dpo
+from dpo_lab.dpo_trainer import accumulation_steps, make_accelerator, process_micro_batches
+from dpo_lab.loop import batch_indices
 from dpo_lab.models import load_policy, save_policy
 from dpo_lab.presets import get_preset
-from dpo_lab.run import batch_indices, read_metrics
+from dpo_lab.run import dpo_run, read_metrics
 from dpo_lab.scale.launch import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +54,7 @@ def test_bad_batch_is_refused_before_training(tiny_model, tiny_tokenizer, tmp_pa
     reference = GPT2LMHeadModel(tiny_model.config).eval()
     config = dataclasses.replace(CONFIG, batch_size=6, micro_batch_size=4)
     with pytest.raises(ValueError, match="global batch_size 6 is not divisible"):
-        train_dpo(tiny_model, reference, tiny_tokenizer, PAIRS, config=config, beta=0.1, seed=0,
+        dpo_run(tiny_model, reference, tiny_tokenizer, PAIRS, config=config, beta=0.1, seed=0,
                   out_dir=tmp_path / "run", max_length=32, ref_cache_dir=tmp_path / "ref",
                   accelerator=make_accelerator("cpu"), progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
@@ -87,7 +88,7 @@ def test_two_processes_match_one_process_and_resume(tiny_model, tiny_tokenizer, 
     policy, tokenizer = load_policy(model_dir)
     reference, _ = load_policy(model_dir)
     config = dataclasses.replace(get_preset("smoke", **SETS).dpo, micro_batch_size=4)
-    one = train_dpo(policy, reference, tokenizer, PAIRS, config=config, beta=0.1, seed=0,
+    one = dpo_run(policy, reference, tokenizer, PAIRS, config=config, beta=0.1, seed=0,
                     out_dir=tmp_path / "one", max_length=32, ref_cache_dir=tmp_path / "ref",
                     accelerator=make_accelerator("cpu"), progress=False)
     two_metrics = read_metrics(tmp_path / "two" / "metrics.jsonl")

@@ -11,13 +11,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from dpo_lab.data import load_imdb
+from dpo_lab.loop import warmup_then_cosine
 from dpo_lab.models import (
     EOS,
     build_policy,
     encode_reviews,
     load_hub_policy,
     load_policy,
-    lr_at,
     save_policy,
     train_sft,
     train_tokenizer,
@@ -103,7 +103,7 @@ def test_encode_reviews_appends_eos_and_truncates(tokenizer) -> None:
 
 
 def test_lr_schedule_warms_up_then_decays() -> None:
-    lrs = [lr_at(s, lr=1.0, warmup=10, total=100) for s in range(100)]
+    lrs = [warmup_then_cosine(s, lr=1.0, warmup=10, total=100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))
     assert lrs[-1] == pytest.approx(0.1, abs=1e-3)

@@ -22,12 +22,11 @@ from dpo_lab.ppo import (
     kl_controller,
     kl_penalized_rewards,
     policy_loss,
-    train_ppo,
     value_loss,
     whiten,
 )
 from dpo_lab.presets import EvalConfig
-from dpo_lab.run import read_metrics
+from dpo_lab.run import ppo_run, read_metrics
 
 PROMPTS = ["This movie", "The film", "I think", "A story", "The acting", "Music is", "Worst", "An excellent"]
 
@@ -195,7 +194,7 @@ CONFIG = PPOConfig(target_kl=None, init_kl_coef=0.05, rollout_batch_size=16, min
 def _run(policy, tokenizer, out_dir: Path, config: PPOConfig = CONFIG, reference=None, **kw):
     # CPU pinned: bit-exact determinism and resume are promised there (CUDA kernels may differ).
     reference = copy.deepcopy(policy) if reference is None else reference
-    return train_ppo(policy, reference, tokenizer, PROMPTS, vowel_share, config=config, out_dir=out_dir,
+    return ppo_run(policy, reference, tokenizer, PROMPTS, vowel_share, config=config, out_dir=out_dir,
                      seed=0, progress=False, device="cpu", **kw)
 
 
@@ -255,7 +254,7 @@ def test_ppo_is_deterministic_and_resumes_exactly(tiny_model, tiny_tokenizer, tm
 
 def test_ppo_rejects_bad_arguments(tiny_model, tiny_tokenizer, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="same object"):
-        train_ppo(tiny_model, tiny_model, tiny_tokenizer, PROMPTS, vowel_share, config=CONFIG,
+        ppo_run(tiny_model, tiny_model, tiny_tokenizer, PROMPTS, vowel_share, config=CONFIG,
                   out_dir=tmp_path, seed=0, progress=False)
     with pytest.raises(ValueError, match="minibatch_size"):
         _run(tiny_model, tiny_tokenizer, tmp_path, PPOConfig(rollout_batch_size=4, minibatch_size=8))
@@ -263,12 +262,12 @@ def test_ppo_rejects_bad_arguments(tiny_model, tiny_tokenizer, tmp_path: Path) -
     with pytest.raises(ValueError, match="requires grad"):
         _run(frozen, tiny_tokenizer, tmp_path / "frozen")
     with pytest.raises(ValueError, match="prompts"):
-        train_ppo(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, [], vowel_share, config=CONFIG,
+        ppo_run(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, [], vowel_share, config=CONFIG,
                   out_dir=tmp_path, seed=0, progress=False)
 
     def bad_reward(texts):
         return np.zeros(len(texts) + 1)
 
     with pytest.raises(ValueError, match="score_fn"):
-        train_ppo(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, PROMPTS, bad_reward, config=CONFIG,
+        ppo_run(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, PROMPTS, bad_reward, config=CONFIG,
                   out_dir=tmp_path / "bad", seed=0, progress=False)

@@ -20,6 +20,7 @@ from dpo_lab.reward_model import (
     split_by_prompt,
     train_reward_model,
 )
+from dpo_lab.run import cached_reward_model, load_reward_model
 
 PROMPTS = ["This movie", "The film", "I think", "A story", "The acting", "Music is", "The plot",
            "An excellent", "The director", "The cast", "Worst", "I watched"]
@@ -84,8 +85,8 @@ def test_initial_loss_is_log2(tiny_model, tiny_tokenizer) -> None:
 def test_training_learns_easy_preferences_and_round_trips(tiny_model, tiny_tokenizer, tmp_path: Path) -> None:
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     # CPU pinned: the save/load round trip below is compared bit for bit.
-    reward = train_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=CONFIG, seed=0,
-                                out_dir=tmp_path / "rm", progress=False, device="cpu")
+    reward = cached_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=CONFIG, seed=0,
+                                 out_dir=tmp_path / "rm", progress=False, device="cpu")
     report = reward.report
     losses = report["train_losses"]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2, losses
@@ -110,15 +111,15 @@ def test_training_learns_easy_preferences_and_round_trips(tiny_model, tiny_token
     assert reward([]).shape == (0,)
 
     # save/load: identical scores, and a second call with the same inputs loads instead of training.
-    loaded = LearnedReward.load(tmp_path / "rm")
+    loaded = load_reward_model(tmp_path / "rm")
     np.testing.assert_array_equal(loaded(texts), scores)
     assert loaded.offset == reward.offset
-    again = train_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=CONFIG, seed=0,
-                               out_dir=tmp_path / "rm", progress=False)
+    again = cached_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=CONFIG, seed=0,
+                                out_dir=tmp_path / "rm", progress=False)
     np.testing.assert_array_equal(again(texts), scores)
     with pytest.raises(ValueError, match="other inputs"):
-        train_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=CONFIG, seed=1,
-                           out_dir=tmp_path / "rm", progress=False)
+        cached_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=CONFIG, seed=1,
+                            out_dir=tmp_path / "rm", progress=False)
 
 
 def test_accuracy_by_gap_bins_pairs_by_quantile_of_the_true_gap() -> None:
@@ -173,4 +174,4 @@ def test_bad_inputs(tiny_model, tiny_tokenizer, tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="single string"):
         reward("one text")
     with pytest.raises(FileNotFoundError, match="LearnedReward"):
-        LearnedReward.load(tmp_path)
+        load_reward_model(tmp_path)

@@ -22,32 +22,26 @@ from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it
 
 from dpo_lab import pipeline
 from dpo_lab.batching import pair_columns, pair_examples, pairs_fingerprint
-from dpo_lab.cache import model_fingerprint, tokenizer_fingerprint
-from dpo_lab.dpo_trainer import train_dpo
+from dpo_lab.cache import lock_timeout, model_fingerprint, tokenizer_fingerprint
+from dpo_lab.loop import TrainLog, call_eval_fn, is_due
 from dpo_lab.paths import project_root
 from dpo_lab.presets import Preset, get_preset
 from dpo_lab.run import (
     HOLDER_FILE,
     TRAINER_STATE,
-    MetricsLog,
     Run,
     RunLockedError,
     RunResult,
-    acquire_run_lock,
-    call_eval_fn,
     check_run,
     checkpoint_dirs,
     checkpoint_path,
-    closes_runs,
+    dpo_run,
     finished_metrics,
     finished_run,
-    is_due,
     latest_checkpoint,
     load_weights,
-    lock_timeout,
     prune_checkpoints,
     read_metrics,
-    release_run_lock,
     rng_state,
     run_lock,
     schedule_dir,
@@ -122,10 +116,11 @@ def test_metrics_log_evaluates_at_start_on_schedule_and_at_the_end(tmp_path: Pat
         model.train()  # the log must put the policy back in eval mode
         return {"reward": float(step)}
 
-    with MetricsLog(path, eval_fn, {"step", "loss"}, eval_every=2, max_steps=5) as log:
+    with Run(tmp_path, FIELDS, eval_fn=eval_fn, eval_every=2) as log:
+        log.resume(5)  # a fresh start: the metrics file is begun anew
         log.log_start(policy)
         for step in range(1, 6):
-            log.log_step({"step": step, "loss": 1.0}, policy)
+            log.log({"step": step, "loss": 1.0}, policy)
             assert not policy.training
     assert calls == [0, 2, 4, 5]
     records = read_metrics(path)
@@ -137,13 +132,16 @@ def test_metrics_log_evaluates_at_start_on_schedule_and_at_the_end(tmp_path: Pat
 
 def test_metrics_log_without_eval_fn_and_closed_log(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    log = MetricsLog(path, None, {"step"}, eval_every=1, max_steps=1, last={"step": 7})
-    assert log.last == {"step": 7}
-    with pytest.raises(RuntimeError, match="not open"):
-        log.log_step({"step": 1}, nn.Linear(1, 1))
-    with log:
-        log.log_start(nn.Linear(1, 1))  # no eval_fn: writes nothing
-        log.log_step({"step": 1}, nn.Linear(1, 1))
+    memory = TrainLog()  # a loop's default log: nothing on disk, cost/* as running totals
+    memory.log({"step": 1, "cost/samples": 2}, nn.Linear(1, 1))
+    assert memory.log({"step": 2, "cost/samples": 3}, nn.Linear(1, 1)) == {"step": 2, "cost/samples": 5}
+    log = Run(tmp_path, FIELDS)
+    log.resume(1)
+    log.log_start(nn.Linear(1, 1))  # no eval_fn: writes nothing
+    log.log({"step": 1}, nn.Linear(1, 1))
+    log.close()
+    with pytest.raises(RuntimeError, match="is closed"):
+        log.log({"step": 2}, nn.Linear(1, 1))
     assert read_metrics(path) == [{"step": 1}]
 
 
@@ -378,20 +376,15 @@ def test_a_killed_holder_blocks_nobody(tmp_path: Path) -> None:
 def test_a_run_releases_its_folder_however_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", "0")  # a folder still held fails at once instead of waiting
 
-    @closes_runs
-    def trainer() -> None:
-        Run(tmp_path, FIELDS)
+    with pytest.raises(RuntimeError, match="boom"), Run(tmp_path, FIELDS):
         raise RuntimeError("boom")
-
-    with pytest.raises(RuntimeError, match="boom"):
-        trainer()
     leaked = Run(tmp_path, FIELDS)  # free again; this one is never closed by a trainer...
     with pytest.raises(RuntimeError, match="already held by this process: a Run on it was not closed"):
         Run(tmp_path, FIELDS)  # ...which is named rather than waited for forever
     leaked.close()
     leaked.close()  # idempotent
     with pytest.raises(RuntimeError, match="is closed"):
-        leaked.metrics(None, {"step"}, eval_every=1, max_steps=1, start=None)
+        leaked.resume(1)
     with Run(tmp_path, FIELDS) as run:
         assert not run.closed
     assert run.closed
@@ -433,7 +426,8 @@ def test_results_are_read_from_finished_runs_only(tmp_path: Path) -> None:
     with finished_metrics(result) as path:
         assert read_metrics(path) == [{"step": 5}]
         with pytest.raises(RuntimeError, match="already held by this process"):  # read under the run's lock
-            release_run_lock(tmp_path, acquire_run_lock(tmp_path, 0))
+            with run_lock(tmp_path, 0):
+                pass
 
 
 def test_a_continued_run_is_not_finished_while_it_runs(tmp_path: Path) -> None:
@@ -448,7 +442,7 @@ def test_a_continued_run_is_not_finished_while_it_runs(tmp_path: Path) -> None:
 
 
 def _train(model: nn.Module, reference: nn.Module, tokenizer, out_dir: Path, max_steps: int, **kw):
-    return train_dpo(copy.deepcopy(model), reference, tokenizer, PAIRS, beta=0.1,
+    return dpo_run(copy.deepcopy(model), reference, tokenizer, PAIRS, beta=0.1,
                      config=replace(CONFIG, max_steps=max_steps), seed=0, max_length=32, out_dir=out_dir,
                      ref_cache_dir=out_dir.parent / "cache", progress=False, device="cpu", **kw)
 

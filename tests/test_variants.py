@@ -15,14 +15,9 @@ from toy_pairs import BAD, CONFIG, GOOD, PAIRS, PROMPTS  # tests/ is on sys.path
 
 from dpo_lab import pipeline
 from dpo_lab.batching import RankingCollator, rankings_from_candidates
-from dpo_lab.dpo_trainer import (
-    pair_logprobs,
-    ranking_logprobs,
-    reference_logprobs,
-    train_dpo,
-)
+from dpo_lab.dpo_trainer import pair_logprobs, ranking_logprobs
 from dpo_lab.presets import get_preset
-from dpo_lab.run import read_metrics
+from dpo_lab.run import dpo_run, read_metrics, reference_logprobs
 
 # Keys computed with the code as it was before average_logprobs and rpo_alpha existed (the cached runs'
 # folders and run.json keys): they must not move. Update only with a deliberate change of a preset value.
@@ -39,7 +34,7 @@ PL_CONFIG = dataclasses.replace(CONFIG, loss_type="plackett_luce", batch_size=2,
 
 
 def _train(policy, reference, tokenizer, data, tmp_path: Path, name: str, config, beta: float = 0.1):
-    return train_dpo(policy, reference, tokenizer, data, beta=beta, config=config, seed=0, max_length=32,
+    return dpo_run(policy, reference, tokenizer, data, beta=beta, config=config, seed=0, max_length=32,
                      out_dir=tmp_path / name, ref_cache_dir=tmp_path / "cache", progress=False, device="cpu")
 
 

@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
-from dpo_lab.dpo_trainer import accumulation_steps, make_accelerator, train_dpo
+from dpo_lab.dpo_trainer import accumulation_steps, make_accelerator
+from dpo_lab.models import quiet_hf_progress
 from dpo_lab.presets import PRESETS, get_preset, parse_overrides
-from dpo_lab.run import quiet_hf_progress
+from dpo_lab.run import dpo_run
 
 
 def train_in_processes(preset: str, overrides: Mapping[str, Any], method: str, value: float,
@@ -117,11 +118,11 @@ def _train_pairs(args: argparse.Namespace, preset: Any, accelerator: Any) -> Any
     if args.gradient_checkpointing:
         policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     dpo = args.method == "DPO"
-    return train_dpo(policy, reference, tokenizer, load_pairs(args.pairs), config=preset.dpo,
-                     beta=args.value if dpo else None, objective="dpo" if dpo else "preferred_ft",
-                     seed=preset.seed if dpo else int(args.value), out_dir=args.out,
-                     max_length=args.max_length or min(512, int(context)), accelerator=accelerator,
-                     ref_cache_dir=args.out / "reference-logps", progress=not args.no_progress)
+    return dpo_run(policy, reference, tokenizer, load_pairs(args.pairs), config=preset.dpo,
+                   beta=args.value if dpo else None, objective="dpo" if dpo else "preferred_ft",
+                   seed=preset.seed if dpo else int(args.value), out_dir=args.out,
+                   max_length=args.max_length or min(512, int(context)), accelerator=accelerator,
+                   ref_cache_dir=args.out / "reference-logps", progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:

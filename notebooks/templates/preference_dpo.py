@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -76,11 +76,11 @@ from IPython.display import display
 from transformers.utils import logging as hf_logging
 
 from dpo_lab.cache import atomic_write_json
-from dpo_lab.dpo_trainer import OBJECTIVES, train_dpo
+from dpo_lab.dpo_trainer import OBJECTIVES
 from dpo_lab.models import save_policy
 from dpo_lab.paths import artifacts_dir
 from dpo_lab.presets import DPOConfig
-from dpo_lab.run import read_metrics, resolve_device
+from dpo_lab.run import dpo_run, read_metrics, resolve_device
 from dpo_lab.scale import hub_tasks
 from dpo_lab.seed import seed_everything
 
@@ -153,9 +153,9 @@ if eval_set is not None and len(eval_set):
     eval_fn = hub_tasks.heldout_eval_fn(reference, tok, eval_set, beta=beta, max_length=max_length,
                                         cache_dir=ref_cache, batch_size=config.micro_batch_size, device=device)
 started = time.perf_counter()
-result = train_dpo(policy, reference, tok, train_pairs, beta=beta if objective == "dpo" else None,
-                   config=config, out_dir=out / "train", seed=seed, max_length=max_length,
-                   ref_cache_dir=ref_cache, eval_fn=eval_fn, device=device, objective=objective)
+result = dpo_run(policy, reference, tok, train_pairs, beta=beta if objective == "dpo" else None,
+                 config=config, out_dir=out / "train", seed=seed, max_length=max_length,
+                 ref_cache_dir=ref_cache, eval_fn=eval_fn, device=device, objective=objective)
 train_seconds = time.perf_counter() - started
 metrics = read_metrics(result.metrics_path)
 print(f"{result.steps} steps in {train_seconds:.0f} s")
