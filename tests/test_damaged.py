@@ -260,10 +260,10 @@ def test_a_truncated_reward_model_ends_reproduce_naming_it(tiny_model, tiny_toke
     import pickle
 
     folder = artifacts / "reward-model-0123456789abcdef"
-    LearnedReward(ScalarRewardModel.from_policy(tiny_model), tiny_tokenizer).save(folder)
+    save_reward_model(LearnedReward(ScalarRewardModel.from_policy(tiny_model), tiny_tokenizer), folder)
     _truncate(folder / "model.safetensors")
     with pytest.raises(ValueError) as info:
-        LearnedReward.load(folder)
+        load_reward_model(folder)
     assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)  # as a worker process sends it
 
     def stage(*args, **kwargs):  # r_phi is loaded inside a frontier worker; its error reaches main as is
