@@ -1,4 +1,4 @@
-"""The reward-KL frontier (paper Fig. 2 left) and its envelopes averaged over seeds."""
+"""The reward-KL frontier (paper Fig. 2 left), its envelopes averaged over seeds, and over-optimisation."""
 
 from __future__ import annotations
 
@@ -10,24 +10,18 @@ import numpy as np
 import pandas as pd
 
 # One colour per method, in the paper's legend order.
-METHOD_COLORS: dict[str, str] = {
-    "DPO": "tab:red",
-    "Unlikelihood": "tab:orange",
-    "PPO": "tab:blue",
-    "PPO-GT": "tab:purple",
-    "Preferred-FT": "tab:green",
-    "SFT": "black",
-}
+METHOD_COLORS: dict[str, str] = {"DPO": "tab:red", "Unlikelihood": "tab:orange", "PPO": "tab:blue",
+                                 "PPO-GT": "tab:purple", "Preferred-FT": "tab:green", "SFT": "black"}
 REQUIRED_COLUMNS = ("method", "step", "kl_mean", "reward_mean")
 
 
-def _check_points(points: pd.DataFrame) -> None:
-    missing = [c for c in REQUIRED_COLUMNS if c not in points.columns]
+def _check_points(points: pd.DataFrame, *columns: str) -> None:
+    missing = [c for c in [*REQUIRED_COLUMNS, *columns] if c not in points.columns]
     if missing:
         raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
 
 
-def _finish(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
+def _finish(fig: plt.Figure, path: str | Path | None) -> plt.Figure:  # laid out, and saved if given a path
     fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -36,8 +30,7 @@ def _finish(fig: plt.Figure, path: str | Path | None) -> plt.Figure:
 
 
 def upper_envelope(kl: Sequence[float], reward: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-    """The Pareto front of (kl, reward) points: those that no other point beats on both axes,
-    sorted by KL (so reward rises along it)."""
+    """The Pareto front of (kl, reward) points, those no other point beats on both axes, sorted by KL."""
     order = np.lexsort((-np.asarray(reward, dtype=float), np.asarray(kl, dtype=float)))
     xs, ys, best = [], [], -np.inf
     for i in order:
@@ -48,31 +41,42 @@ def upper_envelope(kl: Sequence[float], reward: Sequence[float]) -> tuple[np.nda
     return np.array(xs), np.array(ys)
 
 
-# The y axis of a frontier panel, by the score it reads (evaluate.evaluate_policy's ``<name>_mean``).
-SCORE_LABELS: dict[str, str] = {
-    "reward": r"mean reward $r^*$ on test prompts",
+SCORE_LABELS: dict[str, str] = {  # a frontier panel's y axis, by the score it reads (``<score>_mean``)
+    "reward": r"mean reward $r^*$ on test prompts", "distinct_words": "audit: distinct-word ratio",
     "audit_sentiment": "audit: p(positive), word-order classifier",
-    "audit_fluency": "audit: log-likelihood per token, fluency LM",
-    "distinct_words": "audit: distinct-word ratio",
-}
+    "audit_fluency": "audit: log-likelihood per token, fluency LM"}
 
 
 def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "",
                   label_runs: bool = False, scores: Sequence[str] = ("reward",)) -> plt.Figure:
-    """Every evaluation point of every run (one colour per method) with its standard errors when the points
-    carry them, the shared SFT start, and each method's upper envelope; KL(pi || pi_ref) on x and mean r*
-    on y, as in the paper. ``scores`` draws one panel per score instead (e.g. the audit's three,
-    ``SCORE_LABELS``), the envelope of each taken under that score.
-
-    ``label_runs`` also draws each run's path in step order and labels its final point with its
-    ``hyperparameter`` (for a sweep of one method, where colour alone cannot tell the runs apart)."""
-    _check_points(points)
-    missing = [f"{s}_mean" for s in scores if f"{s}_mean" not in points.columns]
-    if missing:
-        raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
+    """Every evaluation point of every run (one colour per method, ± 1 SE bars where the points carry them),
+    the shared SFT start and each method's upper envelope: KL(pi || pi_ref) on x, mean r* on y, as in the
+    paper; or one panel per score of ``scores`` (e.g. the audit's, ``SCORE_LABELS``). ``label_runs`` also
+    draws each run's path and labels its end with its ``hyperparameter`` (for a sweep of one method)."""
+    _check_points(points, *(f"{s}_mean" for s in scores))
     fig, axes = plt.subplots(1, len(scores), figsize=(6.4 * len(scores) ** 0.8, 4.4), squeeze=False)
+    start = points[points.step == 0]
     for ax, score in zip(axes[0], scores, strict=True):
-        _frontier_panel(ax, points, score, label_runs)
+        y, se = f"{score}_mean", f"{score}_se"
+        for method, group in points[points.step > 0].groupby("method", sort=False):
+            color = METHOD_COLORS.get(str(method))
+            ax.scatter(group.kl_mean, group[y], s=18, alpha=0.75, color=color, label=str(method))
+            if se in group.columns and "kl_se" in group.columns:  # one SE over test prompts, each axis
+                ax.errorbar(group.kl_mean, group[y], xerr=group.kl_se, yerr=group[se], fmt="none",
+                            ecolor=color, alpha=0.35, linewidth=0.8)
+            xs, ys = upper_envelope(group.kl_mean.to_numpy(), group[y].to_numpy())
+            ax.step(xs, ys, where="post", color=color, alpha=0.5, linewidth=1)
+        if label_runs:
+            for name, run in points.sort_values("step").groupby("hyperparameter", sort=False):
+                ax.plot(run.kl_mean, run[y], color="grey", lw=0.6, alpha=0.6)
+                ax.annotate(str(name), (run.kl_mean.iloc[-1], run[y].iloc[-1]), fontsize=8,
+                            xytext=(4, 4), textcoords="offset points")
+        if len(start):
+            ax.scatter(start.kl_mean.mean(), start[y].mean(), marker="*", s=140, color="black",
+                       label="SFT (start)", zorder=5)
+        ax.set_xlabel(r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$")
+        ax.set_ylabel(SCORE_LABELS.get(score, score))
+        ax.grid(alpha=0.3)
     axes[0][0].legend(loc="lower right", fontsize=8)
     if len(scores) == 1:
         axes[0][0].set_title(title or "IMDb sentiment generation: reward vs KL")
@@ -81,39 +85,11 @@ def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title
     return _finish(fig, path)
 
 
-def _frontier_panel(ax: plt.Axes, points: pd.DataFrame, score: str, label_runs: bool) -> None:
-    y, se = f"{score}_mean", f"{score}_se"
-    start = points[points.step == 0]
-    for method, group in points[points.step > 0].groupby("method", sort=False):
-        color = METHOD_COLORS.get(str(method))
-        ax.scatter(group.kl_mean, group[y], s=18, alpha=0.75, color=color, label=str(method))
-        if se in group.columns and "kl_se" in group.columns:  # one SE over test prompts, each axis
-            ax.errorbar(group.kl_mean, group[y], xerr=group.kl_se, yerr=group[se], fmt="none",
-                        ecolor=color, alpha=0.35, linewidth=0.8)
-        xs, ys = upper_envelope(group.kl_mean.to_numpy(), group[y].to_numpy())
-        ax.step(xs, ys, where="post", color=color, alpha=0.5, linewidth=1)
-    if label_runs:
-        for name, run in points.sort_values("step").groupby("hyperparameter", sort=False):
-            ax.plot(run.kl_mean, run[y], color="grey", lw=0.6, alpha=0.6)
-            ax.annotate(str(name), (run.kl_mean.iloc[-1], run[y].iloc[-1]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
-    if len(start):
-        ax.scatter(start.kl_mean.mean(), start[y].mean(), marker="*", s=140, color="black",
-                   label="SFT (start)", zorder=5)
-    ax.set_xlabel(r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$")
-    ax.set_ylabel(SCORE_LABELS.get(score, score))
-    ax.grid(alpha=0.3)
-
-
 def plot_reward_vs_cost(points: pd.DataFrame, path: str | Path | None = None, *,
                         costs: Sequence[str] = ("cost/policy_backward_tokens", "cost/wall_s"),
                         title: str = "") -> plt.Figure:
-    """Every evaluation point's mean r* against what its run had spent by then, one panel per cost column
-    (running totals the trainers log: ``frontier.COST_COLUMNS``), one line per run, one colour per method."""
-    _check_points(points)
-    missing = [c for c in costs if c not in points.columns]
-    if missing:
-        raise ValueError(f"frontier points are missing cost column(s) {missing}; have {list(points.columns)}")
+    """Mean r* against what each run had spent by then (``frontier.COST_COLUMNS``), a panel per cost."""
+    _check_points(points, *costs)
     fig, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.0), sharey=True, squeeze=False)
     group_by = ["method", "hyperparameter"] if "hyperparameter" in points.columns else ["method"]
     for ax, cost in zip(axes[0], costs, strict=True):
@@ -133,28 +109,21 @@ def plot_reward_vs_cost(points: pd.DataFrame, path: str | Path | None = None, *,
     return _finish(fig, path)
 
 
-def envelope_on_grid(kl: Sequence[float], reward: Sequence[float], grid: np.ndarray) -> np.ndarray:
-    """The best reward a set of points reaches within each KL budget of ``grid`` (the upper envelope as a
-    step function); NaN below the smallest KL, where no point is within budget."""
-    xs, ys = upper_envelope(kl, reward)
-    where = np.searchsorted(xs, grid, side="right") - 1
-    return np.where(where >= 0, ys[np.clip(where, 0, None)], np.nan)
-
-
 def seed_envelopes(points: pd.DataFrame, grid: np.ndarray) -> pd.DataFrame:
-    """Per method and KL budget on ``grid``: the mean over seeds of each seed's envelope, its standard error
-    across seeds and the number of seeds that reach that budget (a seed's points: every run of the method,
-    steps > 0)."""
-    _check_points(points)
-    if "seed" not in points.columns:
-        raise ValueError(f"seed envelopes need a 'seed' column; have {list(points.columns)}")
+    """Per method and KL budget on ``grid``: the mean over seeds of each seed's envelope (the best reward
+    within the budget; NaN below its smallest KL), its standard error across seeds and the number of seeds
+    that reach that budget (a seed's points: every run of the method, steps > 0)."""
+    _check_points(points, "seed")
     rows = []
     for method, group in points[points.step > 0].groupby("method", sort=False):
-        per_seed = np.array([envelope_on_grid(g.kl_mean.to_numpy(), g.reward_mean.to_numpy(), grid)
-                             for _, g in group.groupby("seed")])
+        per_seed = []
+        for _, g in group.groupby("seed"):
+            xs, ys = upper_envelope(g.kl_mean.to_numpy(), g.reward_mean.to_numpy())
+            where = np.searchsorted(xs, grid, side="right") - 1
+            per_seed.append(np.where(where >= 0, ys[np.clip(where, 0, None)], np.nan))
+        per_seed = np.array(per_seed)
         n = np.sum(~np.isnan(per_seed), axis=0)
-        # Plain mean and std: NaN wherever some seed does not reach the budget, so the curve starts where
-        # every seed has a point and never averages over a changing set of seeds.
+        # NaN wherever some seed does not reach the budget: never a mean over a changing set of seeds
         mean = per_seed.mean(axis=0)
         se = per_seed.std(axis=0, ddof=1) / np.sqrt(len(per_seed)) if len(per_seed) > 1 else 0.0 * mean
         rows += [{"method": method, "kl": k, "reward_mean": m, "reward_se": e, "seeds": int(c)}
@@ -164,8 +133,7 @@ def seed_envelopes(points: pd.DataFrame, grid: np.ndarray) -> pd.DataFrame:
 
 def plot_seed_envelopes(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "",
                         grid_size: int = 200) -> plt.Figure:
-    """Each method's upper envelope (best reward within a KL budget), averaged over seeds, with a band of
-    ± 1 standard error across seeds where every seed reaches that budget; each seed's points faint behind."""
+    """:func:`seed_envelopes` with a band of ± 1 SE across seeds, each seed's points faint behind."""
     _check_points(points)
     trained = points[points.step > 0]
     grid = np.linspace(0.0, float(trained.kl_mean.max()) if len(trained) else 1.0, grid_size)
@@ -191,12 +159,8 @@ def plot_proxy_and_gold(points: pd.DataFrame, path: str | Path | None = None, *,
                         reference: pd.DataFrame | None = None, title: str = "") -> plt.Figure:
     """Over-optimisation (Gao et al. 2022): each run's gold r* (left) and proxy r_phi (right, columns
     ``proxy_reward_mean``/``_se``) against KL to pi_ref, one line per ``run`` in step order, ± 1 SE bars.
-    ``reference`` (frontier points of runs trained on r*'s own labels) adds their upper envelope to the
-    gold panel."""
-    _check_points(points)
-    missing = [c for c in ("run", "proxy_reward_mean") if c not in points.columns]
-    if missing:
-        raise ValueError(f"proxy points are missing column(s) {missing}; have {list(points.columns)}")
+    ``reference`` (points of runs trained on r*'s own labels) adds their upper envelope to the gold panel."""
+    _check_points(points, "run", "proxy_reward_mean")
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), sharex=True)
     if reference is not None and len(reference):
         xs, ys = upper_envelope(reference.kl_mean.to_numpy(), reference.reward_mean.to_numpy())
@@ -210,7 +174,7 @@ def plot_proxy_and_gold(points: pd.DataFrame, path: str | Path | None = None, *,
     axes[0].set_ylabel(r"gold: mean $r^*$ on test prompts")
     axes[1].set_ylabel(r"proxy: mean $r_\phi$ on the same samples")
     for ax in axes:
-        # Gao et al.'s axis: the square root of the KL spreads the small-KL points that a run passes quickly.
+        # Gao et al.'s axis: the square root spreads the small-KL points that a run passes quickly
         ax.set_xscale("function", functions=(lambda x: np.sqrt(np.clip(x, 0, None)), np.square))
         top = float(points.kl_mean.max()) * 1.05
         ax.set_xticks([t for t in (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000) if t <= max(top, 1)])

@@ -1,9 +1,8 @@
 """Preference pairs from scored samples (paper §6.1, App. C.1): 4 completions per prompt -> all 6 pairs.
 
-The winner y_w of a pair is the completion with the higher ground-truth reward r*(x, y); the labels are
-thus noiseless argmax preferences, not Bradley-Terry draws (Eq. 1), as in the paper's IMDb task. Pairs
-whose rewards tie carry no preference and are dropped, and counted so the loss is visible; so are pairs
-with an empty completion (the policy sampled EOS first: there is no token whose log-prob DPO could move).
+The winner y_w is the completion with the higher ground-truth reward r*(x, y): noiseless argmax labels, not
+Bradley-Terry draws (Eq. 1), as in the paper's IMDb task. Pairs that carry no preference (tied rewards) or
+no token DPO could move (an empty completion: EOS sampled first) are dropped, and counted.
 """
 
 from __future__ import annotations
@@ -26,29 +25,21 @@ from dpo_lab.rewards import RewardModel, score_completions
 from dpo_lab.sampling import sample
 
 
-class Candidates(TypedDict):
-    """Every sample of every prompt with its r*: what the pairs were built from (ties included)."""
-
+class Candidates(TypedDict):  # every sample of every prompt with its r*: what the pairs were built from
     prompts: list[str]
     completions: list[list[str]]
     rewards: list[list[float]]
 
 
 COLUMNS = ("prompt", "chosen", "rejected", "chosen_reward", "rejected_reward")
-FEATURES = datasets.Features({
-    "prompt": datasets.Value("string"),
-    "chosen": datasets.Value("string"),
-    "rejected": datasets.Value("string"),
-    "chosen_reward": datasets.Value("float64"),
-    "rejected_reward": datasets.Value("float64"),
-})
+FEATURES = datasets.Features({c: datasets.Value("float64" if c.endswith("_reward") else "string")
+                              for c in COLUMNS})
 GAP_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
 
 
 @dataclass(frozen=True)
 class PairStats:
     """What pairing kept and dropped; gaps are r*(y_w) - r*(y_l) over the kept pairs."""
-
     n_prompts: int
     n_candidates: int  # C(k, 2) summed over prompts
     n_pairs: int
@@ -67,17 +58,12 @@ def _check_nested(name: str, outer: Sequence[Any], n_prompts: int) -> None:
         raise ValueError(f"{name} has {len(outer)} entries but there are {n_prompts} prompts")
 
 
-def build_preference_pairs(
-    prompts: Sequence[str],
-    completions: Sequence[Sequence[str]],
-    rewards: Sequence[Sequence[float]],
-) -> tuple[datasets.Dataset, PairStats]:
+def build_preference_pairs(prompts: Sequence[str], completions: Sequence[Sequence[str]],
+                           rewards: Sequence[Sequence[float]]) -> tuple[datasets.Dataset, PairStats]:
     """All C(k, 2) pairs of each prompt's k completions, chosen = higher r*; ties dropped and counted."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a sequence of strings, not a single string")
     _check_nested("completions", completions, len(prompts))
     _check_nested("rewards", rewards, len(prompts))
-    rows: dict[str, list[Any]] = {c: [] for c in COLUMNS}
+    pairs: list[tuple[str, str, str, float, float]] = []
     n_candidates = n_ties = n_identical = n_empty = 0
     for i, (prompt, texts, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
         if len(texts) != len(scores):
@@ -89,17 +75,14 @@ def build_preference_pairs(
             n_candidates += 1
             if not texts[a] or not texts[b]:
                 n_empty += 1
-                continue
-            if scores[a] == scores[b]:
+            elif scores[a] == scores[b]:
                 n_ties += 1
-                continue
-            if texts[a] == texts[b]:
+            elif texts[a] == texts[b]:
                 n_identical += 1
-                continue
-            w, l = (a, b) if scores[a] > scores[b] else (b, a)
-            values = (prompt, texts[w], texts[l], scores[w], scores[l])
-            for column, value in zip(COLUMNS, values, strict=True):
-                rows[column].append(value)
+            else:
+                w, l = (a, b) if scores[a] > scores[b] else (b, a)
+                pairs.append((prompt, texts[w], texts[l], scores[w], scores[l]))
+    rows = {c: [pair[i] for pair in pairs] for i, c in enumerate(COLUMNS)}
     gaps = np.asarray(rows["chosen_reward"]) - np.asarray(rows["rejected_reward"])
     quantiles = ({f"q{q:g}": float(v) for q, v in zip(GAP_QUANTILES, np.quantile(gaps, GAP_QUANTILES),
                                                        strict=True)} if gaps.size else {})
@@ -109,22 +92,11 @@ def build_preference_pairs(
     return datasets.Dataset.from_dict(rows, features=FEATURES), stats
 
 
-def _snippet(text: str, width: int = 40) -> str:
-    return repr(text if len(text) <= width else text[:width] + "...")
-
-
-def validate_preferences(
-    ds: datasets.Dataset,
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    max_length: int | None = None,
-    require_rewards: bool = True,
-) -> None:
-    """Raise ValueError naming the first problem (and its row) that would make a pair unusable.
-
-    ``require_rewards=False`` checks pairs labelled by people (TL;DR, Anthropic-HH), which carry no r*."""
-    if not isinstance(ds, datasets.Dataset):
-        raise TypeError(f"expected a datasets.Dataset, got {type(ds).__name__}")
+def validate_preferences(ds: datasets.Dataset, *, tokenizer: PreTrainedTokenizerBase | None = None,
+                         max_length: int | None = None, require_rewards: bool = True) -> None:
+    """Raise ValueError naming the first problem (and its row) that would make a pair unusable; prompts
+    longer than ``max_length`` tokens too, given a tokenizer. ``require_rewards=False`` checks pairs labelled
+    by people (TL;DR, Anthropic-HH), which carry no r*."""
     columns = COLUMNS if require_rewards else COLUMNS[:3]
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
@@ -142,7 +114,7 @@ def validate_preferences(
             if not text:
                 raise ValueError(f"row {row}: empty {c} text ({text!r})")
         if cols["chosen"][row] == cols["rejected"][row]:
-            raise ValueError(f"row {row}: chosen is identical to rejected ({_snippet(cols['chosen'][row])})")
+            raise ValueError(f"row {row}: chosen is identical to rejected ({cols['chosen'][row][:40]!r})")
         if not require_rewards:
             continue
         rw, rl = cols["chosen_reward"][row], cols["rejected_reward"][row]
@@ -158,16 +130,14 @@ def validate_preferences(
         lengths = dict(zip(unique, (len(ids) for ids in
                                     tokenizer(unique, add_special_tokens=False)["input_ids"]), strict=True))
         for row, prompt in enumerate(cols["prompt"]):
-            # batching.tokenize_completion needs room for >= 1 completion token after the prompt.
-            if lengths[prompt] >= max_length:
+            if lengths[prompt] >= max_length:  # leaving no room for a completion token
                 raise ValueError(f"row {row}: prompt longer than the context ({lengths[prompt]} tokens, "
-                                 f"max_length {max_length}): {_snippet(prompt)}")
+                                 f"max_length {max_length}): {prompt[:40]!r}")
 
 
 def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats | None = None,
                      candidates: Candidates | None = None) -> Path:
-    """Validate, then write with ``save_to_disk`` in one atomic rename (stats.json and candidates.json, the
-    raw samples with their rewards, beside it if given)."""
+    """Validate, then write (``save_to_disk``, stats.json, candidates.json) in one atomic rename."""
     validate_preferences(ds)
     path = Path(path)
     with atomic_directory(path) as tmp:
@@ -180,7 +150,6 @@ def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats
 
 
 def load_candidates(path: str | Path) -> Candidates:
-    """The raw samples and rewards that :func:`save_preferences` stored beside the pairs."""
     file = Path(path) / "candidates.json"
     if not file.is_file():
         raise FileNotFoundError(f"no candidates.json in {path}: the pairs were saved without their samples")
@@ -191,16 +160,10 @@ def load_candidates(path: str | Path) -> Candidates:
     return candidates
 
 
-def load_preferences(
-    path: str | Path,
-    *,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    max_length: int | None = None,
-    advice: str | None = None,
-) -> datasets.Dataset:
-    """Load what :func:`save_preferences` wrote and validate it (prompt lengths too, given a tokenizer). A
-    truncated or corrupt file is a ValueError naming it, followed by ``advice`` (default: delete ``path`` and
-    build the pairs again); a bad row is named with its file."""
+def load_preferences(path: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None,
+                     max_length: int | None = None, advice: str | None = None) -> datasets.Dataset:
+    """Load what :func:`save_preferences` wrote and validate it. A damaged file is a ValueError naming it and
+    ``advice`` (default: delete ``path`` and build the pairs again); a bad row is named with its file."""
     path = Path(path)
     folder = path / "pairs" if (path / "pairs").is_dir() else path
     if not folder.is_dir():
@@ -216,9 +179,8 @@ def load_preferences(
     return ds
 
 
-def score_samples(
-    reward_model: RewardModel, prompts: Sequence[str], completions: Sequence[Sequence[str]]
-) -> list[list[float]]:
+def score_samples(reward_model: RewardModel, prompts: Sequence[str],
+                  completions: Sequence[Sequence[str]]) -> list[list[float]]:
     """r*(x, y) of every completion ``[prompt][sample]``, scored on the text prompt + completion."""
     _check_nested("completions", completions, len(prompts))
     flat_prompts = [p for p, per in zip(prompts, completions, strict=True) for _ in per]
@@ -228,26 +190,15 @@ def score_samples(
         raise ValueError(f"reward model returned {scores.shape[0]} scores for {len(flat)} texts")
     if not np.isfinite(scores).all():
         raise ValueError("reward model returned non-finite scores")
-    out, k = [], 0
-    for per in completions:
-        out.append(scores[k:k + len(per)].tolist())
-        k += len(per)
-    return out
+    flat_scores = iter(scores.tolist())
+    return [[next(flat_scores) for _ in per] for per in completions]
 
 
-def generate_preference_data(
-    policy: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    reward_model: RewardModel,
-    config: PreferenceConfig,
-    *,
-    seed: int,
-    progress: bool = True,
-) -> tuple[datasets.Dataset, PairStats, Candidates]:
-    """Sample ``config.samples_per_prompt`` completions of each prompt from pi_SFT, score, pair them.
-
-    Returns the pairs, their statistics and the candidates (every sample with its r*, ties included)."""
+def generate_preference_data(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                             reward_model: RewardModel, config: PreferenceConfig, *, seed: int,
+                             progress: bool = True) -> tuple[datasets.Dataset, PairStats, Candidates]:
+    """Sample ``config.samples_per_prompt`` completions of each prompt from pi_SFT, score and pair them:
+    the pairs, their statistics and the candidates (every sample with its r*, ties included)."""
     samples = sample(policy, tokenizer, prompts, n_per_prompt=config.samples_per_prompt,
                      max_new_tokens=config.max_new_tokens, batch_size=config.sample_batch_size, seed=seed,
                      progress=progress)

@@ -1,12 +1,6 @@
 """The ground-truth reward r*(x, y) of the IMDb task: the probability that a sentiment classifier gives to
-"positive" for the prompt and completion read together (paper §6.1, App. C.1).
-
-Any ``RewardModel`` is a callable ``texts -> np.ndarray`` of p(positive | text) in [0, 1]:
-
-* :class:`TfidfSentimentReward` (the `smoke` and `cpu` presets): TF-IDF + logistic regression trained here on
-  IMDb labels, saved in safe formats (JSON + ``.npz``), scored by a few lines of NumPy;
-* :class:`HubSentimentReward` (the `paper` preset): ``siebert/sentiment-roberta-large-english``.
-"""
+"positive" for the prompt and completion read together (paper §6.1, App. C.1): :class:`TfidfSentimentReward`
+(the `smoke` and `cpu` presets) or :class:`HubSentimentReward` (the `paper` preset)."""
 
 from __future__ import annotations
 
@@ -29,30 +23,23 @@ FORMAT_VERSION = 1
 
 
 @runtime_checkable
-class RewardModel(Protocol):
-    """p(positive | text) for each text: an array of shape (len(texts),) with values in [0, 1]."""
-
+class RewardModel(Protocol):  # p(positive | text) for each text, shape (len(texts),)
     def __call__(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
 def score_completions(reward: RewardModel, prompts: Sequence[str], completions: Sequence[str]) -> np.ndarray:
-    """r*(x, y) for each pair: the reward of the prompt and its completion concatenated as text (the
-    completion's decoded text carries its own leading space, so the two are joined as they are)."""
-    prompts = validate_texts(prompts, name="prompts", allow_empty=True)
-    completions = validate_texts(completions, name="completions", allow_empty=True)
+    """r*(x, y) for each pair: the reward of prompt + completion (which carries its own leading space)."""
     if len(prompts) != len(completions):
         raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; they must pair up")
     return reward([p + c for p, c in zip(prompts, completions, strict=True)])
 
 
 def accuracy(reward: RewardModel, texts: Sequence[str], labels: Sequence[int]) -> float:
-    """Share of texts whose label (1 positive, 0 negative) matches ``reward(text) > 0.5``."""
     labels = _check_labels(labels, len(texts))
     return float(np.mean((reward(texts) > 0.5) == (labels == 1)))
 
 
 def first_words(text: str, n: int) -> str:
-    """The first ``n`` whitespace-separated words: a review cut to the length of a completion."""
     return " ".join(text.split()[:n])
 
 
@@ -66,33 +53,23 @@ def _check_labels(labels: Sequence[int], n: int) -> np.ndarray:
 
 
 class TfidfSentimentReward:
-    """Word 1-to-``ngram_max``-gram TF-IDF (sublinear tf, l2 norm) + L2 logistic regression.
-
-    Fitting uses scikit-learn; scoring uses only the fitted arrays (vocabulary, idf, coef, intercept), so a
-    saved model needs no pickle: ``p = sigmoid(coef · normalise((1 + log tf) * idf) + intercept)``.
-    """
+    """Word 1-to-``ngram_max``-gram TF-IDF (sublinear tf, l2 norm) + L2 logistic regression, fitted by
+    scikit-learn and scored from its arrays alone, so a saved model needs no pickle:
+    ``p = sigmoid(coef · normalise((1 + log tf) * idf) + intercept)``."""
 
     def __init__(self, *, max_features: int = 50_000, ngram_max: int = 2, C: float = 4.0, min_df: int = 2):
-        if max_features < 1 or ngram_max < 1 or C <= 0 or min_df < 1:
-            raise ValueError(f"need max_features >= 1, ngram_max >= 1, C > 0, min_df >= 1; got "
-                             f"max_features={max_features}, ngram_max={ngram_max}, C={C}, min_df={min_df}")
-        self.settings: dict[str, Any] = {
+        self.settings: dict[str, Any] = {  # all saved with the model
             "max_features": int(max_features), "ngram_max": int(ngram_max), "C": float(C),
-            "min_df": int(min_df), "lowercase": True,
-            "token_pattern": r"(?u)\b\w\w+\b", "sublinear_tf": True, "norm": "l2"}
-        self.terms: list[str] | None = None
-        self.idf: np.ndarray | None = None
-        self.coef: np.ndarray | None = None
-        self.intercept: float | None = None
-        self._counter: CountVectorizer | None = None
+            "min_df": int(min_df), "lowercase": True, "token_pattern": r"(?u)\b\w\w+\b", "sublinear_tf": True,
+            "norm": "l2"}
+        self.terms: list[str] | None = None  # then the fitted idf, coef and intercept, and the n-gram counter
+        self.idf = self.coef = self.intercept = self._counter = None
 
     @classmethod
     def from_config(cls, config: RewardConfig) -> TfidfSentimentReward:
         return cls(max_features=config.max_features, ngram_max=config.ngram_max, C=config.C)
 
-    # ------------------------------------------------------------------------------------------ fitting
     def fit(self, texts: Sequence[str], labels: Sequence[int]) -> TfidfSentimentReward:
-        """Fit on reviews and their labels (1 positive, 0 negative); returns self."""
         texts = validate_texts(texts, name="training texts")
         labels = _check_labels(labels, len(texts))
         if len(np.unique(labels)) < 2:
@@ -104,17 +81,11 @@ class TfidfSentimentReward:
                                      norm=s["norm"], dtype=np.float64)
         features = vectorizer.fit_transform(texts)
         classifier = LogisticRegression(C=s["C"], max_iter=2000).fit(features, labels)
-        vocabulary = vectorizer.vocabulary_
-        terms = [""] * len(vocabulary)
-        for term, index in vocabulary.items():
-            terms[index] = term
+        terms = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)  # by column index
         self._set_arrays(terms, vectorizer.idf_, classifier.coef_[0], float(classifier.intercept_[0]))
         return self
 
     def _set_arrays(self, terms: list[str], idf: np.ndarray, coef: np.ndarray, intercept: float) -> None:
-        if not len(terms) == len(idf) == len(coef):
-            raise ValueError(f"inconsistent reward model: {len(terms)} terms, {len(idf)} idf values, "
-                             f"{len(coef)} coefficients")
         self.terms, self.intercept = list(terms), float(intercept)
         self.idf, self.coef = np.asarray(idf, np.float64), np.asarray(coef, np.float64)
         # A CountVectorizer with a fixed vocabulary needs no fitting: it only tokenizes and counts n-grams.
@@ -123,9 +94,11 @@ class TfidfSentimentReward:
                                         lowercase=self.settings["lowercase"],
                                         token_pattern=self.settings["token_pattern"], dtype=np.float64)
 
-    # ------------------------------------------------------------------------------------------ scoring
-    def features(self, texts: Sequence[str]) -> sp.csr_matrix:
-        """The TF-IDF matrix (n_texts, n_terms), computed by hand from the fitted arrays."""
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        """p(positive | text) for each text, from TF-IDF features computed by hand."""
+        texts = validate_texts(texts, allow_empty=True)
+        if not texts:
+            return np.zeros(0)
         if self._counter is None:
             raise RuntimeError("TfidfSentimentReward is not fitted: call fit() or load() first")
         counts = sp.csr_matrix(self._counter.transform(texts), dtype=np.float64)
@@ -133,31 +106,16 @@ class TfidfSentimentReward:
         counts.data *= self.idf[counts.indices]
         norms = np.sqrt(np.asarray(counts.multiply(counts).sum(axis=1)).ravel())
         norms[norms == 0] = 1.0  # a text with no known term stays the zero vector
-        return sp.csr_matrix(sp.diags(1.0 / norms) @ counts)
-
-    def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """log p(pos)/p(neg) for each text."""
-        texts = validate_texts(texts, allow_empty=True)
-        if not texts:
-            return np.zeros(0)
-        return self.features(texts) @ self.coef + self.intercept
-
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        """p(positive | text) for each text."""
-        return expit(self.logits(texts))
+        return expit(sp.csr_matrix(sp.diags(1.0 / norms) @ counts) @ self.coef + self.intercept)
 
     def most_informative_features(self, k: int = 20) -> dict[str, list[tuple[str, float]]]:
-        """The ``k`` n-grams with the largest positive and the largest negative coefficients."""
-        if self.coef is None or self.terms is None:
-            raise RuntimeError("TfidfSentimentReward is not fitted: call fit() or load() first")
+        """The ``k`` n-grams with the largest positive, and with the largest negative, coefficients."""
         order = np.argsort(self.coef, kind="stable")
-        terms, coef = self.terms, self.coef
-        return {"positive": [(terms[i], float(coef[i])) for i in order[::-1][:k]],
-                "negative": [(terms[i], float(coef[i])) for i in order[:k]]}
+        return {"positive": [(self.terms[i], float(self.coef[i])) for i in order[::-1][:k]],
+                "negative": [(self.terms[i], float(self.coef[i])) for i in order[:k]]}
 
-    # ------------------------------------------------------------------------------------ safe save/load
     def save(self, path: str | Path) -> Path:
-        """``config.json`` (settings and vocabulary) + ``arrays.npz`` (idf, coef, intercept); no pickle."""
+        """``config.json`` (settings, vocabulary) and ``arrays.npz`` (idf, coef, intercept): no pickle."""
         if self.terms is None:
             raise RuntimeError("cannot save an unfitted TfidfSentimentReward")
         with atomic_directory(path) as tmp:
@@ -169,7 +127,6 @@ class TfidfSentimentReward:
 
     @classmethod
     def load(cls, path: str | Path) -> TfidfSentimentReward:
-        """Rebuild a saved model from JSON and ``.npz`` (``allow_pickle=False``)."""
         path = Path(path)
         if not (path / "config.json").is_file() or not (path / "arrays.npz").is_file():
             raise FileNotFoundError(f"no saved TfidfSentimentReward at {path} "
@@ -187,20 +144,15 @@ class TfidfSentimentReward:
 
 
 class HubSentimentReward:
-    """A hub sentiment classifier as r*: p(label "POSITIVE") from a transformers text-classification pipeline.
-
-    The paper uses ``siebert/sentiment-roberta-large-english`` with all scores returned, ``batch_size=16``,
-    ``truncation=True, max_length=512`` (official repo, issue #27). ``name`` may also be a local folder.
-    """
+    """A hub sentiment classifier as r*: p(label "POSITIVE") from a transformers text-classification pipeline,
+    as the paper uses ``siebert/sentiment-roberta-large-english`` (``batch_size=16``, ``truncation=True,
+    max_length=512``: official repo, issue #27). ``name`` may also be a local folder."""
 
     def __init__(self, name: str = "siebert/sentiment-roberta-large-english", device: Any = None,
                  batch_size: int = 16, *, max_length: int = 512, revision: str | None = None):
         from transformers import pipeline
 
-        if batch_size < 1 or max_length < 1:
-            raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
         self.name, self.batch_size, self.max_length = name, batch_size, max_length
-        # .bin checkpoints (siebert has no safetensors on main) load with torch.load(weights_only=True).
         self.pipe = pipeline("text-classification", model=name, tokenizer=name, device=device, top_k=None,
                              revision=revision, trust_remote_code=False)
         labels = [str(v) for v in self.pipe.model.config.id2label.values()]
@@ -211,7 +163,6 @@ class HubSentimentReward:
         self.positive_label = positive[0]
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        """p(POSITIVE | text) for each text."""
         texts = validate_texts(texts, allow_empty=True)
         if not texts:
             return np.zeros(0)

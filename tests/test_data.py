@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dpo_lab import data
-from dpo_lab.data import clean_review, load_imdb, make_prompts, validate_text_dataset, validate_texts
+from dpo_lab.data import clean_review, load_imdb, make_prompts, validate_texts
 
 FIXTURE = Path(__file__).resolve().parents[1] / "data" / "fixtures" / "imdb_hub"
 
@@ -39,8 +39,6 @@ def test_clean_review_removes_html_breaks() -> None:
     cleaned = clean_review("Great.<br /><br />Loved it.<BR/>Really  loved it. ")
     assert cleaned == "Great. Loved it. Really loved it."
     assert clean_review("no breaks here") == "no breaks here"
-    with pytest.raises(TypeError, match="str"):
-        clean_review(3)  # type: ignore[arg-type]
 
 
 def test_offline_imdb_counts_labels_and_split(imdb: datasets.DatasetDict) -> None:
@@ -66,8 +64,6 @@ def test_offline_split_is_deterministic_and_seeded(small_csv: Path) -> None:
 
 
 def test_offline_bad_arguments(small_csv: Path) -> None:
-    with pytest.raises(ValueError, match="test_fraction"):
-        load_imdb(test_fraction=1.5)
     with pytest.raises(ValueError, match="source"):
         load_imdb("somewhere")  # type: ignore[arg-type]
 
@@ -104,14 +100,7 @@ def test_hub_path_missing_split(monkeypatch: pytest.MonkeyPatch) -> None:
         load_imdb("hub")
 
 
-def test_validation_helpers_name_the_problem() -> None:
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['label'\]"):
-        validate_text_dataset(datasets.Dataset.from_dict({"text": ["a"]}), name="reviews")
-    with pytest.raises(ValueError, match="reviews is empty"):
-        validate_text_dataset(pd.DataFrame({"text": [], "label": []}), name="reviews")
-    with pytest.raises(ValueError, match="labels"):
-        validate_text_dataset(pd.DataFrame({"text": ["a", "b"], "label": [0, 2]}))
-    validate_text_dataset(pd.DataFrame({"text": ["a"]}), require_label=False)
+def test_validate_texts_names_the_problem() -> None:
     with pytest.raises(TypeError, match=r"texts\[1\] must be a str"):
         validate_texts(["a", 2])  # type: ignore[list-item]
     with pytest.raises(TypeError, match="single str"):
@@ -133,13 +122,9 @@ def test_make_prompts_lengths_prefixes_and_seed(tiny_tokenizer) -> None:
     assert prompts != make_prompts(texts, tiny_tokenizer, 200, seed=1)
 
 
-def test_make_prompts_bad_arguments(tiny_tokenizer) -> None:
+def test_make_prompts_needs_a_text_per_prompt(tiny_tokenizer) -> None:
     with pytest.raises(ValueError, match="only 2 texts"):
         make_prompts(["a b", "c d"], tiny_tokenizer, 3)
-    with pytest.raises(ValueError, match="min_tokens"):
-        make_prompts(["a b", "c d"], tiny_tokenizer, 1, min_tokens=5, max_tokens=2)
-    with pytest.raises(ValueError, match="positive int"):
-        make_prompts(["a b"], tiny_tokenizer, 0)
 
 
 def test_train_and_eval_prompts_come_from_disjoint_reviews(imdb: datasets.DatasetDict,

@@ -8,7 +8,6 @@ from matplotlib.collections import PolyCollection
 
 from dpo_lab.frontier import dominance, dominance_counts
 from dpo_lab.plots import (
-    envelope_on_grid,
     plot_frontier,
     plot_proxy_and_gold,
     plot_reward_vs_cost,
@@ -105,10 +104,11 @@ def test_label_runs_names_each_run(tmp_path):
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["beta=0.1", "beta=1"]
 
 
-def test_envelope_on_grid_is_the_best_reward_within_each_budget():
-    kl, reward = [1.0, 2.0, 3.0, 4.0], [0.6, 0.5, 0.8, 0.7]  # (2, 0.5) and (4, 0.7) are dominated
-    grid = np.array([0.5, 1.0, 2.5, 3.0, 10.0])
-    assert np.allclose(envelope_on_grid(kl, reward, grid), [np.nan, 0.6, 0.6, 0.8, 0.8], equal_nan=True)
+def test_a_seed_envelope_is_the_best_reward_within_each_budget():
+    points = pd.DataFrame({"method": "DPO", "seed": 0, "step": 1, "kl_mean": [1.0, 2.0, 3.0, 4.0],
+                           "reward_mean": [0.6, 0.5, 0.8, 0.7]})  # (2, 0.5) and (4, 0.7) are dominated
+    curve = seed_envelopes(points, np.array([0.5, 1.0, 2.5, 3.0, 10.0]))
+    assert np.allclose(curve.reward_mean, [np.nan, 0.6, 0.6, 0.8, 0.8], equal_nan=True)
 
 
 def test_seed_envelopes_average_each_seeds_envelope():
@@ -169,7 +169,7 @@ def test_reward_vs_cost_draws_one_line_per_run_per_cost(tmp_path):
     left, right = fig.axes
     assert [line.get_xdata().tolist() for line in left.lines] == [[0, 1000], [0, 4000]]
     assert [line.get_xdata().tolist() for line in right.lines] == [[0.0, 5.0], [0.0, 20.0]]
-    with pytest.raises(ValueError, match="cost column"):
+    with pytest.raises(ValueError, match="cost/wall_s"):
         plot_reward_vs_cost(points.drop(columns=["cost/wall_s"]))
 
 

@@ -98,8 +98,6 @@ def test_input_validation(tfidf) -> None:
         TfidfSentimentReward().fit(["a good film", "a fine film"], [1, 1])
     with pytest.raises(ValueError, match="expected 2 labels"):
         TfidfSentimentReward().fit(["a good film", "a bad film"], [1])
-    with pytest.raises(ValueError, match="C > 0"):
-        TfidfSentimentReward(C=0)
     config_model = TfidfSentimentReward.from_config(RewardConfig(max_features=123, ngram_max=1, C=2.0))
     assert (config_model.settings["max_features"], config_model.settings["ngram_max"]) == (123, 1)
 
