@@ -6,7 +6,8 @@
     .venv/bin/python scripts/seed_report.py
 
 Reads figures/frontier_cpu_seed_points.csv (one row per evaluation point: method, hyperparameter, seed, step,
-KL and every score with its standard error) and writes, beside it:
+KL and every score with its standard error), keeps the seeds that have every run (a seed with part of its
+runs would bias its envelope), and writes, beside it:
 - seeds_cpu_envelopes.{csv,md}: per method, score and KL budget b, the best mean score among a seed's points
   with KL <= b (the envelope read at b; the SFT start included), its mean over seeds and a 95% t interval
   (seeds - 1 degrees of freedom);
@@ -131,8 +132,9 @@ def plot(per_seed_points: pd.DataFrame, budget_points: pd.DataFrame | None, out:
             if rows.empty:
                 continue
             seeds = int(rows.seeds.max())
+            seeds_label = f"{seeds} seeds, 95% t interval" if seeds > 1 else "1 seed"
             ax.step(rows.kl_budget, rows["mean"], where="post", color=colors[method],
-                    label=f"{method} envelope ({seeds} seeds, 95% t interval)")
+                    label=f"{method} envelope, {seeds_label}")
             ax.fill_between(rows.kl_budget, rows.ci95_low, rows.ci95_high, step="post", color=colors[method],
                             alpha=0.18, lw=0)
             if budget_points is not None:
@@ -154,8 +156,20 @@ def write(table: pd.DataFrame, stem: Path) -> None:
     stem.with_suffix(".md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
 
 
+def complete_seeds(points: pd.DataFrame) -> pd.DataFrame:
+    """The seeds that have every run some seed has (a seed with part of its runs would bias its envelope)."""
+    runs = points.groupby("seed")[["method", "hyperparameter"]].apply(
+        lambda g: frozenset(map(tuple, g.drop_duplicates().to_numpy())))
+    full = frozenset().union(*runs)
+    keep = [seed for seed, have in runs.items() if have == full]
+    dropped = sorted(set(runs.index) - set(keep))
+    if dropped:
+        print(f"left out (runs missing): seed(s) {dropped}; {len(keep)} complete seed(s) {keep}")
+    return points[points.seed.isin(keep)]
+
+
 def report(points_file: Path, out: Path) -> dict[str, pd.DataFrame]:
-    points = pd.read_csv(points_file)
+    points = complete_seeds(pd.read_csv(points_file))
     per_seed = per_seed_envelopes(points)
     tables = {"envelopes": envelope_table(per_seed), "gaps": gap_table(per_seed),
               "dominance": dominance_table(points)}

@@ -47,10 +47,17 @@ def test_envelopes_and_paired_gaps_on_a_toy_study():
     assert (total.dpo_beats, total.series_points, total.series_beats, total.dpo_points) == (2, 4, 2, 4)
 
 
+def test_a_seed_with_part_of_its_runs_is_left_out():
+    points = toy_points()
+    partial = points[(points.seed == 1) & (points.method == "DPO")]
+    kept = seed_report.complete_seeds(pd.concat([points[points.seed == 0], partial]))
+    assert set(kept.seed) == {0}
+    assert set(seed_report.complete_seeds(points).seed) == {0, 1}
+
+
 COMMITTED = FIGURES / "frontier_cpu_seed_points.csv"
 
 
-@pytest.mark.skipif(not COMMITTED.is_file(), reason="the seed study's points are not committed yet")
 def test_committed_tables_and_readme_numbers_follow_from_the_committed_points(tmp_path):
     budget = FIGURES / "frontier_cpu_budget_points.csv"
     (tmp_path / COMMITTED.name).write_bytes(COMMITTED.read_bytes())
@@ -69,6 +76,19 @@ def test_committed_tables_and_readme_numbers_follow_from_the_committed_points(tm
     block = re.search(r"<!-- seed_report -->(.*?)<!-- /seed_report -->", readme, re.S)
     assert block, "README has no <!-- seed_report --> block"
     quoted = re.findall(r"(?<![\w.])-?\d+\.\d{3}(?!\d)", block.group(1))
-    assert quoted, "the README's seed-study block quotes no number"
     missing = [q for q in quoted if q not in cells and q.replace("-", "−") not in cells]
     assert not missing, f"README quotes numbers no seed table holds: {missing}"
+    # and its dominance rows are the summed counts: a/b (noise-aware) per score and direction
+    dominance = pd.read_csv(tmp_path / "seeds_cpu_dominance.csv", dtype={"seed": str})
+    total = dominance[dominance.seed == "all"].set_index(["series", "score"])
+    rows = re.findall(r"^\| (PPO[^|]*?) \|(.*)\|$", block.group(1), re.M)
+    assert rows, "the README's seed-study block has no dominance rows"
+    for series, cells_text in rows:
+        series = series.replace(" (r_φ)", "")
+        found = re.findall(r"(\d+)/(\d+) \((\d+)\)", cells_text)
+        expected = []
+        for score in ("reward", "audit_sentiment"):
+            row = total.loc[(series, score)]
+            expected += [(row.dpo_beats, row.series_points, row.dpo_beats_noise_aware),
+                         (row.series_beats, row.dpo_points, row.series_beats_noise_aware)]
+        assert [tuple(map(int, f)) for f in found] == [tuple(map(int, e)) for e in expected], series
