@@ -54,8 +54,11 @@ def cpu_dpo(scratch: Path) -> None:
         if stage.is_dir() and stage.name != "training":
             (scratch / stage.name).symlink_to(stage)
     os.environ["DPO_LAB_ARTIFACTS"] = str(scratch)
+    import torch
+
     from dpo_lab import pipeline
     from dpo_lab.presets import get_preset
+    torch.set_num_threads(1)  # as reproduce's workers train: other thread counts sum in another order
     preset = get_preset("cpu")
     fresh = pipeline.run_dir(preset, "DPO", 0.1)
     old = cached / "training" / fresh.name / "metrics.jsonl"

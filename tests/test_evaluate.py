@@ -11,10 +11,9 @@ import pytest
 import torch
 from tiny_lms import seq_logprob, tiny_lm  # tests/ is on sys.path
 
-from dpo_lab.dpo_trainer import train_dpo
 from dpo_lab.evaluate import completion_kls, evaluate_policy, make_eval_fn
 from dpo_lab.presets import DPOConfig, EvalConfig
-from dpo_lab.run import read_metrics
+from dpo_lab.run import dpo_run, read_metrics
 
 PROMPTS = ["This movie was", "A terrible", "The music", "I watched"]
 
@@ -105,9 +104,9 @@ def test_eval_fn_plugs_into_the_trainer(tiny_model, tiny_tokenizer, tmp_path):
     pairs = {"prompt": PROMPTS * 2, "chosen": [" great"] * 8, "rejected": [" awful"] * 8}
     config = DPOConfig(optimizer="adamw", lr=1e-2, warmup_steps=0, batch_size=4, micro_batch_size=4,
                        max_steps=4, checkpoint_every=4, eval_every=2)
-    result = train_dpo(tiny_model, reference, tiny_tokenizer, pairs, beta=0.1, config=config,
-                       out_dir=tmp_path / "run", seed=0, max_length=16, ref_cache_dir=tmp_path / "cache",
-                       eval_fn=eval_fn, progress=False)
+    result = dpo_run(tiny_model, reference, tiny_tokenizer, pairs, beta=0.1, config=config,
+                     out_dir=tmp_path / "run", seed=0, max_length=16, ref_cache_dir=tmp_path / "cache",
+                     eval_fn=eval_fn, progress=False)
     records = {r["step"]: r for r in read_metrics(result.metrics_path)}
     assert sorted(records) == [0, 1, 2, 3, 4]
     assert records[0]["kl_mean"] == pytest.approx(0.0, abs=1e-6)  # the starting point: pi == pi_ref

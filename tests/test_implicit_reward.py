@@ -10,7 +10,6 @@ import pytest
 import torch
 from test_evaluate import PROMPTS, length_reward  # tests/ is on sys.path (pytest prepends it)
 
-from dpo_lab.dpo_trainer import train_dpo
 from dpo_lab.evaluate import completion_kls
 from dpo_lab.implicit_reward import (
     HeldOut,
@@ -23,7 +22,7 @@ from dpo_lab.implicit_reward import (
     ranking_accuracy,
 )
 from dpo_lab.presets import DPOConfig
-from dpo_lab.run import read_metrics
+from dpo_lab.run import dpo_run, read_metrics
 
 RSTAR = np.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.2]])  # prompt 1 has a tie: it forms 2 pairs, not 3
 
@@ -113,8 +112,8 @@ def test_likelihood_trace_in_a_dpo_run(tiny_model, tiny_tokenizer, tmp_path):
                        warmup_steps=1, batch_size=4, micro_batch_size=4, max_steps=6, max_grad_norm=10.0,
                        checkpoint_every=3, eval_every=3)
     fn = likelihood_fn(reference, tiny_tokenizer, held, beta=0.5, max_new_tokens=5, batch_size=8, seed=0)
-    train_dpo(tiny_model, reference, tiny_tokenizer, pairs, beta=0.5, config=config, out_dir=tmp_path / "run",
-              seed=0, max_length=32, ref_cache_dir=tmp_path / "ref", eval_fn=fn, progress=False)
+    dpo_run(tiny_model, reference, tiny_tokenizer, pairs, beta=0.5, config=config, out_dir=tmp_path / "run",
+            seed=0, max_length=32, ref_cache_dir=tmp_path / "ref", eval_fn=fn, progress=False)
     evals = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "heldout/accuracy" in m]
     assert [m["step"] for m in evals] == [0, 3, 6]
     start, end = evals[0], evals[-1]
