@@ -186,7 +186,8 @@ def _lm_fields(seed: int, vocab: int, lengths: Sequence[tuple[int, int]]) -> dic
     heldout_rstar = (2 * noise(b + 2, b + 1)).round() / 2
     heldout_scores[0, 1], heldout_rstar[1, 2] = heldout_scores[0, 0], heldout_rstar[1, 0]  # a tie in each
     return {  # a batch as batching.pad_rows makes it, and logits as a model gives them
-        "input_ids": ids, "completion_mask": completion, "logits": logits, "ref_logits": ref_logits,
+        "input_ids": ids, "attention_mask": (ids != 0).long(),  # real tokens are 1..V-1, padding 0
+        "completion_mask": completion, "logits": logits, "ref_logits": ref_logits,
         # per step (B, T-1), as a PPO rollout holds them: step t predicts token t + 1; mask: completion steps
         "mask": mask, "logps": logps, "ref_logps": ref_logps, "old_logps": logps + 0.3 * noise(b, width - 1),
         "values": noise(b, width - 1), "advantages": noise(b, width - 1), "rewards": noise(b, width - 1),
