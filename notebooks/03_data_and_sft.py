@@ -110,9 +110,13 @@ for text, label in zip(data["train"]["text"][:2], data["train"]["label"][:2], st
 #
 # <details><summary>Hint 1</summary>Line predictions up with their targets first: which slices of the
 # logits, the ids and the mask belong together?</details>
-# <details><summary>Hint 2</summary>With log-probabilities $\ell_{b,t,v}$ (log_softmax over the vocabulary):
+# <details><summary>Hint 2</summary>
+#
+# With log-probabilities $\ell_{b,t,v}$ (log_softmax over the vocabulary):
 # $L=-\frac{1}{N}\sum_{b,t}m_{b,t+1}\,\ell_{b,t,w_{b,t+1}}$, $N=\sum_{b,t}m_{b,t+1}$: one mean over all real
-# target tokens of the batch, not a mean per review.</details>
+# target tokens of the batch, not a mean per review.
+#
+# </details>
 # <details><summary>Solution</summary>
 #
 # ```python

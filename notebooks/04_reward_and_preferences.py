@@ -75,9 +75,13 @@ print(f"preset {config.name!r}: reward {config.reward}")
 #
 # <details><summary>Hint 1</summary>Two tables of shape (P, C(K, 2)), one of r* differences and one of score
 # differences, one column per pair j &lt; k of the same prompt, hold everything you need.</details>
-# <details><summary>Hint 2</summary>For samples $j<k$ of prompt $p$ with $r^*_{pj}\ne r^*_{pk}$:
+# <details><summary>Hint 2</summary>
+#
+# For samples $j<k$ of prompt $p$ with $r^*_{pj}\ne r^*_{pk}$:
 # $u=\mathrm{sign}(r^*_{pj}-r^*_{pk})\,(s_{pj}-s_{pk})$ is $s(y_w)-s(y_l)$, and the loss is the mean of
-# $\log(1+e^{-u})$ over those pairs. <code>np.triu_indices(K, k=1)</code> lists every $j<k$.</details>
+# $\log(1+e^{-u})$ over those pairs. `np.triu_indices(K, k=1)` lists every $j<k$.
+#
+# </details>
 # <details><summary>Solution</summary>
 #
 # ```python
