@@ -80,7 +80,7 @@ def dominance_counts(points: pd.DataFrame, score: str = "reward") -> dict[str, d
     """DPO over each PPO-family series present in ``points``, judged by ``score`` (r* or an audit score):
     distinct points beaten on both axes, and beaten by more than the combined standard error
     (``*_noise_aware``), with their shares; and the other direction, the DPO points the series beats
-    (``dpo_dominated``/``dpo_total``)."""
+    (``dpo_dominated``, ``dpo_dominated_noise_aware``/``dpo_total``)."""
     present = set(points.method)
     if "DPO" not in present:
         return {}
@@ -92,9 +92,10 @@ def dominance_counts(points: pd.DataFrame, score: str = "reward") -> dict[str, d
         d, n = dominance(points, others=others, score=score)
         dn, _ = dominance(points, others=others, noise_aware=aware, score=score)
         back, n_dpo = dominance(points, challenger=others, others=("DPO",), score=score)
+        back_n, _ = dominance(points, challenger=others, others=("DPO",), noise_aware=aware, score=score)
         out[name] = {"dominated": d, "total": n, "share": d / n if n else None,
                      "dominated_noise_aware": dn, "share_noise_aware": dn / n if n else None,
-                     "dpo_dominated": back, "dpo_total": n_dpo}
+                     "dpo_dominated": back, "dpo_dominated_noise_aware": back_n, "dpo_total": n_dpo}
     return out
 
 

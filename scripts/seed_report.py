@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from dpo_lab.frontier import DOMINANCE_SERIES, dominance
+from dpo_lab.frontier import dominance_counts
 
 FIGURES = Path(__file__).resolve().parents[1] / "figures"
 BUDGETS = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
@@ -99,20 +99,12 @@ def gap_table(per_seed: pd.DataFrame) -> pd.DataFrame:
 
 def dominance_table(points: pd.DataFrame) -> pd.DataFrame:
     """Both directions, plain and noise-aware, per seed and summed, under each score."""
-    rows = []
-    for seed, group in points.groupby("seed"):
-        for score in SCORES:
-            for series, others in DOMINANCE_SERIES.items():
-                if not set(others) <= set(group.method) or "DPO" not in set(group.method):
-                    continue
-                row = {"seed": seed, "score": score, "series": series}
-                for aware in (False, True):
-                    tag = "_noise_aware" if aware else ""
-                    row[f"dpo_beats{tag}"], row["series_points"] = dominance(
-                        group, others=others, noise_aware=aware, score=score)
-                    row[f"series_beats{tag}"], row["dpo_points"] = dominance(
-                        group, challenger=others, others=("DPO",), noise_aware=aware, score=score)
-                rows.append(row)
+    rows = [{"seed": seed, "score": score, "series": series, "dpo_beats": c["dominated"],
+             "series_points": c["total"], "series_beats": c["dpo_dominated"], "dpo_points": c["dpo_total"],
+             "dpo_beats_noise_aware": c["dominated_noise_aware"],
+             "series_beats_noise_aware": c["dpo_dominated_noise_aware"]}
+            for seed, group in points.groupby("seed") for score in SCORES
+            for series, c in dominance_counts(group, score).items()]
     table = pd.DataFrame(rows)
     counts = [c for c in table.columns if c not in ("seed", "score", "series")]
     total = table.groupby(["score", "series"], sort=False)[counts].sum().reset_index().assign(seed="all")

@@ -16,22 +16,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from dpo_lab.plots import upper_envelope
+
 KL_MAX, TIE = 12.0, 0.001
 
 
 def envelope_mean(kl: np.ndarray, score: np.ndarray, kl_max: float = KL_MAX) -> float:
     """Mean over KL in [0, kl_max] of the step function 'best score among points with KL <= x'."""
     grid = np.linspace(0.0, kl_max, 1201)
-    order = np.argsort(kl)
-    best = np.maximum.accumulate(score[order])
-    index = np.searchsorted(kl[order], grid, side="right") - 1
-    return float(np.where(index >= 0, best[np.clip(index, 0, None)], np.nan).mean())
-
-
-def envelope(kl: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The step function's corners: KL sorted, best score so far."""
-    order = np.argsort(kl)
-    return kl[order], np.maximum.accumulate(score[order])
+    xs, ys = upper_envelope(kl, score)
+    index = np.searchsorted(xs, grid, side="right") - 1
+    return float(np.where(index >= 0, ys[np.clip(index, 0, None)], np.nan).mean())
 
 
 def plot(points: pd.DataFrame, table: pd.DataFrame, out: Path) -> None:
@@ -46,7 +41,7 @@ def plot(points: pd.DataFrame, table: pd.DataFrame, out: Path) -> None:
             color = colors[lr]
             chosen = (table[(table.method == method) & (table.lr == f"{lr:g}")].chosen == "yes").any()
             ax.scatter(group.kl_mean, group.reward_mean, s=9, color=color, alpha=0.45)
-            kl, best = envelope(group.kl_mean.to_numpy(), group.reward_mean.to_numpy())
+            kl, best = upper_envelope(group.kl_mean.to_numpy(), group.reward_mean.to_numpy())
             ax.step(kl, best, where="post", color=color, lw=2.6 if chosen else 1.2,
                     label=f"lr {lr:g}" + (" (chosen)" if chosen else ""))
         ax.axvspan(0, KL_MAX, color="0.93", zorder=-1)
