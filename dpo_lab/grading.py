@@ -31,7 +31,7 @@ def grade(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[
     try:
         _check(fn, reference, cases, name, hint, rtol, atol)
     except AssertionError as err:
-        stand_in = _stand_in(reference, name)
+        stand_in = _stand_in(reference, fn, name)
         caller = inspect.currentframe().f_back.f_globals  # a notebook cell's globals: later cells look there
         replaced = caller.get(name) is fn
         if replaced:
@@ -70,12 +70,16 @@ def _float64(arg: Any) -> Any:
     return torch.tensor(arg, dtype=torch.float64) if floats else arg
 
 
-def _stand_in(reference: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """``reference`` called as the grader calls it, its tensors given back as numpy arrays where the
-    exercise was given numpy arrays."""
-    def stand_in(*args: Any) -> Any:
-        out = reference(*map(_float64, args))
-        return _as_array(out) if any(isinstance(a, np.ndarray) for a in args) else out
+def _stand_in(reference: Callable[..., Any], fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``reference`` called as the grader calls it, with arguments bound by ``fn``'s signature (a later cell
+    may pass them by keyword), its tensors given back as numpy arrays where ``fn`` was given numpy arrays."""
+    signature = inspect.signature(fn)
+
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = reference(*map(_float64, bound.args))
+        return _as_array(out) if any(isinstance(a, np.ndarray) for a in bound.args) else out
 
     stand_in.__name__ = stand_in.__qualname__ = name
     return stand_in

@@ -502,6 +502,50 @@ def unlikelihood_terms(logp_w, mask_w, logp_l, mask_l):
     push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)
     return (logp_w * mask_w).sum(-1), push_down
 """),
+    ("07", "not strict: an equal reward at a larger KL kept", """
+def envelope(kl, reward):
+    order = np.lexsort((-np.asarray(reward), np.asarray(kl)))
+    xs, ys = [], []
+    for i in order:
+        if not ys or reward[i] >= ys[-1]:
+            xs.append(float(kl[i]))
+            ys.append(float(reward[i]))
+    return np.array(xs), np.array(ys)
+"""),
+    ("07", "missing sort: the points in the order given", """
+def envelope(kl, reward):
+    xs, ys = [], []
+    for k, r in zip(kl, reward):
+        if not ys or r > ys[-1]:
+            xs.append(float(k))
+            ys.append(float(r))
+    return np.array(xs), np.array(ys)
+"""),
+    ("07", "missing tie-break: at equal KL the first point, not the best", """
+def envelope(kl, reward):
+    order = np.argsort(np.asarray(kl), kind="stable")
+    xs, ys = [], []
+    for i in order:
+        if not ys or reward[i] > ys[-1]:
+            xs.append(float(kl[i]))
+            ys.append(float(reward[i]))
+    return np.array(xs), np.array(ys)
+"""),
+    ("07", "not strict: a tie in KL beats", """
+def beaten(ours_kl, ours_reward, theirs_kl, theirs_reward):
+    ok, orw = np.asarray(ours_kl), np.asarray(ours_reward)
+    return sum(bool(np.any((ok <= k) & (orw > r))) for k, r in zip(theirs_kl, theirs_reward))
+"""),
+    ("07", "not strict: a tie in reward beats", """
+def beaten(ours_kl, ours_reward, theirs_kl, theirs_reward):
+    ok, orw = np.asarray(ours_kl), np.asarray(ours_reward)
+    return sum(bool(np.any((ok < k) & (orw >= r))) for k, r in zip(theirs_kl, theirs_reward))
+"""),
+    ("07", "pairs counted, not their points", """
+def beaten(ours_kl, ours_reward, theirs_kl, theirs_reward):
+    ok, orw = np.asarray(ours_kl), np.asarray(ours_reward)
+    return sum(int(np.sum((ok < k) & (orw > r))) for k, r in zip(theirs_kl, theirs_reward))
+"""),
 ]
 
 
@@ -516,7 +560,7 @@ def _mutant_id(mutant) -> str:
 def test_every_exercise_function_has_a_wrong_solution_below():
     mutated = {(notebook, _defined(source)) for notebook, _, source in MUTANTS}
     graded = {(ex.notebook[:2], fn) for ex, fn in FUNCTIONS
-              if ex.notebook[:2] in ("01", "02", "03", "04", "05", "06")}
+              if ex.notebook[:2] in ("01", "02", "03", "04", "05", "06", "07")}
     assert graded == mutated
 
 
@@ -528,7 +572,8 @@ def test_a_wrong_solution_fails_with_input_expected_and_got(mutant):
     namespace = _solved(ex.notebook)
     exec(source, namespace)
     message = _failure(_run_grader(ex, namespace), fn)
-    label = r"(bandit|batch)\(seed=\d, [^)]+\)"  # bandit_cases' or lm_cases' inputs
+    # bandit_cases', lm_cases' or a notebook's own inputs
+    label = r"(?:(?:bandit|batch)\(seed=\d, [^)]+\)|[a-z][\w ,]+)"
     assert re.match(rf"{fn} is wrong on input {label}: .+\n  expected: .+\n  got: +.+", message), message
 
 
@@ -610,8 +655,10 @@ def test_grade_reports_a_crash_a_missing_return_and_a_shape(capsys):
              "broadcast")]:
         stand_in = grade(fn, bd.bt_probs, cases, hint=hint)
         assert re.search(expected, capsys.readouterr().out)
-        # not bound to its name here, so nothing is replaced; the stand-in gives numpy for numpy
+        # not bound to its name here, so nothing is replaced; the stand-in gives numpy for numpy, and takes
+        # its arguments by the exercise's own names too
         np.testing.assert_array_equal(stand_in(reward), bd.bt_probs(torch.tensor(reward)).numpy())
+        np.testing.assert_array_equal(stand_in(r=reward), stand_in(reward))
     right = _named("right", lambda r: torch.sigmoid(torch.tensor(r)[:, :, None] - torch.tensor(r)[:, None]))
     assert grade(right, bd.bt_probs, cases) is right
     assert capsys.readouterr().out == "✓ right: 2 cases match\n"
