@@ -257,8 +257,9 @@ plt.show()
 # %% [markdown]
 # **What to notice.** Each variant is one run, so its dots trace one path from the star; DPO's β sweep gives
 # five paths and the envelope over all of them. Find where each variant's last dot lies against DPO's
-# envelope at the same KL: above it, on it, or below it. The bounded losses (IPO, cDPO, hinge) and RPO end at
-# smaller KL than DPO at the same β, as their optimal margins predict (notebook 09).
+# envelope at the same KL: above it, on it, or below it. IPO (sum), cDPO and RPO, all at DPO's β = 0.1,
+# end at a smaller KL than DPO β = 0.1 does: IPO's and cDPO's optimal margins are finite (notebook 09), and
+# RPO's NLL term pulls towards $\pi_{\rm ref}$'s own samples.
 
 # %% [markdown]
 # ## Results
