@@ -1,11 +1,13 @@
 """Graders for the notebooks' exercises, e.g. ``grade(bt_by_hand, bd.bt_probs, bandit_cases("reward"))``: a
-wrong answer raises an AssertionError naming the exercise, the input, what was expected and what came back;
-a stub that still raises NotImplementedError (see :mod:`dpo_lab.student`) reads "not implemented yet"."""
+wrong answer is reported with the exercise, the input, what was expected and what came back; a stub that
+still raises NotImplementedError (see :mod:`dpo_lab.student`) reads "not implemented yet". Either way the
+library's version takes the exercise's place, so that one stuck exercise does not stop the notebook."""
 
 from __future__ import annotations
 
 import copy
 import functools
+import inspect
 import itertools
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -20,16 +22,33 @@ _STUB = re.compile(r"Exercise: (\w+)")  # the message of every dpo_lab.student s
 
 
 def grade(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[str, Sequence[Any]], *,
-          hint: str = "", rtol: float = 1e-10, atol: float = 1e-10) -> None:
+          hint: str = "", rtol: float = 1e-10, atol: float = 1e-10) -> Callable[..., Any]:
     """Check ``fn(*args)`` against ``reference(*args)`` for every ``label -> args`` of ``cases``; ``fn`` gets
-    a copy of the case as written, the reference its numpy float arrays as float64 tensors."""
+    a copy of the case as written, the reference its numpy float arrays as float64 tensors. Prints ✓ and
+    returns ``fn`` if every case matches; else prints what is wrong and returns the reference, taking and
+    giving what ``fn`` does, which also replaces ``fn`` under its name in the calling cell's namespace."""
     name = getattr(fn, "__name__", repr(fn))
+    try:
+        _check(fn, reference, cases, name, hint, rtol, atol)
+    except AssertionError as err:
+        stand_in = _stand_in(reference, fn, name)
+        caller = inspect.currentframe().f_back.f_globals  # a notebook cell's globals: later cells look there
+        replaced = caller.get(name) is fn
+        if replaced:
+            caller[name] = stand_in
+        going_on = "\n  → using the library's version so the notebook can go on" if replaced else ""
+        print(f"✗ {err}{going_on}")
+        return stand_in
+    print(f"✓ {name}: {len(cases)} cases match")
+    return fn
+
+
+def _check(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[str, Sequence[Any]],
+           name: str, hint: str, rtol: float, atol: float) -> None:
     if not cases:
         raise ValueError(f"grade({name}) needs at least one case")
     for label, args in cases.items():
-        expected = _as_array(reference(*(torch.tensor(a, dtype=torch.float64)
-                                         if isinstance(a, np.ndarray) and a.dtype.kind == "f" else a
-                                         for a in args)))
+        expected = _as_array(reference(*map(_float64, args)))
         try:  # on a copy, so that an in-place edit cannot change a later case's inputs
             got = _as_array(fn(*copy.deepcopy(tuple(args))))
         except NotImplementedError as err:
@@ -44,7 +63,26 @@ def grade(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[
             raise AssertionError(f"{name} is wrong on input {label}: {problem}\n"
                                  f"  expected: {_short(expected)}\n  got:      {_short(got)}"
                                  + (f"\n  hint: {hint}" if hint else ""))
-    print(f"✓ {name}: {len(cases)} cases match")
+
+
+def _float64(arg: Any) -> Any:
+    floats = isinstance(arg, np.ndarray) and arg.dtype.kind == "f"
+    return torch.tensor(arg, dtype=torch.float64) if floats else arg
+
+
+def _stand_in(reference: Callable[..., Any], fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``reference`` called as the grader calls it, with arguments bound by ``fn``'s signature (a later cell
+    may pass them by keyword), its tensors given back as numpy arrays where ``fn`` was given numpy arrays."""
+    signature = inspect.signature(fn)
+
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        out = reference(*map(_float64, bound.args))
+        return _as_array(out) if any(isinstance(a, np.ndarray) for a in bound.args) else out
+
+    stand_in.__name__ = stand_in.__qualname__ = name
+    return stand_in
 
 
 def _as_array(value: Any) -> Any:

@@ -195,6 +195,26 @@ print("r_phi ~ r* (differ by f(x) only):", bd.are_equivalent(r_phi, toy.reward, 
 # ### Exercise · tier 2 · Eq. 3 by hand: the KL and the objective
 # Mind the mask: a response with no mass adds $0\log 0=0$ to the KL, not `nan`. Both functions also take a
 # stack of policies `(..., n_x, n_y)`.
+#
+# <details><summary>Hint 1</summary>Sum over the last axis, the responses. Where π(y|x) = 0, what can stand in
+# for π inside the log so that the term adds exactly 0?</details>
+# <details><summary>Hint 2</summary>
+#
+# $\mathrm{KL}(x)=\sum_y\pi(y|x)\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}$, with the log taken of a copy of
+# $\pi$ that is 1 where $\pi=0$; then Eq. 3 is $\sum_y\pi(y|x)\,r(x,y)-\beta\,\mathrm{KL}(x)$.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def kl_by_hand(policy, pi_ref):
+#     safe = np.where(policy > 0, policy, 1.0)  # log 1 = 0 where π = 0, so 0·log 0 counts as 0, not nan
+#     return (policy * np.log(safe / pi_ref)).sum(-1)
+#
+# def rlhf_objective_by_hand(policy, reward, pi_ref, beta):
+#     return (policy * reward).sum(-1) - beta * kl_by_hand(policy, pi_ref)
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-2"]
 def kl_by_hand(policy: np.ndarray, pi_ref: np.ndarray) -> np.ndarray:
@@ -227,6 +247,25 @@ print(f"terms in Z(x): bandit {n_responses}; GPT-2, T={length}: {n_terms:.3e} (a
 
 # %% [markdown]
 # ### Exercise · tier 1 · Eq. 4 by hand: $Z(x)$ and $\pi_r$
+#
+# <details><summary>Hint 1</summary>Each is one line of numpy over the response axis; the second divides by
+# the first, one Z per prompt.</details>
+# <details><summary>Hint 2</summary>
+#
+# $Z(x)=\sum_y\pi_{\rm ref}(y|x)\,e^{r(x,y)/\beta}$ (`.sum(-1)`), and $\pi_r=\pi_{\rm ref}\,e^{r/\beta}/Z(x)$
+# with $Z$ broadcast over the responses (`[:, None]`).
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def partition_by_hand(reward, pi_ref, beta):
+#     return (pi_ref * np.exp(reward / beta)).sum(-1)  # fine at these β; the library works in log space
+#
+# def optimal_policy_by_hand(reward, pi_ref, beta):
+#     return pi_ref * np.exp(reward / beta) / partition_by_hand(reward, pi_ref, beta)[..., None]
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-1"]
 def partition_by_hand(reward: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
@@ -330,6 +369,20 @@ print("gradient ascent on Eq. 3 reaches the maximum:",
 
 # %% [markdown]
 # ### Exercise · tier 1 · Eq. 5 by hand
+#
+# <details><summary>Hint 1</summary>Take the log of Eq. 4 and solve it for r.</details>
+# <details><summary>Hint 2</summary>
+#
+# $r(x,y)=\beta\log\frac{\pi_r(y|x)}{\pi_{\rm ref}(y|x)}+\beta\log Z(x)$; `log_z` holds one value per prompt,
+# so broadcast it over the responses.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# return beta * np.log(policy / pi_ref) + beta * log_z[:, None]
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-1"]
 def reward_from_policy(policy: np.ndarray, pi_ref: np.ndarray, beta: float, log_z: np.ndarray) -> np.ndarray:
@@ -356,6 +409,23 @@ print("beta log Z(x) =", show(beta * np.log(Z), 6))
 
 # %% [markdown]
 # ### Exercise · tier 1 · Eq. 6 by hand
+#
+# <details><summary>Hint 1</summary>Put Eq. 5 into Eq. 1: which term is the same for both responses of a
+# prompt, and so cancels?</details>
+# <details><summary>Hint 2</summary>
+#
+# With $h(x,y)=\beta\log\frac{\pi(y|x)}{\pi_{\rm ref}(y|x)}$: $p(y_1\succ y_2\mid
+# x)=\sigma(h_{y_1}-h_{y_2})=1/(1+e^{h_{y_2}-h_{y_1}})$, the `[x, y1, y2]` table by broadcasting `h[:, :,
+# None]` against `h[:, None, :]`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# h = beta * np.log(policy / pi_ref)
+# return 1 / (1 + np.exp(h[:, None, :] - h[:, :, None]))
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-1"]
 def bt_from_policy(policy: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:
@@ -399,6 +469,21 @@ print("log Z(x) of the implicit reward = 0, and its Eq. 4 policy is pi_theta: Tr
 
 # %% [markdown]
 # ### Exercise · tier 1 · Eq. 7 per pair
+#
+# <details><summary>Hint 1</summary>A response's implicit reward is β times its log-ratio to π_ref; the loss
+# is small when the winner's is well above the loser's.</details>
+# <details><summary>Hint 2</summary>
+#
+# $-\log\sigma\big(\beta(\log\pi_w-\log\pi_{{\rm ref},w})-\beta(\log\pi_l-\log\pi_{{\rm ref},l})\big)$;
+# `torch.nn.functional.logsigmoid` stays finite where `log(sigmoid(...))` does not.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# return -torch.nn.functional.logsigmoid(beta * (logp_w - ref_w) - beta * (logp_l - ref_l))
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-1"]
 def eq7(logp_w: torch.Tensor, logp_l: torch.Tensor, ref_w: torch.Tensor, ref_l: torch.Tensor,
@@ -415,6 +500,23 @@ grade(eq7, lambda logp_w, logp_l, ref_w, ref_l, beta: preference_loss(logp_w, lo
 # ### Exercise · tier 2 · Eq. 7 on a table of comparisons
 # `data` holds index tensors `x`, `y_w`, `y_l` and a `weight` per comparison (the population's are
 # unequal): the expectation over $\mathcal D$ is a **weighted** mean.
+#
+# <details><summary>Hint 1</summary>Pick each comparison's four log-probabilities out of the tables with the
+# index tensors, then reuse eq7.</details>
+# <details><summary>Hint 2</summary>
+#
+# $\mathcal L=\sum_i w_i\,\ell_i\big/\sum_i w_i$, with $\ell_i$ = `eq7` at $(x_i, y_{w,i}, y_{l,i})$ and
+# $\log\pi_\theta$ = `log_softmax(logits, -1)`.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# logp, ref = torch.log_softmax(logits, -1), pi_ref.log()
+# x, y_w, y_l = data.x, data.y_w, data.y_l
+# return (data.weight * eq7(logp[x, y_w], logp[x, y_l], ref[x, y_w], ref[x, y_l], beta)).sum() / data.weight.sum()
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-2"]
 def dpo_loss_table(logits: torch.Tensor, pi_ref: torch.Tensor, data: bd.PreferenceData, beta: float) -> torch.Tensor:
@@ -522,6 +624,22 @@ print("with all pairs, the same change of theta raises the loss:",
 # ### Exercise · tier 3 · the Plackett–Luce likelihood
 # Vectorise it over leading dimensions and work in log space; mind which responses each denominator sums
 # over. The grader compares it with the product computed one position at a time.
+#
+# <details><summary>Hint 1</summary>Position k's denominator sums over the responses ranked k or lower: a
+# suffix. Which torch function gives every suffix's log-sum-exp at once?</details>
+# <details><summary>Hint 2</summary>
+#
+# $-\log p(\tau)=\sum_k\big(\log\sum_{j\ge k}e^{r_j}-r_k\big)$; the suffix terms are `torch.logcumsumexp` of
+# the flipped last axis, flipped back.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# tail = torch.logcumsumexp(r_ranked.flip(-1), -1).flip(-1)  # log Σ_{j≥k} exp r_j, for each k
+# return (tail - r_ranked).sum(-1)
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-3"]
 def pl_nll(r_ranked: torch.Tensor) -> torch.Tensor:

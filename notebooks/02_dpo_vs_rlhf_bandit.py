@@ -145,6 +145,26 @@ plt.show()
 # %% [markdown]
 # ### Exercise · tier 2 · Eq. 8 and the Eq. 10 objective
 # Compute $f$ in log space (`torch.logsumexp`): the grader tries β = 0.001, where $e^{r/\beta}$ overflows.
+#
+# <details><summary>Hint 1</summary>Write β log Σ π_ref exp(r/β) as one logsumexp; then Eq. 10 is Eq. 3's
+# objective with f(r) in place of r.</details>
+# <details><summary>Hint 2</summary>
+#
+# $f(r)=r-\beta\,\mathrm{logsumexp}_y\big(\log\pi_{\rm ref}+r/\beta\big)$ (keep the dimension, to broadcast),
+# and the objective is $\sum_y\pi\,\big(f(r)-\beta(\log\pi-\log\pi_{\rm ref})\big)$.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# def project_reward_by_hand(reward, pi_ref, beta):
+#     return reward - beta * torch.logsumexp(pi_ref.log() + reward / beta, -1, keepdim=True)
+#
+# def eq10_objective(policy, reward, pi_ref, beta):
+#     f_r = project_reward_by_hand(reward, pi_ref, beta)
+#     return (policy * (f_r - beta * (policy.log() - pi_ref.log()))).sum(-1)
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-2"]
 def project_reward_by_hand(reward: torch.Tensor, pi_ref: torch.Tensor, beta: float) -> torch.Tensor:
@@ -180,6 +200,25 @@ print("Eq. 3 - Eq. 10 = beta log Z(x), whatever pi_theta:", show(eq3 - eq10, 6))
 # logits is the vector $\hat g=(e_y-\pi_\theta(\cdot|x))\,G(x,y)$, with $G$ the Eq. 3 or Eq. 10 return
 # (`bd.reinforce_returns`). Its total variance $\mathbb E\|\hat g\|^2-\|\mathbb E\hat g\|^2$ is an exact sum
 # over the responses $y$: no sampling.
+#
+# <details><summary>Hint 1</summary>Build ĝ for every possible y at once, an [x, y, i] tensor; both
+# expectations are then sums over y weighted by π_θ(y|x).</details>
+# <details><summary>Hint 2</summary>
+#
+# $\hat g_{y,i}=(\mathbb 1[i=y]-\pi_i)\,G(x,y)$ and $\sum_i\mathrm{Var}\,\hat g_i=\sum_y\pi_y\|\hat
+# g_y\|^2-\big\|\sum_y\pi_y\hat g_y\big\|^2$.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# policy = torch.softmax(logits, -1)
+# g = bd.reinforce_returns(logits, bandit, beta, normalise=normalise)  # G(x, y)
+# g_hat = (torch.eye(bandit.n_y, dtype=policy.dtype) - policy[:, None, :]) * g[:, :, None]  # [x, y, i]: ĝ if y
+# mean = (policy[:, :, None] * g_hat).sum(1)  # E ĝ, the exact policy gradient
+# return (policy * (g_hat**2).sum(-1)).sum(-1) - (mean**2).sum(-1)
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-3"]
 def gradient_variance(logits: torch.Tensor, bandit: bd.Bandit, beta: float, normalise: bool) -> torch.Tensor:

@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -25,19 +25,10 @@
 # reward (PPO-GT): counting the points on the paper's figure, DPO beats 26 of 27, 28 of 29 and 34 of 35
 # points of its three PPO-family series, in both reward and KL at once (the paper states no count).
 #
-# `pipeline.frontier` trains every run of the preset's sweeps (DPO β, Unlikelihood α, Preferred-FT seeds,
-# PPO and PPO-GT target KLs), or loads it if it finished before: after notebooks 05–06 or
-# `python -m dpo_lab reproduce` at the same preset, this notebook only reads `metrics.jsonl` files.
-#
-# **What you see, and what it costs.** The outputs below are the `cpu` preset's (the default), executed on
-# its cached stages. *Run all* on a 2-core laptop (measured on this project's 2-core machines, often while
-# other runs shared them, so an idle laptop may be faster):
-#
-# | preset | first time (empty caches) | stages cached |
-# |---|---|---|
-# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | 159 s (it trains every smoke run) | |
-# | `cpu` (default) | every run of 05 and 06: 5,380 s of runs at one thread each; `python -m dpo_lab reproduce` trains them two at a time in 45 min 33 s, after which this notebook only reads them | 50 s |
-# | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
+# This notebook first reads a frontier by hand on a few points, then draws the real one: every run of
+# notebooks 05–06 (DPO β, Unlikelihood α, Preferred-FT seeds, PPO and PPO-GT target KLs), trained once by
+# `pipeline.frontier` or `python -m dpo_lab reproduce` and read back from their `metrics.jsonl` files. The
+# outputs are the `cpu` preset's, seed 0; what a run costs is in the README, "Running the notebooks".
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -55,8 +46,9 @@ from IPython.display import display
 from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, pipeline
+from dpo_lab.grading import grade
 from dpo_lab.paths import figures_dir
-from dpo_lab.plots import plot_frontier, plot_reward_vs_cost
+from dpo_lab.plots import plot_frontier, plot_reward_vs_cost, upper_envelope
 from dpo_lab.presets import get_preset
 from dpo_lab.seed import seed_everything
 
@@ -66,6 +58,112 @@ config = get_preset(preset, seed=seed, **overrides)
 seed_everything(config.seed)
 shown_methods = tuple(methods) or pipeline.METHODS
 print(f"preset {config.name!r}; methods {list(shown_methods)}")
+
+# %% [markdown]
+# ## Reading a frontier by hand
+# Two questions turn a cloud of points into a verdict. First, a method's **upper envelope**: the points no
+# other point of the same method beats on both axes, i.e. for which no other point has lower-or-equal KL and
+# higher reward. Read as a step function, the envelope at KL $k$ is the best reward the method reached
+# while staying within $k$. Second, **dominance**: how many of PPO's points does some DPO point beat on
+# both axes at once, strictly lower KL *and* strictly higher reward? The paper's claim is that nearly all
+# of them are beaten.
+#
+# **Predict first.** Five points: (KL, reward) = (3, 0.70), (1, 0.60), (2, 0.65), (1, 0.62), (4, 0.70).
+# Which of them are on the envelope? Write your answer down; the check below prints it.
+
+# %% [markdown]
+# ### Exercise · tier 2 · the upper envelope
+# Graded against `plots.upper_envelope`, which draws every envelope in this notebook; the table of who
+# leads where, further down, is computed with your function.
+#
+# <details><summary>Hint 1</summary>Walk through the points in order of KL. When can a point at larger KL
+# still be on the envelope?</details>
+# <details><summary>Hint 2</summary>
+#
+# Sort by KL (and, among equal KLs, by reward from high to low). Keep a point when its reward is strictly
+# higher than every reward kept so far: $r_i > \max_{j \text{ kept}} r_j$.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# order = np.lexsort((-np.asarray(reward), np.asarray(kl)))
+# xs, ys = [], []
+# for i in order:
+#     if not ys or reward[i] > ys[-1]:
+#         xs.append(float(kl[i]))
+#         ys.append(float(reward[i]))
+# return np.array(xs), np.array(ys)
+# ```
+# </details>
+
+# %% tags=["exercise", "tier-2"]
+def envelope(kl: list[float], reward: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The upper envelope of the points (kl[i], reward[i]): two float arrays, its KLs and its rewards,
+    sorted by KL. A point is on it when no other point has a KL at most its own and a higher reward."""
+    order = np.lexsort((-np.asarray(reward), np.asarray(kl)))  # by KL; at equal KL the best reward first
+    xs: list[float] = []
+    ys: list[float] = []
+    for i in order:
+        if not ys or reward[i] > ys[-1]:  # strictly: an equal reward at a larger KL buys nothing
+            xs.append(float(kl[i]))
+            ys.append(float(reward[i]))
+    return np.array(xs), np.array(ys)
+
+
+# %%
+FEW_POINTS = {  # label -> (kl, reward): ties in KL and in reward, and points out of order
+    "the five points above": ([3.0, 1.0, 2.0, 1.0, 4.0], [0.70, 0.60, 0.65, 0.62, 0.70]),
+    "already sorted, one point beaten": ([0.5, 1.0, 2.0, 3.0], [0.55, 0.60, 0.58, 0.70]),
+    "each point worse than the last": ([4.0, 3.0, 2.0, 1.0], [0.5, 0.6, 0.7, 0.8]),
+}
+grade(envelope, upper_envelope, FEW_POINTS, hint="keep a point only if its reward beats every reward at a smaller KL")
+kl_env, r_env = envelope(*FEW_POINTS["the five points above"])
+print("the five points' envelope, (KL, reward):", [(float(k), float(r)) for k, r in zip(kl_env, r_env, strict=True)])
+
+# %% [markdown]
+# ### Exercise · tier 1 · dominance
+# Graded against `frontier.dominance`, which counts the table further down.
+#
+# <details><summary>Hint 1</summary>Take their points one at a time and ask whether any of ours beats
+# it.</details>
+# <details><summary>Hint 2</summary>
+#
+# Their point $j$ counts when $\exists i:\ \mathrm{KL}^{\rm ours}_i < \mathrm{KL}^{\rm theirs}_j$ and
+# $r^{\rm ours}_i > r^{\rm theirs}_j$, both strict.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# ok, orw = np.asarray(ours_kl), np.asarray(ours_reward)
+# return sum(bool(np.any((ok < k) & (orw > r))) for k, r in zip(theirs_kl, theirs_reward))
+# ```
+# </details>
+
+# %% tags=["exercise", "tier-1"]
+def beaten(ours_kl: list[float], ours_reward: list[float], theirs_kl: list[float],
+           theirs_reward: list[float]) -> int:
+    """How many of their points (theirs_kl[j], theirs_reward[j]) are beaten on both axes at once by at
+    least one of our points: strictly lower KL and strictly higher reward."""
+    ok, orw = np.asarray(ours_kl), np.asarray(ours_reward)
+    return sum(bool(np.any((ok < k) & (orw > r))) for k, r in zip(theirs_kl, theirs_reward, strict=True))
+
+
+# %%
+def library_beaten(ours_kl, ours_reward, theirs_kl, theirs_reward):
+    """frontier.dominance on the same points, labelled DPO (ours) and PPO (theirs), all after step 0."""
+    points = pd.DataFrame({"method": ["DPO"] * len(ours_kl) + ["PPO"] * len(theirs_kl), "step": 1,
+                           "kl_mean": [*ours_kl, *theirs_kl], "reward_mean": [*ours_reward, *theirs_reward]})
+    return frontier.dominance(points)[0]
+
+
+FEW_PAIRS = {  # label -> (ours_kl, ours_reward, theirs_kl, theirs_reward)
+    "one beaten, one tied in KL, one tied in reward": ([1.0, 3.0], [0.6, 0.8], [2.0, 3.0, 4.0], [0.5, 0.7, 0.8]),
+    "ours all to the right": ([5.0, 6.0], [0.9, 0.95], [1.0, 2.0], [0.5, 0.6]),
+    "one of theirs beaten by two of ours": ([1.0, 2.0, 3.0], [0.6, 0.7, 0.8], [1.5, 2.5, 3.5], [0.55, 0.65, 0.65]),
+}
+grade(beaten, library_beaten, FEW_PAIRS, hint="strict on both axes: a tie in KL or in reward beats nothing")
 
 # %% [markdown]
 # ## Every run of every method
@@ -104,6 +202,43 @@ fig = plot_frontier(points, figures_dir() / "07_frontier.png", title=title)
 plt.show()
 
 # %% [markdown]
+# **What to notice.** Unlikelihood and Preferred-FT stay in the bottom-left corner, near the star: their
+# runs end at small KL (the per-run table below gives each final KL). DPO's, PPO's and PPO-GT's envelopes
+# climb together and cross each other more than once; no colour lies above the others everywhere. So the
+# question is not "which is higher" but "which is higher at which KL", which the next cell answers.
+#
+# ## Who leads where
+# The envelope read as a step function (your `envelope` above) gives each method's best $r^*$ within a KL
+# budget $k$. On a grid of budgets 0.25 apart, up to the largest KL that every method reached, the cell
+# prints the stretches of KL over which each method's best is the highest, under $r^*$ and, where the runs
+# were scored by it, under the audit classifier (README, "The audit": a judge that no run optimises).
+
+# %%
+def lead_stretches(points: pd.DataFrame, score: str, methods=("DPO", "PPO", "PPO-GT"), step=0.25) -> pd.DataFrame:
+    """Stretches of KL budget over which one method's best ``score`` (its envelope's step function) is the highest."""
+    trained = points[(points.step > 0) & points.method.isin(methods)]
+    runs = {m: envelope(list(g.kl_mean), list(g[f"{score}_mean"])) for m, g in trained.groupby("method", sort=False)}
+    budgets = np.arange(step, min(kl.max() for kl, _ in runs.values()) + step / 2, step)
+    best = pd.DataFrame({m: [r[kl <= k].max(initial=-np.inf) for k in budgets] for m, (kl, r) in runs.items()},
+                        index=budgets)
+    leader = best[best.max(axis=1) > -np.inf].idxmax(axis=1)
+    starts = leader[leader.ne(leader.shift())]
+    ends = [*starts.index[1:], None]
+    return pd.DataFrame({"KL from": starts.index, "to": [f"{e:g}" if e else f"{budgets[-1]:g} (end)" for e in ends],
+                         "leader": starts.to_numpy()})
+
+
+for score in ("reward", "audit_sentiment"):
+    if f"{score}_mean" in points and {"DPO", "PPO", "PPO-GT"} <= set(points.method):
+        print(f"under {score}:\n{lead_stretches(points, score).to_string(index=False)}\n")
+
+# %% [markdown]
+# **What to notice.** Check each stretch against the figure: where the printed leader changes, two step
+# lines cross. Under $r^*$ the lead changes hands at small KL and one method keeps it over the last,
+# longest stretch; under the audit PPO, with the learned reward, also leads stretches at larger KL. A
+# stretch of a quarter nat or two often rests on one evaluation point: treat it as a tie, not a win.
+
+# %% [markdown]
 # ## What each run spent
 # A frontier compares outcomes; a fair comparison also compares budgets. Every run logs running totals of
 # what it cost (`frontier.COST_COLUMNS`): policy tokens through the forward and backward passes, samples
@@ -121,6 +256,12 @@ display(frontier.summary_table(points)[["method", "hyperparameter", "steps", "re
         .groupby("method", sort=False).agg("mean", numeric_only=True).round(1))
 
 # %% [markdown]
+# **What to notice.** In the table, DPO's and PPO's `policy_backward_tokens` are close (the budget rule),
+# but only the PPO rows have `samples` and `reward_queries`: DPO's pairs were sampled and scored once,
+# before any run. Compare the two methods' `wall_s` in the table: that difference is what sampling
+# rollouts and querying the reward cost at this scale.
+
+# %% [markdown]
 # ## Dominance: the paper's count, honestly counted
 # For each PPO-family series: how many of its **distinct** evaluation points (starting checkpoints excluded;
 # two runs that took the same path count once) have some DPO point with **both** strictly higher reward and
@@ -136,6 +277,12 @@ print(f"paper: {frontier.PAPER_DOMINANCE}, about 0.97 overall")
 print("(the paper's third series is TRL's PPO-GT; here the third row pools our PPO and PPO-GT points)")
 
 # %% [markdown]
+# **What to notice.** Compare the `share` column with the paper's ≈ 0.97: the count is far from "nearly
+# all" for at least one series, and the noise-aware column is lower still, so part of the plain count is
+# within one standard error. The count looks only one way: a series can also beat DPO points, which the
+# per-run table and the stretches above show.
+
+# %% [markdown]
 # ## Per run: start, end, best
 # `reward_final ± reward_final_se` and `kl_final` are the run's last checkpoint; `reward_best` its best
 # evaluation. (`python -m dpo_lab reproduce` writes the same table to `figures/results_<preset>.md`.)
@@ -143,6 +290,12 @@ print("(the paper's third series is TRL's PPO-GT; here the third row pools our P
 # %%
 table = frontier.summary_table(points)
 display(table.round(3))
+
+# %% [markdown]
+# **What to notice.** Each PPO-family run's `kl_final` lies near its target (the `hyperparameter`), while
+# DPO's final KL is set by β: small β, large KL. Read PPO against PPO-GT at the same target: their
+# `reward_final` differ by more than a few `reward_final_se`, and PPO-GT is the one optimising $r^*$, the
+# score on this axis.
 
 # %% [markdown]
 # ## What the figure shows, and why
@@ -171,22 +324,32 @@ display(table.round(3))
 # gained. Unlikelihood pushes the rejected tokens down with no anchor to $\pi_{\rm ref}$: it can gain
 # reward, but no knob of its loss controls the KL it pays for it.
 #
-# **What the `cpu` figure above shows** (one seed; the numbers quoted are from `figures/results_cpu.md` and
-# the README, measured by `python -m dpo_lab reproduce --preset cpu`). With PPO given the same policy
-# backward tokens as DPO, DPO beats most PPO points with the learned $r_\phi$ (14 of 18 distinct points,
-# 12 beyond one combined SE) but only 7 of 18 PPO-GT points. DPO is ahead at small KL (best $r^*$ within
-# KL 4: DPO 0.757, PPO-GT 0.672) and PPO-GT ahead from KL ≈ 6.5 on (within KL 13: 0.905 against 0.826).
-# The paper's argument above does not fail here so much as meet its limits at this scale: PPO-GT climbs
-# $r^*$ itself on its own fresh samples, while DPO learns from 9,000 fixed pairs of SFT samples and its
-# best run stops gaining reward beyond KL ≈ 8. PPO's gap to PPO-GT at every target is the cost of
-# $r_\phi$'s ranking errors (0.758 held-out pair accuracy against $r^*$'s 1.0). Xu et al. (2024) report
-# the same reversal for a carefully tuned PPO. The README gives the evidence in full, and at `smoke` (what
-# CI runs) the points prove nothing: they check the plumbing.
+# **What the `cpu` figure above shows** (one seed, after DPO and both PPOs were tuned on validation
+# prompts; README, "The CPU reproduction"). The paper's ordering does not appear: the stretches printed
+# above give the lead to DPO over parts of the low-KL range only, and to PPO-GT over the high-KL end, and
+# the dominance table counts far fewer beaten PPO-GT points than the paper's. What the evidence supports,
+# and what it does not:
+# * *Not a budget cut-off.* Every DPO run was still climbing at its last step. Runs with twice the budget
+#   (README, "Past the cut-off") move DPO *along* its frontier, to larger KL, not above it, while PPO-GT's
+#   controller holds its KL near the target and spends the extra steps on reward: the high-KL gap grows.
+# * *The judge matters.* PPO-GT optimises $r^*$, the score on the y axis; PPO optimises $r_\phi$, which
+#   orders held-out pairs less well than $r^*$ (notebook 06). Under the audit classifier, which no run
+#   optimises, PPO's points move up relative to DPO's (the audit rows of the stretches above).
+# * *Not settled by one seed.* Which of the paper's causes (§5.2: PPO's estimated normaliser and
+#   high-variance gradient) is weaker at this scale, this notebook cannot say.
+#
+# At `smoke` the points only check the plumbing.
 #
 # **Across seeds.** One seed is an anecdote. The seed study (`python -m dpo_lab sweep
-# sweeps/imdb_cpu_seeds.yaml`: DPO, PPO and PPO-GT at seeds 0, 1, 2, each seed a whole new pipeline) averages
-# each method's envelope over seeds; the band is ± one SE across seeds. It agrees with the single seed:
-# DPO ahead up to KL 6, the three level within about one SE at KL 8–10, PPO-GT ahead at KL 13; summed over
-# seeds DPO beats 40 of 56 PPO points and 27 of 56 PPO-GT points (README, "Seeds").
+# sweeps/imdb_cpu_seeds.yaml`: DPO, PPO and PPO-GT at seeds 0–4, each seed a whole new pipeline) averages
+# each method's envelope over seeds, with an interval across seeds (README, "Seeds"). The figure below is
+# drawn from the committed seed points (`figures/frontier_cpu_seed_points.csv`): its legend says how many
+# seeds each envelope averages, and the dashed lines are the twice-the-budget runs of seed 0.
 #
 # ![seed envelopes](../figures/frontier_cpu_seeds.png)
+
+# %% [markdown]
+# **What to notice.** Follow the dashed red lines (DPO at twice the budget): they run to the right, past KL
+# 15, and where one crosses KL 12 it lies below the green points there (PPO-GT at twice the budget, which
+# climb almost straight up near KL 12); DPO reaches their height only further right. More budget moved DPO
+# along its frontier, not above PPO-GT's. Check whether the audit panel on the right tells the same story.

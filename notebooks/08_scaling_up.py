@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -17,6 +17,8 @@
 
 # %% [markdown]
 # # 08 — Scaling up: sweeps, resuming them, and what the paper's runs cost
+#
+# *Optional: engineering, not DPO.* Skip it unless you want to run many notebooks as a sweep.
 #
 # Notebooks 03–07 run the IMDb experiment in one process. A researcher reproducing the paper runs the *same*
 # notebooks many times, with different parameters, on GPUs, and compares. This notebook shows the layer

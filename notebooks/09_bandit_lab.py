@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -165,6 +165,12 @@ fig.savefig(figures_dir() / "09_two_limits.png", dpi=120)
 plt.show()
 
 # %% [markdown]
+# **What to notice.** Read the plot from left to right: along both curves the DPO loss falls towards 0, yet
+# $\pi(y_2)$ ends above $\pi_{\rm ref}(y_2)$ (the dashed line) on the blue path and at 0, below $\pi^*(y_2)$
+# (the dotted line), on the orange one. Equal loss, different policies: the loss does not decide where the
+# never-shown response's mass goes; the optimiser's path does.
+
+# %% [markdown]
 # ## 2. The lab
 # **Data** (`bd.sample_annotated_preferences`): `n_pairs` pairs $y_1\neq y_2\sim\pi_{\rm ref}$ restricted to the
 # shown responses; the one with the higher $r^*$ wins, except with probability `noise`.
@@ -259,6 +265,12 @@ fig = draw(beta, n_pairs, noise, never_shown)
 fig.savefig(figures_dir() / "09_bandit_lab.png", dpi=120)
 plt.show()
 
+# %% [markdown]
+# **What to notice.** The red DPO bars are 0 at every response marked "DPO → 0" (each lost at least once),
+# and the never-shown response gets far more than $\pi^*$ gives it (the title prints both). On the right,
+# each fit is a circle and the exact frontier a curve: a circle below the curve is a policy that pays more KL
+# for its reward than $\pi^*$ does; check how far below DPO's circle sits compared with IPO's and cDPO's.
+
 # %% tags=["nbval-check-output"]
 fits, data = fit_all(beta, n_pairs, noise, never_shown)
 compared = bd.compared_responses(data, 1, toy.n_y)[0]
@@ -318,6 +330,11 @@ for row, (b, n, rho) in zip(grid, settings, strict=True):
     draw(b, n, rho, never_shown, axes=tuple(row))
 fig.savefig(figures_dir() / "09_bandit_lab_grid.png", dpi=100)
 plt.show()
+
+# %% [markdown]
+# **What to notice.** The red bars of rows 1–3 are the same, although β and the number of pairs change: with
+# deterministic labels DPO's limit depends only on which responses lose (the cell under section 2 asserts
+# it for three values of β). Only row 4, with label noise, moves them, towards the orange cDPO bars.
 
 # %% [markdown]
 # **Take-aways.**

@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -28,16 +28,7 @@
 # variance as the number of samples grows, and how common sampling settings (top-k, top-p, a minimum
 # length, dropping EOS) make the *reported* KL wrong, even negative.
 #
-# **Cost** (one execution, measured with `time` on 2 CPU cores shared with other jobs, the runs already
-# trained): `smoke` 25–55 s; `cpu` 1.5–2.5 minutes (3 runs × 40 test prompts × 8 samples of at most 32
-# tokens, then 4 altered samplers on one run); about a third of it is importing and loading IMDb. If a run
-# is not trained yet, `pipeline.result` trains it first: seconds at `smoke`, 3.5–4.5 minutes a run at
-# `cpu` (their `wall_s` in `figures/results_cpu.md`), plus the SFT and preference stages if those are
-# missing too. The `gpu` and `paper` presets were not run here.
-#
-# **The outputs shown are from the `cpu` preset** (seed 0). The notebook tests run it at `smoke`, where the
-# policies barely moved and the numbers mean nothing. Run it yourself with
-# `papermill notebooks/10_kl_estimators.ipynb out.ipynb -p preset cpu` (or set `DPO_LAB_PRESET=cpu`).
+# The outputs are the `cpu` preset's, seed 0; what a run costs is in the README, "Running the notebooks".
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -272,6 +263,11 @@ fig.savefig(figures_dir() / "10_bias_variance.png", dpi=120)
 plt.show()
 
 # %% [markdown]
+# **What to notice.** In the bottom row every line falls as the samples per prompt grow, and the black exact
+# sum is the lowest in every panel: summing the exact per-step KL removes the vocabulary's sampling noise. In
+# the top row, some estimators' means sit above or below the grey line at every sample size (k2 for DPO
+# β = 0.05, far above): bias, unlike spread, does not shrink with more samples.
+#
 # The same in numbers: the spread of a mean KL from one sample per prompt, and each estimator's mean minus
 # the exact sum's over all samples, ± its standard error over prompts (the difference is taken per prompt
 # first, so the two estimators' shared noise, which prompts were drawn, cancels).
@@ -392,6 +388,12 @@ ax.legend(fontsize=8)
 fig.tight_layout()
 fig.savefig(figures_dir() / "10_wrong_settings.png", dpi=120)
 plt.show()
+
+# %% [markdown]
+# **What to notice.** Only the first bar samples from $\pi$ itself; every other bar is the same run's KL
+# reported under a changed sampler. None of the changes alters the policy, so every bar off the grey line
+# is an error of the report: top-k lifts k1 by about half, and with $\pi_{\rm ref}$'s samples k1 turns
+# negative while k3 runs off the top of the axis.
 
 # %% tags=["nbval-check-output"]
 forced = [y for per in altered[f"min length {min_length}"].completion_ids for y in per]

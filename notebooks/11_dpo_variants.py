@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -18,18 +18,7 @@
 # %% [markdown]
 # # 11 · Lab: DPO's variants on IMDb, one frontier
 #
-# **What you see, and what it costs.** The outputs below are the `cpu` preset's (the default), executed on
-# its cached runs. *Run all* on a 2-core machine (shared with other jobs while measured):
-#
-# | preset | first time (empty caches) | stages cached |
-# |---|---|---|
-# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | about 2 min (SFT, r*, pairs, the DPO sweep and six variant runs of about 3 s each; measured) | about 30 s (measured) |
-# | `cpu` | six variant runs of 295–578 s each, 2,693 s in all (run two at a time here, on a shared machine: 37 min), after 05's DPO sweep | 33 s |
-# | `gpu`, `paper` | need a GPU (not measured) | |
-#
-# The new work is six variant runs of `dpo.max_steps` steps, each about as costly as one DPO run of the
-# preset (the same completions through the policy a step). The preset's DPO β sweep is cached after notebook
-# 05 or `make reproduce` at the same preset, and the SFT policy, r* and the pairs after notebooks 03–04.
+# The outputs are the `cpu` preset's, seed 0; what a run costs is in the README, "Running the notebooks".
 #
 # Notebook 09 showed on an exact bandit why one might change Eq. 7. This lab trains the changes on the
 # **same cached preference data** as notebook 05, with the same optimizer, steps and evaluation, and puts
@@ -47,8 +36,7 @@
 # Every variant is a setting of the one training loop (`DPOConfig.loss_type`, `label_smoothing`,
 # `average_logprobs`, `rpo_alpha`; `train_dpo` in `dpo_lab/dpo_trainer.py`) and of the one loss module
 # (`losses.preference_loss`, `losses.plackett_luce_loss`), so a run differs from DPO's in its loss and
-# nothing else. The outputs shown are from the `cpu` preset (`papermill notebooks/11_dpo_variants.ipynb out.ipynb
-# -p preset cpu` reruns them); the notebook tests run it at `smoke`, where the numbers mean nothing.
+# nothing else.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -267,6 +255,13 @@ fig = plot_frontier(points, figures_dir() / "11_variants_frontier.png",
 plt.show()
 
 # %% [markdown]
+# **What to notice.** Each variant is one run, so its dots trace one path from the star; DPO's β sweep gives
+# five paths and the envelope over all of them. Find where each variant's last dot lies against DPO's
+# envelope at the same KL: above it, on it, or below it. IPO (sum), cDPO and RPO, all at DPO's β = 0.1,
+# end at a smaller KL than DPO β = 0.1 does: IPO's and cDPO's optimal margins are finite (notebook 09), and
+# RPO's NLL term pulls towards $\pi_{\rm ref}$'s own samples.
+
+# %% [markdown]
 # ## Results
 # Each run's final point and its best reward; `policy_backward_tokens` and `wall_s` are what the run spent.
 
@@ -281,27 +276,29 @@ display(table[[c for c in shown if c in table.columns]].round(3))
 print(f"notebook ran in {time.perf_counter() - started:.0f} s")
 
 # %% [markdown]
+# **What to notice.** `policy_backward_tokens` is (nearly) the same in every row: each variant had DPO's
+# budget, so the rows differ in their loss alone. Compare `reward_final` and `kl_final` of a variant with
+# DPO's row at the same β (0.1 for most variants): how much KL did the changed loss save, and how much
+# reward did it cost?
+
+# %% [markdown]
 # ## Reading the frontier
-# What the `cpu` run shows (seed 0; one β per variant, 250 steps each, the same 586,462 policy backward
-# tokens as every DPO run). Up and to the left is better: more reward for the same departure from
-# $\pi_{\rm ref}$.
+# What to look for in the `cpu` run (seed 0; one β per variant, 250 steps each, the same policy backward
+# tokens as every DPO run), with the numbers in the table above. Up and to the left is better.
 #
-# * **Plackett–Luce (K = 4)** ends highest: r* 0.860 ± 0.008 at KL 11.7, above DPO β = 0.05's 0.826 at
-#   KL 12.5, a point it beats on both axes. With the same completions a step it sees 16 prompts' full
-#   orders instead of 32 pairs, and each ranking carries all six of a prompt's comparisons in one term. On
-#   its way there (KL ≈ 9: 0.80) it sits a little below DPO's envelope.
-# * **cDPO (ε = 0.1)** stops where $\beta h=\log 9$ and lands at KL 6.7 with r* 0.815 ± 0.009, in the
-#   KL 4–8 gap DPO's β grid leaves empty and well above DPO's envelope there (0.757 up to KL 8). Label
-#   smoothing acts like a better-placed β here, not like noise robustness: r*'s labels have no noise.
-# * **hinge (SLiC)** ends near DPO β = 0.1 (0.810 at KL 8.3 against 0.825 at 8.0): dropping pairs already
-#   beyond the margin changes little at this β.
-# * **IPO** moves little, as its target margin promises: the summed form (β = 0.1, target 5 nats) ends at
-#   KL 2.1 with 0.688, the length-averaged form (β = 2.5, 0.2 nats a token) at KL 2.3 with 0.720, both on
-#   or just above DPO's envelope at that KL (DPO β = 1: 0.694 at 2.2).
-# * **RPO (α = 1)** at DPO's β = 0.1 ends at KL 2.0 with 0.673, where plain DPO at that β reaches KL 8.0 and
-#   0.825: the NLL of the chosen completions (samples of $\pi_{\rm ref}$ itself) anchors the policy to the
-#   SFT distribution, acting as a strong extra KL term. Its point lies on DPO's envelope, at a much smaller
-#   KL than its β alone would give.
+# * **Plackett–Luce (K = 4)**: with the same completions a step it sees 16 prompts' full orders instead of
+#   32 pairs, each ranking holding all six of a prompt's comparisons in one term. Does its final point beat
+#   a DPO point on both axes?
+# * **cDPO (ε = 0.1)** stops where $\beta h=\log 9$, so it ends at a smaller KL than DPO at the same β. Its
+#   final point lies in a KL range that DPO's β = 0.1 run crosses on its way out (the checkpoints of that
+#   path in the figure), so compare it with those checkpoints, not only with DPO's final points. r*'s labels
+#   have no noise: any gain is a better-placed stopping point, not noise robustness.
+# * **hinge (SLiC)** drops pairs already beyond the margin; compare its row with DPO β = 0.1's.
+# * **IPO** regresses the margin onto a target ($1/(2\beta)$: 5 nats for the summed form at β = 0.1, 0.2
+#   nats a token for the length-averaged one at β = 2.5), so it should move little from the start.
+# * **RPO (α = 1)** adds the NLL of the chosen completions, which are samples of $\pi_{\rm ref}$ itself: an
+#   extra pull towards the SFT distribution, like a strong KL term. Compare its `kl_final` with plain DPO's
+#   at the same β.
 #
 # One seed and one β per variant: a variant "above the envelope" is one point, within a few SE of DPO's
 # curve in most cases. A β sweep per variant and several seeds (as notebook 07's seed study does for DPO and

@@ -18,17 +18,7 @@
 # %% [markdown]
 # # 12 · Lab: optimising a proxy reward. When does the gold reward turn down?
 #
-# **What you see, and what it costs.** The outputs below are the `cpu` preset's (seed 0), executed on its
-# cached runs. *Run all* on a 2-core machine:
-#
-# | preset | first time (empty caches) | runs cached |
-# |---|---|---|
-# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | about 45 s (SFT, r*, pairs, r_φ and 6 toy runs; measured) | about 35 s (measured) |
-# | `cpu` | 6 runs: 4 DPO of 351–457 s and 2 PPO of 835 s, 3,256 s in all (two at a time on 2 cores shared with other work: 28 min), after notebook 06's $r_\phi$ | 54 s (measured) |
-# | `gpu`, `paper` | need a GPU (not measured) | |
-#
-# The new work is 4 DPO runs of `dpo.max_steps` steps (each evaluated every `dpo_eval_every` steps) and
-# 2 PPO runs of `ppo_steps` steps; the SFT policy, r*, the pairs and r_φ are the stages of notebooks 03–06.
+# The outputs are the `cpu` preset's, seed 0; what a run costs is in the README, "Running the notebooks".
 #
 # In RLHF the policy never sees the reward people care about (here r*, the **gold** reward). It sees a
 # **proxy**: a reward model $r_\phi$ fit to a finite set of preferences. Optimising a proxy hard enough makes
@@ -43,9 +33,7 @@
 # * **DPO on r*'s labels** at the smallest β: does DPO's own gold reward turn down without any proxy?
 # * **PPO against $r_\phi$** with a fixed, small KL coefficient, so that nothing stops it from climbing.
 #
-# Every evaluation scores the same samples with both rewards. The notebook tests run this at `smoke`, where
-# the numbers mean nothing. `papermill notebooks/12_overoptimisation.ipynb out.ipynb -p preset cpu` runs the
-# laptop version.
+# Every evaluation scores the same samples with both rewards.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -170,6 +158,13 @@ fig = plot_proxy_and_gold(points, figures_dir() / "12_overoptimisation.png", ref
 plt.show()
 
 # %% [markdown]
+# **What to notice.** Follow one run's dots left to right in both panels at once: overoptimisation is the
+# right panel still rising while the left one falls. Check whether any run shows that, and whether the
+# runs that end lower in the left panel (gold) also fall in the right one (proxy): if both fall together,
+# the policy is leaving the data, not exploiting the proxy. The grey DPO envelope marks what r*'s own
+# labels reach at each KL.
+
+# %% [markdown]
 # ## Where is the gold reward highest?
 # Per run: the gold reward's peak, where it was reached, and the final point; "turned down" means the final
 # gold reward is more than `peak_margin_se` combined standard errors below the peak, so a dip inside the
@@ -189,6 +184,11 @@ def peak_row(run: pd.DataFrame) -> dict:
 
 table = pd.DataFrame({name: peak_row(run) for name, run in points.groupby("run", sort=False)}).T
 display(table.round(3))
+
+# %% [markdown]
+# **What to notice.** `turned_down` is True only where `drop_in_se` exceeds `peak_margin_se`; a run whose
+# `step_at_peak` is its last step was still climbing when it stopped. Compare `kl_at_peak` across the runs:
+# the turn-downs, if any, happen far to the right of the KL where the frontier's runs end.
 
 # %% [markdown]
 # ## What the policies write
@@ -236,7 +236,7 @@ display(fits.round(3))
 #
 # * **The proxy's labels are 93% right where DPO uses them.** $r_\phi$ agrees with r* on 95.6% of the
 #   pairs of its fit prompts and on 75.7% of its validation prompts' pairs. DPO on $r_\phi$'s labels trains
-#   on the first kind: at β = 0.1 it ends at 0.794 ± 0.010 with KL 8.1, against 0.825 at KL 8.0 on r*'s
+#   on all 9,000 pairs, 8,022 of them of the first kind: at β = 0.1 it ends at 0.794 ± 0.010 with KL 8.1, against 0.825 at KL 8.0 on r*'s
 #   labels (the frontier's run); at β = 0.05, 0.777 ± 0.010 at KL 14.3 against 0.826 at KL 12.5. The
 #   wrong labels cost about 0.03–0.05 of gold reward at equal KL, and at these β the gold reward is still
 #   rising at step 250: no turn-down.

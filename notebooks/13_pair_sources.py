@@ -8,7 +8,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -18,19 +18,7 @@
 # %% [markdown]
 # # 13 · Lab: whose samples are the pairs made of? On-policy, off-policy and one round of iterative DPO
 #
-# **What you see, and what it costs.** The outputs below are the `cpu` preset's (seed 0), executed on its
-# cached runs. *Run all* on a 2-core machine:
-#
-# | preset | first time (empty caches) | runs cached |
-# |---|---|---|
-# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | about 55 s (two SFT policies, r*, three pair sets and 4 toy runs; measured) | about 30 s (measured) |
-# | `cpu` | sampling and labelling the two new pair sets (about 1 minute), then 3 DPO runs of 400–453 s (two at a time on 2 cores shared with other work: 14 min), after notebook 05's β = 0.1 run and a second SFT stage for the sibling (with the other runs cached, the sibling's SFT, its pairs and its run took 872 s on an idle 2-core machine) | 38 s (measured) |
-# | `gpu`, `paper` | need a GPU (not measured) | |
-#
-# The new work is two sets of 4 samples for each train prompt (from a sibling model and from the DPO
-# policy), labelled by r*, and 3 DPO runs of `dpo.max_steps` steps; the SFT policies and the first DPO run
-# are the stages of notebooks 03–05 (the sibling is notebook 03's SFT stage with its
-# initialisation and data order drawn from `sampler_seed`).
+# The outputs are the `cpu` preset's, seed 0; what a run costs is in the README, "Running the notebooks".
 #
 # The paper builds its IMDb pairs from samples of $\pi_{\rm SFT}$, the same model that DPO then uses as
 # $\pi_{\rm ref}$ and starts from (§6.1): the pairs are **on-policy** at step 0. Many preference data sets
@@ -48,9 +36,7 @@
 #    only difference between 3 and 4.
 #
 # Every run is placed on the frontier as the others are: mean r* and exact sequence KL to
-# $\pi_{\rm SFT}$ on the held-out test prompts. The notebook tests run this at `smoke`, where the numbers
-# mean nothing. `papermill notebooks/13_pair_sources.ipynb out.ipynb -p preset cpu` runs the laptop
-# version.
+# $\pi_{\rm SFT}$ on the held-out test prompts.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -193,6 +179,12 @@ fig.savefig(figures_dir() / "13_pair_sources.png", dpi=150)
 plt.show()
 
 # %% [markdown]
+# **What to notice.** Each run's path is labelled at its end. The two second rounds start where round 1
+# ended, not at the star (a cell under "The runs" checks it), so their KL to $\pi_{\rm SFT}$ adds to round
+# 1's. Compare each end point with the grey DPO sweep envelope at the same KL: above it means more r* than
+# DPO on $\pi_{\rm SFT}$'s pairs reaches at that KL.
+
+# %% [markdown]
 # ## Results
 # Final point of each run, and what it cost in all: round 2's columns include round 1's training, and its
 # `samples` and `reward_queries` add the 4 samples per train prompt drawn and labelled for its pairs (as on
@@ -233,8 +225,8 @@ for i, row in enumerate(shown):
 #   two samplers write almost alike: the sibling shares $\pi_{\rm SFT}$'s reviews, tokenizer and recipe, its
 #   completions are only 0.013 nats a token less likely under $\pi_{\rm SFT}$ (−5.497 against −5.484), and
 #   their median r* gap is about the same (0.228 against 0.233). So the cost is not that the samples are
-#   unlikely on average under the reference. It is also no larger than the seed-to-seed spread of a single
-#   run's reward (up to 0.03 in the README's seed study), so one seed cannot settle it. An earlier sibling
+#   unlikely on average under the reference. It is one seed, with no measure yet of how much a run's reward
+#   moves from seed to seed (README, "Seeds"), so it cannot settle it. An earlier sibling
 #   with its own train/test split and tokenizer, 0.10 nats a token further away, ended at 0.785 at KL 8.1.
 # * **Resampling from the policy pays.** $\pi_1$'s samples are *more* likely under $\pi_{\rm SFT}$ than
 #   $\pi_{\rm SFT}$'s own (−5.28 against −5.48 nats a token: DPO moved mass to completions the reference
