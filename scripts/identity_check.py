@@ -4,9 +4,11 @@
     python scripts/identity_check.py --cpu-dpo  # instead: retrain the cpu DPO beta=0.1 run, compare
 
 Prints one sha256 per run's metrics (and of the SFT and r_phi weights); run it before and after a change and
-compare the lines. The cpu check links the cached upstream stages (SFT, r*, audit, pairs) of ./artifacts into
-a scratch folder, so only the DPO run itself is retrained, then compares its metrics with the cached run's,
-byte for byte (wall-clock fields aside).
+compare the lines. The cpu check links the cached upstream stages (SFT, r*, audit, pairs) of the artifacts
+folder (``DPO_LAB_ARTIFACTS``, default ./artifacts) into a scratch folder and copies its shared caches
+(reference log-probs, start evaluations), so only the DPO run itself is retrained and nothing is written to
+the cached folder, then compares its metrics with the cached run's 250-step schedule, byte for byte
+(wall-clock fields aside).
 """
 from __future__ import annotations
 
@@ -14,11 +16,10 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def digest(path: Path) -> str:
@@ -48,10 +49,23 @@ def smoke(scratch: Path) -> None:
             print(f"smoke {stage + ' ' + weights.name:24s} {digest(weights)}")
 
 
+def cached_metrics(cached: Path, fresh: Path, steps: int) -> Path:
+    """The cached metrics of ``fresh``'s run at ``steps`` steps. A run continued past them in place (the
+    budget sweep takes DPO beta=0.1 to 563 steps) keeps its ``steps``-step schedule in ``<run>-steps<N>``
+    (``run.schedule_dir``): comparing with the continued run's file would differ from step 251 on."""
+    from dpo_lab.run import schedule_dir
+
+    return schedule_dir(cached / "training" / fresh.name, steps) / "metrics.jsonl"
+
+
 def cpu_dpo(scratch: Path) -> None:
-    cached = ROOT / "artifacts"
+    from dpo_lab.paths import artifacts_dir
+
+    cached = artifacts_dir()
     for stage in cached.iterdir():
-        if stage.is_dir() and stage.name != "training":
+        if stage.name in ("reference-logps", "start-eval"):  # written to when missing: copies, not links
+            shutil.copytree(stage, scratch / stage.name)
+        elif stage.is_dir() and stage.name != "training":
             (scratch / stage.name).symlink_to(stage)
     os.environ["DPO_LAB_ARTIFACTS"] = str(scratch)
     import torch
@@ -60,15 +74,13 @@ def cpu_dpo(scratch: Path) -> None:
     from dpo_lab.presets import get_preset
     torch.set_num_threads(1)  # as reproduce's workers train: other thread counts sum in another order
     preset = get_preset("cpu")
-    fresh = pipeline.run_dir(preset, "DPO", 0.1)
-    old = cached / "training" / fresh.name / "metrics.jsonl"
+    old = cached_metrics(cached, pipeline.run_dir(preset, "DPO", 0.1), pipeline.run_steps(preset, "DPO"))
     if not old.exists():
         sys.exit(f"no cached cpu DPO beta=0.1 run at {old.parent}: run `make reproduce` first")
-    pipeline.dpo(preset, 0.1, progress=False)
-    new = fresh / "metrics.jsonl"
+    new = pipeline.dpo(preset, 0.1, progress=False).metrics_path
     same = comparable(new) == comparable(old)
     verdict = "identical to" if same else "DIFFERS from"
-    print(f"cpu   {'dpo-beta0.1':24s} {digest(new)} {verdict} cached {digest(old)}")
+    print(f"cpu   {'dpo-beta0.1':24s} {digest(new)} {verdict} cached {digest(old)} ({old.parent.name})")
     if not same:
         sys.exit(1)
 
