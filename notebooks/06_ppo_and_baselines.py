@@ -346,7 +346,7 @@ def yours_or_library(exercise, library_fn):
 
 mine = start  # a copy of the weights the library started from
 optimizer = torch.optim.Adam(mine.parameters(), lr=step_config.lr)  # PPO's optimiser: Adam, no warmup
-raw = ro.scores.double().numpy()  # r_phi(x, y) of each completion
+raw = ro.scores.double().cpu().numpy()  # r_phi(x, y) of each completion
 scores = torch.as_tensor((raw - raw.mean()) / raw.std(), dtype=torch.float32)  # standardised
 rewards = yours_or_library(ppo_rewards, kl_penalized_rewards)(
     scores, ro.logprobs, ro.ref_logprobs, ro.mask, step_config.init_kl_coef)  # beta at step 1
