@@ -357,8 +357,12 @@ def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro
 def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
              prompts: Sequence[str], score_fn: ScoreFn, optimizer: torch.optim.Optimizer,
              kl_ctl: AdaptiveKLController | FixedKLController, moments: RunningMoments, config: PPOConfig,
-             *, step: int, seed: int, device: torch.device) -> dict[str, Any]:
-    """One PPO step: rollout, rewards, GAE, clipped updates, KL-coefficient update. Returns the metrics."""
+             *, step: int, seed: int, device: torch.device,
+             on_rollout: Callable[[Rollout, Tensor, Tensor, Tensor], None] | None = None) -> dict[str, Any]:
+    """One PPO step: rollout, rewards, GAE, clipped updates, KL-coefficient update. Returns the metrics.
+
+    ``on_rollout(rollout, rewards, advantages, returns)``, if given, sees the batch and its GAE (before
+    whitening) ahead of the updates: notebook 06 redoes this step by hand on the same batch."""
     started = time.perf_counter()
     kl_coef = kl_ctl.value
     ro = _rollout(model, reference, tokenizer, prompts, score_fn, max_new_tokens=config.max_new_tokens,
@@ -374,6 +378,8 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
     kl = log_ratio.sum(-1)  # sampled sequence KL log pi(y|x)/pi_ref(y|x), per sample
     rewards = kl_penalized_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.mask, kl_coef)
     advantages, returns = gae(rewards, ro.values, ro.mask, config.gamma, config.lam)
+    if on_rollout is not None:
+        on_rollout(ro, rewards, advantages, returns)
     if config.whiten_advantages:
         advantages = whiten(advantages, ro.mask)
     stats = _ppo_update(model, optimizer, ro, advantages, returns, config, step=step, seed=seed)

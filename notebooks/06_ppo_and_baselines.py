@@ -18,8 +18,11 @@
 # %% [markdown]
 # # 06 · PPO and the other baselines on IMDb
 #
-# DPO (notebook 05) solves the KL-constrained reward maximisation problem of Eq. 3 in closed form. The
-# paper compares it with the methods that attack the same task another way (§6.1, Fig. 2 left):
+# DPO (notebook 05) optimises the KL-regularised reward objective of Eq. 3 straight from preference pairs.
+# The usual way to optimise it, the one DPO replaces, is reinforcement learning: sample completions from the
+# policy, score them with a reward model, and raise the probability of the tokens that led to high scores,
+# while a KL penalty holds the policy near $\pi_{\rm ref}$. This notebook builds PPO from its pieces, takes
+# one of its steps by hand, and trains it beside the paper's other baselines (§6.1, Fig. 2 left):
 #
 # | method | learns from | what it optimises |
 # |---|---|---|
@@ -28,26 +31,13 @@
 # | **Unlikelihood** | the pairs | $-\log\pi(y_w|x)-\alpha\sum_t\log\big(1-\pi(y_{l,t}|x,y_{l,<t})\big)$ |
 # | **Preferred-FT** | the chosen completions $y_w$ only | $-\log\pi(y_w\mid x)$ (supervised fine-tuning) |
 #
-# The PPO trainer is `dpo_lab.ppo` (Ziegler et al. 2019 / Stiennon et al. 2020, written out); the two
-# pairwise baselines reuse DPO's trainer with another loss (`dpo_lab.losses`). This notebook opens PPO's
-# pieces on tiny worked examples, then reads the training curves of every run and samples each method at
-# roughly the same KL. Notebook 07 puts all of them on the reward–KL frontier.
+# The PPO trainer is `dpo_lab.ppo` (Ziegler et al. 2019 / Stiennon et al. 2020); the pairwise baselines
+# reuse DPO's trainer with another loss. Notebook 07 puts every run on the reward–KL frontier. PPO's pieces
+# and the Unlikelihood loss are exercises (*tier* 1: one line of an equation, 2: a sum or a mask, 3: a
+# loop); the cell after each grades yours against the library.
 #
-# **What you see, and what it costs.** The outputs below are the `cpu` preset's (the default), executed on
-# its cached stages. *Run all* on a 2-core laptop (measured on this project's 2-core machines, often while
-# other runs shared them, so an idle laptop may be faster):
-#
-# | preset | first time (empty caches) | stages cached |
-# |---|---|---|
-# | `smoke` (`DPO_LAB_PRESET=smoke`: seconds-long toy runs, for checking) | about 1 min | |
-# | `cpu` (default) | about 65 min in one process: 8 PPO runs of 250–280 s each, r_φ's training, 6 baseline runs of ~100 s (3,976 s of runs, one thread each) | 102 s |
-# | `gpu`, `paper` | need a GPU (not measured: none was available to this project) | |
-#
-# **Exercises.** PPO's pieces (the per-token rewards, GAE, the clipped surrogate) and the Unlikelihood loss
-# are short functions under headings *Exercise · tier N* (tier 1: one line of an equation; tier 2: a sum or
-# a mask to get right; tier 3: a loop or a derivation). The cell after each grades it against the library
-# (`dpo_lab.ppo`, `dpo_lab.losses`) on small random batches, with no model. `make student` writes
-# `notebooks/student/` copies of this notebook with those function bodies removed, for you to fill in.
+# The prose describes the `cpu` outputs below, run on cached stages; at `DPO_LAB_PRESET=smoke` the numbers
+# differ.
 
 # %% tags=["parameters"]
 from dpo_lab.presets import default_preset_name
@@ -60,6 +50,9 @@ n_show: int = 3  # test prompts sampled from every method at matched KL
 match_kl: float = -1.0  # common KL for the sample comparison; < 0 uses the median of the runs' final KLs
 
 # %%
+import copy
+import dataclasses
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -73,11 +66,21 @@ from dpo_lab import frontier, pipeline
 from dpo_lab.batching import PreferenceCollator
 from dpo_lab.grading import grade, lm_cases
 from dpo_lab.logprobs import concatenated_token_logprobs
+from dpo_lab.loop import batch_indices
 from dpo_lab.losses import unlikelihood_loss
 from dpo_lab.models import load_policy
 from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS
-from dpo_lab.ppo import AdaptiveKLController, gae, kl_penalized_rewards, policy_loss
+from dpo_lab.ppo import (
+    AdaptiveKLController,
+    PolicyWithValueHead,
+    RunningMoments,
+    gae,
+    kl_controller,
+    kl_penalized_rewards,
+    policy_loss,
+    ppo_step,
+)
 from dpo_lab.presets import get_preset
 from dpo_lab.rewards import score_completions
 from dpo_lab.run import read_metrics
@@ -139,14 +142,9 @@ print("lambda=1 (Monte Carlo):", [round(float(v), 4) + 0.0 for v in mc[0]])
 print("lambda=0 (TD error):   ", [round(float(v), 4) + 0.0 for v in td[0]])
 
 # %% [markdown]
-# Both written out in plain torch (the two exercises below), then run on a batch with a second, shorter
-# completion (its last column is padding, mask 0): `r` is $-\beta\log\frac{\pi_\theta}{\pi_{\rm ref}}$ on
-# every completion token, plus the score on the row's last one; the loop runs $t$ backwards through each row's $n$ completion steps with $V_{n+1}=0$,
-# $\delta_t=r_t+\gamma V_{t+1}-V_t$ and $A_t=\delta_t+\gamma\lambda A_{t+1}$. Row 1 is the example above.
-#
-# In a real rollout the per-step tensors cover the whole row (step $t$ predicts token $t+1$), and the mask,
-# `completion_mask[:, 1:]`, is 0 on the prompt as well as on the padding: each row's completion steps are a
-# contiguous run somewhere in the row. The graders use such masks.
+# Next, both in plain torch (the two exercises below). In a rollout each row holds prompt, completion and
+# padding, and step $t$ predicts token $t+1$; the mask, `completion_mask[:, 1:]`, is 1 only on the
+# completion's steps, a contiguous run somewhere in the row. The graders use such masks.
 
 # %% [markdown]
 # ### Exercise · tier 2 · PPO's per-token rewards
@@ -192,6 +190,7 @@ grade(gae_by_hand, gae, lm_cases("rewards", "values", "mask", "gamma", "lam", ga
       hint="run t backwards, and start each row's episode fresh: nothing after its last completion step counts")
 
 # %% tags=["nbval-check-output"]
+# Row 1 is the example above; row 2 a shorter completion, its last column padding (mask 0).
 logps = torch.tensor([[-2.0, -1.5, -3.0, -0.5], [-1.0, -0.7, -2.0, 0.0]])
 ref_logps = torch.tensor([[-2.2, -1.5, -2.5, -1.0], [-1.3, -0.4, -2.0, 0.0]])
 vals = torch.tensor([[0.3, 0.4, 0.5, 0.7], [0.1, -0.2, 0.6, 0.0]])
@@ -208,12 +207,11 @@ for name, row in [("r_t", r[1]), ("A_t", adv[1])]:
 # $\mathbb E_t\big[\max\big(-A_t\rho_t,\,-A_t\,\mathrm{clip}(\rho_t,1\pm\epsilon)\big)\big]$ with
 # $\rho_t=\pi_\theta(y_t|\cdot)/\pi_{\rm old}(y_t|\cdot)$ (`ppo.policy_loss`), and a clipped squared error
 # for the value head (`ppo.value_loss`). `policy/clipfrac` in the logs is the share of tokens where the clip
-# is active, i.e. where this step's update has already moved the token's probability as far as allowed.
+# is active: the update has already moved that token's probability as far as allowed.
 
 # %% [markdown]
-# Written out on made-up numbers ($\epsilon=0.2$): `ratio` is $\rho_t$; each token's term is the larger
-# (pessimistic) of `-A * ratio` and `-A * clip(ratio, 1 - eps, 1 + eps)`; the loss is its mean over the
-# completion tokens (`masks`, as above: the padded step, with its large advantage, counts for nothing).
+# Below it is run on made-up numbers ($\epsilon=0.2$); the padded step, with its large advantage, must
+# count for nothing.
 
 # %% [markdown]
 # ### Exercise · tier 2 · the clipped surrogate
@@ -264,14 +262,17 @@ for step, kl in enumerate([12.0, 9.0, 6.0, 5.0, 2.0, 1.0], start=1):
     print(f"{step:5d} {kl:5.1f} {error:+7.3f} {beta:7.4f}")
 
 # %% [markdown]
+# **What to notice.** β rises while the KL is above its target and falls while below, by at most
+# $0.2\cdot 64/300\approx 4\%$ a step however far off the KL is (steps 1 and 5). So a run far below its
+# target takes many steps to lower β enough, as the training curves below show.
+
+# %% [markdown]
 # ## The learned reward $r_\phi$ (for PPO)
 # PPO (not PPO-GT) never sees $r^*$: its reward is a scalar head on the SFT transformer, fit to the same
 # preference pairs as DPO by the Bradley–Terry loss (Eq. 2),
-# $\mathcal L_R=-\mathbb E\big[\log\sigma\big(r_\phi(x,y_w)-r_\phi(x,y_l)\big)\big]$. Validation and
-# test pairs come from two sets of prompts held out of training; the weights with the best validation
-# accuracy are kept (App. B), and their accuracy is reported once, on the test pairs (the best of many
-# validation scores would flatter them). It bounds how well PPO can do: every pair $r_\phi$ ranks wrongly
-# pushes the policy the wrong way.
+# $\mathcal L_R=-\mathbb E\big[\log\sigma\big(r_\phi(x,y_w)-r_\phi(x,y_l)\big)\big]$. The weights with
+# the best accuracy on validation pairs are kept (App. B) and scored once on test pairs, whose prompts are
+# held out of both (the best of many validation scores would flatter them).
 
 # %%
 r_phi = pipeline.learned_reward(config)
@@ -282,17 +283,140 @@ print(f"{report['n_train_pairs']} train pairs, {report['n_val_pairs']} validatio
 display(pd.DataFrame(report["val_history"]).set_index("step").round(4))
 
 # %% [markdown]
+# **What to notice.** Validation accuracy starts at chance (0.5, $r_\phi$ ties every pair) and levels off
+# well below 1; the test accuracy printed above is close to the kept step's validation accuracy. So
+# $r_\phi$ ranks roughly one pair in four the wrong way, and PPO will climb those mistakes as eagerly as
+# the right rankings. PPO-GT, with $r^*$, has no such errors.
+
+# %% [markdown]
+# ## One PPO iteration on screen
+# `ppo.train_ppo` calls `ppo.ppo_step` once per iteration: sample a rollout, score it, build the per-token
+# rewards, run GAE, then update the policy and its value head on the clipped losses. Below, the library takes
+# step 1 of a PPO run from $\pi_{\rm SFT}$ with $r_\phi$ and hands over the rollout it sampled (its
+# `on_rollout` argument); then the same step is done by hand, from the same starting weights, on that rollout.
+# To compare a single update, this step makes one pass (`ppo_epochs = 1`) over one minibatch holding the
+# whole rollout; the runs make 4 passes over minibatches of 32.
+
+# %%
+reference, tokenizer, _ = pipeline.sft_policy(config)
+step_config = dataclasses.replace(config.ppo, ppo_epochs=1, minibatch_size=config.ppo.rollout_batch_size)
+model = PolicyWithValueHead(copy.deepcopy(reference)).eval()  # pi_theta = pi_SFT; value head V = 0 (zeros)
+start = copy.deepcopy(model)  # the same starting weights, for the step by hand
+train_prompts = pipeline.prompts(config, tokenizer, "train")
+step_prompts = [train_prompts[i] for i in batch_indices(len(train_prompts), step_config.rollout_batch_size,
+                                                        step=1, seed=config.seed)]
+library = {}  # what ppo_step hands over: its rollout, rewards, advantages and returns
+
+
+def keep(rollout, rewards, advantages, returns):
+    library.update(rollout=rollout, rewards=rewards, advantages=advantages, returns=returns)
+
+
+record = ppo_step(model, reference, tokenizer, step_prompts, r_phi,
+                  torch.optim.Adam(model.parameters(), lr=step_config.lr), kl_controller(step_config),
+                  RunningMoments(), step_config, step=1, seed=config.seed,
+                  device=next(reference.parameters()).device, on_rollout=keep)
+ro = library["rollout"]
+print(f"rollout: {len(ro.texts)} completions, {int(ro.mask.sum())} completion tokens; mean r_phi "
+      f"{record['objective/scores']:.3f}, sampled KL {record['objective/kl']:.2e} (pi_theta = pi_ref)")
+print(f"e.g. {ro.texts[0]!r}")
+
+# %% [markdown]
+# The step by hand. Scores are standardised by the mean and standard deviation of every score so far (at
+# step 1, this batch's); rewards, GAE and the policy loss are your three exercises (a stub falls back to the
+# library's function, and says so); advantages are whitened over the batch's completion tokens; the value
+# loss stops rewarding a move of $V$ beyond `cliprange_value` from its old value.
+#
+# **Predict first.** Before the update $\rho_t=\pi_\theta/\pi_{\rm old}=1$ for every token, and the
+# whitened advantages average 0. What policy loss and clip fraction will the step print? The value head
+# starts at $V=0$: what, then, is the value loss?
+
+
+# %%
+def yours_or_library(exercise, library_fn):
+    """Your exercise function, or the library's while yours is still a stub (NotImplementedError)."""
+    def call(*args):
+        try:
+            return exercise(*args)
+        except NotImplementedError:
+            print(f"{exercise.__name__} is a stub: using the library's {library_fn.__name__}")
+            return library_fn(*args)
+    return call
+
+
+mine = start  # a copy of the weights the library started from
+optimizer = torch.optim.Adam(mine.parameters(), lr=step_config.lr)  # PPO's optimiser: Adam, no warmup
+raw = ro.scores.double().cpu().numpy()  # r_phi(x, y) of each completion
+scores = torch.as_tensor((raw - raw.mean()) / raw.std(), dtype=torch.float32)  # standardised
+rewards = yours_or_library(ppo_rewards, kl_penalized_rewards)(
+    scores, ro.logprobs, ro.ref_logprobs, ro.mask, step_config.init_kl_coef)  # beta at step 1
+advantages, returns = yours_or_library(gae_by_hand, gae)(rewards, ro.values, ro.mask, step_config.gamma,
+                                                         step_config.lam)
+m = ro.mask.float()
+mean = (advantages * m).sum() / m.sum()
+var = ((advantages - mean) ** 2 * m).sum() / m.sum()
+whitened = torch.where(ro.mask, (advantages - mean) * torch.rsqrt(var + 1e-8), 0.0)
+
+# One minibatch: the whole rollout, in the order the library draws (seeded by seed, step, epoch).
+idx = torch.as_tensor(np.random.default_rng([config.seed, 1, 0]).permutation(len(ro.texts)))
+ids, att, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]
+_, logps, values = mine(ids, att)  # log pi_theta(y_t | .) of the tokens taken, and V_t, with gradients
+pg_loss, clipfrac = yours_or_library(clipped_surrogate, policy_loss)(
+    logps, ro.logprobs[idx], whitened[idx], mask, step_config.cliprange)
+old_values, target = ro.values[idx], returns[idx]
+eps_v = step_config.cliprange_value
+kept_near = old_values + (values - old_values).clamp(-eps_v, eps_v)  # V_old + clip(V - V_old, +-eps_v)
+vf_loss = 0.5 * (torch.maximum((values - target) ** 2, (kept_near - target) ** 2) * mask).sum() / mask.sum()
+loss = pg_loss + step_config.vf_coef * vf_loss
+loss.backward()
+torch.nn.utils.clip_grad_norm_(mine.parameters(), step_config.max_grad_norm)
+optimizer.step()
+optimizer.zero_grad()
+print(f"policy loss {pg_loss.item():+.2e}, clip fraction {clipfrac.item():.3f}, value loss {vf_loss.item():.4f} "
+      f"(0.5 x mean squared return {float(0.5 * (returns ** 2 * m).sum() / m.sum()):.4f})")
+
+# %% [markdown]
+# Against the library. Both sides run the same operations in the same order, so we allow only float32
+# rounding: rewards, advantages and returns to 1e-6, losses to a relative 1e-6, every weight to 1% of one
+# Adam step (`lr`). On a CPU the measured differences are exactly 0.
+
+# %%
+gaps = {name: float((mine_t - library[name]).abs().max())
+        for name, mine_t in [("rewards", rewards), ("advantages", advantages), ("returns", returns)]}
+with torch.no_grad():
+    gaps["weights"] = max(float((a - b).abs().max())
+                          for a, b in zip(mine.parameters(), model.parameters(), strict=True))
+losses = {"loss/policy": pg_loss.item(), "loss/value": vf_loss.item()}
+for name, gap in gaps.items():
+    print(f"{name:10s} largest difference, by hand vs ppo_step: {gap:.1e}")
+for key, value in losses.items():
+    print(f"{key:11s} by hand {value:+.6e}, ppo_step {record[key]:+.6e}")
+
+# %% tags=["nbval-check-output"]
+print("rewards, advantages, returns = ppo_step's (to 1e-6):",
+      all(gaps[k] <= 1e-6 for k in ("rewards", "advantages", "returns")))
+print("losses = ppo_step's (relative 1e-6):",
+      all(math.isclose(v, record[k], rel_tol=1e-6, abs_tol=1e-9) for k, v in losses.items()))
+print("weights = ppo_step's (within 1% of lr):", gaps["weights"] <= 0.01 * step_config.lr)
+
+# %% [markdown]
+# **What to notice.** The policy loss is 0 up to rounding and nothing is clipped: with $\rho_t=1$ the loss
+# is minus the mean whitened advantage. Its gradient is not 0: it raises the log-probability of tokens with
+# positive advantage and lowers the others. The value loss is half the mean squared return, because $V=0$.
+# The library's loop, `train_ppo`, is this step repeated `max_steps` times, plus bookkeeping: `ppo_epochs`
+# passes of shuffled minibatches per rollout, the KL controller's new β after each step, logging,
+# checkpoints and evaluation.
+
+# %% [markdown]
 # ## PPO training curves
-# One run per target KL, with the learned reward (PPO) and with the ground truth (PPO-GT). Each step samples
-# one completion per prompt of a rollout batch, scores it, and updates. Per step, from `metrics.jsonl`:
+# One run per target KL, with the learned reward (PPO) and with the ground truth (PPO-GT), 60 steps each.
+# Per step, from `metrics.jsonl`:
 # * `objective/kl`: the batch mean of $\sum_t\log\frac{\pi_\theta}{\pi_{\rm ref}}$, a one-sample estimate of
-#   the sequence KL (the evaluation's KL, notebook 07, is the exact sum over the vocabulary instead);
-#   dashed: the target.
+#   the sequence KL (notebook 07's evaluation sums over the vocabulary instead); dashed: the target.
 # * `kl_coef`: β, as the controller moves it.
-# * `objective/scores`: the mean raw reward of the rollout ($r_\phi$ for PPO, $r^*$ for PPO-GT: their scales
-#   differ). The trainer standardises scores with running moments before they enter $r_t$.
-# * `policy/clipfrac` and `policy/entropy` (mean next-token entropy on the sampled completions: it falls as
-#   the policy sharpens onto what the reward likes).
+# * `objective/scores`: the rollout's mean raw reward ($r_\phi$ for PPO, $r^*$ for PPO-GT: different scales).
+# * `policy/clipfrac`, and `policy/entropy`: the policy's mean next-token entropy on its own samples, in
+#   nats (it would fall if the policy collapsed onto a few favoured phrasings).
 
 # %%
 ppo_results = {(method, kl): pipeline.ppo(config, method, kl)
@@ -324,31 +448,39 @@ fig.savefig(figures_dir() / "06_ppo_training.png", dpi=120)
 plt.show()
 
 # %%
+window = 10  # steps: each step's values come from one rollout batch, so the summary averages a few
+print(f"means over the first {window} and the last {window} steps")
 for (method, kl), frame in ppo_curves.items():
-    first, last = frame.iloc[0], frame.iloc[-1]
-    print(f"{method:6s} target {kl:4g}: KL {first['objective/kl']:7.3f} -> {last['objective/kl']:7.3f}   "
+    first, last = frame.head(window).mean(), frame.tail(window).mean()
+    print(f"{method:6s} target {kl:4g}: KL {first['objective/kl']:6.3f} -> {last['objective/kl']:6.3f}   "
           f"beta {first['kl_coef']:.3f} -> {last['kl_coef']:.3f}   "
-          f"score {first['objective/scores']:7.3f} -> {last['objective/scores']:7.3f}")
+          f"score {first['objective/scores']:6.3f} -> {last['objective/scores']:6.3f}   "
+          f"entropy {first['policy/entropy']:.2f} -> {last['policy/entropy']:.2f}")
 
 # %% [markdown]
-# What to look for (at the `cpu` preset; `smoke` runs only a handful of steps, too few for the targets to
-# pull the runs apart): while a run's KL estimate is below its target the controller lowers β, above it
-# raises β, so runs with higher targets end with lower β and drift further from $\pi_{\rm ref}$; the KL
-# chases its target with a lag set by the horizon $H$. Scores should rise, noisily: each step's gradient is
-# estimated from one sample per prompt, and the advantages from a value head that is itself still learning.
-# ($r_\phi$ is centred on the training completions, so PPO's scores start near 0; PPO-GT's are
-# probabilities.) That variance is what DPO avoids: it needs neither samples nor a critic during training.
+# **What to notice.** Every KL starts at 0 (π_θ = π_ref) and climbs, and every β falls from 0.2 while its
+# run is below target, by the same clipped 4% a step. So the four runs of a method are one run (same seed,
+# same β) until the KL nears the lowest target, and the curves split one by one as each nears its own;
+# the higher the target, the lower β ends and the further the run drifts from $\pi_{\rm ref}$. Over the last
+# 10 steps targets 3, 6 and 9 are about met, while
+# target 12's KL is still climbing: β can fall only about 4% a step. Scores rise with the target, noisily,
+# since each step sees one sample per prompt and a value head that is still learning ($r_\phi$ is centred
+# on the training completions, so PPO's scores start near 0; PPO-GT's are probabilities). The clip fraction
+# is a few percent at most and under 1% on average: the learning rate, not the clip, limits most updates.
+# Entropy moves by less than half a nat of about 5, so no run collapses onto a few phrasings. DPO needs
+# neither the samples nor the critic.
 #
 # ## Unlikelihood and Preferred-FT
-# The two baselines train on the fixed pairs with DPO's optimiser settings, with no reference model in the
+# The two baselines train on the fixed pairs with DPO's optimiser settings and no reference model in the
 # loss: **Preferred-FT** is supervised fine-tuning on $y_w$; **Unlikelihood** (Welleck et al. 2019) also
 # pushes every token of $y_l$ toward probability 0, with weight α. Their logs use DPO's names:
-# `logps/chosen` $=\log\pi_\theta(y_w|x)$ and `logps/rejected` $=\log\pi_\theta(y_l|x)$ (summed over
-# completion tokens). Each step's value is the mean over **that step's batch**, so these two curves carry
-# batch-to-batch noise as large as the training signal. `rewards/chosen` and `rewards/rejected` remove it:
-# for a baseline they are $\log\frac{\pi_\theta(y|x)}{\pi_{\rm ref}(y|x)}$ in nats on the same batch (the
-# implicit reward of Eq. 5 with β = 1, logged as a readout, not optimised), i.e. how far training has moved
-# the chosen and the rejected completions.
+# `logps/chosen` $=\log\pi_\theta(y_w|x)$ and `logps/rejected` $=\log\pi_\theta(y_l|x)$, summed over
+# completion tokens and averaged over **that step's batch** of 32 pairs. No pair is seen twice, so each value
+# is measured on pairs the model has not trained on yet. Batches differ in length and likelihood, which
+# swings `logps/*` by several nats from step to step. `rewards/chosen` and `rewards/rejected`,
+# $\log\frac{\pi_\theta(y|x)}{\pi_{\rm ref}(y|x)}$ in nats (Eq. 5's implicit reward with β = 1, a readout,
+# not optimised), subtract π_ref's log-probability of the same completions and cancel most of that swing, not
+# all of it (printed below): read their trend, or the means over the last 25 steps.
 
 # %%
 baseline_runs = pipeline.frontier_runs(config, ("Unlikelihood", "Preferred-FT"))
@@ -378,30 +510,31 @@ fig.savefig(figures_dir() / "06_baselines_training.png", dpi=120)
 plt.show()
 
 # %%
-print("final step: log pi/pi_ref of the batch's chosen and rejected completions (nats)")
+window = 25
+print(f"log pi/pi_ref (nats) of each batch's chosen and rejected completions, mean over the last {window} steps;")
+print("then the median step-to-step change of logps/chosen and of rewards/chosen over the run")
 for (method, value), frame in baseline_curves.items():
-    last = frame.iloc[-1]
+    last = frame.tail(window).mean()
+    swing = frame[["logps/chosen", "rewards/chosen"]].diff().abs().median()
     print(f"{method:12s} {pipeline.hyperparameter_name(method)}={value:<4g}  chosen "
-          f"{last['rewards/chosen']:+8.3f}   rejected {last['rewards/rejected']:+8.3f}   "
-          f"margin {last['rewards/margins']:+8.3f}")
+          f"{last['rewards/chosen']:+6.3f}  rejected {last['rewards/rejected']:+6.3f}  "
+          f"margin {last['rewards/margins']:+6.3f}   step-to-step: logps {swing['logps/chosen']:.2f}, "
+          f"rewards {swing['rewards/chosen']:.2f}")
 
 # %% [markdown]
-# Preferred-FT is meant to raise $\log\pi(y_w|x)$, and it tends to raise $\log\pi(y_l|x)$ with it: chosen and
-# rejected completions of the same prompt share most of their style, and nothing in the loss tells them
-# apart, so nothing makes their margin grow: five of the six runs end within 0.06 nats of zero, on their last
-# batch of 32 pairs (Preferred-FT at seed 1 ends at +1.43, a single batch's value). Unlikelihood at α = 0.5
-# and 1 ends slightly below zero (−0.03, −0.05): its push-down term is too weak to hold the rejected
-# completions down (below). (With a short, fast-warming run, as at `smoke`, both may
-# even fall at first: the optimiser's first steps overshoot.)
-# Unlikelihood adds $-\alpha\sum_t\log(1-\pi(y_{l,t}|x,y_{l,<t}))$. That term is **bounded** in how far it
-# pushes $y_l$ down: it goes to 0 as a token's probability goes to 0, and so does its gradient. It is also
-# small from the start. A sampled completion's tokens mostly have small probabilities $p$, and
-# $-\log(1-p)\approx p$ while the chosen completion's NLL is $-\log p$ per token: at $\pi_{\rm SFT}$ the cell
-# below measures the push-down term about 100 times smaller than the pull-up term (0.051 against 5.59 nats a
-# token), even at $\alpha = 1$. That is why Unlikelihood tracks Preferred-FT so closely here. With
-# high-probability tokens in $y_l$ (a larger model, repetitive text) the term matters more; the paper reports
-# Unlikelihood degenerating into meaningless text on complex tasks. Neither loss knows $\pi_{\rm ref}$, so
-# neither controls KL; DPO's log-ratio does.
+# **What to notice.** Every run raises the chosen completions (about +1 nat) and leaves the rejected near
+# or below where π_ref had them, so every margin ends clearly positive, +1.1 to +1.3 nats. Preferred-FT never
+# sees a rejected completion, yet separates them: this data's chosen completions are the more positive ones,
+# and a model trained to write them gives positive text in general more probability. The four Unlikelihood
+# runs end with about Preferred-FT's margin; a larger α lowers chosen and rejected together.
+#
+# Why does α do so little? Unlikelihood's extra term, $-\alpha\sum_t\log(1-\pi(y_{l,t}|x,y_{l,<t}))$, is
+# small from the start: a sampled token's probability $p$ is mostly small, and $-\log(1-p)\approx p$, while
+# the chosen completion's NLL is $-\log p$ per token. At $\pi_{\rm SFT}$ the cell below measures it about 75
+# times smaller than the pull-up term (the printed ratio), even at $\alpha = 1$. It is also **bounded**: it and its
+# gradient go to 0 as a token's probability does. With high-probability tokens in $y_l$ (a larger model,
+# repetitive text) it matters more; the paper reports Unlikelihood degenerating into meaningless text on
+# complex tasks. Neither loss knows $\pi_{\rm ref}$, so neither controls KL; DPO's log-ratio does.
 
 # %% [markdown]
 # ### Exercise · tier 2 · the two terms of the Unlikelihood loss
@@ -450,8 +583,8 @@ print(f"per completion token at pi_SFT: pull-up -log p = {float(pull_up.sum() / 
 # ## Samples at (roughly) matched KL
 # Rewards are only comparable at equal KL (a policy far from $\pi_{\rm ref}$ can buy reward with
 # degenerate text). Each run's **final** evaluation point gives its KL; per method we take the run whose
-# final KL is closest to a common value, load its final policy, and sample the same test prompts with the
-# same seed.
+# final KL is closest to a common value (by default the median of all runs' final KLs), load its final
+# policy, and sample the same test prompts with the same seed.
 
 # %%
 all_results = {(m, v): pipeline.result(config, m, v) for m, v in pipeline.frontier_runs(config)}
@@ -462,7 +595,13 @@ common_kl = match_kl if match_kl >= 0 else float(finals.kl_mean.median())
 finals["distance"] = (finals.kl_mean - common_kl).abs()
 chosen = finals.loc[finals.groupby("method", sort=False).distance.idxmin()]
 print(f"common KL: {common_kl:.3f}")
-display(chosen.drop(columns=["value", "distance"]).round(3))
+display(chosen.drop(columns=["value"]).round(3))
+
+# %% [markdown]
+# **What to notice.** `distance` is each run's gap to the common KL. Only DPO, PPO and PPO-GT have a run
+# near it. Unlikelihood and Preferred-FT have no knob that moves them far from $\pi_{\rm ref}$: their
+# closest runs sit at a much smaller KL, so their rewards are not matched here (notebook 07 compares every
+# method along the whole KL range).
 
 # %%
 policy_sft, tokenizer, _ = pipeline.sft_policy(config)
@@ -482,8 +621,8 @@ samples = pd.DataFrame([{"prompt": prompt, "policy": name, "completion": complet
 display(samples.set_index(["prompt", "policy"]).round(3))
 
 # %% [markdown]
-# Every row of a prompt used the same random numbers, so differences come from the policies. At the
-# `smoke` preset the policies are too small and too briefly trained to say much. At `cpu`, look for which
-# methods' completions turn more positive than the SFT model's at this KL, and whether any has bought its
-# reward with repetitive text. Three prompts are anecdotes; notebook 07 compares the methods properly, with
-# every evaluation point of every run on the reward–KL plane.
+# **What to notice.** Every row of a prompt used the same random numbers, so differences come from the
+# policies. None of these completions reads like a review: a 2.6 M-parameter model trained from scratch
+# writes word salad, and training moves its reward numbers, not its prose. In the `r*` column, count how
+# many trained policies beat the SFT model on each prompt. Three prompts are anecdotes; notebook 07 is the
+# real comparison.

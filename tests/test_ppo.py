@@ -22,6 +22,7 @@ from dpo_lab.ppo import (
     kl_controller,
     kl_penalized_rewards,
     policy_loss,
+    ppo_step,
     value_loss,
     whiten,
 )
@@ -271,3 +272,31 @@ def test_ppo_rejects_bad_arguments(tiny_model, tiny_tokenizer, tmp_path: Path) -
     with pytest.raises(ValueError, match="score_fn"):
         ppo_run(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, PROMPTS, bad_reward, config=CONFIG,
                   out_dir=tmp_path / "bad", seed=0, progress=False)
+
+
+def test_on_rollout_sees_the_step_it_is_part_of(tiny_model, tiny_tokenizer) -> None:
+    """The hook gets the batch, rewards and GAE that the update uses, and watching changes nothing."""
+    def one_step(on_rollout=None):
+        model = PolicyWithValueHead(copy.deepcopy(tiny_model)).eval()
+        record = ppo_step(model, tiny_model, tiny_tokenizer, PROMPTS, vowel_share,
+                          torch.optim.Adam(model.parameters(), lr=1e-2), FixedKLController(0.05),
+                          RunningMoments(), CONFIG, step=1, seed=0, device=torch.device("cpu"),
+                          on_rollout=on_rollout)
+        return record, model
+
+    seen = []
+    record, model = one_step(lambda *args: seen.append(args))
+    (ro, rewards, advantages, returns), = seen
+    assert len(ro.texts) == len(PROMPTS)
+    assert record["objective/scores"] == pytest.approx(float(vowel_share(ro.texts).mean()), abs=1e-6)
+    raw = vowel_share(ro.texts)
+    scores = torch.as_tensor((raw - raw.mean()) / raw.std(), dtype=torch.float32)  # standardised at step 1
+    expected = kl_penalized_rewards(scores, ro.logprobs, ro.ref_logprobs, ro.mask, 0.05)
+    torch.testing.assert_close(rewards, expected)
+    expected_gae = gae(expected, ro.values, ro.mask, CONFIG.gamma, CONFIG.lam)
+    torch.testing.assert_close((advantages, returns), expected_gae)
+    unwatched, plain = one_step()
+    assert {k: v for k, v in record.items() if not k.startswith(("time/", "cost/wall"))} == {
+        k: v for k, v in unwatched.items() if not k.startswith(("time/", "cost/wall"))}
+    for a, b in zip(model.parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
