@@ -55,10 +55,6 @@ def content_hash(*parts: Any, length: int = 16) -> str:
 
 
 # ------------------------------------------------------------------------------------------- atomic writes
-# Unowned temporaries (named before temporaries named their writer) older than this are left-overs.
-STALE_UNOWNED_SECONDS = 3600.0
-
-
 def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
@@ -84,11 +80,10 @@ def pid_alive(pid: int) -> bool:
 
 def clean_stale_temporaries(path: str | Path, *, force: bool = False) -> list[Path]:
     """Remove what interrupted atomic writes of ``path`` left beside it (hidden ``.{name}.….tmp`` files and
-    folders): those of a process of this host that is gone, and unowned ones older than
-    :data:`STALE_UNOWNED_SECONDS`; with ``force`` (the caller holds the only right to write ``path``), all
-    of them. Returns what was removed."""
+    folders) by a process of this host that is gone; with ``force`` (the caller holds the only right to
+    write ``path``), all of them. Returns what was removed."""
     path = Path(path)
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)@([A-Za-z0-9-]+)\.)?[A-Za-z0-9_]{{8}}\.tmp")
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]{{8}}\.tmp")
     try:
         entries = list(os.scandir(path.parent))
     except OSError:
@@ -99,15 +94,8 @@ def clean_stale_temporaries(path: str | Path, *, force: bool = False) -> list[Pa
         if match is None:
             continue
         pid, host = match.groups()
-        if not force:
-            if pid is not None and (host != _host() or pid_alive(int(pid))):
-                continue
-            try:
-                age = time.time() - entry.stat(follow_symlinks=False).st_mtime
-            except OSError:
-                continue
-            if pid is None and age < STALE_UNOWNED_SECONDS:
-                continue
+        if not force and (host != _host() or pid_alive(int(pid))):
+            continue
         target = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
             shutil.rmtree(target, ignore_errors=True)
@@ -406,13 +394,10 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
 def verify_manifest(folder: str | Path, *, full: bool = False) -> None:
     """Check ``folder`` against its manifest: every file present with its size, and its sha256 for files of
     at most :data:`HASH_ON_REUSE_BYTES` (every file with ``full``). A ValueError names the first damaged
-    file and says to delete ``folder``. A manifest from before they held checksums (``ok``) passes."""
+    file and says to delete ``folder``."""
     folder = Path(folder)
     rebuild = f"delete {folder} to rebuild it"
     marker = folder / MANIFEST
-    text = marker.read_text()
-    if text.strip() == "ok":
-        return
     manifest = read_json_object(marker, ("files",), advice=rebuild)
     entries = manifest["files"]
     if not isinstance(entries, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= set(e)

@@ -359,13 +359,12 @@ def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTraine
     def eval_fn(policy: PreTrainedModel, step: int) -> dict[str, float]:
         if step == 0 and start_path.is_file():
             # The point is stored with its key and a checksum, so a damaged or edited file is named, not used.
-            saved = read_json_object(start_path, advice="delete it to evaluate the start again")
-            if "point" in saved:
-                if saved.get("key") != key or saved.get("checksum") != content_hash(key, saved["point"]):
-                    raise ValueError(f"{start_path} was changed after it was written (its key or checksum "
-                                     "does not match); delete it to evaluate the start again")
-                return saved["point"]
-            # A file from before points carried a checksum: evaluated again below and rewritten with one.
+            saved = read_json_object(start_path, ("key", "point", "checksum"),
+                                     advice="delete it to evaluate the start again")
+            if saved["key"] != key or saved["checksum"] != content_hash(key, saved["point"]):
+                raise ValueError(f"{start_path} was changed after it was written (its key or checksum "
+                                 "does not match); delete it to evaluate the start again")
+            return saved["point"]
         point = evaluate(policy, step)
         if step == 0:
             stored = json.loads(json.dumps(point))  # as it reads back (numpy scalars as plain numbers)

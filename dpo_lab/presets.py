@@ -16,13 +16,12 @@ work starts. The stages' cache keys are content hashes of these dataclasses: cha
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -311,147 +310,109 @@ class Preset:
         return "\n".join(lines)
 
 
-@functools.cache
-def _hints(cls: type, extras: bool = False) -> dict[str, Any]:
-    """A dataclass's field types; with ``extras``, their declared checks (``Annotated``) too."""
-    return get_type_hints(cls, include_extras=extras)
+def _schema(extras: bool) -> dict[str, Any]:
+    """Every field's type by its ``--set`` name (``"dpo.lr"``, ``"seed"``); with ``extras``, its checks."""
+    hints = get_type_hints(Preset, include_extras=extras)
+    return {"name": hints["name"], "seed": hints["seed"],
+            **{f"{section}.{key}": hint for section in SECTIONS
+               for key, hint in get_type_hints(hints[section], include_extras=extras).items()}}
 
 
-SECTIONS: dict[str, type] = {k: cls for k, cls in _hints(Preset).items() if k not in ("name", "seed")}
-
-
-def _field_hint(key: str, extras: bool = False) -> Any:
-    """The type of a setting by its ``--set`` name (``"dpo.lr"``, ``"seed"``)."""
-    section, _, name = key.rpartition(".")
-    return _hints(SECTIONS[section] if section else Preset, extras)[name]
-
-
-# ------------------------------------------------------------------------------------------- the presets
-PRESETS_FILE = Path(__file__).with_name("presets.yaml")
-
-
-def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:
-    """Every preset of ``presets.yaml``, each written out in full: a section that leaves a field out (or
-    names one that does not exist) is an error naming it, so no value comes silently from a default."""
-    raw = yaml.safe_load(Path(path).read_text())
-    presets = {}
-    for name, entry in raw.items():
-        fields = {"seed", *SECTIONS}
-        if set(entry) != fields:
-            raise ValueError(f"{path}: preset {name!r} must set exactly {sorted(fields)}; missing "
-                             f"{sorted(fields - set(entry))}, unknown {sorted(set(entry) - fields)}")
-        built: dict[str, Any] = {}
-        for section, cls in SECTIONS.items():
-            values, hints = entry[section], _hints(cls)
-            if set(values) != set(hints):
-                missing, unknown = sorted(set(hints) - set(values)), sorted(set(values) - set(hints))
-                raise ValueError(f"{path}: {name}.{section} must set every field; missing {missing}, "
-                                 f"unknown {unknown}")
-            built[section] = cls(**{k: _coerce(f"{name}.{section}.{k}", hints[k], v)
-                                    for k, v in values.items()})
-        presets[name] = Preset(name=name, seed=_coerce(f"{name}.seed", int, entry["seed"]), **built)
-        try:
-            validate(presets[name])
-        except (TypeError, ValueError) as err:
-            raise type(err)(f"{path}: preset {name!r}: {err}") from err
-    return presets
-
-
-def default_preset_name() -> str:
-    """``DPO_LAB_PRESET`` if set (CI runs every notebook at ``smoke``), else ``cpu``."""
-    return os.environ.get("DPO_LAB_PRESET", "cpu")
+SECTIONS: dict[str, type] = {k: cls for k, cls in get_type_hints(Preset).items() if k not in ("name", "seed")}
+TYPES, CHECKS = _schema(extras=False), _schema(extras=True)
 
 
 # ------------------------------------------------------------------------------------------- validation
-def _type_ok(hint: Any, value: Any) -> bool:
-    """Whether ``value`` has the type a field is annotated with (an int stands for a float)."""
+class _Mismatch(Exception):
+    """A value of another type than its field's (reported by :func:`convert` with the field's name)."""
+
+
+def _as(hint: Any, value: Any, loose: bool) -> Any:
+    """``value`` as a field typed ``hint`` holds it (an int stands for a float; when ``loose``, it becomes
+    one, a list becomes a tuple and a whole float in a tuple of ints an int)."""
     origin, args = get_origin(hint), get_args(hint)
     if origin is Literal:
-        return value in args
-    if origin is tuple:
-        return isinstance(value, tuple) and all(_type_ok(args[0], v) for v in value)
-    if args:  # X | None
-        return any(_type_ok(a, value) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint in (int, float):  # True is an int to Python, not a number of steps
-        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+        if isinstance(value, str) and value not in args:
+            raise ValueError(f"must be one of {list(args)}, got {value!r}")
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, tuple) or loose and isinstance(value, list):
+            whole = loose and args[0] is int  # a Preferred-FT seed given as 1.0
+            return tuple(int(v) if whole and isinstance(v, float) and v.is_integer() else
+                         _as(args[0], v, loose) for v in value)
+    elif origin is Union:  # X | None
+        return None if value is None else _as(args[0], value, loose)
+    elif hint in (int, float):
+        if not isinstance(value, bool) and isinstance(value, int if hint is int else (int, float)):
+            return float(value) if loose and hint is float else value  # True is no number of steps
+    elif isinstance(value, hint):
+        return value
+    raise _Mismatch
 
 
 def _type_name(hint: Any) -> str:
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is Literal:
-        return f"Literal[{', '.join(map(repr, args))}]"
-    if origin is tuple:
-        return f"tuple[{_type_name(args[0])}, ...]"
-    return " | ".join(map(_type_name, args)) if args else "None" if hint is type(None) else hint.__name__
+    if get_origin(hint) is Union:
+        return " | ".join(map(_type_name, get_args(hint)))
+    if hint is type(None):
+        return "None"
+    return hint.__name__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
 
 
-def _coerce(path: str, hint: Any, value: Any) -> Any:
-    """``value`` as the field typed ``hint`` holds it (an int as a float, a list as a tuple); a value of
-    another type is a TypeError naming the field, a string outside a Literal a ValueError."""
-    def as_float(hint: Any, v: Any) -> Any:
-        return float(v) if float in (hint, *get_args(hint)) and _type_ok(int, v) else v
-
-    converted = as_float(hint, value)
-    if get_origin(hint) is tuple and isinstance(value, (list, tuple)):
-        element = get_args(hint)[0]  # a whole float stands for an int (a Preferred-FT seed given as 1.0)
-        converted = tuple(int(v) if element is int and isinstance(v, float) and v.is_integer()
-                          else as_float(element, v) for v in value)
-    if get_origin(hint) is Literal and isinstance(value, str) and value not in get_args(hint):
-        raise ValueError(f"preset parameter {path!r} must be one of {list(get_args(hint))}, got {value!r}")
-    if not _type_ok(hint, converted):
-        raise TypeError(f"preset parameter {path!r} expects {_type_name(hint)}, "
-                        f"got {type(value).__name__} ({value!r})")
-    return converted
+def convert(label: str, hint: Any, value: Any, *, loose: bool = True) -> Any:
+    """``value`` as the field typed ``hint`` holds it; another type is a TypeError naming ``label``, a string
+    outside a Literal a ValueError. ``loose=False`` (a preset built by hand) converts nothing."""
+    try:
+        return _as(hint, value, loose)
+    except _Mismatch:
+        given = f"{type(value).__name__} ({value!r})"
+        raise TypeError(f"{label} expects {_type_name(hint)}, got {given}") from None
+    except ValueError as err:
+        raise ValueError(f"{label} {err}") from None
 
 
 _COMPARE = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
             "le": (operator.le, "<=")}
 
 
-def _bound_errors(path: str, hint: Any, value: Any, preset: Preset) -> list[str]:
-    """``value`` against the :class:`Check` s declared in ``hint`` (every value of a tuple), as messages
-    ``path must be ..., got value``."""
+def range_errors(label: str, hint: Any, value: Any, settings: dict[str, Any]) -> list[str]:
+    """``value`` against the :class:`Check` s declared in ``hint`` (each value of a tuple), as messages
+    ``label must be ..., got value``; ``settings`` (by ``--set`` name) give the bounds named by setting."""
+    optional = type(None) in get_args(hint)
+    hint = get_args(hint)[0] if optional else hint
     if value is None:  # allowed where the type says X | None (the types were checked first)
         return []
-    optional = type(None) in get_args(hint)
-    if optional:
-        hint = next(a for a in get_args(hint) if a is not type(None))
     if get_origin(hint) is tuple:
         if not value:
-            return [f"{path} must list at least one value, got []"]
-        element = get_args(hint)[0]
-        return [e for i, v in enumerate(value) for e in _bound_errors(f"{path}[{i}]", element, v, preset)]
+            return [f"{label} must list at least one value, got []"]
+        return [e for i, v in enumerate(value) for e in range_errors(f"{label}[{i}]", get_args(hint)[0], v,
+                                                                     settings)]
     checks = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Check)]
-    if isinstance(value, float) and checks and (math.isnan(value) or
-                                                (math.isinf(value) and all(c.finite for c in checks))):
-        return [f"{path} must be a finite number, got {format_value(value)}"]
+    if checks and isinstance(value, float) and (math.isnan(value) or
+                                                math.isinf(value) and all(c.finite for c in checks)):
+        return [f"{label} must be a finite number, got {format_value(value)}"]
     errors = []
     for check in checks:
-        parts = []
+        bounds = []  # (compare, bound, as shown)
         for name, (compare, sign) in _COMPARE.items():
             bound = getattr(check, name)
-            if isinstance(bound, str):
-                terms = [_get(preset, term) for term in bound.split(" + ")]
-                if None not in terms:
-                    parts.append((compare, f"{sign} {bound} ({sum(terms)})", sum(terms)))
-            elif bound is not None:
-                parts.append((compare, f"{sign} {bound:g}", bound))
-        if parts and not all(compare(value, bound) for compare, _, bound in parts):
-            text = " and ".join(shown for _, shown, _ in parts) + (" or null" if optional else "")
-            errors.append(f"{path} must be {text}" + (f", {check.note}" if check.note else "")
-                          + f", got {format_value(value)}")
+            terms = [settings[term] for term in bound.split(" + ")] if isinstance(bound, str) else [bound]
+            if None not in terms:  # a bound naming a null setting is skipped
+                shown = f" {bound} ({sum(terms)})" if isinstance(bound, str) else f" {bound:g}"
+                bounds.append((compare, sum(terms), sign + shown))
+        if not all(compare(value, bound) for compare, bound, _ in bounds):
+            text = " and ".join(shown for *_, shown in bounds) + (" or null" if optional else "")
+            errors.append(f"{label} must be {text}{f', {check.note}' if check.note else ''}, "
+                          f"got {format_value(value)}")
     return errors
 
 
-def _relation_errors(p: Preset) -> list[str]:
-    """The settings that must agree beyond one field's bounds."""
+def _relation_errors(p: Preset, s: dict[str, Any]) -> list[str]:
+    """The settings that must agree beyond one field's bounds (``s``: ``p``'s settings by name)."""
     errors = []
     for head, embd in (("policy.n_head", "policy.n_embd"), ("audit.lm_n_head", "audit.lm_n_embd")):
-        if _get(p, head) >= 1 and _get(p, embd) % _get(p, head):
-            errors.append(f"{embd} ({_get(p, embd)}) must be divisible by {head} ({_get(p, head)})")
+        if s[head] >= 1 and s[embd] % s[head]:
+            errors.append(f"{embd} ({s[embd]}) must be divisible by {head} ({s[head]})")
     d, n, k = p.dpo, p.preferences.n_prompts, p.preferences.samples_per_prompt
     if d.micro_batch_size >= 1 and d.batch_size >= 1 and d.batch_size % d.micro_batch_size:
         errors.append(f"dpo.micro_batch_size ({d.micro_batch_size}) must divide dpo.batch_size "
@@ -471,33 +432,64 @@ def _relation_errors(p: Preset) -> list[str]:
     return errors
 
 
-def _get(preset: Preset, field: str) -> Any:
-    section, _, key = field.partition(".")
-    return getattr(getattr(preset, section), key) if key else getattr(preset, section)
-
-
 def validate(preset: Preset) -> Preset:
-    """Check a whole configuration before any work starts: every field's type (TypeError), then every
-    declared bound and every relation between settings (ValueError); each message names the field, e.g.
-    ``dpo.betas[0] must be > 0, got -0.1``. Returns ``preset``. :func:`get_preset` and
-    :func:`load_presets` call it, so the CLI, sweeps and notebooks all refuse a bad value up front."""
+    """Check a whole configuration against the schema before any work starts: every field's type
+    (TypeError), then every declared :class:`Check` and every relation between settings (ValueError); each
+    message names the field, e.g. ``dpo.betas[0] must be > 0, got -0.1``. Returns ``preset``.
+    :func:`get_preset` and :func:`load_presets` call it, so the CLI, sweeps and notebooks all refuse a bad
+    value up front."""
     if not isinstance(preset, Preset):
         raise TypeError(f"expected a Preset, got {type(preset).__name__}")
     for section, cls in SECTIONS.items():
         if not isinstance(getattr(preset, section), cls):
-            raise TypeError(f"{section} must be a {cls.__name__}, "
-                            f"got {type(getattr(preset, section)).__name__}")
+            given = type(getattr(preset, section)).__name__
+            raise TypeError(f"{section} must be a {cls.__name__}, got {given}")
     settings = {"name": preset.name, **preset.settings()}
     for key, value in settings.items():
-        if not _type_ok(hint := _field_hint(key), value):
-            raise TypeError(f"{key} expects {_type_name(hint)}, got {type(value).__name__} ({value!r})")
-    errors = [e for key, value in settings.items()
-              for e in _bound_errors(key, _field_hint(key, True), value, preset)]
-    errors += _relation_errors(preset)
+        convert(key, TYPES[key], value, loose=False)
+    errors = [e for key, value in settings.items() for e in range_errors(key, CHECKS[key], value, settings)]
+    errors += _relation_errors(preset, settings)
     if errors:
         raise ValueError(errors[0] if len(errors) == 1 else
                          f"{len(errors)} invalid settings: " + "; ".join(errors))
     return preset
+
+
+# ------------------------------------------------------------------------------------------- the presets
+PRESETS_FILE = Path(__file__).with_name("presets.yaml")
+
+
+def _build(name: str, settings: dict[str, Any], prefix: str = "") -> Preset:
+    """The preset ``name`` from every setting by its ``--set`` name, each converted to its field's type (an
+    error names it as ``prefix + key``), then validated."""
+    values = {key: convert(f"preset parameter '{prefix}{key}'", TYPES[key], v) for key, v in settings.items()}
+    sections = {s: cls(**{k.partition(".")[2]: v for k, v in values.items() if k.partition(".")[0] == s})
+                for s, cls in SECTIONS.items()}
+    return validate(Preset(name=name, seed=values["seed"], **sections))
+
+
+def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:
+    """Every preset of ``presets.yaml``, each written out in full: a section that leaves a field out (or
+    names one that does not exist) is an error naming it, so no value comes silently from a default."""
+    presets = {}
+    for name, entry in yaml.safe_load(Path(path).read_text()).items():
+        for where, cls in ((name, Preset), *((f"{name}.{s}", c) for s, c in SECTIONS.items())):
+            given = entry if cls is Preset else entry[where.partition(".")[2]]
+            fields = {f.name for f in dataclasses.fields(cls)} - {"name"}
+            if set(given) != fields:
+                raise ValueError(f"{path}: {where} must set every field; missing "
+                                 f"{sorted(fields - set(given))}, unknown {sorted(set(given) - fields)}")
+        settings = {"seed": entry["seed"], **{f"{s}.{k}": v for s in SECTIONS for k, v in entry[s].items()}}
+        try:
+            presets[name] = _build(name, settings, f"{name}.")
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{path}: preset {name!r}: {err}") from err
+    return presets
+
+
+def default_preset_name() -> str:
+    """``DPO_LAB_PRESET`` if set (CI runs every notebook at ``smoke``), else ``cpu``."""
+    return os.environ.get("DPO_LAB_PRESET", "cpu")
 
 
 def get_preset(name: str | None = None, **overrides: Any) -> Preset:
@@ -505,22 +497,17 @@ def get_preset(name: str | None = None, **overrides: Any) -> Preset:
     name = name or default_preset_name()
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    preset = PRESETS[name]
-    for dotted, value in overrides.items():
+    for dotted in overrides:
         section, _, key = dotted.partition(".")
-        if not key:
-            if section != "seed":
-                raise KeyError(f"unknown preset parameter {dotted!r}; use 'section.key', e.g. 'dpo.lr'")
-            preset = dataclasses.replace(preset, seed=_coerce(dotted, int, value))
+        if dotted == "seed" or key and dotted in TYPES:
             continue
+        if not key:
+            raise KeyError(f"unknown preset parameter {dotted!r}; use 'section.key', e.g. 'dpo.lr'")
         if section not in SECTIONS:
             raise KeyError(f"unknown preset section {section!r} in {dotted!r}")
-        sub, hints = getattr(preset, section), _hints(SECTIONS[section])
-        if key not in hints:
-            raise KeyError(f"unknown preset parameter {dotted!r}; {section} has {sorted(hints)}")
-        value = _coerce(dotted, hints[key], value)
-        preset = dataclasses.replace(preset, **{section: dataclasses.replace(sub, **{key: value})})
-    return validate(preset)  # the whole configuration, once every override is in
+        fields = sorted(f.name for f in dataclasses.fields(SECTIONS[section]))
+        raise KeyError(f"unknown preset parameter {dotted!r}; {section} has {fields}")
+    return _build(name, {**PRESETS[name].settings(), **overrides})  # validated once every override is in
 
 
 # Notebook parameters that carry values of a sweep setting (a tuple): ``execute`` checks them against its
@@ -543,11 +530,11 @@ def check_notebook_parameters(parameters: dict[str, Any]) -> Preset:
         setting = carriers.get(name)
         if setting is None or value == []:  # [] keeps the preset's values
             continue
-        plain, rich = _field_hint(setting), _field_hint(setting, extras=True)
-        values = _coerce(name, plain, value if isinstance(value, list) else [value])
-        label = f"parameter {name!r}"
-        errors = [e for i, v in enumerate(values) for e in _bound_errors(
-            f"{label}[{i}]" if isinstance(value, list) else label, get_args(rich)[0], v, preset)]
+        many = isinstance(value, list)
+        values = convert(f"preset parameter {name!r}", TYPES[setting], value if many else [value])
+        labels = [f"parameter {name!r}" + (f"[{i}]" if many else "") for i in range(len(values))]
+        errors = [e for label, v in zip(labels, values, strict=True)
+                  for e in range_errors(label, get_args(CHECKS[setting])[0], v, preset.settings())]
         if errors:
             raise ValueError("; ".join(errors) + f" (a value of {setting})")
     return preset

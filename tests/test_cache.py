@@ -6,7 +6,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -113,10 +112,13 @@ def test_large_files_are_hashed_on_reuse_only_when_asked(tmp_path: Path, monkeyp
         cached_directory(folder, lambda f: pytest.fail("rebuilt"))
 
 
-def test_a_stage_completed_before_manifests_is_still_reused(tmp_path: Path):
+def test_a_marker_that_is_not_a_manifest_is_named_not_trusted(tmp_path: Path):
+    """A bare ``ok`` marker (no sizes, no checksums) vouches for nothing: named, with the folder to delete."""
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / ".complete").write_text("ok\n")
-    assert cached_directory(tmp_path / "old", lambda f: pytest.fail("rebuilt")) == tmp_path / "old"
+    with pytest.raises(ValueError, match=re.escape(f"delete {tmp_path / 'old'} to rebuild it")) as info:
+        cached_directory(tmp_path / "old", lambda f: pytest.fail("rebuilt"))
+    assert f"{tmp_path / 'old' / '.complete'} is " in str(info.value)
 
 
 # ------------------------------------------------------------------------- interrupted writes, umask, disk
@@ -131,17 +133,13 @@ def test_temporaries_of_interrupted_writes_are_cleaned_on_the_next_start(tmp_pat
     dead = tmp_path / f".stage.{_dead_pid()}@{host}.abcd1234.tmp"  # a writer killed mid-write
     live = tmp_path / f".stage.{os.getpid()}@{host}.efgh5678.tmp"  # this process: still writing
     other_host = tmp_path / f".stage.{_dead_pid()}@elsewhere.ijkl9012.tmp"  # can't tell: kept
-    old_unowned = tmp_path / ".stage.mnop3456.tmp"  # from before temporaries named their writer
-    new_unowned = tmp_path / ".stage.qrst7890.tmp"
     other_path = tmp_path / f".stage2.{_dead_pid()}@{host}.uvwx1234.tmp"  # another file's: not ours
-    for folder in (dead, live, other_host, old_unowned, new_unowned, other_path):
+    for folder in (dead, live, other_host, other_path):
         folder.mkdir()
         (folder / "half-written").write_text("x")
-    a_day_ago = time.time() - 86_400
-    os.utime(old_unowned, (a_day_ago, a_day_ago))
     atomic_write_text(tmp_path / "stage", "done")
     left = {p.name for p in tmp_path.iterdir()}
-    assert left == {"stage", live.name, other_host.name, new_unowned.name, other_path.name}
+    assert left == {"stage", live.name, other_host.name, other_path.name}
     # cached_directory holds the stage's lock, so every temporary of that stage is a left-over.
     cached_directory(tmp_path / "stage2", lambda f: (f / "x").write_text("1"))
     assert not other_path.exists()

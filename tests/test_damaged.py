@@ -16,7 +16,7 @@ import pytest
 from safetensors.torch import save_file
 
 from dpo_lab import pipeline
-from dpo_lab.cache import cached_directory
+from dpo_lab.cache import cached_directory, write_manifest
 from dpo_lab.models import load_policy, save_policy
 from dpo_lab.preferences import FEATURES, load_candidates, load_preferences, save_preferences
 from dpo_lab.presets import get_preset
@@ -130,7 +130,7 @@ def test_a_damaged_sft_stage_says_which_folder_to_delete(tiny_model, tiny_tokeni
     with pytest.raises(ValueError, match=re.escape(f"delete {folder} to rebuild it")) as info:
         pipeline.sft_policy(preset)  # the manifest catches it, before the weights are read
     assert "model.safetensors is truncated" in str(info.value)
-    (folder / ".complete").write_text("ok\n")  # a stage completed before manifests: the loader names it
+    write_manifest(folder)  # damage the manifest does not see (written after it): the loader names it
     with pytest.raises(ValueError, match=re.escape(f"delete {folder} to rebuild the SFT stage")) as info:
         pipeline.sft_policy(preset)
     assert "model.safetensors is truncated or corrupt" in str(info.value)
@@ -166,8 +166,10 @@ def test_the_start_evaluation_is_stored_with_a_checksum(monkeypatch: pytest.Monk
     path.write_text(json.dumps(saved)[:20])  # truncated
     with pytest.raises(ValueError, match=re.escape(f"{path} is truncated or corrupt")):
         eval_fn(None, 0)
-    # A file from before points carried a checksum is evaluated again and rewritten with one.
-    path.write_text(json.dumps(saved["point"]))
+    path.write_text(json.dumps(saved["point"]))  # valid JSON without its key and checksum
+    with pytest.raises(ValueError, match=re.escape(f"{path} is corrupt: expected a JSON object with keys")):
+        eval_fn(None, 0)
+    path.unlink()  # as the message says: evaluated again and rewritten
     assert eval_fn(None, 0) == first and calls == [0, 0]
     assert json.loads(path.read_text()) == saved
 
