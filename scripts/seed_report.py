@@ -38,9 +38,9 @@ FIGURES = Path(__file__).resolve().parents[1] / "figures"
 BUDGETS = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 SCORES = {"reward": "r*", "audit_sentiment": "audit sentiment"}
 METHODS = ("DPO", "PPO", "PPO-GT")
-# The runs that make DPO's and PPO-GT's envelopes from KL 6 on, where the lead changes hands (seed 0: beta = 0.3
-# holds DPO's best below KL 8, beta = 0.1 above; PPO-GT's targets 6, 9 and 12 hold its best): the seed study
-# runs them first for every seed.
+# The runs that make DPO's and PPO-GT's envelopes from KL 6 on, where the lead changes hands (seed 0:
+# beta = 0.3 holds DPO's best below KL 8, beta = 0.1 above; PPO-GT's targets 6, 9 and 12 hold its best): the
+# seed study runs them first for every seed.
 CROSSOVER_RUNS = frozenset({("DPO", "beta=0.05"), ("DPO", "beta=0.1"), ("DPO", "beta=0.3"),
                             ("PPO-GT", "target_kl=6"), ("PPO-GT", "target_kl=9"), ("PPO-GT", "target_kl=12")})
 CROSSOVER_BUDGETS = (6.0, 8.0, 10.0, 12.0)
@@ -167,8 +167,9 @@ def complete_seeds(points: pd.DataFrame, runs: frozenset | None = None) -> pd.Da
     keep = [seed for seed, got in have.items() if runs <= got]
     dropped = sorted(set(have.index) - set(keep))
     if dropped:
-        print(f"left out (runs missing): seed(s) {dropped}; {len(keep)} seed(s) with all {len(runs)} runs {keep}")
-    in_runs = pd.Series(list(zip(points.method, points.hyperparameter, strict=True)), index=points.index).isin(runs)
+        print(f"left out (runs missing): seed(s) {dropped}; kept {keep}, the seeds with all {len(runs)} runs")
+    pairs = zip(points.method, points.hyperparameter, strict=True)
+    in_runs = pd.Series(list(pairs), index=points.index).isin(runs)
     return points[points.seed.isin(keep) & in_runs]
 
 

@@ -96,7 +96,7 @@ def test_committed_tables_and_readme_numbers_follow_from_the_committed_points(tm
 
 def test_crossover_tables_take_every_seed_with_the_crossover_runs(monkeypatch):
     """Seed 1 lacks a run outside the crossover set: left out of the full tables, kept in the crossover ones;
-    the extra run's point at KL 7 beats the crossover runs at seed 0, so the subset misses it by 0.15 there."""
+    the extra run's point at KL 7 beats the crossover runs at seed 0: the subset misses it by 0.15."""
     points = toy_points().assign(hyperparameter=lambda f: f.method.map({"DPO": "a", "PPO-GT": "b"}))
     extra = pd.DataFrame([{"method": "DPO", "hyperparameter": "c", "seed": 0, "step": 50, "kl_mean": 7.0,
                            "reward_mean": 0.85, "reward_se": 0.01, "audit_sentiment_mean": 0.5,
