@@ -15,7 +15,7 @@ as nanoGPT's ``train.py`` serves one GPU and DDP:
   goes to process ``i % P``, so each process accumulates ``batch_size / (micro_batch_size x P)`` of them
   (:func:`accumulation_steps` refuses a batch that does not divide). Each micro-batch backpropagates
   ``sum(losses) x P / batch_size``; DDP averages over processes, so the gradient is that of the mean over all
-  ``batch_size`` pairs. Chosen and rejected share one forward pass (``logprobs.concatenated_token_logprobs``).
+  ``batch_size`` pairs. Chosen and rejected share one forward pass (``logprobs.concatenated_forward``).
 * Gradient clipped to ``max_grad_norm``; RMSprop (the paper) or AdamW; lr warmed up linearly over
   ``warmup_steps``, then constant. bf16 autocast on CUDA (log-probs from fp32 logits), fp32 on CPU.
 * pi_ref's log-probs never change, so they are computed once, before training (sharded over processes), and
@@ -45,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -56,17 +56,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import (
-    Pairs,
-    PreferenceCollator,
-    RankingCollator,
-    Rankings,
-    pair_columns,
-    pair_examples,
-    pairs_fingerprint,
-    ranking_columns,
-    rankings_fingerprint,
-)
+from dpo_lab.batching import PAIR_COLUMNS, Pairs, PreferenceCollator, pair_columns, pairs_fingerprint
 from dpo_lab.cache import (
     atomic_write_tensors,
     content_hash,
@@ -74,7 +64,7 @@ from dpo_lab.cache import (
     tensors_checksum,
     tokenizer_fingerprint,
 )
-from dpo_lab.logprobs import completion_token_logprobs, concatenated_token_logprobs
+from dpo_lab.logprobs import concatenated_forward
 from dpo_lab.losses import (
     mean_token_nll,
     plackett_luce_loss,
@@ -239,46 +229,20 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-# ---------------------------------------------------------------------------------- pair log-probs
-def _score_rows(model: nn.Module, n: int, width: int, score: Callable[[int, int], torch.Tensor], *,
-                batch_size: int, accelerator: Accelerator | None, device: torch.device | str | None,
-                progress: bool, desc: str) -> torch.Tensor:
-    """Every example's log-probs, fp32 ``(n, width)`` on the CPU, ``score(start, end)`` giving those of
-    examples ``start:end``; in eval mode, sharded over the processes (a contiguous 1/P each)."""
-    if accelerator is not None:
-        dev, cast = accelerator.device, accelerator.autocast
-        rank, world = accelerator.process_index, accelerator.num_processes
-    else:
-        dev = resolve_device(device)
-        rank, world = 0, 1
-
-        def cast() -> contextlib.AbstractContextManager:
-            return autocast(dev)
-    lo, hi = n * rank // world, n * (rank + 1) // world
-    out = torch.zeros(n, width, device=dev)
-    home = next(model.parameters()).device
-    was_training = model.training
-    model.to(dev).eval()
+# ------------------------------------------------------------------------------- log-probs of the pairs
+def _collate(collator: PreferenceCollator, cols: Mapping[str, Sequence[Any]],
+             indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The collated batch of examples ``indices`` of ``cols``; the collator's errors name the pair (or
+    ranking) by its row in the dataset rather than its place in the batch ("example 1 (chosen): ...")."""
     try:
-        for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
-                          disable=not progress or rank != 0):
-            end = min(start + batch_size, hi)
-            with cast():
-                out[start:end] = score(start, end).float()
-    finally:
-        model.to(home).train(was_training)
-    if world > 1:
-        out = accelerator.reduce(out, reduction="sum")
-    out = out.cpu()
-    if not bool(torch.isfinite(out).all()):
-        raise FloatingPointError("log-probs contain NaN or inf; check the model")
-    return out
-
-
-def _sequence_logps(tok: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
-    """Summed token log-probs (Eq. 7; 0 off the completion), or their mean over the completion's tokens."""
-    total = tok.sum(-1)
-    return total / mask.sum(-1) if average else total
+        return collator([{c: cols[c][i] for c in cols} for i in indices])
+    except ValueError as err:
+        head, _, rest = str(err).partition(" ")
+        number = rest.split(" ", 1)[0]
+        if head != "example" or not number.isdigit() or int(number) >= len(indices):
+            raise
+        noun = "ranking" if "completions" in cols else "pair"
+        raise ValueError(f"{noun} {indices[int(number)]}" + rest[len(number):]) from err
 
 
 @torch.no_grad()
@@ -294,110 +258,46 @@ def pair_logprobs(
     progress: bool = False,
     desc: str = "log-probs",
     average: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(y_w|x), log pi(y_l|x)) of every pair under ``model`` (summed over completion tokens, Eq. 7;
-    ``average=True``: their mean), fp32 ``(N,)`` on the CPU, in eval mode without gradients; the model goes
-    back to where it was.
+) -> torch.Tensor:
+    """``log π(y_k|x)`` of every completion of every pair (or ranking) under ``model``, fp32 ``(N, K)`` on
+    the CPU: columns chosen, rejected (a ranking's: best first), summed over completion tokens (Eq. 7;
+    ``average=True``: their mean). One forward pass per ``batch_size`` examples
+    (``logprobs.concatenated_forward``), in eval mode without gradients; the model goes back where it was.
 
-    With an ``accelerator`` of P processes, process p scores a contiguous 1/P of the pairs under the
+    With an ``accelerator`` of P processes, process p scores a contiguous 1/P of the examples under the
     training precision and the shards are summed across processes (each entry is non-zero on one process
     only, so the sum is exact); every process gets every value.
     """
     cols = pair_columns(pairs)
+    n, k = len(cols["prompt"]), len(cols["completions"][0]) if "completions" in cols else 2
     collator = PreferenceCollator(tokenizer, max_length)
-    examples = pair_examples(cols)
-    dev = accelerator.device if accelerator is not None else resolve_device(device)
-
-    def score(start: int, end: int) -> torch.Tensor:
-        try:
-            collated = collator(examples[start:end])
-        except ValueError as err:  # the collator counts within the batch; name the pair
-            raise ValueError(_name_pair(str(err), range(start, end))) from err
-        batch = {k: v.to(dev) for k, v in collated.items()}
-        tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(model, batch)
-        return torch.stack([_sequence_logps(tok_c, mask_c, average),
-                            _sequence_logps(tok_r, mask_r, average)], dim=1)
-
-    out = _score_rows(model, len(cols["prompt"]), 2, score, batch_size=batch_size, accelerator=accelerator,
-                      device=dev, progress=progress, desc=desc)
-    return out[:, 0].contiguous(), out[:, 1].contiguous()
-
-
-@torch.no_grad()
-def ranking_logprobs(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    rankings: Rankings,
-    *,
-    max_length: int,
-    batch_size: int,
-    accelerator: Accelerator | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    desc: str = "log-probs",
-    average: bool = False,
-) -> torch.Tensor:
-    """log pi(y_k|x) of every completion of every ranking, ``(N, K)`` fp32 on the CPU, column k the k-th
-    ranked: :func:`pair_logprobs` for rankings (one forward pass over the ``batch_size x K`` rows)."""
-    cols = ranking_columns(rankings)
-    collator = RankingCollator(tokenizer, max_length)
-    k = len(cols["completions"][0])
-    dev = accelerator.device if accelerator is not None else resolve_device(device)
-
-    def score(start: int, end: int) -> torch.Tensor:
-        examples = [{"prompt": cols["prompt"][i], "completions": cols["completions"][i]}
-                    for i in range(start, end)]
-        try:
-            collated = collator(examples)
-        except ValueError as err:
-            raise ValueError(_name_pair(str(err), range(start, end), "ranking")) from err
-        batch = {key: v.to(dev) for key, v in collated.items()}
-        tok, mask = completion_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                              batch["completion_mask"])
-        return _sequence_logps(tok, mask, average).view(end - start, k)
-
-    return _score_rows(model, len(cols["prompt"]), k, score, batch_size=batch_size, accelerator=accelerator,
-                       device=dev, progress=progress, desc=desc)
-
-
-def _cached_logprobs(path: Path, key: str, names: tuple[str, ...], shape: tuple[int, ...], what: str,
-                     compute: Callable[[], tuple[torch.Tensor, ...]], metadata: dict[str, str],
-                     accelerator: Accelerator | None) -> tuple[torch.Tensor, ...]:
-    """The tensors ``names`` (each ``shape``) read from ``path``, checked against ``key`` and their checksum;
-    else ``compute()``d and written there (by the main process) for the next run."""
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as handle:
-                meta = handle.metadata() or {}
-                cached = {name: handle.get_tensor(name) for name in names}
-        except Exception as err:  # truncated or corrupt: what the reader raises varies
-            raise ValueError(f"reference cache {path} is truncated or corrupt ({type(err).__name__}: {err}); "
-                             "delete it to recompute") from err
-        checksum = tensors_checksum(*cached.values())
-        if meta.get("key", key) != key or meta.get("sha256", checksum) != checksum:
-            raise ValueError(f"reference cache {path} was changed after it was written (its key or checksum "
-                             "does not match); delete it to recompute")
-        if any(tuple(t.shape) != shape for t in cached.values()):
-            raise ValueError(f"reference cache {path} holds {cached[names[0]].shape[0]} {what}, expected "
-                             f"{shape[0]}; delete it to recompute")
-        return tuple(cached[name] for name in names)
-    values = compute()
-    if accelerator is None or accelerator.is_main_process:
-        atomic_write_tensors(path, dict(zip(names, values, strict=True)),
-                             metadata={"key": key, **metadata, "sha256": tensors_checksum(*values)})
     if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return values
+        dev, cast = accelerator.device, accelerator.autocast
+        rank, world = accelerator.process_index, accelerator.num_processes
+    else:
+        dev, rank, world = resolve_device(device), 0, 1
 
-
-def _reference_key_parts(reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                         accelerator: Accelerator | None, device: torch.device | str | None,
-                         reference_fingerprint: str | None) -> tuple[torch.device, tuple[str, str, str, str]]:
-    dev = accelerator.device if accelerator is not None else resolve_device(device)
-    precision = str(accelerator.mixed_precision) if accelerator is not None else (
-        "bf16" if dev.type == "cuda" else "no")
-    return dev, (reference_fingerprint or model_fingerprint(reference), tokenizer_fingerprint(tokenizer),
-                 dev.type, precision)
+        def cast() -> contextlib.AbstractContextManager:
+            return autocast(dev)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    out = torch.zeros(n, k, device=dev)
+    home, was_training = next(model.parameters()).device, model.training
+    model.to(dev).eval()
+    try:
+        for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
+                          disable=not progress or rank != 0):
+            end = min(start + batch_size, hi)
+            with cast():
+                batch = {key: v.to(dev) for key, v in _collate(collator, cols, range(start, end)).items()}
+                out[start:end] = concatenated_forward(model, batch, average=average)[0].float()
+    finally:
+        model.to(home).train(was_training)
+    if world > 1:
+        out = accelerator.reduce(out, reduction="sum")
+    out = out.cpu()
+    if not bool(torch.isfinite(out).all()):
+        raise FloatingPointError("log-probs contain NaN or inf; check the model")
+    return out
 
 
 def reference_logprobs(
@@ -413,62 +313,51 @@ def reference_logprobs(
     progress: bool = True,
     reference_fingerprint: str | None = None,
     average: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pair_logprobs` of the frozen reference, read from / written to the disk cache.
+) -> torch.Tensor:
+    """:func:`pair_logprobs` of the frozen reference, ``(N, K)``, read from / written to the disk cache.
 
-    The key hashes the reference weights, the pairs, the tokenizer, max_length, sum or mean (``average``),
-    the device type and the precision, so any change recomputes and nothing stale is reused.
-    ``reference_fingerprint`` (``cache.model_fingerprint`` of ``reference``) skips hashing the weights a
-    second time.
+    The key hashes the reference weights, the pairs (or rankings), the tokenizer, max_length, sum or mean
+    (``average``), the device type and the precision, so any change recomputes and nothing stale is
+    reused. ``reference_fingerprint`` (``cache.model_fingerprint`` of ``reference``) skips hashing the
+    weights a second time. The file holds one ``(N,)`` tensor per column, checked against its checksum.
     """
     cols = pair_columns(pairs)
-    n = len(cols["prompt"])
-    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
-                                                                    reference_fingerprint)
-    key = content_hash("ref-logps/v2", weights, pairs_fingerprint(cols), tok, max_length,
-                       "mean" if average else "sum", dev_type, precision)
-
-    def compute() -> tuple[torch.Tensor, torch.Tensor]:
-        return pair_logprobs(reference, tokenizer, cols, max_length=max_length, batch_size=batch_size,
-                             accelerator=accelerator, device=dev, progress=progress,
-                             desc="reference log-probs", average=average)
-
-    chosen, rejected = _cached_logprobs(Path(cache_dir) / f"ref-logps-{key}.safetensors", key,
-                                        ("chosen", "rejected"), (n,), "pairs", compute,
-                                        {"n_pairs": str(n), "max_length": str(max_length)}, accelerator)
-    return chosen, rejected
-
-
-def reference_ranking_logprobs(
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    rankings: Rankings,
-    *,
-    max_length: int,
-    cache_dir: str | Path,
-    batch_size: int,
-    accelerator: Accelerator | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    reference_fingerprint: str | None = None,
-    average: bool = False,
-) -> torch.Tensor:
-    """:func:`ranking_logprobs` of the frozen reference, ``(N, K)``, cached as :func:`reference_logprobs`."""
-    cols = ranking_columns(rankings)
-    shape = (len(cols["prompt"]), len(cols["completions"][0]))
-    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
-                                                                    reference_fingerprint)
-    key = content_hash("ref-ranking-logps/v1", weights, rankings_fingerprint(cols), tok, max_length,
-                       "mean" if average else "sum", dev_type, precision)
-
-    def compute() -> tuple[torch.Tensor]:
-        return (ranking_logprobs(reference, tokenizer, cols, max_length=max_length, batch_size=batch_size,
-                                 accelerator=accelerator, device=dev, progress=progress,
-                                 desc="reference log-probs", average=average),)
-
-    (logps,) = _cached_logprobs(Path(cache_dir) / f"ref-ranking-logps-{key}.safetensors", key, ("logps",),
-                                shape, "rankings", compute,
-                                {"n_rankings": str(shape[0]), "max_length": str(max_length)}, accelerator)
+    n, ranked = len(cols["prompt"]), "completions" in cols
+    noun = "rankings" if ranked else "pairs"
+    names = PAIR_COLUMNS[1:] if not ranked else tuple(f"completion{k}"
+                                                      for k in range(len(cols["completions"][0])))
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
+    precision = str(accelerator.mixed_precision) if accelerator is not None else (
+        "bf16" if dev.type == "cuda" else "no")
+    key = content_hash("ref-logps/v2", reference_fingerprint or model_fingerprint(reference),
+                       pairs_fingerprint(cols), tokenizer_fingerprint(tokenizer), max_length,
+                       "mean" if average else "sum", dev.type, precision)
+    path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
+    if path.is_file():
+        try:
+            with safe_open(str(path), "pt") as handle:
+                meta = handle.metadata() or {}
+                cached = {name: handle.get_tensor(name) for name in names}
+        except Exception as err:  # truncated or corrupt: what the reader raises varies
+            raise ValueError(f"reference cache {path} is truncated or corrupt ({type(err).__name__}: {err}); "
+                             "delete it to recompute") from err
+        checksum = tensors_checksum(*cached.values())
+        if meta.get("key", key) != key or meta.get("sha256", checksum) != checksum:
+            raise ValueError(f"reference cache {path} was changed after it was written (its key or checksum "
+                             "does not match); delete it to recompute")
+        if any(tuple(t.shape) != (n,) for t in cached.values()):
+            raise ValueError(f"reference cache {path} holds {cached[names[0]].shape[0]} {noun}, expected "
+                             f"{n}; delete it to recompute")
+        return torch.stack(list(cached.values()), dim=1)
+    logps = pair_logprobs(reference, tokenizer, cols, max_length=max_length, batch_size=batch_size,
+                          accelerator=accelerator, device=dev, progress=progress, desc="reference log-probs",
+                          average=average)
+    if accelerator is None or accelerator.is_main_process:
+        columns = {name: logps[:, k].contiguous() for k, name in enumerate(names)}
+        atomic_write_tensors(path, columns, metadata={"key": key, f"n_{noun}": str(n), "max_length": str(
+            max_length), "sha256": tensors_checksum(*columns.values())})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return logps
 
 
@@ -478,7 +367,7 @@ def train_dpo(
     policy: nn.Module,
     reference: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: Pairs | Rankings,
+    pairs: Pairs,
     *,
     beta: float | None = None,
     config: DPOConfig,
@@ -500,7 +389,7 @@ def train_dpo(
     ``average_logprobs`` and ``rpo_alpha`` apply), "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft";
     the baselines ignore the DPO-only config fields and use ``beta`` (default 1.0) only for the logged
     implicit rewards. With ``config.loss_type == "plackett_luce"``, ``pairs`` are rankings
-    (``batching.ranking_columns``) and each "pair" below is a ranking. ``config.batch_size`` is the GLOBAL
+    (``batching.pair_columns``) and each "pair" below is a ranking. ``config.batch_size`` is the GLOBAL
     batch. ``accelerator`` (default: :func:`make_accelerator` on ``device``): under ``accelerate launch``
     every process calls this with the same arguments. ``eval_fn(policy, step)`` runs on the main process at
     step 0, every ``config.eval_every`` steps and at the end; its dict is merged into that step's metrics
@@ -516,13 +405,16 @@ def train_dpo(
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     accumulation_steps(config.batch_size, config.micro_batch_size, world)
     ranked = objective == "dpo" and config.loss_type == "plackett_luce"
-    cols: dict[str, list] = ranking_columns(pairs) if ranked else pair_columns(pairs)
+    cols = pair_columns(pairs)
+    if ranked != ("completions" in cols):
+        raise ValueError("loss_type 'plackett_luce' trains on rankings (prompt, completions), the other "
+                         f"objectives on pairs (prompt, chosen, rejected); got {sorted(cols)}")
     n_pairs = len(cols["prompt"])
     fields: dict[str, Any] = {
         "beta": float(beta), "seed": seed, "max_length": max_length,
         "config": {k: v for k, v in asdict(config).items() if k not in _NOT_IN_RUN_KEY},
         "reference": model_fingerprint(reference),
-        "pairs": rankings_fingerprint(cols) if ranked else pairs_fingerprint(cols),
+        "pairs": pairs_fingerprint(cols),
         "tokenizer": tokenizer_fingerprint(tokenizer), "device": accelerator.device.type,
         "mixed_precision": str(accelerator.mixed_precision), "objective": objective,
         "alpha": None if alpha is None else float(alpha),
@@ -543,12 +435,8 @@ def train_dpo(
     ref_args = {"max_length": max_length, "cache_dir": ref_cache_dir, "batch_size": config.micro_batch_size,
                 "accelerator": accelerator, "progress": progress, "average": config.average_logprobs,
                 "reference_fingerprint": fields["reference"]}
-    if ranked:
-        ref = reference_ranking_logprobs(reference, tokenizer, cols, **ref_args)  # (N, K), best first
-    else:
-        ref = torch.stack(reference_logprobs(reference, tokenizer, cols, **ref_args), dim=1)  # (N, 2): w, l
-    ref = ref.to(accelerator.device)
-    collator = RankingCollator(tokenizer, max_length) if ranked else PreferenceCollator(tokenizer, max_length)
+    ref = reference_logprobs(reference, tokenizer, cols, **ref_args).to(accelerator.device)  # (N, K)
+    collator = PreferenceCollator(tokenizer, max_length)
     policy.eval()  # dropout off; autograd works the same in eval mode
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
@@ -587,11 +475,7 @@ def train_dpo(
             at = where.format(step, ckpt_dir or "none")
             started, tokens = time.perf_counter(), torch.zeros((), device=accelerator.device)
             for k, micro in enumerate(mine):
-                try:
-                    collated = collator([{c: cols[c][i] for c in cols} for i in micro])
-                except ValueError as err:  # the collator counts within the micro-batch; name the pair
-                    raise ValueError(_name_pair(str(err), micro, "ranking" if ranked else "pair")) from err
-                batch = {key: v.to(accelerator.device) for key, v in collated.items()}
+                batch = {key: v.to(accelerator.device) for key, v in _collate(collator, cols, micro).items()}
                 idx = torch.tensor(micro, device=accelerator.device)
                 tokens += sum(v.sum() for key, v in batch.items() if key.endswith("attention_mask"))
                 # Gradients are all-reduced once per step, after this process's last micro-batch.
@@ -650,41 +534,32 @@ def train_dpo(
     return result
 
 
-def _name_pair(message: str, micro: Sequence[int], noun: str = "pair") -> str:
-    """The collator's "example i (side): ..." with i, a position in the micro-batch, replaced by the pair's
-    (or ranking's) index in the dataset."""
-    head, _, rest = message.partition(" ")
-    number = rest.split(" ", 1)[0]
-    if head == "example" and number.isdigit() and int(number) < len(micro):
-        return f"{noun} {micro[int(number)]}" + rest[len(number):]
-    return message
-
-
 def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: torch.Tensor,
                         accelerator: Accelerator, *, objective: str, beta: float, alpha: float | None,
                         config: DPOConfig, where: str) -> dict[str, torch.Tensor]:
-    """Per-pair losses of one micro-batch, with what the metrics need (implicit rewards, log-probs).
-    ``ref`` is ``(B, 2)`` (chosen, rejected) for pairs, ``(B, K)`` for rankings."""
-    if "input_ids" in batch:  # RankingCollator's one (B·K, T) batch
-        return _ranking_losses(model, batch, ref, accelerator, beta=beta, config=config, where=where)
-    ref_c, ref_r = ref[:, 0], ref[:, 1]
+    """Per-example losses of one micro-batch of pairs (or, under Plackett-Luce, rankings) from one forward
+    pass, with what the metrics need: the implicit rewards and log-probs of the first and the last
+    completion (chosen and rejected; a ranking's best and worst). ``ref`` is ``(B, K)``."""
     with accelerator.autocast():
-        tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(model, batch)
-    # Eq. 7 sums (0 off the completion); average_logprobs takes TRL's IPO per-token mean instead.
-    policy_chosen = _sequence_logps(tok_c, mask_c, config.average_logprobs)
-    policy_rejected = _sequence_logps(tok_r, mask_r, config.average_logprobs)
-    if not bool(torch.isfinite(policy_chosen).all() and torch.isfinite(policy_rejected).all()):
+        # Eq. 7 sums (0 off the completion); average_logprobs takes TRL's IPO per-token mean instead.
+        logps, tok, mask = concatenated_forward(model, batch, average=config.average_logprobs)
+    if not bool(torch.isfinite(logps).all()):
         raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
+    policy_chosen, policy_rejected = logps[:, 0], logps[:, -1]
     out: dict[str, torch.Tensor] = {}
-    if objective == "dpo":
-        nll_tok = mean_token_nll(tok_c, mask_c) if config.rpo_alpha > 0 else None  # RPO's NLL term
+    if objective == "dpo" and config.loss_type == "plackett_luce":
+        losses, rewards = plackett_luce_loss(logps, ref, beta=beta)  # App. A.3, Eq. 18
+        chosen_rewards, rejected_rewards = rewards[:, 0], rewards[:, -1]
+    elif objective == "dpo":
+        nll_tok = mean_token_nll(tok[:, 0], mask[:, 0]) if config.rpo_alpha > 0 else None  # RPO's NLL term
         losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
-            policy_chosen, policy_rejected, ref_c, ref_r,
+            policy_chosen, policy_rejected, ref[:, 0], ref[:, 1],
             beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
             rpo_alpha=config.rpo_alpha, chosen_nll=nll_tok)
         if nll_tok is not None:
             out["nll_tok"] = nll_tok
     else:
+        (tok_c, tok_r), (mask_c, mask_r) = tok.unbind(1), mask.unbind(1)
         nll = preferred_ft_loss(tok_c, mask_c)  # -log pi(y_w|x)
         if objective == "unlikelihood":
             losses = unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha=float(alpha))
@@ -694,28 +569,12 @@ def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref
             losses = nll
         out["nll"] = nll
         # Not in the loss: the implicit reward of Eq. 5 as a readout, comparable with DPO runs.
-        chosen_rewards = beta * (policy_chosen - ref_c).detach()
-        rejected_rewards = beta * (policy_rejected - ref_r).detach()
+        chosen_rewards = beta * (policy_chosen - ref[:, 0]).detach()
+        rejected_rewards = beta * (policy_rejected - ref[:, 1]).detach()
     out.update(losses=losses, cr=chosen_rewards, rr=rejected_rewards, pc=policy_chosen, pr=policy_rejected)
     return out
 
 
-def _ranking_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: torch.Tensor,
-                    accelerator: Accelerator, *, beta: float, config: DPOConfig,
-                    where: str) -> dict[str, torch.Tensor]:
-    """Plackett-Luce losses (App. A.3, Eq. 18) of one micro-batch of rankings, one forward over B·K rows.
-    The pair metrics compare the best- and the worst-ranked completion of each ranking."""
-    with accelerator.autocast():
-        tok, mask = completion_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                              batch["completion_mask"])
-    logps = _sequence_logps(tok, mask, config.average_logprobs).view(ref.shape)
-    if not bool(torch.isfinite(logps).all()):
-        raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
-    losses, rewards = plackett_luce_loss(logps, ref, beta=beta)
-    return {"losses": losses, "cr": rewards[:, 0], "rr": rewards[:, -1],
-            "pc": logps[:, 0], "pr": logps[:, -1]}
-
-
 __all__ = ["DPOResult", "MixedPrecision", "Objective", "OBJECTIVES", "accumulation_steps", "autocast",
            "check_dpo_config", "make_accelerator", "make_optimizer", "pair_logprobs", "process_micro_batches",
-           "ranking_logprobs", "reference_logprobs", "reference_ranking_logprobs", "train_dpo"]
+           "reference_logprobs", "train_dpo"]

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpo_lab.logprobs import sequence_logprobs
+
 __all__ = [
     "LOSS_TYPES",
     "bradley_terry_loss",
@@ -218,14 +220,14 @@ def _check_token_logps(name: str, logps: Tensor, mask_name: str, mask: Tensor) -
 def preferred_ft_loss(chosen_token_logps: Tensor, chosen_mask: Tensor) -> Tensor:
     """Preferred-FT (SFT on y_w): ``−log π(y_w|x) = −Σ_t log π(y_w,t | x, y_w,<t)``, ``(B,)``."""
     mask = _check_token_logps("chosen_token_logps", chosen_token_logps, "chosen_mask", chosen_mask)
-    return -torch.where(mask, chosen_token_logps, 0.0).sum(-1)
+    return -sequence_logprobs(chosen_token_logps, mask)
 
 
 def mean_token_nll(token_logps: Tensor, mask: Tensor) -> Tensor:
     """``−log π(y|x) / |y|``: each row's NLL per completion token, ``(B,)`` (the NLL term of RPO, as Pang et
     al. 2024 normalise it: the length of each sequence, not the batch's token count as TRL does)."""
     bool_mask = _check_token_logps("token_logps", token_logps, "mask", mask)
-    return preferred_ft_loss(token_logps, mask) / bool_mask.sum(-1)
+    return -sequence_logprobs(token_logps, bool_mask, average=True)
 
 
 def _log1mexp(logp: Tensor) -> Tensor:

@@ -37,8 +37,8 @@ RNG stream (e.g. a training loop's) is left exactly as it was.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lab.batching import pad_rows
-from dpo_lab.logprobs import has_hooks
+from dpo_lab.logprobs import eval_mode, has_hooks, model_device
 
 Backend = Literal["loop", "loop_icdf", "generate"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -66,21 +66,6 @@ class Samples:
     # With ``sample(reference=...)``, [prompt][sample]: exact sequence KL and log pi(y|x) - log pi_ref(y|x).
     kl: list[list[float]] | None = None
     logratio: list[list[float]] | None = None
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch dropout off for the block and restore the caller's train/eval mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
@@ -387,19 +372,3 @@ def sample(
     return Samples(prompts=list(prompts), prompt_ids=prompt_ids, completion_ids=completion_ids, texts=texts,
                    kl=kl, logratio=logratio)
 
-
-def sample_completions(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    n_per_prompt: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    progress: bool = True,
-    backend: Backend = "loop_icdf",
-) -> list[list[str]]:
-    """Decoded completions, ``[prompt][sample]``; see :func:`sample` for the token ids."""
-    return sample(model, tokenizer, prompts, n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
-                  batch_size=batch_size, seed=seed, progress=progress, backend=backend).texts

@@ -59,7 +59,7 @@ from transformers.utils import logging as hf_logging
 from dpo_lab import pipeline
 from dpo_lab.paths import figures_dir
 from dpo_lab.presets import get_preset
-from dpo_lab.sampling import sample_completions
+from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
@@ -178,16 +178,16 @@ print("examples:", train_prompts[:8])
 
 # %% [markdown]
 # ## What $\pi^{\rm SFT}$ writes
-# Samples as DPO's data will be drawn: temperature 1, no top-k, no top-p (`sampling.sample_completions`),
+# Samples as DPO's data will be drawn: temperature 1, no top-k, no top-p (`sampling.sample`),
 # so they are draws from the policy itself. At `smoke` they are barely English; at `cpu` they have review
 # words and the rhythm of review sentences, but little grammar and no sense (a 2.6 M-parameter model trained for
 # five minutes from scratch). That is enough for what follows: sentiment is a property of which words appear,
 # and these samples are **not** particularly positive. Sentiment is what DPO adds.
 
 # %%
-completions = sample_completions(policy, tokenizer, test_prompts[:n_show], n_per_prompt=2,
-                                 max_new_tokens=config.preferences.max_new_tokens, batch_size=32,
-                                 seed=config.seed, progress=False)
+completions = sample(policy, tokenizer, test_prompts[:n_show], n_per_prompt=2,
+                     max_new_tokens=config.preferences.max_new_tokens, batch_size=32, seed=config.seed,
+                     progress=False).texts
 for prompt, samples in zip(test_prompts[:n_show], completions, strict=True):
     for text in samples:
         print(f"[{prompt}]{text}")

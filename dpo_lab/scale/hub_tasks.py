@@ -200,11 +200,11 @@ def heldout_eval_fn(
     cols = pair_columns(pairs)
     ref_chosen, ref_rejected = reference_logprobs(reference, tokenizer, cols, max_length=max_length,
                                                   cache_dir=cache_dir, batch_size=batch_size, device=device,
-                                                  progress=False)
+                                                  progress=False).unbind(1)
 
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
         pc, pr = pair_logprobs(policy, tokenizer, cols, max_length=max_length, batch_size=batch_size,
-                               device=next(policy.parameters()).device)
+                               device=next(policy.parameters()).device).unbind(1)
         losses, cr, rr = preference_loss(pc, pr, ref_chosen, ref_rejected, beta=beta)  # Eq. 7
         return {f"eval_{k}": v for k, v in preference_metrics(losses, cr, rr, pc, pr).items()}
 
