@@ -246,19 +246,10 @@ def _collate(collator: PreferenceCollator, cols: Mapping[str, Sequence[Any]],
 
 
 @torch.no_grad()
-def pair_logprobs(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Pairs,
-    *,
-    max_length: int,
-    batch_size: int,
-    accelerator: Accelerator | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    desc: str = "log-probs",
-    average: bool = False,
-) -> torch.Tensor:
+def pair_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Pairs, *, max_length: int,
+                  batch_size: int, accelerator: Accelerator | None = None,
+                  device: torch.device | str | None = None, progress: bool = False, desc: str = "log-probs",
+                  average: bool = False) -> torch.Tensor:
     """``log π(y_k|x)`` of every completion of every pair (or ranking) under ``model``, fp32 ``(N, K)`` on
     the CPU: columns chosen, rejected (a ranking's: best first), summed over completion tokens (Eq. 7;
     ``average=True``: their mean). One forward pass per ``batch_size`` examples
@@ -300,20 +291,11 @@ def pair_logprobs(
     return out
 
 
-def reference_logprobs(
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Pairs,
-    *,
-    max_length: int,
-    cache_dir: str | Path,
-    batch_size: int,
-    accelerator: Accelerator | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    reference_fingerprint: str | None = None,
-    average: bool = False,
-) -> torch.Tensor:
+def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Pairs, *,
+                       max_length: int, cache_dir: str | Path, batch_size: int,
+                       accelerator: Accelerator | None = None, device: torch.device | str | None = None,
+                       progress: bool = True, reference_fingerprint: str | None = None,
+                       average: bool = False) -> torch.Tensor:
     """:func:`pair_logprobs` of the frozen reference, ``(N, K)``, read from / written to the disk cache.
 
     The key hashes the reference weights, the pairs (or rankings), the tokenizer, max_length, sum or mean

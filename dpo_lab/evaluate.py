@@ -47,20 +47,10 @@ def _mean_se(per_sample: np.ndarray, n_prompts: int) -> tuple[float, float]:
     return float(np.nanmean(rows)) if n else float("nan"), se
 
 
-def evaluate_policy(
-    policy: nn.Module,
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    reward_model: RewardModel,
-    *,
-    samples_per_prompt: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    progress: bool = False,
-    scorers: Mapping[str, Scorer] | None = None,
-) -> dict[str, float]:
+def evaluate_policy(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    prompts: Sequence[str], reward_model: RewardModel, *, samples_per_prompt: int,
+                    max_new_tokens: int, batch_size: int, seed: int, progress: bool = False,
+                    scorers: Mapping[str, Scorer] | None = None) -> dict[str, float]:
     """Sample from ``policy``, score r*, and measure KL to ``reference``: one frontier point.
 
     Returns reward_mean/_se, kl_mean/_se (exact per-step sequence KL), logratio_kl_mean/_se (sampled
@@ -96,16 +86,9 @@ def evaluate_policy(
     }
 
 
-def make_eval_fn(
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    reward_model: RewardModel,
-    config: EvalConfig,
-    *,
-    seed: int,
-    scorers: Mapping[str, Scorer] | None = None,
-) -> EvalFn:
+def make_eval_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                 reward_model: RewardModel, config: EvalConfig, *, seed: int,
+                 scorers: Mapping[str, Scorer] | None = None) -> EvalFn:
     """``eval_fn(policy, step)`` for ``dpo_trainer.train_dpo``: one frontier point per call."""
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
         return evaluate_policy(policy, reference, tokenizer, prompts, reward_model,

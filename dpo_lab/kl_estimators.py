@@ -66,15 +66,9 @@ def token_estimators(policy_logps: Tensor, ref_logps: Tensor) -> tuple[Tensor, T
 
 
 @torch.no_grad()
-def kl_estimates(
-    policy: nn.Module,
-    reference: nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    *,
-    batch_size: int,
-    pad_token_id: int = 0,
-) -> KLEstimates:
+def kl_estimates(policy: nn.Module, reference: nn.Module, prompt_ids: Sequence[Sequence[int]],
+                 completion_ids: Sequence[Sequence[int]], *, batch_size: int,
+                 pad_token_id: int = 0) -> KLEstimates:
     """k1, k2, k3 and the exact per-step KL sum of each completion, one forward per model per batch.
 
     ``completion_ids`` are exact token ids (EOS included where sampled, as ``sampling.sample`` returns

@@ -14,7 +14,7 @@ Bradley-Terry model, Eqs. 1 and 6). The baselines (Unlikelihood, Preferred-FT) t
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -22,20 +22,11 @@ from torch import Tensor
 
 from dpo_lab.logprobs import sequence_logprobs
 
-__all__ = [
-    "LOSS_TYPES",
-    "bradley_terry_loss",
-    "preference_loss",
-    "plackett_luce_loss",
-    "mean_token_nll",
-    "dpo_loss_gradient_weight",
-    "unlikelihood_loss",
-    "preferred_ft_loss",
-    "preference_metrics",
-]
+__all__ = ["LOSS_TYPES", "bradley_terry_loss", "preference_loss", "plackett_luce_loss", "mean_token_nll",
+           "dpo_loss_gradient_weight", "unlikelihood_loss", "preferred_ft_loss", "preference_metrics"]
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 def _check_scalar(name: str, value: object, *, positive: bool) -> float:
@@ -85,19 +76,10 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
 
 
-def preference_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float,
-    loss_type: LossType = "sigmoid",
-    label_smoothing: float = 0.0,
-    reference_free: bool = False,
-    rpo_alpha: float = 0.0,
-    chosen_nll: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                    ref_rejected_logps: Tensor, *, beta: float, loss_type: LossType = "sigmoid",
+                    label_smoothing: float = 0.0, reference_free: bool = False, rpo_alpha: float = 0.0,
+                    chosen_nll: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example preference losses and the implicit rewards of both completions.
 
     With ``h`` the log-ratio difference (module docstring):

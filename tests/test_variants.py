@@ -119,6 +119,9 @@ def test_plackett_luce_trains_on_rankings_with_a_cached_reference(tiny_model, ti
     with pytest.raises(ValueError, match="not to loss_type 'plackett_luce'"):
         _train(tiny_model, reference, tiny_tokenizer, RANKINGS, tmp_path, "bad",
                dataclasses.replace(PL_CONFIG, rpo_alpha=1.0))
+    for data, config in ((PAIRS, PL_CONFIG), (RANKINGS, CONFIG)):  # the data must match the loss
+        with pytest.raises(ValueError, match="'plackett_luce' trains on rankings"):
+            _train(tiny_model, reference, tiny_tokenizer, data, tmp_path, "mismatch", config)
 
 
 def test_variant_settings_are_validated() -> None:
