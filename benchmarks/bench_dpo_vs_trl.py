@@ -8,7 +8,7 @@ same settings: batch 32 pairs (no accumulation), RMSprop lr 1e-4 with 15 warmup 
 clipping at 10, fp32, max_length 128, dropout off, no evaluation, no checkpoint inside the timed steps.
 
 1. Loss check first: on one batch, TRL's ``compute_loss`` and ``dpo_lab.losses.preference_loss`` (over
-   ``logprobs.concatenated_logprobs``) must agree for ``sigmoid``, ``ipo`` and ``hinge`` -- loss and gradient.
+   ``logprobs.concatenated_forward``) must agree for ``sigmoid``, ``ipo`` and ``hinge`` -- loss and gradient.
    TRL length-normalises the IPO log-ratios; dpo-lab sums them (the official DPO repo's convention), so IPO is
    compared twice: as is (they differ, by design) and with dpo-lab fed per-token-averaged log-probs (equal).
 2. One run, per tool, each in a fresh process (its peak RSS is that configuration's): steady-state pairs/s
@@ -130,7 +130,7 @@ def trl_trainer(policy: Any, reference: Any | None, tokenizer: Any, pairs: Any, 
 def loss_check(n_pairs: int = 16) -> list[dict[str, Any]]:
     """TRL's loss and gradient vs dpo-lab's on one batch, for sigmoid, ipo and hinge at two betas."""
     from dpo_lab.batching import PreferenceCollator
-    from dpo_lab.logprobs import concatenated_logprobs
+    from dpo_lab.logprobs import concatenated_forward
     from dpo_lab.losses import preference_loss
 
     reference, tokenizer, pairs = load_cpu_setup(n_pairs)
@@ -149,10 +149,9 @@ def loss_check(n_pairs: int = 16) -> list[dict[str, Any]]:
         theirs = trainer.data_collator([trainer.train_dataset[i] for i in range(n_pairs)])
         same_tokens = _same_tokens(ours, theirs)
         with torch.no_grad():
-            ref_c, ref_r = concatenated_logprobs(reference, ours)
+            ref_c, ref_r = concatenated_forward(reference, ours)[0].unbind(1)
         # completion lengths, for matching TRL's length-normalised IPO
-        n_c = ours["chosen_completion_mask"].sum(1).float()
-        n_r = ours["rejected_completion_mask"].sum(1).float()
+        n_c, n_r = ours["completion_mask"][ours["rows"]].sum(-1).float().unbind(1)
         params = [p for p in policy.parameters() if p.requires_grad]
         for loss_type in ("sigmoid", "ipo", "hinge"):
             for beta in (0.1, 1.0):
@@ -160,7 +159,7 @@ def loss_check(n_pairs: int = 16) -> list[dict[str, Any]]:
                 policy.zero_grad(set_to_none=True)
                 trl_loss = trainer.compute_loss(trainer.model, theirs)
                 trl_grad = torch.autograd.grad(trl_loss, params)
-                pol_c, pol_r = concatenated_logprobs(policy, ours)
+                pol_c, pol_r = concatenated_forward(policy, ours)[0].unbind(1)
                 variants = [("as defined", (pol_c, pol_r, ref_c, ref_r))]
                 if loss_type == "ipo":  # TRL's convention: per-token averages of the log-ratios
                     variants.append(("length-normalised",
@@ -183,20 +182,17 @@ def loss_check(n_pairs: int = 16) -> list[dict[str, Any]]:
 
 
 def _same_tokens(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> bool:
-    """Do dpo-lab's collated batch and TRL's hold the same real tokens and completion masks?"""
-    for i, side in enumerate(("chosen", "rejected")):
-        n = ours[f"{side}_input_ids"].shape[0]
-        for key in ("input_ids", "completion_mask", "attention_mask"):
-            a = ours[f"{side}_{key}"]
-            b = theirs[key][i * n:(i + 1) * n]
-            width = max(a.shape[1], b.shape[1])
-            real = torch.nn.functional.pad(ours[f"{side}_attention_mask"], (0, width - a.shape[1])).bool()
-            a = torch.nn.functional.pad(a, (0, width - a.shape[1]))
-            b = torch.nn.functional.pad(b, (0, width - b.shape[1]))
-            if key == "input_ids":  # pad ids differ harmlessly; compare real tokens only
-                a, b = a[real], b[real]
-            if not torch.equal(a, b.to(a.dtype)):
-                return False
+    """Do dpo-lab's collated batch and TRL's (each: every chosen row, then every rejected row) hold the same
+    real tokens and completion masks?"""
+    width = max(ours["input_ids"].shape[1], theirs["input_ids"].shape[1])
+    pad = torch.nn.functional.pad
+    real = pad(ours["attention_mask"], (0, width - ours["attention_mask"].shape[1])).bool()
+    for key in ("input_ids", "completion_mask", "attention_mask"):
+        a, b = (pad(t[key], (0, width - t[key].shape[1])) for t in (ours, theirs))
+        if key == "input_ids":  # pad ids differ harmlessly; compare real tokens only
+            a, b = a[real], b[real]
+        if not torch.equal(a, b.to(a.dtype)):
+            return False
     return True
 
 

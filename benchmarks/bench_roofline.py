@@ -100,13 +100,13 @@ def load_step_setup(n_steps: int) -> dict[str, Any]:
     max_length = int(reference.config.n_positions)
     config = dataclasses.replace(preset.dpo, batch_size=BATCH, micro_batch_size=BATCH)
     with tempfile.TemporaryDirectory() as tmp:
-        ref_c, ref_r = reference_logprobs(reference, tokenizer, cols, max_length=max_length, cache_dir=tmp,
-                                          batch_size=BATCH, progress=False)
+        ref = reference_logprobs(reference, tokenizer, cols, max_length=max_length, cache_dir=tmp,
+                                 batch_size=BATCH, progress=False)
     policy = copy.deepcopy(reference).eval()
     optimizer = make_optimizer([p for p in policy.parameters() if p.requires_grad], config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_flat(config.warmup_steps))
     return {"policy": policy, "collator": PreferenceCollator(tokenizer, max_length), "cols": cols,
-            "ref_chosen": ref_c, "ref_rejected": ref_r, "optimizer": optimizer, "scheduler": scheduler,
+            "ref": ref, "optimizer": optimizer, "scheduler": scheduler,
             "config": config, "model_config": reference.config, "accelerator": make_accelerator("cpu")}
 
 
@@ -120,9 +120,8 @@ def run_step(setup: dict[str, Any], step: int) -> dict[str, Any]:
     cols, policy, optimizer = setup["cols"], setup["policy"], setup["optimizer"]
     idx = batch_indices(len(cols["prompt"]), BATCH, step, 0)
     batch = setup["collator"]([{c: cols[c][i] for c in PAIR_COLUMNS} for i in idx])
-    ref = torch.stack([setup["ref_chosen"][idx], setup["ref_rejected"][idx]], dim=1)
-    out = _micro_batch_losses(policy, batch, ref, setup["accelerator"], objective="dpo", beta=0.1, alpha=None,
-                              config=setup["config"], where=f"at step {step}")
+    out = _micro_batch_losses(policy, batch, setup["ref"][idx], setup["accelerator"], objective="dpo",
+                              beta=0.1, alpha=None, config=setup["config"], where=f"at step {step}")
     loss = out["losses"].mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), setup["config"].max_grad_norm)
@@ -140,7 +139,7 @@ def padded_length(setup: dict[str, Any], step: int) -> int:
     cols = setup["cols"]
     idx = batch_indices(len(cols["prompt"]), BATCH, step, 0)
     batch = setup["collator"]([{c: cols[c][i] for c in PAIR_COLUMNS} for i in idx])
-    return max(batch["chosen_input_ids"].shape[1], batch["rejected_input_ids"].shape[1])
+    return batch["input_ids"].shape[1]
 
 
 # ------------------------------------------------------------------------------ floor of the reproduction

@@ -166,7 +166,8 @@ def speedups(args: argparse.Namespace) -> None:
     from dpo_lab import evaluate
     from dpo_lab.batching import PAIR_COLUMNS, PreferenceCollator, pair_columns
     from dpo_lab.dpo_trainer import _micro_batch_losses, make_accelerator, make_optimizer
-    from dpo_lab.logprobs import concatenated_token_logprobs
+    from dpo_lab.kl_estimators import kl_estimates
+    from dpo_lab.logprobs import concatenated_forward
     from dpo_lab.models import load_policy
     from dpo_lab.preferences import load_preferences, score_samples
     from dpo_lab.rewards import TfidfSentimentReward
@@ -184,15 +185,16 @@ def speedups(args: argparse.Namespace) -> None:
     kw = {"samples_per_prompt": e.samples_per_prompt, "max_new_tokens": e.max_new_tokens,
           "batch_size": e.batch_size, "seed": 0}
 
-    # 1. One evaluate_policy call; "before" is its old body: sample, score, then completion_kls' second pass.
+    # 1. One evaluate_policy call; "before" is its old body: sample, score, then a second pass for the KL.
     def old_evaluate() -> tuple[dict, np.ndarray, np.ndarray, list]:
         s = sample(policy, tokenizer, test, n_per_prompt=kw["samples_per_prompt"],
                    max_new_tokens=kw["max_new_tokens"], batch_size=kw["batch_size"], seed=0, progress=False)
         rewards = np.asarray(score_samples(reward, s.prompts, s.texts))
         flat = [c for per in s.completion_ids for c in per]
         xs = [p for p, per in zip(s.prompt_ids, s.completion_ids, strict=True) for _ in per]
-        kl, ratio = evaluate.completion_kls(policy, reference, xs, flat, batch_size=kw["batch_size"],
-                                            pad_token_id=tokenizer.pad_token_id)
+        est = kl_estimates(policy, reference, xs, flat, batch_size=kw["batch_size"],
+                           pad_token_id=tokenizer.pad_token_id)
+        kl, ratio = est.exact, est.k1
         n = len(test)
         return {"reward_mean": float(rewards.mean()), "kl_mean": evaluate._mean_se(kl, n)[0],
                 "logratio_kl_mean": evaluate._mean_se(ratio, n)[0]}, kl, ratio, flat
@@ -224,8 +226,8 @@ def speedups(args: argparse.Namespace) -> None:
     collator = PreferenceCollator(tokenizer, max_length)
     config = dataclasses.replace(preset.dpo, batch_size=32, micro_batch_size=32)
     with tempfile.TemporaryDirectory() as tmp, patched(logprobs, "has_hooks", lambda _: True):
-        ref_c, ref_r = reference_logprobs(reference, tokenizer, cols, max_length=max_length,
-                                          cache_dir=tmp, batch_size=32, progress=False)
+        ref_all = reference_logprobs(reference, tokenizer, cols, max_length=max_length,
+                                     cache_dir=tmp, batch_size=32, progress=False)
     batches = [collator([{c: cols[c][i] for c in PAIR_COLUMNS} for i in range(k * 32, (k + 1) * 32)])
                for k in range(n_steps)]
     accelerator = make_accelerator("cpu")
@@ -237,9 +239,9 @@ def speedups(args: argparse.Namespace) -> None:
         def steps() -> list[float]:
             losses = []
             for k, batch in enumerate(batches):
-                ref = torch.stack([ref_c[k * 32:(k + 1) * 32], ref_r[k * 32:(k + 1) * 32]], dim=1)
-                out = _micro_batch_losses(model, batch, ref, accelerator, objective="dpo", beta=0.1,
-                                          alpha=None, config=config, where=f"at step {k}")
+                out = _micro_batch_losses(model, batch, ref_all[k * 32:(k + 1) * 32], accelerator,
+                                          objective="dpo", beta=0.1, alpha=None, config=config,
+                                          where=f"at step {k}")
                 loss = out["losses"].mean()
                 loss.backward()
                 optimizer.step()
@@ -254,13 +256,13 @@ def speedups(args: argparse.Namespace) -> None:
         full_losses = full()
     skip_losses = skip()  # the same start, batches and optimizer: only the LM head path differs
     with torch.no_grad():
-        a = concatenated_token_logprobs(full.model.eval(), batches[0])
+        a = concatenated_forward(full.model.eval(), batches[0])[1]
         with patched(logprobs, "has_hooks", lambda _: True):
-            b = concatenated_token_logprobs(full.model, batches[0])
+            b = concatenated_forward(full.model, batches[0])[1]
         d_weight = max(float((p - q).abs().max())
                        for p, q in zip(full.model.parameters(), skip.model.parameters(), strict=True))
     d_loss = max(abs(x - y) for x, y in zip(full_losses, skip_losses, strict=True))
-    d_logp = max(float((x - y).abs().max()) for x, y in zip(a[::2], b[::2], strict=True))
+    d_logp = float((a - b).abs().max())
     print(f"     after {n_steps} DPO steps: max |d loss| {d_loss:.2e} (last {full_losses[-1]:.6f} vs "
           f"{skip_losses[-1]:.6f}); max |d log-prob| per token, same weights {d_logp:.2e}; max |d weight| "
           f"{d_weight:.2e}")

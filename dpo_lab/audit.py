@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dpo_lab.batching import pad_rows, tokenize_completion
 from dpo_lab.cache import atomic_directory, naming_damaged_files
 from dpo_lab.data import validate_texts
-from dpo_lab.logprobs import completion_logprobs
+from dpo_lab.logprobs import forward_logits, sequence_logprobs, token_logprobs
 from dpo_lab.models import build_policy, load_policy, save_policy, train_sft, train_tokenizer
 from dpo_lab.presets import AuditConfig, PolicyConfig
 from dpo_lab.rewards import _check_labels, score_completions
@@ -159,8 +159,9 @@ class FluencyLM:
                 for i in keep]
         for start in range(0, len(rows), batch_size):
             batch = pad_rows(rows[start:start + batch_size], self.tokenizer.pad_token_id)
-            logps = completion_logprobs(self.model, batch["input_ids"], batch["attention_mask"],
-                                        batch["completion_mask"], average=True)
+            logits = forward_logits(self.model, batch["input_ids"], batch["attention_mask"])
+            logps = sequence_logprobs(token_logprobs(logits, batch["input_ids"]),
+                                      batch["completion_mask"][:, 1:], average=True)
             scores[keep[start:start + batch_size]] = logps.double().numpy()
         return scores
 

@@ -1,9 +1,14 @@
-"""From (prompt, completion) strings to padded tensors with a mask that marks the completion's tokens.
+"""From preference data (strings) to padded tensors with a mask that marks the completions' tokens.
+
+Preference data come as **pairs** (``prompt``, ``chosen``, ``rejected``) or as **rankings** (``prompt`` and
+``completions``: K >= 2 completions, best first; Plackett-Luce DPO, paper App. A.3). Either way an example
+is one prompt and its K completions (a pair is K = 2: chosen, then rejected), and one collator turns a batch
+of them into one batch of rows for one forward pass.
 
 The prompt and the completion are tokenised *separately* and concatenated, so the prompt/completion
-boundary is exact: no BPE merge can straddle it and every completion token is scored (see
-``logprobs.sequence_logprobs``). No EOS is appended: the completions of the IMDb task are samples cut at
-``max_new_tokens``, and ``log π(y|x)`` must be the log-prob of exactly those tokens.
+boundary is exact: no BPE merge can straddle it and every completion token is scored. No EOS is appended:
+the completions of the IMDb task are samples cut at ``max_new_tokens``, and ``log π(y|x)`` must be the
+log-prob of exactly those tokens.
 """
 
 from __future__ import annotations
@@ -15,66 +20,67 @@ from typing import Any, Literal
 
 import datasets
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["PAIR_COLUMNS", "Pairs", "pair_columns", "pair_examples", "pairs_fingerprint",
-           "tokenize_completion", "pad_rows", "completion_batches", "PreferenceCollator", "stack_pairs",
-           "RANKING_COLUMNS", "Rankings", "rankings_from_candidates", "ranking_columns",
-           "rankings_fingerprint", "RankingCollator"]
+__all__ = ["PAIR_COLUMNS", "RANKING_COLUMNS", "Pairs", "pair_columns", "pair_examples", "pairs_fingerprint",
+           "rankings_from_candidates", "tokenize_completion", "pad_rows", "completion_batches",
+           "PreferenceCollator"]
 
-Pairs = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[str]]
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-# A ranking: one prompt and its K completions, best first (Plackett-Luce DPO, paper App. A.3).
-Rankings = datasets.Dataset | Mapping[str, Sequence[Any]]
 RANKING_COLUMNS = ("prompt", "completions")
+# Pairs or rankings: a Dataset, a list of dicts or a dict of columns.
+Pairs = datasets.Dataset | Sequence[Mapping[str, Any]] | Mapping[str, Sequence[Any]]
 _ROW_KEYS = ("input_ids", "completion_mask")
 
 
-# ------------------------------------------------------------------------------------------ pair columns
-def pair_columns(pairs: Pairs) -> dict[str, list[str]]:
-    """prompt/chosen/rejected as plain lists, from a Dataset, a list of dicts or a dict of columns."""
-    if isinstance(pairs, Mapping):
-        missing = [c for c in PAIR_COLUMNS if c not in pairs]
+# ----------------------------------------------------------------------------------- pairs and rankings
+def pair_columns(pairs: Pairs) -> dict[str, list]:
+    """The columns of pairs (prompt/chosen/rejected) or, when there is a ``completions`` column, of
+    rankings (prompt/completions, every ranking the same K >= 2), as plain lists; other columns dropped."""
+    rows = None if isinstance(pairs, (Mapping, datasets.Dataset)) else list(pairs)
+    names = pairs.column_names if isinstance(pairs, datasets.Dataset) else list(rows[0] if rows else pairs)
+    columns, noun = (RANKING_COLUMNS, "rankings") if "completions" in names else (PAIR_COLUMNS, "pairs")
+    if rows is None:
+        missing = [c for c in columns if c not in names]
         if missing:
-            raise ValueError(f"pairs are missing column(s) {missing}; they have {sorted(pairs)}")
-        cols = {c: list(pairs[c]) for c in PAIR_COLUMNS}
-        if len({len(v) for v in cols.values()}) > 1:
-            raise ValueError(f"pair columns differ in length: { {c: len(v) for c, v in cols.items()} }")
-    elif isinstance(pairs, datasets.Dataset):
-        missing = [c for c in PAIR_COLUMNS if c not in pairs.column_names]
-        if missing:
-            raise ValueError(f"pairs are missing column(s) {missing}; they have {pairs.column_names}")
-        cols = pairs.select_columns(list(PAIR_COLUMNS)).to_dict()
+            raise ValueError(f"{noun} are missing column(s) {missing}; they have {sorted(names)}")
+        cols = (pairs.select_columns(list(columns)).to_dict() if isinstance(pairs, datasets.Dataset)
+                else {c: list(pairs[c]) for c in columns})
     else:
-        for i, row in enumerate(pairs):
-            missing = [c for c in PAIR_COLUMNS if c not in row]
+        for i, row in enumerate(rows):
+            missing = [c for c in columns if c not in row]
             if missing:
-                raise ValueError(f"pair {i} is missing key(s) {missing}")
-        cols = {c: [row[c] for row in pairs] for c in PAIR_COLUMNS}
+                raise ValueError(f"{noun[:-1]} {i} is missing key(s) {missing}")
+        cols = {c: [row[c] for row in rows] for c in columns}
+    if len({len(v) for v in cols.values()}) > 1:
+        raise ValueError(f"{noun[:-1]} columns differ in length: { {c: len(v) for c, v in cols.items()} }")
     if not cols["prompt"]:
-        raise ValueError("no preference pairs to train on")
+        raise ValueError(f"no preference {noun} to train on")
+    if noun == "rankings":
+        cols["completions"] = [list(c) for c in cols["completions"]]
+        sizes = {len(c) for c in cols["completions"]}
+        if len(sizes) > 1 or min(sizes) < 2:
+            raise ValueError(f"every ranking must hold the same number K >= 2 of completions, got sizes "
+                             f"{sorted(sizes)}")
     return cols
 
 
-def pair_examples(cols: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
-    """The columns of :func:`pair_columns` back as one ``{prompt, chosen, rejected}`` dict per pair."""
-    return [dict(zip(PAIR_COLUMNS, row, strict=True))
-            for row in zip(*(cols[c] for c in PAIR_COLUMNS), strict=True)]
+def pair_examples(cols: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
+    """The columns of :func:`pair_columns` back as one dict per pair (or ranking)."""
+    return [dict(zip(cols, row, strict=True)) for row in zip(*cols.values(), strict=True)]
 
 
-def pairs_fingerprint(cols: Mapping[str, Sequence[str]]) -> str:
-    """Content hash of the pairs' text, in order (an in-memory and a reloaded Dataset hash the same)."""
-    digest = hashlib.sha256()
-    for c in PAIR_COLUMNS:
+def pairs_fingerprint(cols: Mapping[str, Sequence[Any]]) -> str:
+    """Content hash of the pairs' (or rankings') text, in order; an in-memory and a reloaded Dataset hash
+    the same."""
+    ranked = "completions" in cols
+    digest = hashlib.sha256(b"rankings" if ranked else b"")
+    for c in RANKING_COLUMNS if ranked else PAIR_COLUMNS:
         digest.update(json.dumps(list(cols[c])).encode())
     return digest.hexdigest()[:16]
 
 
-
-
-# ------------------------------------------------------------------------------------------------ rankings
 def rankings_from_candidates(prompts: Sequence[str], completions: Sequence[Sequence[str]],
                              rewards: Sequence[Sequence[float]]) -> tuple[dict[str, list], dict[str, int]]:
     """Each prompt's samples sorted by r*, best first: ``{"prompt": [...], "completions": [[K texts], ...]}``.
@@ -105,40 +111,7 @@ def rankings_from_candidates(prompts: Sequence[str], completions: Sequence[Seque
     return out, stats
 
 
-def ranking_columns(rankings: Rankings) -> dict[str, list]:
-    """prompt/completions as plain lists (from a dict of columns or a Dataset), all rankings of one K >= 2."""
-    if isinstance(rankings, datasets.Dataset):
-        rankings = rankings.to_dict()
-    if not isinstance(rankings, Mapping):
-        raise TypeError(f"rankings must be a dict of columns or a Dataset, got {type(rankings).__name__}")
-    missing = [c for c in RANKING_COLUMNS if c not in rankings]
-    if missing:
-        raise ValueError(f"rankings are missing column(s) {missing}; they have {sorted(rankings)}")
-    cols = {"prompt": list(rankings["prompt"]), "completions": [list(c) for c in rankings["completions"]]}
-    if len(cols["prompt"]) != len(cols["completions"]):
-        raise ValueError(f"{len(cols['prompt'])} prompts but {len(cols['completions'])} rankings")
-    if not cols["prompt"]:
-        raise ValueError("no rankings to train on")
-    sizes = {len(c) for c in cols["completions"]}
-    if len(sizes) > 1 or min(sizes) < 2:
-        raise ValueError("every ranking must hold the same number K >= 2 of completions, got sizes "
-                         f"{sorted(sizes)}")
-    return cols
-
-
-def rankings_fingerprint(cols: Mapping[str, Sequence[Any]]) -> str:
-    """Content hash of the rankings' text, in order."""
-    digest = hashlib.sha256(b"rankings")
-    for c in RANKING_COLUMNS:
-        digest.update(json.dumps(list(cols[c])).encode())
-    return digest.hexdigest()[:16]
-
-
-def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
-    # add_special_tokens=False: we decide what goes in the sequence, not the tokenizer's template.
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
+# ------------------------------------------------------------------------------------------------ tokens
 def tokenize_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, *,
                         max_length: int) -> dict[str, list[int]]:
     """Token ids of ``prompt + completion`` and a 0/1 ``completion_mask`` (1 on completion tokens).
@@ -153,8 +126,9 @@ def tokenize_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, complet
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2 (a prompt token and a completion token), "
                          f"got {max_length!r}")
-    prompt_ids = _encode(tokenizer, prompt)
-    completion_ids = _encode(tokenizer, completion)
+    # add_special_tokens=False: we decide what goes in the sequence, not the tokenizer's template.
+    prompt_ids, completion_ids = (list(tokenizer(text, add_special_tokens=False)["input_ids"])
+                                  for text in (prompt, completion))
     if not completion_ids:
         raise ValueError(f"completion is empty (after tokenisation): {completion!r}")
     if not prompt_ids:
@@ -166,10 +140,8 @@ def tokenize_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, complet
         raise ValueError(f"prompt longer than the context: {len(prompt_ids)} prompt tokens leave no room "
                          f"for a completion token within max_length={max_length}")
     completion_ids = completion_ids[:room]
-    return {
-        "input_ids": prompt_ids + completion_ids,
-        "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids),
-    }
+    return {"input_ids": prompt_ids + completion_ids,
+            "completion_mask": [0] * len(prompt_ids) + [1] * len(completion_ids)}
 
 
 def pad_rows(rows: Sequence[Mapping[str, list[int]]], pad_token_id: int,
@@ -220,10 +192,14 @@ def completion_batches(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequ
 
 
 class PreferenceCollator:
-    """Turn ``[{"prompt", "chosen", "rejected"}, ...]`` into right-padded chosen_* and rejected_* tensors.
+    """Pairs or rankings (a list of dicts) -> ONE right-padded batch of all their completions.
 
-    Output keys: ``{chosen,rejected}_{input_ids,attention_mask,completion_mask}``, ready for
-    ``logprobs.concatenated_logprobs``. Usable as a ``DataLoader`` ``collate_fn``.
+    Keys ``input_ids``, ``attention_mask``, ``completion_mask``, each ``(B·K, T)``, and ``rows`` ``(B, K)``:
+    ``rows[b, k]`` is the row holding example b's k-th completion (a pair's chosen is k = 0, its rejected
+    k = 1), so that per-row log-probs indexed by it give each example's K columns and all B·K completions
+    share one forward pass (``logprobs.concatenated_forward``). Pairs keep the official DPO code's layout
+    (every chosen row, then every rejected row); a ranking's K rows are consecutive. Usable as a
+    ``DataLoader`` ``collate_fn``.
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
@@ -239,66 +215,31 @@ class PreferenceCollator:
     def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
         if len(examples) == 0:
             raise ValueError("cannot collate an empty list of examples")
-        out: dict[str, Tensor] = {}
-        for side in ("chosen", "rejected"):
-            rows = []
-            for i, example in enumerate(examples):
-                if not isinstance(example, Mapping):
-                    raise TypeError(f"example {i} must be a mapping with keys {list(PAIR_COLUMNS)}, "
-                                    f"got {type(example).__name__}")
-                missing = [key for key in PAIR_COLUMNS if key not in example]
-                if missing:
-                    raise KeyError(f"example {i} is missing {missing}; it has {sorted(example)}")
-                try:
-                    rows.append(tokenize_completion(self.tokenizer, example["prompt"], example[side],
-                                                    max_length=self.max_length))
-                except ValueError as err:
-                    raise ValueError(f"example {i} ({side}): {err}") from err
-            for key, value in pad_rows(rows, self.pad_token_id, side="right").items():
-                out[f"{side}_{key}"] = value
-        return out
-
-
-def stack_pairs(batch: Mapping[str, Tensor], keys: Sequence[str] = ("input_ids", "attention_mask",
-                                                                    "completion_mask")) -> dict[str, Tensor]:
-    """The chosen rows then the rejected rows of a :class:`PreferenceCollator` batch as ONE ``(2B, T)``
-    batch (both halves right-padded to a common length with zeros, which every mask marks as padding), so
-    that chosen and rejected share one forward pass (the official DPO code's ``concatenated_inputs``)."""
-    for side in ("chosen", "rejected"):
-        for key in keys:
-            if f"{side}_{key}" not in batch:
-                raise KeyError(f"batch is missing {side}_{key!s}; it has {sorted(batch)}")
-    n_chosen = batch[f"chosen_{keys[0]}"].shape[0]
-    if batch[f"rejected_{keys[0]}"].shape[0] != n_chosen:
-        raise ValueError(f"batch has {n_chosen} chosen rows but "
-                         f"{batch[f'rejected_{keys[0]}'].shape[0]} rejected")
-    width = max(batch[f"chosen_{keys[0]}"].shape[1], batch[f"rejected_{keys[0]}"].shape[1])
-    return {key: torch.cat([F.pad(batch[f"{side}_{key}"], (0, width - batch[f"{side}_{key}"].shape[1]))
-                            for side in ("chosen", "rejected")]) for key in keys}
-
-
-class RankingCollator:
-    """Turn ``[{"prompt", "completions": [K texts]}, ...]`` into ONE right-padded ``(B·K, T)`` batch.
-
-    Keys ``input_ids``, ``attention_mask``, ``completion_mask``; row ``b·K + k`` is example b's k-th
-    completion, so ``.view(B, K)`` of per-row log-probs gives the ranking's columns. All B·K rows share one
-    forward pass, as chosen and rejected do for pairs.
-    """
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
-        self.pairs = PreferenceCollator(tokenizer, max_length)  # the same checks, tokenizer and padding id
-
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
-        if len(examples) == 0:
-            raise ValueError("cannot collate an empty list of examples")
-        rows = []
+        ranked = isinstance(examples[0], Mapping) and "completions" in examples[0]
+        columns = RANKING_COLUMNS if ranked else PAIR_COLUMNS
+        texts = []
         for i, example in enumerate(examples):
-            if not isinstance(example, Mapping) or any(c not in example for c in RANKING_COLUMNS):
-                raise KeyError(f"example {i} must be a mapping with keys {list(RANKING_COLUMNS)}")
-            for k, completion in enumerate(example["completions"]):
-                try:
-                    rows.append(tokenize_completion(self.pairs.tokenizer, example["prompt"], completion,
-                                                    max_length=self.pairs.max_length))
-                except ValueError as err:
-                    raise ValueError(f"example {i} (completion {k}): {err}") from err
-        return pad_rows(rows, self.pairs.pad_token_id, side="right")
+            if not isinstance(example, Mapping):
+                raise TypeError(f"example {i} must be a mapping with keys {list(columns)}, "
+                                f"got {type(example).__name__}")
+            missing = [key for key in columns if key not in example]
+            if missing:
+                raise KeyError(f"example {i} is missing {missing}; it has {sorted(example)}")
+            texts.append(list(example["completions"]) if ranked else [example["chosen"], example["rejected"]])
+        b, k = len(texts), len(texts[0])
+        if any(len(t) != k for t in texts):
+            raise ValueError(f"every example needs the same number of completions, got "
+                             f"{[len(t) for t in texts]}")
+        order = [(i, j) for i in range(b) for j in range(k)] if ranked else [(i, j) for j in range(k)
+                                                                             for i in range(b)]
+        rows = []
+        for i, j in order:
+            try:
+                rows.append(tokenize_completion(self.tokenizer, examples[i]["prompt"], texts[i][j],
+                                                max_length=self.max_length))
+            except ValueError as err:
+                label = f"completion {j}" if ranked else PAIR_COLUMNS[1 + j]
+                raise ValueError(f"example {i} ({label}): {err}") from err
+        index = torch.arange(b * k)
+        return {**pad_rows(rows, self.pad_token_id),
+                "rows": index.view(b, k) if ranked else index.view(k, b).T.contiguous()}

@@ -14,7 +14,7 @@ as nanoGPT's ``train.py`` serves one GPU and DDP:
   whatever the process count, cut into micro-batches of ``micro_batch_size`` pairs; micro-batch ``i`` goes
   to process ``i % P``. Each backpropagates ``sum(losses) x P / batch_size``; DDP averages over processes,
   so the gradient is that of the mean over all ``batch_size`` pairs. Chosen and rejected share one forward
-  pass (``logprobs.concatenated_token_logprobs``).
+  pass (``logprobs.concatenated_forward``).
 * Gradient clipped to ``max_grad_norm``; RMSprop (the paper) or AdamW; lr warmed up linearly over
   ``warmup_steps``, then constant. bf16 autocast on CUDA (log-probs from fp32 logits), fp32 on CPU.
 * pi_ref's log-probs never change, so the loop takes them computed once, before training
@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -47,16 +47,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import (
-    Pairs,
-    PreferenceCollator,
-    RankingCollator,
-    Rankings,
-    pair_columns,
-    pair_examples,
-    ranking_columns,
-)
-from dpo_lab.logprobs import completion_token_logprobs, concatenated_token_logprobs
+from dpo_lab.batching import Pairs, PreferenceCollator, pair_columns
+from dpo_lab.logprobs import concatenated_forward
 from dpo_lab.loop import TrainLog, batch_indices, is_due, optimizer_step, resolve_device, warmup_then_flat
 from dpo_lab.losses import (
     mean_token_nll,
@@ -186,7 +178,7 @@ def _check_objective(objective: str, beta: float | None, alpha: float | None) ->
     return 1.0 if beta is None else beta
 
 
-def check_settings(config: DPOConfig, objective: str, beta: float | None, alpha: float | None,
+def check_dpo_settings(config: DPOConfig, objective: str, beta: float | None, alpha: float | None,
                    max_length: int, num_processes: int) -> float:
     """Refuse bad settings before any work, naming the field; return the beta to use (1.0 for a baseline
     given none)."""
@@ -194,6 +186,16 @@ def check_settings(config: DPOConfig, objective: str, beta: float | None, alpha:
     _check_config(config, beta, max_length)
     accumulation_steps(config.batch_size, config.micro_batch_size, num_processes)
     return beta
+
+
+def training_columns(pairs: Pairs, objective: str, config: DPOConfig) -> dict[str, list]:
+    """The columns of ``pairs`` (``batching.pair_columns``), refused if they are pairs for loss_type
+    'plackett_luce' or rankings for any other loss."""
+    cols = pair_columns(pairs)
+    if (objective == "dpo" and config.loss_type == "plackett_luce") != ("completions" in cols):
+        raise ValueError("loss_type 'plackett_luce' trains on rankings (prompt, completions), the other "
+                         f"objectives on pairs (prompt, chosen, rejected); got {sorted(cols)}")
+    return cols
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -205,31 +207,57 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
 
 
 # ---------------------------------------------------------------------------------- pair log-probs
-def _score_rows(model: nn.Module, n: int, width: int, score: Callable[[int, int], torch.Tensor], *,
-                batch_size: int, accelerator: Accelerator | None, device: torch.device | str | None,
-                progress: bool, desc: str) -> torch.Tensor:
-    """Every example's log-probs, fp32 ``(n, width)`` on the CPU, ``score(start, end)`` giving those of
-    examples ``start:end``; in eval mode, sharded over the processes (a contiguous 1/P each)."""
+def _collate(collator: PreferenceCollator, cols: Mapping[str, Sequence[Any]],
+             indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The collated batch of examples ``indices`` of ``cols``; the collator's errors name the pair (or
+    ranking) by its row in the dataset rather than its place in the batch ("example 1 (chosen): ...")."""
+    try:
+        return collator([{c: cols[c][i] for c in cols} for i in indices])
+    except ValueError as err:
+        head, _, rest = str(err).partition(" ")
+        number = rest.split(" ", 1)[0]
+        if head != "example" or not number.isdigit() or int(number) >= len(indices):
+            raise
+        noun = "ranking" if "completions" in cols else "pair"
+        raise ValueError(f"{noun} {indices[int(number)]}" + rest[len(number):]) from err
+
+
+@torch.no_grad()
+def pair_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Pairs, *, max_length: int,
+                  batch_size: int, accelerator: Accelerator | None = None,
+                  device: torch.device | str | None = None, progress: bool = False, desc: str = "log-probs",
+                  average: bool = False) -> torch.Tensor:
+    """``log π(y_k|x)`` of every completion of every pair (or ranking) under ``model``, fp32 ``(N, K)`` on
+    the CPU: columns chosen, rejected (a ranking's: best first), summed over completion tokens (Eq. 7;
+    ``average=True``: their mean). One forward pass per ``batch_size`` examples
+    (``logprobs.concatenated_forward``), in eval mode without gradients; the model goes back where it was.
+
+    With an ``accelerator`` of P processes, process p scores a contiguous 1/P of the examples under the
+    training precision and the shards are summed across processes (each entry is non-zero on one process
+    only, so the sum is exact); every process gets every value.
+    """
+    cols = pair_columns(pairs)
+    n, k = len(cols["prompt"]), len(cols["completions"][0]) if "completions" in cols else 2
+    collator = PreferenceCollator(tokenizer, max_length)
     if accelerator is not None:
         dev, cast = accelerator.device, accelerator.autocast
         rank, world = accelerator.process_index, accelerator.num_processes
     else:
-        dev = resolve_device(device)
-        rank, world = 0, 1
+        dev, rank, world = resolve_device(device), 0, 1
 
         def cast() -> contextlib.AbstractContextManager:
             return autocast(dev)
     lo, hi = n * rank // world, n * (rank + 1) // world
-    out = torch.zeros(n, width, device=dev)
-    home = next(model.parameters()).device
-    was_training = model.training
+    out = torch.zeros(n, k, device=dev)
+    home, was_training = next(model.parameters()).device, model.training
     model.to(dev).eval()
     try:
         for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
                           disable=not progress or rank != 0):
             end = min(start + batch_size, hi)
             with cast():
-                out[start:end] = score(start, end).float()
+                batch = {key: v.to(dev) for key, v in _collate(collator, cols, range(start, end)).items()}
+                out[start:end] = concatenated_forward(model, batch, average=average)[0].float()
     finally:
         model.to(home).train(was_training)
     if world > 1:
@@ -240,96 +268,11 @@ def _score_rows(model: nn.Module, n: int, width: int, score: Callable[[int, int]
     return out
 
 
-def _sequence_logps(tok: torch.Tensor, mask: torch.Tensor, average: bool) -> torch.Tensor:
-    """Summed token log-probs (Eq. 7; 0 off the completion), or their mean over the completion's tokens."""
-    total = tok.sum(-1)
-    return total / mask.sum(-1) if average else total
-
-
-@torch.no_grad()
-def pair_logprobs(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Pairs,
-    *,
-    max_length: int,
-    batch_size: int,
-    accelerator: Accelerator | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    desc: str = "log-probs",
-    average: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log pi(y_w|x), log pi(y_l|x)) of every pair under ``model`` (summed over completion tokens, Eq. 7;
-    ``average=True``: their mean), fp32 ``(N,)`` on the CPU, in eval mode without gradients; the model goes
-    back to where it was.
-
-    With an ``accelerator`` of P processes, process p scores a contiguous 1/P of the pairs under the
-    training precision and the shards are summed across processes (each entry is non-zero on one process
-    only, so the sum is exact); every process gets every value.
-    """
-    cols = pair_columns(pairs)
-    collator = PreferenceCollator(tokenizer, max_length)
-    examples = pair_examples(cols)
-    dev = accelerator.device if accelerator is not None else resolve_device(device)
-
-    def score(start: int, end: int) -> torch.Tensor:
-        try:
-            collated = collator(examples[start:end])
-        except ValueError as err:  # the collator counts within the batch; name the pair
-            raise ValueError(_name_pair(str(err), range(start, end))) from err
-        batch = {k: v.to(dev) for k, v in collated.items()}
-        tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(model, batch)
-        return torch.stack([_sequence_logps(tok_c, mask_c, average),
-                            _sequence_logps(tok_r, mask_r, average)], dim=1)
-
-    out = _score_rows(model, len(cols["prompt"]), 2, score, batch_size=batch_size, accelerator=accelerator,
-                      device=dev, progress=progress, desc=desc)
-    return out[:, 0].contiguous(), out[:, 1].contiguous()
-
-
-@torch.no_grad()
-def ranking_logprobs(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    rankings: Rankings,
-    *,
-    max_length: int,
-    batch_size: int,
-    accelerator: Accelerator | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-    desc: str = "log-probs",
-    average: bool = False,
-) -> torch.Tensor:
-    """log pi(y_k|x) of every completion of every ranking, ``(N, K)`` fp32 on the CPU, column k the k-th
-    ranked: :func:`pair_logprobs` for rankings (one forward pass over the ``batch_size x K`` rows)."""
-    cols = ranking_columns(rankings)
-    collator = RankingCollator(tokenizer, max_length)
-    k = len(cols["completions"][0])
-    dev = accelerator.device if accelerator is not None else resolve_device(device)
-
-    def score(start: int, end: int) -> torch.Tensor:
-        examples = [{"prompt": cols["prompt"][i], "completions": cols["completions"][i]}
-                    for i in range(start, end)]
-        try:
-            collated = collator(examples)
-        except ValueError as err:
-            raise ValueError(_name_pair(str(err), range(start, end), "ranking")) from err
-        batch = {key: v.to(dev) for key, v in collated.items()}
-        tok, mask = completion_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                              batch["completion_mask"])
-        return _sequence_logps(tok, mask, average).view(end - start, k)
-
-    return _score_rows(model, len(cols["prompt"]), k, score, batch_size=batch_size, accelerator=accelerator,
-                       device=dev, progress=progress, desc=desc)
-
-
 # ------------------------------------------------------------------------------------------------- train
 def train_dpo(
     policy: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    pairs: Pairs | Rankings,
+    pairs: Pairs,
     ref_logps: torch.Tensor,
     *,
     config: DPOConfig,
@@ -346,9 +289,9 @@ def train_dpo(
     metrics records (``log.records``).
 
     ``ref_logps``: the reference's log-probs of every pair, ``(N, 2)`` (chosen, rejected), e.g.
-    ``torch.stack(pair_logprobs(reference, ...), 1)``; with ``config.loss_type == "plackett_luce"`` ``pairs``
-    are rankings (``batching.ranking_columns``) and ``ref_logps`` is ``(N, K)``. ``objective`` picks the
-    loss: "dpo" (needs ``beta``), "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft".
+    ``pair_logprobs(reference, ...)``; with ``config.loss_type == "plackett_luce"`` ``pairs`` are rankings
+    (prompt, completions; see ``batching.pair_columns``) and ``ref_logps`` is ``(N, K)``. ``objective``
+    picks the loss: "dpo" (needs ``beta``), "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft".
     ``config.batch_size`` is the GLOBAL batch; under ``accelerate launch`` every process calls this with
     the same arguments.
     Raises FloatingPointError naming the step if the loss or gradient goes non-finite; the last good
@@ -356,14 +299,13 @@ def train_dpo(
     """
     accelerator = accelerator if accelerator is not None else make_accelerator()
     world = accelerator.num_processes
-    beta = check_settings(config, objective, beta, alpha, max_length, world)
+    beta = check_dpo_settings(config, objective, beta, alpha, max_length, world)
     log = log if log is not None else TrainLog(eval_every=config.eval_every)
     log.max_steps = config.max_steps
-    ranked = objective == "dpo" and config.loss_type == "plackett_luce"
-    cols: dict[str, list] = ranking_columns(pairs) if ranked else pair_columns(pairs)
+    cols = training_columns(pairs, objective, config)
     seed_everything(seed)
     ref = ref_logps.to(accelerator.device)
-    collator = RankingCollator(tokenizer, max_length) if ranked else PreferenceCollator(tokenizer, max_length)
+    collator = PreferenceCollator(tokenizer, max_length)
     policy.to(accelerator.device).eval()  # dropout off; autograd works the same in eval mode
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
@@ -419,7 +361,8 @@ def _write_checkpoint(folder: Any, model: nn.Module, tokenizer: PreTrainedTokeni
     tokenizer.save_pretrained(folder)
 
 
-def _accumulate(model: nn.Module, cols: Mapping[str, list], micro: list[list[int]], collator: Callable,
+def _accumulate(model: nn.Module, cols: Mapping[str, list], micro: list[list[int]],
+                collator: PreferenceCollator,
                 ref: torch.Tensor, n_global: int, accelerator: Accelerator,
                 **loss_args: Any) -> tuple[dict[str, torch.Tensor], int]:
     """Forward and backward of this process's micro-batches of one step (rows ``micro`` of ``cols``): every
@@ -428,12 +371,7 @@ def _accumulate(model: nn.Module, cols: Mapping[str, list], micro: list[list[int
     parts: dict[str, list[torch.Tensor]] = {}
     tokens = torch.zeros((), device=accelerator.device)
     for k, idx in enumerate(micro):
-        try:
-            collated = collator([{c: cols[c][i] for c in cols} for i in idx])
-        except ValueError as err:  # the collator counts within the micro-batch; name the pair
-            noun = "ranking" if isinstance(collator, RankingCollator) else "pair"
-            raise ValueError(_name_pair(str(err), idx, noun)) from err
-        batch = {key: v.to(accelerator.device) for key, v in collated.items()}
+        batch = {key: v.to(accelerator.device) for key, v in _collate(collator, cols, idx).items()}
         tokens += sum(v.sum() for key, v in batch.items() if key.endswith("attention_mask"))
         sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
         with sync:
@@ -465,41 +403,32 @@ def _record(step: int, lr: float, grad_norm: float, cat: dict[str, torch.Tensor]
     return record
 
 
-def _name_pair(message: str, micro: Sequence[int], noun: str = "pair") -> str:
-    """The collator's "example i (side): ..." with i, a position in the micro-batch, replaced by the pair's
-    (or ranking's) index in the dataset."""
-    head, _, rest = message.partition(" ")
-    number = rest.split(" ", 1)[0]
-    if head == "example" and number.isdigit() and int(number) < len(micro):
-        return f"{noun} {micro[int(number)]}" + rest[len(number):]
-    return message
-
-
 def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: torch.Tensor,
                         accelerator: Accelerator, *, objective: str, beta: float, alpha: float | None,
                         config: DPOConfig, where: str) -> dict[str, torch.Tensor]:
-    """Per-pair losses of one micro-batch, with what the metrics need (implicit rewards, log-probs).
-    ``ref`` is ``(B, 2)`` (chosen, rejected) for pairs, ``(B, K)`` for rankings."""
-    if "input_ids" in batch:  # RankingCollator's one (B·K, T) batch
-        return _ranking_losses(model, batch, ref, accelerator, beta=beta, config=config, where=where)
-    ref_c, ref_r = ref[:, 0], ref[:, 1]
+    """Per-example losses of one micro-batch of pairs (or, under Plackett-Luce, rankings) from one forward
+    pass, with what the metrics need: the implicit rewards and log-probs of the first and the last
+    completion (chosen and rejected; a ranking's best and worst). ``ref`` is ``(B, K)``."""
     with accelerator.autocast():
-        tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(model, batch)
-    # Eq. 7 sums (0 off the completion); average_logprobs takes TRL's IPO per-token mean instead.
-    policy_chosen = _sequence_logps(tok_c, mask_c, config.average_logprobs)
-    policy_rejected = _sequence_logps(tok_r, mask_r, config.average_logprobs)
-    if not bool(torch.isfinite(policy_chosen).all() and torch.isfinite(policy_rejected).all()):
+        # Eq. 7 sums (0 off the completion); average_logprobs takes TRL's IPO per-token mean instead.
+        logps, tok, mask = concatenated_forward(model, batch, average=config.average_logprobs)
+    if not bool(torch.isfinite(logps).all()):
         raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
+    policy_chosen, policy_rejected = logps[:, 0], logps[:, -1]
     out: dict[str, torch.Tensor] = {}
-    if objective == "dpo":
-        nll_tok = mean_token_nll(tok_c, mask_c) if config.rpo_alpha > 0 else None  # RPO's NLL term
+    if objective == "dpo" and config.loss_type == "plackett_luce":
+        losses, rewards = plackett_luce_loss(logps, ref, beta=beta)  # App. A.3, Eq. 18
+        chosen_rewards, rejected_rewards = rewards[:, 0], rewards[:, -1]
+    elif objective == "dpo":
+        nll_tok = mean_token_nll(tok[:, 0], mask[:, 0]) if config.rpo_alpha > 0 else None  # RPO's NLL term
         losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
-            policy_chosen, policy_rejected, ref_c, ref_r,
+            policy_chosen, policy_rejected, ref[:, 0], ref[:, 1],
             beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
             rpo_alpha=config.rpo_alpha, chosen_nll=nll_tok)
         if nll_tok is not None:
             out["nll_tok"] = nll_tok
     else:
+        (tok_c, tok_r), (mask_c, mask_r) = tok.unbind(1), mask.unbind(1)
         nll = preferred_ft_loss(tok_c, mask_c)  # -log pi(y_w|x)
         if objective == "unlikelihood":
             losses = unlikelihood_loss(tok_c, mask_c, tok_r, mask_r, alpha=float(alpha))
@@ -509,28 +438,12 @@ def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref
             losses = nll
         out["nll"] = nll
         # Not in the loss: the implicit reward of Eq. 5 as a readout, comparable with DPO runs.
-        chosen_rewards = beta * (policy_chosen - ref_c).detach()
-        rejected_rewards = beta * (policy_rejected - ref_r).detach()
+        chosen_rewards = beta * (policy_chosen - ref[:, 0]).detach()
+        rejected_rewards = beta * (policy_rejected - ref[:, 1]).detach()
     out.update(losses=losses, cr=chosen_rewards, rr=rejected_rewards, pc=policy_chosen, pr=policy_rejected)
     return out
 
 
-def _ranking_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: torch.Tensor,
-                    accelerator: Accelerator, *, beta: float, config: DPOConfig,
-                    where: str) -> dict[str, torch.Tensor]:
-    """Plackett-Luce losses (App. A.3, Eq. 18) of one micro-batch of rankings, one forward over B·K rows.
-    The pair metrics compare the best- and the worst-ranked completion of each ranking."""
-    with accelerator.autocast():
-        tok, mask = completion_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                              batch["completion_mask"])
-    logps = _sequence_logps(tok, mask, config.average_logprobs).view(ref.shape)
-    if not bool(torch.isfinite(logps).all()):
-        raise FloatingPointError(f"non-finite policy log-probs {where}; lower the lr or check the data")
-    losses, rewards = plackett_luce_loss(logps, ref, beta=beta)
-    return {"losses": losses, "cr": rewards[:, 0], "rr": rewards[:, -1],
-            "pc": logps[:, 0], "pr": logps[:, -1]}
-
-
-__all__ = ["MixedPrecision", "Objective", "OBJECTIVES", "accumulation_steps", "autocast", "check_settings",
-           "make_accelerator", "make_optimizer", "pair_logprobs", "process_micro_batches", "ranking_logprobs",
-           "train_dpo"]
+__all__ = ["MixedPrecision", "Objective", "OBJECTIVES", "accumulation_steps", "autocast",
+           "check_dpo_settings", "make_accelerator", "make_optimizer", "pair_logprobs",
+           "process_micro_batches", "train_dpo", "training_columns"]

@@ -5,8 +5,8 @@ For each sampled completion y ~ pi(.|x) (sampling.py: temperature 1, no top-k/to
     KL_seq(x, y) = sum_t KL( pi(.|x, y_<t) || pi_ref(.|x, y_<t) )     (paper footnote 3, docs/design.md)
 
 with each per-step KL exact over the vocabulary, computed while sampling: the reference steps alongside the
-policy on the sampled tokens (``sampling.sample(reference=...)``; ``completion_kls`` is the same sum from a
-second pass over finished samples, logprobs.sequence_kl). Its expectation over y ~ pi equals
+policy on the sampled tokens (``sampling.sample(reference=...)``; ``kl_estimators.kl_estimates`` gives the
+same sum from a second pass over finished samples). Its expectation over y ~ pi equals
 the KL between the sequence distributions, KL(pi(y|x) || pi_ref(y|x)) (chain rule), with less variance than
 the sampled log-ratio estimator log pi(y|x) - log pi_ref(y|x), which is reported beside it for comparison.
 r*(x, y) is scored on the full text prompt + completion.
@@ -17,82 +17,19 @@ prompt are correlated and treating them as independent would understate the erro
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.batching import completion_batches
-from dpo_lab.logprobs import forward_logits, sequence_kl, sequence_logprobs
 from dpo_lab.preferences import score_samples
 from dpo_lab.presets import EvalConfig
 from dpo_lab.rewards import RewardModel
-from dpo_lab.sampling import eval_mode, model_device, sample
+from dpo_lab.sampling import sample
 
-
-@torch.no_grad()
-def batch_logits(
-    models: Sequence[nn.Module],
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    *,
-    batch_size: int,
-    pad_token_id: int = 0,
-) -> Iterator[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
-    """The one scoring pass over exact token ids ``prompt + completion`` (never re-tokenised text):
-    per batch of ``batching.completion_batches``, ``(logits of each model, input_ids, completion_mask)``, the
-    models in eval mode and every tensor on the first model's device (full-vocabulary logits are large, so
-    they meet there rather than on the host)."""
-    dev = model_device(models[0])
-    with contextlib.ExitStack() as stack:
-        for model in models:
-            stack.enter_context(eval_mode(model))
-        for batch in completion_batches(prompt_ids, completion_ids, batch_size=batch_size,
-                                        pad_token_id=pad_token_id):
-            logits = [forward_logits(model, batch["input_ids"].to(model_device(model)),
-                                     batch["attention_mask"].to(model_device(model))).to(dev)
-                      for model in models]
-            yield logits, batch["input_ids"].to(dev), batch["completion_mask"].to(dev)
-
-
-@torch.no_grad()
-def completion_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
-                        completion_ids: Sequence[Sequence[int]], *, batch_size: int,
-                        pad_token_id: int = 0) -> np.ndarray:
-    """log pi(y|x) of each completion under ``model``, summed over its tokens: ``(N,)`` float64."""
-    batches = batch_logits([model], prompt_ids, completion_ids, batch_size=batch_size,
-                           pad_token_id=pad_token_id)
-    out = [sequence_logprobs(logits, ids, mask).double().cpu() for (logits,), ids, mask in batches]
-    return torch.cat(out).numpy()
-
-
-@torch.no_grad()
-def completion_kls(
-    policy: nn.Module,
-    reference: nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    *,
-    batch_size: int,
-    pad_token_id: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per completion: (exact summed per-step KL, sampled log-ratio log pi(y|x) - log pi_ref(y|x)).
-
-    ``completion_ids`` are the exact sampled tokens (EOS included when sampled), never re-tokenised text,
-    so the KL is over precisely the steps the policy took.
-    """
-    for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=False)):
-        if not p or not c:
-            raise ValueError(f"row {i}: prompt and completion each need at least one token")
-    kls, ratios = [], []
-    for (pol, ref), ids, mask in batch_logits([policy, reference], prompt_ids, completion_ids,
-                                              batch_size=batch_size, pad_token_id=pad_token_id):
-        kls.append(sequence_kl(pol, ref, mask).cpu())
-        ratios.append((sequence_logprobs(pol, ids, mask) - sequence_logprobs(ref, ids, mask)).cpu())
-    return torch.cat(kls).double().numpy(), torch.cat(ratios).double().numpy()
+# What a trainer calls on its evaluation steps: (policy, step) -> metrics merged into that step's line.
+EvalFn = Callable[[nn.Module, int], dict[str, float]]
 
 
 # A score read beside r* on the same samples: (flat prompts, flat completions) -> one number per sample
@@ -110,20 +47,10 @@ def _mean_se(per_sample: np.ndarray, n_prompts: int) -> tuple[float, float]:
     return float(np.nanmean(rows)) if n else float("nan"), se
 
 
-def evaluate_policy(
-    policy: nn.Module,
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    reward_model: RewardModel,
-    *,
-    samples_per_prompt: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    progress: bool = False,
-    scorers: Mapping[str, Scorer] | None = None,
-) -> dict[str, float]:
+def evaluate_policy(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
+                    prompts: Sequence[str], reward_model: RewardModel, *, samples_per_prompt: int,
+                    max_new_tokens: int, batch_size: int, seed: int, progress: bool = False,
+                    scorers: Mapping[str, Scorer] | None = None) -> dict[str, float]:
     """Sample from ``policy``, score r*, and measure KL to ``reference``: one frontier point.
 
     Returns reward_mean/_se, kl_mean/_se (exact per-step sequence KL), logratio_kl_mean/_se (sampled
@@ -159,16 +86,9 @@ def evaluate_policy(
     }
 
 
-def make_eval_fn(
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    reward_model: RewardModel,
-    config: EvalConfig,
-    *,
-    seed: int,
-    scorers: Mapping[str, Scorer] | None = None,
-) -> Callable[[nn.Module, int], dict[str, float]]:
+def make_eval_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                 reward_model: RewardModel, config: EvalConfig, *, seed: int,
+                 scorers: Mapping[str, Scorer] | None = None) -> EvalFn:
     """``eval_fn(policy, step)`` for ``dpo_trainer.train_dpo``: one frontier point per call."""
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
         return evaluate_policy(policy, reference, tokenizer, prompts, reward_model,

@@ -8,7 +8,7 @@ are all C(K, 2) same-prompt pairs whose r* differ, labelled by r* as the trainin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +16,11 @@ import pandas as pd
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.evaluate import completion_logprobs
+from dpo_lab.evaluate import EvalFn
+from dpo_lab.logprobs import completion_logprobs
 from dpo_lab.preferences import score_samples
 from dpo_lab.rewards import RewardModel
-from dpo_lab.sampling import sample
+from dpo_lab.sampling import Samples, sample
 
 
 @dataclass(frozen=True)
@@ -48,14 +49,6 @@ def draw_heldout(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts:
                    batch_size=batch_size, seed=seed, progress=False)
     rstar = np.asarray(score_samples(reward, drawn.prompts, drawn.texts), dtype=np.float64)
     return HeldOut(list(drawn.prompts), drawn.prompt_ids, drawn.completion_ids, drawn.texts, rstar)
-
-
-def completion_logps(model: nn.Module, heldout: HeldOut, *, batch_size: int, pad_token_id: int) -> np.ndarray:
-    """log π(y|x) of every held-out sample under ``model``, summed over its sampled tokens: ``(P, K)``."""
-    prompts = [p for p, per in zip(heldout.prompt_ids, heldout.completion_ids, strict=True) for _ in per]
-    completions = [c for per in heldout.completion_ids for c in per]
-    return completion_logprobs(model, prompts, completions, batch_size=batch_size,
-                               pad_token_id=pad_token_id).reshape(heldout.shape)
 
 
 def _check_scores(scores: np.ndarray, rstar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -108,9 +101,6 @@ def best_of_n(scores: np.ndarray, rstar: np.ndarray) -> tuple[float, float]:
     return float(picked.mean()), se
 
 
-EvalFn = Callable[[nn.Module, int], dict[str, float]]
-
-
 def likelihood_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: HeldOut, *, beta: float,
                   max_new_tokens: int, batch_size: int, seed: int) -> EvalFn:
     """``eval_fn(policy, step)`` for ``train_dpo`` that follows the likelihoods of the held-out samples.
@@ -119,8 +109,11 @@ def likelihood_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, held
     log-ratios to π_ref (``heldout/logratio/*``), the implicit reward's ranking accuracy on the held-out
     pairs, and the mean log π_θ and log π_ref of fresh samples of π_θ itself (``fresh/*``), one per prompt.
     """
-    pad = tokenizer.pad_token_id or 0
-    ref_logps = completion_logps(reference, heldout, batch_size=batch_size, pad_token_id=pad)
+    def logps(model: nn.Module, drawn: HeldOut | Samples) -> np.ndarray:  # (prompts, samples)
+        return completion_logprobs(model, drawn.prompt_ids, drawn.completion_ids, batch_size=batch_size,
+                                   pad_token_id=tokenizer.pad_token_id or 0)
+
+    ref_logps = logps(reference, heldout)
     j, k = np.triu_indices(heldout.shape[1], k=1)
     gap = heldout.rstar[:, j] - heldout.rstar[:, k]
     keep = gap != 0
@@ -129,21 +122,18 @@ def likelihood_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, held
     rows = np.nonzero(keep)[0]
 
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
-        logps = completion_logps(policy, heldout, batch_size=batch_size, pad_token_id=pad)
-        ratio = logps - ref_logps
+        policy_logps = logps(policy, heldout)
+        ratio = policy_logps - ref_logps
         fresh = sample(policy, tokenizer, heldout.prompts, n_per_prompt=1, max_new_tokens=max_new_tokens,
                        batch_size=batch_size, seed=seed + 1, progress=False)
-        fresh_set = HeldOut(fresh.prompts, fresh.prompt_ids, fresh.completion_ids, fresh.texts,
-                            np.zeros((len(fresh.prompts), 1)))
-        fresh_pol = completion_logps(policy, fresh_set, batch_size=batch_size, pad_token_id=pad)
-        fresh_ref = completion_logps(reference, fresh_set, batch_size=batch_size, pad_token_id=pad)
+        fresh_pol, fresh_ref = logps(policy, fresh), logps(reference, fresh)
         return {
-            "heldout/logps/chosen": float(logps[rows, w].mean()),
-            "heldout/logps/rejected": float(logps[rows, lose].mean()),
+            "heldout/logps/chosen": float(policy_logps[rows, w].mean()),
+            "heldout/logps/rejected": float(policy_logps[rows, lose].mean()),
             "heldout/logratio/chosen": float(ratio[rows, w].mean()),
             "heldout/logratio/rejected": float(ratio[rows, lose].mean()),
             "heldout/accuracy": ranking_accuracy(beta * ratio, heldout.rstar),
-            "heldout/logps/all": float(logps.mean()),
+            "heldout/logps/all": float(policy_logps.mean()),
             "fresh/logps": float(fresh_pol.mean()),
             "fresh/ref_logps": float(fresh_ref.mean()),
             "fresh/tokens": float(np.mean([len(c[0]) for c in fresh.completion_ids])),

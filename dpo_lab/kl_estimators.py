@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.evaluate import batch_logits
-from dpo_lab.logprobs import sequence_kl, token_logprobs
+from dpo_lab.logprobs import batch_logits, sequence_kl, token_logprobs
 from dpo_lab.sampling import Samples, _check_args, sample, sampling_config
 
 __all__ = ["ESTIMATORS", "KLEstimates", "token_estimators", "kl_estimates", "drop_eos",
@@ -67,28 +66,20 @@ def token_estimators(policy_logps: Tensor, ref_logps: Tensor) -> tuple[Tensor, T
 
 
 @torch.no_grad()
-def kl_estimates(
-    policy: nn.Module,
-    reference: nn.Module,
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    *,
-    batch_size: int,
-    pad_token_id: int = 0,
-) -> KLEstimates:
+def kl_estimates(policy: nn.Module, reference: nn.Module, prompt_ids: Sequence[Sequence[int]],
+                 completion_ids: Sequence[Sequence[int]], *, batch_size: int,
+                 pad_token_id: int = 0) -> KLEstimates:
     """k1, k2, k3 and the exact per-step KL sum of each completion, one forward per model per batch.
 
     ``completion_ids`` are exact token ids (EOS included where sampled, as ``sampling.sample`` returns
     them). An empty completion (a lone EOS that was dropped) scores 0 on every estimator: no steps, no
-    terms. The exact column equals ``evaluate.completion_kls``' and k1 its log-ratio (tested).
+    terms. The exact column is the evaluator's KL, and k1 its sampled log-ratio (``sampling.sample(
+    reference=...)``'s ``kl`` and ``logratio``, to float rounding: tested).
     """
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    for i, p in enumerate(prompt_ids):
-        if not p:
-            raise ValueError(f"row {i}: the prompt needs at least one token")
     columns: dict[str, list[Tensor]] = {name: [] for name in (*ESTIMATORS, "n_tokens")}
     for (pol, ref), ids, comp in batch_logits([policy, reference], prompt_ids, completion_ids,
                                               batch_size=batch_size, pad_token_id=pad_token_id):
@@ -109,28 +100,19 @@ def drop_eos(completion_ids: Sequence[Sequence[int]], eos_token_id: int) -> list
 
 
 @torch.no_grad()
-def sample_with_settings(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    n_per_prompt: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    min_new_tokens: int = 0,
-    strip_eos: bool = False,
-) -> Samples:
-    """``sampling.sample``'s completions drawn by HF ``generate`` with the given warpers (temperature 1).
+def sample_with_settings(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
+                         top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, strip_eos: bool = False,
+                         **kwargs: int) -> Samples:
+    """``sampling.sample``'s completions drawn by HF ``generate`` with the given warpers (temperature 1);
+    ``kwargs`` are sample's ``n_per_prompt``, ``max_new_tokens``, ``batch_size`` and ``seed``.
 
     With the defaults (no top-k, no top-p, no minimum length) the tokens are ``sample(...,
     backend="generate")``'s for the same seed and batch size: only the settings differ (tested).
     ``top_k=50`` or ``top_p=0.9`` sample a truncated, renormalised π; ``min_new_tokens`` masks EOS for that
     many steps (HF's logits processor); ``strip_eos`` applies :func:`drop_eos` to the sampled ids.
     """
-    _check_args(n_per_prompt, max_new_tokens, batch_size, seed)
+    _check_args(**kwargs)
+    max_new_tokens = kwargs["max_new_tokens"]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be a non-negative integer (0 = off), got {top_k!r}")
     if not 0.0 < top_p <= 1.0:
@@ -141,8 +123,7 @@ def sample_with_settings(
                          f"got {min_new_tokens!r}")
     config = sampling_config(tokenizer, max_new_tokens)
     config.top_k, config.top_p, config.min_new_tokens = top_k, top_p, min_new_tokens
-    drawn = sample(model, tokenizer, prompts, n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
-                   batch_size=batch_size, seed=seed, progress=False, backend="generate",
+    drawn = sample(model, tokenizer, prompts, **kwargs, progress=False, backend="generate",
                    generation_config=config)
     if not strip_eos:
         return drawn

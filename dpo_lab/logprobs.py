@@ -1,7 +1,7 @@
 """Log-probabilities of completions under a causal LM, and the exact KL between two policies.
 
 Every DPO quantity is built from ``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` summed over the completion's
-tokens only (paper Eq. 7). Conventions used throughout:
+tokens only (paper Eq. 7), and :func:`sequence_logprobs` is the one routine that sums. Conventions:
 
 * ``input_ids``/``attention_mask``/``completion_mask`` are ``(B, T)``, with ``completion_mask`` marking the
   *input positions* that hold completion tokens (prompt and padding are 0).
@@ -9,27 +9,26 @@ tokens only (paper Eq. 7). Conventions used throughout:
   that selects completion tokens among them is ``completion_mask[:, 1:]`` (the "shifted mask").
 * Logits are upcast to fp32 before any softmax: half-precision log-softmax is the classic source of NaN or
   constant DPO losses.
+
+Per-token log-probs come from a model two ways: :func:`completion_token_logprobs` (training: the LM head
+only where a completion token is predicted) and :func:`batch_logits` (evaluation: full logits, which the
+exact KL needs too).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "token_logprobs",
-    "sequence_logprobs",
-    "position_ids_from_mask",
-    "forward_logits",
-    "completion_logprobs",
-    "completion_token_logprobs",
-    "concatenated_logprobs",
-    "concatenated_token_logprobs",
-    "token_kl",
-    "sequence_kl",
-]
+from dpo_lab.batching import completion_batches
 
-_BATCH_KEYS = ("input_ids", "attention_mask", "completion_mask")
+__all__ = ["token_logprobs", "sequence_logprobs", "position_ids_from_mask", "has_hooks", "eval_mode",
+           "model_device", "forward_logits", "completion_token_logprobs", "concatenated_forward",
+           "batch_logits", "completion_logprobs", "token_kl", "sequence_kl"]
 
 
 def _check_tensor(name: str, x: object, ndim: int) -> Tensor:
@@ -43,7 +42,7 @@ def _check_tensor(name: str, x: object, ndim: int) -> Tensor:
 def _check_mask(name: str, mask: object, shape: torch.Size) -> Tensor:
     mask = _check_tensor(name, mask, len(shape))
     if mask.shape != shape:
-        raise ValueError(f"{name} has shape {tuple(mask.shape)} but input_ids has shape {tuple(shape)}")
+        raise ValueError(f"{name} has shape {tuple(mask.shape)} but the values have shape {tuple(shape)}")
     if mask.is_floating_point() or mask.is_complex():
         raise TypeError(f"{name} must be an integer or bool tensor of 0/1, got dtype {mask.dtype}")
     if not bool(((mask == 0) | (mask == 1)).all()):
@@ -68,16 +67,12 @@ def _shifted_completion_mask(completion_mask: Tensor, shape: torch.Size) -> Tens
 class _TokenLogprobs(torch.autograd.Function):
     """``token_logprobs``' ``gather - logsumexp`` over the vocabulary, with a one-buffer backward.
 
-    The forward is the same ops as ``token_logprobs``, so the values are bit-identical. Autograd's backward of
-    it makes three vocabulary-sized buffers per step (the gather's zeros + scatter, the logsumexp's
-    ``exp(x - lse)``, the slice ``[:, :-1]``'s zeros + copy) and adds them; here one buffer gets the same
-    terms in the same arithmetic: ``-g * exp(x - lse)`` (logsumexp's backward), ``+ g`` at the label
-    (gather's), 0 at the last position. On the cpu preset this cuts the vocabulary-sized work of a DPO
-    step by about a third (benchmarks/bench_roofline.py; tests/test_logprobs.py checks it
-    against autograd) and leaves trained weights bit-identical.
-
-    Takes ``(B, S, V)`` logits and ``(B, L)`` labels, L = S - 1 (every position but the last predicts a
-    label) or L = S (logits already gathered at the predicting positions, ``completion_token_logprobs``).
+    The forward is the same ops, so the values are bit-identical. Autograd's backward of it makes three
+    vocabulary-sized buffers per step (gather's zeros + scatter, logsumexp's ``exp(x - lse)``, the slice's
+    zeros + copy); here one buffer gets the same terms in the same arithmetic, which cuts the
+    vocabulary-sized work of a DPO step on the cpu preset by about a third (benchmarks/bench_roofline.py).
+    Takes ``(B, S, V)`` logits and ``(B, L)`` labels, L = S - 1 (the last position predicts nothing) or
+    L = S (logits already gathered at the predicting positions).
     """
 
     @staticmethod
@@ -115,16 +110,16 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     return _TokenLogprobs.apply(logits.float(), input_ids[:, 1:])  # fp32 before the softmax
 
 
-def sequence_logprobs(logits: Tensor, input_ids: Tensor, completion_mask: Tensor, *,
-                      average: bool = False) -> Tensor:
-    """``log π(y|x)``: the sum (default) of token log-probs over completion tokens only, ``(B,)``.
+def sequence_logprobs(token_logps: Tensor, mask: Tensor, *, average: bool = False) -> Tensor:
+    """``log π(y|x)``: the sum (default) of per-token log-probs over completion tokens only, ``(B,)``.
 
-    ``average=True`` returns the mean over completion tokens instead. That changes the meaning of β: it then
-    scales a per-token log-ratio (length-normalised DPO, as in SimPO or Tulu's ``dpo_norm``), whereas the
-    paper's Eq. 7 sums, so β values are not comparable between the two.
+    ``token_logps`` and ``mask`` are ``(B, T-1)``: :func:`token_logprobs` of the logits with
+    ``completion_mask[:, 1:]``, or what :func:`completion_token_logprobs` returns. ``average=True`` returns
+    the mean over completion tokens instead. That changes the meaning of β: it then scales a per-token
+    log-ratio (length-normalised DPO, as in SimPO or TRL's IPO), whereas the paper's Eq. 7 sums, so β values
+    are not comparable between the two.
     """
-    token_logps = token_logprobs(logits, input_ids)
-    mask = _shifted_completion_mask(completion_mask, input_ids.shape)
+    mask = _check_mask("mask", mask, _check_tensor("token_logps", token_logps, 2).shape)
     counts = mask.sum(-1)
     if bool((counts == 0).any()):
         rows = torch.nonzero(counts == 0).flatten().tolist()
@@ -135,6 +130,7 @@ def sequence_logprobs(logits: Tensor, input_ids: Tensor, completion_mask: Tensor
     return total / counts if average else total
 
 
+# ------------------------------------------------------------------------------------------ running a model
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Positions counted over real tokens only (``cumsum - 1``, clamped at 0 on leading padding).
 
@@ -154,6 +150,21 @@ def has_hooks(model: nn.Module) -> bool:
         m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch dropout off for the block and restore the caller's train/eval mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _model_inputs(input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor | bool]:
     """Checked keyword arguments of a causal LM's (or its body's) forward; left or right padding alike."""
     input_ids = _check_tensor("input_ids", input_ids, 2)
@@ -169,31 +180,18 @@ def forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) 
     return model(**_model_inputs(input_ids, attention_mask)).logits
 
 
-def _check_completion_within_attention(attention_mask: Tensor, completion_mask: Tensor) -> None:
-    if bool((completion_mask.bool() & ~attention_mask.bool()).any()):
-        raise ValueError("completion_mask marks positions that attention_mask says are padding")
-
-
-def completion_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
-                        completion_mask: Tensor, *, average: bool = False) -> Tensor:
-    """``log π(y|x)`` of each row's completion under ``model``, ``(B,)`` (see ``sequence_logprobs``)."""
-    logits = forward_logits(model, input_ids, attention_mask)
-    _check_completion_within_attention(attention_mask, completion_mask)
-    return sequence_logprobs(logits, input_ids, completion_mask, average=average)
-
-
 def completion_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                               completion_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token ``log π(y_t | x, y_<t)`` and the shifted mask, both ``(B, T-1)``.
+    """Per-token ``log π(y_t | x, y_<t)`` (0 off the completion) and the shifted mask, both ``(B, T-1)``.
 
-    Log-probs at non-completion positions are set to 0 so they are harmless if summed without the mask.
-    Token-level losses (Unlikelihood, Preferred-FT) consume this pair. For an HF model with ``.transformer``
-    and ``.lm_head`` (GPT-2) and no forward hooks, the LM head (2 d V FLOPs a position, the largest layer at
-    the cpu preset) runs only at the positions that predict a completion token: prompt and padding
-    positions' logits were computed and thrown away. Same values to float rounding, same gradients.
+    ``sequence_logprobs(*completion_token_logprobs(...))`` is ``log π(y|x)``; the token-level losses
+    (Unlikelihood, Preferred-FT) take the pair itself. For an HF model with ``.transformer`` and
+    ``.lm_head`` (GPT-2) and no forward hooks, the LM head (the largest layer at the cpu preset) runs only
+    at the positions that predict a completion token. Same values to float rounding, same gradients.
     """
     inputs = _model_inputs(input_ids, attention_mask)
-    _check_completion_within_attention(attention_mask, completion_mask)
+    if bool((completion_mask.bool() & ~attention_mask.bool()).any()):
+        raise ValueError("completion_mask marks positions that attention_mask says are padding")
     mask = _shifted_completion_mask(completion_mask, input_ids.shape)
     body, head = getattr(model, "transformer", None), getattr(model, "lm_head", None)
     if not isinstance(body, nn.Module) or not isinstance(head, nn.Module) or has_hooks(model):
@@ -205,41 +203,61 @@ def completion_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mas
     return zeros.masked_scatter(mask, picked), mask.long()
 
 
-def concatenated_token_logprobs(model: nn.Module, batch: dict[str, Tensor],
-                                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Per-token log-probs of chosen and rejected from ONE forward pass over the stacked ``2B`` batch.
+def concatenated_forward(model: nn.Module, batch: Mapping[str, Tensor], *,
+                         average: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """``log π(y_k|x)`` of every completion of a ``batching.PreferenceCollator`` batch, ``(B, K)``, from ONE
+    forward pass over all its rows (the official DPO code's ``concatenated_forward``): column k is each
+    example's k-th completion (pairs: chosen, rejected; rankings: best first).
 
-    ``batch`` holds ``chosen_*`` and ``rejected_*`` versions of input_ids, attention_mask and
-    completion_mask (as made by ``batching.PreferenceCollator``), stacked by ``batching.stack_pairs``.
-    Returns ``(chosen_token_logps, chosen_mask, rejected_token_logps, rejected_mask)``, each ``(B, T-1)``:
-    ``log π(y_t | x, y_<t)`` (fp32, 0 off the completion) and the shifted completion mask. Summing a row
-    gives ``log π(y|x)`` of Eq. 7; token-level losses (Unlikelihood, Preferred-FT) use the tokens.
+    Also returns each completion's per-token log-probs and shifted mask, ``(B, K, T-1)``, for the
+    token-level losses. ``average``: see :func:`sequence_logprobs`.
     """
-    from dpo_lab.batching import stack_pairs
-
-    stacked = stack_pairs(batch, _BATCH_KEYS)
-    n_chosen = batch["chosen_input_ids"].shape[0]
-    logps, mask = completion_token_logprobs(model, stacked["input_ids"], stacked["attention_mask"],
-                                            stacked["completion_mask"])
-    return logps[:n_chosen], mask[:n_chosen], logps[n_chosen:], mask[n_chosen:]
+    token_logps, mask = completion_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                                  batch["completion_mask"])
+    rows = batch["rows"]
+    return sequence_logprobs(token_logps, mask, average=average)[rows], token_logps[rows], mask[rows]
 
 
-def concatenated_logprobs(model: nn.Module, batch: dict[str, Tensor], *,
-                          average: bool = False) -> tuple[Tensor, Tensor]:
-    """``(log π(y_w|x), log π(y_l|x))`` from ONE forward pass (``concatenated_token_logprobs``), summed over
-    completion tokens (``average=True``: their mean, see ``sequence_logprobs``)."""
-    tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(model, batch)
-    for mask in (mask_c, mask_r):
-        counts = mask.sum(-1)
-        if bool((counts == 0).any()):
-            rows = torch.nonzero(counts == 0).flatten().tolist()
-            raise ValueError(f"rows {rows} have no completion tokens: "
-                             "log π(y|x) of an empty completion is undefined")
-    if average:
-        return tok_c.sum(-1) / mask_c.sum(-1), tok_r.sum(-1) / mask_r.sum(-1)
-    return tok_c.sum(-1), tok_r.sum(-1)
+@torch.no_grad()
+def batch_logits(models: Sequence[nn.Module], prompt_ids: Sequence[Sequence[int]],
+                 completion_ids: Sequence[Sequence[int]], *, batch_size: int,
+                 pad_token_id: int = 0) -> Iterator[tuple[list[Tensor], Tensor, Tensor]]:
+    """The one scoring pass over exact token ids ``prompt + completion`` (never re-tokenised text):
+    per batch of ``batching.completion_batches``, ``(logits of each model, input_ids, completion_mask)``, the
+    models in eval mode and every tensor on the first model's device (full-vocabulary logits are large, so
+    they meet there rather than on the host)."""
+    for i, p in enumerate(prompt_ids):
+        if not p:
+            raise ValueError(f"row {i}: the prompt needs at least one token")
+    dev = model_device(models[0])
+    with contextlib.ExitStack() as stack:
+        for model in models:
+            stack.enter_context(eval_mode(model))
+        for batch in completion_batches(prompt_ids, completion_ids, batch_size=batch_size,
+                                        pad_token_id=pad_token_id):
+            logits = [forward_logits(model, batch["input_ids"].to(model_device(model)),
+                                     batch["attention_mask"].to(model_device(model))).to(dev)
+                      for model in models]
+            yield logits, batch["input_ids"].to(dev), batch["completion_mask"].to(dev)
 
 
+@torch.no_grad()
+def completion_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
+                        completion_ids: Sequence[Sequence[Sequence[int]]], *, batch_size: int,
+                        pad_token_id: int = 0) -> np.ndarray:
+    """``log π(y|x)`` under ``model`` of the K completions of each prompt, exact token ids as
+    ``sampling.sample`` returns them (``completion_ids[p]`` is prompt p's list): ``(P, K)`` float64."""
+    if len({len(per) for per in completion_ids}) > 1:
+        raise ValueError("every prompt needs the same number of completions")
+    flat_prompts = [p for p, per in zip(prompt_ids, completion_ids, strict=True) for _ in per]
+    flat = [c for per in completion_ids for c in per]
+    out = [sequence_logprobs(token_logprobs(logits, ids), mask[:, 1:]).double().cpu()
+           for (logits,), ids, mask in batch_logits([model], flat_prompts, flat, batch_size=batch_size,
+                                                    pad_token_id=pad_token_id)]
+    return torch.cat(out).numpy().reshape(len(completion_ids), -1)
+
+
+# ------------------------------------------------------------------------------------------------------ KL
 def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
     """Exact ``KL(π ‖ π_ref) = Σ_v p log p − p log q`` over the vocabulary at every position, ``(...,)``.
 
@@ -261,7 +279,7 @@ def sequence_kl(policy_logits: Tensor, ref_logits: Tensor, completion_mask: Tens
     """Sequence-level KL (paper footnote 3): ``Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t))``, ``(B,)``.
 
     Sums the per-step KL over the steps whose logits predict a completion token, i.e. positions ``t`` with
-    ``completion_mask[:, t + 1] == 1`` (the same shifted mask as ``sequence_logprobs``).
+    ``completion_mask[:, t + 1] == 1`` (the shifted mask).
     """
     policy_logits = _check_tensor("policy_logits", policy_logits, 3)
     ref_logits = _check_tensor("ref_logits", ref_logits, 3)

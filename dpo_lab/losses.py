@@ -14,26 +14,19 @@ Bradley-Terry model, Eqs. 1 and 6). The baselines (Unlikelihood, Preferred-FT) t
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = [
-    "LOSS_TYPES",
-    "bradley_terry_loss",
-    "preference_loss",
-    "plackett_luce_loss",
-    "mean_token_nll",
-    "dpo_loss_gradient_weight",
-    "unlikelihood_loss",
-    "preferred_ft_loss",
-    "preference_metrics",
-]
+from dpo_lab.logprobs import sequence_logprobs
+
+__all__ = ["LOSS_TYPES", "bradley_terry_loss", "preference_loss", "plackett_luce_loss", "mean_token_nll",
+           "dpo_loss_gradient_weight", "unlikelihood_loss", "preferred_ft_loss", "preference_metrics"]
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
-LOSS_TYPES: tuple[str, ...] = ("sigmoid", "ipo", "hinge")
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 def _check_scalar(name: str, value: object, *, positive: bool) -> float:
@@ -83,19 +76,10 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
     return -F.logsigmoid(chosen_rewards - rejected_rewards)
 
 
-def preference_loss(
-    policy_chosen_logps: Tensor,
-    policy_rejected_logps: Tensor,
-    ref_chosen_logps: Tensor,
-    ref_rejected_logps: Tensor,
-    *,
-    beta: float,
-    loss_type: LossType = "sigmoid",
-    label_smoothing: float = 0.0,
-    reference_free: bool = False,
-    rpo_alpha: float = 0.0,
-    chosen_nll: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
+                    ref_rejected_logps: Tensor, *, beta: float, loss_type: LossType = "sigmoid",
+                    label_smoothing: float = 0.0, reference_free: bool = False, rpo_alpha: float = 0.0,
+                    chosen_nll: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Per-example preference losses and the implicit rewards of both completions.
 
     With ``h`` the log-ratio difference (module docstring):
@@ -218,14 +202,14 @@ def _check_token_logps(name: str, logps: Tensor, mask_name: str, mask: Tensor) -
 def preferred_ft_loss(chosen_token_logps: Tensor, chosen_mask: Tensor) -> Tensor:
     """Preferred-FT (SFT on y_w): ``−log π(y_w|x) = −Σ_t log π(y_w,t | x, y_w,<t)``, ``(B,)``."""
     mask = _check_token_logps("chosen_token_logps", chosen_token_logps, "chosen_mask", chosen_mask)
-    return -torch.where(mask, chosen_token_logps, 0.0).sum(-1)
+    return -sequence_logprobs(chosen_token_logps, mask)
 
 
 def mean_token_nll(token_logps: Tensor, mask: Tensor) -> Tensor:
     """``−log π(y|x) / |y|``: each row's NLL per completion token, ``(B,)`` (the NLL term of RPO, as Pang et
     al. 2024 normalise it: the length of each sequence, not the batch's token count as TRL does)."""
     bool_mask = _check_token_logps("token_logps", token_logps, "mask", mask)
-    return preferred_ft_loss(token_logps, mask) / bool_mask.sum(-1)
+    return -sequence_logprobs(token_logps, bool_mask, average=True)
 
 
 def _log1mexp(logp: Tensor) -> Tensor:

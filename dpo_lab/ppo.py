@@ -284,7 +284,7 @@ def _rollout(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
 
 
 # --------------------------------------------------------------------------------------------- training
-def check_settings(config: PPOConfig, prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> None:
+def check_ppo_settings(config: PPOConfig, prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse bad settings before any work, naming the field."""
     for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_steps",
                  "eval_every", "checkpoint_every", "kl_horizon"):
@@ -441,7 +441,7 @@ def train_ppo(
     """
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
-    check_settings(config, prompts, tokenizer)
+    check_ppo_settings(config, prompts, tokenizer)
     device, prompts = resolve_device(device), list(prompts)
     log = log if log is not None else TrainLog(eval_every=config.eval_every)
     log.max_steps = config.max_steps

@@ -34,13 +34,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import GPT2Model, PreTrainedTokenizerBase
 
-from dpo_lab.batching import (
-    Pairs,
-    PreferenceCollator,
-    pair_columns,
-    pair_examples,
-    stack_pairs,
-)
+from dpo_lab.batching import Pairs, PreferenceCollator, pair_columns, pair_examples
 from dpo_lab.logprobs import position_ids_from_mask
 from dpo_lab.loop import optimizer_step, resolve_device, warmup_then_flat
 from dpo_lab.losses import bradley_terry_loss
@@ -91,10 +85,8 @@ class ScalarRewardModel(nn.Module):
 
 def pair_rewards(model: ScalarRewardModel, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(r(x, y_w), r(x, y_l)) of a ``PreferenceCollator`` batch in ONE forward pass over both halves."""
-    n = batch["chosen_input_ids"].shape[0]
-    stacked = stack_pairs(batch, ("input_ids", "attention_mask"))
-    rewards = model(stacked["input_ids"], stacked["attention_mask"])
-    return rewards[:n], rewards[n:]
+    rewards = model(batch["input_ids"], batch["attention_mask"])[batch["rows"]]
+    return rewards[:, 0], rewards[:, 1]
 
 
 # ---------------------------------------------------------------------------------------------- splitting
@@ -261,13 +253,13 @@ def completion_offset(model: ScalarRewardModel, collator: PreferenceCollator,
                       examples: Sequence[Mapping[str, str]], *, batch_size: int) -> float:
     """Mean ``r_phi`` over the distinct (prompt, completion) pairs of the training pairs (paper §3)."""
     seen = sorted({(e["prompt"], e[side]) for e in examples for side in ("chosen", "rejected")})
-    # Score each distinct completion once: reuse the collator with the completion on both sides.
-    rows = [{"prompt": p, "chosen": c, "rejected": c} for p, c in seen]
+    # Score each distinct completion once: each is a "ranking" of one completion to the collator.
+    rows = [{"prompt": p, "completions": [c]} for p, c in seen]
     device = next(model.parameters()).device
     total = 0.0
     for start in range(0, len(rows), batch_size):
         batch = {k: v.to(device) for k, v in collator(rows[start:start + batch_size]).items()}
-        total += float(model(batch["chosen_input_ids"], batch["chosen_attention_mask"]).double().sum())
+        total += float(model(batch["input_ids"], batch["attention_mask"]).double().sum())
     return total / len(rows)
 
 

@@ -37,7 +37,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dpo_lab import dpo_trainer, ppo
-from dpo_lab.batching import pair_columns, pairs_fingerprint, ranking_columns, rankings_fingerprint
+from dpo_lab.batching import pair_columns, pairs_fingerprint
 from dpo_lab.cache import (
     Lock,
     RunLockedError,
@@ -504,56 +504,34 @@ def _reference_key_parts(reference: nn.Module, tokenizer: PreTrainedTokenizerBas
 def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
                        max_length: int, cache_dir: str | Path, batch_size: int, accelerator: Any = None,
                        device: torch.device | str | None = None, progress: bool = True,
-                       reference_fingerprint: str | None = None,
-                       average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`dpo_trainer.pair_logprobs` of the frozen reference, read from / written to the disk cache.
+                       reference_fingerprint: str | None = None, average: bool = False) -> torch.Tensor:
+    """:func:`dpo_trainer.pair_logprobs` of the frozen reference, ``(N, K)`` (pairs: chosen, rejected;
+    rankings: best first), read from / written to the disk cache.
 
-    The key hashes the reference weights, the pairs, the tokenizer, max_length, sum or mean (``average``),
-    the device type and the precision, so any change recomputes and nothing stale is reused.
+    The key hashes the reference weights, the pairs (or rankings), the tokenizer, max_length, sum or mean
+    (``average``), the device type and the precision, so any change recomputes and nothing stale is reused.
     ``reference_fingerprint`` (``cache.model_fingerprint`` of ``reference``) skips hashing the weights a
-    second time.
+    second time. The file holds one ``(N,)`` tensor per column.
     """
     cols = pair_columns(pairs)
-    n = len(cols["prompt"])
+    n, ranked = len(cols["prompt"]), "completions" in cols
+    names = tuple(f"completion{k}" for k in range(len(cols["completions"][0]))) if ranked else (
+        "chosen", "rejected")
     dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
                                                                     reference_fingerprint)
     key = content_hash("ref-logps/v2", weights, pairs_fingerprint(cols), tok, max_length,
                        "mean" if average else "sum", dev_type, precision)
 
-    def compute() -> tuple[torch.Tensor, torch.Tensor]:
-        return dpo_trainer.pair_logprobs(reference, tokenizer, cols, max_length=max_length,
-                                         batch_size=batch_size, accelerator=accelerator, device=dev,
-                                         progress=progress, desc="reference log-probs", average=average)
+    def compute() -> tuple[torch.Tensor, ...]:
+        logps = dpo_trainer.pair_logprobs(reference, tokenizer, cols, max_length=max_length,
+                                          batch_size=batch_size, accelerator=accelerator, device=dev,
+                                          progress=progress, desc="reference log-probs", average=average)
+        return tuple(column.clone() for column in logps.unbind(1))  # safetensors stores no shared memory
 
-    chosen, rejected = _cached_logprobs(Path(cache_dir) / f"ref-logps-{key}.safetensors", key,
-                                        ("chosen", "rejected"), (n,), "pairs", compute,
-                                        {"n_pairs": str(n), "max_length": str(max_length)}, accelerator)
-    return chosen, rejected
-
-
-def reference_ranking_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, rankings: Any, *,
-                               max_length: int, cache_dir: str | Path, batch_size: int,
-                               accelerator: Any = None, device: torch.device | str | None = None,
-                               progress: bool = True, reference_fingerprint: str | None = None,
-                               average: bool = False) -> torch.Tensor:
-    """:func:`dpo_trainer.ranking_logprobs` of the frozen reference, ``(N, K)``, cached as
-    :func:`reference_logprobs`."""
-    cols = ranking_columns(rankings)
-    shape = (len(cols["prompt"]), len(cols["completions"][0]))
-    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
-                                                                    reference_fingerprint)
-    key = content_hash("ref-ranking-logps/v1", weights, rankings_fingerprint(cols), tok, max_length,
-                       "mean" if average else "sum", dev_type, precision)
-
-    def compute() -> tuple[torch.Tensor]:
-        return (dpo_trainer.ranking_logprobs(reference, tokenizer, cols, max_length=max_length,
-                                             batch_size=batch_size, accelerator=accelerator, device=dev,
-                                             progress=progress, desc="reference log-probs", average=average),)
-
-    (logps,) = _cached_logprobs(Path(cache_dir) / f"ref-ranking-logps-{key}.safetensors", key, ("logps",),
-                                shape, "rankings", compute,
-                                {"n_rankings": str(shape[0]), "max_length": str(max_length)}, accelerator)
-    return logps
+    noun = "rankings" if ranked else "pairs"
+    columns = _cached_logprobs(Path(cache_dir) / f"ref-logps-{key}.safetensors", key, names, (n,), noun,
+                               compute, {f"n_{noun}": str(n), "max_length": str(max_length)}, accelerator)
+    return torch.stack(columns, dim=1)
 
 
 # ------------------------------------------------------------------------------------ the trainers' runs
@@ -570,15 +548,14 @@ def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
     config, objective = settings["config"], settings.get("objective", "dpo")
     accelerator = accelerator if accelerator is not None else dpo_trainer.make_accelerator(device)
-    beta = dpo_trainer.check_settings(config, objective, settings.get("beta"), settings.get("alpha"),
+    beta = dpo_trainer.check_dpo_settings(config, objective, settings.get("beta"), settings.get("alpha"),
                                       settings["max_length"], accelerator.num_processes)
-    ranked = objective == "dpo" and config.loss_type == "plackett_luce"
-    cols = ranking_columns(pairs) if ranked else pair_columns(pairs)
+    cols = dpo_trainer.training_columns(pairs, objective, config)
     alpha = settings.get("alpha")
     fields: dict[str, Any] = {
         "beta": float(beta), "seed": settings["seed"], "max_length": settings["max_length"],
         "config": trajectory_settings(config), "reference": model_fingerprint(reference),
-        "pairs": rankings_fingerprint(cols) if ranked else pairs_fingerprint(cols),
+        "pairs": pairs_fingerprint(cols),
         "tokenizer": tokenizer_fingerprint(tokenizer), "device": accelerator.device.type,
         "mixed_precision": str(accelerator.mixed_precision), "objective": objective,
         "alpha": None if alpha is None else float(alpha)}
@@ -599,10 +576,7 @@ def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
                     "batch_size": config.micro_batch_size, "accelerator": accelerator,
                     "progress": settings.get("progress", True), "average": config.average_logprobs,
                     "reference_fingerprint": fields["reference"]}
-        if ranked:
-            ref = reference_ranking_logprobs(reference, tokenizer, cols, **ref_args)  # (N, K), best first
-        else:
-            ref = torch.stack(reference_logprobs(reference, tokenizer, cols, **ref_args), dim=1)  # (N, 2)
+        ref = reference_logprobs(reference, tokenizer, cols, **ref_args)  # (N, K)
         dpo_trainer.train_dpo(policy, tokenizer, cols, ref, accelerator=accelerator, log=run, **settings)
         result = run.finish()
     accelerator.wait_for_everyone()
@@ -617,7 +591,7 @@ def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
     config, device = settings["config"], resolve_device(device)
-    ppo.check_settings(config, prompts, tokenizer)
+    ppo.check_ppo_settings(config, prompts, tokenizer)
     fields = {"seed": settings["seed"], "config": trajectory_settings(config),
               "reference": model_fingerprint(reference), "prompts": content_hash(list(prompts)),
               "tokenizer": tokenizer_fingerprint(tokenizer), "device": device.type}

@@ -10,24 +10,18 @@ itself samples EOS (that EOS is kept in ``completion_ids``: it is part of the sa
 evaluator's sequence KL includes the step that chose it). Nothing forces or forbids EOS, so the samples
 are draws from pi(y | x) over sequences of at most ``max_new_tokens`` tokens. The decoded text drops EOS.
 
-Backends (``backend=``):
+Backends (``backend=``), compared by benchmarks/bench_sampling.py:
 
-* ``"loop"``: a plain decoding loop that gives the *same tokens* as ``generate`` for the same
-  seed, token for token (tested). It feeds the model exactly what ``generate`` feeds it (left-padded
-  prompt, position ids ``cumsum(mask) - 1``, the 2-D mask or none when nothing is padded, a KV cache,
-  logits of the last position only) and draws with the same arithmetic: fp32 softmax, then
-  ``torch.multinomial(probs, 1)`` over the whole batch, finished rows included. For a plain HF GPT-2
-  (sdpa attention, no hooks) it runs the blocks itself with the same torch ops as ``GPT2LMHeadModel`` on
-  a preallocated KV cache, skipping HF's per-step mask, cache and wrapper work.
-* ``"loop_icdf"`` (default): the same loop, but each token is drawn by inverting the CDF with one
-  uniform per row (float32 cumulative sum, ``searchsorted``). Same distribution, different tokens:
-  ``torch.multinomial`` draws batch x vocab Exp(1) variates per step (it computes ``argmax(probs / E)``,
-  the exponential race), which at the cpu preset (128 x 4096) costs about as much as the model's
-  forward, and token-for-token equality with ``generate`` needs exactly those draws. About 1.9x
-  ``generate``'s completions per second at the cpu preset's shapes, where "loop" reaches 1.2x
-  (benchmarks/bench_sampling.py); chi-square tests check its distribution, and "loop" carries the
-  token-for-token check of the loop itself.
-* ``"generate"``: HF ``model.generate`` (the reference; benchmarks/bench_sampling.py compares them).
+* ``"loop"``: a plain decoding loop that gives ``generate``'s tokens for the same seed, token for token
+  (tested): the same inputs (left-padded prompt, position ids ``cumsum(mask) - 1``, the 2-D mask or none
+  when nothing is padded, a KV cache, the last position's logits) and the same draw (fp32 softmax, one
+  ``torch.multinomial`` over the whole batch, finished rows included). A plain HF GPT-2 (sdpa, no hooks)
+  runs through its blocks directly, with GPT2LMHeadModel's ops on a preallocated cache.
+* ``"loop_icdf"`` (default): the same loop, each token drawn by inverting the CDF with one uniform per row.
+  Same distribution (chi-square tested), other tokens: ``torch.multinomial`` draws batch x vocab Exp(1)
+  variates a step, about the cost of the model's forward at the cpu preset. About 1.9x ``generate``'s
+  completions per second there, where "loop" reaches 1.2x.
+* ``"generate"``: HF ``model.generate``, the reference.
 
 Randomness: every backend draws from torch's global RNG. We fork it (``torch.random.fork_rng``) and seed
 the fork, so the same seed gives the same samples on the same machine and batch size, and the caller's
@@ -37,8 +31,8 @@ RNG stream (e.g. a training loop's) is left exactly as it was.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -49,7 +43,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lab.batching import pad_rows
-from dpo_lab.logprobs import has_hooks
+from dpo_lab.logprobs import eval_mode, has_hooks, model_device
 
 Backend = Literal["loop", "loop_icdf", "generate"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
@@ -66,21 +60,6 @@ class Samples:
     # With ``sample(reference=...)``, [prompt][sample]: exact sequence KL and log pi(y|x) - log pi_ref(y|x).
     kl: list[list[float]] | None = None
     logratio: list[list[float]] | None = None
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Switch dropout off for the block and restore the caller's train/eval mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
@@ -312,20 +291,10 @@ def _generate_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
 
 @torch.no_grad()
-def sample(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    n_per_prompt: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    progress: bool = True,
-    backend: Backend = "loop_icdf",
-    generation_config: GenerationConfig | None = None,
-    reference: nn.Module | None = None,
-) -> Samples:
+def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, n_per_prompt: int,
+           max_new_tokens: int, batch_size: int, seed: int, progress: bool = True,
+           backend: Backend = "loop_icdf", generation_config: GenerationConfig | None = None,
+           reference: nn.Module | None = None) -> Samples:
     """Draw ``n_per_prompt`` completions of every prompt, ``batch_size`` rows at a time.
 
     ``reference`` (a loop backend only) steps alongside on the sampled tokens: ``Samples.kl`` and
@@ -387,19 +356,3 @@ def sample(
     return Samples(prompts=list(prompts), prompt_ids=prompt_ids, completion_ids=completion_ids, texts=texts,
                    kl=kl, logratio=logratio)
 
-
-def sample_completions(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    *,
-    n_per_prompt: int,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    progress: bool = True,
-    backend: Backend = "loop_icdf",
-) -> list[list[str]]:
-    """Decoded completions, ``[prompt][sample]``; see :func:`sample` for the token ids."""
-    return sample(model, tokenizer, prompts, n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
-                  batch_size=batch_size, seed=seed, progress=progress, backend=backend).texts

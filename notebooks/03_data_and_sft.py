@@ -56,7 +56,7 @@ from dpo_lab.grading import grade, lm_cases
 from dpo_lab.models import build_policy, train_sft
 from dpo_lab.paths import figures_dir
 from dpo_lab.presets import get_preset
-from dpo_lab.sampling import sample_completions
+from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
@@ -297,13 +297,13 @@ print("examples:", train_prompts[:8])
 
 # %% [markdown]
 # ## What $\pi^{\rm SFT}$ writes
-# Samples as DPO's data will be drawn: temperature 1, no top-k, no top-p (`sampling.sample_completions`),
+# Samples as DPO's data will be drawn: temperature 1, no top-k, no top-p (`sampling.sample`),
 # so they are draws from the policy itself.
 
 # %%
-completions = sample_completions(policy, tokenizer, test_prompts[:n_show], n_per_prompt=2,
-                                 max_new_tokens=config.preferences.max_new_tokens, batch_size=32,
-                                 seed=config.seed, progress=False)
+completions = sample(policy, tokenizer, test_prompts[:n_show], n_per_prompt=2,
+                     max_new_tokens=config.preferences.max_new_tokens, batch_size=32, seed=config.seed,
+                     progress=False).texts
 for prompt, samples in zip(test_prompts[:n_show], completions, strict=True):
     for text in samples:
         print(f"[{prompt}]{text}")

@@ -68,16 +68,17 @@ from IPython.display import display
 from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, pipeline
-from dpo_lab.batching import PreferenceCollator, pad_rows, stack_pairs
-from dpo_lab.evaluate import completion_kls
+from dpo_lab.batching import PreferenceCollator, pad_rows
 from dpo_lab.grading import grade, lm_cases
-from dpo_lab.implicit_reward import best_of_n, calibration, completion_logps, ranking_accuracy
+from dpo_lab.implicit_reward import best_of_n, calibration, ranking_accuracy
 from dpo_lab.logprobs import (
     completion_logprobs,
-    concatenated_logprobs,
+    completion_token_logprobs,
+    concatenated_forward,
     position_ids_from_mask,
     sequence_kl,
     sequence_logprobs,
+    token_logprobs,
 )
 from dpo_lab.losses import preference_loss, preference_metrics
 from dpo_lab.models import load_policy
@@ -87,7 +88,7 @@ from dpo_lab.preferences import score_samples
 from dpo_lab.presets import get_preset
 from dpo_lab.rewards import score_completions
 from dpo_lab.run import read_metrics
-from dpo_lab.sampling import sample, sample_completions
+from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
@@ -136,8 +137,9 @@ assert abs(first["loss"] - math.log(2)) < 1e-3, "DPO's first loss is not log 2: 
 
 # %% [markdown]
 # ### Exercise · tier 2 · $\log\pi(y|x)$ from the logits
-# The check cell compares it with `logprobs.sequence_logprobs`, the function the trainer calls, on small
-# random batches (prompts of different lengths, padding); the cell after that runs it on the models' logits.
+# The check cell compares it with the library's two steps, `logprobs.token_logprobs` and
+# `logprobs.sequence_logprobs` (the one routine that sums, the one the trainer calls), on small random batches
+# (prompts of different lengths, padding); the cell after that runs it on the models' logits.
 
 # %% tags=["exercise", "tier-2"]
 def logp_sum(logits: torch.Tensor, ids: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
@@ -151,7 +153,12 @@ def logp_sum(logits: torch.Tensor, ids: torch.Tensor, comp: torch.Tensor) -> tor
 
 
 # %%
-grade(logp_sum, sequence_logprobs, lm_cases("logits", "input_ids", "completion_mask"), rtol=1e-5, atol=1e-5,
+def library_logp(logits: torch.Tensor, ids: torch.Tensor, comp: torch.Tensor) -> torch.Tensor:
+    """The library's log pi(y|x): per-token log-probs, summed over the shifted completion mask."""
+    return sequence_logprobs(token_logprobs(logits, ids), comp[:, 1:])
+
+
+grade(logp_sum, library_logp, lm_cases("logits", "input_ids", "completion_mask"), rtol=1e-5, atol=1e-5,
       hint="logits at t predict token t + 1, so shift the ids and the mask by one")
 
 # %%
@@ -159,8 +166,8 @@ sft_policy, tokenizer, _ = pipeline.sft_policy(config)
 dpo_policy, _ = load_policy(result.checkpoint_dir)
 pairs, _ = pipeline.preference_data(config)
 batch = PreferenceCollator(tokenizer, config.policy.n_positions)([pairs[i] for i in range(8)])
-yw, yl = ([batch[f"{side}_{k}"] for k in ("input_ids", "attention_mask", "completion_mask")]
-          for side in ("chosen", "rejected"))
+ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]  # 8 chosen, 8 rejected
+yw, yl = ((ids[rows], attn[rows], comp[rows]) for rows in batch["rows"].T)  # each side's 8 rows
 
 
 @torch.no_grad()
@@ -171,24 +178,24 @@ def model_logps(model, ids, attn, comp):
 
 pi_w, pi_l = model_logps(dpo_policy, *yw), model_logps(dpo_policy, *yl)
 with torch.no_grad():
-    torch.testing.assert_close(pi_w, completion_logprobs(dpo_policy, *yw))
-attn = yw[1]  # the library passes position ids counted over real tokens: with right padding, arange(T)
+    torch.testing.assert_close(pi_w, sequence_logprobs(*completion_token_logprobs(dpo_policy, *yw)))
+# the library passes position ids counted over real tokens: with right padding, arange(T)
 assert torch.equal(position_ids_from_mask(attn) * attn, torch.arange(attn.shape[1]) * attn)
-print("log pi(y_w|x), by hand = completion_logprobs:", pi_w.numpy().round(2))
+print("log pi(y_w|x), by hand = the library's:", pi_w.numpy().round(2))
 
 # %% [markdown]
-# **One forward for chosen and rejected.** The trainer stacks the $B$ chosen rows on the $B$ rejected rows
-# (`batching.stack_pairs` pads both to one length) and runs the model once on $2B$ rows. Rows never see each
+# **One forward for chosen and rejected.** The collator's batch already stacks the $B$ chosen rows on the $B$
+# rejected rows, padded to one length (`batch["rows"][b]` says where pair $b$'s two are), and the trainer runs
+# the model once on the $2B$ rows. Rows never see each
 # other, so the first $B$ sums are $\log\pi(y_w|x)$ and the last $B$ are $\log\pi(y_l|x)$, as from two
 # forwards.
 
 # %%
-stacked = stack_pairs(batch)
-both = model_logps(dpo_policy, stacked["input_ids"], stacked["attention_mask"], stacked["completion_mask"])
+both = model_logps(dpo_policy, ids, attn, comp)
 torch.testing.assert_close(both, torch.cat([pi_w, pi_l]))  # one forward on 2B rows == two forwards on B
 with torch.no_grad():
-    torch.testing.assert_close(concatenated_logprobs(dpo_policy, batch), (pi_w, pi_l))
-print(f"one forward on {len(both)} stacked rows = two separate forwards = concatenated_logprobs")
+    torch.testing.assert_close(concatenated_forward(dpo_policy, batch)[0], torch.stack([pi_w, pi_l], 1))
+print(f"one forward on {len(both)} stacked rows = two separate forwards = concatenated_forward")
 
 # %% [markdown]
 # **Eq. 7: four tensors in, a loss out.** `ref_w`, `ref_l` are $\log\pi_{\rm ref}$ of the same completions
@@ -333,7 +340,8 @@ fig.savefig(figures_dir() / "05_evaluation.png", dpi=120)
 plt.show()
 
 # %% [markdown]
-# **The KL, by hand** (vs `evaluate.completion_kls`, i.e. `logprobs.sequence_kl`). On 4 samples
+# **The KL, by hand** (vs what the evaluator computes while it samples: `sample(..., reference=...)` returns
+# each sample's exact KL and log-ratio, `logprobs.sequence_kl`'s sum taken step by step). On 4 samples
 # $y\sim\pi_\theta$ of 8 test prompts (EOS included when sampled), `exact` sums $\sum_v p\,(\log p-\log q)$,
 # $p=\pi_\theta(\cdot|x,y_{<t})$, $q=\pi_{\rm ref}(\cdot|x,y_{<t})$, over completion steps (footnote 3);
 # `logratio` keeps only the token taken: $\log\pi_\theta(y|x)-\log\pi_{\rm ref}(y|x)$. Both estimate the
@@ -364,12 +372,13 @@ def sampled_logratio(policy_logits: torch.Tensor, ref_logits: torch.Tensor, ids:
 # %%
 grade(exact_kl, sequence_kl, lm_cases("logits", "ref_logits", "completion_mask"), rtol=1e-5, atol=1e-5,
       hint="sum p (log p - log q) over the vocabulary first, then over the completion steps")
-grade(sampled_logratio, lambda pol, ref, ids, comp: sequence_logprobs(pol, ids, comp) - sequence_logprobs(ref, ids, comp),
+grade(sampled_logratio, lambda pol, ref, ids, comp: sequence_logprobs(token_logprobs(pol, ids) - token_logprobs(ref, ids), comp[:, 1:]),
       lm_cases("logits", "ref_logits", "input_ids", "completion_mask"), rtol=1e-5, atol=1e-5)
 
 # %%
 samples = sample(dpo_policy, tokenizer, pipeline.prompts(config, tokenizer, "test")[:8], n_per_prompt=4,
-                 max_new_tokens=config.eval.max_new_tokens, batch_size=32, seed=config.seed, progress=False)
+                 max_new_tokens=config.eval.max_new_tokens, batch_size=32, seed=config.seed, progress=False,
+                 reference=sft_policy)  # the evaluator's exact KL and log-ratio, stepped alongside
 xs = [x for x, per in zip(samples.prompt_ids, samples.completion_ids, strict=True) for _ in per]
 ys = [y for per in samples.completion_ids for y in per]
 rows = pad_rows([{"input_ids": x + y, "completion_mask": [0] * len(x) + [1] * len(y)}
@@ -381,10 +390,10 @@ with torch.no_grad():
 exact = exact_kl(pol_logits, ref_logits, comp)  # sum_t KL(pi(.|x,y_<t) || pi_ref(.|x,y_<t))
 logratio = sampled_logratio(pol_logits, ref_logits, ids, comp)  # log pi/pi_ref (y|x)
 del pol_logits, ref_logits  # two (rows, T, vocabulary) tensors
-lib = completion_kls(dpo_policy, sft_policy, xs, ys, batch_size=32, pad_token_id=tokenizer.pad_token_id)
+lib = (np.ravel(samples.kl), np.ravel(samples.logratio))  # computed beside the sampler
 torch.testing.assert_close((exact, logratio), tuple(torch.tensor(a, dtype=torch.float32) for a in lib),
                            rtol=1e-4, atol=1e-4)  # fp32 sums of differences, summed in another order
-print(f"{len(ys)} samples, = completion_kls: exact KL {exact.mean():.4f} (sd {exact.std():.4f}), "
+print(f"{len(ys)} samples, = the sampler's: exact KL {exact.mean():.4f} (sd {exact.std():.4f}), "
       f"sampled log-ratio {logratio.mean():.4f} (sd {logratio.std():.4f})")
 
 # %% [markdown]
@@ -398,8 +407,8 @@ dpo_policy, _ = load_policy(result.checkpoint_dir)
 shown = pipeline.prompts(config, tokenizer, "test")[:n_show]
 settings = dict(n_per_prompt=1, max_new_tokens=config.eval.max_new_tokens, batch_size=32, seed=config.seed,
                 progress=False)
-before = [c[0] for c in sample_completions(sft_policy, tokenizer, shown, **settings)]
-after = [c[0] for c in sample_completions(dpo_policy, tokenizer, shown, **settings)]
+before = [c[0] for c in sample(sft_policy, tokenizer, shown, **settings).texts]
+after = [c[0] for c in sample(dpo_policy, tokenizer, shown, **settings).texts]
 reward, _ = pipeline.reward_model(config)
 comparison = pd.DataFrame({"prompt": shown, "SFT": before, "r* SFT": score_completions(reward, shown, before),
                            "DPO": after, "r* DPO": score_completions(reward, shown, after)})
@@ -457,8 +466,15 @@ grade(pair_accuracy, ranking_accuracy, lm_cases("heldout_scores", "heldout_rstar
 # %%
 held = pipeline.heldout(config)
 pad, bs = tokenizer.pad_token_id, config.eval.batch_size
-ref_logps = completion_logps(sft_policy, held, batch_size=bs, pad_token_id=pad)  # (prompts, 4)
-r_hat = beta * (completion_logps(dpo_policy, held, batch_size=bs, pad_token_id=pad) - ref_logps)
+
+
+def held_logps(model: torch.nn.Module) -> np.ndarray:
+    """log pi(y|x) of every held-out sample under model, (prompts, 4)."""
+    return completion_logprobs(model, held.prompt_ids, held.completion_ids, batch_size=bs, pad_token_id=pad)
+
+
+ref_logps = held_logps(sft_policy)
+r_hat = beta * (held_logps(dpo_policy) - ref_logps)
 
 # Pair accuracy by hand: every same-prompt pair (j, k) whose r* differ; a tie in r-hat counts one half.
 accuracy = pair_accuracy(r_hat, held.rstar)
@@ -489,7 +505,7 @@ rows = [{"scorer": "none (first sample)", "pair accuracy": float("nan"), "best-o
 implicit = {}
 for b in config.dpo.betas:
     policy_b, _ = load_policy(pipeline.dpo(config, b).checkpoint_dir)
-    implicit[b] = b * (completion_logps(policy_b, held, batch_size=bs, pad_token_id=pad) - ref_logps)
+    implicit[b] = b * (held_logps(policy_b) - ref_logps)
     final_b = sweep[sweep.hyperparameter == f"beta={b:g}"].sort_values("step").iloc[-1]
     rows.append({"scorer": f"DPO implicit, beta={b:g}", "pair accuracy": ranking_accuracy(implicit[b], held.rstar),
                  **dict(zip(("best-of-4 r*", "se"), best_of_n(implicit[b], held.rstar), strict=True)),

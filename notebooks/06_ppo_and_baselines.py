@@ -65,7 +65,7 @@ from transformers.utils import logging as hf_logging
 from dpo_lab import frontier, pipeline
 from dpo_lab.batching import PreferenceCollator
 from dpo_lab.grading import grade, lm_cases
-from dpo_lab.logprobs import concatenated_token_logprobs
+from dpo_lab.logprobs import concatenated_forward
 from dpo_lab.loop import batch_indices
 from dpo_lab.losses import unlikelihood_loss
 from dpo_lab.models import load_policy
@@ -84,7 +84,7 @@ from dpo_lab.ppo import (
 from dpo_lab.presets import get_preset
 from dpo_lab.rewards import score_completions
 from dpo_lab.run import read_metrics
-from dpo_lab.sampling import sample_completions
+from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
@@ -538,7 +538,7 @@ for (method, value), frame in baseline_curves.items():
 
 # %% [markdown]
 # ### Exercise · tier 2 · the two terms of the Unlikelihood loss
-# Its inputs are per-token, as `logprobs.concatenated_token_logprobs` gives them: $\log\pi$ of each token
+# Its inputs are per-token, as `logprobs.concatenated_forward` gives them: $\log\pi$ of each token
 # taken (0 off the completion) and the completion masks. The loss is `pull_up + alpha * push_down`.
 
 # %% tags=["exercise", "tier-2"]
@@ -569,7 +569,8 @@ pairs, _ = pipeline.preference_data(config)
 policy_sft, tokenizer, _ = pipeline.sft_policy(config)
 batch = PreferenceCollator(tokenizer, config.policy.n_positions)([pairs[i] for i in range(64)])
 with torch.no_grad():
-    logp_w, mask_w, logp_l, mask_l = concatenated_token_logprobs(policy_sft, batch)
+    _, token_logps, masks = concatenated_forward(policy_sft, batch)  # (pairs, 2: chosen and rejected, T-1)
+(logp_w, logp_l), (mask_w, mask_l) = token_logps.unbind(1), masks.unbind(1)
 pull_up, push_down = unlikelihood_terms(logp_w, mask_w, logp_l, mask_l)  # -log pi(y_w|x), -sum_t log(1 - p(y_l,t))
 for alpha in (0.1, 1.0):
     torch.testing.assert_close(pull_up + alpha * push_down,
@@ -613,7 +614,7 @@ policies = {"SFT": policy_sft}
 for row in chosen.itertuples():
     policies[f"{row.method} ({row.hyperparameter})"], _ = load_policy(
         all_results[(row.method, row.value)].checkpoint_dir)
-completions = {name: [c[0] for c in sample_completions(policy, tokenizer, shown, **settings)]
+completions = {name: [c[0] for c in sample(policy, tokenizer, shown, **settings).texts]
                for name, policy in policies.items()}
 scores = {name: score_completions(reward, shown, texts) for name, texts in completions.items()}
 samples = pd.DataFrame([{"prompt": prompt, "policy": name, "completion": completions[name][i],

@@ -161,7 +161,7 @@ plt.show()
 # %%
 for path in sorted((project_root() / "sweeps").glob("*.yaml")):
     paper_spec = sweep.load_spec(path)
-    sweep.validate(paper_spec)
+    sweep.validate_spec(paper_spec)
     print(f"{path.name}: {len(paper_spec.runs)} run(s), requires {list(paper_spec.requires)}, "
           f"lacking here: {sweep.check_requirements(paper_spec.requires) or 'nothing'}")
 

@@ -56,7 +56,6 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab import pipeline
 from dpo_lab.batching import pad_rows
-from dpo_lab.evaluate import completion_kls
 from dpo_lab.kl_estimators import ESTIMATORS, drop_eos, kl_estimates, sample_with_settings, token_estimators
 from dpo_lab.logprobs import forward_logits, token_logprobs
 from dpo_lab.models import load_policy
@@ -110,7 +109,7 @@ print(f"preset {config.name!r}: runs {list(label.values())}; {length} new tokens
 #   $\mathbb E_{y_t\sim\pi}[r_t-1]=\sum_v\pi_{\rm ref}(v|\cdot)-1=0$ (a control variate), so it stays
 #   **unbiased**; and since $\log r\le r-1$, **every token's term is $\ge0$**: no sample is negative.
 # * **exact $=\sum_t\mathrm{KL}\big(\pi(\cdot|x,y_{<t})\,\|\,\pi_{\rm ref}(\cdot|x,y_{<t})\big)$**, each step's
-#   KL summed over the whole vocabulary (footnote 3; what `evaluate.completion_kls` reports). Each term is
+#   KL summed over the whole vocabulary (footnote 3; what the evaluator reports). Each term is
 #   the conditional expectation of $k_1$'s term given the prefix,
 #   $\mathbb E[-\log r_t\,|\,x,y_{<t}]$: the token that happened to be drawn at step $t$ is averaged out.
 #   Per step that is **Rao–Blackwellisation**: $\mathrm{Var}(\mathbb E[X|\mathcal F])\le\mathrm{Var}(X)$,
@@ -148,7 +147,7 @@ pad = tokenizer.pad_token_id
 policies = {run: load_policy(pipeline.result(config, *run).checkpoint_dir)[0] for run in studied}
 policy = policies[studied[0]]
 demo = sample(policy, tokenizer, prompts[:8], n_per_prompt=4, max_new_tokens=length, batch_size=32,
-              seed=config.seed, progress=False)
+              seed=config.seed, progress=False, reference=reference)  # + the evaluator's KL and log-ratio
 xs = [x for x, per in zip(demo.prompt_ids, demo.completion_ids, strict=True) for _ in per]
 ys = [y for per in demo.completion_ids for y in per]
 rows = pad_rows([{"input_ids": x + y, "completion_mask": [0] * len(x) + [1] * len(y)}
@@ -164,16 +163,17 @@ display(pd.DataFrame(lib.as_dict()).head(6).round(3))
 
 # %% [markdown]
 # The table shows the first completions of one prompt under the first run: four numbers for one KL.
-# Below, the facts that hold at every preset: $k_1$ is the log-ratio `evaluate.completion_kls` reports
-# beside the exact KL, and the exact column is that KL; at $\pi=\pi_{\rm ref}$ every estimator is 0 on every
-# sample (every $\log r_t$ is 0); $k_2$ and $k_3$ are non-negative on every token.
+# Below, the facts that hold at every preset: $k_1$ is the log-ratio the evaluator reports beside the exact
+# KL (both summed by the sampler, stepping $\pi_{\rm ref}$ alongside), and the exact column is that KL; at
+# $\pi=\pi_{\rm ref}$ every estimator is 0 on every sample (every $\log r_t$ is 0); $k_2$ and $k_3$ are
+# non-negative on every token.
 
 # %% tags=["nbval-check-output"]
-exact_kl, logratio = completion_kls(policy, reference, xs, ys, batch_size=32, pad_token_id=pad)
+exact_kl, logratio = np.ravel(demo.kl), np.ravel(demo.logratio)  # summed step by step while sampling
 print("by hand == dpo_lab.kl_estimators, all four:",
       all(np.allclose(by_hand[name].numpy(), getattr(lib, name), rtol=1e-5, atol=1e-4) for name in ESTIMATORS))
-print("k1 == log-ratio of completion_kls:", np.allclose(lib.k1, logratio, rtol=1e-4, atol=1e-4))
-print("exact == KL of completion_kls:", np.allclose(lib.exact, exact_kl, rtol=1e-5, atol=1e-5))
+print("k1 == the evaluator's log-ratio:", np.allclose(lib.k1, logratio, rtol=1e-4, atol=1e-4))
+print("exact == the evaluator's KL:", np.allclose(lib.exact, exact_kl, rtol=1e-4, atol=1e-4))
 at_ref = kl_estimates(reference, reference, xs, ys, batch_size=32, pad_token_id=pad)
 print("at pi = pi_ref:", ", ".join(f"{name} {np.abs(getattr(at_ref, name)).max():.1f}" for name in ESTIMATORS))
 ids, mask = rows["input_ids"], rows["completion_mask"][:, 1:].bool()

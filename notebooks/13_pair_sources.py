@@ -58,7 +58,7 @@ from IPython.display import display
 from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, labs, pipeline
-from dpo_lab.evaluate import completion_logprobs
+from dpo_lab.logprobs import completion_logprobs
 from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS, plot_frontier, upper_envelope
 from dpo_lab.presets import get_preset
@@ -96,7 +96,7 @@ print(f"every run trains on {n_pairs} pairs")
 # reward is on it, and its log-ratios start at 0 on every pair whatever their source; what changes with the
 # source is *where* in completion space the policy is pushed. The cell writes out the log-prob of one
 # completion (shift by one, gather, sum over the completion's tokens) and checks it against the library routine
-# (`evaluate.completion_logprobs`) that scores the rest.
+# (`logprobs.completion_logprobs`) that scores the rest.
 
 # %% tags=["nbval-check-output"]
 def token_ids(texts: list[str]) -> list[list[int]]:
@@ -108,7 +108,7 @@ prompt, completion = sources["on-policy (pi_SFT)"][0]["prompt"][0], sources["on-
 with torch.no_grad():
     logits = sft(torch.tensor([x + y])).logits[0]
 by_hand = torch.log_softmax(logits[len(x) - 1:-1].double(), -1).gather(-1, torch.tensor(y)[:, None]).sum()
-library = completion_logprobs(sft, [x], [y], batch_size=64, pad_token_id=tokenizer.pad_token_id)[0]
+library = completion_logprobs(sft, [x], [[y]], batch_size=64, pad_token_id=tokenizer.pad_token_id)[0, 0]
 print("written out == library:", abs(by_hand.item() - library) < 1e-3)
 assert abs(by_hand.item() - library) < 1e-3
 
@@ -117,7 +117,7 @@ rows = {}
 for name, pairs in pairs_of.items():
     subset = pairs.select(range(min(len(pairs), 500)))
     ys = token_ids(list(subset["chosen"]) + list(subset["rejected"]))
-    logps = completion_logprobs(sft, token_ids(list(subset["prompt"]) * 2), ys, batch_size=64,
+    logps = completion_logprobs(sft, token_ids(list(subset["prompt"]) * 2), [[y] for y in ys], batch_size=64,
                                 pad_token_id=tokenizer.pad_token_id)
     n_tokens = np.array([len(y) for y in ys])
     rows[name] = {"log pi_SFT per token": logps.sum() / n_tokens.sum(), "tokens per completion": n_tokens.mean()}

@@ -11,8 +11,8 @@ import pytest
 import torch
 from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it)
 
-from dpo_lab.batching import PreferenceCollator
-from dpo_lab.logprobs import completion_token_logprobs, concatenated_logprobs, concatenated_token_logprobs
+from dpo_lab.batching import PreferenceCollator, pad_rows, tokenize_completion
+from dpo_lab.logprobs import completion_token_logprobs, concatenated_forward
 from dpo_lab.loop import batch_indices
 from dpo_lab.losses import preferred_ft_loss, unlikelihood_loss
 from dpo_lab.run import dpo_run, load_weights, read_metrics
@@ -33,7 +33,7 @@ def _probe(tokenizer):
 
     def eval_fn(policy, step):
         with torch.no_grad():
-            chosen, rejected = concatenated_logprobs(policy, batch)
+            chosen, rejected = concatenated_forward(policy, batch)[0].unbind(1)
         return {"probe/chosen": chosen.mean().item(), "probe/rejected": rejected.mean().item()}
     return eval_fn
 
@@ -42,20 +42,19 @@ def _step1_token_logps(model, tokenizer):
     """Token log-probs of step 1's pairs, chosen and rejected in SEPARATE forward passes (independent of
     the trainer's stacking)."""
     indices = batch_indices(len(PAIRS["prompt"]), CONFIG.batch_size, 1, seed=0)
-    batch = PreferenceCollator(tokenizer, MAX_LENGTH)([COLLATOR_ROWS[i] for i in indices])
     with torch.no_grad():
-        return [t for side in ("chosen", "rejected") for t in completion_token_logprobs(
-            model, batch[f"{side}_input_ids"], batch[f"{side}_attention_mask"],
-            batch[f"{side}_completion_mask"])]
+        return [t for side in ("chosen", "rejected") for t in completion_token_logprobs(model, **pad_rows(
+            [tokenize_completion(tokenizer, COLLATOR_ROWS[i]["prompt"], COLLATOR_ROWS[i][side],
+                                 max_length=MAX_LENGTH) for i in indices], tokenizer.pad_token_id))]
 
 
 def test_token_logprobs_of_one_pass_sum_to_sequence_logprobs(tiny_model, tiny_tokenizer):
     batch = PreferenceCollator(tiny_tokenizer, MAX_LENGTH)(COLLATOR_ROWS[:5])
     with torch.no_grad():
-        tok_c, mask_c, tok_r, mask_r = concatenated_token_logprobs(tiny_model, batch)
-        seq_c, seq_r = concatenated_logprobs(tiny_model, batch)
+        (seq_c, seq_r), (tok_c, tok_r), (mask_c, mask_r) = (t.unbind(1) for t in concatenated_forward(
+            tiny_model, batch))
     assert tok_c.shape == mask_c.shape == tok_r.shape == mask_r.shape
-    assert torch.equal(mask_c, batch["chosen_completion_mask"][:, 1:tok_c.shape[1] + 1])
+    assert torch.equal(mask_c, batch["completion_mask"][:5, 1:])
     torch.testing.assert_close(tok_c.sum(-1), seq_c)
     torch.testing.assert_close(tok_r.sum(-1), seq_r)
     assert bool((tok_c[mask_c == 0] == 0).all()) and bool((tok_c[mask_c == 1] < 0).all())

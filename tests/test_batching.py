@@ -65,16 +65,22 @@ def test_collator_shapes_and_contents(tiny_tokenizer: PreTrainedTokenizerFast) -
     examples = [{"prompt": "This movie", "chosen": " was great", "rejected": " was awful and boring"},
                 {"prompt": "I", "chosen": " loved it", "rejected": " hated it"}]
     batch = PreferenceCollator(tiny_tokenizer, max_length=32)(examples)
-    assert set(batch) == {f"{s}_{k}" for s in ("chosen", "rejected")
-                          for k in ("input_ids", "attention_mask", "completion_mask")}
+    assert set(batch) == {"input_ids", "attention_mask", "completion_mask", "rows"}
+    assert batch["rows"].tolist() == [[0, 2], [1, 3]]  # every chosen row, then every rejected row
     for i, ex in enumerate(examples):
-        for side in ("chosen", "rejected"):
-            ids = batch[f"{side}_input_ids"][i][batch[f"{side}_attention_mask"][i].bool()].tolist()
-            completion = batch[f"{side}_input_ids"][i][batch[f"{side}_completion_mask"][i].bool()].tolist()
+        for k, side in enumerate(("chosen", "rejected")):
+            row = batch["rows"][i, k]
+            ids = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+            completion = batch["input_ids"][row][batch["completion_mask"][row].bool()].tolist()
             assert tiny_tokenizer.decode(ids) == ex["prompt"] + ex[side]
             assert completion == _ids(tiny_tokenizer, ex[side])
     # Right padding: every row's real tokens start at position 0.
-    assert batch["chosen_attention_mask"][:, 0].all() and batch["rejected_attention_mask"][:, 0].all()
+    assert batch["attention_mask"][:, 0].all()
+    # A ranking's K rows are consecutive.
+    ranked = PreferenceCollator(tiny_tokenizer, max_length=32)([{"prompt": "A",
+                                                                 "completions": ["b", "c d", "e"]}] * 2)
+    assert ranked["rows"].tolist() == [[0, 1, 2], [3, 4, 5]] and ranked["input_ids"].shape[0] == 6
+    assert tiny_tokenizer.decode(ranked["input_ids"][4][ranked["completion_mask"][4].bool()]) == "c d"
 
 
 def test_collator_and_tokenizer_validation(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
@@ -87,6 +93,10 @@ def test_collator_and_tokenizer_validation(tiny_tokenizer: PreTrainedTokenizerFa
         collate([{"prompt": "the plot " * 5, "chosen": " b", "rejected": " c"}])
     with pytest.raises(ValueError, match="empty list"):
         collate([])
+    with pytest.raises(ValueError, match=r"example 1 \(completion 0\): completion is empty"):
+        collate([{"prompt": "a", "completions": [" b", " c"]}, {"prompt": "a", "completions": ["", " c"]}])
+    with pytest.raises(ValueError, match="same number of completions"):
+        collate([{"prompt": "a", "completions": [" b", " c"]}, {"prompt": "a", "completions": [" b"]}])
     with pytest.raises(TypeError, match="prompt must be a str"):
         tokenize_completion(tiny_tokenizer, None, " b", max_length=8)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_length must be an int >= 2"):

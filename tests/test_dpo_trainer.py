@@ -86,11 +86,12 @@ def test_reference_runs_once_per_sweep(tiny_model, tiny_tokenizer, tmp_path):
 
 
 def test_reference_cache_values_match_a_direct_computation(tiny_model, tiny_tokenizer, tmp_path):
-    chosen, rejected = reference_logprobs(tiny_model, tiny_tokenizer, PAIRS, max_length=32,
-                                          cache_dir=tmp_path, batch_size=5, progress=False)
+    logps = reference_logprobs(tiny_model, tiny_tokenizer, PAIRS, max_length=32, cache_dir=tmp_path,
+                               batch_size=5, progress=False)
     again = reference_logprobs(tiny_model, tiny_tokenizer, PAIRS, max_length=32, cache_dir=tmp_path,
                                batch_size=16, progress=False)
-    assert chosen.shape == (16,) and torch.equal(chosen, again[0]) and torch.equal(rejected, again[1])
+    assert logps.shape == (16, 2) and torch.equal(logps, again)  # columns: chosen, rejected
+    chosen = logps[:, 0]
     ids = tiny_tokenizer(PAIRS["prompt"][3] + "", add_special_tokens=False)["input_ids"]
     completion = tiny_tokenizer(PAIRS["chosen"][3], add_special_tokens=False)["input_ids"]
     with torch.no_grad():
@@ -268,7 +269,7 @@ def test_a_bad_pair_is_named_by_its_dataset_row(tiny_model, tiny_tokenizer, tmp_
         dpo_run(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, bad, beta=0.1, config=CONFIG,
                   out_dir=tmp_path / "a", seed=0, max_length=32, ref_cache_dir=tmp_path / "c",
                   progress=False, device="cpu")  # found by the reference pass
-    monkeypatch.setattr(run, "reference_logprobs", lambda *a, **k: (torch.zeros(16), torch.zeros(16)))
+    monkeypatch.setattr(run, "reference_logprobs", lambda *a, **k: torch.zeros(16, 2))
     with pytest.raises(ValueError, match=r"^pair 10 \(chosen\): prompt longer than the context"):
         dpo_run(tiny_model, copy.deepcopy(tiny_model), tiny_tokenizer, bad, beta=0.1, config=CONFIG,
                   out_dir=tmp_path / "b", seed=0, max_length=32, ref_cache_dir=tmp_path / "c",

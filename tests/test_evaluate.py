@@ -11,7 +11,8 @@ import pytest
 import torch
 from tiny_lms import seq_logprob, tiny_lm  # tests/ is on sys.path
 
-from dpo_lab.evaluate import completion_kls, evaluate_policy, make_eval_fn
+from dpo_lab.evaluate import evaluate_policy, make_eval_fn
+from dpo_lab.kl_estimators import kl_estimates
 from dpo_lab.presets import DPOConfig, EvalConfig
 from dpo_lab.run import dpo_run, read_metrics
 
@@ -91,8 +92,9 @@ def test_sequence_kl_equals_brute_force_enumeration():
     assert pi.sum() == pytest.approx(1.0, abs=1e-6)
     exact = float(np.sum(pi * (log_pi - log_ref)))
     assert exact > 0.05  # a non-trivial case
-    kl, logratio = completion_kls(policy, reference, [prompt] * len(completions),
-                                  [list(c) for c in completions], batch_size=7, pad_token_id=eos)
+    est = kl_estimates(policy, reference, [prompt] * len(completions), [list(c) for c in completions],
+                       batch_size=7, pad_token_id=eos)
+    kl, logratio = est.exact, est.k1
     assert float(np.sum(pi * kl)) == pytest.approx(exact, rel=1e-5)
     np.testing.assert_allclose(logratio, log_pi - log_ref, atol=1e-4)
 
@@ -115,7 +117,7 @@ def test_eval_fn_plugs_into_the_trainer(tiny_model, tiny_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("hooked", [False, True], ids=["gpt2-stepper", "hf-forward"])
 def test_kl_stepped_alongside_equals_the_second_pass(tiny_model, tiny_tokenizer, hooked):
-    """sample(reference=...) gives completion_kls' exact KL and log-ratio on the same samples (float
+    """sample(reference=...) gives the second pass's exact KL and log-ratio on the same samples (float
     rounding), counts the EOS step and none after it, and samples the same tokens as without a reference."""
     from dpo_lab.sampling import sample
 
@@ -135,8 +137,9 @@ def test_kl_stepped_alongside_equals_the_second_pass(tiny_model, tiny_tokenizer,
     assert both.completion_ids == plain.completion_ids and plain.kl is None
     flat = [c for per in both.completion_ids for c in per]
     assert any(c[-1] == eos and len(c) < 8 for c in flat)
-    kl, logratio = completion_kls(policy, tiny_model, [p for p in both.prompt_ids for _ in range(3)], flat,
-                                  batch_size=5, pad_token_id=tiny_tokenizer.pad_token_id)
+    est = kl_estimates(policy, tiny_model, [p for p in both.prompt_ids for _ in range(3)], flat,
+                       batch_size=5, pad_token_id=tiny_tokenizer.pad_token_id)
+    kl, logratio = est.exact, est.k1
     assert kl.min() > 0.1
     np.testing.assert_allclose(np.ravel(both.kl), kl, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(np.ravel(both.logratio), logratio, rtol=1e-4, atol=1e-4)

@@ -10,17 +10,17 @@ import pytest
 import torch
 from test_evaluate import PROMPTS, length_reward  # tests/ is on sys.path (pytest prepends it)
 
-from dpo_lab.evaluate import completion_kls
 from dpo_lab.implicit_reward import (
     HeldOut,
     best_of_n,
     calibration,
-    completion_logps,
     draw_heldout,
     likelihood_fn,
     pair_margins,
     ranking_accuracy,
 )
+from dpo_lab.kl_estimators import kl_estimates
+from dpo_lab.logprobs import completion_logprobs
 from dpo_lab.presets import DPOConfig
 from dpo_lab.run import dpo_run, read_metrics
 
@@ -77,7 +77,7 @@ def test_best_of_n_picks_the_top_score():
     assert mean == pytest.approx((0.9 + 0.7) / 2) and se == pytest.approx(0.1)
 
 
-def test_completion_logps_match_the_evaluation_routine(tiny_model, tiny_tokenizer):
+def test_completion_logprobs_of_held_out_samples_match_the_evaluation_routine(tiny_model, tiny_tokenizer):
     other = copy.deepcopy(tiny_model)
     with torch.no_grad():
         for p in other.parameters():
@@ -86,11 +86,12 @@ def test_completion_logps_match_the_evaluation_routine(tiny_model, tiny_tokenize
                         batch_size=4, seed=0)
     assert held.shape == (4, 3) and held.rstar.shape == (4, 3)
     pad = tiny_tokenizer.pad_token_id
-    a = completion_logps(other, held, batch_size=5, pad_token_id=pad)
-    b = completion_logps(tiny_model, held, batch_size=12, pad_token_id=pad)
+    a = completion_logprobs(other, held.prompt_ids, held.completion_ids, batch_size=5, pad_token_id=pad)
+    b = completion_logprobs(tiny_model, held.prompt_ids, held.completion_ids, batch_size=12, pad_token_id=pad)
+    assert a.shape == b.shape == (4, 3)
     xs = [p for p, per in zip(held.prompt_ids, held.completion_ids, strict=True) for _ in per]
     ys = [c for per in held.completion_ids for c in per]
-    _, logratio = completion_kls(other, tiny_model, xs, ys, batch_size=7, pad_token_id=pad)
+    logratio = kl_estimates(other, tiny_model, xs, ys, batch_size=7, pad_token_id=pad).k1
     np.testing.assert_allclose((a - b).reshape(-1), logratio, atol=1e-4)
     assert (a < 0).all()
     with pytest.raises(ValueError, match=">= 2"):

@@ -1,4 +1,4 @@
-"""kl_estimators.py: k1 and k3 unbiased, k2/k3 non-negative per token, the exact sum = completion_kls,
+"""kl_estimators.py: k1 and k3 unbiased, k2/k3 non-negative per token, the exact sum = the sampler's KL,
 and a sampler whose top-k, minimum length and EOS stripping do what they say."""
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 from tiny_lms import boost_eos, seq_logprob, tiny_lm  # tests/ is on sys.path
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from dpo_lab.evaluate import completion_kls
 from dpo_lab.kl_estimators import drop_eos, kl_estimates, sample_with_settings, token_estimators
 from dpo_lab.sampling import sample
 
@@ -74,7 +73,7 @@ def test_k2_and_k3_are_non_negative_per_token():
         token_estimators(logp, logq[:, :3])
 
 
-def test_all_four_are_zero_at_the_reference_and_exact_equals_completion_kls(tiny_model, tiny_tokenizer):
+def test_all_four_are_zero_at_the_reference_and_exact_equals_the_samplers_kl(tiny_model, tiny_tokenizer):
     s = sample(tiny_model, tiny_tokenizer, PROMPTS, n_per_prompt=3, max_new_tokens=6, batch_size=5, seed=0,
                progress=False)
     xs, ys = _flat(s)
@@ -83,11 +82,12 @@ def test_all_four_are_zero_at_the_reference_and_exact_equals_completion_kls(tiny
         if name != "n_tokens":
             assert np.abs(values).max() == 0.0, name
     policy = _perturbed(tiny_model, 0.1)
-    est = kl_estimates(policy, tiny_model, xs, ys, batch_size=5, pad_token_id=tiny_tokenizer.pad_token_id)
-    kl, logratio = completion_kls(policy, tiny_model, xs, ys, batch_size=4,
-                                  pad_token_id=tiny_tokenizer.pad_token_id)
-    np.testing.assert_allclose(est.exact, kl, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(est.k1, logratio, rtol=1e-4, atol=1e-4)  # fp32 sums in another order
+    s = sample(policy, tiny_tokenizer, PROMPTS, n_per_prompt=3, max_new_tokens=6, batch_size=5, seed=0,
+               progress=False, reference=tiny_model)  # the KL and log-ratio stepped alongside the sampler
+    xs, ys = _flat(s)
+    est = kl_estimates(policy, tiny_model, xs, ys, batch_size=4, pad_token_id=tiny_tokenizer.pad_token_id)
+    np.testing.assert_allclose(est.exact, np.ravel(s.kl), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(est.k1, np.ravel(s.logratio), rtol=1e-4, atol=1e-4)  # sums in another order
     assert (est.exact > 0).all() and (est.k2 >= 0).all() and (est.k3 >= 0).all()
 
 

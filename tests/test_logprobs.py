@@ -9,9 +9,8 @@ from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from dpo_lab.batching import PreferenceCollator, pad_rows, tokenize_completion
 from dpo_lab.logprobs import (
-    completion_logprobs,
     completion_token_logprobs,
-    concatenated_logprobs,
+    concatenated_forward,
     forward_logits,
     sequence_kl,
     sequence_logprobs,
@@ -28,6 +27,15 @@ PAIRS = [
 
 def _rows(tokenizer: PreTrainedTokenizerFast) -> list[dict[str, list[int]]]:
     return [tokenize_completion(tokenizer, p, c, max_length=48) for p, c in PAIRS]
+
+
+def _from_logits(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, **kw: bool) -> torch.Tensor:
+    """log pi(y|x) from the logits: token log-probs summed over the shifted completion mask."""
+    return sequence_logprobs(token_logprobs(logits, ids), mask[:, 1:], **kw)
+
+
+def _model_logps(model: GPT2LMHeadModel, **batch: torch.Tensor) -> torch.Tensor:
+    return sequence_logprobs(*completion_token_logprobs(model, **batch))
 
 
 def _random_batch(seed: int, b: int = 3, t: int = 9, v: int = 11) -> tuple[torch.Tensor, ...]:
@@ -59,25 +67,25 @@ def test_token_logprobs_upcast_half_precision() -> None:
 
 def test_sequence_logprobs_ignore_prompt_and_padding_logits() -> None:
     logits, ids, mask = _random_batch(2)
-    base = sequence_logprobs(logits, ids, mask)
+    base = _from_logits(logits, ids, mask)
     # Logits at position t predict token t+1; only those predicting completion tokens may matter.
     predicts_completion = F.pad(mask[:, 1:], (0, 1)).bool()
     noisy = logits.clone()
     noisy[~predicts_completion] = torch.randn_like(noisy[~predicts_completion]) * 100
-    torch.testing.assert_close(sequence_logprobs(noisy, ids, mask), base)
+    torch.testing.assert_close(_from_logits(noisy, ids, mask), base)
     # Token ids serve only as labels here: relabelling prompt and padding positions changes nothing either.
     relabelled = torch.where(mask.bool(), ids, (ids + 1) % 11)
-    torch.testing.assert_close(sequence_logprobs(logits, relabelled, mask), base)
+    torch.testing.assert_close(_from_logits(logits, relabelled, mask), base)
     # ...but changing a logit that predicts a completion token does change it (the test can fail).
     poked = logits.clone()
     poked[0, 3, ids[0, 4]] += 5.0
-    assert not torch.allclose(sequence_logprobs(poked, ids, mask), base)
+    assert not torch.allclose(_from_logits(poked, ids, mask), base)
 
 
 def test_sum_vs_average() -> None:
     logits, ids, mask = _random_batch(3)
-    total = sequence_logprobs(logits, ids, mask)
-    mean = sequence_logprobs(logits, ids, mask, average=True)
+    total = _from_logits(logits, ids, mask)
+    mean = _from_logits(logits, ids, mask, average=True)
     counts = mask[:, 1:].sum(-1)
     torch.testing.assert_close(mean * counts, total)
     per_token = token_logprobs(logits, ids)
@@ -93,12 +101,12 @@ def test_model_logprobs_equal_for_left_and_right_padding(tiny_model: GPT2LMHeadM
     right, left = pad_rows(rows, pad, side="right"), pad_rows(rows, pad, side="left")
     assert not torch.equal(right["input_ids"], left["input_ids"])  # the paddings really differ
     with torch.no_grad():
-        lp_right = completion_logprobs(tiny_model, **right)
-        lp_left = completion_logprobs(tiny_model, **left)
-        singles = torch.cat([completion_logprobs(tiny_model, **pad_rows([row], pad)) for row in rows])
+        lp_right = _model_logps(tiny_model, **right)
+        lp_left = _model_logps(tiny_model, **left)
+        singles = torch.cat([_model_logps(tiny_model, **pad_rows([row], pad)) for row in rows])
         # Without position ids from the mask, left padding shifts positions: the fix is what makes them equal.
         naive = tiny_model(input_ids=left["input_ids"], attention_mask=left["attention_mask"]).logits
-        lp_naive = sequence_logprobs(naive, left["input_ids"], left["completion_mask"])
+        lp_naive = _from_logits(naive, left["input_ids"], left["completion_mask"])
     torch.testing.assert_close(lp_left, lp_right, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(lp_right, singles, rtol=1e-6, atol=1e-5)
     assert not torch.allclose(lp_naive, lp_right, atol=1e-3)
@@ -110,8 +118,8 @@ def test_padding_token_ids_do_not_matter(tiny_model: GPT2LMHeadModel,
     other = dict(batch, input_ids=torch.where(batch["attention_mask"].bool(), batch["input_ids"], 7))
     assert not torch.equal(other["input_ids"], batch["input_ids"])
     with torch.no_grad():
-        torch.testing.assert_close(completion_logprobs(tiny_model, **other),
-                                   completion_logprobs(tiny_model, **batch))
+        torch.testing.assert_close(_model_logps(tiny_model, **other),
+                                   _model_logps(tiny_model, **batch))
 
 
 def test_completion_token_logprobs_sum_to_sequence(tiny_model: GPT2LMHeadModel,
@@ -119,34 +127,44 @@ def test_completion_token_logprobs_sum_to_sequence(tiny_model: GPT2LMHeadModel,
     batch = pad_rows(_rows(tiny_tokenizer), tiny_tokenizer.pad_token_id, side="left")
     with torch.no_grad():
         token_logps, mask = completion_token_logprobs(tiny_model, **batch)
-        total = completion_logprobs(tiny_model, **batch)
+        total = _model_logps(tiny_model, **batch)
     torch.testing.assert_close(mask, batch["completion_mask"][:, 1:])
     assert float(token_logps[~mask.bool()].abs().max()) == 0.0
     torch.testing.assert_close(token_logps.sum(-1), total)
 
 
-def test_concatenated_equals_two_separate_calls(tiny_model: GPT2LMHeadModel,
-                                                tiny_tokenizer: PreTrainedTokenizerFast) -> None:
-    examples = [{"prompt": p, "chosen": c, "rejected": c[: len(c) // 2] + " boring"} for p, c in PAIRS]
-    batch = PreferenceCollator(tiny_tokenizer, max_length=48)(examples)
-    assert batch["chosen_input_ids"].shape[1] != batch["rejected_input_ids"].shape[1]
-    for average in (False, True):
-        with torch.no_grad():
-            chosen, rejected = concatenated_logprobs(tiny_model, batch, average=average)
-            sep_c = completion_logprobs(tiny_model, batch["chosen_input_ids"], batch["chosen_attention_mask"],
-                                        batch["chosen_completion_mask"], average=average)
-            sep_r = completion_logprobs(tiny_model, batch["rejected_input_ids"],
-                                        batch["rejected_attention_mask"], batch["rejected_completion_mask"],
-                                        average=average)
-        torch.testing.assert_close(chosen, sep_c, rtol=1e-6, atol=1e-5)
-        torch.testing.assert_close(rejected, sep_r, rtol=1e-6, atol=1e-5)
+def test_concatenated_equals_separate_calls(tiny_model: GPT2LMHeadModel,
+                                            tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+    """One forward over the stacked rows gives each completion's log pi(y|x), as a batch of its own would;
+    pairs are columns (chosen, rejected), rankings their K completions, best first."""
+    pairs = [{"prompt": p, "chosen": c, "rejected": c[: len(c) // 2] + " boring"} for p, c in PAIRS]
+    rankings = [{"prompt": p, "completions": [c, " no", c[:5] + " x", " the plot"]} for p, c in PAIRS]
+    for examples, texts in ((pairs, [[e["chosen"], e["rejected"]] for e in pairs]),
+                            (rankings, [e["completions"] for e in rankings])):
+        batch = PreferenceCollator(tiny_tokenizer, max_length=48)(examples)
+        assert batch["rows"].shape == (3, len(texts[0]))
+        assert batch["input_ids"].shape[0] == batch["rows"].numel()
+        for average in (False, True):
+            with torch.no_grad():
+                logps, token_logps, mask = concatenated_forward(tiny_model, batch, average=average)
+                for k in range(len(texts[0])):
+                    alone = pad_rows([tokenize_completion(tiny_tokenizer, e["prompt"], t[k], max_length=48)
+                                      for e, t in zip(examples, texts, strict=True)],
+                                     tiny_tokenizer.pad_token_id)
+                    expected = sequence_logprobs(*completion_token_logprobs(tiny_model, **alone),
+                                                 average=average)
+                    torch.testing.assert_close(logps[:, k], expected, rtol=1e-6, atol=1e-5)
+            torch.testing.assert_close(sequence_logprobs(token_logps.flatten(0, 1), mask.flatten(0, 1),
+                                                         average=average), logps.flatten())
+    # Pairs keep the official DPO layout: every chosen row, then every rejected row.
+    assert PreferenceCollator(tiny_tokenizer, 48)(pairs)["rows"].tolist() == [[0, 3], [1, 4], [2, 5]]
 
 
-def test_concatenated_logprobs_backpropagates(tiny_model: GPT2LMHeadModel,
-                                              tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+def test_concatenated_forward_backpropagates(tiny_model: GPT2LMHeadModel,
+                                             tiny_tokenizer: PreTrainedTokenizerFast) -> None:
     examples = [{"prompt": p, "chosen": c, "rejected": " no"} for p, c in PAIRS]
-    chosen, rejected = concatenated_logprobs(tiny_model, PreferenceCollator(tiny_tokenizer, 48)(examples))
-    (chosen - rejected).sum().backward()
+    logps = concatenated_forward(tiny_model, PreferenceCollator(tiny_tokenizer, 48)(examples))[0]
+    (logps[:, 0] - logps[:, 1]).sum().backward()
     grad = tiny_model.transformer.wte.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
@@ -186,31 +204,35 @@ def test_bad_inputs_raise_clear_errors(tiny_model: GPT2LMHeadModel) -> None:
         token_logprobs(logits, ids.float())
     with pytest.raises(ValueError, match="logits must have 3 dimensions"):
         token_logprobs(logits[0], ids)
-    with pytest.raises(ValueError, match="completion_mask has shape"):
-        sequence_logprobs(logits, ids, mask[:, :-1])
+    token_logps = token_logprobs(logits, ids)
+    with pytest.raises(ValueError, match="mask has shape"):
+        sequence_logprobs(token_logps, mask[:, 2:])
     with pytest.raises(ValueError, match="only 0 and 1"):
-        sequence_logprobs(logits, ids, mask * 2)
-    first = mask.clone()
-    first[0, 0] = 1
-    with pytest.raises(ValueError, match="position 0"):
-        sequence_logprobs(logits, ids, first)
+        sequence_logprobs(token_logps, mask[:, 1:] * 2)
+    with pytest.raises(TypeError, match="integer or bool"):
+        sequence_logprobs(token_logps, mask[:, 1:].float())
     empty = mask.clone()
     empty[1] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] have no completion tokens"):
-        sequence_logprobs(logits, ids, empty)
+        sequence_logprobs(token_logps, empty[:, 1:])
+    first = mask.clone()
+    first[0, 0] = 1
+    with pytest.raises(ValueError, match="position 0"):
+        sequence_kl(logits, logits, first)
     with pytest.raises(ValueError, match="same shape"):
         token_kl(logits, logits[..., :-1])
     attention = torch.ones_like(ids)
     with pytest.raises(ValueError, match="no real tokens"):
         forward_logits(tiny_model, ids, torch.zeros_like(ids))
+    with pytest.raises(ValueError, match="position 0"):
+        completion_token_logprobs(tiny_model, ids, attention, first)
     padded = attention.clone()
     padded[0, 5] = 0
     with pytest.raises(ValueError, match="attention_mask says are padding"):
-        completion_logprobs(tiny_model, ids, padded, mask)
-    with pytest.raises(KeyError, match="rejected_completion_mask"):
-        concatenated_logprobs(tiny_model, {f"{s}_{k}": ids for s in ("chosen", "rejected")
-                                           for k in ("input_ids", "attention_mask", "completion_mask")
-                                           if (s, k) != ("rejected", "completion_mask")})
+        completion_token_logprobs(tiny_model, ids, padded, mask)
+    with pytest.raises(KeyError, match="rows"):
+        concatenated_forward(tiny_model, {"input_ids": ids, "attention_mask": attention,
+                                          "completion_mask": mask})
 
 
 def test_token_logprobs_backward_matches_autograd() -> None:

@@ -168,7 +168,7 @@ def test_sweep_spec_matches_the_notebook_and_the_paper(task):
     """The runner's own validation (names and types against the notebook's parameters cell), then the
     paper's settings (App. B), so that a spec cannot drift from either unnoticed."""
     spec = sweep.load_spec(SPECS[task])
-    assert sweep.validate(spec) == NOTEBOOK
+    assert sweep.validate_spec(spec) == NOTEBOOK
     assert spec.requires == ("gpu", "hub")
     for run in spec.runs:
         params = run.parameters

@@ -167,7 +167,7 @@ def test_preset_sweep_matches_the_frontier_notebook() -> None:
     spec = sweep.preset_spec("smoke", {"dpo.betas": [0.1, 0.5]}, ["DPO", "PPO"])
     assert [r.name for r in spec.runs] == ["dpo-beta0.1", "dpo-beta0.5", "ppo-target_kl1", "ppo-target_kl4"]
     assert spec.name.startswith("imdb-smoke-") and not spec.requires
-    sweep.validate(spec)
+    sweep.validate_spec(spec)
     assert sweep.preset_spec("paper").requires == ("gpu", "hub")
     with pytest.raises(TypeError, match="dpo.lr"):
         sweep.preset_spec("smoke", {"dpo.lr": "fast"})
@@ -450,15 +450,15 @@ def test_processes_are_checked_against_the_devices_before_any_run(tmp_path: Path
     spec = {"name": "p", "notebook": str(sweep.FRONTIER_NOTEBOOK),
             "runs": [{"name": "a", "parameters": {"preset": "smoke", "processes": 3}}]}
     with pytest.raises(sweep.SweepError, match="processes 3 needs 3 GPUs"):
-        sweep.validate(sweep.spec_from_dict(spec), devices=["0", "1"])
-    sweep.validate(sweep.spec_from_dict(spec), devices=[None])  # on a CPU: gloo processes
+        sweep.validate_spec(sweep.spec_from_dict(spec), devices=["0", "1"])
+    sweep.validate_spec(sweep.spec_from_dict(spec), devices=[None])  # on a CPU: gloo processes
     path = tmp_path / "p.yaml"
     path.write_text(yaml.safe_dump(spec))
     assert main(["sweep", str(path), "--runs-dir", str(tmp_path), "--devices", "0,1", "--dry-run"]) == 2
     assert "processes 3 needs 3 GPUs" in capsys.readouterr().err
     spec["runs"][0]["parameters"]["processes"] = 0
     with pytest.raises(sweep.SweepError, match="processes must be a whole number >= 1"):
-        sweep.validate(sweep.spec_from_dict(spec))
+        sweep.validate_spec(sweep.spec_from_dict(spec))
 
 
 # --------------------------------------------------------------------------- stopping and killing a sweep

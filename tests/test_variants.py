@@ -14,8 +14,8 @@ import torch
 from toy_pairs import BAD, CONFIG, GOOD, PAIRS, PROMPTS  # tests/ is on sys.path (pytest prepends it)
 
 from dpo_lab import pipeline
-from dpo_lab.batching import RankingCollator, rankings_from_candidates
-from dpo_lab.dpo_trainer import pair_logprobs, ranking_logprobs
+from dpo_lab.batching import rankings_from_candidates
+from dpo_lab.dpo_trainer import pair_logprobs
 from dpo_lab.presets import get_preset
 from dpo_lab.run import dpo_run, read_metrics, reference_logprobs
 
@@ -55,7 +55,7 @@ def test_reference_cache_keys_sum_and_mean_apart(tiny_model, tiny_tokenizer, tmp
     summed = reference_logprobs(tiny_model, tiny_tokenizer, PAIRS, **args)
     mean = reference_logprobs(tiny_model, tiny_tokenizer, PAIRS, average=True, **args)
     assert len(list(tmp_path.glob("ref-logps-*.safetensors"))) == 2
-    for side, total, avg in (("chosen", summed[0], mean[0]), ("rejected", summed[1], mean[1])):
+    for side, total, avg in (("chosen", summed[:, 0], mean[:, 0]), ("rejected", summed[:, 1], mean[:, 1])):
         lengths = torch.tensor([len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"])
                                 for t in PAIRS[side]], dtype=torch.float32)
         torch.testing.assert_close(avg, total / lengths)
@@ -74,13 +74,10 @@ def test_rankings_sort_by_reward_and_drop_ties_and_empty_samples() -> None:
 def test_ranking_logprobs_of_two_completions_are_the_pair_logprobs(tiny_model, tiny_tokenizer):
     rankings = {"prompt": PAIRS["prompt"], "completions": list(zip(PAIRS["chosen"], PAIRS["rejected"],
                                                                     strict=True))}
-    ranked = ranking_logprobs(tiny_model, tiny_tokenizer, rankings, max_length=32, batch_size=5, device="cpu")
-    chosen, rejected = pair_logprobs(tiny_model, tiny_tokenizer, PAIRS, max_length=32, batch_size=5,
-                                     device="cpu")
-    torch.testing.assert_close(ranked, torch.stack([chosen, rejected], 1), atol=1e-5, rtol=1e-5)
-    batch = RankingCollator(tiny_tokenizer, 32)([{"prompt": "A", "completions": ["b", "c d", "e"]}] * 2)
-    assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}
-    assert batch["input_ids"].shape[0] == 6  # B x K rows, one forward pass
+    ranked = pair_logprobs(tiny_model, tiny_tokenizer, rankings, max_length=32, batch_size=5, device="cpu")
+    pairs = pair_logprobs(tiny_model, tiny_tokenizer, PAIRS, max_length=32, batch_size=5, device="cpu")
+    assert ranked.shape == pairs.shape == (16, 2)
+    torch.testing.assert_close(ranked, pairs, atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ tiny training runs
@@ -113,7 +110,7 @@ def test_plackett_luce_trains_on_rankings_with_a_cached_reference(tiny_model, ti
     records = read_metrics(result.metrics_path)
     assert records[0]["loss"] == pytest.approx(math.log(24), abs=1e-5)  # uniform over the 4! orders
     assert records[-1]["loss"] < records[0]["loss"] and records[-1]["rewards/margins"] > 0
-    assert len(list((tmp_path / "cache").glob("ref-ranking-logps-*.safetensors"))) == 1
+    assert len(list((tmp_path / "cache").glob("ref-logps-*.safetensors"))) == 1
 
     def forbid(*_: object) -> None:
         raise AssertionError("the reference must come from the cache")
@@ -122,6 +119,9 @@ def test_plackett_luce_trains_on_rankings_with_a_cached_reference(tiny_model, ti
     with pytest.raises(ValueError, match="not to loss_type 'plackett_luce'"):
         _train(tiny_model, reference, tiny_tokenizer, RANKINGS, tmp_path, "bad",
                dataclasses.replace(PL_CONFIG, rpo_alpha=1.0))
+    for data, config in ((PAIRS, PL_CONFIG), (RANKINGS, CONFIG)):  # the data must match the loss
+        with pytest.raises(ValueError, match="'plackett_luce' trains on rankings"):
+            _train(tiny_model, reference, tiny_tokenizer, data, tmp_path, "mismatch", config)
 
 
 def test_variant_settings_are_validated() -> None:

@@ -137,13 +137,14 @@ def heldout_eval_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
     """``eval_fn(policy, step)`` for ``train_dpo``: Eq. 7's loss and the implicit-reward metrics on held-out
     pairs, under TRL's names (``eval_loss``, ...); the reference's log-probs are computed (and cached) now."""
     cols = pair_columns(pairs)
-    ref = reference_logprobs(reference, tokenizer, cols, max_length=max_length, cache_dir=cache_dir,
-                             batch_size=batch_size, device=device, progress=False)
+    ref_chosen, ref_rejected = reference_logprobs(reference, tokenizer, cols, max_length=max_length,
+                                                  cache_dir=cache_dir, batch_size=batch_size, device=device,
+                                                  progress=False).unbind(1)
 
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
         pc, pr = pair_logprobs(policy, tokenizer, cols, max_length=max_length, batch_size=batch_size,
-                               device=next(policy.parameters()).device)
-        losses, cr, rr = preference_loss(pc, pr, *ref, beta=beta)  # Eq. 7
+                               device=next(policy.parameters()).device).unbind(1)
+        losses, cr, rr = preference_loss(pc, pr, ref_chosen, ref_rejected, beta=beta)  # Eq. 7
         return {f"eval_{k}": v for k, v in preference_metrics(losses, cr, rr, pc, pr).items()}
 
     return eval_fn

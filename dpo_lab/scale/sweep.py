@@ -414,7 +414,7 @@ def execute_run(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], *,
 
 
 # ----------------------------------------------------------------------------------------------- sweeps
-def validate(spec: SweepSpec, devices: Sequence[str | None] | None = None) -> Path:
+def validate_spec(spec: SweepSpec, devices: Sequence[str | None] | None = None) -> Path:
     """Check each run's parameters against the notebook and its ``processes`` (a whole number >= 1, and no
     more than the GPUs in ``devices``) before anything runs. Return the notebook."""
     notebook = spec.notebook if spec.notebook.is_absolute() else project_root() / spec.notebook
@@ -438,9 +438,9 @@ def sweep_folder(spec: SweepSpec, root: Path | None = None) -> Path:
 
 def preflight(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[str | None] | None = None,
               force: bool = False, jobs: int = 1) -> tuple[Path, list[str | None], Path, list[str]]:
-    """Every check before a sweep's first run (``run_sweep`` and ``--dry-run``): ``validate``, the machine's
-    requirements (unless ``force``), a writable sweep folder. Return (notebook, devices, folder, missing).
-    Devices: one worker per visible CUDA device, else ``jobs`` CPU workers (None)."""
+    """Every check before a sweep's first run (``run_sweep`` and ``--dry-run``): ``validate_spec``, the
+    machine's requirements (unless ``force``), a writable sweep folder. Return (notebook, devices, folder,
+    missing). Devices: one worker per visible CUDA device, else ``jobs`` CPU workers (None)."""
     if devices is None:
         import torch
 
@@ -448,7 +448,7 @@ def preflight(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
             raise SweepError(f"jobs must be a whole number >= 1, got {jobs!r}")
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         devices = [str(i) for i in range(n)] if n > 1 else [None] * jobs
-    notebook = validate(spec, devices)
+    notebook = validate_spec(spec, devices)
     if (missing := check_requirements(spec.requires)) and not force:
         raise SweepError(f"{spec.source} requires {list(spec.requires)}; this machine lacks {missing} "
                          f"(pass force=True / --force to try anyway)")
