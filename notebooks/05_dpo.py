@@ -251,7 +251,7 @@ def sampled_logratio(policy_logits: torch.Tensor, ref_logits: torch.Tensor, ids:
 # %%
 grade(exact_kl, sequence_kl, lm_cases("logits", "ref_logits", "completion_mask"), rtol=1e-5, atol=1e-5,
       hint="sum p (log p - log q) over the vocabulary first, then over the completion steps")
-grade(sampled_logratio, lambda pol, ref, ids, comp: library_logp(pol, ids, comp) - library_logp(ref, ids, comp),
+grade(sampled_logratio, lambda pol, ref, ids, comp: sequence_logprobs(token_logprobs(pol, ids) - token_logprobs(ref, ids), comp[:, 1:]),
       lm_cases("logits", "ref_logits", "input_ids", "completion_mask"), rtol=1e-5, atol=1e-5)
 
 # %% [markdown]
