@@ -15,8 +15,9 @@ runs would bias its envelope), and writes, beside it:
   its SFT policy), mean and 95% t interval;
 - seeds_cpu_dominance.{csv,md}: per seed and summed, both directions (DPO points beating the series' points,
   the series' points beating DPO's), distinct points, plain and noise-aware, under r* and the audit sentiment;
-- seeds_cpu_crossover_{envelopes,gaps}.{csv,md}: the same from KL 6 on, over every seed that has the runs the
-  crossover rests on (CROSSOVER_RUNS), so the claim gets its seeds before the whole study finishes; the column
+- seeds_cpu_crossover_{envelopes,gaps,dominance}.{csv,md}: the same for the runs the crossover rests on
+  (CROSSOVER_RUNS; envelopes from KL 6 on), over every seed that has them, so the claim gets its seeds before
+  the whole study finishes; the column
   `max_diff_vs_all_runs` says how far that subset's envelope lies from the one of all runs, on the seeds that
   have all runs (0 means those runs alone make the envelope there);
 - frontier_cpu_seeds.png: the envelopes with their intervals, under r* and the audit, and the 2x-budget runs
@@ -38,6 +39,7 @@ FIGURES = Path(__file__).resolve().parents[1] / "figures"
 BUDGETS = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 SCORES = {"reward": "r*", "audit_sentiment": "audit sentiment"}
 METHODS = ("DPO", "PPO", "PPO-GT")
+COLORS = {"DPO": "tab:red", "PPO": "tab:blue", "PPO-GT": "tab:green"}
 # The runs that make DPO's and PPO-GT's envelopes from KL 6 on, where the lead changes hands (seed 0:
 # beta = 0.3 holds DPO's best below KL 8, beta = 0.1 above; PPO-GT's targets 6, 9 and 12 hold its best): the
 # seed study runs them first for every seed.
@@ -121,33 +123,45 @@ def dominance_table(points: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([table, total], ignore_index=True)[["seed", "score", "series", *counts]]
 
 
-def plot(per_seed_points: pd.DataFrame, budget_points: pd.DataFrame | None, out: Path) -> None:
+def _grid(start: float) -> tuple[float, ...]:
+    return tuple(np.round(np.arange(start, 14.01, 0.25), 2))
+
+
+def _draw(ax, points: pd.DataFrame, score: str, grid: tuple[float, ...], solid: bool) -> None:
+    """Each method's mean envelope over ``points``' seeds, with its 95% t band when there are several."""
+    table = envelope_table(per_seed_envelopes(points, grid))
+    for method in METHODS:
+        rows = table[(table.method == method) & (table.score == score)]
+        if rows.empty:
+            continue
+        seeds = int(rows.seeds.max())
+        label = f"{method}, {seeds} seed{'s' if seeds > 1 else ''}" + (", 95% t band" if seeds > 1 else "")
+        ax.step(rows.kl_budget, rows["mean"], where="post", color=COLORS[method], lw=1.6 if solid else 0.8,
+                ls="-" if solid else ":", label=label if solid else f"{label} (all its runs)")
+        if seeds > 1:
+            ax.fill_between(rows.kl_budget, rows.ci95_low, rows.ci95_high, step="post", color=COLORS[method],
+                            alpha=0.18, lw=0)
+
+
+def plot(points: pd.DataFrame, crossover: pd.DataFrame, budget_points: pd.DataFrame | None,
+         out: Path) -> None:
+    """Left r*, right the audit: the crossover runs' envelopes from KL 6 (every seed that has them), the
+    envelopes of all runs on the complete seeds (dotted), and the 2x-budget runs step by step."""
     import matplotlib.pyplot as plt
-    grid = tuple(np.round(np.arange(0.0, 14.01, 0.25), 2))
-    per_seed = per_seed_envelopes(per_seed_points, grid)
-    table = envelope_table(per_seed)
-    colors = {"DPO": "tab:red", "PPO": "tab:blue", "PPO-GT": "tab:green"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, (score, title) in zip(axes, SCORES.items(), strict=True):
-        for method in METHODS:
-            rows = table[(table.method == method) & (table.score == score)]
-            if rows.empty:
-                continue
-            seeds = int(rows.seeds.max())
-            seeds_label = f"{seeds} seeds, 95% t interval" if seeds > 1 else "1 seed"
-            ax.step(rows.kl_budget, rows["mean"], where="post", color=colors[method],
-                    label=f"{method} envelope, {seeds_label}")
-            ax.fill_between(rows.kl_budget, rows.ci95_low, rows.ci95_high, step="post", color=colors[method],
-                            alpha=0.18, lw=0)
-            if budget_points is not None:
-                extra = budget_points[(budget_points.method == method) & (budget_points.step > 0)]
-                for _, run in extra.groupby("hyperparameter"):
-                    ax.plot(run.kl_mean, run[f"{score}_mean"], "o--", ms=3, lw=0.8, color=colors[method],
-                            alpha=0.8)
-        ax.set(xlabel="sequence KL to pi_ref (test prompts)", ylabel=f"mean {title}", title=title)
-    if budget_points is not None:
-        axes[0].plot([], [], "o--", ms=3, lw=0.8, color="0.3", label="2x-budget run, seed 0 (step by step)")
-    axes[0].legend(fontsize=7, loc="lower right")
+        _draw(ax, points, score, _grid(0.0), solid=False)
+        _draw(ax, crossover, score, _grid(CROSSOVER_BUDGETS[0]), solid=True)
+        if budget_points is not None:
+            trained = budget_points[budget_points.step > 0]
+            for (method, _), run in trained.groupby(["method", "hyperparameter"]):
+                ax.plot(run.kl_mean, run[f"{score}_mean"], "o--", ms=3, lw=0.8, color=COLORS[method],
+                        alpha=0.8)
+        ax.set(xlabel="sequence KL to pi_ref (test prompts)", ylabel=f"mean {title}", title=title,
+               xlim=(0, 17))
+    if budget_points is not None:  # DPO beta = 0.05 at 2x runs on to KL 30, off the right edge
+        axes[0].plot([], [], "o--", ms=3, lw=0.8, color="0.3", label="2x-budget run, seed 0 (to KL 17 shown)")
+    axes[0].legend(fontsize=6.5, loc="lower right")
     fig.suptitle("cpu frontier across seeds: best score within a KL budget", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=130)
@@ -174,8 +188,8 @@ def complete_seeds(points: pd.DataFrame, runs: frozenset | None = None) -> pd.Da
 
 
 def crossover_tables(points: pd.DataFrame, complete: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Envelopes and gaps from KL 6 on over the seeds that have the crossover runs, each envelope row with its
-    largest distance, on the complete seeds, from the envelope of all runs."""
+    """Envelopes and gaps from KL 6 on, and dominance, over the seeds that have the crossover runs; each
+    envelope row with its largest distance, on the complete seeds, from the envelope of all runs."""
     subset = complete_seeds(points, CROSSOVER_RUNS)
     per_seed = per_seed_envelopes(subset, CROSSOVER_BUDGETS)
     keys = ["method", "score", "kl_budget", "seed"]
@@ -184,7 +198,8 @@ def crossover_tables(points: pd.DataFrame, complete: pd.DataFrame) -> dict[str, 
     envelopes = envelope_table(per_seed)
     worst = diff.groupby(level=["method", "score", "kl_budget"]).max().rename("max_diff_vs_all_runs")
     envelopes = envelopes.join(worst, on=["method", "score", "kl_budget"])
-    return {"crossover_envelopes": envelopes, "crossover_gaps": gap_table(per_seed)}
+    return {"crossover_envelopes": envelopes, "crossover_gaps": gap_table(per_seed),
+            "crossover_dominance": dominance_table(subset)}
 
 
 def report(points_file: Path, out: Path) -> dict[str, pd.DataFrame]:
@@ -196,7 +211,8 @@ def report(points_file: Path, out: Path) -> dict[str, pd.DataFrame]:
     for name, table in tables.items():
         write(table, out / f"seeds_cpu_{name}")
     budget_file = out / "frontier_cpu_budget_points.csv"
-    plot(points, pd.read_csv(budget_file) if budget_file.is_file() else None, out / "frontier_cpu_seeds.png")
+    plot(points, complete_seeds(every_point, CROSSOVER_RUNS),
+         pd.read_csv(budget_file) if budget_file.is_file() else None, out / "frontier_cpu_seeds.png")
     return tables
 
 

@@ -65,7 +65,8 @@ def test_committed_tables_and_readme_numbers_follow_from_the_committed_points(tm
         (tmp_path / budget.name).write_bytes(budget.read_bytes())
     seed_report.report(tmp_path / COMMITTED.name, tmp_path)
     cells = set()
-    for name in ("envelopes", "gaps", "dominance", "crossover_envelopes", "crossover_gaps"):
+    tables = ("envelopes", "gaps", "dominance")
+    for name in (*tables, *(f"crossover_{n}" for n in tables)):
         fresh = (tmp_path / f"seeds_cpu_{name}.csv").read_text()
         assert fresh == (FIGURES / f"seeds_cpu_{name}.csv").read_text(), f"seeds_cpu_{name}.csv is stale"
         cells |= set(re.findall(r"-?\d+\.\d{3}", (tmp_path / f"seeds_cpu_{name}.md").read_text()))
@@ -93,6 +94,17 @@ def test_committed_tables_and_readme_numbers_follow_from_the_committed_points(tm
                          (row.series_beats, row.dpo_points, row.series_beats_noise_aware)]
         assert [tuple(map(int, f)) for f in found] == [tuple(map(int, e)) for e in expected], series
 
+    # and its 5-seed row, the crossover runs' summed counts
+    crossover = pd.read_csv(tmp_path / "seeds_cpu_crossover_dominance.csv", dtype={"seed": str})
+    total = crossover[crossover.seed == "all"].set_index(["series", "score"])
+    (row,) = re.findall(r"^\| DPO β [^|]* vs PPO-GT [^|]* \|(.*)\|$", block.group(1), re.M)
+    expected = []
+    for score in ("reward", "audit_sentiment"):
+        c = total.loc[("PPO-GT", score)]
+        expected += [(c.dpo_beats, c.series_points, c.dpo_beats_noise_aware),
+                     (c.series_beats, c.dpo_points, c.series_beats_noise_aware)]
+    found = re.findall(r"(\d+)/(\d+) \((\d+)\)", row)
+    assert [tuple(map(int, f)) for f in found] == [tuple(map(int, e)) for e in expected]
 
 def test_crossover_tables_take_every_seed_with_the_crossover_runs(monkeypatch):
     """Seed 1 lacks a run outside the crossover set: left out of the full tables, kept in the crossover ones;
