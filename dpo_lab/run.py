@@ -376,6 +376,7 @@ class Run(TrainLog):
             self._check_open()
             # Taken while out_dir is still held, so the checkpoint to seed from cannot be pruned meanwhile.
             lock = run_lock(target, self.lock_timeout).acquire()
+            known = (target / "run.json").is_file()  # said once, when the schedule is first kept apart
             try:
                 check_run(target, self.fields)
                 seeded = seed_schedule(self.dir, target, max_steps)
@@ -386,9 +387,10 @@ class Run(TrainLog):
             self._lock = lock
             how = (f"from its checkpoint at step {max_steps}" if seeded else
                    "resumed there" if checkpoint_dirs(target) else "trained there from the start")
-            print(f"{self.dir} holds this run continued to step {held} > max_steps {max_steps}: the "
-                  f"{max_steps}-step schedule is kept apart in {target} ({how}); {self.dir} is left as it is",
-                  file=sys.stderr, flush=True)
+            if not known:
+                print(f"{self.dir} holds this run continued to step {held} > max_steps {max_steps}: the "
+                      f"{max_steps}-step schedule is kept apart in {target} ({how}); {self.dir} is left as "
+                      "it is", file=sys.stderr, flush=True)
         self.dir = target
 
     def finished(self, max_steps: int, result_type: type[R] = RunResult,

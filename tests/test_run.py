@@ -512,6 +512,7 @@ def test_fewer_steps_than_the_folder_holds_are_kept_apart(tiny_model, tiny_token
     # From now on each schedule is reused at once, the longer one from its own folder.
     assert _train(tiny_model, reference, tiny_tokenizer, out, 6, eval_fn=_no_eval) == long
     assert _train(tiny_model, reference, tiny_tokenizer, out, 3, eval_fn=_no_eval) == short
+    assert "holds this run continued" not in capsys.readouterr().err  # said once, not at every reuse
 
 
 def test_a_kept_checkpoint_at_the_shorter_length_is_reused(tiny_model, tiny_tokenizer, tmp_path, capsys):
