@@ -108,10 +108,8 @@ def worker(spec: dict[str, Any]) -> None:
 
         policy, tokenizer, _ = pipeline.sft_policy(preset, progress=False)
         reward, _ = pipeline.reward_model(preset)
-        e = preset.eval
         evaluate_policy(policy, policy, tokenizer, pipeline.prompts(preset, tokenizer, "test"), reward,
-                        samples_per_prompt=e.samples_per_prompt, max_new_tokens=e.max_new_tokens,
-                        batch_size=e.batch_size, seed=preset.seed)
+                        preset.eval, seed=preset.seed)
     elif stage != "imports":
         raise SystemExit(f"unknown stage {stage!r}")
     emit_result({"stage": stage, "peak_rss_mib": peak_rss_mib(), "seconds": time.perf_counter() - start})

@@ -165,7 +165,7 @@ def speedups(args: argparse.Namespace) -> None:
 
     from dpo_lab import evaluate
     from dpo_lab.batching import PAIR_COLUMNS, PreferenceCollator, pair_columns
-    from dpo_lab.dpo_trainer import _micro_batch_losses, make_accelerator, make_optimizer
+    from dpo_lab.dpo_trainer import LossSpec, _micro_batch_losses, make_accelerator, make_optimizer
     from dpo_lab.kl_estimators import kl_estimates
     from dpo_lab.logprobs import concatenated_forward
     from dpo_lab.models import load_policy
@@ -200,7 +200,7 @@ def speedups(args: argparse.Namespace) -> None:
                 "logratio_kl_mean": evaluate._mean_se(ratio, n)[0]}, kl, ratio, flat
 
     def new_evaluate() -> dict:
-        return evaluate.evaluate_policy(policy, reference, tokenizer, test, reward, **kw)
+        return evaluate.evaluate_policy(policy, reference, tokenizer, test, reward, e, seed=kw["seed"])
 
     with patched(sampling, "_draw_inverse_cdf", _draw_inverse_cdf_f64):  # speed-up 3 off
         report(f"1. exact KL, evaluate_policy ({len(test)} x {e.samples_per_prompt} x {e.max_new_tokens})",
@@ -240,8 +240,7 @@ def speedups(args: argparse.Namespace) -> None:
             losses = []
             for k, batch in enumerate(batches):
                 out = _micro_batch_losses(model, batch, ref_all[k * 32:(k + 1) * 32], accelerator,
-                                          objective="dpo", beta=0.1, alpha=None, config=config,
-                                          where=f"at step {k}")
+                                          loss=LossSpec("dpo", 0.1, None, config), where=f"at step {k}")
                 loss = out["losses"].mean()
                 loss.backward()
                 optimizer.step()

@@ -40,7 +40,7 @@ import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
@@ -224,21 +224,22 @@ def _collate(collator: PreferenceCollator, cols: Mapping[str, Sequence[Any]],
 
 @torch.no_grad()
 def pair_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Pairs, *, max_length: int,
-                  batch_size: int, accelerator: Accelerator | None = None,
-                  device: torch.device | str | None = None, progress: bool = False, desc: str = "log-probs",
-                  average: bool = False) -> torch.Tensor:
+                  batch_size: int, device: Accelerator | torch.device | str | None = None,
+                  progress: bool | str = False, average: bool = False) -> torch.Tensor:
     """``log π(y_k|x)`` of every completion of every pair (or ranking) under ``model``, fp32 ``(N, K)`` on
     the CPU: columns chosen, rejected (a ranking's: best first), summed over completion tokens (Eq. 7;
     ``average=True``: their mean). One forward pass per ``batch_size`` examples
     (``logprobs.concatenated_forward``), in eval mode without gradients; the model goes back where it was.
+    ``progress``: a bar (a string: its label).
 
-    With an ``accelerator`` of P processes, process p scores a contiguous 1/P of the examples under the
-    training precision and the shards are summed across processes (each entry is non-zero on one process
-    only, so the sum is exact); every process gets every value.
+    With an Accelerator of P processes as ``device``, process p scores a contiguous 1/P of the examples
+    under the training precision and the shards are summed across processes (each entry is non-zero on one
+    process only, so the sum is exact); every process gets every value.
     """
     cols = pair_columns(pairs)
     n, k = len(cols["prompt"]), len(cols["completions"][0]) if "completions" in cols else 2
     collator = PreferenceCollator(tokenizer, max_length)
+    accelerator = None if device is None or isinstance(device, (str, torch.device)) else device
     if accelerator is not None:
         dev, cast = accelerator.device, accelerator.autocast
         rank, world = accelerator.process_index, accelerator.num_processes
@@ -252,6 +253,7 @@ def pair_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: P
     home, was_training = next(model.parameters()).device, model.training
     model.to(dev).eval()
     try:
+        desc = progress if isinstance(progress, str) else "log-probs"
         for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
                           disable=not progress or rank != 0):
             end = min(start + batch_size, hi)
@@ -318,15 +320,16 @@ def train_dpo(
     model = accelerator.prepare_model(policy)  # DDP on several processes; the policy itself on one
     if start == 0:
         log.log_start(policy)
-    bar = tqdm(range(start + 1, config.max_steps + 1), desc=_bar_name(objective, config, beta, alpha, world),
+    loss = LossSpec(objective, beta, alpha, config)
+    bar = tqdm(range(start + 1, config.max_steps + 1), desc=_bar_name(loss, world),
                disable=not (progress and accelerator.is_main_process), initial=start, total=config.max_steps)
     for step in bar:
         where = f"at step {step} (last good checkpoint: {ckpt_dir or 'none'})"
         started = time.perf_counter()
         indices = batch_indices(len(cols["prompt"]), config.batch_size, step, seed)
         mine = process_micro_batches(indices, config.micro_batch_size, accelerator.process_index, world)
-        cat, tokens = _accumulate(model, cols, mine, collator, ref, len(indices), accelerator,
-                                  objective=objective, beta=beta, alpha=alpha, config=config, where=where)
+        cat, tokens = _accumulate(model, cols, mine, collator, ref, len(indices), accelerator, loss=loss,
+                                  where=where)
         if not math.isfinite(cat["losses"].mean().item()):
             raise FloatingPointError(f"non-finite {_BAR_NAMES[objective]} loss {where}")
         lr = scheduler.get_last_lr()[0]  # the lr this update uses
@@ -349,7 +352,18 @@ def train_dpo(
     return log.records
 
 
-def _bar_name(objective: str, config: DPOConfig, beta: float, alpha: float | None, world: int) -> str:
+class LossSpec(NamedTuple):
+    """What a step minimises: ``objective`` with its ``beta`` (a readout for the baselines) and ``alpha``
+    (unlikelihood), the variant from ``config`` (loss_type, label_smoothing, rpo_alpha, average_logprobs)."""
+
+    objective: str
+    beta: float
+    alpha: float | None
+    config: DPOConfig
+
+
+def _bar_name(loss: LossSpec, world: int) -> str:
+    objective, beta, alpha, config = loss
     variant = "" if objective != "dpo" or config.loss_type == "sigmoid" else f" ({config.loss_type})"
     value = {"dpo": f" beta={beta:g}", "unlikelihood": f" alpha={alpha}"}.get(objective, "")
     return _BAR_NAMES[objective] + variant + value + (f" x{world}" if world > 1 else "")
@@ -404,11 +418,11 @@ def _record(step: int, lr: float, grad_norm: float, cat: dict[str, torch.Tensor]
 
 
 def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: torch.Tensor,
-                        accelerator: Accelerator, *, objective: str, beta: float, alpha: float | None,
-                        config: DPOConfig, where: str) -> dict[str, torch.Tensor]:
+                        accelerator: Accelerator, *, loss: LossSpec, where: str) -> dict[str, torch.Tensor]:
     """Per-example losses of one micro-batch of pairs (or, under Plackett-Luce, rankings) from one forward
     pass, with what the metrics need: the implicit rewards and log-probs of the first and the last
     completion (chosen and rejected; a ranking's best and worst). ``ref`` is ``(B, K)``."""
+    objective, beta, alpha, config = loss
     with accelerator.autocast():
         # Eq. 7 sums (0 off the completion); average_logprobs takes TRL's IPO per-token mean instead.
         logps, tok, mask = concatenated_forward(model, batch, average=config.average_logprobs)

@@ -48,10 +48,10 @@ def _mean_se(per_sample: np.ndarray, n_prompts: int) -> tuple[float, float]:
 
 
 def evaluate_policy(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                    prompts: Sequence[str], reward_model: RewardModel, *, samples_per_prompt: int,
-                    max_new_tokens: int, batch_size: int, seed: int, progress: bool = False,
+                    prompts: Sequence[str], reward_model: RewardModel, config: EvalConfig, *, seed: int,
                     scorers: Mapping[str, Scorer] | None = None) -> dict[str, float]:
-    """Sample from ``policy``, score r*, and measure KL to ``reference``: one frontier point.
+    """Sample from ``policy`` (``config``: samples per prompt, their length, the batch), score r*, and
+    measure KL to ``reference``: one frontier point.
 
     Returns reward_mean/_se, kl_mean/_se (exact per-step sequence KL), logratio_kl_mean/_se (sampled
     estimator), completion_tokens_mean, n (samples) and n_prompts. The same seed at every checkpoint gives
@@ -61,9 +61,9 @@ def evaluate_policy(policy: nn.Module, reference: nn.Module, tokenizer: PreTrain
     """
     if len(prompts) == 0:
         raise ValueError("evaluate_policy needs at least one prompt")
-    samples = sample(policy, tokenizer, prompts, n_per_prompt=samples_per_prompt,
-                     max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress,
-                     reference=reference)
+    samples = sample(policy, tokenizer, prompts, n_per_prompt=config.samples_per_prompt,
+                     max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=seed,
+                     progress=False, reference=reference)
     rewards = np.asarray(score_samples(reward_model, samples.prompts, samples.texts), dtype=np.float64)
     kl = np.asarray(samples.kl, dtype=np.float64).reshape(-1)
     logratio = np.asarray(samples.logratio, dtype=np.float64).reshape(-1)
@@ -91,8 +91,6 @@ def make_eval_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, promp
                  scorers: Mapping[str, Scorer] | None = None) -> EvalFn:
     """``eval_fn(policy, step)`` for ``dpo_trainer.train_dpo``: one frontier point per call."""
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
-        return evaluate_policy(policy, reference, tokenizer, prompts, reward_model,
-                               samples_per_prompt=config.samples_per_prompt,
-                               max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=seed,
+        return evaluate_policy(policy, reference, tokenizer, prompts, reward_model, config, seed=seed,
                                scorers=scorers)
     return eval_fn

@@ -493,22 +493,11 @@ def _cached_logprobs(path: Path, key: str, names: tuple[str, ...], shape: tuple[
     return values
 
 
-def _reference_key_parts(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, accelerator: Any,
-                         device: torch.device | str | None,
-                         reference_fingerprint: str | None) -> tuple[torch.device, tuple[str, str, str, str]]:
-    dev = accelerator.device if accelerator is not None else resolve_device(device)
-    precision = str(accelerator.mixed_precision) if accelerator is not None else (
-        "bf16" if dev.type == "cuda" else "no")
-    return dev, (reference_fingerprint or model_fingerprint(reference), tokenizer_fingerprint(tokenizer),
-                 dev.type, precision)
-
-
 def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
-                       max_length: int, cache_dir: str | Path, batch_size: int, accelerator: Any = None,
-                       device: torch.device | str | None = None, progress: bool = True,
-                       reference_fingerprint: str | None = None, average: bool = False) -> torch.Tensor:
-    """:func:`dpo_trainer.pair_logprobs` of the frozen reference, ``(N, K)`` (pairs: chosen, rejected;
-    rankings: best first), read from / written to the disk cache.
+                       cache_dir: str | Path, reference_fingerprint: str | None = None,
+                       **score_args: Any) -> torch.Tensor:
+    """:func:`dpo_trainer.pair_logprobs` of the frozen reference (``score_args``: its keyword arguments),
+    ``(N, K)`` (pairs: chosen, rejected; rankings: best first), read from / written to the disk cache.
 
     The key hashes the reference weights, the pairs (or rankings), the tokenizer, max_length, sum or mean
     (``average``), the device type and the precision, so any change recomputes and nothing stale is reused.
@@ -519,15 +508,19 @@ def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
     n, ranked = len(cols["prompt"]), "completions" in cols
     names = tuple(f"completion{k}" for k in range(len(cols["completions"][0]))) if ranked else (
         "chosen", "rejected")
-    dev, (weights, tok, dev_type, precision) = _reference_key_parts(reference, tokenizer, accelerator, device,
-                                                                    reference_fingerprint)
-    key = content_hash("ref-logps/v2", weights, pairs_fingerprint(cols), tok, max_length,
-                       "mean" if average else "sum", dev_type, precision)
+    device, max_length = score_args.get("device"), score_args["max_length"]
+    accelerator = None if device is None or isinstance(device, (str, torch.device)) else device
+    dev = accelerator.device if accelerator is not None else resolve_device(device)
+    precision = str(accelerator.mixed_precision) if accelerator is not None else (
+        "bf16" if dev.type == "cuda" else "no")
+    key = content_hash("ref-logps/v2", reference_fingerprint or model_fingerprint(reference),
+                       pairs_fingerprint(cols), tokenizer_fingerprint(tokenizer), max_length,
+                       "mean" if score_args.get("average") else "sum", dev.type, precision)
 
     def compute() -> tuple[torch.Tensor, ...]:
-        logps = dpo_trainer.pair_logprobs(reference, tokenizer, cols, max_length=max_length,
-                                          batch_size=batch_size, accelerator=accelerator, device=dev,
-                                          progress=progress, desc="reference log-probs", average=average)
+        progress = "reference log-probs" if score_args.get("progress", True) else False
+        logps = dpo_trainer.pair_logprobs(reference, tokenizer, cols, **{
+            **score_args, "device": dev if accelerator is None else accelerator, "progress": progress})
         return tuple(column.clone() for column in logps.unbind(1))  # safetensors stores no shared memory
 
     noun = "rankings" if ranked else "pairs"
@@ -539,16 +532,18 @@ def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
 # ------------------------------------------------------------------------------------ the trainers' runs
 def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
             out_dir: str | Path, ref_cache_dir: str | Path, eval_fn: EvalFn | None = None,
-            keep_checkpoints: int | None = 1, device: torch.device | str | None = None,
-            accelerator: Any = None, **settings: Any) -> RunResult:
+            **settings: Any) -> RunResult:
     """:func:`dpo_trainer.train_dpo` (``settings``: its keyword arguments) as one run in ``out_dir``: trained,
     resumed from its last checkpoint or, if finished, its final weights loaded into ``policy`` at once. The
     reference log-probs are computed once and cached in ``ref_cache_dir``, shared by every run of a sweep.
-    ``accelerator`` (default: ``dpo_trainer.make_accelerator(device)``): under ``accelerate launch`` every
-    process calls this with the same arguments; only the main one evaluates and writes."""
+    ``settings`` may also hold ``device`` (without an ``accelerator``: ``make_accelerator(device)``) and
+    ``keep_checkpoints`` (default 1; None keeps all). Under ``accelerate launch`` every process calls this
+    with the same arguments; only the main one evaluates and writes."""
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
+    keep_checkpoints, device = settings.pop("keep_checkpoints", 1), settings.pop("device", None)
     config, objective = settings["config"], settings.get("objective", "dpo")
+    accelerator = settings.pop("accelerator", None)
     accelerator = accelerator if accelerator is not None else dpo_trainer.make_accelerator(device)
     beta = dpo_trainer.check_dpo_settings(config, objective, settings.get("beta"), settings.get("alpha"),
                                       settings["max_length"], accelerator.num_processes)
@@ -574,11 +569,10 @@ def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
         finished = run.finished(config.max_steps, policy=policy)
         if finished is not None:
             return finished
-        ref_args = {"max_length": settings["max_length"], "cache_dir": ref_cache_dir,
-                    "batch_size": config.micro_batch_size, "accelerator": accelerator,
-                    "progress": settings.get("progress", True), "average": config.average_logprobs,
-                    "reference_fingerprint": fields["reference"]}
-        ref = reference_logprobs(reference, tokenizer, cols, **ref_args)  # (N, K)
+        ref = reference_logprobs(  # (N, K)
+            reference, tokenizer, cols, cache_dir=ref_cache_dir, reference_fingerprint=fields["reference"],
+            max_length=settings["max_length"], batch_size=config.micro_batch_size, device=accelerator,
+            progress=settings.get("progress", True), average=config.average_logprobs)
         dpo_trainer.train_dpo(policy, tokenizer, cols, ref, accelerator=accelerator, log=run, **settings)
         result = run.finish()
     accelerator.wait_for_everyone()
@@ -587,12 +581,13 @@ def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
 
 def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Any,
             score_fn: ppo.ScoreFn, *, out_dir: str | Path, eval_fn: EvalFn | None = None,
-            device: torch.device | str | None = None, **settings: Any) -> RunResult:
-    """:func:`ppo.train_ppo` (``settings``: config, seed, progress) as one run in ``out_dir``, as
+            **settings: Any) -> RunResult:
+    """:func:`ppo.train_ppo` (``settings``: config, seed, device, progress) as one run in ``out_dir``, as
     :func:`dpo_run`. The policy's weights are not in the key: they change as it trains."""
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
-    config, device = settings["config"], resolve_device(device)
+    config = settings["config"]
+    device = settings["device"] = resolve_device(settings.get("device"))
     ppo.check_ppo_settings(config, prompts, tokenizer)
     fields = {"seed": settings["seed"], "config": trajectory_settings(config),
               "reference": model_fingerprint(reference), "prompts": content_hash(list(prompts)),
@@ -601,7 +596,7 @@ def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
         finished = run.finished(config.max_steps, policy=policy)
         if finished is not None:
             return finished
-        ppo.train_ppo(policy, reference, tokenizer, prompts, score_fn, device=device, log=run, **settings)
+        ppo.train_ppo(policy, reference, tokenizer, prompts, score_fn, log=run, **settings)
         return run.finish()
 
 

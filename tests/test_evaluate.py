@@ -24,9 +24,9 @@ def length_reward(texts: Sequence[str]) -> np.ndarray:
     return np.asarray([(sum(map(ord, t)) % 101) / 100 for t in texts])
 
 
-def _eval(policy, reference, tokenizer, **kw):
-    args = {"samples_per_prompt": 3, "max_new_tokens": 5, "batch_size": 8, "seed": 0, **kw}
-    return evaluate_policy(policy, reference, tokenizer, PROMPTS, length_reward, **args)
+def _eval(policy, reference, tokenizer, samples_per_prompt=3, **kw):
+    config = EvalConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=5, batch_size=8)
+    return evaluate_policy(policy, reference, tokenizer, PROMPTS, length_reward, config, seed=0, **kw)
 
 
 def test_kl_is_zero_for_the_reference_itself(tiny_model, tiny_tokenizer):

@@ -15,7 +15,7 @@ from dpo_lab import labs, pipeline
 from dpo_lab.evaluate import evaluate_policy
 from dpo_lab.frontier import PROXY_COLUMNS, evaluation_points
 from dpo_lab.preferences import score_samples
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import EvalConfig, get_preset
 from dpo_lab.rewards import score_completions
 from dpo_lab.run import read_metrics
 
@@ -74,7 +74,7 @@ def test_evaluation_reads_the_proxy_on_the_same_samples(smoke) -> None:
     reward, _ = pipeline.reward_model(smoke)
     r_phi = pipeline.learned_reward(smoke)
     test_prompts = pipeline.prompts(smoke, tokenizer, "test")[:6]
-    args = {"samples_per_prompt": 2, "max_new_tokens": 8, "batch_size": 4, "seed": 3}
+    args = {"config": EvalConfig(samples_per_prompt=2, max_new_tokens=8, batch_size=4), "seed": 3}
     plain = evaluate_policy(policy, policy, tokenizer, test_prompts, reward, **args)
     scorers = {"proxy_reward": lambda p, c: score_completions(r_phi, p, c)}
     both = evaluate_policy(policy, policy, tokenizer, test_prompts, reward, **args, scorers=scorers)
