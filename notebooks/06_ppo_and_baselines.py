@@ -467,8 +467,8 @@ for (method, kl), frame in ppo_curves.items():
 # since each step sees one sample per prompt and a value head that is still learning ($r_\phi$ is centred
 # on the training completions, so PPO's scores start near 0; PPO-GT's are probabilities). The clip fraction
 # is a few percent at most and under 1% on average: the learning rate, not the clip, limits most updates.
-# Entropy moves by less than half a nat of about 5, so no run collapses onto a few phrasings. DPO needs
-# neither the samples nor the critic.
+# The printed entropy means move by less than half a nat of about 5, so no run collapses onto a few
+# phrasings. DPO needs neither the samples nor the critic.
 #
 # ## Unlikelihood and Preferred-FT
 # The two baselines train on the fixed pairs with DPO's optimiser settings and no reference model in the
@@ -523,14 +523,15 @@ for (method, value), frame in baseline_curves.items():
 
 # %% [markdown]
 # **What to notice.** Every run raises the chosen completions (about +1 nat) and leaves the rejected near
-# or below where π_ref had them, so every margin ends clearly positive, +1.1 to +1.3 nats. Preferred-FT never
-# sees a rejected completion, yet separates them: this data's chosen completions are the more positive ones,
-# and a model trained to write them gives positive text in general more probability. The four Unlikelihood
-# runs end with about Preferred-FT's margin; a larger α lowers chosen and rejected together.
+# or below where π_ref had them, so every margin ends clearly positive, +1.066 to +1.324 nats.
+# Preferred-FT never sees a rejected completion, yet separates them: this data's chosen completions are the
+# more positive ones, and a model trained to write them gives positive text in general more probability.
+# The four Unlikelihood runs end with about Preferred-FT seed 0's margin (seed 1's is smaller); a larger α
+# lowers chosen and rejected together.
 #
 # Why does α do so little? Unlikelihood's extra term, $-\alpha\sum_t\log(1-\pi(y_{l,t}|x,y_{l,<t}))$, is
 # small from the start: a sampled token's probability $p$ is mostly small, and $-\log(1-p)\approx p$, while
-# the chosen completion's NLL is $-\log p$ per token. At $\pi_{\rm SFT}$ the cell below measures it about 75
+# the chosen completion's NLL is $-\log p$ per token. At $\pi_{\rm SFT}$ the cell below measures it 76
 # times smaller than the pull-up term (the printed ratio), even at $\alpha = 1$. It is also **bounded**: it and its
 # gradient go to 0 as a token's probability does. With high-probability tokens in $y_l$ (a larger model,
 # repetitive text) it matters more; the paper reports Unlikelihood degenerating into meaningless text on

@@ -234,9 +234,10 @@ for score in ("reward", "audit_sentiment"):
 
 # %% [markdown]
 # **What to notice.** Check each stretch against the figure: where the printed leader changes, two step
-# lines cross. Under $r^*$ the lead changes hands at small KL and one method keeps it over the last,
-# longest stretch; under the audit PPO, with the learned reward, also leads stretches at larger KL. A
-# stretch of a quarter nat or two often rests on one evaluation point: treat it as a tie, not a win.
+# lines cross. Under $r^*$ the lead changes hands several times in the lower half of the KL range and one
+# method keeps it over the last, longest stretch; under the audit PPO, with the learned reward, also leads
+# stretches at larger KL. A stretch of a quarter nat or two often rests on one evaluation point: treat it
+# as a tie, not a win.
 
 # %% [markdown]
 # ## What each run spent
@@ -294,8 +295,8 @@ display(table.round(3))
 # %% [markdown]
 # **What to notice.** Each PPO-family run's `kl_final` lies near its target (the `hyperparameter`), while
 # DPO's final KL is set by β: small β, large KL. Read PPO against PPO-GT at the same target: their
-# `reward_final` differ by more than a few `reward_final_se`, and PPO-GT is the one optimising $r^*$, the
-# score on this axis.
+# `reward_final` differ by three or more `reward_final_se`, PPO-GT ahead at every target: it is the one
+# optimising $r^*$, the score on this axis.
 
 # %% [markdown]
 # ## What the figure shows, and why
@@ -326,10 +327,11 @@ display(table.round(3))
 #
 # **What the `cpu` figure above shows** (one seed, after DPO and both PPOs were tuned on validation
 # prompts; README, "The CPU reproduction"). The paper's ordering does not appear: the stretches printed
-# above give the lead to DPO over parts of the low-KL range only, and to PPO-GT over the high-KL end, and
-# the dominance table counts far fewer beaten PPO-GT points than the paper's. What the evidence supports,
-# and what it does not:
-# * *Not a budget cut-off.* Every DPO run was still climbing at its last step. Runs with twice the budget
+# above give DPO the lead only in the lower half of the KL range and PPO-GT the high-KL end, and the
+# dominance table counts far fewer beaten PPO-GT points than the paper's. What the evidence supports, and
+# what it does not:
+# * *Not a budget cut-off.* DPO was still climbing: four of its five runs end at their best reward
+#   (`reward_best` in the per-run table), β = 5 within one standard error of it. Runs with twice the budget
 #   (README, "Past the cut-off") move DPO *along* its frontier, to larger KL, not above it, while PPO-GT's
 #   controller holds its KL near the target and spends the extra steps on reward: the high-KL gap grows.
 # * *The judge matters.* PPO-GT optimises $r^*$, the score on the y axis; PPO optimises $r_\phi$, which

@@ -32,8 +32,9 @@
 #    DPO step on gpt2-large needs on one 80 GB GPU.
 #
 # **What you see, and what it costs.** The outputs below are the `cpu` preset's: its 5-run DPO sweep,
-# executed through papermill on the runs notebook 05 (or `make reproduce`) already trained, in 131 s on 2
-# cores. From empty caches the same sweep first trains the five runs (200–220 s each); at `smoke`
+# executed through papermill on the runs notebook 05 (or `make reproduce`) already trained, in a few
+# seconds a run on 2 cores (the `seconds` column below). From empty caches the same sweep first trains the
+# five runs (their training time is the `wall_s` column: 97.634 to 121.079 s each); at `smoke`
 # (`DPO_LAB_PRESET=smoke`) the whole notebook takes 67 s. The GPU-hour and memory figures are estimates,
 # not measurements (no GPU was available to this project).
 #

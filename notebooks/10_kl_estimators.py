@@ -392,7 +392,7 @@ plt.show()
 # %% [markdown]
 # **What to notice.** Only the first bar samples from $\pi$ itself; every other bar is the same run's KL
 # reported under a changed sampler. None of the changes alters the policy, so every bar off the grey line
-# is an error of the report: top-k lifts k1 by about half, and with $\pi_{\rm ref}$'s samples k1 turns
+# is an error of the report: top-k lifts k1 by over a third, and with $\pi_{\rm ref}$'s samples k1 turns
 # negative while k3 runs off the top of the axis.
 
 # %% tags=["nbval-check-output"]
@@ -409,37 +409,34 @@ print("k3 >= 0 on every sample of every setting:", all((v["k3"] >= 0).all() for 
 # **What the `cpu` run shows** (seed 0; 40 test prompts × 8 samples of at most 32 tokens per policy; DPO
 # β = 0.05 and β = 5, PPO-GT with target KL 9).
 #
-# * **Bias.** Against the exact sum (12.61 ± 0.15, 1.87 ± 0.03 and 9.05 ± 0.08 nats), $k_2$ is high by
-#   +4.73 ± 0.34 at β = 0.05 and +2.12 ± 0.18 for PPO-GT (a third and a quarter of the KL), and within noise
-#   (+0.03 ± 0.04) at β = 5, where $\pi$ is close to $\pi_{\rm ref}$: its bias grows with the distance, as
-#   its second-order derivation says. $k_1$ is within 1.4 SE of the exact sum on all three (+0.24 ± 0.26,
-#   −0.15 ± 0.11, +0.11 ± 0.24). $k_3$ is within 1 SE at β = 0.05 but 1.8 and 2.5 SE low on the other two
-#   (−0.08 ± 0.04, −0.27 ± 0.11). It is unbiased (the brute-force test in `tests/test_kl_estimators.py`),
-#   but its difference from the exact sum is right-skewed per sample (for PPO-GT its median is −0.58 where
-#   its mean is −0.27; a check outside this notebook), so 320 samples fall short more often than over and
-#   the SE understates the uncertainty. Whether that or chance explains −0.27, this run cannot say.
-# * **Variance.** The exact sum varies least everywhere. Per sample, $k_1$'s variance is 7×, 43× and 14× the
-#   exact sum's (β = 0.05, β = 5, PPO-GT), $k_3$'s 6.6×, 5.2× and 5.0×, $k_2$'s 13×, 5.2× and 11×: that
-#   many times more samples for the same standard error. Near $\pi_{\rm ref}$ (β = 5) $k_1$ is the worst by
-#   far and negative on 18% of samples (0% and 1.2% on the two far runs), and $k_3$ cuts its spread threefold,
-#   Schulman's case for it. Far from $\pi_{\rm ref}$ (β = 0.05) $k_3$ is no better than $k_1$ (SD of the
-#   40-prompt mean 0.82 against 0.78), while the exact sum's is 0.27. Every SD falls as $1/\sqrt n$ (the lower
+# * **Bias.** Against the exact sum (16.899, 2.813 and 10.531 nats in the table of means), $k_2$ is high by
+#   +5.044 ± 0.364 at β = 0.05 and +3.328 ± 0.207 for PPO-GT (about a third of the KL), and by only
+#   +0.209 ± 0.056 at β = 5, where $\pi$ is close to $\pi_{\rm ref}$: its bias grows with the distance, as
+#   its second-order derivation says. $k_1$ and $k_3$ are within one SE of the exact sum on all three runs (the
+#   table of differences above); both are unbiased (the brute-force test in `tests/test_kl_estimators.py`).
+# * **Variance.** The exact sum varies least everywhere: the `var / var(exact)` column is how many times
+#   more samples each estimator needs for the same standard error. Near $\pi_{\rm ref}$ (β = 5) $k_1$ is the
+#   worst by far (42.683) and negative on a share 0.128 of samples (0.000 and 0.022 on the two far runs),
+#   and $k_3$ cuts the SD of one sample from 2.418 to 1.008, Schulman's case for it. Far from
+#   $\pi_{\rm ref}$ (β = 0.05) $k_3$ is no better than $k_1$ (SD of the 40-prompt mean from one sample per
+#   prompt 0.946 against 0.797), while the exact sum's is 0.313. Every SD falls as $1/\sqrt n$ (the lower
 #   panels): more samples shrink the spread and leave $k_2$'s bias where it is.
-# * **Settings** (DPO β = 0.05; true KL 12.61). **top-k 50** reports a mean $k_1$ of 18.55, +5.94 (+47%):
-#   the tokens top-k cuts are $\pi$'s tail, whose log-ratios are lower than the head's ($\pi$ moved mass off
-#   them), so averaging over the kept head alone leaves the larger terms. **top-p 0.9** reports 13.67,
-#   +1.06 ± 0.34. The exact sum along those samples stays within 0.5 nats (12.10 and 12.25): it is the
-#   sampled log-ratio scored on truncated draws that is wrong. **Min length 32** and **EOS dropped** change nothing measurable here,
-#   because this policy almost never stops within 32 tokens (none of its 320 samples did). On the two runs
-#   that did, 4 of 320 completions each, dropping the EOS raised those completions' $k_1$ by 0.62 and 0.10
-#   (the policy gave EOS less probability than $\pi_{\rm ref}$ did, so its term was negative), and the mean
-#   by 0.008 and 0.001. Both effects grow with how often $\pi$ stops: longer caps, or models that end their
-#   answers. **$\pi_{\rm ref}$'s samples** scored by $\log\frac{\pi}{\pi_{\rm ref}}$ give **−15.6**: negative
-#   on 99.4% of samples, the negative of $\mathrm{KL}(\pi_{\rm ref}\|\pi)$, not the KL that was asked for.
-#   Their $k_3$ (80) is huge: it is $\ge0$, but on tokens $\pi_{\rm ref}$ likes and $\pi$ has nearly ruled
-#   out, $r_t$ is enormous.
+# * **Settings** (DPO β = 0.05; true KL 16.899). **top-k 50** reports a mean $k_1$ of 23.082, +6.183 (over a
+#   third of the KL): the tokens top-k cuts are $\pi$'s tail, whose log-ratios are lower than the head's
+#   ($\pi$ moved mass off them), so averaging over the kept head alone leaves the larger terms. **top-p 0.9**
+#   reports 19.629, +2.730 (standard error 0.327). The exact sum along those samples stays within a nat
+#   (16.094 and 16.781): it is the sampled log-ratio scored on truncated draws that is wrong. **Min length
+#   32** and **EOS dropped** change nothing beyond noise here (`mean k1 - true KL` 0.484 and 0.166, against
+#   0.165 for $\pi$ itself), because this policy almost never stops within 32 tokens: 1 of its 320 samples
+#   did, and none of the other two runs' samples. Dropping that one EOS raised the completion's $k_1$ by
+#   0.576 (the policy gave EOS less probability than $\pi_{\rm ref}$ did, so its term was negative), and the
+#   mean by 0.002. Both effects grow with how often $\pi$ stops: longer caps, or models that end their
+#   answers. **$\pi_{\rm ref}$'s samples** scored by $\log\frac{\pi}{\pi_{\rm ref}}$ give **−22.357**: negative
+#   on every sample (share 1.0), the negative of $\mathrm{KL}(\pi_{\rm ref}\|\pi)$, not the KL that was asked
+#   for. Their $k_3$ (141.657) is huge: it is $\ge0$, but on tokens $\pi_{\rm ref}$ likes and $\pi$ has
+#   nearly ruled out, $r_t$ is enormous.
 #
 # **What is not established**: one seed, 40 prompts, one small model and 32-token completions. The negative
 # KL that TRL's FAQ warns of under a minimum length appears when PPO *learns* to exploit it; these policies
-# were not trained under that setting, and here the minimum length did nothing visible. The sizes of the
+# were not trained under that setting, and here the minimum length did nothing beyond noise. The sizes of the
 # top-k and top-p biases depend on how far $\pi$ is from $\pi_{\rm ref}$ and on the entropy of its tail.

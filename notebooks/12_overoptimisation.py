@@ -118,8 +118,8 @@ print(f"  overall {overall:.3f}; r_phi's best validation accuracy in training: "
 
 # %% [markdown]
 # The proxy labels are mostly right on the samples $r_\phi$ was fit to, and much less right on samples it
-# has not seen. DPO trains on all 9,000 relabelled pairs, fixed before it starts: 8,022 from prompts $r_\phi$
-# was fit to and 978 from its validation prompts, so most of its labels are of the first kind. PPO asks
+# has not seen. DPO trains on all 9,000 relabelled pairs, fixed before it starts: 7,122 from prompts $r_\phi$
+# was fit to and 1,878 from its held-out prompts, so most of its labels are of the first kind. PPO asks
 # $r_\phi$ about every new sample its policy draws, which drift away from anything $r_\phi$ was fit to as the
 # KL grows.
 #
@@ -188,7 +188,7 @@ display(table.round(3))
 # %% [markdown]
 # **What to notice.** `turned_down` is True only where `drop_in_se` exceeds `peak_margin_se`; a run whose
 # `step_at_peak` is its last step was still climbing when it stopped. Compare `kl_at_peak` across the runs:
-# the turn-downs, if any, happen far to the right of the KL where the frontier's runs end.
+# the smaller β or KL coefficient, the further right the gold reward peaks.
 
 # %% [markdown]
 # ## What the policies write
@@ -234,27 +234,29 @@ display(fits.round(3))
 # ## Reading the lab
 # What the `cpu` run shows (seed 0; KL to $\pi_{\rm SFT}$, r* ± one SE over 256 test prompts):
 #
-# * **The proxy's labels are 93% right where DPO uses them.** $r_\phi$ agrees with r* on 95.6% of the
-#   pairs of its fit prompts and on 75.7% of its validation prompts' pairs. DPO on $r_\phi$'s labels trains
-#   on all 9,000 pairs, 8,022 of them of the first kind: at β = 0.1 it ends at 0.794 ± 0.010 with KL 8.1, against 0.825 at KL 8.0 on r*'s
-#   labels (the frontier's run); at β = 0.05, 0.777 ± 0.010 at KL 14.3 against 0.826 at KL 12.5. The
-#   wrong labels cost about 0.03–0.05 of gold reward at equal KL, and at these β the gold reward is still
-#   rising at step 250: no turn-down.
-# * **At β = 0.01 DPO turns down, with either labeller, and the proxy falls with the gold.** The KL runs
-#   away (to 124 on r*'s labels, 283 on $r_\phi$'s), the gold reward peaks at 0.671 (KL 71) and 0.652
-#   (KL 118) and ends at 0.645 and 0.532 (6.1 SE below the peak for $r_\phi$'s labels, 1.5 SE for r*'s).
-#   $r_\phi$ falls too (from 2.9 to 2.7 and from 2.8 to 2.0), so this is not the proxy–gold gap of Gao et al.
-#   but DPO leaving the data: the samples above end in byte-level noise that no pair ever showed. It is
-#   notebook 09's finding at scale: with a small β, DPO's loss keeps rewarding a lower likelihood of the
-#   rejected completions, and the freed mass goes to completions the pairs never covered.
+# * **The proxy's labels are mostly right where DPO uses them** (0.858 of all 9,000 pairs): $r_\phi$ agrees
+#   with r* on 0.893 of the pairs of its fit prompts and on 0.723 of its held-out prompts' pairs, and 7,122
+#   of DPO's pairs are of the first kind. At β = 0.1 and 0.05 DPO on those labels is still near its gold
+#   peak at step 250 (`step_at_peak` 250 and 225, `drop_in_se` 0.0 and 1.162026): no turn-down. At β = 0.1
+#   its last point lies on or just above the grey envelope of DPO on r*'s labels (left panel), so at this
+#   seed the wrong labels cost no visible gold reward at equal KL.
+# * **At β = 0.01 the KL runs away, with either labeller, but the gold reward does not turn down** by the
+#   table's rule. Both runs end past KL 50 (`kl_final`) below the gold that β = 0.05 and 0.1 reach at far
+#   less KL. On r*'s labels the gold peaks at step 125 (KL 27.306043), falls in the left panel as the KL
+#   grows, and is back near its peak at the last point (`drop_in_se` 0.285096); on $r_\phi$'s labels the
+#   last point is the peak. The samples above repeat one word ("with with with", "the the the"): with a
+#   small β, DPO's loss keeps rewarding a lower likelihood of the rejected completions, and the freed mass
+#   goes to completions the pairs never covered (notebook 09's finding at scale).
 # * **PPO against $r_\phi$ does not turn down within the KL it reaches.** With a fixed KL coefficient of
-#   0.01 it climbs to $r_\phi$ 5.5 and r* 0.963 ± 0.004 at KL 24, then stays there from step 40 to 120 (the
-#   KL stops growing at about 25); at 0.05 it ends at 0.860 at KL 11.7. Gao et al.'s form fits both with
-#   $\beta_{\rm G}<0$, a curve with no peak. The samples show why: PPO writes "great excellent film" spam,
-#   which the proxy loves and so does r*, a bag-of-words classifier that rewards the same words. Here the
-#   gold reward is as easy to game as the proxy, in the same direction, so the gap Gao et al. measure
-#   (with a much larger gold model) cannot open. A gold reward that reads fluency as well as sentiment
-#   (the `paper` preset's siebert RoBERTa, or people) is what this lab would need to see it.
+#   0.01 its gold peaks at step 90 and its last point is 1.973561 combined SE lower, inside the table's
+#   margin, at a KL that stops near 20 (`kl_reached` 20.084); at 0.05 it peaks at step 110 and its last
+#   point dips less (`drop_in_se`).
+#   Gao et al.'s form fits both with $\beta_{\rm G}<0$, a curve with no peak. The samples show why: PPO
+#   writes "great ... great" spam, which the proxy loves and so does r*, a bag-of-words classifier that
+#   rewards the same words. Here the gold reward is as easy to game as the proxy, in the same direction, so
+#   the gap Gao et al. measure (with a much larger gold model) cannot open. A gold reward that reads fluency
+#   as well as sentiment (the `paper` preset's siebert RoBERTa, or people) is what this lab would need to
+#   see it.
 #
 # One seed, and one run per setting: each curve is one trajectory, and the turning points are as noisy as
 # the error bars say.

@@ -219,29 +219,24 @@ for i, row in enumerate(shown):
 # ## Reading the lab
 # What the `cpu` run shows (seed 0, β = 0.1, 9,000 pairs per run; r* ± one SE over 256 test prompts):
 #
-# * **Off-policy pairs cost a little reward, and KL.** On the sibling's pairs DPO ends at 0.795 ± 0.009 with
-#   KL 8.9, against 0.825 ± 0.009 at KL 8.0 on $\pi_{\rm SFT}$'s own pairs: lower (by about 2.4 combined
-#   SE) and further out; at step 200, at KL 8.2, it had 0.773. Same pair count, labeller, β and steps. Yet the
-#   two samplers write almost alike: the sibling shares $\pi_{\rm SFT}$'s reviews, tokenizer and recipe, its
-#   completions are only 0.013 nats a token less likely under $\pi_{\rm SFT}$ (−5.497 against −5.484), and
-#   their median r* gap is about the same (0.228 against 0.233). So the cost is not that the samples are
-#   unlikely on average under the reference. It is one seed, with no measure yet of how much a run's reward
-#   moves from seed to seed (README, "Seeds"), so it cannot settle it. An earlier sibling
-#   with its own train/test split and tokenizer, 0.10 nats a token further away, ended at 0.785 at KL 8.1.
-# * **Resampling from the policy pays.** $\pi_1$'s samples are *more* likely under $\pi_{\rm SFT}$ than
-#   $\pi_{\rm SFT}$'s own (−5.28 against −5.48 nats a token: DPO moved mass to completions the reference
-#   already found plausible, as notebook 05's likelihood trace showed), and their median r* gap is half as
-#   large (0.109 against 0.233), because most of them are positive already. A second round on them reaches
-#   0.980 ± 0.002 at KL 25.0 after 50 steps and ends at 0.998 at KL 38.4. The same second round on the old
-#   pairs ends at 0.955 ± 0.004 at KL 22.3 after all 250 steps. Both rounds cost 500 DPO steps; the
-#   resampled one also drew and labelled 6,000 samples.
+# * **Off-policy pairs: a little less reward, at a little less KL.** On the sibling's pairs DPO ends at
+#   0.836 ± 0.009 with KL 9.654, against 0.866 ± 0.007 at KL 10.023 on $\pi_{\rm SFT}$'s own pairs. Same
+#   pair count, labeller, β and steps. In the figure its end point lies just under the grey envelope, so
+#   most of the 0.030 is a shorter way along the frontier, not a worse frontier. The sibling shares
+#   $\pi_{\rm SFT}$'s reviews, tokenizer and recipe, yet its completions are 0.247 nats a token less likely
+#   under $\pi_{\rm SFT}$ (−5.414 against −5.167), while their median r* gap is about the same (0.219
+#   against 0.223). One seed cannot say whether the difference is the source or chance (README, "Seeds").
+# * **Resampling from the policy climbs further, and further out.** $\pi_1$'s samples lie between the two
+#   sources in likelihood under $\pi_{\rm SFT}$ (−5.274 nats a token), and their median r* gap is well
+#   under half as large (0.083 against 0.223), because $\pi_1$'s samples already score high (run 1 ends at
+#   0.866). A second round on them ends at 0.996 at KL 33.521; the same second round on the old pairs ends
+#   at 0.949 ± 0.004 at KL 23.574. Both cost 500 DPO steps; the resampled one also drew and labelled 6,000
+#   samples. The two never share a KL in the figure, so this is no comparison at equal KL.
 # * **A second round takes the KL budget off.** Round 2's penalty is to $\pi_1$, not to $\pi_{\rm SFT}$,
 #   so the same β no longer bounds the KL to $\pi_{\rm SFT}$: both second rounds continue the frontier far
-#   to the right of where any single-round DPO run of the β sweep ends (KL ≤ 12.5). At KL 22–25 their
-#   rewards (0.955–0.980) match the best measured anywhere in this kit at that KL (notebook 12's PPO against
-#   $r_\phi$: 0.963 at KL 24).
-# * **r* near 1 is not a better review.** The samples above are strings of "great", "excellent" and
-#   "loved": the classifier r* is saturated and gamed. Iterating is a fast way to climb a reward; whether
+#   to the right of where any single-round DPO run of the β sweep ends (the grey envelope's last step).
+# * **r* near 1 is not a better review.** The samples above are strings of "best", "great" and
+#   "excellent": the classifier r* is saturated and gamed. Iterating is a fast way to climb a reward; whether
 #   that is what anyone wanted needs a gold reward that reads the text (notebook 12 draws the same lesson).
 #
 # One seed and one β: the differences are single trajectories, to be read against their error bars.
