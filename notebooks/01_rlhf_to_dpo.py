@@ -110,6 +110,13 @@ print("r*     =", show(r, 4))
 # broadcasts every (y1, y2) combination.</details>
 # <details><summary>Hint 2</summary>reward[:, :, None] is r(x, y1) laid along y1; reward[:, None, :] is
 # r(x, y2) laid along y2.</details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# r1, r2 = reward[:, :, None], reward[:, None, :]
+# return np.exp(r1) / (np.exp(r1) + np.exp(r2))
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-1"]
 def bt_by_hand(reward: np.ndarray) -> np.ndarray:
@@ -308,6 +315,13 @@ print("pi* =", show(pi_star_np, 4))
 # out.</details>
 # <details><summary>Hint 2</summary>Inside the log, multiply and divide by Z(x): q is Eq. 4's π_r and
 # c(x) = β log Z(x).</details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# pi_r = optimal_policy_by_hand(reward, pi_ref, beta)
+# return -beta * kl_by_hand(policy, pi_r) + beta * np.log(partition_by_hand(reward, pi_ref, beta))
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-3"]
 def objective_via_pi_r(policy: np.ndarray, reward: np.ndarray, pi_ref: np.ndarray, beta: float) -> np.ndarray:

@@ -148,13 +148,31 @@ print("lambda=0 (TD error):   ", [round(float(v), 4) + 0.0 for v in td[0]])
 
 # %% [markdown]
 # ### Exercise · tier 2 · PPO's per-token rewards
+#
+# <details><summary>Hint 1</summary>Two parts: a KL penalty on every completion step, and the sequence's
+# score added once per row. Which step of row i is its last completion step?</details>
+# <details><summary>Hint 2</summary>
+#
+# With $c$ = `kl_coef` and $m$ the mask: $r_{i,t}=-c\,(\log\pi_\theta-\log\pi_{\rm ref})_{i,t}\,m_{i,t}$, plus
+# $s_i$ at $t=\max\{t: m_{i,t}=1\}$.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# r = -kl_coef * (logps - ref_logps) * mask
+# for i in range(len(scores)):
+#     r[i, int(mask[i].nonzero().max())] += scores[i]
+# return r
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-2"]
 def ppo_rewards(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor,
                 kl_coef: float) -> torch.Tensor:
-    """Per-token rewards r (B, T): −kl_coef (log π_θ − log π_ref) at each completion step (mask 1), 0 at the
-    others, plus scores[i] (shape (B,)) at row i's last completion step. logps and ref_logps are the two
-    models' log-probs of the tokens taken (B, T); mask is 1 on a contiguous run of steps per row."""
+    """PPO's per-token rewards (B, T): the KL penalty at kl_coef on the completion steps and each row's score
+    (B,) at the end of its completion. logps, ref_logps: the two models' log-probs of the tokens taken
+    (B, T); mask: 1 on a contiguous run of completion steps per row."""
     r = -kl_coef * (logps - ref_logps) * mask  # the KL penalty on every completion token
     for i in range(len(scores)):
         last = int(mask[i].nonzero().max())  # row i's last completion step
@@ -168,13 +186,34 @@ grade(ppo_rewards, kl_penalized_rewards, lm_cases("scores", "logps", "ref_logps"
 
 # %% [markdown]
 # ### Exercise · tier 3 · generalised advantage estimation
+#
+# <details><summary>Hint 1</summary>Work backwards over each row's completion steps. After its last one the
+# episode is over: there is no next value and no next advantage.</details>
+# <details><summary>Hint 2</summary>
+#
+# $\delta_t=r_t+\gamma V_{t+1}-V_t$, $A_t=\delta_t+\gamma\lambda A_{t+1}$, $R_t=A_t+V_t$, with $V$ and $A$
+# taken as 0 after the last completion step.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# adv = torch.zeros_like(rewards)
+# for i in range(rewards.shape[0]):
+#     a, next_v = 0.0, 0.0
+#     for t in reversed(mask[i].nonzero().flatten().tolist()):
+#         a = (rewards[i, t] + gamma * next_v - values[i, t]) + gamma * lam * a
+#         adv[i, t], next_v = a, values[i, t]
+# return adv, (adv + values) * mask
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-3"]
 def gae_by_hand(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
                 lam: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(advantages A, returns R), each (B, T) and 0 where mask is 0. Per row, over its completion steps
-    (mask 1, contiguous), backwards from the last: δ_t = r_t + γ V_{t+1} − V_t and A_t = δ_t + γλ A_{t+1},
-    with V and A after the last completion step taken as 0 (the episode is over); R_t = A_t + V_t."""
+    """(advantages, returns), each (B, T) and 0 where mask is 0: generalised advantage estimation with
+    discount gamma and trace parameter lam over each row's completion steps (mask 1, contiguous), the
+    episode ending after its last step."""
     adv = torch.zeros_like(rewards)
     for i in range(rewards.shape[0]):
         steps = mask[i].nonzero().flatten().tolist()  # row i's completion steps, in order
@@ -215,13 +254,32 @@ for name, row in [("r_t", r[1]), ("A_t", adv[1])]:
 
 # %% [markdown]
 # ### Exercise · tier 2 · the clipped surrogate
+#
+# <details><summary>Hint 1</summary>The ratio ρ comes from the two log-probs. Of the clipped and the
+# unclipped term, PPO keeps the pessimistic one: as a loss, the larger.</details>
+# <details><summary>Hint 2</summary>
+#
+# Each step's term is $\max(-A_t\rho_t,\,-A_t\,\mathrm{clip}(\rho_t,1-\epsilon,1+\epsilon))$; the loss is its
+# mean over the steps where the mask is 1, clipfrac the share of those steps where the clipped term is
+# strictly larger.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# ratio = (logps - old_logps).exp()
+# unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps)
+# loss = (torch.maximum(unclipped, clipped) * mask).sum() / mask.sum()
+# clipfrac = ((clipped > unclipped).float() * mask).sum() / mask.sum()
+# return loss, clipfrac
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-2"]
 def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
                       mask: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, clipfrac), two scalars. With ρ_t = π_θ/π_old = exp(logps − old_logps) and advantages A, each
-    step's term is max(−A ρ, −A clip(ρ, 1 − eps, 1 + eps)); loss is its mean over the steps where mask is 1,
-    clipfrac the share of those steps where the clipped term is strictly the larger."""
+    """(loss, clipfrac), two scalars: PPO's clipped policy loss at clip range eps, averaged over the
+    completion steps (mask 1), and the share of those steps where the clip is active."""
     ratio = (logps - old_logps).exp()
     unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - eps, 1 + eps)
     loss = (torch.maximum(unclipped, clipped) * mask).sum() / mask.sum()  # masked mean
@@ -532,7 +590,8 @@ for (method, value), frame in baseline_curves.items():
 # Why does α do so little? Unlikelihood's extra term, $-\alpha\sum_t\log(1-\pi(y_{l,t}|x,y_{l,<t}))$, is
 # small from the start: a sampled token's probability $p$ is mostly small, and $-\log(1-p)\approx p$, while
 # the chosen completion's NLL is $-\log p$ per token. At $\pi_{\rm SFT}$ the cell below measures it 76
-# times smaller than the pull-up term (the printed ratio), even at $\alpha = 1$. It is also **bounded**: it and its
+# times smaller than the pull-up term (the printed ratio), even at $\alpha = 1$. It is also **bounded**: it
+# and its
 # gradient go to 0 as a token's probability does. With high-probability tokens in $y_l$ (a larger model,
 # repetitive text) it matters more; the paper reports Unlikelihood degenerating into meaningless text on
 # complex tasks. Neither loss knows $\pi_{\rm ref}$, so neither controls KL; DPO's log-ratio does.
@@ -541,14 +600,29 @@ for (method, value), frame in baseline_curves.items():
 # ### Exercise · tier 2 · the two terms of the Unlikelihood loss
 # Its inputs are per-token, as `logprobs.concatenated_forward` gives them: $\log\pi$ of each token
 # taken (0 off the completion) and the completion masks. The loss is `pull_up + alpha * push_down`.
+#
+# <details><summary>Hint 1</summary>Off the completion log p is 0, so log(1 − p) is −inf there, and
+# 0 · (−inf) is nan: select the completion steps rather than multiplying by the mask.</details>
+# <details><summary>Hint 2</summary>
+#
+# pull_up $=-\sum_t m_{w,t}\log p(y_{w,t})$ and push_down $=-\sum_{t: m_{l,t}=1}\log(1-p(y_{l,t}))$;
+# `torch.log1p(-p)` is $\log(1-p)$.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# pull_up = -(logp_w * mask_w).sum(-1)
+# push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)
+# return pull_up, push_down
+# ```
+# </details>
 
 # %% tags=["exercise", "tier-2"]
 def unlikelihood_terms(logp_w: torch.Tensor, mask_w: torch.Tensor, logp_l: torch.Tensor,
                        mask_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pull_up, push_down), each (B,), from per-token log-probs and 0/1 masks (B, T) of the chosen (w) and
-    rejected (l) completions: pull_up = −log π(y_w|x) = −Σ_t log p(y_w,t) and push_down = −Σ_t log(1 − p(y_l,t)),
-    each over its completion steps only. Mind the mask: off the completion log p is 0, so log(1 − p) is −inf
-    there, and 0 · (−inf) is nan."""
+    """(pull_up, push_down), each (B,): the Unlikelihood loss's two terms, from per-token log-probs and 0/1
+    masks (B, T) of the chosen (w) and rejected (l) completions, each over its completion steps only."""
     pull_up = -(logp_w * mask_w).sum(-1)  # -log pi(y_w|x): the Preferred-FT term
     push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)  # -sum_t log(1 - p(y_l,t))
     return pull_up, push_down
