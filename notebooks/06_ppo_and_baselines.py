@@ -302,6 +302,51 @@ print("ratio", [round(float(v), 4) for v in ratio[masks.bool()]])
 print(f"loss {round(float(loss), 4)}  clipfrac {round(float(clipfrac), 4)}  = policy_loss")
 
 # %% [markdown]
+# ### Exercise · tier 2 · the two terms of the Unlikelihood loss
+# Unlikelihood, one of the paper's baselines (trained and discussed below), raises the chosen completion's
+# likelihood and pushes down each token of the rejected one: loss $=-\log\pi(y_w|x)-\alpha\sum_t
+# \log\big(1-\pi(y_{l,t}|x,y_{l,<t})\big)$.
+# Its inputs are per-token, as `logprobs.concatenated_forward` gives them: $\log\pi$ of each token
+# taken (0 off the completion) and the completion masks. The loss is `pull_up + alpha * push_down`.
+#
+# <details><summary>Hint 1</summary>Off the completion log p is 0, so log(1 − p) is −inf there, and
+# 0 · (−inf) is nan: select the completion steps rather than multiplying by the mask.</details>
+# <details><summary>Hint 2</summary>
+#
+# pull_up $=-\sum_t m_{w,t}\log p(y_{w,t})$ and push_down $=-\sum_{t: m_{l,t}=1}\log(1-p(y_{l,t}))$;
+# `torch.log1p(-p)` is $\log(1-p)$.
+#
+# </details>
+# <details><summary>Solution</summary>
+#
+# ```python
+# pull_up = -(logp_w * mask_w).sum(-1)
+# push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)
+# return pull_up, push_down
+# ```
+# </details>
+
+# %% tags=["exercise", "tier-2"]
+def unlikelihood_terms(logp_w: torch.Tensor, mask_w: torch.Tensor, logp_l: torch.Tensor,
+                       mask_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pull_up, push_down), each (B,): the Unlikelihood loss's two terms, from per-token log-probs and 0/1
+    masks (B, T) of the chosen (w) and rejected (l) completions, each over its completion steps only."""
+    pull_up = -(logp_w * mask_w).sum(-1)  # -log pi(y_w|x): the Preferred-FT term
+    push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)  # -sum_t log(1 - p(y_l,t))
+    return pull_up, push_down
+
+
+# %%
+def library_terms(logp_w, mask_w, logp_l, mask_l):
+    """The two terms from the library's loss: its value at alpha = 0, and how much alpha = 1 adds."""
+    at_0 = unlikelihood_loss(logp_w, mask_w, logp_l, mask_l, alpha=0.0)
+    return at_0, unlikelihood_loss(logp_w, mask_w, logp_l, mask_l, alpha=1.0) - at_0
+
+
+grade(unlikelihood_terms, library_terms, lm_cases("token_logps_w", "mask_w", "token_logps_l", "mask_l"),
+      rtol=1e-5, atol=1e-5, hint="sum only over each completion's steps; torch.log1p(-p) is log(1 - p)")
+
+# %% [markdown]
 # ## The adaptive KL controller
 # The paper sweeps a **target KL** rather than β (its PPO runs: target KL ∈ {3, 6, 9, 12}). The controller
 # of Ziegler et al. (2019, eq. 2) moves β after every step toward the β that gives that KL:
@@ -595,48 +640,6 @@ for (method, value), frame in baseline_curves.items():
 # gradient go to 0 as a token's probability does. With high-probability tokens in $y_l$ (a larger model,
 # repetitive text) it matters more; the paper reports Unlikelihood degenerating into meaningless text on
 # complex tasks. Neither loss knows $\pi_{\rm ref}$, so neither controls KL; DPO's log-ratio does.
-
-# %% [markdown]
-# ### Exercise · tier 2 · the two terms of the Unlikelihood loss
-# Its inputs are per-token, as `logprobs.concatenated_forward` gives them: $\log\pi$ of each token
-# taken (0 off the completion) and the completion masks. The loss is `pull_up + alpha * push_down`.
-#
-# <details><summary>Hint 1</summary>Off the completion log p is 0, so log(1 − p) is −inf there, and
-# 0 · (−inf) is nan: select the completion steps rather than multiplying by the mask.</details>
-# <details><summary>Hint 2</summary>
-#
-# pull_up $=-\sum_t m_{w,t}\log p(y_{w,t})$ and push_down $=-\sum_{t: m_{l,t}=1}\log(1-p(y_{l,t}))$;
-# `torch.log1p(-p)` is $\log(1-p)$.
-#
-# </details>
-# <details><summary>Solution</summary>
-#
-# ```python
-# pull_up = -(logp_w * mask_w).sum(-1)
-# push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)
-# return pull_up, push_down
-# ```
-# </details>
-
-# %% tags=["exercise", "tier-2"]
-def unlikelihood_terms(logp_w: torch.Tensor, mask_w: torch.Tensor, logp_l: torch.Tensor,
-                       mask_l: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pull_up, push_down), each (B,): the Unlikelihood loss's two terms, from per-token log-probs and 0/1
-    masks (B, T) of the chosen (w) and rejected (l) completions, each over its completion steps only."""
-    pull_up = -(logp_w * mask_w).sum(-1)  # -log pi(y_w|x): the Preferred-FT term
-    push_down = -torch.where(mask_l.bool(), torch.log1p(-logp_l.exp()), 0.0).sum(-1)  # -sum_t log(1 - p(y_l,t))
-    return pull_up, push_down
-
-
-# %%
-def library_terms(logp_w, mask_w, logp_l, mask_l):
-    """The two terms from the library's loss: its value at alpha = 0, and how much alpha = 1 adds."""
-    at_0 = unlikelihood_loss(logp_w, mask_w, logp_l, mask_l, alpha=0.0)
-    return at_0, unlikelihood_loss(logp_w, mask_w, logp_l, mask_l, alpha=1.0) - at_0
-
-
-grade(unlikelihood_terms, library_terms, lm_cases("token_logps_w", "mask_w", "token_logps_l", "mask_l"),
-      rtol=1e-5, atol=1e-5, hint="sum only over each completion's steps; torch.log1p(-p) is log(1 - p)")
 
 # %%
 # The Unlikelihood loss written out on 64 training pairs at pi_SFT, checked against the library's.
