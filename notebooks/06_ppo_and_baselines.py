@@ -426,8 +426,8 @@ print(f"e.g. {ro.texts[0]!r}")
 
 # %% [markdown]
 # The step by hand. Scores are standardised by the mean and standard deviation of every score so far (at
-# step 1, this batch's); rewards, GAE and the policy loss are your three exercises (a stub falls back to the
-# library's function, and says so); advantages are whitened over the batch's completion tokens; the value
+# step 1, this batch's); rewards, GAE and the policy loss are your three exercises (one that failed its check
+# was replaced by the library's function there, as the check said); advantages are whitened over the batch's completion tokens; the value
 # loss stops rewarding a move of $V$ beyond `cliprange_value` from its old value.
 #
 # **Predict first.** Before the update $\rho_t=\pi_\theta/\pi_{\rm old}=1$ for every token, and the
@@ -436,25 +436,13 @@ print(f"e.g. {ro.texts[0]!r}")
 
 
 # %%
-def yours_or_library(exercise, library_fn):
-    """Your exercise function, or the library's while yours is still a stub (NotImplementedError)."""
-    def call(*args):
-        try:
-            return exercise(*args)
-        except NotImplementedError:
-            print(f"{exercise.__name__} is a stub: using the library's {library_fn.__name__}")
-            return library_fn(*args)
-    return call
-
-
 mine = start  # a copy of the weights the library started from
 optimizer = torch.optim.Adam(mine.parameters(), lr=step_config.lr)  # PPO's optimiser: Adam, no warmup
 raw = ro.scores.double().cpu().numpy()  # r_phi(x, y) of each completion
 scores = torch.as_tensor((raw - raw.mean()) / raw.std(), dtype=torch.float32)  # standardised
-rewards = yours_or_library(ppo_rewards, kl_penalized_rewards)(
+rewards = ppo_rewards(
     scores, ro.logprobs, ro.ref_logprobs, ro.mask, step_config.init_kl_coef)  # beta at step 1
-advantages, returns = yours_or_library(gae_by_hand, gae)(rewards, ro.values, ro.mask, step_config.gamma,
-                                                         step_config.lam)
+advantages, returns = gae_by_hand(rewards, ro.values, ro.mask, step_config.gamma, step_config.lam)
 m = ro.mask.float()
 mean = (advantages * m).sum() / m.sum()
 var = ((advantages - mean) ** 2 * m).sum() / m.sum()
@@ -464,7 +452,7 @@ whitened = torch.where(ro.mask, (advantages - mean) * torch.rsqrt(var + 1e-8), 0
 idx = torch.as_tensor(np.random.default_rng([config.seed, 1, 0]).permutation(len(ro.texts)))
 ids, att, mask = ro.input_ids[idx], ro.attention_mask[idx], ro.mask[idx]
 _, logps, values = mine(ids, att)  # log pi_theta(y_t | .) of the tokens taken, and V_t, with gradients
-pg_loss, clipfrac = yours_or_library(clipped_surrogate, policy_loss)(
+pg_loss, clipfrac = clipped_surrogate(
     logps, ro.logprobs[idx], whitened[idx], mask, step_config.cliprange)
 old_values, target = ro.values[idx], returns[idx]
 eps_v = step_config.cliprange_value
