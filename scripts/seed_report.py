@@ -15,11 +15,6 @@ runs would bias its envelope), and writes, beside it:
   its SFT policy), mean and 95% t interval;
 - seeds_cpu_dominance.{csv,md}: per seed and summed, both directions (DPO points beating the series' points,
   the series' points beating DPO's), distinct points, plain and noise-aware, under r* and the audit sentiment;
-- seeds_cpu_crossover_{envelopes,gaps,dominance}.{csv,md}: the same for the runs the crossover rests on
-  (CROSSOVER_RUNS; envelopes from KL 6 on), over every seed that has them, so the claim gets its seeds before
-  the whole study finishes; the column
-  `max_diff_vs_all_runs` says how far that subset's envelope lies from the one of all runs, on the seeds that
-  have all runs (0 means those runs alone make the envelope there);
 - frontier_cpu_seeds.png: the envelopes with their intervals, under r* and the audit, and the 2x-budget runs
   (figures/frontier_cpu_budget_points.csv) drawn over them.
 """
@@ -40,12 +35,6 @@ BUDGETS = (2.0, 4.0, 6.0, 8.0, 10.0, 12.0)
 SCORES = {"reward": "r*", "audit_sentiment": "audit sentiment"}
 METHODS = ("DPO", "PPO", "PPO-GT")
 COLORS = {"DPO": "tab:red", "PPO": "tab:blue", "PPO-GT": "tab:green"}
-# The runs that make DPO's and PPO-GT's envelopes from KL 6 on, where the lead changes hands (seed 0:
-# beta = 0.3 holds DPO's best below KL 8, beta = 0.1 above; PPO-GT's targets 6, 9 and 12 hold its best): the
-# seed study runs them first for every seed.
-CROSSOVER_RUNS = frozenset({("DPO", "beta=0.05"), ("DPO", "beta=0.1"), ("DPO", "beta=0.3"),
-                            ("PPO-GT", "target_kl=6"), ("PPO-GT", "target_kl=9"), ("PPO-GT", "target_kl=12")})
-CROSSOVER_BUDGETS = (6.0, 8.0, 10.0, 12.0)
 
 
 def collect(sweep: Path) -> pd.DataFrame:
@@ -123,35 +112,31 @@ def dominance_table(points: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([table, total], ignore_index=True)[["seed", "score", "series", *counts]]
 
 
-def _grid(start: float) -> tuple[float, ...]:
-    return tuple(np.round(np.arange(start, 14.01, 0.25), 2))
+GRID = tuple(np.round(np.arange(0.0, 14.01, 0.25), 2))
 
 
-def _draw(ax, points: pd.DataFrame, score: str, grid: tuple[float, ...], solid: bool) -> None:
+def _draw(ax, points: pd.DataFrame, score: str) -> None:
     """Each method's mean envelope over ``points``' seeds, with its 95% t band when there are several."""
-    table = envelope_table(per_seed_envelopes(points, grid))
+    table = envelope_table(per_seed_envelopes(points, GRID))
     for method in METHODS:
         rows = table[(table.method == method) & (table.score == score)]
         if rows.empty:
             continue
         seeds = int(rows.seeds.max())
         label = f"{method}, {seeds} seed{'s' if seeds > 1 else ''}" + (", 95% t band" if seeds > 1 else "")
-        ax.step(rows.kl_budget, rows["mean"], where="post", color=COLORS[method], lw=1.6 if solid else 0.8,
-                ls="-" if solid else ":", label=label if solid else f"{label} (all its runs)")
+        ax.step(rows.kl_budget, rows["mean"], where="post", color=COLORS[method], lw=1.6, label=label)
         if seeds > 1:
             ax.fill_between(rows.kl_budget, rows.ci95_low, rows.ci95_high, step="post", color=COLORS[method],
                             alpha=0.18, lw=0)
 
 
-def plot(points: pd.DataFrame, crossover: pd.DataFrame, budget_points: pd.DataFrame | None,
-         out: Path) -> None:
-    """Left r*, right the audit: the crossover runs' envelopes from KL 6 (every seed that has them), the
-    envelopes of all runs on the complete seeds (dotted), and the 2x-budget runs step by step."""
+def plot(points: pd.DataFrame, budget_points: pd.DataFrame | None, out: Path) -> None:
+    """Left r*, right the audit: each method's envelope over the seeds, with its band, and the 2x-budget runs
+    step by step."""
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     for ax, (score, title) in zip(axes, SCORES.items(), strict=True):
-        _draw(ax, points, score, _grid(0.0), solid=False)
-        _draw(ax, crossover, score, _grid(CROSSOVER_BUDGETS[0]), solid=True)
+        _draw(ax, points, score)
         if budget_points is not None:
             trained = budget_points[budget_points.step > 0]
             for (method, _), run in trained.groupby(["method", "hyperparameter"]):
@@ -172,47 +157,28 @@ def write(table: pd.DataFrame, stem: Path) -> None:
     stem.with_suffix(".md").write_text(table.to_markdown(index=False, floatfmt=".3f") + "\n")
 
 
-def complete_seeds(points: pd.DataFrame, runs: frozenset | None = None) -> pd.DataFrame:
-    """The points of ``runs`` (default: every run some seed has) on the seeds that have all of them (a seed
-    with part of its runs would bias its envelope)."""
+def complete_seeds(points: pd.DataFrame) -> pd.DataFrame:
+    """The points of the seeds that have every run some seed has (a seed with part of its runs would bias its
+    envelope)."""
     have = points.groupby("seed")[["method", "hyperparameter"]].apply(
         lambda g: frozenset(map(tuple, g.drop_duplicates().to_numpy())))
-    runs = runs if runs is not None else frozenset().union(*have)
+    runs = frozenset().union(*have)
     keep = [seed for seed, got in have.items() if runs <= got]
     dropped = sorted(set(have.index) - set(keep))
     if dropped:
         print(f"left out (runs missing): seed(s) {dropped}; kept {keep}, the seeds with all {len(runs)} runs")
-    pairs = zip(points.method, points.hyperparameter, strict=True)
-    in_runs = pd.Series(list(pairs), index=points.index).isin(runs)
-    return points[points.seed.isin(keep) & in_runs]
-
-
-def crossover_tables(points: pd.DataFrame, complete: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """Envelopes and gaps from KL 6 on, and dominance, over the seeds that have the crossover runs; each
-    envelope row with its largest distance, on the complete seeds, from the envelope of all runs."""
-    subset = complete_seeds(points, CROSSOVER_RUNS)
-    per_seed = per_seed_envelopes(subset, CROSSOVER_BUDGETS)
-    keys = ["method", "score", "kl_budget", "seed"]
-    full = per_seed_envelopes(complete, CROSSOVER_BUDGETS).set_index(keys).value
-    diff = (per_seed.set_index(keys).value - full).abs().dropna()
-    envelopes = envelope_table(per_seed)
-    worst = diff.groupby(level=["method", "score", "kl_budget"]).max().rename("max_diff_vs_all_runs")
-    envelopes = envelopes.join(worst, on=["method", "score", "kl_budget"])
-    return {"crossover_envelopes": envelopes, "crossover_gaps": gap_table(per_seed),
-            "crossover_dominance": dominance_table(subset)}
+    return points[points.seed.isin(keep)]
 
 
 def report(points_file: Path, out: Path) -> dict[str, pd.DataFrame]:
-    every_point = pd.read_csv(points_file)
-    points = complete_seeds(every_point)
+    points = complete_seeds(pd.read_csv(points_file))
     per_seed = per_seed_envelopes(points)
     tables = {"envelopes": envelope_table(per_seed), "gaps": gap_table(per_seed),
-              "dominance": dominance_table(points), **crossover_tables(every_point, points)}
+              "dominance": dominance_table(points)}
     for name, table in tables.items():
         write(table, out / f"seeds_cpu_{name}")
     budget_file = out / "frontier_cpu_budget_points.csv"
-    plot(points, complete_seeds(every_point, CROSSOVER_RUNS),
-         pd.read_csv(budget_file) if budget_file.is_file() else None, out / "frontier_cpu_seeds.png")
+    plot(points, pd.read_csv(budget_file) if budget_file.is_file() else None, out / "frontier_cpu_seeds.png")
     return tables
 
 

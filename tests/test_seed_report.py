@@ -66,7 +66,7 @@ def test_committed_tables_and_readme_numbers_follow_from_the_committed_points(tm
     seed_report.report(tmp_path / COMMITTED.name, tmp_path)
     cells = set()
     tables = ("envelopes", "gaps", "dominance")
-    for name in (*tables, *(f"crossover_{n}" for n in tables)):
+    for name in tables:
         fresh = (tmp_path / f"seeds_cpu_{name}.csv").read_text()
         assert fresh == (FIGURES / f"seeds_cpu_{name}.csv").read_text(), f"seeds_cpu_{name}.csv is stale"
         cells |= set(re.findall(r"-?\d+\.\d{3}", (tmp_path / f"seeds_cpu_{name}.md").read_text()))
@@ -93,36 +93,3 @@ def test_committed_tables_and_readme_numbers_follow_from_the_committed_points(tm
             expected += [(row.dpo_beats, row.series_points, row.dpo_beats_noise_aware),
                          (row.series_beats, row.dpo_points, row.series_beats_noise_aware)]
         assert [tuple(map(int, f)) for f in found] == [tuple(map(int, e)) for e in expected], series
-
-    # and its 5-seed row, the crossover runs' summed counts
-    crossover = pd.read_csv(tmp_path / "seeds_cpu_crossover_dominance.csv", dtype={"seed": str})
-    total = crossover[crossover.seed == "all"].set_index(["series", "score"])
-    (row,) = re.findall(r"^\| DPO β [^|]* vs PPO-GT [^|]* \|(.*)\|$", block.group(1), re.M)
-    expected = []
-    for score in ("reward", "audit_sentiment"):
-        c = total.loc[("PPO-GT", score)]
-        expected += [(c.dpo_beats, c.series_points, c.dpo_beats_noise_aware),
-                     (c.series_beats, c.dpo_points, c.series_beats_noise_aware)]
-    found = re.findall(r"(\d+)/(\d+) \((\d+)\)", row)
-    assert [tuple(map(int, f)) for f in found] == [tuple(map(int, e)) for e in expected]
-
-def test_crossover_tables_take_every_seed_with_the_crossover_runs(monkeypatch):
-    """Seed 1 lacks a run outside the crossover set: left out of the full tables, kept in the crossover ones;
-    the extra run's point at KL 7 beats the crossover runs at seed 0: the subset misses it by 0.15."""
-    points = toy_points().assign(hyperparameter=lambda f: f.method.map({"DPO": "a", "PPO-GT": "b"}))
-    extra = pd.DataFrame([{"method": "DPO", "hyperparameter": "c", "seed": 0, "step": 50, "kl_mean": 7.0,
-                           "reward_mean": 0.85, "reward_se": 0.01, "audit_sentiment_mean": 0.5,
-                           "audit_sentiment_se": 0.01}])
-    points = pd.concat([points, extra], ignore_index=True)
-    monkeypatch.setattr(seed_report, "CROSSOVER_RUNS", frozenset({("DPO", "a"), ("PPO-GT", "b")}))
-    monkeypatch.setattr(seed_report, "CROSSOVER_BUDGETS", (8.0,))
-    complete = seed_report.complete_seeds(points)
-    assert set(complete.seed) == {0}
-    tables = seed_report.crossover_tables(points, complete)
-    envelopes = tables["crossover_envelopes"].set_index(["method", "score", "kl_budget"])
-    row = envelopes.loc[("DPO", "reward", 8.0)]
-    assert row.seeds == 2 and row["mean"] == pytest.approx(0.75)  # seeds 0 and 1 without run c: 0.7, 0.8
-    assert row.max_diff_vs_all_runs == pytest.approx(0.15)  # seed 0: 0.85 (run c) against 0.7
-    assert envelopes.loc[("PPO-GT", "reward", 8.0), "max_diff_vs_all_runs"] == pytest.approx(0.0)
-    gaps = tables["crossover_gaps"].set_index(["gap", "score", "kl_budget"])
-    assert gaps.loc[("PPO-GT - DPO", "reward", 8.0), "seeds"] == 2
