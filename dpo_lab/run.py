@@ -34,7 +34,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2Model,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
 
 from dpo_lab import dpo_trainer, ppo
 from dpo_lab.batching import pair_columns, pairs_fingerprint
@@ -53,7 +60,7 @@ from dpo_lab.cache import (
     tokenizer_fingerprint,
 )
 from dpo_lab.loop import EvalFn, TrainLog, resolve_device
-from dpo_lab.models import quiet_hf_progress
+from dpo_lab.models import load_hub_policy
 from dpo_lab.reward_model import LearnedReward, ScalarRewardModel, train_reward_model
 
 TRAINER_STATE = "trainer_state.pt"  # a checkpoint folder is complete once this file is in it
@@ -94,6 +101,41 @@ def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
         return run_key
     atomic_write_json(path, {"run_key": run_key, "fields": dict(run_fields)})
     return run_key
+
+
+# ------------------------------------------------------------------------------------------- policies
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' own bars ('Loading weights', 'Writing model shards') for local, small loads and
+    saves: one per checkpoint would bury the training bar."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def save_policy(model: PreTrainedModel, tokenizer: Any, path: str | Path) -> Path:
+    """Save weights (safetensors), config, generation config and tokenizer to ``path``, atomically: an
+    interrupted save leaves the previous folder (or none), never a half-written one."""
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def load_policy(path: str | Path, *, advice: str | None = None) -> tuple[PreTrainedModel, Any]:
+    """Reload what :func:`save_policy` wrote: ``(model, tokenizer)``, in eval mode, on the CPU. A truncated or
+    corrupt file (weights, config, tokenizer) is a ValueError naming it, followed by ``advice`` (default:
+    delete the folder and save the policy again)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no saved policy at {path} (config.json missing)")
+    advice = advice or f"delete {path} and save the policy again"
+    with naming_damaged_files(path, advice), quiet_hf_progress():
+        return load_hub_policy(str(path))
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -258,7 +300,7 @@ def truncate_metrics(path: Path, last_step: int | None) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class RunResult:
-    checkpoint_dir: Path  # the final policy (save_pretrained + tokenizer): models.load_policy reads it
+    checkpoint_dir: Path  # the final policy (save_pretrained + tokenizer): load_policy reads it
     metrics_path: Path  # metrics.jsonl, one line per step
     last_metrics: dict[str, float]
     steps: int
