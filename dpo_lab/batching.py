@@ -8,8 +8,6 @@ exactly the sampled tokens.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -59,15 +57,6 @@ def pair_columns(pairs: Pairs) -> dict[str, list]:
 def pair_examples(cols: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """The columns of :func:`pair_columns` back as one dict per pair (or ranking)."""
     return [dict(zip(cols, row, strict=True)) for row in zip(*cols.values(), strict=True)]
-
-
-def pairs_fingerprint(cols: Mapping[str, Sequence[Any]]) -> str:
-    """Content hash of the pairs' (or rankings') text, in order."""
-    ranked = "completions" in cols
-    digest = hashlib.sha256(b"rankings" if ranked else b"")
-    for c in RANKING_COLUMNS if ranked else PAIR_COLUMNS:
-        digest.update(json.dumps(list(cols[c])).encode())
-    return digest.hexdigest()[:16]
 
 
 def rankings_from_candidates(prompts: Sequence[str], completions: Sequence[Sequence[str]],

@@ -90,21 +90,6 @@ def process_micro_batches(indices: Sequence[int], micro_batch_size: int, process
     return micro[process::num_processes]
 
 
-def broadcast_error(accelerator: Accelerator, error: Exception | None) -> None:
-    """Raise the main process's ``error`` on every process (others get a ValueError), so none hangs."""
-    message = None if error is None else str(error)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [message]
-        broadcast_object_list(box)
-        message = box[0]
-    if error is not None:
-        raise error
-    if message is not None:
-        raise ValueError(message)
-
-
 # ------------------------------------------------------------------------------------------------ checks
 def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.optim.Optimizer:
     if config.optimizer == "rmsprop":

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,7 +45,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from dpo_lab import dpo_trainer, ppo
-from dpo_lab.batching import pair_columns, pairs_fingerprint
+from dpo_lab.batching import PAIR_COLUMNS, RANKING_COLUMNS, pair_columns
 from dpo_lab.cache import (
     Lock,
     RunLockedError,
@@ -136,6 +137,30 @@ def load_policy(path: str | Path, *, advice: str | None = None) -> tuple[PreTrai
     advice = advice or f"delete {path} and save the policy again"
     with naming_damaged_files(path, advice), quiet_hf_progress():
         return load_hub_policy(str(path))
+
+
+def pairs_fingerprint(cols: Mapping[str, Sequence[Any]]) -> str:
+    """Content hash of the pairs' (or rankings') text, in order."""
+    ranked = "completions" in cols
+    digest = hashlib.sha256(b"rankings" if ranked else b"")
+    for c in RANKING_COLUMNS if ranked else PAIR_COLUMNS:
+        digest.update(json.dumps(list(cols[c])).encode())
+    return digest.hexdigest()[:16]
+
+
+def broadcast_error(accelerator: Any, error: Exception | None) -> None:
+    """Raise the main process's ``error`` on every process (others get a ValueError), so none hangs."""
+    message = None if error is None else str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [message]
+        broadcast_object_list(box)
+        message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ValueError(message)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -604,7 +629,7 @@ def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
                   eval_every=config.eval_every, keep=keep_checkpoints)
     except (ValueError, RunLockedError) as err:  # another run's folder, or held past the lock timeout
         error = err
-    dpo_trainer.broadcast_error(accelerator, error)
+    broadcast_error(accelerator, error)
     assert run is not None
     with run:
         policy.to(accelerator.device)
