@@ -168,10 +168,9 @@ def speedups(args: argparse.Namespace) -> None:
     from dpo_lab.dpo_trainer import LossSpec, _micro_batch_losses, make_accelerator, make_optimizer
     from dpo_lab.kl_estimators import kl_estimates
     from dpo_lab.logprobs import concatenated_forward
-    from dpo_lab.models import load_policy
     from dpo_lab.preferences import load_preferences, score_samples
     from dpo_lab.rewards import TfidfSentimentReward
-    from dpo_lab.run import reference_logprobs
+    from dpo_lab.run import load_policy, reference_logprobs
 
     preset = get_preset("cpu")
     root = Path(args.artifacts)

@@ -21,9 +21,10 @@ from dpo_lab.batching import pad_rows, tokenize_completion
 from dpo_lab.cache import atomic_directory, naming_damaged_files
 from dpo_lab.data import validate_texts
 from dpo_lab.logprobs import forward_logits, sequence_logprobs, token_logprobs
-from dpo_lab.models import build_policy, load_policy, save_policy, train_sft, train_tokenizer
+from dpo_lab.models import build_policy, train_sft, train_tokenizer
 from dpo_lab.presets import AuditConfig, PolicyConfig
 from dpo_lab.rewards import _check_labels, score_completions
+from dpo_lab.run import load_policy, save_policy
 from dpo_lab.seed import seed_everything
 
 PAD, UNK, KERNELS, FORMAT = 0, 1, (3, 5), "dpo_lab.WordOrderSentiment/1"

@@ -1,31 +1,20 @@
 """From preference data (strings) to padded tensors with a mask that marks the completions' tokens.
 
-Preference data come as **pairs** (``prompt``, ``chosen``, ``rejected``) or as **rankings** (``prompt`` and
-``completions``: K >= 2 completions, best first; Plackett-Luce DPO, paper App. A.3). Either way an example
-is one prompt and its K completions (a pair is K = 2: chosen, then rejected), and one collator turns a batch
-of them into one batch of rows for one forward pass.
-
-The prompt and the completion are tokenised *separately* and concatenated, so the prompt/completion
-boundary is exact: no BPE merge can straddle it and every completion token is scored. No EOS is appended:
-the completions of the IMDb task are samples cut at ``max_new_tokens``, and ``log π(y|x)`` must be the
-log-prob of exactly those tokens.
+An example is one prompt and its K completions: a **pair** (``prompt``, ``chosen``, ``rejected``; K = 2) or
+a **ranking** (``prompt``, ``completions``, best first; Plackett-Luce, paper App. A.3). Prompt and completion
+are tokenised separately, so no BPE merge straddles the boundary, and no EOS is added: ``log π(y|x)`` scores
+exactly the sampled tokens.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import datasets
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
-
-__all__ = ["PAIR_COLUMNS", "RANKING_COLUMNS", "Pairs", "pair_columns", "pair_examples", "pairs_fingerprint",
-           "rankings_from_candidates", "tokenize_completion", "pad_rows", "completion_batches",
-           "PreferenceCollator"]
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 RANKING_COLUMNS = ("prompt", "completions")
@@ -36,8 +25,7 @@ _ROW_KEYS = ("input_ids", "completion_mask")
 
 # ----------------------------------------------------------------------------------- pairs and rankings
 def pair_columns(pairs: Pairs) -> dict[str, list]:
-    """The columns of pairs (prompt/chosen/rejected) or, when there is a ``completions`` column, of
-    rankings (prompt/completions, every ranking the same K >= 2), as plain lists; other columns dropped."""
+    """The pair (or, given ``completions``, ranking) columns as plain lists, checked; others dropped."""
     rows = None if isinstance(pairs, (Mapping, datasets.Dataset)) else list(pairs)
     names = pairs.column_names if isinstance(pairs, datasets.Dataset) else list(rows[0] if rows else pairs)
     columns, noun = (RANKING_COLUMNS, "rankings") if "completions" in names else (PAIR_COLUMNS, "pairs")
@@ -71,24 +59,10 @@ def pair_examples(cols: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(cols, row, strict=True)) for row in zip(*cols.values(), strict=True)]
 
 
-def pairs_fingerprint(cols: Mapping[str, Sequence[Any]]) -> str:
-    """Content hash of the pairs' (or rankings') text, in order; an in-memory and a reloaded Dataset hash
-    the same."""
-    ranked = "completions" in cols
-    digest = hashlib.sha256(b"rankings" if ranked else b"")
-    for c in RANKING_COLUMNS if ranked else PAIR_COLUMNS:
-        digest.update(json.dumps(list(cols[c])).encode())
-    return digest.hexdigest()[:16]
-
-
 def rankings_from_candidates(prompts: Sequence[str], completions: Sequence[Sequence[str]],
                              rewards: Sequence[Sequence[float]]) -> tuple[dict[str, list], dict[str, int]]:
-    """Each prompt's samples sorted by r*, best first: ``{"prompt": [...], "completions": [[K texts], ...]}``.
-
-    A ranking is kept only if it is strict and every sample can be scored, so a prompt is dropped when two of
-    its samples tie on r* (or repeat a text) or one is empty; the pairs stage drops just those pairs, so the
-    rankings cover fewer prompts. Returns the rankings and ``{"n_prompts", "n_rankings", "n_tied",
-    "n_empty"}`` (a prompt with both counts as empty)."""
+    """Each prompt's samples sorted by r*, best first, dropping a prompt with a tie or a repeated or empty
+    sample; returns the rankings and ``{"n_prompts", "n_rankings", "n_tied", "n_empty"}``."""
     if not len(prompts) == len(completions) == len(rewards):
         raise ValueError(f"{len(prompts)} prompts, {len(completions)} completion lists, "
                          f"{len(rewards)} reward lists")
@@ -114,12 +88,8 @@ def rankings_from_candidates(prompts: Sequence[str], completions: Sequence[Seque
 # ------------------------------------------------------------------------------------------------ tokens
 def tokenize_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, completion: str, *,
                         max_length: int) -> dict[str, list[int]]:
-    """Token ids of ``prompt + completion`` and a 0/1 ``completion_mask`` (1 on completion tokens).
-
-    The completion is truncated so the whole sequence fits ``max_length``; the prompt never is (a cut
-    prompt would change what the completion is conditioned on). An empty prompt is replaced by the BOS
-    token (GPT-2's unconditional start), since the first completion token needs a context to be scored.
-    """
+    """Ids of ``prompt + completion`` and a 0/1 ``completion_mask``. Only the completion is cut to fit
+    ``max_length``; an empty prompt becomes BOS, so the first completion token has a context."""
     for name, text in (("prompt", prompt), ("completion", completion)):
         if not isinstance(text, str):
             raise TypeError(f"{name} must be a str, got {type(text).__name__}")
@@ -146,11 +116,8 @@ def tokenize_completion(tokenizer: PreTrainedTokenizerBase, prompt: str, complet
 
 def pad_rows(rows: Sequence[Mapping[str, list[int]]], pad_token_id: int,
              side: Literal["right", "left"] = "right") -> dict[str, Tensor]:
-    """Pad rows made by ``tokenize_completion`` into ``input_ids``, ``attention_mask``, ``completion_mask``.
-
-    All three are ``(B, T_max)`` long tensors; padding has attention 0 and completion 0. Left padding is
-    what ``generate`` needs; the log-prob code gives identical values for either side.
-    """
+    """Rows of :func:`tokenize_completion` padded to ``input_ids``, ``attention_mask``, ``completion_mask``,
+    each ``(B, T_max)`` (left padding for ``generate``; log-probs are the same either side)."""
     if side not in ("right", "left"):
         raise ValueError(f"side must be 'right' or 'left', got {side!r}")
     if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int) or pad_token_id < 0:
@@ -178,29 +145,10 @@ def pad_rows(rows: Sequence[Mapping[str, list[int]]], pad_token_id: int,
     return out
 
 
-def completion_batches(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]], *,
-                       batch_size: int, pad_token_id: int) -> Iterator[dict[str, Tensor]]:
-    """Exact token ids ``prompt + completion`` (never re-tokenised text), ``batch_size`` rows at a time,
-    padded by :func:`pad_rows` with ``completion_mask`` = 1 on the completion's tokens."""
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    for start in range(0, len(prompt_ids), batch_size):
-        end = start + batch_size
-        rows = [{"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)}
-                for p, c in zip(prompt_ids[start:end], completion_ids[start:end], strict=True)]
-        yield pad_rows(rows, pad_token_id)
-
-
 class PreferenceCollator:
-    """Pairs or rankings (a list of dicts) -> ONE right-padded batch of all their completions.
-
-    Keys ``input_ids``, ``attention_mask``, ``completion_mask``, each ``(B·K, T)``, and ``rows`` ``(B, K)``:
-    ``rows[b, k]`` is the row holding example b's k-th completion (a pair's chosen is k = 0, its rejected
-    k = 1), so that per-row log-probs indexed by it give each example's K columns and all B·K completions
-    share one forward pass (``logprobs.concatenated_forward``). Pairs keep the official DPO code's layout
-    (every chosen row, then every rejected row); a ranking's K rows are consecutive. Usable as a
-    ``DataLoader`` ``collate_fn``.
-    """
+    """Pairs or rankings -> ONE right-padded batch of all B·K completions, ``(B·K, T)``, for one forward
+    pass, with ``rows`` ``(B, K)``: the row of example b's k-th completion. Pairs keep the official DPO code's
+    layout (all chosen rows, then all rejected); a ranking's K rows are consecutive."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,45 +1,27 @@
-"""The DPO trainer, written out: minimise paper Eq. 7 over a fixed set of preference pairs.
+"""The DPO trainer, written out: minimise paper Eq. 7 over a fixed set of preference pairs,
 
-    L_DPO = -E[ log sigma( beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x) ) ]
+    L_DPO = -E[ log sigma( beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x) ) ],
 
-The same loop trains the paper's two non-RL baselines of the IMDb frontier (§6), chosen by ``objective``:
+or a §6 baseline (``objective``): "unlikelihood" (Welleck et al. 2019) or "preferred_ft" (SFT on y_w); their
+implicit reward at ``beta`` (1.0 unless given) is logged as a readout. The variants of notebook 11 are
+``DPOConfig`` settings: ``loss_type`` ipo / hinge / plackett_luce (rankings, App. A.3), ``label_smoothing``
+(cDPO), ``average_logprobs`` (TRL's IPO), ``rpo_alpha`` (RPO).
 
-    "unlikelihood" (Welleck et al. 2019):  -log pi(y_w|x) - alpha sum_t log(1 - pi(y_l,t | x, y_l,<t))
-    "preferred_ft" (SFT on the chosen completions):  -log pi(y_w|x)
-
-One loop for one process or many (Hugging Face Accelerate; ``accelerate launch -m dpo_lab.scale.launch``),
-as nanoGPT's ``train.py`` serves one GPU and DDP:
-
-* Optimizer step ``s`` (App. B) sees the global batch ``loop.batch_indices(n_pairs, batch_size, s, seed)``,
-  whatever the process count, cut into micro-batches of ``micro_batch_size`` pairs; micro-batch ``i`` goes
-  to process ``i % P``. Each backpropagates ``sum(losses) x P / batch_size``; DDP averages over processes,
-  so the gradient is that of the mean over all ``batch_size`` pairs. Chosen and rejected share one forward
-  pass (``logprobs.concatenated_forward``).
-* Gradient clipped to ``max_grad_norm``; RMSprop (the paper) or AdamW; lr warmed up linearly over
-  ``warmup_steps``, then constant. bf16 autocast on CUDA (log-probs from fp32 logits), fp32 on CPU.
-* pi_ref's log-probs never change, so the loop takes them computed once, before training
-  (:func:`pair_logprobs`; ``run.dpo_run`` caches them on disk for every beta of a sweep).
-* Dropout stays off in the policy (as TRL's ``disable_dropout``): the implicit reward
-  beta (log pi - log pi_ref) is then exactly 0 at step 0, and the first loss is log 2.
-* Every step's metrics (TRL names) go to ``log`` (``loop.TrainLog``; ``run.Run`` writes them to a run folder,
-  checkpoints and resumes, bit-identical on CPU to an uninterrupted run). Only the main process evaluates.
-
-The DPO variants of notebook 11 are settings of the same loop (``DPOConfig``): ``loss_type`` "ipo" / "hinge"
-and ``label_smoothing`` (cDPO) go to ``losses.preference_loss``; ``average_logprobs`` scores completions by
-their mean token log-prob (TRL's IPO); ``rpo_alpha`` adds the chosen completion's per-token NLL (RPO); and
-``loss_type="plackett_luce"`` trains on rankings (prompt + K completions, best first) with the
-Plackett-Luce loss of App. A.3: one forward pass over the B·K rows, ``batch_size`` counting rankings.
-
-The baselines need no reference in the loss; its log-probs still give every objective the same TRL metrics,
-with the implicit reward beta (log pi - log pi_ref) at ``beta`` (1.0 unless given) as a readout.
+One loop for one process or many (Accelerate), as nanoGPT's ``train.py``: step s sees the global batch
+``loop.batch_indices(n, batch_size, s, seed)`` in micro-batches dealt round-robin to the P processes, each
+backpropagating ``sum(losses) x P / batch_size`` (DDP averages: the mean over the batch). π_ref's log-probs
+come precomputed (:func:`pair_logprobs`); dropout stays off, so step 0's loss is log 2. RMSprop (App. B) or
+AdamW, lr warm-up then flat, gradients clipped; bf16 autocast on CUDA. Checkpoints and resume go through
+``log`` (``loop.TrainLog``; ``run.Run`` writes them to disk).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
 
 import torch
@@ -73,8 +55,7 @@ _BAR_NAMES = {"dpo": "DPO", "unlikelihood": "Unlikelihood", "preferred_ft": "Pre
 # ------------------------------------------------------------------------------------------- processes
 def make_accelerator(device: torch.device | str | None = None, *,
                      mixed_precision: MixedPrecision | None = None) -> Accelerator:
-    """The Accelerator the loop runs under: one per process of ``accelerate launch`` (or just this one).
-    bf16 autocast on CUDA unless told otherwise, fp32 on CPU; ``device="cpu"`` keeps a GPU machine on CPU."""
+    """This process's Accelerator: bf16 autocast on CUDA unless told otherwise, fp32 on CPU."""
     from accelerate import Accelerator
 
     cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
@@ -87,8 +68,7 @@ def make_accelerator(device: torch.device | str | None = None, *,
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, num_processes: int) -> int:
-    """Micro-batches each process accumulates per optimizer step:
-    ``batch_size = micro_batch_size x num_processes x accumulation``; ValueError if that does not divide."""
+    """Micro-batches per process per step, ``batch_size / (micro_batch_size x num_processes)``, exact."""
     for name, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size),
                         ("num_processes", num_processes)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -110,22 +90,6 @@ def process_micro_batches(indices: Sequence[int], micro_batch_size: int, process
     return micro[process::num_processes]
 
 
-def broadcast_error(accelerator: Accelerator, error: Exception | None) -> None:
-    """Raise ``error`` (found on the main process) there, and as ValueError with its message on every
-    other process, so none is left waiting in a collective for a process that stopped."""
-    message = None if error is None else str(error)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [message]
-        broadcast_object_list(box)
-        message = box[0]
-    if error is not None:
-        raise error
-    if message is not None:
-        raise ValueError(message)
-
-
 # ------------------------------------------------------------------------------------------------ checks
 def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.optim.Optimizer:
     if config.optimizer == "rmsprop":
@@ -135,7 +99,26 @@ def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.o
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'rmsprop' or 'adamw'")
 
 
-def _check_config(config: DPOConfig, beta: float, max_length: int) -> None:
+def check_dpo_settings(config: DPOConfig, objective: str, beta: float | None, alpha: float | None,
+                       max_length: int, num_processes: int) -> float:
+    """Refuse bad settings before any work, naming the field; return the beta to use (a baseline given none
+    gets 1.0: it only scales the logged implicit reward, read in nats)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+    if objective == "dpo" and beta is None:
+        raise ValueError("beta is required for objective='dpo' (the KL coefficient of Eqs. 3 and 7)")
+    if objective == "unlikelihood":
+        if alpha is None:
+            raise ValueError("alpha is required for objective='unlikelihood' (the paper sweeps "
+                             "0.05, 0.1, 0.5, 1)")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise TypeError(f"alpha must be a real number, got {type(alpha).__name__} ({alpha!r})")
+        if not (alpha >= 0 and math.isfinite(alpha)):
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    elif alpha is not None:
+        # An alpha that silently does nothing would mislabel a sweep.
+        raise ValueError(f"alpha only applies to objective='unlikelihood', not {objective!r}; leave it None")
+    beta = 1.0 if beta is None else beta
     for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
@@ -155,42 +138,12 @@ def _check_config(config: DPOConfig, beta: float, max_length: int) -> None:
     if config.loss_type == "plackett_luce" and (config.rpo_alpha or config.label_smoothing):
         raise ValueError("DPOConfig.rpo_alpha and label_smoothing apply to the pairwise losses, "
                          "not to loss_type 'plackett_luce'")
-
-
-def _check_objective(objective: str, beta: float | None, alpha: float | None) -> float:
-    """Validate objective/beta/alpha together; return the beta to use (1.0 for a baseline given none)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
-    if objective == "dpo" and beta is None:
-        raise ValueError("beta is required for objective='dpo' (the KL coefficient of Eqs. 3 and 7)")
-    if objective == "unlikelihood":
-        if alpha is None:
-            raise ValueError("alpha is required for objective='unlikelihood' (the paper sweeps "
-                             "0.05, 0.1, 0.5, 1)")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise TypeError(f"alpha must be a real number, got {type(alpha).__name__} ({alpha!r})")
-        if not (alpha >= 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    elif alpha is not None:
-        # An alpha that silently does nothing would mislabel a sweep.
-        raise ValueError(f"alpha only applies to objective='unlikelihood', not {objective!r}; leave it None")
-    # Baselines use beta only to log the implicit reward beta (log pi - log pi_ref); 1.0 reads it in nats.
-    return 1.0 if beta is None else beta
-
-
-def check_dpo_settings(config: DPOConfig, objective: str, beta: float | None, alpha: float | None,
-                   max_length: int, num_processes: int) -> float:
-    """Refuse bad settings before any work, naming the field; return the beta to use (1.0 for a baseline
-    given none)."""
-    beta = _check_objective(objective, beta, alpha)
-    _check_config(config, beta, max_length)
     accumulation_steps(config.batch_size, config.micro_batch_size, num_processes)
     return beta
 
 
 def training_columns(pairs: Pairs, objective: str, config: DPOConfig) -> dict[str, list]:
-    """The columns of ``pairs`` (``batching.pair_columns``), refused if they are pairs for loss_type
-    'plackett_luce' or rankings for any other loss."""
+    """``batching.pair_columns(pairs)``: rankings for loss_type 'plackett_luce', pairs for any other loss."""
     cols = pair_columns(pairs)
     if (objective == "dpo" and config.loss_type == "plackett_luce") != ("completions" in cols):
         raise ValueError("loss_type 'plackett_luce' trains on rankings (prompt, completions), the other "
@@ -198,19 +151,10 @@ def training_columns(pairs: Pairs, objective: str, config: DPOConfig) -> dict[st
     return cols
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (logprobs upcasts logits to fp32 before the softmax), plain fp32 on CPU:
-    what :func:`make_accelerator` picks, for code that runs without an Accelerator."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 # ---------------------------------------------------------------------------------- pair log-probs
 def _collate(collator: PreferenceCollator, cols: Mapping[str, Sequence[Any]],
              indices: Sequence[int]) -> dict[str, torch.Tensor]:
-    """The collated batch of examples ``indices`` of ``cols``; the collator's errors name the pair (or
-    ranking) by its row in the dataset rather than its place in the batch ("example 1 (chosen): ...")."""
+    """Examples ``indices`` of ``cols`` collated; an error names the pair by its row in the data set."""
     try:
         return collator([{c: cols[c][i] for c in cols} for i in indices])
     except ValueError as err:
@@ -226,16 +170,8 @@ def _collate(collator: PreferenceCollator, cols: Mapping[str, Sequence[Any]],
 def pair_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Pairs, *, max_length: int,
                   batch_size: int, device: Accelerator | torch.device | str | None = None,
                   progress: bool | str = False, average: bool = False) -> torch.Tensor:
-    """``log π(y_k|x)`` of every completion of every pair (or ranking) under ``model``, fp32 ``(N, K)`` on
-    the CPU: columns chosen, rejected (a ranking's: best first), summed over completion tokens (Eq. 7;
-    ``average=True``: their mean). One forward pass per ``batch_size`` examples
-    (``logprobs.concatenated_forward``), in eval mode without gradients; the model goes back where it was.
-    ``progress``: a bar (a string: its label).
-
-    With an Accelerator of P processes as ``device``, process p scores a contiguous 1/P of the examples
-    under the training precision and the shards are summed across processes (each entry is non-zero on one
-    process only, so the sum is exact); every process gets every value.
-    """
+    """``log π(y_k|x)`` (Eq. 7) of every pair's (or ranking's) completions, fp32 ``(N, K)`` on the CPU, in
+    eval mode. Given an Accelerator of P processes, each scores 1/P and the (disjoint) shards are summed."""
     cols = pair_columns(pairs)
     n, k = len(cols["prompt"]), len(cols["completions"][0]) if "completions" in cols else 2
     collator = PreferenceCollator(tokenizer, max_length)
@@ -245,9 +181,8 @@ def pair_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: P
         rank, world = accelerator.process_index, accelerator.num_processes
     else:
         dev, rank, world = resolve_device(device), 0, 1
-
-        def cast() -> contextlib.AbstractContextManager:
-            return autocast(dev)
+        # make_accelerator's precision without an Accelerator: bf16 autocast on CUDA, fp32 on CPU
+        cast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext
     lo, hi = n * rank // world, n * (rank + 1) // world
     out = torch.zeros(n, k, device=dev)
     home, was_training = next(model.parameters()).device, model.training
@@ -287,18 +222,9 @@ def train_dpo(
     log: TrainLog | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train ``policy`` in place with DPO (Eq. 7), or a baseline; see the module docstring. Returns the
-    metrics records (``log.records``).
-
-    ``ref_logps``: the reference's log-probs of every pair, ``(N, 2)`` (chosen, rejected), e.g.
-    ``pair_logprobs(reference, ...)``; with ``config.loss_type == "plackett_luce"`` ``pairs`` are rankings
-    (prompt, completions; see ``batching.pair_columns``) and ``ref_logps`` is ``(N, K)``. ``objective``
-    picks the loss: "dpo" (needs ``beta``), "unlikelihood" (needs ``alpha >= 0``) or "preferred_ft".
-    ``config.batch_size`` is the GLOBAL batch; under ``accelerate launch`` every process calls this with
-    the same arguments.
-    Raises FloatingPointError naming the step if the loss or gradient goes non-finite; the last good
-    checkpoint is left untouched.
-    """
+    """Train ``policy`` in place with DPO (Eq. 7) or a baseline; return ``log.records``. ``ref_logps`` is
+    ``(N, K)``, π_ref's :func:`pair_logprobs`. ``config.batch_size`` is the global batch; every process calls
+    this alike. A non-finite loss or gradient raises FloatingPointError naming the step."""
     accelerator = accelerator if accelerator is not None else make_accelerator()
     world = accelerator.num_processes
     beta = check_dpo_settings(config, objective, beta, alpha, max_length, world)
@@ -353,8 +279,7 @@ def train_dpo(
 
 
 class LossSpec(NamedTuple):
-    """What a step minimises: ``objective`` with its ``beta`` (a readout for the baselines) and ``alpha``
-    (unlikelihood), the variant from ``config`` (loss_type, label_smoothing, rpo_alpha, average_logprobs)."""
+    """What a step minimises: ``objective``, its ``beta`` and ``alpha``, and the variant in ``config``."""
 
     objective: str
     beta: float
@@ -379,15 +304,14 @@ def _accumulate(model: nn.Module, cols: Mapping[str, list], micro: list[list[int
                 collator: PreferenceCollator,
                 ref: torch.Tensor, n_global: int, accelerator: Accelerator,
                 **loss_args: Any) -> tuple[dict[str, torch.Tensor], int]:
-    """Forward and backward of this process's micro-batches of one step (rows ``micro`` of ``cols``): every
-    pair's outputs (:func:`_micro_batch_losses`) gathered from all processes, and the step's token count.
-    Gradients are all-reduced once, after the last micro-batch."""
+    """Forward and backward of this process's micro-batches of one step (gradients all-reduced once, at the
+    last); every pair's outputs gathered from all processes, and the step's token count."""
     parts: dict[str, list[torch.Tensor]] = {}
     tokens = torch.zeros((), device=accelerator.device)
     for k, idx in enumerate(micro):
         batch = {key: v.to(accelerator.device) for key, v in _collate(collator, cols, idx).items()}
         tokens += sum(v.sum() for key, v in batch.items() if key.endswith("attention_mask"))
-        sync = contextlib.nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
+        sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
         with sync:
             out = _micro_batch_losses(model, batch, ref[torch.tensor(idx, device=accelerator.device)],
                                       accelerator, **loss_args)
@@ -402,8 +326,7 @@ def _accumulate(model: nn.Module, cols: Mapping[str, list], micro: list[list[int
 
 def _record(step: int, lr: float, grad_norm: float, cat: dict[str, torch.Tensor], tokens: int, epoch: float,
             started: float) -> dict[str, Any]:
-    """One step's metrics line (TRL's names) and what it cost: every token of the stacked batch goes through
-    the policy forward and backward once; the reference pass is shared by every run (not counted)."""
+    """One step's metrics (TRL's names) and cost; π_ref's pass is shared by every run, so not counted."""
     record = {"step": step, "lr": lr, "grad_norm": grad_norm,
               **preference_metrics(cat["losses"], cat["cr"], cat["rr"], cat["pc"], cat["pr"])}
     for key, name in (("nll", "nll/chosen"), ("ul", "unlikelihood/rejected"),
@@ -419,9 +342,8 @@ def _record(step: int, lr: float, grad_norm: float, cat: dict[str, torch.Tensor]
 
 def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: torch.Tensor,
                         accelerator: Accelerator, *, loss: LossSpec, where: str) -> dict[str, torch.Tensor]:
-    """Per-example losses of one micro-batch of pairs (or, under Plackett-Luce, rankings) from one forward
-    pass, with what the metrics need: the implicit rewards and log-probs of the first and the last
-    completion (chosen and rejected; a ranking's best and worst). ``ref`` is ``(B, K)``."""
+    """Per-example losses of one micro-batch from one forward pass, and the implicit rewards and log-probs
+    of its first and last completions (chosen, rejected) for the metrics. ``ref`` is ``(B, K)``."""
     objective, beta, alpha, config = loss
     with accelerator.autocast():
         # Eq. 7 sums (0 off the completion); average_logprobs takes TRL's IPO per-token mean instead.
@@ -434,13 +356,12 @@ def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref
         losses, rewards = plackett_luce_loss(logps, ref, beta=beta)  # App. A.3, Eq. 18
         chosen_rewards, rejected_rewards = rewards[:, 0], rewards[:, -1]
     elif objective == "dpo":
-        nll_tok = mean_token_nll(tok[:, 0], mask[:, 0]) if config.rpo_alpha > 0 else None  # RPO's NLL term
         losses, chosen_rewards, rejected_rewards = preference_loss(  # Eq. 7 (or a variant, per config)
             policy_chosen, policy_rejected, ref[:, 0], ref[:, 1],
-            beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing,
-            rpo_alpha=config.rpo_alpha, chosen_nll=nll_tok)
-        if nll_tok is not None:
-            out["nll_tok"] = nll_tok
+            beta=beta, loss_type=config.loss_type, label_smoothing=config.label_smoothing)
+        if config.rpo_alpha > 0:  # RPO (Pang et al. 2024): + alpha x the per-token NLL of y_w
+            out["nll_tok"] = mean_token_nll(tok[:, 0], mask[:, 0])
+            losses = losses + config.rpo_alpha * out["nll_tok"]
     else:
         (tok_c, tok_r), (mask_c, mask_r) = tok.unbind(1), mask.unbind(1)
         nll = preferred_ft_loss(tok_c, mask_c)  # -log pi(y_w|x)
@@ -456,8 +377,3 @@ def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref
         rejected_rewards = beta * (policy_rejected - ref[:, 1]).detach()
     out.update(losses=losses, cr=chosen_rewards, rr=rejected_rewards, pc=policy_chosen, pr=policy_rejected)
     return out
-
-
-__all__ = ["MixedPrecision", "Objective", "OBJECTIVES", "accumulation_steps", "autocast",
-           "check_dpo_settings", "make_accelerator", "make_optimizer", "pair_logprobs",
-           "process_micro_batches", "train_dpo", "training_columns"]

@@ -1,18 +1,10 @@
-"""One frontier point: mean ground-truth reward and mean sequence-level KL(pi || pi_ref) on test prompts.
-
-For each sampled completion y ~ pi(.|x) (sampling.py: temperature 1, no top-k/top-p),
+"""One frontier point: mean ground-truth reward r* and mean sequence-level KL(pi || pi_ref) on test prompts.
 
     KL_seq(x, y) = sum_t KL( pi(.|x, y_<t) || pi_ref(.|x, y_<t) )     (paper footnote 3, docs/design.md)
 
-with each per-step KL exact over the vocabulary, computed while sampling: the reference steps alongside the
-policy on the sampled tokens (``sampling.sample(reference=...)``; ``kl_estimators.kl_estimates`` gives the
-same sum from a second pass over finished samples). Its expectation over y ~ pi equals
-the KL between the sequence distributions, KL(pi(y|x) || pi_ref(y|x)) (chain rule), with less variance than
-the sampled log-ratio estimator log pi(y|x) - log pi_ref(y|x), which is reported beside it for comparison.
-r*(x, y) is scored on the full text prompt + completion.
-
-Standard errors are over prompts: a prompt's samples are averaged first, because samples that share a
-prompt are correlated and treating them as independent would understate the error.
+each step's KL exact over the vocabulary, computed while sampling (``sampling.sample(reference=...)``). Its
+mean over y ~ pi is KL(pi(y|x) || pi_ref(y|x)), with less variance than the sampled log-ratio, reported
+beside it. Standard errors are over prompts (samples of one prompt are correlated).
 """
 
 from __future__ import annotations
@@ -50,15 +42,9 @@ def _mean_se(per_sample: np.ndarray, n_prompts: int) -> tuple[float, float]:
 def evaluate_policy(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
                     prompts: Sequence[str], reward_model: RewardModel, config: EvalConfig, *, seed: int,
                     scorers: Mapping[str, Scorer] | None = None) -> dict[str, float]:
-    """Sample from ``policy`` (``config``: samples per prompt, their length, the batch), score r*, and
-    measure KL to ``reference``: one frontier point.
-
-    Returns reward_mean/_se, kl_mean/_se (exact per-step sequence KL), logratio_kl_mean/_se (sampled
-    estimator), completion_tokens_mean, n (samples) and n_prompts. The same seed at every checkpoint gives
-    common random numbers, so differences between checkpoints are less noisy. Each of ``scorers`` (the
-    audit's judges, the learned r_phi of an over-optimisation study) also scores the same samples:
-    ``<name>_mean``/``<name>_se``.
-    """
+    """Sample from ``policy``, score r* and the exact KL to ``reference``: reward_, kl_, logratio_kl_ and
+    each of ``scorers``' ``_mean``/``_se``, completion_tokens_mean, n, n_prompts. The same ``seed`` at every
+    checkpoint gives common random numbers, so differences between checkpoints are less noisy."""
     if len(prompts) == 0:
         raise ValueError("evaluate_policy needs at least one prompt")
     samples = sample(policy, tokenizer, prompts, n_per_prompt=config.samples_per_prompt,

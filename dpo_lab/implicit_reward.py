@@ -1,9 +1,8 @@
 """The DPO policy read as a reward model: r̂(x, y) = β log π_θ(y|x) / π_ref(y|x) (Eq. 5 without β log Z(x)).
 
-β log Z(x) is the same for every completion of one prompt, so r̂ ranks a prompt's completions exactly as the
-reward DPO fitted does; across prompts it does not, and nothing here compares completions of two prompts.
-Everything works on a held-out set of K samples per test prompt scored by r* (:class:`HeldOut`): the pairs
-are all C(K, 2) same-prompt pairs whose r* differ, labelled by r* as the training pairs were.
+β log Z(x) is the same for all completions of one prompt, so r̂ ranks a prompt's completions as the fitted
+reward does, and nothing here compares completions of two prompts. Held-out pairs (:class:`HeldOut`) are the
+C(K, 2) same-prompt pairs of K samples per test prompt whose r* differ, labelled by r*.
 """
 
 from __future__ import annotations
@@ -60,14 +59,20 @@ def _check_scores(scores: np.ndarray, rstar: np.ndarray) -> tuple[np.ndarray, np
     return scores, rstar
 
 
+def _labelled_pairs(rstar: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(prompt, y_w, y_l)`` sample indices of every same-prompt pair whose r* differ (ties dropped, as in
+    the training pairs)."""
+    j, k = np.triu_indices(rstar.shape[1], k=1)
+    gap = rstar[:, j] - rstar[:, k]
+    keep = gap != 0
+    return np.nonzero(keep)[0], np.where(gap > 0, j, k)[keep], np.where(gap > 0, k, j)[keep]
+
+
 def pair_margins(scores: np.ndarray, rstar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For every same-prompt pair whose r* differ: (score(y_w) - score(y_l), r*(y_w) - r*(y_l) > 0)."""
     scores, rstar = _check_scores(scores, rstar)
-    j, k = np.triu_indices(scores.shape[1], k=1)
-    gap = rstar[:, j] - rstar[:, k]
-    margin = np.sign(gap) * (scores[:, j] - scores[:, k])  # oriented so that y_w comes first
-    keep = gap != 0  # ties in r* are dropped, as in the training pairs
-    return margin[keep], np.abs(gap[keep])
+    rows, w, lose = _labelled_pairs(rstar)
+    return scores[rows, w] - scores[rows, lose], rstar[rows, w] - rstar[rows, lose]
 
 
 def ranking_accuracy(scores: np.ndarray, rstar: np.ndarray) -> float:
@@ -103,23 +108,14 @@ def best_of_n(scores: np.ndarray, rstar: np.ndarray) -> tuple[float, float]:
 
 def likelihood_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: HeldOut, *, beta: float,
                   max_new_tokens: int, batch_size: int, seed: int) -> EvalFn:
-    """``eval_fn(policy, step)`` for ``train_dpo`` that follows the likelihoods of the held-out samples.
-
-    Per step: mean log π_θ of held-out chosen and rejected completions (``heldout/logps/*``) and their
-    log-ratios to π_ref (``heldout/logratio/*``), the implicit reward's ranking accuracy on the held-out
-    pairs, and the mean log π_θ and log π_ref of fresh samples of π_θ itself (``fresh/*``), one per prompt.
-    """
+    """``eval_fn(policy, step)`` following held-out likelihoods: log π_θ and log-ratios of chosen and
+    rejected, r̂'s ranking accuracy, and log π_θ / log π_ref of one fresh π_θ sample per prompt."""
     def logps(model: nn.Module, drawn: HeldOut | Samples) -> np.ndarray:  # (prompts, samples)
         return completion_logprobs(model, drawn.prompt_ids, drawn.completion_ids, batch_size=batch_size,
                                    pad_token_id=tokenizer.pad_token_id or 0)
 
     ref_logps = logps(reference, heldout)
-    j, k = np.triu_indices(heldout.shape[1], k=1)
-    gap = heldout.rstar[:, j] - heldout.rstar[:, k]
-    keep = gap != 0
-    w = np.where(gap > 0, j, k)[keep]  # winner / loser sample index of each held-out pair
-    lose = np.where(gap > 0, k, j)[keep]
-    rows = np.nonzero(keep)[0]
+    rows, w, lose = _labelled_pairs(heldout.rstar)
 
     def eval_fn(policy: nn.Module, step: int) -> dict[str, float]:
         policy_logps = logps(policy, heldout)

@@ -18,9 +18,8 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lab import pipeline
-from dpo_lab.batching import pair_columns, pairs_fingerprint
+from dpo_lab.batching import pair_columns
 from dpo_lab.cache import cached_directory, content_hash, read_json_object
-from dpo_lab.models import load_policy
 from dpo_lab.paths import artifacts_dir
 from dpo_lab.preferences import (
     Candidates,
@@ -32,7 +31,7 @@ from dpo_lab.preferences import (
 )
 from dpo_lab.presets import Preset
 from dpo_lab.rewards import RewardModel
-from dpo_lab.run import RunResult, dpo_run, ppo_run, trajectory_settings
+from dpo_lab.run import RunResult, dpo_run, load_policy, pairs_fingerprint, ppo_run, trajectory_settings
 from dpo_lab.sampling import sample
 
 SHOW_PROGRESS = pipeline.SHOW_PROGRESS

@@ -1,18 +1,9 @@
 """Log-probabilities of completions under a causal LM, and the exact KL between two policies.
 
-Every DPO quantity is built from ``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` summed over the completion's
-tokens only (paper Eq. 7), and :func:`sequence_logprobs` is the one routine that sums. Conventions:
-
-* ``input_ids``/``attention_mask``/``completion_mask`` are ``(B, T)``, with ``completion_mask`` marking the
-  *input positions* that hold completion tokens (prompt and padding are 0).
-* The logits at position ``t`` predict token ``t + 1``, so per-token log-probs are ``(B, T-1)`` and the mask
-  that selects completion tokens among them is ``completion_mask[:, 1:]`` (the "shifted mask").
-* Logits are upcast to fp32 before any softmax: half-precision log-softmax is the classic source of NaN or
-  constant DPO losses.
-
-Per-token log-probs come from a model two ways: :func:`completion_token_logprobs` (training: the LM head
-only where a completion token is predicted) and :func:`batch_logits` (evaluation: full logits, which the
-exact KL needs too).
+``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` over completion tokens only (paper Eq. 7); :func:`sequence_logprobs`
+is the one routine that sums. ``(B, T)`` inputs; ``completion_mask`` marks completion positions, and since
+logits at t predict token t + 1, per-token log-probs are ``(B, T-1)`` with mask ``completion_mask[:, 1:]``.
+Logits go to fp32 before any softmax (half-precision log-softmax gives NaN or constant DPO losses).
 """
 
 from __future__ import annotations
@@ -24,11 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from dpo_lab.batching import completion_batches
-
-__all__ = ["token_logprobs", "sequence_logprobs", "position_ids_from_mask", "has_hooks", "eval_mode",
-           "model_device", "forward_logits", "completion_token_logprobs", "concatenated_forward",
-           "batch_logits", "completion_logprobs", "token_kl", "sequence_kl"]
+from dpo_lab.batching import pad_rows
 
 
 def _check_tensor(name: str, x: object, ndim: int) -> Tensor:
@@ -65,15 +52,9 @@ def _shifted_completion_mask(completion_mask: Tensor, shape: torch.Size) -> Tens
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """``token_logprobs``' ``gather - logsumexp`` over the vocabulary, with a one-buffer backward.
-
-    The forward is the same ops, so the values are bit-identical. Autograd's backward of it makes three
-    vocabulary-sized buffers per step (gather's zeros + scatter, logsumexp's ``exp(x - lse)``, the slice's
-    zeros + copy); here one buffer gets the same terms in the same arithmetic, which cuts the
-    vocabulary-sized work of a DPO step on the cpu preset by about a third (benchmarks/bench_roofline.py).
-    Takes ``(B, S, V)`` logits and ``(B, L)`` labels, L = S - 1 (the last position predicts nothing) or
-    L = S (logits already gathered at the predicting positions).
-    """
+    """``gather - logsumexp`` over the vocabulary with a one-buffer backward (autograd's makes three):
+    same values, about a third less vocabulary-sized work per DPO step (benchmarks/bench_roofline.py).
+    ``(B, S, V)`` logits, ``(B, L)`` labels with L = S - 1 or L = S (logits already at predicting rows)."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, labels: Tensor) -> Tensor:
@@ -111,14 +92,8 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
 
 
 def sequence_logprobs(token_logps: Tensor, mask: Tensor, *, average: bool = False) -> Tensor:
-    """``log π(y|x)``: the sum (default) of per-token log-probs over completion tokens only, ``(B,)``.
-
-    ``token_logps`` and ``mask`` are ``(B, T-1)``: :func:`token_logprobs` of the logits with
-    ``completion_mask[:, 1:]``, or what :func:`completion_token_logprobs` returns. ``average=True`` returns
-    the mean over completion tokens instead. That changes the meaning of β: it then scales a per-token
-    log-ratio (length-normalised DPO, as in SimPO or TRL's IPO), whereas the paper's Eq. 7 sums, so β values
-    are not comparable between the two.
-    """
+    """``log π(y|x)``, ``(B, T-1) -> (B,)``: the sum over masked tokens (Eq. 7), or with ``average`` their
+    mean (TRL's IPO, SimPO: β then scales a per-token log-ratio, not comparable with Eq. 7's)."""
     mask = _check_mask("mask", mask, _check_tensor("token_logps", token_logps, 2).shape)
     counts = mask.sum(-1)
     if bool((counts == 0).any()):
@@ -132,12 +107,8 @@ def sequence_logprobs(token_logps: Tensor, mask: Tensor, *, average: bool = Fals
 
 # ------------------------------------------------------------------------------------------ running a model
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions counted over real tokens only (``cumsum - 1``, clamped at 0 on leading padding).
-
-    transformers 5.x GPT-2 uses ``arange(T)`` when no ``position_ids`` are given, so a left-padded row
-    would start at position ``n_pad`` instead of 0 and get different log-probs from the same row
-    right-padded. Passing these positions makes both paddings exact.
-    """
+    """Positions over real tokens only, so left and right padding give the same log-probs (GPT-2 would
+    otherwise start a left-padded row at position n_pad)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
@@ -183,12 +154,7 @@ def forward_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) 
 def completion_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mask: Tensor,
                               completion_mask: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token ``log π(y_t | x, y_<t)`` (0 off the completion) and the shifted mask, both ``(B, T-1)``.
-
-    ``sequence_logprobs(*completion_token_logprobs(...))`` is ``log π(y|x)``; the token-level losses
-    (Unlikelihood, Preferred-FT) take the pair itself. For an HF model with ``.transformer`` and
-    ``.lm_head`` (GPT-2) and no forward hooks, the LM head (the largest layer at the cpu preset) runs only
-    at the positions that predict a completion token. Same values to float rounding, same gradients.
-    """
+    On GPT-2 without hooks the LM head runs only where a completion token is predicted."""
     inputs = _model_inputs(input_ids, attention_mask)
     if bool((completion_mask.bool() & ~attention_mask.bool()).any()):
         raise ValueError("completion_mask marks positions that attention_mask says are padding")
@@ -205,13 +171,8 @@ def completion_token_logprobs(model: nn.Module, input_ids: Tensor, attention_mas
 
 def concatenated_forward(model: nn.Module, batch: Mapping[str, Tensor], *,
                          average: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """``log π(y_k|x)`` of every completion of a ``batching.PreferenceCollator`` batch, ``(B, K)``, from ONE
-    forward pass over all its rows (the official DPO code's ``concatenated_forward``): column k is each
-    example's k-th completion (pairs: chosen, rejected; rankings: best first).
-
-    Also returns each completion's per-token log-probs and shifted mask, ``(B, K, T-1)``, for the
-    token-level losses. ``average``: see :func:`sequence_logprobs`.
-    """
+    """``log π(y_k|x)`` ``(B, K)`` of a ``PreferenceCollator`` batch from ONE forward pass (column k: the
+    k-th completion; chosen, rejected), with per-token log-probs and masks ``(B, K, T-1)``."""
     token_logps, mask = completion_token_logprobs(model, batch["input_ids"], batch["attention_mask"],
                                                   batch["completion_mask"])
     rows = batch["rows"]
@@ -222,10 +183,10 @@ def concatenated_forward(model: nn.Module, batch: Mapping[str, Tensor], *,
 def batch_logits(models: Sequence[nn.Module], prompt_ids: Sequence[Sequence[int]],
                  completion_ids: Sequence[Sequence[int]], *, batch_size: int,
                  pad_token_id: int = 0) -> Iterator[tuple[list[Tensor], Tensor, Tensor]]:
-    """The one scoring pass over exact token ids ``prompt + completion`` (never re-tokenised text):
-    per batch of ``batching.completion_batches``, ``(logits of each model, input_ids, completion_mask)``, the
-    models in eval mode and every tensor on the first model's device (full-vocabulary logits are large, so
-    they meet there rather than on the host)."""
+    """Per batch of exact ``prompt + completion`` ids: ``(each model's logits, input_ids, completion_mask)``,
+    in eval mode, all on the first model's device (full-vocabulary logits are large)."""
+    if len(prompt_ids) != len(completion_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     for i, p in enumerate(prompt_ids):
         if not p:
             raise ValueError(f"row {i}: the prompt needs at least one token")
@@ -233,8 +194,11 @@ def batch_logits(models: Sequence[nn.Module], prompt_ids: Sequence[Sequence[int]
     with contextlib.ExitStack() as stack:
         for model in models:
             stack.enter_context(eval_mode(model))
-        for batch in completion_batches(prompt_ids, completion_ids, batch_size=batch_size,
-                                        pad_token_id=pad_token_id):
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = pad_rows([{"input_ids": [*p, *c], "completion_mask": [0] * len(p) + [1] * len(c)}
+                              for p, c in zip(prompt_ids[start:start + batch_size],
+                                              completion_ids[start:start + batch_size], strict=True)],
+                             pad_token_id)
             logits = [forward_logits(model, batch["input_ids"].to(model_device(model)),
                                      batch["attention_mask"].to(model_device(model))).to(dev)
                       for model in models]
@@ -245,8 +209,7 @@ def batch_logits(models: Sequence[nn.Module], prompt_ids: Sequence[Sequence[int]
 def completion_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
                         completion_ids: Sequence[Sequence[Sequence[int]]], *, batch_size: int,
                         pad_token_id: int = 0) -> np.ndarray:
-    """``log π(y|x)`` under ``model`` of the K completions of each prompt, exact token ids as
-    ``sampling.sample`` returns them (``completion_ids[p]`` is prompt p's list): ``(P, K)`` float64."""
+    """``log π(y|x)`` of each prompt's K completions (token ids as ``sampling.sample`` gives), ``(P, K)``."""
     if len({len(per) for per in completion_ids}) > 1:
         raise ValueError("every prompt needs the same number of completions")
     flat_prompts = [p for p, per in zip(prompt_ids, completion_ids, strict=True) for _ in per]
@@ -259,10 +222,7 @@ def completion_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
 
 # ------------------------------------------------------------------------------------------------------ KL
 def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
-    """Exact ``KL(π ‖ π_ref) = Σ_v p log p − p log q`` over the vocabulary at every position, ``(...,)``.
-
-    Computed from fp32 log-softmax; clamped at 0 to hide rounding (KL is non-negative by Gibbs' inequality).
-    """
+    """Exact ``KL(π ‖ π_ref)`` over the vocabulary at every position, fp32, clamped at 0 against rounding."""
     if not isinstance(policy_logits, Tensor) or not isinstance(ref_logits, Tensor):
         raise TypeError("policy_logits and ref_logits must be torch.Tensors")
     if policy_logits.shape != ref_logits.shape:
@@ -276,11 +236,7 @@ def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
 
 
 def sequence_kl(policy_logits: Tensor, ref_logits: Tensor, completion_mask: Tensor) -> Tensor:
-    """Sequence-level KL (paper footnote 3): ``Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t))``, ``(B,)``.
-
-    Sums the per-step KL over the steps whose logits predict a completion token, i.e. positions ``t`` with
-    ``completion_mask[:, t + 1] == 1`` (the shifted mask).
-    """
+    """Sequence KL (paper footnote 3): ``Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t))`` over completion steps."""
     policy_logits = _check_tensor("policy_logits", policy_logits, 3)
     ref_logits = _check_tensor("ref_logits", ref_logits, 3)
     mask = _shifted_completion_mask(completion_mask, policy_logits.shape[:2])

@@ -1,9 +1,6 @@
 """What the four training loops (SFT, r_phi, DPO, PPO) share: the data order, when to evaluate, the optimiser
-step, the two learning-rate schedules, and :class:`TrainLog`, where a loop reports its steps.
-
-Nothing here touches the disk. A loop takes a ``log`` (default: a TrainLog that keeps its records in memory);
-``run.Run`` is a TrainLog that also writes them to a run folder, checkpoints and resumes (nanoGPT keeps one
-checkpoint dict; here the loop hands its state to ``log.save`` and gets it back from ``log.restore``).
+step, the two learning-rate schedules, and :class:`TrainLog`, where a loop reports its steps. Nothing here
+touches the disk: ``run.Run`` is a TrainLog that also writes, checkpoints (``save``), resumes (``restore``).
 """
 
 from __future__ import annotations
@@ -26,8 +23,8 @@ def resolve_device(device: torch.device | str | None = None) -> torch.device:
 
 
 def batch_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Item indices of optimizer step ``step`` (1-based): consecutive slices of one seeded permutation per
-    epoch. A pure function of (seed, step), so a resumed run sees exactly the batches it would have."""
+    """Indices of optimizer step ``step`` (1-based): slices of one seeded permutation per epoch, a pure
+    function of (seed, step), so a resumed run sees exactly the batches it would have."""
     start = (step - 1) * batch_size
     perms: dict[int, np.ndarray] = {}
     out = []
@@ -46,8 +43,7 @@ def is_due(step: int, every: int, max_steps: int) -> bool:
 
 # -------------------------------------------------------------------------------------- the optimiser step
 def warmup_then_flat(warmup_steps: int) -> Callable[[int], float]:
-    """LambdaLR multiplier of update t (0-based): (t + 1) / (warmup + 1) until warmup is over, then 1 (the
-    official DPO code: linear from ~0 over ``warmup_steps`` updates, App. B). DPO, its baselines and r_phi."""
+    """LambdaLR multiplier of update t: (t + 1) / (warmup + 1), then 1 (the official DPO code, App. B)."""
     return lambda t: min(1.0, (t + 1) / (warmup_steps + 1))
 
 
@@ -62,9 +58,8 @@ def warmup_then_cosine(step: int, *, lr: float, warmup: int, total: int, min_rat
 def optimizer_step(optimizer: torch.optim.Optimizer, params: Any, max_grad_norm: float, *,
                    loss: torch.Tensor | None = None, scheduler: Any = None, clip: Callable | None = None,
                    where: str = "") -> float:
-    """One update of every loop: ``loss.backward()`` (unless the caller backpropagated already), the gradient
-    norm clipped to ``max_grad_norm`` (by ``clip``, default torch's), the step, the lr schedule's step, and
-    the gradients cleared. Returns the norm before clipping; a non-finite one stops before the step."""
+    """Every loop's update: backward (given ``loss``), clip (``clip`` or torch's), step, schedule, zero grads.
+    Returns the norm before clipping; a non-finite one raises before the step."""
     if loss is not None:
         loss.backward()
     grad_norm = float((clip or nn.utils.clip_grad_norm_)(params, max_grad_norm))
@@ -89,10 +84,8 @@ def call_eval_fn(eval_fn: EvalFn, policy: nn.Module, step: int, taken: set[str])
 
 
 class TrainLog:
-    """Where a loop reports. :meth:`log` takes one step's record: ``cost/*`` increments become the run's
-    running totals, and ``eval_fn``'s dict is merged in at every ``eval_every`` steps and the last
-    (:meth:`log_start`: step 0, the starting policy). Records are kept in ``records``; ``last`` is the
-    latest. This one saves nothing and resumes nothing (``run.Run`` does both)."""
+    """Where a loop reports (in memory): ``cost/*`` increments become running totals, and ``eval_fn``'s dict
+    is merged in every ``eval_every`` steps and at the last. ``run.Run`` also saves and resumes."""
 
     def __init__(self, eval_fn: EvalFn | None = None, *, eval_every: int = 1, max_steps: int = 1) -> None:
         self.eval_fn, self.eval_every, self.max_steps = eval_fn, eval_every, max_steps

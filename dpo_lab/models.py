@@ -1,16 +1,13 @@
-"""The reference policy π_ref: a byte-level BPE tokenizer and a small GPT-2 trained on IMDb reviews (the `cpu`
-and `smoke` presets), or a hub checkpoint such as gpt2-large (the `paper` preset); either way followed by
-:func:`train_sft`, which stands in for the paper's "SFT on IMDb train" (App. C.1) and, for the small model,
-for GPT-2's pretraining as well.
+"""The reference policy π_ref: a byte-level BPE and a small GPT-2 (`cpu`, `smoke`) or a hub checkpoint such as
+gpt2-large (`paper`), then :func:`train_sft`, standing in for the paper's "SFT on IMDb train" (App. C.1).
+Pure: saving and loading a policy on disk is ``run.save_policy`` / ``run.load_policy``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -26,9 +23,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
-from transformers.utils import logging as hf_logging
 
-from dpo_lab.cache import atomic_directory, naming_damaged_files
 from dpo_lab.data import validate_texts
 from dpo_lab.loop import optimizer_step, warmup_then_cosine
 from dpo_lab.presets import PolicyConfig
@@ -41,11 +36,8 @@ MAX_HELD_OUT = 256  # held-out reviews train_sft reports its loss on
 
 # --------------------------------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    """A GPT-2 style byte-level BPE trained on ``texts`` with the ``tokenizers`` library.
-
-    ``<|endoftext|>`` is the one special token and serves as eos, bos and pad. Every byte is in the initial
-    alphabet, so any string encodes without an unknown token. Same texts, same vocabulary.
-    """
+    """A GPT-2 style byte-level BPE trained on ``texts``: every byte in the alphabet (no unknown token), and
+    ``<|endoftext|>`` as eos, bos and pad."""
     texts = validate_texts(texts, name="tokenizer training texts")
     min_size = 256 + 1  # the 256 byte symbols + <|endoftext|>
     if not isinstance(vocab_size, int) or vocab_size < min_size:
@@ -62,8 +54,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
 
 # ------------------------------------------------------------------------------------------------ policy
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Set every dropout probability to 0 (as the official DPO code does for policy and reference), so that
-    log-probs in train mode equal those in eval mode and a frozen reference is deterministic."""
+    """Every dropout p to 0 (as the official DPO code): train-mode log-probs equal eval-mode ones."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -80,13 +71,8 @@ def _prepare(model: PreTrainedModel, tokenizer: Any) -> PreTrainedModel:
 
 
 def build_policy(tokenizer: Any, config: PolicyConfig, *, seed: int | None = None) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2 sized by ``config`` (n_layer, n_head, n_embd, n_positions), with the
-    tokenizer's vocabulary. ``seed`` (if given) fixes the initial weights.
-
-    Dropout is 0: this model is tiny and sees each review about once, so it underfits rather than overfits,
-    and without dropout its log-probs do not depend on train/eval mode (the DPO loss compares the policy's
-    log-probs with the frozen reference's).
-    """
+    """A randomly initialised GPT-2 sized by ``config``, with the tokenizer's vocabulary, and no dropout: it
+    underfits (each review seen about once), and DPO compares its log-probs with a frozen copy's."""
     if config.n_embd % config.n_head:
         raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})")
     if seed is not None:
@@ -101,10 +87,8 @@ def build_policy(tokenizer: Any, config: PolicyConfig, *, seed: int | None = Non
 
 def load_hub_policy(name: str, *, revision: str | None = None,
                     tokenizer_name: str | None = None) -> tuple[PreTrainedModel, Any]:
-    """A causal LM and its tokenizer from the hub (or a local folder), safetensors weights only, no remote
-    code; pad = eos, dropout off, sampling defaults as :func:`dpo_lab.sampling.sampling_config`.
-    ``tokenizer_name`` takes the tokenizer from another repository (its main revision), for checkpoints
-    that ship none."""
+    """A causal LM and tokenizer from the hub or a folder: safetensors only, no remote code, pad = eos, no
+    dropout. ``tokenizer_name``: another repository's tokenizer, for checkpoints that ship none."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or name,
                                               revision=None if tokenizer_name else revision,
                                               trust_remote_code=False)
@@ -115,49 +99,11 @@ def load_hub_policy(name: str, *, revision: str | None = None,
     return _prepare(model, tokenizer), tokenizer
 
 
-@contextlib.contextmanager
-def quiet_hf_progress() -> Iterator[None]:
-    """Hide transformers' own bars ('Loading weights', 'Writing model shards') for local, small loads and
-    saves: one per checkpoint would bury the training bar."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def save_policy(model: PreTrainedModel, tokenizer: Any, path: str | Path) -> Path:
-    """Save weights (safetensors), config, generation config and tokenizer to ``path``, atomically: an
-    interrupted save leaves the previous folder (or none), never a half-written one."""
-    with atomic_directory(path) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    return Path(path)
-
-
-def load_policy(path: str | Path, *, advice: str | None = None) -> tuple[PreTrainedModel, Any]:
-    """Reload what :func:`save_policy` wrote: ``(model, tokenizer)``, in eval mode, on the CPU. A truncated or
-    corrupt file (weights, config, tokenizer) is a ValueError naming it, followed by ``advice`` (default:
-    delete the folder and save the policy again)."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no saved policy at {path} (config.json missing)")
-    advice = advice or f"delete {path} and save the policy again"
-    with naming_damaged_files(path, advice), quiet_hf_progress():
-        return load_hub_policy(str(path))
-
-
 # ----------------------------------------------------------------------------------------------- SFT
 def encode_reviews(tokenizer: Any, texts: Sequence[str],
                    max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each review as ``tokens + eos``, truncated to ``max_length`` and right-padded.
-
-    Returns ``(input_ids, lengths)`` of shapes (N, max_length) and (N,). Reviews are not packed: every
-    sequence starts at position 0 with the review's first token, exactly as a prompt does at sampling time.
-    A review longer than ``max_length`` is cut and has no eos (it does not end there).
-    """
+    """Each review as ``tokens + eos`` (cut ones end without eos), right-padded, unpacked so it starts at
+    position 0 as a prompt does: ``(input_ids (N, max_length), lengths (N,))``."""
     texts = validate_texts(texts, name="reviews")
     eos = tokenizer.eos_token_id
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
@@ -179,6 +125,14 @@ def _lm_batch(ids: torch.Tensor, lengths: torch.Tensor, device: torch.device) ->
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
+def _summed_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy summed over the batch's real tokens (token t predicts t + 1)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                             batch["labels"][:, 1:].flatten(), ignore_index=-100,
+                                             reduction="sum")
+
+
 @torch.no_grad()
 def lm_loss(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], *, max_length: int,
             batch_size: int = 32) -> float:
@@ -190,37 +144,21 @@ def lm_loss(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], *, max
     total, count = 0.0, 0
     for start in range(0, len(ids), batch_size):
         batch = _lm_batch(ids[start:start + batch_size], lengths[start:start + batch_size], device)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # token t predicts token t+1; sum (not mean) so that long reviews weigh by their tokens
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                batch["labels"][:, 1:].flatten(), ignore_index=-100,
-                                                reduction="sum")
-        total += float(nll)
+        total += float(_summed_nll(model, batch))  # summed, so long reviews weigh by their tokens
         count += int((batch["labels"][:, 1:] != -100).sum())
     model.train(was_training)
     return total / max(count, 1)
 
 
 def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], config: PolicyConfig, *,
-              seed: int, held_out_texts: Sequence[str] | None = None, progress: bool = True,
-              micro_batch_size: int | None = None) -> dict[str, Any]:
-    """Causal-LM training on reviews: the supervised fine-tuning that produces π_ref (and π_θ's start).
-
-    ``config.sft_steps`` optimizer steps of ``config.sft_batch_size`` reviews (drawn in a seeded shuffled
-    order, epoch after epoch), each review truncated to ``config.n_positions`` tokens; ``sft_steps = 0``
-    means one epoch over ``texts`` (the paper's "1 epoch"). AdamW (weight decay on matrices only), linear
-    warmup over ``sft_warmup_steps`` then cosine decay, gradient norm clipped at 1. ``micro_batch_size``
-    splits each step into gradient-accumulation chunks (same result, less memory).
-
-    Returns ``losses`` and ``lrs`` per step, ``seconds``, ``tokens`` and, given ``held_out_texts`` (at most
-    :data:`MAX_HELD_OUT` of them are used), ``held_out_loss_init``, ``held_out_loss`` and ``held_out_ppl``.
-    """
+              seed: int, held_out_texts: Sequence[str] | None = None,
+              progress: bool = True) -> dict[str, Any]:
+    """SFT on reviews, which makes π_ref (and π_θ's start): ``config.sft_steps`` steps (0: one epoch, the
+    paper's) of seeded shuffled batches, AdamW (decay on matrices), warm-up then cosine, norm clipped at 1.
+    Returns per-step ``losses`` and ``lrs``, ``seconds``, ``tokens`` and,
+    given ``held_out_texts`` (the first :data:`MAX_HELD_OUT`), ``held_out_loss_init``/``_loss``/``_ppl``."""
     texts = validate_texts(texts, name="SFT texts")
     batch_size = config.sft_batch_size
-    micro = micro_batch_size or batch_size
-    if batch_size < 1 or micro < 1 or batch_size % micro:
-        raise ValueError(f"sft_batch_size ({batch_size}) must be a positive multiple of micro_batch_size "
-                         f"({micro})")
     if config.n_positions > model.config.n_positions:
         raise ValueError(f"config.n_positions={config.n_positions} exceeds the model's context "
                          f"({model.config.n_positions})")
@@ -255,19 +193,10 @@ def train_sft(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], conf
             order, cursor = rng.permutation(len(texts)), 0
         rows = torch.as_tensor(order[cursor:cursor + batch_size])
         cursor += batch_size
-        # Weight each micro-batch by its share of predicted tokens so accumulation equals one big batch.
         n_targets = int((lengths[rows] - 1).clamp(min=0).sum())
-        step_loss = 0.0
-        for chunk in rows.split(micro):
-            batch = _lm_batch(ids[chunk], lengths[chunk], device)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                                     batch["labels"][:, 1:].flatten(), ignore_index=-100,
-                                                     reduction="sum") / max(n_targets, 1)
-            loss.backward()
-            step_loss += float(loss.detach())
-        optimizer_step(optimizer, model.parameters(), 1.0, where=f"at SFT step {step}")
-        result["losses"].append(step_loss)
+        loss = _summed_nll(model, _lm_batch(ids[rows], lengths[rows], device)) / max(n_targets, 1)
+        optimizer_step(optimizer, model.parameters(), 1.0, loss=loss, where=f"at SFT step {step}")
+        result["losses"].append(float(loss.detach()))
         result["lrs"].append(lr)
         tokens += n_targets
     model.eval()

@@ -36,7 +36,7 @@ from dpo_lab.evaluate import Scorer, make_eval_fn
 from dpo_lab.frontier import evaluation_points
 from dpo_lab.implicit_reward import HeldOut, draw_heldout, likelihood_fn
 from dpo_lab.loop import resolve_device
-from dpo_lab.models import build_policy, load_hub_policy, load_policy, save_policy, train_sft, train_tokenizer
+from dpo_lab.models import build_policy, load_hub_policy, train_sft, train_tokenizer
 from dpo_lab.paths import artifacts_dir
 from dpo_lab.preferences import (
     Candidates,
@@ -61,7 +61,9 @@ from dpo_lab.run import (
     dpo_run,
     finished_metrics,
     finished_run,
+    load_policy,
     ppo_run,
+    save_policy,
     schedule_dir,
     trajectory_settings,
 )

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,10 +35,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import (
+    GPT2Config,
+    GPT2Model,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+from transformers.utils import logging as hf_logging
 
 from dpo_lab import dpo_trainer, ppo
-from dpo_lab.batching import pair_columns, pairs_fingerprint
+from dpo_lab.batching import PAIR_COLUMNS, RANKING_COLUMNS, pair_columns
 from dpo_lab.cache import (
     Lock,
     RunLockedError,
@@ -53,7 +61,7 @@ from dpo_lab.cache import (
     tokenizer_fingerprint,
 )
 from dpo_lab.loop import EvalFn, TrainLog, resolve_device
-from dpo_lab.models import quiet_hf_progress
+from dpo_lab.models import load_hub_policy
 from dpo_lab.reward_model import LearnedReward, ScalarRewardModel, train_reward_model
 
 TRAINER_STATE = "trainer_state.pt"  # a checkpoint folder is complete once this file is in it
@@ -94,6 +102,65 @@ def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
         return run_key
     atomic_write_json(path, {"run_key": run_key, "fields": dict(run_fields)})
     return run_key
+
+
+# ------------------------------------------------------------------------------------------- policies
+@contextlib.contextmanager
+def quiet_hf_progress() -> Iterator[None]:
+    """Hide transformers' own bars ('Loading weights', 'Writing model shards') for local, small loads and
+    saves: one per checkpoint would bury the training bar."""
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def save_policy(model: PreTrainedModel, tokenizer: Any, path: str | Path) -> Path:
+    """Save weights (safetensors), config, generation config and tokenizer to ``path``, atomically: an
+    interrupted save leaves the previous folder (or none), never a half-written one."""
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return Path(path)
+
+
+def load_policy(path: str | Path, *, advice: str | None = None) -> tuple[PreTrainedModel, Any]:
+    """Reload what :func:`save_policy` wrote: ``(model, tokenizer)``, in eval mode, on the CPU. A truncated or
+    corrupt file (weights, config, tokenizer) is a ValueError naming it, followed by ``advice`` (default:
+    delete the folder and save the policy again)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no saved policy at {path} (config.json missing)")
+    advice = advice or f"delete {path} and save the policy again"
+    with naming_damaged_files(path, advice), quiet_hf_progress():
+        return load_hub_policy(str(path))
+
+
+def pairs_fingerprint(cols: Mapping[str, Sequence[Any]]) -> str:
+    """Content hash of the pairs' (or rankings') text, in order."""
+    ranked = "completions" in cols
+    digest = hashlib.sha256(b"rankings" if ranked else b"")
+    for c in RANKING_COLUMNS if ranked else PAIR_COLUMNS:
+        digest.update(json.dumps(list(cols[c])).encode())
+    return digest.hexdigest()[:16]
+
+
+def broadcast_error(accelerator: Any, error: Exception | None) -> None:
+    """Raise the main process's ``error`` on every process (others get a ValueError), so none hangs."""
+    message = None if error is None else str(error)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [message]
+        broadcast_object_list(box)
+        message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise ValueError(message)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -258,7 +325,7 @@ def truncate_metrics(path: Path, last_step: int | None) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------- results
 @dataclass(frozen=True)
 class RunResult:
-    checkpoint_dir: Path  # the final policy (save_pretrained + tokenizer): models.load_policy reads it
+    checkpoint_dir: Path  # the final policy (save_pretrained + tokenizer): load_policy reads it
     metrics_path: Path  # metrics.jsonl, one line per step
     last_metrics: dict[str, float]
     steps: int
@@ -562,7 +629,7 @@ def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
                   eval_every=config.eval_every, keep=keep_checkpoints)
     except (ValueError, RunLockedError) as err:  # another run's folder, or held past the lock timeout
         error = err
-    dpo_trainer.broadcast_error(accelerator, error)
+    broadcast_error(accelerator, error)
     assert run is not None
     with run:
         policy.to(accelerator.device)

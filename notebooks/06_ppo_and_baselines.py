@@ -68,7 +68,6 @@ from dpo_lab.grading import grade, lm_cases
 from dpo_lab.logprobs import concatenated_forward
 from dpo_lab.loop import batch_indices
 from dpo_lab.losses import unlikelihood_loss
-from dpo_lab.models import load_policy
 from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS
 from dpo_lab.ppo import (
@@ -83,7 +82,7 @@ from dpo_lab.ppo import (
 )
 from dpo_lab.presets import get_preset
 from dpo_lab.rewards import score_completions
-from dpo_lab.run import read_metrics
+from dpo_lab.run import load_policy, read_metrics
 from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 

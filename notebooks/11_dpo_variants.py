@@ -35,7 +35,7 @@
 #
 # Every variant is a setting of the one training loop (`DPOConfig.loss_type`, `label_smoothing`,
 # `average_logprobs`, `rpo_alpha`; `train_dpo` in `dpo_lab/dpo_trainer.py`) and of the one loss module
-# (`losses.preference_loss`, `losses.plackett_luce_loss`), so a run differs from DPO's in its loss and
+# (`losses.preference_loss`, `mean_token_nll`, `plackett_luce_loss`), so a run differs from DPO's in its loss and
 # nothing else.
 
 # %% tags=["parameters"]
@@ -147,7 +147,7 @@ library = {
     "IPO (mean)": preference_loss(*means, beta=b, loss_type="ipo")[0],
     "cDPO": preference_loss(pw, pl, rw, rl, beta=b, label_smoothing=eps)[0],
     "hinge": preference_loss(pw, pl, rw, rl, beta=b, loss_type="hinge")[0],
-    "RPO": preference_loss(pw, pl, rw, rl, beta=b, rpo_alpha=alpha, chosen_nll=mean_token_nll(tokens[0], mask))[0],
+    "RPO": preference_loss(pw, pl, rw, rl, beta=b)[0] + alpha * mean_token_nll(tokens[0], mask),
     "Plackett-Luce": plackett_luce_loss(ranked_policy, ranked_ref, beta=b)[0],
 }
 for name, mine in by_hand.items():
@@ -156,7 +156,7 @@ for name, mine in by_hand.items():
     assert same, name
 pl_two = plackett_luce_loss(torch.stack([pw, pl], 1), torch.stack([rw, rl], 1), beta=b)[0]
 print("Plackett-Luce with K=2 == DPO:", torch.allclose(pl_two, library["DPO"], rtol=1e-12, atol=1e-12))
-rpo_zero = preference_loss(pw, pl, rw, rl, beta=b, rpo_alpha=0.0, chosen_nll=nll_w)[0]
+rpo_zero = preference_loss(pw, pl, rw, rl, beta=b)[0] + 0.0 * nll_w
 print("RPO with alpha=0 == DPO, bit for bit:", torch.equal(rpo_zero, library["DPO"]))
 
 # %% [markdown]

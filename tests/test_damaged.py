@@ -17,11 +17,10 @@ from safetensors.torch import save_file
 
 from dpo_lab import pipeline
 from dpo_lab.cache import cached_directory, write_manifest
-from dpo_lab.models import load_policy, save_policy
 from dpo_lab.preferences import FEATURES, load_candidates, load_preferences, save_preferences
 from dpo_lab.presets import get_preset
 from dpo_lab.reward_model import LearnedReward, ScalarRewardModel
-from dpo_lab.run import load_reward_model, reference_logprobs, save_reward_model
+from dpo_lab.run import load_policy, load_reward_model, reference_logprobs, save_policy, save_reward_model
 
 
 def _truncate(file: Path, keep: float = 0.5) -> None:

@@ -20,9 +20,8 @@ from transformers import GPT2LMHeadModel
 
 from dpo_lab.dpo_trainer import accumulation_steps, make_accelerator, process_micro_batches
 from dpo_lab.loop import batch_indices
-from dpo_lab.models import load_policy, save_policy
 from dpo_lab.presets import get_preset
-from dpo_lab.run import dpo_run, read_metrics
+from dpo_lab.run import dpo_run, load_policy, read_metrics, save_policy
 from dpo_lab.scale.launch import main
 
 REPO = Path(__file__).resolve().parents[1]

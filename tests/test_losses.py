@@ -35,9 +35,8 @@ def _log_sigmoid(z: float) -> float:
     return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
 
 
-def _direct(pw: float, pl: float, rw: float, rl: float, beta: float, loss_type: str, eps: float,
-            reference_free: bool) -> float:
-    h = (pw - pl) - (0.0 if reference_free else (rw - rl))
+def _direct(pw: float, pl: float, rw: float, rl: float, beta: float, loss_type: str, eps: float) -> float:
+    h = (pw - pl) - (rw - rl)
     if loss_type == "sigmoid":
         return -(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h)
     if loss_type == "ipo":
@@ -45,16 +44,13 @@ def _direct(pw: float, pl: float, rw: float, rl: float, beta: float, loss_type: 
     return max(0.0, 1 - beta * h)
 
 
-@pytest.mark.parametrize("loss_type, eps, reference_free", [
-    ("sigmoid", 0.0, False), ("sigmoid", 0.2, False), ("sigmoid", 0.0, True), ("sigmoid", 0.1, True),
-    ("ipo", 0.0, False), ("ipo", 0.0, True), ("hinge", 0.0, False), ("hinge", 0.0, True),
-])
+@pytest.mark.parametrize("loss_type, eps", [("sigmoid", 0.0), ("sigmoid", 0.2), ("ipo", 0.0), ("hinge", 0.0)])
 @pytest.mark.parametrize("beta", [0.05, 0.5, 5.0])
-def test_loss_matches_direct_formula(loss_type: str, eps: float, reference_free: bool, beta: float) -> None:
+def test_loss_matches_direct_formula(loss_type: str, eps: float, beta: float) -> None:
     pw, pl, rw, rl = _random_logps(seed=int(beta * 100))
     losses, chosen, rejected = preference_loss(pw, pl, rw, rl, beta=beta, loss_type=loss_type,
-                                               label_smoothing=eps, reference_free=reference_free)
-    expected = [_direct(*map(float, row), beta, loss_type, eps, reference_free)
+                                               label_smoothing=eps)
+    expected = [_direct(*map(float, row), beta, loss_type, eps)
                 for row in zip(pw, pl, rw, rl, strict=True)]
     np.testing.assert_allclose(losses.numpy(), expected, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(chosen.numpy(), beta * (pw - rw).numpy(), rtol=1e-12)
@@ -335,24 +331,6 @@ def test_mean_token_nll_matches_direct_formula() -> None:
         assert float(nll[i]) == pytest.approx(-sum(tokens) / len(tokens), rel=1e-12)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
-def test_rpo_adds_alpha_times_the_per_token_nll(loss_type: str) -> None:
-    pw, pl, rw, rl = _random_logps(seed=12, b=3)
-    logps, mask = _token_batch(6)
-    nll = mean_token_nll(logps, mask)
-    alpha, beta = 0.8, 0.3
-    losses, chosen, _ = preference_loss(pw, pl, rw, rl, beta=beta, loss_type=loss_type, rpo_alpha=alpha,
-                                        chosen_nll=nll)
-    for i in range(3):  # Pang et al. 2024: L_DPO + alpha * (-log pi(y_w|x) / |y_w|)
-        expected = _direct(*(float(t[i]) for t in (pw, pl, rw, rl)), beta, loss_type, 0.0, False)
-        expected += alpha * -float(logps[i][mask[i].bool()].mean())
-        assert float(losses[i]) == pytest.approx(expected, rel=1e-10)
-    base, base_chosen, _ = preference_loss(pw, pl, rw, rl, beta=beta, loss_type=loss_type)
-    zero, _, _ = preference_loss(pw, pl, rw, rl, beta=beta, loss_type=loss_type, rpo_alpha=0.0,
-                                 chosen_nll=nll)
-    assert torch.equal(zero, base) and torch.equal(chosen, base_chosen)  # alpha = 0 is DPO bit for bit
-
-
 def test_rpo_gradient_on_the_chosen_tokens() -> None:
     """Each chosen token: DPO's -beta sigma(r_l - r_w) (through the sum, Sec. 4) plus RPO's -alpha/|y_w|."""
     logps, mask = _token_batch(7)
@@ -360,22 +338,11 @@ def test_rpo_gradient_on_the_chosen_tokens() -> None:
     _, pl, rw, rl = _random_logps(seed=13, b=3)
     alpha, beta = 0.5, 0.2
     pw = torch.where(mask.bool(), logps, 0.0).sum(-1)
-    losses, chosen, rejected = preference_loss(pw, pl, rw, rl, beta=beta, rpo_alpha=alpha,
-                                               chosen_nll=mean_token_nll(logps, mask))
-    losses.sum().backward()
+    losses, chosen, rejected = preference_loss(pw, pl, rw, rl, beta=beta)
+    (losses + alpha * mean_token_nll(logps, mask)).sum().backward()  # RPO: L_DPO + alpha * NLL(y_w) / |y_w|
     per_row = -beta * dpo_loss_gradient_weight(chosen, rejected) - alpha / mask.sum(-1).double()
     torch.testing.assert_close(logps.grad, per_row.unsqueeze(1) * mask, rtol=1e-10, atol=1e-12)
     assert torch.autograd.gradcheck(
-        lambda t: preference_loss(torch.where(mask.bool(), t, 0.0).sum(-1), pl, rw, rl, beta=beta,
-                                  rpo_alpha=alpha, chosen_nll=mean_token_nll(t, mask))[0],
+        lambda t: preference_loss(torch.where(mask.bool(), t, 0.0).sum(-1), pl, rw, rl, beta=beta)[0]
+        + alpha * mean_token_nll(t, mask),
         (logps.detach().clone().requires_grad_(True),))
-
-
-def test_rpo_bad_inputs_are_named() -> None:
-    pw, pl, rw, rl = _ok()
-    with pytest.raises(ValueError, match="needs chosen_nll"):
-        preference_loss(pw, pl, rw, rl, beta=0.1, rpo_alpha=1.0)
-    with pytest.raises(ValueError, match="rpo_alpha must be >= 0"):
-        preference_loss(pw, pl, rw, rl, beta=0.1, rpo_alpha=-1.0, chosen_nll=torch.ones(4, dtype=pw.dtype))
-    with pytest.raises(ValueError, match="same shape"):
-        preference_loss(pw, pl, rw, rl, beta=0.1, rpo_alpha=1.0, chosen_nll=torch.ones(3, dtype=pw.dtype))

@@ -21,7 +21,7 @@ from torch import nn
 from toy_pairs import CONFIG, PAIRS  # tests/ is on sys.path (pytest prepends it)
 
 from dpo_lab import pipeline
-from dpo_lab.batching import pair_columns, pair_examples, pairs_fingerprint
+from dpo_lab.batching import pair_columns, pair_examples
 from dpo_lab.cache import lock_timeout, model_fingerprint, tokenizer_fingerprint
 from dpo_lab.loop import TrainLog, call_eval_fn, is_due
 from dpo_lab.paths import project_root
@@ -40,6 +40,7 @@ from dpo_lab.run import (
     finished_run,
     latest_checkpoint,
     load_weights,
+    pairs_fingerprint,
     prune_checkpoints,
     read_metrics,
     rng_state,

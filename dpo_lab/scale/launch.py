@@ -23,9 +23,8 @@ from typing import Any
 import yaml
 
 from dpo_lab.dpo_trainer import accumulation_steps, make_accelerator
-from dpo_lab.models import quiet_hf_progress
 from dpo_lab.presets import PRESETS, get_preset, parse_overrides
-from dpo_lab.run import dpo_run
+from dpo_lab.run import dpo_run, quiet_hf_progress
 
 
 def train_in_processes(preset: str, overrides: Mapping[str, Any], method: str, value: float,
