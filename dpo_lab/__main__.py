@@ -35,8 +35,7 @@ def _usage_error(err: Exception) -> int:
 
 
 def _folder_problem(folder: Path) -> str | None:
-    """Why ``folder`` cannot be a folder: it, or one above it, is a file or a link to nothing (``mkdir``
-    then ends in FileExistsError or NotADirectoryError, after the checks)."""
+    """Why ``folder`` cannot be a folder (it, or one above it, is a file or a link to nothing), else None."""
     for part in (folder, *folder.parents):
         if part.is_dir():
             return None
@@ -103,8 +102,8 @@ def _execute(args: argparse.Namespace) -> int:
 
 
 def _formatted_path(path: str, what: str, parameters: dict) -> str:
-    """The path papermill will use: it formats NOTEBOOK and OUTPUT with the parameters (``runs/{beta}``),
-    so a brace that names no parameter fails there, after the checks; here it is a usage error."""
+    """The path papermill will use (it formats NOTEBOOK and OUTPUT with the parameters: ``runs/{beta}``); a
+    brace that names no parameter is a usage error here, not a failure after the checks."""
     from papermill.parameterize import add_builtin_parameters
 
     from dpo_lab.scale.sweep import SweepError

@@ -1,10 +1,8 @@
-"""Content-hash keys and atomic writes: a changed input never reuses a stale artefact, and an
-interrupted write never leaves a half-written file behind.
+"""Content-hash keys, atomic writes and the one lock: a changed input never reuses a stale artefact, an
+interrupted write never leaves a half-written file, and one process at a time writes a run or a stage.
 
-Atomic writes go through a hidden temporary sibling ``.{name}.{pid}@{host}.XXXXXXXX.tmp`` that names its
-writer, so the next write beside it can tell one left by a process that is gone (an interrupted write) and
-remove it. Written files and folders get the permissions the umask gives (not mkstemp's 0600), and a full
-disk is reported as ``disk full while writing <path>``. A :func:`cached_directory` ends with a manifest
+A temporary sibling ``.{name}.{pid}@{host}.XXXXXXXX.tmp`` names its writer, so the next write of the same
+path removes one left by a process that is gone. A :func:`cached_directory` ends with a manifest
 (``.complete``: every file's size and sha256) that is checked whenever the folder is reused.
 """
 
@@ -12,24 +10,23 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import torch
-from filelock import FileLock, Timeout
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
@@ -59,11 +56,6 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
-def _tmp_prefix(path: Path) -> str:
-    """Prefix of a temporary sibling of ``path``; mkstemp/mkdtemp add 8 characters and ``.tmp``."""
-    return f".{path.name}.{os.getpid()}@{_host()}."
-
-
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` exists on this machine (a zombie counts as dead)."""
     try:
@@ -78,95 +70,64 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def clean_stale_temporaries(path: str | Path, *, force: bool = False) -> list[Path]:
-    """Remove what interrupted atomic writes of ``path`` left beside it (hidden ``.{name}.….tmp`` files and
-    folders) by a process of this host that is gone; with ``force`` (the caller holds the only right to
-    write ``path``), all of them. Returns what was removed."""
-    path = Path(path)
+def clean_stale_temporaries(path: Path) -> None:
+    """Remove the temporaries of ``path`` that interrupted atomic writes left: those whose writer, a process
+    of this host, is gone."""
     pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]{{8}}\.tmp")
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return []
-    removed = []
-    for entry in entries:
+    for entry in os.scandir(path.parent):
         match = pattern.fullmatch(entry.name)
-        if match is None:
+        if match is None or match[2] != _host() or pid_alive(int(match[1])):
             continue
-        pid, host = match.groups()
-        if not force and (host != _host() or pid_alive(int(pid))):
-            continue
-        target = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(target, ignore_errors=True)
+            shutil.rmtree(entry.path, ignore_errors=True)
         else:
-            target.unlink(missing_ok=True)
-        removed.append(target)
-    return removed
+            Path(entry.path).unlink(missing_ok=True)
 
 
-def _umask() -> int:
-    """The process umask, read without changing it where /proc allows (os.umask can only set it)."""
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """ENOSPC, or (torch.save's C++ writer says only "iostream error") an error with the disk nearly full."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _follow_umask(path: str | Path, *, folder: bool = False) -> None:
-    """mkstemp creates 0600 and mkdtemp 0700; give the output what a plain open/mkdir would."""
-    os.chmod(path, (0o777 if folder else 0o666) & ~_umask())
-
-
-def _is_disk_full(err: BaseException, folder: Path) -> bool:
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in str(seen):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    if "iostream error" in str(err):  # torch.save's C++ writer says only this when the disk fills up
-        try:
-            return shutil.disk_usage(folder).free < (16 << 20)
-        except OSError:
-            return False
-    return False
-
-
-def _disk_full_error(err: BaseException, path: Path) -> OSError:
-    return OSError(errno.ENOSPC, f"disk full while writing {path}; free space on {path.parent} (or point "
-                                 "DPO_LAB_ARTIFACTS elsewhere) and rerun")
+        return shutil.disk_usage(folder).free < (16 << 20)
+    except OSError:
+        return False
 
 
 @contextmanager
-def _atomic_file(path: str | Path) -> Iterator[str]:
-    """Yield a temporary sibling of ``path`` to write; on success it replaces ``path`` in one rename."""
+def _atomic(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` (a folder if ``folder``) to write; on success it replaces
+    ``path`` in one rename, so a reader sees the old content or the new, never a mix. Plain open/mkdir, not
+    mkstemp (0600), so the output gets the permissions the umask gives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp")
-    os.close(fd)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}@{_host()}.{secrets.token_hex(4)}.tmp")
+    if folder:
+        tmp.mkdir()
     try:
         yield tmp
-        _follow_umask(tmp)
+        if folder and path.exists():
+            shutil.rmtree(path)
         os.replace(tmp, path)
     except BaseException as err:
-        if isinstance(err, Exception) and _is_disk_full(err, path.parent):
-            raise _disk_full_error(err, path) from err
+        full = isinstance(err, Exception) and _disk_full(err, path.parent)  # before tmp is freed
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise OSError(errno.ENOSPC, f"disk full while writing {path}; free space on {path.parent} (or "
+                                        "point DPO_LAB_ARTIFACTS elsewhere) and rerun") from err
         raise
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_directory(path: str | Path) -> AbstractContextManager[Path]:
+    """A temporary sibling folder to fill; on success it replaces ``path`` in one rename."""
+    return _atomic(path, folder=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a mix."""
-    with _atomic_file(path) as tmp, open(tmp, "w") as handle:
+    with _atomic(path) as tmp, open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
@@ -174,11 +135,10 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_tensors(path: str | Path, tensors: dict[str, torch.Tensor],
                          metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file written atomically: a reader sees no file or a complete one."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save  # bytes: save_file would create the file 0600, whatever the umask
 
-    with _atomic_file(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    with _atomic(path) as tmp:
+        tmp.write_bytes(save(tensors, metadata=metadata))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -200,10 +160,9 @@ def read_json_object(path: str | Path, keys: tuple[str, ...] = (), *,
     return saved
 
 
-def find_damaged_file(folder: str | Path) -> tuple[Path, str] | None:
+def find_damaged_file(folder: Path) -> tuple[Path, str] | None:
     """The first file under ``folder`` (or ``folder`` itself, a file) that is empty or does not parse (JSON,
     a safetensors header, an Arrow stream), with the reason; None if every such file reads."""
-    folder = Path(folder)
     files = [folder] if folder.is_file() else sorted(f for f in folder.rglob("*") if f.is_file())
     for file in files:
         try:
@@ -226,53 +185,19 @@ def find_damaged_file(folder: str | Path) -> tuple[Path, str] | None:
     return None
 
 
-def damaged_file_error(folder: str | Path, err: BaseException, advice: str) -> ValueError | None:
-    """A ValueError naming the damaged file under ``folder`` that made a read fail with ``err`` and saying
-    what to do (``advice``); None if no file there is damaged (``err`` has another cause)."""
-    found = find_damaged_file(folder)
-    if found is None:
-        return None
-    file, why = found
-    return ValueError(f"{file} is truncated or corrupt ({why}); {advice}")
-
-
 @contextmanager
 def naming_damaged_files(folder: str | Path, advice: str) -> Iterator[None]:
-    """Reads inside the block that fail on a damaged file under ``folder`` raise :func:`damaged_file_error`'s
-    ValueError instead (a missing file, or any other cause, is raised as it is)."""
+    """A read inside the block that fails on a damaged file under ``folder`` raises a ValueError naming that
+    file and ``advice`` instead (a missing file, or any other cause, is raised as it is)."""
     try:
         yield
     except FileNotFoundError:
         raise
     except Exception as err:
-        damaged = damaged_file_error(folder, err, advice)
-        if damaged is None:
+        found = find_damaged_file(Path(folder))
+        if found is None:
             raise
-        raise damaged from err
-
-
-@contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``path`` in one rename.
-
-    A crash inside the block leaves ``path`` as it was (absent or complete), never half written.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_tmp_prefix(path), suffix=".tmp"))
-    try:
-        _follow_umask(tmp, folder=True)
-        yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException as err:
-        disk_full = isinstance(err, Exception) and _is_disk_full(err, path.parent)  # before tmp is freed
-        shutil.rmtree(tmp, ignore_errors=True)
-        if disk_full:
-            raise _disk_full_error(err, path) from err
-        raise
+        raise ValueError(f"{found[0]} is truncated or corrupt ({found[1]}); {advice}") from err
 
 
 # ---------------------------------------------------------------------------------------------------- locks
@@ -284,8 +209,7 @@ class RunLockedError(TimeoutError):
 
 
 def lock_timeout() -> float | None:
-    """Seconds to wait for a lock another process holds: ``$DPO_LAB_LOCK_TIMEOUT``, else None (wait until
-    it is free)."""
+    """Seconds to wait for a lock another process holds: ``$DPO_LAB_LOCK_TIMEOUT``, else None (no limit)."""
     value = os.environ.get(LOCK_TIMEOUT_ENV, "").strip()
     if not value:
         return None
@@ -299,76 +223,77 @@ def lock_timeout() -> float | None:
 
 
 class Lock:
-    """The project's one lock: an OS file lock on ``path`` (a holder that dies, even by kill -9, releases it)
-    and, while held, ``<path>.json`` saying who holds it (pid, host, since), which whoever waits is told;
-    ``timeout`` (None: :func:`lock_timeout`) bounds the wait with a RunLockedError naming the holder. ``name``
-    is what the lock guards, for the messages. Also a context manager."""
+    """The project's one lock: flock on ``path`` (a holder that dies, even by kill -9, releases it), whose
+    file says who holds it (pid, host, since) to whoever waits. ``timeout`` (None: :func:`lock_timeout`)
+    bounds the wait with a RunLockedError naming the holder; ``name`` is what the lock guards."""
 
     def __init__(self, path: str | Path, name: str | Path, timeout: float | None = None) -> None:
         self.path, self.name, self.timeout = Path(path), name, timeout
-        self.note = self.path.with_name(self.path.name + ".json")
-        self._lock: FileLock | None = None
+        self._fd: int | None = None
 
     def holder(self) -> str:
         try:
-            who = json.loads(self.note.read_text())
-            return f"pid {who.get('pid')} on host {who.get('host')} since {who.get('since')}"
-        except (OSError, ValueError, AttributeError):
-            return f"another process (it has not written {self.note.name} yet)"
+            who = json.loads(self.path.read_text())
+            return f"pid {who['pid']} on host {who['host']} since {who['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process (it has not said who yet)"
 
-    def acquire(self) -> Lock:
-        timeout = lock_timeout() if self.timeout is None else self.timeout
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.path)
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            if self.holder().startswith(f"pid {os.getpid()} on host {socket.gethostname()} "):
-                raise RuntimeError(f"{self.name} is already held by this process: a Run on it was not closed "
-                                   "(use `with Run(...)` or run.close())") from None
-            limit = "" if timeout is None else f" (at most {timeout:g} s, {LOCK_TIMEOUT_ENV})"
-            print(f"{self.name} is in use by {self.holder()}; waiting for it{limit}", file=sys.stderr,
-                  flush=True)
+    def _wait(self, fd: int, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        said = False
+        while True:
             try:
-                lock.acquire(timeout=-1 if timeout is None else timeout)
-            except Timeout:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            if not said:
+                if self.holder().startswith(f"pid {os.getpid()} on host {socket.gethostname()} "):
+                    raise RuntimeError(f"{self.name} is already held by this process: a Run on it was not "
+                                       "closed (use `with Run(...)` or run.close())")
+                limit = "" if timeout is None else f" (at most {timeout:g} s, {LOCK_TIMEOUT_ENV})"
+                print(f"{self.name} is in use by {self.holder()}; waiting for it{limit}", file=sys.stderr,
+                      flush=True)
+                said = True
+            if deadline is not None and time.monotonic() >= deadline:
                 raise RunLockedError(
                     f"{self.name} is in use by {self.holder()}; gave up after {timeout:g} s "
                     f"({LOCK_TIMEOUT_ENV}). Let that process finish or stop it (a holder that dies releases "
-                    "the lock at once), then rerun") from None
+                    "the lock at once), then rerun")
+            time.sleep(0.05)
+
+    def acquire(self) -> Lock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            atomic_write_json(self.note, {"pid": os.getpid(), "host": socket.gethostname(),
-                                          "since": time.strftime("%Y-%m-%d %H:%M:%S %z")})
+            self._wait(fd, lock_timeout() if self.timeout is None else self.timeout)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                     "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}).encode())
         except BaseException:
-            lock.release()
+            os.close(fd)  # closing drops the lock too
             raise
-        self._lock = lock
+        self._fd = fd
         return self
 
     def release(self) -> None:
         """Undo :meth:`acquire` (idempotent)."""
-        if self._lock is not None:
-            lock, self._lock = self._lock, None
-            with suppress(OSError):
-                self.note.unlink()
-            lock.release()
-
-    @property
-    def held(self) -> bool:
-        return self._lock is not None
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.ftruncate(fd, 0)  # nobody holds it now
+            os.close(fd)
 
     def __enter__(self) -> Lock:
         return self.acquire()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
 
 # ------------------------------------------------------------------------------------------- stage manifests
 MANIFEST = ".complete"
 # Files up to this size are re-hashed whenever their folder is reused; larger ones (weights, arrow files)
-# only have their size checked, unless DPO_LAB_VERIFY_CACHE=full or verify="full" asks for every hash.
+# only have their size checked: hashing them at every reuse would cost more than the stage's reads.
 HASH_ON_REUSE_BYTES = 1 << 20
 
 
@@ -380,26 +305,21 @@ def _sha256(file: Path) -> str:
     return digest.hexdigest()
 
 
-def write_manifest(folder: str | Path) -> dict[str, Any]:
+def write_manifest(folder: str | Path) -> None:
     """``folder/.complete``: the size and sha256 of every file under ``folder``, written last."""
     folder = Path(folder)
     names = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
     files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
              for name in names if name != MANIFEST}
-    manifest = {"format": "dpo-lab stage manifest", "version": 1, "files": files}
-    atomic_write_json(folder / MANIFEST, manifest)
-    return manifest
+    atomic_write_json(folder / MANIFEST, {"format": "dpo-lab stage manifest", "version": 1, "files": files})
 
 
-def verify_manifest(folder: str | Path, *, full: bool = False) -> None:
-    """Check ``folder`` against its manifest: every file present with its size, and its sha256 for files of
-    at most :data:`HASH_ON_REUSE_BYTES` (every file with ``full``). A ValueError names the first damaged
-    file and says to delete ``folder``."""
-    folder = Path(folder)
+def verify_manifest(folder: Path) -> None:
+    """Check ``folder`` against its manifest (sizes; sha256 of files up to :data:`HASH_ON_REUSE_BYTES`): a
+    ValueError names the first damaged file and says to delete ``folder``."""
     rebuild = f"delete {folder} to rebuild it"
     marker = folder / MANIFEST
-    manifest = read_json_object(marker, ("files",), advice=rebuild)
-    entries = manifest["files"]
+    entries = read_json_object(marker, ("files",), advice=rebuild)["files"]
     if not isinstance(entries, dict) or not all(isinstance(e, dict) and {"size", "sha256"} <= set(e)
                                                 for e in entries.values()):
         raise ValueError(f"{marker} is corrupt: expected a size and sha256 per file; {rebuild}")
@@ -412,38 +332,24 @@ def verify_manifest(folder: str | Path, *, full: bool = False) -> None:
         if size != entry["size"]:
             raise ValueError(f"{file} is truncated or was changed after it was built ({size} bytes, the "
                              f"manifest says {entry['size']}); {rebuild}")
-        if (full or size <= HASH_ON_REUSE_BYTES) and _sha256(file) != entry["sha256"]:
+        if size <= HASH_ON_REUSE_BYTES and _sha256(file) != entry["sha256"]:
             raise ValueError(f"{file} was changed after it was built (sha256 differs from the manifest); "
                              f"{rebuild}")
 
 
-def cached_directory(path: str | Path, build: Callable[[Path], None], *, verify: str | None = None) -> Path:
-    """Return ``path`` if a previous build completed there, else build it atomically first.
-
-    Completion is marked by a manifest (``.complete``, :func:`write_manifest`) written last inside the
-    folder; a reused folder is checked against it (:func:`verify_manifest`; ``verify="full"`` or
-    ``DPO_LAB_VERIFY_CACHE=full`` re-hashes every file, not only the small ones), so a truncated or
-    tampered file is named instead of read. Temporaries of interrupted builds are removed.
-    """
+def cached_directory(path: str | Path, build: Callable[[Path], None]) -> Path:
+    """``path`` if a build completed there (its manifest checked, :func:`verify_manifest`), else built
+    atomically first with a manifest written last. Runs of a sweep may need one stage at once: one builds it
+    under the stage's lock, the others wait and then find it complete."""
     path = Path(path)
-    verify = verify or os.environ.get("DPO_LAB_VERIFY_CACHE") or "size"
-    if verify not in ("size", "full"):
-        raise ValueError(f"verify must be 'size' or 'full', got {verify!r}")
-    if (path / MANIFEST).is_file():
-        verify_manifest(path, full=verify == "full")
-        clean_stale_temporaries(path)
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Runs of a sweep on several GPUs may need the same stage at once: one builds it, the others wait for
-    # the lock and then find it complete.
-    with Lock(path.parent / f".{path.name}.lock", path):
-        if (path / MANIFEST).is_file():
-            verify_manifest(path, full=verify == "full")
-            return path
-        clean_stale_temporaries(path, force=True)  # the lock holder is the only builder of ``path``
-        with atomic_directory(path) as tmp:
-            build(tmp)
-            write_manifest(tmp)
+    if not (path / MANIFEST).is_file():
+        with Lock(path.parent / f".{path.name}.lock", path):
+            if not (path / MANIFEST).is_file():
+                with atomic_directory(path) as tmp:
+                    build(tmp)
+                    write_manifest(tmp)
+                return path
+    verify_manifest(path)
     return path
 
 

@@ -39,10 +39,9 @@ def _machine() -> dict[str, str]:
 
 def reproduce(preset: Preset, *, progress: bool = True, out_dir: Path | None = None,
               workers: int = 1) -> dict[str, Any]:
-    """Run every stage (each cached, so a rerun after an interruption redoes only unfinished work) and write
-    the figure, tables and summary to ``out_dir`` (default :func:`paths.figures_dir`). Several processes may
-    share one artifacts folder: each run is trained by one of them while the others wait and reuse it.
-    ``workers`` frontier runs are trained at a time (:func:`pipeline.frontier`)."""
+    """Run every stage (each cached: a rerun redoes only unfinished work; processes sharing the artifacts
+    folder wait for and reuse each other's runs), ``workers`` frontier runs at a time, and write the figure,
+    tables and summary to ``out_dir`` (default :func:`paths.figures_dir`)."""
     validate(preset)  # a preset built by hand is checked too, before any stage runs
     out_dir = Path(out_dir) if out_dir is not None else figures_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

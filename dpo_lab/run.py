@@ -1,20 +1,12 @@
-"""A training run on disk: the one layer between the pure training loops and the artifacts folder.
+"""A training run on disk, between the pure training loops (``loop.TrainLog``) and the artifacts folder:
 
-    out_dir/run.json                    identity of the run (a hash of its settings and their values)
-    out_dir/metrics.jsonl               one JSON object per line, one line per step (step 0: the start)
-    out_dir/checkpoints/step-NNNNNN/    weights + tokenizer + trainer_state.pt, each written atomically
-    out_dir/result.json                 written last: the run is finished
-    out_dir/.run.lock(.json)            locked by the one process that owns the run; who that is
+    out_dir/run.json, metrics.jsonl     the run's identity (a hash of its settings); one line per step
+    out_dir/checkpoints/step-NNNNNN/    weights + tokenizer + trainer_state.pt, written atomically
+    out_dir/result.json, .run.lock      written last: the run is finished; held by the one process running it
 
-A :class:`Run` is the ``log`` a loop (``dpo_trainer.train_dpo``, ``ppo.train_ppo``) reports to: it writes
-the metrics, keeps the checkpoints and hands the last one back on a rerun, which resumes with the same
-numbers or, if finished, returns at once. :func:`dpo_run` and :func:`ppo_run` wrap the loops in a Run;
-:func:`cached_reward_model` saves r_phi once. One process at a time: a Run holds ``out_dir/.run.lock``
-(``cache.Lock``) until it finishes or is closed; another process waits, then reuses or resumes the run.
-
-How long a run goes is not part of its identity (:data:`SCHEDULE_FIELDS`), so a finished run continues
-when asked for more steps; asked for FEWER steps than ``out_dir`` holds, the shorter schedule is kept apart
-in ``<out_dir>-steps<N>`` (:func:`schedule_dir`), ``out_dir`` is never cut back.
+A rerun resumes from the last checkpoint with the same numbers, or returns at once if finished. How long a
+run goes is not part of its identity (:data:`SCHEDULE_FIELDS`): asked for FEWER steps than ``out_dir``
+holds, the shorter schedule trains in ``<out_dir>-steps<N>`` (:func:`schedule_dir`).
 """
 
 from __future__ import annotations
@@ -23,13 +15,12 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -65,8 +56,7 @@ from dpo_lab.models import load_hub_policy
 from dpo_lab.reward_model import LearnedReward, ScalarRewardModel, train_reward_model
 
 TRAINER_STATE = "trainer_state.pt"  # a checkpoint folder is complete once this file is in it
-LOCK_FILE = ".run.lock"
-HOLDER_FILE = LOCK_FILE + ".json"
+LOCK_FILE = ".run.lock"  # holds who runs it (pid, host, since) while locked
 # A run's own files are written atomically: damage came from outside, and the checkpoints survive it.
 _DAMAGED = "delete it and rerun: training resumes from the last checkpoint"
 # Settings that do not change a run's trajectory (a sweep's list, how long, how often it is looked at or
@@ -85,11 +75,8 @@ def run_lock(out_dir: str | Path, timeout: float | None = None) -> Lock:
 
 
 def check_run(out_dir: Path, run_fields: Mapping[str, Any]) -> str:
-    """Claim ``out_dir`` for the run ``run_fields`` describe and return its key (their content hash).
-
-    Refuses (ValueError naming the differing fields) to resume or reuse a run made with other settings or
-    data. A run that never reached its first checkpoint has nothing to protect: new settings may replace it.
-    """
+    """Claim ``out_dir`` for the run ``run_fields`` describe and return its key (their content hash); a
+    started run (a checkpoint or a result) of other settings is refused, naming the differing fields."""
     run_key = content_hash(run_fields)
     path = out_dir / "run.json"
     started = (out_dir / "result.json").is_file() or bool(checkpoint_dirs(out_dir))
@@ -180,11 +167,9 @@ def checkpoint_dirs(out_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def prune_checkpoints(out_dir: Path, keep: int | None, current: Path) -> None:
-    """Delete all but the ``keep`` latest checkpoints (None keeps all); never ``current``."""
-    if keep is None:
-        return
-    for _, old in checkpoint_dirs(out_dir)[:-keep]:
+def prune_checkpoints(out_dir: Path, current: Path) -> None:
+    """Delete every checkpoint but ``current``, the one just saved (a resume needs only the latest)."""
+    for _, old in checkpoint_dirs(out_dir):
         if old != current:
             shutil.rmtree(old)
 
@@ -217,34 +202,6 @@ def schedule_dir(out_dir: Path, max_steps: int) -> Path:
         base = out_dir if out_dir.name else out_dir.resolve()
         return base.with_name(f"{base.name}-steps{max_steps}")
     return out_dir
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)  # checkpoint files are never rewritten in place (atomic writes), so sharing is safe
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def seed_schedule(source: Path, target: Path, steps: int) -> bool:
-    """Start ``target``, the ``steps``-step schedule of the run in ``source``, from ``source``'s checkpoint
-    at ``steps`` and its metrics up to that step, provided that line holds the evaluation (every key of the
-    step-0 line), as a run that ends there would have. False (nothing written) if that is not possible or
-    ``target`` has started already."""
-    ckpt = checkpoint_path(source, steps)
-    if checkpoint_dirs(target) or (target / "result.json").is_file() or not (ckpt / TRAINER_STATE).is_file():
-        return False
-    records = [r for r in read_metrics(source / "metrics.jsonl")
-               if isinstance(r.get("step"), int) and r["step"] <= steps]
-    got = [r["step"] for r in records]
-    if not records or got != list(range(got[0], steps + 1)) or got[0] not in (0, 1):
-        return False
-    if got[0] == 0 and not set(records[0]) <= set(records[-1]):
-        return False  # step `steps` was not evaluated: the shorter run must end with an evaluation
-    atomic_write_text(target / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    with atomic_directory(checkpoint_path(target, steps)) as tmp:
-        shutil.copytree(ckpt, tmp, dirs_exist_ok=True, copy_function=_link_or_copy)
-    return True
 
 
 def load_weights(model: nn.Module, folder: str | Path) -> None:
@@ -284,8 +241,8 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------ metrics file
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Every record of a metrics.jsonl ([] if there is none). A torn last line (no newline: a crash
-    mid-write) is skipped; any other line that is not a JSON object is a ValueError naming file and line."""
+    """Every record of a metrics.jsonl ([] if none). A torn last line (a crash mid-write) is skipped; any
+    other line that is not a JSON object is a ValueError naming file and line."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -331,22 +288,17 @@ class RunResult:
     steps: int
 
 
-R = TypeVar("R", bound=RunResult)
-
-
-def finished_run(out_dir: Path, max_steps: int, result_type: type[R] = RunResult,
-                 policy: nn.Module | None = None) -> R | None:
-    """The result of a run that finished ``max_steps`` steps in ``out_dir`` (a look at its result.json), else
-    None. Given ``policy``, the final weights are loaded into it (in eval mode)."""
+def finished_run(out_dir: Path, max_steps: int, policy: nn.Module | None = None) -> RunResult | None:
+    """The result of a run that finished ``max_steps`` steps in ``out_dir`` (its result.json), else None.
+    Given ``policy``, the final weights are loaded into it (in eval mode)."""
     path = out_dir / "result.json"
     if not path.is_file():
         return None
     saved = read_json_object(path, ("checkpoint_dir", "steps", "last_metrics"), advice=_DAMAGED)
     if saved["steps"] != max_steps:
         return None
-    result = result_type(checkpoint_dir=out_dir / saved["checkpoint_dir"],
-                         metrics_path=out_dir / "metrics.jsonl", last_metrics=saved["last_metrics"],
-                         steps=saved["steps"])
+    result = RunResult(out_dir / saved["checkpoint_dir"], out_dir / "metrics.jsonl", saved["last_metrics"],
+                       saved["steps"])
     if policy is not None:
         load_weights(policy, result.checkpoint_dir)
         policy.eval()
@@ -379,18 +331,16 @@ def finished_metrics(result: RunResult, timeout: float | None = None) -> Iterato
 class Run(TrainLog):
     """A run's folder, from its identity to its result, and the ``log`` its loop reports to.
 
-    ``Run(out_dir, fields)`` takes the folder's lock, then claims the folder for the run ``fields`` describe
-    (:func:`check_run`); ``key`` is their hash. The lock is held until :meth:`finish`, until :meth:`finished`
-    returns a result, or until :meth:`close` (also as a context manager). With ``writer=False`` (every process
-    but the main one of a multi-process run) it reads but never writes or evaluates. ``dir`` is the folder of
-    the asked schedule (:func:`schedule_dir`), settled by the first :meth:`finished` or :meth:`resume`.
+    It takes the folder's lock and claims the folder for the run ``fields`` describe (:func:`check_run`,
+    ``key`` is their hash), until :meth:`finish`, a result from :meth:`finished`, or :meth:`close`. With
+    ``writer=False`` (all but the main process of a multi-process run) it reads but never writes or evaluates.
     """
 
     def __init__(self, out_dir: str | Path, fields: Mapping[str, Any], *, writer: bool = True,
-                 lock_timeout: float | None = None, eval_fn: EvalFn | None = None, eval_every: int = 1,
-                 keep: int | None = 1) -> None:
+                 lock_timeout: float | None = None, eval_fn: EvalFn | None = None,
+                 eval_every: int = 1) -> None:
         super().__init__(eval_fn if writer else None, eval_every=eval_every)
-        self.dir, self.fields, self.writer, self.keep = Path(out_dir), dict(fields), writer, keep
+        self.dir, self.fields, self.writer = Path(out_dir), dict(fields), writer
         self.lock_timeout = lock_timeout
         self.checkpoint: Path | None = None  # the last checkpoint saved or resumed from
         self._schedule: int | None = None  # the max_steps whose folder has been settled
@@ -435,45 +385,33 @@ class Run(TrainLog):
         if self._schedule is not None:
             return
         self._schedule = self.max_steps = max_steps
-        target = schedule_dir(self.dir, max_steps)
-        if target == self.dir:
+        source, target = self.dir, schedule_dir(self.dir, max_steps)
+        if target == source:
             return
-        held = checkpoint_dirs(self.dir)[-1][0]
+        self.dir = target
         if self.writer:
             self._check_open()
-            # Taken while out_dir is still held, so the checkpoint to seed from cannot be pruned meanwhile.
-            lock = run_lock(target, self.lock_timeout).acquire()
-            known = (target / "run.json").is_file()  # said once, when the schedule is first kept apart
-            try:
-                check_run(target, self.fields)
-                seeded = seed_schedule(self.dir, target, max_steps)
-            except BaseException:
-                lock.release()
-                raise
             self.close()
-            self._lock = lock
-            how = (f"from its checkpoint at step {max_steps}" if seeded else
-                   "resumed there" if checkpoint_dirs(target) else "trained there from the start")
-            if not known:
-                print(f"{self.dir} holds this run continued to step {held} > max_steps {max_steps}: the "
-                      f"{max_steps}-step schedule is kept apart in {target} ({how}); {self.dir} is left as "
-                      "it is", file=sys.stderr, flush=True)
-        self.dir = target
+            self._lock = run_lock(target, self.lock_timeout).acquire()
+            if not (target / "run.json").is_file():  # said once, when the schedule is first kept apart
+                held = checkpoint_dirs(source)[-1][0]
+                print(f"{source} holds this run continued to step {held} > max_steps {max_steps}: the "
+                      f"{max_steps}-step schedule is kept apart in {target} (trained there from the start); "
+                      f"{source} is left as it is", file=sys.stderr, flush=True)
+            check_run(target, self.fields)
 
-    def finished(self, max_steps: int, result_type: type[R] = RunResult,
-                 policy: nn.Module | None = None) -> R | None:
+    def finished(self, max_steps: int, policy: nn.Module | None = None) -> RunResult | None:
         """The result if this run already finished ``max_steps`` steps (weights loaded into ``policy``); the
         folder is then released."""
         self._settle_schedule(max_steps)
-        result = finished_run(self.dir, max_steps, result_type, policy)
+        result = finished_run(self.dir, max_steps, policy)
         if result is not None:
             self.close()
         return result
 
     def resume(self, max_steps: int) -> tuple[int, Path, dict[str, Any]] | None:
         """``(step, folder, trainer state)`` of the last checkpoint (its RNG state restored), or None; the
-        metrics after it are cut. From here the run is in progress: a result.json of another length is
-        removed, so no reader takes the run for finished while it is continued."""
+        metrics after it are cut, and a result.json of another length removed: the run is in progress."""
         self._settle_schedule(max_steps)
         found = latest_checkpoint(self.dir, self.key, max_steps)
         if found is not None:
@@ -502,9 +440,8 @@ class Run(TrainLog):
         super()._append(record)
 
     def save(self, step: int, write: Callable[[Path], None], state: Mapping[str, Any]) -> Path:
-        """Checkpoint ``step`` atomically: ``write(folder)`` saves the weights (safetensors) and tokenizer,
-        ``state`` (tensors and plain types only) goes to trainer_state.pt with the step, the run key and the
-        RNG state. Keeps the ``keep`` latest (None: all)."""
+        """Checkpoint ``step`` atomically: ``write(folder)`` saves the weights and tokenizer; ``state``
+        (tensors and plain types only) goes to trainer_state.pt with the step, run key and RNG state."""
         self.checkpoint = path = checkpoint_path(self.dir, step)
         if self.writer:
             self._check_open()
@@ -512,10 +449,10 @@ class Run(TrainLog):
                 write(tmp)
                 torch.save({"step": step, "run_key": self.key, "rng": rng_state(), **state},
                            tmp / TRAINER_STATE)
-            prune_checkpoints(self.dir, self.keep, path)
+            prune_checkpoints(self.dir, path)
         return path
 
-    def finish(self, result: R | None = None) -> R | RunResult:
+    def finish(self, result: RunResult | None = None) -> RunResult:
         """Mark the run finished (result.json), release the folder and return ``result`` (default: the last
         checkpoint and metrics)."""
         if result is None:
@@ -530,51 +467,35 @@ class Run(TrainLog):
 
 
 # ------------------------------------------------------------------------------- reference log-prob cache
-def _cached_logprobs(path: Path, key: str, names: tuple[str, ...], shape: tuple[int, ...], what: str,
-                     compute: Callable[[], tuple[torch.Tensor, ...]], metadata: dict[str, str],
-                     accelerator: Any) -> tuple[torch.Tensor, ...]:
-    """The tensors ``names`` (each ``shape``) read from ``path``, checked against ``key`` and their checksum;
-    else ``compute()``d and written there (by the main process) for the next run."""
-    if path.is_file():
-        try:
-            with safe_open(str(path), "pt") as handle:
-                meta = handle.metadata() or {}
-                cached = {name: handle.get_tensor(name) for name in names}
-        except Exception as err:  # truncated or corrupt: what the reader raises varies
-            raise ValueError(f"reference cache {path} is truncated or corrupt ({type(err).__name__}: {err}); "
-                             "delete it to recompute") from err
-        checksum = tensors_checksum(*cached.values())
-        if meta.get("key", key) != key or meta.get("sha256", checksum) != checksum:
-            raise ValueError(f"reference cache {path} was changed after it was written (its key or checksum "
-                             "does not match); delete it to recompute")
-        if any(tuple(t.shape) != shape for t in cached.values()):
-            raise ValueError(f"reference cache {path} holds {cached[names[0]].shape[0]} {what}, expected "
-                             f"{shape[0]}; delete it to recompute")
-        return tuple(cached[name] for name in names)
-    values = compute()
-    if accelerator is None or accelerator.is_main_process:
-        atomic_write_tensors(path, dict(zip(names, values, strict=True)),
-                             metadata={"key": key, **metadata, "sha256": tensors_checksum(*values)})
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return values
+def _read_reference_cache(path: Path, key: str, names: list[str], n: int) -> torch.Tensor:
+    """The ``(n, K)`` log-probs in ``path``, checked against its key, its checksum and ``n``."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = handle.metadata() or {}
+            columns = [handle.get_tensor(name) for name in names]
+    except Exception as err:  # truncated or corrupt: what the reader raises varies
+        raise ValueError(f"reference cache {path} is truncated or corrupt ({type(err).__name__}: {err}); "
+                         "delete it to recompute") from err
+    if meta.get("key") != key or meta.get("sha256") != tensors_checksum(*columns):
+        raise ValueError(f"reference cache {path} was changed after it was written (its key or checksum "
+                         "does not match); delete it to recompute")
+    if any(tuple(c.shape) != (n,) for c in columns):
+        raise ValueError(f"reference cache {path} holds {columns[0].shape[0]} rows, expected {n}; delete it "
+                         "to recompute")
+    return torch.stack(columns, dim=1)
 
 
 def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
                        cache_dir: str | Path, reference_fingerprint: str | None = None,
                        **score_args: Any) -> torch.Tensor:
     """:func:`dpo_trainer.pair_logprobs` of the frozen reference (``score_args``: its keyword arguments),
-    ``(N, K)`` (pairs: chosen, rejected; rankings: best first), read from / written to the disk cache.
-
-    The key hashes the reference weights, the pairs (or rankings), the tokenizer, max_length, sum or mean
-    (``average``), the device type and the precision, so any change recomputes and nothing stale is reused.
-    ``reference_fingerprint`` (``cache.model_fingerprint`` of ``reference``) skips hashing the weights a
-    second time. The file holds one ``(N,)`` tensor per column.
-    """
+    ``(N, K)`` (pairs: chosen, rejected; rankings: best first), cached on disk (one ``(N,)`` tensor per
+    column). The key hashes the reference weights (``reference_fingerprint`` if given), the pairs, the
+    tokenizer, max_length, sum or mean, the device type and the precision: nothing stale is reused."""
     cols = pair_columns(pairs)
-    n, ranked = len(cols["prompt"]), "completions" in cols
-    names = tuple(f"completion{k}" for k in range(len(cols["completions"][0]))) if ranked else (
-        "chosen", "rejected")
+    n = len(cols["prompt"])
+    names = ([f"completion{k}" for k in range(len(cols["completions"][0]))] if "completions" in cols
+             else ["chosen", "rejected"])
     device, max_length = score_args.get("device"), score_args["max_length"]
     accelerator = None if device is None or isinstance(device, (str, torch.device)) else device
     dev = accelerator.device if accelerator is not None else resolve_device(device)
@@ -583,39 +504,41 @@ def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
     key = content_hash("ref-logps/v2", reference_fingerprint or model_fingerprint(reference),
                        pairs_fingerprint(cols), tokenizer_fingerprint(tokenizer), max_length,
                        "mean" if score_args.get("average") else "sum", dev.type, precision)
-
-    def compute() -> tuple[torch.Tensor, ...]:
-        progress = "reference log-probs" if score_args.get("progress", True) else False
-        logps = dpo_trainer.pair_logprobs(reference, tokenizer, cols, **{
-            **score_args, "device": dev if accelerator is None else accelerator, "progress": progress})
-        return tuple(column.clone() for column in logps.unbind(1))  # safetensors stores no shared memory
-
-    noun = "rankings" if ranked else "pairs"
-    columns = _cached_logprobs(Path(cache_dir) / f"ref-logps-{key}.safetensors", key, names, (n,), noun,
-                               compute, {f"n_{noun}": str(n), "max_length": str(max_length)}, accelerator)
-    return torch.stack(columns, dim=1)
+    path = Path(cache_dir) / f"ref-logps-{key}.safetensors"
+    if path.is_file():
+        return _read_reference_cache(path, key, names, n)
+    progress = "reference log-probs" if score_args.get("progress", True) else False
+    logps = dpo_trainer.pair_logprobs(reference, tokenizer, cols, **{
+        **score_args, "device": dev if accelerator is None else accelerator, "progress": progress})
+    if accelerator is None or accelerator.is_main_process:
+        columns = [c.clone() for c in logps.unbind(1)]  # safetensors stores no shared memory
+        atomic_write_tensors(path, dict(zip(names, columns, strict=True)), metadata={
+            "key": key, "max_length": str(max_length), "sha256": tensors_checksum(*columns)})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return logps
 
 
 # ------------------------------------------------------------------------------------ the trainers' runs
+def _check_frozen_copy(policy: nn.Module, reference: nn.Module) -> None:
+    if policy is reference:
+        raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
+
+
 def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
             out_dir: str | Path, ref_cache_dir: str | Path, eval_fn: EvalFn | None = None,
             **settings: Any) -> RunResult:
-    """:func:`dpo_trainer.train_dpo` (``settings``: its keyword arguments) as one run in ``out_dir``: trained,
-    resumed from its last checkpoint or, if finished, its final weights loaded into ``policy`` at once. The
-    reference log-probs are computed once and cached in ``ref_cache_dir``, shared by every run of a sweep.
-    ``settings`` may also hold ``device`` (without an ``accelerator``: ``make_accelerator(device)``) and
-    ``keep_checkpoints`` (default 1; None keeps all). Under ``accelerate launch`` every process calls this
-    with the same arguments; only the main one evaluates and writes."""
-    if policy is reference:
-        raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
-    keep_checkpoints, device = settings.pop("keep_checkpoints", 1), settings.pop("device", None)
-    config, objective = settings["config"], settings.get("objective", "dpo")
-    accelerator = settings.pop("accelerator", None)
+    """:func:`dpo_trainer.train_dpo` (``settings``: its keyword arguments, and ``device`` if no
+    ``accelerator``) as one run in ``out_dir``: trained, resumed, or if finished its weights loaded into
+    ``policy``. The reference log-probs are cached in ``ref_cache_dir``, shared by a sweep's runs. Under
+    ``accelerate launch`` every process calls this alike; only the main one evaluates and writes."""
+    _check_frozen_copy(policy, reference)
+    device, accelerator = settings.pop("device", None), settings.pop("accelerator", None)
     accelerator = accelerator if accelerator is not None else dpo_trainer.make_accelerator(device)
-    beta = dpo_trainer.check_dpo_settings(config, objective, settings.get("beta"), settings.get("alpha"),
-                                      settings["max_length"], accelerator.num_processes)
+    config, objective, alpha = settings["config"], settings.get("objective", "dpo"), settings.get("alpha")
+    beta = dpo_trainer.check_dpo_settings(config, objective, settings.get("beta"), alpha,
+                                          settings["max_length"], accelerator.num_processes)
     cols = dpo_trainer.training_columns(pairs, objective, config)
-    alpha = settings.get("alpha")
     fields: dict[str, Any] = {
         "beta": float(beta), "seed": settings["seed"], "max_length": settings["max_length"],
         "config": trajectory_settings(config), "reference": model_fingerprint(reference),
@@ -626,7 +549,7 @@ def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
     error, run = None, None
     try:
         run = Run(out_dir, fields, writer=accelerator.is_main_process, eval_fn=eval_fn,
-                  eval_every=config.eval_every, keep=keep_checkpoints)
+                  eval_every=config.eval_every)
     except (ValueError, RunLockedError) as err:  # another run's folder, or held past the lock timeout
         error = err
     broadcast_error(accelerator, error)
@@ -651,8 +574,7 @@ def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
             **settings: Any) -> RunResult:
     """:func:`ppo.train_ppo` (``settings``: config, seed, device, progress) as one run in ``out_dir``, as
     :func:`dpo_run`. The policy's weights are not in the key: they change as it trains."""
-    if policy is reference:
-        raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
+    _check_frozen_copy(policy, reference)
     config = settings["config"]
     device = settings["device"] = resolve_device(settings.get("device"))
     ppo.check_ppo_settings(config, prompts, tokenizer)

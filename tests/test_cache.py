@@ -99,19 +99,6 @@ def test_a_damaged_cached_file_is_named_with_what_to_do(tmp_path: Path, damage, 
     assert str(folder) in str(info.value) and f"delete {folder} to rebuild it" in str(info.value)
 
 
-def test_large_files_are_hashed_on_reuse_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(cache, "HASH_ON_REUSE_BYTES", 100)  # model.safetensors (2 KiB) now counts as large
-    folder = _stage(tmp_path)
-    weights = folder / "policy" / "model.safetensors"
-    weights.write_bytes(bytes(reversed(range(256))) * 8)  # same size: only a hash can tell
-    assert cached_directory(folder, lambda f: pytest.fail("rebuilt")) == folder  # fast reuse: sizes only
-    with pytest.raises(ValueError, match="sha256 differs"):
-        cached_directory(folder, lambda f: pytest.fail("rebuilt"), verify="full")
-    monkeypatch.setenv("DPO_LAB_VERIFY_CACHE", "full")
-    with pytest.raises(ValueError, match="sha256 differs"):
-        cached_directory(folder, lambda f: pytest.fail("rebuilt"))
-
-
 def test_a_marker_that_is_not_a_manifest_is_named_not_trusted(tmp_path: Path):
     """A bare ``ok`` marker (no sizes, no checksums) vouches for nothing: named, with the folder to delete."""
     (tmp_path / "old").mkdir()
@@ -185,7 +172,7 @@ def test_a_full_disk_is_named_with_the_path(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.undo()
     import safetensors.torch
 
-    monkeypatch.setattr(safetensors.torch, "save_file", _disk_full)
+    monkeypatch.setattr(safetensors.torch, "save", _disk_full)
     with pytest.raises(OSError, match=re.escape(f"disk full while writing {tmp_path / 't.safetensors'}")):
         atomic_write_tensors(tmp_path / "t.safetensors", {"x": torch.zeros(2)})
     with pytest.raises(OSError, match=re.escape(f"disk full while writing {tmp_path / 'ckpt'}")):

@@ -136,7 +136,7 @@ def test_interrupted_run_resumes_to_identical_weights(tiny_model, tiny_tokenizer
     assert steps == list(range(7)), steps  # no duplicates, nothing missing
     full_records = _no_clock(read_metrics(full.metrics_path))
     assert _no_clock(read_metrics(resumed.metrics_path)) == full_records
-    assert len(list((tmp_path / "cut" / "checkpoints").iterdir())) == 1  # keep_checkpoints=1
+    assert len(list((tmp_path / "cut" / "checkpoints").iterdir())) == 1  # only the latest is kept
 
 
 def _load_fresh(init: torch.nn.Module, folder: Path) -> torch.nn.Module:

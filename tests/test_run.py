@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -27,7 +27,7 @@ from dpo_lab.loop import TrainLog, call_eval_fn, is_due
 from dpo_lab.paths import project_root
 from dpo_lab.presets import Preset, get_preset
 from dpo_lab.run import (
-    HOLDER_FILE,
+    LOCK_FILE,
     TRAINER_STATE,
     Run,
     RunLockedError,
@@ -46,7 +46,6 @@ from dpo_lab.run import (
     rng_state,
     run_lock,
     schedule_dir,
-    seed_schedule,
     set_rng_state,
     truncate_metrics,
     write_result,
@@ -186,13 +185,8 @@ def test_checkpoint_listing_ignores_unfinished_folders_and_prunes(tmp_path: Path
     (tmp_path / "checkpoints" / ".step-000200.abc.tmp").mkdir()  # an interrupted atomic write
     (tmp_path / "checkpoints" / "step-000300").mkdir()  # no trainer state: incomplete
     assert [s for s, _ in checkpoint_dirs(tmp_path)] == [2, 10, 100]
-    prune_checkpoints(tmp_path, None, checkpoint_path(tmp_path, 100))
-    assert len(checkpoint_dirs(tmp_path)) == 3
-    prune_checkpoints(tmp_path, 2, checkpoint_path(tmp_path, 100))
-    assert [s for s, _ in checkpoint_dirs(tmp_path)] == [10, 100]
-    # The checkpoint just written is never deleted, even if it is not the latest by step.
-    prune_checkpoints(tmp_path, 1, checkpoint_path(tmp_path, 10))
-    assert [s for s, _ in checkpoint_dirs(tmp_path)] == [10, 100]
+    prune_checkpoints(tmp_path, checkpoint_path(tmp_path, 100))  # the one just written is kept
+    assert [s for s, _ in checkpoint_dirs(tmp_path)] == [100]
 
 
 def test_latest_checkpoint_checks_steps_and_run_key(tmp_path: Path) -> None:
@@ -236,21 +230,16 @@ def test_rng_state_round_trip() -> None:
 
 
 # --------------------------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class _Result(RunResult):
-    pass
-
-
 def test_result_round_trip(tmp_path: Path) -> None:
-    assert finished_run(tmp_path, 5, _Result) is None
-    result = _Result(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
+    assert finished_run(tmp_path, 5) is None
+    result = RunResult(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
                      metrics_path=tmp_path / "metrics.jsonl", last_metrics={"step": 5, "loss": 0.1}, steps=5)
     write_result(tmp_path, result, "key")
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["checkpoint_dir"] == "checkpoints/step-000005" and saved["run_key"] == "key"
-    again = finished_run(tmp_path, 5, _Result)
-    assert type(again) is _Result and again == result
-    assert finished_run(tmp_path, 8, _Result) is None  # more steps asked for: train on
+    again = finished_run(tmp_path, 5)
+    assert again == result
+    assert finished_run(tmp_path, 8) is None  # more steps asked for: train on
 
 
 @pytest.mark.parametrize("damage, match", [
@@ -259,13 +248,13 @@ def test_result_round_trip(tmp_path: Path) -> None:
     (lambda t: '{"steps": 5}', "corrupt: expected a JSON object with keys"),
 ])
 def test_damaged_result_or_run_file_is_named(tmp_path: Path, damage, match: str) -> None:
-    result = _Result(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
+    result = RunResult(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
                      metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
     write_result(tmp_path, result, "key")
     path = tmp_path / "result.json"
     path.write_text(damage(path.read_text()))
     with pytest.raises(ValueError, match=f"result.json is {match}.*delete it and rerun"):
-        finished_run(tmp_path, 5, _Result)
+        finished_run(tmp_path, 5)
     (tmp_path / "run.json").write_text('{"run_key": ')  # and run.json of a started run
     with pytest.raises(ValueError, match="run.json is truncated or corrupt"):
         check_run(tmp_path, {"beta": 0.1})
@@ -337,7 +326,7 @@ def test_a_second_process_waits_for_the_run_then_finds_it_finished(tmp_path: Pat
         started = time.monotonic()
         run = Run(out, {"beta": 0.1})  # blocks until the holder has finished the run
         waited = time.monotonic() - started
-        result = run.finished(5, RunResult)
+        result = run.finished(5)
     finally:
         holder.wait(timeout=60)
     assert holder.returncode == 0 and waited > 0.5
@@ -361,17 +350,17 @@ def test_lock_timeout_names_the_holder(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_a_killed_holder_blocks_nobody(tmp_path: Path) -> None:
-    """kill -9 leaves .run.lock and .run.lock.json behind, but the OS dropped the lock with the process."""
+    """kill -9 leaves .run.lock naming the dead holder, but the OS dropped the lock with the process."""
     out = tmp_path / "run"
     holder = _start_holder(out, 120)
-    assert json.loads((out / HOLDER_FILE).read_text())["pid"] == holder.pid
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == holder.pid
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     started = time.monotonic()
     with Run(out, {"beta": 0.1}, lock_timeout=0) as run:  # lock_timeout=0: RunLockedError if still held
-        assert json.loads((out / HOLDER_FILE).read_text())["pid"] == os.getpid()
+        assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert time.monotonic() - started < 5.0 and run.closed
-    assert not (out / HOLDER_FILE).exists()
+    assert (out / LOCK_FILE).read_text() == ""  # released: it names nobody
 
 
 def test_a_run_releases_its_folder_however_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -390,7 +379,7 @@ def test_a_run_releases_its_folder_however_it_ends(tmp_path: Path, monkeypatch: 
         assert not run.closed
     assert run.closed
     run = Run(tmp_path, FIELDS)
-    result = _Result(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
+    result = RunResult(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
                      metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
     assert run.finish(result) == result and run.closed
     with pytest.raises(ValueError, match="holds a different run"):  # refused: the folder is not kept
@@ -413,7 +402,7 @@ def test_bad_lock_timeout_is_named(monkeypatch: pytest.MonkeyPatch, value: str) 
 
 
 def test_results_are_read_from_finished_runs_only(tmp_path: Path) -> None:
-    result = _Result(checkpoint_dir=checkpoint_path(tmp_path, 5), metrics_path=tmp_path / "metrics.jsonl",
+    result = RunResult(checkpoint_dir=checkpoint_path(tmp_path, 5), metrics_path=tmp_path / "metrics.jsonl",
                      last_metrics={}, steps=5)
     _write_lines(tmp_path / "metrics.jsonl", [{"step": 5}])
     with pytest.raises(RuntimeError, match=r"is not a finished 5-step run \(no result.json\)"):
@@ -434,10 +423,10 @@ def test_results_are_read_from_finished_runs_only(tmp_path: Path) -> None:
 def test_a_continued_run_is_not_finished_while_it_runs(tmp_path: Path) -> None:
     with Run(tmp_path, FIELDS) as run:
         _fake_checkpoint(tmp_path, 5, run.key)
-        finished = _Result(checkpoint_dir=checkpoint_path(tmp_path, 5),
+        finished = RunResult(checkpoint_dir=checkpoint_path(tmp_path, 5),
                            metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
         write_result(tmp_path, finished, run.key)
-        assert run.finished(8, _Result) is None  # more steps asked for: train on...
+        assert run.finished(8) is None  # more steps asked for: train on...
         assert run.resume(8)[0] == 5
         assert not (tmp_path / "result.json").exists()  # ...and no reader takes it for a finished 5-step run
 
@@ -474,25 +463,12 @@ def test_trainer_releases_its_folder_when_it_fails(tiny_model, tiny_tokenizer, t
 
 
 # ------------------------------------------------------------------------------------------- schedules
-def test_schedule_dir_and_seeding_need_the_checkpoint_and_its_evaluation(tmp_path: Path) -> None:
-    source, target = tmp_path / "run", tmp_path / "run-steps3"
+def test_schedule_dir_keeps_a_shorter_schedule_apart(tmp_path: Path) -> None:
+    source = tmp_path / "run"
     assert schedule_dir(source, 3) == source  # nothing held yet
     _fake_checkpoint(source, 4)
     assert schedule_dir(source, 4) == source and schedule_dir(source, 9) == source
-    assert schedule_dir(source, 3) == target  # holds more steps than asked: kept apart
-    records = [{"step": 0, "reward": 0.1}, *({"step": s, "loss": 1.0} for s in (1, 2, 3)),
-               {"step": 4, "loss": 1.0, "reward": 0.2}]
-    _write_lines(source / "metrics.jsonl", records)
-    assert not seed_schedule(source, target, 3)  # no checkpoint at step 3 was kept
-    _fake_checkpoint(source, 3)
-    assert not seed_schedule(source, target, 3)  # kept, but step 3 was not evaluated
-    records[3] = {**records[3], "reward": 0.3}
-    _write_lines(source / "metrics.jsonl", records)
-    assert seed_schedule(source, target, 3)
-    assert [s for s, _ in checkpoint_dirs(target)] == [3]
-    assert read_metrics(target / "metrics.jsonl") == records[:4]
-    assert not seed_schedule(source, target, 3)  # started already: it resumes on its own
-    assert not list(target.rglob("*.tmp"))
+    assert schedule_dir(source, 3) == tmp_path / "run-steps3"  # holds more steps than asked: kept apart
 
 
 def test_fewer_steps_than_the_folder_holds_are_kept_apart(tiny_model, tiny_tokenizer, tmp_path, capsys):
@@ -514,20 +490,6 @@ def test_fewer_steps_than_the_folder_holds_are_kept_apart(tiny_model, tiny_token
     assert _train(tiny_model, reference, tiny_tokenizer, out, 6, eval_fn=_no_eval) == long
     assert _train(tiny_model, reference, tiny_tokenizer, out, 3, eval_fn=_no_eval) == short
     assert "holds this run continued" not in capsys.readouterr().err  # said once, not at every reuse
-
-
-def test_a_kept_checkpoint_at_the_shorter_length_is_reused(tiny_model, tiny_tokenizer, tmp_path, capsys):
-    reference, out = copy.deepcopy(tiny_model), tmp_path / "run"
-    long = _train(tiny_model, reference, tiny_tokenizer, out, 6, eval_fn=_probe, keep_checkpoints=None)
-    capsys.readouterr()
-    # Nothing is trained or evaluated: the step-4 checkpoint and metrics of the longer run are the result.
-    short = _train(tiny_model, reference, tiny_tokenizer, out, 4, eval_fn=_no_eval)
-    assert "from its checkpoint at step 4" in capsys.readouterr().err
-    assert short.steps == 4 and short.checkpoint_dir == checkpoint_path(tmp_path / "run-steps4", 4)
-    assert read_metrics(short.metrics_path) == read_metrics(long.metrics_path)[:5]
-    assert short.last_metrics["probe"] == 4.0
-    assert (short.checkpoint_dir / "model.safetensors").read_bytes() == \
-        (checkpoint_path(out, 4) / "model.safetensors").read_bytes()
 
 
 @pytest.mark.slow
