@@ -587,7 +587,7 @@ def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
     config = settings["config"]
-    device = settings["device"] = resolve_device(settings.get("device"))
+    device = resolve_device(settings.pop("device", None))
     ppo.check_ppo_settings(config, prompts, tokenizer)
     fields = {"seed": settings["seed"], "config": trajectory_settings(config),
               "reference": model_fingerprint(reference), "prompts": content_hash(list(prompts)),
@@ -596,7 +596,7 @@ def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
         finished = run.finished(config.max_steps, policy=policy)
         if finished is not None:
             return finished
-        ppo.train_ppo(policy, reference, tokenizer, prompts, score_fn, log=run, **settings)
+        ppo.train_ppo(policy.to(device), reference, tokenizer, prompts, score_fn, log=run, **settings)
         return run.finish()
 
 
