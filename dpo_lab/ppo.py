@@ -259,8 +259,8 @@ def check_ppo_settings(config: PPOConfig, prompts: Sequence[str], tokenizer: Pre
 
 
 def _rollout_seed(seed: int, step: int) -> int:
-    """The sampling seed of step ``step``'s rollout: a hash of (seed, step), as ``cache.content_hash``
-    ("ppo-rollout", seed, step) gives it, so that rollouts of nearby seeds do not overlap."""
+    """Step ``step``'s sampling seed, ``cache.content_hash("ppo-rollout", seed, step)``: nearby seeds'
+    rollouts do not overlap."""
     payload = json.dumps(["ppo-rollout", seed, step], sort_keys=True, separators=(",", ":"))
     return int(hashlib.sha256(payload.encode()).hexdigest()[:8], 16)
 
@@ -334,8 +334,7 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
     stats = _ppo_update(model, optimizer, ro, advantages, returns, config, step=step, seed=seed)
     mean_kl = float(kl.mean())
     kl_ctl.update(mean_kl, n_steps=len(prompts))  # adapt beta toward target_kl for the next step
-    # What this step cost (run totals in the log): the rollout's tokens go through the policy while sampling,
-    # once more to score log-probs and values, and ppo_epochs times forward and backward in the updates.
+    # Cost: the rollout's tokens pass the policy to sample, to score, and ppo_epochs times in the updates.
     tokens = int(ro.attention_mask.sum())
     n = ro.input_ids.shape[0]
     return {
@@ -360,8 +359,8 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
 
 
 def _write_checkpoint(folder: Path, model: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Policy (safetensors) + tokenizer + value head (in a subfolder: the policy's loader reads every
-    *.safetensors beside its weights)."""
+    """Policy, tokenizer, and the value head in a subfolder (the policy's loader reads every *.safetensors
+    beside its weights)."""
     model.policy.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "value_head").mkdir()

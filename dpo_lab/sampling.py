@@ -45,7 +45,7 @@ class Samples:
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt, without special tokens (the same rule batching.tokenize_completion uses)."""
+    """Token ids of each prompt, no special tokens (as batching.tokenize_completion)."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not a single string")
     ids = []
