@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from dpo_lab import pipeline
-from dpo_lab.audit import FluencyLM, WordOrderSentiment, audit_scores
+from dpo_lab.audit import FluencyLM, WordOrderSentiment, distinct_word_ratio
 from dpo_lab.presets import get_preset
-from dpo_lab.rewards import TfidfSentimentReward, accuracy, first_words
+from dpo_lab.rewards import TfidfSentimentReward, accuracy, first_words, score_completions
 
 PAIRS = [  # (prompt, completion): word spam as PPO-GT learns it, fluent text, the fluent text shuffled
     ("I watched this movie and", " great excellent film and but it for it is great friends, with a excellent "
@@ -56,7 +56,10 @@ def main() -> None:
     openings = [" " + " ".join(t.split()[5:40]) for t in test["text"]]
     print(f"LM mean log p per token, held-out openings (words 6-40 after 5): "
           f"{np.nanmean(fluency(prompts, openings)):.3f}")
-    scores = audit_scores(sentiment, fluency, [p for p, _ in PAIRS], [c for _, c in PAIRS])
+    prompts, completions = [p for p, _ in PAIRS], [c for _, c in PAIRS]
+    scores = {"audit_sentiment": score_completions(sentiment, prompts, completions),
+              "audit_fluency": fluency(prompts, completions),
+              "distinct_words": distinct_word_ratio(completions)}
     r_star = tfidf([p + c for p, c in PAIRS])
     for i, (_, c) in enumerate(PAIRS):
         print(f"r* {r_star[i]:.3f} audit {scores['audit_sentiment'][i]:.3f} fluency "

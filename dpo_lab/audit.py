@@ -23,7 +23,7 @@ from dpo_lab.data import validate_texts
 from dpo_lab.logprobs import forward_logits, sequence_logprobs, token_logprobs
 from dpo_lab.models import build_policy, train_sft, train_tokenizer
 from dpo_lab.presets import AuditConfig, PolicyConfig
-from dpo_lab.rewards import _check_labels, score_completions
+from dpo_lab.rewards import _check_labels
 from dpo_lab.run import load_policy, save_policy
 from dpo_lab.seed import seed_everything
 
@@ -53,10 +53,8 @@ class _CNN(nn.Module):
 
 
 class WordOrderSentiment:
-    """p(positive | text) from a word-level CNN, trained on windows of ``max_words`` words cut from reviews:
-    it scores prompt + completion texts of 10-50 words, not whole reviews, and every window of a review (not
-    only its first) gives more data (3,000 cpu reviews: 0.83 held-out accuracy, 0.74 from first windows only).
-    Scoring reads the whole text."""
+    """p(positive | text) from a word-level CNN trained on every ``max_words``-word window of each review
+    (it scores 10-50-word texts; all windows: 0.83 held-out accuracy on 3,000 cpu reviews, first: 0.74)."""
 
     def __init__(self, vocab: list[str], settings: dict[str, int], model: _CNN):
         self.vocab, self.settings, self.model = vocab, settings, model.eval()
@@ -179,10 +177,3 @@ def distinct_word_ratio(completions: Sequence[str]) -> np.ndarray:
     found = [re.findall(r"\w+", t.lower()) for t in validate_texts(completions, allow_empty=True)]
     return np.array([len(set(f)) / len(f) if f else np.nan for f in found], dtype=np.float64)
 
-
-def audit_scores(sentiment: WordOrderSentiment, fluency: FluencyLM, prompts: Sequence[str],
-                 completions: Sequence[str]) -> dict[str, np.ndarray]:
-    """The three audit scores of each (prompt, completion); sentiment reads prompt + completion as r*."""
-    return {"audit_sentiment": score_completions(sentiment, prompts, completions),
-            "audit_fluency": fluency(prompts, completions),
-            "distinct_words": distinct_word_ratio(completions)}

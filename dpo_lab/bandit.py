@@ -7,7 +7,6 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -233,20 +232,19 @@ def _single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init: Tensor, *,
-              optimizer: Literal["lbfgs", "adam"], steps: int, lr: float | None,
-              grad_tol: float) -> FitResult:
-    """L-BFGS (exact optima) or Adam (training curves) on one table, until ``steps``, a gradient below
-    ``grad_tol`` or a step that no longer moves the table: an optimum only for a convex loss."""
+def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init: Tensor, *, steps: int,
+              adam_lr: float | None, grad_tol: float) -> FitResult:
+    """L-BFGS (exact optima) or, given ``adam_lr``, Adam (training curves) on one table, until ``steps``, a
+    gradient below ``grad_tol`` or a step that no longer moves it (an optimum if the loss is convex)."""
     param = init.detach().clone().to(DTYPE).requires_grad_(True)
-    if optimizer == "lbfgs":
-        opt: torch.optim.Optimizer = torch.optim.LBFGS([param], lr=lr or 1.0, max_iter=1, max_eval=25,
+    if adam_lr is None:
+        opt: torch.optim.Optimizer = torch.optim.LBFGS([param], lr=1.0, max_iter=1, max_eval=25,
                                                        history_size=50, tolerance_grad=0.0,
                                                        tolerance_change=0.0, line_search_fn="strong_wolfe")
-    elif optimizer == "adam":
-        opt = torch.optim.Adam([param], lr=lr or 0.05)
+    elif adam_lr > 0:
+        opt = torch.optim.Adam([param], lr=adam_lr)
     else:
-        raise ValueError(f"optimizer must be 'lbfgs' or 'adam', got {optimizer!r}")
+        raise ValueError(f"adam_lr must be a positive learning rate, or None for L-BFGS; got {adam_lr!r}")
     history: list[dict[str, float]] = []
 
     def closure() -> Tensor:
@@ -290,9 +288,8 @@ def dpo_loss_on_table(logits: Tensor, pi_ref: Tensor, data: PreferenceData, beta
     return loss, {k: float((w * v.detach()).sum()) for k, v in metrics.items()}
 
 
-def solve_dpo(pi_ref: Tensor, data: PreferenceData, beta: float, *,
-              optimizer: Literal["lbfgs", "adam"] = "lbfgs", steps: int = 500, lr: float | None = None,
-              grad_tol: float = 1e-10, loss_type: LossType = "sigmoid",
+def solve_dpo(pi_ref: Tensor, data: PreferenceData, beta: float, *, steps: int = 500,
+              adam_lr: float | None = None, grad_tol: float = 1e-10, loss_type: LossType = "sigmoid",
               label_smoothing: float = 0.0) -> FitResult:
     """Minimise the DPO loss (Eq. 7) over π_θ = softmax(θ) from π_θ = π_ref (π* on the population). Each step
     lies in span{e_{y_w} − e_{y_l}}: a response no pair mentions keeps its logit, each group of compared ones
@@ -300,7 +297,7 @@ def solve_dpo(pi_ref: Tensor, data: PreferenceData, beta: float, *,
     beta, data = _check_beta(beta), data.aggregated()
     return _minimise(lambda theta: dpo_loss_on_table(theta, pi_ref, data, beta, loss_type=loss_type,
                                                      label_smoothing=label_smoothing),
-                     pi_ref.log(), optimizer=optimizer, steps=steps, lr=lr, grad_tol=grad_tol)
+                     pi_ref.log(), steps=steps, adam_lr=adam_lr, grad_tol=grad_tol)
 
 
 def reward_model_loss(reward: Tensor, data: PreferenceData) -> tuple[Tensor, dict[str, float]]:
@@ -311,13 +308,12 @@ def reward_model_loss(reward: Tensor, data: PreferenceData) -> tuple[Tensor, dic
     return loss, {"loss": float(loss.detach()), "accuracy": float((w * (chosen > rejected).to(DTYPE)).sum())}
 
 
-def fit_reward_model(data: PreferenceData, n_x: int, n_y: int, *,
-                     optimizer: Literal["lbfgs", "adam"] = "lbfgs", steps: int = 500, lr: float | None = None,
-                     grad_tol: float = 1e-10) -> FitResult:
+def fit_reward_model(data: PreferenceData, n_x: int, n_y: int, *, steps: int = 500,
+                     adam_lr: float | None = None) -> FitResult:
     """A tabular BT reward model r_φ fitted by Eq. 2 from r_φ = 0; identified up to f(x) (Lemma 1)."""
     data = data.aggregated()
     return _minimise(lambda r: reward_model_loss(r, data), torch.zeros(n_x, n_y, dtype=DTYPE),
-                     optimizer=optimizer, steps=steps, lr=lr, grad_tol=grad_tol)
+                     steps=steps, adam_lr=adam_lr, grad_tol=1e-10)
 
 
 @dataclass(frozen=True)
@@ -326,9 +322,9 @@ class RLHFSolution:
     policy: Tensor  # argmax of Eq. 3 under r_φ
 
 
-def solve_rlhf(pi_ref: Tensor, data: PreferenceData, beta: float, **fit_kwargs) -> RLHFSolution:
+def solve_rlhf(pi_ref: Tensor, data: PreferenceData, beta: float) -> RLHFSolution:
     """The two-stage pipeline: fit r_φ by Eq. 2, then maximise Eq. 3 exactly (closed form, Eq. 4)."""
-    reward_model = fit_reward_model(data, *pi_ref.shape, **fit_kwargs).table
+    reward_model = fit_reward_model(data, *pi_ref.shape).table
     return RLHFSolution(reward_model=reward_model, policy=optimal_policy(reward_model, pi_ref, beta))
 
 
@@ -342,9 +338,8 @@ def stationarity_gap(logp: Tensor, log_target: Tensor) -> Tensor:
     return g.max(-1).values - g.min(-1).values
 
 
-def maximise_rlhf_objective(reward: Tensor, pi_ref: Tensor, beta: float, *,
-                            optimizer: Literal["lbfgs", "adam"] = "lbfgs", steps: int = 500,
-                            lr: float | None = None) -> Tensor:
+def maximise_rlhf_objective(reward: Tensor, pi_ref: Tensor, beta: float, *, steps: int = 500,
+                            adam_lr: float | None = None) -> Tensor:
     """Maximise Eq. 3 by policy-gradient ascent on tabular logits from π_ref, never computing Z(x). Eq. 3 is
     not concave in the logits, so the result is certified by :func:`stationarity_gap`; failing that, natural-
     gradient steps θ ← θ + (r − β log π/π_ref)/(2β) (Kakade 2001) halve the error from any start."""
@@ -357,7 +352,7 @@ def maximise_rlhf_objective(reward: Tensor, pi_ref: Tensor, beta: float, *,
         value = (logp.exp() * (reward - beta * (logp - log_ref))).sum(-1).mean()
         return -value, {"objective": float(value.detach())}
 
-    logits = _minimise(neg_objective, log_ref, optimizer=optimizer, steps=steps, lr=lr, grad_tol=1e-12).table
+    logits = _minimise(neg_objective, log_ref, steps=steps, adam_lr=adam_lr, grad_tol=1e-12).table
     tol = max(1e-8, 64 * torch.finfo(DTYPE).eps * float((reward.abs() / beta + log_ref.abs()).max()))
     gap = stationarity_gap(torch.log_softmax(logits, -1), log_target)
     if bool((gap > tol).any()):

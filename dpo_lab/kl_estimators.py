@@ -1,21 +1,11 @@
 """Sampled estimators of the sequence KL(π ‖ π_ref) beside the exact one, and a sampler that breaks them.
 
-For a completion y ~ π(·|x) and, at each of its tokens,
-``log r_t = log π_ref(y_t|x, y_<t) − log π(y_t|x, y_<t)`` (Schulman 2020, "Approximating KL divergence",
-http://joschu.net/blog/kl-approx.html), summed over the completion's tokens:
-
-* ``k1 = Σ_t −log r_t = log π(y|x) − log π_ref(y|x)``: unbiased; one sample can be negative.
-* ``k2 = Σ_t ½ (log r_t)²``: non-negative, biased (it matches KL only to second order in log r).
-* ``k3 = Σ_t (r_t − 1) − log r_t``: unbiased (``E[r_t − 1] = 0`` at each step) and non-negative per token
-  (``e^u − 1 ≥ u``).
-* ``exact = Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t))``: paper footnote 3 (docs/design.md), each step's KL
-  summed over the whole vocabulary; unbiased, with the least variance (it replaces each step's sampled
-  token by its expectation given the prefix: Rao–Blackwellisation).
-
-All four are unbiased (k2 aside) for the KL between the distributions the sampler draws from *only when
-the samples are drawn from π itself*. :func:`sample_with_settings` draws with top-k, top-p or a minimum
-length, and ``drop_eos`` strips a sampled EOS, as pipelines that decode and re-tokenise text do: the
-estimators above then measure something other than KL(π ‖ π_ref) (notebook 10).
+With ``log r_t = log π_ref(y_t|·) − log π(y_t|·)`` summed over a completion y ~ π (Schulman 2020,
+http://joschu.net/blog/kl-approx.html): ``k1 = Σ −log r_t`` (unbiased, can be negative), ``k2 = Σ ½ (log
+r_t)²`` (biased, ≥ 0), ``k3 = Σ (r_t − 1) − log r_t`` (unbiased, ≥ 0), and ``exact`` = Σ_t of each step's KL
+over the vocabulary (paper footnote 3; Rao–Blackwellised, least variance). They estimate KL(π ‖ π_ref) only
+on samples of π itself: :func:`sample_with_settings` (top-k, top-p, minimum length) and :func:`drop_eos`
+show what else they measure (notebook 10).
 """
 
 from __future__ import annotations
@@ -53,11 +43,8 @@ class KLEstimates:
 
 
 def token_estimators(policy_logps: Tensor, ref_logps: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token ``(k1, k2, k3)`` from ``log π`` and ``log π_ref`` of the sampled tokens, same shape, float64.
-
-    float64 because k3 is a difference of two nearly equal terms where π ≈ π_ref; ``expm1`` keeps
-    ``e^u − 1 − u ≥ 0`` exact in rounding as well as in exact arithmetic.
-    """
+    """Per-token ``(k1, k2, k3)`` of the sampled tokens, float64: k3 subtracts nearly equal terms where
+    π ≈ π_ref, and ``expm1`` keeps ``e^u − 1 − u ≥ 0`` in rounding too."""
     if policy_logps.shape != ref_logps.shape:
         raise ValueError(f"policy_logps {tuple(policy_logps.shape)} and ref_logps "
                          f"{tuple(ref_logps.shape)} must have the same shape")
@@ -69,13 +56,9 @@ def token_estimators(policy_logps: Tensor, ref_logps: Tensor) -> tuple[Tensor, T
 def kl_estimates(policy: nn.Module, reference: nn.Module, prompt_ids: Sequence[Sequence[int]],
                  completion_ids: Sequence[Sequence[int]], *, batch_size: int,
                  pad_token_id: int = 0) -> KLEstimates:
-    """k1, k2, k3 and the exact per-step KL sum of each completion, one forward per model per batch.
-
-    ``completion_ids`` are exact token ids (EOS included where sampled, as ``sampling.sample`` returns
-    them). An empty completion (a lone EOS that was dropped) scores 0 on every estimator: no steps, no
-    terms. The exact column is the evaluator's KL, and k1 its sampled log-ratio (``sampling.sample(
-    reference=...)``'s ``kl`` and ``logratio``, to float rounding: tested).
-    """
+    """k1, k2, k3 and the exact KL of each completion (exact ids, EOS included where sampled; an empty one
+    scores 0), one forward per model per batch. ``exact`` and ``k1`` equal ``sample(reference=...)``'s
+    ``kl`` and ``logratio`` to float rounding (tested)."""
     if len(prompt_ids) != len(completion_ids):
         raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -103,14 +86,9 @@ def drop_eos(completion_ids: Sequence[Sequence[int]], eos_token_id: int) -> list
 def sample_with_settings(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *,
                          top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0, strip_eos: bool = False,
                          **kwargs: int) -> Samples:
-    """``sampling.sample``'s completions drawn by HF ``generate`` with the given warpers (temperature 1);
-    ``kwargs`` are sample's ``n_per_prompt``, ``max_new_tokens``, ``batch_size`` and ``seed``.
-
-    With the defaults (no top-k, no top-p, no minimum length) the tokens are ``sample(...,
-    backend="generate")``'s for the same seed and batch size: only the settings differ (tested).
-    ``top_k=50`` or ``top_p=0.9`` sample a truncated, renormalised π; ``min_new_tokens`` masks EOS for that
-    many steps (HF's logits processor); ``strip_eos`` applies :func:`drop_eos` to the sampled ids.
-    """
+    """``sample(..., backend="generate")`` (``kwargs``: n_per_prompt, max_new_tokens, batch_size, seed) with
+    warpers: top-k or top-p truncate π, ``min_new_tokens`` masks EOS that long, ``strip_eos`` applies
+    :func:`drop_eos`. The defaults give ``sample``'s tokens (tested)."""
     _check_args(**kwargs)
     max_new_tokens = kwargs["max_new_tokens"]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:

@@ -1,25 +1,13 @@
-"""PPO for the KL-constrained reward objective (paper Eq. 3), written out as in Ziegler et al. (2019) and
-Stiennon et al. (2020): the paper's "PPO (Our impl.)" and, with the true reward, "PPO-GT (Our impl.)".
+"""PPO for the KL-constrained reward objective (paper Eq. 3), as Ziegler et al. (2019) and Stiennon et al.
+(2020): the paper's "PPO (Our impl.)" with r_phi and "PPO-GT (Our impl.)" with r*.
 
     max_pi  E_{x, y~pi}[ r(x, y) ] - beta * KL( pi(y|x) || pi_ref(y|x) )                         (Eq. 3)
 
-One PPO step:
-1. rollout: one completion y ~ pi(.|x) for each of ``rollout_batch_size`` prompts (temperature 1, no top-k);
-2. score s = r(x, y) with the reward callable: r_phi (``reward_model.LearnedReward``, PPO) or the ground
-   truth r* (PPO-GT); s is standardised with running moments over all scores seen so far;
-3. per-token reward (the KL penalty folded into the reward, the reward of Eq. 3 / paper §3):
-       r_t = -beta * (log pi(y_t|.) - log pi_ref(y_t|.))      + s   on the last completion token;
-4. advantages by GAE (gamma = 1, lambda = 0.95) against a value head V(x, y_<t);
-5. ``ppo_epochs`` passes of minibatch updates of the clipped surrogate + clipped value loss;
-6. the KL coefficient beta follows the adaptive controller of Ziegler et al. toward ``target_kl``.
-
-Value head: ONE module holds the policy and a linear value head on its last hidden states (as Ziegler et
-al. and TRL's ``AutoModelForCausalLMWithValueHead``). It is the simpler correct choice here: one forward
-pass yields log-probs and values, one optimizer, half the compute of a separate critic on a 2-core CPU;
-the cost is that the value loss also moves the shared backbone, which ``vf_coef = 0.1`` keeps small.
-
-Conventions as the DPO trainer: every step's metrics go to ``log`` (``loop.TrainLog``; ``run.Run`` writes
-them to a run folder, checkpoints and resumes with the same numbers on CPU).
+One step: sample y ~ pi(.|x) (temperature 1); score it (standardised by running moments); per-token reward
+r_t = -beta log(pi/pi_ref), plus the score on the last token; GAE (gamma 1, lambda 0.95) against a value
+head; ``ppo_epochs`` passes of the clipped surrogate + clipped value loss; beta adapted toward ``target_kl``.
+The value head is a linear layer on the policy's last hidden states (one forward gives log-probs and
+values, half the compute of a separate critic; ``vf_coef = 0.1`` keeps its pull on the backbone small).
 """
 
 from __future__ import annotations
@@ -42,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_lab.batching import pad_rows
 from dpo_lab.logprobs import position_ids_from_mask, token_logprobs
-from dpo_lab.loop import TrainLog, batch_indices, is_due, optimizer_step, resolve_device
+from dpo_lab.loop import TrainLog, batch_indices, is_due, optimizer_step
 from dpo_lab.presets import PPOConfig
 from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
@@ -53,43 +41,26 @@ ScoreFn = Callable[[Sequence[str]], np.ndarray]
 
 # ------------------------------------------------------------------------------------------ KL control
 class AdaptiveKLController:
-    """Ziegler et al. (2019), eq. 2:  e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta (1 + e n / horizon).
+    """Ziegler et al. (2019), eq. 2:  e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta (1 + e n / horizon),
+    n the samples the KL was measured on (beta's speed then does not depend on the batch size).
+    ``target=None`` keeps beta fixed."""
 
-    ``n_steps`` is the number of samples the KL was measured on, so beta's speed does not depend on the
-    batch size. A KL above target raises beta (stronger pull toward pi_ref), below lowers it.
-    """
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: int) -> None:
-        if not (init_kl_coef > 0 and target > 0 and horizon > 0):
-            raise ValueError(f"need init_kl_coef > 0, target > 0 and horizon > 0; got {init_kl_coef}, "
-                             f"{target}, {horizon}")
-        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+    def __init__(self, init_kl_coef: float, target: float | None, horizon: int = 1) -> None:
+        if not (init_kl_coef >= 0 and horizon > 0 and (target is None or init_kl_coef > 0 and target > 0)):
+            raise ValueError(f"need init_kl_coef >= 0 (> 0 with a target), target > 0 or None and horizon "
+                             f"> 0; got {init_kl_coef}, {target}, {horizon}")
+        self.value, self.target, self.horizon = float(init_kl_coef), target, int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
-        error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))  # proportional error, clipped
-        self.value *= 1.0 + error * n_steps / self.horizon
-        return self.value
-
-
-class FixedKLController:
-    """A constant beta (``target_kl=None``)."""
-
-    def __init__(self, kl_coef: float) -> None:
-        if not kl_coef >= 0:
-            raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: float, n_steps: int) -> float:
+        if self.target is not None:
+            error = float(np.clip(current_kl / self.target - 1.0, -0.2, 0.2))  # proportional error, clipped
+            self.value *= 1.0 + error * n_steps / self.horizon
         return self.value
 
 
 class RunningMoments:
-    """Running mean and std of every score seen (Chan et al.'s parallel update: exact over all batches).
-
-    Scores are standardised as (s - mean) / std with the moments *including* the current batch, so the
-    score term of the reward has about zero mean and unit scale whatever the reward's units are (r* is a
-    probability, r_phi an unbounded logit): the same kl coefficient and lr then suit both variants.
-    """
+    """Mean and std of every score seen (Chan et al.'s exact parallel update). Standardising with them puts
+    r* (a probability) and r_phi (a logit) on one scale, so one kl coefficient and lr suit both."""
 
     def __init__(self) -> None:
         self.mean, self.var, self.count = 0.0, 1.0, 0
@@ -124,14 +95,11 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
-def whiten(x: Tensor, mask: Tensor, *, shift_mean: bool = True) -> Tensor:
+def whiten(x: Tensor, mask: Tensor) -> Tensor:
     """(x - mean) / std over the masked entries (zeros elsewhere): advantage whitening."""
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + 1e-8)
-    if not shift_mean:
-        out = out + mean
-    return torch.where(mask.bool(), out, 0.0)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + 1e-8), 0.0)
 
 
 def kl_penalized_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
@@ -154,15 +122,8 @@ def kl_penalized_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor,
 
 
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """Generalised advantage estimation over the masked (completion) steps, a plain reverse loop.
-
-        delta_t = r_t + gamma V_{t+1} - V_t          (V after the last completion step = 0: episode over)
-        A_t     = delta_t + gamma lam A_{t+1}
-        R_t     = A_t + V_t                          (the value target)
-
-    ``rewards``, ``values``, ``mask`` are ``(B, T)``; each row's masked steps must be contiguous (one
-    completion). Returns ``(advantages, returns)``, both 0 outside the mask.
-    """
+    """GAE over each row's contiguous masked steps, all ``(B, T)``: delta_t = r_t + gamma V_{t+1} - V_t (V = 0
+    after the last step), A_t = delta_t + gamma lam A_{t+1}, returns R_t = A_t + V_t; both 0 off the mask."""
     if not (rewards.shape == values.shape == mask.shape) or rewards.ndim != 2:
         raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask "
                          f"{tuple(mask.shape)} must be the same (B, T) shape")
@@ -186,10 +147,7 @@ def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float)
 def policy_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
                 cliprange: float) -> tuple[Tensor, Tensor]:
     """Clipped surrogate (Schulman et al. 2017): mean over tokens of max(-A ratio, -A clip(ratio, 1 +- eps)).
-
-    Returns ``(loss, clipfrac)``; clipfrac is the share of tokens where the clipped term was the larger
-    (there the gradient is zero: the update has gone far enough in that direction).
-    """
+    Returns ``(loss, clipfrac)``, the share of tokens where the clip binds (zero gradient there)."""
     ratio = torch.exp(logprobs - old_logprobs)  # pi_theta(y_t|.) / pi_old(y_t|.)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
@@ -209,12 +167,6 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor
     return loss, clipfrac
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of the next-token distribution at every position, fp32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 # ------------------------------------------------------------------------------- policy + value head
 class PolicyWithValueHead(nn.Module):
     """A causal LM and a linear value head on its last hidden states (shared backbone; see module doc)."""
@@ -228,10 +180,8 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.value_head.bias)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits (B,T,V), token log-probs (B,T-1), values (B,T-1))``.
-
-        ``values[:, t]`` is V of the state whose logits predict token ``t + 1``, aligned with log-probs.
-        """
+        """``(logits (B,T,V), token log-probs (B,T-1), values (B,T-1))``; ``values[:, t]`` is V of the state
+        whose logits predict token ``t + 1``."""
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask.long(),
                           position_ids=position_ids_from_mask(attention_mask), use_cache=False,
                           output_hidden_states=True)
@@ -257,8 +207,8 @@ class Rollout:
 
 
 def _rollout(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
-             prompts: Sequence[str], score_fn: ScoreFn, *, max_new_tokens: int, seed: int,
-             device: torch.device) -> Rollout:
+             prompts: Sequence[str], score_fn: ScoreFn, *, max_new_tokens: int, seed: int) -> Rollout:
+    device = next(model.parameters()).device
     samples = sample(model.policy, tokenizer, prompts, n_per_prompt=1, max_new_tokens=max_new_tokens,
                      batch_size=len(prompts), seed=seed, progress=False)
     rows = [{"input_ids": p + c[0], "completion_mask": [0] * len(p) + [1] * len(c[0])}
@@ -273,7 +223,8 @@ def _rollout(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
         mask = batch["completion_mask"][:, 1:].bool()
         # Measured once here, on the rollout's own forward, rather than in every update minibatch: a
         # vocabulary-sized log-softmax per minibatch was ~3% of a cpu PPO step (docs/performance.md).
-        entropy = float(masked_mean(entropy_from_logits(logits[:, :-1]), mask))
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        entropy = float(masked_mean(-(logp.exp() * logp).sum(-1), mask))
         ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                position_ids=position_ids_from_mask(batch["attention_mask"]),
                                use_cache=False).logits
@@ -308,15 +259,13 @@ def check_ppo_settings(config: PPOConfig, prompts: Sequence[str], tokenizer: Pre
 
 
 def _rollout_seed(seed: int, step: int) -> int:
-    """The sampling seed of step ``step``'s rollout: a hash of (seed, step), as ``cache.content_hash``
-    ("ppo-rollout", seed, step) gives it, so that rollouts of nearby seeds do not overlap."""
+    """Step ``step``'s sampling seed, ``cache.content_hash("ppo-rollout", seed, step)``: nearby seeds'
+    rollouts do not overlap."""
     payload = json.dumps(["ppo-rollout", seed, step], sort_keys=True, separators=(",", ":"))
     return int(hashlib.sha256(payload.encode()).hexdigest()[:8], 16)
 
 
-def kl_controller(config: PPOConfig) -> AdaptiveKLController | FixedKLController:
-    if config.target_kl is None:
-        return FixedKLController(config.init_kl_coef)
+def kl_controller(config: PPOConfig) -> AdaptiveKLController:
     return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
 
 
@@ -356,17 +305,17 @@ def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro
 
 def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
              prompts: Sequence[str], score_fn: ScoreFn, optimizer: torch.optim.Optimizer,
-             kl_ctl: AdaptiveKLController | FixedKLController, moments: RunningMoments, config: PPOConfig,
-             *, step: int, seed: int, device: torch.device,
+             kl_ctl: AdaptiveKLController, moments: RunningMoments, config: PPOConfig, *,
+             step: int, seed: int,
              on_rollout: Callable[[Rollout, Tensor, Tensor, Tensor], None] | None = None) -> dict[str, Any]:
-    """One PPO step: rollout, rewards, GAE, clipped updates, KL-coefficient update. Returns the metrics.
-
-    ``on_rollout(rollout, rewards, advantages, returns)``, if given, sees the batch and its GAE (before
-    whitening) ahead of the updates: notebook 06 redoes this step by hand on the same batch."""
+    """One PPO step (rollout, rewards, GAE, clipped updates, beta update) on ``model``'s device; returns the
+    metrics. ``on_rollout(rollout, rewards, advantages, returns)`` sees the batch and its GAE (before
+    whitening) ahead of the updates: notebook 06 redoes the step by hand on it."""
     started = time.perf_counter()
+    device = next(model.parameters()).device
     kl_coef = kl_ctl.value
     ro = _rollout(model, reference, tokenizer, prompts, score_fn, max_new_tokens=config.max_new_tokens,
-                  seed=_rollout_seed(seed, step), device=device)
+                  seed=_rollout_seed(seed, step))
     rollout_s = time.perf_counter() - started
     raw_scores = ro.scores.double().cpu().numpy()
     if config.normalize_scores:
@@ -385,8 +334,7 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
     stats = _ppo_update(model, optimizer, ro, advantages, returns, config, step=step, seed=seed)
     mean_kl = float(kl.mean())
     kl_ctl.update(mean_kl, n_steps=len(prompts))  # adapt beta toward target_kl for the next step
-    # What this step cost (run totals in the log): the rollout's tokens go through the policy while sampling,
-    # once more to score log-probs and values, and ppo_epochs times forward and backward in the updates.
+    # Cost: the rollout's tokens pass the policy to sample, to score, and ppo_epochs times in the updates.
     tokens = int(ro.attention_mask.sum())
     n = ro.input_ids.shape[0]
     return {
@@ -411,8 +359,8 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
 
 
 def _write_checkpoint(folder: Path, model: PolicyWithValueHead, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Policy (safetensors) + tokenizer + value head (in a subfolder: the policy's loader reads every
-    *.safetensors beside its weights)."""
+    """Policy, tokenizer, and the value head in a subfolder (the policy's loader reads every *.safetensors
+    beside its weights)."""
     model.policy.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     (folder / "value_head").mkdir()
@@ -429,24 +377,19 @@ def train_ppo(
     *,
     config: PPOConfig,
     seed: int,
-    device: torch.device | str | None = None,
     log: TrainLog | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train ``policy`` in place with PPO on Eq. 3's objective; ``score_fn(texts)`` is r_phi (PPO) or r*
-    (PPO-GT), called on prompt + completion text. ``reference`` stays frozen. Returns the metrics records.
-
-    Every step draws ``rollout_batch_size`` prompts (consecutive slices of a seeded permutation per pass
-    over ``prompts``), so the same seed gives the same run.
-    """
+    """Train ``policy`` in place, on the device it is on, with PPO on Eq. 3; ``score_fn(texts)`` is r_phi
+    (PPO) or r* (PPO-GT) of prompt + completion. ``reference`` stays frozen. Returns the metrics records."""
     if policy is reference:
         raise ValueError("policy and reference are the same object; pass a frozen copy as the reference")
     check_ppo_settings(config, prompts, tokenizer)
-    device, prompts = resolve_device(device), list(prompts)
+    device, prompts = next(policy.parameters()).device, list(prompts)
     log = log if log is not None else TrainLog(eval_every=config.eval_every)
     log.max_steps = config.max_steps
     seed_everything(seed)
-    policy.to(device).eval()  # dropout off throughout (as the DPO trainer); autograd works in eval mode
+    policy.eval()  # dropout off throughout (as the DPO trainer); autograd works in eval mode
     # The reference only runs under no_grad; its requires_grad flags are the caller's and are left alone
     # (flipping them would also freeze any later deepcopy of it used as a policy).
     reference.to(device).eval()
@@ -469,7 +412,7 @@ def train_ppo(
     for step in bar:
         chosen = batch_indices(len(prompts), config.rollout_batch_size, step, seed)
         record = ppo_step(model, reference, tokenizer, [prompts[i] for i in chosen], score_fn, optimizer,
-                          kl_ctl, moments, config, step=step, seed=seed, device=device)
+                          kl_ctl, moments, config, step=step, seed=seed)
         log.log(record, policy)
         bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}",
                         beta=f"{record['kl_coef']:.3f}")
@@ -479,8 +422,3 @@ def train_ppo(
                       "moments": moments.state_dict()})
     policy.eval()
     return log.records
-
-
-__all__ = ["PPOConfig", "AdaptiveKLController", "FixedKLController", "RunningMoments",
-           "PolicyWithValueHead", "masked_mean", "whiten", "kl_penalized_rewards", "gae", "policy_loss",
-           "value_loss", "entropy_from_logits", "kl_controller", "ppo_step", "train_ppo"]

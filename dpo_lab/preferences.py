@@ -1,9 +1,6 @@
-"""Preference pairs from scored samples (paper §6.1, App. C.1): 4 completions per prompt -> all 6 pairs.
-
-The winner y_w is the completion with the higher ground-truth reward r*(x, y): noiseless argmax labels, not
-Bradley-Terry draws (Eq. 1), as in the paper's IMDb task. Pairs that carry no preference (tied rewards) or
-no token DPO could move (an empty completion: EOS sampled first) are dropped, and counted.
-"""
+"""Preference pairs from scored samples (paper §6.1, App. C.1): 4 completions per prompt -> all 6 pairs, y_w
+the one with the higher r*(x, y) (argmax labels, not Bradley-Terry draws, as the paper's IMDb task). Ties and
+empty completions (EOS sampled first: no token DPO could move) are dropped, and counted."""
 
 from __future__ import annotations
 
@@ -94,9 +91,8 @@ def build_preference_pairs(prompts: Sequence[str], completions: Sequence[Sequenc
 
 def validate_preferences(ds: datasets.Dataset, *, tokenizer: PreTrainedTokenizerBase | None = None,
                          max_length: int | None = None, require_rewards: bool = True) -> None:
-    """Raise ValueError naming the first problem (and its row) that would make a pair unusable; prompts
-    longer than ``max_length`` tokens too, given a tokenizer. ``require_rewards=False`` checks pairs labelled
-    by people (TL;DR, Anthropic-HH), which carry no r*."""
+    """Raise ValueError naming the first unusable row (and, given a tokenizer, any prompt of ``max_length``
+    tokens or more). ``require_rewards=False``: pairs labelled by people (TL;DR, Anthropic-HH), no r*."""
     columns = COLUMNS if require_rewards else COLUMNS[:3]
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
@@ -162,8 +158,8 @@ def load_candidates(path: str | Path) -> Candidates:
 
 def load_preferences(path: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None,
                      max_length: int | None = None, advice: str | None = None) -> datasets.Dataset:
-    """Load what :func:`save_preferences` wrote and validate it. A damaged file is a ValueError naming it and
-    ``advice`` (default: delete ``path`` and build the pairs again); a bad row is named with its file."""
+    """What :func:`save_preferences` wrote, validated; a damaged file or bad row is a ValueError naming the
+    file (and ``advice``, by default: delete ``path`` and build the pairs again)."""
     path = Path(path)
     folder = path / "pairs" if (path / "pairs").is_dir() else path
     if not folder.is_dir():
@@ -197,8 +193,8 @@ def score_samples(reward_model: RewardModel, prompts: Sequence[str],
 def generate_preference_data(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                              reward_model: RewardModel, config: PreferenceConfig, *, seed: int,
                              progress: bool = True) -> tuple[datasets.Dataset, PairStats, Candidates]:
-    """Sample ``config.samples_per_prompt`` completions of each prompt from pi_SFT, score and pair them:
-    the pairs, their statistics and the candidates (every sample with its r*, ties included)."""
+    """Sample ``config.samples_per_prompt`` completions of each prompt, score and pair them: (pairs, their
+    statistics, candidates: every sample with its r*)."""
     samples = sample(policy, tokenizer, prompts, n_per_prompt=config.samples_per_prompt,
                      max_new_tokens=config.max_new_tokens, batch_size=config.sample_batch_size, seed=seed,
                      progress=progress)

@@ -1,23 +1,12 @@
-"""The learned reward r_phi(x, y) that PPO maximises (paper §3, Eq. 2), trained on the preference pairs.
+"""The learned reward r_phi(x, y) that PPO maximises (paper §3, Eq. 2):
 
     r_phi(x, y) = w · h_last(x, y) + b          h_last: the backbone's hidden state at the LAST real token
     L_R(r_phi)  = -E[ log sigma( r_phi(x, y_w) - r_phi(x, y_l) ) ]              (Eq. 2, Bradley-Terry)
 
-* Backbone: a copy of the SFT policy's transformer (GPT2Model), as in the paper ("initialised from the SFT
-  model with a linear layer on top"); the scalar head starts at zero, so every reward is 0 at initialisation
-  and the first BT loss is exactly log 2.
-* Validation and test: the pairs are split by PROMPT (all pairs of a prompt on one side) into train,
-  validation and test; the weights with the best validation accuracy are kept (paper: 3 epochs, best
-  validation accuracy) and their accuracy is reported once, on the test prompts.
-* Normalisation (paper §3): the BT loss only sees differences, so r_phi is defined up to a constant; we fix
-  it so that E[r_phi] = 0 over the training completions and store the offset. (The paper asks for
-  E_y[r] = 0 for every x; a per-prompt offset cannot be applied to unseen prompts, so we use one global one.)
-* :class:`LearnedReward` has the reward interface ``texts -> np.ndarray`` (as ``rewards.RewardModel``), so
-  PPO takes it or the ground truth r* interchangeably. It returns unbounded scores, not probabilities.
-
-Tokenisation: training pairs go through ``batching.PreferenceCollator`` (prompt and completion tokenised
-separately); ``LearnedReward`` gets the joined text and tokenises it whole. The two can differ only by a BPE
-merge across the prompt/completion boundary.
+The backbone is a copy of the SFT policy's transformer, the head starts at zero (first loss exactly log 2).
+Pairs are split by prompt into train/validation/test; the best-validation weights are kept (the paper) and
+tested once. r_phi is shifted so that E[r_phi] = 0 over the training completions (§3; one global offset, as
+a per-prompt one cannot reach unseen prompts). :class:`LearnedReward` is ``texts -> np.ndarray`` like r*.
 """
 
 from __future__ import annotations
@@ -34,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import GPT2Model, PreTrainedTokenizerBase
 
-from dpo_lab.batching import Pairs, PreferenceCollator, pair_columns, pair_examples
+from dpo_lab.batching import Pairs, PreferenceCollator, pad_rows, pair_columns, pair_examples
 from dpo_lab.logprobs import position_ids_from_mask
 from dpo_lab.loop import optimizer_step, resolve_device, warmup_then_flat
 from dpo_lab.losses import bradley_terry_loss
@@ -92,12 +81,9 @@ def pair_rewards(model: ScalarRewardModel, batch: Mapping[str, Tensor]) -> tuple
 # ---------------------------------------------------------------------------------------------- splitting
 def split_by_prompt(prompts: Sequence[str], val_fraction: float, seed: int,
                     ) -> tuple[list[int], list[int], list[int]]:
-    """(train, validation, test) indices with every prompt's pairs on one side only.
-
-    A seeded ``ceil(val_fraction * n_prompts)`` of the distinct prompts go to validation (where the kept
-    checkpoint is chosen) and as many to test (where its accuracy is reported: a best-of-many score on the
-    pairs it was chosen on would flatter it), so pairs that share a prompt never leak across the split.
-    """
+    """(train, validation, test) indices, each prompt's pairs on one side: a seeded ``ceil(val_fraction *
+    n_prompts)`` prompts each for validation (choosing the kept weights) and test (a best-of-many score on
+    the pairs it was chosen on would flatter it)."""
     if not 0.0 < val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction!r}")
     unique = sorted(set(prompts))
@@ -114,10 +100,7 @@ def split_by_prompt(prompts: Sequence[str], val_fraction: float, seed: int,
 
 # ------------------------------------------------------------------------------------------ the callable
 class LearnedReward:
-    """``r_phi(texts) -> np.ndarray``: the normalised learned reward ``r_phi(x, y) - offset`` of each text.
-
-    Same interface as the ground-truth reward (``rewards.RewardModel``), so PPO takes either.
-    """
+    """``r_phi(texts) -> np.ndarray``: ``r_phi(x, y) - offset`` of each text, r*'s interface."""
 
     def __init__(self, model: ScalarRewardModel, tokenizer: PreTrainedTokenizerBase, *, offset: float = 0.0,
                  max_length: int = 128, batch_size: int = 64,
@@ -149,16 +132,12 @@ class LearnedReward:
         with torch.no_grad():
             for start in range(0, len(texts), self.batch_size):
                 chunk = texts[start:start + self.batch_size]
-                rows = self.tokenizer(chunk, add_special_tokens=False)["input_ids"]
                 # An empty text would have no last token to read: score the pad/EOS token alone instead.
-                rows = [list(r[: self.max_length]) or [pad] for r in rows]
-                width = max(len(r) for r in rows)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for i, r in enumerate(rows):
-                    ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-                    mask[i, : len(r)] = 1
-                out.append(self.model(ids.to(device), mask.to(device)).double().cpu())
+                rows = [list(r[: self.max_length]) or [pad]
+                        for r in self.tokenizer(chunk, add_special_tokens=False)["input_ids"]]
+                batch = pad_rows([{"input_ids": r, "completion_mask": [0] * len(r)} for r in rows], pad)
+                out.append(self.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+                           .double().cpu())
         return torch.cat(out).numpy()
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
@@ -180,13 +159,9 @@ class RewardModelReport:
     n_val_pairs: int = 0
     test_accuracy: float = float("nan")  # the kept weights on the test pairs, looked at once
     n_test_pairs: int = 0
-    # Where the pairs carry r*'s scores (chosen_reward, rejected_reward): the ceiling, r*'s own accuracy on
-    # the test pairs (1 unless the labels are not r*'s ordering), and r_phi's test accuracy by r*-gap bin.
+    # Where the pairs carry r*'s scores: r*'s own test accuracy (the ceiling) and r_phi's by r*-gap bin.
     rstar_test_accuracy: float | None = None
     test_accuracy_by_gap: list[dict[str, float]] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _check_config(config: RewardModelConfig) -> None:
@@ -239,8 +214,8 @@ def _true_gaps(pairs: Pairs) -> np.ndarray | None:
 
 def accuracy_by_gap(correct: Sequence[float], gaps: Sequence[float], n_bins: int = 4
                     ) -> list[dict[str, float]]:
-    """Pairwise accuracy within quantile bins of the true reward gap r*(y_w) - r*(y_l): how much of r_phi's
-    error is on pairs that r* itself barely separates."""
+    """Accuracy within quantile bins of the true gap r*(y_w) - r*(y_l): is r_phi wrong where r* barely
+    separates the pair?"""
     correct, gaps = np.asarray(correct, dtype=float), np.asarray(gaps, dtype=float)
     edges = np.quantile(gaps, np.linspace(0.0, 1.0, n_bins + 1))
     bins = np.clip(np.searchsorted(edges, gaps, side="right") - 1, 0, n_bins - 1)
@@ -264,8 +239,8 @@ def completion_offset(model: ScalarRewardModel, collator: PreferenceCollator,
 
 
 def _split(pairs: Pairs, config: RewardModelConfig, seed: int) -> tuple[list, list, list, list]:
-    """(train, validation, test) examples split by prompt (validation capped at ``max_val_pairs``), and the
-    test pairs' indices."""
+    """(train, validation, test) examples split by prompt (at most ``max_val_pairs`` validation pairs) and
+    the test pairs' indices."""
     cols = pair_columns(pairs)
     examples = pair_examples(cols)
     train_idx, val_idx, test_idx = split_by_prompt(cols["prompt"], config.val_fraction, seed)
@@ -277,9 +252,8 @@ def _split(pairs: Pairs, config: RewardModelConfig, seed: int) -> tuple[list, li
 
 
 class _BestValidation:
-    """Validation history and the weights kept: best validation accuracy (the paper), among equal accuracies
-    the lower validation loss. Step 0 is logged as the baseline (the zero head ties every pair) but never
-    kept: r_phi = 0 is no reward."""
+    """Validation history and the weights kept: best validation accuracy (the paper), ties to the lower
+    loss. Step 0 (the zero head ties every pair) is logged, never kept."""
 
     def __init__(self, model: ScalarRewardModel, collator: PreferenceCollator, val: list[dict],
                  report: RewardModelReport, batch_size: int) -> None:
@@ -310,15 +284,9 @@ def train_reward_model(
     device: torch.device | str | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> LearnedReward:
-    """Train r_phi by the BT loss (Eq. 2) from ``policy``'s transformer; keep the best-validation
-    weights and report their accuracy on the test pairs.
-
-    ``pairs`` has prompt/chosen/rejected (a Dataset, a list of dicts or a dict of columns). AdamW, linear
-    warmup then constant lr, gradient clipped; validation every ``eval_every`` steps and at the end of each
-    epoch. The returned ``LearnedReward.report`` holds the :class:`RewardModelReport`
-    (``run.cached_reward_model`` saves it). ``on_step(step, total)`` is called after every optimizer step
-    (a progress report).
-    """
+    """Train r_phi by Eq. 2 from ``policy``'s transformer on ``pairs`` (prompt/chosen/rejected), keep the
+    best-validation weights, test them; ``.report`` holds the :class:`RewardModelReport`.
+    ``on_step(step, total)`` follows every optimizer step."""
     _check_config(config)
     seed_everything(seed)
     device = resolve_device(device)
@@ -340,14 +308,13 @@ def train_reward_model(
         report.rstar_test_accuracy = float(np.mean((gaps > 0) + 0.5 * (gaps == 0)))
     report.offset = completion_offset(model, collator, train, batch_size=2 * config.batch_size)
     return LearnedReward(model, tokenizer, offset=report.offset, max_length=config.max_length,
-                         report={**report.to_dict(), "config": asdict(config)})
+                         report={**asdict(report), "config": asdict(config)})
 
 
 def _fit(validate: _BestValidation, train: list[dict], config: RewardModelConfig, seed: int,
          device: torch.device, progress: bool, on_step: Callable[[int, int], None] | None) -> None:
-    """The BT training loop of ``validate.model``: ``config.epochs`` seeded shuffles (the incomplete last
-    batch dropped), at most ``config.max_steps`` steps, validated every ``eval_every`` steps and at each
-    epoch's end."""
+    """AdamW on Eq. 2, warm-up then flat lr: ``config.epochs`` seeded shuffles (last partial batch dropped),
+    at most ``max_steps`` steps, validated every ``eval_every`` steps and at each epoch's end."""
     model, collator, report = validate.model, validate.collator, validate.report
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     optimizer.zero_grad(set_to_none=True)
@@ -377,7 +344,3 @@ def _fit(validate: _BestValidation, train: list[dict], config: RewardModelConfig
                 validate(step)
     bar.close()
 
-
-__all__ = ["RewardModelConfig", "ScalarRewardModel", "LearnedReward", "RewardModelReport",
-           "pair_rewards", "split_by_prompt", "evaluate_pairs", "accuracy_by_gap", "completion_offset",
-           "train_reward_model"]

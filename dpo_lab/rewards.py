@@ -53,9 +53,8 @@ def _check_labels(labels: Sequence[int], n: int) -> np.ndarray:
 
 
 class TfidfSentimentReward:
-    """Word 1-to-``ngram_max``-gram TF-IDF (sublinear tf, l2 norm) + L2 logistic regression, fitted by
-    scikit-learn and scored from its arrays alone, so a saved model needs no pickle:
-    ``p = sigmoid(coef · normalise((1 + log tf) * idf) + intercept)``."""
+    """``p = sigmoid(coef · normalise((1 + log tf) * idf) + intercept)``: word 1-to-``ngram_max``-gram TF-IDF
+    and logistic regression fitted by scikit-learn, scored from its arrays alone (no pickle)."""
 
     def __init__(self, *, max_features: int = 50_000, ngram_max: int = 2, C: float = 4.0, min_df: int = 2):
         self.settings: dict[str, Any] = {  # all saved with the model
@@ -144,9 +143,8 @@ class TfidfSentimentReward:
 
 
 class HubSentimentReward:
-    """A hub sentiment classifier as r*: p(label "POSITIVE") from a transformers text-classification pipeline,
-    as the paper uses ``siebert/sentiment-roberta-large-english`` (``batch_size=16``, ``truncation=True,
-    max_length=512``: official repo, issue #27). ``name`` may also be a local folder."""
+    """A hub classifier's p("POSITIVE") as r*, as the paper uses ``siebert/sentiment-roberta-large-english``
+    (batch 16, truncated at 512 tokens: official repo, issue #27). ``name`` may be a local folder."""
 
     def __init__(self, name: str = "siebert/sentiment-roberta-large-english", device: Any = None,
                  batch_size: int = 16, *, max_length: int = 512, revision: str | None = None):

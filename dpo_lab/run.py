@@ -576,7 +576,7 @@ def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
     :func:`dpo_run`. The policy's weights are not in the key: they change as it trains."""
     _check_frozen_copy(policy, reference)
     config = settings["config"]
-    device = settings["device"] = resolve_device(settings.get("device"))
+    device = resolve_device(settings.pop("device", None))
     ppo.check_ppo_settings(config, prompts, tokenizer)
     fields = {"seed": settings["seed"], "config": trajectory_settings(config),
               "reference": model_fingerprint(reference), "prompts": content_hash(list(prompts)),
@@ -585,7 +585,7 @@ def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
         finished = run.finished(config.max_steps, policy=policy)
         if finished is not None:
             return finished
-        ppo.train_ppo(policy, reference, tokenizer, prompts, score_fn, log=run, **settings)
+        ppo.train_ppo(policy.to(device), reference, tokenizer, prompts, score_fn, log=run, **settings)
         return run.finish()
 
 

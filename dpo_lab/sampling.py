@@ -1,31 +1,13 @@
-"""Sample completions from a causal LM exactly as the paper's IMDb pipeline needs them.
+"""Untruncated samples y ~ pi(.|x): temperature 1, top_k 0 (HF's default of 50 would sample another
+distribution), top_p 1 (docs/design.md, "Sampling"). Prompts are LEFT-padded, position ids come from the
+mask, so a padded row sees what the prompt alone would (tested). A row stops early only when it samples EOS,
+which is kept in ``completion_ids`` (the evaluator's KL includes that step) and dropped from the text.
 
-Every sample is an *untruncated* draw from the policy: temperature 1, top_k 0 (off: HF's default of 50
-would silently sample from a different distribution), top_p 1 (docs/design.md, "Sampling"). Prompts are
-LEFT-padded so that every row's next token sits at the last column; position ids come from the attention
-mask, so a padded row sees the same positions as the prompt sampled alone (tested).
-
-Length rule: ``max_new_tokens`` tokens are sampled per completion; a row stops early only when the policy
-itself samples EOS (that EOS is kept in ``completion_ids``: it is part of the sampled sequence, and the
-evaluator's sequence KL includes the step that chose it). Nothing forces or forbids EOS, so the samples
-are draws from pi(y | x) over sequences of at most ``max_new_tokens`` tokens. The decoded text drops EOS.
-
-Backends (``backend=``), compared by benchmarks/bench_sampling.py:
-
-* ``"loop"``: a plain decoding loop that gives ``generate``'s tokens for the same seed, token for token
-  (tested): the same inputs (left-padded prompt, position ids ``cumsum(mask) - 1``, the 2-D mask or none
-  when nothing is padded, a KV cache, the last position's logits) and the same draw (fp32 softmax, one
-  ``torch.multinomial`` over the whole batch, finished rows included). A plain HF GPT-2 (sdpa, no hooks)
-  runs through its blocks directly, with GPT2LMHeadModel's ops on a preallocated cache.
-* ``"loop_icdf"`` (default): the same loop, each token drawn by inverting the CDF with one uniform per row.
-  Same distribution (chi-square tested), other tokens: ``torch.multinomial`` draws batch x vocab Exp(1)
-  variates a step, about the cost of the model's forward at the cpu preset. About 1.9x ``generate``'s
-  completions per second there, where "loop" reaches 1.2x.
-* ``"generate"``: HF ``model.generate``, the reference.
-
-Randomness: every backend draws from torch's global RNG. We fork it (``torch.random.fork_rng``) and seed
-the fork, so the same seed gives the same samples on the same machine and batch size, and the caller's
-RNG stream (e.g. a training loop's) is left exactly as it was.
+Backends, timed by benchmarks/bench_sampling.py (docs/performance.md): ``"generate"`` (HF, the reference),
+``"loop"`` (our decoding loop: ``generate``'s tokens exactly, tested; plain GPT-2 runs its blocks directly
+on a preallocated cache) and ``"loop_icdf"`` (default: the same loop drawing by inverse CDF, one uniform per
+row instead of B x V Exp(1) variates; the same distribution, other tokens, ~1.9x ``generate``'s speed).
+Each draws from a fork of torch's RNG seeded with ``seed``: the caller's RNG stream is left untouched.
 """
 
 from __future__ import annotations
@@ -63,7 +45,7 @@ class Samples:
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt, without special tokens (the same rule batching.tokenize_completion uses)."""
+    """Token ids of each prompt, no special tokens (as batching.tokenize_completion)."""
     if isinstance(prompts, str):
         raise TypeError("prompts must be a sequence of strings, not a single string")
     ids = []
@@ -79,12 +61,8 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -
 
 def sampling_config(tokenizer: PreTrainedTokenizerBase,
                     max_new_tokens: int | None = None) -> GenerationConfig:
-    """Pure ancestral sampling: every warper that could truncate or reshape pi is set to its no-op value.
-
-    Why: the paper's frontier plots E[r*] against KL(pi || pi_ref) of the policy itself, and preference pairs
-    are samples of pi_ref. transformers' ``generate`` applies top_k=50 unless told otherwise, which samples a
-    truncated distribution, not pi: rewards and KLs measured on such samples describe another policy.
-    """
+    """Pure ancestral sampling, every warper at its no-op value: the frontier's rewards and KLs must be those
+    of pi itself, not of the truncated distribution ``generate``'s default top_k=50 samples."""
     if tokenizer.eos_token_id is None:
         raise ValueError("tokenizer has no eos token; set one (GPT-2 uses '<|endoftext|>')")
     return GenerationConfig(
@@ -127,11 +105,8 @@ def _accepts(model: nn.Module, name: str) -> bool:
 
 
 def _hf_stepper(model: nn.Module, attention_mask: torch.Tensor) -> Stepper:
-    """Any HF causal LM: its own forward and a DynamicCache, with the inputs ``generate`` would pass.
-
-    ``generate`` drops an all-ones mask (no padding) and then lets sdpa use its causal flag; keeping it
-    could change the kernel and the last bits of the logits, so we drop it too.
-    """
+    """Any HF causal LM: its forward and a DynamicCache, fed as ``generate`` feeds it (which drops an all-ones
+    mask, letting sdpa use its causal flag: keeping it could change the logits' last bits)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
@@ -165,13 +140,8 @@ def _conv1d(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 
 def _gpt2_stepper(model: nn.Module, attention_mask: torch.Tensor, max_new_tokens: int) -> Stepper:
-    """GPT-2 blocks run directly, the ops of ``modeling_gpt2`` in the same order, on a preallocated cache.
-
-    Why: at 4 layers x 192 HF's per-step bookkeeping (mask building, cache concatenation, wrappers) costs
-    as much as the matrix products. The arithmetic is unchanged: same embeddings, layer norms, addmm,
-    sdpa with the same boolean mask (True = attend: causal and not padding) or the same causal flag when
-    nothing is padded, same GELU module, lm head on the last position only.
-    """
+    """GPT-2's blocks with ``modeling_gpt2``'s ops in its order (same addmm, sdpa mask or causal flag, GELU)
+    on a preallocated cache: at 4 layers x 192, HF's per-step bookkeeping cost as much as the matmuls."""
     transformer = model.transformer
     blocks = list(transformer.h)
     config = model.config
@@ -226,15 +196,9 @@ def _draw_multinomial(probs: torch.Tensor) -> torch.Tensor:
 
 
 def _draw_inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
-    """Token j with probability probs[j]: the first j with CDF(j) > u * total, u ~ U[0, 1), B variates.
-
-    The cumulative sum is in float32 (float64 cost a copy and twice the memory traffic of the B x V scan):
-    each partial sum is rounded once, so a token's interval, hence its probability, is off by at most
-    ~6e-8 of the total (half an ulp of an end point near 1). Over an evaluation's 16,384 draws that moves
-    any token's expected count by under 0.001, far below sampling noise. A zero-probability token adds
-    exactly 0, so its interval stays empty and it is never returned (``right=True``); the index is capped
-    at the last token with mass for the u * total == total rounding case.
-    """
+    """Token j w.p. probs[j]: the first j with CDF(j) > u * total, u ~ U[0, 1), one variate per row. The
+    float32 CDF (float64 doubled the B x V scan's traffic) moves a token's probability by <= ~6e-8; a
+    zero-probability token has an empty interval (``right=True``) and the cap handles u * total == total."""
     cdf = probs.float().cumsum(dim=-1)
     # float64 uniforms (B of them, cheap), rounded: the same u as the float64 CDF drew, so a token moves
     # only where u falls within rounding of an interval's end.
@@ -249,13 +213,9 @@ def _loop_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
                 max_new_tokens: int, eos_token_id: int, pad_token_id: int,
                 draw: Callable[[torch.Tensor], torch.Tensor] = _draw_multinomial,
                 reference: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """New tokens (B, <= max_new_tokens) of one left-padded batch, rows after their EOS holding pad ids,
-    and ``(2, B)`` float64 per-row sums of [exact KL to ``reference``, log-ratio] (zeros without one).
-
-    Stops after the step in which the last row samples EOS, as ``generate`` does: one draw per step
-    taken, so the RNG is left where ``generate`` leaves it and the next batch matches too. The reference
-    steps on the same tokens with its own cache and draws nothing, so the tokens do not depend on it.
-    """
+    """New tokens (B, <= max_new_tokens) of a left-padded batch (pad after EOS) and ``(2, B)`` float64 sums
+    of [exact KL to ``reference``, log-ratio] (zeros without one). Stops when the last row samples EOS, as
+    ``generate`` does, so the RNG ends where it would; the reference steps alongside and draws nothing."""
     batch, _ = input_ids.shape
     device = input_ids.device
     steps = [_gpt2_stepper(m, attention_mask, max_new_tokens) if _fast_gpt2_supported(m)
@@ -284,28 +244,15 @@ def _loop_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return new, sums
 
 
-def _generate_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    config: GenerationConfig) -> torch.Tensor:
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
-    return out[:, input_ids.shape[1]:]
-
-
 @torch.no_grad()
 def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], *, n_per_prompt: int,
            max_new_tokens: int, batch_size: int, seed: int, progress: bool = True,
            backend: Backend = "loop_icdf", generation_config: GenerationConfig | None = None,
            reference: nn.Module | None = None) -> Samples:
-    """Draw ``n_per_prompt`` completions of every prompt, ``batch_size`` rows at a time.
-
-    ``reference`` (a loop backend only) steps alongside on the sampled tokens: ``Samples.kl`` and
-    ``.logratio`` then hold each completion's exact sequence KL to it and its sampled log-ratio, with no
-    second pass over the samples. The tokens are the same with or without it.
-
-    ``backend="loop"`` and ``"generate"`` give identical tokens, "loop" faster; "loop_icdf" (default) is
-    faster still and samples the same distribution with other tokens (see the module docstring).
-    ``generation_config`` (``backend="generate"`` only) replaces :func:`sampling_config`: for showing what
-    top-k, top-p or a minimum length do to a measurement, never for the kit's own samples.
-    """
+    """``n_per_prompt`` completions of every prompt, ``batch_size`` rows at a time. With ``reference`` (loop
+    backends), ``Samples.kl``/``.logratio`` hold each completion's exact KL to it and sampled log-ratio; the
+    tokens do not change. ``generation_config`` (``"generate"`` only) replaces :func:`sampling_config`, to
+    show what top-k, top-p or a minimum length do to a measurement."""
     _check_args(n_per_prompt, max_new_tokens, batch_size, seed, backend)
     if generation_config is not None and backend != "generate":
         raise ValueError(f"generation_config needs backend='generate', not {backend!r}")
@@ -338,7 +285,8 @@ def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequen
             input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
             if backend == "generate":
-                new = _generate_batch(model, input_ids, attention_mask, config)
+                new = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     generation_config=config)[:, input_ids.shape[1]:]
             else:
                 new, sums = _loop_batch(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,

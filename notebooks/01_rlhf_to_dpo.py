@@ -743,7 +743,7 @@ plt.show()
 # Where will the accuracy stop? Write your answers down, then run the next two cells.
 
 # %% tags=["nbval-check-output"]
-fit = bd.solve_dpo(toy.pi_ref, data, beta, optimizer="adam", steps=200, lr=0.05)
+fit = bd.solve_dpo(toy.pi_ref, data, beta, steps=200, adam_lr=0.05)
 start, end = fit.history[0], fit.history[-1]
 assert start["rewards/chosen"] == start["rewards/rejected"] == 0.0  # all ties at step 0
 history = [{**start, "rewards/accuracies": 0.5}] + fit.history[1:]  # a tie counts as half right

@@ -416,8 +416,7 @@ def keep(rollout, rewards, advantages, returns):
 
 record = ppo_step(model, reference, tokenizer, step_prompts, r_phi,
                   torch.optim.Adam(model.parameters(), lr=step_config.lr), kl_controller(step_config),
-                  RunningMoments(), step_config, step=1, seed=config.seed,
-                  device=next(reference.parameters()).device, on_rollout=keep)
+                  RunningMoments(), step_config, step=1, seed=config.seed, on_rollout=keep)
 ro = library["rollout"]
 print(f"rollout: {len(ro.texts)} completions, {int(ro.mask.sum())} completion tokens; mean r_phi "
       f"{record['objective/scores']:.3f}, sampled KL {record['objective/kl']:.2e} (pi_theta = pi_ref)")

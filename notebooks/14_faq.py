@@ -255,18 +255,18 @@ print(table.round(3).to_string())
 
 # %% tags=["nbval-check-output"]
 for lr in (0.05, 20.0):  # Adam on the 2,000 sampled pairs, from pi_ref
-    history = [h["loss"] for h in bd.solve_dpo(toy.pi_ref, pairs, beta, optimizer="adam", steps=50, lr=lr).history]
+    history = [h["loss"] for h in bd.solve_dpo(toy.pi_ref, pairs, beta, steps=50, adam_lr=lr).history]
     print(f"Adam lr {lr:5g}: highest loss {max(history):.4f} (step {int(np.argmax(history))}), "
           f"after 50 steps {history[-1]:.4f}")
 
 population = bd.population_preferences(toy)  # BT labels on every pair: both orders of each comparison
-fit = bd.solve_dpo(toy.pi_ref, population, beta, optimizer="adam", steps=1000, lr=0.05)
+fit = bd.solve_dpo(toy.pi_ref, population, beta, steps=1000, adam_lr=0.05)
 floor = bd.solve_dpo(toy.pi_ref, population, beta).history[-1]["loss"]  # L-BFGS: the exact minimum
 print("BT labels:            loss at step 10, 100, 1000:", [round(fit.history[s]["loss"], 4) for s in (10, 100, 1000)],
       f" its minimum {floor:.4f}")
 separable = bd.sample_annotated_preferences(toy, 2000, noise=0.0, seed=seed)  # the better response always wins
 dominated = bd.dominated_responses(separable.aggregated(), toy.n_x, toy.n_y)  # the library's exact answer
-fits = {steps: bd.solve_dpo(toy.pi_ref, separable, beta, optimizer="adam", steps=steps, lr=0.05)
+fits = {steps: bd.solve_dpo(toy.pi_ref, separable, beta, steps=steps, adam_lr=0.05)
         for steps in (100, 1000)}
 print("deterministic labels: loss at step 10, 100, 1000:",
       [round(fits[1000].history[s]["loss"], 4) for s in (10, 100, 1000)])

@@ -14,7 +14,6 @@ import torch
 from dpo_lab.evaluate import make_eval_fn
 from dpo_lab.ppo import (
     AdaptiveKLController,
-    FixedKLController,
     PolicyWithValueHead,
     PPOConfig,
     RunningMoments,
@@ -113,11 +112,11 @@ def test_adaptive_kl_controller_update_rule() -> None:
 
 
 def test_fixed_controller_and_factory() -> None:
-    ctl = FixedKLController(0.3)
+    ctl = AdaptiveKLController(0.3, target=None)
     assert ctl.update(100.0, n_steps=64) == 0.3
-    assert isinstance(kl_controller(PPOConfig(target_kl=None)), FixedKLController)
+    assert kl_controller(PPOConfig(target_kl=None)).target is None
     adaptive = kl_controller(PPOConfig(target_kl=3.0, init_kl_coef=0.1))
-    assert isinstance(adaptive, AdaptiveKLController) and adaptive.target == 3.0 and adaptive.value == 0.1
+    assert adaptive.target == 3.0 and adaptive.value == 0.1
     with pytest.raises(ValueError, match="target"):
         AdaptiveKLController(0.2, target=0.0, horizon=10)
 
@@ -279,9 +278,8 @@ def test_on_rollout_sees_the_step_it_is_part_of(tiny_model, tiny_tokenizer) -> N
     def one_step(on_rollout=None):
         model = PolicyWithValueHead(copy.deepcopy(tiny_model)).eval()
         record = ppo_step(model, tiny_model, tiny_tokenizer, PROMPTS, vowel_share,
-                          torch.optim.Adam(model.parameters(), lr=1e-2), FixedKLController(0.05),
-                          RunningMoments(), CONFIG, step=1, seed=0, device=torch.device("cpu"),
-                          on_rollout=on_rollout)
+                          torch.optim.Adam(model.parameters(), lr=1e-2), AdaptiveKLController(0.05, None),
+                          RunningMoments(), CONFIG, step=1, seed=0, on_rollout=on_rollout)
         return record, model
 
     seen = []
