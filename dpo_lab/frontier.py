@@ -1,10 +1,6 @@
-"""The reward-KL frontier (paper Fig. 2 left) from evaluation points: one entry point for ``make reproduce``,
-a papermill sweep and notebook 07.
-
-A point is one checkpoint of one run: (mean sequence KL(pi || pi_ref), mean r*) on held-out test prompts
-(docs/design.md, "Definitions"). :func:`evaluation_points` reads them from a run's ``metrics.jsonl``;
-:func:`report` turns every point of every run into the figure, the per-run table and the dominance counts.
-"""
+"""The reward-KL frontier (paper Fig. 2 left): a point is one checkpoint's (mean sequence KL(pi || pi_ref),
+mean r*) on held-out test prompts (docs/design.md, "Definitions"); :func:`report` turns every point of every
+run into the figure, the per-run table and the dominance counts."""
 
 from __future__ import annotations
 
@@ -17,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from dpo_lab.cache import atomic_write_text
-from dpo_lab.plots import REQUIRED_COLUMNS, plot_frontier, plot_reward_vs_cost, plot_seed_envelopes
+from dpo_lab.plots import check_points, plot_frontier, plot_reward_vs_cost
 from dpo_lab.run import read_metrics
 
 EVAL_COLUMNS = ["reward_mean", "reward_se", "kl_mean", "kl_se"]
@@ -37,9 +33,8 @@ PAPER_DOMINANCE = "26/27, 28/29 and 34/35 over its three PPO-family series (coun
 
 
 def evaluation_points(metrics_path: str | Path, **labels: Any) -> pd.DataFrame:
-    """The evaluation rows of one run's metrics.jsonl (one frontier point each), labelled by ``labels``,
-    with what the run had cost by then (``COST_COLUMNS``; 0 at the starting point) and the scores it was
-    evaluated with beside r* (``SCORE_COLUMNS``: the audit, the proxy reward)."""
+    """One run's evaluation rows (frontier points) labelled by ``labels``, with what it had cost by then
+    (``COST_COLUMNS``, 0 at the start) and the scores read beside r* (``SCORE_COLUMNS``)."""
     rows = [r for r in read_metrics(metrics_path) if "reward_mean" in r]
     scores = [c for c in SCORE_COLUMNS if any(c in r for r in rows)]
     frame = pd.DataFrame(rows, columns=["step", *EVAL_COLUMNS, "logratio_kl_mean", *scores, *COST_COLUMNS])
@@ -52,17 +47,11 @@ def evaluation_points(metrics_path: str | Path, **labels: Any) -> pd.DataFrame:
 def dominance(points: pd.DataFrame, *, challenger: str | Sequence[str] = "DPO",
               others: Sequence[str] = ("PPO",), noise_aware: bool = False, score: str = "reward",
               ) -> tuple[int, int]:
-    """(dominated, total) over the DISTINCT evaluation points of ``others`` (starting checkpoints, step 0,
-    excluded; points with the same KL and reward, e.g. two runs that took the same path, counted once): how
-    many have some ``challenger`` point with strictly lower KL AND strictly higher reward.
-
-    ``noise_aware``: a point counts as beaten only if that reward gap exceeds the combined standard error
-    sqrt(se_challenger^2 + se_other^2) (columns ``reward_se``), so a win inside the noise is not a win.
-    ``score`` judges by another column pair than r*'s (``audit_sentiment``: ``audit_sentiment_mean``/_se)."""
+    """(dominated, total) over the distinct points of ``others`` past step 0: how many have a ``challenger``
+    point with strictly lower KL and strictly higher ``score`` (by more than the combined standard error
+    sqrt(se_challenger^2 + se_other^2) if ``noise_aware``, so a win inside the noise is not a win)."""
     cols = ["kl_mean", f"{score}_mean", *((f"{score}_se",) if noise_aware else ())]
-    missing = [c for c in [*REQUIRED_COLUMNS, *cols] if c not in points.columns]
-    if missing:
-        raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
+    check_points(points, *cols)
     ours = points[points.method.isin([challenger] if isinstance(challenger, str) else challenger)][cols]
     ours = ours.to_numpy(dtype=float)
     theirs = (points[points.method.isin(others) & (points.step > 0)]
@@ -77,10 +66,8 @@ def dominance(points: pd.DataFrame, *, challenger: str | Sequence[str] = "DPO",
 
 
 def dominance_counts(points: pd.DataFrame, score: str = "reward") -> dict[str, dict[str, Any]]:
-    """DPO over each PPO-family series present in ``points``, judged by ``score`` (r* or an audit score):
-    distinct points beaten on both axes, and beaten by more than the combined standard error
-    (``*_noise_aware``), with their shares; and the other direction, the DPO points the series beats
-    (``dpo_dominated``, ``dpo_dominated_noise_aware``/``dpo_total``)."""
+    """:func:`dominance` of DPO over each PPO-family series in ``points``, plain and noise-aware, with shares;
+    and the other way (``dpo_dominated``, ``dpo_dominated_noise_aware`` of ``dpo_total``)."""
     present = set(points.method)
     if "DPO" not in present:
         return {}
@@ -115,11 +102,8 @@ def summary_table(points: pd.DataFrame) -> pd.DataFrame:
 
 
 def report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str = "") -> dict[str, Any]:
-    """Write ``frontier_<name>.png``, ``frontier_<name>_audit.png`` (where the points carry the audit),
-    ``cost_<name>.png`` (reward against each run's spending),
-    ``frontier_<name>_points.csv`` and ``results_<name>.{csv,md}`` to ``out_dir``; return the per-run table
-    and :func:`dominance_counts` (distinct points, plain and noise-aware).
-    The figures are saved and closed (a notebook shows the files or calls the plots itself)."""
+    """Write ``frontier_<name>{,_audit}.png``, ``cost_<name>.png``, ``frontier_<name>_points.csv`` and
+    ``results_<name>.{csv,md}`` to ``out_dir`` (figures closed); return the table and dominance counts."""
     out_dir = Path(out_dir)
     figure = plot_frontier(points, out_dir / f"frontier_{name}.png",
                            title=title or f"IMDb sentiment, '{name}': reward vs KL")
@@ -138,40 +122,3 @@ def report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str =
     return {"table": table, "dominance": dominance_counts(points),
             "dominance_audit": dominance_counts(points, "audit_sentiment") if audited else {},
             "figure": out_dir / f"frontier_{name}.png"}
-
-
-def seed_report(points: pd.DataFrame, out_dir: str | Path, name: str, *, title: str = "") -> dict[str, Any]:
-    """A study over seeds (``points`` has a ``seed`` column): ``frontier_<name>_seeds.png`` (each method's
-    envelope, mean and ± 1 SE across seeds), ``seeds_<name>.{csv,md}`` (the dominance counts per seed, plain
-    and noise-aware, and their sum) and ``results_<name>_seeds.{csv,md}`` (each run's final point, mean and
-    SE across seeds). Returns the two tables."""
-    if "seed" not in points.columns:
-        raise ValueError(f"a seed study needs a 'seed' column; have {list(points.columns)}")
-    out_dir = Path(out_dir)
-    figure = plot_seed_envelopes(points, out_dir / f"frontier_{name}_seeds.png", title=title)
-    plt.close(figure)
-    keys = ["dominated", "dominated_noise_aware", "total"]
-    counts = pd.DataFrame([{"seed": seed, "series": series, **{k: count[k] for k in keys}}
-                           for seed, group in points.groupby("seed")
-                           for series, count in dominance_counts(group).items()],
-                          columns=["seed", "series", *keys])
-    if len(counts):
-        totals = counts.groupby("series", sort=False)[keys].sum()
-        counts = pd.concat([counts, totals.reset_index().assign(seed="all")], ignore_index=True)
-        counts["share"] = counts.dominated / counts.total
-        counts["share_noise_aware"] = counts.dominated_noise_aware / counts.total
-    finals = pd.concat([summary_table(group).assign(seed=seed) for seed, group in points.groupby("seed")],
-                       ignore_index=True)
-    runs = (finals.groupby(["method", "hyperparameter"], sort=False)
-            .agg(seeds=("seed", "nunique"), reward_final=("reward_final", "mean"),
-                 reward_final_se=("reward_final", "sem"), kl_final=("kl_final", "mean"),
-                 kl_final_se=("kl_final", "sem"))
-            .reset_index())
-    for table, stem in ((counts, f"seeds_{name}"), (runs, f"results_{name}_seeds")):
-        atomic_write_text(out_dir / f"{stem}.csv", table.to_csv(index=False))
-        atomic_write_text(out_dir / f"{stem}.md", table.to_markdown(index=False, floatfmt=".3f"))
-    return {"dominance": counts, "runs": runs, "figure": out_dir / f"frontier_{name}_seeds.png"}
-
-
-__all__ = ["AUDIT_SCORES", "COST_COLUMNS", "DOMINANCE_SERIES", "EVAL_COLUMNS", "PAPER_DOMINANCE", "dominance",
-           "dominance_counts", "evaluation_points", "report", "seed_report", "summary_table"]

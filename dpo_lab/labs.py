@@ -1,10 +1,6 @@
-"""The research labs' runs (notebooks 12 and 13): the pipeline's DPO and PPO with pairs from another labeller
-or another sampler, a start other than pi_SFT, or the learned r_phi read beside r* at every evaluation.
-
-Every run is evaluated as the frontier's are (mean r* and exact sequence KL to pi_SFT on the held-out test
-prompts, paper footnote 3) and cached like them, in ``artifacts/training/lab-...`` under a key that hashes
-its pairs, its start and every setting that changes its trajectory.
-"""
+"""The research labs' runs (notebooks 12 and 13): DPO and PPO with pairs from another labeller or sampler,
+another start than pi_SFT, or r_phi read beside r*; evaluated as the frontier's runs are (paper footnote 3)
+and cached in ``artifacts/training/lab-...`` under a key that hashes their pairs, start and settings."""
 
 from __future__ import annotations
 
@@ -19,16 +15,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lab import pipeline
 from dpo_lab.batching import pair_columns
-from dpo_lab.cache import cached_directory, content_hash, read_json_object
+from dpo_lab.cache import cached_directory, content_hash
 from dpo_lab.paths import artifacts_dir
-from dpo_lab.preferences import (
-    Candidates,
-    build_preference_pairs,
-    generate_preference_data,
-    load_preferences,
-    save_preferences,
-    score_samples,
-)
+from dpo_lab.preferences import Candidates, build_preference_pairs, save_preferences, score_samples
 from dpo_lab.presets import Preset
 from dpo_lab.rewards import RewardModel
 from dpo_lab.run import RunResult, dpo_run, load_policy, pairs_fingerprint, ppo_run, trajectory_settings
@@ -38,12 +27,6 @@ SHOW_PROGRESS = pipeline.SHOW_PROGRESS
 
 
 # ------------------------------------------------------------------------------------------ pair sources
-def _pairs_stage(name: str, key: str, build, progress: bool) -> tuple[datasets.Dataset, dict]:
-    folder = cached_directory(pipeline.stage_dir(name, key), build) / "pairs"
-    advice = f"delete {folder.parent} to build these pairs again"
-    return load_preferences(folder, advice=advice), read_json_object(folder / "stats.json", advice=advice)
-
-
 def label_agreement(candidates: Candidates, scores: list[list[float]]) -> float:
     """Share of the pairs ordered by ``scores`` (ties and empty completions skipped, as in the pairs) that
     r* (``candidates["rewards"]``) orders the same way; r* ties count half."""
@@ -61,9 +44,8 @@ def label_agreement(candidates: Candidates, scores: list[list[float]]) -> float:
 
 
 def proxy_preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
-    """pi_SFT's samples of the preference stage, labelled by the learned r_phi instead of r*: the pairs an
-    RLHF pipeline gets when its labeller is a reward model (Gao et al. 2022's proxy). ``stats`` adds
-    ``agreement_with_r_star``, the share of these pairs that r* orders the same way."""
+    """pi_SFT's samples of the preference stage labelled by r_phi instead of r* (Gao et al. 2022's proxy);
+    ``stats`` adds ``agreement_with_r_star``, the share of these pairs that r* orders the same way."""
 
     def build(folder: Path) -> None:
         candidates = pipeline.preference_candidates(preset, progress=progress)
@@ -76,32 +58,23 @@ def proxy_preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> 
         (folder / "pairs" / "stats.json").write_text(json.dumps(summary))
 
     key = content_hash("proxy-labels", pipeline.preferences_key(preset), pipeline.reward_model_key(preset))
-    return _pairs_stage("preferences-proxy", key, build, progress)
+    folder = cached_directory(pipeline.stage_dir("preferences-proxy", key), build)
+    return pipeline.load_pairs(folder / "pairs")
 
 
 def sampled_preference_data(preset: Preset, sampler: PreTrainedModel,
                             sampler_tokenizer: PreTrainedTokenizerBase, *, sampler_key: str,
                             progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
-    """The preference stage with another sampler: ``samples_per_prompt`` completions of the same train
-    prompts from ``sampler`` (identified by ``sampler_key`` in the cache), labelled by r*, all pairs kept."""
-
-    def build(folder: Path) -> None:
-        _, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
-        reward, _ = pipeline.reward_model(preset)
-        train_prompts = pipeline.prompts(preset, tokenizer, "train")
-        pairs, stats, candidates = generate_preference_data(sampler, sampler_tokenizer, train_prompts, reward,
-                                                            preset.preferences, seed=preset.seed,
-                                                            progress=progress)
-        save_preferences(pairs, folder / "pairs", stats=stats, candidates=candidates)
-
+    """The preference stage with another sampler (identified by ``sampler_key`` in the cache): the same
+    train prompts, labelled by r*, all pairs kept."""
     key = content_hash("sampled-by", sampler_key, pipeline.preferences_key(preset))
-    return _pairs_stage("preferences-sampled", key, build, progress)
+    return pipeline.load_pairs(pipeline.sampled_pairs_folder(preset, progress, "preferences-sampled", key,
+                                                             (sampler, sampler_tokenizer)))
 
 
 def sibling_preference_data(preset: Preset, sampler_seed: int, *,
                             progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
-    """Pairs sampled from a sibling of pi_SFT, labelled by r* (off-policy pairs): the same architecture,
-    train/test split, tokenizer and SFT recipe, another seed for its initialisation and data order."""
+    """Off-policy pairs: sampled from a sibling of pi_SFT (another ``seed``, same recipe), labelled by r*."""
     if sampler_seed == preset.seed:
         raise ValueError(f"sampler_seed {sampler_seed} is the preset's own seed: that sampler is pi_SFT "
                          "itself")
@@ -120,8 +93,7 @@ def resampled_preference_data(preset: Preset, run: RunResult, *,
 
 
 def equal_count(pairs: datasets.Dataset, n: int, *, seed: int) -> datasets.Dataset:
-    """``n`` of ``pairs``, a seeded choice kept in the original order, so that pair sources compare at equal
-    pair counts; a ValueError if there are fewer than ``n``."""
+    """``n`` of ``pairs``, a seeded choice in the original order (pair sources compared at equal counts)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     if len(pairs) < n:
@@ -133,9 +105,8 @@ def equal_count(pairs: datasets.Dataset, n: int, *, seed: int) -> datasets.Datas
 # ------------------------------------------------------------------------------------------------- runs
 def lab_dpo(preset: Preset, pairs: datasets.Dataset, beta: float, *, start: RunResult | None = None,
             proxy: bool = False, progress: bool = SHOW_PROGRESS) -> RunResult:
-    """DPO (Eq. 7) at ``beta`` on ``pairs`` with the preset's ``dpo`` settings. From pi_SFT (the reference),
-    or from ``start``'s final policy, which is then the reference too (one round of iterative DPO). KL is
-    measured to pi_SFT either way, as on the frontier; ``proxy`` also reads r_phi at every evaluation."""
+    """DPO (Eq. 7) at ``beta`` on ``pairs`` from pi_SFT, or from ``start``'s final policy, then the reference
+    too (iterative DPO); KL is measured to pi_SFT either way, ``proxy`` also reads r_phi."""
     sft, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
     reference = sft if start is None else load_policy(start.checkpoint_dir)[0]
     eval_fn = pipeline.run_eval_fn(preset, sft, tokenizer, proxy=proxy, from_sft=start is None)
@@ -152,8 +123,8 @@ def lab_dpo(preset: Preset, pairs: datasets.Dataset, beta: float, *, start: RunR
 
 
 def lab_ppo(preset: Preset, target_kl: float | None, *, progress: bool = SHOW_PROGRESS) -> RunResult:
-    """PPO against the learned r_phi (the frontier's "PPO") with r_phi read beside r* at every evaluation;
-    ``target_kl`` None keeps the KL coefficient fixed at ``ppo.init_kl_coef`` (no adaptive controller)."""
+    """The frontier's "PPO" (on r_phi) with r_phi read beside r*; ``target_kl`` None keeps the KL coefficient
+    fixed at ``ppo.init_kl_coef``."""
     reference, tokenizer, _ = pipeline.sft_policy(preset, progress=progress)
     config = dataclasses.replace(preset.ppo, target_kl=target_kl)
     key = content_hash("lab-ppo-proxy", pipeline.preferences_key(preset), pipeline.reward_model_key(preset),
@@ -170,8 +141,8 @@ def lab_ppo(preset: Preset, target_kl: float | None, *, progress: bool = SHOW_PR
 # ------------------------------------------------------------------------------------------------ reading
 def final_samples(runs: dict[str, RunResult], tokenizer: PreTrainedTokenizerBase, prompts: list[str],
                   rewards: dict[str, RewardModel], *, max_new_tokens: int, seed: int) -> list[dict]:
-    """One completion of each prompt from each run's final policy (temperature 1, the evaluation's sampler),
-    as rows {"run", "text" (prompt + completion), one score per ``rewards`` name}: what the numbers hide."""
+    """One completion of each prompt from each run's final policy (the evaluation's sampler), as rows
+    {"run", "text" (prompt + completion), one score per ``rewards`` name}."""
     rows = []
     for name, result in runs.items():
         policy, _ = load_policy(result.checkpoint_dir)
@@ -182,7 +153,3 @@ def final_samples(runs: dict[str, RunResult], tokenizer: PreTrainedTokenizerBase
         rows += [{"run": name, "text": text, **{label: float(s[i]) for label, s in scores.items()}}
                  for i, text in enumerate(texts)]
     return rows
-
-
-__all__ = ["final_samples", "equal_count", "label_agreement", "lab_dpo", "lab_ppo", "proxy_preference_data",
-           "resampled_preference_data", "sampled_preference_data", "sibling_preference_data"]

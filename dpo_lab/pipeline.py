@@ -1,16 +1,12 @@
-"""The IMDb controlled-sentiment reproduction as cached stages (docs/design.md's data flow).
-
-    IMDb -> tokenizer + SFT policy (pi_ref) -> train prompts -> 4 samples each -> r* -> 6 pairs each
-         -> DPO (beta sweep), evaluated every N steps on held-out test prompts: (mean KL_seq, mean r*)
-
-Each stage writes to ``artifacts/<stage>-<key>/`` where the key hashes every setting that produced it
-(and the keys of the stages it reads), so a notebook or a papermill run can start from any stage, a changed
-parameter never reuses a stale artefact, and an interrupted run redoes only the unfinished stage.
+"""The IMDb controlled-sentiment reproduction as cached stages (docs/design.md's data flow): IMDb -> SFT
+policy (pi_ref) -> prompts -> samples -> r* -> pairs -> runs, evaluated on held-out test prompts. Each stage
+lives in ``artifacts/<stage>-<key>/``, the key hashing every setting (and upstream key) that produced it.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -112,14 +108,9 @@ SPLITS = ("train", "audit", "validation", "test")
 
 
 def imdb(preset: Preset) -> datasets.DatasetDict:
-    """The one split every seed shares (fixed by ``data.split_seed``), four disjoint sets of reviews:
-
-    * ``train``: the SFT reviews, r*'s training reviews and the source of the preference prompts (capped at
-      ``data.max_train_reviews``);
-    * ``audit``: ``data.audit_reviews`` train reviews that only the audit's judges learn from;
-    * ``validation`` and ``test``: the held-out reviews, halved: validation prompts for any choice of
-      settings, test prompts for what the frontier reports (never used to choose anything).
-    """
+    """The split every seed shares (``data.split_seed``), four disjoint sets of reviews: ``train`` (SFT, r*,
+    preference prompts), ``audit`` (only the audit's judges learn from it), and the held-out reviews halved
+    into ``validation`` (for choosing settings) and ``test`` (what the frontier reports)."""
     d = preset.data
     return _imdb(d.source, d.test_fraction, d.split_seed, d.max_train_reviews, d.audit_reviews)
 
@@ -142,9 +133,8 @@ def _imdb(source: str, test_fraction: float, seed: int, cap: int | None, n_audit
 
 def sft_policy(preset: Preset, *, progress: bool = SHOW_PROGRESS,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
-    """pi_SFT (= pi_ref, and the start of every trained policy) with its tokenizer and training report.
-    Another ``preset.seed`` trains a sibling: the same split and recipe, another initialisation and order
-    of the reviews."""
+    """pi_SFT (= pi_ref, every run's start), its tokenizer and training report; another ``preset.seed``
+    trains a sibling (same split and recipe, another initialisation and review order)."""
     seed = preset.seed
 
     def build(folder: Path) -> None:
@@ -196,9 +186,8 @@ def _short_text_accuracies(reward: RewardModel, test: datasets.Dataset) -> dict[
 
 def audit_judges(preset: Preset, *, progress: bool = SHOW_PROGRESS,
                  ) -> tuple[WordOrderSentiment, FluencyLM, dict]:
-    """The audit (docs/design.md): a sentiment classifier of another family than r* (it reads word order)
-    and a fluency language model, both trained on the audit reviews, which no policy, r* or r_phi sees.
-    Every frontier point is scored by them beside r*; no method ever trains against them."""
+    """The audit (docs/design.md): a word-order sentiment classifier and a fluency LM, trained on the audit
+    reviews; they score every frontier point beside r* and no method trains against them."""
 
     def build(folder: Path) -> None:
         data = imdb(preset)
@@ -217,17 +206,8 @@ def audit_judges(preset: Preset, *, progress: bool = SHOW_PROGRESS,
             read_json_object(folder / "report.json", advice=rebuild))
 
 
-def audit_scorers(preset: Preset) -> dict[str, Scorer]:
-    """What the audit reads on each evaluation sample: p(positive) by the word-order classifier, the mean
-    per-token log-likelihood of the completion under the fluency LM, and its distinct-word ratio."""
-    sentiment, fluency, _ = audit_judges(preset, progress=False)
-    return {"audit_sentiment": functools.partial(score_completions, sentiment),
-            "audit_fluency": fluency, "distinct_words": lambda _, c: distinct_word_ratio(c)}
-
-
 def prompts(preset: Preset, tokenizer: PreTrainedTokenizerBase, split: str) -> list[str]:
-    """Prefixes of 2-8 tokens: train prompts for preference data, validation prompts for choosing settings,
-    test prompts for the frontier; each from its own reviews, drawn once for every seed."""
+    """Prefixes of 2-8 tokens of ``split``'s reviews, drawn once for every seed."""
     if split not in ("train", "validation", "test"):
         raise ValueError(f"split must be 'train', 'validation' or 'test', got {split!r}")
     cfg = preset.preferences
@@ -237,36 +217,43 @@ def prompts(preset: Preset, tokenizer: PreTrainedTokenizerBase, split: str) -> l
                         max_tokens=cfg.prompt_max_tokens, seed=preset.data.split_seed)
 
 
-def _preferences_folder(preset: Preset, progress: bool) -> Path:
-    """The preference stage's folder, built first if needed (pairs, stats.json, candidates.json)."""
+def sampled_pairs_folder(preset: Preset, progress: bool, stage: str = "preferences", key: str = "",
+                         sampler: tuple[PreTrainedModel, PreTrainedTokenizerBase] | None = None) -> Path:
+    """A preference stage's pairs folder, built if needed: ``samples_per_prompt`` completions of each train
+    prompt from ``sampler`` (a model and its tokenizer; pi_SFT if None), labelled by r*."""
 
     def build(folder: Path) -> None:
         policy, tokenizer, _ = sft_policy(preset, progress=progress)
         reward, _ = reward_model(preset)
-        train_prompts = prompts(preset, tokenizer, "train")
-        pairs, stats, candidates = generate_preference_data(policy, tokenizer, train_prompts, reward,
+        model, model_tokenizer = sampler or (policy, tokenizer)
+        pairs, stats, candidates = generate_preference_data(model, model_tokenizer,
+                                                            prompts(preset, tokenizer, "train"), reward,
                                                             preset.preferences, seed=preset.seed,
                                                             progress=progress)
         save_preferences(pairs, folder / "pairs", stats=stats, candidates=candidates)
 
-    return cached_directory(stage_dir("preferences", preferences_key(preset)), build) / "pairs"
+    return cached_directory(stage_dir(stage, key or preferences_key(preset)), build) / "pairs"
+
+
+def load_pairs(folder: Path) -> tuple[datasets.Dataset, dict]:
+    """A preference stage's pairs and stats.json; a damaged file is named with the folder to delete."""
+    advice = f"delete {folder.parent} to build these pairs again"
+    return load_preferences(folder, advice=advice), read_json_object(folder / "stats.json", advice=advice)
 
 
 def preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
     """All 6 pairs per train prompt from 4 pi_SFT samples, labelled by r* (ties dropped and counted)."""
-    folder = _preferences_folder(preset, progress)
-    rebuild = f"delete {folder.parent} to rebuild the preference stage"
-    return load_preferences(folder, advice=rebuild), read_json_object(folder / "stats.json", advice=rebuild)
+    return load_pairs(sampled_pairs_folder(preset, progress))
 
 
 def preference_candidates(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Candidates:
     """Every sample of every train prompt with its r* (ties included): what the pairs were built from."""
-    return load_candidates(_preferences_folder(preset, progress))
+    return load_candidates(sampled_pairs_folder(preset, progress))
 
 
 def preference_rankings(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[dict[str, list], dict]:
-    """Each train prompt's samples ranked by r*, best first (Plackett-Luce DPO, App. A.3): the same samples
-    as the pairs, prompts with a tie or an empty sample dropped (``batching.rankings_from_candidates``)."""
+    """Each train prompt's samples ranked by r*, best first (Plackett-Luce, App. A.3); prompts with a tie or
+    an empty sample dropped."""
     candidates = preference_candidates(preset, progress=progress)
     return rankings_from_candidates(candidates["prompts"], candidates["completions"], candidates["rewards"])
 
@@ -296,8 +283,7 @@ def frontier_runs(preset: Preset, methods: tuple[str, ...] = METHODS) -> list[tu
 
 
 def run_dir(preset: Preset, method: str, value: float, split: str = "test") -> Path:
-    """Where one run lives: the key hashes the stages it reads, every setting of its method and, for a run
-    evaluated on the validation prompts (a tuning run, issue #23), that split."""
+    """One run's folder; its key hashes the stages it reads, its method's settings and a non-test split."""
     name = hyperparameter_name(method)
     trajectory = trajectory_settings(preset.ppo if method in PPO_METHODS else preset.dpo)
     key = content_hash(method, preferences_key(preset), audit_key(preset), trajectory, preset.reward_model,
@@ -321,8 +307,7 @@ def learned_reward(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Learned
 
 
 def audit_pair_accuracy(preset: Preset) -> float:
-    """How often the audit classifier agrees with r* on r_phi's test pairs (ties count one half): how far
-    another judge of sentiment shares r*'s preferences, beside r_phi's accuracy on the same pairs."""
+    """How often the audit classifier agrees with r* on r_phi's test pairs (ties count one half)."""
     pairs, _ = preference_data(preset, progress=False)
     _, _, test = split_by_prompt(pairs["prompt"], preset.reward_model.val_fraction, preset.seed)
     sentiment, _, _ = audit_judges(preset, progress=False)
@@ -339,11 +324,14 @@ def _reward_model_progress(preset: Preset) -> Path:
 
 def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *,
                 proxy: bool = False, from_sft: bool = True, split: str = "test"):
-    """``eval_fn(policy, step)`` of a run: KL to ``reference`` (pi_SFT), r* and the audit on ``split``'s
-    prompts; ``proxy`` also reads r_phi on the same samples. ``from_sft=False`` for a run that starts
-    elsewhere (its step 0 is not the cached pi_SFT point)."""
+    """A run's ``eval_fn(policy, step)``: KL to ``reference``, r* and the audit on ``split``'s prompts (and
+    r_phi if ``proxy``); ``from_sft=False`` for a run whose step 0 is not pi_SFT's cached point."""
     reward, _ = reward_model(preset)
-    scorers = audit_scorers(preset)
+    sentiment, fluency, _ = audit_judges(preset, progress=False)
+    # The audit reads p(positive), the completion's per-token log-likelihood and its distinct-word ratio.
+    scorers: dict[str, Scorer] = {"audit_sentiment": functools.partial(score_completions, sentiment),
+                                  "audit_fluency": fluency,
+                                  "distinct_words": lambda _, c: distinct_word_ratio(c)}
     if proxy:
         r_phi = learned_reward(preset, progress=False)
         scorers["proxy_reward"] = functools.partial(score_completions, r_phi)
@@ -379,10 +367,8 @@ def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTraine
 def pairwise(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
              accelerator: Accelerator | None = None, gradient_checkpointing: bool = False,
              split: str = "test") -> RunResult:
-    """A DPO (value = beta), Unlikelihood (alpha) or Preferred-FT (seed) run from pi_SFT; on every process
-    of ``accelerator`` when given (``scale.launch``), in the same run folder. DPO with ``dpo.loss_type``
-    "plackett_luce" trains on :func:`preference_rankings` instead of the pairs. ``split`` names the
-    prompts it is evaluated on ("validation" for tuning)."""
+    """A DPO (value = beta), Unlikelihood (alpha) or Preferred-FT (seed) run from pi_SFT, on every process
+    of ``accelerator`` if given; "plackett_luce" DPO trains on :func:`preference_rankings`."""
     if method not in PAIRWISE_METHODS:
         raise ValueError(f"{method!r} is not a pairwise method; choose from {list(PAIRWISE_METHODS)}")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
@@ -411,8 +397,7 @@ def dpo(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> RunRe
 
 def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_PROGRESS,
         split: str = "test") -> RunResult:
-    """A PPO run with the learned reward r_phi ("PPO") or the ground truth r* ("PPO-GT"), evaluated on
-    ``split``'s prompts."""
+    """A PPO run on the learned reward r_phi ("PPO") or the ground truth r* ("PPO-GT")."""
     if method not in PPO_METHODS:
         raise ValueError(f"{method!r} is not a PPO method; choose from {list(PPO_METHODS)}")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
@@ -427,9 +412,8 @@ def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_
 
 def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
            split: str = "test") -> RunResult:
-    """Train one run of any method, evaluated on ``split``'s prompts ("test" for the frontier, "validation"
-    for choosing settings); its checkpoint_dir and metrics_path. A finished run is known by its result.json
-    (nothing is loaded or hashed)."""
+    """One run of any method, evaluated on ``split``'s prompts; a finished run is read from its result.json
+    (nothing loaded or hashed)."""
     steps = run_steps(preset, method)
     finished = finished_run(schedule_dir(run_dir(preset, method, value, split), steps), steps)
     if finished is not None:
@@ -440,8 +424,8 @@ def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_P
 
 
 def heldout(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> HeldOut:
-    """K pi_SFT samples of every test prompt, scored by r*: preference pairs no run trained on (the
-    training pairs use train prompts; r_phi's validation pairs too). A different seed from evaluation's."""
+    """K pi_SFT samples of every test prompt scored by r*: pairs no run trained on (another seed than the
+    evaluation's)."""
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
     reward, _ = reward_model(preset)
     return draw_heldout(reference, tokenizer, prompts(preset, tokenizer, "test"), reward,
@@ -450,28 +434,23 @@ def heldout(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> HeldOut:
                         batch_size=preset.preferences.sample_batch_size, seed=preset.seed + 1000)
 
 
-def trace_dir(preset: Preset, beta: float) -> Path:
-    """The folder of :func:`likelihood_trace`'s run."""
-    every = max(1, preset.dpo.max_steps // 10)
-    key = content_hash("likelihood-trace", preferences_key(preset), preset.dpo, beta, every)
-    return artifacts_dir() / "training" / f"trace-beta{beta:g}-{key}"
-
-
 def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGRESS) -> RunResult:
-    """The DPO run at ``beta`` again, in its own folder, looked at 10 times with
-    ``implicit_reward.likelihood_fn``: what DPO does to the likelihoods of held-out pairs and of its own
-    samples. Same trajectory as :func:`dpo` (same seed, pairs and settings); cached like every run."""
+    """:func:`dpo`'s run at ``beta`` again (same trajectory), in its own folder, looked at 10 times with
+    ``implicit_reward.likelihood_fn``: what DPO does to the likelihoods of held-out pairs and its samples."""
     if preset.dpo.loss_type == "plackett_luce":
         raise ValueError("likelihood_trace follows the chosen and rejected completions of pairs; "
                          "dpo.loss_type 'plackett_luce' trains on rankings: trace a pairwise loss_type")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
     policy = copy.deepcopy(reference)
     pairs, _ = preference_data(preset, progress=progress)
-    config = dataclasses.replace(preset.dpo, eval_every=max(1, preset.dpo.max_steps // 10))
+    every = max(1, preset.dpo.max_steps // 10)
+    config = dataclasses.replace(preset.dpo, eval_every=every)
+    key = content_hash("likelihood-trace", preferences_key(preset), preset.dpo, beta, every)
     eval_fn = likelihood_fn(reference, tokenizer, heldout(preset, progress=progress), beta=beta,
                             max_new_tokens=preset.eval.max_new_tokens, batch_size=preset.eval.batch_size,
                             seed=preset.seed)
-    return dpo_run(policy, reference, tokenizer, pairs, out_dir=trace_dir(preset, beta),
+    return dpo_run(policy, reference, tokenizer, pairs,
+                   out_dir=artifacts_dir() / "training" / f"trace-beta{beta:g}-{key}",
                    ref_cache_dir=artifacts_dir() / "reference-logps", eval_fn=eval_fn, config=config,
                    beta=beta, seed=preset.seed, max_length=preset.policy.n_positions, progress=progress)
 
@@ -490,9 +469,8 @@ def _train_in_worker(preset: Preset, method: str, value: float) -> float:
 
 
 def default_workers() -> int:
-    """Frontier runs trained side by side when ``workers`` is not given: one single-thread run per core this
-    process may use (docs/performance.md); on a CUDA machine two, sharing the GPU, so that one run's kernels
-    fill the gaps while the other runs Python."""
+    """Frontier runs side by side by default: one single-thread run per usable core (docs/performance.md);
+    two on a CUDA machine, so that one run's kernels fill the gaps while the other runs Python."""
     import torch
 
     if torch.cuda.is_available():
@@ -504,17 +482,13 @@ def run_steps(preset: Preset, method: str) -> int:
     """How many optimizer steps one run of ``method`` takes at ``preset``."""
     if method in PPO_METHODS:
         return preset.ppo.max_steps
-    if method == "DPO":
-        return preset.dpo.max_steps
-    return preset.baselines.max_steps or preset.dpo.max_steps
+    return preset.dpo.max_steps if method == "DPO" else preset.baselines.max_steps or preset.dpo.max_steps
 
 
 def run_work(preset: Preset, method: str) -> float:
-    """One run's work in token passes (a sampled or scored token counts 1, a trained one 3: a forward and a
-    backward of twice its cost), its evaluations included: the run's weight in the frontier's progress bar.
-    Every method runs at about the same FLOP rate (docs/performance.md), so the share of the work done so far
-    predicts the time left. Two shared pieces are billed once: "r_phi", the learned reward the first PPO run
-    trains, and "reference", the reference log-probs of every pair the first pairwise run computes."""
+    """One run's work in token passes (sampled or scored tokens 1, trained ones 3), evaluations included:
+    its weight in the frontier's progress bar (every method runs at about one FLOP rate, docs/performance.md).
+    Shared work is billed once: "r_phi" (the first PPO run trains it), "reference" (the pairs' log-probs)."""
     pref, ev, policy = preset.preferences, preset.eval, preset.policy
     prompt = (pref.prompt_min_tokens + pref.prompt_max_tokens) / 2
     pairs = pref.n_prompts * math.comb(pref.samples_per_prompt, 2)
@@ -541,17 +515,15 @@ def run_work(preset: Preset, method: str) -> float:
 
 
 def _last_step(metrics_path: Path) -> int:
-    """The step of the last whole line of a run's metrics.jsonl (-1 if none), read while a worker writes."""
+    """The step of the last whole line of a run's metrics.jsonl (0 if none), read while a worker writes."""
     try:
         lines = metrics_path.read_bytes().splitlines()
     except FileNotFoundError:
-        return -1
+        return 0
     for line in reversed(lines):
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line still being written
             return int(json.loads(line)["step"])
-        except (ValueError, KeyError, TypeError):
-            continue  # a line still being written
-    return -1
+    return 0
 
 
 Item = tuple[str, float]  # (method, hyperparameter value) of a run, or a piece of shared work
@@ -560,53 +532,44 @@ SHARED_WORK = {("r_phi", 0.0): ("PPO",), ("reference", 0.0): tuple(PAIRWISE_METH
 
 
 class _PoolProgress:
-    """The frontier pool's progress bar: the share of the stage's work done (each run's steps weighted by
-    :func:`run_work`; work already on disk when the stage started not counted), an ETA from the average
-    rate so far, and the step each running run has reached."""
+    """The frontier pool's bar: the share of the stage's work done (each run's steps weighted by
+    :func:`run_work`, work on disk before the stage started not counted), an ETA from the mean rate so far,
+    and the step each running run has reached."""
 
     def __init__(self, preset: Preset, runs: list[Item], *, disable: bool) -> None:
         self.preset, self.runs, self.finished = preset, runs, set[Item]()
-        self.paths = {r: schedule_dir(run_dir(preset, *r), run_steps(preset, r[0])) / "metrics.jsonl"
-                      for r in runs}
-        self.reward_model_progress = _reward_model_progress(preset)  # r_phi's trainer writes it
+        self.logs = {r: schedule_dir(run_dir(preset, *r), run_steps(preset, r[0])) / "metrics.jsonl"
+                     for r in runs}
         shared = [item for item, methods in SHARED_WORK.items() if any(m in methods for m, _ in runs)]
         self.weights = {r: run_work(preset, r[0]) for r in runs + shared}
-        self.start = self._fractions(self._steps())
+        self.start = self._shares()[1]
         total = sum(w * (1 - self.start[r]) for r, w in self.weights.items())
         # smoothing=0: the ETA extrapolates the average rate since the start, not the last few seconds'.
         self.bar = tqdm(total=max(total, 1.0), desc="frontier runs", smoothing=0, disable=disable,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
-    def _steps(self) -> dict[Item, int]:
-        """Each run's last logged step (a finished run's last step without reading it)."""
-        return {r: run_steps(self.preset, r[0]) if r in self.finished else max(0, _last_step(self.paths[r]))
-                for r in self.runs}
-
-    def _fractions(self, steps: dict[Item, int]) -> dict[Item, float]:
-        shares = {r: min(1.0, step / run_steps(self.preset, r[0])) for r, step in steps.items()}
-        for item in self.weights.keys() & SHARED_WORK.keys():
-            if any(step > 0 for r, step in steps.items() if r[0] in SHARED_WORK[item]):
-                shares[item] = 1.0  # done before the first step of the run that does it
-            elif item[0] == "r_phi" and self.reward_model_progress.is_file():
-                report = json.loads(self.reward_model_progress.read_text())
+    def _shares(self) -> tuple[dict[Item, int], dict[Item, float]]:
+        """Each run's last logged step, and the share done of each weighed item."""
+        total = {r: run_steps(self.preset, r[0]) for r in self.runs}
+        steps = {r: total[r] if r in self.finished else _last_step(self.logs[r]) for r in self.runs}
+        shares: dict[Item, float] = {r: min(1.0, step / total[r]) for r, step in steps.items()}
+        r_phi = _reward_model_progress(self.preset)  # r_phi's trainer writes it every 10 steps
+        for item in self.weights.keys() & SHARED_WORK.keys():  # done before its run's first step
+            shares[item] = float(any(step > 0 for r, step in steps.items() if r[0] in SHARED_WORK[item]))
+            if item[0] == "r_phi" and not shares[item] and r_phi.is_file():
+                report = json.loads(r_phi.read_text())
                 shares[item] = report["step"] / report["total"]
-            else:
-                shares[item] = 0.0
-        return shares
+        return steps, shares
 
     def update(self, running: list[Item], finished: set[Item]) -> None:
         self.finished |= finished
-        steps = self._steps()
-        shares = self._fractions(steps)
-        done = sum(w * max(0.0, shares[r] - self.start[r]) for r, w in self.weights.items())
-        self.bar.n = min(done, self.bar.total)
+        steps, shares = self._shares()
+        self.bar.n = min(self.bar.total, sum(w * max(0.0, shares[r] - self.start[r])
+                                             for r, w in self.weights.items()))
         self.bar.set_postfix_str(" · ".join(
             f"{m} {hyperparameter_name(m)}={v:g}: {steps[(m, v)]}/{run_steps(self.preset, m)}"
             for m, v in running), refresh=False)
         self.bar.refresh()
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def _worker_order(runs: list[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -619,12 +582,9 @@ def _worker_order(runs: list[tuple[str, float]]) -> list[tuple[str, float]]:
 
 def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bool = SHOW_PROGRESS,
              timings: dict[str, float] | None = None, workers: int = 1) -> pd.DataFrame:
-    """Every evaluation point of every run of ``methods`` (starting checkpoints included, step 0);
-    ``timings`` (if given) collects the wall seconds spent per method (summed over workers). Points are
-    read from finished runs only, under their folders' locks (a run another process is still training is
-    waited for). ``workers > 1`` trains that many runs at a time in separate processes of one thread each;
-    a run's numbers then agree with a one-process run's to float rounding (another thread count sums in
-    another order), and the same ``workers`` on the same machine gives the same numbers."""
+    """Every evaluation point (step 0 included) of every run of ``methods``, read from finished runs under
+    their locks; ``timings`` collects wall seconds per method. ``workers > 1`` trains that many runs at a
+    time in one-thread processes (numbers then agree with one process's to float rounding)."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     runs = frontier_runs(preset, methods)
@@ -643,7 +603,7 @@ def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bo
                 # The pool queues a call ahead of its workers, so the first `workers` are the ones training.
                 running = [futures[f] for f in futures if f in pending and f.running()][:workers]
                 watch.update(running, {futures[f] for f in done})
-            watch.close()
+            watch.bar.close()
     frames = []
     for method, value in runs:
         start = time.perf_counter()
@@ -661,10 +621,3 @@ def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bo
 def dpo_sweep(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> pd.DataFrame:
     """Every beta of the preset's DPO sweep; one row per evaluation point, the SFT start included."""
     return frontier(preset, ("DPO",), progress=progress)
-
-
-__all__ = ["METHODS", "PAIRWISE_METHODS", "PPO_METHODS", "audit_judges", "audit_scorers", "dpo",
-           "dpo_sweep", "frontier", "frontier_runs", "heldout", "imdb", "learned_reward",
-           "likelihood_trace", "pairwise", "ppo", "preference_candidates", "preference_data",
-           "preference_rankings", "prompts", "result", "reward_model", "run_dir", "sft_policy",
-           "trace_dir"]

@@ -1,4 +1,4 @@
-"""The reward-KL frontier (paper Fig. 2 left), its envelopes averaged over seeds, and over-optimisation."""
+"""The reward-KL frontier (paper Fig. 2 left), reward against cost, and over-optimisation."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ METHOD_COLORS: dict[str, str] = {"DPO": "tab:red", "Unlikelihood": "tab:orange",
 REQUIRED_COLUMNS = ("method", "step", "kl_mean", "reward_mean")
 
 
-def _check_points(points: pd.DataFrame, *columns: str) -> None:
+def check_points(points: pd.DataFrame, *columns: str) -> None:
+    """A ValueError naming the columns ``points`` lacks of a frontier's and ``columns``."""
     missing = [c for c in [*REQUIRED_COLUMNS, *columns] if c not in points.columns]
     if missing:
         raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
@@ -49,11 +50,9 @@ SCORE_LABELS: dict[str, str] = {  # a frontier panel's y axis, by the score it r
 
 def plot_frontier(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "",
                   label_runs: bool = False, scores: Sequence[str] = ("reward",)) -> plt.Figure:
-    """Every evaluation point of every run (one colour per method, ± 1 SE bars where the points carry them),
-    the shared SFT start and each method's upper envelope: KL(pi || pi_ref) on x, mean r* on y, as in the
-    paper; or one panel per score of ``scores`` (e.g. the audit's, ``SCORE_LABELS``). ``label_runs`` also
-    draws each run's path and labels its end with its ``hyperparameter`` (for a sweep of one method)."""
-    _check_points(points, *(f"{s}_mean" for s in scores))
+    """Every point (± 1 SE bars where given), the SFT start and each method's upper envelope: KL on x, mean r*
+    (or each of ``scores``, a panel each) on y; ``label_runs`` draws each run's path, labelled at its end."""
+    check_points(points, *(f"{s}_mean" for s in scores))
     fig, axes = plt.subplots(1, len(scores), figsize=(6.4 * len(scores) ** 0.8, 4.4), squeeze=False)
     start = points[points.step == 0]
     for ax, score in zip(axes[0], scores, strict=True):
@@ -89,7 +88,7 @@ def plot_reward_vs_cost(points: pd.DataFrame, path: str | Path | None = None, *,
                         costs: Sequence[str] = ("cost/policy_backward_tokens", "cost/wall_s"),
                         title: str = "") -> plt.Figure:
     """Mean r* against what each run had spent by then (``frontier.COST_COLUMNS``), a panel per cost."""
-    _check_points(points, *costs)
+    check_points(points, *costs)
     fig, axes = plt.subplots(1, len(costs), figsize=(5.2 * len(costs), 4.0), sharey=True, squeeze=False)
     group_by = ["method", "hyperparameter"] if "hyperparameter" in points.columns else ["method"]
     for ax, cost in zip(axes[0], costs, strict=True):
@@ -109,58 +108,11 @@ def plot_reward_vs_cost(points: pd.DataFrame, path: str | Path | None = None, *,
     return _finish(fig, path)
 
 
-def seed_envelopes(points: pd.DataFrame, grid: np.ndarray) -> pd.DataFrame:
-    """Per method and KL budget on ``grid``: the mean over seeds of each seed's envelope (the best reward
-    within the budget; NaN below its smallest KL), its standard error across seeds and the number of seeds
-    that reach that budget (a seed's points: every run of the method, steps > 0)."""
-    _check_points(points, "seed")
-    rows = []
-    for method, group in points[points.step > 0].groupby("method", sort=False):
-        per_seed = []
-        for _, g in group.groupby("seed"):
-            xs, ys = upper_envelope(g.kl_mean.to_numpy(), g.reward_mean.to_numpy())
-            where = np.searchsorted(xs, grid, side="right") - 1
-            per_seed.append(np.where(where >= 0, ys[np.clip(where, 0, None)], np.nan))
-        per_seed = np.array(per_seed)
-        n = np.sum(~np.isnan(per_seed), axis=0)
-        # NaN wherever some seed does not reach the budget: never a mean over a changing set of seeds
-        mean = per_seed.mean(axis=0)
-        se = per_seed.std(axis=0, ddof=1) / np.sqrt(len(per_seed)) if len(per_seed) > 1 else 0.0 * mean
-        rows += [{"method": method, "kl": k, "reward_mean": m, "reward_se": e, "seeds": int(c)}
-                 for k, m, e, c in zip(grid, mean, se, n, strict=True)]
-    return pd.DataFrame(rows)
-
-
-def plot_seed_envelopes(points: pd.DataFrame, path: str | Path | None = None, *, title: str = "",
-                        grid_size: int = 200) -> plt.Figure:
-    """:func:`seed_envelopes` with a band of ± 1 SE across seeds, each seed's points faint behind."""
-    _check_points(points)
-    trained = points[points.step > 0]
-    grid = np.linspace(0.0, float(trained.kl_mean.max()) if len(trained) else 1.0, grid_size)
-    curves = seed_envelopes(points, grid)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for method, curve in curves.groupby("method", sort=False):
-        color = METHOD_COLORS.get(str(method))
-        mine = trained[trained.method == method]
-        ax.scatter(mine.kl_mean, mine.reward_mean, s=8, alpha=0.25, color=color)
-        n_seeds = mine.seed.nunique()
-        ax.plot(curve.kl, curve.reward_mean, color=color, label=f"{method} ({n_seeds} seeds)")
-        ax.fill_between(curve.kl, curve.reward_mean - curve.reward_se, curve.reward_mean + curve.reward_se,
-                        color=color, alpha=0.2, linewidth=0)
-    ax.set(xlabel=r"sequence KL$(\pi \,\|\, \pi_\mathrm{ref})$ budget (nats)",
-           ylabel=r"best mean $r^*$ within the budget" + "\n" + "mean over seeds, band ± 1 s.e.",
-           title=title or "Reward vs KL across seeds")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    return _finish(fig, path)
-
-
 def plot_proxy_and_gold(points: pd.DataFrame, path: str | Path | None = None, *,
                         reference: pd.DataFrame | None = None, title: str = "") -> plt.Figure:
-    """Over-optimisation (Gao et al. 2022): each run's gold r* (left) and proxy r_phi (right, columns
-    ``proxy_reward_mean``/``_se``) against KL to pi_ref, one line per ``run`` in step order, ± 1 SE bars.
-    ``reference`` (points of runs trained on r*'s own labels) adds their upper envelope to the gold panel."""
-    _check_points(points, "run", "proxy_reward_mean")
+    """Over-optimisation (Gao et al. 2022): each ``run``'s gold r* (left) and proxy r_phi (right) against KL,
+    ± 1 SE; ``reference`` (runs trained on r*'s labels) adds its upper envelope to the gold panel."""
+    check_points(points, "run", "proxy_reward_mean")
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.4), sharex=True)
     if reference is not None and len(reference):
         xs, ys = upper_envelope(reference.kl_mean.to_numpy(), reference.reward_mean.to_numpy())

@@ -251,7 +251,7 @@ def test_pool_progress_counts_new_work_and_names_running_runs(tmp_path: Path, mo
     assert watch.bar.n == pytest.approx(work["r_phi"] + work["PPO"] * (steps // 2) / steps)
     watch.update([], set(runs))
     assert watch.bar.n == pytest.approx(watch.bar.total)
-    watch.close()
+    watch.bar.close()
     shown = capsys.readouterr().err
     assert f"PPO target_kl={running[1]:g}: {steps // 2}/{steps}" in shown and "100%" in shown
 

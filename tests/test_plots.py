@@ -4,15 +4,12 @@ matplotlib.use("Agg")
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.collections import PolyCollection
 
 from dpo_lab.frontier import dominance, dominance_counts
 from dpo_lab.plots import (
     plot_frontier,
     plot_proxy_and_gold,
     plot_reward_vs_cost,
-    plot_seed_envelopes,
-    seed_envelopes,
     upper_envelope,
 )
 
@@ -102,60 +99,6 @@ def test_label_runs_names_each_run(tmp_path):
     points["hyperparameter"] = ["beta=0.1", "beta=0.1", "beta=1", "beta=1"]
     fig = plot_frontier(points, label_runs=True)
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["beta=0.1", "beta=1"]
-
-
-def test_a_seed_envelope_is_the_best_reward_within_each_budget():
-    points = pd.DataFrame({"method": "DPO", "seed": 0, "step": 1, "kl_mean": [1.0, 2.0, 3.0, 4.0],
-                           "reward_mean": [0.6, 0.5, 0.8, 0.7]})  # (2, 0.5) and (4, 0.7) are dominated
-    curve = seed_envelopes(points, np.array([0.5, 1.0, 2.5, 3.0, 10.0]))
-    assert np.allclose(curve.reward_mean, [np.nan, 0.6, 0.6, 0.8, 0.8], equal_nan=True)
-
-
-def test_seed_envelopes_average_each_seeds_envelope():
-    rows = [  # DPO seed 0 reaches 0.8 at KL 2, seed 1 only at KL 3; PPO's two seeds are identical
-        ("DPO", 0, 0, 0.0, 0.5), ("DPO", 0, 1, 1.0, 0.6), ("DPO", 0, 2, 2.0, 0.8),
-        ("DPO", 1, 0, 0.0, 0.5), ("DPO", 1, 1, 1.5, 0.6), ("DPO", 1, 2, 3.0, 0.8),
-        ("PPO", 0, 0, 0.0, 0.5), ("PPO", 0, 1, 2.0, 0.7), ("PPO", 1, 0, 0.0, 0.5), ("PPO", 1, 1, 2.0, 0.7),
-    ]
-    points = pd.DataFrame(rows, columns=["method", "seed", "step", "kl_mean", "reward_mean"])
-    curves = seed_envelopes(points, np.array([1.0, 1.5, 2.0, 3.0]))
-    dpo = curves[curves.method == "DPO"]
-    # At KL 1 only seed 0 has a point: no mean (a curve never averages over a changing set of seeds).
-    assert np.allclose(dpo.reward_mean, [np.nan, 0.6, 0.7, 0.8], equal_nan=True)
-    assert np.allclose(dpo.reward_se, [np.nan, 0.0, 0.1, 0.0], equal_nan=True)  # sd 0.1414 / sqrt 2
-    assert dpo.seeds.tolist() == [1, 2, 2, 2]
-    ppo = curves[curves.method == "PPO"]
-    assert np.allclose(ppo.reward_mean, [np.nan, np.nan, 0.7, 0.7], equal_nan=True)
-    assert np.allclose(ppo.reward_se.iloc[2:], 0.0)
-    fig = plot_seed_envelopes(points, None)
-    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["DPO (2 seeds)", "PPO (2 seeds)"]
-    assert len([c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]) == 2  # one band each
-
-
-def test_seed_envelopes_need_a_seed_column():
-    with pytest.raises(ValueError, match="seed"):
-        plot_seed_envelopes(_points([("DPO", 1, 1.0, 0.5)]))
-
-
-def test_seed_report_counts_dominance_per_seed_and_in_sum(tmp_path):
-    from dpo_lab.frontier import seed_report
-
-    rows = []
-    for seed, ppo_reward in ((0, 0.6), (1, 0.95)):  # seed 0: DPO beats PPO's point; seed 1: it does not
-        rows += [("DPO", "beta=0.1", seed, 0, 0.0, 0.5, 0.01), ("DPO", "beta=0.1", seed, 1, 1.0, 0.9, 0.01),
-                 ("PPO", "target_kl=3", seed, 0, 0.0, 0.5, 0.01),
-                 ("PPO", "target_kl=3", seed, 1, 2.0, ppo_reward, 0.01)]
-    points = pd.DataFrame(rows, columns=["method", "hyperparameter", "seed", "step", "kl_mean", "reward_mean",
-                                         "reward_se"]).assign(kl_se=0.0)
-    out = seed_report(points, tmp_path, "toy")
-    counts = out["dominance"].set_index(["seed", "series"])
-    assert counts.loc[(0, "PPO"), "dominated"] == 1 and counts.loc[(1, "PPO"), "dominated"] == 0
-    assert counts.loc[("all", "PPO"), ["dominated", "total"]].tolist() == [1, 2]
-    runs = out["runs"].set_index("method")
-    assert runs.loc["PPO", "reward_final"] == pytest.approx(0.775)
-    assert runs.loc["PPO", "reward_final_se"] == pytest.approx(0.175)  # sd 0.2475 / sqrt 2
-    for name in ("frontier_toy_seeds.png", "seeds_toy.md", "results_toy_seeds.csv"):
-        assert (tmp_path / name).stat().st_size > 0
 
 
 def test_reward_vs_cost_draws_one_line_per_run_per_cost(tmp_path):

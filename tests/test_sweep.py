@@ -561,6 +561,25 @@ def test_a_run_another_process_runs_is_waited_for_not_started_twice(toy_notebook
     assert "toy/a: running elsewhere (pid" in capsys.readouterr().err
 
 
+def test_a_sweep_over_several_seeds_collects_its_points_for_the_seed_script(tmp_path: Path) -> None:
+    """Points of several seeds are written as they are (scripts/seed_report.py --collect reads them), not
+    drawn as one frontier that would mix the seeds."""
+    spec = sweep.preset_spec("smoke", {"dpo.betas": [0.1]}, ["DPO"])
+    for seed, run in enumerate([spec.runs[0], dataclasses.replace(spec.runs[0], name="dpo-beta0.1-seed1")]):
+        folder = tmp_path / spec.name / run.name
+        folder.mkdir(parents=True)
+        status = {"state": "done", "parameters_key": sweep.parameters_key(run.parameters)}
+        (folder / "status.json").write_text(json.dumps(status))
+        (folder / "result.json").write_text(json.dumps({"method": "DPO"}))
+        pd.DataFrame({"method": "DPO", "hyperparameter": "beta=0.1", "seed": seed, "step": [0, 6],
+                      "kl_mean": [0.0, 1.0], "reward_mean": [0.5, 0.7]}).to_csv(folder / "points.csv")
+    spec = dataclasses.replace(spec, runs=(*spec.runs, run))
+    sweep.collect(spec, root=tmp_path)
+    points = pd.read_csv(tmp_path / spec.name / f"frontier_{spec.name}_points.csv")
+    assert sorted(set(points.seed)) == [0, 1] and len(points) == 4
+    assert not (tmp_path / spec.name / f"frontier_{spec.name}.png").exists()
+
+
 # ---------------------------------------------------------------------------------- the real notebook
 def test_frontier_sweep_runs_the_real_notebook_at_smoke(tmp_path: Path) -> None:
     spec = sweep.preset_spec("smoke", {"dpo.betas": [0.1]}, ["DPO"])

@@ -608,7 +608,8 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
 # ----------------------------------------------------------------------------------------------- results
 def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     """Every run's result.json as one row (plus state and seconds) -> results.{csv,md}; every run's
-    points.csv -> ``frontier.report`` (``seed_report`` for several seeds), as ``make reproduce`` writes."""
+    points.csv -> ``frontier.report``, as ``make reproduce`` writes (for several seeds, the points only:
+    ``scripts/seed_report.py --collect`` reads them)."""
     folder, rows, frames = sweep_folder(spec, root), [], []
     for run in spec.runs:
         state, why = run_state(run_dir := inside(folder, run.name), run.parameters)
@@ -628,12 +629,11 @@ def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     atomic_write_text(folder / "results.csv", table.to_csv(index=False))
     atomic_write_text(folder / "results.md", table.to_markdown(index=False, floatfmt=".3f"))
     points = pd.concat(frames, ignore_index=True) if frames else None
-    if points is not None and {"method", "kl_mean", "reward_mean"} <= set(points.columns):
-        from dpo_lab.frontier import report, seed_report
+    seeds = points is not None and points.get("seed", pd.Series([0])).nunique() > 1
+    if points is not None and not seeds and {"method", "kl_mean", "reward_mean"} <= set(points.columns):
+        from dpo_lab.frontier import report
 
-        seeds = points.get("seed", pd.Series([0])).nunique() > 1
-        (seed_report if seeds else report)(points, folder, spec.name,
-                                           title=f"sweep {spec.name}: reward vs KL" + " across seeds" * seeds)
+        report(points, folder, spec.name, title=f"sweep {spec.name}: reward vs KL")
     elif points is not None:
         atomic_write_text(folder / f"frontier_{spec.name}_points.csv", points.to_csv(index=False))
     return table
