@@ -11,6 +11,7 @@ import datasets
 import pytest
 
 from dpo_lab.batching import PAIR_COLUMNS
+from dpo_lab.preferences import validate_preferences
 from dpo_lab.scale import hub_preferences as hp
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
@@ -152,14 +153,15 @@ def test_outputs_pass_project_validation(tiny_tokenizer: Any) -> None:
     tldr, _ = hp.load_tldr_preferences("train", path=TLDR, validate=False, progress=False)
     hh, _ = hp.load_hh_preferences("train", path=HH, validate=False, progress=False)
     for pairs in (tldr, hh):
-        hp.validate_pairs(pairs, tokenizer=tiny_tokenizer, max_length=512)
+        validate_preferences(pairs, tokenizer=tiny_tokenizer, max_length=512, require_rewards=False)
         with pytest.raises(ValueError, match="prompt longer than the context"):
-            hp.validate_pairs(pairs, tokenizer=tiny_tokenizer, max_length=4)
+            validate_preferences(pairs, tokenizer=tiny_tokenizer, max_length=4, require_rewards=False)
     same = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [" a"], "rejected": [" a"]})
     with pytest.raises(ValueError, match="identical"):
-        hp.validate_pairs(same)
+        validate_preferences(same, require_rewards=False)
+    no_rejected = datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [" a"]})
     with pytest.raises(ValueError, match="missing|lack"):
-        hp.validate_pairs(datasets.Dataset.from_dict({"prompt": ["p"], "chosen": [" a"]}))
+        validate_preferences(no_rejected, require_rewards=False)
 
 
 # ------------------------------------------------------------------- own loaders: bad files and rows named

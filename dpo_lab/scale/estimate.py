@@ -1,14 +1,8 @@
 """What the paper's experiments would cost on a GPU, and what a DPO step needs in memory.
 
-FLOPs by the rule of Kaplan et al. (2020, §2.1): a token costs 2·N FLOPs forward (reference log-probs,
-scoring, sampling) and 6·N in training, N = the parameters its matrix multiplies use (embedding lookups out,
-the output projection in). Attention scores (2·n_layer·n_ctx·d per token: 3% of 2N for gpt2-large at 512
-tokens) and padding are left out, so the real cost is higher. Then
-
-    GPU hours = FLOPs / (peak FLOP/s × model-FLOPs utilisation) / 3600
-
-Every row of :func:`cost_table` carries its token arithmetic as text. Memory: :func:`dpo_memory_estimate`
-and :func:`dpo_batch_plan` (``print(dpo_batch_plan())`` for gpt2-large at 512 tokens on one 80 GB GPU).
+FLOPs by Kaplan et al. (2020, §2.1): 2·N per token forward, 6·N in training, N = the parameters matrix
+multiplies use (embedding lookups out, the output projection in); attention scores and padding are left
+out, so the real cost is higher. GPU hours = FLOPs / (peak FLOP/s × utilisation) / 3600.
 """
 
 from __future__ import annotations
@@ -60,21 +54,19 @@ KNOWN_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # the paper's models' 
         "vocab_size": 50304, "hidden_size": 2560, "num_hidden_layers": 32, "num_attention_heads": 32,
         "intermediate_size": 10240, "rotary_pct": 0.25, "max_position_embeddings": 2048}),
 }
-KNOWN_MODELS: tuple[str, ...] = tuple(KNOWN_CONFIGS)
 
 
 def model_config(name: str) -> PretrainedConfig:
-    """The config of one of :data:`KNOWN_MODELS` (a fresh object each call; no hub access)."""
+    """The config of one of :data:`KNOWN_CONFIGS` (a fresh object each call; no hub access)."""
     if name not in KNOWN_CONFIGS:
-        raise KeyError(f"no config for model {name!r}; known: {list(KNOWN_MODELS)} (or pass a config)")
+        raise KeyError(f"no config for model {name!r}; known: {list(KNOWN_CONFIGS)} (or pass a config)")
     return AutoConfig.for_model(KNOWN_CONFIGS[name][0], **KNOWN_CONFIGS[name][1])
 
 
 @functools.cache
 def _sizes(config_class: type, config_json: str) -> tuple[int, int, int]:
-    """(parameters, N, the output projection's part of N) of a weightless meta-device instance: N leaves
-    out embedding lookups (a tied output matrix counts, as the projection it also is) and a classifier head,
-    which runs once per sequence."""
+    """(parameters, N, the output projection's part of N) of a weightless instance; N counts a tied output
+    matrix (a projection too) but no lookup and no classifier head (it runs once per sequence)."""
     config = config_class.from_dict(json.loads(config_json))
     classifier = config.model_type == "roberta"
     auto = getattr(transformers, f"AutoModelFor{'SequenceClassification' if classifier else 'CausalLM'}")
@@ -98,8 +90,7 @@ def count_parameters(config: PretrainedConfig) -> int:
 
 
 def matmul_params(model: str | PretrainedConfig, *, lm_head: bool = True) -> int:
-    """N of the 6N rule for a :data:`KNOWN_MODELS` name or a config; ``lm_head=False``: the transformer
-    alone, as under a scalar reward head."""
+    """N of the 6N rule for a :data:`KNOWN_CONFIGS` name or a config; ``lm_head=False``: without it."""
     config = model_config(model) if isinstance(model, str) else model
     _, n, head = _sizes(type(config), config.to_json_string(use_diff=False))
     return n - (0 if lm_head else head)
@@ -116,8 +107,8 @@ def gpu_hours(flops: float, *, mfu: float = DEFAULT_MFU, peak_flops: float = H10
 
 @dataclass(frozen=True)
 class Stage:
-    """One line of the bill: the product of ``factors`` (value, unit) is the tokens that go through
-    ``model`` (N = ``params``) in ``kind`` passes; ``arithmetic`` shows it, e.g. ``4 runs × 2,400 steps``."""
+    """One line of the bill: ``kind`` passes of ``model`` (N = ``params``) over the product of ``factors``
+    (value, unit) tokens."""
 
     task: str
     stage: str
@@ -152,14 +143,12 @@ class Stage:
 
 
 # ------------------------------------------------------------------------------- the paper's experiments
-def _points(max_steps: int, every: int) -> int:
-    """Evaluation points of a run: step 0, every ``every`` steps and the last (run.is_due)."""
+def _points(max_steps: int, every: int) -> int:  # step 0, every ``every`` steps and the last (run.is_due)
     return 1 + math.ceil(max_steps / every)
 
 
 def _imdb_models(p: Preset) -> tuple[tuple[str, int], tuple[str, int], tuple[str | None, int]]:
-    """(name, N) of the policy, of r_phi (the policy's transformer + a scalar head) and of r* (None when it
-    is the offline TF-IDF classifier, which runs on the CPU)."""
+    """(name, N) of the policy, of r_phi (its transformer) and of r* (None: the offline one runs on CPU)."""
     if p.policy.source == "scratch":  # trained here (the gpu preset): the preset's shape and vocabulary
         policy: str | PretrainedConfig = AutoConfig.for_model(
             "gpt2", n_layer=p.policy.n_layer, n_head=p.policy.n_head, n_embd=p.policy.n_embd,
@@ -175,11 +164,8 @@ def _imdb_models(p: Preset) -> tuple[tuple[str, int], tuple[str, int], tuple[str
 
 def imdb_stages(preset: Preset | None = None, *, n_train_reviews: int = 25_000, review_tokens: float = 280.0,
                 prompt_tokens: float = 5.0) -> list[Stage]:
-    """Every stage of the IMDb reproduction at ``preset`` (default ``paper``).
-
-    Assumptions: IMDb's 25,000 train reviews; 280 GPT-2 tokens per review cut at 512 (min(chars / 4, 512)
-    over the offline train reviews); 5 prompt tokens (the paper's 2-8); completions at full length; r* reads
-    as many tokens as the policy."""
+    """Every stage of the IMDb reproduction at ``preset`` (default ``paper``), assuming 280 GPT-2 tokens per
+    review (mean of min(chars / 4, 512) over the train reviews), 5 prompt tokens, full-length completions."""
     p = preset or PRESETS["paper"]
     _check("n_train_reviews", n_train_reviews, integer=True, positive=True)
     _check("review_tokens", review_tokens, positive=True)
@@ -245,13 +231,9 @@ HUB_TASKS = {"tldr": ("TL;DR (GPT-J 6B, β 0.5)", "CarperAI/openai_summarize_tld
 
 def hub_task_stages(*, tldr_pairs: int = 92_000, hh_pairs: int = 160_000, epochs: int = 1,
                     batch_size: int = 64) -> list[Stage]:
-    """The paper's TL;DR and Anthropic-HH DPO runs, one epoch each (the official code's default), without
-    GPT-4 judging. HH has no SFT model: its π_ref is Preferred-FT on the chosen responses (sweeps/hh_paper),
-    whose trainer also runs the rejected ones forward, so two sequences per pair.
-
-    A cross-check: the official README's Pythia-2.8B HH DPO run took ~11 A100-hours, computing reference
-    log-probs online; this bill's reference and DPO lines come to ~1.6e18 FLOPs, 3.5 A100-hours at 40% MFU:
-    that run pads to 512 tokens and shards with FSDP, so its utilisation of real tokens was nearer 13%."""
+    """The paper's TL;DR and HH DPO runs, one epoch each, no GPT-4 judging; HH's π_ref is Preferred-FT on the
+    chosen responses (its trainer runs the rejected ones forward too). Cross-check: the official Pythia-2.8B
+    HH run took ~11 A100-hours; its reference + DPO lines here are ~3.5 at 40% MFU (it pads to 512, FSDP)."""
     for name, value in (("tldr_pairs", tldr_pairs), ("hh_pairs", hh_pairs), ("epochs", epochs),
                         ("batch_size", batch_size)):
         _check(name, value, integer=True, positive=True)
@@ -269,9 +251,8 @@ def hub_task_stages(*, tldr_pairs: int = 92_000, hh_pairs: int = 160_000, epochs
 
 
 def cost_table(stages: Iterable[Stage], *, mfu: float = DEFAULT_MFU, decode_mfu: float = DEFAULT_DECODE_MFU,
-               peak_flops: float = H100_BF16_DENSE_FLOPS, total: bool = True) -> pd.DataFrame:
-    """One row per stage (FLOPs, utilisation, GPU hours, arithmetic); ``total`` closes each task with a row
-    summing FLOPs and hours. ``mfu`` applies to training and forward passes, ``decode_mfu`` to sampling."""
+               peak_flops: float = H100_BF16_DENSE_FLOPS) -> pd.DataFrame:
+    """One row per stage, each task closed by a ``total`` row; ``decode_mfu`` is sampling's utilisation."""
     stages = list(stages)
     if not stages:
         raise ValueError("cost_table needs at least one stage")
@@ -282,13 +263,11 @@ def cost_table(stages: Iterable[Stage], *, mfu: float = DEFAULT_MFU, decode_mfu:
                            "utilisation": (u := decode_mfu if s.kind == "decode" else mfu),
                            "gpu_hours": gpu_hours(s.flops, mfu=u, peak_flops=peak_flops),
                            "arithmetic": s.arithmetic} for s in stages])
-    if total:
-        sums = table.groupby("task", sort=False)[["flops", "gpu_hours"]].sum().reset_index()
-        table = pd.concat([table, sums.assign(stage="total")], ignore_index=True)
-        order = {t: i for i, t in enumerate(dict.fromkeys(table["task"]))}
-        table = table.sort_values(["task", "stage"], key=lambda c: c.map(order) if c.name == "task"
-                                  else (c == "total").astype(int), kind="stable").reset_index(drop=True)
-    return table
+    sums = table.groupby("task", sort=False)[["flops", "gpu_hours"]].sum().reset_index()
+    table = pd.concat([table, sums.assign(stage="total")], ignore_index=True)
+    order = {t: i for i, t in enumerate(dict.fromkeys(table["task"]))}
+    return table.sort_values(["task", "stage"], key=lambda c: c.map(order) if c.name == "task"
+                             else (c == "total").astype(int), kind="stable").reset_index(drop=True)
 
 
 def paper_cost_table(*, mfu: float = DEFAULT_MFU, decode_mfu: float = DEFAULT_DECODE_MFU,
@@ -338,19 +317,15 @@ def dpo_memory_estimate(*, micro_batch_pairs: int = 1, seq_len: int = 512,
                         reference: Literal["cached", "bf16", "fp32"] = "cached",
                         gradient_checkpointing: bool = False, attention: Literal["sdpa", "eager"] = "sdpa",
                         gpu_gib: float = 80.0) -> MemoryEstimate:
-    """Estimated peak GPU memory of one DPO micro-batch step of a GPT-2 (default gpt2-large, 512 tokens).
-
-    Fixed: fp32 weights, gradients and optimizer state (RMSprop 1 buffer, AdamW 2); the reference
-    (``"cached"``: its log-probs precomputed, nothing resident, as this project trains). Per step:
-    ``2 x micro_batch_pairs`` sequences' activations (with checkpointing, each block's input plus one block
-    recomputed), the LM-head logits, autocast's bf16 weight copies."""
+    """Estimated peak GPU memory of one DPO micro-batch step of a GPT-2: fp32 weights, gradients and optimizer
+    state, the reference (``"cached"``: none resident), then 2 x ``micro_batch_pairs`` sequences' activations,
+    logits and autocast's bf16 weight copies."""
     config = model_config(model) if isinstance(model, str) else model
     if config.model_type != "gpt2":
         raise ValueError(f"the memory estimate's coefficients are a GPT-2's, not {config.model_type!r}")
     n_layer, d, n_head, vocab = config.n_layer, config.n_embd, config.n_head, config.vocab_size
-    for name, value in (("micro_batch_pairs", micro_batch_pairs), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    _check("micro_batch_pairs", micro_batch_pairs, integer=True, positive=True)
+    _check("seq_len", seq_len, integer=True, positive=True)
     if seq_len > config.n_positions:
         raise ValueError(f"seq_len {seq_len} exceeds the model's context n_positions {config.n_positions}")
     buffers, ref_bytes = {"rmsprop": 1, "adamw": 2}, {"cached": 0, "bf16": 2, "fp32": 4}
@@ -378,8 +353,7 @@ def dpo_memory_estimate(*, micro_batch_pairs: int = 1, seq_len: int = 512,
 
 
 def dpo_batch_plan(global_batch: int = 64, num_processes: int = 1, **estimate_kwargs: Any) -> str:
-    """For each micro-batch that divides ``global_batch`` over ``num_processes`` GPUs: the accumulation that
-    reaches it and the estimated GiB per GPU, without and with gradient checkpointing."""
+    """Each micro-batch that divides ``global_batch`` over the GPUs: its accumulation and GiB per GPU."""
     lines = [f"global batch {global_batch} on {num_processes} GPU(s):",
              "micro x accumulation | GiB per GPU (no checkpointing) | GiB (gradient checkpointing)"]
     for micro in range(1, global_batch + 1):

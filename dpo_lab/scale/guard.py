@@ -1,12 +1,8 @@
-"""Run a command so that everything it starts dies with it, and with whoever started it.
+"""``python dpo_lab/scale/guard.py PARENT_PID -- COMMAND...``: everything COMMAND starts dies with it.
 
-    python dpo_lab/scale/guard.py PARENT_PID -- COMMAND...
-
-papermill starts the notebook's kernel in a session of its own, and the kernel may start more (``torchrun``),
-so no process group reaches them all. The guard makes itself a child subreaper (Linux ``prctl``: an orphan
-below it is re-parented to it), asks for SIGTERM when its parent dies (and polls ``getppid``), and on
-SIGTERM/SIGINT/SIGHUP, its parent's death or the command's end terminates every process below it (SIGKILL
-after a grace period), then exits with the command's code (128 + the signal when stopped).
+papermill's kernel runs in a session of its own and may start more (``torchrun``), so no process group
+reaches them all: the guard is a child subreaper (orphans below it come to it), and when its parent dies
+(even by kill -9), on SIGTERM/SIGINT/SIGHUP or at the command's end it ends every process below it.
 """
 
 from __future__ import annotations
@@ -33,8 +29,7 @@ def prctl(option: int, value: int) -> bool:
 
 
 def stop_tree(child: subprocess.Popen, grace: float = GRACE_S) -> None:
-    """SIGTERM ``child`` and every process below this one, SIGKILL what is left after ``grace`` seconds, and
-    reap them; return once none is left."""
+    """SIGTERM every process below this one, SIGKILL what is left after ``grace`` seconds; reap them all."""
     deadline, signalled = time.monotonic() + grace, set()
     while True:
         if child.poll() is not None:  # once the child's code is known, reaping the rest cannot take it
@@ -54,8 +49,7 @@ def stop_tree(child: subprocess.Popen, grace: float = GRACE_S) -> None:
         time.sleep(0.05)
 
 
-def _reap() -> None:
-    """Collect every ended child (orphans re-parented here included)."""
+def _reap() -> None:  # every ended child, orphans re-parented here included
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
             pass

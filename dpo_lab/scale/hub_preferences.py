@@ -1,14 +1,9 @@
 """Human preference data of the paper's other two tasks as (prompt, chosen, rejected) pairs.
 
-* TL;DR (§6.2): ``openai/summarize_from_feedback``, config ``comparisons`` (Stiennon et al. 2020): two
-  summaries of a Reddit post, ``choice`` the preferred one's index; CNN/DailyMail rows (post None) skipped.
-* Anthropic-HH (§6.3): ``Anthropic/hh-rlhf``: two dialogues sharing every turn but the last assistant
-  response; the prompt runs through the last "\\n\\nAssistant:" (as extract_anthropic_prompt, the paper
-  authors' code).
-
-``path=None`` loads the hub split with ``datasets``; else local files in the hub's schema (fixtures,
-mirrors). Rows that cannot form a pair are skipped and counted by reason; a malformed row is an error that
-names it (and its file). The pairs carry human labels, not r* scores.
+TL;DR (§6.2): ``openai/summarize_from_feedback`` ``comparisons``, two summaries of a Reddit post and the
+preferred one's index. Anthropic-HH (§6.3): ``Anthropic/hh-rlhf``, two dialogues differing in the last
+assistant response. ``path=None`` loads the hub split, else local files in the hub's schema; rows that
+cannot form a pair are skipped and counted by reason, a malformed row is an error naming it and its file.
 """
 
 from __future__ import annotations
@@ -22,7 +17,6 @@ from typing import Any
 
 import datasets
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from dpo_lab.batching import PAIR_COLUMNS
 from dpo_lab.preferences import validate_preferences
@@ -88,8 +82,8 @@ def read_rows(files: Sequence[Path]) -> tuple[list[Any], Callable[[int], str]]:
 
 
 def _read(name: str, config: str | None, split: str, path: str | Path | None) -> tuple[Any, Callable, str]:
-    """(rows, where, source) of one split: the hub's (``path=None``), or local files: ``path`` itself or the
-    files under it named ``{split}.*`` or ``*-{split}.*`` (any depth: ``helpful-base/train.jsonl``)."""
+    """(rows, where, source) of one split: the hub's, ``path`` itself, or the files under ``path`` named
+    ``{split}.*`` or ``*-{split}.*`` (any depth: ``helpful-base/train.jsonl``)."""
     if not isinstance(split, str) or not split:
         raise TypeError(f"split must be a non-empty string, got {split!r}")
     if path is None:
@@ -120,12 +114,6 @@ def _text(value: Any, where: str) -> str | None:
     return value
 
 
-def validate_pairs(ds: datasets.Dataset, *, tokenizer: PreTrainedTokenizerBase | None = None,
-                   max_length: int | None = None) -> None:
-    """The project's pair checks (non-empty texts, chosen != rejected, prompt fits) without r* columns."""
-    validate_preferences(ds, tokenizer=tokenizer, max_length=max_length, require_rewards=False)
-
-
 def _load(name: str, config: str | None, split: str, path: str | Path | None,
           to_pair: Callable[[Any], tuple[str, str, str] | str], reasons: Sequence[str], *, validate: bool,
           progress: bool) -> tuple[datasets.Dataset, dict[str, Any]]:
@@ -151,7 +139,7 @@ def _load(name: str, config: str | None, split: str, path: str | Path | None,
                          f"skipped {why}")
     if validate:
         try:
-            validate_pairs(ds)
+            validate_preferences(ds, require_rewards=False)  # human labels: no r* columns
         except ValueError as err:
             raise ValueError(f"pairs built from {source}: {err}") from err
     return ds, {"dataset": name, "split": split, "source": source, "read": len(rows), "kept": len(ds),
@@ -188,8 +176,8 @@ def load_tldr_preferences(split: str = "train", *, path: str | Path | None = Non
 
 
 def split_dialogue(text: str) -> tuple[str, str] | None:
-    """``(prompt, response)`` of an HH dialogue, split after its last "\\n\\nAssistant:" (the response keeps
-    its leading space); None if there is no assistant turn."""
+    """``(prompt, response)`` split after the last "\\n\\nAssistant:" (as the paper authors' code); None if
+    there is no assistant turn."""
     if not isinstance(text, str):
         raise TypeError(f"dialogue must be a string, got {type(text).__name__}")
     cut = text.rfind(ASSISTANT_TAG)

@@ -41,11 +41,6 @@ def check_task(task: str) -> str:
     return task
 
 
-def _local(path: str) -> Path | None:
-    """``path`` as given or under the project root, if either exists."""
-    return next((p.resolve() for p in (Path(path).expanduser(), project_root() / path) if p.exists()), None)
-
-
 def resolve_data_dir(task: str, data_dir: str) -> Path | None:
     """``""``: the hub (None); ``"fixtures"``: the project's hub-format fixtures; else local data."""
     check_task(task)
@@ -53,7 +48,9 @@ def resolve_data_dir(task: str, data_dir: str) -> Path | None:
         raise TypeError(f"data_dir must be a string, got {type(data_dir).__name__}")
     if data_dir in ("", "fixtures"):
         return project_root() / FIXTURES[task] if data_dir else None
-    if (path := _local(data_dir)) is None:
+    path = next((p.resolve() for p in (Path(data_dir).expanduser(), project_root() / data_dir) if p.exists()),
+                None)
+    if path is None:
         raise FileNotFoundError(f"data_dir {data_dir!r} does not exist (nor under {project_root()})")
     return path
 
@@ -77,9 +74,8 @@ def load_task_pairs(task: str, split: str, *, data_dir: str = "", max_pairs: int
 
 def fit_prompts(pairs: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, max_prompt_length: int,
                 max_length: int, how: str = "drop") -> tuple[datasets.Dataset, int]:
-    """Pairs whose prompt fits ``max_prompt_length`` tokens: ``how="drop"`` removes longer ones,
-    ``"keep_end"`` keeps their last tokens (the official code's rule for HH). Returns (pairs, how many were
-    dropped or cut); completions are cut later, by the collator, to fit ``max_length``."""
+    """(pairs whose prompt fits ``max_prompt_length`` tokens, how many did not): ``how="drop"`` drops the
+    others, ``"keep_end"`` keeps their last tokens (the official code's rule for HH)."""
     if how not in LONG_PROMPTS:
         raise ValueError(f"how must be one of {list(LONG_PROMPTS)}, got {how!r}")
     for name, value in (("max_prompt_length", max_prompt_length), ("max_length", max_length)):
@@ -103,9 +99,8 @@ def fit_prompts(pairs: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, 
 
 def load_models(model: str, *, tokenizer: str = "", revision: str = "", tiny_texts: Sequence[str] = (),
                 max_length: int = 512, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedModel, Any]:
-    """``(policy, reference, tokenizer)``: the SFT model (a hub name or a local folder; safetensors, no remote
-    code) and a frozen copy as π_ref, dropout off. ``model=""``: a tiny random GPT-2 with a BPE trained on
-    ``tiny_texts``, a dry run of the code path."""
+    """``(policy, reference, tokenizer)``: the SFT model (hub name or folder) and a frozen copy as π_ref;
+    ``model=""``: a tiny random GPT-2 with a BPE trained on ``tiny_texts``, a dry run of the code path."""
     if not isinstance(model, str):
         raise TypeError(f"model must be a string, got {type(model).__name__}")
     if model == "":
@@ -151,8 +146,8 @@ def heldout_eval_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
 
 
 def run_summary(metrics: Sequence[Mapping[str, Any]], **fields: Any) -> dict[str, Any]:
-    """A flat dict of scalars for ``result.json``: ``fields``, the training curve's first loss, its last
-    10% of steps averaged, and the held-out metrics at the start and the end (NaN if never logged)."""
+    """Scalars for ``result.json``: ``fields``, the first loss, the last 10% of steps' means, and the
+    held-out metrics at the start and the end (NaN if never logged)."""
     if bad := {k: type(v).__name__ for k, v in fields.items()
                if not (v is None or isinstance(v, (bool, int, float, str)))}:
         raise TypeError(f"run_summary fields must be scalars; got {bad}")

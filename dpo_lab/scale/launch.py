@@ -5,8 +5,7 @@
         --out runs/tldr-gptj --gradient-checkpointing
     torchrun --nproc_per_node 2 -m dpo_lab.scale.launch --cpu ...      # several CPU processes (gloo)
 
-Preset mode trains the preset's run in the single-process pipeline's own run folder, so a run started on one
-process resumes on several. Pair mode trains DPO or Preferred-FT on preference pairs (TL;DR, HH).
+A preset's run trains in the pipeline's own run folder, so a run started on one process resumes on several.
 """
 
 from __future__ import annotations
@@ -29,8 +28,8 @@ from dpo_lab.run import dpo_run, quiet_hf_progress
 
 def train_in_processes(preset: str, overrides: Mapping[str, Any], method: str, value: float,
                        processes: int) -> None:
-    """Train one pairwise run of a preset on ``processes`` processes (``torchrun``: one per visible GPU, or
-    gloo on CPU) into the pipeline's run folder; raises with the exit code and the output's tail."""
+    """Train a preset's pairwise run on ``processes`` processes (``torchrun``: GPUs, or gloo on CPU); a
+    failure raises with the exit code and the output's tail."""
     if isinstance(processes, bool) or not isinstance(processes, int) or processes < 1:
         raise ValueError(f"processes must be a positive integer, got {processes!r}")
     import torch
@@ -54,7 +53,8 @@ def load_pairs(path: Path) -> Any:
     import datasets
 
     from dpo_lab.batching import PAIR_COLUMNS
-    from dpo_lab.scale.hub_preferences import read_rows, validate_pairs
+    from dpo_lab.preferences import validate_preferences
+    from dpo_lab.scale.hub_preferences import read_rows
 
     if not path.exists():
         raise FileNotFoundError(f"--pairs {path} does not exist")
@@ -77,7 +77,7 @@ def load_pairs(path: Path) -> Any:
     try:
         if len(ds) == 0:
             raise ValueError("it holds no pairs")
-        validate_pairs(ds)
+        validate_preferences(ds, require_rewards=False)
     except ValueError as err:
         raise ValueError(f"--pairs {path}: {err}") from err
     return ds
