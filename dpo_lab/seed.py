@@ -10,11 +10,8 @@ import torch
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return a torch.Generator seeded the same way.
-
-    Deterministic algorithms are requested with ``warn_only`` so that CPU runs are bit-exact while
-    GPU kernels without a deterministic variant still run (and say so).
-    """
+    """Seed Python, NumPy and torch; return a torch.Generator seeded the same way. Deterministic algorithms
+    are requested with ``warn_only``: CPU runs are bit-exact, and GPU kernels without one still run."""
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     os.environ["PYTHONHASHSEED"] = str(seed)
@@ -22,6 +19,4 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed)  # noqa: NPY002 -- libraries that draw from the legacy global state
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    return generator
+    return torch.Generator().manual_seed(seed)

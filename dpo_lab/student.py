@@ -10,8 +10,6 @@ NAME (tier N)")``; outputs dropped. How a solution notebook marks an exercise (e
         return ...                                    # the solution, replaced by the stub
     # %%                                              <- the very next cell calls grade(...)
     grade(reward_from_policy, bd.reparameterised_reward, bandit_cases("optimal_policy", ...))
-
-An exercise cell holds only function definitions (they may call earlier exercises); it is never run here.
 """
 
 from __future__ import annotations
@@ -28,8 +26,8 @@ from nbformat import NotebookNode
 TIERS = (1, 2, 3)
 
 
-class ExerciseError(ValueError):  # a cell tagged ``exercise`` breaks a marking rule (module docstring)
-    pass
+class ExerciseError(ValueError):
+    """A cell tagged ``exercise`` breaks a marking rule (module docstring)."""
 
 
 @dataclass(frozen=True)
