@@ -486,16 +486,17 @@ class _Workers:
         return RunOutcome(run.name, "interrupted", error=f"not started: {self.stop.reason}")
 
     def _claim(self, run_dir: Path) -> int | None:
-        """Take the run's lock, waiting while another process runs it; None if the sweep stops first (a free
-        lock is taken even then, so a finished run is reported as finished, not as unstarted)."""
+        """Take the run's lock, waiting while another process runs it; None if the sweep is stopped."""
         announced = False
-        while (fd := try_claim(run_dir)) is None and not self.stop.is_set():
+        while not self.stop.is_set():
+            if (fd := try_claim(run_dir)) is not None:
+                return fd
             if not announced:
                 announced, running = True, holder(run_dir, _status(run_dir)[0]) or "another process holds it"
                 print(f"{self.folder.name}/{run_dir.name}: running elsewhere ({running}); waiting for it",
                       file=sys.stderr)
             self.stop.wait(1.0)
-        return fd
+        return None
 
     def run(self, run: RunSpec) -> RunOutcome:
         if (claim := self._claim(run_dir := inside(self.folder, run.name))) is None:
@@ -504,6 +505,8 @@ class _Workers:
             state, why = run_state(run_dir, run.parameters, claimed=True)  # its holder may have finished it
             if state == "done" or (state == "failed" and not self.retry_failed):
                 return RunOutcome(run.name, "skipped" if state == "done" else "failed", error=why)
+            if state in ("corrupt", "changed", "interrupted"):
+                print(f"{self.folder.name}/{run.name}: {why}; running it again", file=sys.stderr)
             # ``processes: N`` trains on N GPUs at once (on a CPU machine, on gloo processes of one worker).
             cpu_workers = sum(d is None for d in self.devices)
             wanted = 1 if cpu_workers else min(int(run.parameters.get("processes", 1)), len(self.devices))
@@ -512,8 +515,6 @@ class _Workers:
             try:
                 if self.stop.is_set():
                     return self.not_started(run)
-                if state in ("corrupt", "changed", "interrupted"):
-                    print(f"{self.folder.name}/{run.name}: {why}; running it again", file=sys.stderr)
                 env = ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, held))} if held != [None] else
                        {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cpu_workers))}  # its share
                        if cpu_workers > 1 else {})
