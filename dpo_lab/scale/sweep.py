@@ -1,9 +1,11 @@
-"""Sweeps: one notebook executed by papermill with many parameter sets, its results in one table.
+"""Sweeps: one notebook executed many times with different parameters (papermill), results in one table.
 
-A spec (YAML, e.g. ``sweeps/hh_paper.yaml``, or a preset's frontier sweep) names a notebook, shared
-``parameters``, ``runs`` (name, parameters, ``after``) and/or a cartesian ``grid``; ``{sweep_dir}`` in a
-string becomes the sweep's folder. Run ``r`` lives in ``runs/<sweep>/r/`` under ``guard.py``, holding
-``r/.sweep.lock`` while any of its processes lives; a rerun skips finished runs.
+A spec (YAML, e.g. ``sweeps/hh_paper.yaml``, or a preset's frontier sweep) names a notebook, parameters
+shared by every run, explicit ``runs`` (name, parameters, ``after``: runs that must finish first) and/or a
+cartesian ``grid``; ``{sweep_dir}`` in a string parameter becomes the sweep's folder. Each run lives in
+``runs/<sweep>/<run>/`` and executes under ``guard.py``, which holds ``<run>/.sweep.lock`` while any process
+of the run lives and ends them all when the sweep dies. A rerun skips finished runs. Folder names come from
+:func:`safe_component`: no grid value writes outside the sweep's folder, no brace reaches papermill.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ class SweepInterrupted(Exception):
 
 
 def safe_component(text: Any) -> str:
-    """``text`` if simple (``[A-Za-z0-9._-]``, no leading dot, <= 96 characters), else a slug + its hash."""
+    """``text`` itself when simple (letters, digits, ``.``, ``_``, ``-``, no leading dot, at most 96
+    characters), else a readable slug plus a hash of the whole text: never empty, ``..`` or with a brace."""
     text = str(text)
     if _SIMPLE.fullmatch(text) and len(text) <= MAX_COMPONENT:
         return text
@@ -76,7 +79,8 @@ def inside(folder: Path, name: str) -> Path:
     return path
 
 
-def _papermill_path(path: Path) -> str:  # papermill str.formats its paths: a doubled brace stays itself
+def _papermill_path(path: Path) -> str:
+    """papermill formats its paths with the parameters (``str.format``): a brace is doubled to stay itself."""
     return str(path).replace("{", "{{").replace("}", "}}")
 
 
@@ -97,8 +101,8 @@ class RunSpec:
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A checked sweep: safe unique names, known requirements, no ``run_dir`` (the runner sets it), no
-    ``after`` naming an unknown run or waiting (through others) for itself."""
+    """A checked sweep: safe unique names, known requirements, no run setting ``run_dir`` (the runner sets
+    it), every ``after`` naming a run of the sweep and no run waiting (through others) for itself."""
 
     name: str
     notebook: Path  # relative to the project root, or absolute
@@ -109,11 +113,11 @@ class SweepSpec:
     def __post_init__(self) -> None:
         where, names = self.source, [r.name for r in self.runs]
         _check_name(self.name, f"{where}: 'name'")
-        for i, run in enumerate(self.runs):
-            _check_name(run.name, f"{where}: runs[{i}].name")
+        for run in self.runs:
+            _check_name(run.name, f"{where}: run name")
             if "run_dir" in run.parameters:
                 raise SweepError(f"{where}: run {run.name!r} sets ['run_dir'], which the runner sets itself")
-            if unknown := sorted(a for a in run.after if a not in names):
+            if unknown := sorted(set(run.after) - set(names)):
                 raise SweepError(f"{where}: run {run.name!r} waits for unknown run(s) {unknown}")
         if not names:
             raise SweepError(f"{where}: no runs; give 'runs' or 'grid'")
@@ -159,7 +163,8 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
             raise SweepError(f"{source}: runs[{i}].after must be a list of run names")
         own = _mapping(entry.get("parameters"), f"{source}: runs[{i}].parameters")
-        runs.append(RunSpec(entry["name"], {**shared, **own}, tuple(after)))
+        runs.append(RunSpec(_check_name(entry["name"], f"{source}: runs[{i}].name"), {**shared, **own},
+                            tuple(after)))
     grid = data.get("grid") or {}
     if any(not isinstance(k, str) or not isinstance(v, list) or not v for k, v in grid.items()):
         raise SweepError(f"{source}: 'grid' maps parameter names to non-empty lists of values")
@@ -167,7 +172,8 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         point = dict(zip(grid, values, strict=True))  # run name: x0.5-seed1, or a slug plus hash
         name = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in point.items())
         runs.append(RunSpec(safe_component(name), {**shared, **point}))
-    return SweepSpec(data["name"], Path(data["notebook"]), tuple(runs), tuple(requires), source)
+    return SweepSpec(_check_name(data["name"], f"{source}: 'name'"), Path(data["notebook"]), tuple(runs),
+                     tuple(requires), source)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -271,17 +277,9 @@ def parameters_key(parameters: Mapping[str, Any]) -> str:
     return content_hash(dict(parameters))
 
 
-def _status(run_dir: Path) -> tuple[dict[str, Any] | None, str]:
-    """(the run's status.json or None, why it is unreadable or "")."""
-    try:
-        return read_json(run_dir / "status.json"), ""
-    except SweepError as err:
-        return None, str(err)
-
-
 def try_claim(run_dir: Path) -> int | None:
-    """A descriptor holding ``run_dir``'s lock (close it to release), or None if another process holds it;
-    the run's guard inherits it, so it is held while any process of the run lives."""
+    """A descriptor holding ``run_dir``'s lock (close it to release), or None if another process holds it.
+    The run's guard inherits it, so it is held exactly while some process of the run lives."""
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
     try:
@@ -316,7 +314,10 @@ def holder(run_dir: Path, status: Mapping[str, Any] | None) -> str:
 def run_state(run_dir: Path, parameters: Mapping[str, Any], *, claimed: bool = False) -> tuple[str, str]:
     """("done" | "todo" | "failed" | "changed" | "corrupt" | "interrupted" | "running", why) of one run
     folder; ``claimed``: the caller holds the run's lock."""
-    status, corrupt = _status(run_dir)
+    try:
+        status, corrupt = read_json(run_dir / "status.json"), ""
+    except SweepError as err:
+        status, corrupt = None, str(err)
     if running := "" if claimed else holder(run_dir, status):
         return "running", f"running elsewhere ({running})"
     try:
@@ -489,10 +490,14 @@ class _Workers:
         """Take the run's lock, waiting while another process runs it; None if the sweep is stopped."""
         announced = False
         while not self.stop.is_set():
-            if (fd := try_claim(run_dir)) is not None:
+            try:
+                status = read_json(run_dir / "status.json")
+            except SweepError:
+                status = None
+            if not (running := holder(run_dir, status)) and (fd := try_claim(run_dir)) is not None:
                 return fd
             if not announced:
-                announced, running = True, holder(run_dir, _status(run_dir)[0]) or "another process holds it"
+                running, announced = running or "another process holds its lock", True
                 print(f"{self.folder.name}/{run_dir.name}: running elsewhere ({running}); waiting for it",
                       file=sys.stderr)
             self.stop.wait(1.0)
@@ -505,8 +510,6 @@ class _Workers:
             state, why = run_state(run_dir, run.parameters, claimed=True)  # its holder may have finished it
             if state == "done" or (state == "failed" and not self.retry_failed):
                 return RunOutcome(run.name, "skipped" if state == "done" else "failed", error=why)
-            if state in ("corrupt", "changed", "interrupted"):
-                print(f"{self.folder.name}/{run.name}: {why}; running it again", file=sys.stderr)
             # ``processes: N`` trains on N GPUs at once (on a CPU machine, on gloo processes of one worker).
             cpu_workers = sum(d is None for d in self.devices)
             wanted = 1 if cpu_workers else min(int(run.parameters.get("processes", 1)), len(self.devices))
@@ -527,11 +530,10 @@ class _Workers:
         finally:
             os.close(claim)
 
-    def schedule(self, todo: list[RunSpec], bar: tqdm) -> list[RunOutcome]:
-        """Start each run once the runs it waits for ended well (else it fails unstarted), as many at once as
-        there are workers; return the outcomes as the runs end."""
+    def schedule(self, todo: list[RunSpec], ended: dict[str, str], bar: tqdm) -> list[RunOutcome]:
+        """Start each run once the runs it waits for are finished, as many at once as there are workers (a
+        run waiting for a failed one fails unstarted); return the outcomes as the runs end."""
         outcomes: list[RunOutcome] = []
-        ended: dict[str, str] = {}
         running: dict[Any, RunSpec] = {}
         with ThreadPoolExecutor(max_workers=len(self.devices)) as executor:
             while True:
@@ -569,8 +571,17 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
         {"name": spec.name, "notebook": str(spec.notebook), "requires": list(spec.requires),
          "runs": [{"name": r.name, "parameters": r.parameters, "after": list(r.after)} for r in spec.runs]},
         sort_keys=False))
-    todo, workers, previous = list(spec.runs), _Workers(notebook, folder, devices, retry_failed), {}
-    bar = tqdm(total=len(spec.runs), desc=spec.name, unit="run", disable=not progress)
+    outcomes, todo = [], []
+    for run in spec.runs:
+        state, why = run_state(inside(folder, run.name), run.parameters)
+        if state == "done" or (state == "failed" and not retry_failed):
+            outcomes.append(RunOutcome(run.name, "skipped" if state == "done" else "failed", error=why))
+        else:
+            if state in ("corrupt", "changed", "interrupted"):
+                print(f"{spec.name}/{run.name}: {why}; running it again", file=sys.stderr)
+            todo.append(run)
+    workers, previous = _Workers(notebook, folder, devices, retry_failed), {}
+    bar = tqdm(total=len(spec.runs), initial=len(outcomes), desc=spec.name, unit="run", disable=not progress)
 
     def on_signal(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
@@ -581,7 +592,7 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        outcomes = workers.schedule(todo, bar)
+        outcomes += workers.schedule(todo, {o.name: o.state for o in outcomes}, bar)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
@@ -602,7 +613,10 @@ def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     folder, rows, frames = sweep_folder(spec, root), [], []
     for run in spec.runs:
         state, why = run_state(run_dir := inside(folder, run.name), run.parameters)
-        seconds = (_status(run_dir)[0] or {}).get("seconds")
+        try:
+            seconds = (read_json(run_dir / "status.json") or {}).get("seconds")
+        except SweepError:
+            seconds = None
         rows.append({"run": run.name, "state": state, "seconds": seconds, "error": why})
         if state == "done":
             rows[-1].update(read_json(run_dir / "result.json") or {})
