@@ -12,12 +12,11 @@ import pandas as pd
 # One colour per method, in the paper's legend order.
 METHOD_COLORS: dict[str, str] = {"DPO": "tab:red", "Unlikelihood": "tab:orange", "PPO": "tab:blue",
                                  "PPO-GT": "tab:purple", "Preferred-FT": "tab:green", "SFT": "black"}
-REQUIRED_COLUMNS = ("method", "step", "kl_mean", "reward_mean")
 
 
 def check_points(points: pd.DataFrame, *columns: str) -> None:
     """A ValueError naming the columns ``points`` lacks of a frontier's and ``columns``."""
-    missing = [c for c in [*REQUIRED_COLUMNS, *columns] if c not in points.columns]
+    missing = [c for c in ("method", "step", "kl_mean", "reward_mean", *columns) if c not in points.columns]
     if missing:
         raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
 
