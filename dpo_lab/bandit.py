@@ -234,8 +234,7 @@ def _single_thread() -> Iterator[None]:
 
 def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init: Tensor, *, steps: int,
               adam_lr: float | None, grad_tol: float) -> FitResult:
-    """L-BFGS (exact optima) or, given ``adam_lr``, Adam (training curves) on one table, until ``steps``, a
-    gradient below ``grad_tol`` or a step that no longer moves it (an optimum if the loss is convex)."""
+    """L-BFGS (exact optima) or, given ``adam_lr``, Adam (training curves) until ``steps`` or convergence."""
     param = init.detach().clone().to(DTYPE).requires_grad_(True)
     if adam_lr is None:
         opt: torch.optim.Optimizer = torch.optim.LBFGS([param], lr=1.0, max_iter=1, max_eval=25,
@@ -269,9 +268,8 @@ def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init
 def dpo_loss_on_table(logits: Tensor, pi_ref: Tensor, data: PreferenceData, beta: float, *,
                       loss_type: LossType = "sigmoid",
                       label_smoothing: float = 0.0) -> tuple[Tensor, dict[str, float]]:
-    """Weighted DPO loss (Eq. 7; IPO, cDPO by :func:`~dpo_lab.losses.preference_loss`'s options) of the
-    tabular policy softmax(logits), and TRL's metrics. Convex in the logits: log π(y_w|x) − log π(y_l|x) =
-    θ[x,y_w] − θ[x,y_l]."""
+    """Weighted DPO loss (Eq. 7; IPO, cDPO via ``loss_type``) of softmax(logits), and TRL's metrics. Convex
+    in the logits, as log π(y_w|x) − log π(y_l|x) = θ[x,y_w] − θ[x,y_l]."""
     logp = torch.log_softmax(logits, -1)
     # the same op on the reference, so that at θ = log π_ref every implicit reward is exactly 0
     ref_logp = torch.log_softmax(pi_ref.log(), -1)
@@ -291,9 +289,8 @@ def dpo_loss_on_table(logits: Tensor, pi_ref: Tensor, data: PreferenceData, beta
 def solve_dpo(pi_ref: Tensor, data: PreferenceData, beta: float, *, steps: int = 500,
               adam_lr: float | None = None, grad_tol: float = 1e-10, loss_type: LossType = "sigmoid",
               label_smoothing: float = 0.0) -> FitResult:
-    """Minimise the DPO loss (Eq. 7) over π_θ = softmax(θ) from π_θ = π_ref (π* on the population). Each step
-    lies in span{e_{y_w} − e_{y_l}}: a response no pair mentions keeps its logit, each group of compared ones
-    its sum of logits. Without a minimiser (:func:`dominated_responses`) it stops, finite, at ``steps``."""
+    """Minimise Eq. 7 over π_θ = softmax(θ) from π_ref (reaching π* on the population); an unmentioned
+    response keeps its logit. Without a minimiser (:func:`dominated_responses`) it stops at ``steps``."""
     beta, data = _check_beta(beta), data.aggregated()
     return _minimise(lambda theta: dpo_loss_on_table(theta, pi_ref, data, beta, loss_type=loss_type,
                                                      label_smoothing=label_smoothing),
@@ -340,9 +337,8 @@ def stationarity_gap(logp: Tensor, log_target: Tensor) -> Tensor:
 
 def maximise_rlhf_objective(reward: Tensor, pi_ref: Tensor, beta: float, *, steps: int = 500,
                             adam_lr: float | None = None) -> Tensor:
-    """Maximise Eq. 3 by policy-gradient ascent on tabular logits from π_ref, never computing Z(x). Eq. 3 is
-    not concave in the logits, so the result is certified by :func:`stationarity_gap`; failing that, natural-
-    gradient steps θ ← θ + (r − β log π/π_ref)/(2β) (Kakade 2001) halve the error from any start."""
+    """Maximise Eq. 3 by gradient ascent on logits from π_ref, without Z(x); not concave, so certified by
+    :func:`stationarity_gap`, else finished by natural-gradient steps (Kakade 2001) that halve the error."""
     beta = _check_beta(beta)
     log_ref = pi_ref.log()
     log_target = reward / beta + log_ref
@@ -423,10 +419,9 @@ def ipo_closed_form(pi_ref: Tensor, data: PreferenceData, beta: float) -> Tensor
 
 def preference_optimum(pi_ref: Tensor, data: PreferenceData, beta: float, *, loss_type: LossType = "sigmoid",
                        label_smoothing: float = 0.0, steps: int = 500) -> Tensor:
-    """The exact policy a preference loss asks for on finite data: lim_{λ→0} argmin loss + λ KL(π‖π_ref), the
-    closest to π_ref of its minimisers. :func:`dominated_responses` get 0 (DPO only); within each group of
-    compared responses u = log π/π_ref is the loss's optimum (certified by a vanishing gradient), shifted so
-    that E_{q_B}[u] = 0, q_B ∝ π_ref e^u on the group; a response no pair mentions keeps u = 0."""
+    """The policy a preference loss asks for on finite data, lim_{λ→0} argmin loss + λ KL(π‖π_ref):
+    :func:`dominated_responses` get 0 (DPO only); on each group of compared responses u = log π/π_ref is the
+    certified optimum shifted to E_{q_B}[u] = 0, q_B ∝ π_ref e^u; an unmentioned response keeps u = 0."""
     beta = _check_beta(beta)
     if loss_type not in ("sigmoid", "ipo"):
         raise ValueError(f"loss_type must be 'sigmoid' (DPO, cDPO) or 'ipo', got {loss_type!r}: "

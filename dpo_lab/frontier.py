@@ -17,17 +17,15 @@ from dpo_lab.plots import check_points, plot_frontier, plot_reward_vs_cost
 from dpo_lab.run import read_metrics
 
 EVAL_COLUMNS = ["reward_mean", "reward_se", "kl_mean", "kl_se"]
-# What a run had cost at each point, running totals written by the trainers (see README, "budgets").
 # Scores read beside r* on the same samples: the audit's (every frontier run; docs/design.md) and the learned
 # r_phi's, where a run was evaluated with it (notebook 12's proxy reward).
 AUDIT_SCORES = ("audit_sentiment", "audit_fluency", "distinct_words")
-PROXY_COLUMNS = ["proxy_reward_mean", "proxy_reward_se"]
 SCORE_COLUMNS = [f"{name}_{stat}" for name in (*AUDIT_SCORES, "proxy_reward") for stat in ("mean", "se")]
+# What a run had cost at each point, running totals written by the trainers (see README, "budgets").
 COST_COLUMNS = ["cost/policy_forward_tokens", "cost/policy_backward_tokens", "cost/samples",
                 "cost/reward_queries", "cost/optimizer_steps", "cost/wall_s"]
-# The PPO-family series that the paper's dominance claim is about. The paper's figure has three such
-# series (PPO, PPO-GT own, PPO-GT TRL); counting its points gives 26/27, 28/29 and 34/35 (an audit of the
-# figure, not numbers the paper states), ~0.97 overall.
+# The paper's figure has three PPO-family series (PPO, PPO-GT own, PPO-GT TRL); counting its points gives
+# 26/27, 28/29 and 34/35 (an audit of the figure, not numbers the paper states).
 DOMINANCE_SERIES = {"PPO": ("PPO",), "PPO-GT": ("PPO-GT",), "PPO + PPO-GT": ("PPO", "PPO-GT")}
 PAPER_DOMINANCE = "26/27, 28/29 and 34/35 over its three PPO-family series (counted from its figure)"
 

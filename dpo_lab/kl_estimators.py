@@ -1,11 +1,8 @@
-"""Sampled estimators of the sequence KL(π ‖ π_ref) beside the exact one, and a sampler that breaks them.
+"""Sampled estimators of the sequence KL(π ‖ π_ref) beside the exact one, and samplers that break them.
 
-With ``log r_t = log π_ref(y_t|·) − log π(y_t|·)`` summed over a completion y ~ π (Schulman 2020,
-http://joschu.net/blog/kl-approx.html): ``k1 = Σ −log r_t`` (unbiased, can be negative), ``k2 = Σ ½ (log
-r_t)²`` (biased, ≥ 0), ``k3 = Σ (r_t − 1) − log r_t`` (unbiased, ≥ 0), and ``exact`` = Σ_t of each step's KL
-over the vocabulary (paper footnote 3; Rao–Blackwellised, least variance). They estimate KL(π ‖ π_ref) only
-on samples of π itself: :func:`sample_with_settings` (top-k, top-p, minimum length) and :func:`drop_eos`
-show what else they measure (notebook 10).
+Schulman (2020, http://joschu.net/blog/kl-approx.html), with log r_t = log π_ref(y_t|·) − log π(y_t|·) summed
+over y ~ π: k1 = Σ −log r_t (unbiased), k2 = Σ ½ (log r_t)² (biased, ≥ 0), k3 = Σ (r_t − 1) − log r_t
+(unbiased, ≥ 0); ``exact`` sums each step's KL over the vocabulary (footnote 3). Valid on samples of π only.
 """
 
 from __future__ import annotations
@@ -21,9 +18,6 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo_lab.logprobs import batch_logits, sequence_kl, token_logprobs
 from dpo_lab.sampling import Samples, _check_args, sample, sampling_config
-
-__all__ = ["ESTIMATORS", "KLEstimates", "token_estimators", "kl_estimates", "drop_eos",
-           "sample_with_settings"]
 
 ESTIMATORS = ("k1", "k2", "k3", "exact")
 

@@ -12,12 +12,11 @@ import pandas as pd
 # One colour per method, in the paper's legend order.
 METHOD_COLORS: dict[str, str] = {"DPO": "tab:red", "Unlikelihood": "tab:orange", "PPO": "tab:blue",
                                  "PPO-GT": "tab:purple", "Preferred-FT": "tab:green", "SFT": "black"}
-REQUIRED_COLUMNS = ("method", "step", "kl_mean", "reward_mean")
 
 
 def check_points(points: pd.DataFrame, *columns: str) -> None:
     """A ValueError naming the columns ``points`` lacks of a frontier's and ``columns``."""
-    missing = [c for c in [*REQUIRED_COLUMNS, *columns] if c not in points.columns]
+    missing = [c for c in ("method", "step", "kl_mean", "reward_mean", *columns) if c not in points.columns]
     if missing:
         raise ValueError(f"frontier points are missing column(s) {missing}; have {list(points.columns)}")
 
@@ -32,14 +31,11 @@ def _finish(fig: plt.Figure, path: str | Path | None) -> plt.Figure:  # laid out
 
 def upper_envelope(kl: Sequence[float], reward: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     """The Pareto front of (kl, reward) points, those no other point beats on both axes, sorted by KL."""
-    order = np.lexsort((-np.asarray(reward, dtype=float), np.asarray(kl, dtype=float)))
-    xs, ys, best = [], [], -np.inf
-    for i in order:
-        if reward[i] > best:
-            xs.append(float(kl[i]))
-            ys.append(float(reward[i]))
-            best = reward[i]
-    return np.array(xs), np.array(ys)
+    kl, reward = np.asarray(kl, dtype=float), np.asarray(reward, dtype=float)
+    order = np.lexsort((-reward, kl))  # by KL; at equal KL the best reward first
+    kl, reward = kl[order], reward[order]
+    best_before = np.fmax.accumulate(np.concatenate(([-np.inf], reward)))[:-1]  # fmax: a NaN never counts
+    return kl[reward > best_before], reward[reward > best_before]
 
 
 SCORE_LABELS: dict[str, str] = {  # a frontier panel's y axis, by the score it reads (``<score>_mean``)

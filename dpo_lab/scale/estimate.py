@@ -11,7 +11,7 @@ import functools
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import pandas as pd
@@ -303,8 +303,7 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer_state + self.reference + self.autocast_weights
-                + self.activations + self.logits)
+        return sum(getattr(self, f.name) for f in fields(self) if f.name != "gpu_gib")  # the parts, in order
 
     @property
     def fits(self) -> bool:
