@@ -54,7 +54,7 @@ def proxy_preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> 
         pairs, stats = build_preference_pairs(candidates["prompts"], candidates["completions"], scores)
         relabelled: Candidates = {**candidates, "rewards": scores}
         pipeline.save_preferences(pairs, folder / "pairs", stats=stats, candidates=relabelled)
-        summary = {**stats.to_dict(), "agreement_with_r_star": label_agreement(candidates, scores)}
+        summary = {**dataclasses.asdict(stats), "agreement_with_r_star": label_agreement(candidates, scores)}
         (folder / "pairs" / "stats.json").write_text(json.dumps(summary))
 
     key = content_hash("proxy-labels", pipeline.preferences_key(preset), pipeline.reward_model_key(preset))

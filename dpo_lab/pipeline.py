@@ -190,9 +190,10 @@ def load_tfidf_reward(path: str | Path) -> TfidfSentimentReward:
     if meta.get("format") != TFIDF_FORMAT or meta.get("version") != TFIDF_VERSION:
         raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, expected "
                          f"{TFIDF_FORMAT!r} v{TFIDF_VERSION}")
+    model = TfidfSentimentReward()
+    model.settings = meta["settings"]
     with np.load(path / "arrays.npz", allow_pickle=False) as arrays:
-        return TfidfSentimentReward.from_arrays(meta["settings"], meta["terms"], arrays["idf"],
-                                                arrays["coef"], float(arrays["intercept"][0]))
+        return model.set_arrays(meta["terms"], arrays["idf"], arrays["coef"], float(arrays["intercept"][0]))
 
 
 def reward_model(preset: Preset) -> tuple[RewardModel, dict]:
@@ -261,7 +262,7 @@ def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats
     with atomic_directory(path) as tmp:
         ds.save_to_disk(str(tmp / "pairs"))
         if stats is not None:
-            atomic_write_json(tmp / "stats.json", stats.to_dict())
+            atomic_write_json(tmp / "stats.json", dataclasses.asdict(stats))
         if candidates is not None:
             atomic_write_json(tmp / "candidates.json", candidates)
     return path

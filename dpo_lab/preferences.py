@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Any, TypedDict
 
@@ -43,9 +43,6 @@ class PairStats:
     n_empty: int  # a completion that was only EOS decodes to "": no tokens to score, dropped
     gap_mean: float
     gap_quantiles: dict[str, float] = field(default_factory=dict)  # "q0.5" -> median gap, ...
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def check_nested(name: str, outer: Sequence[Any], n_prompts: int) -> None:

@@ -63,15 +63,6 @@ class TfidfSentimentReward:
     def from_config(cls, config: RewardConfig) -> TfidfSentimentReward:
         return cls(max_features=config.max_features, ngram_max=config.ngram_max, C=config.C)
 
-    @classmethod
-    def from_arrays(cls, settings: dict[str, Any], terms: list[str], idf: np.ndarray, coef: np.ndarray,
-                    intercept: float) -> TfidfSentimentReward:
-        """A fitted model from what ``pipeline.save_tfidf_reward`` wrote."""
-        model = cls()
-        model.settings = settings
-        model._set_arrays(terms, idf, coef, intercept)
-        return model
-
     def fit(self, texts: Sequence[str], labels: Sequence[int]) -> TfidfSentimentReward:
         texts = validate_texts(texts, name="training texts")
         labels = _check_labels(labels, len(texts))
@@ -85,10 +76,11 @@ class TfidfSentimentReward:
         features = vectorizer.fit_transform(texts)
         classifier = LogisticRegression(C=s["C"], max_iter=2000).fit(features, labels)
         terms = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)  # by column index
-        self._set_arrays(terms, vectorizer.idf_, classifier.coef_[0], float(classifier.intercept_[0]))
-        return self
+        return self.set_arrays(terms, vectorizer.idf_, classifier.coef_[0], float(classifier.intercept_[0]))
 
-    def _set_arrays(self, terms: list[str], idf: np.ndarray, coef: np.ndarray, intercept: float) -> None:
+    def set_arrays(self, terms: list[str], idf: np.ndarray, coef: np.ndarray,
+                   intercept: float) -> TfidfSentimentReward:
+        """The fitted model: what :meth:`fit` computes, or what ``pipeline.load_tfidf_reward`` read."""
         self.terms, self.intercept = list(terms), float(intercept)
         self.idf, self.coef = np.asarray(idf, np.float64), np.asarray(coef, np.float64)
         # A CountVectorizer with a fixed vocabulary needs no fitting: it only tokenizes and counts n-grams.
@@ -96,6 +88,7 @@ class TfidfSentimentReward:
                                         ngram_range=(1, self.settings["ngram_max"]),
                                         lowercase=self.settings["lowercase"],
                                         token_pattern=self.settings["token_pattern"], dtype=np.float64)
+        return self
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """p(positive | text) for each text, from TF-IDF features computed by hand."""
@@ -103,7 +96,7 @@ class TfidfSentimentReward:
         if not texts:
             return np.zeros(0)
         if self._counter is None:
-            raise RuntimeError("TfidfSentimentReward is not fitted: call fit() or from_arrays() first")
+            raise RuntimeError("TfidfSentimentReward is not fitted: call fit() or set_arrays() first")
         counts = sp.csr_matrix(self._counter.transform(texts), dtype=np.float64)
         counts.data = 1.0 + np.log(counts.data)  # sublinear tf
         counts.data *= self.idf[counts.indices]
