@@ -168,8 +168,7 @@ def speedups(args: argparse.Namespace) -> None:
     from dpo_lab.dpo_trainer import LossSpec, _micro_batch_losses, make_accelerator, make_optimizer
     from dpo_lab.kl_estimators import kl_estimates
     from dpo_lab.logprobs import concatenated_forward
-    from dpo_lab.preferences import load_preferences, score_samples
-    from dpo_lab.rewards import TfidfSentimentReward
+    from dpo_lab.preferences import score_samples
     from dpo_lab.run import load_policy, reference_logprobs
 
     preset = get_preset("cpu")
@@ -177,7 +176,7 @@ def speedups(args: argparse.Namespace) -> None:
     sft = root / f"sft-{pipeline.sft_key(preset)}" / "policy"
     reference, tokenizer = load_policy(sft)
     policy, _ = load_policy(next(root.glob("training/dpo-beta0.1-*/checkpoints/step-*")))
-    reward = TfidfSentimentReward.load(root / f"reward-{pipeline.reward_key(preset)}" / "reward")
+    reward = pipeline.load_tfidf_reward(root / f"reward-{pipeline.reward_key(preset)}" / "reward")
     e = preset.eval
     test = pipeline.prompts(preset, tokenizer, "test")[: args.eval_prompts]
     print(describe_machine())
@@ -219,7 +218,7 @@ def speedups(args: argparse.Namespace) -> None:
         return
     # 2. DPO steps (32 pairs) from pi_SFT; "before" forces the full-logits path (as for a hooked model).
     n_steps = args.dpo_steps
-    pairs = load_preferences(root / f"preferences-{pipeline.preferences_key(preset)}" / "pairs")
+    pairs = pipeline.load_preferences(root / f"preferences-{pipeline.preferences_key(preset)}" / "pairs")
     cols = pair_columns(pairs.select(range(n_steps * 32)))
     max_length = int(reference.config.n_positions)
     collator = PreferenceCollator(tokenizer, max_length)

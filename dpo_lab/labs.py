@@ -17,7 +17,7 @@ from dpo_lab import pipeline
 from dpo_lab.batching import pair_columns
 from dpo_lab.cache import cached_directory, content_hash
 from dpo_lab.paths import artifacts_dir
-from dpo_lab.preferences import Candidates, build_preference_pairs, save_preferences, score_samples
+from dpo_lab.preferences import Candidates, build_preference_pairs, score_samples
 from dpo_lab.presets import Preset
 from dpo_lab.rewards import RewardModel
 from dpo_lab.run import RunResult, dpo_run, load_policy, pairs_fingerprint, ppo_run, trajectory_settings
@@ -53,8 +53,8 @@ def proxy_preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> 
         scores = score_samples(r_phi, candidates["prompts"], candidates["completions"])
         pairs, stats = build_preference_pairs(candidates["prompts"], candidates["completions"], scores)
         relabelled: Candidates = {**candidates, "rewards": scores}
-        save_preferences(pairs, folder / "pairs", stats=stats, candidates=relabelled)
-        summary = {**stats.to_dict(), "agreement_with_r_star": label_agreement(candidates, scores)}
+        pipeline.save_preferences(pairs, folder / "pairs", stats=stats, candidates=relabelled)
+        summary = {**dataclasses.asdict(stats), "agreement_with_r_star": label_agreement(candidates, scores)}
         (folder / "pairs" / "stats.json").write_text(json.dumps(summary))
 
     key = content_hash("proxy-labels", pipeline.preferences_key(preset), pipeline.reward_model_key(preset))

@@ -87,8 +87,10 @@ class TrainLog:
     """Where a loop reports (in memory): ``cost/*`` increments become running totals, and ``eval_fn``'s dict
     is merged in every ``eval_every`` steps and at the last. ``run.Run`` also saves and resumes."""
 
-    def __init__(self, eval_fn: EvalFn | None = None, *, eval_every: int = 1, max_steps: int = 1) -> None:
+    def __init__(self, eval_fn: EvalFn | None = None, *, eval_every: int = 1, max_steps: int = 1,
+                 progress: bool = True) -> None:
         self.eval_fn, self.eval_every, self.max_steps = eval_fn, eval_every, max_steps
+        self.progress = progress  # whether the loop shows a progress bar
         self.records: list[dict[str, Any]] = []
         self.last: dict[str, Any] = {}
 

@@ -1,7 +1,6 @@
 """The IMDb controlled-sentiment reproduction as cached stages (docs/design.md's data flow): IMDb -> SFT
 policy (pi_ref) -> prompts -> samples -> r* -> pairs -> runs, evaluated on held-out test prompts. Each stage
-lives in ``artifacts/<stage>-<key>/``, the key hashing every setting (and upstream key) that produced it.
-"""
+lives in ``artifacts/<stage>-<key>/``, the key hashing every setting (and upstream key) that produced it."""
 
 from __future__ import annotations
 
@@ -26,7 +25,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo_lab.audit import FluencyLM, WordOrderSentiment, distinct_word_ratio
 from dpo_lab.batching import rankings_from_candidates
-from dpo_lab.cache import atomic_write_json, cached_directory, content_hash, read_json_object
+from dpo_lab.cache import (
+    atomic_directory,
+    atomic_write_json,
+    cached_directory,
+    content_hash,
+    naming_damaged_files,
+    read_json_object,
+)
 from dpo_lab.data import load_imdb, make_prompts
 from dpo_lab.evaluate import Scorer, make_eval_fn
 from dpo_lab.frontier import evaluation_points
@@ -34,14 +40,16 @@ from dpo_lab.implicit_reward import HeldOut, draw_heldout, likelihood_fn
 from dpo_lab.loop import resolve_device
 from dpo_lab.models import build_policy, load_hub_policy, train_sft, train_tokenizer
 from dpo_lab.paths import artifacts_dir
+from dpo_lab.paths import figures_dir as figures_dir  # re-exported: where a notebook saves its figures
 from dpo_lab.preferences import (
     Candidates,
+    PairStats,
+    check_nested,
     generate_preference_data,
-    load_candidates,
-    load_preferences,
-    save_preferences,
+    validate_preferences,
 )
 from dpo_lab.presets import Preset
+from dpo_lab.presets import get_preset as get_preset  # re-exported: a notebook picks its settings here
 from dpo_lab.reward_model import LearnedReward, split_by_prompt
 from dpo_lab.rewards import (
     HubSentimentReward,
@@ -159,6 +167,35 @@ def sft_policy(preset: Preset, *, progress: bool = SHOW_PROGRESS,
     return model, tokenizer, read_json_object(folder / "report.json", advice=rebuild)
 
 
+TFIDF_FORMAT, TFIDF_VERSION = "dpo_lab.TfidfSentimentReward", 1
+
+
+def save_tfidf_reward(reward: TfidfSentimentReward, path: str | Path) -> Path:
+    """``config.json`` (settings, vocabulary) and ``arrays.npz`` (idf, coef, intercept): no pickle."""
+    if reward.terms is None:
+        raise RuntimeError("cannot save an unfitted TfidfSentimentReward")
+    with atomic_directory(path) as tmp:
+        meta = {"format": TFIDF_FORMAT, "version": TFIDF_VERSION, "settings": reward.settings,
+                "terms": reward.terms}
+        (tmp / "config.json").write_text(json.dumps(meta, ensure_ascii=False))
+        np.savez(tmp / "arrays.npz", idf=reward.idf, coef=reward.coef, intercept=np.array([reward.intercept]))
+    return Path(path)
+
+
+def load_tfidf_reward(path: str | Path) -> TfidfSentimentReward:
+    path = Path(path)
+    if not (path / "config.json").is_file() or not (path / "arrays.npz").is_file():
+        raise FileNotFoundError(f"no saved TfidfSentimentReward at {path} (config.json or arrays.npz absent)")
+    meta = json.loads((path / "config.json").read_text())
+    if meta.get("format") != TFIDF_FORMAT or meta.get("version") != TFIDF_VERSION:
+        raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, expected "
+                         f"{TFIDF_FORMAT!r} v{TFIDF_VERSION}")
+    model = TfidfSentimentReward()
+    model.settings = meta["settings"]
+    with np.load(path / "arrays.npz", allow_pickle=False) as arrays:
+        return model.set_arrays(meta["terms"], arrays["idf"], arrays["coef"], float(arrays["intercept"][0]))
+
+
 def reward_model(preset: Preset) -> tuple[RewardModel, dict]:
     """The ground-truth reward r*(x, y) = p(positive | x + y) and its held-out accuracy report."""
     if preset.reward.source == "hub":
@@ -171,11 +208,11 @@ def reward_model(preset: Preset) -> tuple[RewardModel, dict]:
                                                                       data["train"]["label"])
         report = {**_short_text_accuracies(reward, data["test"]), "n_test": len(data["test"]),
                   "n_features": len(reward.terms or [])}
-        reward.save(folder / "reward")
+        save_tfidf_reward(reward, folder / "reward")
         (folder / "report.json").write_text(json.dumps(report))
 
     folder = cached_directory(stage_dir("reward", reward_key(preset)), build)
-    return TfidfSentimentReward.load(folder / "reward"), json.loads((folder / "report.json").read_text())
+    return load_tfidf_reward(folder / "reward"), json.loads((folder / "report.json").read_text())
 
 
 def _short_text_accuracies(reward: RewardModel, test: datasets.Dataset) -> dict[str, float]:
@@ -215,6 +252,48 @@ def prompts(preset: Preset, tokenizer: PreTrainedTokenizerBase, split: str) -> l
     texts = imdb(preset)[split]["text"]
     return make_prompts(texts, tokenizer, n, min_tokens=cfg.prompt_min_tokens,
                         max_tokens=cfg.prompt_max_tokens, seed=preset.data.split_seed)
+
+
+def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats | None = None,
+                     candidates: Candidates | None = None) -> Path:
+    """Validate, then write (``save_to_disk``, stats.json, candidates.json) in one atomic rename."""
+    validate_preferences(ds)
+    with atomic_directory(path) as tmp:
+        ds.save_to_disk(str(tmp / "pairs"))
+        if stats is not None:
+            atomic_write_json(tmp / "stats.json", dataclasses.asdict(stats))
+        if candidates is not None:
+            atomic_write_json(tmp / "candidates.json", candidates)
+    return Path(path)
+
+
+def load_candidates(path: str | Path) -> Candidates:
+    file = Path(path) / "candidates.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"no candidates.json in {path}: the pairs were saved without their samples")
+    candidates = read_json_object(file, ("prompts", "completions", "rewards"),
+                                  advice=f"delete {path} and build the pairs again")
+    check_nested("completions", candidates["completions"], len(candidates["prompts"]))
+    check_nested("rewards", candidates["rewards"], len(candidates["prompts"]))
+    return candidates
+
+
+def load_preferences(path: str | Path, *, advice: str | None = None) -> datasets.Dataset:
+    """What :func:`save_preferences` wrote, validated; a damaged file or bad row is a ValueError naming the
+    file (and ``advice``, by default: delete ``path`` and build the pairs again)."""
+    path = Path(path)
+    folder = path / "pairs" if (path / "pairs").is_dir() else path
+    if not folder.is_dir():
+        raise FileNotFoundError(f"no preference data at {path}")
+    with naming_damaged_files(folder, advice or f"delete {path} and build the pairs again"):
+        ds = datasets.load_from_disk(str(folder))
+    if isinstance(ds, datasets.DatasetDict):
+        raise ValueError(f"{path} holds a DatasetDict with splits {list(ds)}; expected one Dataset of pairs")
+    try:
+        validate_preferences(ds)
+    except ValueError as err:
+        raise ValueError(f"{folder}: {err}") from err
+    return ds
 
 
 def sampled_pairs_folder(preset: Preset, progress: bool, stage: str = "preferences", key: str = "",

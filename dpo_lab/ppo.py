@@ -378,7 +378,6 @@ def train_ppo(
     config: PPOConfig,
     seed: int,
     log: TrainLog | None = None,
-    progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train ``policy`` in place, on the device it is on, with PPO on Eq. 3; ``score_fn(texts)`` is r_phi
     (PPO) or r* (PPO-GT) of prompt + completion. ``reference`` stays frozen. Returns the metrics records."""
@@ -407,7 +406,7 @@ def train_ppo(
     if start == 0:
         log.log_start(policy)
     name = "PPO" if config.target_kl is None else f"PPO target_kl={config.target_kl:g}"
-    bar = tqdm(range(start + 1, config.max_steps + 1), desc=name, disable=not progress, initial=start,
+    bar = tqdm(range(start + 1, config.max_steps + 1), desc=name, disable=not log.progress, initial=start,
                total=config.max_steps)
     for step in bar:
         chosen = batch_indices(len(prompts), config.rollout_batch_size, step, seed)

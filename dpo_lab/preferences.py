@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import combinations
-from pathlib import Path
 from typing import Any, TypedDict
 
 import datasets
@@ -16,7 +15,6 @@ import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from dpo_lab.cache import atomic_directory, atomic_write_json, naming_damaged_files, read_json_object
 from dpo_lab.presets import PreferenceConfig
 from dpo_lab.rewards import RewardModel, score_completions
 from dpo_lab.sampling import sample
@@ -46,11 +44,8 @@ class PairStats:
     gap_mean: float
     gap_quantiles: dict[str, float] = field(default_factory=dict)  # "q0.5" -> median gap, ...
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
-
-def _check_nested(name: str, outer: Sequence[Any], n_prompts: int) -> None:
+def check_nested(name: str, outer: Sequence[Any], n_prompts: int) -> None:
     if len(outer) != n_prompts:
         raise ValueError(f"{name} has {len(outer)} entries but there are {n_prompts} prompts")
 
@@ -58,8 +53,8 @@ def _check_nested(name: str, outer: Sequence[Any], n_prompts: int) -> None:
 def build_preference_pairs(prompts: Sequence[str], completions: Sequence[Sequence[str]],
                            rewards: Sequence[Sequence[float]]) -> tuple[datasets.Dataset, PairStats]:
     """All C(k, 2) pairs of each prompt's k completions, chosen = higher r*; ties dropped and counted."""
-    _check_nested("completions", completions, len(prompts))
-    _check_nested("rewards", rewards, len(prompts))
+    check_nested("completions", completions, len(prompts))
+    check_nested("rewards", rewards, len(prompts))
     pairs: list[tuple[str, str, str, float, float]] = []
     n_candidates = n_ties = n_identical = n_empty = 0
     for i, (prompt, texts, scores) in enumerate(zip(prompts, completions, rewards, strict=True)):
@@ -131,54 +126,10 @@ def validate_preferences(ds: datasets.Dataset, *, tokenizer: PreTrainedTokenizer
                                  f"max_length {max_length}): {prompt[:40]!r}")
 
 
-def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats | None = None,
-                     candidates: Candidates | None = None) -> Path:
-    """Validate, then write (``save_to_disk``, stats.json, candidates.json) in one atomic rename."""
-    validate_preferences(ds)
-    path = Path(path)
-    with atomic_directory(path) as tmp:
-        ds.save_to_disk(str(tmp / "pairs"))
-        if stats is not None:
-            atomic_write_json(tmp / "stats.json", stats.to_dict())
-        if candidates is not None:
-            atomic_write_json(tmp / "candidates.json", candidates)
-    return path
-
-
-def load_candidates(path: str | Path) -> Candidates:
-    file = Path(path) / "candidates.json"
-    if not file.is_file():
-        raise FileNotFoundError(f"no candidates.json in {path}: the pairs were saved without their samples")
-    candidates = read_json_object(file, ("prompts", "completions", "rewards"),
-                                  advice=f"delete {path} and build the pairs again")
-    _check_nested("completions", candidates["completions"], len(candidates["prompts"]))
-    _check_nested("rewards", candidates["rewards"], len(candidates["prompts"]))
-    return candidates
-
-
-def load_preferences(path: str | Path, *, tokenizer: PreTrainedTokenizerBase | None = None,
-                     max_length: int | None = None, advice: str | None = None) -> datasets.Dataset:
-    """What :func:`save_preferences` wrote, validated; a damaged file or bad row is a ValueError naming the
-    file (and ``advice``, by default: delete ``path`` and build the pairs again)."""
-    path = Path(path)
-    folder = path / "pairs" if (path / "pairs").is_dir() else path
-    if not folder.is_dir():
-        raise FileNotFoundError(f"no preference data at {path}")
-    with naming_damaged_files(folder, advice or f"delete {path} and build the pairs again"):
-        ds = datasets.load_from_disk(str(folder))
-    if isinstance(ds, datasets.DatasetDict):
-        raise ValueError(f"{path} holds a DatasetDict with splits {list(ds)}; expected one Dataset of pairs")
-    try:
-        validate_preferences(ds, tokenizer=tokenizer, max_length=max_length)
-    except ValueError as err:
-        raise ValueError(f"{folder}: {err}") from err
-    return ds
-
-
 def score_samples(reward_model: RewardModel, prompts: Sequence[str],
                   completions: Sequence[Sequence[str]]) -> list[list[float]]:
     """r*(x, y) of every completion ``[prompt][sample]``, scored on the text prompt + completion."""
-    _check_nested("completions", completions, len(prompts))
+    check_nested("completions", completions, len(prompts))
     flat_prompts = [p for p, per in zip(prompts, completions, strict=True) for _ in per]
     flat = [c for per in completions for c in per]
     scores = np.asarray(score_completions(reward_model, flat_prompts, flat), dtype=np.float64).reshape(-1)

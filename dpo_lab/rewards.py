@@ -4,10 +4,8 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, Self, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -15,11 +13,8 @@ from scipy.special import expit
 from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from dpo_lab.cache import atomic_directory
 from dpo_lab.data import validate_texts
 from dpo_lab.presets import RewardConfig
-
-FORMAT_VERSION = 1
 
 
 @runtime_checkable
@@ -81,10 +76,10 @@ class TfidfSentimentReward:
         features = vectorizer.fit_transform(texts)
         classifier = LogisticRegression(C=s["C"], max_iter=2000).fit(features, labels)
         terms = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)  # by column index
-        self._set_arrays(terms, vectorizer.idf_, classifier.coef_[0], float(classifier.intercept_[0]))
-        return self
+        return self.set_arrays(terms, vectorizer.idf_, classifier.coef_[0], float(classifier.intercept_[0]))
 
-    def _set_arrays(self, terms: list[str], idf: np.ndarray, coef: np.ndarray, intercept: float) -> None:
+    def set_arrays(self, terms: list[str], idf: np.ndarray, coef: np.ndarray, intercept: float) -> Self:
+        """The fitted model: what :meth:`fit` computes, or what ``pipeline.load_tfidf_reward`` read."""
         self.terms, self.intercept = list(terms), float(intercept)
         self.idf, self.coef = np.asarray(idf, np.float64), np.asarray(coef, np.float64)
         # A CountVectorizer with a fixed vocabulary needs no fitting: it only tokenizes and counts n-grams.
@@ -92,6 +87,7 @@ class TfidfSentimentReward:
                                         ngram_range=(1, self.settings["ngram_max"]),
                                         lowercase=self.settings["lowercase"],
                                         token_pattern=self.settings["token_pattern"], dtype=np.float64)
+        return self
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """p(positive | text) for each text, from TF-IDF features computed by hand."""
@@ -99,7 +95,7 @@ class TfidfSentimentReward:
         if not texts:
             return np.zeros(0)
         if self._counter is None:
-            raise RuntimeError("TfidfSentimentReward is not fitted: call fit() or load() first")
+            raise RuntimeError("TfidfSentimentReward is not fitted: call fit() or set_arrays() first")
         counts = sp.csr_matrix(self._counter.transform(texts), dtype=np.float64)
         counts.data = 1.0 + np.log(counts.data)  # sublinear tf
         counts.data *= self.idf[counts.indices]
@@ -112,34 +108,6 @@ class TfidfSentimentReward:
         order = np.argsort(self.coef, kind="stable")
         return {"positive": [(self.terms[i], float(self.coef[i])) for i in order[::-1][:k]],
                 "negative": [(self.terms[i], float(self.coef[i])) for i in order[:k]]}
-
-    def save(self, path: str | Path) -> Path:
-        """``config.json`` (settings, vocabulary) and ``arrays.npz`` (idf, coef, intercept): no pickle."""
-        if self.terms is None:
-            raise RuntimeError("cannot save an unfitted TfidfSentimentReward")
-        with atomic_directory(path) as tmp:
-            meta = {"format": "dpo_lab.TfidfSentimentReward", "version": FORMAT_VERSION,
-                    "settings": self.settings, "terms": self.terms}
-            (tmp / "config.json").write_text(json.dumps(meta, ensure_ascii=False))
-            np.savez(tmp / "arrays.npz", idf=self.idf, coef=self.coef, intercept=np.array([self.intercept]))
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> TfidfSentimentReward:
-        path = Path(path)
-        if not (path / "config.json").is_file() or not (path / "arrays.npz").is_file():
-            raise FileNotFoundError(f"no saved TfidfSentimentReward at {path} "
-                                    "(config.json or arrays.npz missing)")
-        meta = json.loads((path / "config.json").read_text())
-        if meta.get("format") != "dpo_lab.TfidfSentimentReward" or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, expected "
-                             f"'dpo_lab.TfidfSentimentReward' v{FORMAT_VERSION}")
-        s = meta["settings"]
-        model = cls(max_features=s["max_features"], ngram_max=s["ngram_max"], C=s["C"], min_df=s["min_df"])
-        model.settings = s
-        with np.load(path / "arrays.npz", allow_pickle=False) as arrays:
-            model._set_arrays(meta["terms"], arrays["idf"], arrays["coef"], float(arrays["intercept"][0]))
-        return model
 
 
 class HubSentimentReward:

@@ -338,8 +338,8 @@ class Run(TrainLog):
 
     def __init__(self, out_dir: str | Path, fields: Mapping[str, Any], *, writer: bool = True,
                  lock_timeout: float | None = None, eval_fn: EvalFn | None = None,
-                 eval_every: int = 1) -> None:
-        super().__init__(eval_fn if writer else None, eval_every=eval_every)
+                 eval_every: int = 1, progress: bool = True) -> None:
+        super().__init__(eval_fn if writer else None, eval_every=eval_every, progress=progress)
         self.dir, self.fields, self.writer = Path(out_dir), dict(fields), writer
         self.lock_timeout = lock_timeout
         self.checkpoint: Path | None = None  # the last checkpoint saved or resumed from
@@ -581,7 +581,8 @@ def ppo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
     fields = {"seed": settings["seed"], "config": trajectory_settings(config),
               "reference": model_fingerprint(reference), "prompts": content_hash(list(prompts)),
               "tokenizer": tokenizer_fingerprint(tokenizer), "device": device.type}
-    with Run(out_dir, fields, eval_fn=eval_fn, eval_every=config.eval_every) as run:
+    with Run(out_dir, fields, eval_fn=eval_fn, eval_every=config.eval_every,
+             progress=settings.pop("progress", True)) as run:
         finished = run.finished(config.max_steps, policy=policy)
         if finished is not None:
             return finished

@@ -17,7 +17,8 @@ from safetensors.torch import save_file
 
 from dpo_lab import pipeline
 from dpo_lab.cache import cached_directory, write_manifest
-from dpo_lab.preferences import FEATURES, load_candidates, load_preferences, save_preferences
+from dpo_lab.pipeline import load_candidates, load_preferences, save_preferences
+from dpo_lab.preferences import FEATURES
 from dpo_lab.presets import get_preset
 from dpo_lab.reward_model import LearnedReward, ScalarRewardModel
 from dpo_lab.run import load_policy, load_reward_model, reference_logprobs, save_policy, save_reward_model
@@ -246,7 +247,8 @@ def test_a_damaged_rstar_classifier_ends_reproduce_naming_it(artifacts: Path, mo
 
     def build(folder: Path) -> None:  # what pipeline.reward_model's build writes, from six reviews
         texts = ["a great movie", "an awful film", "great acting", "awful plot", "a great cast", "awful"] * 2
-        TfidfSentimentReward.from_config(preset.reward).fit(texts, [1, 0] * 6).save(folder / "reward")
+        reward = TfidfSentimentReward.from_config(preset.reward).fit(texts, [1, 0] * 6)
+        pipeline.save_tfidf_reward(reward, folder / "reward")
         (folder / "report.json").write_text(json.dumps({"n_test": 0}))
 
     folder = cached_directory(pipeline.stage_dir("reward", pipeline.reward_key(preset)), build)

@@ -1,4 +1,5 @@
-"""preferences.py: all C(k,2) pairs per prompt, ties counted, validated save/load, the sampling pipeline."""
+"""preferences.py: all C(k,2) pairs per prompt, ties counted, validation, the sampling pipeline; and their
+save/load in pipeline.py."""
 
 from __future__ import annotations
 
@@ -11,12 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dpo_lab.pipeline import load_candidates, load_preferences, save_preferences
 from dpo_lab.preferences import (
     build_preference_pairs,
     generate_preference_data,
-    load_candidates,
-    load_preferences,
-    save_preferences,
     score_samples,
     validate_preferences,
 )
@@ -111,13 +110,13 @@ def test_load_names_the_problem(tmp_path, changes, match):
         load_preferences(path)
 
 
-def test_load_checks_prompt_length_against_the_context(tmp_path, tiny_tokenizer):
-    path = _bad(tmp_path, prompt=["The film", "A movie that goes on and on and on and on"])
-    assert len(load_preferences(path, tokenizer=tiny_tokenizer, max_length=64)) == 2
+def test_validate_checks_prompt_length_against_the_context(tmp_path, tiny_tokenizer):
+    ds = load_preferences(_bad(tmp_path, prompt=["The film", "A movie that goes on and on and on and on"]))
+    validate_preferences(ds, tokenizer=tiny_tokenizer, max_length=64)
     with pytest.raises(ValueError, match="row 1: prompt longer than the context"):
-        load_preferences(path, tokenizer=tiny_tokenizer, max_length=6)
+        validate_preferences(ds, tokenizer=tiny_tokenizer, max_length=6)
     with pytest.raises(TypeError, match="both tokenizer and max_length"):
-        load_preferences(path, tokenizer=tiny_tokenizer)
+        validate_preferences(ds, tokenizer=tiny_tokenizer)
 
 
 def test_save_refuses_invalid_data_and_writes_nothing(tmp_path):

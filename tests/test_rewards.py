@@ -14,6 +14,7 @@ from sklearn.linear_model import LogisticRegression
 from transformers import RobertaConfig, RobertaForSequenceClassification
 
 from dpo_lab.data import load_imdb
+from dpo_lab.pipeline import load_tfidf_reward, save_tfidf_reward
 from dpo_lab.presets import RewardConfig
 from dpo_lab.rewards import (
     HubSentimentReward,
@@ -62,17 +63,17 @@ def test_hand_built_scorer_equals_sklearn(tfidf, imdb_small) -> None:
 
 
 def test_save_load_is_safe_and_exact(tmp_path: Path, tfidf, imdb_small) -> None:
-    path = tfidf.save(tmp_path / "r_star")
+    path = save_tfidf_reward(tfidf, tmp_path / "r_star")
     assert sorted(p.name for p in path.iterdir()) == ["arrays.npz", "config.json"]
     with np.load(path / "arrays.npz", allow_pickle=False) as arrays:  # plain arrays: no pickled objects
         assert set(arrays.files) == {"idf", "coef", "intercept"}
     assert json.loads((path / "config.json").read_text())["settings"]["ngram_max"] == 2
-    loaded = TfidfSentimentReward.load(path)
+    loaded = load_tfidf_reward(path)
     np.testing.assert_array_equal(loaded(imdb_small["test_texts"]), tfidf(imdb_small["test_texts"]))
     assert loaded.most_informative_features(5) == tfidf.most_informative_features(5)
     (tmp_path / "bad").mkdir()
     with pytest.raises(FileNotFoundError, match="no saved TfidfSentimentReward"):
-        TfidfSentimentReward.load(tmp_path / "bad")
+        load_tfidf_reward(tmp_path / "bad")
 
 
 def test_most_informative_features(tfidf) -> None:
