@@ -32,7 +32,7 @@
 # reward model. Outputs are the `cpu` preset's (at `smoke` the numbers differ from the prose).
 
 # %% tags=["parameters"]
-preset: str = ""  # smoke | cpu | paper; empty: $DPO_LAB_PRESET if set, else cpu
+preset: str | None = None  # smoke | cpu | paper; None: $DPO_LAB_PRESET if set, else cpu
 seed: int = 0  # seeds the SFT policy, the pairs, DPO's batch order and every sample
 overrides: dict = {}  # dotted preset overrides, e.g. {"dpo.lr": 1e-5}; an unknown key or wrong type is an error
 beta: float = 0.1  # KL coefficient β of Eq. 7 for the run studied in detail
