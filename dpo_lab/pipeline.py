@@ -1,6 +1,7 @@
 """The IMDb controlled-sentiment reproduction as cached stages (docs/design.md's data flow): IMDb -> SFT
 policy (pi_ref) -> prompts -> samples -> r* -> pairs -> runs, evaluated on held-out test prompts. Each stage
-lives in ``artifacts/<stage>-<key>/``, the key hashing every setting (and upstream key) that produced it."""
+lives in ``artifacts/<stage>-<key>/``, the key hashing every setting (and upstream key) that produced it.
+"""
 
 from __future__ import annotations
 
@@ -40,7 +41,6 @@ from dpo_lab.implicit_reward import HeldOut, draw_heldout, likelihood_fn
 from dpo_lab.loop import resolve_device
 from dpo_lab.models import build_policy, load_hub_policy, train_sft, train_tokenizer
 from dpo_lab.paths import artifacts_dir
-from dpo_lab.paths import figures_dir as figures_dir  # re-exported: where a notebook saves its figures
 from dpo_lab.preferences import (
     Candidates,
     PairStats,
@@ -49,7 +49,6 @@ from dpo_lab.preferences import (
     validate_preferences,
 )
 from dpo_lab.presets import Preset
-from dpo_lab.presets import get_preset as get_preset  # re-exported: a notebook picks its settings here
 from dpo_lab.reward_model import LearnedReward, split_by_prompt
 from dpo_lab.rewards import (
     HubSentimentReward,
@@ -185,7 +184,8 @@ def save_tfidf_reward(reward: TfidfSentimentReward, path: str | Path) -> Path:
 def load_tfidf_reward(path: str | Path) -> TfidfSentimentReward:
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / "arrays.npz").is_file():
-        raise FileNotFoundError(f"no saved TfidfSentimentReward at {path} (config.json or arrays.npz absent)")
+        raise FileNotFoundError(f"no saved TfidfSentimentReward at {path} "
+                                "(config.json or arrays.npz missing)")
     meta = json.loads((path / "config.json").read_text())
     if meta.get("format") != TFIDF_FORMAT or meta.get("version") != TFIDF_VERSION:
         raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, expected "
@@ -258,13 +258,14 @@ def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats
                      candidates: Candidates | None = None) -> Path:
     """Validate, then write (``save_to_disk``, stats.json, candidates.json) in one atomic rename."""
     validate_preferences(ds)
+    path = Path(path)
     with atomic_directory(path) as tmp:
         ds.save_to_disk(str(tmp / "pairs"))
         if stats is not None:
             atomic_write_json(tmp / "stats.json", dataclasses.asdict(stats))
         if candidates is not None:
             atomic_write_json(tmp / "candidates.json", candidates)
-    return Path(path)
+    return path
 
 
 def load_candidates(path: str | Path) -> Candidates:

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import scipy.sparse as sp
@@ -78,7 +78,8 @@ class TfidfSentimentReward:
         terms = sorted(vectorizer.vocabulary_, key=vectorizer.vocabulary_.get)  # by column index
         return self.set_arrays(terms, vectorizer.idf_, classifier.coef_[0], float(classifier.intercept_[0]))
 
-    def set_arrays(self, terms: list[str], idf: np.ndarray, coef: np.ndarray, intercept: float) -> Self:
+    def set_arrays(self, terms: list[str], idf: np.ndarray, coef: np.ndarray,
+                   intercept: float) -> TfidfSentimentReward:
         """The fitted model: what :meth:`fit` computes, or what ``pipeline.load_tfidf_reward`` read."""
         self.terms, self.intercept = list(terms), float(intercept)
         self.idf, self.coef = np.asarray(idf, np.float64), np.asarray(coef, np.float64)

@@ -32,7 +32,9 @@
 # reward model. Outputs are the `cpu` preset's (at `smoke` the numbers differ from the prose).
 
 # %% tags=["parameters"]
-preset: str | None = None  # smoke | cpu | paper; None: $DPO_LAB_PRESET if set, else cpu
+from dpo_lab.presets import default_preset_name
+
+preset: str = default_preset_name()  # smoke | cpu | paper ($DPO_LAB_PRESET overrides the default)
 seed: int = 0  # seeds the SFT policy, the pairs, DPO's batch order and every sample
 overrides: dict = {}  # dotted preset overrides, e.g. {"dpo.lr": 1e-5}; an unknown key or wrong type is an error
 beta: float = 0.1  # KL coefficient β of Eq. 7 for the run studied in detail
@@ -64,12 +66,14 @@ from dpo_lab.logprobs import (
     token_logprobs,
 )
 from dpo_lab.losses import preference_loss, preference_metrics
+from dpo_lab.paths import figures_dir
+from dpo_lab.presets import get_preset
 from dpo_lab.sampling import sample
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
 pd.set_option("display.max_colwidth", 60)
 pd.set_option("display.width", 130)
-config = pipeline.get_preset(preset, seed=seed, **overrides, **({"dpo.betas": betas} if betas else {}))
+config = get_preset(preset, seed=seed, **overrides, **({"dpo.betas": betas} if betas else {}))
 random.seed(config.seed)  # the seed, set once (sampling and the batch order take it explicitly too)
 np.random.seed(config.seed)  # noqa: NPY002
 torch.manual_seed(config.seed)
@@ -382,8 +386,8 @@ print(", ".join(f"{k} {v:.6g}" for k, v in mine.items()))
 # (the library sums it in another order) is a visible share of a step.
 
 # %%
-one_step = pipeline.get_preset(preset, seed=seed, **{**overrides, "dpo.max_steps": 1,
-                                                     "dpo.micro_batch_size": d.batch_size})
+one_step = get_preset(preset, seed=seed, **{**overrides, "dpo.max_steps": 1,
+                                            "dpo.micro_batch_size": d.batch_size})
 library = pipeline.dpo(one_step, beta)
 logged = read_metrics(library.metrics_path).loc[1]
 library_policy = AutoModelForCausalLM.from_pretrained(library.checkpoint_dir)
@@ -461,7 +465,7 @@ def plot_training(raw: pd.DataFrame, mean: pd.DataFrame, title: str) -> plt.Figu
 
 
 fig = plot_training(smooth, running, f"DPO, beta={beta:g}: per step (faint) and running mean over {window} steps")
-fig.savefig(pipeline.figures_dir() / "05_training_curves.png", dpi=120)
+fig.savefig(figures_dir() / "05_training_curves.png", dpi=120)
 plt.show()
 
 # %%
@@ -497,7 +501,7 @@ for ax in (left, right):
     ax.set_xlabel("DPO step")
 fig.suptitle(f"Evaluation of DPO, beta={beta:g}")
 fig.tight_layout()
-fig.savefig(pipeline.figures_dir() / "05_evaluation.png", dpi=120)
+fig.savefig(figures_dir() / "05_evaluation.png", dpi=120)
 plt.show()
 
 # %% [markdown]
@@ -570,7 +574,7 @@ ax.set_ylabel(r"mean $r^*$ on test prompts")
 ax.set_title(f"DPO beta sweep, {config.name} preset ({config.dpo.max_steps} steps)")
 ax.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(pipeline.figures_dir() / "05_frontier.png", dpi=120)
+fig.savefig(figures_dir() / "05_frontier.png", dpi=120)
 plt.show()
 
 # %%
@@ -672,7 +676,7 @@ ax.set_ylabel(r"observed share with $r^*(a)>r^*(b)$")
 ax.set_title("Held-out pairs: Bradley-Terry calibration")
 ax.legend(fontsize=8)
 fig.tight_layout()
-fig.savefig(pipeline.figures_dir() / "05_implicit_reward_calibration.png", dpi=120)
+fig.savefig(figures_dir() / "05_implicit_reward_calibration.png", dpi=120)
 plt.show()
 
 # %% [markdown]
@@ -719,7 +723,7 @@ for ax in axes:
     ax.legend(fontsize=7)
 fig.suptitle(f"DPO, beta={beta:g}: likelihoods on held-out pairs and on the policy's own samples")
 fig.tight_layout()
-fig.savefig(pipeline.figures_dir() / "05_likelihoods.png", dpi=120)
+fig.savefig(figures_dir() / "05_likelihoods.png", dpi=120)
 plt.show()
 
 # %% [markdown]
