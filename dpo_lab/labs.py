@@ -59,7 +59,7 @@ def proxy_preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> 
 
     key = content_hash("proxy-labels", pipeline.preferences_key(preset), pipeline.reward_model_key(preset))
     folder = cached_directory(pipeline.stage_dir("preferences-proxy", key), build)
-    return pipeline.load_pairs(folder / "pairs")
+    return pipeline.load_pair_stage(folder / "pairs")
 
 
 def sampled_preference_data(preset: Preset, sampler: PreTrainedModel,
@@ -68,8 +68,9 @@ def sampled_preference_data(preset: Preset, sampler: PreTrainedModel,
     """The preference stage with another sampler (identified by ``sampler_key`` in the cache): the same
     train prompts, labelled by r*, all pairs kept."""
     key = content_hash("sampled-by", sampler_key, pipeline.preferences_key(preset))
-    return pipeline.load_pairs(pipeline.sampled_pairs_folder(preset, progress, "preferences-sampled", key,
-                                                             (sampler, sampler_tokenizer)))
+    folder = pipeline.sampled_pairs_folder(preset, progress, "preferences-sampled", key,
+                                           (sampler, sampler_tokenizer))
+    return pipeline.load_pair_stage(folder)
 
 
 def sibling_preference_data(preset: Preset, sampler_seed: int, *,

@@ -315,7 +315,7 @@ def sampled_pairs_folder(preset: Preset, progress: bool, stage: str = "preferenc
     return cached_directory(stage_dir(stage, key or preferences_key(preset)), build) / "pairs"
 
 
-def load_pairs(folder: Path) -> tuple[datasets.Dataset, dict]:
+def load_pair_stage(folder: Path) -> tuple[datasets.Dataset, dict]:
     """A preference stage's pairs and stats.json; a damaged file is named with the folder to delete."""
     advice = f"delete {folder.parent} to build these pairs again"
     return load_preferences(folder, advice=advice), read_json_object(folder / "stats.json", advice=advice)
@@ -323,7 +323,7 @@ def load_pairs(folder: Path) -> tuple[datasets.Dataset, dict]:
 
 def preference_data(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> tuple[datasets.Dataset, dict]:
     """All 6 pairs per train prompt from 4 pi_SFT samples, labelled by r* (ties dropped and counted)."""
-    return load_pairs(sampled_pairs_folder(preset, progress))
+    return load_pair_stage(sampled_pairs_folder(preset, progress))
 
 
 def preference_candidates(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> Candidates:
