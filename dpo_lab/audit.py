@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from dpo_lab.batching import pad_rows, tokenize_completion
-from dpo_lab.cache import atomic_directory, naming_damaged_files
+from dpo_lab.cache import atomic_directory, naming_damaged_files, read_saved_config
 from dpo_lab.data import validate_texts
 from dpo_lab.logprobs import forward_logits, sequence_logprobs, token_logprobs
 from dpo_lab.models import build_policy, train_sft, train_tokenizer
@@ -112,14 +112,9 @@ class WordOrderSentiment:
     def load(cls, path: str | Path) -> WordOrderSentiment:
         """What :meth:`save` wrote; a missing (FileNotFoundError) or damaged (ValueError) file is named."""
         path = Path(path)
-        for name in ("config.json", "model.safetensors"):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"no saved WordOrderSentiment at {path} ({name} missing)")
         with naming_damaged_files(path, f"delete {path} and fit the audit classifier again"):
-            meta = json.loads((path / "config.json").read_text())
+            meta = read_saved_config(path, "WordOrderSentiment", ("config.json", "model.safetensors"), FORMAT)
             weights = load_file(path / "model.safetensors")
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}/config.json holds format {meta.get('format')!r}, not {FORMAT!r}")
         model = _CNN(len(meta["vocab"]), **meta["settings"])
         model.load_state_dict(weights)
         return cls(meta["vocab"], meta["settings"], model)

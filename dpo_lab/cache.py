@@ -160,6 +160,20 @@ def read_json_object(path: str | Path, keys: tuple[str, ...] = (), *,
     return saved
 
 
+def read_saved_config(folder: Path, what: str, files: tuple[str, ...], fmt: str,
+                      version: int | None = None) -> dict[str, Any]:
+    """The JSON config ``files[0]`` of a ``what`` saved in ``folder``: a missing file is a FileNotFoundError,
+    another format or version a ValueError, both naming ``folder``."""
+    for name in files:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"no saved {what} at {folder} ({name} missing)")
+    meta = json.loads((folder / files[0]).read_text())
+    if meta.get("format") != fmt or meta.get("version") != version:
+        raise ValueError(f"{folder} holds format {meta.get('format')!r} v{meta.get('version')}, expected "
+                         f"{fmt!r} v{version}")
+    return meta
+
+
 def find_damaged_file(folder: Path) -> tuple[Path, str] | None:
     """The first file under ``folder`` (or ``folder`` itself, a file) that is empty or does not parse (JSON,
     a safetensors header, an Arrow stream), with the reason; None if every such file reads."""

@@ -33,6 +33,7 @@ from dpo_lab.cache import (
     content_hash,
     naming_damaged_files,
     read_json_object,
+    read_saved_config,
 )
 from dpo_lab.data import load_imdb, make_prompts
 from dpo_lab.evaluate import Scorer, make_eval_fn
@@ -183,13 +184,8 @@ def save_tfidf_reward(reward: TfidfSentimentReward, path: str | Path) -> Path:
 
 def load_tfidf_reward(path: str | Path) -> TfidfSentimentReward:
     path = Path(path)
-    if not (path / "config.json").is_file() or not (path / "arrays.npz").is_file():
-        raise FileNotFoundError(f"no saved TfidfSentimentReward at {path} "
-                                "(config.json or arrays.npz missing)")
-    meta = json.loads((path / "config.json").read_text())
-    if meta.get("format") != TFIDF_FORMAT or meta.get("version") != TFIDF_VERSION:
-        raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, expected "
-                         f"{TFIDF_FORMAT!r} v{TFIDF_VERSION}")
+    meta = read_saved_config(path, "TfidfSentimentReward", ("config.json", "arrays.npz"), TFIDF_FORMAT,
+                             TFIDF_VERSION)
     model = TfidfSentimentReward()
     model.settings = meta["settings"]
     with np.load(path / "arrays.npz", allow_pickle=False) as arrays:

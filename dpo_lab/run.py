@@ -48,6 +48,7 @@ from dpo_lab.cache import (
     model_fingerprint,
     naming_damaged_files,
     read_json_object,
+    read_saved_config,
     tensors_checksum,
     tokenizer_fingerprint,
 )
@@ -611,14 +612,9 @@ def save_reward_model(reward: LearnedReward, path: str | Path) -> Path:
 def load_reward_model(path: str | Path) -> LearnedReward:
     """Rebuild a saved reward model (safetensors only; no pickle, no remote code), on the CPU."""
     path = Path(path)
-    if not (path / "reward_config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"no saved LearnedReward at {path} "
-                                "(reward_config.json / model.safetensors missing)")
     with naming_damaged_files(path, f"delete {path} to train the reward model again"):
-        meta = json.loads((path / "reward_config.json").read_text())
-        if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} holds format {meta.get('format')!r} v{meta.get('version')}, "
-                             f"expected {FORMAT!r} v{FORMAT_VERSION}")
+        meta = read_saved_config(path, "LearnedReward", ("reward_config.json", "model.safetensors"), FORMAT,
+                                 FORMAT_VERSION)
         model = ScalarRewardModel(GPT2Model(GPT2Config.from_dict(meta["gpt2_config"])))
         model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
