@@ -28,8 +28,10 @@ lint: $(VENV)/.installed
 
 # The test suite includes tests/test_book.py: it builds the book and reads every page in headless Chromium
 # (Debian: `apt-get install chromium chromium-driver`; without them it is skipped, outside CI).
+# Each test runs on one thread (tests/conftest.py), so one worker per core runs test files side by side;
+# --dist loadfile keeps a notebook's cells in the one kernel nbval starts for it.
 test: lint $(VENV)/.book-installed
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist loadfile
 
 reproduce: $(VENV)/.installed
 	$(PY) -m dpo_lab reproduce --preset $(PRESET)
