@@ -114,14 +114,15 @@ def run_step(setup: dict[str, Any], step: int) -> dict[str, Any]:
     """One DPO step as ``train_dpo`` takes it: the loop's own per-micro-batch losses (one stacked forward),
     backward, gradient clipping, RMSprop, the warmup schedule."""
     from dpo_lab.batching import PAIR_COLUMNS
-    from dpo_lab.dpo_trainer import LossSpec, _micro_batch_losses
+    from dpo_lab.dpo_trainer import DPOSettings, _micro_batch_losses
     from dpo_lab.loop import batch_indices
 
     cols, policy, optimizer = setup["cols"], setup["policy"], setup["optimizer"]
     idx = batch_indices(len(cols["prompt"]), BATCH, step, 0)
     batch = setup["collator"]([{c: cols[c][i] for c in PAIR_COLUMNS} for i in idx])
-    out = _micro_batch_losses(policy, batch, setup["ref"][idx], setup["accelerator"],
-                              loss=LossSpec("dpo", 0.1, None, setup["config"]), where=f"at step {step}")
+    settings = DPOSettings(setup["config"], 0, setup["model_config"].n_positions, beta=0.1)
+    out = _micro_batch_losses(policy, batch, setup["ref"][idx], setup["accelerator"], settings=settings,
+                              where=f"at step {step}")
     loss = out["losses"].mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(policy.parameters(), setup["config"].max_grad_norm)

@@ -165,7 +165,7 @@ def speedups(args: argparse.Namespace) -> None:
 
     from dpo_lab import evaluate
     from dpo_lab.batching import PAIR_COLUMNS, PreferenceCollator, pair_columns
-    from dpo_lab.dpo_trainer import LossSpec, _micro_batch_losses, make_accelerator, make_optimizer
+    from dpo_lab.dpo_trainer import DPOSettings, _micro_batch_losses, make_accelerator, make_optimizer
     from dpo_lab.kl_estimators import kl_estimates
     from dpo_lab.logprobs import concatenated_forward
     from dpo_lab.preferences import score_samples
@@ -238,7 +238,8 @@ def speedups(args: argparse.Namespace) -> None:
             losses = []
             for k, batch in enumerate(batches):
                 out = _micro_batch_losses(model, batch, ref_all[k * 32:(k + 1) * 32], accelerator,
-                                          loss=LossSpec("dpo", 0.1, None, config), where=f"at step {k}")
+                                          settings=DPOSettings(config, 0, max_length, beta=0.1),
+                                          where=f"at step {k}")
                 loss = out["losses"].mean()
                 loss.backward()
                 optimizer.step()

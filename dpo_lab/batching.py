@@ -1,10 +1,7 @@
-"""From preference data (strings) to padded tensors with a mask that marks the completions' tokens.
-
-An example is one prompt and its K completions: a **pair** (``prompt``, ``chosen``, ``rejected``; K = 2) or
-a **ranking** (``prompt``, ``completions``, best first; Plackett-Luce, paper App. A.3). Prompt and completion
-are tokenised separately, so no BPE merge straddles the boundary, and no EOS is added: ``log π(y|x)`` scores
-exactly the sampled tokens.
-"""
+"""Preference data (strings) to padded tensors with a mask marking the completions' tokens. An example is a
+prompt and K completions: a pair (``prompt``, ``chosen``, ``rejected``) or a ranking (``prompt``,
+``completions``, best first; App. A.3). Prompt and completion are tokenised apart and no EOS is added, so
+``log π(y|x)`` scores exactly the sampled tokens."""
 
 from __future__ import annotations
 
@@ -154,13 +151,11 @@ class PreferenceCollator:
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad is None:
             raise ValueError("tokenizer has neither a pad token nor an EOS token to pad with")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.pad_token_id = int(pad)
+        self.tokenizer, self.max_length, self.pad_token_id = tokenizer, max_length, int(pad)
 
-    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, Tensor]:
+    def __call__(self, examples: Sequence[Mapping[str, Any]],
+                 ids: Sequence[int] | None = None) -> dict[str, Tensor]:
+        """The batch; a bad example is named by its entry in ``ids`` (its row in the data set) if given."""
         if len(examples) == 0:
             raise ValueError("cannot collate an empty list of examples")
         ranked = isinstance(examples[0], Mapping) and "completions" in examples[0]
@@ -187,7 +182,8 @@ class PreferenceCollator:
                                                 max_length=self.max_length))
             except ValueError as err:
                 label = f"completion {j}" if ranked else PAIR_COLUMNS[1 + j]
-                raise ValueError(f"example {i} ({label}): {err}") from err
+                noun = "ranking" if ranked else "pair"
+                raise ValueError(f"{noun} {i if ids is None else ids[i]} ({label}): {err}") from err
         index = torch.arange(b * k)
         return {**pad_rows(rows, self.pad_token_id),
                 "rows": index.view(b, k) if ranked else index.view(k, b).T.contiguous()}

@@ -1,18 +1,11 @@
-"""The DPO trainer, written out: minimise paper Eq. 7 over a fixed set of preference pairs,
+"""The DPO trainer: minimise paper Eq. 7 over fixed preference pairs, or a §6 baseline ("unlikelihood",
+Welleck et al. 2019; "preferred_ft", SFT on y_w) that logs its implicit reward (Eq. 5) at ``beta`` as a
+readout. Notebook 11's variants are ``DPOConfig`` settings (IPO, hinge, cDPO, RPO; rankings, App. A.3).
 
-    L_DPO = -E[ log sigma( beta log pi(y_w|x)/pi_ref(y_w|x) - beta log pi(y_l|x)/pi_ref(y_l|x) ) ],
-
-or a §6 baseline (``objective``): "unlikelihood" (Welleck et al. 2019) or "preferred_ft" (SFT on y_w); their
-implicit reward at ``beta`` (1.0 unless given) is logged as a readout. The variants of notebook 11 are
-``DPOConfig`` settings: ``loss_type`` ipo / hinge / plackett_luce (rankings, App. A.3), ``label_smoothing``
-(cDPO), ``average_logprobs`` (TRL's IPO), ``rpo_alpha`` (RPO).
-
-One loop for one process or many (Accelerate), as nanoGPT's ``train.py``: step s sees the global batch
-``loop.batch_indices(n, batch_size, s, seed)`` in micro-batches dealt round-robin to the P processes, each
-backpropagating ``sum(losses) x P / batch_size`` (DDP averages: the mean over the batch). π_ref's log-probs
-come precomputed (:func:`pair_logprobs`); dropout stays off, so step 0's loss is log 2. RMSprop (App. B) or
-AdamW, lr warm-up then flat, gradients clipped; bf16 autocast on CUDA. Checkpoints and resume go through
-``log`` (``loop.TrainLog``; ``run.Run`` writes them to disk).
+One loop for one process or many (Accelerate), as nanoGPT's ``train.py``: step s's global batch
+(``loop.batch_indices``) is dealt in micro-batches round-robin to the P processes. π_ref's log-probs come
+precomputed (:func:`pair_logprobs`); dropout stays off, so step 0's loss is log 2. Checkpoints and resume go
+through ``log`` (``loop.TrainLog``).
 """
 
 from __future__ import annotations
@@ -21,8 +14,9 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, get_args
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -30,9 +24,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lab.batching import Pairs, PreferenceCollator, pair_columns
-from dpo_lab.logprobs import concatenated_forward
+from dpo_lab.logprobs import concatenated_forward, eval_mode
 from dpo_lab.loop import TrainLog, batch_indices, is_due, optimizer_step, resolve_device, warmup_then_flat
 from dpo_lab.losses import (
+    check_scalar,
     mean_token_nll,
     plackett_luce_loss,
     preference_loss,
@@ -48,23 +43,19 @@ if TYPE_CHECKING:  # importing accelerate takes a moment; the type is all this m
 
 Objective = Literal["dpo", "unlikelihood", "preferred_ft"]
 OBJECTIVES: tuple[str, ...] = get_args(Objective)
-MixedPrecision = Literal["no", "bf16"]
 _BAR_NAMES = {"dpo": "DPO", "unlikelihood": "Unlikelihood", "preferred_ft": "Preferred-FT"}
 
 
 # ------------------------------------------------------------------------------------------- processes
 def make_accelerator(device: torch.device | str | None = None, *,
-                     mixed_precision: MixedPrecision | None = None) -> Accelerator:
+                     mixed_precision: Literal["no", "bf16"] | None = None) -> Accelerator:
     """This process's Accelerator: bf16 autocast on CUDA unless told otherwise, fp32 on CPU."""
     from accelerate import Accelerator
 
     cpu = torch.device(device).type == "cpu" if device is not None else not torch.cuda.is_available()
     if mixed_precision is None:
         mixed_precision = "bf16" if not cpu and torch.cuda.is_bf16_supported() else "no"
-    if mixed_precision not in get_args(MixedPrecision):
-        raise ValueError(f"mixed_precision must be one of {list(get_args(MixedPrecision))}, "
-                         f"got {mixed_precision!r}")
-    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu)  # it names an unknown mode itself
 
 
 def accumulation_steps(batch_size: int, micro_batch_size: int, num_processes: int) -> int:
@@ -90,7 +81,61 @@ def process_micro_batches(indices: Sequence[int], micro_batch_size: int, process
     return micro[process::num_processes]
 
 
-# ------------------------------------------------------------------------------------------------ checks
+# ---------------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class DPOSettings:
+    """One run's settings: the preset's ``DPOConfig`` and what a sweep varies, refused when made if bad
+    (naming the field). A baseline given no ``beta`` gets 1.0: it only scales the logged implicit reward."""
+
+    config: DPOConfig
+    seed: int
+    max_length: int
+    beta: float | None = None
+    objective: Objective = "dpo"
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        objective, beta, alpha, config = self.objective, self.beta, self.alpha, self.config
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
+        if objective == "dpo" and beta is None:
+            raise ValueError("beta is required for objective='dpo' (the KL coefficient of Eqs. 3 and 7)")
+        if objective == "unlikelihood":
+            if alpha is None:
+                raise ValueError("alpha is required for objective='unlikelihood' (the paper sweeps "
+                                 "0.05, 0.1, 0.5, 1)")
+            check_scalar("alpha", alpha, positive=False)
+        elif alpha is not None:
+            # An alpha that silently does nothing would mislabel a sweep.
+            raise ValueError(f"alpha only applies to objective='unlikelihood', not {objective!r}; "
+                             "leave it None")
+        object.__setattr__(self, "beta", check_scalar("beta", 1.0 if beta is None else beta, positive=True))
+        for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
+            value = getattr(config, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DPOConfig.{name} must be a positive integer, got {value!r}")
+        if config.warmup_steps < 0:
+            raise ValueError(f"DPOConfig.warmup_steps must be >= 0, got {config.warmup_steps}")
+        check_scalar("DPOConfig.lr", config.lr, positive=True)
+        if not (config.max_grad_norm > 0):
+            raise ValueError(f"DPOConfig.max_grad_norm must be > 0, got {config.max_grad_norm}")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
+        check_scalar("DPOConfig.rpo_alpha", config.rpo_alpha, positive=False)
+        if config.loss_type == "plackett_luce" and (config.rpo_alpha or config.label_smoothing):
+            raise ValueError("DPOConfig.rpo_alpha and label_smoothing apply to the pairwise losses, "
+                             "not to loss_type 'plackett_luce'")
+        accumulation_steps(config.batch_size, config.micro_batch_size, 1)
+
+    def columns(self, pairs: Pairs) -> dict[str, list]:
+        """``batching.pair_columns(pairs)``: rankings for loss_type 'plackett_luce', pairs for any other."""
+        cols = pair_columns(pairs)
+        if (self.objective == "dpo" and self.config.loss_type == "plackett_luce") != ("completions" in cols):
+            raise ValueError("loss_type 'plackett_luce' trains on rankings (prompt, completions), the other "
+                             f"objectives on pairs (prompt, chosen, rejected); got {sorted(cols)}")
+        return cols
+
+
 def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.optim.Optimizer:
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.lr)  # the paper's optimizer (App. B), torch defaults
@@ -99,71 +144,11 @@ def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.o
     raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'rmsprop' or 'adamw'")
 
 
-def check_dpo_settings(config: DPOConfig, objective: str, beta: float | None, alpha: float | None,
-                       max_length: int, num_processes: int) -> float:
-    """Refuse bad settings before any work, naming the field; return the beta to use (a baseline given none
-    gets 1.0: it only scales the logged implicit reward, read in nats)."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {list(OBJECTIVES)}")
-    if objective == "dpo" and beta is None:
-        raise ValueError("beta is required for objective='dpo' (the KL coefficient of Eqs. 3 and 7)")
-    if objective == "unlikelihood":
-        if alpha is None:
-            raise ValueError("alpha is required for objective='unlikelihood' (the paper sweeps "
-                             "0.05, 0.1, 0.5, 1)")
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-            raise TypeError(f"alpha must be a real number, got {type(alpha).__name__} ({alpha!r})")
-        if not (alpha >= 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-    elif alpha is not None:
-        # An alpha that silently does nothing would mislabel a sweep.
-        raise ValueError(f"alpha only applies to objective='unlikelihood', not {objective!r}; leave it None")
-    beta = 1.0 if beta is None else beta
-    for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"DPOConfig.{name} must be a positive integer, got {value!r}")
-    if config.warmup_steps < 0:
-        raise ValueError(f"DPOConfig.warmup_steps must be >= 0, got {config.warmup_steps}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise ValueError(f"DPOConfig.lr must be a positive number, got {config.lr}")
-    if not (config.max_grad_norm > 0):
-        raise ValueError(f"DPOConfig.max_grad_norm must be > 0, got {config.max_grad_norm}")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (beta > 0 and math.isfinite(beta)):
-        raise ValueError(f"beta must be a positive number, got {beta!r}")
-    if not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an integer >= 2, got {max_length!r}")
-    if not (config.rpo_alpha >= 0 and math.isfinite(config.rpo_alpha)):
-        raise ValueError(f"DPOConfig.rpo_alpha must be a finite number >= 0, got {config.rpo_alpha!r}")
-    if config.loss_type == "plackett_luce" and (config.rpo_alpha or config.label_smoothing):
-        raise ValueError("DPOConfig.rpo_alpha and label_smoothing apply to the pairwise losses, "
-                         "not to loss_type 'plackett_luce'")
-    accumulation_steps(config.batch_size, config.micro_batch_size, num_processes)
-    return beta
-
-
-def training_columns(pairs: Pairs, objective: str, config: DPOConfig) -> dict[str, list]:
-    """``batching.pair_columns(pairs)``: rankings for loss_type 'plackett_luce', pairs for any other loss."""
-    cols = pair_columns(pairs)
-    if (objective == "dpo" and config.loss_type == "plackett_luce") != ("completions" in cols):
-        raise ValueError("loss_type 'plackett_luce' trains on rankings (prompt, completions), the other "
-                         f"objectives on pairs (prompt, chosen, rejected); got {sorted(cols)}")
-    return cols
-
-
 # ---------------------------------------------------------------------------------- pair log-probs
-def _collate(collator: PreferenceCollator, cols: Mapping[str, Sequence[Any]],
-             indices: Sequence[int]) -> dict[str, torch.Tensor]:
-    """Examples ``indices`` of ``cols`` collated; an error names the pair by its row in the data set."""
-    try:
-        return collator([{c: cols[c][i] for c in cols} for i in indices])
-    except ValueError as err:
-        head, _, rest = str(err).partition(" ")
-        number = rest.split(" ", 1)[0]
-        if head != "example" or not number.isdigit() or int(number) >= len(indices):
-            raise
-        noun = "ranking" if "completions" in cols else "pair"
-        raise ValueError(f"{noun} {indices[int(number)]}" + rest[len(number):]) from err
+def _collate(collator: PreferenceCollator, cols: Mapping[str, Sequence[Any]], indices: Sequence[int],
+             device: torch.device) -> dict[str, torch.Tensor]:
+    batch = collator([{c: cols[c][i] for c in cols} for i in indices], ids=indices)  # errors name the row
+    return {key: v.to(device) for key, v in batch.items()}
 
 
 @torch.no_grad()
@@ -185,18 +170,18 @@ def pair_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: P
         cast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext
     lo, hi = n * rank // world, n * (rank + 1) // world
     out = torch.zeros(n, k, device=dev)
-    home, was_training = next(model.parameters()).device, model.training
-    model.to(dev).eval()
+    home = next(model.parameters()).device
     try:
-        desc = progress if isinstance(progress, str) else "log-probs"
-        for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
-                          disable=not progress or rank != 0):
-            end = min(start + batch_size, hi)
-            with cast():
-                batch = {key: v.to(dev) for key, v in _collate(collator, cols, range(start, end)).items()}
-                out[start:end] = concatenated_forward(model, batch, average=average)[0].float()
+        with eval_mode(model.to(dev)):
+            desc = progress if isinstance(progress, str) else "log-probs"
+            for start in tqdm(range(lo, hi, batch_size), desc=desc, leave=False,
+                              disable=not progress or rank != 0):
+                end = min(start + batch_size, hi)
+                with cast():
+                    batch = _collate(collator, cols, range(start, end), dev)
+                    out[start:end] = concatenated_forward(model, batch, average=average)[0].float()
     finally:
-        model.to(home).train(was_training)
+        model.to(home)
     if world > 1:
         out = accelerator.reduce(out, reduction="sum")
     out = out.cpu()
@@ -206,34 +191,22 @@ def pair_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: P
 
 
 # ------------------------------------------------------------------------------------------------- train
-def train_dpo(
-    policy: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    pairs: Pairs,
-    ref_logps: torch.Tensor,
-    *,
-    config: DPOConfig,
-    seed: int,
-    max_length: int,
-    beta: float | None = None,
-    objective: Objective = "dpo",
-    alpha: float | None = None,
-    accelerator: Accelerator | None = None,
-    log: TrainLog | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
+def train_dpo(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Pairs, ref_logps: torch.Tensor,
+              settings: DPOSettings, *, accelerator: Accelerator | None = None, log: TrainLog | None = None,
+              progress: bool = True) -> list[dict[str, Any]]:
     """Train ``policy`` in place with DPO (Eq. 7) or a baseline; return ``log.records``. ``ref_logps`` is
     ``(N, K)``, π_ref's :func:`pair_logprobs`. ``config.batch_size`` is the global batch; every process calls
     this alike. A non-finite loss or gradient raises FloatingPointError naming the step."""
     accelerator = accelerator if accelerator is not None else make_accelerator()
-    world = accelerator.num_processes
-    beta = check_dpo_settings(config, objective, beta, alpha, max_length, world)
+    world, config, seed = accelerator.num_processes, settings.config, settings.seed
+    objective = settings.objective
+    accumulation_steps(config.batch_size, config.micro_batch_size, world)
     log = log if log is not None else TrainLog(eval_every=config.eval_every)
     log.max_steps = config.max_steps
-    cols = training_columns(pairs, objective, config)
+    cols = settings.columns(pairs)
     seed_everything(seed)
     ref = ref_logps.to(accelerator.device)
-    collator = PreferenceCollator(tokenizer, max_length)
+    collator = PreferenceCollator(tokenizer, settings.max_length)
     policy.to(accelerator.device).eval()  # dropout off; autograd works the same in eval mode
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, config)
@@ -246,16 +219,18 @@ def train_dpo(
     model = accelerator.prepare_model(policy)  # DDP on several processes; the policy itself on one
     if start == 0:
         log.log_start(policy)
-    loss = LossSpec(objective, beta, alpha, config)
-    bar = tqdm(range(start + 1, config.max_steps + 1), desc=_bar_name(loss, world),
-               disable=not (progress and accelerator.is_main_process), initial=start, total=config.max_steps)
+    variant = "" if objective != "dpo" or config.loss_type == "sigmoid" else f" ({config.loss_type})"
+    value = {"dpo": f" beta={settings.beta:g}", "unlikelihood": f" alpha={settings.alpha}"}.get(objective, "")
+    bar = tqdm(range(start + 1, config.max_steps + 1), initial=start, total=config.max_steps,
+               desc=_BAR_NAMES[objective] + variant + value + (f" x{world}" if world > 1 else ""),
+               disable=not (progress and accelerator.is_main_process))
     for step in bar:
         where = f"at step {step} (last good checkpoint: {ckpt_dir or 'none'})"
         started = time.perf_counter()
         indices = batch_indices(len(cols["prompt"]), config.batch_size, step, seed)
         mine = process_micro_batches(indices, config.micro_batch_size, accelerator.process_index, world)
-        cat, tokens = _accumulate(model, cols, mine, collator, ref, len(indices), accelerator, loss=loss,
-                                  where=where)
+        cat, tokens = _accumulate(model, cols, mine, collator, ref, len(indices), accelerator,
+                                  settings=settings, where=where)
         if not math.isfinite(cat["losses"].mean().item()):
             raise FloatingPointError(f"non-finite {_BAR_NAMES[objective]} loss {where}")
         lr = scheduler.get_last_lr()[0]  # the lr this update uses
@@ -268,8 +243,11 @@ def train_dpo(
         if is_due(step, config.checkpoint_every, config.max_steps):
             # A collective under FSDP/DeepSpeed: every process gathers, the main one writes.
             state_dict = accelerator.get_state_dict(model) if world > 1 else None
-            ckpt_dir = log.save(step, lambda folder, sd=state_dict: _write_checkpoint(
-                folder, accelerator.unwrap_model(model), tokenizer, sd), {
+
+            def write(folder: Any, sd: dict[str, torch.Tensor] | None = state_dict) -> None:
+                accelerator.unwrap_model(model).save_pretrained(folder, state_dict=sd)
+                tokenizer.save_pretrained(folder)
+            ckpt_dir = log.save(step, write, {
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "data": {"seed": seed, "n_pairs": len(cols["prompt"]), "batch_size": config.batch_size,
                          "pairs_seen": step * config.batch_size}})
@@ -278,38 +256,15 @@ def train_dpo(
     return log.records
 
 
-class LossSpec(NamedTuple):
-    """What a step minimises: ``objective``, its ``beta`` and ``alpha``, and the variant in ``config``."""
-
-    objective: str
-    beta: float
-    alpha: float | None
-    config: DPOConfig
-
-
-def _bar_name(loss: LossSpec, world: int) -> str:
-    objective, beta, alpha, config = loss
-    variant = "" if objective != "dpo" or config.loss_type == "sigmoid" else f" ({config.loss_type})"
-    value = {"dpo": f" beta={beta:g}", "unlikelihood": f" alpha={alpha}"}.get(objective, "")
-    return _BAR_NAMES[objective] + variant + value + (f" x{world}" if world > 1 else "")
-
-
-def _write_checkpoint(folder: Any, model: nn.Module, tokenizer: PreTrainedTokenizerBase,
-                      state_dict: dict[str, torch.Tensor] | None) -> None:
-    model.save_pretrained(folder, state_dict=state_dict)
-    tokenizer.save_pretrained(folder)
-
-
 def _accumulate(model: nn.Module, cols: Mapping[str, list], micro: list[list[int]],
-                collator: PreferenceCollator,
-                ref: torch.Tensor, n_global: int, accelerator: Accelerator,
+                collator: PreferenceCollator, ref: torch.Tensor, n_global: int, accelerator: Accelerator,
                 **loss_args: Any) -> tuple[dict[str, torch.Tensor], int]:
     """Forward and backward of this process's micro-batches of one step (gradients all-reduced once, at the
     last); every pair's outputs gathered from all processes, and the step's token count."""
     parts: dict[str, list[torch.Tensor]] = {}
     tokens = torch.zeros((), device=accelerator.device)
     for k, idx in enumerate(micro):
-        batch = {key: v.to(accelerator.device) for key, v in _collate(collator, cols, idx).items()}
+        batch = _collate(collator, cols, idx, accelerator.device)
         tokens += sum(v.sum() for key, v in batch.items() if key.endswith("attention_mask"))
         sync = nullcontext() if k == len(micro) - 1 else accelerator.no_sync(model)
         with sync:
@@ -341,10 +296,11 @@ def _record(step: int, lr: float, grad_norm: float, cat: dict[str, torch.Tensor]
 
 
 def _micro_batch_losses(model: nn.Module, batch: Mapping[str, torch.Tensor], ref: torch.Tensor,
-                        accelerator: Accelerator, *, loss: LossSpec, where: str) -> dict[str, torch.Tensor]:
+                        accelerator: Accelerator, *, settings: DPOSettings,
+                        where: str) -> dict[str, torch.Tensor]:
     """Per-example losses of one micro-batch from one forward pass, and the implicit rewards and log-probs
     of its first and last completions (chosen, rejected) for the metrics. ``ref`` is ``(B, K)``."""
-    objective, beta, alpha, config = loss
+    objective, beta, alpha, config = settings.objective, settings.beta, settings.alpha, settings.config
     with accelerator.autocast():
         # Eq. 7 sums (0 off the completion); average_logprobs takes TRL's IPO per-token mean instead.
         logps, tok, mask = concatenated_forward(model, batch, average=config.average_logprobs)

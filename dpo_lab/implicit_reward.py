@@ -1,9 +1,6 @@
-"""The DPO policy read as a reward model: r̂(x, y) = β log π_θ(y|x) / π_ref(y|x) (Eq. 5 without β log Z(x)).
-
-β log Z(x) is the same for all completions of one prompt, so r̂ ranks a prompt's completions as the fitted
-reward does, and nothing here compares completions of two prompts. Held-out pairs (:class:`HeldOut`) are the
-C(K, 2) same-prompt pairs of K samples per test prompt whose r* differ, labelled by r*.
-"""
+"""The DPO policy read as a reward model: r̂(x, y) = β log π_θ(y|x) / π_ref(y|x) (Eq. 5 without β log Z(x),
+the same for all completions of a prompt, so only same-prompt completions are compared). Held-out pairs are
+the same-prompt pairs of K samples per test prompt whose r* differ, labelled by r*."""
 
 from __future__ import annotations
 
@@ -40,8 +37,7 @@ class HeldOut:
 def draw_heldout(policy: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                  reward: RewardModel, *, n_per_prompt: int, max_new_tokens: int, batch_size: int,
                  seed: int) -> HeldOut:
-    """Sample ``n_per_prompt`` completions of each prompt from ``policy`` (π_SFT: as the training pairs
-    were drawn) and score each with r*."""
+    """``n_per_prompt`` samples of each prompt from ``policy`` (π_SFT, as for training), scored by r*."""
     if n_per_prompt < 2:
         raise ValueError(f"n_per_prompt must be >= 2 to form pairs, got {n_per_prompt}")
     drawn = sample(policy, tokenizer, prompts, n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens,
@@ -60,8 +56,7 @@ def _check_scores(scores: np.ndarray, rstar: np.ndarray) -> tuple[np.ndarray, np
 
 
 def _labelled_pairs(rstar: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(prompt, y_w, y_l)`` sample indices of every same-prompt pair whose r* differ (ties dropped, as in
-    the training pairs)."""
+    """``(prompt, y_w, y_l)`` indices of the same-prompt pairs whose r* differ (ties dropped, as for DPO)."""
     j, k = np.triu_indices(rstar.shape[1], k=1)
     gap = rstar[:, j] - rstar[:, k]
     keep = gap != 0
@@ -108,8 +103,8 @@ def best_of_n(scores: np.ndarray, rstar: np.ndarray) -> tuple[float, float]:
 
 def likelihood_fn(reference: nn.Module, tokenizer: PreTrainedTokenizerBase, heldout: HeldOut, *, beta: float,
                   max_new_tokens: int, batch_size: int, seed: int) -> EvalFn:
-    """``eval_fn(policy, step)`` following held-out likelihoods: log π_θ and log-ratios of chosen and
-    rejected, r̂'s ranking accuracy, and log π_θ / log π_ref of one fresh π_θ sample per prompt."""
+    """``eval_fn(policy, step)``: held-out log π_θ and log-ratios of y_w and y_l, r̂'s ranking accuracy, and
+    log π_θ, log π_ref of one fresh π_θ sample per prompt."""
     def logps(model: nn.Module, drawn: HeldOut | Samples) -> np.ndarray:  # (prompts, samples)
         return completion_logprobs(model, drawn.prompt_ids, drawn.completion_ids, batch_size=batch_size,
                                    pad_token_id=tokenizer.pad_token_id or 0)

@@ -1,10 +1,6 @@
-"""Log-probabilities of completions under a causal LM, and the exact KL between two policies.
-
-``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` over completion tokens only (paper Eq. 7); :func:`sequence_logprobs`
-is the one routine that sums. ``(B, T)`` inputs; ``completion_mask`` marks completion positions, and since
-logits at t predict token t + 1, per-token log-probs are ``(B, T-1)`` with mask ``completion_mask[:, 1:]``.
-Logits go to fp32 before any softmax (half-precision log-softmax gives NaN or constant DPO losses).
-"""
+"""``log π(y|x) = Σ_t log π(y_t | x, y_<t)`` over completion tokens (Eq. 7; :func:`sequence_logprobs` is the
+one routine that sums) and the exact KL between two policies. Logits at t predict token t + 1, so per-token
+log-probs are ``(B, T-1)`` under ``completion_mask[:, 1:]``; logits go to fp32 before any softmax."""
 
 from __future__ import annotations
 
@@ -18,7 +14,8 @@ from torch import Tensor, nn
 from dpo_lab.batching import pad_rows
 
 
-def _check_tensor(name: str, x: object, ndim: int) -> Tensor:
+def check_tensor(name: str, x: object, ndim: int) -> Tensor:
+    """``x``, refused unless a tensor of ``ndim`` dimensions (the error names it)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != ndim:
@@ -26,8 +23,9 @@ def _check_tensor(name: str, x: object, ndim: int) -> Tensor:
     return x
 
 
-def _check_mask(name: str, mask: object, shape: torch.Size) -> Tensor:
-    mask = _check_tensor(name, mask, len(shape))
+def check_mask(name: str, mask: object, shape: torch.Size) -> Tensor:
+    """A 0/1 integer or bool mask of ``shape``, as bool."""
+    mask = check_tensor(name, mask, len(shape))
     if mask.shape != shape:
         raise ValueError(f"{name} has shape {tuple(mask.shape)} but the values have shape {tuple(shape)}")
     if mask.is_floating_point() or mask.is_complex():
@@ -39,7 +37,7 @@ def _check_mask(name: str, mask: object, shape: torch.Size) -> Tensor:
 
 def _shifted_completion_mask(completion_mask: Tensor, shape: torch.Size) -> Tensor:
     """``completion_mask[:, 1:]``: the mask over next-token log-probs that selects completion tokens."""
-    mask = _check_mask("completion_mask", completion_mask, shape)
+    mask = check_mask("completion_mask", completion_mask, shape)
     if mask.shape[1] < 2:
         raise ValueError(f"sequences need at least 2 positions (a context and a token), "
                          f"got T={mask.shape[1]}")
@@ -52,9 +50,8 @@ def _shifted_completion_mask(completion_mask: Tensor, shape: torch.Size) -> Tens
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """``gather - logsumexp`` over the vocabulary with a one-buffer backward (autograd's makes three):
-    same values, about a third less vocabulary-sized work per DPO step (benchmarks/bench_roofline.py).
-    ``(B, S, V)`` logits, ``(B, L)`` labels with L = S - 1 or L = S (logits already at predicting rows)."""
+    """``gather - logsumexp`` with a one-buffer backward (autograd's makes three): same values, a third less
+    vocabulary-sized work per DPO step (bench_roofline). ``(B, S, V)`` logits, ``(B, L)`` labels, L <= S."""
 
     @staticmethod
     def forward(ctx: torch.autograd.function.FunctionCtx, logits: Tensor, labels: Tensor) -> Tensor:
@@ -80,8 +77,8 @@ class _TokenLogprobs(torch.autograd.Function):
 
 def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
     """``log p(x_{t+1} | x_{<=t})`` for every position: ``(B, T, V), (B, T) -> (B, T-1)``, in fp32."""
-    logits = _check_tensor("logits", logits, 3)
-    input_ids = _check_tensor("input_ids", input_ids, 2)
+    logits = check_tensor("logits", logits, 3)
+    input_ids = check_tensor("input_ids", input_ids, 2)
     if logits.shape[:2] != input_ids.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and input_ids {tuple(input_ids.shape)} "
                          "disagree on (B, T)")
@@ -94,7 +91,7 @@ def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
 def sequence_logprobs(token_logps: Tensor, mask: Tensor, *, average: bool = False) -> Tensor:
     """``log π(y|x)``, ``(B, T-1) -> (B,)``: the sum over masked tokens (Eq. 7), or with ``average`` their
     mean (TRL's IPO, SimPO: β then scales a per-token log-ratio, not comparable with Eq. 7's)."""
-    mask = _check_mask("mask", mask, _check_tensor("token_logps", token_logps, 2).shape)
+    mask = check_mask("mask", mask, check_tensor("token_logps", token_logps, 2).shape)
     counts = mask.sum(-1)
     if bool((counts == 0).any()):
         rows = torch.nonzero(counts == 0).flatten().tolist()
@@ -138,8 +135,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 def _model_inputs(input_ids: Tensor, attention_mask: Tensor) -> dict[str, Tensor | bool]:
     """Checked keyword arguments of a causal LM's (or its body's) forward; left or right padding alike."""
-    input_ids = _check_tensor("input_ids", input_ids, 2)
-    mask = _check_mask("attention_mask", attention_mask, input_ids.shape)
+    input_ids = check_tensor("input_ids", input_ids, 2)
+    mask = check_mask("attention_mask", attention_mask, input_ids.shape)
     if bool((mask.sum(-1) == 0).any()):
         raise ValueError("attention_mask has a row with no real tokens")
     return {"input_ids": input_ids, "attention_mask": mask.long(),
@@ -221,24 +218,16 @@ def completion_logprobs(model: nn.Module, prompt_ids: Sequence[Sequence[int]],
 
 
 # ------------------------------------------------------------------------------------------------------ KL
-def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
-    """Exact ``KL(π ‖ π_ref)`` over the vocabulary at every position, fp32, clamped at 0 against rounding."""
-    if not isinstance(policy_logits, Tensor) or not isinstance(ref_logits, Tensor):
-        raise TypeError("policy_logits and ref_logits must be torch.Tensors")
+def sequence_kl(policy_logits: Tensor, ref_logits: Tensor, completion_mask: Tensor) -> Tensor:
+    """Sequence KL (paper footnote 3): ``Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t))`` over completion steps,
+    exact over the vocabulary in fp32, each step clamped at 0 against rounding."""
+    policy_logits = check_tensor("policy_logits", policy_logits, 3)
+    ref_logits = check_tensor("ref_logits", ref_logits, 3)
     if policy_logits.shape != ref_logits.shape:
         raise ValueError(f"policy_logits {tuple(policy_logits.shape)} and ref_logits "
                          f"{tuple(ref_logits.shape)} must have the same shape")
-    if policy_logits.ndim < 1:
-        raise ValueError("logits need a vocabulary dimension")
-    logp = torch.log_softmax(policy_logits.float(), dim=-1)
-    logq = torch.log_softmax(ref_logits.float(), dim=-1)
-    return (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)
-
-
-def sequence_kl(policy_logits: Tensor, ref_logits: Tensor, completion_mask: Tensor) -> Tensor:
-    """Sequence KL (paper footnote 3): ``Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t))`` over completion steps."""
-    policy_logits = _check_tensor("policy_logits", policy_logits, 3)
-    ref_logits = _check_tensor("ref_logits", ref_logits, 3)
     mask = _shifted_completion_mask(completion_mask, policy_logits.shape[:2])
-    kl = token_kl(policy_logits[:, :-1], ref_logits[:, :-1])
+    logp = torch.log_softmax(policy_logits[:, :-1].float(), dim=-1)
+    logq = torch.log_softmax(ref_logits[:, :-1].float(), dim=-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp(min=0.0)
     return torch.where(mask, kl, 0.0).sum(-1)

@@ -1,10 +1,6 @@
-"""Preference losses as pure functions of log-probabilities (no models in here).
-
-The DPO family takes four ``(B,)`` summed completion log-probs (paper Eq. 7) and works with the
-log-ratio difference ``h = (log π(y_w|x) − log π_ref(y_w|x)) − (log π(y_l|x) − log π_ref(y_l|x))``; ``β h``
-is the margin of the implicit rewards ``r̂ = β log π/π_ref`` (Eq. 5; β log Z(x) cancels, Eqs. 1 and 6).
-The baselines (Unlikelihood, Preferred-FT) take per-token log-probs ``(B, T)`` with 0/1 masks.
-"""
+"""Preference losses as pure functions of log-probabilities: the DPO family of ``(B,)`` summed completion
+log-probs (Eq. 7), whose ``β h`` is the margin of the implicit rewards ``r̂ = β log π/π_ref`` (Eq. 5), and the
+baselines of per-token log-probs ``(B, T)`` with 0/1 masks."""
 
 from __future__ import annotations
 
@@ -15,22 +11,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dpo_lab.logprobs import sequence_logprobs
+from dpo_lab.logprobs import check_mask, check_tensor, sequence_logprobs
 
 LossType = Literal["sigmoid", "ipo", "hinge"]
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
-def _check_scalar(name: str, value: object, *, positive: bool) -> float:
+def check_scalar(name: str, value: object, *, positive: bool) -> float:
+    """``value`` as a float, refused unless a finite real number > 0 (``positive``) or >= 0."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    if positive and value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if not positive and value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value}")
     return value
 
 
@@ -65,19 +60,13 @@ def bradley_terry_loss(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tens
 def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor,
                     ref_rejected_logps: Tensor, *, beta: float, loss_type: LossType = "sigmoid",
                     label_smoothing: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-example losses and the detached implicit rewards ``β (log π − log π_ref)`` of y_w, y_l, ``(B,)``.
-
-    * ``"sigmoid"``: DPO, Eq. 7, ``−log σ(β h)``; ``label_smoothing`` ε in [0, 0.5) gives cDPO (Mitchell
-      2023, Eq. 3), ``−(1 − ε) log σ(β h) − ε log σ(−β h)``.
-    * ``"ipo"``: IPO (Azar et al. 2023, Eq. 17), ``(h − 1/(2β))²``: β sets a target margin, not a temperature.
-    * ``"hinge"``: SLiC (Zhao et al. 2023), ``relu(1 − β h)``.
-
-    RPO (Pang et al. 2024) is one of these plus ``α ·`` :func:`mean_token_nll` of y_w, added by the caller.
-    """
+    """Per-example losses and the detached implicit rewards ``β (log π − log π_ref)`` of y_w, y_l, ``(B,)``,
+    with ``h`` the log-ratio difference: "sigmoid" is DPO, Eq. 7 (cDPO, Mitchell 2023 Eq. 3, with
+    ``label_smoothing``), "ipo" Azar et al. 2023 Eq. 17 (β sets a target margin), "hinge" SLiC."""
     _check_logps(policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
                  ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
-    beta = _check_scalar("beta", beta, positive=True)
-    label_smoothing = _check_scalar("label_smoothing", label_smoothing, positive=False)
+    beta = check_scalar("beta", beta, positive=True)
+    label_smoothing = check_scalar("label_smoothing", label_smoothing, positive=False)
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {list(LOSS_TYPES)}")
     if label_smoothing >= 0.5:
@@ -102,13 +91,10 @@ def preference_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, 
 
 
 def plackett_luce_loss(policy_logps: Tensor, ref_logps: Tensor, *, beta: float) -> tuple[Tensor, Tensor]:
-    """DPO on rankings: the Plackett-Luce NLL of each ranking, paper App. A.3, Eq. 18, ``(B,)``.
-
-    ``(B, K)`` summed log-probs, column k the k-th ranked completion (best first). With ``z_k = β h_k``,
-    ``L = −Σ_k log(exp z_k / Σ_{j≥k} exp z_j)``; K = 2 is Eq. 7. Returns ``(losses, z detached)``.
-    """
+    """DPO on rankings, App. A.3 Eq. 18: ``(B, K)`` log-probs (best first), ``z = β (log π − log π_ref)``,
+    ``L = −Σ_k log(exp z_k / Σ_{j≥k} exp z_j)`` (K = 2 is Eq. 7). Returns ``(losses (B,), z detached)``."""
     _check_logps(ranked=True, policy_logps=policy_logps, ref_logps=ref_logps)
-    beta = _check_scalar("beta", beta, positive=True)
+    beta = check_scalar("beta", beta, positive=True)
     z = beta * (policy_logps - ref_logps)
     # log Σ_{j≥k} exp(z_j) for every k at once: a cumulative logsumexp from the worst-ranked end.
     tail = torch.logcumsumexp(z.flip(-1), dim=-1).flip(-1)
@@ -122,18 +108,10 @@ def dpo_loss_gradient_weight(chosen_rewards: Tensor, rejected_rewards: Tensor) -
 
 
 def _check_token_logps(name: str, logps: Tensor, mask_name: str, mask: Tensor) -> Tensor:
-    """Validate a ``(B, T)`` token log-prob tensor and its 0/1 mask; return the mask as bool."""
-    if not isinstance(logps, Tensor) or not isinstance(mask, Tensor):
-        raise TypeError(f"{name} and {mask_name} must be torch.Tensors")
-    if not logps.is_floating_point():
+    """A ``(B, T)`` token log-prob tensor, finite and <= 0 where its 0/1 mask is set; the mask as bool."""
+    if not check_tensor(name, logps, 2).is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {logps.dtype}")
-    if logps.ndim != 2:
-        raise ValueError(f"{name} must have shape (B, T), got {tuple(logps.shape)}")
-    if mask.shape != logps.shape:
-        raise ValueError(f"{mask_name} has shape {tuple(mask.shape)} but {name} has {tuple(logps.shape)}")
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError(f"{mask_name} must contain only 0 and 1")
-    mask = mask.bool()
+    mask = check_mask(mask_name, mask, logps.shape)
     selected = logps[mask]
     if not bool(torch.isfinite(selected).all()):
         raise ValueError(f"{name} contains NaN or inf at unmasked positions")
@@ -166,7 +144,7 @@ def unlikelihood_loss(chosen_token_logps: Tensor, chosen_mask: Tensor, rejected_
                       rejected_mask: Tensor, *, alpha: float) -> Tensor:
     """Unlikelihood (Welleck et al. 2019; the paper's §6 baseline), ``(B,)``:
     ``−log π(y_w|x) − α Σ_t log(1 − π(y_l,t | x, y_l,<t))``."""
-    alpha = _check_scalar("alpha", alpha, positive=False)
+    alpha = check_scalar("alpha", alpha, positive=False)
     mask_l = _check_token_logps("rejected_token_logps", rejected_token_logps, "rejected_mask", rejected_mask)
     nll = preferred_ft_loss(chosen_token_logps, chosen_mask)
     if chosen_token_logps.shape[0] != rejected_token_logps.shape[0]:
@@ -179,17 +157,15 @@ def unlikelihood_loss(chosen_token_logps: Tensor, chosen_mask: Tensor, rejected_
 def preference_metrics(losses: Tensor, chosen_rewards: Tensor, rejected_rewards: Tensor,
                        policy_chosen_logps: Tensor, policy_rejected_logps: Tensor) -> dict[str, float]:
     """Batch means under TRL's names; ``rewards/accuracies`` counts ``r̂_w > r̂_l`` strictly (0 at step 0)."""
-    tensors = {"losses": losses, "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
-               "policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps}
-    _check_logps(**tensors)
-    with torch.no_grad():
-        c, r = chosen_rewards.float(), rejected_rewards.float()
-        return {
-            "loss": losses.float().mean().item(),
-            "rewards/chosen": c.mean().item(),
-            "rewards/rejected": r.mean().item(),
-            "rewards/margins": (c - r).mean().item(),
-            "rewards/accuracies": (c > r).float().mean().item(),
-            "logps/chosen": policy_chosen_logps.float().mean().item(),
-            "logps/rejected": policy_rejected_logps.float().mean().item(),
-        }
+    _check_logps(losses=losses, chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards,
+                 policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps)
+    c, r = chosen_rewards.detach().float(), rejected_rewards.detach().float()
+    return {
+        "loss": losses.detach().float().mean().item(),
+        "rewards/chosen": c.mean().item(),
+        "rewards/rejected": r.mean().item(),
+        "rewards/margins": (c - r).mean().item(),
+        "rewards/accuracies": (c > r).float().mean().item(),
+        "logps/chosen": policy_chosen_logps.detach().float().mean().item(),
+        "logps/rejected": policy_rejected_logps.detach().float().mean().item(),
+    }

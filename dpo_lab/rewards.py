@@ -116,12 +116,12 @@ class HubSentimentReward:
     (batch 16, truncated at 512 tokens: official repo, issue #27). ``name`` may be a local folder."""
 
     def __init__(self, name: str = "siebert/sentiment-roberta-large-english", device: Any = None,
-                 batch_size: int = 16, *, max_length: int = 512, revision: str | None = None):
+                 batch_size: int = 16):
         from transformers import pipeline
 
-        self.name, self.batch_size, self.max_length = name, batch_size, max_length
+        self.name, self.batch_size = name, batch_size
         self.pipe = pipeline("text-classification", model=name, tokenizer=name, device=device, top_k=None,
-                             revision=revision, trust_remote_code=False)
+                             trust_remote_code=False)
         labels = [str(v) for v in self.pipe.model.config.id2label.values()]
         positive = [label for label in labels if label.lower() == "positive"]
         if len(positive) != 1:
@@ -133,6 +133,6 @@ class HubSentimentReward:
         texts = validate_texts(texts, allow_empty=True)
         if not texts:
             return np.zeros(0)
-        outputs = self.pipe(texts, batch_size=self.batch_size, truncation=True, max_length=self.max_length)
+        outputs = self.pipe(texts, batch_size=self.batch_size, truncation=True, max_length=512)
         return np.array([next(d["score"] for d in scores if d["label"] == self.positive_label)
                          for scores in outputs], dtype=np.float64)

@@ -529,23 +529,25 @@ def _check_frozen_copy(policy: nn.Module, reference: nn.Module) -> None:
 def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Any, *,
             out_dir: str | Path, ref_cache_dir: str | Path, eval_fn: EvalFn | None = None,
             **settings: Any) -> RunResult:
-    """:func:`dpo_trainer.train_dpo` (``settings``: its keyword arguments, and ``device`` if no
-    ``accelerator``) as one run in ``out_dir``: trained, resumed, or if finished its weights loaded into
-    ``policy``. The reference log-probs are cached in ``ref_cache_dir``, shared by a sweep's runs. Under
-    ``accelerate launch`` every process calls this alike; only the main one evaluates and writes."""
+    """:func:`dpo_trainer.train_dpo` (``settings``: the fields of its ``DPOSettings``, ``progress``, and
+    ``device`` if no ``accelerator``) as one run in ``out_dir``: trained, resumed, or if finished its
+    weights loaded into ``policy``. The reference log-probs are cached in ``ref_cache_dir``, shared by a
+    sweep's runs. Under ``accelerate launch`` every process calls this alike; only the main one evaluates
+    and writes."""
     _check_frozen_copy(policy, reference)
     device, accelerator = settings.pop("device", None), settings.pop("accelerator", None)
     accelerator = accelerator if accelerator is not None else dpo_trainer.make_accelerator(device)
-    config, objective, alpha = settings["config"], settings.get("objective", "dpo"), settings.get("alpha")
-    beta = dpo_trainer.check_dpo_settings(config, objective, settings.get("beta"), alpha,
-                                          settings["max_length"], accelerator.num_processes)
-    cols = dpo_trainer.training_columns(pairs, objective, config)
+    progress = settings.pop("progress", True)
+    spec = dpo_trainer.DPOSettings(**settings)  # refused here, before any work
+    config, alpha = spec.config, spec.alpha
+    dpo_trainer.accumulation_steps(config.batch_size, config.micro_batch_size, accelerator.num_processes)
+    cols = spec.columns(pairs)
     fields: dict[str, Any] = {
-        "beta": float(beta), "seed": settings["seed"], "max_length": settings["max_length"],
+        "beta": float(spec.beta), "seed": spec.seed, "max_length": spec.max_length,
         "config": trajectory_settings(config), "reference": model_fingerprint(reference),
         "pairs": pairs_fingerprint(cols),
         "tokenizer": tokenizer_fingerprint(tokenizer), "device": accelerator.device.type,
-        "mixed_precision": str(accelerator.mixed_precision), "objective": objective,
+        "mixed_precision": str(accelerator.mixed_precision), "objective": spec.objective,
         "alpha": None if alpha is None else float(alpha)}
     error, run = None, None
     try:
@@ -562,9 +564,10 @@ def dpo_run(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokeni
             return finished
         ref = reference_logprobs(  # (N, K)
             reference, tokenizer, cols, cache_dir=ref_cache_dir, reference_fingerprint=fields["reference"],
-            max_length=settings["max_length"], batch_size=config.micro_batch_size, device=accelerator,
-            progress=settings.get("progress", True), average=config.average_logprobs)
-        dpo_trainer.train_dpo(policy, tokenizer, cols, ref, accelerator=accelerator, log=run, **settings)
+            max_length=spec.max_length, batch_size=config.micro_batch_size, device=accelerator,
+            progress=progress, average=config.average_logprobs)
+        dpo_trainer.train_dpo(policy, tokenizer, cols, ref, spec, accelerator=accelerator, log=run,
+                              progress=progress)
         result = run.finish()
     accelerator.wait_for_everyone()
     return result

@@ -229,7 +229,7 @@ def _loop_batch(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     for t in range(max_new_tokens):
         probs = F.softmax(logits[0].float(), dim=-1)  # generate: fp32 copy of the last logits, then softmax
         tokens = torch.where(unfinished, draw(probs), pad_token_id)  # finished rows: padding, as generate
-        if reference is not None:  # paper footnote 3: exact per-step KL over the vocabulary, fp32 (token_kl)
+        if reference is not None:  # paper footnote 3: exact per-step KL over the vocab, fp32 (sequence_kl)
             logp, logq = (F.log_softmax(x.float(), dim=-1) for x in logits)
             ratio = logp - logq
             kl = (logp.exp() * ratio).sum(-1).clamp(min=0.0)

@@ -87,13 +87,13 @@ def test_collator_and_tokenizer_validation(tiny_tokenizer: PreTrainedTokenizerFa
     collate = PreferenceCollator(tiny_tokenizer, max_length=8)
     with pytest.raises(KeyError, match="missing \\['rejected'\\]"):
         collate([{"prompt": "a", "chosen": " b"}])
-    with pytest.raises(ValueError, match=r"example 0 \(chosen\): completion is empty"):
+    with pytest.raises(ValueError, match=r"pair 0 \(chosen\): completion is empty"):
         collate([{"prompt": "a", "chosen": "", "rejected": " b"}])
     with pytest.raises(ValueError, match="prompt longer than the context"):
         collate([{"prompt": "the plot " * 5, "chosen": " b", "rejected": " c"}])
     with pytest.raises(ValueError, match="empty list"):
         collate([])
-    with pytest.raises(ValueError, match=r"example 1 \(completion 0\): completion is empty"):
+    with pytest.raises(ValueError, match=r"ranking 1 \(completion 0\): completion is empty"):
         collate([{"prompt": "a", "completions": [" b", " c"]}, {"prompt": "a", "completions": ["", " c"]}])
     with pytest.raises(ValueError, match="same number of completions"):
         collate([{"prompt": "a", "completions": [" b", " c"]}, {"prompt": "a", "completions": [" b"]}])

@@ -232,7 +232,7 @@ def test_out_dir_of_another_run_is_refused(tiny_model, tiny_tokenizer, tmp_path)
 
 
 @pytest.mark.parametrize(("kw", "error", "match"), [
-    ({"beta": 0.0}, ValueError, "beta must be a positive number"),
+    ({"beta": 0.0}, ValueError, r"beta must be > 0, got 0.0"),
     ({"max_length": 1}, ValueError, "max_length"),
     ({"config": DPOConfig(batch_size=0)}, ValueError, "DPOConfig.batch_size"),
 ])
@@ -259,7 +259,7 @@ def _no_clock(records: list[dict]) -> list[dict]:
 
 
 def test_a_bad_pair_is_named_by_its_dataset_row(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
-    """The collator counts rows within its micro-batch ("example 1"); the trainer names the pair."""
+    """A micro-batch's bad pair is named by its row in the data set, not in the micro-batch."""
     from dpo_lab import run
 
     bad = {**PAIRS, "prompt": list(PAIRS["prompt"])}

@@ -14,7 +14,6 @@ from dpo_lab.logprobs import (
     forward_logits,
     sequence_kl,
     sequence_logprobs,
-    token_kl,
     token_logprobs,
 )
 
@@ -169,17 +168,17 @@ def test_concatenated_forward_backpropagates(tiny_model: GPT2LMHeadModel,
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_token_kl_properties_and_matches_kl_div() -> None:
+def test_sequence_kl_matches_kl_div_and_ignores_logit_shifts() -> None:
     g = torch.Generator().manual_seed(4)
-    p, q = torch.randn(2, 5, 13, generator=g), torch.randn(2, 5, 13, generator=g)
-    kl = token_kl(p, q)
-    assert kl.shape == (2, 5) and (kl > 0).all()
-    assert float(token_kl(p, p.clone()).abs().max()) == 0.0
-    reference = F.kl_div(torch.log_softmax(q, -1), torch.log_softmax(p, -1), log_target=True,
-                         reduction="none").sum(-1)
+    p, q = torch.randn(2, 6, 13, generator=g), torch.randn(2, 6, 13, generator=g)
+    mask = torch.tensor([[0, 1, 1, 1, 1, 1]] * 2)  # every position after the first is a completion token
+    kl = sequence_kl(p, q, mask)
+    assert kl.shape == (2,) and (kl > 0).all()
+    reference = F.kl_div(torch.log_softmax(q[:, :-1], -1), torch.log_softmax(p[:, :-1], -1), log_target=True,
+                         reduction="none").sum((-2, -1))
     torch.testing.assert_close(kl, reference)
     # Adding a constant to all logits leaves the distribution, hence the KL, unchanged.
-    torch.testing.assert_close(token_kl(p + 3.0, q - 1.0), kl, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(sequence_kl(p + 3.0, q - 1.0, mask), kl, rtol=1e-4, atol=1e-5)
 
 
 def test_sequence_kl_equals_hand_loop() -> None:
@@ -220,7 +219,7 @@ def test_bad_inputs_raise_clear_errors(tiny_model: GPT2LMHeadModel) -> None:
     with pytest.raises(ValueError, match="position 0"):
         sequence_kl(logits, logits, first)
     with pytest.raises(ValueError, match="same shape"):
-        token_kl(logits, logits[..., :-1])
+        sequence_kl(logits, logits[..., :-1], mask)
     attention = torch.ones_like(ids)
     with pytest.raises(ValueError, match="no real tokens"):
         forward_logits(tiny_model, ids, torch.zeros_like(ids))
