@@ -84,9 +84,7 @@ def _check_args(n_per_prompt: int, max_new_tokens: int, batch_size: int, seed: i
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# backend="loop": one forward per new token, fed exactly as `generate` feeds the model.
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------ backend="loop": one forward per new token, fed as `generate` does
 
 Stepper = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens (B, q), positions (B, q)) -> logits
 
