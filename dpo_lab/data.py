@@ -37,7 +37,7 @@ def offline_csv_path() -> Path:
 
 def validate_texts(texts: Sequence[str], *, name: str = "texts", allow_empty: bool = False) -> list[str]:
     if isinstance(texts, str):
-        raise TypeError(f"{name} must be a sequence of strings, not a single str")
+        raise TypeError(f"{name} must be a sequence of strings, not a single string")
     texts = list(texts)
     for i, text in enumerate(texts):
         if not isinstance(text, str):

@@ -1,10 +1,8 @@
-"""One frontier point: mean ground-truth reward r* and mean sequence-level KL(pi || pi_ref) on test prompts.
+"""One frontier point: mean ground-truth reward r* and mean sequence-level KL(pi || pi_ref) on test prompts,
 
     KL_seq(x, y) = sum_t KL( pi(.|x, y_<t) || pi_ref(.|x, y_<t) )     (paper footnote 3, docs/design.md)
 
-each step's KL exact over the vocabulary, computed while sampling (``sampling.sample(reference=...)``). Its
-mean over y ~ pi is KL(pi(y|x) || pi_ref(y|x)), with less variance than the sampled log-ratio, reported
-beside it. Standard errors are over prompts (samples of one prompt are correlated).
+each step's KL exact over the vocabulary (less variance than the sampled log-ratio, reported beside it).
 """
 
 from __future__ import annotations
@@ -15,14 +13,11 @@ import numpy as np
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from dpo_lab.loop import EvalFn
 from dpo_lab.preferences import score_samples
 from dpo_lab.presets import EvalConfig
 from dpo_lab.rewards import RewardModel
 from dpo_lab.sampling import sample
-
-# What a trainer calls on its evaluation steps: (policy, step) -> metrics merged into that step's line.
-EvalFn = Callable[[nn.Module, int], dict[str, float]]
-
 
 # A score read beside r* on the same samples: (flat prompts, flat completions) -> one number per sample
 # (NaN where it is undefined, e.g. the fluency of an empty completion; such samples are left out).
@@ -30,7 +25,7 @@ Scorer = Callable[[list[str], list[str]], np.ndarray]
 
 
 def _mean_se(per_sample: np.ndarray, n_prompts: int) -> tuple[float, float]:
-    """Mean over all samples, and its standard error over per-prompt means (prompts are the unit)."""
+    """Mean over all samples, and its standard error over per-prompt means (samples of a prompt correlate)."""
     rows = np.asarray(per_sample, dtype=np.float64).reshape(n_prompts, -1)
     counts = np.isfinite(rows).sum(axis=1)
     per_prompt = np.where(np.isfinite(rows), rows, 0.0).sum(axis=1)[counts > 0] / counts[counts > 0]

@@ -1,7 +1,5 @@
 """The reference policy π_ref: a byte-level BPE and a small GPT-2 (`cpu`, `smoke`) or a hub checkpoint such as
-gpt2-large (`paper`), then :func:`train_sft`, standing in for the paper's "SFT on IMDb train" (App. C.1).
-Pure: saving and loading a policy on disk is ``run.save_policy`` / ``run.load_policy``.
-"""
+gpt2-large (`paper`), then :func:`train_sft`, standing in for the paper's "SFT on IMDb train" (App. C.1)."""
 
 from __future__ import annotations
 
@@ -25,6 +23,7 @@ from transformers import (
 )
 
 from dpo_lab.data import validate_texts
+from dpo_lab.logprobs import eval_mode, model_device
 from dpo_lab.loop import optimizer_step, warmup_then_cosine
 from dpo_lab.presets import PolicyConfig
 from dpo_lab.sampling import sampling_config
@@ -53,21 +52,17 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int) -> PreTrainedTokenize
 
 
 # ------------------------------------------------------------------------------------------------ policy
-def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """Every dropout p to 0 (as the official DPO code): train-mode log-probs equal eval-mode ones."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    return model
-
-
 def _prepare(model: PreTrainedModel, tokenizer: Any) -> PreTrainedModel:
-    """Sampling defaults, pad = eos, no dropout, eval mode: the state every loader returns."""
+    """Sampling defaults, pad = eos, eval mode, and every dropout p at 0 (as the official DPO code: train-mode
+    log-probs equal eval-mode ones): the state every loader returns."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.generation_config = sampling_config(tokenizer)
     model.config.pad_token_id = tokenizer.eos_token_id
-    return disable_dropout(model).eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model.eval()
 
 
 def build_policy(tokenizer: Any, config: PolicyConfig, *, seed: int | None = None) -> GPT2LMHeadModel:
@@ -138,15 +133,13 @@ def lm_loss(model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], *, max
             batch_size: int = 32) -> float:
     """Mean next-token cross-entropy (nats per token) over ``texts`` encoded as in :func:`train_sft`."""
     ids, lengths = encode_reviews(tokenizer, texts, max_length)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(ids), batch_size):
-        batch = _lm_batch(ids[start:start + batch_size], lengths[start:start + batch_size], device)
-        total += float(_summed_nll(model, batch))  # summed, so long reviews weigh by their tokens
-        count += int((batch["labels"][:, 1:] != -100).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(ids), batch_size):
+            rows = slice(start, start + batch_size)
+            batch = _lm_batch(ids[rows], lengths[rows], model_device(model))
+            total += float(_summed_nll(model, batch))  # summed, so long reviews weigh by their tokens
+            count += int((batch["labels"][:, 1:] != -100).sum())
     return total / max(count, 1)
 
 

@@ -1,13 +1,7 @@
-"""PPO for the KL-constrained reward objective (paper Eq. 3), as Ziegler et al. (2019) and Stiennon et al.
-(2020): the paper's "PPO (Our impl.)" with r_phi and "PPO-GT (Our impl.)" with r*.
-
-    max_pi  E_{x, y~pi}[ r(x, y) ] - beta * KL( pi(y|x) || pi_ref(y|x) )                         (Eq. 3)
-
-One step: sample y ~ pi(.|x) (temperature 1); score it (standardised by running moments); per-token reward
-r_t = -beta log(pi/pi_ref), plus the score on the last token; GAE (gamma 1, lambda 0.95) against a value
-head; ``ppo_epochs`` passes of the clipped surrogate + clipped value loss; beta adapted toward ``target_kl``.
-The value head is a linear layer on the policy's last hidden states (one forward gives log-probs and
-values, half the compute of a separate critic; ``vf_coef = 0.1`` keeps its pull on the backbone small).
+"""PPO on the KL-constrained reward objective (paper Eq. 3), as Ziegler et al. (2019): the paper's "PPO"
+with r_phi, "PPO-GT" with r*:  max_pi E_{x, y~pi}[r(x, y)] - beta KL(pi(y|x) || pi_ref(y|x))  (Eq. 3).
+The value head is a linear layer on the policy's last hidden states: one forward gives log-probs and values,
+half the compute of a separate critic (``vf_coef = 0.1`` keeps its pull on the backbone small).
 """
 
 from __future__ import annotations
@@ -16,8 +10,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from dpo_lab.batching import pad_rows
-from dpo_lab.logprobs import position_ids_from_mask, token_logprobs
+from dpo_lab.logprobs import forward_logits, position_ids_from_mask, token_logprobs
 from dpo_lab.loop import TrainLog, batch_indices, is_due, optimizer_step
 from dpo_lab.presets import PPOConfig
 from dpo_lab.sampling import sample
@@ -58,12 +52,14 @@ class AdaptiveKLController:
         return self.value
 
 
+@dataclass
 class RunningMoments:
     """Mean and std of every score seen (Chan et al.'s exact parallel update). Standardising with them puts
     r* (a probability) and r_phi (a logit) on one scale, so one kl coefficient and lr suit both."""
 
-    def __init__(self) -> None:
-        self.mean, self.var, self.count = 0.0, 1.0, 0
+    mean: float = 0.0
+    var: float = 1.0
+    count: int = 0
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float64).reshape(-1)
@@ -81,12 +77,6 @@ class RunningMoments:
 
     def standardize(self, x: np.ndarray) -> np.ndarray:
         return (np.asarray(x, dtype=np.float64) - self.mean) / max(self.std, 1e-8)
-
-    def state_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "var": self.var, "count": self.count}
-
-    def load_state_dict(self, state: Mapping[str, float]) -> None:
-        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
 
 
 # ------------------------------------------------------------------------------------- pure PPO pieces
@@ -225,9 +215,7 @@ def _rollout(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
         # vocabulary-sized log-softmax per minibatch was ~3% of a cpu PPO step (docs/performance.md).
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         entropy = float(masked_mean(-(logp.exp() * logp).sum(-1), mask))
-        ref_logits = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                               position_ids=position_ids_from_mask(batch["attention_mask"]),
-                               use_cache=False).logits
+        ref_logits = forward_logits(reference, batch["input_ids"], batch["attention_mask"])
         ref_logprobs = token_logprobs(ref_logits, batch["input_ids"])
     scores_t = torch.as_tensor(scores, dtype=torch.float32, device=device)
     return Rollout(batch["input_ids"], batch["attention_mask"], mask, logprobs, ref_logprobs, values,
@@ -269,12 +257,22 @@ def kl_controller(config: PPOConfig) -> AdaptiveKLController:
     return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
 
 
-def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro: Rollout,
-                advantages: Tensor, returns: Tensor, config: PPOConfig, *, step: int, seed: int
-                ) -> dict[str, float]:
+@dataclass
+class PPOState:
+    """What a PPO step updates and a checkpoint keeps (policy + value head, optimizer, beta, score moments),
+    and the frozen reference."""
+
+    model: PolicyWithValueHead
+    reference: nn.Module
+    optimizer: torch.optim.Optimizer
+    kl_ctl: AdaptiveKLController
+    moments: RunningMoments = field(default_factory=RunningMoments)
+
+
+def _ppo_update(state: PPOState, ro: Rollout, advantages: Tensor, returns: Tensor, config: PPOConfig, *,
+                step: int, seed: int) -> dict[str, float]:
     """``ppo_epochs`` passes of minibatch updates over one rollout; returns the averaged statistics."""
-    stats: dict[str, list[float]] = {k: [] for k in ("loss/policy", "loss/value", "policy/clipfrac",
-                                                     "policy/approx_kl", "val/clipfrac")}
+    rows = []
     n = ro.input_ids.shape[0]
     for epoch in range(config.ppo_epochs):
         order = torch.as_tensor(np.random.default_rng([seed, step, epoch]).permutation(n))
@@ -283,7 +281,7 @@ def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro
             # Trim columns that are padding for the whole minibatch (right padding: trailing ones).
             width = int(ro.attention_mask[idx].sum(-1).max())
             ids, att, m = ro.input_ids[idx, :width], ro.attention_mask[idx, :width], ro.mask[idx, :width - 1]
-            _, logprobs, values = model(ids, att)
+            _, logprobs, values = state.model(ids, att)
             old_logprobs, old_values = ro.logprobs[idx, :width - 1], ro.values[idx, :width - 1]
             adv, ret = advantages[idx, :width - 1], returns[idx, :width - 1]
             pg_loss, pg_clipfrac = policy_loss(logprobs, old_logprobs, adv, m, config.cliprange)
@@ -291,36 +289,32 @@ def _ppo_update(model: PolicyWithValueHead, optimizer: torch.optim.Optimizer, ro
             loss = pg_loss + config.vf_coef * vf_loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite PPO loss at step {step}; lower the lr")
-            optimizer_step(optimizer, model.parameters(), config.max_grad_norm, loss=loss,
+            optimizer_step(state.optimizer, state.model.parameters(), config.max_grad_norm, loss=loss,
                            where=f"at step {step}")
             with torch.no_grad():
-                stats["loss/policy"].append(float(pg_loss))
-                stats["loss/value"].append(float(vf_loss))
-                stats["policy/clipfrac"].append(float(pg_clipfrac))
                 # 0.5 E[(log pi - log pi_old)^2]: a low-variance estimate of KL(pi_old || pi) (Schulman)
-                stats["policy/approx_kl"].append(float(0.5 * masked_mean((logprobs - old_logprobs) ** 2, m)))
-                stats["val/clipfrac"].append(float(vf_clipfrac))
-    return {k: float(np.mean(v)) for k, v in stats.items()}
+                approx_kl = 0.5 * masked_mean((logprobs - old_logprobs) ** 2, m)
+                rows.append([float(x) for x in (pg_loss, vf_loss, pg_clipfrac, approx_kl, vf_clipfrac)])
+    names = ("loss/policy", "loss/value", "policy/clipfrac", "policy/approx_kl", "val/clipfrac")
+    return {name: float(np.mean(column)) for name, column in zip(names, zip(*rows, strict=True), strict=True)}
 
 
-def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
-             prompts: Sequence[str], score_fn: ScoreFn, optimizer: torch.optim.Optimizer,
-             kl_ctl: AdaptiveKLController, moments: RunningMoments, config: PPOConfig, *,
-             step: int, seed: int,
+def ppo_step(state: PPOState, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], score_fn: ScoreFn,
+             config: PPOConfig, *, step: int, seed: int,
              on_rollout: Callable[[Rollout, Tensor, Tensor, Tensor], None] | None = None) -> dict[str, Any]:
-    """One PPO step (rollout, rewards, GAE, clipped updates, beta update) on ``model``'s device; returns the
-    metrics. ``on_rollout(rollout, rewards, advantages, returns)`` sees the batch and its GAE (before
-    whitening) ahead of the updates: notebook 06 redoes the step by hand on it."""
+    """One PPO step: sample y ~ pi (temperature 1), score it (standardised by running moments), per-token
+    rewards (Eq. 3), GAE, ``ppo_epochs`` clipped updates, beta toward ``target_kl``; returns the metrics.
+    ``on_rollout(rollout, rewards, advantages, returns)`` sees them before whitening (notebook 06 uses it)."""
     started = time.perf_counter()
-    device = next(model.parameters()).device
-    kl_coef = kl_ctl.value
-    ro = _rollout(model, reference, tokenizer, prompts, score_fn, max_new_tokens=config.max_new_tokens,
-                  seed=_rollout_seed(seed, step))
+    device = next(state.model.parameters()).device
+    kl_coef = state.kl_ctl.value
+    ro = _rollout(state.model, state.reference, tokenizer, prompts, score_fn,
+                  max_new_tokens=config.max_new_tokens, seed=_rollout_seed(seed, step))
     rollout_s = time.perf_counter() - started
     raw_scores = ro.scores.double().cpu().numpy()
     if config.normalize_scores:
-        moments.update(raw_scores)
-        scores = torch.as_tensor(moments.standardize(raw_scores), dtype=torch.float32, device=device)
+        state.moments.update(raw_scores)
+        scores = torch.as_tensor(state.moments.standardize(raw_scores), dtype=torch.float32, device=device)
     else:
         scores = ro.scores
     log_ratio = torch.where(ro.mask, ro.logprobs - ro.ref_logprobs, 0.0)
@@ -331,9 +325,9 @@ def ppo_step(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
         on_rollout(ro, rewards, advantages, returns)
     if config.whiten_advantages:
         advantages = whiten(advantages, ro.mask)
-    stats = _ppo_update(model, optimizer, ro, advantages, returns, config, step=step, seed=seed)
+    stats = _ppo_update(state, ro, advantages, returns, config, step=step, seed=seed)
     mean_kl = float(kl.mean())
-    kl_ctl.update(mean_kl, n_steps=len(prompts))  # adapt beta toward target_kl for the next step
+    state.kl_ctl.update(mean_kl, n_steps=len(prompts))  # adapt beta toward target_kl for the next step
     # Cost: the rollout's tokens pass the policy to sample, to score, and ppo_epochs times in the updates.
     tokens = int(ro.attention_mask.sum())
     n = ro.input_ids.shape[0]
@@ -368,17 +362,9 @@ def _write_checkpoint(folder: Path, model: PolicyWithValueHead, tokenizer: PreTr
               str(folder / "value_head" / "model.safetensors"))
 
 
-def train_ppo(
-    policy: nn.Module,
-    reference: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    score_fn: ScoreFn,
-    *,
-    config: PPOConfig,
-    seed: int,
-    log: TrainLog | None = None,
-) -> list[dict[str, Any]]:
+def train_ppo(policy: nn.Module, reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
+              prompts: Sequence[str], score_fn: ScoreFn, *, config: PPOConfig, seed: int,
+              log: TrainLog | None = None) -> list[dict[str, Any]]:
     """Train ``policy`` in place, on the device it is on, with PPO on Eq. 3; ``score_fn(texts)`` is r_phi
     (PPO) or r* (PPO-GT) of prompt + completion. ``reference`` stays frozen. Returns the metrics records."""
     if policy is reference:
@@ -396,13 +382,13 @@ def train_ppo(
         raise ValueError("no parameter of the policy requires grad; unfreeze it (requires_grad_(True)) first")
     model = PolicyWithValueHead(policy).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    optimizer.zero_grad(set_to_none=True)
-    kl_ctl, moments = kl_controller(config), RunningMoments()
-    start, _, state = log.restore({"": model.policy, "value_head": model.value_head}) or (0, None, None)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        kl_ctl.value = float(state["kl_coef"])
-        moments.load_state_dict(state["moments"])
+    state = PPOState(model, reference, optimizer, kl_controller(config))
+    state.optimizer.zero_grad(set_to_none=True)
+    start, _, saved = log.restore({"": model.policy, "value_head": model.value_head}) or (0, None, None)
+    if saved is not None:
+        state.optimizer.load_state_dict(saved["optimizer"])
+        state.kl_ctl.value = float(saved["kl_coef"])
+        state.moments = RunningMoments(**saved["moments"])
     if start == 0:
         log.log_start(policy)
     name = "PPO" if config.target_kl is None else f"PPO target_kl={config.target_kl:g}"
@@ -410,14 +396,14 @@ def train_ppo(
                total=config.max_steps)
     for step in bar:
         chosen = batch_indices(len(prompts), config.rollout_batch_size, step, seed)
-        record = ppo_step(model, reference, tokenizer, [prompts[i] for i in chosen], score_fn, optimizer,
-                          kl_ctl, moments, config, step=step, seed=seed)
+        record = ppo_step(state, tokenizer, [prompts[i] for i in chosen], score_fn, config, step=step,
+                          seed=seed)
         log.log(record, policy)
         bar.set_postfix(score=f"{record['objective/scores']:.3f}", kl=f"{record['objective/kl']:.2f}",
                         beta=f"{record['kl_coef']:.3f}")
         if is_due(step, config.checkpoint_every, config.max_steps):
             log.save(step, lambda folder: _write_checkpoint(folder, model, tokenizer),
-                     {"optimizer": optimizer.state_dict(), "kl_coef": kl_ctl.value,
-                      "moments": moments.state_dict()})
+                     {"optimizer": state.optimizer.state_dict(), "kl_coef": state.kl_ctl.value,
+                      "moments": asdict(state.moments)})
     policy.eval()
     return log.records

@@ -1,12 +1,8 @@
-"""The learned reward r_phi(x, y) that PPO maximises (paper §3, Eq. 2):
+"""The learned reward r_phi(x, y) = w · h_last(x, y) + b that PPO maximises (paper §3), trained by Eq. 2:
 
-    r_phi(x, y) = w · h_last(x, y) + b          h_last: the backbone's hidden state at the LAST real token
-    L_R(r_phi)  = -E[ log sigma( r_phi(x, y_w) - r_phi(x, y_l) ) ]              (Eq. 2, Bradley-Terry)
+    L_R(r_phi) = -E[ log sigma( r_phi(x, y_w) - r_phi(x, y_l) ) ]                 (Eq. 2, Bradley-Terry)
 
-The backbone is a copy of the SFT policy's transformer, the head starts at zero (first loss exactly log 2).
-Pairs are split by prompt into train/validation/test; the best-validation weights are kept (the paper) and
-tested once. r_phi is shifted so that E[r_phi] = 0 over the training completions (§3; one global offset, as
-a per-prompt one cannot reach unseen prompts). :class:`LearnedReward` is ``texts -> np.ndarray`` like r*.
+h_last: the hidden state of a copy of the SFT policy's transformer at the last real token.
 """
 
 from __future__ import annotations
@@ -24,7 +20,8 @@ from tqdm.auto import tqdm
 from transformers import GPT2Model, PreTrainedTokenizerBase
 
 from dpo_lab.batching import Pairs, PreferenceCollator, pad_rows, pair_columns, pair_examples
-from dpo_lab.logprobs import position_ids_from_mask
+from dpo_lab.data import validate_texts
+from dpo_lab.logprobs import eval_mode, model_device, position_ids_from_mask
 from dpo_lab.loop import optimizer_step, resolve_device, warmup_then_flat
 from dpo_lab.losses import bradley_terry_loss
 from dpo_lab.presets import RewardModelConfig
@@ -118,12 +115,7 @@ class LearnedReward:
 
     def raw(self, texts: Sequence[str]) -> np.ndarray:
         """Unnormalised ``r_phi`` (no offset) of each text, float64 ``(len(texts),)``."""
-        if isinstance(texts, str):
-            raise TypeError("texts must be a sequence of strings, not a single string")
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is {type(text).__name__}, expected str")
+        texts = validate_texts(texts, allow_empty=True)
         if not texts:
             return np.zeros(0)
         device = next(self.model.parameters()).device
@@ -141,7 +133,8 @@ class LearnedReward:
         return torch.cat(out).numpy()
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
-        """``r_phi(x, y) - offset``: E = 0 over the training completions (paper §3)."""
+        """``r_phi(x, y) - offset``: E = 0 over the training completions (paper §3; one global offset, as a
+        per-prompt one cannot reach unseen prompts)."""
         return self.raw(texts) - self.offset
 
 
@@ -183,32 +176,26 @@ def evaluate_pairs(model: ScalarRewardModel, collator: PreferenceCollator,
     """Mean BT loss and accuracy (share of pairs with r(y_w) > r(y_l), ties half) over ``examples``."""
     if not examples:
         raise ValueError("no pairs to evaluate")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     losses, correct = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collator(examples[start:start + batch_size]).items()}
-        chosen, rejected = pair_rewards(model, batch)
-        losses.append(bradley_terry_loss(chosen, rejected).cpu())
-        # An exact tie (e.g. the zero head at step 0) is a coin flip: it counts one half.
-        correct.append(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for start in range(0, len(examples), batch_size):
+            batch = collator(examples[start:start + batch_size])
+            chosen, rejected = pair_rewards(model, {k: v.to(model_device(model)) for k, v in batch.items()})
+            losses.append(bradley_terry_loss(chosen, rejected).cpu())
+            # An exact tie (e.g. the zero head at step 0) is a coin flip: it counts one half.
+            correct.append(((chosen > rejected).float() + 0.5 * (chosen == rejected).float()).cpu())
     return {"val_loss": float(torch.cat(losses).mean()),
             "val_accuracy": float(torch.cat(correct).float().mean()), "correct": torch.cat(correct).tolist()}
 
 
 def _true_gaps(pairs: Pairs) -> np.ndarray | None:
     """r*(y_w) - r*(y_l) per pair, where the pairs carry the scores that labelled them; else None."""
-    names = ("chosen_reward", "rejected_reward")
-    if isinstance(pairs, Mapping) or hasattr(pairs, "column_names"):  # a dict of columns or a Dataset
-        if not set(names) <= set(pairs if isinstance(pairs, Mapping) else pairs.column_names):
-            return None
-        chosen, rejected = pairs["chosen_reward"], pairs["rejected_reward"]
-    else:
-        if not all(set(names) <= set(row) for row in pairs):
-            return None
-        chosen, rejected = [r["chosen_reward"] for r in pairs], [r["rejected_reward"] for r in pairs]
+    columns = isinstance(pairs, Mapping) or hasattr(pairs, "column_names")  # a dict of columns or a Dataset
+    try:
+        chosen, rejected = (pairs[name] if columns else [row[name] for row in pairs]
+                            for name in ("chosen_reward", "rejected_reward"))
+    except (KeyError, ValueError):  # a row or dict without them raises KeyError, a Dataset ValueError
+        return None
     return np.asarray(chosen, dtype=float) - np.asarray(rejected, dtype=float)
 
 
@@ -251,28 +238,6 @@ def _split(pairs: Pairs, config: RewardModelConfig, seed: int) -> tuple[list, li
     return train, val, test, test_idx
 
 
-class _BestValidation:
-    """Validation history and the weights kept: best validation accuracy (the paper), ties to the lower
-    loss. Step 0 (the zero head ties every pair) is logged, never kept."""
-
-    def __init__(self, model: ScalarRewardModel, collator: PreferenceCollator, val: list[dict],
-                 report: RewardModelReport, batch_size: int) -> None:
-        self.model, self.collator, self.val, self.report = model, collator, val, report
-        self.batch_size = batch_size
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        self.report.best_val_accuracy, self.loss = -1.0, math.inf
-
-    def __call__(self, step: int) -> None:
-        result = evaluate_pairs(self.model, self.collator, self.val, batch_size=self.batch_size)
-        result = {"step": step, "val_loss": result["val_loss"], "val_accuracy": result["val_accuracy"]}
-        self.report.val_history.append(result)
-        if step > 0 and (result["val_accuracy"], -result["val_loss"]) > (self.report.best_val_accuracy,
-                                                                           -self.loss):
-            self.report.best_val_accuracy, self.loss = result["val_accuracy"], result["val_loss"]
-            self.report.best_step = step
-            self.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-
-
 def train_reward_model(
     policy: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -284,9 +249,9 @@ def train_reward_model(
     device: torch.device | str | None = None,
     on_step: Callable[[int, int], None] | None = None,
 ) -> LearnedReward:
-    """Train r_phi by Eq. 2 from ``policy``'s transformer on ``pairs`` (prompt/chosen/rejected), keep the
-    best-validation weights, test them; ``.report`` holds the :class:`RewardModelReport`.
-    ``on_step(step, total)`` follows every optimizer step."""
+    """Train r_phi by Eq. 2 from ``policy``'s transformer (head at zero: first loss exactly log 2) on
+    ``pairs`` split by prompt, keep the best-validation weights (the paper), test them once; ``.report``
+    holds the :class:`RewardModelReport`. ``on_step(step, total)`` follows every optimizer step."""
     _check_config(config)
     seed_everything(seed)
     device = resolve_device(device)
@@ -294,10 +259,22 @@ def train_reward_model(
     collator = PreferenceCollator(tokenizer, config.max_length)
     model = ScalarRewardModel.from_policy(policy).to(device).train()
     report = RewardModelReport(n_train_pairs=len(train), n_val_pairs=len(val), n_test_pairs=len(test))
-    validate = _BestValidation(model, collator, val, report, 2 * config.batch_size)
+    kept: dict[str, Any] = {"key": (-1.0, -math.inf)}
+
+    def validate(step: int) -> None:
+        """Keep the best validation accuracy's weights, ties to the lower loss; step 0 (the zero head ties
+        every pair) is logged, never kept."""
+        result = evaluate_pairs(model, collator, val, batch_size=2 * config.batch_size)
+        result = {"step": step, "val_loss": result["val_loss"], "val_accuracy": result["val_accuracy"]}
+        report.val_history.append(result)
+        if step > 0 and (result["val_accuracy"], -result["val_loss"]) > kept["key"]:
+            kept["key"] = (result["val_accuracy"], -result["val_loss"])
+            kept["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            report.best_step, report.best_val_accuracy = step, result["val_accuracy"]
+
     validate(0)
-    _fit(validate, train, config, seed, device, progress, on_step)
-    model.load_state_dict(validate.state)
+    report.train_losses = _fit(model, collator, train, config, seed, validate, on_step, progress)
+    model.load_state_dict(kept["state"])
     model.eval()
     tested = evaluate_pairs(model, collator, test, batch_size=2 * config.batch_size)
     report.test_accuracy = tested["val_accuracy"]
@@ -311,17 +288,19 @@ def train_reward_model(
                          report={**asdict(report), "config": asdict(config)})
 
 
-def _fit(validate: _BestValidation, train: list[dict], config: RewardModelConfig, seed: int,
-         device: torch.device, progress: bool, on_step: Callable[[int, int], None] | None) -> None:
+def _fit(model: ScalarRewardModel, collator: PreferenceCollator, train: list[dict], config: RewardModelConfig,
+         seed: int, validate: Callable[[int], None], on_step: Callable[[int, int], None] | None,
+         progress: bool) -> list[float]:
     """AdamW on Eq. 2, warm-up then flat lr: ``config.epochs`` seeded shuffles (last partial batch dropped),
-    at most ``max_steps`` steps, validated every ``eval_every`` steps and at each epoch's end."""
-    model, collator, report = validate.model, validate.collator, validate.report
+    at most ``max_steps`` steps, validated every ``eval_every`` steps and at each epoch's end; the losses."""
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     optimizer.zero_grad(set_to_none=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_flat(config.warmup_steps))
     steps_per_epoch = max(1, len(train) // config.batch_size)
     total = min(config.epochs * steps_per_epoch, config.max_steps or config.epochs * steps_per_epoch)
     step = 0
+    losses: list[float] = []
     bar = tqdm(total=total, desc="reward model", disable=not progress)
     for epoch in range(config.epochs):
         order = np.random.default_rng([seed, epoch]).permutation(len(train))
@@ -334,13 +313,12 @@ def _fit(validate: _BestValidation, train: list[dict], config: RewardModelConfig
                 raise FloatingPointError(f"non-finite reward-model loss at step {step}; lower the lr")
             optimizer_step(optimizer, model.parameters(), config.max_grad_norm, loss=loss,
                            scheduler=scheduler, where=f"at step {step}")
-            report.train_losses.append(loss.item())
+            losses.append(loss.item())
             bar.update(1)
-            bar.set_postfix(loss=f"{report.train_losses[-1]:.4f}")
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if on_step is not None:
                 on_step(step, total)
-            if (step % config.eval_every == 0 or b == steps_per_epoch - 1 or step == total) and \
-                    report.val_history[-1]["step"] != step:
+            if step % config.eval_every == 0 or b == steps_per_epoch - 1 or step == total:
                 validate(step)
     bar.close()
-
+    return losses

@@ -1,13 +1,7 @@
-"""Untruncated samples y ~ pi(.|x): temperature 1, top_k 0 (HF's default of 50 would sample another
-distribution), top_p 1 (docs/design.md, "Sampling"). Prompts are LEFT-padded, position ids come from the
-mask, so a padded row sees what the prompt alone would (tested). A row stops early only when it samples EOS,
-which is kept in ``completion_ids`` (the evaluator's KL includes that step) and dropped from the text.
-
-Backends, timed by benchmarks/bench_sampling.py (docs/performance.md): ``"generate"`` (HF, the reference),
-``"loop"`` (our decoding loop: ``generate``'s tokens exactly, tested; plain GPT-2 runs its blocks directly
-on a preallocated cache) and ``"loop_icdf"`` (default: the same loop drawing by inverse CDF, one uniform per
-row instead of B x V Exp(1) variates; the same distribution, other tokens, ~1.9x ``generate``'s speed).
-Each draws from a fork of torch's RNG seeded with ``seed``: the caller's RNG stream is left untouched.
+"""Untruncated samples y ~ pi(.|x) (temperature 1, no top-k/top-p; docs/design.md, "Sampling") from
+left-padded prompts. EOS ends a row; it is kept in ``completion_ids`` (the KL counts that step), not in text.
+Backends (docs/performance.md): ``"generate"`` (HF, the reference), ``"loop"`` (our loop: ``generate``'s
+tokens exactly) and ``"loop_icdf"`` (default: the same loop drawing by inverse CDF, ~1.9x ``generate``).
 """
 
 from __future__ import annotations
@@ -25,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from dpo_lab.batching import pad_rows
+from dpo_lab.data import validate_texts
 from dpo_lab.logprobs import eval_mode, has_hooks, model_device
 
 Backend = Literal["loop", "loop_icdf", "generate"]
@@ -46,12 +41,8 @@ class Samples:
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt, no special tokens (as batching.tokenize_completion)."""
-    if isinstance(prompts, str):
-        raise TypeError("prompts must be a sequence of strings, not a single string")
     ids = []
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt {i} is {type(prompt).__name__}, expected str")
+    for i, prompt in enumerate(validate_texts(prompts, name="prompts", allow_empty=True)):
         row = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not row:
             raise ValueError(f"prompt {i} is empty ({prompt!r}): a completion needs a prompt token before it")
@@ -93,9 +84,7 @@ def _check_args(n_per_prompt: int, max_new_tokens: int, batch_size: int, seed: i
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-# ---------------------------------------------------------------------------------------------------------
-# backend="loop": one forward per new token, fed exactly as `generate` feeds the model.
-# ---------------------------------------------------------------------------------------------------------
+# ------------------------------------------ backend="loop": one forward per new token, fed as `generate` does
 
 Stepper = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (tokens (B, q), positions (B, q)) -> logits
 
@@ -251,8 +240,8 @@ def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequen
            reference: nn.Module | None = None) -> Samples:
     """``n_per_prompt`` completions of every prompt, ``batch_size`` rows at a time. With ``reference`` (loop
     backends), ``Samples.kl``/``.logratio`` hold each completion's exact KL to it and sampled log-ratio; the
-    tokens do not change. ``generation_config`` (``"generate"`` only) replaces :func:`sampling_config`, to
-    show what top-k, top-p or a minimum length do to a measurement."""
+    tokens do not change. ``generation_config`` (``"generate"`` only) replaces :func:`sampling_config`.
+    Draws from a fork of torch's RNG seeded with ``seed``: the caller's RNG stream is left untouched."""
     _check_args(n_per_prompt, max_new_tokens, batch_size, seed, backend)
     if generation_config is not None and backend != "generate":
         raise ValueError(f"generation_config needs backend='generate', not {backend!r}")
@@ -277,13 +266,12 @@ def sample(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequen
     ref_mode = eval_mode(reference) if reference is not None else nullcontext()
     with torch.random.fork_rng(devices=fork_devices), eval_mode(model), ref_mode:
         torch.manual_seed(seed)
-        starts = range(0, len(jobs), batch_size)
-        for start in tqdm(starts, desc="sampling", disable=not progress, leave=False):
+        for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress,
+                          leave=False):
             rows = [prompt_ids[i] for i in jobs[start:start + batch_size]]
             padded = pad_rows([{"input_ids": r, "completion_mask": [0] * len(r)} for r in rows],
                               tokenizer.pad_token_id, side="left")  # new tokens append at one column
-            input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            input_ids, attention_mask = padded["input_ids"].to(device), padded["attention_mask"].to(device)
             if backend == "generate":
                 new = model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                      generation_config=config)[:, input_ids.shape[1]:]

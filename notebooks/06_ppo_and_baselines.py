@@ -73,7 +73,7 @@ from dpo_lab.plots import METHOD_COLORS
 from dpo_lab.ppo import (
     AdaptiveKLController,
     PolicyWithValueHead,
-    RunningMoments,
+    PPOState,
     gae,
     kl_controller,
     kl_penalized_rewards,
@@ -414,9 +414,10 @@ def keep(rollout, rewards, advantages, returns):
     library.update(rollout=rollout, rewards=rewards, advantages=advantages, returns=returns)
 
 
-record = ppo_step(model, reference, tokenizer, step_prompts, r_phi,
-                  torch.optim.Adam(model.parameters(), lr=step_config.lr), kl_controller(step_config),
-                  RunningMoments(), step_config, step=1, seed=config.seed, on_rollout=keep)
+state = PPOState(model, reference, torch.optim.Adam(model.parameters(), lr=step_config.lr),
+                 kl_controller(step_config))  # what the step updates: weights, Adam, beta, score moments
+record = ppo_step(state, tokenizer, step_prompts, r_phi, step_config, step=1, seed=config.seed,
+                  on_rollout=keep)
 ro = library["rollout"]
 print(f"rollout: {len(ro.texts)} completions, {int(ro.mask.sum())} completion tokens; mean r_phi "
       f"{record['objective/scores']:.3f}, sampled KL {record['objective/kl']:.2e} (pi_theta = pi_ref)")

@@ -16,6 +16,7 @@ from dpo_lab.ppo import (
     AdaptiveKLController,
     PolicyWithValueHead,
     PPOConfig,
+    PPOState,
     RunningMoments,
     gae,
     kl_controller,
@@ -277,9 +278,10 @@ def test_on_rollout_sees_the_step_it_is_part_of(tiny_model, tiny_tokenizer) -> N
     """The hook gets the batch, rewards and GAE that the update uses, and watching changes nothing."""
     def one_step(on_rollout=None):
         model = PolicyWithValueHead(copy.deepcopy(tiny_model)).eval()
-        record = ppo_step(model, tiny_model, tiny_tokenizer, PROMPTS, vowel_share,
-                          torch.optim.Adam(model.parameters(), lr=1e-2), AdaptiveKLController(0.05, None),
-                          RunningMoments(), CONFIG, step=1, seed=0, on_rollout=on_rollout)
+        state = PPOState(model, tiny_model, torch.optim.Adam(model.parameters(), lr=1e-2),
+                         AdaptiveKLController(0.05, None))
+        record = ppo_step(state, tiny_tokenizer, PROMPTS, vowel_share, CONFIG, step=1, seed=0,
+                          on_rollout=on_rollout)
         return record, model
 
     seen = []

@@ -130,7 +130,7 @@ def test_eval_mode_restores_training_flag(tiny_model, tiny_tokenizer):
 @pytest.mark.parametrize(("prompts", "over", "error", "match"), [
     ([""], {}, ValueError, "prompt 0 is empty"),
     ("A string", {}, TypeError, "not a single string"),
-    (["A", 3], {}, TypeError, "prompt 1 is int"),
+    (["A", 3], {}, TypeError, r"prompts\[1\] must be a str, got int"),
     (["A"], {"n_per_prompt": 0}, ValueError, "n_per_prompt"),
     (["A"], {"batch_size": 0}, ValueError, "batch_size"),
     (["A"], {"seed": -1}, ValueError, "seed"),
