@@ -15,17 +15,18 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
-from dpo_lab.presets import PRESETS, check_notebook_parameters, get_preset, parse_overrides
+from dpo_lab.presets import PRESETS, Preset, check_notebook_parameters, get_preset, parse_overrides
 
 
-def _add_preset_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help=default_help)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set dpo.lr=1e-5 (repeatable)")
+def _add_preset_arguments(add: Callable[..., object], preset_help: str) -> None:
+    add("--preset", default=None, choices=sorted(PRESETS), help=preset_help)
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override one setting, e.g. --set dpo.lr=1e-5 (repeatable)")
 
 
 def _usage_error(err: Exception) -> int:
@@ -81,15 +82,23 @@ def _sweep(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 1 if any(o.state == "failed" for o in outcomes) else 0
 
 
-def _execute(args: argparse.Namespace) -> int:
+def _execute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import papermill
+    from papermill.parameterize import add_builtin_parameters
 
     from dpo_lab.scale import sweep
 
     try:
         parameters = {name: yaml.safe_load(value) for name, value in args.parameters}
-        notebook, output = (_formatted_path(path, what, parameters)
-                            for path, what in ((args.notebook, "NOTEBOOK"), (args.output, "OUTPUT")))
+        paths = []
+        for path, what in ((args.notebook, "NOTEBOOK"), (args.output, "OUTPUT")):
+            try:  # papermill formats both with the parameters (``runs/{beta}``): a stray brace fails here
+                paths.append(path.format(**add_builtin_parameters(parameters)))
+            except (KeyError, IndexError, ValueError, AttributeError) as err:
+                why = f"({type(err).__name__}: {err}); write a literal brace as {{{{ or }}}}"
+                raise sweep.SweepError(f"{what} {path!r}: papermill formats it with the parameters and fails "
+                                       f"{why}") from err
+        notebook, output = paths
         sweep.check_parameters(notebook, parameters)
         if "preset" in sweep.notebook_parameters(notebook):  # its preset, and values of its settings (beta)
             check_notebook_parameters(parameters)
@@ -101,21 +110,7 @@ def _execute(args: argparse.Namespace) -> int:
     return 0
 
 
-def _formatted_path(path: str, what: str, parameters: dict) -> str:
-    """The path papermill will use (it formats NOTEBOOK and OUTPUT with the parameters: ``runs/{beta}``); a
-    brace that names no parameter is a usage error here, not a failure after the checks."""
-    from papermill.parameterize import add_builtin_parameters
-
-    from dpo_lab.scale.sweep import SweepError
-
-    try:
-        return path.format(**add_builtin_parameters(parameters))
-    except (KeyError, IndexError, ValueError, AttributeError) as err:
-        raise SweepError(f"{what} {path!r}: papermill formats it with the parameters and fails "
-                         f"({type(err).__name__}: {err}); write a literal brace as {{{{ or }}}}") from err
-
-
-def _student(args: argparse.Namespace) -> int:
+def _student(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from dpo_lab.paths import project_root
     from dpo_lab.student import ExerciseError, write_student_copies
 
@@ -129,60 +124,9 @@ def _student(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpo_lab", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    rep = sub.add_parser("reproduce", help="run the IMDb frontier end to end and write figures/")
-    _add_preset_arguments(rep, "defaults to $DPO_LAB_PRESET or 'cpu'")
-    rep.add_argument("--out", type=Path, metavar="DIR",
-                     help="where the figure, tables and summary go (default $DPO_LAB_FIGURES or figures/)")
-    rep.add_argument("--artifacts", type=Path, metavar="DIR",
-                     help="the stage and run cache (default $DPO_LAB_ARTIFACTS or artifacts/)")
-    rep.add_argument("--workers", type=int, default=None, metavar="N",
-                     help="frontier runs trained side by side, one thread each (default: one per core; "
-                          "two on a CUDA machine)")
-    show = sub.add_parser("preset", help="print every setting of a preset")
-    show.add_argument("name", nargs="?", default=None, choices=sorted(PRESETS), help="the preset to print")
-    _add_preset_arguments(show, "the preset to print (same as NAME)")
-    show.add_argument("--json", action="store_true", help="print the preset as JSON (Preset.to_dict)")
-    swp = sub.add_parser("sweep", help="run a sweep of notebook runs through papermill; skips finished runs")
-    swp.add_argument("spec", nargs="?", help="a YAML sweep spec (default: the preset's frontier sweep)")
-    _add_preset_arguments(swp, "the preset whose frontier sweep to run (default cpu)")
-    swp.add_argument("--methods", help="comma-separated subset of DPO,Unlikelihood,Preferred-FT,PPO,PPO-GT")
-    swp.add_argument("--runs-dir", help="where sweeps write (default $DPO_LAB_RUNS or runs/)")
-    swp.add_argument("--devices", help="comma-separated CUDA devices, one run on each at a time "
-                     "(default: every visible GPU, or one run at a time on a CPU)")
-    swp.add_argument("--jobs", type=int, default=1, metavar="N",
-                     help="on a CPU machine, N runs at a time, each with its share of the cores (default 1)")
-    swp.add_argument("--dry-run", action="store_true", help="check the spec and list each run's state")
-    swp.add_argument("--force", action="store_true",
-                     help="run even if a requirement (gpu, hub) is missing")
-    swp.add_argument("--skip-failed", action="store_true", help="do not retry runs that failed before")
-    exe = sub.add_parser("execute", help="papermill one notebook, rejecting unknown or mistyped parameters")
-    exe.add_argument("notebook")
-    exe.add_argument("output")
-    exe.add_argument("-p", dest="parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                     help="a parameter (value parsed as YAML), repeatable")
-    stu = sub.add_parser("student", help="write notebooks/student/: each exercise's body replaced by a stub")
-    stu.add_argument("--out", type=Path, metavar="DIR", help="where they go (default: notebooks/student)")
-    args = parser.parse_args(argv)
-    if args.command == "student":
-        return _student(args)
-    if args.command == "sweep":
-        return _sweep(args, parser)
-    if args.command == "execute":
-        return _execute(args)
-    try:
-        name = getattr(args, "name", None) or args.preset
-        preset = get_preset(name, **parse_overrides(args.overrides))
-    except (KeyError, TypeError, ValueError) as err:
-        parser.error(str(err.args[0] if err.args else err))
-    if getattr(args, "workers", None) is not None and args.workers < 1:
+def _reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser, preset: Preset) -> int:
+    if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    if args.command == "preset":
-        print(json.dumps(preset.to_dict(), indent=2) if args.json else preset.describe())
-        return 0
     for option, variable in (("out", "DPO_LAB_FIGURES"), ("artifacts", "DPO_LAB_ARTIFACTS")):
         given = getattr(args, option)  # refused before any stage runs, not by a traceback after SFT
         folder = given if given is not None else os.environ.get(variable)
@@ -205,6 +149,53 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dpo_lab", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("reproduce", help="run the IMDb frontier end to end and write figures/").add_argument
+    _add_preset_arguments(add, "defaults to $DPO_LAB_PRESET or 'cpu'")
+    add("--out", type=Path, metavar="DIR",
+        help="where the figure, tables and summary go (default $DPO_LAB_FIGURES or figures/)")
+    add("--artifacts", type=Path, metavar="DIR",
+        help="the stage and run cache (default $DPO_LAB_ARTIFACTS or artifacts/)")
+    add("--workers", type=int, default=None, metavar="N",
+        help="frontier runs trained side by side, one thread each (default: one per core; two on CUDA)")
+    add = sub.add_parser("preset", help="print every setting of a preset").add_argument
+    add("name", nargs="?", default=None, choices=sorted(PRESETS), help="the preset to print")
+    _add_preset_arguments(add, "the preset to print (same as NAME)")
+    add("--json", action="store_true", help="print the preset as JSON (Preset.to_dict)")
+    add = sub.add_parser("sweep", help="papermill a sweep of notebook runs; skips finished runs").add_argument
+    add("spec", nargs="?", help="a YAML sweep spec (default: the preset's frontier sweep)")
+    _add_preset_arguments(add, "the preset whose frontier sweep to run (default cpu)")
+    add("--methods", help="comma-separated subset of DPO,Unlikelihood,Preferred-FT,PPO,PPO-GT")
+    add("--runs-dir", help="where sweeps write (default $DPO_LAB_RUNS or runs/)")
+    add("--devices", help="comma-separated CUDA devices, one run on each at a time (default: every GPU)")
+    add("--jobs", type=int, default=1, metavar="N",
+        help="on a CPU machine, N runs at a time, each with its share of the cores (default 1)")
+    add("--dry-run", action="store_true", help="check the spec and list each run's state")
+    add("--force", action="store_true", help="run even if a requirement (gpu, hub) is missing")
+    add("--skip-failed", action="store_true", help="do not retry runs that failed before")
+    add = sub.add_parser("execute", help="papermill one notebook, refusing bad parameters first").add_argument
+    add("notebook")
+    add("output")
+    add("-p", dest="parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+        help="a parameter (value parsed as YAML), repeatable")
+    add = sub.add_parser("student", help="write notebooks/student/: exercise bodies stubbed").add_argument
+    add("--out", type=Path, metavar="DIR", help="where they go (default: notebooks/student)")
+    args = parser.parse_args(argv)
+    if args.command in ("student", "sweep", "execute"):
+        return {"student": _student, "sweep": _sweep, "execute": _execute}[args.command](args, parser)
+    try:
+        preset = get_preset(getattr(args, "name", None) or args.preset, **parse_overrides(args.overrides))
+    except (KeyError, TypeError, ValueError) as err:
+        parser.error(str(err.args[0] if err.args else err))
+    if args.command == "preset":
+        print(json.dumps(preset.to_dict(), indent=2) if args.json else preset.describe())
+        return 0
+    return _reproduce(args, parser, preset)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""TL;DR and Anthropic-HH loaders, offline: fixture files in the hub's schema and a patched load_dataset."""
+"""TL;DR and Anthropic-HH pairs (hub_tasks.load_task_pairs), offline: fixture files in the hub's schema and a
+patched load_dataset."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from dpo_lab.batching import PAIR_COLUMNS
 from dpo_lab.preferences import validate_preferences
-from dpo_lab.scale import hub_preferences as hp
+from dpo_lab.scale import hub_tasks as ht
 
 FIXTURES = Path(__file__).resolve().parents[1] / "data" / "fixtures"
 TLDR = FIXTURES / "summarize_from_feedback"
@@ -28,13 +29,17 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def _load(task: str, split: str, path: Path | None = None, **kwargs: Any) -> tuple[datasets.Dataset, dict]:
+    return ht.load_task_pairs(task, split, data_dir=str(path or ""), progress=False, **kwargs)
+
+
 def _check_counts(stats: dict[str, Any], pairs: datasets.Dataset) -> None:
     assert stats["kept"] == len(pairs)
     assert stats["read"] == stats["kept"] + sum(stats["skipped"].values())
 
 
 def test_tldr_fixture_schema_counts_and_choice() -> None:
-    pairs, stats = hp.load_tldr_preferences("train", path=TLDR, progress=False)
+    pairs, stats = _load("tldr", "train", TLDR)
     assert pairs.column_names == list(PAIR_COLUMNS)
     assert stats["read"] == 6 and stats["kept"] == 3
     assert stats["skipped"] == {"not_reddit": 1, "empty_summary": 1, "identical": 1}
@@ -54,11 +59,11 @@ def test_tldr_fixture_schema_counts_and_choice() -> None:
 
 
 def test_tldr_validation_split_and_unknown_split() -> None:
-    pairs, stats = hp.load_tldr_preferences("validation", path=TLDR, progress=False)
+    pairs, stats = _load("tldr", "validation", TLDR)
     assert (stats["split"], stats["read"], stats["kept"]) == ("validation", 2, 2)
     _check_counts(stats, pairs)
     with pytest.raises(FileNotFoundError, match="'test'"):
-        hp.load_tldr_preferences("test", path=TLDR, progress=False)
+        _load("tldr", "test", TLDR)
 
 
 def test_tldr_hub_path_calls_load_dataset(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,13 +75,13 @@ def test_tldr_hub_path_calls_load_dataset(monkeypatch: pytest.MonkeyPatch) -> No
         return fixture
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    pairs, stats = hp.load_tldr_preferences("validation", progress=False)
+    pairs, stats = _load("tldr", "validation")
     assert calls == [("openai/summarize_from_feedback", "comparisons", {"split": "validation"})]
     assert stats["source"] == "openai/summarize_from_feedback" and len(pairs) == 2
 
 
 def test_hh_fixture_schema_and_counts() -> None:
-    pairs, stats = hp.load_hh_preferences("train", path=HH, progress=False)
+    pairs, stats = _load("hh", "train", HH)
     assert pairs.column_names == list(PAIR_COLUMNS)
     assert stats["read"] == 6 and stats["kept"] == 3
     assert stats["skipped"] == {"no_assistant_turn": 0, "prompt_mismatch": 1, "empty_response": 1,
@@ -90,22 +95,22 @@ def test_hh_fixture_schema_and_counts() -> None:
 
 def test_hh_multi_turn_prompt_split() -> None:
     dialogue = ("\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant: An apple.")
-    prompt, response = hp.split_dialogue(dialogue)
+    prompt, response = ht.split_dialogue(dialogue)
     assert prompt == "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Name a fruit.\n\nAssistant:"
     assert response == " An apple."
-    assert not hp.is_single_turn(prompt) and hp.is_single_turn("\n\nHuman: Hi\n\nAssistant:")
-    assert hp.split_dialogue("\n\nHuman: no reply") is None
-    pairs, _ = hp.load_hh_preferences("train", path=HH, progress=False)
+    assert not ht.is_single_turn(prompt) and ht.is_single_turn("\n\nHuman: Hi\n\nAssistant:")
+    assert ht.split_dialogue("\n\nHuman: no reply") is None
+    pairs, _ = _load("hh", "train", HH)
     multi = [r for r in pairs if r["prompt"].count("\n\nHuman:") == 2]
     assert len(multi) == 1 and multi[0]["chosen"] == " Try a classic detective novel."
 
 
 def test_hh_single_turn_only_counts_multi_turn() -> None:
-    pairs, stats = hp.load_hh_preferences("train", path=HH, single_turn_only=True, progress=False)
+    pairs, stats = _load("hh", "train", HH, hh_single_turn=True)
     assert stats["skipped"]["multi_turn"] == 1 and stats["kept"] == 2 and stats["single_turn_only"]
-    assert all(hp.is_single_turn(p) for p in pairs["prompt"])
+    assert all(ht.is_single_turn(p) for p in pairs["prompt"])
     _check_counts(stats, pairs)
-    test_pairs, test_stats = hp.load_hh_preferences("test", path=HH, single_turn_only=True, progress=False)
+    test_pairs, test_stats = _load("hh", "test", HH, hh_single_turn=True)
     assert (test_stats["read"], len(test_pairs)) == (2, 1)
 
 
@@ -120,7 +125,7 @@ def test_hh_hub_path_and_no_assistant_turn(monkeypatch: pytest.MonkeyPatch) -> N
         return datasets.Dataset.from_list(rows)
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    pairs, stats = hp.load_hh_preferences("test", progress=False)
+    pairs, stats = _load("hh", "test")
     assert calls == [("Anthropic/hh-rlhf", None, {"split": "test"})]
     assert stats["skipped"]["no_assistant_turn"] == 1 and pairs["chosen"] == [" Hello!"]
 
@@ -129,29 +134,26 @@ def test_missing_fields_are_named(tmp_path: Path) -> None:
     row = _raw(TLDR / "comparisons" / "validation.jsonl")[0]
     no_choice = {k: v for k, v in row.items() if k != "choice"}
     with pytest.raises(ValueError, match="'choice'"):
-        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "a.jsonl", [no_choice]),
-                                 progress=False)
+        _load("tldr", "train", _write_jsonl(tmp_path / "a.jsonl", [no_choice]))
     no_subreddit = {**row, "info": {k: v for k, v in row["info"].items() if k != "subreddit"}}
     with pytest.raises(ValueError, match="row 0: info lacks field 'subreddit'"):
-        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "b.jsonl", [no_subreddit]),
-                                 progress=False)
+        _load("tldr", "train", _write_jsonl(tmp_path / "b.jsonl", [no_subreddit]))
     no_text = {**row, "summaries": [{"policy": "ref"}, {"policy": "sup2"}]}
     with pytest.raises(ValueError, match=r"summaries\[0\] lacks field 'text'"):
-        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "c.jsonl", [no_text]), progress=False)
+        _load("tldr", "train", _write_jsonl(tmp_path / "c.jsonl", [no_text]))
     with pytest.raises(ValueError, match="'rejected'"):
-        hp.load_hh_preferences("train", path=_write_jsonl(tmp_path / "d.jsonl", [{"chosen": "x"}]),
-                               progress=False)
+        _load("hh", "train", _write_jsonl(tmp_path / "d.jsonl", [{"chosen": "x"}]))
 
 
 def test_bad_choice_raises(tmp_path: Path) -> None:
     row = {**_raw(TLDR / "comparisons" / "validation.jsonl")[0], "choice": 2}
     with pytest.raises(ValueError, match="choice must be 0 or 1"):
-        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "e.jsonl", [row]), progress=False)
+        _load("tldr", "train", _write_jsonl(tmp_path / "e.jsonl", [row]))
 
 
 def test_outputs_pass_project_validation(tiny_tokenizer: Any) -> None:
-    tldr, _ = hp.load_tldr_preferences("train", path=TLDR, validate=False, progress=False)
-    hh, _ = hp.load_hh_preferences("train", path=HH, validate=False, progress=False)
+    tldr, _ = _load("tldr", "train", TLDR)
+    hh, _ = _load("hh", "train", HH)
     for pairs in (tldr, hh):
         validate_preferences(pairs, tokenizer=tiny_tokenizer, max_length=512, require_rewards=False)
         with pytest.raises(ValueError, match="prompt longer than the context"):
@@ -178,16 +180,16 @@ def test_an_empty_or_undecodable_file_is_named(tmp_path: Path, text: str, words:
     path = tmp_path / "train.jsonl"
     path.write_text(text)  # used to give a bare StopIteration or DatasetGenerationError
     with pytest.raises(ValueError, match=re.escape(f"{path} {words}")):
-        hp.load_hh_preferences("train", path=path, progress=False)
+        _load("hh", "train", path)
 
 
 def test_hh_row_with_a_missing_key_or_wrong_type_is_named(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "a.jsonl", [HH_ROW, {"chosen": HH_ROW["chosen"]}])
     with pytest.raises(ValueError, match=re.escape(f"{path}, row 1: lacks field 'rejected'")):
-        hp.load_hh_preferences("train", path=path, progress=False)
+        _load("hh", "train", path)
     path = _write_jsonl(tmp_path / "b.jsonl", [HH_ROW, {**HH_ROW, "rejected": 3}])
     with pytest.raises(ValueError, match=re.escape(f"{path}, row 1: rejected must be a string, got int")):
-        hp.load_hh_preferences("train", path=path, progress=False)  # a TypeError with no row before
+        _load("hh", "train", path)  # a TypeError with no row before
 
 
 def test_a_bad_row_is_named_in_its_own_file(tmp_path: Path) -> None:
@@ -196,7 +198,7 @@ def test_a_bad_row_is_named_in_its_own_file(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "harmless-base" / "train.jsonl", [HH_ROW] * 3)
     bad = _write_jsonl(tmp_path / "helpful-base" / "train.jsonl", [HH_ROW, {**HH_ROW, "chosen": None}])
     with pytest.raises(ValueError, match=re.escape(f"{bad}, row 1: lacks field 'chosen'")):
-        hp.load_hh_preferences("train", path=tmp_path, progress=False)
+        _load("hh", "train", tmp_path)
 
 
 def test_tldr_row_with_a_wrong_type_is_named(tmp_path: Path) -> None:
@@ -204,22 +206,22 @@ def test_tldr_row_with_a_wrong_type_is_named(tmp_path: Path) -> None:
     bad_text = {**row, "summaries": [row["summaries"][0], {**row["summaries"][1], "text": 7}]}
     path = _write_jsonl(tmp_path / "a.jsonl", [row, bad_text])
     with pytest.raises(ValueError, match=re.escape(f"{path}, row 1: summaries[1].text must be a string")):
-        hp.load_tldr_preferences("train", path=path, progress=False)  # an AttributeError before
+        _load("tldr", "train", path)  # an AttributeError before
     bad_title = {**row, "info": {**row["info"], "title": ["a", "list"]}}
     path = _write_jsonl(tmp_path / "b.jsonl", [bad_title])
     with pytest.raises(ValueError, match=re.escape(f"{path}, row 0: info.title must be a string, got list")):
-        hp.load_tldr_preferences("train", path=path, progress=False)
+        _load("tldr", "train", path)
 
 
 def test_a_load_that_keeps_no_pairs_is_an_error(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "a.jsonl", [{**HH_ROW, "rejected": HH_ROW["chosen"]}] * 2)
     with pytest.raises(ValueError, match=re.escape(f"no pairs kept from Anthropic/hh-rlhf 'train' ({path}): "
                                                    "2 rows read, skipped 2 identical")):
-        hp.load_hh_preferences("train", path=path, progress=False)
+        _load("hh", "train", path)
     row = _raw(TLDR / "comparisons" / "validation.jsonl")[0]
     cnn = {**row, "info": {**row["info"], "subreddit": None, "post": None}}
     with pytest.raises(ValueError, match=r"no pairs kept .*skipped 1 not_reddit"):
-        hp.load_tldr_preferences("train", path=_write_jsonl(tmp_path / "b.jsonl", [cnn]), progress=False)
+        _load("tldr", "train", _write_jsonl(tmp_path / "b.jsonl", [cnn]))
 
 
 GOOD_PAIR = '{"prompt": "p", "chosen": " a", "rejected": " b"}\n'
@@ -232,8 +234,7 @@ GOOD_PAIR = '{"prompt": "p", "chosen": " a", "rejected": " b"}\n'
      "p.jsonl, row 1: rejected must be a string, got None"),
     ("p.jsonl", GOOD_PAIR + '{"prompt": "p", "chosen": 3, "rejected": " b"}\n',
      "p.jsonl, row 1: chosen must be a string, got 3"),
-    ("p.json", "[]", "p.json holds no rows"),
-    ("p.parquet", "not parquet", "p.parquet is not a readable parquet file"),
+    ("p.jsonl", "[1, 2]\n", "p.jsonl line 1 is not a JSON object"),
 ])
 def test_launch_load_pairs_names_the_file_and_row(tmp_path: Path, name: str, text: str, words: str) -> None:
     from dpo_lab.scale.launch import load_pairs
@@ -241,7 +242,5 @@ def test_launch_load_pairs_names_the_file_and_row(tmp_path: Path, name: str, tex
     (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=re.escape(words)):
         load_pairs(tmp_path / name)
-    empty = tmp_path / "saved"
-    datasets.Dataset.from_dict({c: [] for c in PAIR_COLUMNS}).save_to_disk(str(empty))
-    with pytest.raises(ValueError, match=re.escape(f"--pairs {empty}: cannot load the saved Dataset")):
-        load_pairs(empty)
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        load_pairs(tmp_path)

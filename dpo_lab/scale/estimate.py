@@ -28,20 +28,11 @@ H100_BF16_DENSE_FLOPS = 989e12  # NVIDIA H100 SXM5 datasheet, bf16 tensor cores,
 DEFAULT_MFU = 0.40
 DEFAULT_DECODE_MFU = 0.05
 FLOPS_PER_PARAM_TOKEN = {"train": 6, "forward": 2, "decode": 2}
-Pass = Literal["train", "forward", "decode"]
-
-
-def _check(name: str, value: Any, *, integer: bool = False, positive: bool = False) -> None:
-    if (isinstance(value, bool) or not isinstance(value, int if integer else (int, float))
-            or not math.isfinite(value) or value < 0 or (positive and value == 0)):
-        raise ValueError(f"{name} must be a finite {'integer' if integer else 'number'} "
-                         f"{'> 0' if positive else '>= 0'}, got {value!r}")
-
-
-def _check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
-
+# IMDb: 280 GPT-2 tokens per review (mean of min(chars / 4, 512) over the 25,000 train reviews), 5 per prompt.
+IMDB_TRAIN_REVIEWS, REVIEW_TOKENS, PROMPT_TOKENS = 25_000, 280.0, 5.0
+# TL;DR and HH: round figures of the hub train splits and assumed token lengths (prompt + response).
+HUB_TASKS = {"tldr": ("TL;DR (GPT-J 6B, β 0.5)", "CarperAI/openai_summarize_tldr_sft", 330.0 + 30.0, 92_000),
+             "hh": ("Anthropic-HH (Pythia-2.8B, β 0.1)", "EleutherAI/pythia-2.8b", 160.0 + 70.0, 160_000)}
 
 # ------------------------------------------------------------------------------------------ model sizes
 KNOWN_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {  # the paper's models' published shapes
@@ -96,13 +87,16 @@ def matmul_params(model: str | PretrainedConfig, *, lm_head: bool = True) -> int
     return n - (0 if lm_head else head)
 
 
-# ------------------------------------------------------------------------------------------ arithmetic
-def gpu_hours(flops: float, *, mfu: float = DEFAULT_MFU, peak_flops: float = H100_BF16_DENSE_FLOPS) -> float:
-    """Hours one GPU of ``peak_flops`` FLOP/s needs for ``flops`` at model-FLOPs utilisation ``mfu``."""
-    _check("flops", flops)
-    _check("peak_flops", peak_flops, positive=True)
-    _check_fraction("mfu", mfu)
-    return flops / (peak_flops * mfu) / 3600.0
+# ------------------------------------------------------------------------------------------ the bill
+def _fraction(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+    return value
+
+
+def gpu_hours(flops: float, *, mfu: float = DEFAULT_MFU) -> float:
+    """Hours one H100 needs for ``flops`` at model-FLOPs utilisation ``mfu``."""
+    return flops / (H100_BF16_DENSE_FLOPS * _fraction("mfu", mfu)) / 3600.0
 
 
 @dataclass(frozen=True)
@@ -114,18 +108,8 @@ class Stage:
     stage: str
     model: str
     params: int
-    kind: Pass
+    kind: Literal["train", "forward", "decode"]
     factors: tuple[tuple[float, str], ...]
-
-    def __post_init__(self) -> None:
-        if self.kind not in FLOPS_PER_PARAM_TOKEN:
-            raise ValueError(f"stage {self.stage!r}: kind must be one of {list(FLOPS_PER_PARAM_TOKEN)}, "
-                             f"got {self.kind!r}")
-        _check(f"stage {self.stage!r} params", self.params, integer=True, positive=True)
-        if not self.factors:
-            raise ValueError(f"stage {self.stage!r} needs at least one factor")
-        for value, unit in self.factors:
-            _check(f"factor {unit!r}", value)
 
     @property
     def tokens(self) -> float:
@@ -142,41 +126,30 @@ class Stage:
         return f"{FLOPS_PER_PARAM_TOKEN[self.kind]} × {self.params / 1e6:,.1f}M × ({formula})"
 
 
-# ------------------------------------------------------------------------------- the paper's experiments
 def _points(max_steps: int, every: int) -> int:  # step 0, every ``every`` steps and the last (run.is_due)
     return 1 + math.ceil(max_steps / every)
 
 
-def _imdb_models(p: Preset) -> tuple[tuple[str, int], tuple[str, int], tuple[str | None, int]]:
-    """(name, N) of the policy, of r_phi (its transformer) and of r* (None: the offline one runs on CPU)."""
+def imdb_stages(preset: Preset | None = None) -> list[Stage]:
+    """Every stage of the IMDb reproduction at ``preset`` (default ``paper``), full-length completions."""
+    p = preset or PRESETS["paper"]
     if p.policy.source == "scratch":  # trained here (the gpu preset): the preset's shape and vocabulary
-        policy: str | PretrainedConfig = AutoConfig.for_model(
+        config: str | PretrainedConfig = AutoConfig.for_model(
             "gpt2", n_layer=p.policy.n_layer, n_head=p.policy.n_head, n_embd=p.policy.n_embd,
             n_positions=p.policy.n_positions, vocab_size=p.tokenizer.vocab_size,
             bos_token_id=None, eos_token_id=None)  # GPT-2's 50256 is outside this vocabulary
         name = f"GPT-2 {p.policy.n_layer}x{p.policy.n_embd} (trained here)"
     else:
-        policy = name = p.policy.hub_name
-    rstar = p.reward.hub_name if p.reward.source != "offline" else None
-    return ((name, matmul_params(policy)), (name, matmul_params(policy, lm_head=False)),
-            (rstar, matmul_params(rstar) if rstar else 0))
-
-
-def imdb_stages(preset: Preset | None = None, *, n_train_reviews: int = 25_000, review_tokens: float = 280.0,
-                prompt_tokens: float = 5.0) -> list[Stage]:
-    """Every stage of the IMDb reproduction at ``preset`` (default ``paper``), assuming 280 GPT-2 tokens per
-    review (mean of min(chars / 4, 512) over the train reviews), 5 prompt tokens, full-length completions."""
-    p = preset or PRESETS["paper"]
-    _check("n_train_reviews", n_train_reviews, integer=True, positive=True)
-    _check("review_tokens", review_tokens, positive=True)
-    _check("prompt_tokens", prompt_tokens)
-    policy, backbone, rstar = _imdb_models(p)
+        config = name = p.policy.hub_name
+    policy, backbone = (name, matmul_params(config)), (name, matmul_params(config, lm_head=False))
+    rstar = p.reward.hub_name if p.reward.source != "offline" else None  # None: r* runs on the CPU
+    rstar_n = (rstar, matmul_params(rstar) if rstar else 0)
     pref, dpo, rm, ppo, ev = p.preferences, p.dpo, p.reward_model, p.ppo, p.eval
-    seq = prompt_tokens + pref.max_new_tokens
+    seq = PROMPT_TOKENS + pref.max_new_tokens
     n_samples = pref.n_prompts * pref.samples_per_prompt
     n_pairs = pref.n_prompts * math.comb(pref.samples_per_prompt, 2)  # every pair per prompt
     sft = ((p.policy.sft_steps * p.policy.sft_batch_size, "reviews") if p.policy.sft_steps > 0
-           else (n_train_reviews, "reviews (1 epoch)"))
+           else (IMDB_TRAIN_REVIEWS, "reviews (1 epoch)"))
     base_steps = p.baselines.max_steps or dpo.max_steps
     pairwise = [("DPO (β sweep)", len(dpo.betas), dpo.max_steps),
                 ("Unlikelihood (α sweep)", len(p.baselines.unlikelihood_alphas), base_steps),
@@ -186,7 +159,7 @@ def imdb_stages(preset: Preset | None = None, *, n_train_reviews: int = 25_000, 
     n_train = round(n_pairs * (1 - 2 * rm.val_fraction))  # val_fraction to validation, as many to test
     rm_steps = rm.max_steps or rm.epochs * math.ceil(n_train / rm.batch_size)
     rm_seq = min(seq, rm.max_length)
-    ppo_seq, eval_seq = prompt_tokens + ppo.max_new_tokens, prompt_tokens + ev.max_new_tokens
+    ppo_seq, eval_seq = PROMPT_TOKENS + ppo.max_new_tokens, PROMPT_TOKENS + ev.max_new_tokens
     ppo_runs = len(ppo.target_kls)  # per reward: PPO (r_phi) and PPO-GT (r*)
     rollouts = ((2 * ppo_runs, "runs"), (ppo.max_steps, "steps"), (ppo.rollout_batch_size, "rollouts"))
     scored = ((ppo_runs, "runs"), (ppo.max_steps, "steps"), (ppo.rollout_batch_size, "rollouts"))
@@ -195,10 +168,10 @@ def imdb_stages(preset: Preset | None = None, *, n_train_reviews: int = 25_000, 
     per_point = ((points, "points"), (ev.n_prompts, "prompts"), (ev.samples_per_prompt, "samples"))
     two = (2, "seqs")  # chosen and rejected go through one forward, Preferred-FT's too
     bill = [
-        ("SFT of π_ref", policy, "train", sft, (min(review_tokens, p.policy.n_positions), "tok")),
+        ("SFT of π_ref", policy, "train", sft, (min(REVIEW_TOKENS, p.policy.n_positions), "tok")),
         ("preference data: sampling", policy, "decode", (pref.n_prompts, "prompts"),
          (pref.samples_per_prompt, "samples"), (seq, "tok")),
-        ("preference data: r* scoring", rstar, "forward", (n_samples, "samples"), (seq, "tok")),
+        ("preference data: r* scoring", rstar_n, "forward", (n_samples, "samples"), (seq, "tok")),
         ("reference log-probs (cached, shared by every run)", policy, "forward", (n_pairs, "pairs"), two,
          (seq, "tok")),
         *((name, policy, "train", (runs, "runs"), (steps, "steps"), (dpo.batch_size, "pairs"), two,
@@ -211,38 +184,28 @@ def imdb_stages(preset: Preset | None = None, *, n_train_reviews: int = 25_000, 
         ("PPO + PPO-GT: old and reference log-probs", policy, "forward", *rollouts, (2, "models"),
          (ppo_seq, "tok")),
         ("PPO: r_φ scoring", backbone, "forward", *scored, (ppo_seq, "tok")),
-        ("PPO-GT: r* scoring", rstar, "forward", *scored, (ppo_seq, "tok")),
+        ("PPO-GT: r* scoring", rstar_n, "forward", *scored, (ppo_seq, "tok")),
         ("PPO + PPO-GT: clipped updates", policy, "train", *rollouts, (ppo.ppo_epochs, "epochs"),
          (ppo_seq, "tok")),
         ("evaluation: sampling", policy, "decode", *per_point, (eval_seq, "tok")),
         ("evaluation: KL (policy + reference)", policy, "forward", *per_point, (2, "models"),
          (eval_seq, "tok")),
-        ("evaluation: r* scoring", rstar, "forward", *per_point, (eval_seq, "tok")),
+        ("evaluation: r* scoring", rstar_n, "forward", *per_point, (eval_seq, "tok")),
     ]
     task = f"IMDb ({p.name} preset)"
     return [Stage(task, stage, model, n, kind, tuple(factors))
             for stage, (model, n), kind, *factors in bill if model is not None]
 
 
-# Round figures of the hub train splits and assumed token lengths (prompt + response); not measured here.
-HUB_TASKS = {"tldr": ("TL;DR (GPT-J 6B, β 0.5)", "CarperAI/openai_summarize_tldr_sft", 330.0 + 30.0),
-             "hh": ("Anthropic-HH (Pythia-2.8B, β 0.1)", "EleutherAI/pythia-2.8b", 160.0 + 70.0)}
-
-
-def hub_task_stages(*, tldr_pairs: int = 92_000, hh_pairs: int = 160_000, epochs: int = 1,
-                    batch_size: int = 64) -> list[Stage]:
-    """The paper's TL;DR and HH DPO runs, one epoch each, no GPT-4 judging; HH's π_ref is Preferred-FT on the
-    chosen responses (its trainer runs the rejected ones forward too). Cross-check: the official Pythia-2.8B
-    HH run took ~11 A100-hours; its reference + DPO lines here are ~3.5 at 40% MFU (it pads to 512, FSDP)."""
-    for name, value in (("tldr_pairs", tldr_pairs), ("hh_pairs", hh_pairs), ("epochs", epochs),
-                        ("batch_size", batch_size)):
-        _check(name, value, integer=True, positive=True)
-    stages = []
-    for key, pairs in (("tldr", tldr_pairs), ("hh", hh_pairs)):
-        task, model, seq = HUB_TASKS[key]
-        n, steps = matmul_params(model), epochs * math.ceil(pairs / batch_size)
+def hub_task_stages() -> list[Stage]:
+    """The paper's TL;DR and HH DPO runs, one epoch of batch 64 each, no GPT-4 judging; HH's π_ref is
+    Preferred-FT on the chosen responses. Cross-check: the official Pythia-2.8B HH run took ~11 A100-hours;
+    its reference + DPO lines here are ~3.5 at 40% MFU (it pads to 512, FSDP)."""
+    stages, batch_size = [], 64
+    for key, (task, model, seq, pairs) in HUB_TASKS.items():
+        n, steps = matmul_params(model), math.ceil(pairs / batch_size)
         train = ((steps, "steps"), (batch_size, "pairs"), (2, "seqs"), (seq, "tok"))
-        if key == "hh":
+        if key == "hh":  # its trainer runs the rejected responses forward too
             stages.append(Stage(task, "π_ref: Preferred-FT on chosen", model, n, "train", train))
         stages.append(Stage(task, "reference log-probs", model, n, "forward",
                             ((pairs, "pairs"), (2, "seqs"), (seq, "tok"))))
@@ -250,56 +213,51 @@ def hub_task_stages(*, tldr_pairs: int = 92_000, hh_pairs: int = 160_000, epochs
     return stages
 
 
-def cost_table(stages: Iterable[Stage], *, mfu: float = DEFAULT_MFU, decode_mfu: float = DEFAULT_DECODE_MFU,
-               peak_flops: float = H100_BF16_DENSE_FLOPS) -> pd.DataFrame:
+def cost_table(stages: Iterable[Stage], *, mfu: float = DEFAULT_MFU,
+               decode_mfu: float = DEFAULT_DECODE_MFU) -> pd.DataFrame:
     """One row per stage, each task closed by a ``total`` row; ``decode_mfu`` is sampling's utilisation."""
-    stages = list(stages)
-    if not stages:
-        raise ValueError("cost_table needs at least one stage")
-    _check_fraction("mfu", mfu)
-    _check_fraction("decode_mfu", decode_mfu)
+    mfu, decode_mfu = _fraction("mfu", mfu), _fraction("decode_mfu", decode_mfu)
     table = pd.DataFrame([{"task": s.task, "stage": s.stage, "model": s.model, "pass": s.kind,
                            "params": s.params, "tokens": s.tokens, "flops": s.flops,
                            "utilisation": (u := decode_mfu if s.kind == "decode" else mfu),
-                           "gpu_hours": gpu_hours(s.flops, mfu=u, peak_flops=peak_flops),
-                           "arithmetic": s.arithmetic} for s in stages])
+                           "gpu_hours": gpu_hours(s.flops, mfu=u), "arithmetic": s.arithmetic}
+                          for s in stages])
+    if table.empty:
+        raise ValueError("cost_table needs at least one stage")
     sums = table.groupby("task", sort=False)[["flops", "gpu_hours"]].sum().reset_index()
-    table = pd.concat([table, sums.assign(stage="total")], ignore_index=True)
-    order = {t: i for i, t in enumerate(dict.fromkeys(table["task"]))}
-    return table.sort_values(["task", "stage"], key=lambda c: c.map(order) if c.name == "task"
-                             else (c == "total").astype(int), kind="stable").reset_index(drop=True)
+    parts = [(rows, sums[sums["task"] == task].assign(stage="total"))
+             for task, rows in table.groupby("task", sort=False)]
+    return pd.concat([frame for pair in parts for frame in pair], ignore_index=True)
 
 
-def paper_cost_table(*, mfu: float = DEFAULT_MFU, decode_mfu: float = DEFAULT_DECODE_MFU,
-                     peak_flops: float = H100_BF16_DENSE_FLOPS, preset: Preset | None = None) -> pd.DataFrame:
-    """The ``paper`` preset's IMDb reproduction plus the TL;DR and HH DPO runs, default assumptions."""
-    return cost_table([*imdb_stages(preset), *hub_task_stages()], mfu=mfu, decode_mfu=decode_mfu,
-                      peak_flops=peak_flops)
+def paper_cost_table(*, mfu: float = DEFAULT_MFU, decode_mfu: float = DEFAULT_DECODE_MFU) -> pd.DataFrame:
+    """The ``paper`` preset's IMDb reproduction plus the TL;DR and HH DPO runs."""
+    return cost_table([*imdb_stages(), *hub_task_stages()], mfu=mfu, decode_mfu=decode_mfu)
 
 
 # ----------------------------------------------------------------------------------------- memory estimate
 GiB = 2**30
-# Bytes autograd saves for backward per token per GPT-2 block, in units of the width h, under bf16 autocast,
-# MEASURED on CPU (torch 2.13) with saved_tensors_hooks: 3 blocks minus 1 (test_activation_coefficients_
-# match_autograd re-measures them). SDPA 60 h; eager attention adds 6 bytes per head per key; a checkpointed
-# block keeps its fp32 input, 4 h. Not GPU measurements; fragmentation and CUDA/NCCL workspaces not counted.
-ACTIVATION_BYTES = {"block": 60, "eager_attention_per_head_key": 6, "checkpointed_block_input": 4}
+# Bytes autograd saves for backward per token per GPT-2 block, in units of the width h, under bf16 autocast
+# with SDPA attention, MEASURED on CPU (torch 2.13) with saved_tensors_hooks: 3 blocks minus 1
+# (test_activation_bytes_match_autograd re-measures it); a checkpointed block keeps only its fp32 input, 4 h.
+# Not GPU measurements; fragmentation and CUDA/NCCL workspaces not counted.
+BLOCK_ACTIVATION_BYTES, CHECKPOINTED_BLOCK_BYTES = 60, 4
 LOGIT_BYTES = 11  # per logit: 5 saved for backward (the fp32 copy log-softmax reads) + 6 of its gradient
 AUTOCAST_WEIGHT_BYTES = 2  # autocast's bf16 copy of each cast weight, kept until backward (measured)
+OPTIMIZER_BUFFERS = {"rmsprop": 1, "adamw": 2}
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """GiB of GPU memory for one DPO training step (see :func:`dpo_memory_estimate`)."""
+    """GiB of GPU memory for one DPO training step, by part, on one 80 GiB GPU."""
 
     weights: float
     gradients: float
     optimizer_state: float
-    reference: float
     autocast_weights: float
     activations: float
     logits: float
-    gpu_gib: float
+    gpu_gib: float = 80.0
 
     @property
     def total(self) -> float:
@@ -310,48 +268,33 @@ class MemoryEstimate:
         return self.total <= self.gpu_gib
 
 
-def dpo_memory_estimate(*, micro_batch_pairs: int = 1, seq_len: int = 512,
-                        model: str | PretrainedConfig = "gpt2-large",
-                        optimizer: Literal["rmsprop", "adamw"] = "rmsprop",
-                        reference: Literal["cached", "bf16", "fp32"] = "cached",
-                        gradient_checkpointing: bool = False, attention: Literal["sdpa", "eager"] = "sdpa",
-                        gpu_gib: float = 80.0) -> MemoryEstimate:
-    """Estimated peak GPU memory of one DPO micro-batch step of a GPT-2: fp32 weights, gradients and optimizer
-    state, the reference (``"cached"``: none resident), then 2 x ``micro_batch_pairs`` sequences' activations,
-    logits and autocast's bf16 weight copies."""
-    config = model_config(model) if isinstance(model, str) else model
-    if config.model_type != "gpt2":
-        raise ValueError(f"the memory estimate's coefficients are a GPT-2's, not {config.model_type!r}")
-    n_layer, d, n_head, vocab = config.n_layer, config.n_embd, config.n_head, config.vocab_size
-    _check("micro_batch_pairs", micro_batch_pairs, integer=True, positive=True)
-    _check("seq_len", seq_len, integer=True, positive=True)
+def dpo_memory_estimate(*, micro_batch_pairs: int = 1, seq_len: int = 512, optimizer: str = "rmsprop",
+                        gradient_checkpointing: bool = False) -> MemoryEstimate:
+    """Peak GPU memory of one DPO micro-batch step of gpt2-large: fp32 weights, gradients and optimizer state
+    (the reference's log-probs are cached: it is not resident), then 2 x ``micro_batch_pairs`` sequences'
+    activations, logits and autocast's bf16 weight copies."""
+    config = model_config("gpt2-large")
+    for name, value in (("micro_batch_pairs", micro_batch_pairs), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if seq_len > config.n_positions:
         raise ValueError(f"seq_len {seq_len} exceeds the model's context n_positions {config.n_positions}")
-    buffers, ref_bytes = {"rmsprop": 1, "adamw": 2}, {"cached": 0, "bf16": 2, "fp32": 4}
-    for name, value, allowed in (("optimizer", optimizer, buffers), ("reference", reference, ref_bytes),
-                                 ("attention", attention, ("sdpa", "eager"))):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-    n = count_parameters(config)
+    if optimizer not in OPTIMIZER_BUFFERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZER_BUFFERS)}, got {optimizer!r}")
+    n, d, n_layer = count_parameters(config), config.n_embd, config.n_layer
     tokens = 2 * micro_batch_pairs * seq_len  # chosen + rejected
-    per_block = ACTIVATION_BYTES["block"] * d
-    if attention == "eager":  # the (heads x s x s) scores and softmax are kept
-        per_block += ACTIVATION_BYTES["eager_attention_per_head_key"] * n_head * seq_len
-    block_params = 12 * d**2 + 13 * d
-    if gradient_checkpointing:
-        activations = tokens * (n_layer * ACTIVATION_BYTES["checkpointed_block_input"] * d + per_block)
-        cast_params = vocab * d + block_params
-    else:
-        activations = tokens * n_layer * per_block
-        cast_params = vocab * d + n_layer * block_params
-    logits = tokens * vocab * LOGIT_BYTES
-    fixed = {"weights": 4 * n, "gradients": 4 * n, "optimizer_state": 4 * n * buffers[optimizer],
-             "reference": ref_bytes[reference] * n, "autocast_weights": AUTOCAST_WEIGHT_BYTES * cast_params}
-    return MemoryEstimate(**{k: v / GiB for k, v in fixed.items()}, activations=activations / GiB,
-                          logits=logits / GiB, gpu_gib=gpu_gib)
+    live = 1 if gradient_checkpointing else n_layer  # blocks whose activations are kept at once
+    inputs = n_layer * CHECKPOINTED_BLOCK_BYTES * d if gradient_checkpointing else 0
+    activations = tokens * (inputs + live * BLOCK_ACTIVATION_BYTES * d)
+    cast_params = config.vocab_size * d + live * (12 * d**2 + 13 * d)  # the LM head's and the blocks' weights
+    return MemoryEstimate(weights=4 * n / GiB, gradients=4 * n / GiB,
+                          optimizer_state=4 * n * OPTIMIZER_BUFFERS[optimizer] / GiB,
+                          autocast_weights=AUTOCAST_WEIGHT_BYTES * cast_params / GiB,
+                          activations=activations / GiB,
+                          logits=tokens * config.vocab_size * LOGIT_BYTES / GiB)
 
 
-def dpo_batch_plan(global_batch: int = 64, num_processes: int = 1, **estimate_kwargs: Any) -> str:
+def dpo_batch_plan(global_batch: int = 64, num_processes: int = 1) -> str:
     """Each micro-batch that divides ``global_batch`` over the GPUs: its accumulation and GiB per GPU."""
     lines = [f"global batch {global_batch} on {num_processes} GPU(s):",
              "micro x accumulation | GiB per GPU (no checkpointing) | GiB (gradient checkpointing)"]
@@ -359,8 +302,8 @@ def dpo_batch_plan(global_batch: int = 64, num_processes: int = 1, **estimate_kw
         if global_batch % (micro * num_processes):
             continue
         accum = accumulation_steps(global_batch, micro, num_processes)
-        plain = dpo_memory_estimate(micro_batch_pairs=micro, **estimate_kwargs)
-        ckpt = dpo_memory_estimate(micro_batch_pairs=micro, gradient_checkpointing=True, **estimate_kwargs)
+        plain = dpo_memory_estimate(micro_batch_pairs=micro)
+        ckpt = dpo_memory_estimate(micro_batch_pairs=micro, gradient_checkpointing=True)
         lines.append(f"{micro:>5} x {accum:<13} | {plain.total:7.1f}{'' if plain.fits else ' (too big)':11}"
                      f"            | {ckpt.total:7.1f}{'' if ckpt.fits else ' (too big)'}")
     return "\n".join(lines)

@@ -1,8 +1,18 @@
-"""One DPO run on the paper's TL;DR or Anthropic-HH task: what notebooks/templates/preference_dpo calls."""
+"""The paper's TL;DR (§6.2) and Anthropic-HH (§6.3) tasks: human preference pairs and one DPO run on them
+(what notebooks/templates/preference_dpo calls).
+
+TL;DR: ``openai/summarize_from_feedback`` ``comparisons``, two summaries of a Reddit post and the preferred
+one's index. HH: ``Anthropic/hh-rlhf``, two dialogues differing in the last assistant response. Rows come
+from the hub or from local JSON-lines files (``.gz`` too) in the hub's schema; rows that cannot form a pair
+are skipped and counted by reason, a malformed row is an error naming it (file and row).
+"""
 
 from __future__ import annotations
 
 import copy
+import functools
+import gzip
+import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,16 +24,17 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpo_lab.batching import pair_columns
+from dpo_lab.batching import PAIR_COLUMNS, pair_columns
 from dpo_lab.dpo_trainer import pair_logprobs
 from dpo_lab.losses import preference_loss, preference_metrics
 from dpo_lab.models import build_policy, load_hub_policy, train_tokenizer
 from dpo_lab.paths import project_root
+from dpo_lab.preferences import validate_preferences
 from dpo_lab.presets import PolicyConfig
 from dpo_lab.run import EvalFn, quiet_hf_progress, reference_logprobs
-from dpo_lab.scale.hub_preferences import load_hh_preferences, load_tldr_preferences
 
 TASKS: tuple[str, ...] = ("tldr", "hh")
 # The paper's settings per task (§6.2, §6.3, App. B): SFT policy, beta, and the held-out split.
@@ -31,8 +42,16 @@ PAPER: dict[str, dict[str, Any]] = {
     "tldr": {"model": "CarperAI/openai_summarize_tldr_sft", "beta": 0.5, "eval_split": "validation"},
     "hh": {"model": "EleutherAI/pythia-2.8b", "beta": 0.1, "eval_split": "test"},
 }
+# Each task's hub dataset (name, config) and the project's fixture files in the same schema.
+HUB = {"tldr": ("openai/summarize_from_feedback", "comparisons"), "hh": ("Anthropic/hh-rlhf", None)}
 FIXTURES = {"tldr": "data/fixtures/summarize_from_feedback/comparisons", "hh": "data/fixtures/hh_rlhf"}
+# The paper's SFT lineage's prompt (TRLX summarize_rlhf); fields stripped, a summary after one space.
+TLDR_PROMPT = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+HUMAN_TAG, ASSISTANT_TAG = "\n\nHuman:", "\n\nAssistant:"
+SKIP_REASONS = {"tldr": ("not_reddit", "empty_summary", "identical"),
+                "hh": ("no_assistant_turn", "prompt_mismatch", "empty_response", "identical")}
 LONG_PROMPTS: tuple[str, ...] = ("drop", "keep_end")
+FIX = "; fix or replace the file"
 
 
 def check_task(task: str) -> str:
@@ -41,8 +60,96 @@ def check_task(task: str) -> str:
     return task
 
 
+# ------------------------------------------------------------------------------------ rows to pairs
+def read_jsonl(file: Path) -> list[dict[str, Any]]:
+    """The objects of a JSON-lines file (gzipped if it ends in .gz); a ValueError naming the file and line."""
+    try:
+        with (gzip.open if file.suffix == ".gz" else open)(file, "rt", encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} cannot be read as UTF-8 text ({type(err).__name__}: {err}){FIX}") from err
+    if not text.strip():
+        raise ValueError(f"{file} is empty{FIX}")
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} line {number} is not valid JSON ({err.msg}, column {err.colno})"
+                             f"{FIX}") from err
+        if not isinstance(rows[-1], dict):
+            raise ValueError(f"{file} line {number} is not a JSON object: {type(rows[-1]).__name__}{FIX}")
+    return rows
+
+
+def _field(row: Any, key: str, where: str) -> Any:
+    if not isinstance(row, Mapping) or key not in row:
+        raise ValueError(f"{where} lacks field {key!r}")
+    return row[key]
+
+
+def _text(value: Any, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{where} must be a string, got {type(value).__name__} ({value!r})")
+    return value
+
+
+def _tldr_pair(row: Any) -> tuple[str, str, str] | str:
+    """(prompt = :data:`TLDR_PROMPT`, " " + the preferred summary, " " + the other) or why it is skipped."""
+    info = _field(row, "info", "the row")
+    fields = {k: _text(_field(info, k, "info"), f"info.{k}") for k in ("subreddit", "title", "post")}
+    summaries, choice = _field(row, "summaries", "the row"), _field(row, "choice", "the row")
+    if not isinstance(summaries, list) or len(summaries) != 2:
+        raise ValueError(f"summaries must be a list of 2, got {summaries!r}")
+    if isinstance(choice, bool) or choice not in (0, 1):
+        raise ValueError(f"choice must be 0 or 1, got {choice!r}")
+    texts = [(_text(_field(s, "text", f"summaries[{k}]"), f"summaries[{k}].text") or "").strip()
+             for k, s in enumerate(summaries)]
+    if None in fields.values():  # a CNN/DailyMail row
+        return "not_reddit"
+    if not all(texts):
+        return "empty_summary"
+    if texts[0] == texts[1]:
+        return "identical"
+    prompt = TLDR_PROMPT.format(**{k: v.strip() for k, v in fields.items()})
+    return prompt, " " + texts[choice], " " + texts[1 - choice]
+
+
+def split_dialogue(text: str) -> tuple[str, str] | None:
+    """``(prompt, response)`` split after the last "\\n\\nAssistant:" (as the paper authors' code); None if
+    there is no assistant turn."""
+    cut = text.rfind(ASSISTANT_TAG)
+    return None if cut < 0 else (text[:cut + len(ASSISTANT_TAG)], text[cut + len(ASSISTANT_TAG):])
+
+
+def is_single_turn(prompt: str) -> bool:
+    """One human message and the assistant tag that answers it: the paper's single-turn HH subset (§6.3)."""
+    return prompt.count(HUMAN_TAG) == 1 and prompt.count(ASSISTANT_TAG) == 1
+
+
+def _hh_pair(row: Any, single_turn_only: bool) -> tuple[str, str, str] | str:
+    """(the shared prompt, the chosen and the rejected final response) or why it is skipped."""
+    for side in ("chosen", "rejected"):
+        if _text(row.get(side) if isinstance(row, Mapping) else None, side) is None:
+            raise ValueError(f"lacks field {side!r} (or it is null)")
+    chosen, rejected = split_dialogue(row["chosen"]), split_dialogue(row["rejected"])
+    if chosen is None or rejected is None:
+        return "no_assistant_turn"
+    if chosen[0] != rejected[0]:
+        return "prompt_mismatch"
+    if not chosen[1].strip() or not rejected[1].strip():
+        return "empty_response"
+    if chosen[1] == rejected[1]:
+        return "identical"
+    if single_turn_only and not is_single_turn(chosen[0]):
+        return "multi_turn"
+    return chosen[0], chosen[1], rejected[1]
+
+
 def resolve_data_dir(task: str, data_dir: str) -> Path | None:
-    """``""``: the hub (None); ``"fixtures"``: the project's hub-format fixtures; else local data."""
+    """``""``: the hub (None); ``"fixtures"``: the project's hub-format fixtures; else local files."""
     check_task(task)
     if not isinstance(data_dir, str):
         raise TypeError(f"data_dir must be a string, got {type(data_dir).__name__}")
@@ -55,23 +162,66 @@ def resolve_data_dir(task: str, data_dir: str) -> Path | None:
     return path
 
 
+def _read(task: str, split: str, path: Path | None) -> tuple[list[tuple[str, Sequence]], str]:
+    """(``[(label, rows)]``, source) of one split: the hub's, the file ``path``, or the files under ``path``
+    named ``{split}.*`` or ``*-{split}.*`` (any depth: ``helpful-base/train.jsonl``)."""
+    if not isinstance(split, str) or not split:
+        raise TypeError(f"split must be a non-empty string, got {split!r}")
+    if path is None:
+        name, config = HUB[task]
+        return [(f"{name} {split!r} split", datasets.load_dataset(name, config, split=split))], name
+    if not path.is_dir():
+        return [(str(path), read_jsonl(path))], str(path)
+    stems = {f: f.name.split(".")[0] for f in path.rglob("*")
+             if f.is_file() and f.suffix in (".jsonl", ".json", ".gz")}
+    if not (files := sorted(f for f, stem in stems.items() if stem == split or stem.endswith(f"-{split}"))):
+        found = sorted(set(stems.values()))
+        raise FileNotFoundError(f"no files for split {split!r} under {path}; found splits {found}")
+    return [(str(file), read_jsonl(file)) for file in files], str(path)
+
+
 def load_task_pairs(task: str, split: str, *, data_dir: str = "", max_pairs: int = 0, seed: int = 0,
                     hh_single_turn: bool = False, progress: bool = True) -> tuple[datasets.Dataset, dict]:
-    """``(pairs, stats)`` of one split; ``max_pairs > 0`` keeps a seeded random subset of that size."""
+    """``(pairs, stats)`` of one split (``data_dir``: see :func:`resolve_data_dir`); ``max_pairs > 0`` keeps
+    a seeded random subset of that size; ``hh_single_turn``: HH's single-turn dialogues only."""
     path = resolve_data_dir(task, data_dir)
     if isinstance(max_pairs, bool) or not isinstance(max_pairs, int) or max_pairs < 0:
         raise ValueError(f"max_pairs must be an int >= 0 (0 = all), got {max_pairs!r}")
-    if task == "tldr":
-        pairs, stats = load_tldr_preferences(split, path=path, progress=progress)
-    else:
-        pairs, stats = load_hh_preferences(split, path=path, single_turn_only=hh_single_turn,
-                                           progress=progress)
+    parts, source = _read(task, split, path)
+    to_pair = _tldr_pair if task == "tldr" else functools.partial(_hh_pair, single_turn_only=hh_single_turn)
+    skipped = dict.fromkeys(SKIP_REASONS[task] + ("multi_turn",) * (task == "hh" and hh_single_turn), 0)
+    n_rows = sum(len(rows) for _, rows in parts)
+    numbered = ((f"{label}, row {i}", row) for label, rows in parts for i, row in enumerate(rows))
+    kept: dict[str, list[str]] = {c: [] for c in PAIR_COLUMNS}
+    for where, row in tqdm(numbered, total=n_rows, desc=f"{HUB[task][0]} {split}", disable=not progress):
+        try:
+            made = to_pair(row)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from err
+        if isinstance(made, str):
+            skipped[made] += 1
+        else:
+            for column, text in zip(PAIR_COLUMNS, made, strict=True):
+                kept[column].append(text)
+    pairs = datasets.Dataset.from_dict(kept, features=datasets.Features(
+        {c: datasets.Value("string") for c in PAIR_COLUMNS}))
+    if len(pairs) == 0:
+        why = ", ".join(f"{n} {reason}" for reason, n in skipped.items() if n) or "no rows"
+        raise ValueError(f"no pairs kept from {HUB[task][0]} {split!r} ({source}): {n_rows} rows read, "
+                         f"skipped {why}")
+    try:
+        validate_preferences(pairs, require_rewards=False)  # human labels: no r* columns
+    except ValueError as err:
+        raise ValueError(f"pairs built from {source}: {err}") from err
+    stats = {"dataset": HUB[task][0], "split": split, "source": source, "read": n_rows, "kept": len(pairs),
+             "skipped": skipped, **({"single_turn_only": hh_single_turn} if task == "hh" else {})}
     if 0 < max_pairs < len(pairs):
         keep = np.random.default_rng([seed, len(pairs)]).choice(len(pairs), max_pairs, replace=False)
         pairs = pairs.select(np.sort(keep).tolist())
     return pairs, {**stats, "used": len(pairs)}
 
 
+# ------------------------------------------------------------------------------------------ the run
 def fit_prompts(pairs: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, *, max_prompt_length: int,
                 max_length: int, how: str = "drop") -> tuple[datasets.Dataset, int]:
     """(pairs whose prompt fits ``max_prompt_length`` tokens, how many did not): ``how="drop"`` drops the

@@ -1,7 +1,7 @@
 """``accelerate launch`` entry: the one DPO loop (``dpo_trainer.train_dpo``) on several processes or GPUs.
 
     accelerate launch -m dpo_lab.scale.launch --preset paper --method DPO --value 0.1
-    accelerate launch -m dpo_lab.scale.launch --pairs tldr-pairs/ --model EleutherAI/gpt-j-6b --value 0.5 \\
+    accelerate launch -m dpo_lab.scale.launch --pairs tldr.jsonl --model EleutherAI/gpt-j-6b --value 0.5 \\
         --out runs/tldr-gptj --gradient-checkpointing
     torchrun --nproc_per_node 2 -m dpo_lab.scale.launch --cpu ...      # several CPU processes (gloo)
 
@@ -11,7 +11,6 @@ A preset's run trains in the pipeline's own run folder, so a run started on one 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import yaml
 
 from dpo_lab.dpo_trainer import accumulation_steps, make_accelerator
 from dpo_lab.presets import PRESETS, get_preset, parse_overrides
-from dpo_lab.run import dpo_run, quiet_hf_progress
+from dpo_lab.run import dpo_run
 
 
 def train_in_processes(preset: str, overrides: Mapping[str, Any], method: str, value: float,
@@ -48,39 +47,26 @@ def train_in_processes(preset: str, overrides: Mapping[str, Any], method: str, v
 
 
 def load_pairs(path: Path) -> Any:
-    """Pairs from a ``save_to_disk`` folder or a .jsonl/.json/.parquet file of prompt/chosen/rejected; a
-    damaged file, a bad row or no pairs is a ValueError naming the file (and the row)."""
+    """Pairs from a JSON-lines file of prompt/chosen/rejected objects; a damaged file, a bad row or a bad
+    pair is a ValueError naming the file (and the row)."""
     import datasets
 
     from dpo_lab.batching import PAIR_COLUMNS
     from dpo_lab.preferences import validate_preferences
-    from dpo_lab.scale.hub_preferences import read_rows
+    from dpo_lab.scale.hub_tasks import read_jsonl
 
-    if not path.exists():
-        raise FileNotFoundError(f"--pairs {path} does not exist")
-    if path.is_dir():
-        try:
-            ds = datasets.load_from_disk(str(path / "pairs" if (path / "pairs").is_dir() else path))
-        except Exception as err:
-            raise ValueError(f"--pairs {path}: cannot load the saved Dataset ({type(err).__name__}: {err}); "
-                             "save the pairs again") from err
-        if isinstance(ds, datasets.DatasetDict):
-            raise ValueError(f"{path} holds a DatasetDict with splits {list(ds)}; save one split of pairs")
-    elif path.suffix in (".jsonl", ".json", ".parquet"):
-        rows, where = read_rows([path])
-        for i, row in enumerate(rows):
-            if bad := [c for c in PAIR_COLUMNS if not isinstance(row.get(c), str)]:
-                raise ValueError(f"--pairs {where(i)}: {bad[0]} must be a string, got {row.get(bad[0])!r}")
-        ds = datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in PAIR_COLUMNS})
-    else:
-        raise ValueError(f"--pairs {path}: expected a .jsonl, .json or .parquet file or a Dataset folder")
+    if not path.is_file():
+        raise FileNotFoundError(f"--pairs {path} is not a file")
+    rows = read_jsonl(path)
+    for i, row in enumerate(rows):
+        if bad := [c for c in PAIR_COLUMNS if not isinstance(row.get(c), str)]:
+            raise ValueError(f"--pairs {path}, row {i}: {bad[0]} must be a string, got {row.get(bad[0])!r}")
+    pairs = datasets.Dataset.from_dict({c: [row[c] for row in rows] for c in PAIR_COLUMNS})
     try:
-        if len(ds) == 0:
-            raise ValueError("it holds no pairs")
-        validate_preferences(ds, require_rewards=False)
+        validate_preferences(pairs, require_rewards=False)
     except ValueError as err:
         raise ValueError(f"--pairs {path}: {err}") from err
-    return ds
+    return pairs
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,34 +80,14 @@ def _parser() -> argparse.ArgumentParser:
         help="DPO: beta of Eq. 7; Unlikelihood: alpha; Preferred-FT: the seed")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="override a preset setting, e.g. --set dpo.micro_batch_size=8 (repeatable)")
-    add("--pairs", type=Path, default=None, help="preference pairs (saved Dataset folder or .jsonl/.parquet)")
+    add("--pairs", type=Path, default=None, help="preference pairs: a .jsonl file of prompt/chosen/rejected")
     add("--model", default=None, help="with --pairs: hub name or folder of the SFT model (policy, reference)")
-    add("--max-length", type=int, default=None, help="prompt + completion tokens (default 512 with --pairs)")
+    add("--max-length", type=int, default=512, help="with --pairs: prompt + completion tokens")
     add("--out", type=Path, default=None, help="run folder (required with --pairs)")
-    add("--mixed-precision", choices=["no", "bf16"], default=None, help="default: bf16 on CUDA, no on CPU")
     add("--cpu", action="store_true", help="CPU processes (gloo) even where CUDA exists")
     add("--gradient-checkpointing", action="store_true", help="recompute block activations in backward")
     add("--no-progress", action="store_true", help="no progress bars")
     return parser
-
-
-def _train_pairs(args: argparse.Namespace, preset: Any, accelerator: Any) -> Any:
-    """DPO or Preferred-FT on ``--pairs`` from ``--model`` (policy and a frozen copy as reference)."""
-    from dpo_lab.models import load_hub_policy
-
-    with quiet_hf_progress():
-        policy, tokenizer = load_hub_policy(args.model)
-    config = policy.config
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", 512)
-    reference = copy.deepcopy(policy).requires_grad_(False)  # pi_theta starts at pi_SFT = pi_ref
-    if args.gradient_checkpointing:
-        policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    dpo = args.method == "DPO"
-    return dpo_run(policy, reference, tokenizer, load_pairs(args.pairs), config=preset.dpo,
-                   beta=args.value if dpo else None, objective="dpo" if dpo else "preferred_ft",
-                   seed=preset.seed if dpo else int(args.value), out_dir=args.out,
-                   max_length=args.max_length or min(512, int(context)), accelerator=accelerator,
-                   ref_cache_dir=args.out / "reference-logps", progress=not args.no_progress)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--pairs and --model go together (or give neither, to train on the preset's IMDb pairs)")
     if args.pairs is not None and (args.out is None or args.method == "Unlikelihood"):
         parser.error("--pairs needs --out and trains DPO or Preferred-FT")
-    if args.max_length is not None and args.max_length < 2:
+    if args.max_length < 2:
         parser.error(f"--max-length must be >= 2, got {args.max_length}")
     try:
         preset = get_preset(args.preset, **parse_overrides(args.overrides))
@@ -143,8 +109,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.pairs is not None and preset.dpo.loss_type == "plackett_luce":
         parser.error("--pairs holds pairs; dpo.loss_type=plackett_luce ranks each prompt's samples: drop "
                      "--pairs to rank the preset's IMDb samples, or choose another loss_type")
-    accelerator = make_accelerator("cpu" if args.cpu else None, mixed_precision=args.mixed_precision)
-    if args.pairs is None:
+    accelerator = make_accelerator("cpu" if args.cpu else None)
+    if args.pairs is not None:  # DPO or Preferred-FT from --model (the policy; a frozen copy as reference)
+        from dpo_lab.scale.hub_tasks import load_models
+
+        policy, reference, tokenizer = load_models(args.model, max_length=args.max_length)
+        if args.gradient_checkpointing:
+            policy.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        dpo = args.method == "DPO"
+        result = dpo_run(policy, reference, tokenizer, load_pairs(args.pairs), config=preset.dpo,
+                         beta=args.value if dpo else None, objective="dpo" if dpo else "preferred_ft",
+                         seed=preset.seed if dpo else int(args.value), out_dir=args.out,
+                         max_length=args.max_length, accelerator=accelerator,
+                         ref_cache_dir=args.out / "reference-logps", progress=not args.no_progress)
+    else:
         from dpo_lab import pipeline
 
         progress = not args.no_progress
@@ -154,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         result = pipeline.pairwise(preset, args.method, args.value, progress=progress,
                                    accelerator=accelerator,
                                    gradient_checkpointing=args.gradient_checkpointing)
-    else:
-        result = _train_pairs(args, preset, accelerator)
     if accelerator.is_main_process:
         print(f"finished {result.steps} steps on {accelerator.num_processes} process(es): "
               f"{result.checkpoint_dir}")

@@ -98,7 +98,7 @@ print(f"task {task}, objective {objective}, beta {beta:g}, model {model or '(tin
 
 # %% [markdown]
 # ## The preference pairs
-# `dpo_lab.scale.hub_preferences` turns each hub row into a (prompt, chosen, rejected) triple: TL;DR's prompt is
+# `dpo_lab.scale.hub_tasks` turns each hub row into a (prompt, chosen, rejected) triple: TL;DR's prompt is
 # the subreddit, title and post followed by `TL;DR:`; HH's is the dialogue up to its last
 # `Assistant:` turn. Rows that cannot form a pair are skipped and counted by reason.
 
