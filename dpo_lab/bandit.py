@@ -4,15 +4,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from dpo_lab.losses import LossType, bradley_terry_loss, dpo_loss_gradient_weight, preference_loss
+from dpo_lab.losses import LossType, bradley_terry_loss, preference_loss
 
 DTYPE = torch.float64
 
@@ -88,8 +86,7 @@ def bt_probs(reward: Tensor) -> Tensor:
 
 def bt_probs_from_policy(policy: Tensor, pi_ref: Tensor, beta: float) -> Tensor:
     """p*(y1 ≻ y2 | x) with π* only (Eq. 6): Z(x) cancels because BT sees reward differences."""
-    r_hat = implicit_reward(policy, pi_ref, beta)
-    return 1.0 / (1.0 + torch.exp(r_hat[:, None, :] - r_hat[:, :, None]))
+    return bt_probs(implicit_reward(policy, pi_ref, beta))
 
 
 def shift_reward(reward: Tensor, shift: Tensor) -> Tensor:
@@ -221,17 +218,6 @@ class FitResult:
         return torch.softmax(self.table, -1)
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Tiny-tensor loops on one thread: on a busy 2-core machine thread hand-offs made each op ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init: Tensor, *, steps: int,
               adam_lr: float | None, grad_tol: float) -> FitResult:
     """L-BFGS (exact optima) or, given ``adam_lr``, Adam (training curves) until ``steps`` or convergence."""
@@ -252,7 +238,9 @@ def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init
         loss.backward()
         return loss
 
-    with _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: thread hand-offs made each op ~10x slower on a busy 2-core CPU
+    try:
         for step in range(steps + 1):
             with torch.no_grad():
                 history.append({"step": float(step), **loss_fn(param)[1]})
@@ -262,6 +250,8 @@ def _minimise(loss_fn: Callable[[Tensor], tuple[Tensor, dict[str, float]]], init
             opt.step(closure)
             if float(param.grad.abs().max()) < grad_tol or torch.equal(before, param.detach()):
                 break  # a table that no longer moves: L-BFGS's line search gave up (round-off)
+    finally:
+        torch.set_num_threads(threads)
     return FitResult(table=param.detach(), history=history)
 
 
@@ -305,67 +295,28 @@ def reward_model_loss(reward: Tensor, data: PreferenceData) -> tuple[Tensor, dic
     return loss, {"loss": float(loss.detach()), "accuracy": float((w * (chosen > rejected).to(DTYPE)).sum())}
 
 
-def fit_reward_model(data: PreferenceData, n_x: int, n_y: int, *, steps: int = 500,
-                     adam_lr: float | None = None) -> FitResult:
-    """A tabular BT reward model r_φ fitted by Eq. 2 from r_φ = 0; identified up to f(x) (Lemma 1)."""
-    data = data.aggregated()
-    return _minimise(lambda r: reward_model_loss(r, data), torch.zeros(n_x, n_y, dtype=DTYPE),
-                     steps=steps, adam_lr=adam_lr, grad_tol=1e-10)
-
-
 @dataclass(frozen=True)
 class RLHFSolution:
-    reward_model: Tensor  # r_φ fitted by Eq. 2
+    reward_model: Tensor  # r_φ fitted by Eq. 2 from r_φ = 0: r* up to f(x) on the population (Lemma 1)
     policy: Tensor  # argmax of Eq. 3 under r_φ
 
 
 def solve_rlhf(pi_ref: Tensor, data: PreferenceData, beta: float) -> RLHFSolution:
-    """The two-stage pipeline: fit r_φ by Eq. 2, then maximise Eq. 3 exactly (closed form, Eq. 4)."""
-    reward_model = fit_reward_model(data, *pi_ref.shape).table
+    """Two-stage RLHF: fit a tabular r_φ by Eq. 2, then maximise Eq. 3 exactly (closed form, Eq. 4)."""
+    data = data.aggregated()
+    reward_model = _minimise(lambda r: reward_model_loss(r, data), torch.zeros(pi_ref.shape, dtype=DTYPE),
+                             steps=500, adam_lr=None, grad_tol=1e-10).table
     return RLHFSolution(reward_model=reward_model, policy=optimal_policy(reward_model, pi_ref, beta))
 
 
-_NATURAL_GRADIENT_STEPS = 200  # the error halves each step: 200 covers any float64 start
-
-
-def stationarity_gap(logp: Tensor, log_target: Tensor) -> Tensor:
-    """Per prompt, max − min over y of log_target − log π = log π*/π + log Z (log_target = r/β + log π_ref): 0
-    at π*, it bounds every |log π(y|x)/π*(y|x)| and does not vanish where the softmax saturates."""
-    g = log_target - logp
-    return g.max(-1).values - g.min(-1).values
-
-
-def maximise_rlhf_objective(reward: Tensor, pi_ref: Tensor, beta: float, *, steps: int = 500,
-                            adam_lr: float | None = None) -> Tensor:
-    """Maximise Eq. 3 by gradient ascent on logits from π_ref, without Z(x); not concave, so certified by
-    :func:`stationarity_gap`, else finished by natural-gradient steps (Kakade 2001) that halve the error."""
+def maximise_rlhf_objective(reward: Tensor, pi_ref: Tensor, beta: float) -> Tensor:
+    """Maximise Eq. 3 by natural-gradient ascent on the logits from π_ref (Kakade 2001), never computing Z(x):
+    log π += (r − β log π/π_ref)/(2β) halves log π/π* (up to a constant in y) at every step."""
     beta = _check_beta(beta)
-    log_ref = pi_ref.log()
-    log_target = reward / beta + log_ref
-
-    def neg_objective(logits: Tensor) -> tuple[Tensor, dict[str, float]]:
-        logp = torch.log_softmax(logits, -1)
-        value = (logp.exp() * (reward - beta * (logp - log_ref))).sum(-1).mean()
-        return -value, {"objective": float(value.detach())}
-
-    logits = _minimise(neg_objective, log_ref, steps=steps, adam_lr=adam_lr, grad_tol=1e-12).table
-    tol = max(1e-8, 64 * torch.finfo(DTYPE).eps * float((reward.abs() / beta + log_ref.abs()).max()))
-    gap = stationarity_gap(torch.log_softmax(logits, -1), log_target)
-    if bool((gap > tol).any()):
-        logits, worst = torch.log_softmax(logits, -1), gap.max()
-        with _single_thread():
-            for _ in range(_NATURAL_GRADIENT_STEPS):
-                step = torch.log_softmax(logits + 0.5 / beta * (reward - beta * (logits - log_ref)), -1)
-                new_worst = stationarity_gap(step, log_target).max()
-                if worst <= tol and not new_worst < worst / 1.5:  # certified, and round-off stops the halving
-                    break
-                logits, worst = step, new_worst
-        gap = stationarity_gap(torch.log_softmax(logits, -1), log_target)
-    if not bool((gap <= tol).all()):  # NaN fails too
-        raise RuntimeError(f"the Eq. 3 solver stopped at a policy that is not stationary: r − β log π/π_ref "
-                           f"varies by up to {float(gap.max()) * beta:.3g} across y (β·tolerance "
-                           f"{tol * beta:.3g}); refusing to return a wrong policy")
-    return torch.softmax(logits, -1)
+    logp = pi_ref.log()
+    for _ in range(200):  # 200 halvings bring any float64 start to round-off
+        logp = torch.log_softmax(logp + 0.5 / beta * (reward - beta * (logp - pi_ref.log())), -1)
+    return logp.exp()
 
 
 # --- finite data: where each loss's optimum is, exactly (DPO's failure and the IPO / cDPO fix, Azar et al.)
@@ -384,19 +335,19 @@ def _closure(adjacency: Tensor) -> Tensor:
     return reach
 
 
-def _strong_components(data: PreferenceData, n_x: int, n_y: int) -> tuple[Tensor, Tensor]:
-    """The "y_w beat y_l" graph, and [x, i, j]: i and j in the same strongly connected component of it."""
+def _components(data: PreferenceData, n_x: int, n_y: int) -> tuple[Tensor, Tensor]:
+    """[x, i, j]: i and j in one strongly connected component of the "y_w beat y_l" graph; and the dominated
+    responses, (n_x, n_y) bool: those whose component loses to an outsider."""
     beats = comparison_weights(data, n_x, n_y) > 0
     reach = _closure(beats)
-    return beats, reach & reach.transpose(-1, -2)
+    same = reach & reach.transpose(-1, -2)
+    loses_to_outsider = (beats & ~same).any(-2)  # [x, l]: some w outside l's component beat l
+    return same, (same.to(DTYPE) @ loses_to_outsider[..., None].to(DTYPE))[..., 0] > 0
 
 
 def dominated_responses(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
-    """(n_x, n_y) bool: the responses DPO drives to probability 0, whose strongly connected component of the
-    "beat" graph loses to an outsider; on deterministic data, those that lose at least once."""
-    beats, same = _strong_components(data, n_x, n_y)
-    loses_to_outsider = (beats & ~same).any(-2)  # [x, l]: some w outside l's component beat l
-    return (same.to(DTYPE) @ loses_to_outsider[..., None].to(DTYPE))[..., 0] > 0
+    """(n_x, n_y) bool: the responses DPO drives to 0; on deterministic data, those that ever lose."""
+    return _components(data, n_x, n_y)[1]
 
 
 def compared_responses(data: PreferenceData, n_x: int, n_y: int) -> Tensor:
@@ -428,17 +379,14 @@ def preference_optimum(pi_ref: Tensor, data: PreferenceData, beta: float, *, los
                          "the hinge's optimal margins are a range, not a point")
     data = data.aggregated()
     n_x, n_y = pi_ref.shape
+    dominated, keep = torch.zeros(n_x, n_y, dtype=torch.bool), torch.ones(len(data), dtype=torch.bool)
     if loss_type == "sigmoid" and label_smoothing == 0.0:
         # only edges inside an undominated component have finite optimal margins; the rest go to infinity
-        dominated = dominated_responses(data, n_x, n_y)
-        same = _strong_components(data, n_x, n_y)[1]
-        keep = (same[data.x, data.y_w, data.y_l] & ~dominated[data.x, data.y_w]).nonzero()[:, 0]
-    else:
-        dominated = torch.zeros(n_x, n_y, dtype=torch.bool)
-        keep = torch.arange(len(data))
+        same, dominated = _components(data, n_x, n_y)
+        keep = same[data.x, data.y_w, data.y_l] & ~dominated[data.x, data.y_w]
     log_ratio = torch.zeros(n_x, n_y, dtype=DTYPE)
     edges = torch.zeros(n_x, n_y, n_y, dtype=torch.bool)
-    if len(keep):
+    if keep.any():
         kept = PreferenceData(data.x[keep], data.y_w[keep], data.y_l[keep], data.weight[keep])
         kwargs = {"loss_type": loss_type, "label_smoothing": label_smoothing}
         fit = solve_dpo(pi_ref, kept, beta, steps=steps, **kwargs)
@@ -458,19 +406,7 @@ def preference_optimum(pi_ref: Tensor, data: PreferenceData, beta: float, *, los
     return torch.softmax(torch.where(dominated, -math.inf, pi_ref.log() + log_ratio - group_mean), -1)
 
 
-# --- the DPO gradient by hand (§4), and Eq. 10: REINFORCE with and without the normaliser β log Z(x)
-def dpo_gradient(logits: Tensor, pi_ref: Tensor, data: PreferenceData, beta: float) -> Tensor:
-    """∇_θ L = −β E[σ(r̂_l − r̂_w) (∇ log π(y_w|x) − ∇ log π(y_l|x))], the last factor e_{y_w} − e_{y_l}."""
-    beta = _check_beta(beta)
-    r_hat = beta * (torch.log_softmax(logits, -1) - torch.log_softmax(pi_ref.log(), -1))
-    weight = dpo_loss_gradient_weight(r_hat[data.x, data.y_w], r_hat[data.x, data.y_l])  # σ(r̂_l − r̂_w)
-    coef = -beta * weight * data.weight / data.weight.sum()
-    grad = torch.zeros_like(logits)
-    grad.index_put_((data.x, data.y_w), coef, accumulate=True)
-    grad.index_put_((data.x, data.y_l), -coef, accumulate=True)
-    return grad
-
-
+# --- Eq. 10: REINFORCE with and without the normaliser β log Z(x)
 def reinforce_returns(logits: Tensor, bandit: Bandit, beta: float, *, normalise: bool) -> Tensor:
     """The score-function estimator's return per response: r − β log π_θ/π_ref (Eq. 3), or with r replaced by
     f(r) = r − β log Z(x) (Eq. 10, Eq. 8): the same expected gradient, as E_{π_θ}[∇ log π_θ] = 0."""
@@ -488,35 +424,6 @@ def reinforce_gradient_moments(logits: Tensor, bandit: Bandit, beta: float, *,
     mean = (policy[:, :, None] * per_y).sum(1)
     second = (policy * (per_y**2).sum(-1)).sum(-1)
     return mean, (second - (mean**2).sum(-1)).clamp_min(0.0)  # clamp: round-off only
-
-
-def reinforce_gradient_samples(logits: Tensor, bandit: Bandit, beta: float, n_samples: int, *,
-                               normalise: bool, seed: int = 0) -> Tensor:
-    """Monte-Carlo one-sample gradient estimates, (n_samples, n_x, n_y)."""
-    gen = torch.Generator().manual_seed(seed)
-    policy = torch.softmax(logits, -1)
-    g = reinforce_returns(logits, bandit, beta, normalise=normalise)
-    y = torch.multinomial(policy, n_samples, replacement=True, generator=gen).T  # (n_samples, n_x)
-    onehot = F.one_hot(y, bandit.n_y).to(DTYPE)
-    return (onehot - policy[None]) * g.gather(1, y.T).T[:, :, None]
-
-
-def train_reinforce(bandit: Bandit, beta: float, *, normalise: bool, steps: int = 300, batch_size: int = 4,
-                    lr: float = 0.05, seed: int = 0) -> list[float]:
-    """Plain SGD with the one-sample estimator; mean KL(π_θ‖π*) at each step."""
-    gen = torch.Generator().manual_seed(seed)
-    logits = bandit.pi_ref.log().clone()
-    target = bandit.optimal_policy(beta)
-    trace = []
-    with _single_thread():
-        for step in range(steps + 1):
-            trace.append(mean_over_prompts(kl_divergence(torch.softmax(logits, -1), target),
-                                           bandit.prompt_probs))
-            if step < steps:
-                samples = reinforce_gradient_samples(logits, bandit, beta, batch_size, normalise=normalise,
-                                                     seed=int(torch.randint(2**31 - 1, (1,), generator=gen)))
-                logits = logits + lr * samples.mean(0)  # ascent on Eq. 3 / Eq. 10
-    return trace
 
 
 def max_abs_error(a: Tensor, b: Tensor) -> float:

@@ -26,8 +26,17 @@ def grade(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[
     ``label -> args`` of ``cases``. Prints ✓ and returns ``fn``, or prints what is wrong and returns the
     reference, called as ``fn`` is, which also replaces ``fn`` in the calling cell's namespace."""
     name = getattr(fn, "__name__", repr(fn))
+    if not cases:
+        raise ValueError(f"grade({name}) needs at least one case")
     try:
-        _check(fn, reference, cases, name, hint, rtol, atol)
+        for label, args in cases.items():
+            expected = _as_array(reference(*map(_float64, args)))
+            got = _call(fn, args, name, label)
+            problem = _mismatch(got, expected, rtol, atol)
+            if problem:
+                raise AssertionError(f"{name} is wrong on input {label}: {problem}\n"
+                                     f"  expected: {_short(expected)}\n  got:      {_short(got)}"
+                                     + (f"\n  hint: {hint}" if hint else ""))
     except AssertionError as err:
         stand_in = _stand_in(reference, fn, name)
         caller = inspect.currentframe().f_back.f_globals  # a notebook cell's globals: later cells look there
@@ -41,26 +50,16 @@ def grade(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[
     return fn
 
 
-def _check(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[str, Sequence[Any]],
-           name: str, hint: str, rtol: float, atol: float) -> None:
-    if not cases:
-        raise ValueError(f"grade({name}) needs at least one case")
-    for label, args in cases.items():
-        expected = _as_array(reference(*map(_float64, args)))
-        try:  # on a copy, so that an in-place edit cannot change a later case's inputs
-            got = _as_array(fn(*copy.deepcopy(tuple(args))))
-        except NotImplementedError as err:
-            found = _STUB.search(str(err))
-            todo = found.group(1) if found else name
-            called = "" if todo == name else f" (which {name} calls)"
-            raise AssertionError(f"not implemented yet: fill in {todo}{called}") from None
-        except Exception as err:
-            raise AssertionError(f"{name} raised {type(err).__name__} on input {label}: {err}") from err
-        problem = _mismatch(got, expected, rtol, atol)
-        if problem:
-            raise AssertionError(f"{name} is wrong on input {label}: {problem}\n"
-                                 f"  expected: {_short(expected)}\n  got:      {_short(got)}"
-                                 + (f"\n  hint: {hint}" if hint else ""))
+def _call(fn: Callable[..., Any], args: Sequence[Any], name: str, label: str) -> Any:
+    try:  # on a copy, so that an in-place edit cannot change a later case's inputs
+        return _as_array(fn(*copy.deepcopy(tuple(args))))
+    except NotImplementedError as err:
+        found = _STUB.search(str(err))
+        todo = found.group(1) if found else name
+        called = "" if todo == name else f" (which {name} calls)"
+        raise AssertionError(f"not implemented yet: fill in {todo}{called}") from None
+    except Exception as err:
+        raise AssertionError(f"{name} raised {type(err).__name__} on input {label}: {err}") from err
 
 
 def _float64(arg: Any) -> Any:
@@ -69,8 +68,8 @@ def _float64(arg: Any) -> Any:
 
 
 def _stand_in(reference: Callable[..., Any], fn: Callable[..., Any], name: str) -> Callable[..., Any]:
-    """``reference`` called as the grader calls it, with arguments bound by ``fn``'s signature (a later cell
-    may pass them by keyword), its tensors given back as numpy arrays where ``fn`` was given numpy arrays."""
+    """``reference`` with arguments bound by ``fn``'s signature (a later cell may pass them by keyword), its
+    tensors given back as numpy arrays where ``fn`` was given numpy arrays."""
     signature = inspect.signature(fn)
 
     def stand_in(*args: Any, **kwargs: Any) -> Any:
@@ -87,10 +86,8 @@ def _as_array(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return tuple(_as_array(v) for v in value)
     if isinstance(value, torch.Tensor):
-        return value.detach().cpu().numpy()
-    if isinstance(value, (int, float, np.ndarray, np.number)):
-        return np.asarray(value)
-    return value
+        value = value.detach().cpu().numpy()
+    return np.asarray(value) if isinstance(value, (int, float, np.ndarray, np.number)) else value
 
 
 def _mismatch(got: Any, expected: Any, rtol: float, atol: float) -> str | None:
@@ -98,8 +95,7 @@ def _mismatch(got: Any, expected: Any, rtol: float, atol: float) -> str | None:
         if not isinstance(got, tuple) or len(got) != len(expected):
             return f"expected a tuple of {len(expected)} values, got {type(got).__name__}"
         for i, (g, e) in enumerate(zip(got, expected, strict=True)):
-            problem = _mismatch(g, e, rtol, atol)
-            if problem:
+            if problem := _mismatch(g, e, rtol, atol):
                 return f"value {i} of the tuple: {problem}"
         return None
     if got is None:
@@ -127,32 +123,29 @@ def _short(value: Any) -> str:
     return f"{text if len(text) <= 160 else text[:150] + ' …'}  (shape {value.shape})"
 
 
-def _cases(inputs: list[tuple[str, Callable[[dict], dict[str, Any]]]], fields: Sequence[str], numpy: bool,
+def _cases(inputs: dict[str, Callable[[Any], dict[str, Any]]], fields: Sequence[str], numpy: bool,
            choices: Mapping[str, Sequence[Any]]) -> dict[str, tuple]:
-    """Each input's ``fields`` for every combination of the ``choices`` it uses (β at 0.1 and 1 unless given);
-    ``numpy``: tensors as numpy arrays."""
-    needs_beta = {"beta", "optimal_policy", "log_z"} & set(fields)
-    choices = {c: v for c, v in {"beta": (0.1, 1.0), **choices}.items()
-               if c in fields or (c == "beta" and needs_beta)}
+    """Each input's ``fields`` (from its builder, given β) for every combination of the ``choices`` (β at 0.1
+    and 1 unless given, where a field needs it); ``numpy``: tensors as numpy arrays."""
+    if {"beta", "optimal_policy", "log_z"} & set(fields):
+        choices = {"beta": (0.1, 1.0)} | dict(choices)
     cases = {}
-    for label, fields_of in inputs:
-        for values in itertools.product(*choices.values()):
-            chosen = dict(zip(choices, values, strict=True))
-            known = fields_of(chosen) | chosen
-            unknown = [f for f in fields if f not in known]
-            if unknown:
-                raise ValueError(f"unknown field(s) {unknown}; known: {sorted(known)} "
-                                 "(a scalar needs its values as a keyword)")
-            shown = [f"{f}={chosen[f]}" if f in chosen else f for f in fields]
-            shown += [f"[{c}={v}]" for c, v in chosen.items() if c not in fields]
-            args = (known[f] for f in fields)
-            cases[f"{label}: {', '.join(shown)}"] = tuple(
-                a.numpy() if numpy and isinstance(a, torch.Tensor) else a for a in args)
+    for (label, build), values in itertools.product(inputs.items(), itertools.product(*choices.values())):
+        chosen = dict(zip(choices, values, strict=True))
+        known = build(chosen.get("beta")) | chosen
+        unknown = [f for f in fields if f not in known]
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown}; known: {sorted(known)} "
+                             "(a scalar needs its values as a keyword)")
+        shown = [f"{f}={chosen[f]}" if f in chosen else f for f in fields]
+        shown += [f"[{c}={v}]" for c, v in chosen.items() if c not in fields]
+        cases[f"{label}: {', '.join(shown)}"] = tuple(
+            known[f].numpy() if numpy and isinstance(known[f], torch.Tensor) else known[f] for f in fields)
     return cases
 
 
 # --- inputs: two small bandits, every quantity an exercise of notebooks 01-02 takes
-def _bandit_fields(toy: bd.Bandit, seed: int, chosen: dict[str, Any]) -> dict[str, Any]:
+def _bandit_fields(toy: bd.Bandit, seed: int, beta: float | None) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed + 100)
     logits = 2 * torch.randn(toy.n_x, toy.n_y, dtype=torch.float64, generator=gen)
     policy = torch.softmax(logits, -1)
@@ -167,8 +160,8 @@ def _bandit_fields(toy: bd.Bandit, seed: int, chosen: dict[str, Any]) -> dict[st
         "logp_w": logp[data.x, data.y_w], "logp_l": logp[data.x, data.y_l],
         "ref_w": ref[data.x, data.y_w], "ref_l": ref[data.x, data.y_l],
     }
-    if (beta := chosen.get("beta")) is not None:
-        fields |= {"beta": beta, "optimal_policy": toy.optimal_policy(beta),
+    if beta is not None:
+        fields |= {"optimal_policy": toy.optimal_policy(beta),
                    "log_z": bd.log_partition(toy.reward, toy.pi_ref, beta)}
     return fields
 
@@ -176,44 +169,34 @@ def _bandit_fields(toy: bd.Bandit, seed: int, chosen: dict[str, Any]) -> dict[st
 def bandit_cases(*fields: str, numpy: bool = False, **choices: Sequence[Any]) -> dict[str, tuple]:
     """Cases for :func:`grade`: ``fields`` (keys of ``_bandit_fields``) on two bandits of different shapes,
     for each value of ``choices`` (e.g. ``normalise=(False, True)``)."""
-    inputs = [(f"bandit(seed={seed}, {n_x}x{n_y})",
-               functools.partial(_bandit_fields, bd.Bandit.random(n_x=n_x, n_y=n_y, seed=seed), seed))
-              for seed, n_x, n_y in ((0, 3, 5), (1, 2, 4))]
+    inputs = {}
+    for seed, n_x, n_y in ((0, 3, 5), (1, 2, 4)):
+        toy = bd.Bandit.random(n_x=n_x, n_y=n_y, seed=seed)
+        inputs[f"bandit(seed={seed}, {n_x}x{n_y})"] = functools.partial(_bandit_fields, toy, seed)
     return _cases(inputs, fields, numpy, choices)
 
 
-# --- inputs: two random batches of token sequences, every tensor an exercise of notebooks 05-06 takes
-def _token_logps(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log π(y_t | x, y_<t) at every step, ``(B, T-1)``, float64, 0 off ``mask`` (as logprobs gives them)."""
-    logps = logits[:, :-1].double().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return logps if mask is None else torch.where(mask.bool(), logps, 0.0)
-
-
+# --- inputs: two random batches of token sequences, every tensor an exercise of notebooks 03-06 takes
 def _lm_fields(seed: int, vocab: int, lengths: Sequence[tuple[int, int]]) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed + 200)
 
     def noise(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, dtype=torch.float64, generator=gen)
 
-    def batch(rows: Sequence[tuple[int, int]]) -> tuple[torch.Tensor, ...]:
-        """(prompt, completion) lengths -> ids padded by 0, completion mask, logits, a nearby reference's."""
-        ids = torch.zeros(len(rows), max(p + c for p, c in rows), dtype=torch.long)
-        completion = torch.zeros_like(ids)
-        for i, (p, c) in enumerate(rows):
-            ids[i, :p + c] = torch.randint(1, vocab, (p + c,), generator=gen)
-            completion[i, p:p + c] = 1
-        logits = 2 * torch.randn(*ids.shape, vocab, generator=gen)
-        return ids, completion, logits, logits + torch.randn(*ids.shape, vocab, generator=gen)
-
-    ids, completion, logits, ref_logits = batch(lengths)
+    ids = torch.zeros(len(lengths), max(p + c for p, c in lengths), dtype=torch.long)  # padded by 0
+    completion = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(lengths):
+        ids[i, :p + c] = torch.randint(1, vocab, (p + c,), generator=gen)
+        completion[i, p:p + c] = 1
     b, width = ids.shape
-    # the rejected completions: same prompts, each row with the next row's completion length
-    ids_l, completion_l, logits_l, ref_logits_l = batch(
-        [(p, c) for (p, _), (_, c) in zip(lengths, [*lengths[1:], lengths[0]], strict=True)])
-    mask, mask_l = completion[:, 1:], completion_l[:, 1:]  # the steps that predict a completion token
-    logps, ref_logps = _token_logps(logits, ids), _token_logps(ref_logits, ids)
+    logits = 2 * torch.randn(b, width, vocab, generator=gen)
+    ref_logits = logits + torch.randn(b, width, vocab, generator=gen)  # a nearby reference model's
+    logps, ref_logps = (x[:, :-1].double().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+                        for x in (logits, ref_logits))
+    # the steps that predict a completion token: the chosen (w) one's, and the next row's as the rejected (l)
+    mask, mask_l = completion[:, 1:], completion[:, 1:].roll(-1, 0)
     logps_w, ref_logps_w = torch.where(mask.bool(), logps, 0.0), torch.where(mask.bool(), ref_logps, 0.0)
-    logps_l, ref_logps_l = _token_logps(logits_l, ids_l, mask_l), _token_logps(ref_logits_l, ids_l, mask_l)
+    logps_l, ref_logps_l = torch.where(mask_l.bool(), logps, 0.0), torch.where(mask_l.bool(), ref_logps, 0.0)
     chosen_rewards = 0.1 * (logps_w - ref_logps_w).sum(-1)  # β (log π − log π_ref) at β = 0.1
     rejected_rewards = 0.1 * (logps_l - ref_logps_l).sum(-1)
     chosen_rewards[0] = rejected_rewards[0] = 0.0  # a tie, as at π = π_ref
@@ -240,11 +223,11 @@ def _lm_fields(seed: int, vocab: int, lengths: Sequence[tuple[int, int]]) -> dic
 def lm_cases(*fields: str, numpy: bool = False, **choices: Sequence[Any]) -> dict[str, tuple]:
     """Cases for :func:`grade`: ``fields`` (keys of ``_lm_fields``) on two batches (B, T, V = 3, 6, 11 and 4,
     5, 7), for each value of ``choices`` (e.g. ``gamma=(1.0, 0.9)``)."""
-    inputs = []
+    inputs = {}
     for seed, vocab, lengths in ((0, 11, ((2, 4), (3, 2), (1, 3))), (1, 7, ((1, 4), (2, 1), (3, 2), (1, 2)))):
         base = _lm_fields(seed, vocab, lengths)
         b, width = base["input_ids"].shape
-        inputs.append((f"batch(seed={seed}, B={b}, T={width}, V={vocab})", lambda chosen, base=base: base))
+        inputs[f"batch(seed={seed}, B={b}, T={width}, V={vocab})"] = lambda beta, base=base: base
     return _cases(inputs, fields, numpy, choices)
 
 

@@ -1,21 +1,11 @@
-"""Student copies (``make student``): ``notebooks/NAME.py`` -> ``notebooks/student/NAME.ipynb``, each function
-of a cell tagged ``exercise`` kept to its signature and docstring, then ``raise NotImplementedError("Exercise:
-NAME (tier N)")``; outputs dropped. How a solution notebook marks an exercise (each rule is checked)::
-
-    # %% [markdown]
-    # ### Exercise · tier 1 · Eq. 5 by hand          <- a markdown heading that says "tier N"
-    # %% tags=["exercise", "tier-1"]                  <- "exercise" and one of tier-1, tier-2, tier-3
-    def reward_from_policy(policy, pi_ref, beta, log_z):
-        \"\"\"The docstring is what the student sees: say what to compute and the shapes.\"\"\"
-        return ...                                    # the solution, replaced by the stub
-    # %%                                              <- the very next cell calls grade(...)
-    grade(reward_from_policy, bd.reparameterised_reward, bandit_cases("optimal_policy", ...))
-"""
+"""Student copies (``make student``): ``notebooks/NAME.py`` -> ``notebooks/student/NAME.ipynb`` (no outputs),
+each function of a code cell tagged ``exercise`` and ``tier-N`` cut to its signature and docstring (what the
+student sees) and ``raise NotImplementedError("Exercise: NAME (tier N)")``. Checked: the cell before is a
+markdown heading saying "tier N", the cell after calls ``grade(...)``, the cell holds only functions."""
 
 from __future__ import annotations
 
 import ast
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,24 +49,20 @@ def exercises(nb: NotebookNode, name: str) -> list[Exercise]:
         if "exercise" not in tags:
             continue
         where = f"{name}, cell {i}"
-        tiers = [t for t in tags if re.fullmatch(r"tier-\d+", t)]
-        if len(tiers) != 1 or int(tiers[0][5:]) not in TIERS:
-            wanted = [f"tier-{t}" for t in TIERS]
+        tiers = [t for t in tags if t.startswith("tier-")]
+        wanted = [f"tier-{t}" for t in TIERS]
+        if len(tiers) != 1 or tiers[0] not in wanted:
             raise ExerciseError(f"{where}: tag it with exactly one of {wanted}, got {tiers}")
         tier = int(tiers[0][5:])
         if cell.cell_type != "code":
             raise ExerciseError(f"{where}: only a code cell can be an exercise")
         functions = _functions(cell.source, where)
-        before = nb.cells[i - 1] if i else None
-        heading = before is not None and before.cell_type == "markdown" and any(
-            line.startswith("#") and f"tier {tier}" in line.lower() for line in before.source.splitlines())
-        if not heading:
+        before = nb.cells[i - 1].source.splitlines() if i and nb.cells[i - 1].cell_type == "markdown" else []
+        if not any(line.startswith("#") and f"tier {tier}" in line.lower() for line in before):
             raise ExerciseError(f"{where}: the markdown cell before it needs a heading saying 'tier {tier}'")
         after = nb.cells[i + 1] if i + 1 < len(nb.cells) else None
-        if after is None or after.cell_type != "code" or not any(
-                isinstance(node, ast.Call) and "grade" in (getattr(node.func, "id", None),
-                                                           getattr(node.func, "attr", None))
-                for node in ast.walk(ast.parse(after.source))):
+        nodes = ast.walk(ast.parse(after.source)) if after is not None and after.cell_type == "code" else ()
+        if not any(isinstance(n, ast.Call) and ast.unparse(n.func).split(".")[-1] == "grade" for n in nodes):
             raise ExerciseError(f"{where}: the cell right after it must call grade(...) on its functions")
         found.append(Exercise(notebook=name, cell=i, tier=tier, functions=tuple(f.name for f in functions),
                               source=cell.source, grader=after.source))

@@ -182,7 +182,7 @@ print(f"Thurstone log-odds do not, gap: {chain_gap(thurstone.numpy()):.4f}")
 
 # %% tags=["nbval-check-output"]
 population = bd.population_preferences(toy)
-r_phi = bd.fit_reward_model(population, toy.n_x, toy.n_y).table
+r_phi = bd.solve_rlhf(toy.pi_ref, population, beta).reward_model  # fitted by Eq. 2 from r_phi = 0
 print("loss at r_phi = 0 (log 2):", round(bd.reward_model_loss(torch.zeros_like(r_phi), population)[0].item(), 6))
 print("r_phi - r* per prompt:", show((r_phi - toy.reward).mean(-1), 4))
 print("r_phi ~ r* (differ by f(x) only):", bd.are_equivalent(r_phi, toy.reward, atol=1e-5))
@@ -362,8 +362,8 @@ print("Eq. 3 = -beta E[log pi/(pi_ref e^(r/beta))] = -beta KL(pi||pi_r) + beta l
 print(f"smallest beta log Z - Eq. 3 (= beta KL >= 0): {(beta * np.log(Z) - line_1).min():.6f}")
 
 # %% [markdown]
-# So $\pi_r$ is normalised, reaches $\beta\log Z(x)$, and plain gradient ascent on Eq. 3, which never
-# computes $Z(x)$, finds it too.
+# So $\pi_r$ is normalised, reaches $\beta\log Z(x)$, and gradient ascent on Eq. 3, which never computes
+# $Z(x)$, finds it too (natural-gradient steps on the logits, `bd.maximise_rlhf_objective`).
 
 # %% tags=["nbval-check-output"]
 best = bd.rlhf_objective(pi_star, toy.reward, toy.pi_ref, beta)
@@ -707,11 +707,21 @@ print("minimising it recovers pi*:", bd.max_abs_error(theta_pl.softmax(-1), pi_s
 # (App. A.4 of the paper swaps the two rewards in Eq. 21; the §4 form above is the one autograd agrees with.)
 
 # %% tags=["nbval-check-output"]
+def dpo_gradient(logits: torch.Tensor, pi_ref: torch.Tensor, data: bd.PreferenceData, beta: float) -> torch.Tensor:
+    """The formula above on a softmax table, each pair's weight in it σ(r̂_l − r̂_w), shape (n_x, n_y)."""
+    r_hat = beta * (torch.log_softmax(logits, -1) - torch.log_softmax(pi_ref.log(), -1))
+    coef = -beta * torch.sigmoid(r_hat[data.x, data.y_l] - r_hat[data.x, data.y_w]) * data.weight / data.weight.sum()
+    grad = torch.zeros_like(logits)
+    grad.index_put_((data.x, data.y_w), coef, accumulate=True)  # e_{y_w} ...
+    grad.index_put_((data.x, data.y_l), -coef, accumulate=True)  # ... − e_{y_l}
+    return grad
+
+
 data = bd.sample_preferences(toy, n_pairs, seed=seed)
 theta = torch.randn(toy.n_x, toy.n_y, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
 theta.requires_grad_(True)
 bd.dpo_loss_on_table(theta, toy.pi_ref, data, beta)[0].backward()
-by_hand = bd.dpo_gradient(theta.detach(), toy.pi_ref, data, beta)
+by_hand = dpo_gradient(theta.detach(), toy.pi_ref, data, beta)
 print("max |formula - autograd| < 1e-12:", bd.max_abs_error(by_hand, theta.grad) < 1e-12)
 print("dL/dtheta[x0] =", show(by_hand[0], 6))
 
