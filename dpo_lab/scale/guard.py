@@ -5,8 +5,6 @@ reaches them all: the guard is a child subreaper (orphans below it come to it), 
 (even by kill -9), on SIGTERM/SIGINT/SIGHUP or at the command's end it ends every process below it.
 """
 
-from __future__ import annotations
-
 import contextlib
 import ctypes
 import os
