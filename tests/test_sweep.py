@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from dpo_lab.__main__ import main
-from dpo_lab.cache import pid_alive
+from dpo_lab.cache import Lock, pid_alive
 from dpo_lab.paths import project_root
 from dpo_lab.scale import sweep
 
@@ -531,7 +531,7 @@ def test_kill_9_of_a_sweep_leaves_no_process_of_its_run(toy_notebook: Path, tmp_
 def test_a_run_another_process_runs_is_waited_for_not_started_twice(toy_notebook: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture) -> None:
     root = tmp_path / "runs"
-    spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, a={"x": 1.0}, b={"x": 2.0}))
+    spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, after={"b": ["a"]}, a={"x": 1.0}, b={"x": 2.0}))
     run = root / "toy" / "a"
     key = sweep.parameters_key(spec.runs[0].parameters)
     here = {"state": "running", "parameters_key": key, "host": socket.gethostname()}
@@ -542,8 +542,8 @@ def test_a_run_another_process_runs_is_waited_for_not_started_twice(toy_notebook
     gone = f"interrupted: its process (pid 4242 on {here['host']}) is gone"
     assert sweep.run_state(run, spec.runs[0].parameters) == ("interrupted", gone)
     # With the lock held (another sweep's run), the lock decides, and the run is not started again.
-    claim = sweep.try_claim(run)
-    assert claim is not None and sweep.try_claim(run) is None
+    claim = Lock(run / sweep.LOCK_NAME, run).acquire()
+    assert sweep.holder(run).startswith(f"pid {os.getpid()} on host ")
     (run / "status.json").write_text(json.dumps({**here, "pid": os.getpid()}))
     assert sweep.plan(spec, root).state.tolist() == ["running", "todo"]
     outcomes: list = []
@@ -554,7 +554,7 @@ def test_a_run_another_process_runs_is_waited_for_not_started_twice(toy_notebook
     assert sweeper.is_alive() and executions(root, "a") == 0 and executions(root, "b") == 0  # waiting for a
     (run / "result.json").write_text(json.dumps({"x": 1.0, "y": 2.0}))  # the other process finishes a
     (run / "status.json").write_text(json.dumps({**here, "state": "done", "pid": os.getpid()}))
-    os.close(claim)
+    claim.release()
     sweeper.join(timeout=120)
     assert [(o.name, o.state) for o in outcomes] == [("a", "skipped"), ("b", "done")]
     assert executions(root, "a") == 0 and executions(root, "b") == 1
@@ -616,13 +616,11 @@ def test_a_sweep_run_trains_on_two_processes(tmp_path: Path) -> None:
 
 def test_the_progress_bar_moves_as_each_run_ends(toy_notebook: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two runs of one wave on two CPU jobs: the quick one is counted while the slow one still runs."""
+    """Two runs at once on two CPU jobs: the quick one is counted while the slow one still runs."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(sweep.os, "cpu_count", lambda: 4)
     counted: list[str] = []
-    quick_counted = threading.Event()
 
     class Bar:
         def __init__(self, *args, **kwargs) -> None: ...
@@ -631,17 +629,29 @@ def test_the_progress_bar_moves_as_each_run_ends(toy_notebook: Path, tmp_path: P
 
         def set_postfix_str(self, text: str) -> None:
             counted.append(text.split(":")[0])
-            if text.startswith("quick"):
-                quick_counted.set()
 
-    def execute_run(notebook, run_dir, parameters, **kwargs):
-        if parameters["x"] == 2.0:  # the slow run ends only once the quick one is on the bar (or after 20 s)
-            assert quick_counted.wait(timeout=20), "the quick run was not counted while the slow one ran"
-        return sweep.RunOutcome("", "done")
+    class Process:  # the slow run ends only once the quick one is on the bar (or after 20 s)
+        def __init__(self, slow: bool) -> None:
+            self.slow, self.returncode, self.deadline = slow, None, time.monotonic() + 20
+
+        def poll(self) -> int | None:
+            if not self.slow or "quick" in counted or time.monotonic() > self.deadline:
+                self.returncode = 0
+            return self.returncode
+
+        wait = poll
+
+        def terminate(self) -> None: ...
+
+    def start(notebook, run_dir, run, lock, held, devices):
+        (run_dir / "result.json").write_text("{}")
+        return sweep._Job(run_dir, Process(slow=run.name == "slow"), lock, held, {})
 
     monkeypatch.setattr(sweep, "tqdm", Bar)
-    monkeypatch.setattr(sweep, "execute_run", execute_run)
+    monkeypatch.setattr(sweep, "_start", start)
     monkeypatch.setattr(sweep, "collect", lambda *args, **kwargs: None)
     spec = sweep.load_spec(toy_spec(toy_notebook, tmp_path, quick={"x": 1.0}, slow={"x": 2.0}))
+    began = time.monotonic()
     outcomes = sweep.run_sweep(spec, root=tmp_path / "runs", progress=True, jobs=2)
     assert [o.state for o in outcomes] == ["done", "done"] and counted == ["quick", "slow"]
+    assert time.monotonic() - began < 15, "the quick run was not counted while the slow one ran"

@@ -5,8 +5,7 @@ reaches them all: the guard is a child subreaper (orphans below it come to it), 
 (even by kill -9), on SIGTERM/SIGINT/SIGHUP or at the command's end it ends every process below it.
 """
 
-from __future__ import annotations
-
+import contextlib
 import ctypes
 import os
 import signal
@@ -20,41 +19,27 @@ PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 GRACE_S = 5.0  # from SIGTERM to SIGKILL for what is left of the run
 
 
-def prctl(option: int, value: int) -> bool:
-    """Linux ``prctl(option, value)``; False where the platform has none."""
-    try:
-        return sys.platform.startswith("linux") and ctypes.CDLL(None).prctl(option, value, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def stop_tree(child: subprocess.Popen, grace: float = GRACE_S) -> None:
-    """SIGTERM every process below this one, SIGKILL what is left after ``grace`` seconds; reap them all."""
-    deadline, signalled = time.monotonic() + grace, set()
+def stop_tree(child: subprocess.Popen) -> None:
+    """SIGTERM every process below this one, SIGKILL what is left after ``GRACE_S``; reap them all."""
+    deadline, signalled = time.monotonic() + GRACE_S, set()
     while True:
         if child.poll() is not None:  # once the child's code is known, reaping the rest cannot take it
-            _reap()
-        late, alive = time.monotonic() > deadline, []
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+        alive = []
         for proc in psutil.Process().children(recursive=True):
-            try:
+            with contextlib.suppress(psutil.Error):  # gone meanwhile
                 if proc.status() != psutil.STATUS_ZOMBIE:
                     alive.append(proc)
-                    if late or proc.pid not in signalled:
-                        (proc.kill if late else proc.terminate)()
+                    if time.monotonic() > deadline:
+                        proc.kill()
+                    elif proc.pid not in signalled:
+                        proc.terminate()
                         signalled.add(proc.pid)
-            except psutil.Error:  # gone meanwhile
-                pass
         if child.returncode is not None and not alive:
             return
         time.sleep(0.05)
-
-
-def _reap() -> None:  # every ended child, orphans re-parented here included
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-    except ChildProcessError:
-        pass
 
 
 def main(argv: list[str]) -> int:
@@ -64,19 +49,19 @@ def main(argv: list[str]) -> int:
     parent, stopped = int(argv[0]), []
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, _frame: stopped.append(signum))
-    prctl(PR_SET_CHILD_SUBREAPER, 1)
-    prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if sys.platform.startswith("linux"):  # elsewhere only the parent's end is noticed, below
+        ctypes.CDLL(None).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     if os.getppid() != parent:  # the parent died before the death signal was armed
         return 128 + signal.SIGTERM
     child = subprocess.Popen(argv[2:])
     while child.poll() is None and not stopped and os.getppid() == parent:
         time.sleep(0.1)
-    if child.returncode is None and not stopped:
-        stopped.append(signal.SIGTERM)  # the parent is gone
+    code = child.returncode
     stop_tree(child)  # after a normal end too: nothing the run started outlives it
-    if stopped:
-        return 128 + stopped[0]
-    return child.returncode if child.returncode >= 0 else 128 - child.returncode
+    if code is None:  # stopped, or the parent is gone
+        return 128 + (stopped or [signal.SIGTERM])[0]
+    return code if code >= 0 else 128 - code
 
 
 if __name__ == "__main__":

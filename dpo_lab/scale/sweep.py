@@ -1,16 +1,13 @@
 """Sweeps: one notebook executed many times with different parameters (papermill), results in one table.
 
-A spec (YAML, e.g. ``sweeps/hh_paper.yaml``, or a preset's frontier sweep) names a notebook, parameters
-shared by every run, explicit ``runs`` (name, parameters, ``after``: runs that must finish first) and/or a
-cartesian ``grid``; ``{sweep_dir}`` in a string parameter becomes the sweep's folder. Each run lives in
-``runs/<sweep>/<run>/`` and executes under ``guard.py``, which holds ``<run>/.sweep.lock`` while any process
-of the run lives and ends them all when the sweep dies. A rerun skips finished runs. Folder names come from
-:func:`safe_component`: no grid value writes outside the sweep's folder, no brace reaches papermill.
+A spec (``sweeps/*.yaml``, or a preset's frontier sweep) names a notebook and its runs (explicit, or a grid).
+Each run lives in ``runs/<sweep>/<run>/`` and executes under ``guard.py``, which holds the run's lock while
+any process of the run lives; a rerun skips finished runs. No grid value writes outside the sweep's folder.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import fcntl
 import itertools
 import os
@@ -22,11 +19,9 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from queue import Queue
 from typing import Any
 
 import nbformat
@@ -35,7 +30,7 @@ import papermill
 import yaml
 from tqdm.auto import tqdm
 
-from dpo_lab.cache import atomic_write_json, atomic_write_text, content_hash, read_json_object
+from dpo_lab import cache
 from dpo_lab.paths import project_root
 
 FRONTIER_NOTEBOOK = Path("notebooks/templates/frontier_run.ipynb")
@@ -63,7 +58,7 @@ def safe_component(text: Any) -> str:
     text = str(text)
     if _SIMPLE.fullmatch(text) and len(text) <= MAX_COMPONENT:
         return text
-    digest = content_hash(text, length=8)
+    digest = cache.content_hash(text, length=8)
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._-")
     slug = re.sub(r"_*-_*", "-", re.sub(r"\.{2,}", ".", slug))[:MAX_COMPONENT - len(digest) - 1].rstrip("._-")
     return f"{slug}-{digest}" if slug else digest
@@ -82,13 +77,6 @@ def inside(folder: Path, name: str) -> Path:
 def _papermill_path(path: Path) -> str:
     """papermill formats its paths with the parameters (``str.format``): a brace is doubled to stay itself."""
     return str(path).replace("{", "{{").replace("}", "}}")
-
-
-def _check_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or safe_component(name) != name:
-        raise SweepError(f"{what} must be a non-empty string of letters, digits, '.', '_' and '-' (no '/', "
-                         f"spaces, braces or leading dot; at most {MAX_COMPONENT} characters), got {name!r}")
-    return name
 
 
 # ------------------------------------------------------------------------------------------------- specs
@@ -112,9 +100,13 @@ class SweepSpec:
 
     def __post_init__(self) -> None:
         where, names = self.source, [r.name for r in self.runs]
-        _check_name(self.name, f"{where}: 'name'")
+        # explicit runs come first: i is their index in the spec (grid runs get safe names)
+        for what, name in [("'name'", self.name), *((f"runs[{i}].name", n) for i, n in enumerate(names))]:
+            if not isinstance(name, str) or safe_component(name) != name:
+                raise SweepError(f"{where}: {what} must be a non-empty string of letters, digits, '.', '_' "
+                                 f"and '-' (no '/', spaces, braces or leading dot; at most {MAX_COMPONENT} "
+                                 f"characters), got {name!r}")
         for run in self.runs:
-            _check_name(run.name, f"{where}: run name")
             if "run_dir" in run.parameters:
                 raise SweepError(f"{where}: run {run.name!r} sets ['run_dir'], which the runner sets itself")
             if unknown := sorted(set(run.after) - set(names)):
@@ -132,6 +124,12 @@ class SweepSpec:
             raise SweepError(f"{where}: runs {waiting} wait for each other in a cycle")
 
 
+_SHAPES = {"name": (str, "be a name"), "notebook": (str, "be a path"), "description": (str, "be text"),
+           "parameters": (Mapping, "map parameter names to values"),
+           "grid": (Mapping, "map parameter names to non-empty lists of values"),
+           "runs": (list, "be a list of {name, parameters, after}"), "requires": (list, "be a list")}
+
+
 def _mapping(value: Any, what: str) -> dict[str, Any]:
     if value is not None and (not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value)):
         raise SweepError(f"{what} must map parameter names to values, got {value!r}")
@@ -140,31 +138,24 @@ def _mapping(value: Any, what: str) -> dict[str, Any]:
 
 def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec:
     """Build a spec from its YAML mapping; every problem is named with ``source``."""
-    shapes = {"name": (str, "be a name"), "notebook": (str, "be a path"), "description": (str, "be text"),
-              "parameters": (Mapping, "map parameter names to values"),
-              "grid": (Mapping, "map parameter names to non-empty lists of values"),
-              "runs": (list, "be a list of {name, parameters, after}"), "requires": (list, "be a list")}
     if not isinstance(data, Mapping):
         raise SweepError(f"{source}: a sweep spec is a mapping with keys name, notebook, runs/grid")
-    if unknown := sorted(set(data) - set(shapes)):
-        raise SweepError(f"{source}: unknown key(s) {unknown}; expected {', '.join(shapes)}")
+    if unknown := sorted(set(data) - set(_SHAPES)):
+        raise SweepError(f"{source}: unknown key(s) {unknown}; expected {', '.join(_SHAPES)}")
     if missing := [k for k in ("name", "notebook") if k not in data]:
         raise SweepError(f"{source}: missing required key {missing[0]!r}")
     for key, value in data.items():
-        if value is not None and not isinstance(value, shapes[key][0]) or key == "notebook" and not value:
-            raise SweepError(f"{source}: {key!r} must {shapes[key][1]}, got {value!r}")
-    shared = _mapping(data.get("parameters"), f"{source}: 'parameters'")
-    entries, requires = data.get("runs") or [], data.get("requires") or []
-    runs = []
-    for i, entry in enumerate(entries):
+        if value is not None and not isinstance(value, _SHAPES[key][0]) or key == "notebook" and not value:
+            raise SweepError(f"{source}: {key!r} must {_SHAPES[key][1]}, got {value!r}")
+    shared, runs = _mapping(data.get("parameters"), f"{source}: 'parameters'"), []
+    for i, entry in enumerate(data.get("runs") or []):
         if not isinstance(entry, Mapping) or "name" not in entry:
             raise SweepError(f"{source}: runs[{i}] needs a 'name' (and optional 'parameters')")
         after = entry.get("after") or []
         if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
             raise SweepError(f"{source}: runs[{i}].after must be a list of run names")
         own = _mapping(entry.get("parameters"), f"{source}: runs[{i}].parameters")
-        runs.append(RunSpec(_check_name(entry["name"], f"{source}: runs[{i}].name"), {**shared, **own},
-                            tuple(after)))
+        runs.append(RunSpec(entry["name"], {**shared, **own}, tuple(after)))
     grid = data.get("grid") or {}
     if any(not isinstance(k, str) or not isinstance(v, list) or not v for k, v in grid.items()):
         raise SweepError(f"{source}: 'grid' maps parameter names to non-empty lists of values")
@@ -172,8 +163,8 @@ def spec_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> SweepSpec
         point = dict(zip(grid, values, strict=True))  # run name: x0.5-seed1, or a slug plus hash
         name = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in point.items())
         runs.append(RunSpec(safe_component(name), {**shared, **point}))
-    return SweepSpec(_check_name(data["name"], f"{source}: 'name'"), Path(data["notebook"]), tuple(runs),
-                     tuple(requires), source)
+    requires = tuple(data.get("requires") or ())
+    return SweepSpec(data["name"], Path(data["notebook"]), tuple(runs), requires, source)
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -197,7 +188,8 @@ def preset_spec(preset: str, overrides: Mapping[str, Any] | None = None,
     runs = tuple(RunSpec(safe_component(f"{method.lower()}-{pipeline.hyperparameter_name(method)}{value:g}"),
                          {"preset": preset, "overrides": overrides, "method": method, "value": value})
                  for method, value in pipeline.frontier_runs(config, tuple(methods or pipeline.METHODS)))
-    name = safe_component(f"imdb-{preset}" + (f"-{content_hash(overrides, length=8)}" if overrides else ""))
+    suffix = f"-{cache.content_hash(overrides, length=8)}" if overrides else ""
+    name = safe_component(f"imdb-{preset}{suffix}")
     requires = {"paper": ("gpu", "hub"), "gpu": ("gpu",)}.get(preset, ())
     return SweepSpec(name, FRONTIER_NOTEBOOK, runs, requires, source=f"preset {preset!r}")
 
@@ -259,164 +251,9 @@ def check_requirements(requires: Sequence[str]) -> list[str]:
     return missing
 
 
-# -------------------------------------------------------------------------------------------- run state
-def runs_root() -> Path:
-    """Where sweeps write: ``DPO_LAB_RUNS`` or ``<project root>/runs``."""
-    return Path(os.environ.get("DPO_LAB_RUNS", project_root() / "runs"))
-
-
-def read_json(path: Path) -> dict[str, Any] | None:
-    """A JSON object file, None if absent; a truncated or corrupt file is named in the error."""
-    try:
-        return read_json_object(path, advice="delete it or rerun the run") if path.is_file() else None
-    except ValueError as err:
-        raise SweepError(str(err)) from err
-
-
-def parameters_key(parameters: Mapping[str, Any]) -> str:
-    return content_hash(dict(parameters))
-
-
-def try_claim(run_dir: Path) -> int | None:
-    """A descriptor holding ``run_dir``'s lock (close it to release), or None if another process holds it.
-    The run's guard inherits it, so it is held exactly while some process of the run lives."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return fd
-    except BlockingIOError:
-        os.close(fd)
-        return None
-
-
-def _who(status: Mapping[str, Any]) -> str:
-    where = f" on {status['host']}" if status.get("host") else ""
-    since = f" since {status['started']}" if "started" in status else ""
-    return f"pid {status.get('pid', '?')}{where}{since}"
-
-
-def holder(run_dir: Path, status: Mapping[str, Any] | None) -> str:
-    """Who holds the run's lock, i.e. runs it now ("" if nobody)."""
-    try:
-        fd = os.open(run_dir / LOCK_NAME, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails only against an exclusive holder
-        return ""
-    except OSError:
-        return _who(status) if (status or {}).get("state") == "running" else "a process holding its lock"
-    finally:
-        os.close(fd)
-
-
-def run_state(run_dir: Path, parameters: Mapping[str, Any], *, claimed: bool = False) -> tuple[str, str]:
-    """("done" | "todo" | "failed" | "changed" | "corrupt" | "interrupted" | "running", why) of one run
-    folder; ``claimed``: the caller holds the run's lock."""
-    try:
-        status, corrupt = read_json(run_dir / "status.json"), ""
-    except SweepError as err:
-        status, corrupt = None, str(err)
-    if running := "" if claimed else holder(run_dir, status):
-        return "running", f"running elsewhere ({running})"
-    try:
-        result = read_json(run_dir / "result.json")
-    except SweepError as err:
-        result, corrupt = None, corrupt or str(err)
-    if corrupt or status is None:
-        return ("corrupt", corrupt) if corrupt else ("todo", "not started")
-    if status.get("parameters_key") != parameters_key(parameters):
-        return "changed", "its parameters changed since it ran"
-    if (state := status.get("state")) == "done":
-        return ("done", "") if result is not None else (
-            "corrupt", f"{run_dir / 'result.json'} is missing although the run finished")
-    if state == "running":
-        return "interrupted", f"interrupted: its process ({_who(status)}) is gone"
-    return (state, status.get("error", "")) if state == "failed" else (
-        "interrupted", status.get("error") or "interrupted")
-
-
-@dataclass
-class RunOutcome:
-    name: str
-    state: str  # done | failed | skipped | interrupted
-    error: str = ""
-
-
-class Stop(threading.Event):
-    """Set, with a reason (and the signal, if one did), to stop a sweep's running runs."""
-
-    reason, signum = "", 0
-
-    def stop(self, reason: str, signum: int = 0) -> None:
-        if not self.is_set():
-            self.reason, self.signum = reason, signum
-        self.set()
-
-
-# -------------------------------------------------------------------------------------------- one run
-def _error_of(notebook: Path, log: Path) -> str:
-    """The first error a failed execution left: the notebook's error output, else the log's last line."""
-    try:
-        for index, cell in enumerate(nbformat.read(notebook, as_version=4).cells):
-            for output in cell.get("outputs", []):
-                if output.get("output_type") == "error":
-                    return f"{output['ename']}: {output['evalue']} (cell {index})"
-    except Exception:  # noqa: BLE001 - no notebook, or an unreadable one: the log tells
-        pass
-    text = log.read_text(errors="replace") if log.is_file() else ""
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1] if lines else "failed without output"
-
-
-def execute_run(notebook: Path, run_dir: Path, parameters: Mapping[str, Any], *, claim: int,
-                env: Mapping[str, str] | None = None, stop: Stop | None = None) -> RunOutcome:
-    """Execute one run's notebook with papermill under the guard, holding the run's lock (``claim``, from
-    ``try_claim``), and record its status; ``stop`` (set) ends the whole run."""
-    stop, sweep_dir = stop or Stop(), str(run_dir.parent.resolve())
-    params = {k: v.replace("{sweep_dir}", sweep_dir) if isinstance(v, str) else v
-              for k, v in parameters.items()}
-    atomic_write_text(run_dir / "parameters.yaml", yaml.safe_dump(
-        {**params, "run_dir": str(run_dir.resolve())}, sort_keys=True))
-    (run_dir / "result.json").unlink(missing_ok=True)  # a rerun must not collect the last attempt's result
-    out_nb, log = run_dir / "notebook.ipynb", run_dir / "papermill.log"
-    cmd = [sys.executable, "-m", "papermill", _papermill_path(notebook), _papermill_path(out_nb),
-           "-f", str(run_dir / "parameters.yaml"), "-k", "python3", "--cwd", str(project_root()),
-           "--log-output", "--no-progress-bar"]
-    # The guard's parent-death signal fires when the thread that started it ends: this thread waits for it.
-    start, now = time.monotonic(), lambda: datetime.now(UTC).isoformat(timespec="seconds")
-    with open(log, "w") as handle:
-        proc = subprocess.Popen([sys.executable, str(GUARD), str(os.getpid()), "--", *cmd], stdout=handle,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, **(env or {})}, pass_fds=(claim,))
-    who = {"pid": proc.pid, "host": socket.gethostname(), "sweep_pid": os.getpid(),
-           "parameters_key": parameters_key(parameters)}
-    atomic_write_json(run_dir / "status.json", {"state": "running", "started": now(), **who})
-    while (code := proc.poll()) is None and not stop.wait(0.2):
-        pass
-    if ended := (stop.reason or "interrupted") if code is None else "":
-        proc.terminate()  # the guard ends every process of the run, then exits
-        code = proc.wait()
-        with open(log, "a") as handle:
-            handle.write(f"\n{ended}\n")
-    error = ended or ("" if code == 0 else _error_of(out_nb, log))
-    try:
-        if not error and read_json(run_dir / "result.json") is None:
-            error = f"the notebook finished but wrote no {run_dir / 'result.json'}"
-    except SweepError as err:
-        error = str(err)
-    state = "interrupted" if ended else "failed" if error else "done"
-    seconds = round(time.monotonic() - start, 1)
-    atomic_write_json(run_dir / "status.json", {"state": state, "finished": now(), "seconds": seconds,
-                                                "error": error, "returncode": code, **who})
-    return RunOutcome(run_dir.name, state, error)
-
-
-# ----------------------------------------------------------------------------------------------- sweeps
 def validate_spec(spec: SweepSpec, devices: Sequence[str | None] | None = None) -> Path:
-    """Check each run's parameters against the notebook and its ``processes`` (a whole number >= 1, and no
-    more than the GPUs in ``devices``) before anything runs. Return the notebook."""
+    """Check each run's parameters against the notebook, and its ``processes`` (a whole number >= 1, at most
+    the GPUs in ``devices``), before anything runs. Return the notebook."""
     notebook = spec.notebook if spec.notebook.is_absolute() else project_root() / spec.notebook
     if not notebook.is_file():
         raise SweepError(f"{spec.source}: notebook {str(spec.notebook)!r} not found")
@@ -432,15 +269,10 @@ def validate_spec(spec: SweepSpec, devices: Sequence[str | None] | None = None) 
     return notebook
 
 
-def sweep_folder(spec: SweepSpec, root: Path | None = None) -> Path:
-    return inside(Path(root) if root is not None else runs_root(), spec.name)
-
-
 def preflight(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[str | None] | None = None,
               force: bool = False, jobs: int = 1) -> tuple[Path, list[str | None], Path, list[str]]:
-    """Every check before a sweep's first run (``run_sweep`` and ``--dry-run``): ``validate_spec``, the
-    machine's requirements (unless ``force``), a writable sweep folder. Return (notebook, devices, folder,
-    missing). Devices: one worker per visible CUDA device, else ``jobs`` CPU workers (None)."""
+    """Every check before a sweep's first run (``run_sweep`` and ``--dry-run``); returns (notebook, devices,
+    folder, missing requirements). Devices: each visible CUDA device if several, else ``jobs`` CPU workers."""
     if devices is None:
         import torch
 
@@ -460,6 +292,153 @@ def preflight(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
     return notebook, list(devices), folder, missing
 
 
+# -------------------------------------------------------------------------------------------- run state
+def runs_root() -> Path:
+    """Where sweeps write: ``DPO_LAB_RUNS`` or ``<project root>/runs``."""
+    return Path(os.environ.get("DPO_LAB_RUNS", project_root() / "runs"))
+
+
+def sweep_folder(spec: SweepSpec, root: Path | None = None) -> Path:
+    return inside(Path(root) if root is not None else runs_root(), spec.name)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, None if absent; a truncated or corrupt one is a ValueError naming it."""
+    return cache.read_json_object(path, advice="delete it or rerun the run") if path.is_file() else None
+
+
+def parameters_key(parameters: Mapping[str, Any]) -> str:
+    return cache.content_hash(dict(parameters))
+
+
+def holder(run_dir: Path) -> str:
+    """Who holds the run's lock, i.e. runs it now ("" if nobody); asks without locking or writing."""
+    with contextlib.suppress(OSError), open(run_dir / LOCK_NAME) as lock:  # no lock file: nobody
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails only against an exclusive holder
+        except BlockingIOError:
+            return cache.Lock(run_dir / LOCK_NAME, run_dir).holder()
+    return ""
+
+
+def run_state(run_dir: Path, parameters: Mapping[str, Any], *, claimed: bool = False) -> tuple[str, str]:
+    """("done" | "todo" | "failed" | "changed" | "corrupt" | "interrupted" | "running", why) of one run
+    folder; ``claimed``: the caller holds the run's lock."""
+    if running := "" if claimed else holder(run_dir):
+        return "running", f"running elsewhere ({running})"
+    try:
+        status, result = read_json(run_dir / "status.json"), read_json(run_dir / "result.json")
+    except ValueError as err:
+        return "corrupt", str(err)
+    if status is None:
+        return "todo", "not started"
+    if status.get("parameters_key") != parameters_key(parameters):
+        return "changed", "its parameters changed since it ran"
+    if (state := status.get("state")) == "done" and result is None:
+        return "corrupt", f"{run_dir / 'result.json'} is missing although the run finished"
+    if state in ("done", "failed"):
+        return state, status.get("error", "")
+    if state == "running":
+        who = f"pid {status.get('pid')} on {status.get('host')}"
+        return "interrupted", f"interrupted: its process ({who}) is gone"
+    return "interrupted", status.get("error") or "interrupted"
+
+
+@dataclass
+class RunOutcome:
+    name: str
+    state: str  # done | failed | skipped | interrupted
+    error: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ running
+@dataclass
+class _Job:
+    """A run this sweep started: its guard process, lock, devices and status."""
+
+    run_dir: Path
+    proc: subprocess.Popen
+    lock: cache.Lock
+    held: list[str | None]
+    who: dict[str, Any]
+    start: float = field(default_factory=time.monotonic)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _claim(run_dir: Path, said: set[Path]) -> cache.Lock | None:
+    """The run's lock, or None while another process holds it (which is said once)."""
+    name = f"{run_dir.parent.name}/{run_dir.name}"
+    if running := holder(run_dir):
+        if run_dir not in said:
+            print(f"{name}: running elsewhere ({running}); waiting for it", file=sys.stderr)
+            said.add(run_dir)
+        return None
+    with contextlib.suppress(cache.RunLockedError):  # taken since we looked: look again next time
+        return cache.Lock(run_dir / LOCK_NAME, name, timeout=0).acquire()
+    return None
+
+
+def _start(notebook: Path, run_dir: Path, run: RunSpec, lock: cache.Lock, held: list[str | None],
+           devices: list[str | None]) -> _Job:
+    """Start the run's notebook (papermill) under the guard, which inherits the run's held ``lock``, on the
+    GPUs ``held`` (on a CPU running several runs at once, on its share of the cores)."""
+    sweep_dir, cores = str(run_dir.parent.resolve()), max(1, (os.cpu_count() or 1) // len(devices))
+    env = ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, held))} if held[0] is not None else
+           {"OMP_NUM_THREADS": str(cores)} if len(devices) > 1 else {})
+    params = {k: v.replace("{sweep_dir}", sweep_dir) if isinstance(v, str) else v
+              for k, v in run.parameters.items()}
+    cache.atomic_write_text(run_dir / "parameters.yaml", yaml.safe_dump(
+        {**params, "run_dir": str(run_dir.resolve())}, sort_keys=True))
+    (run_dir / "result.json").unlink(missing_ok=True)  # a rerun must not collect the last attempt's result
+    cmd = [sys.executable, "-m", "papermill", _papermill_path(notebook),
+           _papermill_path(run_dir / "notebook.ipynb"), "-f", str(run_dir / "parameters.yaml"),
+           "-k", "python3", "--cwd", str(project_root()), "--log-output", "--no-progress-bar"]
+    with open(run_dir / "papermill.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, str(GUARD), str(os.getpid()), "--", *cmd], stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, **env}, pass_fds=(lock._fd,))
+    who = {"pid": proc.pid, "host": socket.gethostname(), "sweep_pid": os.getpid(),
+           "parameters_key": parameters_key(run.parameters)}
+    cache.atomic_write_json(run_dir / "status.json", {"state": "running", "started": _now(), **who})
+    return _Job(run_dir, proc, lock, held, who)
+
+
+def _error_of(notebook: Path, log: Path) -> str:
+    """The first error a failed execution left: the notebook's error output, else the log's last line."""
+    try:
+        for index, cell in enumerate(nbformat.read(notebook, as_version=4).cells):
+            for output in cell.get("outputs", []):
+                if output.get("output_type") == "error":
+                    return f"{output['ename']}: {output['evalue']} (cell {index})"
+    except Exception:  # noqa: BLE001 - no notebook, or an unreadable one: the log tells
+        pass
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "failed without output"
+
+
+def _finish(job: _Job, stopped: str) -> RunOutcome:
+    """Record how the run ended (``stopped``: why the sweep ended it) and release its lock."""
+    code, log, result = job.proc.wait(), job.run_dir / "papermill.log", job.run_dir / "result.json"
+    if stopped:
+        with open(log, "a") as handle:
+            handle.write(f"\n{stopped}\n")
+    error = stopped or ("" if code == 0 else _error_of(job.run_dir / "notebook.ipynb", log))
+    try:
+        if not error and read_json(result) is None:
+            error = f"the notebook finished but wrote no {result}"
+    except ValueError as err:
+        error = str(err)
+    state = "interrupted" if stopped else "failed" if error else "done"
+    seconds = round(time.monotonic() - job.start, 1)
+    cache.atomic_write_json(job.run_dir / "status.json", {"state": state, "finished": _now(), "error": error,
+                                                          "seconds": seconds, "returncode": code, **job.who})
+    job.lock.release()
+    return RunOutcome(job.run_dir.name, state, error)
+
+
 def plan(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     """Each run's state without running anything (``--dry-run``)."""
     folder = sweep_folder(spec, root)
@@ -467,157 +446,90 @@ def plan(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["run", "state", "why"])
 
 
-@dataclass
-class _Workers:
-    """What a sweep's worker threads share: free devices, the stop event and how each run is executed."""
-
-    notebook: Path
-    folder: Path
-    devices: list[str | None]
-    retry_failed: bool
-    stop: Stop = field(default_factory=Stop)
-    free: Queue = field(default_factory=Queue)
-    taking: threading.Lock = field(default_factory=threading.Lock)
-
-    def __post_init__(self) -> None:
-        for device in self.devices:
-            self.free.put(device)
-
-    def not_started(self, run: RunSpec) -> RunOutcome:
-        return RunOutcome(run.name, "interrupted", error=f"not started: {self.stop.reason}")
-
-    def _claim(self, run_dir: Path) -> int | None:
-        """Take the run's lock, waiting while another process runs it; None if the sweep is stopped."""
-        announced = False
-        while not self.stop.is_set():
-            try:
-                status = read_json(run_dir / "status.json")
-            except SweepError:
-                status = None
-            if not (running := holder(run_dir, status)) and (fd := try_claim(run_dir)) is not None:
-                return fd
-            if not announced:
-                running, announced = running or "another process holds its lock", True
-                print(f"{self.folder.name}/{run_dir.name}: running elsewhere ({running}); waiting for it",
-                      file=sys.stderr)
-            self.stop.wait(1.0)
-        return None
-
-    def run(self, run: RunSpec) -> RunOutcome:
-        if (claim := self._claim(run_dir := inside(self.folder, run.name))) is None:
-            return self.not_started(run)
-        try:
-            state, why = run_state(run_dir, run.parameters, claimed=True)  # its holder may have finished it
-            if state == "done" or (state == "failed" and not self.retry_failed):
-                return RunOutcome(run.name, "skipped" if state == "done" else "failed", error=why)
-            # ``processes: N`` trains on N GPUs at once (on a CPU machine, on gloo processes of one worker).
-            cpu_workers = sum(d is None for d in self.devices)
-            wanted = 1 if cpu_workers else min(int(run.parameters.get("processes", 1)), len(self.devices))
-            with self.taking:  # one run collects its devices at a time, so two never hold half each
-                held = [self.free.get() for _ in range(wanted)]
-            try:
-                if self.stop.is_set():
-                    return self.not_started(run)
-                env = ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, held))} if held != [None] else
-                       {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cpu_workers))}  # its share
-                       if cpu_workers > 1 else {})
-                outcome = execute_run(self.notebook, run_dir, run.parameters, env=env, stop=self.stop,
-                                      claim=claim)
-                return dataclasses.replace(outcome, name=run.name)
-            finally:
-                for device in held:
-                    self.free.put(device)
-        finally:
-            os.close(claim)
-
-    def schedule(self, todo: list[RunSpec], ended: dict[str, str], bar: tqdm) -> list[RunOutcome]:
-        """Start each run once the runs it waits for are finished, as many at once as there are workers (a
-        run waiting for a failed one fails unstarted); return the outcomes as the runs end."""
-        outcomes: list[RunOutcome] = []
-        running: dict[Any, RunSpec] = {}
-        with ThreadPoolExecutor(max_workers=len(self.devices)) as executor:
-            while True:
-                ready = [] if self.stop.is_set() else [r for r in todo if all(a in ended for a in r.after)]
-                if not ready and not running:
-                    break
-                finished = []
-                for run in ready:
-                    todo.remove(run)
-                    if failed := sorted(a for a in run.after if ended[a] not in ("done", "skipped")):
-                        finished.append(RunOutcome(run.name, "failed", error=f"not run: it waits for failed "
-                                                   f"run(s) {failed}"))
-                    else:
-                        running[executor.submit(self.run, run)] = run
-                for future in [] if ready else wait(running, return_when=FIRST_COMPLETED).done:
-                    running.pop(future)
-                    finished.append(future.result())
-                for outcome in finished:
-                    outcomes.append(outcome)
-                    ended[outcome.name] = outcome.state
-                    bar.update()
-                    bar.set_postfix_str(f"{outcome.name}: {outcome.state}")
-        return outcomes
-
-
 def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[str | None] | None = None,
               force: bool = False, retry_failed: bool = True, progress: bool = True,
               jobs: int = 1) -> list[RunOutcome]:
-    """Run every unfinished run (one per device at a time, or ``jobs`` at once on a CPU), then collect.
-
-    A run another process is running is waited for, not started twice. SIGINT, SIGTERM or SIGHUP (in the
-    main thread) end every running run, start no more and raise ``SweepInterrupted``."""
+    """Run every unfinished run (one per device at a time, or ``jobs`` at once on a CPU; each once the runs
+    in its ``after`` are done), then collect. A run another process runs is waited for, never started twice.
+    SIGINT, SIGTERM or SIGHUP (in the main thread) end every running run and raise ``SweepInterrupted``."""
     notebook, devices, folder, _ = preflight(spec, root=root, devices=devices, force=force, jobs=jobs)
-    atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(
+    cache.atomic_write_text(folder / "sweep.yaml", yaml.safe_dump(
         {"name": spec.name, "notebook": str(spec.notebook), "requires": list(spec.requires),
          "runs": [{"name": r.name, "parameters": r.parameters, "after": list(r.after)} for r in spec.runs]},
         sort_keys=False))
-    outcomes, todo = [], []
-    for run in spec.runs:
-        state, why = run_state(inside(folder, run.name), run.parameters)
-        if state == "done" or (state == "failed" and not retry_failed):
-            outcomes.append(RunOutcome(run.name, "skipped" if state == "done" else "failed", error=why))
-        else:
-            if state in ("corrupt", "changed", "interrupted"):
-                print(f"{spec.name}/{run.name}: {why}; running it again", file=sys.stderr)
-            todo.append(run)
-    workers, previous = _Workers(notebook, folder, devices, retry_failed), {}
-    bar = tqdm(total=len(spec.runs), initial=len(outcomes), desc=spec.name, unit="run", disable=not progress)
+    bar = tqdm(total=len(spec.runs), desc=spec.name, unit="run", disable=not progress)
+    outcomes: dict[str, RunOutcome] = {}
+    todo, running, free, said, stopped, previous = list(spec.runs), [], list(devices), set(), [], {}
 
     def on_signal(signum: int, _frame: Any) -> None:
-        name = signal.Signals(signum).name
-        if not workers.stop.is_set():  # os.write: print may not be re-entered from a signal handler
-            os.write(2, f"\n{name}: stopping the running run(s)\n".encode())
-        workers.stop.stop(f"interrupted: the sweep was stopped by {name}", signum)
+        if not stopped:  # os.write: print may not be re-entered from a signal handler
+            os.write(2, f"\n{signal.Signals(signum).name}: stopping the running run(s)\n".encode())
+        stopped.append(signum)
+
+    def record(outcome: RunOutcome) -> None:
+        outcomes[outcome.name] = outcome
+        bar.update()
+        bar.set_postfix_str(f"{outcome.name}: {outcome.state}")
 
     if threading.current_thread() is threading.main_thread():
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        outcomes += workers.schedule(todo, {o.name: o.state for o in outcomes}, bar)
+        while todo or running:
+            halt = (f"interrupted: the sweep was stopped by {signal.Signals(stopped[0]).name}"
+                    if stopped else "")
+            if halt:  # start nothing more; each guard ends every process of its run
+                for run in todo:
+                    record(RunOutcome(run.name, "interrupted", f"not started: {halt}"))
+                todo.clear()
+                for job in running:
+                    job.proc.terminate()  # nothing if it has ended
+            for run in [] if stopped else [r for r in todo if set(r.after) <= outcomes.keys()]:
+                n = 1 if None in devices else min(int(run.parameters.get("processes", 1)), len(devices))
+                run_dir = inside(folder, run.name)
+                if failed := sorted(a for a in run.after if outcomes[a].state not in ("done", "skipped")):
+                    record(RunOutcome(run.name, "failed", f"not run: it waits for failed run(s) {failed}"))
+                elif n <= len(free) and (lock := _claim(run_dir, said)):
+                    state, why = run_state(run_dir, run.parameters, claimed=True)
+                    if state == "done" or state == "failed" and not retry_failed:
+                        lock.release()
+                        record(RunOutcome(run.name, "skipped" if state == "done" else "failed", why))
+                    else:
+                        if state != "todo":
+                            print(f"{spec.name}/{run.name}: {why}; running it again", file=sys.stderr)
+                        running.append(_start(notebook, run_dir, run, lock, free[:n], devices))
+                        del free[:n]
+                else:
+                    continue
+                todo.remove(run)
+            for job in [j for j in running if halt or j.proc.poll() is not None]:
+                running.remove(job)
+                free += job.held
+                record(_finish(job, halt if job.proc.returncode is None else ""))
+            time.sleep(0.2)
     finally:
+        for job in running:  # the sweep failed: its runs end too
+            job.proc.terminate()
+            job.lock.release()
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         bar.close()
-    order = {r.name: i for i, r in enumerate(spec.runs)}
-    if workers.stop.is_set():
-        outcomes = sorted(outcomes + [workers.not_started(r) for r in todo], key=lambda o: order[o.name])
-        raise SweepInterrupted(workers.stop.signum, outcomes)
+    ordered = [outcomes[run.name] for run in spec.runs]
+    if stopped:
+        raise SweepInterrupted(stopped[0], ordered)
     collect(spec, root=root)
-    return sorted(outcomes, key=lambda o: order[o.name])
+    return ordered
 
 
 # ----------------------------------------------------------------------------------------------- results
 def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
-    """Every run's result.json as one row (plus state and seconds) -> results.{csv,md}; every run's
-    points.csv -> ``frontier.report``, as ``make reproduce`` writes (for several seeds, the points only:
-    ``scripts/seed_report.py --collect`` reads them)."""
+    """Every run's result.json as one row (plus state and seconds) -> results.{csv,md}; the runs' points.csv
+    -> ``frontier.report`` (for several seeds, the points only: ``scripts/seed_report.py --collect``)."""
     folder, rows, frames = sweep_folder(spec, root), [], []
     for run in spec.runs:
         state, why = run_state(run_dir := inside(folder, run.name), run.parameters)
-        try:
-            seconds = (read_json(run_dir / "status.json") or {}).get("seconds")
-        except SweepError:
-            seconds = None
-        rows.append({"run": run.name, "state": state, "seconds": seconds, "error": why})
+        rows.append({"run": run.name, "state": state, "seconds": None, "error": why})
+        with contextlib.suppress(ValueError):
+            rows[-1]["seconds"] = (read_json(run_dir / "status.json") or {}).get("seconds")
         if state == "done":
             rows[-1].update(read_json(run_dir / "result.json") or {})
             if (run_dir / "points.csv").is_file():
@@ -626,8 +538,8 @@ def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
     first = [c for c in ("run", "state", "method", "hyperparameter") if c in table.columns]
     last = [c for c in ("seconds", "error", "run_path") if c in table.columns]
     table = table[first + [c for c in table.columns if c not in first + last] + last]
-    atomic_write_text(folder / "results.csv", table.to_csv(index=False))
-    atomic_write_text(folder / "results.md", table.to_markdown(index=False, floatfmt=".3f"))
+    cache.atomic_write_text(folder / "results.csv", table.to_csv(index=False))
+    cache.atomic_write_text(folder / "results.md", table.to_markdown(index=False, floatfmt=".3f"))
     points = pd.concat(frames, ignore_index=True) if frames else None
     seeds = points is not None and points.get("seed", pd.Series([0])).nunique() > 1
     if points is not None and not seeds and {"method", "kl_mean", "reward_mean"} <= set(points.columns):
@@ -635,7 +547,7 @@ def collect(spec: SweepSpec, root: Path | None = None) -> pd.DataFrame:
 
         report(points, folder, spec.name, title=f"sweep {spec.name}: reward vs KL")
     elif points is not None:
-        atomic_write_text(folder / f"frontier_{spec.name}_points.csv", points.to_csv(index=False))
+        cache.atomic_write_text(folder / f"frontier_{spec.name}_points.csv", points.to_csv(index=False))
     return table
 
 
