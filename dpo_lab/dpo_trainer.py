@@ -110,18 +110,8 @@ class DPOSettings:
             raise ValueError(f"alpha only applies to objective='unlikelihood', not {objective!r}; "
                              "leave it None")
         object.__setattr__(self, "beta", check_scalar("beta", 1.0 if beta is None else beta, positive=True))
-        for name in ("batch_size", "micro_batch_size", "max_steps", "checkpoint_every", "eval_every"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DPOConfig.{name} must be a positive integer, got {value!r}")
-        if config.warmup_steps < 0:
-            raise ValueError(f"DPOConfig.warmup_steps must be >= 0, got {config.warmup_steps}")
-        check_scalar("DPOConfig.lr", config.lr, positive=True)
-        if not (config.max_grad_norm > 0):
-            raise ValueError(f"DPOConfig.max_grad_norm must be > 0, got {config.max_grad_norm}")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
-        check_scalar("DPOConfig.rpo_alpha", config.rpo_alpha, positive=False)
         if config.loss_type == "plackett_luce" and (config.rpo_alpha or config.label_smoothing):
             raise ValueError("DPOConfig.rpo_alpha and label_smoothing apply to the pairwise losses, "
                              "not to loss_type 'plackett_luce'")

@@ -224,22 +224,10 @@ def _rollout(model: PolicyWithValueHead, reference: nn.Module, tokenizer: PreTra
 
 # --------------------------------------------------------------------------------------------- training
 def check_ppo_settings(config: PPOConfig, prompts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> None:
-    """Refuse bad settings before any work, naming the field."""
-    for name in ("rollout_batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "max_steps",
-                 "eval_every", "checkpoint_every", "kl_horizon"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"PPOConfig.{name} must be a positive integer, got {value!r}")
+    """Refuse bad settings before any work, naming the field (``config`` checked its own ranges when made)."""
     if config.minibatch_size > config.rollout_batch_size:
         raise ValueError(f"PPOConfig.minibatch_size ({config.minibatch_size}) exceeds rollout_batch_size "
                          f"({config.rollout_batch_size})")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise ValueError(f"PPOConfig.lr must be a positive number, got {config.lr}")
-    if config.target_kl is not None and not config.target_kl > 0:
-        raise ValueError(f"PPOConfig.target_kl must be > 0 or None, got {config.target_kl}")
-    for name in ("cliprange", "cliprange_value", "vf_coef", "init_kl_coef", "max_grad_norm"):
-        if not getattr(config, name) > 0:
-            raise ValueError(f"PPOConfig.{name} must be > 0, got {getattr(config, name)}")
     if isinstance(prompts, str) or len(prompts) == 0:
         raise ValueError("prompts must be a non-empty sequence of strings")
     if tokenizer.pad_token_id is None:

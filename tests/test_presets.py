@@ -208,6 +208,19 @@ def test_a_preset_built_by_hand_is_type_checked():
         presets.validate(dataclasses.replace(smoke, eval=dataclasses.replace(smoke.eval, batch_size=0)))
 
 
+def test_a_section_checks_itself_when_made_or_replaced():
+    """Trainers take sections built by hand (tests, notebook 06): each refuses a bad field when made, naming
+    it and showing the value, and keeps every value as given (stage keys hash 1 and 1.0 differently)."""
+    with pytest.raises(ValueError, match=re.escape("dpo.batch_size must be >= 1, got 0")):
+        presets.DPOConfig(batch_size=0)
+    with pytest.raises(ValueError, match=re.escape("2 invalid settings: ppo.target_kl must be > 0 or null, "
+                                                   "got 0.0; ppo.lr must be > 0, got -1.0")):
+        dataclasses.replace(presets.PPOConfig(), lr=-1, target_kl=0)
+    with pytest.raises(TypeError, match=re.escape("reward_model.max_steps expects int | None, got float")):
+        presets.RewardModelConfig(max_steps=1.5)
+    assert type(presets.DPOConfig(lr=1).lr) is int and presets.DPOConfig(betas=(1, 2.0)).betas == (1, 2.0)
+
+
 def test_presets_yaml_with_a_bad_range_names_the_file(tmp_path: Path):
     raw = yaml.safe_load(presets.PRESETS_FILE.read_text())
     raw["smoke"]["dpo"]["betas"] = [0.1, -1.0]

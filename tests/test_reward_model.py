@@ -164,7 +164,7 @@ def test_offset_centres_training_completions(tiny_model, tiny_tokenizer) -> None
 
 
 def test_bad_inputs(tiny_model, tiny_tokenizer, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="batch_size"):
+    with pytest.raises(ValueError, match="reward_model.batch_size must be >= 1, got 0"):
         train_reward_model(tiny_model, tiny_tokenizer, easy_pairs(), config=RewardModelConfig(batch_size=0),
                            seed=0, progress=False)
     with pytest.raises(ValueError, match="missing"):
