@@ -226,11 +226,11 @@ def finished_run(out_dir: Path, max_steps: int, policy: nn.Module | None = None)
 
 
 @contextlib.contextmanager
-def finished_metrics(result: RunResult, timeout: float | None = None) -> Iterator[Path]:
+def finished_metrics(result: RunResult) -> Iterator[Path]:
     """Yield ``result``'s metrics.jsonl to read, holding its folder's lock, once its result.json says the run
     finished ``result.steps`` steps: a run in progress is never read as a result (RuntimeError)."""
     out_dir = result.metrics_path.parent
-    with run_lock(out_dir, timeout):
+    with run_lock(out_dir):
         path = out_dir / "result.json"
         saved = cache.read_json_object(path, ("steps",), advice=_DAMAGED) if path.is_file() else None
         if saved is None or saved["steps"] != result.steps:
@@ -247,8 +247,7 @@ class Run(TrainLog):
     the ``max_steps``-step schedule trains in :func:`schedule_dir`. ``writer=False``: it only reads."""
 
     def __init__(self, out_dir: str | Path, fields: Mapping[str, Any], max_steps: int, *, writer: bool = True,
-                 lock_timeout: float | None = None, eval_fn: EvalFn | None = None, eval_every: int = 1,
-                 progress: bool = True) -> None:
+                 eval_fn: EvalFn | None = None, eval_every: int = 1, progress: bool = True) -> None:
         super().__init__(eval_fn if writer else None, eval_every=eval_every, max_steps=max_steps,
                          progress=progress)
         self.dir, self.fields, self.writer = Path(out_dir), dict(fields), writer
@@ -259,7 +258,7 @@ class Run(TrainLog):
             self.dir = schedule_dir(self.dir, max_steps)
             return
         try:
-            self._hold(self.dir, lock_timeout)
+            self._hold(self.dir)
             check_run(self.dir, self.fields)
             target = schedule_dir(self.dir, max_steps)  # decided under the lock: no other writer moves it
             if target != self.dir:
@@ -268,17 +267,17 @@ class Run(TrainLog):
                     print(f"{self.dir} holds this run continued to step {held} > max_steps {max_steps}: the "
                           f"{max_steps}-step schedule is kept apart in {target} (trained there from the "
                           f"start); {self.dir} is left as it is", file=sys.stderr, flush=True)
-                self._hold(target, lock_timeout)
+                self._hold(target)
                 check_run(target, self.fields)
         except BaseException:
             self.close()
             raise
 
-    def _hold(self, folder: Path, timeout: float | None) -> None:
+    def _hold(self, folder: Path) -> None:
         """Release the folder held (if any) and hold ``folder``'s lock instead."""
         self.close()
         self.dir, self._lock = folder, contextlib.ExitStack()
-        self._lock.enter_context(run_lock(folder, timeout))
+        self._lock.enter_context(run_lock(folder))
 
     @property
     def metrics_path(self) -> Path:

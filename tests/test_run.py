@@ -352,7 +352,7 @@ def test_lock_timeout_names_the_holder(tmp_path: Path, monkeypatch: pytest.Monke
         holder.wait()
 
 
-def test_a_killed_holder_blocks_nobody(tmp_path: Path) -> None:
+def test_a_killed_holder_blocks_nobody(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """kill -9 leaves .run.lock naming the dead holder, but the OS dropped the lock with the process."""
     out = tmp_path / "run"
     holder = _start_holder(out, 120)
@@ -360,7 +360,8 @@ def test_a_killed_holder_blocks_nobody(tmp_path: Path) -> None:
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     started = time.monotonic()
-    with Run(out, {"beta": 0.1}, 5, lock_timeout=0) as run:  # lock_timeout=0: RunLockedError if still held
+    monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", "0")  # RunLockedError if still held
+    with Run(out, {"beta": 0.1}, 5) as run:
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert time.monotonic() - started < 5.0 and run.closed
     assert (out / LOCK_FILE).read_text() == ""  # released: it names nobody
