@@ -1,9 +1,7 @@
-"""Content-hash keys, atomic writes and the one lock: a changed input never reuses a stale artefact, an
-interrupted write never leaves a half-written file, and one process at a time writes a run or a stage.
-
-A temporary sibling ``.{name}.{pid}@{host}.XXXXXXXX.tmp`` names its writer, so the next write of the same
-path removes one left by a process that is gone. A :func:`cached_directory` ends with a manifest
-(``.complete``: every file's size and sha256) that is checked whenever the folder is reused.
+"""Content-hash keys, atomic writes, the one lock and stage manifests: a changed input never reuses a stale
+artefact, an interrupted write never leaves a half-written file, one process at a time writes a run or stage.
+A write's temporary ``.{name}.{pid}@{host}.XXXXXXXX.tmp`` names its writer, so that a later write of the same
+path removes one whose writer is gone.
 """
 
 from __future__ import annotations
@@ -11,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -22,7 +21,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +69,9 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-def clean_stale_temporaries(path: Path) -> None:
-    """Remove the temporaries of ``path`` that interrupted atomic writes left: those whose writer, a process
-    of this host, is gone."""
-    pattern = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]{{8}}\.tmp")
-    for entry in os.scandir(path.parent):
-        match = pattern.fullmatch(entry.name)
-        if match is None or match[2] != _host() or pid_alive(int(match[1])):
-            continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            Path(entry.path).unlink(missing_ok=True)
+def _remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # a folder (a file or a link is left to unlink)
+    path.unlink(missing_ok=True)
 
 
 def _disk_full(err: BaseException, folder: Path) -> bool:
@@ -101,7 +91,11 @@ def _atomic(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
     mkstemp (0600), so the output gets the permissions the umask gives."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(path)
+    stale = re.compile(rf"\.{re.escape(path.name)}\.(\d+)@{re.escape(_host())}\.[A-Za-z0-9_]{{8}}\.tmp")
+    for entry in path.parent.iterdir():  # left by interrupted writes whose writer, on this host, is gone
+        match = stale.fullmatch(entry.name)
+        if match is not None and not pid_alive(int(match[1])):
+            _remove(entry)
     tmp = path.with_name(f".{path.name}.{os.getpid()}@{_host()}.{secrets.token_hex(4)}.tmp")
     if folder:
         tmp.mkdir()
@@ -112,18 +106,15 @@ def _atomic(path: str | Path, *, folder: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
     except BaseException as err:
         full = isinstance(err, Exception) and _disk_full(err, path.parent)  # before tmp is freed
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         if full:
             raise OSError(errno.ENOSPC, f"disk full while writing {path}; free space on {path.parent} (or "
                                         "point DPO_LAB_ARTIFACTS elsewhere) and rerun") from err
         raise
 
 
-def atomic_directory(path: str | Path) -> AbstractContextManager[Path]:
-    """A temporary sibling folder to fill; on success it replaces ``path`` in one rename."""
-    return _atomic(path, folder=True)
+# A temporary sibling folder to fill; on success it replaces ``path`` in one rename.
+atomic_directory = functools.partial(_atomic, folder=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -174,28 +165,25 @@ def read_saved_config(folder: Path, what: str, files: tuple[str, ...], fmt: str,
     return meta
 
 
-def find_damaged_file(folder: Path) -> tuple[Path, str] | None:
-    """The first file under ``folder`` (or ``folder`` itself, a file) that is empty or does not parse (JSON,
-    a safetensors header, an Arrow stream), with the reason; None if every such file reads."""
-    files = [folder] if folder.is_file() else sorted(f for f in folder.rglob("*") if f.is_file())
-    for file in files:
-        try:
-            if file.stat().st_size == 0:
-                return file, "empty file"
-            if file.suffix == ".json":
-                json.loads(file.read_text())
-            elif file.suffix == ".safetensors":
-                from safetensors import safe_open
+def _damage(file: Path) -> str | None:
+    """Why ``file`` is damaged: empty, or JSON, safetensors or an Arrow stream that does not parse."""
+    try:
+        if file.stat().st_size == 0:
+            return "empty file"
+        if file.suffix == ".json":
+            json.loads(file.read_text())
+        elif file.suffix == ".safetensors":
+            from safetensors import safe_open
 
-                with safe_open(str(file), "pt") as handle:
-                    handle.keys()
-            elif file.suffix == ".arrow":
-                import pyarrow as pa
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        elif file.suffix == ".arrow":
+            import pyarrow as pa
 
-                with pa.memory_map(str(file)) as source:
-                    pa.ipc.open_stream(source).read_all()
-        except Exception as err:  # what a damaged file raises depends on its reader
-            return file, f"{type(err).__name__}: {err}"
+            with pa.memory_map(str(file)) as source:
+                pa.ipc.open_stream(source).read_all()
+    except Exception as err:  # what a damaged file raises depends on its reader
+        return f"{type(err).__name__}: {err}"
     return None
 
 
@@ -208,10 +196,11 @@ def naming_damaged_files(folder: str | Path, advice: str) -> Iterator[None]:
     except FileNotFoundError:
         raise
     except Exception as err:
-        found = find_damaged_file(Path(folder))
-        if found is None:
-            raise
-        raise ValueError(f"{found[0]} is truncated or corrupt ({found[1]}); {advice}") from err
+        for file in sorted(f for f in Path(folder).rglob("*") if f.is_file()):
+            reason = _damage(file)
+            if reason is not None:
+                raise ValueError(f"{file} is truncated or corrupt ({reason}); {advice}") from err
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------- locks
@@ -236,72 +225,53 @@ def lock_timeout() -> float | None:
     return None if math.isinf(seconds) else seconds
 
 
-class Lock:
-    """The project's one lock: flock on ``path`` (a holder that dies, even by kill -9, releases it), whose
-    file says who holds it (pid, host, since) to whoever waits. ``timeout`` (None: :func:`lock_timeout`)
-    bounds the wait with a RunLockedError naming the holder; ``name`` is what the lock guards."""
+def lock_holder(path: Path) -> str:
+    """Who holds the lock on ``path``, as its file says (read without locking)."""
+    try:
+        who = json.loads(path.read_text())
+        return f"pid {who['pid']} on host {who['host']} since {who['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not said who yet)"
 
-    def __init__(self, path: str | Path, name: str | Path, timeout: float | None = None) -> None:
-        self.path, self.name, self.timeout = Path(path), name, timeout
-        self._fd: int | None = None
 
-    def holder(self) -> str:
-        try:
-            who = json.loads(self.path.read_text())
-            return f"pid {who['pid']} on host {who['host']} since {who['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "another process (it has not said who yet)"
-
-    def _wait(self, fd: int, timeout: float | None) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        said = False
+@contextmanager
+def file_lock(path: Path, name: str | Path, timeout: float | None = None) -> Iterator[int]:
+    """Hold the project's one lock on ``name``: flock on ``path`` (a holder that dies, even by kill -9,
+    releases it), whose file names the holder (pid, host, since) to whoever waits; yields the locked file's
+    descriptor (a child process given it holds the lock too). ``timeout`` (None: :func:`lock_timeout`) bounds
+    the wait with a RunLockedError naming the holder."""
+    timeout = lock_timeout() if timeout is None else timeout
+    deadline = None if timeout is None else time.monotonic() + timeout
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, held, said = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), False, False
+    try:
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
+                break
             except BlockingIOError:
-                pass
+                holder = lock_holder(path)
+            if holder.startswith(f"pid {os.getpid()} on host {socket.gethostname()} "):
+                raise RuntimeError(f"{name} is already held by this process: a Run on it was not closed "
+                                   "(use `with Run(...)` or run.close())")
             if not said:
-                if self.holder().startswith(f"pid {os.getpid()} on host {socket.gethostname()} "):
-                    raise RuntimeError(f"{self.name} is already held by this process: a Run on it was not "
-                                       "closed (use `with Run(...)` or run.close())")
                 limit = "" if timeout is None else f" (at most {timeout:g} s, {LOCK_TIMEOUT_ENV})"
-                print(f"{self.name} is in use by {self.holder()}; waiting for it{limit}", file=sys.stderr,
-                      flush=True)
+                print(f"{name} is in use by {holder}; waiting for it{limit}", file=sys.stderr, flush=True)
                 said = True
             if deadline is not None and time.monotonic() >= deadline:
-                raise RunLockedError(
-                    f"{self.name} is in use by {self.holder()}; gave up after {timeout:g} s "
-                    f"({LOCK_TIMEOUT_ENV}). Let that process finish or stop it (a holder that dies releases "
-                    "the lock at once), then rerun")
+                raise RunLockedError(f"{name} is in use by {holder}; gave up after {timeout:g} s "
+                                     f"({LOCK_TIMEOUT_ENV}). Let that process finish or stop it (a holder "
+                                     "that dies releases the lock at once), then rerun")
             time.sleep(0.05)
-
-    def acquire(self) -> Lock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        try:
-            self._wait(fd, lock_timeout() if self.timeout is None else self.timeout)
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                     "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}).encode())
-        except BaseException:
-            os.close(fd)  # closing drops the lock too
-            raise
-        self._fd = fd
-        return self
-
-    def release(self) -> None:
-        """Undo :meth:`acquire` (idempotent)."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.ftruncate(fd, 0)  # nobody holds it now
-            os.close(fd)
-
-    def __enter__(self) -> Lock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+        held = True
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}).encode())
+        yield fd
+    finally:
+        if held:
+            os.ftruncate(fd, 0)  # released: it names nobody
+        os.close(fd)  # closing drops the lock too
 
 
 # ------------------------------------------------------------------------------------------- stage manifests
@@ -312,19 +282,15 @@ HASH_ON_REUSE_BYTES = 1 << 20
 
 
 def _sha256(file: Path) -> str:
-    digest = hashlib.sha256()
     with open(file, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def write_manifest(folder: str | Path) -> None:
     """``folder/.complete``: the size and sha256 of every file under ``folder``, written last."""
     folder = Path(folder)
-    names = sorted(f.relative_to(folder).as_posix() for f in folder.rglob("*") if f.is_file())
-    files = {name: {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-             for name in names if name != MANIFEST}
+    files = {f.relative_to(folder).as_posix(): {"size": f.stat().st_size, "sha256": _sha256(f)}
+             for f in folder.rglob("*") if f.is_file() and f != folder / MANIFEST}
     atomic_write_json(folder / MANIFEST, {"format": "dpo-lab stage manifest", "version": 1, "files": files})
 
 
@@ -339,10 +305,9 @@ def verify_manifest(folder: Path) -> None:
         raise ValueError(f"{marker} is corrupt: expected a size and sha256 per file; {rebuild}")
     for name, entry in entries.items():
         file = folder / name
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            raise ValueError(f"{file} is missing from a completed stage folder; {rebuild}") from None
+        if not file.is_file():
+            raise ValueError(f"{file} is missing from a completed stage folder; {rebuild}")
+        size = file.stat().st_size
         if size != entry["size"]:
             raise ValueError(f"{file} is truncated or was changed after it was built ({size} bytes, the "
                              f"manifest says {entry['size']}); {rebuild}")
@@ -357,7 +322,7 @@ def cached_directory(path: str | Path, build: Callable[[Path], None]) -> Path:
     under the stage's lock, the others wait and then find it complete."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
-        with Lock(path.parent / f".{path.name}.lock", path):
+        with file_lock(path.parent / f".{path.name}.lock", path):
             if not (path / MANIFEST).is_file():
                 with atomic_directory(path) as tmp:
                     build(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,22 +34,17 @@ from dpo_lab.run import (
     RunLockedError,
     RunResult,
     check_run,
-    checkpoint_dirs,
     checkpoint_path,
     dpo_run,
     finished_metrics,
     finished_run,
+    last_checkpoint,
     latest_checkpoint,
     load_weights,
     pairs_fingerprint,
-    prune_checkpoints,
     read_metrics,
-    rng_state,
     run_lock,
     schedule_dir,
-    set_rng_state,
-    truncate_metrics,
-    write_result,
 )
 
 FIELDS = {"beta": 0.1, "seed": 0, "config": {"lr": 1e-3}}
@@ -63,6 +59,14 @@ def _fake_checkpoint(out_dir: Path, step: int, run_key: str = "k") -> Path:
     folder.mkdir(parents=True)
     torch.save({"step": step, "run_key": run_key}, folder / TRAINER_STATE)
     return folder
+
+
+def _write_result(out_dir: Path, steps: int) -> RunResult:
+    """Finish the run of FIELDS in ``out_dir`` at ``steps`` (as a trainer's last call does)."""
+    result = RunResult(checkpoint_dir=checkpoint_path(out_dir, steps), metrics_path=out_dir / "metrics.jsonl",
+                       last_metrics={"step": steps}, steps=steps)
+    with Run(out_dir, FIELDS, steps) as run:
+        return run.finish(result)
 
 
 # ------------------------------------------------------------------------------------------ metrics file
@@ -83,27 +87,27 @@ def test_corrupt_metrics_line_names_file_and_line(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="line 2"):
         read_metrics(path)
     path.write_text('{"step": 1}\n[1, 2]\n')
-    with pytest.raises(ValueError, match=r"line 2: expected a JSON object, got list"):
+    with pytest.raises(ValueError, match=r"line 2: expected a JSON object with an integer 'step', got \[1"):
+        read_metrics(path)
+    path.write_text('{"step": 1}\n{"loss": 0.3}\n')
+    with pytest.raises(ValueError, match="line 2: expected a JSON object with an integer 'step'"):
         read_metrics(path)
 
 
-def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path: Path) -> None:
+def test_a_resume_keeps_the_metrics_up_to_the_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
     records = [{"step": s, "loss": 1.0 / (s + 1)} for s in range(6)]
     _write_lines(path, records)
     path.write_text(path.read_text() + '{"step": 6, "lo')  # plus a torn line from the crash
-    kept = truncate_metrics(path, 3)
-    assert kept == records[:4]
+    with Run(tmp_path, FIELDS, 6) as run:
+        _fake_checkpoint(tmp_path, 3, run.key)
+        assert run.restore({})[0] == 3 and run.records == records[:4] and run.last == records[3]
     assert read_metrics(path) == records[:4]
     assert path.read_text().endswith("\n")  # no torn tail left to glue the next line onto
-    assert truncate_metrics(path, None) == [] and path.read_text() == ""  # fresh start: nothing kept
-
-
-def test_truncate_metrics_rejects_a_record_without_step(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.jsonl"
-    _write_lines(path, [{"step": 1}, {"loss": 0.3}])
-    with pytest.raises(ValueError, match="no integer 'step'"):
-        truncate_metrics(path, 1)
+    shutil.rmtree(tmp_path / "checkpoints")
+    with Run(tmp_path, FIELDS, 6) as run:
+        assert run.restore({}) is None and run.records == []
+    assert path.read_text() == ""  # fresh start: nothing kept
 
 
 def test_metrics_log_evaluates_at_start_on_schedule_and_at_the_end(tmp_path: Path) -> None:
@@ -116,8 +120,8 @@ def test_metrics_log_evaluates_at_start_on_schedule_and_at_the_end(tmp_path: Pat
         model.train()  # the log must put the policy back in eval mode
         return {"reward": float(step)}
 
-    with Run(tmp_path, FIELDS, eval_fn=eval_fn, eval_every=2) as log:
-        log.resume(5)  # a fresh start: the metrics file is begun anew
+    with Run(tmp_path, FIELDS, 5, eval_fn=eval_fn, eval_every=2) as log:
+        log.restore({})  # a fresh start: the metrics file is begun anew
         log.log_start(policy)
         for step in range(1, 6):
             log.log({"step": step, "loss": 1.0}, policy)
@@ -135,8 +139,8 @@ def test_metrics_log_without_eval_fn_and_closed_log(tmp_path: Path) -> None:
     memory = TrainLog()  # a loop's default log: nothing on disk, cost/* as running totals
     memory.log({"step": 1, "cost/samples": 2}, nn.Linear(1, 1))
     assert memory.log({"step": 2, "cost/samples": 3}, nn.Linear(1, 1)) == {"step": 2, "cost/samples": 5}
-    log = Run(tmp_path, FIELDS)
-    log.resume(1)
+    log = Run(tmp_path, FIELDS, 1)
+    log.restore({})
     log.log_start(nn.Linear(1, 1))  # no eval_fn: writes nothing
     log.log({"step": 1}, nn.Linear(1, 1))
     log.close()
@@ -178,15 +182,13 @@ def test_check_run_counts_a_finished_run_as_started(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
-def test_checkpoint_listing_ignores_unfinished_folders_and_prunes(tmp_path: Path) -> None:
-    assert checkpoint_dirs(tmp_path) == []
+def test_the_last_checkpoint_ignores_unfinished_folders(tmp_path: Path) -> None:
+    assert last_checkpoint(tmp_path) is None
     for step in (10, 2, 100):
         _fake_checkpoint(tmp_path, step)
     (tmp_path / "checkpoints" / ".step-000200.abc.tmp").mkdir()  # an interrupted atomic write
     (tmp_path / "checkpoints" / "step-000300").mkdir()  # no trainer state: incomplete
-    assert [s for s, _ in checkpoint_dirs(tmp_path)] == [2, 10, 100]
-    prune_checkpoints(tmp_path, checkpoint_path(tmp_path, 100))  # the one just written is kept
-    assert [s for s, _ in checkpoint_dirs(tmp_path)] == [100]
+    assert last_checkpoint(tmp_path) == (100, checkpoint_path(tmp_path, 100))
 
 
 def test_latest_checkpoint_checks_steps_and_run_key(tmp_path: Path) -> None:
@@ -221,22 +223,25 @@ def _only_bias(tmp_path: Path, source: nn.Linear) -> Path:
     return folder
 
 
-def test_rng_state_round_trip() -> None:
-    state = rng_state()
-    first = torch.rand(5)
+def test_a_checkpoint_keeps_the_rng_state_and_replaces_the_one_before(tmp_path: Path) -> None:
+    with Run(tmp_path, FIELDS, 5) as run:
+        run.save(1, lambda folder: None, {})
+        run.save(2, lambda folder: None, {})
+        first = torch.rand(5)
+    assert last_checkpoint(tmp_path)[0] == 2 and len(list((tmp_path / "checkpoints").iterdir())) == 1
     torch.rand(3)  # move on
-    set_rng_state(state)
-    assert torch.equal(torch.rand(5), first)
+    with Run(tmp_path, FIELDS, 5) as run:
+        assert run.restore({})[0] == 2
+        assert torch.equal(torch.rand(5), first)
 
 
 # --------------------------------------------------------------------------------------------- results
 def test_result_round_trip(tmp_path: Path) -> None:
     assert finished_run(tmp_path, 5) is None
-    result = RunResult(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
-                     metrics_path=tmp_path / "metrics.jsonl", last_metrics={"step": 5, "loss": 0.1}, steps=5)
-    write_result(tmp_path, result, "key")
+    result = _write_result(tmp_path, 5)
     saved = json.loads((tmp_path / "result.json").read_text())
-    assert saved["checkpoint_dir"] == "checkpoints/step-000005" and saved["run_key"] == "key"
+    assert saved["checkpoint_dir"] == "checkpoints/step-000005"
+    assert saved["run_key"] == check_run(tmp_path, FIELDS)
     again = finished_run(tmp_path, 5)
     assert again == result
     assert finished_run(tmp_path, 8) is None  # more steps asked for: train on
@@ -248,9 +253,7 @@ def test_result_round_trip(tmp_path: Path) -> None:
     (lambda t: '{"steps": 5}', "corrupt: expected a JSON object with keys"),
 ])
 def test_damaged_result_or_run_file_is_named(tmp_path: Path, damage, match: str) -> None:
-    result = RunResult(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
-                     metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
-    write_result(tmp_path, result, "key")
+    _write_result(tmp_path, 5)
     path = tmp_path / "result.json"
     path.write_text(damage(path.read_text()))
     with pytest.raises(ValueError, match=f"result.json is {match}.*delete it and rerun"):
@@ -304,7 +307,7 @@ import sys, time
 from pathlib import Path
 from dpo_lab.run import Run, RunResult
 out = Path(sys.argv[1])
-run = Run(out, {"beta": 0.1})
+run = Run(out, {"beta": 0.1}, 5)
 print("holding", flush=True)
 time.sleep(float(sys.argv[2]))
 run.finish(RunResult(out / "checkpoints" / "step-000005", out / "metrics.jsonl", {"step": 5}, 5))
@@ -324,13 +327,13 @@ def test_a_second_process_waits_for_the_run_then_finds_it_finished(tmp_path: Pat
     holder = _start_holder(out, 2.0)
     try:
         started = time.monotonic()
-        run = Run(out, {"beta": 0.1})  # blocks until the holder has finished the run
-        waited = time.monotonic() - started
-        result = run.finished(5)
+        with Run(out, {"beta": 0.1}, 5) as run:  # blocks until the holder has finished the run
+            waited = time.monotonic() - started
+            result = finished_run(run.dir, 5)
     finally:
         holder.wait(timeout=60)
     assert holder.returncode == 0 and waited > 0.5
-    assert result is not None and result.steps == 5 and run.closed  # a finished result releases the folder
+    assert result is not None and result.steps == 5 and run.closed
     err = capsys.readouterr().err
     assert f"{out} is in use by pid {holder.pid} on host {socket.gethostname()} since " in err
     assert "waiting for it" in err
@@ -343,13 +346,13 @@ def test_lock_timeout_names_the_holder(tmp_path: Path, monkeypatch: pytest.Monke
         monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", "0.2")
         named = rf"in use by pid {holder.pid} on host \S+ since \d{{4}}-\d\d-\d\d .*gave up after 0.2 s"
         with pytest.raises(RunLockedError, match=named + r" \(DPO_LAB_LOCK_TIMEOUT\)"):
-            Run(out, {"beta": 0.1})
+            Run(out, {"beta": 0.1}, 5)
     finally:
         holder.kill()
         holder.wait()
 
 
-def test_a_killed_holder_blocks_nobody(tmp_path: Path) -> None:
+def test_a_killed_holder_blocks_nobody(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """kill -9 leaves .run.lock naming the dead holder, but the OS dropped the lock with the process."""
     out = tmp_path / "run"
     holder = _start_holder(out, 120)
@@ -357,7 +360,8 @@ def test_a_killed_holder_blocks_nobody(tmp_path: Path) -> None:
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     started = time.monotonic()
-    with Run(out, {"beta": 0.1}, lock_timeout=0) as run:  # lock_timeout=0: RunLockedError if still held
+    monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", "0")  # RunLockedError if still held
+    with Run(out, {"beta": 0.1}, 5) as run:
         assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert time.monotonic() - started < 5.0 and run.closed
     assert (out / LOCK_FILE).read_text() == ""  # released: it names nobody
@@ -366,24 +370,24 @@ def test_a_killed_holder_blocks_nobody(tmp_path: Path) -> None:
 def test_a_run_releases_its_folder_however_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DPO_LAB_LOCK_TIMEOUT", "0")  # a folder still held fails at once instead of waiting
 
-    with pytest.raises(RuntimeError, match="boom"), Run(tmp_path, FIELDS):
+    with pytest.raises(RuntimeError, match="boom"), Run(tmp_path, FIELDS, 5):
         raise RuntimeError("boom")
-    leaked = Run(tmp_path, FIELDS)  # free again; this one is never closed by a trainer...
+    leaked = Run(tmp_path, FIELDS, 5)  # free again; this one is never closed by a trainer...
     with pytest.raises(RuntimeError, match="already held by this process: a Run on it was not closed"):
-        Run(tmp_path, FIELDS)  # ...which is named rather than waited for forever
+        Run(tmp_path, FIELDS, 5)  # ...which is named rather than waited for forever
     leaked.close()
     leaked.close()  # idempotent
     with pytest.raises(RuntimeError, match="is closed"):
-        leaked.resume(1)
-    with Run(tmp_path, FIELDS) as run:
+        leaked.restore({})
+    with Run(tmp_path, FIELDS, 5) as run:
         assert not run.closed
     assert run.closed
-    run = Run(tmp_path, FIELDS)
+    run = Run(tmp_path, FIELDS, 5)
     result = RunResult(checkpoint_dir=tmp_path / "checkpoints" / "step-000005",
                      metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
     assert run.finish(result) == result and run.closed
     with pytest.raises(ValueError, match="holds a different run"):  # refused: the folder is not kept
-        Run(tmp_path, {**FIELDS, "beta": 0.5})
+        Run(tmp_path, {**FIELDS, "beta": 0.5}, 5)
     with run_lock(tmp_path):
         pass
 
@@ -403,16 +407,16 @@ def test_bad_lock_timeout_is_named(monkeypatch: pytest.MonkeyPatch, value: str) 
 
 def test_results_are_read_from_finished_runs_only(tmp_path: Path) -> None:
     result = RunResult(checkpoint_dir=checkpoint_path(tmp_path, 5), metrics_path=tmp_path / "metrics.jsonl",
-                     last_metrics={}, steps=5)
+                       last_metrics={"step": 5}, steps=5)
     _write_lines(tmp_path / "metrics.jsonl", [{"step": 5}])
     with pytest.raises(RuntimeError, match=r"is not a finished 5-step run \(no result.json\)"):
         with finished_metrics(result):
             pass
-    write_result(tmp_path, replace(result, steps=4), "key")
+    _write_result(tmp_path, 4)
     with pytest.raises(RuntimeError, match="its result.json says 4 steps"):
         with finished_metrics(result):
             pass
-    write_result(tmp_path, result, "key")
+    assert _write_result(tmp_path, 5) == result
     with finished_metrics(result) as path:
         assert read_metrics(path) == [{"step": 5}]
         with pytest.raises(RuntimeError, match="already held by this process"):  # read under the run's lock
@@ -421,13 +425,12 @@ def test_results_are_read_from_finished_runs_only(tmp_path: Path) -> None:
 
 
 def test_a_continued_run_is_not_finished_while_it_runs(tmp_path: Path) -> None:
-    with Run(tmp_path, FIELDS) as run:
+    with Run(tmp_path, FIELDS, 5) as run:
         _fake_checkpoint(tmp_path, 5, run.key)
-        finished = RunResult(checkpoint_dir=checkpoint_path(tmp_path, 5),
-                           metrics_path=tmp_path / "metrics.jsonl", last_metrics={}, steps=5)
-        write_result(tmp_path, finished, run.key)
-        assert run.finished(8) is None  # more steps asked for: train on...
-        assert run.resume(8)[0] == 5
+    _write_result(tmp_path, 5)
+    with Run(tmp_path, FIELDS, 8) as run:
+        assert finished_run(run.dir, 8) is None  # more steps asked for: train on...
+        assert run.restore({})[0] == 5
         assert not (tmp_path / "result.json").exists()  # ...and no reader takes it for a finished 5-step run
 
 

@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from dpo_lab.__main__ import main
-from dpo_lab.cache import Lock, pid_alive
+from dpo_lab.cache import file_lock, pid_alive
 from dpo_lab.paths import project_root
 from dpo_lab.scale import sweep
 
@@ -542,19 +542,19 @@ def test_a_run_another_process_runs_is_waited_for_not_started_twice(toy_notebook
     gone = f"interrupted: its process (pid 4242 on {here['host']}) is gone"
     assert sweep.run_state(run, spec.runs[0].parameters) == ("interrupted", gone)
     # With the lock held (another sweep's run), the lock decides, and the run is not started again.
-    claim = Lock(run / sweep.LOCK_NAME, run).acquire()
-    assert sweep.holder(run).startswith(f"pid {os.getpid()} on host ")
-    (run / "status.json").write_text(json.dumps({**here, "pid": os.getpid()}))
-    assert sweep.plan(spec, root).state.tolist() == ["running", "todo"]
-    outcomes: list = []
-    sweeper = threading.Thread(
-        target=lambda: outcomes.extend(sweep.run_sweep(spec, root=root, progress=False)))
-    sweeper.start()
-    time.sleep(3)
-    assert sweeper.is_alive() and executions(root, "a") == 0 and executions(root, "b") == 0  # waiting for a
-    (run / "result.json").write_text(json.dumps({"x": 1.0, "y": 2.0}))  # the other process finishes a
-    (run / "status.json").write_text(json.dumps({**here, "state": "done", "pid": os.getpid()}))
-    claim.release()
+    with file_lock(run / sweep.LOCK_NAME, run):
+        assert sweep.holder(run).startswith(f"pid {os.getpid()} on host ")
+        (run / "status.json").write_text(json.dumps({**here, "pid": os.getpid()}))
+        assert sweep.plan(spec, root).state.tolist() == ["running", "todo"]
+        outcomes: list = []
+        sweeper = threading.Thread(
+            target=lambda: outcomes.extend(sweep.run_sweep(spec, root=root, progress=False)))
+        sweeper.start()
+        time.sleep(3)
+        # the sweep waits for a
+        assert sweeper.is_alive() and executions(root, "a") == 0 and executions(root, "b") == 0
+        (run / "result.json").write_text(json.dumps({"x": 1.0, "y": 2.0}))  # the other process finishes a
+        (run / "status.json").write_text(json.dumps({**here, "state": "done", "pid": os.getpid()}))
     sweeper.join(timeout=120)
     assert [(o.name, o.state) for o in outcomes] == [("a", "skipped"), ("b", "done")]
     assert executions(root, "a") == 0 and executions(root, "b") == 1

@@ -317,7 +317,7 @@ def holder(run_dir: Path) -> str:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)  # fails only against an exclusive holder
         except BlockingIOError:
-            return cache.Lock(run_dir / LOCK_NAME, run_dir).holder()
+            return cache.lock_holder(run_dir / LOCK_NAME)
     return ""
 
 
@@ -358,7 +358,7 @@ class _Job:
 
     run_dir: Path
     proc: subprocess.Popen
-    lock: cache.Lock
+    lock: contextlib.ExitStack  # holds the run's lock until closed
     held: list[str | None]
     who: dict[str, Any]
     start: float = field(default_factory=time.monotonic)
@@ -368,22 +368,24 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _claim(run_dir: Path, said: set[Path]) -> cache.Lock | None:
-    """The run's lock, or None while another process holds it (which is said once)."""
+def _claim(run_dir: Path, said: set[Path]) -> tuple[contextlib.ExitStack, int] | None:
+    """The run's lock (closing the stack releases it) and its file descriptor, or None while another process
+    holds it (which is said once)."""
     name = f"{run_dir.parent.name}/{run_dir.name}"
     if running := holder(run_dir):
         if run_dir not in said:
             print(f"{name}: running elsewhere ({running}); waiting for it", file=sys.stderr)
             said.add(run_dir)
         return None
+    stack = contextlib.ExitStack()
     with contextlib.suppress(cache.RunLockedError):  # taken since we looked: look again next time
-        return cache.Lock(run_dir / LOCK_NAME, name, timeout=0).acquire()
+        return stack, stack.enter_context(cache.file_lock(run_dir / LOCK_NAME, name, timeout=0))
     return None
 
 
-def _start(notebook: Path, run_dir: Path, run: RunSpec, lock: cache.Lock, held: list[str | None],
-           devices: list[str | None]) -> _Job:
-    """Start the run's notebook (papermill) under the guard, which inherits the run's held ``lock``, on the
+def _start(notebook: Path, run_dir: Path, run: RunSpec, claim: tuple[contextlib.ExitStack, int],
+           held: list[str | None], devices: list[str | None]) -> _Job:
+    """Start the run's notebook (papermill) under the guard, which inherits the run's held lock, on the
     GPUs ``held`` (on a CPU running several runs at once, on its share of the cores)."""
     sweep_dir, cores = str(run_dir.parent.resolve()), max(1, (os.cpu_count() or 1) // len(devices))
     env = ({"CUDA_VISIBLE_DEVICES": ",".join(map(str, held))} if held[0] is not None else
@@ -399,11 +401,11 @@ def _start(notebook: Path, run_dir: Path, run: RunSpec, lock: cache.Lock, held: 
     with open(run_dir / "papermill.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(GUARD), str(os.getpid()), "--", *cmd], stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                env={**os.environ, **env}, pass_fds=(lock._fd,))
+                                env={**os.environ, **env}, pass_fds=(claim[1],))
     who = {"pid": proc.pid, "host": socket.gethostname(), "sweep_pid": os.getpid(),
            "parameters_key": parameters_key(run.parameters)}
     cache.atomic_write_json(run_dir / "status.json", {"state": "running", "started": _now(), **who})
-    return _Job(run_dir, proc, lock, held, who)
+    return _Job(run_dir, proc, claim[0], held, who)
 
 
 def _error_of(notebook: Path, log: Path) -> str:
@@ -435,7 +437,7 @@ def _finish(job: _Job, stopped: str) -> RunOutcome:
     seconds = round(time.monotonic() - job.start, 1)
     cache.atomic_write_json(job.run_dir / "status.json", {"state": state, "finished": _now(), "error": error,
                                                           "seconds": seconds, "returncode": code, **job.who})
-    job.lock.release()
+    job.lock.close()
     return RunOutcome(job.run_dir.name, state, error)
 
 
@@ -488,15 +490,15 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
                 run_dir = inside(folder, run.name)
                 if failed := sorted(a for a in run.after if outcomes[a].state not in ("done", "skipped")):
                     record(RunOutcome(run.name, "failed", f"not run: it waits for failed run(s) {failed}"))
-                elif n <= len(free) and (lock := _claim(run_dir, said)):
+                elif n <= len(free) and (claim := _claim(run_dir, said)):
                     state, why = run_state(run_dir, run.parameters, claimed=True)
                     if state == "done" or state == "failed" and not retry_failed:
-                        lock.release()
+                        claim[0].close()
                         record(RunOutcome(run.name, "skipped" if state == "done" else "failed", why))
                     else:
                         if state != "todo":
                             print(f"{spec.name}/{run.name}: {why}; running it again", file=sys.stderr)
-                        running.append(_start(notebook, run_dir, run, lock, free[:n], devices))
+                        running.append(_start(notebook, run_dir, run, claim, free[:n], devices))
                         del free[:n]
                 else:
                     continue
@@ -509,7 +511,7 @@ def run_sweep(spec: SweepSpec, *, root: Path | None = None, devices: Sequence[st
     finally:
         for job in running:  # the sweep failed: its runs end too
             job.proc.terminate()
-            job.lock.release()
+            job.lock.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         bar.close()
