@@ -643,9 +643,9 @@ def test_the_progress_bar_moves_as_each_run_ends(toy_notebook: Path, tmp_path: P
 
         def terminate(self) -> None: ...
 
-    def start(notebook, run_dir, run, lock, held, devices):
+    def start(notebook, run_dir, run, claim, held, devices):
         (run_dir / "result.json").write_text("{}")
-        return sweep._Job(run_dir, Process(slow=run.name == "slow"), lock, held, {})
+        return sweep._Job(run_dir, Process(slow=run.name == "slow"), claim[0], held, {})
 
     monkeypatch.setattr(sweep, "tqdm", Bar)
     monkeypatch.setattr(sweep, "_start", start)
