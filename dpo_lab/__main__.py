@@ -116,7 +116,7 @@ def _formatted_path(path: str, what: str, parameters: dict) -> str:
 
 
 def _student(args: argparse.Namespace) -> int:
-    from dpo_lab.paths import project_root
+    from dpo_lab.presets import project_root
     from dpo_lab.student import ExerciseError, write_student_copies
 
     notebooks = project_root() / "notebooks"
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpo_lab.run import RunLockedError
 
     if args.artifacts is not None:
-        os.environ["DPO_LAB_ARTIFACTS"] = str(args.artifacts)  # paths.artifacts_dir reads it at each call
+        os.environ["DPO_LAB_ARTIFACTS"] = str(args.artifacts)  # presets.artifacts_dir reads it at each call
     workers = default_workers() if args.workers is None else args.workers
     try:
         reproduce(preset, out_dir=args.out, workers=workers)

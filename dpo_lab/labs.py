@@ -16,9 +16,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpo_lab import pipeline
 from dpo_lab.batching import pair_columns
 from dpo_lab.cache import cached_directory, content_hash
-from dpo_lab.paths import artifacts_dir
 from dpo_lab.preferences import Candidates, build_preference_pairs, score_samples
-from dpo_lab.presets import Preset
+from dpo_lab.presets import Preset, artifacts_dir
 from dpo_lab.rewards import RewardModel
 from dpo_lab.run import RunResult, dpo_run, load_policy, pairs_fingerprint, ppo_run, trajectory_settings
 from dpo_lab.sampling import sample

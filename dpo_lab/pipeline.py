@@ -41,7 +41,6 @@ from dpo_lab.frontier import evaluation_points
 from dpo_lab.implicit_reward import HeldOut, draw_heldout, likelihood_fn
 from dpo_lab.loop import resolve_device
 from dpo_lab.models import build_policy, load_hub_policy, train_sft, train_tokenizer
-from dpo_lab.paths import artifacts_dir
 from dpo_lab.preferences import (
     Candidates,
     PairStats,
@@ -49,7 +48,7 @@ from dpo_lab.preferences import (
     generate_preference_data,
     validate_preferences,
 )
-from dpo_lab.presets import Preset
+from dpo_lab.presets import Preset, artifacts_dir
 from dpo_lab.reward_model import LearnedReward, split_by_prompt
 from dpo_lab.rewards import (
     HubSentimentReward,

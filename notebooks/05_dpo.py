@@ -66,8 +66,7 @@ from dpo_lab.logprobs import (
     token_logprobs,
 )
 from dpo_lab.losses import preference_loss, preference_metrics
-from dpo_lab.paths import figures_dir
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.sampling import sample
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs

@@ -59,10 +59,9 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab import labs, pipeline
 from dpo_lab.frontier import evaluation_points
-from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS, plot_proxy_and_gold
 from dpo_lab.preferences import score_samples
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.reward_model import split_by_prompt
 from dpo_lab.seed import seed_everything
 

@@ -59,9 +59,8 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, labs, pipeline
 from dpo_lab.logprobs import completion_logprobs
-from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS, plot_frontier, upper_envelope
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs

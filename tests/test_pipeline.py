@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from dpo_lab import pipeline
-from dpo_lab.paths import project_root
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import get_preset, project_root
 from dpo_lab.reproduce import reproduce
 from dpo_lab.run import read_metrics
 
