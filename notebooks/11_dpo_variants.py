@@ -200,7 +200,7 @@ def variant_preset(variant: dict) -> Preset:
 
 timings: dict[str, float] = {}
 first_steps: dict[str, dict] = {}  # each variant's step-1 training metrics
-frames = [pipeline.dpo_sweep(config)]
+frames = [pipeline.frontier(config, ("DPO",))]
 for variant in variants:
     spent: dict[str, float] = {}
     run_points = pipeline.frontier(variant_preset(variant), ("DPO",), timings=spent)
