@@ -132,7 +132,7 @@ def main() -> None:
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise SystemExit(f"unknown stages {unknown}; choose from {list(STAGES)}")
-    from dpo_lab.paths import artifacts_dir
+    from dpo_lab.presets import artifacts_dir
 
     shared = artifacts_dir()  # the caller's (DPO_LAB_ARTIFACTS or <repo>/artifacts): read, never written
     original = os.environ.get("DPO_LAB_ARTIFACTS")

@@ -31,8 +31,7 @@ METHODS = ("DPO", "PPO-GT")
 def trial(workers: int) -> dict:
     """One frontier stage at ``workers`` in this process; wall seconds and the ETA's error over time."""
     from dpo_lab import pipeline
-    from dpo_lab.paths import artifacts_dir
-    from dpo_lab.presets import get_preset
+    from dpo_lab.presets import artifacts_dir, get_preset
 
     preset = get_preset("cpu", **SUBSET)
     cached = artifacts_dir()

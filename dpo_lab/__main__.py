@@ -111,7 +111,7 @@ def _execute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
 
 def _student(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from dpo_lab.paths import project_root
+    from dpo_lab.presets import project_root
     from dpo_lab.student import ExerciseError, write_student_copies
 
     notebooks = project_root() / "notebooks"
@@ -139,7 +139,7 @@ def _reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser, preset
     from dpo_lab.run import RunLockedError
 
     if args.artifacts is not None:
-        os.environ["DPO_LAB_ARTIFACTS"] = str(args.artifacts)  # paths.artifacts_dir reads it at each call
+        os.environ["DPO_LAB_ARTIFACTS"] = str(args.artifacts)  # presets.artifacts_dir reads it at each call
     workers = default_workers() if args.workers is None else args.workers
     try:
         reproduce(preset, out_dir=args.out, workers=workers)

@@ -50,17 +50,13 @@ def dominance(points: pd.DataFrame, *, challenger: str | Sequence[str] = "DPO",
     sqrt(se_challenger^2 + se_other^2) if ``noise_aware``, so a win inside the noise is not a win)."""
     cols = ["kl_mean", f"{score}_mean", *((f"{score}_se",) if noise_aware else ())]
     check_points(points, *cols)
-    ours = points[points.method.isin([challenger] if isinstance(challenger, str) else challenger)][cols]
-    ours = ours.to_numpy(dtype=float)
+    ours = points[points.method.isin([challenger] if isinstance(challenger, str) else challenger)]
+    ours = ours[cols].to_numpy(dtype=float)[:, None]  # (ours, 1, cols) against (theirs, cols)
     theirs = (points[points.method.isin(others) & (points.step > 0)]
               .drop_duplicates(subset=["kl_mean", "reward_mean"])[cols].to_numpy(dtype=float))
-    if len(ours) == 0:
-        return 0, len(theirs)
-    beaten = 0
-    for row in theirs:
-        margin = np.hypot(ours[:, 2], row[2]) if noise_aware else 0.0
-        beaten += bool(np.any((ours[:, 0] < row[0]) & (ours[:, 1] - margin > row[1])))
-    return beaten, len(theirs)
+    margin = np.hypot(ours[..., 2], theirs[:, 2]) if noise_aware else 0.0
+    beaten = (ours[..., 0] < theirs[:, 0]) & (ours[..., 1] - margin > theirs[:, 1])
+    return int(beaten.any(axis=0).sum()), len(theirs)
 
 
 def dominance_counts(points: pd.DataFrame, score: str = "reward") -> dict[str, dict[str, Any]]:

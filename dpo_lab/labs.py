@@ -16,12 +16,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dpo_lab import pipeline
 from dpo_lab.batching import pair_columns
 from dpo_lab.cache import cached_directory, content_hash
-from dpo_lab.paths import artifacts_dir
 from dpo_lab.preferences import Candidates, build_preference_pairs, score_samples
-from dpo_lab.presets import Preset
+from dpo_lab.presets import Preset, artifacts_dir
 from dpo_lab.rewards import RewardModel
 from dpo_lab.run import RunResult, dpo_run, load_policy, pairs_fingerprint, ppo_run, trajectory_settings
-from dpo_lab.sampling import sample
 
 SHOW_PROGRESS = pipeline.SHOW_PROGRESS
 
@@ -140,15 +138,14 @@ def lab_ppo(preset: Preset, target_kl: float | None, *, progress: bool = SHOW_PR
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def final_samples(runs: dict[str, RunResult], tokenizer: PreTrainedTokenizerBase, prompts: list[str],
-                  rewards: dict[str, RewardModel], *, max_new_tokens: int, seed: int) -> list[dict]:
-    """One completion of each prompt from each run's final policy (the evaluation's sampler), as rows
-    {"run", "text" (prompt + completion), one score per ``rewards`` name}."""
+def final_samples(preset: Preset, runs: dict[str, RunResult], tokenizer: PreTrainedTokenizerBase,
+                  n_prompts: int, rewards: dict[str, RewardModel]) -> list[dict]:
+    """One completion of each of the first ``n_prompts`` test prompts from each run's final policy, drawn as
+    the evaluation draws them, as rows {"run", "text" (prompt + completion), one score per reward}."""
     rows = []
     for name, result in runs.items():
         policy, _ = load_policy(result.checkpoint_dir)
-        drawn = sample(policy, tokenizer, prompts, n_per_prompt=1, max_new_tokens=max_new_tokens,
-                       batch_size=len(prompts), seed=seed, progress=False)
+        drawn = pipeline.sample_test_prompts(preset, policy, tokenizer, n_prompts)
         texts = [p + per[0] for p, per in zip(drawn.prompts, drawn.texts, strict=True)]
         scores = {label: reward(texts) for label, reward in rewards.items()}
         rows += [{"run": name, "text": text, **{label: float(s[i]) for label, s in scores.items()}}

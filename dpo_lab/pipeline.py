@@ -6,7 +6,6 @@ lives in ``artifacts/<stage>-<key>/``, the key hashing every setting (and upstre
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -41,7 +40,6 @@ from dpo_lab.frontier import evaluation_points
 from dpo_lab.implicit_reward import HeldOut, draw_heldout, likelihood_fn
 from dpo_lab.loop import resolve_device
 from dpo_lab.models import build_policy, load_hub_policy, train_sft, train_tokenizer
-from dpo_lab.paths import artifacts_dir
 from dpo_lab.preferences import (
     Candidates,
     PairStats,
@@ -49,7 +47,7 @@ from dpo_lab.preferences import (
     generate_preference_data,
     validate_preferences,
 )
-from dpo_lab.presets import Preset
+from dpo_lab.presets import Preset, artifacts_dir
 from dpo_lab.reward_model import LearnedReward, split_by_prompt
 from dpo_lab.rewards import (
     HubSentimentReward,
@@ -67,10 +65,12 @@ from dpo_lab.run import (
     finished_run,
     load_policy,
     ppo_run,
+    read_metrics,
     save_policy,
     schedule_dir,
     trajectory_settings,
 )
+from dpo_lab.sampling import Samples, sample
 from dpo_lab.seed import seed_everything
 
 if TYPE_CHECKING:
@@ -89,13 +89,11 @@ def sft_key(preset: Preset) -> str:
     return content_hash("sft", preset.seed, preset.data, preset.tokenizer, preset.policy)
 
 
-def reward_key(preset: Preset) -> str:
-    """r* reads only the split: one judge for every seed (``data.split_seed`` fixes it)."""
+def reward_key(preset: Preset) -> str:  # r* and the audit read only the split: one for every seed
     return content_hash("reward", preset.data, preset.reward)
 
 
 def audit_key(preset: Preset) -> str:
-    """The audit reads only the split: like r*, one audit for every seed."""
     return content_hash("audit", preset.data, preset.audit)
 
 
@@ -116,17 +114,15 @@ SPLITS = ("train", "audit", "validation", "test")
 
 
 def imdb(preset: Preset) -> datasets.DatasetDict:
-    """The split every seed shares (``data.split_seed``), four disjoint sets of reviews: ``train`` (SFT, r*,
-    preference prompts), ``audit`` (only the audit's judges learn from it), and the held-out reviews halved
-    into ``validation`` (for choosing settings) and ``test`` (what the frontier reports)."""
+    """The split every seed shares: ``train`` (SFT, r*, preference prompts), ``audit`` (the audit's judges
+    only), the held-out reviews halved into ``validation`` (choosing settings) and ``test`` (the frontier)."""
     d = preset.data
     return _imdb(d.source, d.test_fraction, d.split_seed, d.max_train_reviews, d.audit_reviews)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)  # every stage and run reads it, and parsing the CSV takes seconds
 def _imdb(source: str, test_fraction: float, seed: int, cap: int | None, n_audit: int,
           ) -> datasets.DatasetDict:
-    # Kept in memory: every stage and run reads it, and parsing the CSV takes seconds.
     dataset = load_imdb(source, test_fraction=test_fraction, seed=seed)  # type: ignore[arg-type]
     train = dataset["train"].shuffle(seed=seed)
     if n_audit >= len(train):
@@ -143,18 +139,17 @@ def sft_policy(preset: Preset, *, progress: bool = SHOW_PROGRESS,
                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, dict]:
     """pi_SFT (= pi_ref, every run's start), its tokenizer and training report; another ``preset.seed``
     trains a sibling (same split and recipe, another initialisation and review order)."""
-    seed = preset.seed
 
     def build(folder: Path) -> None:
-        seed_everything(seed)
+        seed_everything(preset.seed)
         data = imdb(preset)
         train_texts = data["train"]["text"]
         if preset.policy.source == "scratch":
             tokenizer = train_tokenizer(train_texts, preset.tokenizer.vocab_size)
-            model = build_policy(tokenizer, preset.policy, seed=seed)
+            model = build_policy(tokenizer, preset.policy, seed=preset.seed)
         else:
             model, tokenizer = load_hub_policy(preset.policy.hub_name)
-        report = train_sft(model, tokenizer, train_texts, preset.policy, seed=seed,
+        report = train_sft(model, tokenizer, train_texts, preset.policy, seed=preset.seed,
                            held_out_texts=data["test"]["text"], progress=progress)
         report["parameters"] = sum(p.numel() for p in model.parameters())
         report["vocab_size"] = len(tokenizer)
@@ -254,14 +249,13 @@ def save_preferences(ds: datasets.Dataset, path: str | Path, *, stats: PairStats
                      candidates: Candidates | None = None) -> Path:
     """Validate, then write (``save_to_disk``, stats.json, candidates.json) in one atomic rename."""
     validate_preferences(ds)
-    path = Path(path)
     with atomic_directory(path) as tmp:
         ds.save_to_disk(str(tmp / "pairs"))
         if stats is not None:
             atomic_write_json(tmp / "stats.json", dataclasses.asdict(stats))
         if candidates is not None:
             atomic_write_json(tmp / "candidates.json", candidates)
-    return path
+    return Path(path)
 
 
 def load_candidates(path: str | Path) -> Candidates:
@@ -418,8 +412,7 @@ def run_eval_fn(preset: Preset, reference: PreTrainedModel, tokenizer: PreTraine
     # Every run starts at pi_SFT and evaluation samples from its own seeded RNG, so step 0 gives the same
     # point in every run of a sweep: compute it once (19 evaluations -> 1 at the cpu preset).
     key = content_hash(sft_key(preset), reward_key(preset), audit_key(preset), preset.eval, preset.seed,
-                       split,
-                       *(("proxy", reward_model_key(preset)) if proxy else ()))
+                       split, *(("proxy", reward_model_key(preset)) if proxy else ()))
     start_path = artifacts_dir() / "start-eval" / f"{key}.json"
 
     def eval_fn(policy: PreTrainedModel, step: int) -> dict[str, float]:
@@ -488,8 +481,7 @@ def ppo(preset: Preset, method: str, target_kl: float, *, progress: bool = SHOW_
 
 def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_PROGRESS,
            split: str = "test") -> RunResult:
-    """One run of any method, evaluated on ``split``'s prompts; a finished run is read from its result.json
-    (nothing loaded or hashed)."""
+    """One run of any method, evaluated on ``split``'s prompts; a finished run read from its result.json."""
     steps = run_steps(preset, method)
     finished = finished_run(schedule_dir(run_dir(preset, method, value, split), steps), steps)
     if finished is not None:
@@ -499,9 +491,17 @@ def result(preset: Preset, method: str, value: float, *, progress: bool = SHOW_P
     return pairwise(preset, method, value, progress=progress, split=split)
 
 
+def sample_test_prompts(preset: Preset, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                        n_prompts: int, *, n_per_prompt: int = 1) -> Samples:
+    """Completions of the first ``n_prompts`` test prompts drawn as the evaluation draws them (its length, the
+    preset's seed), in one batch: every policy sampled gets the same random numbers."""
+    shown = prompts(preset, tokenizer, "test")[:n_prompts]
+    return sample(policy, tokenizer, shown, n_per_prompt=n_per_prompt, batch_size=len(shown) * n_per_prompt,
+                  max_new_tokens=preset.eval.max_new_tokens, seed=preset.seed, progress=False)
+
+
 def heldout(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> HeldOut:
-    """K pi_SFT samples of every test prompt scored by r*: pairs no run trained on (another seed than the
-    evaluation's)."""
+    """K pi_SFT samples of every test prompt scored by r*: pairs no run trained on (another seed)."""
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
     reward, _ = reward_model(preset)
     return draw_heldout(reference, tokenizer, prompts(preset, tokenizer, "test"), reward,
@@ -517,7 +517,6 @@ def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGR
         raise ValueError("likelihood_trace follows the chosen and rejected completions of pairs; "
                          "dpo.loss_type 'plackett_luce' trains on rankings: trace a pairwise loss_type")
     reference, tokenizer, _ = sft_policy(preset, progress=progress)
-    policy = copy.deepcopy(reference)
     pairs, _ = preference_data(preset, progress=progress)
     every = max(1, preset.dpo.max_steps // 10)
     config = dataclasses.replace(preset.dpo, eval_every=every)
@@ -525,7 +524,7 @@ def likelihood_trace(preset: Preset, beta: float, *, progress: bool = SHOW_PROGR
     eval_fn = likelihood_fn(reference, tokenizer, heldout(preset, progress=progress), beta=beta,
                             max_new_tokens=preset.eval.max_new_tokens, batch_size=preset.eval.batch_size,
                             seed=preset.seed)
-    return dpo_run(policy, reference, tokenizer, pairs,
+    return dpo_run(copy.deepcopy(reference), reference, tokenizer, pairs,
                    out_dir=artifacts_dir() / "training" / f"trace-beta{beta:g}-{key}",
                    ref_cache_dir=artifacts_dir() / "reference-logps", eval_fn=eval_fn, config=config,
                    beta=beta, seed=preset.seed, max_length=preset.policy.n_positions, progress=progress)
@@ -562,14 +561,11 @@ def run_steps(preset: Preset, method: str) -> int:
 
 
 def run_work(preset: Preset, method: str) -> float:
-    """One run's work in token passes (sampled or scored tokens 1, trained ones 3), evaluations included:
-    its weight in the frontier's progress bar (every method runs at about one FLOP rate, docs/performance.md).
-    Shared work is billed once: "r_phi" (the first PPO run trains it), "reference" (the pairs' log-probs)."""
+    """One run's work in token passes (sampled or scored tokens 1, trained ones 3), evaluations included: its
+    weight in the frontier's progress bar (every method runs at about one FLOP rate, docs/performance.md)."""
     pref, ev, policy = preset.preferences, preset.eval, preset.policy
     prompt = (pref.prompt_min_tokens + pref.prompt_max_tokens) / 2
     pairs = pref.n_prompts * math.comb(pref.samples_per_prompt, 2)
-    if method == "reference":
-        return pairs * 2 * (prompt + pref.max_new_tokens)
     # r_phi's passes skip the LM head: they cost 24 L d^2 of a token's 24 L d^2 + 2 d V matmul FLOPs.
     layers = 12 * policy.n_layer * policy.n_embd
     body = layers / (layers + preset.tokenizer.vocab_size)
@@ -590,65 +586,51 @@ def run_work(preset: Preset, method: str) -> float:
     return work + steps * preset.dpo.batch_size * 2 * (prompt + pref.max_new_tokens) * 3
 
 
-def _last_step(metrics_path: Path) -> int:
-    """The step of the last whole line of a run's metrics.jsonl (0 if none), read while a worker writes."""
-    try:
-        lines = metrics_path.read_bytes().splitlines()
-    except FileNotFoundError:
-        return 0
-    for line in reversed(lines):
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # a line still being written
-            return int(json.loads(line)["step"])
-    return 0
-
-
-Item = tuple[str, float]  # (method, hyperparameter value) of a run, or a piece of shared work
-# Shared work, done by the first run of these methods before its first step (run_work bills it once).
-SHARED_WORK = {("r_phi", 0.0): ("PPO",), ("reference", 0.0): tuple(PAIRWISE_METHODS)}
+Item = tuple[str, float]  # (method, hyperparameter value) of a run
+R_PHI: Item = ("r_phi", 0.0)  # trained by the first PPO run before its first step, billed once
 
 
 class _PoolProgress:
-    """The frontier pool's bar: the share of the stage's work done (each run's steps weighted by
-    :func:`run_work`, work on disk before the stage started not counted), an ETA from the mean rate so far,
-    and the step each running run has reached."""
+    """The frontier pool's bar: the share of the stage's work done (:func:`run_work`, counted from each run's
+    last logged step and r_phi's reports; work done before the stage not counted), an ETA from the mean rate
+    so far, and the step each running run has reached."""
 
     def __init__(self, preset: Preset, runs: list[Item], *, disable: bool) -> None:
-        self.preset, self.runs, self.finished = preset, runs, set[Item]()
+        self.preset, self.finished = preset, set[Item]()
         self.logs = {r: schedule_dir(run_dir(preset, *r), run_steps(preset, r[0])) / "metrics.jsonl"
                      for r in runs}
-        shared = [item for item, methods in SHARED_WORK.items() if any(m in methods for m, _ in runs)]
-        self.weights = {r: run_work(preset, r[0]) for r in runs + shared}
-        self.start = self._shares()[1]
-        total = sum(w * (1 - self.start[r]) for r, w in self.weights.items())
+        self.weights = {r: run_work(preset, r[0]) for r in runs}
+        if any(method == "PPO" for method, _ in runs):
+            self.weights[R_PHI] = run_work(preset, "r_phi")
+        self.start = self._done()[1]
         # smoothing=0: the ETA extrapolates the average rate since the start, not the last few seconds'.
-        self.bar = tqdm(total=max(total, 1.0), desc="frontier runs", smoothing=0, disable=disable,
+        self.bar = tqdm(total=max(sum(self.weights.values()) - self.start, 1.0), desc="frontier runs",
+                        smoothing=0, disable=disable,
                         bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}")
 
-    def _shares(self) -> tuple[dict[Item, int], dict[Item, float]]:
-        """Each run's last logged step, and the share done of each weighed item."""
-        total = {r: run_steps(self.preset, r[0]) for r in self.runs}
-        steps = {r: total[r] if r in self.finished else _last_step(self.logs[r]) for r in self.runs}
-        shares: dict[Item, float] = {r: min(1.0, step / total[r]) for r, step in steps.items()}
-        r_phi = _reward_model_progress(self.preset)  # r_phi's trainer writes it every 10 steps
-        for item in self.weights.keys() & SHARED_WORK.keys():  # done before its run's first step
-            shares[item] = float(any(step > 0 for r, step in steps.items() if r[0] in SHARED_WORK[item]))
-            if item[0] == "r_phi" and not shares[item] and r_phi.is_file():
-                report = json.loads(r_phi.read_text())
-                shares[item] = report["step"] / report["total"]
-        return steps, shares
+    def _done(self) -> tuple[dict[Item, int], float]:
+        """Each run's last logged step (a line a worker is still writing is skipped), and the work done."""
+        steps = {r: run_steps(self.preset, r[0]) if r in self.finished
+                 else (read_metrics(log) or [{"step": 0}])[-1]["step"] for r, log in self.logs.items()}
+        done = sum(self.weights[r] * min(1.0, s / run_steps(self.preset, r[0])) for r, s in steps.items())
+        if R_PHI in self.weights:  # its trainer writes its step every 10 steps
+            path = _reward_model_progress(self.preset)
+            report = json.loads(path.read_text()) if path.is_file() else {"step": 0, "total": 1}
+            trained = any(step > 0 for (method, _), step in steps.items() if method == "PPO")
+            done += self.weights[R_PHI] * (1.0 if trained else report["step"] / report["total"])
+        return steps, done
 
     def update(self, running: list[Item], finished: set[Item]) -> None:
         self.finished |= finished
-        steps, shares = self._shares()
-        self.bar.n = min(self.bar.total, sum(w * max(0.0, shares[r] - self.start[r])
-                                             for r, w in self.weights.items()))
+        steps, done = self._done()
+        self.bar.n = min(self.bar.total, max(0.0, done - self.start))
         self.bar.set_postfix_str(" · ".join(
             f"{m} {hyperparameter_name(m)}={v:g}: {steps[(m, v)]}/{run_steps(self.preset, m)}"
             for m, v in running), refresh=False)
         self.bar.refresh()
 
 
-def _worker_order(runs: list[tuple[str, float]]) -> list[tuple[str, float]]:
+def _worker_order(runs: list[Item]) -> list[Item]:
     """Longest first, so the pool ends on short runs: one PPO run (it trains r_phi, which every PPO run
     reads), the PPO-GT runs while r_phi trains, the other PPO runs, then DPO and the baselines."""
     ppo = [r for r in runs if r[0] == "PPO"]
@@ -692,8 +674,3 @@ def frontier(preset: Preset, methods: tuple[str, ...] = METHODS, *, progress: bo
         for (method, _), spent in seconds.items():
             timings[method] = timings.get(method, 0.0) + spent
     return pd.concat(frames, ignore_index=True)
-
-
-def dpo_sweep(preset: Preset, *, progress: bool = SHOW_PROGRESS) -> pd.DataFrame:
-    """Every beta of the preset's DPO sweep; one row per evaluation point, the SFT start included."""
-    return frontier(preset, ("DPO",), progress=progress)

@@ -2,7 +2,8 @@
 (``paper``: the paper's IMDb setup, sourced; ``cpu``: the README's laptop run; ``gpu``; ``smoke``: the
 tests'). Types and ranges are declared beside each field and checked by pydantic when a section is made, and
 with the relations between fields when a preset is. Stage cache keys hash these dataclasses: a value (or its
-type, 1 vs 1.0) keys them, so a check never converts one.
+type, 1 vs 1.0) keys them, so a check never converts one. The folders a run reads and writes
+(``DPO_LAB_ARTIFACTS``, ``DPO_LAB_FIGURES``) are settings from the environment too, as ``DPO_LAB_PRESET`` is.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
@@ -523,6 +525,42 @@ def parse_overrides(pairs: list[str]) -> dict:
                 pass
         out[key] = parsed
     return out
+
+
+# ------------------------------------------------------------- where a run reads and writes (its environment)
+def project_root() -> Path:
+    """The checkout's root (the folder holding pyproject.toml), or the working directory if none."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "dpo_lab").is_dir():
+            return folder
+    return here
+
+
+def artifacts_dir() -> Path:
+    """Cache of every stage's outputs; ``DPO_LAB_ARTIFACTS`` overrides the default ``<root>/artifacts``."""
+    path = Path(os.environ.get("DPO_LAB_ARTIFACTS", project_root() / "artifacts"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def figures_dir() -> Path:
+    """Figures written by notebooks and the reproduction; ``DPO_LAB_FIGURES`` overrides ``<root>/figures``.
+    A folder that cannot be written is a PermissionError here, before any stage runs, not after them all."""
+    path = Path(os.environ.get("DPO_LAB_FIGURES", project_root() / "figures"))
+    path.mkdir(parents=True, exist_ok=True)
+    check_writable(path, "DPO_LAB_FIGURES")
+    return path
+
+
+def check_writable(path: Path, variable: str) -> None:
+    """Create and delete a file in ``path``; a PermissionError naming it (and ``variable``) if that fails."""
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise PermissionError(f"cannot write to {path} ({err.strerror or err}); make it writable or set "
+                              f"{variable} to a folder you can write") from err
 
 
 PRESETS: dict[str, Preset] = load_presets()

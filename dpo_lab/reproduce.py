@@ -10,8 +10,7 @@ from typing import Any, TypeVar
 
 from dpo_lab import frontier, pipeline
 from dpo_lab.cache import atomic_write_json
-from dpo_lab.paths import check_writable, figures_dir
-from dpo_lab.presets import Preset, validate
+from dpo_lab.presets import Preset, check_writable, figures_dir, validate
 
 T = TypeVar("T")
 
@@ -41,7 +40,7 @@ def reproduce(preset: Preset, *, progress: bool = True, out_dir: Path | None = N
               workers: int = 1) -> dict[str, Any]:
     """Run every stage (each cached: a rerun redoes only unfinished work; processes sharing the artifacts
     folder wait for and reuse each other's runs), ``workers`` frontier runs at a time, and write the figure,
-    tables and summary to ``out_dir`` (default :func:`paths.figures_dir`)."""
+    tables and summary to ``out_dir`` (default :func:`presets.figures_dir`)."""
     validate(preset)  # a preset built by hand is checked too, before any stage runs
     out_dir = Path(out_dir) if out_dir is not None else figures_dir()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -72,7 +72,7 @@ from ipywidgets import FloatLogSlider, interact
 from dpo_lab import bandit as bd
 from dpo_lab.grading import bandit_cases, grade, plackett_luce_nll
 from dpo_lab.losses import preference_loss
-from dpo_lab.paths import figures_dir
+from dpo_lab.presets import figures_dir
 from dpo_lab.seed import seed_everything
 
 seed_everything(seed)

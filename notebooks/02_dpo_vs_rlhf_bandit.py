@@ -43,7 +43,7 @@ import torch
 
 from dpo_lab import bandit as bd
 from dpo_lab.grading import bandit_cases, grade
-from dpo_lab.paths import figures_dir
+from dpo_lab.presets import figures_dir
 from dpo_lab.seed import seed_everything
 
 seed_everything(seed)

@@ -54,8 +54,7 @@ from transformers.utils import logging as hf_logging
 from dpo_lab import pipeline
 from dpo_lab.grading import grade, lm_cases
 from dpo_lab.models import build_policy, train_sft
-from dpo_lab.paths import figures_dir
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything
 

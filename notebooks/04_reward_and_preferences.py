@@ -52,8 +52,7 @@ from transformers.utils import logging as hf_logging
 from dpo_lab import pipeline
 from dpo_lab.grading import grade, lm_cases
 from dpo_lab.implicit_reward import pair_margins
-from dpo_lab.paths import figures_dir
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.rewards import TfidfSentimentReward
 from dpo_lab.seed import seed_everything
 

@@ -66,9 +66,7 @@ from dpo_lab.logprobs import (
     token_logprobs,
 )
 from dpo_lab.losses import preference_loss, preference_metrics
-from dpo_lab.paths import figures_dir
-from dpo_lab.presets import get_preset
-from dpo_lab.sampling import sample
+from dpo_lab.presets import figures_dir, get_preset
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
 pd.set_option("display.max_colwidth", 60)
@@ -517,8 +515,7 @@ plt.show()
 
 # %%
 dpo_policy = AutoModelForCausalLM.from_pretrained(result.checkpoint_dir).eval()
-samples = sample(dpo_policy, tokenizer, pipeline.prompts(config, tokenizer, "test")[:8], n_per_prompt=4,
-                 max_new_tokens=config.eval.max_new_tokens, batch_size=32, seed=config.seed, progress=False)
+samples = pipeline.sample_test_prompts(config, dpo_policy, tokenizer, 8, n_per_prompt=4)  # as the evaluation samples
 rows = [(x, y) for x, per in zip(samples.prompt_ids, samples.completion_ids, strict=True) for y in per]
 ids, attn, comp = pad_batch([x for x, _ in rows], [y for _, y in rows])
 with torch.no_grad():
@@ -541,10 +538,8 @@ print(f"{len(rows)} samples: exact KL {exact.mean():.4f} (sd {exact.std():.4f}),
 
 # %%
 shown = pipeline.prompts(config, tokenizer, "test")[:n_show]
-settings = dict(n_per_prompt=1, max_new_tokens=config.eval.max_new_tokens, batch_size=32, seed=config.seed,
-                progress=False)
-before = [c[0] for c in sample(sft_policy, tokenizer, shown, **settings).texts]
-after = [c[0] for c in sample(dpo_policy, tokenizer, shown, **settings).texts]
+before, after = ([c[0] for c in pipeline.sample_test_prompts(config, m, tokenizer, n_show).texts]
+                 for m in (sft_policy, dpo_policy))
 reward, _ = pipeline.reward_model(config)
 r_sft, r_dpo = (reward([p + c for p, c in zip(shown, texts, strict=True)]) for texts in (before, after))
 comparison = pd.DataFrame({"prompt": shown, "SFT": before, "r* SFT": r_sft, "DPO": after, "r* DPO": r_dpo})
@@ -563,7 +558,7 @@ display(comparison.round(3))
 # axes is `python -m dpo_lab reproduce`'s figure (notebook 07).
 
 # %%
-sweep = pipeline.dpo_sweep(config)
+sweep = pipeline.frontier(config, ("DPO",))
 display(sweep[["hyperparameter", "step", "reward_mean", "reward_se", "kl_mean", "kl_se"]].round(4))
 fig, ax = plt.subplots(figsize=(6.4, 4.4))
 for name, run in sweep.groupby("hyperparameter", sort=False):

@@ -68,7 +68,6 @@ from dpo_lab.grading import grade, lm_cases
 from dpo_lab.logprobs import concatenated_forward
 from dpo_lab.loop import batch_indices
 from dpo_lab.losses import unlikelihood_loss
-from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS
 from dpo_lab.ppo import (
     AdaptiveKLController,
@@ -80,7 +79,7 @@ from dpo_lab.ppo import (
     policy_loss,
     ppo_step,
 )
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.rewards import score_completions
 from dpo_lab.run import load_policy, read_metrics
 from dpo_lab.sampling import sample

@@ -47,9 +47,8 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, pipeline
 from dpo_lab.grading import grade
-from dpo_lab.paths import figures_dir
 from dpo_lab.plots import plot_frontier, plot_reward_vs_cost, upper_envelope
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs

@@ -69,7 +69,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Image, display
 
-from dpo_lab.paths import project_root
+from dpo_lab.presets import project_root
 from dpo_lab.scale import estimate, sweep
 
 pd.set_option("display.width", 140)

@@ -56,7 +56,7 @@ import torch
 from ipywidgets import FloatLogSlider, FloatSlider, IntSlider, SelectMultiple, interact
 
 from dpo_lab import bandit as bd
-from dpo_lab.paths import figures_dir
+from dpo_lab.presets import figures_dir
 from dpo_lab.seed import seed_everything
 
 seed_everything(seed)

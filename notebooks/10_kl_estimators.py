@@ -58,8 +58,7 @@ from dpo_lab import pipeline
 from dpo_lab.batching import pad_rows
 from dpo_lab.kl_estimators import ESTIMATORS, drop_eos, kl_estimates, sample_with_settings, token_estimators
 from dpo_lab.logprobs import forward_logits, token_logprobs
-from dpo_lab.paths import figures_dir
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.run import load_policy
 from dpo_lab.sampling import sample
 from dpo_lab.seed import seed_everything

@@ -75,9 +75,8 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, pipeline
 from dpo_lab.losses import mean_token_nll, plackett_luce_loss, preference_loss
-from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS, plot_frontier
-from dpo_lab.presets import Preset, get_preset
+from dpo_lab.presets import Preset, figures_dir, get_preset
 from dpo_lab.run import read_metrics
 from dpo_lab.seed import seed_everything
 
@@ -201,7 +200,7 @@ def variant_preset(variant: dict) -> Preset:
 
 timings: dict[str, float] = {}
 first_steps: dict[str, dict] = {}  # each variant's step-1 training metrics
-frames = [pipeline.dpo_sweep(config)]
+frames = [pipeline.frontier(config, ("DPO",))]
 for variant in variants:
     spent: dict[str, float] = {}
     run_points = pipeline.frontier(variant_preset(variant), ("DPO",), timings=spent)

@@ -59,10 +59,9 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab import labs, pipeline
 from dpo_lab.frontier import evaluation_points
-from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS, plot_proxy_and_gold
 from dpo_lab.preferences import score_samples
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.reward_model import split_by_prompt
 from dpo_lab.seed import seed_everything
 
@@ -138,7 +137,7 @@ if gold_beta != 0:  # a negative beta is refused by the trainer, by name
 runs |= {f"PPO vs r_phi, kl_coef={c:g}": labs.lab_ppo(ppo_config[c], None) for c in ppo_kl_coefs}
 points = pd.concat([evaluation_points(r.metrics_path, run=name) for name, r in runs.items()], ignore_index=True)
 points.insert(0, "method", ["PPO" if n.startswith("PPO") else "DPO" for n in points.run])
-reference = pipeline.dpo_sweep(config)  # the frontier's DPO runs: r*'s labels, gold reward only
+reference = pipeline.frontier(config, ("DPO",))  # the frontier's DPO runs: r*'s labels, gold reward only
 print(f"{len(runs)} runs, {len(points)} evaluation points; loaded or trained in "
       f"{time.perf_counter() - started:.0f} s since the start")
 
@@ -198,9 +197,7 @@ display(table.round(3))
 # %%
 _, tokenizer, _ = pipeline.sft_policy(config)
 reward, _ = pipeline.reward_model(config)
-shown = labs.final_samples(runs, tokenizer, pipeline.prompts(config, tokenizer, "test")[:3],
-                           {"r*": reward, "r_phi": r_phi}, max_new_tokens=config.eval.max_new_tokens,
-                           seed=config.seed)
+shown = labs.final_samples(config, runs, tokenizer, 3, {"r*": reward, "r_phi": r_phi})
 for i, row in enumerate(shown):
     if i == 0 or row["run"] != shown[i - 1]["run"]:
         print(f"--- {row['run']}")

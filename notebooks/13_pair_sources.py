@@ -59,9 +59,8 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab import frontier, labs, pipeline
 from dpo_lab.logprobs import completion_logprobs
-from dpo_lab.paths import figures_dir
 from dpo_lab.plots import METHOD_COLORS, plot_frontier, upper_envelope
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.seed import seed_everything
 
 hf_logging.disable_progress_bar()  # transformers' weight-loading bars would bury the outputs
@@ -171,7 +170,7 @@ palette = ["tab:red", "tab:blue", "tab:green", "tab:olive"]
 METHOD_COLORS.update(dict(zip(runs, palette, strict=True)))
 fig = plot_frontier(points, figures_dir() / "13_pair_sources.png", label_runs=True,
                     title=f"Whose samples? DPO beta={beta:g}, {config.name} preset")
-sweep = pipeline.dpo_sweep(config)
+sweep = pipeline.frontier(config, ("DPO",))
 xs, ys = upper_envelope(sweep.kl_mean.to_numpy(), sweep.reward_mean.to_numpy())
 fig.axes[0].step(xs, ys, where="post", color="grey", lw=2, alpha=0.35, label="DPO sweep envelope")
 fig.axes[0].legend(loc="lower right", fontsize=8)
@@ -208,8 +207,7 @@ display(table[[c for c in shown if c in table.columns]].round(3))
 
 # %%
 reward, _ = pipeline.reward_model(config)
-shown = labs.final_samples(runs, tokenizer, pipeline.prompts(config, tokenizer, "test")[:2], {"r*": reward},
-                           max_new_tokens=config.eval.max_new_tokens, seed=config.seed)
+shown = labs.final_samples(config, runs, tokenizer, 2, {"r*": reward})
 for i, row in enumerate(shown):
     if i == 0 or row["run"] != shown[i - 1]["run"]:
         print(f"--- {row['run']}")

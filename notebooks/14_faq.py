@@ -47,8 +47,7 @@ import torch.nn.functional as F
 from dpo_lab import bandit as bd
 from dpo_lab import pipeline
 from dpo_lab.losses import preference_loss
-from dpo_lab.paths import figures_dir
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import figures_dir, get_preset
 from dpo_lab.run import read_metrics
 from dpo_lab.seed import seed_everything
 

@@ -21,7 +21,6 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", help="METHOD=VALUE, e.g. DPO=0.1 PPO-GT=12")
     parser.add_argument("--preset", default="cpu")
     parser.add_argument("--n", type=int, default=6, help="test prompts (the first N)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     preset = get_preset(args.preset)
@@ -32,9 +31,7 @@ def main() -> None:
         runs[spec] = pipeline.result(preset, method, float(value), progress=False)
     reward, _ = pipeline.reward_model(preset)
     sentiment, _, _ = pipeline.audit_judges(preset, progress=False)
-    prompts = pipeline.prompts(preset, tokenizer, "test")[: args.n]
-    rows = labs.final_samples(runs, tokenizer, prompts, {"r*": reward, "audit sentiment": sentiment},
-                              max_new_tokens=preset.eval.max_new_tokens, seed=args.seed)
+    rows = labs.final_samples(preset, runs, tokenizer, args.n, {"r*": reward, "audit sentiment": sentiment})
     ratios = distinct_word_ratio([row["text"] for row in rows])
     lines = ["| run | prompt + completion | r* | audit sentiment | distinct-word ratio (whole text) |",
              "|---|---|---|---|---|"]

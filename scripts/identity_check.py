@@ -59,7 +59,7 @@ def cached_metrics(cached: Path, fresh: Path, steps: int) -> Path:
 
 
 def cpu_dpo(scratch: Path) -> None:
-    from dpo_lab.paths import artifacts_dir
+    from dpo_lab.presets import artifacts_dir
 
     cached = artifacts_dir()
     for stage in cached.iterdir():

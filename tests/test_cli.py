@@ -7,8 +7,7 @@ import json
 import pytest
 
 from dpo_lab.__main__ import main
-from dpo_lab.paths import project_root
-from dpo_lab.presets import parse_overrides
+from dpo_lab.presets import parse_overrides, project_root
 
 
 def test_overrides_parse_numbers_lists_and_strings() -> None:

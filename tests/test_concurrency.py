@@ -14,8 +14,7 @@ import pytest
 
 from dpo_lab import pipeline
 from dpo_lab.loop import is_due
-from dpo_lab.paths import project_root
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import get_preset, project_root
 from dpo_lab.run import RunLockedError, read_metrics
 
 

@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 
 from dpo_lab import pipeline
-from dpo_lab.paths import project_root
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import get_preset, project_root
 
 SMOKE_SIZES = {
     "data.max_train_reviews": 2000, "tokenizer.vocab_size": 512,

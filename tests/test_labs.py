@@ -139,8 +139,7 @@ def test_final_samples_are_scored_by_every_reward(smoke) -> None:
     _, tokenizer, _ = pipeline.sft_policy(smoke)
     reward, _ = pipeline.reward_model(smoke)
     shown = pipeline.prompts(smoke, tokenizer, "test")[:2]
-    rows = labs.final_samples({"a": first, "b": first}, tokenizer, shown, {"r*": reward, "twice": reward},
-                              max_new_tokens=6, seed=0)
+    rows = labs.final_samples(smoke, {"a": first, "b": first}, tokenizer, 2, {"r*": reward, "twice": reward})
     assert [r["run"] for r in rows] == ["a", "a", "b", "b"]
     assert all(r["text"].startswith(p) for r, p in zip(rows, shown * 2, strict=True))
     assert rows[:2] == [{**r, "run": "a"} for r in rows[2:]]  # the same policy and seed: the same samples

@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from dpo_lab import pipeline
-from dpo_lab.paths import project_root
-from dpo_lab.presets import get_preset
+from dpo_lab.presets import get_preset, project_root
 from dpo_lab.reproduce import reproduce
 from dpo_lab.run import read_metrics
 
@@ -209,11 +208,10 @@ def test_run_work_predicts_each_methods_measured_time():
     fresh = project_root() / "figures" / "cost_cpu_fresh_clone.json"  # summary_cpu.json: maybe a cached rerun
     timings = json.loads(fresh.read_text())["timings_s"]
     rates = {}
-    shared = {"PPO": "r_phi", "DPO": "reference"}  # trained / computed by the first run of each
     for method in pipeline.METHODS:
         work = sum(pipeline.run_work(preset, m) for m, _ in pipeline.frontier_runs(preset, (method,)))
-        if method in shared:
-            work += pipeline.run_work(preset, shared[method])
+        if method == "PPO":  # its first run trains r_phi
+            work += pipeline.run_work(preset, "r_phi")
         rates[method] = work / timings[f"runs: {method}"]
     mean = sum(rates.values()) / len(rates)
     assert all(abs(rate / mean - 1) < 0.15 for rate in rates.values()), rates
@@ -237,7 +235,7 @@ def test_pool_progress_counts_new_work_and_names_running_runs(tmp_path: Path, mo
         lines = "".join(json.dumps({"step": s, "loss": 0.5}) + "\n" for s in range(last + 1))
         (folder / "metrics.jsonl").write_text(lines + ('{"step": 9' if partial else ""))
 
-    # A run finished before the stage started counts for nothing, nor do the reference log-probs it made.
+    # A run finished before the stage started counts for nothing.
     finished_before, running = runs[0], runs[-1]
     log_steps(finished_before, pipeline.run_steps(preset, "DPO"))
     watch = pipeline._PoolProgress(preset, runs, disable=False)

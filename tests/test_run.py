@@ -25,8 +25,7 @@ from dpo_lab import pipeline
 from dpo_lab.batching import pair_columns, pair_examples
 from dpo_lab.cache import lock_timeout, model_fingerprint, tokenizer_fingerprint
 from dpo_lab.loop import TrainLog, call_eval_fn, is_due
-from dpo_lab.paths import project_root
-from dpo_lab.presets import Preset, get_preset
+from dpo_lab.presets import Preset, get_preset, project_root
 from dpo_lab.run import (
     LOCK_FILE,
     TRAINER_STATE,

@@ -23,7 +23,7 @@ import yaml
 
 from dpo_lab.__main__ import main
 from dpo_lab.cache import file_lock, pid_alive
-from dpo_lab.paths import project_root
+from dpo_lab.presets import project_root
 from dpo_lab.scale import sweep
 
 # A toy run notebook: records each execution, can fail on request, and can be held at a gate file so a

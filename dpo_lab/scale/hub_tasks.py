@@ -31,9 +31,8 @@ from dpo_lab.batching import PAIR_COLUMNS, pair_columns
 from dpo_lab.dpo_trainer import pair_logprobs
 from dpo_lab.losses import preference_loss, preference_metrics
 from dpo_lab.models import build_policy, load_hub_policy, train_tokenizer
-from dpo_lab.paths import project_root
 from dpo_lab.preferences import validate_preferences
-from dpo_lab.presets import PolicyConfig
+from dpo_lab.presets import PolicyConfig, project_root
 from dpo_lab.run import EvalFn, quiet_hf_progress, reference_logprobs
 
 TASKS: tuple[str, ...] = ("tldr", "hh")

@@ -31,7 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from dpo_lab import cache
-from dpo_lab.paths import project_root
+from dpo_lab.presets import project_root
 
 FRONTIER_NOTEBOOK = Path("notebooks/templates/frontier_run.ipynb")
 GUARD = Path(__file__).with_name("guard.py")

@@ -77,8 +77,7 @@ from transformers.utils import logging as hf_logging
 
 from dpo_lab.cache import atomic_write_json
 from dpo_lab.dpo_trainer import OBJECTIVES
-from dpo_lab.paths import artifacts_dir
-from dpo_lab.presets import DPOConfig
+from dpo_lab.presets import DPOConfig, artifacts_dir
 from dpo_lab.run import dpo_run, read_metrics, resolve_device, save_policy
 from dpo_lab.scale import hub_tasks
 from dpo_lab.seed import seed_everything
