@@ -107,7 +107,7 @@ def test_distinct_word_ratio_exact_values():
     ({"audit.lr": 0}, "audit.lr must be > 0, got 0.0"),
     ({"audit.epochs": 0}, "audit.epochs must be >= 1, got 0"),
     ({"audit.lm_vocab_size": 100}, "audit.lm_vocab_size must be >= 257, got 100"),
-    ({"audit.lm_batch_size": 5000}, "audit.lm_batch_size must be >= 1 and <= data.audit_reviews (3000)"),
+    ({"audit.lm_batch_size": 5000}, "audit.lm_batch_size must be <= data.audit_reviews (3000), got 5000"),
     ({"audit.lm_n_head": 3}, "audit.lm_n_embd (128) must be divisible by audit.lm_n_head (3)"),
 ])
 def test_preset_validator_names_a_bad_audit_value(overrides, words):
