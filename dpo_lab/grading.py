@@ -21,10 +21,10 @@ _STUB = re.compile(r"Exercise: (\w+)")  # the message of every dpo_lab.student s
 
 
 def grade(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[str, Sequence[Any]], *,
-          hint: str = "", rtol: float = 1e-10, atol: float = 1e-10) -> Callable[..., Any]:
+          hint: str = "", rtol: float = 1e-10, atol: float = 1e-10) -> None:
     """Check ``fn(*args)`` against ``reference(*args)`` (its numpy float arrays as float64 tensors) for every
-    ``label -> args`` of ``cases``. Prints ✓ and returns ``fn``, or prints what is wrong and returns the
-    reference, called as ``fn`` is, which also replaces ``fn`` in the calling cell's namespace."""
+    ``label -> args`` of ``cases``. Prints ✓, or prints what is wrong and puts the reference, called as ``fn``
+    is, in ``fn``'s place in the calling cell's namespace. Returns nothing: a cell shows only the verdict."""
     name = getattr(fn, "__name__", repr(fn))
     if not cases:
         raise ValueError(f"grade({name}) needs at least one case")
@@ -45,9 +45,8 @@ def grade(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[
             caller[name] = stand_in
         going_on = "\n  → using the library's version so the notebook can go on" if replaced else ""
         print(f"✗ {err}{going_on}")
-        return stand_in
+        return
     print(f"✓ {name}: {len(cases)} cases match")
-    return fn
 
 
 def _call(fn: Callable[..., Any], args: Sequence[Any], name: str, label: str) -> Any:
