@@ -115,7 +115,6 @@ class DPOSettings:
         if config.loss_type == "plackett_luce" and (config.rpo_alpha or config.label_smoothing):
             raise ValueError("DPOConfig.rpo_alpha and label_smoothing apply to the pairwise losses, "
                              "not to loss_type 'plackett_luce'")
-        accumulation_steps(config.batch_size, config.micro_batch_size, 1)
 
     def columns(self, pairs: Pairs) -> dict[str, list]:
         """``batching.pair_columns(pairs)``: rankings for loss_type 'plackett_luce', pairs for any other."""
@@ -127,11 +126,10 @@ class DPOSettings:
 
 
 def make_optimizer(params: Sequence[nn.Parameter], config: DPOConfig) -> torch.optim.Optimizer:
+    """RMSprop or AdamW, as ``config.optimizer`` says (the section refused any other name when made)."""
     if config.optimizer == "rmsprop":
         return torch.optim.RMSprop(params, lr=config.lr)  # the paper's optimizer (App. B), torch defaults
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # no decay: TRL's default
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; choose 'rmsprop' or 'adamw'")
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)  # no decay: TRL's default
 
 
 # ---------------------------------------------------------------------------------- pair log-probs
