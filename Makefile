@@ -45,7 +45,7 @@ notebooks: $(VENV)/.installed
 
 # Student copies: notebooks/student/*.ipynb, each exercise's solution replaced by a stub (tests check they are current).
 student: $(VENV)/.installed
-	$(PY) -m dpo_lab student
+	$(PY) scripts/student_copies.py
 
 # The notebooks as a static HTML book (book/: Sphinx + myst-nb), from their committed outputs: no notebook is
 # executed and nothing is fetched. Open $(BOOK)/html/index.html from disk; the folder can be published as is.

@@ -6,7 +6,6 @@
     python -m dpo_lab sweep --preset cpu              # the preset's frontier sweep through papermill -> runs/
     python -m dpo_lab sweep sweeps/hh_paper.yaml      # a sweep spec
     python -m dpo_lab execute NB OUT -p beta 0.3      # one notebook, parameters checked before it runs
-    python -m dpo_lab student                         # notebooks/student/: exercises stubbed (make student)
 """
 
 from __future__ import annotations
@@ -110,20 +109,6 @@ def _execute(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 0
 
 
-def _student(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from dpo_lab.presets import project_root
-    from dpo_lab.student import ExerciseError, write_student_copies
-
-    notebooks = project_root() / "notebooks"
-    try:
-        written = write_student_copies(notebooks, args.out or notebooks / "student")
-    except ExerciseError as err:
-        return _usage_error(err)
-    for path in written:
-        print(path)
-    return 0
-
-
 def _reproduce(args: argparse.Namespace, parser: argparse.ArgumentParser, preset: Preset) -> int:
     if args.workers is not None and args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
@@ -183,11 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     add("output")
     add("-p", dest="parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
         help="a parameter (value parsed as YAML), repeatable")
-    add = sub.add_parser("student", help="write notebooks/student/: exercise bodies stubbed").add_argument
-    add("--out", type=Path, metavar="DIR", help="where they go (default: notebooks/student)")
     args = parser.parse_args(argv)
-    if args.command in ("student", "sweep", "execute"):
-        return {"student": _student, "sweep": _sweep, "execute": _execute}[args.command](args, parser)
+    if args.command in ("sweep", "execute"):
+        return {"sweep": _sweep, "execute": _execute}[args.command](args, parser)
     try:
         preset = get_preset(getattr(args, "name", None) or args.preset, **parse_overrides(args.overrides))
     except (KeyError, TypeError, ValueError) as err:

@@ -17,7 +17,7 @@ import torch
 
 from dpo_lab import bandit as bd
 
-_STUB = re.compile(r"Exercise: (\w+)")  # the message of every dpo_lab.student stub, which names its function
+_STUB = re.compile(r"Exercise: (\w+)")  # every stub's message (scripts/student_copies.py) names its function
 
 
 def grade(fn: Callable[..., Any], reference: Callable[..., Any], cases: Mapping[str, Sequence[Any]], *,

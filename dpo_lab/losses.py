@@ -101,12 +101,6 @@ def plackett_luce_loss(policy_logps: Tensor, ref_logps: Tensor, *, beta: float) 
     return (tail - z).sum(-1), z.detach()
 
 
-def dpo_loss_gradient_weight(chosen_rewards: Tensor, rejected_rewards: Tensor) -> Tensor:
-    """``σ(r̂_l − r̂_w)``, each pair's weight in the DPO gradient (paper §4): large when ranked wrongly."""
-    _check_logps(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
-    return torch.sigmoid(rejected_rewards - chosen_rewards)
-
-
 def _check_token_logps(name: str, logps: Tensor, mask_name: str, mask: Tensor) -> Tensor:
     """A ``(B, T)`` token log-prob tensor, finite and <= 0 where its 0/1 mask is set; the mask as bool."""
     if not check_tensor(name, logps, 2).is_floating_point():

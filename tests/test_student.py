@@ -1,4 +1,4 @@
-"""Graded exercises (dpo_lab.grading) and the student copies made from them (dpo_lab.student).
+"""Graded exercises (dpo_lab.grading) and the student copies made from them (scripts/student_copies.py).
 
 The solutions in the notebooks pass their graders; every stub and each deliberately wrong solution below
 fails its grader with a message that says what is wrong, and the library's version then takes its place, so
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import importlib.util
 import io
 import re
+import sys
 from pathlib import Path
 
 import jupytext
@@ -22,11 +24,13 @@ import pytest
 import torch
 
 from dpo_lab import bandit as bd
-from dpo_lab import student
-from dpo_lab.__main__ import main
 from dpo_lab.grading import bandit_cases, grade
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("student_copies", ROOT / "scripts" / "student_copies.py")
+student = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # its dataclass looks itself up
+spec.loader.exec_module(student)
+NOTEBOOKS = ROOT / "notebooks"
 SOLUTIONS = {path.name: jupytext.read(path) for path in sorted(NOTEBOOKS.glob("*.py"))}
 EXERCISES = [ex for name, nb in SOLUTIONS.items() for ex in student.exercises(nb, name)]
 FUNCTIONS = [(ex, fn) for ex in EXERCISES for fn in ex.functions]
@@ -582,7 +586,7 @@ def test_a_wrong_solution_fails_with_input_expected_and_got(mutant):
 
 
 def test_student_copies_are_up_to_date(tmp_path):
-    assert main(["student", "--out", str(tmp_path)]) == 0
+    assert student.main(["--out", str(tmp_path)]) == 0
     fresh = sorted(p.name for p in tmp_path.glob("*.ipynb"))
     committed = sorted(p.name for p in (NOTEBOOKS / "student").glob("*.ipynb"))
     assert fresh == committed, "notebooks/student/ is out of date: run `make student`"

@@ -5,7 +5,9 @@ markdown heading saying "tier N", the cell after calls ``grade(...)``, the cell 
 
 from __future__ import annotations
 
+import argparse
 import ast
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +117,22 @@ def write_student_copies(notebooks: Path, out: Path) -> list[Path]:
     for stale in set(out.glob("*.ipynb")) - set(written):
         stale.unlink()
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="write notebooks/student/: exercise bodies stubbed")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="where they go (default: notebooks/student)")
+    args = parser.parse_args(argv)
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    try:
+        written = write_student_copies(notebooks, args.out or notebooks / "student")
+    except ExerciseError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
