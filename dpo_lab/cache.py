@@ -6,7 +6,6 @@ path removes one whose writer is gone.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import functools
@@ -29,25 +28,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {"__type__": type(obj).__name__, **_jsonable(dataclasses.asdict(obj))}
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    raise TypeError(f"cannot hash object of type {type(obj).__name__}: {obj!r}")
-
-
-def content_hash(*parts: Any, length: int = 16) -> str:
-    """A stable hex digest of JSON-able parts (dataclasses, dicts, lists, scalars, paths)."""
-    payload = json.dumps(_jsonable(list(parts)), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(payload.encode()).hexdigest()[:length]
+from dpo_lab.seed import content_hash
 
 
 # ------------------------------------------------------------------------------------------- atomic writes

@@ -58,6 +58,16 @@ def make_accelerator(device: torch.device | str | None = None, *,
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu)  # it names an unknown mode itself
 
 
+def placement(device: Accelerator | torch.device | str | None,
+              ) -> tuple[Accelerator | None, torch.device, str]:
+    """``(accelerator or None, device, precision)`` of a device argument: an Accelerator's own, else
+    make_accelerator's precision without one (bf16 autocast on CUDA, fp32 on CPU)."""
+    if device is None or isinstance(device, (str, torch.device)):
+        dev = resolve_device(device)
+        return None, dev, "bf16" if dev.type == "cuda" else "no"
+    return device, device.device, str(device.mixed_precision)
+
+
 def accumulation_steps(batch_size: int, micro_batch_size: int, num_processes: int) -> int:
     """Micro-batches per process per step, ``batch_size / (micro_batch_size x num_processes)``, exact."""
     for name, value in (("batch_size", batch_size), ("micro_batch_size", micro_batch_size),
@@ -148,14 +158,12 @@ def pair_logprobs(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: P
     cols = pair_columns(pairs)
     n, k = len(cols["prompt"]), len(cols["completions"][0]) if "completions" in cols else 2
     collator = PreferenceCollator(tokenizer, max_length)
-    accelerator = None if device is None or isinstance(device, (str, torch.device)) else device
+    accelerator, dev, precision = placement(device)
     if accelerator is not None:
-        dev, cast = accelerator.device, accelerator.autocast
-        rank, world = accelerator.process_index, accelerator.num_processes
+        cast, rank, world = accelerator.autocast, accelerator.process_index, accelerator.num_processes
     else:
-        dev, rank, world = resolve_device(device), 0, 1
-        # make_accelerator's precision without an Accelerator: bf16 autocast on CUDA, fp32 on CPU
-        cast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext
+        cast = partial(torch.autocast, "cuda", dtype=torch.bfloat16) if precision == "bf16" else nullcontext
+        rank, world = 0, 1
     lo, hi = n * rank // world, n * (rank + 1) // world
     out = torch.zeros(n, k, device=dev)
     home = next(model.parameters()).device

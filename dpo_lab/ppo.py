@@ -6,8 +6,6 @@ half the compute of a separate critic (``vf_coef = 0.1`` keeps its pull on the b
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +25,7 @@ from dpo_lab.logprobs import forward_logits, position_ids_from_mask, token_logpr
 from dpo_lab.loop import TrainLog, batch_indices, is_due, optimizer_step
 from dpo_lab.presets import PPOConfig
 from dpo_lab.sampling import sample
-from dpo_lab.seed import seed_everything
+from dpo_lab.seed import content_hash, seed_everything
 
 # r_phi (reward_model.LearnedReward) or r* (rewards.RewardModel): full texts -> one score each.
 ScoreFn = Callable[[Sequence[str]], np.ndarray]
@@ -235,10 +233,8 @@ def check_ppo_settings(config: PPOConfig, prompts: Sequence[str], tokenizer: Pre
 
 
 def _rollout_seed(seed: int, step: int) -> int:
-    """Step ``step``'s sampling seed, ``cache.content_hash("ppo-rollout", seed, step)``: nearby seeds'
-    rollouts do not overlap."""
-    payload = json.dumps(["ppo-rollout", seed, step], sort_keys=True, separators=(",", ":"))
-    return int(hashlib.sha256(payload.encode()).hexdigest()[:8], 16)
+    """Step ``step``'s sampling seed, a hash of both: nearby seeds' rollouts do not overlap."""
+    return int(content_hash("ppo-rollout", seed, step, length=8), 16)
 
 
 def kl_controller(config: PPOConfig) -> AdaptiveKLController:

@@ -377,11 +377,8 @@ def reference_logprobs(reference: nn.Module, tokenizer: PreTrainedTokenizerBase,
     cols = pair_columns(pairs)
     names = ([f"completion{k}" for k in range(len(cols["completions"][0]))] if "completions" in cols
              else ["chosen", "rejected"])
-    device, max_length = score_args.get("device"), score_args["max_length"]
-    accelerator = None if device is None or isinstance(device, (str, torch.device)) else device
-    dev = accelerator.device if accelerator is not None else resolve_device(device)
-    precision = str(accelerator.mixed_precision) if accelerator is not None else (
-        "bf16" if dev.type == "cuda" else "no")
+    max_length = score_args["max_length"]
+    accelerator, dev, precision = dpo_trainer.placement(score_args.get("device"))
     key = cache.content_hash("ref-logps/v2", reference_fingerprint or cache.model_fingerprint(reference),
                              pairs_fingerprint(cols), cache.tokenizer_fingerprint(tokenizer), max_length,
                              "mean" if score_args.get("average") else "sum", dev.type, precision)

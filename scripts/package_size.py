@@ -41,12 +41,13 @@ def composition(trees: dict[Path, ast.Module]) -> dict[str, int]:
 def exclusive_lines(trees: dict[Path, ast.Module], entries: list[Path] | None = None) -> dict[str, int]:
     defs: dict[tuple[str, str], tuple[int, set[str]]] = {}
     for path, tree in trees.items():
+        text = path.read_text()
         for node in tree.body:
             names = ([node.name] if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else
                      [t.id for t in getattr(node, "targets", [getattr(node, "target", None)])
                       if isinstance(t, ast.Name)] if isinstance(node, (ast.Assign, ast.AnnAssign)) else [])
             for name in names:
-                source = ast.get_source_segment(path.read_text(), node) or ""
+                source = ast.get_source_segment(text, node) or ""
                 defs[(str(path), name)] = (node.end_lineno - node.lineno + 1, set(WORD.findall(source)))
     by_name = collections.defaultdict(list)
     for key in defs:
