@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dpo_lab import bandit as bd
+from dpo_lab.losses import plackett_luce_loss
 
 _STUB = re.compile(r"Exercise: (\w+)")  # every stub's message (scripts/student_copies.py) names its function
 
@@ -232,8 +233,6 @@ def lm_cases(*fields: str, numpy: bool = False, **choices: Sequence[Any]) -> dic
 
 def plackett_luce_nll(ranked_rewards: torch.Tensor) -> torch.Tensor:
     """−log p(τ) of the Plackett–Luce model (App. A.3) for rewards listed best first, (..., K) -> (...):
-    the product over positions k of exp r_k / Σ_{j≥k} exp r_j, one position at a time."""
-    nll = torch.zeros(ranked_rewards.shape[:-1], dtype=ranked_rewards.dtype)
-    for k in range(ranked_rewards.shape[-1]):
-        nll = nll + torch.logsumexp(ranked_rewards[..., k:], -1) - ranked_rewards[..., k]
-    return nll
+    Eq. 18's loss with β = 1 and log π_ref = 0, so that z is the reward itself."""
+    flat = ranked_rewards.reshape(-1, ranked_rewards.shape[-1])
+    return plackett_luce_loss(flat, torch.zeros_like(flat), beta=1.0)[0].reshape(ranked_rewards.shape[:-1])
